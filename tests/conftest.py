@@ -1,0 +1,41 @@
+"""Test setup shared by every test module.
+
+Order matters here:
+1. TRITON_INTERPRET=1 before any @triton.jit decorator runs, so kernels execute on CPU tensors.
+2. HF_HUB_OFFLINE=1 before any Hugging Face import: there is no hub access here, and a missed file
+   would otherwise cost ~46 s of retries.
+3. The torchvision operator schemas. CI installs torch 2.13.0 (CPU) with torchvision 0.28.0, its
+   matching release; PyPI's 0.28.0 wheel is a CUDA build whose C++ ops do not register beside CPU
+   torch, so `import torchvision` dies on `torchvision::nms does not exist`. transformers' image and
+   video processors and open_clip (our test references) import torchvision but never call nms, so
+   declaring the two schemas that torchvision's fake-tensor registrations look up lets it import.
+   Runtime code (llava_next, llava_next_kernels, llava_next_weights) never imports torchvision.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+
+
+def _declare_torchvision_ops() -> None:
+    try:
+        import torchvision  # noqa: F401  (a build that matches torch imports cleanly)
+        return
+    except ImportError:
+        return  # not installed: the tests that need it skip
+    except RuntimeError as e:
+        if "torchvision::nms does not exist" not in str(e):
+            raise
+    lib = torch.library.Library("torchvision", "DEF")
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _declare_torchvision_ops.lib = lib  # keep the library object alive
+    import torchvision  # noqa: F401,F811  (now imports)
+
+
+_declare_torchvision_ops()
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

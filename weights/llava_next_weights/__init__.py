@@ -1,0 +1,1 @@
+"""Checkpoint key tables, conversion into llava-next's safetensors layout, lazy (mmap) loading and hub access."""
