@@ -192,3 +192,25 @@ def drop_unused_vision_layers(target: str | None, layers_used: int, prefix: str 
     if m and int(m.group(1)) >= layers_used:
         return None
     return target
+
+
+def rename_state_dict(fmt: str, state_dict: dict, *, vision_layers_used: int | None = None,
+                      vision_prefix: str = "vision_tower.") -> dict:
+    """A whole in-memory state dict renamed into llava-next's layout (tensors are not copied, only
+    split views for ``Split``). Strict on the source side: every key must be in the table. Pair it
+    with ``module.load_state_dict(out, strict=True)`` (or the converter) for the target side."""
+    out = {}
+    for key, tensor in state_dict.items():
+        target = map_key(fmt, key)
+        if isinstance(target, Split):
+            for name, part in zip(target.targets, tensor.chunk(len(target.targets), dim=0)):
+                if vision_layers_used is not None:
+                    name = drop_unused_vision_layers(name, vision_layers_used, vision_prefix)
+                if name is not None:
+                    out[name] = part
+            continue
+        if vision_layers_used is not None:
+            target = drop_unused_vision_layers(target, vision_layers_used, vision_prefix)
+        if target is not None:
+            out[target] = tensor
+    return out
