@@ -202,6 +202,26 @@ class LlavaNextConfig:
         """The same model with a different linear RoPE factor (a run-time choice, reference-spec §3)."""
         return self.replace(text=dataclasses.replace(self.text, rope_scaling_factor=float(factor)))
 
+    def to_dict(self) -> dict:
+        """JSON-ready dict of the init fields (derived fields are recomputed on load)."""
+        def init_fields(obj: Any) -> dict:
+            return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init}
+        d = init_fields(self)
+        d["vision"], d["text"] = init_fields(self.vision), init_fields(self.text)
+        d["image_grid_pinpoints"] = [list(p) for p in self.image_grid_pinpoints]
+        return d
+
+    @staticmethod
+    def from_dict(d: dict) -> "LlavaNextConfig":
+        """Inverse of ``to_dict`` (llava-next's own config.json); unknown fields are an error."""
+        d = dict(d)
+        try:
+            vision = VisionConfig(**d.pop("vision", {}))
+            text = TextConfig(**d.pop("text", {}))
+            return LlavaNextConfig(vision=vision, text=text, **d)
+        except TypeError as e:  # unexpected keyword
+            raise ConfigError(f"llava-next config.json has a field this version does not know: {e}") from None
+
     @staticmethod
     def from_name(name: str) -> "LlavaNextConfig":
         if name not in PRESETS:
