@@ -120,8 +120,10 @@ TABLES: dict[str, Table] = {
     "clip_hf": _prefixed(_CLIP_HF, "vision_model.", ""),
     "clip_open_clip": _CLIP_OPEN_CLIP,
     "llama_hf": _prefixed(_DECODER_HF, "model.", "") + [("lm_head.weight", "lm_head.weight")],
-    # llava-hf on disk (hub files): language_model.model.*, vision_tower.vision_model.*
+    # llava-hf on disk: language_model.model.*, and the CLIP tower as vision_tower.vision_model.* (hub
+    # files) or vision_tower.* (what transformers 5 save_pretrained writes)
     "llava_hf": (_prefixed(_CLIP_HF, "vision_tower.vision_model.", "vision_tower.")
+                 + _prefixed(_CLIP_HF, "vision_tower.", "vision_tower.")
                  + _prefixed(_DECODER_HF, "language_model.model.", "language_model.")
                  + [("language_model.lm_head.weight", "language_model.lm_head.weight"),
                     ("multi_modal_projector.linear_1.weight", "projector.linear_1.weight"),
