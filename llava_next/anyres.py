@@ -1,11 +1,27 @@
-"""AnyRes geometry: which canvas an image gets, how many tiles, and how many features survive unpadding.
+"""AnyRes: the geometry of LLaVA-NeXT's image tiles, and the packing of their features into tokens.
 
-Pure functions on sizes — no pixels, no tensors — so the token accounting, the image processor, the
-feature packer and `llava-next inspect` all share one definition (reference-spec §2).
+An image of any size is resized into the best-fitting *canvas* from ``image_grid_pinpoints`` and cut
+into a grid of 336 px *tiles*; the vision tower sees the tiles plus one *base* image (the whole image
+squashed to 336x336). Each tile yields 24x24 *patch* features. This module holds everything about that
+except the pixels themselves (image.py does resize / pad / cut with this geometry):
 
-Sizes are (height, width). ``pinpoints`` are read as (height, width) pairs in "hf" mode (transformers)
-and as (width, height) pairs in "original" mode (the original LLaVA-NeXT code reads ``image.size``);
-the default list is symmetric, so the two agree except on exact ties (reference-spec §2.1).
+    select_best_resolution(image_hw, pinpoints, compat) -> canvas (h, w)     which canvas
+    resized_size(image_hw, canvas_hw)                   -> (h, w)           aspect-kept size in the canvas
+    tile_grid(image_hw, config)                         -> canvas, grid     canvas px and (rows, cols) tiles
+    unpadded_size(image_hw, map_hw, compat)             -> (h', w')         feature rows/cols that hold image
+    pack_image_features(features, image_hw, grid, newline, compat) -> (tokens, C)
+    image_token_count(image_hw, config)                 -> 576 + h' * (w' + 1)
+
+Token layout (reference-spec §2 "spatial_unpad", identical in transformers and the original code):
+the base tile's 576 features first (no newline), then the tiles stitched spatially into one
+(24*rows, 24*cols) feature map, cropped to the rows/cols that hold the image (the canvas padding is
+dropped), with ``image_newline`` appended after every row, flattened row-major.
+
+Sizes are (height, width). ``pinpoints`` are read as (height, width) pairs in "hf" mode
+(transformers) and as (width, height) pairs in "original" mode (the original LLaVA-NeXT code reads
+PIL's ``image.size``); the default list is symmetric, so both agree except on exact ties — images
+with both sides <= 336 px (reference-spec §2.1). "original" also truncates instead of rounding when
+unpadding (e.g. 748x352 (h, w): 1876 tokens in "hf", 1826 in "original").
 """
 
 from __future__ import annotations
@@ -13,9 +29,23 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from .config import AnyresCompat
+import torch
+from einops import rearrange
+
+from .config import AnyresCompat, LlavaNextConfig
 
 Size = tuple[int, int]  # (height, width)
+
+
+def _check_size(name: str, size: Sequence[int]) -> Size:
+    if len(size) != 2 or any(int(v) != v or v <= 0 for v in size):
+        raise ValueError(f"{name} must be two positive integers (height, width), got {tuple(size)}")
+    return int(size[0]), int(size[1])
+
+
+def _check_compat(compat: str) -> None:
+    if compat not in ("hf", "original"):
+        raise ValueError(f"AnyRes compat must be 'hf' (transformers) or 'original' (LLaVA-NeXT repo), got {compat!r}")
 
 
 def select_best_resolution(image_hw: Size, pinpoints: Sequence[Sequence[int]],
@@ -24,7 +54,10 @@ def select_best_resolution(image_hw: Size, pinpoints: Sequence[Sequence[int]],
 
     Candidates are tried in list order with strict comparisons, so the first one wins an exact tie.
     """
-    h, w = image_hw
+    h, w = _check_size("image size", image_hw)
+    _check_compat(compat)
+    if not pinpoints:
+        raise ValueError("pinpoints is empty; LLaVA-NeXT uses [[336, 672], [672, 336], [672, 672], ...]")
     best, best_effective, best_wasted = None, -1, math.inf
     for pair in pinpoints:
         ch, cw = (pair[0], pair[1]) if compat == "hf" else (pair[1], pair[0])
@@ -33,8 +66,8 @@ def select_best_resolution(image_hw: Size, pinpoints: Sequence[Sequence[int]],
         effective = min(down_h * down_w, h * w)
         wasted = ch * cw - effective
         if effective > best_effective or (effective == best_effective and wasted < best_wasted):
-            best, best_effective, best_wasted = (ch, cw), effective, wasted
-    assert best is not None, "pinpoints must not be empty"
+            best, best_effective, best_wasted = (int(ch), int(cw)), effective, wasted
+    assert best is not None
     return best
 
 
@@ -48,14 +81,24 @@ def resized_size(image_hw: Size, canvas_hw: Size) -> Size:
     return th, min(math.ceil(w * scale_h), tw)
 
 
-def unpadded_size(image_hw: Size, grid_hw: Size, compat: AnyresCompat = "hf") -> Size:
-    """Rows and columns of the stitched feature map that hold the image, not the black padding.
+def tile_grid(image_hw: Size, config: LlavaNextConfig) -> tuple[Size, Size]:
+    """(canvas (height, width) px, grid (rows, cols) of tiles) for an image of this size."""
+    canvas = select_best_resolution(image_hw, config.image_grid_pinpoints, config.anyres_compat)
+    tile = config.tile_size
+    return canvas, (canvas[0] // tile, canvas[1] // tile)
 
-    ``grid_hw`` is the stitched feature map's size (tiles * patches per side). "hf" rounds the scaled
-    side to 7 decimals before truncating (transformers PRs #34522/#35779); "original" truncates.
+
+def unpadded_size(image_hw: Size, map_hw: Size, compat: AnyresCompat = "hf") -> Size:
+    """Rows and columns of the stitched feature map that hold the image, not the canvas padding.
+
+    ``map_hw`` is the stitched feature map's size (tiles x patches per tile on each side). The kept
+    block is centred: ``(map - kept) // 2`` rows (or columns) are dropped on each side, so the kept size
+    is one more than the scaled size when the difference is odd. "hf" rounds the scaled side to 7
+    decimals before truncating (transformers PRs #34522/#35779); "original" truncates.
     """
+    _check_compat(compat)
     h, w = image_hw
-    cur_h, cur_w = grid_hw
+    cur_h, cur_w = map_hw
     if w / h > cur_w / cur_h:  # wider than the map: padding is above and below
         scaled = h * (cur_w / w)
         new_h = int(round(scaled, 7)) if compat == "hf" else int(scaled)
@@ -65,3 +108,52 @@ def unpadded_size(image_hw: Size, grid_hw: Size, compat: AnyresCompat = "hf") ->
     new_w = int(round(scaled, 7)) if compat == "hf" else int(scaled)
     pad = (cur_w - new_w) // 2
     return cur_h, cur_w - 2 * pad
+
+
+def pack_image_features(tile_features: torch.Tensor, image_hw: Size, grid_hw: Size,
+                        image_newline: torch.Tensor | None, compat: AnyresCompat = "hf") -> torch.Tensor:
+    """One image's per-tile features (base first) -> its token sequence (base, unpadded grid + newlines).
+
+    tile_features: (1 + rows*cols, P*P, C), element 0 the base image, then the tiles row-major; P*P
+    patches per tile (576), CLS already dropped. image_hw: the original image's (height, width).
+    grid_hw: (rows, cols) of tiles (``ImageInput.grid``). image_newline: (C,), or None for no newline.
+    Returns (P*P + h' * (w' + 1), C) — (P*P + h' * w', C) without a newline.
+    """
+    image_hw = _check_size("image size", image_hw)
+    rows, cols = _check_size("tile grid", grid_hw)
+    if tile_features.ndim != 3:
+        raise ValueError(f"tile_features must be (1 + tiles, patches, channels), got shape {tuple(tile_features.shape)}")
+    n, patches, channels = tile_features.shape
+    side = math.isqrt(patches)
+    if side * side != patches:
+        raise ValueError(f"tile_features has {patches} features per tile, not a square patch grid; AnyRes "
+                         f"packing needs the CLS token dropped (feature_strategy='default')")
+    if n != 1 + rows * cols:
+        raise ValueError(f"tile_features holds {n} tiles but a {rows}x{cols} grid needs 1 + {rows * cols} "
+                         f"(the base image first)")
+    if image_newline is not None and image_newline.shape != (channels,):
+        raise ValueError(f"image_newline must be ({channels},) to match the features, got {tuple(image_newline.shape)}")
+
+    base, tiles = tile_features[0], tile_features[1:]  # (P*P, C), (rows*cols, P*P, C)
+    # stitch the tiles spatially, channels last: tile (r, c) covers map rows r*P.., cols c*P..
+    fmap = rearrange(tiles, "(gh gw) (ph pw) c -> (gh ph) (gw pw) c", gh=rows, gw=cols, ph=side, pw=side)
+    map_h, map_w = rows * side, cols * side
+    h, w = unpadded_size(image_hw, (map_h, map_w), compat)
+    top, left = (map_h - h) // 2, (map_w - w) // 2
+    fmap = fmap[top:top + h, left:left + w]  # (h', w', C)
+    if image_newline is not None:
+        newline = image_newline.to(fmap.dtype).expand(h, 1, channels)
+        fmap = torch.cat([fmap, newline], dim=1)  # (h', w' + 1, C): a newline ends every row
+    return torch.cat([base, fmap.reshape(-1, channels)])  # (P*P + h' * (w' + 1), C)
+
+
+def image_token_count(image_hw: Size, config: LlavaNextConfig) -> int:
+    """Visual tokens LLaVA-NeXT spends on one image: base 576 + h' * (w' + 1) (reference-spec §2.2)."""
+    if config.vision.feature_strategy != "default":
+        raise ValueError("AnyRes images need vision.feature_strategy='default' (CLS dropped); "
+                         f"got {config.vision.feature_strategy!r}")
+    image_hw = _check_size("image size", image_hw)
+    _, (rows, cols) = tile_grid(image_hw, config)
+    side = config.vision.grid_size
+    h, w = unpadded_size(image_hw, (rows * side, cols * side), config.anyres_compat)
+    return side * side + h * (w + 1)
