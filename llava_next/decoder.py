@@ -1,0 +1,266 @@
+"""The Llama-style decoder (Vicuna, Mistral, Yi) with a preallocated KV cache.
+
+    Decoder(TextConfig)(input_ids | input_embeds, input_pos=..., position_ids=..., key_mask=...) -> logits
+
+It computes what transformers' LlamaForCausalLM / MistralForCausalLM compute (reference-spec §5):
+
+    x = embed_tokens(ids)                                   (or input_embeds: the multimodal model
+    for each layer:                                           splices image features into them)
+        x = x + o_proj(attention(rope(q_proj(n)), rope(k_proj(n)), v_proj(n))),  n = input_layernorm(x)
+        x = x + down_proj(silu(gate_proj(h)) * up_proj(h)),                      h = post_attention_layernorm(x)
+    logits = lm_head(norm(x))
+
+Notable choices
+- Module names are the checkpoint's leaf names (``q_proj``, ``gate_proj``, ...), so loading a
+  transformers state dict is a prefix rename (``llava_next_weights.keymaps``, format "llama_hf").
+- RMSNorm normalises in fp32, casts back, *then* multiplies by the weight (transformers' order; in
+  bf16 the other order rounds differently).
+- RoPE uses the rotate-half (NeoX) layout that HF/LLaVA checkpoints are stored in: no weight permutation.
+  Linear scaling divides the inverse frequencies by the factor (== dividing positions). Angles are fp32;
+  cos/sin are cast to the activation dtype. They are computed once per forward from explicit positions
+  and shared by all layers: no precomputed table, so every position computes, even past
+  ``max_position_embeddings * factor`` (refusing such prompts is the multimodal model's job).
+  ``rope_scaling_factor`` is a plain attribute: set it (or build from ``config.with_rope_scaling``)
+  to run the same weights with another factor.
+- GQA: K/V keep ``num_kv_heads`` heads, never repeated in memory; the attention facade maps query head
+  h to kv head h // (num_heads // num_kv_heads).
+- KV cache (gpt-fast): preallocated (B, Hkv, max_len, D) buffers written in place at ``input_pos``.
+  Attention reads only the filled prefix [0, kv_len), never the whole max_len buffer.
+- Two kinds of position: ``input_pos`` (T,) are cache *slots*, shared by the batch and contiguous;
+  ``position_ids`` (B, T) are RoPE positions per row (left padding: cumsum(mask) - 1).
+  ``key_mask`` (B, kv_len) marks which keys are real tokens (False = padding).
+- Sliding-window attention (Mistral's default 4096) is not implemented: llava-hf's Mistral sets
+  ``sliding_window`` null. With a window set, sequences longer than it raise NotImplementedError.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import attention
+from .config import TextConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+# ---- RoPE ----------------------------------------------------------------------------------------
+def rope_inv_freq(head_dim: int, theta: float, factor: float = 1.0, device: torch.device | None = None) -> torch.Tensor:
+    """(head_dim/2,) fp32 inverse frequencies 1/theta^(2i/d), divided by the linear scaling factor."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    return 1.0 / (theta ** exponents) / factor
+
+
+def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (B, 1, T, head_dim) for (B, T) positions; angles in fp32, result in ``dtype``."""
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, D/2)
+    angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D): rotate-half layout
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, D) rotated by (B, 1, T, D) cos/sin."""
+    return x * cos + rotate_half(x) * sin
+
+
+# ---- KV cache ------------------------------------------------------------------------------------
+class KVCache(nn.Module):
+    """Preallocated keys and values of one layer, (B, Hkv, max_len, D), written in place.
+
+    Buffers are non-persistent: they never appear in ``state_dict``."""
+
+    def __init__(self, batch: int, num_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        shape = (batch, num_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write (B, Hkv, T, D) k/v at slots ``input_pos`` (T,); return the whole buffers."""
+        self.k[:, :, input_pos] = k
+        self.v[:, :, input_pos] = v
+        return self.k, self.v
+
+
+# ---- blocks --------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor | None,
+                kv_len: int, mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, D)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if input_pos is not None:  # cached: attend over the filled prefix of the cache
+            k_all, v_all = self.kv_cache.update(input_pos, k, v)
+            k, v = k_all[:, :, :kv_len], v_all[:, :, :kv_len]  # (B, Hkv, kv_len, D)
+        y = attention(q, k, v, causal=True, mask=mask)  # (B, Hq, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor | None,
+                kv_len: int, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, kv_len, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ---- the decoder ---------------------------------------------------------------------------------
+class Decoder(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.rope_scaling_factor = cfg.rope_scaling_factor  # a run-time choice, see module docstring
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # untied
+
+    # ---- cache ---------------------------------------------------------------------------------
+    @property
+    def cache_shape(self) -> tuple[int, int] | None:
+        """(batch, max_len) of the current KV cache, or None without one."""
+        c = self.layers[0].self_attn.kv_cache
+        return None if c is None else (c.k.shape[0], c.k.shape[2])
+
+    def setup_caches(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
+                     device: torch.device | str | None = None) -> None:
+        """Allocate per-layer KV caches for ``batch`` rows of up to ``max_len`` tokens (default dtype and
+        device: the weights'). Existing caches of the same batch, dtype and device that are at least
+        this long are kept: stale contents are harmless, every run overwrites slots from 0 and reads
+        only the slots it wrote."""
+        if batch < 1 or max_len < 1:
+            raise ValueError(f"setup_caches needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
+        weight = self.embed_tokens.weight
+        dtype = dtype or weight.dtype
+        device = torch.device(device) if device is not None else weight.device
+        cfg = self.config
+        for layer in self.layers:
+            c = layer.self_attn.kv_cache
+            if (c is not None and c.k.shape[0] == batch and c.k.shape[2] >= max_len and c.k.dtype == dtype
+                    and c.k.device == device):
+                continue
+            layer.self_attn.kv_cache = KVCache(batch, cfg.num_kv_heads, max_len, cfg.head_dim, dtype, device)
+
+    def clear_caches(self) -> None:
+        for layer in self.layers:
+            layer.self_attn.kv_cache = None
+
+    # ---- forward -------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor | None = None, *, input_embeds: torch.Tensor | None = None,
+                input_pos: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, V), or (B, 1, V) with ``last_only`` (prefill only needs the next token).
+
+        input_ids (B, T) or input_embeds (B, T, hidden_size): exactly one.
+        input_pos (T,): contiguous cache slots to write, e.g. arange(T) for prefill, then [T], [T+1], ...;
+            the tokens attend causally over slots [0, input_pos[-1] + 1). None: no cache, the T tokens
+            attend only to each other.
+        position_ids (B, T): RoPE positions; default input_pos (or arange(T)) for every row.
+        key_mask (B, kv_len) bool: False for padding keys, kv_len = input_pos[-1] + 1 (or T without cache).
+        """
+        x = self._embed(input_ids, input_embeds)  # (B, T, C)
+        B, T, _ = x.shape
+        if input_pos is None:
+            kv_len = T
+            default_pos = torch.arange(T, device=x.device)
+        else:
+            kv_len = self._check_cache(input_pos, B, T)
+            default_pos = input_pos
+        if position_ids is None:
+            position_ids = default_pos.expand(B, T)
+        elif position_ids.shape != (B, T):
+            raise ValueError(f"position_ids must have shape (batch, tokens) = {(B, T)}, got {tuple(position_ids.shape)}")
+        window = self.config.sliding_window
+        if window is not None and kv_len > window:
+            raise NotImplementedError(
+                f"the config sets sliding_window={window} and this sequence has {kv_len} tokens: sliding-window "
+                f"attention is not implemented (llava-hf Mistral checkpoints set sliding_window null); "
+                f"use at most {window} tokens or a config with sliding_window=None")
+        mask = None
+        if key_mask is not None:
+            if key_mask.shape != (B, kv_len) or key_mask.dtype != torch.bool:
+                raise ValueError(f"key_mask must be a bool tensor of shape (batch, keys) = {(B, kv_len)}, "
+                                 f"got {key_mask.dtype} {tuple(key_mask.shape)}")
+            mask = key_mask[:, None, None, :]  # (B, 1, 1, kv_len)
+
+        inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta, self.rope_scaling_factor, x.device)
+        cos, sin = rope_cos_sin(position_ids, inv_freq, x.dtype)  # (B, 1, T, D)
+        for layer in self.layers:
+            x = layer(x, cos, sin, input_pos, kv_len, mask)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
+        return self.lm_head(self.norm(x))  # (B, T or 1, V)
+
+    def _embed(self, input_ids: torch.Tensor | None, input_embeds: torch.Tensor | None) -> torch.Tensor:
+        if (input_ids is None) == (input_embeds is None):
+            raise ValueError("pass exactly one of input_ids (B, T) or input_embeds (B, T, hidden_size)")
+        if input_embeds is not None:
+            if input_embeds.dim() != 3 or input_embeds.shape[-1] != self.config.hidden_size:
+                raise ValueError(f"input_embeds must have shape (batch, tokens, {self.config.hidden_size}), "
+                                 f"got {tuple(input_embeds.shape)}")
+            return input_embeds
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, tokens), got {tuple(input_ids.shape)}")
+        return self.embed_tokens(input_ids)
+
+    def _check_cache(self, input_pos: torch.Tensor, batch: int, tokens: int) -> int:
+        """kv_len (= last slot + 1) after checking the cache can take these tokens. One host sync."""
+        shape = self.cache_shape
+        if shape is None:
+            raise RuntimeError("input_pos given but no KV cache: call setup_caches(batch, max_len) first")
+        if input_pos.shape != (tokens,):
+            raise ValueError(f"input_pos must have shape (tokens,) = ({tokens},), got {tuple(input_pos.shape)}")
+        if batch != shape[0]:
+            raise ValueError(f"batch of {batch} rows but the KV cache was set up for {shape[0]}; call setup_caches")
+        kv_len = int(input_pos[-1]) + 1
+        if kv_len > shape[1]:
+            raise ValueError(f"cache slot {kv_len - 1} is past the KV cache length {shape[1]}; "
+                             f"call setup_caches with max_len >= {kv_len}")
+        return kv_len
