@@ -1,0 +1,216 @@
+"""Video input: decode with PyAV, pick frames, and turn them into CLIP pixels (F, 3, 336, 336).
+
+What is in here, in data-flow order:
+- ``uniform_indices`` / ``fps_indices``: which frames to keep. Uniform is the original LLaVA-NeXT rule,
+  ``np.linspace(0, total - 1, N, dtype=int)`` — deterministic, first and last frame included, indices
+  repeat when the video has fewer than N frames. fps sampling is the original ``load_video``: one frame
+  every ``round(avg_fps / target_fps)`` frames (target 1 fps), switching to uniform when that gives
+  more than the cap.
+- ``load_video``: decodes the stream once, sequentially, and keeps only the sampled frames (already
+  resized and cropped to 336 x 336), so a long video never sits in memory. The frame count comes from
+  the container's index (``stream.frames``) or, when that is missing, from counting packets; the
+  decode pass then counts the frames for real and, if the estimate was wrong (edit lists, truncated
+  files), samples again over the true count — indices always refer to the decoded stream.
+- Timestamps are presentation times (``pts * time_base``) in seconds, relative to the first frame, so
+  they stay correct for variable-frame-rate video.
+- ``preprocess_frame``: CLIPImageProcessor's steps — shortest edge to 336 (long side
+  ``int(336 * long / short)``), PIL bicubic, centre crop 336 (top = (H - 336) // 2), then
+  ``image.normalize`` (rescale 1/255 in float64, CLIP mean/std).
+
+Every failure is a ``VideoError`` whose one-line message names the file and the problem.
+Sizes are (height, width).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import av
+import numpy as np
+import torch
+from PIL import Image
+
+from .image import normalize
+
+Sampling = Literal["uniform", "fps"]
+
+
+class VideoError(ValueError):
+    """A video cannot be used; the message names the file and what is wrong with it."""
+
+
+@dataclass(frozen=True)
+class VideoClip:
+    """Sampled, preprocessed frames of one video plus what is known about where they came from."""
+
+    pixel_values: torch.Tensor  # (F, 3, S, S) float32, CLIP-normalized
+    frames: np.ndarray  # (F, S, S, 3) uint8: exactly the pixels the model sees, before normalization
+    frame_indices: list[int]  # into the decoded stream, 0-based
+    timestamps: list[float]  # seconds from the first frame
+    fps: float  # average frame rate
+    total_frames: int  # frames the stream decodes to
+    duration: float  # seconds
+    size_hw: tuple[int, int]  # source frame size (height, width)
+    path: str
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.frame_indices)
+
+
+# --------------------------------------------------------------------------------------------------
+# Which frames
+# --------------------------------------------------------------------------------------------------
+def uniform_indices(total_frames: int, num_frames: int) -> list[int]:
+    """``num_frames`` indices spread evenly over ``[0, total_frames - 1]``, both ends included."""
+    if total_frames < 1 or num_frames < 1:
+        raise ValueError(f"need total_frames >= 1 and num_frames >= 1, got {total_frames} and {num_frames}")
+    return np.linspace(0, total_frames - 1, num_frames, dtype=int).tolist()
+
+
+def fps_indices(total_frames: int, avg_fps: float, max_frames: int, target_fps: float = 1.0) -> list[int]:
+    """``target_fps`` frames per second (every ``round(avg_fps / target_fps)``-th frame); uniform over
+    the whole video when that would exceed ``max_frames`` (the original ``load_video``)."""
+    step = max(1, round(avg_fps / target_fps))
+    indices = list(range(0, total_frames, step))
+    if len(indices) > max_frames:
+        return uniform_indices(total_frames, max_frames)
+    return indices
+
+
+# --------------------------------------------------------------------------------------------------
+# Frame preprocessing (CLIPImageProcessor, PIL path)
+# --------------------------------------------------------------------------------------------------
+def shortest_edge_size(size_hw: tuple[int, int], shortest: int) -> tuple[int, int]:
+    """(height, width) after resizing the shorter side to ``shortest`` (transformers' rule)."""
+    h, w = size_hw
+    if h <= w:
+        return shortest, int(shortest * w / h)
+    return int(shortest * h / w), shortest
+
+
+def preprocess_frame(frame: Image.Image | np.ndarray, size: int = 336) -> np.ndarray:
+    """RGB frame -> (size, size, 3) uint8: shortest edge to ``size`` (bicubic), centre crop."""
+    img = frame if isinstance(frame, Image.Image) else Image.fromarray(frame)
+    img = img.convert("RGB")
+    h, w = shortest_edge_size((img.height, img.width), size)
+    if (h, w) != (img.height, img.width):
+        img = img.resize((w, h), Image.BICUBIC)
+    top, left = (h - size) // 2, (w - size) // 2
+    return np.asarray(img)[top:top + size, left:left + size]
+
+
+def frames_to_pixels(frames: np.ndarray) -> torch.Tensor:
+    """(F, S, S, 3) uint8 -> (F, 3, S, S) float32, CLIP-normalized."""
+    return normalize(frames)
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------------
+_AV_ERRORS = (av.error.FFmpegError, OSError)
+
+
+def _open(path: str):
+    if not os.path.exists(path):
+        raise VideoError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise VideoError(f"{path}: is a directory, not a video file")
+    if os.path.getsize(path) == 0:
+        raise VideoError(f"{path}: is an empty file")
+    try:
+        container = av.open(path)
+    except av.error.FFmpegError as e:
+        raise VideoError(f"{path}: not a readable video ({_reason(e)})") from None
+    if not container.streams.video:
+        container.close()
+        raise VideoError(f"{path}: has no video stream")
+    return container
+
+
+def _reason(e: Exception) -> str:
+    return (getattr(e, "strerror", None) or str(e)).strip().rstrip(".")
+
+
+def _estimate_total(path: str) -> tuple[int, float]:
+    """(frame count estimate, average fps) without decoding any frame."""
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        fps = float(rate) if rate else 0.0
+        if stream.frames > 0:
+            return stream.frames, fps
+        try:  # no index (mkv, webm, raw streams): count the packets, still no decoding
+            count = sum(1 for packet in container.demux(stream) if packet.size)
+        except _AV_ERRORS as e:
+            raise VideoError(f"{path}: corrupt video ({_reason(e)})") from None
+        return count, fps
+
+
+def _decode(path: str, indices: list[int], size: int):
+    """One sequential pass: keep frames at ``indices`` (preprocessed), count every frame.
+
+    Returns (kept frames, their timestamps, decoded frame count, duration in s or None, frame size).
+    """
+    wanted: dict[int, list[int]] = {}
+    for slot, index in enumerate(indices):
+        wanted.setdefault(index, []).append(slot)
+    kept: list[np.ndarray | None] = [None] * len(indices)
+    times: list[float | None] = [None] * len(indices)
+    count, t0, t_end, size_hw = 0, None, None, None
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        try:
+            for i, frame in enumerate(container.decode(stream)):
+                count, t = i + 1, frame.time
+                if i == 0:
+                    t0, size_hw = t, (frame.height, frame.width)
+                if t is not None and t0 is not None:  # end of this frame, relative to the first
+                    t_end = t - t0 + (float(frame.duration * frame.time_base) if frame.duration else 0.0)
+                if i in wanted:
+                    pixels = preprocess_frame(frame.to_image(), size)
+                    for slot in wanted[i]:
+                        kept[slot] = pixels
+                        times[slot] = None if t is None or t0 is None else t - t0
+        except _AV_ERRORS as e:
+            raise VideoError(f"{path}: corrupt video, decoding failed after {count} frames ({_reason(e)})") from None
+    return kept, times, count, t_end or None, size_hw
+
+
+def load_video(path: str | os.PathLike, num_frames: int = 8, *, sampling: Sampling = "uniform",
+               target_fps: float = 1.0, size: int = 336) -> VideoClip:
+    """Decode ``path`` and return ``num_frames`` preprocessed frames (the cap, for ``sampling="fps"``)."""
+    path = os.fspath(path)
+    if num_frames < 1:
+        raise VideoError(f"{path}: num_frames must be >= 1, got {num_frames}")
+    if sampling not in ("uniform", "fps"):
+        raise VideoError(f"{path}: sampling {sampling!r} is not supported; use 'uniform' or 'fps'")
+    total, fps = _estimate_total(path)
+
+    def pick(n_total: int) -> list[int]:
+        if sampling == "uniform":
+            return uniform_indices(n_total, num_frames)
+        return fps_indices(n_total, fps or 1.0, num_frames, target_fps)
+
+    indices = pick(max(total, 1))
+    kept, times, count, duration, size_hw = _decode(path, indices, size)
+    if count == 0:
+        raise VideoError(f"{path}: no decodable frames")
+    if count != total:  # the index lied (edit list, truncated file): sample the real stream
+        indices = pick(count)
+        kept, times, count2, duration, size_hw = _decode(path, indices, size)
+        if count2 != count:
+            raise VideoError(f"{path}: corrupt video, decodes to {count} then {count2} frames")
+    if not fps:
+        fps = count / duration if duration else 1.0
+    # frames without a pts: fall back to index / fps
+    timestamps = [t if t is not None else i / fps for t, i in zip(times, indices)]
+    if duration is None:
+        duration = count / fps
+    frames = np.stack(kept)  # (F, S, S, 3)
+    return VideoClip(pixel_values=frames_to_pixels(frames), frames=frames, frame_indices=indices,
+                     timestamps=[round(float(t), 6) for t in timestamps], fps=float(fps), total_frames=count,
+                     duration=round(float(duration), 6), size_hw=size_hw, path=path)
