@@ -163,7 +163,7 @@ def test_load_image_modes_match_transformers_convert_to_rgb():
     assert np.asarray(load_image(rgba)).min() == 255
 
 
-def test_load_image_from_path_and_array(tmp_path):
+def test_load_image_from_path_and_array():
     assert load_image(os.path.join(SKIMAGE, "coffee.png")).mode == "RGB"
     arr = np.asarray(photo("coffee.png"))
     assert np.array_equal(np.asarray(load_image(arr)), arr)
@@ -183,12 +183,12 @@ def test_exif_orientation_is_applied_like_transformers_load_image(tmp_path):
 
 
 def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    from transformers.image_transforms import convert_to_rgb
     gray8 = np.asarray(photo("camera.png"))
     path = tmp_path / "camera16.png"
     Image.fromarray(gray8.astype(np.uint16) * 257).save(path)  # 16-bit PNG, same picture
     with Image.open(path) as im:
         assert im.mode.startswith("I;16")
-        from transformers.image_transforms import convert_to_rgb
         assert (convert_to_rgb(im, return_numpy=True) == 255).mean() > 0.9  # transformers/PIL clip: white
     np.testing.assert_array_equal(np.asarray(load_image(path)), np.repeat(gray8[..., None], 3, axis=2))
 
