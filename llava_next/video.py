@@ -176,6 +176,8 @@ def _decode(path: str, indices: list[int], size: int):
                         kept[slot] = pixels
                         times[slot] = None if t is None or t0 is None else t - t0
         except _AV_ERRORS as e:
+            if count == 0:
+                raise VideoError(f"{path}: not a readable video (decoding the first frame failed: {_reason(e)})") from None
             raise VideoError(f"{path}: corrupt video, decoding failed after {count} frames ({_reason(e)})") from None
     return kept, times, count, t_end or None, size_hw
 
