@@ -378,10 +378,10 @@ def _from_original_config(cfg: dict) -> LlavaNextConfig:
         vision=_vision_from_dict(_ORIGINAL_TOWERS[tower], cfg.get("mm_vision_select_layer", -2), _ORIG_STRATEGY[feature]),
         text=text,
         image_grid_pinpoints=tuple(tuple(p) for p in cfg.get("image_grid_pinpoints", DEFAULT_PINPOINTS)),
-        # the original checkpoints splice features at id -200; after conversion the embedding table is the
-        # original vocabulary, so the image placeholder gets the first id past it
+        # the original checkpoints splice features at id -200 and have no placeholder rows in the embedding
+        # table; llava-next gives the placeholders the first ids past the vocabulary (never embedded)
         image_token_id=text.vocab_size,
-        video_token_id=text.vocab_size if is_video else None,
+        video_token_id=text.vocab_size + 1 if is_video else None,
         spatial_pool_stride=cfg.get("mm_spatial_pool_stride", 2),
         spatial_pool_mode=_ORIG_POOL_MODE[mode],  # type: ignore[arg-type]
         pool_position=position,  # type: ignore[arg-type]

@@ -1,0 +1,123 @@
+"""The whole model: encode images and videos, splice them into the prompt's embeddings, decode.
+
+    pixels ─ VisionTower ─┬─ (images) projector → pack_image_features (AnyRes: base, unpad, newlines)
+                          └─ (videos) pool ↔ projector (order is a config switch) → newline mode
+    input_ids (placeholders already expanded to one id per visual token)
+        → embed_tokens, placeholder rows replaced by the visual features in order → Decoder
+
+The prompt side (which ids, how many placeholders) lives in processor.py; the token counts both sides
+use come from tokens.py, so a prompt and its media cannot disagree silently: ``embed`` checks that
+the number of placeholder positions equals the number of visual features, per kind, and says which
+side is short.
+
+Placeholders are spliced like transformers' ``masked_scatter``: the features of every image (then of
+every video) fill the image (video) placeholder positions in flattened (batch, sequence) order — image
+0 of row 0 first. Placeholder ids at or past the vocabulary (checkpoints converted from the original
+format, which has no placeholder rows) are never looked up in the embedding table.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .anyres import pack_image_features
+from .config import LlavaNextConfig
+from .decoder import Decoder
+from .image import ImageInput
+from .pooling import add_video_newlines, pool_and_project, pooled_grid_hw
+from .projector import Projector
+from .vision import VisionTower
+
+
+class MediaMismatchError(ValueError):
+    """The prompt's placeholders and the media given do not match; the message has both counts."""
+
+
+class LlavaNextModel(nn.Module):
+    def __init__(self, config: LlavaNextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vision_tower = VisionTower(config.vision)
+        self.projector = Projector(config.vision.hidden_size, config.text.hidden_size, config.projector_bias)
+        self.image_newline = nn.Parameter(torch.zeros(config.text.hidden_size))
+        self.language_model = Decoder(config.text)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.embed_tokens.weight.device
+
+    # ---- visual features --------------------------------------------------------------------------
+    @torch.no_grad()
+    def image_features(self, images: Sequence[ImageInput]) -> list[torch.Tensor]:
+        """One (tokens_i, D) tensor per image. All tiles of all images go through the tower as one batch."""
+        if not images:
+            return []
+        pixels = torch.cat([im.pixel_values for im in images]).to(self.device, self.dtype)  # (sum tiles, 3, S, S)
+        tiles = self.projector(self.vision_tower(pixels))  # (sum tiles, 576, D)
+        out, start = [], 0
+        for im in images:
+            n = 1 + im.num_tiles  # base + tiles
+            out.append(pack_image_features(tiles[start:start + n], im.image_size, im.grid, self.image_newline,
+                                           self.config.anyres_compat))
+            start += n
+        return out
+
+    @torch.no_grad()
+    def video_features(self, pixel_values: torch.Tensor, *, frame_batch: int = 8) -> torch.Tensor:
+        """(F, 3, S, S) frames -> (tokens, D): per-frame tower features, pooled before or after the projector
+        (``config.pool_position``), frame-major, with the config's newline mode. Frames go through the tower
+        ``frame_batch`` at a time so activations stay small for long videos."""
+        cfg = self.config
+        grid = (cfg.vision.grid_size, cfg.vision.grid_size)
+        pixel_values = pixel_values.to(self.device, self.dtype)
+        feats = torch.cat([self.vision_tower(chunk) for chunk in pixel_values.split(frame_batch)])  # (F, 576, Cv)
+        pooled = pool_and_project(feats, self.projector, grid, cfg.spatial_pool_stride, cfg.spatial_pool_mode,
+                                  cfg.pool_position)  # (F, h*w, D)
+        pooled_hw = pooled_grid_hw(grid, cfg.spatial_pool_stride, cfg.spatial_pool_mode)
+        return add_video_newlines(pooled, pooled_hw, self.image_newline, cfg.video_newline)  # (T, D)
+
+    # ---- prompt embeddings ------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor, image_features: Sequence[torch.Tensor] = (),
+              video_features: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """(B, T) ids with expanded placeholders + features -> (B, T, D) embeddings."""
+        cfg = self.config
+        input_ids = input_ids.to(self.device)
+        is_image = input_ids == cfg.image_token_id
+        is_video = (input_ids == cfg.video_token_id) if cfg.video_token_id is not None else torch.zeros_like(is_image)
+        vocab = cfg.text.vocab_size
+        safe_ids = input_ids.masked_fill(is_image | is_video | (input_ids >= vocab), 0)
+        if bool(((input_ids >= vocab) & ~(is_image | is_video)).any()) or bool((input_ids < 0).any()):
+            bad = input_ids[((input_ids >= vocab) & ~(is_image | is_video)) | (input_ids < 0)][0].item()
+            raise ValueError(f"token id {bad} is outside the vocabulary (0..{vocab - 1}) and is not a placeholder")
+        embeds = self.language_model.embed_tokens(safe_ids)  # (B, T, D)
+        for kind, mask, feats in (("image", is_image, image_features), ("video", is_video, video_features)):
+            n_slots = int(mask.sum())
+            n_feats = sum(f.shape[0] for f in feats)
+            if n_slots != n_feats:
+                raise MediaMismatchError(
+                    f"the prompt has {n_slots} {kind} placeholder tokens but the {len(feats)} {kind}(s) given "
+                    f"produce {n_feats} {kind} features; expand each <{kind}> placeholder to its token count "
+                    f"(llava_next.tokens) and give one {kind} per placeholder")
+            if n_slots:
+                embeds = embeds.masked_scatter(mask[..., None], torch.cat(list(feats)).to(embeds.dtype))
+        return embeds
+
+    # ---- one forward ------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, *, images: Sequence[ImageInput] = (),
+                videos: Sequence[torch.Tensor] = (), attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Full-sequence logits (B, T, V) without a KV cache — the parity-test entry point. ``videos`` are
+        (F, 3, S, S) pixel tensors; ``attention_mask`` (B, T) marks real tokens in a left-padded batch."""
+        embeds = self.embed(input_ids, self.image_features(images), [self.video_features(v) for v in videos])
+        position_ids = key_mask = None
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device, torch.bool)
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            key_mask = attention_mask
+        return self.language_model(input_embeds=embeds, position_ids=position_ids, key_mask=key_mask)
