@@ -82,6 +82,15 @@ def test_logits_match_transformers(kind, rope):
         assert_close(ours(input_embeds=ours.embed_tokens(x)), ref)
 
 
+def test_explicit_position_ids_match_transformers():
+    # RoPE only sees position differences, so a gap (not a constant shift) is what tests them
+    hf, ours = hf_and_ours("llama", 2.0)
+    x = ids(2, 12)
+    pos = torch.cat([torch.arange(6), torch.arange(40, 46)]).expand(2, 12)
+    with torch.no_grad():
+        assert_close(ours(x, position_ids=pos), hf(x, position_ids=pos).logits)
+
+
 def test_multi_query_attention_matches():
     hf, ours = hf_and_ours("mistral", 2.0, num_heads=4, num_kv_heads=1)
     x = ids(1, 24)
