@@ -23,7 +23,8 @@ How it works, and the choices made
   refused with a message saying to get the safetensors files.
 - Source dtypes are kept (mixed dtypes stay mixed) unless ``dtype`` is given, which casts floating
   tensors only. The original release's vocabulary (32000 rows, no ``<image>`` row) is kept as is; its
-  config gives ``image_token_id == vocab_size``, a placeholder the model replaces before embedding.
+  config gives the media tokens placeholder ids past the vocabulary (image: ``vocab_size``), which the
+  model replaces before embedding.
 """
 
 from __future__ import annotations
