@@ -26,6 +26,8 @@ Notable choices
   LLaVA-NeXT SentencePiece tokenizer) we tokenize like the original ``tokenizer_image_token``: split on
   placeholders, encode each chunk on its own, keep only the first chunk's BOS and put the config's
   placeholder id between chunks. The two differ by a "▁" after each placeholder (reference-spec §9).
+  Original video checkpoints share one id for images and videos, so our "<video>" gives the same ids
+  as the original's "<image>" placeholder for a video.
 - BOS/EOS: tokenizer.json's post-processor decides (as in transformers 5); tokenizer_config.json's
   add_bos_token/add_eos_token only apply to a tokenizer.json without one. eos defaults to "</s>".
 - ``llava_next_video`` is the llava-hf chat template: no system prompt by default, and earlier answers
@@ -214,7 +216,8 @@ def _llama_2(system: str, turns: Turns, question: str) -> str:
 def _mpt(system: str, turns: Turns, question: str) -> str:
     """Original SeparatorStyle.MPT (chatml_direct): sep "<|im_end|>", no newline after it."""
     history = "".join(f"<|im_start|>user\n{q}<|im_end|><|im_start|>assistant\n{a}<|im_end|>" for q, a in turns)
-    return f"<|im_start|>system\n{system}<|im_end|>{history}<|im_start|>user\n{question}<|im_end|><|im_start|>assistant\n"
+    return (f"<|im_start|>system\n{system}<|im_end|>{history}"
+            f"<|im_start|>user\n{question}<|im_end|><|im_start|>assistant\n")
 
 
 def _hf_chat(system: str, turns: Turns, question: str) -> str:
@@ -243,8 +246,8 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in [
 assert set(TEMPLATES) == set(get_args(TemplateName))
 
 
-def _check_media(text: str, n_images: int, n_videos: int, why: str) -> None:
-    found = text.count(IMAGE), text.count(VIDEO)
+def _check_media(texts: Sequence[str], n_images: int, n_videos: int, why: str) -> None:
+    found = sum(t.count(IMAGE) for t in texts), sum(t.count(VIDEO) for t in texts)
     if found != (n_images, n_videos):
         raise PromptError(f"the prompt has {found[0]} {IMAGE} and {found[1]} {VIDEO} placeholders but "
                           f"{n_images} image(s) and {n_videos} video(s) were given; {why}")
@@ -265,16 +268,15 @@ def render_prompt(question: str, n_images: int = 0, n_videos: int = 0, template:
         if system is not None or history:
             raise PromptError("template 'none' sends the prompt exactly as given: system/history are not used; "
                               "put them in the prompt text or choose a template")
-        _check_media(question, n_images, n_videos, "template 'none' sends the prompt as given, so it must "
+        _check_media([question], n_images, n_videos, "template 'none' sends the prompt as given, so it must "
                                                    "carry one placeholder per image and per video")
         return question
     if template not in TEMPLATES:
         raise PromptError(f"unknown template {template!r}; choose one of {[*TEMPLATES, 'none']}")
     spec = TEMPLATES[template]
     users = [q for q, _ in history] + [question]
-    placed = sum(u.count(IMAGE) + u.count(VIDEO) for u in users)
-    if placed:
-        _check_media("".join(users), n_images, n_videos,
+    if any(IMAGE in u or VIDEO in u for u in users):
+        _check_media(users, n_images, n_videos,
                      "write exactly one placeholder per image and per video, or none at all (the template then "
                      "puts them at the front of the first user turn)")
     else:

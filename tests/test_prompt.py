@@ -41,9 +41,11 @@ HF_VIDEO_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}{% endfor %}"
-    "{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', "
-    "'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
 
 # processor_config.json of the llava-hf repos: the count drops CLS ("default") after adding it (+1)
@@ -108,7 +110,8 @@ def test_multi_turn_and_system_strings():
     h = [("Hi", "Hello.")]
     assert render_prompt(Q, 1, 0, "llava_v1", history=h) == \
         f"{LLAVA_SYS} USER: <image>\nHi ASSISTANT: Hello.</s>USER: {Q} ASSISTANT:"
-    assert render_prompt(Q, 1, 0, "mistral_instruct", history=h) == f"[INST] <image>\nHi [/INST] Hello. </s>[INST] {Q} [/INST]"
+    assert render_prompt(Q, 1, 0, "mistral_instruct", history=h) == \
+        f"[INST] <image>\nHi [/INST] Hello. </s>[INST] {Q} [/INST]"
     assert render_prompt(Q, 1, 0, "mistral_instruct", system="Be brief.") == \
         f"[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n<image>\n{Q} [/INST]"
     assert render_prompt(Q, 0, 1, "chatml_direct", history=h, system="S") == (
@@ -185,7 +188,7 @@ def test_encode_decode_match_transformers(tiny_dir, tok):
 
 
 def test_placeholders_are_single_ids_with_the_hf_space_pattern(tok):
-    """HF test ids for 'USER: <video>\\nWhy …' are [1, …, 29871 '▁', 32000, 13 '\\n', …] (reference-spec §9)."""
+    """HF test ids for 'USER: <video>\\nWhy …': [1, …, 29871 '▁', 32000, 13 '\\n', …] (reference-spec §9)."""
     ids = tok.encode("USER: <video>\nWhy is this video funny? ASSISTANT:")
     k = ids.index(TINY.video_token_id)
     assert ids[0] == 1 and ids.count(TINY.video_token_id) == 1
@@ -324,7 +327,7 @@ def test_expand_placeholders_errors_and_shared_ids():
     with pytest.raises(PromptError, match=">= 1"):
         expand_placeholders([1, 7], 7, 8, [0])
     # original-format configs give images and videos one id: images first, then videos
-    assert expand_placeholders([1, 9, 9, 4], 9, 9, [2], [3]) == [1, 9, 9, 9, 9, 9, 4]
+    assert expand_placeholders([1, 9, 5, 9, 4], 9, 9, [2], [3]) == [1, 9, 9, 5, 9, 9, 9, 4]
     assert expand_placeholders([8, 1, 7], 7, 8, [2], [1]) == [8, 1, 7, 7]
 
 
@@ -360,6 +363,26 @@ def test_stream_holds_byte_runs_until_they_end(tok):
     decoder = tok.stream()
     assert [decoder.step(i) for i in bad] == ["", "", "", "", "", "", ""]
     assert decoder.finish() == tok.decode(bad) == "\ufffd" * 5
+
+
+def test_stream_decode_with_a_byte_level_tokenizer():
+    """GPT-2-style byte-level BPE (no "<0x..>" pieces): a character's bytes can end mid-token; the stream waits
+    while the text ends in U+FFFD, and stays exact on random ids."""
+    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
+    from tokenizers_fixture import CORPUS
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    backend.train_from_iterator([CORPUS], trainers.BpeTrainer(vocab_size=400, show_progress=False,
+                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = Tokenizer(backend)
+    ids = tok.encode(f"Hi {RARE_TEXT} end")
+    pieces = list(tok.decode_stream(ids))
+    assert "".join(pieces) == tok.decode(ids) and all("\ufffd" not in p for p in pieces)
+    assert any("🙂" in p for p in pieces) and len(pieces) > 5
+    rng = random.Random(2)
+    for _ in range(100):
+        ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 20))]
+        assert "".join(tok.decode_stream(ids)) == tok.decode(ids), ids
 
 
 def test_stop_token_ids(tmp_path):
