@@ -13,9 +13,10 @@ import math
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from llava_next.config import LlavaNextConfig, PRESETS, TextConfig
-from llava_next.decoder import Decoder
+from llava_next.decoder import Decoder, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 from llava_next_weights.keymaps import rename_state_dict
 
 TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -112,6 +113,28 @@ def test_rope_factor_overridable_at_run_time():
         rebuilt = Decoder(text)
         rebuilt.load_state_dict(base.state_dict(), strict=True)
         assert_close(rebuilt(x), ref)
+
+
+def test_bf16_rmsnorm_and_rope_are_bitwise_transformers():
+    """The dtype choices (norm in fp32 then cast, weight multiplied after; fp32 angles, cos/sin cast)
+    show only in low precision: compare the pieces bit for bit in bf16."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 7, 64, generator=g) * 3).bfloat16()
+    ours, ref = RMSNorm(64, 1e-5), LlamaRMSNorm(64, 1e-5)
+    with torch.no_grad():
+        ours.weight.copy_(1 + torch.randn(64, generator=g))
+        ref.weight.copy_(ours.weight)
+    ours, ref = ours.bfloat16(), ref.bfloat16()
+    assert torch.equal(ours(x), ref(x))
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=16,
+                      rope_parameters={"rope_type": "linear", "factor": 2.5, "rope_theta": 5e6})
+    pos = torch.tensor([[0, 1, 2, 900, 4000, 20000, 123457]])
+    q, k = (torch.randn(1, 4, 7, 16, generator=g).bfloat16() for _ in range(2))
+    cos_ref, sin_ref = LlamaRotaryEmbedding(cfg)(q, pos)
+    cos, sin = rope_cos_sin(pos, rope_inv_freq(16, 5e6, 2.5), torch.bfloat16)
+    assert torch.equal(cos[:, 0], cos_ref) and torch.equal(sin[:, 0], sin_ref)
+    q_ref, k_ref = apply_rotary_pos_emb(q, k, cos_ref, sin_ref)
+    assert torch.equal(apply_rope(q, cos, sin), q_ref) and torch.equal(apply_rope(k, cos, sin), k_ref)
 
 
 # ---- KV cache ------------------------------------------------------------------------------------
