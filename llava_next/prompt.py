@@ -26,8 +26,8 @@ Notable choices
   LLaVA-NeXT SentencePiece tokenizer) we tokenize like the original ``tokenizer_image_token``: split on
   placeholders, encode each chunk on its own, keep only the first chunk's BOS and put the config's
   placeholder id between chunks. The two differ by a "▁" after each placeholder (reference-spec §9).
-  Original video checkpoints share one id for images and videos, so our "<video>" gives the same ids
-  as the original's "<image>" placeholder for a video.
+  (The original video code also writes "<image>" for a video; we write "<video>" and use the config's
+  video id, so the model knows which medium each placeholder stands for.)
 - BOS/EOS: tokenizer.json's post-processor decides (as in transformers 5); tokenizer_config.json's
   add_bos_token/add_eos_token only apply to a tokenizer.json without one. eos defaults to "</s>".
 - ``llava_next_video`` is the llava-hf chat template: no system prompt by default, and earlier answers

@@ -305,6 +305,13 @@ def test_original_tokenizer_without_placeholders_splits_like_the_original(tmp_pa
         ids = build_input_ids(question, tok, orig, n_images=n)
         text = render_prompt(question, n, 0, "llava_v1")
         assert ids == _orig_tokenizer_image_token(text, hf, 640), question
+    # an original video checkpoint (config: image id = vocab size, video id = vocab size + 1); the original
+    # writes "<image>" for the video too, so its ids are ours with the video id put back
+    orig_video = orig.replace(video_token_id=641, template="vicuna_v1")
+    ids = build_input_ids("Why?", tok, orig_video, n_images=1, n_videos=1)
+    reference = _orig_tokenizer_image_token(render_prompt("Why?", 2, 0, "vicuna_v1"), hf, 640)
+    second = [i for i, t in enumerate(reference) if t == 640][1]
+    assert ids == reference[:second] + [641] + reference[second + 1:]
     ids = build_input_ids(Q, tok, orig, n_images=1)
     after = ids[ids.index(640) + 1:][:2]  # the original's extra "▁" after the image (reference-spec §9)
     assert [tok.backend.id_to_token(i) for i in after] == ["▁", "\n"]
