@@ -7,7 +7,8 @@ h // (Hq // Hkv); K/V are never repeated in memory by the fast backends). ``caus
 queries to the *end* of the keys: query i sits at key position Tk - Tq + i (prefill, chunked prefill
 and one-token decode against a KV cache are all the same call). ``mask`` is an optional boolean
 (B, 1, Tq, Tk) or (B, 1, 1, Tk) tensor, True = may attend (left padding in a batch); it is combined
-with the causal rule.
+with the causal rule. A query row that may see no key at all (a left-padding row) must come out as
+zeros, never NaN, in every backend: NaN would spread to real rows through 0 x NaN in later layers.
 
 Backends
 - "sdpa":   torch.nn.functional.scaled_dot_product_attention (the CPU fast path).

@@ -334,7 +334,9 @@ def _from_hf_config(cfg: dict) -> LlavaNextConfig:
         projector_bias=cfg.get("multimodal_projector_bias", True),
         spatial_pool_stride=cfg.get("spatial_pool_stride", 2),
         spatial_pool_mode=mode,
-        template="llava_next_video" if is_video else "llava_v1",
+        # chatml_direct (34B) cannot be told from the config alone: pick it with --template or a preset
+        template="llava_next_video" if is_video else ("mistral_instruct" if tc.get("model_type") == "mistral"
+                                                      else "llava_v1"),
     )
 
 

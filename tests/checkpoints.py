@@ -47,16 +47,17 @@ _config._ORIGINAL_TOWERS.setdefault(TINY_TOWER, dict(
 _L14_336 = "openai/clip-vit-large-patch14-336"
 
 
-def tiny_config(kind: str = "image", text: str = "llama", rope_factor: float | None = None) -> LlavaNextConfig:
+def tiny_config(kind: str = "image", text: str = "llama", rope_factor: float | None = None,
+                base_vocab: int = BASE_VOCAB) -> LlavaNextConfig:
     """The llava-next config of the tiny checkpoints (image token 128; video: video 128, image 129)."""
     _check(kind, text)
     vision = VisionConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, image_size=56, patch_size=14)
-    t = TextConfig(vocab_size=HF_VOCAB, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+    t = TextConfig(vocab_size=HF_VOCAB if base_vocab == BASE_VOCAB else -(-(base_vocab + 2) // 64) * 64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                    num_kv_heads=2 if text == "mistral" else 4, rms_norm_eps=1e-5,
                    rope_theta=1e6 if text == "mistral" else 1e4, rope_scaling_factor=rope_factor or 1.0,
                    max_position_embeddings=512, pad_token_id=None)
-    media = dict(image_token_id=BASE_VOCAB + 1, video_token_id=BASE_VOCAB) if kind == "video" else \
-        dict(image_token_id=BASE_VOCAB)
+    media = dict(image_token_id=base_vocab + 1, video_token_id=base_vocab) if kind == "video" else \
+        dict(image_token_id=base_vocab)
     return LlavaNextConfig(vision=vision, text=t, image_grid_pinpoints=TINY_PINPOINTS,
                            template="llava_next_video" if kind == "video" else "llava_v1", **media)
 
@@ -148,7 +149,7 @@ def _rewrite_safetensors(directory: Path, rename) -> None:
 # ---- builders -------------------------------------------------------------------------------------
 def make_llava_hf_checkpoint(directory, kind: str = "image", text: str = "llama", rope_factor: float | None = None,
                              *, names: str = "hub", dtype: torch.dtype = torch.float32,
-                             max_shard_size: str | int | None = None, seed: int = 0):
+                             max_shard_size: str | int | None = None, seed: int = 0, base_vocab: int = BASE_VOCAB):
     """Save a tiny random llava-hf checkpoint into ``directory``; returns ``(directory, model)``."""
     from transformers import LlavaNextForConditionalGeneration, LlavaNextVideoForConditionalGeneration
 
@@ -157,7 +158,7 @@ def make_llava_hf_checkpoint(directory, kind: str = "image", text: str = "llama"
     directory = Path(directory)
     torch.manual_seed(seed)
     cls = LlavaNextVideoForConditionalGeneration if kind == "video" else LlavaNextForConditionalGeneration
-    model = cls(transformers_config(tiny_config(kind, text, rope_factor), kind=kind, text=text))
+    model = cls(transformers_config(tiny_config(kind, text, rope_factor, base_vocab), kind=kind, text=text))
     _randomize_vectors(model)
     model = model.to(dtype).eval()
     extra = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
@@ -221,3 +222,16 @@ def make_original_checkpoint(directory, from_hf_dir, *, vocab_size: int | None =
 def replace_text(config: LlavaNextConfig, **changes) -> LlavaNextConfig:
     """``config`` with decoder fields changed (e.g. ``num_layers=1``)."""
     return config.replace(text=dataclasses.replace(config.text, **changes))
+
+
+RUNNABLE_VOCAB = 512  # room for the test tokenizer: 259 byte/special pieces, its alphabet and merges
+
+
+def make_runnable_checkpoint(directory, kind: str = "video", text: str = "llama", **kwargs):
+    """A tiny llava-hf checkpoint with a real tokenizer.json (+ tokenizer_config.json) beside it: what a user
+    downloads, at toy size, ready for ``llava-next run --model DIR``. Returns ``(dir, transformers model)``."""
+    from tokenizers_fixture import make_hf_tokenizer
+
+    directory, model = make_llava_hf_checkpoint(directory, kind, text, base_vocab=RUNNABLE_VOCAB, **kwargs)
+    make_hf_tokenizer(directory, tiny_config(kind, text, base_vocab=RUNNABLE_VOCAB))
+    return directory, model
