@@ -1,6 +1,7 @@
 """Command line: ``llava-next COMMAND ...`` (also ``python -m llava_next.cli``).
 
 Commands
+- ``run`` / ``convert`` (cli_run.py): answer a question with a checkpoint; convert a checkpoint.
 - ``inspect``: the token plan of images or a video, without weights — AnyRes canvas, tiles, unpadded
   features and newlines per image; sampled frames, timestamps and pooled tokens per frame for a video;
   and whether the prompt fits the RoPE context with which factor. ``--json`` for scripts, ``--png`` for
@@ -250,17 +251,51 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llava-next", description="LLaVA-NeXT / LLaVA-NeXT-Video in plain PyTorch")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_inspect(sub)
+    from .cli_run import add_convert, add_run  # weights commands (imported lazily: torch-heavy paths)
+
+    add_run(sub, positive=_positive, rope_scale=_rope_scale, user_error=UserError)
+    add_convert(sub, user_error=UserError)
     return parser
+
+
+EXIT_INTERNAL_ERROR = 3
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that describe the user's input (files, options, checkpoints, prompts): one line, exit 2.
+    Every module raises ValueError subclasses (or OSError for files) with messages written for the user."""
+    from llava_next_weights.hub import HubError
+
+    return (UserError, ValueError, OSError, HubError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    as_json = bool(getattr(args, "json", False))
     try:
         return args.func(args)
-    except UserError as e:
-        print(f"llava-next {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"llava-next {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as e:
+        message = str(e) if not isinstance(e, OSError) or e.filename is None else f"{e.filename}: {e.strerror or e}"
+        if as_json:
+            print(json.dumps({"error": message, "kind": "user", "type": type(e).__name__}))
+        else:
+            print(f"llava-next {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Exception as e:  # a bug in llava-next: say so, keep the traceback for the report
+        import traceback
+
+        if as_json:
+            print(json.dumps({"error": f"{type(e).__name__}: {e}", "kind": "internal",
+                              "traceback": traceback.format_exc()}))
+        else:
+            traceback.print_exc()
+            print(f"llava-next {args.command}: internal error ({type(e).__name__}); this is a bug, please report "
+                  f"it with the traceback above", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
 
 
 if __name__ == "__main__":

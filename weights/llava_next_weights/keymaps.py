@@ -117,7 +117,7 @@ def _prefixed(table: Table, src: str, dst: str) -> Table:
 # ---- whole-model formats -------------------------------------------------------------------------
 TABLES: dict[str, Table] = {
     # a standalone CLIPVisionModel / open_clip tower / Llama decoder, onto the sub-module's own names
-    "clip_hf": _prefixed(_CLIP_HF, "vision_model.", ""),
+    "clip_hf": _prefixed(_CLIP_HF, "vision_model.", "") + _CLIP_HF,  # transformers 5 drops `vision_model.`
     "clip_open_clip": _CLIP_OPEN_CLIP,
     "llama_hf": _prefixed(_DECODER_HF, "model.", "") + [("lm_head.weight", "lm_head.weight")],
     # llava-hf on disk: language_model.model.*, and the CLIP tower as vision_tower.vision_model.* (hub
