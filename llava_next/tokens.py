@@ -17,7 +17,8 @@ model trained on ``max_position_embeddings`` positions sees positions it was tra
 without any error (the ~30-frame failures in peers-and-users §2 need 2). The factor is a run-time
 choice: ``rope_scale="config"`` takes the checkpoint's (2.5 for llava-hf Video-7B), ``"auto"`` the
 smallest integer factor that holds the actual tokens (1 if they already fit), ``"original"`` the
-original demo's rule ``ceil((visual + 1000) / max_pos)`` applied only when >= 2, and a number is used
+original demo's rule ``ceil((visual + 1000) / max_pos)`` (it sets the factor when that is >= 2 and
+otherwise leaves the lmms-lab config, which has no scaling: the same number), and a number is used
 as given. ``check_context`` never lets an overflow pass silently: it raises (or warns) with the fixes
 spelled out — fewer frames, a larger ``--pool-stride``, or ``--rope-scale F``.
 
@@ -182,9 +183,8 @@ def plan_context(text_tokens: int, visual_tokens: int, config: LlavaNextConfig, 
         factor, source = config.text.rope_scaling_factor, "config"
     elif rope_scale == "auto":
         factor, source = smallest, "auto"
-    elif rope_scale == "original":  # playground/demo/video_demo.py: reserve 1000 text tokens, scale only if >= 2
-        sf = math.ceil((visual_tokens + 1000) / max_pos)
-        factor, source = (float(sf) if sf >= 2 else 1.0), "original"
+    elif rope_scale == "original":  # playground/demo/video_demo.py: 1000 positions reserved for text
+        factor, source = float(math.ceil((visual_tokens + 1000) / max_pos)), "original"
     elif isinstance(rope_scale, (int, float)) and not isinstance(rope_scale, bool) and rope_scale >= 1:
         factor, source = float(rope_scale), "user"
     else:

@@ -153,13 +153,27 @@ def test_long_video_is_not_held_in_memory():
     long = media.cached_video("long", frames=1000, size_hw=(240, 320), fps=30, codec="mpeg4", period=50)
     warm = media.cached_video("odd", frames=12, size_hw=(9, 17), fps=10, codec="mpeg4")
     script = textwrap.dedent(f"""
-        import resource
+        import threading, time
         from llava_next.video import load_video
+
+        def rss_mb():  # resident memory now (a high-water mark would still hold the import's peak)
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * 4096 / 2**20
+
         load_video({str(warm)!r}, 2)  # decoder libraries loaded and warmed up
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        base, peak, done = rss_mb(), [0.0], threading.Event()
+
+        def watch():
+            while not done.is_set():
+                peak[0] = max(peak[0], rss_mb())
+                time.sleep(0.002)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
         clip = load_video({str(long)!r}, 8)
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        print(clip.total_frames, (after - before) / 1024)
+        done.set()
+        watcher.join()
+        print(clip.total_frames, max(peak[0], rss_mb()) - base)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
     total, grown_mb = int(out[0]), float(out[1])
