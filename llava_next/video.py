@@ -17,6 +17,9 @@ What is in here, in data-flow order:
   ``int(336 * long / short)``), PIL bicubic, centre crop 336 (top = (H - 336) // 2), then
   ``image.normalize`` (rescale 1/255 in float64, CLIP mean/std).
 
+Rotation metadata (phone videos' display matrix) is ignored, as in both references (the llava-hf
+model card's PyAV reader and the original decord loader): frames are used as stored.
+
 Every failure is a ``VideoError`` whose one-line message names the file and the problem.
 Sizes are (height, width).
 """
