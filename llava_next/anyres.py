@@ -145,15 +145,3 @@ def pack_image_features(tile_features: torch.Tensor, image_hw: Size, grid_hw: Si
         newline = image_newline.to(fmap.dtype).expand(h, 1, channels)
         fmap = torch.cat([fmap, newline], dim=1)  # (h', w' + 1, C): a newline ends every row
     return torch.cat([base, fmap.reshape(-1, channels)])  # (P*P + h' * (w' + 1), C)
-
-
-def image_token_count(image_hw: Size, config: LlavaNextConfig) -> int:
-    """Visual tokens LLaVA-NeXT spends on one image: base 576 + h' * (w' + 1) (reference-spec §2.2)."""
-    if config.vision.feature_strategy != "default":
-        raise ValueError("AnyRes images need vision.feature_strategy='default' (CLS dropped); "
-                         f"got {config.vision.feature_strategy!r}")
-    image_hw = _check_size("image size", image_hw)
-    _, (rows, cols) = tile_grid(image_hw, config)
-    side = config.vision.grid_size
-    h, w = unpadded_size(image_hw, (rows * side, cols * side), config.anyres_compat)
-    return side * side + h * (w + 1)

@@ -32,7 +32,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from .anyres import resized_size, select_best_resolution, unpadded_size
+from .anyres import resized_size, tile_grid, unpadded_size
 from .config import LlavaNextConfig, PoolMode, VideoNewline, smallest_rope_factor
 from .pooling import newline_count, pooled_grid_hw
 
@@ -68,9 +68,8 @@ def image_plan(image_hw: Size, config: LlavaNextConfig) -> ImagePlan:
     h, w = image_hw
     if h < 1 or w < 1:
         raise ValueError(f"image size must be positive (height, width), got {image_hw}")
-    canvas = select_best_resolution((h, w), config.image_grid_pinpoints, config.anyres_compat)
-    tile, side = config.tile_size, config.vision.grid_size
-    grid = (canvas[0] // tile, canvas[1] // tile)
+    canvas, grid = tile_grid((h, w), config)
+    side = config.vision.grid_size
     fmap = (grid[0] * side, grid[1] * side)
     kept = unpadded_size((h, w), fmap, config.anyres_compat)
     base = side * side

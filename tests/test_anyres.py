@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
-from llava_next.anyres import (image_token_count, pack_image_features, resized_size, select_best_resolution,
+from llava_next.anyres import (pack_image_features, resized_size, select_best_resolution,
                                tile_grid, unpadded_size)
 from llava_next.config import LlavaNextConfig, VisionConfig
+from llava_next.tokens import image_tokens
 
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 TINY_PINPOINTS = [[p // 6 for p in pair] for pair in PINPOINTS]  # tile 56 px = 4x4 patches of 14 px
@@ -109,9 +110,9 @@ def test_tie_case_hf_wide_vs_original_tall(hf_processor):
     # as (h, w) by transformers (wide, 1x2 tiles) and as (w, h) by the original code (tall, 2x1)
     assert tile_grid((200, 300), CONFIG) == ((336, 672), (1, 2))
     assert tile_grid((200, 300), ORIG_CONFIG) == ((672, 336), (2, 1))
-    assert image_token_count((200, 300), CONFIG) == 1464 == hf_processor._get_number_of_features(200, 300, 336, 336)
-    assert image_token_count((200, 300), ORIG_CONFIG) == 976
-    assert image_token_count((336, 336), CONFIG) == image_token_count((336, 336), ORIG_CONFIG) == 1176
+    assert image_tokens((200, 300), CONFIG) == 1464 == hf_processor._get_number_of_features(200, 300, 336, 336)
+    assert image_tokens((200, 300), ORIG_CONFIG) == 976
+    assert image_tokens((336, 336), CONFIG) == image_tokens((336, 336), ORIG_CONFIG) == 1176
     assert tile_grid((336, 336), CONFIG)[1] == (1, 2) and tile_grid((336, 336), ORIG_CONFIG)[1] == (2, 1)
 
 
@@ -120,7 +121,7 @@ def test_degenerate_sizes_still_get_a_canvas():
     # here the smallest canvas wins (least waste) and the count stays consistent with the packing
     for size in [(2, 3), (1, 5000), (5000, 1)]:
         assert select_best_resolution(size, PINPOINTS) in {(336, 672), (672, 336)}
-        assert image_token_count(size, CONFIG) >= 576
+        assert image_tokens(size, CONFIG) >= 576
 
 
 def test_resized_size_matches_transformers():
@@ -141,7 +142,7 @@ WORKED = {(480, 640): 2340, (899, 1024): 2634, (640, 480): 2352, (300, 1000): 21
 
 def test_worked_example_counts():
     for size, tokens in WORKED.items():
-        assert image_token_count(size, CONFIG) == tokens, size
+        assert image_tokens(size, CONFIG) == tokens, size
     assert tile_grid((480, 640), CONFIG) == ((672, 672), (2, 2))
     assert resized_size((480, 640), (672, 672)) == (504, 672)
     assert unpadded_size((480, 640), (48, 48)) == (36, 48)
@@ -152,7 +153,7 @@ def test_token_count_matches_transformers_processor(hf_processor):
     for h, w in sizes:
         if select_best_resolution((h, w), PINPOINTS) is None:
             continue
-        assert image_token_count((h, w), CONFIG) == hf_processor._get_number_of_features(h, w, 336, 336), (h, w)
+        assert image_tokens((h, w), CONFIG) == hf_processor._get_number_of_features(h, w, 336, 336), (h, w)
 
 
 def test_unpad_rounding_hf_vs_original():
@@ -161,14 +162,14 @@ def test_unpad_rounding_hf_vs_original():
     assert tile_grid((748, 352), CONFIG)[1] == (3, 1)
     assert unpadded_size((748, 352), (72, 24), "hf") == (52, 24)
     assert unpadded_size((748, 352), (72, 24), "original") == (50, 24)
-    assert image_token_count((748, 352), CONFIG) == 1876
-    assert image_token_count((748, 352), ORIG_CONFIG) == 1826
+    assert image_tokens((748, 352), CONFIG) == 1876
+    assert image_tokens((748, 352), ORIG_CONFIG) == 1826
 
 
 def test_full_feature_strategy_is_rejected():
     cfg = CONFIG.replace(vision=VisionConfig(feature_strategy="full"))
     with pytest.raises(ValueError, match="feature_strategy='default'"):
-        image_token_count((480, 640), cfg)
+        image_tokens((480, 640), cfg)
 
 
 # ---- packing ------------------------------------------------------------------------------------------
@@ -187,7 +188,7 @@ def test_pack_matches_transformers(hf_model, size):
     ours = pack_image_features(feats, size, grid, newline)
     (ref,), lens = hf_model.pack_image_features([feats], torch.tensor([size]), "default", image_newline=newline)
     assert torch.equal(ours, ref)
-    assert ours.shape[0] == image_token_count(size, TINY) == lens.item()
+    assert ours.shape[0] == image_tokens(size, TINY) == lens.item()
     (ref,), _ = hf_model.pack_image_features([feats], torch.tensor([size]), "default", image_newline=None)
     assert torch.equal(pack_image_features(feats, size, grid, None), ref)
 
@@ -198,7 +199,7 @@ def test_pack_matches_original(size):
     ref = orig_pack(feats, (size[1], size[0]), PINPOINTS, 336, newline)
     ours = pack_image_features(feats, size, grid, newline, compat="original")
     assert torch.equal(ours, ref)
-    assert ours.shape[0] == image_token_count(size, ORIG_CONFIG)
+    assert ours.shape[0] == image_tokens(size, ORIG_CONFIG)
 
 
 def test_pack_worked_example_layout():
