@@ -83,6 +83,10 @@ class Pipeline:
 
         path = resolve(model_id_or_dir, cache_dir=cache_dir, progress=progress)
         config = read_config(path)
+        preset = preset_for(model_id_or_dir)
+        if preset is not None and config.template != preset.config.template:
+            # a llava-hf config.json does not say which chat template the model was trained with (34B: chatml)
+            config = dataclasses.replace(config, template=preset.config.template)
         with torch.device("meta"):
             model = LlavaNextModel(config)
         load_into(model, path, dtype=dtype, device=device)
@@ -197,3 +201,11 @@ def with_overrides(config: LlavaNextConfig, *, pool_stride: int | None = None) -
     if pool_stride is not None:
         changes["spatial_pool_stride"] = pool_stride
     return dataclasses.replace(config, **changes) if changes else config
+
+
+def preset_for(model_id: PathLike):
+    """The preset whose hub id (llava-hf or original) is ``model_id``, or None."""
+    from .config import PRESETS
+
+    name = str(model_id)
+    return next((p for p in PRESETS.values() if name in (p.hub_id, p.original_id)), None)
