@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import llava_next.attention as facade
 from llava_next.attention import eager_attention
 from llava_next_kernels import attention as attn
 from llava_next_kernels.attention import (attention_reference, decode_attention, flash_attention,
@@ -148,6 +149,19 @@ def test_key_mass_matches_reference(B, Hq, Hkv, Tq, Tk, causal, masked, dtype):
     torch.testing.assert_close(mass, ref, atol=1e-5 * math.sqrt(Tq), rtol=1e-4)
     rows_with_keys = _allowed(B, Tq, Tk, causal, mask).any(-1).sum(-1)  # (B, 1): each such row sums to 1
     torch.testing.assert_close(mass.sum(-1), rows_with_keys.expand(B, Hq).float(), atol=1e-3, rtol=1e-5)
+
+
+def test_drop_in_backend_for_the_facade(monkeypatch):
+    """The facade calls its triton backend as fn(q, k, v, causal=..., mask=...): same answers as its eager path."""
+    monkeypatch.setattr(facade, "_triton_fn", flash_attention)
+    q, k, v = _qkv(2, 4, 2, 9, 20, 64, F32, seed=6)
+    mask = torch.ones(2, 1, 1, 20, dtype=torch.bool)
+    mask[1, ..., :4] = False
+    for tq in (9, 1):  # chunked prefill and one-token decode
+        with facade.use_backend("triton"):
+            got = facade.attention(q[:, :, -tq:], k, v, causal=True, mask=mask)
+        with facade.use_backend("eager"):
+            torch.testing.assert_close(got, facade.attention(q[:, :, -tq:], k, v, causal=True, mask=mask))
 
 
 def test_bad_inputs_have_clear_errors(monkeypatch):

@@ -7,6 +7,7 @@ on the same inputs at most 2x that of torch's own same-dtype avg_pool2d, plus a 
 import pytest
 import torch
 
+from llava_next.pooling import add_video_newlines, pool_frames
 from llava_next_kernels import pooling
 from llava_next_kernels.pooling import pooled_token_count, spatial_pool, spatial_pool_reference
 
@@ -74,6 +75,18 @@ def test_layout_frame_major_row_major_with_newlines():
         got_max = impl(x, s, "max", size=(H, W), newline=newline, newline_position="frame")
         assert got_max[6].tolist() == [-1, -1, -1] and got_max[:6, 1:].tolist() == [[1, 1], [1, 3], [1, 5], [3, 1], [3, 3], [3, 5]]
         assert impl(x, s, size=(H, W), newline=newline, newline_position="one_token")[-1].tolist() == [-1, -1, -1]
+
+
+@pytest.mark.parametrize("mode", ["average", "max"])
+@pytest.mark.parametrize("newline_position", ["none", "grid", "frame", "one_token"])
+def test_drop_in_for_the_model_pooling_step(newline_position, mode):
+    """One fused call == the model's torch path: pool_frames, then add_video_newlines."""
+    g = torch.Generator().manual_seed(1)
+    x, newline = torch.randn(3, 7 * 9, 16, generator=g), torch.randn(16, generator=g)
+    nl = None if newline_position == "none" else newline
+    expected = add_video_newlines(pool_frames(x, (7, 9), 2, mode), (3, 4), nl, newline_position)
+    got = spatial_pool(x, 2, mode, size=(7, 9), newline=nl, newline_position=newline_position)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
 
 
 def test_real_shape_video_frames_bf16():
