@@ -13,7 +13,7 @@ zeros, never NaN, in every backend: NaN would spread to real rows through 0 x Na
 Backends
 - "sdpa":   torch.nn.functional.scaled_dot_product_attention (the CPU fast path).
 - "eager":  the textbook softmax(q k^T / sqrt(d)) v in fp32 — the reference the others are tested against.
-- "triton": the kernels in llava_next_kernels (the CUDA fast path); registered by that package.
+- "triton": the kernels in llava_next_kernels (the CUDA fast path), imported from that package.
 - "auto":   triton on CUDA when available, sdpa otherwise.
 
 ``use_backend("eager")`` is a context manager that forces one backend (tests run both paths on the
@@ -33,13 +33,7 @@ Backend = Literal["auto", "sdpa", "eager", "triton"]
 AttentionFn = Callable[..., torch.Tensor]
 
 _forced: Backend = "auto"
-_triton_fn: AttentionFn | None = None  # set by register_triton_backend
-
-
-def register_triton_backend(fn: AttentionFn) -> None:
-    """Called by llava_next_kernels to plug its kernel in (kernels import nothing from the model)."""
-    global _triton_fn
-    _triton_fn = fn
+_triton_fn: AttentionFn | None = None  # imported on first use
 
 
 @contextlib.contextmanager
@@ -63,9 +57,13 @@ def current_backend(device: torch.device) -> Backend:
 
 
 def _load_triton() -> AttentionFn | None:
+    """The Triton kernel, imported on first use (None if triton or the kernels are unavailable)."""
+    global _triton_fn
     if _triton_fn is None:
         with contextlib.suppress(ImportError):
-            import llava_next_kernels.attention  # noqa: F401  (registers itself)
+            from llava_next_kernels.attention import flash_attention
+
+            _triton_fn = flash_attention
     return _triton_fn
 
 

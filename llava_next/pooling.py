@@ -17,6 +17,9 @@ Pool position (``pool_and_project``): transformers, vLLM and the original ``infe
 *before* the GELU projector; the original main branch pools *after* it. Average pooling commutes with
 a linear map but not with GELU, so the two orders give different features.
 
+Backends: ``pool_frames`` runs the PyTorch code below on CPU and the fused Triton kernel
+(``llava_next_kernels.spatial_pool``) on CUDA; ``use_pool_backend`` forces one (tests run both).
+
 Newline modes (``add_video_newlines``, original ``mm_newline_position``; transformers has none):
 - ``none``: no extra token.            ``grid``: ``image_newline`` after every row of every frame.
 - ``frame``: one after each frame.     ``one_token``: one after all frames.
@@ -25,8 +28,9 @@ Newline modes (``add_video_newlines``, original ``mm_newline_position``; transfo
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable
+from typing import Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +57,37 @@ def pooled_grid_hw(grid_hw: Size, stride: int, mode: PoolMode = "average") -> Si
     return h // stride, w // stride
 
 
+PoolBackend = Literal["auto", "torch", "triton"]
+_pool_backend: PoolBackend = "auto"
+
+
+@contextlib.contextmanager
+def use_pool_backend(name: PoolBackend) -> Iterator[None]:
+    """Force the pooling backend: "torch" (the reference below), "triton" (llava_next_kernels.spatial_pool,
+    reading the token-major layout directly), or "auto" (triton on CUDA, torch otherwise)."""
+    global _pool_backend
+    if name not in ("auto", "torch", "triton"):
+        raise ValueError(f"unknown pooling backend {name!r}; choose auto, torch or triton")
+    previous, _pool_backend = _pool_backend, name
+    try:
+        yield
+    finally:
+        _pool_backend = previous
+
+
+def _triton_pool(features: torch.Tensor, mode: PoolMode) -> Callable[..., torch.Tensor] | None:
+    if mode == "bilinear" or _pool_backend == "torch" or (_pool_backend == "auto" and features.device.type != "cuda"):
+        return None
+    try:
+        from llava_next_kernels.pooling import spatial_pool
+    except ImportError:
+        if _pool_backend == "triton":
+            raise RuntimeError("pooling backend 'triton' requested but llava_next_kernels could not be imported "
+                               "(is triton installed?)") from None
+        return None
+    return spatial_pool
+
+
 def pool_frames(features: torch.Tensor, grid_hw: Size, stride: int = 2, mode: PoolMode = "average") -> torch.Tensor:
     """Pool each frame's patch grid: (F, H*W, C) -> (F, h*w, C), token order row-major within a frame."""
     h, w = grid_hw
@@ -60,6 +95,10 @@ def pool_frames(features: torch.Tensor, grid_hw: Size, stride: int = 2, mode: Po
         raise ValueError(f"expected frame features of shape (frames, {h}*{w}={h * w}, channels), "
                          f"got {tuple(features.shape)}")
     out_hw = pooled_grid_hw(grid_hw, stride, mode)
+    kernel = _triton_pool(features, mode)
+    if kernel is not None:  # one pass over the token-major layout, no NCHW round trip
+        pooled = kernel(features, stride, mode, size=grid_hw)  # (F * h' * w', C), frame-major
+        return pooled.view(features.shape[0], out_hw[0] * out_hw[1], features.shape[2])
     x = rearrange(features, "f (h w) c -> f c h w", h=h, w=w)
     if mode == "average":
         x = F.avg_pool2d(x, kernel_size=stride, stride=stride)

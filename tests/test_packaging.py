@@ -2,6 +2,7 @@
 runtime never imports transformers or torchvision (test-time references only)."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -75,9 +76,14 @@ def test_transformers_does_not_mistake_kernels_folder_for_the_kernels_package():
 
 
 def test_wheel_contains_the_three_packages_and_imports_from_it(tmp_path):
+    # build from a copy: setuptools reuses ./build/lib, which would leave build debris in the repo and can
+    # carry stale modules into the wheel
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
+                                                             "results", ".pytest_cache"))
     wheel_dir = tmp_path / "wheel"
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                            "--quiet", "-w", str(wheel_dir), str(REPO)], capture_output=True, text=True, timeout=300)
+                            "--quiet", "-w", str(wheel_dir), str(src)], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr
     (wheel,) = wheel_dir.glob("llava_next-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
