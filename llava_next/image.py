@@ -27,11 +27,21 @@ Modes (``load_image``) — what transformers' PIL processor (``convert_to_rgb``)
   convert them.
 - The EXIF orientation tag is applied (``ImageOps.exif_transpose``), as transformers' ``load_image``
   does; the original code does not. Animated/multi-page files give their first frame.
+
+Bad files (docs/errors.md): every problem with an image file is an ``ImageError`` (a ValueError) whose
+one-line message names the file — unreadable, truncated or corrupt data, a directory — except a
+missing file (``FileNotFoundError``). Images larger than ``max_pixels`` (default
+``DEFAULT_MAX_IMAGE_PIXELS`` = 100 megapixels, e.g. 10000x10000; the environment variable
+``LLAVA_NEXT_MAX_IMAGE_PIXELS`` changes the default, 0 = no limit) are refused from the file header,
+before any pixel is decoded: a decompression bomb (a small PNG that decodes to gigabytes) never
+reaches memory. PIL's own DecompressionBomb check is replaced by this one (it would warn at 89 MP
+and fail at 179 MP with a message that names neither the file nor the override).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,36 +82,113 @@ def normalize(pixels: np.ndarray) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------------
-def _open(source: object) -> Image.Image:
-    if isinstance(source, Image.Image):
-        return source
-    if isinstance(source, np.ndarray):
-        if source.dtype != np.uint8 or not (source.ndim == 2 or (source.ndim == 3 and source.shape[2] in (3, 4))):
-            raise ValueError(f"an image array must be uint8 (H, W), (H, W, 3) RGB or (H, W, 4) RGBA, got "
-                             f"{source.dtype} {source.shape}")
-        return Image.fromarray(source)
-    if isinstance(source, (str, os.PathLike)):
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"image file not found: {os.fspath(source)!r}")
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+MAX_PIXELS_ENV = "LLAVA_NEXT_MAX_IMAGE_PIXELS"
+
+
+class ImageError(ValueError):
+    """An image cannot be used; the message names the file (or the value) and what to do."""
+
+
+def max_image_pixels(max_pixels: int | None = None) -> int:
+    """The pixel limit in force: ``max_pixels`` if given, else $LLAVA_NEXT_MAX_IMAGE_PIXELS, else the
+    default. 0 means no limit."""
+    if max_pixels is None:
+        env = os.environ.get(MAX_PIXELS_ENV, "").strip()
+        if not env:
+            return DEFAULT_MAX_IMAGE_PIXELS
         try:
-            with Image.open(source) as im:
-                im.load()  # read now, then close the file
+            max_pixels = int(float(env))
+        except ValueError:
+            raise ImageError(f"{MAX_PIXELS_ENV}={env!r} is not a number of pixels (0 = no limit)") from None
+    if max_pixels < 0:
+        raise ImageError(f"the image pixel limit must be >= 0 (0 = no limit), got {max_pixels}")
+    return int(max_pixels)
+
+
+def _check_pixels(size_wh: tuple[int, int], limit: int, name: str) -> None:
+    w, h = size_wh
+    if limit and w * h > limit:
+        raise ImageError(
+            f"{name}: {h}x{w} px (height x width) = {w * h / 1e6:.1f} megapixels is over the limit of "
+            f"{limit / 1e6:g} megapixels (a guard against decompression bombs); if the image is genuine, "
+            f"raise the limit: --max-image-pixels {w * h} (CLI), max_pixels={w * h} (Python) or "
+            f"{MAX_PIXELS_ENV}={w * h}; or downscale the file first")
+
+
+# PIL's own bomb check (a module global) is switched off while we open and decode a file: ours, on
+# the header's size, replaces it. The lock keeps two of our loads from restoring it out of order.
+_PIL_CHECK_LOCK = threading.Lock()
+
+
+def _open_file(path: str, limit: int) -> Image.Image:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"image file not found: {path!r}")
+    if os.path.isdir(path):
+        raise ImageError(f"{path}: is a directory, not an image file")
+    if os.path.getsize(path) == 0:
+        raise ImageError(f"{path}: is an empty file, not an image")
+    with _PIL_CHECK_LOCK:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            with Image.open(path) as im:  # reads the header only
+                _check_pixels(im.size, limit, path)
+                im.load()  # decode now, then close the file
                 return im
         except UnidentifiedImageError:
-            raise ValueError(f"{os.fspath(source)!r} is not an image file PIL can read") from None
-    raise TypeError(f"an image must be a file path, a PIL.Image or a uint8 numpy array, got {type(source).__name__}")
+            raise ImageError(f"{path}: not an image file PIL can read (not an image, a format PIL does not "
+                             f"know, or cut off inside its header); PNG, JPEG, WebP, GIF, BMP and TIFF work") from None
+        except ImageError:
+            raise
+        except Exception as e:  # PIL's decoders raise OSError, SyntaxError, EOFError, zlib/struct errors...
+            raise ImageError(f"{path}: truncated or corrupt image data ({_reason(e)}); the file is probably "
+                             f"incomplete (an interrupted download or copy): get it again or re-save it") from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
 
 
-def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> Image.Image:
-    """A path, PIL image or uint8 array -> an upright RGB PIL image (mode rules in the module docstring)."""
-    image = ImageOps.exif_transpose(_open(source))
+def _reason(e: Exception) -> str:
+    text = str(e).strip().rstrip(".")
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _name(source: object) -> str:
+    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the image"
+
+
+def _open(source: object, limit: int) -> Image.Image:
+    if isinstance(source, (str, os.PathLike)):
+        return _open_file(os.fspath(source), limit)
+    if isinstance(source, Image.Image):
+        image = source
+    elif isinstance(source, np.ndarray):
+        if source.dtype != np.uint8 or not (source.ndim == 2 or (source.ndim == 3 and source.shape[2] in (3, 4))):
+            raise ImageError(f"an image array must be uint8 (H, W), (H, W, 3) RGB or (H, W, 4) RGBA, got "
+                             f"{source.dtype} {source.shape}")
+        image = Image.fromarray(source)
+    else:
+        raise TypeError(f"an image must be a file path, a PIL.Image or a uint8 numpy array, got {type(source).__name__}")
+    _check_pixels(image.size, limit, "an in-memory image" if isinstance(source, Image.Image) else "an image array")
+    return image
+
+
+def load_image(source: str | os.PathLike | Image.Image | np.ndarray, *, max_pixels: int | None = None) -> Image.Image:
+    """A path, PIL image or uint8 array -> an upright RGB PIL image (mode rules in the module docstring).
+
+    ``max_pixels``: refuse larger images (None: $LLAVA_NEXT_MAX_IMAGE_PIXELS or 100 MP; 0: no limit)."""
+    image = _open(source, max_image_pixels(max_pixels))
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception as e:  # a malformed EXIF block
+        raise ImageError(f"{_name(source)}: unreadable EXIF orientation data ({_reason(e)}); re-save the image "
+                         f"without EXIF (e.g. ImageOps.exif_transpose in another tool, or strip metadata)") from None
     if image.mode == "RGB":
         return image
     if image.mode.startswith("I;16"):  # 16-bit grayscale -> 8 bit, rounded
         gray = np.asarray(image.convert("I"), dtype=np.uint32)
         return Image.fromarray(((gray + 128) // 257).astype(np.uint8)).convert("RGB")
     if image.mode in ("I", "F"):
-        raise ValueError(f"{'32-bit integer' if image.mode == 'I' else 'floating-point'} images (PIL mode "
+        raise ImageError(f"{'32-bit integer' if image.mode == 'I' else 'floating-point'} images (PIL mode "
                          f"{image.mode!r}) have no standard pixel range; scale them to 8 bits first, e.g. "
                          f"Image.fromarray((np.asarray(img) / max_value * 255).round().astype(np.uint8))")
     if "A" in image.getbands() or image.info.get("transparency") is not None:
@@ -111,7 +198,7 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> Image.Im
     try:
         return image.convert("RGB")
     except ValueError as e:
-        raise ValueError(f"cannot convert a PIL {image.mode!r} image to RGB ({e}); convert it yourself first") from None
+        raise ImageError(f"cannot convert a PIL {image.mode!r} image to RGB ({e}); convert it yourself first") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -133,9 +220,10 @@ class ImageInput:
 
 
 def preprocess_image(image: str | os.PathLike | Image.Image | np.ndarray,
-                     config: LlavaNextConfig) -> ImageInput:
-    """Load an image and turn it into AnyRes tiles: ``[base, tile_0, ...]`` normalized for CLIP."""
-    rgb = load_image(image)
+                     config: LlavaNextConfig, *, max_pixels: int | None = None) -> ImageInput:
+    """Load an image and turn it into AnyRes tiles: ``[base, tile_0, ...]`` normalized for CLIP.
+    ``max_pixels`` as in ``load_image``."""
+    rgb = load_image(image, max_pixels=max_pixels)
     tile = config.tile_size
     image_hw = (rgb.height, rgb.width)  # PIL's .size is (width, height)
     canvas_hw, (rows, cols) = tile_grid(image_hw, config)
