@@ -18,9 +18,15 @@ What is in here, in data-flow order:
   ``image.normalize`` (rescale 1/255 in float64, CLIP mean/std).
 
 Rotation metadata (phone videos' display matrix) is ignored, as in both references (the llava-hf
-model card's PyAV reader and the original decord loader): frames are used as stored.
+model card's PyAV reader and the original decord loader): frames are used as stored;
+``VideoClip.rotation`` and ``notes()`` say when a file asks for rotation.
 
-Every failure is a ``VideoError`` whose one-line message names the file and the problem.
+Every failure is a ``VideoError`` whose one-line message names the file, the problem and what to do
+(the table in docs/errors.md). An MP4/MOV whose boxes run past the end of the file (an interrupted
+download) is an error, whatever still decodes; other containers cannot tell, so what decodes is
+sampled and ``VideoClip.notes()`` says when fewer frames decode than the container lists. A video with fewer frames than requested is not an error: uniform
+indices repeat (as ``np.linspace`` does in the original code) and ``VideoClip.repeated_frames`` says
+how many; ``llava-next run`` prints a note.
 Sizes are (height, width).
 """
 
@@ -57,10 +63,33 @@ class VideoClip:
     duration: float  # seconds
     size_hw: tuple[int, int]  # source frame size (height, width)
     path: str
+    listed_frames: int = 0  # frames the container's index lists (0: no index); > total_frames: cut off
+    rotation: int = 0  # degrees counter-clockwise the file asks players to rotate by (not applied)
 
     @property
     def num_frames(self) -> int:
         return len(self.frame_indices)
+
+    def notes(self) -> list[str]:
+        """What a user should know about how this clip was sampled (empty when nothing is unusual)."""
+        out = []
+        if self.listed_frames > self.total_frames:
+            out.append(f"{self.path}: the container lists {self.listed_frames} frames but only {self.total_frames} "
+                       f"decode (a cut-off file?); sampled from those")
+        if self.rotation:
+            out.append(f"{self.path}: asks players to rotate it by {self.rotation} degrees; frames are used as "
+                       f"stored, {self.size_hw[0]}x{self.size_hw[1]} (height x width), as the reference "
+                       f"implementations do; re-encode it upright if that matters")
+        if self.repeated_frames:
+            out.append(f"{self.path}: has {self.total_frames} frame(s), fewer than the {self.num_frames} "
+                       f"requested; {self.repeated_frames} sampled frame(s) repeat earlier ones (use --frames "
+                       f"{self.total_frames} to avoid the repeats)")
+        return out
+
+    @property
+    def repeated_frames(self) -> int:
+        """Sampled frames that repeat an earlier one (the video has fewer frames than requested)."""
+        return len(self.frame_indices) - len(set(self.frame_indices))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -126,11 +155,42 @@ def _open(path: str):
     try:
         container = av.open(path)
     except av.error.FFmpegError as e:
-        raise VideoError(f"{path}: not a readable video ({_reason(e)})") from None
+        cut = _mp4_cut_off(path)
+        if cut:
+            raise VideoError(f"{path}: truncated MP4 ({cut}): the file is cut off, probably an incomplete "
+                             f"download or copy; get it again") from None
+        raise VideoError(f"{path}: not a readable video ({_reason(e)}): not a video file, or cut off (an "
+                         f"incomplete download or copy); check that it plays, get it again, or re-encode it "
+                         f"(ffmpeg -i IN -c:v libx264 OUT.mp4)") from None
     if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams}) or ["no streams at all"]
         container.close()
-        raise VideoError(f"{path}: has no video stream")
+        raise VideoError(f"{path}: has no video stream (it holds {', '.join(kinds)}); give a file with video")
     return container
+
+
+def _mp4_cut_off(path: str) -> str | None:
+    """Why an MP4/MOV file looks cut off ('' if it does not, None if it is no MP4): walk the top-level
+    boxes (4-byte size + 4-byte type); a box running past the end of the file, or no ``moov`` box (the
+    index, often written last), is what an interrupted download leaves."""
+    size, pos, boxes = os.path.getsize(path), 0, []
+    with open(path, "rb") as f:
+        while pos + 8 <= size:
+            f.seek(pos)
+            n, kind = int.from_bytes(f.read(4), "big"), f.read(4)
+            if n == 1 and pos + 16 <= size:  # 64-bit box size follows
+                n = int.from_bytes(f.read(8), "big")
+            if not boxes and kind != b"ftyp":  # every MP4/MOV starts with its file-type box
+                return None
+            boxes.append(kind)
+            if n == 0:  # the last box, to the end of the file
+                break
+            if n < 8 or pos + n > size:
+                return f"its {kind.decode('latin-1')!r} box needs {pos + n} bytes, the file has {size}"
+            pos += n
+    if not boxes:
+        return None
+    return "" if b"moov" in boxes else "no 'moov' box, the index of the video"
 
 
 def _reason(e: Exception) -> str:
@@ -148,21 +208,22 @@ def _estimate_total(path: str) -> tuple[int, float]:
         try:  # no index (mkv, webm, raw streams): count the packets, still no decoding
             count = sum(1 for packet in container.demux(stream) if packet.size)
         except _AV_ERRORS as e:
-            raise VideoError(f"{path}: corrupt video ({_reason(e)})") from None
+            raise VideoError(f"{path}: corrupt video ({_reason(e)}); get it again or re-encode it") from None
         return count, fps
 
 
 def _decode(path: str, indices: list[int], size: int):
     """One sequential pass: keep frames at ``indices`` (preprocessed), count every frame.
 
-    Returns (kept frames, their timestamps, decoded frame count, duration in s or None, frame size).
+    Returns (kept frames, their timestamps, decoded frame count, duration in s or None, frame size,
+    display rotation in degrees).
     """
     wanted: dict[int, list[int]] = {}
     for slot, index in enumerate(indices):
         wanted.setdefault(index, []).append(slot)
     kept: list[np.ndarray | None] = [None] * len(indices)
     times: list[float | None] = [None] * len(indices)
-    count, t0, t_end, size_hw = 0, None, None, None
+    count, t0, t_end, size_hw, rotation = 0, None, None, None, 0
     with _open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
@@ -170,7 +231,7 @@ def _decode(path: str, indices: list[int], size: int):
             for i, frame in enumerate(container.decode(stream)):
                 count, t = i + 1, frame.time
                 if i == 0:
-                    t0, size_hw = t, (frame.height, frame.width)
+                    t0, size_hw, rotation = t, (frame.height, frame.width), int(frame.rotation or 0)
                 if t is not None and t0 is not None:  # end of this frame, relative to the first
                     t_end = t - t0 + (float(frame.duration * frame.time_base) if frame.duration else 0.0)
                 if i in wanted:
@@ -179,10 +240,16 @@ def _decode(path: str, indices: list[int], size: int):
                         kept[slot] = pixels
                         times[slot] = None if t is None or t0 is None else t - t0
         except _AV_ERRORS as e:
+            cut = _mp4_cut_off(path)
+            if cut:
+                raise VideoError(f"{path}: truncated MP4 ({cut}; {count} frames decoded before the end): the file "
+                                 f"is cut off, probably an incomplete download or copy; get it again") from None
             if count == 0:
-                raise VideoError(f"{path}: not a readable video (decoding the first frame failed: {_reason(e)})") from None
-            raise VideoError(f"{path}: corrupt video, decoding failed after {count} frames ({_reason(e)})") from None
-    return kept, times, count, t_end or None, size_hw
+                raise VideoError(f"{path}: not a readable video (decoding the first frame failed: {_reason(e)}); "
+                                 f"get it again or re-encode it (ffmpeg -i IN -c:v libx264 OUT.mp4)") from None
+            raise VideoError(f"{path}: corrupt video, decoding failed after {count} frames ({_reason(e)}); get it "
+                             f"again or re-encode it (ffmpeg -i IN -c:v libx264 OUT.mp4)") from None
+    return kept, times, count, t_end or None, size_hw, rotation
 
 
 def load_video(path: str | os.PathLike, num_frames: int = 8, *, sampling: Sampling = "uniform",
@@ -201,12 +268,16 @@ def load_video(path: str | os.PathLike, num_frames: int = 8, *, sampling: Sampli
         return fps_indices(n_total, fps or 1.0, num_frames, target_fps)
 
     indices = pick(max(total, 1))
-    kept, times, count, duration, size_hw = _decode(path, indices, size)
+    kept, times, count, duration, size_hw, rotation = _decode(path, indices, size)
     if count == 0:
-        raise VideoError(f"{path}: no decodable frames")
+        raise VideoError(f"{path}: the video stream has no decodable frames; give a video with at least one frame")
     if count != total:  # the index lied (edit list, truncated file): sample the real stream
+        cut = _mp4_cut_off(path) if count < total else ""
+        if cut:  # a provably cut-off MP4: its index lists frames the file no longer holds
+            raise VideoError(f"{path}: truncated MP4 ({cut}; only {count} of its {total} frames decode): the file "
+                             f"is cut off, probably an incomplete download or copy; get it again")
         indices = pick(count)
-        kept, times, count2, duration, size_hw = _decode(path, indices, size)
+        kept, times, count2, duration, size_hw, rotation = _decode(path, indices, size)
         if count2 != count:
             raise VideoError(f"{path}: corrupt video, decodes to {count} then {count2} frames")
     if not fps:
@@ -218,4 +289,5 @@ def load_video(path: str | os.PathLike, num_frames: int = 8, *, sampling: Sampli
     frames = np.stack(kept)  # (F, S, S, 3)
     return VideoClip(pixel_values=frames_to_pixels(frames), frames=frames, frame_indices=indices,
                      timestamps=[round(float(t), 6) for t in timestamps], fps=float(fps), total_frames=count,
-                     duration=round(float(duration), 6), size_hw=size_hw, path=path)
+                     duration=round(float(duration), 6), size_hw=size_hw, path=path, listed_frames=total,
+                     rotation=rotation)
