@@ -16,9 +16,16 @@ How it works, and the choices made
   written, dropped). Peak memory is about one tensor, never the model. The writer is the plain
   safetensors format (8-byte header length, JSON header, raw little-endian bytes); the files are read
   back with the ``safetensors`` library itself.
-- **Atomic.** Everything is written into a temporary directory next to ``out_dir`` and renamed into
-  place at the end; on any error or Ctrl-C the temporary directory is removed. An existing
-  ``out_dir`` is refused unless ``overwrite=True``.
+- **Atomic, and clean after a kill.** Everything is written into a staging directory next to
+  ``out_dir`` (``.<name>.XXXX.partial/out``, config.json written last) and renamed into place at the
+  end, so ``out_dir`` exists only when complete. On an error or Ctrl-C the staging directory is
+  removed. A SIGKILL (or power loss) cannot be caught, so the staging directory carries a lock file
+  that its process holds (``flock``) until it ends; the next conversion to the same ``out_dir``
+  removes staging directories whose lock is free — a dead run's — before it starts. An existing
+  ``out_dir`` is refused unless ``overwrite=True``; it is replaced by two renames through the
+  staging directory, and a run killed between them gets the old directory back on the next run.
+- **Cut-off files** (interrupted downloads) are found from each file's own header before reading
+  (``load.check_safetensors``): the error names the file and both sizes.
 - **Never unpickles.** ``.bin`` / ``.pt`` / ``.pth`` checkpoints can run code when loaded; they are
   refused with a message saying to get the safetensors files.
 - Source dtypes are kept (mixed dtypes stay mixed) unless ``dtype`` is given, which casts floating
@@ -29,12 +36,15 @@ How it works, and the choices made
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import json
 import os
 import shutil
 import struct
 import sys
 import tempfile
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +55,7 @@ from safetensors import safe_open
 
 from llava_next.config import ConfigError, LlavaNextConfig
 from llava_next_weights.keymaps import Split, UnmappedKeyError, drop_unused_vision_layers, map_key
+from llava_next_weights.load import PICKLE_SUFFIXES, check_safetensors, parse_dtype
 from llava_next_weights.shapes import Shape, expected_shapes
 
 SOURCE_FORMATS = ("llava_hf", "llava_hf_new", "original")
@@ -53,7 +64,6 @@ INDEX_FILE = "model.safetensors.index.json"
 # copied unchanged when present (tokenizer, chat template, generation defaults)
 SIDE_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
               "added_tokens.json", "chat_template.json", "chat_template.jinja", "generation_config.json")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 # safetensors dtype names <-> torch dtypes
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -87,7 +97,10 @@ def source_files(src: Path) -> list[Path]:
     """The safetensors files of a checkpoint directory (by its index when there is one)."""
     index = src / INDEX_FILE
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ConversionError(f"{index}: has no 'weight_map'; it is not a safetensors index (get it again)")
+        names = sorted(set(map(str, weight_map.values())))
         missing = [n for n in names if not (src / n).is_file()]
         if missing:
             raise ConversionError(f"{index} lists shard(s) that are not in {src}: {', '.join(missing)}; "
@@ -106,10 +119,21 @@ def source_files(src: Path) -> list[Path]:
     raise ConversionError(f"no *.safetensors files in {src}")
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path}: not valid JSON ({e}); the file is damaged or cut off: get it again") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def read_headers(files: list[Path]) -> dict[str, tuple[Path, Shape, torch.dtype]]:
     """{key: (file, shape, dtype)} from the safetensors headers only (no tensor data is read)."""
     out: dict[str, tuple[Path, Shape, torch.dtype]] = {}
     for path in files:
+        check_safetensors(path, ConversionError)
         with safe_open(path, framework="pt") as f:
             for key in f.keys():
                 if key in out:
@@ -198,6 +222,9 @@ def plan(fmt: str, source_shapes: Mapping[str, Shape], config: LlavaNextConfig) 
     if missing:
         more = f", ... ({len(missing) - 10} more)" if len(missing) > 10 else ""
         problems.append(f"{len(missing)} llava-next key(s) have no source tensor: {', '.join(missing[:10])}{more}")
+    if any("expected" in p and "from config.json" in p for p in problems):
+        problems.append("the expected shapes come from config.json: if it was edited or belongs to another model, "
+                        "restore the config.json these weights came with")
     if problems:
         raise ConversionError(f"cannot convert this {fmt!r} checkpoint:\n  " + "\n  ".join(problems))
     return [pieces[k] for k in expected]
@@ -247,13 +274,10 @@ def _shards(entries: list[tuple[str, Shape, torch.dtype]], shard_bytes: int) -> 
 
 
 def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype not in names:
-        raise ConversionError(f"dtype {dtype!r} is not supported; use one of {sorted(names)} or a torch.dtype")
-    return names[dtype]
+    try:
+        return parse_dtype(dtype)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
 
 
 def _progress(total: int, enabled: bool):
@@ -281,11 +305,12 @@ def convert(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, fmt: str 
         raise ConversionError(f"{src} is not a directory")
     if out.resolve() == src.resolve():
         raise ConversionError(f"out_dir is the source directory {src}; write the conversion somewhere else")
+    _remove_dead_stagings(out)  # first: a killed overwrite may put the old out_dir back
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
     if not (src / "config.json").is_file():
         raise ConversionError(f"no config.json in {src}; the model's config.json must sit beside its weights")
-    raw_config = json.loads((src / "config.json").read_text())
+    raw_config = _read_json(src / "config.json")
 
     # ---- plan from the headers: every check happens here, before any data is copied
     headers = read_headers(source_files(src))
@@ -301,56 +326,82 @@ def convert(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, fmt: str 
     shards = _shards([(p.target, p.shape, out_dtype_of(p)) for p in pieces], shard_bytes)
     total = sum(torch.Size(s).numel() * d.itemsize for shard in shards for _, s, d in shard)
 
-    # ---- write into a temporary directory next to out_dir, then rename it into place
+    # ---- write into a staging directory next to out_dir, then rename it into place
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    new = stage / "out"
     try:
-        with ExitStack() as stack, _progress(total, progress) as bar:
-            handles: dict[Path, object] = {}
+        with open(stage / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # held until this process ends, however it ends
+            new.mkdir()
+            with ExitStack() as stack, _progress(total, progress) as bar:
+                handles: dict[Path, object] = {}
 
-            def read(target: str) -> torch.Tensor:
-                p = by_target[target]
-                path = headers[p.source][0]
-                if path not in handles:
-                    handles[path] = stack.enter_context(safe_open(path, framework="pt"))
-                t = handles[path].get_tensor(p.source)  # backed by the mmapped file, no copy
-                if p.parts > 1:
-                    t = t.chunk(p.parts, dim=0)[p.part]
-                return t.to(out_dtype_of(p))  # a no-op unless casting
+                def read(target: str) -> torch.Tensor:
+                    p = by_target[target]
+                    path = headers[p.source][0]
+                    if path not in handles:
+                        handles[path] = stack.enter_context(safe_open(path, framework="pt"))
+                    t = handles[path].get_tensor(p.source)  # backed by the mmapped file, no copy
+                    if p.parts > 1:
+                        t = t.chunk(p.parts, dim=0)[p.part]
+                    return t.to(out_dtype_of(p))  # a no-op unless casting
 
-            weight_map = {}
-            for i, shard in enumerate(shards, 1):
-                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                _write_shard(tmp / name, shard, read, bar.update)
-                weight_map.update({key: name for key, _, _ in shard})
-        index = {"metadata": {"total_size": total}, "weight_map": {p.target: weight_map[p.target] for p in pieces}}
-        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        (tmp / "conversion.json").write_text(json.dumps(
-            {"source": str(src.resolve()), "source_format": fmt,
-             "dtype": None if out_dtype is None else str(out_dtype).removeprefix("torch."),
-             "tensors": len(pieces), "bytes": total}, indent=2) + "\n")
-        for side in SIDE_FILES:
-            if (src / side).is_file():
-                shutil.copyfile(src / side, tmp / side)
-        _move_into_place(tmp, out, overwrite)
-    except BaseException:  # also KeyboardInterrupt: never leave a half-written directory behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                weight_map = {}
+                for i, shard in enumerate(shards, 1):
+                    name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                    _write_shard(new / name, shard, read, bar.update)
+                    weight_map.update({key: name for key, _, _ in shard})
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {p.target: weight_map[p.target] for p in pieces}}
+            (new / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+            (new / "conversion.json").write_text(json.dumps(
+                {"source": str(src.resolve()), "source_format": fmt,
+                 "dtype": None if out_dtype is None else str(out_dtype).removeprefix("torch."),
+                 "tensors": len(pieces), "bytes": total}, indent=2) + "\n")
+            for side in SIDE_FILES:
+                if (src / side).is_file():
+                    shutil.copyfile(src / side, new / side)
+            (new / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")  # last
+            _move_into_place(new, out, stage, overwrite)
+    finally:  # also on KeyboardInterrupt: never leave a half-written directory behind
+        shutil.rmtree(stage, ignore_errors=True)
     return out
 
 
-def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+def _move_into_place(new: Path, out: Path, stage: Path, overwrite: bool) -> None:
     if not out.exists():
         try:
-            os.rename(tmp, out)
+            os.rename(new, out)
             return
         except OSError:
             if not out.exists():
                 raise
     if not overwrite:  # another process finished the same conversion meanwhile
         raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    os.rename(out, old / "dir")
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    os.rename(out, stage / "old")  # killed right after this: the next run puts it back
+    os.rename(new, out)
+
+
+def _remove_dead_stagings(out: Path, min_age_s: float = 10.0) -> None:
+    """Remove staging directories of ``out`` left by conversions that were killed.
+
+    A staging directory is dead when its lock can be taken (its process is gone) and its lock file is
+    older than ``min_age_s`` (so a run that has just created it, and not yet locked it, is left alone).
+    An ``old`` directory inside (killed between the two renames of an overwrite) goes back to ``out``.
+    """
+    for stage in map(Path, glob.glob(os.path.join(glob.escape(str(out.parent)), f".{glob.escape(out.name)}.*.partial"))):
+        lock_file = stage / ".lock"
+        try:
+            if time.time() - (lock_file if lock_file.exists() else stage).stat().st_mtime < min_age_s:
+                continue
+            if not lock_file.exists():  # killed before it took its lock
+                shutil.rmtree(stage, ignore_errors=True)
+                continue
+            with open(lock_file, "r+") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if its process is alive
+                if (stage / "old").is_dir() and not out.exists():
+                    os.rename(stage / "old", out)
+                shutil.rmtree(stage, ignore_errors=True)
+        except OSError:  # locked (alive), or already removed by another run
+            continue

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from llava_next_weights.convert import INDEX_FILE, SIDE_FILES, _parse_dtype, convert
-from llava_next_weights.load import is_llava_next_dir
+from llava_next_weights.load import PICKLE_SUFFIXES, is_llava_next_dir
 
 CACHE_ENV = "LLAVA_NEXT_CACHE"
 ALLOW_PATTERNS = ["config.json", "*.safetensors", INDEX_FILE, *SIDE_FILES]
@@ -101,7 +101,10 @@ def resolve(model_id_or_dir: str | os.PathLike, *, cache_dir: str | os.PathLike 
     local = Path(model_id_or_dir).expanduser()
     if local.exists():
         if not local.is_dir():
-            raise HubError(f"{local} is a file; give the checkpoint directory")
+            if local.suffix in PICKLE_SUFFIXES:
+                raise HubError(f"{local} is a pickle file: loading a pickle can run arbitrary code, so llava-next "
+                               f"never unpickles. Give a checkpoint directory with safetensors weights")
+            raise HubError(f"{local} is a file; give the checkpoint directory (config.json beside the weights)")
         if is_llava_next_dir(local):
             return local
         out = root / "local" / f"{local.name}-{fingerprint(local)}{_suffix(out_dtype)}"

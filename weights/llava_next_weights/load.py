@@ -12,6 +12,11 @@ copy-on-write: pages are read from disk when first touched and never duplicated 
 A missing, unexpected or mis-shaped key is an error that names it; nothing is skipped silently.
 Casting (``dtype``) or moving (``device``) copies, one tensor at a time.
 
+Every safetensors file is checked against its own header before it is opened (``check_safetensors``):
+a cut-off file (an interrupted download or copy) is an error naming the file and both sizes, not a
+parser panic. Pickle files (``.bin``/``.pt``) are never opened. ``dtype`` must be a floating type
+(``parse_dtype`` takes torch dtypes and the names fp32/fp16/bf16, float32/...).
+
 Non-persistent buffers (RoPE frequencies, position ids) are not in the checkpoint, so they are still
 on the meta device after loading. A module that owns such buffers defines ``init_buffers(device)``
 to (re)create them; ``load_into`` calls it on every submodule that has it, then checks that no
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 
 import torch
@@ -31,10 +37,46 @@ from llava_next.config import ConfigError, LlavaNextConfig
 from llava_next_weights.shapes import describe_mismatch
 
 INDEX_FILE = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+               "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 class LoadError(ValueError):
     """The directory or its tensors do not fit; the message names the keys and what to do."""
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """None, a floating torch dtype, or one of ``DTYPE_NAMES`` -> the torch dtype (or None)."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        if dtype in DTYPE_NAMES.values():
+            return dtype
+    elif isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPE_NAMES:
+        return DTYPE_NAMES[dtype.removeprefix("torch.")]
+    raise LoadError(f"dtype {dtype!r} is not supported: weights and activations must be float32, float16 or "
+                    f"bfloat16 (names: {', '.join(sorted(DTYPE_NAMES))}); quantized integer dtypes are not")
+
+
+def check_safetensors(path: Path, error: type[Exception] | None = None) -> None:
+    """Raise ``error`` (default LoadError) naming ``path`` unless its size is what its header describes."""
+    error = error or LoadError
+    size = path.stat().st_size
+    again = "it is cut off (an interrupted download or copy?): download or copy it again"
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if n is None or 8 + n > size:
+            raise error(f"{path}: not a safetensors file, or {again} (it has {size} bytes"
+                        f"{'' if n is None else f'; its header alone claims {8 + n}'})")
+        try:
+            header = json.loads(f.read(n))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+            raise error(f"{path}: not a safetensors file (unreadable header: {e})") from None
+    if size < 8 + n + max(ends, default=0):
+        raise error(f"{path}: has {size} bytes but its header describes {8 + n + max(ends)}; {again}")
 
 
 def is_llava_next_dir(path: str | os.PathLike) -> bool:
@@ -49,17 +91,28 @@ def is_llava_next_dir(path: str | os.PathLike) -> bool:
     return isinstance(raw, dict) and "vision" in raw and "text" in raw and "model_type" not in raw
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LoadError(f"{path}: not valid JSON ({e}); the file is damaged or cut off") from None
+    if not isinstance(data, dict):
+        raise LoadError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def read_config(path: str | os.PathLike) -> LlavaNextConfig:
     """The ``LlavaNextConfig`` of a converted directory."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise LoadError(f"no config.json in {path}")
+    raw = _read_json(path / "config.json")
     if not is_llava_next_dir(path):
         raise LoadError(f"{path} is not in llava-next's layout (its config.json is a llava-hf or original "
                         f"LLaVA-NeXT config); convert it first: llava_next_weights.hub.resolve({str(path)!r}) "
                         f"or llava_next_weights.convert.convert(src, out)")
     try:
-        return LlavaNextConfig.from_dict(json.loads((path / "config.json").read_text()))
+        return LlavaNextConfig.from_dict(raw)
     except ConfigError as e:
         raise LoadError(f"{path / 'config.json'}: {e}") from None
 
@@ -69,13 +122,20 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
     path = Path(path)
     index = path / INDEX_FILE
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise LoadError(f"{index}: has no 'weight_map'; it is not a safetensors index")
+        names = sorted(set(map(str, weight_map.values())))
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
             raise LoadError(f"{index} lists files that are missing: {', '.join(missing)}")
         return [path / n for n in names]
     if (path / "model.safetensors").is_file():
         return [path / "model.safetensors"]
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise LoadError(f"{path} has only pickle weight files ({', '.join(pickles[:4])}); loading a pickle can run "
+                        f"arbitrary code, so llava-next never unpickles: use safetensors weights")
     raise LoadError(f"no {INDEX_FILE} or model.safetensors in {path}")
 
 
@@ -83,6 +143,7 @@ def load_state_dict_mmap(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Every tensor of the directory, backed by the mmapped files (nothing is read until touched)."""
     state: dict[str, torch.Tensor] = {}
     for file in weight_files(path):
+        check_safetensors(file)
         for key, tensor in load_file(file, device="cpu").items():
             if key in state:
                 raise LoadError(f"key {key!r} appears in two files of {path}")
@@ -96,11 +157,18 @@ def load_into(module: torch.nn.Module, path: str | os.PathLike, *, dtype: torch.
 
     ``dtype`` casts floating tensors; ``device`` moves them (both copy). Returns ``module``.
     """
+    dtype = parse_dtype(dtype)
     state = load_state_dict_mmap(path)
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    mismatch = describe_mismatch({k: tuple(v.shape) for k, v in state.items()}, expected)
+    actual = {k: tuple(v.shape) for k, v in state.items()}
+    mismatch = describe_mismatch(actual, expected)
     if mismatch:
-        raise LoadError(f"the checkpoint in {path} does not fit {type(module).__name__}:\n{mismatch}")
+        hint = ""
+        if set(actual) == set(expected):  # same tensors, other sizes: the numbers in config.json are wrong
+            hint = (f"\nEvery tensor is there, with other sizes than {Path(path) / 'config.json'} gives: the "
+                    f"config and the weights contradict each other (an edited config.json, one from another "
+                    f"model, or altered tensors). Restore the files the checkpoint came with, or convert again.")
+        raise LoadError(f"the checkpoint in {path} does not fit {type(module).__name__}:\n{mismatch}{hint}")
     device = torch.device(device)
     for key, t in state.items():
         if dtype is not None and t.is_floating_point() and t.dtype != dtype:
