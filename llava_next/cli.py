@@ -11,11 +11,19 @@ Adding a command: write ``_add_NAME(subparsers)`` that builds its parser and cal
 ``parser.set_defaults(func=_NAME)``, where ``_NAME(args) -> int`` returns the exit code, and call it
 from ``build_parser``. Raise ``UserError`` for anything the user can fix (bad file, bad option): ``main``
 prints it as one line and exits with status 2, argparse's own code for usage errors.
+
+Exit status (docs/errors.md has every message): 0 success; 2 a user error — bad option (argparse),
+file, checkpoint, prompt, context, memory or dtype problem, one line on stderr; 3 an internal error
+(a bug in llava-next: traceback, then a line asking to report it); 130 interrupted (Ctrl-C). With
+``--json`` every error, usage errors included, is one JSON object on stdout:
+``{"error": message, "kind": "user" | "internal" | "interrupted", "type": exception class}``
+(internal errors add ``"traceback"``).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -25,6 +33,7 @@ from .config import PRESETS, LlavaNextConfig
 
 DEFAULT_PRESET = "LLaVA-NeXT-Video-7B"
 EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 3
 
 
 class UserError(Exception):
@@ -44,6 +53,22 @@ def _rope_scale(value: str):
     if factor < 1:
         raise argparse.ArgumentTypeError(f"a RoPE factor must be >= 1 (1 = no scaling), got {value}")
     return factor
+
+
+def _pixels(value: str) -> int:
+    try:
+        n = int(float(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of pixels") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = no limit), got {value}")
+    return n
+
+
+def _add_max_image_pixels(p) -> None:
+    p.add_argument("--max-image-pixels", type=_pixels, default=None, metavar="N",
+                   help="refuse images with more pixels (a guard against decompression bombs; default 100000000 "
+                        "or $LLAVA_NEXT_MAX_IMAGE_PIXELS; 0 = no limit)")
 
 
 def _positive(value: str) -> int:
@@ -79,6 +104,7 @@ def _add_inspect(sub) -> None:
     p.add_argument("--rope-scale", type=_rope_scale, default="config", metavar="config|auto|original|F",
                    help="linear RoPE factor: the preset's (config), the smallest that fits (auto), the original "
                         "demo's rule (original) or a number")
+    _add_max_image_pixels(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--png", metavar="OUT", help="draw the plan into a PNG file")
     p.set_defaults(func=_inspect)
@@ -117,15 +143,13 @@ def _check_file(path: str) -> None:
         raise UserError(f"{path}: is a directory, not a file")
 
 
-def _load_image(path: str):
-    from PIL import Image
-
+def _load_image(path: str, max_pixels: int | None):
     from .image import load_image
 
     _check_file(path)
     try:
-        return load_image(path)
-    except (ValueError, TypeError, OSError, Image.DecompressionBombError) as e:
+        return load_image(path, max_pixels=max_pixels)
+    except (ValueError, OSError) as e:
         message = str(e)
         raise UserError(message if path in message else f"{path}: {message}") from None
 
@@ -141,7 +165,7 @@ def _inspect_images(args, config: LlavaNextConfig):
 
     images, entries = [], []
     for path in args.image:
-        img = _load_image(path)
+        img = _load_image(path, args.max_image_pixels)
         plan = image_plan((img.height, img.width), config)
         images.append((img, plan, os.path.basename(path)))
         entries.append({"path": path, "tokens": plan.total, "image_hw": plan.image_hw, "canvas_hw": plan.canvas_hw,
@@ -185,7 +209,8 @@ def _inspect_video(args, config: LlavaNextConfig):
               "frame_indices": clip.frame_indices, "timestamps": clip.timestamps,
               "tokens_per_frame": plan.tokens_per_frame, "patch_grid_hw": plan.patch_grid_hw,
               "pooled_hw": plan.pooled_hw, "pool_stride": plan.stride, "pool_mode": plan.mode,
-              "newline": plan.newline, "newline_tokens": plan.newline_tokens, "context": context.to_dict()}
+              "newline": plan.newline, "newline_tokens": plan.newline_tokens, "context": context.to_dict(),
+              "notes": clip.notes()}
 
     def draw():
         from .plan_png import draw_video_plan
@@ -230,7 +255,7 @@ def _format(r: dict) -> str:
             f"  per frame       {_hw(r['patch_grid_hw'])} patches -> {r['pool_mode']} pool stride {r['pool_stride']}"
             f" -> {ph}x{pw} = {r['tokens_per_frame']} tokens",
             f"  tokens          {r['num_frames']} x {r['tokens_per_frame']}{nl} = {r['visual_tokens']}",
-        ]
+        ] + [f"  note: {note}" for note in r["notes"]]
     c = r["context"]
     from .tokens import ContextPlan
 
@@ -247,18 +272,33 @@ def _format(r: dict) -> str:
 # --------------------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llava-next", description="LLaVA-NeXT / LLaVA-NeXT-Video in plain PyTorch")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that with ``json_errors`` a usage error is printed as a JSON object."""
+
+    def __init__(self, *args, json_errors: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.json_errors = json_errors
+
+    def error(self, message: str):
+        if not self.json_errors:
+            super().error(message)  # usage + message on stderr, exit 2
+        print(json.dumps({"error": message, "kind": "user", "type": "ArgumentError"}))
+        sys.exit(EXIT_USER_ERROR)
+
+
+def build_parser(json_errors: bool = False) -> argparse.ArgumentParser:
+    parser = _Parser(prog="llava-next", description="LLaVA-NeXT / LLaVA-NeXT-Video in plain PyTorch",
+                     json_errors=json_errors)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=functools.partial(_Parser, json_errors=json_errors))
     _add_inspect(sub)
     from .cli_run import add_convert, add_run  # weights commands (imported lazily: torch-heavy paths)
 
-    add_run(sub, positive=_positive, rope_scale=_rope_scale, user_error=UserError)
+    add_run(sub, positive=_positive, rope_scale=_rope_scale, user_error=UserError,
+            max_image_pixels=_add_max_image_pixels)
     add_convert(sub, user_error=UserError)
     return parser
 
-
-EXIT_INTERNAL_ERROR = 3
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -270,13 +310,17 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(json_errors="--json" in argv)
     args = parser.parse_args(argv)
     as_json = bool(getattr(args, "json", False))
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print(f"llava-next {args.command}: interrupted", file=sys.stderr)
+        if as_json:
+            print(json.dumps({"error": "interrupted", "kind": "interrupted", "type": "KeyboardInterrupt"}))
+        else:
+            print(f"llava-next {args.command}: interrupted", file=sys.stderr)
         return 130
     except _user_errors() as e:
         message = str(e) if not isinstance(e, OSError) or e.filename is None else f"{e.filename}: {e.strerror or e}"
@@ -289,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import traceback
 
         if as_json:
-            print(json.dumps({"error": f"{type(e).__name__}: {e}", "kind": "internal",
+            print(json.dumps({"error": f"{type(e).__name__}: {e}", "kind": "internal", "type": type(e).__name__,
                               "traceback": traceback.format_exc()}))
         else:
             traceback.print_exc()

@@ -24,7 +24,7 @@ DEFAULT_MODEL = "llava-hf/LLaVA-NeXT-Video-7B-hf"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def add_run(sub, *, positive, rope_scale, user_error) -> None:
+def add_run(sub, *, positive, rope_scale, user_error, max_image_pixels) -> None:
     from .prompt import TEMPLATES
 
     p = sub.add_parser("run", help="answer a question about images and/or a video",
@@ -49,6 +49,7 @@ def add_run(sub, *, positive, rope_scale, user_error) -> None:
                    help="chat template (default: the checkpoint's); 'none' sends PROMPT exactly as given")
     p.add_argument("--cache-dir", default=None, help="where converted checkpoints are kept "
                                                      "(default $LLAVA_NEXT_CACHE or ~/.cache/llava-next)")
+    max_image_pixels(p)
     p.add_argument("--json", action="store_true", help="print one JSON object (tokens, text, timings, plan)")
     p.set_defaults(func=lambda args: _run(args, user_error))
 
@@ -99,10 +100,13 @@ def _run(args: argparse.Namespace, user_error) -> int:
         pooled_grid_hw(grid, args.pool_stride, cfg.spatial_pool_mode)  # validates the stride
         pipe.model.config = dataclasses.replace(cfg, spatial_pool_stride=args.pool_stride)
     request = pipe.prepare(args.prompt, images=args.image, video=args.video, frames=args.frames,
-                           template=args.template, rope_scale=args.rope_scale, max_new_tokens=args.max_new_tokens)
+                           template=args.template, rope_scale=args.rope_scale, max_new_tokens=args.max_new_tokens,
+                           max_image_pixels=args.max_image_pixels)
     plan = request.plan
     if not args.json:
         print(f"[llava-next] {plan.summary()}", file=sys.stderr)
+        for note in request.notes:
+            print(f"[llava-next] note: {note}", file=sys.stderr)
         if plan.factor_source == "auto":
             print(f"[llava-next] --rope-scale auto: using linear RoPE factor {plan.factor:g} "
                   f"(the checkpoint's is {plan.config_factor:g})", file=sys.stderr)

@@ -14,6 +14,17 @@ Steps, in order (each its own method, so a reader or a test can stop anywhere):
 2. ``embed``: the vision tower, pooling and projector; features spliced at the placeholders.
 3. ``stream`` / ``generate``: the decoder with its static KV cache (generate.py), text decoded
    incrementally. Several prepared requests run as one left-padded batch (``generate_batch``).
+
+Guards around the compute (docs/errors.md), none of which costs a measurable fraction of a step:
+- Memory: before encoding, the KV cache the request will allocate (2 x layers x batch x KV heads x
+  positions x head_dim x bytes) plus the prompt's activations is compared with the memory available
+  (/proc/meminfo's MemAvailable on CPU, ``torch.cuda.mem_get_info`` on CUDA); a request that cannot
+  fit is refused with the numbers (``MemoryBudgetError``). An allocation that fails anyway is turned
+  into the same error.
+- Numerics: the visual features and every step's (B, V) logits are checked with ``torch.isfinite``
+  (a forward hook on the decoder). float16 overflows on some checkpoints (its range ends at 65504) and
+  then produces inf/NaN; generation stops with ``NonFiniteError`` suggesting bfloat16 or float32,
+  before a single garbage token is produced.
 """
 
 from __future__ import annotations
@@ -27,7 +38,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .config import LlavaNextConfig
+from .config import LlavaNextConfig, TextConfig
 from .generate import stream as stream_tokens
 from .image import ImageInput, preprocess_image
 from .model import LlavaNextModel
@@ -49,6 +60,7 @@ class Request:
     image_token_counts: list[int]
     video_token_counts: list[int]
     timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # unusual but valid input, e.g. repeated frames
 
     def to_dict(self) -> dict:
         """The token plan as plain data (for --json)."""
@@ -59,7 +71,16 @@ class Request:
             "video_frames": [{"frame_indices": v.frame_indices, "timestamps": [round(t, 3) for t in v.timestamps]}
                              for v in self.videos],
             "context": self.plan.to_dict(),
+            "notes": self.notes,
         }
+
+
+class NonFiniteError(ValueError):
+    """The model produced inf/NaN; the message says where and which dtype to use instead."""
+
+
+class MemoryBudgetError(ValueError):
+    """A request needs more memory than is available; the message has the numbers and what to lower."""
 
 
 class Pipeline:
@@ -79,8 +100,9 @@ class Pipeline:
         """A converted llava-next directory, a llava-hf / original checkpoint directory (converted once,
         cached), or a hub id (downloaded, converted once, cached). Weights are mmapped, not copied."""
         from llava_next_weights.hub import resolve
-        from llava_next_weights.load import load_into, read_config
+        from llava_next_weights.load import load_into, parse_dtype, read_config
 
+        dtype = parse_dtype(dtype)  # a bad dtype fails before any conversion or loading
         path = resolve(model_id_or_dir, cache_dir=cache_dir, progress=progress)
         config = read_config(path)
         preset = preset_for(model_id_or_dir)
@@ -98,11 +120,13 @@ class Pipeline:
     # ---- 1. prepare -------------------------------------------------------------------------------
     def prepare(self, prompt: str, images: Sequence[PathLike | object] = (), video: PathLike | None = None, *,
                 frames: int = 8, template: TemplateChoice | None = None, rope_scale: RopeScale = "config",
-                max_new_tokens: int = 0, system: str | None = None) -> Request:
-        """Preprocess media, tokenize, expand placeholders and check the context (nothing runs yet)."""
+                max_new_tokens: int = 0, system: str | None = None,
+                max_image_pixels: int | None = None) -> Request:
+        """Preprocess media, tokenize, expand placeholders and check the context (nothing runs yet).
+        ``max_image_pixels``: refuse larger images (default 100 MP, 0 = no limit; see image.py)."""
         cfg = self.config
         t0 = time.perf_counter()
-        image_inputs = [preprocess_image(im, cfg) for im in images]
+        image_inputs = [preprocess_image(im, cfg, max_pixels=max_image_pixels) for im in images]
         clips = [load_video(video, frames, size=cfg.tile_size)] if video is not None else []
         t1 = time.perf_counter()
         ids = build_input_ids(prompt, self.tokenizer, cfg, len(image_inputs), len(clips), template, system=system)
@@ -112,7 +136,8 @@ class Pipeline:
         visual = sum(image_counts) + sum(video_counts)
         plan = check_context(plan_context(len(ids) - visual, visual, cfg, rope_scale, new_tokens=max_new_tokens))
         return Request(ids, image_inputs, clips, plan, image_counts, video_counts,
-                       {"preprocess_s": t1 - t0, "tokenize_s": time.perf_counter() - t1})
+                       {"preprocess_s": t1 - t0, "tokenize_s": time.perf_counter() - t1},
+                       [note for c in clips for note in c.notes()])
 
     # ---- 2. embed ---------------------------------------------------------------------------------
     def embed(self, requests: Sequence[Request]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,8 +151,12 @@ class Pipeline:
             mask[row, T - len(r.input_ids):] = True
         images = [im for r in requests for im in r.images]
         videos = [v for r in requests for v in r.videos]
-        embeds = model.embed(ids, model.image_features(images), [model.video_features(v.pixel_values) for v in videos])
-        return embeds, mask.to(model.device)
+        image_feats = model.image_features(images)
+        video_feats = [model.video_features(v.pixel_values) for v in videos]
+        for kind, feats in (("image", image_feats), ("video", video_feats)):
+            for i, f in enumerate(feats):
+                _check_finite(f, f"the visual features of {kind} {i}")
+        return model.embed(ids, image_feats, video_feats), mask.to(model.device)
 
     # ---- 3. generate ------------------------------------------------------------------------------
     def _rope_factor(self, requests: Sequence[Request]) -> float:
@@ -140,19 +169,39 @@ class Pipeline:
         """Yield (B,) token ids per step for a left-padded batch of prepared requests."""
         if not requests:
             raise ValueError("no requests to generate for")
+        if not max_new_tokens >= 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         decoder = self.model.language_model
-        t0 = time.perf_counter()
-        embeds, mask = self.embed(requests)
-        for r in requests:
-            r.timings["encode_s"] = time.perf_counter() - t0
+        budget = memory_budget(self.config.text, len(requests), max(len(r.input_ids) for r in requests),
+                               max_new_tokens, self.model.dtype, self.model.device, decoder)
+        budget.check()
         stops = stop_token_ids(self.tokenizer, self.config.template if template is None else template)
         previous = decoder.rope_scaling_factor
-        decoder.rope_scaling_factor = self._rope_factor(requests)
+        steps = [0]
+
+        def check_logits(module, args, logits: torch.Tensor) -> None:  # (B, T, V), T = 1 but in prefill
+            where = "the prompt (prefill)" if steps[0] == 0 else f"generated token {steps[0]}"
+            steps[0] += 1
+            _check_finite(logits[:, -1], f"the logits of {where}")
+
+        hook = decoder.register_forward_hook(check_logits)
         try:
+            t0 = time.perf_counter()
+            embeds, mask = self.embed(requests)
+            for r in requests:
+                r.timings["encode_s"] = time.perf_counter() - t0
+            decoder.rope_scaling_factor = self._rope_factor(requests)
             yield from stream_tokens(decoder, input_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
                                      temperature=temperature, top_p=top_p, seed=seed, eos_token_id=stops,
                                      pad_token_id=self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0)
+        except (torch.OutOfMemoryError, MemoryError) as e:
+            raise budget.error(f"the allocation failed: {_first_line(e)}") from None
+        except RuntimeError as e:  # the CPU allocator says so in a RuntimeError
+            if "can't allocate memory" not in str(e) and "out of memory" not in str(e):
+                raise
+            raise budget.error(f"the allocation failed: {_first_line(e)}") from None
         finally:
+            hook.remove()
             decoder.rope_scaling_factor = previous
 
     def generate_batch(self, requests: Sequence[Request], **kwargs) -> list[list[int]]:
@@ -193,6 +242,100 @@ class Pipeline:
 
     def generate(self, request: Request, **kwargs) -> str:
         return "".join(self.stream(request, **kwargs))
+
+
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    if bool(torch.isfinite(t).all()):
+        return
+    if t.dtype == torch.float16:
+        cause = ("float16 overflowed: its largest value is 65504 and this checkpoint's activations go past "
+                 "it. Run in bfloat16 (--dtype bf16, dtype=torch.bfloat16: same memory, float32's range) or "
+                 "float32 (--dtype fp32)")
+    else:
+        cause = (f"in {str(t.dtype).removeprefix('torch.')} this means the weights or the inputs hold inf/NaN, "
+                 f"or activations overflow; check the checkpoint's tensors (torch.isfinite), or try --dtype fp32")
+    raise NonFiniteError(f"{what} are not finite (inf/NaN), so generation stopped before producing garbage: {cause}")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory budget
+# ----------------------------------------------------------------------------------------------------
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device`` (None when unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:  # Linux: what can be allocated without swapping
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gib(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale / 10:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} bytes"
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """What a generation run allocates, against what is available."""
+
+    batch: int
+    prompt_tokens: int  # longest prompt of the batch, visual tokens included
+    new_tokens: int
+    kv_cache_bytes: int  # keys + values of every layer for batch x (prompt + new) positions
+    activation_bytes: int  # the prompt's largest per-layer activations (prefill)
+    available_bytes: int | None  # free now, plus the KV cache a previous run left (it is replaced)
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def needed_bytes(self) -> int:
+        return self.kv_cache_bytes + self.activation_bytes
+
+    def error(self, why: str) -> MemoryBudgetError:
+        have = "unknown" if self.available_bytes is None else _gib(self.available_bytes)
+        return MemoryBudgetError(
+            f"not enough memory for this request ({why}): {self.batch} x {self.prompt_tokens + self.new_tokens} "
+            f"positions ({self.prompt_tokens} prompt + {self.new_tokens} new tokens) need a KV cache of "
+            f"{_gib(self.kv_cache_bytes)} in {str(self.dtype).removeprefix('torch.')} plus ~"
+            f"{_gib(self.activation_bytes)} of prefill activations = {_gib(self.needed_bytes)}; available on "
+            f"{self.device.type}: {have}. Lower --max-new-tokens, use fewer frames (--frames) or a larger "
+            f"--pool-stride, or run fewer requests per batch"
+            f"{', or use --dtype bf16 (half of fp32)' if self.dtype == torch.float32 else ''}")
+
+    def check(self) -> None:
+        if self.available_bytes is not None and self.needed_bytes > self.available_bytes:
+            raise self.error("estimated before allocating")
+
+
+def memory_budget(text: TextConfig, batch: int, prompt_tokens: int, new_tokens: int, dtype: torch.dtype,
+                  device: torch.device, decoder: torch.nn.Module | None = None) -> MemoryBudget:
+    """The memory a run of ``batch`` prompts of up to ``prompt_tokens`` tokens + ``new_tokens`` needs."""
+    size = torch.empty((), dtype=dtype).element_size()
+    positions = prompt_tokens + new_tokens
+    kv = 2 * text.num_layers * batch * text.num_kv_heads * positions * text.head_dim * size
+    # one layer at a time: input, q/k/v, attention output, residual (~4 x hidden) and gate/up/product (3 x MLP)
+    q_kv = (text.num_heads + 2 * text.num_kv_heads) * text.head_dim
+    activations = batch * prompt_tokens * (3 * text.hidden_size + q_kv + 3 * text.intermediate_size) * size
+    available = available_memory(torch.device(device))
+    if available is not None and decoder is not None:  # caches of an earlier run are freed or reused
+        available += sum(b.nbytes for name, b in decoder.named_buffers() if "kv_cache" in name)
+    return MemoryBudget(batch, prompt_tokens, new_tokens, kv, activations, available, dtype, torch.device(device))
 
 
 def with_overrides(config: LlavaNextConfig, *, pool_stride: int | None = None) -> LlavaNextConfig:
