@@ -24,7 +24,8 @@ from llava_next.cli import main
 from llava_next.pipeline import Pipeline
 from llava_next_weights.convert import ConversionError, convert
 from llava_next_weights.hub import HubError
-from llava_next_weights.load import LoadError, load_state_dict_mmap
+from llava_next.model import LlavaNextModel
+from llava_next_weights.load import LoadError, load_into, load_state_dict_mmap, read_config
 
 pytest.importorskip("transformers")
 
@@ -179,6 +180,10 @@ def test_wrong_dtype_request(ckpt, tmp_path, capsys):
             Pipeline.from_pretrained(hf_dir, dtype=dtype, cache_dir=tmp_path / "cache", progress=False)
     assert not (tmp_path / "cache").exists()  # refused before converting
     assert Pipeline.from_pretrained(converted, dtype="bf16", progress=False).model.dtype == torch.bfloat16
+    with torch.device("meta"):
+        model = LlavaNextModel(read_config(converted))
+    with pytest.raises(LoadError, match="torch.int8 is not supported"):
+        load_into(model, converted, dtype=torch.int8)
     for json_flag in ([], ["--json"]):
         with pytest.raises(SystemExit) as e:
             main(["run", "--model", str(converted), "--dtype", "int8", *json_flag, "Hi"])
@@ -240,12 +245,18 @@ SLOW_CONVERT = textwrap.dedent("""
 """)
 
 
-def interrupt_convert(src, out, sig, stop_at="write", *extra) -> subprocess.Popen:
-    """Run ``llava-next convert SRC OUT`` in a subprocess and send ``sig`` once it is mid-way."""
+def start_convert(src, out, stop_at="write", *extra) -> subprocess.Popen:
+    """``llava-next convert SRC OUT`` in a subprocess, returned once it is stopped mid-way."""
     proc = subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, "convert", str(src), str(out), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, STOP_AT=stop_at, HF_HUB_OFFLINE="1"))
     assert proc.stdout.readline().strip() == "STOPPED", proc.stderr.read()
+    return proc
+
+
+def interrupt_convert(src, out, sig, stop_at="write", *extra) -> subprocess.Popen:
+    """Run ``llava-next convert SRC OUT`` in a subprocess and send ``sig`` once it is mid-way."""
+    proc = start_convert(src, out, stop_at, *extra)
     proc.send_signal(sig)
     proc.wait(timeout=60)
     return proc
@@ -268,17 +279,19 @@ def test_ctrl_c_mid_convert_leaves_nothing(ckpt, tmp_path):
 def test_kill_mid_convert_leaves_no_complete_looking_output_and_next_run_cleans(ckpt, tmp_path):
     hf_dir, _ = ckpt
     out = tmp_path / "out"
-    proc = interrupt_convert(hf_dir, out, signal.SIGKILL)
-    assert proc.returncode == -signal.SIGKILL
+    proc = start_convert(hf_dir, out)
     [stage] = os.listdir(tmp_path)  # a hidden staging directory, no out_dir
     assert stage.startswith(".out.") and stage.endswith(".partial")
+    age(tmp_path / stage)
+    convert(hf_dir, out, progress=False)  # its process is alive (holds the lock): its staging dir is kept
+    assert sorted(os.listdir(tmp_path)) == sorted([stage, "out"])
+    shutil.rmtree(out)
+
+    proc.kill()
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert os.listdir(tmp_path) == [stage]
     assert not any(p.name == "config.json" for p in (tmp_path / stage).rglob("*"))  # never looks complete
     assert any(p.suffix == ".safetensors" for p in (tmp_path / stage).rglob("*"))  # it was killed mid-way
-
-    convert(hf_dir, out, progress=False)  # a recent staging dir may belong to a live run: kept
-    assert sorted(os.listdir(tmp_path)) == sorted([stage, "out"])
-    age(tmp_path / stage)
-    shutil.rmtree(out)
     convert(hf_dir, out, progress=False)  # the dead run's staging directory is removed first
     assert os.listdir(tmp_path) == ["out"] and len(load_state_dict_mmap(out)) > 0
 
