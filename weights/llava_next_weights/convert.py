@@ -273,13 +273,6 @@ def _shards(entries: list[tuple[str, Shape, torch.dtype]], shard_bytes: int) -> 
     return [sorted(s, key=lambda e: -e[2].itemsize) for s in shards]
 
 
-def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    try:
-        return parse_dtype(dtype)
-    except ValueError as e:
-        raise ConversionError(str(e)) from None
-
-
 def _progress(total: int, enabled: bool):
     from tqdm import tqdm  # a dependency of huggingface-hub
 
@@ -298,7 +291,7 @@ def convert(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, fmt: str 
     source dtypes). Returns ``out_dir``.
     """
     src, out = Path(src_dir), Path(out_dir)
-    out_dtype = _parse_dtype(dtype)
+    out_dtype = parse_dtype(dtype)
     if shard_bytes <= 0:
         raise ConversionError(f"shard_bytes must be positive, got {shard_bytes}")
     if not src.is_dir():

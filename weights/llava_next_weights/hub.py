@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from llava_next_weights.convert import INDEX_FILE, SIDE_FILES, _parse_dtype, convert
-from llava_next_weights.load import PICKLE_SUFFIXES, is_llava_next_dir
+from llava_next_weights.convert import INDEX_FILE, SIDE_FILES, convert
+from llava_next_weights.load import PICKLE_SUFFIXES, is_llava_next_dir, parse_dtype
 
 CACHE_ENV = "LLAVA_NEXT_CACHE"
 ALLOW_PATTERNS = ["config.json", "*.safetensors", INDEX_FILE, *SIDE_FILES]
@@ -96,7 +96,7 @@ def resolve(model_id_or_dir: str | os.PathLike, *, cache_dir: str | os.PathLike 
     ``dtype`` (e.g. ``torch.bfloat16``) is the dtype of the converted files; it is part of the cache
     key. A directory already in llava-next's layout is returned as is (cast at load time instead).
     """
-    out_dtype = _parse_dtype(dtype)
+    out_dtype = parse_dtype(dtype)
     root = cache_root(cache_dir)
     local = Path(model_id_or_dir).expanduser()
     if local.exists():
