@@ -12,7 +12,7 @@ import skimage
 import torch
 from PIL import Image
 
-from llava_next.anyres import image_token_count
+from llava_next.tokens import image_tokens
 from llava_next.config import LlavaNextConfig, VisionConfig
 from llava_next.image import CLIP_MEAN, CLIP_STD, ImageInput, load_image, normalize, preprocess_image
 
@@ -115,7 +115,7 @@ def test_layout_of_the_worked_example():
     resized = np.asarray(image.resize((672, 504), Image.BICUBIC))
     assert torch.equal(tr[:, 84:], normalize(resized[:252, 336:]))  # top-right tile = right half, top rows
     assert torch.equal(out.pixel_values[0], normalize(np.asarray(image.resize((336, 336), Image.BICUBIC))))
-    assert image_token_count(out.image_size, CONFIG) == 2340
+    assert image_tokens(out.image_size, CONFIG) == 2340
 
 
 def test_original_compat_tie_gives_the_tall_canvas():
