@@ -91,9 +91,10 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
                    mask: torch.Tensor | None = None) -> torch.Tensor:
     tq, tk = q.shape[-2], k.shape[-2]
     gqa = q.shape[1] != k.shape[1]
+    causal = causal and tq > 1  # one query at the end of the keys sees every key: nothing to mask
     if mask is None and (not causal or tq == tk):
-        # square causal or full attention: SDPA's own flags pick its fastest kernel
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal and tq > 1, enable_gqa=gqa)
+        # square causal, full attention or one-token decode: SDPA's own flags pick its fastest kernel
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
     allowed = causal_mask(tq, tk, q.device) if causal else None
     if mask is not None:
         allowed = mask if allowed is None else (mask & allowed)

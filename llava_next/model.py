@@ -10,6 +10,12 @@ use come from tokens.py, so a prompt and its media cannot disagree silently: ``e
 the number of placeholder positions equals the number of visual features, per kind, and says which
 side is short.
 
+CPU inference (``pack_for_cpu``): in bfloat16, every ``nn.Linear`` can hold its weight in oneDNN's
+blocked layout, prepacked once after loading (what ``torch.compile``'s CPU freezing pass does). The
+numbers are the same as ``F.linear``'s; one-token decode reads the weights ~1.5x faster, and the bias
+of the vision/projector layers is added inside the GEMM instead of in a separate pass. Packing is for
+inference only: packed layers have no ``state_dict`` entries, so load (or save) weights before it.
+
 Placeholders are spliced like transformers' ``masked_scatter``: the features of every image (then of
 every video) fill the image (video) placeholder positions in flattened (batch, sequence) order — image
 0 of row 0 first. Placeholder ids at or past the vocabulary (checkpoints converted from the original
@@ -18,6 +24,10 @@ format, which has no placeholder rows) are never looked up in the embedding tabl
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import sys
 from typing import Sequence
 
 import torch
@@ -30,6 +40,58 @@ from .image import ImageInput
 from .pooling import add_video_newlines, pool_and_project, pooled_grid_hw
 from .projector import Projector
 from .vision import VisionTower
+
+
+class PackedLinear(nn.Module):
+    """An ``nn.Linear`` whose weight is prepacked for oneDNN (CPU, bfloat16). Inference only.
+
+    The packed weight is a copy. The plain weight is usually a view of the mmapped checkpoint: its pages
+    are handed back to the kernel (``release_pages``) so the process does not hold the model twice."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)  # opaque oneDNN layout
+        self.bias = None if linear.bias is None else linear.bias.detach()
+        release_pages(weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Ask Linux to reclaim the memory pages lying wholly inside ``t`` (madvise MADV_PAGEOUT).
+
+    Non-destructive: a page of a file mapping (the mmapped checkpoint) that is touched again is read
+    back from the file, and anonymous pages stay where they are without swap. A no-op elsewhere."""
+    libc = _libc()
+    if libc is None:
+        return
+    page = 4096
+    start = -(-t.data_ptr() // page) * page
+    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+    if end > start:
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 21)  # 21 = MADV_PAGEOUT (Linux 5.4)
+
+
+@functools.cache
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def can_pack_for_cpu(dtype: torch.dtype, device: torch.device) -> bool:
+    """True where ``pack_for_cpu`` does something: bfloat16 on a CPU whose oneDNN has bf16 kernels."""
+    return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class MediaMismatchError(ValueError):
@@ -52,6 +114,18 @@ class LlavaNextModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.language_model.embed_tokens.weight.device
+
+    @torch.no_grad()
+    def pack_for_cpu(self) -> bool:
+        """Prepack every linear layer for CPU bfloat16 inference (module docstring); False (and no change)
+        where it does not apply. Call once, after loading the weights."""
+        if not can_pack_for_cpu(self.dtype, self.device):
+            return False
+        for module in list(self.modules()):
+            for name, child in list(module.named_children()):
+                if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16:
+                    setattr(module, name, PackedLinear(child))
+        return True
 
     # ---- visual features --------------------------------------------------------------------------
     @torch.no_grad()
