@@ -160,7 +160,10 @@ class Decoder(nn.Module):
         super().__init__()
         self.config = cfg
         self.rope_scaling_factor = cfg.rope_scaling_factor  # a run-time choice, see module docstring
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        V, C = cfg.vocab_size, cfg.hidden_size
+        self.embed_tokens = nn.Embedding(V, C, _weight=torch.empty(V, C))
+        if not self.embed_tokens.weight.is_meta:  # random init is for tests only; on the meta device (the
+            nn.init.normal_(self.embed_tokens.weight)  # loaders) normal_ would import torch._dynamo (~2 s)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # untied

@@ -99,11 +99,14 @@ class VisionTower(nn.Module):
         C = config.hidden_size
         self.patch_embedding = nn.Conv2d(config.num_channels, C, kernel_size=config.patch_size,
                                          stride=config.patch_size, bias=False)
+        P = config.num_patches + 1
         self.class_embedding = nn.Parameter(torch.empty(C))
-        self.position_embedding = nn.Embedding(config.num_patches + 1, C)  # added whole, id i = token i
+        self.position_embedding = nn.Embedding(P, C, _weight=torch.empty(P, C))  # added whole, id i = token i
         self.pre_layernorm = nn.LayerNorm(C, eps=config.layer_norm_eps)
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.layers_used))
-        nn.init.normal_(self.class_embedding, std=C ** -0.5)  # random init is for tests only; load weights
+        if not self.class_embedding.is_meta:  # random init is for tests only (load weights); on the meta
+            nn.init.normal_(self.class_embedding, std=C ** -0.5)  # device normal_ would import torch._dynamo (~2 s)
+            nn.init.normal_(self.position_embedding.weight)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) normalized pixels, S = image_size -> (N, tokens_per_tile, C) in the weights' dtype.
