@@ -44,7 +44,7 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     """CLIP's GELU approximation (OpenAI's training activation; not the erf GELU)."""
     if torch.is_grad_enabled() and x.requires_grad:
         return x * torch.sigmoid(1.702 * x)
-    return torch.sigmoid(1.702 * x).mul_(x)  # the same product with one temporary instead of three
+    return (1.702 * x).sigmoid_().mul_(x)  # the same product with one temporary instead of three
 
 
 class SelfAttention(nn.Module):
