@@ -124,10 +124,11 @@ class LlavaNextModel(nn.Module):
         does not apply. Call once, after loading the weights."""
         if not can_pack_for_cpu(self.dtype, self.device):
             return False
-        for module in list(self.modules()):
-            for name, child in list(module.named_children()):
-                if type(child) is nn.Linear and can_pack_for_cpu(child.weight.dtype, child.weight.device):
-                    setattr(module, name, PackedLinear(child))
+        # (parent, name) pairs, not the layers: each plain weight is freed as soon as its layer is replaced
+        slots = [(parent, name) for parent in self.modules() for name, child in parent.named_children()
+                 if type(child) is nn.Linear and can_pack_for_cpu(child.weight.dtype, child.weight.device)]
+        for parent, name in slots:
+            setattr(parent, name, PackedLinear(getattr(parent, name)))
         return True
 
     # ---- visual features --------------------------------------------------------------------------
