@@ -112,6 +112,7 @@ class Pipeline:
         with torch.device("meta"):
             model = LlavaNextModel(config)
         load_into(model, path, dtype=dtype, device=device)
+        model.pack_for_cpu()  # oneDNN-prepacked linears on CPU (same numbers, faster); a no-op elsewhere
         tokenizer_file = Path(path) / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise FileNotFoundError(f"{path} has no tokenizer.json; copy the checkpoint's tokenizer.json there")
