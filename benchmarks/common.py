@@ -125,16 +125,7 @@ class Results:
             self.rows.append(base | dict(p50=p50, p20=p20, p80=p80, unit=unit))
 
     def save(self) -> Path:
-        RESULTS.mkdir(exist_ok=True)
-        path = RESULTS / f"{self.name}.csv"
-        new = not path.exists()
-        with path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                writer.writeheader()
-            for row in self.rows:
-                writer.writerow({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in row.items()})
-        return path
+        return append_csv(f"{self.name}.csv", FIELDS, self.rows)
 
     def print_table(self, units: tuple[str, ...]) -> None:
         print(f"{'kernel':10} {'provider':9} {'shape':34} {'dtype':9}" + "".join(f"{u:>12}" for u in units))
@@ -151,4 +142,18 @@ def save_plot(fig, name: str) -> Path:
     path = RESULTS / f"{name}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    return path
+
+
+def append_csv(name: str, fields: list[str], rows: list[dict]) -> Path:
+    """Append rows to benchmarks/results/NAME (header written once; floats to 4 significant digits)."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / name
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in row.items()})
     return path

@@ -10,7 +10,6 @@ faster 20%; for rates (tokens/s, GFLOP/s, GB/s) the quantiles are of the rate.
 
 from __future__ import annotations
 
-import csv
 import platform
 import subprocess
 from pathlib import Path
@@ -18,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import append_csv
+
 REPO = Path(__file__).resolve().parent.parent
 FIELDS = ["stage", "provider", "dtype", "value", "unit", "p50", "p20", "p80", "n", "machine", "versions", "commit"]
 
@@ -88,16 +88,7 @@ class Report:
         return None
 
     def save_csv(self) -> Path:
-        RESULTS.mkdir(exist_ok=True)
-        path = RESULTS / "cpu.csv"
-        new = not path.exists()
-        with path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                writer.writeheader()
-            for row in self.rows:
-                writer.writerow({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in row.items()})
-        return path
+        return append_csv("cpu.csv", FIELDS, self.rows)
 
     # ---- Markdown ------------------------------------------------------------------------------
     def markdown(self, dtypes: list[str], header: str) -> str:
