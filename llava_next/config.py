@@ -20,7 +20,6 @@ Construction
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -445,8 +444,3 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
             text=dataclasses.replace(_YI_34B, vocab_size=64064), image_token_id=64001, video_token_id=64000,
             template="chatml_direct", **_VIDEO),
 ]}
-
-
-def smallest_rope_factor(tokens_needed: int, max_position_embeddings: int) -> float:
-    """The smallest integer linear RoPE factor whose scaled context holds ``tokens_needed`` positions."""
-    return float(max(1, math.ceil(tokens_needed / max_position_embeddings)))

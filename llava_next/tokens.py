@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 from .anyres import resized_size, tile_grid, unpadded_size
-from .config import LlavaNextConfig, PoolMode, VideoNewline, smallest_rope_factor
+from .config import LlavaNextConfig, PoolMode, VideoNewline
 from .pooling import newline_count, pooled_grid_hw
 
 Size = tuple[int, int]  # (height, width)
@@ -168,6 +168,11 @@ class ContextPlan:
 
 def _fmt(x: float) -> str:
     return f"{x:g}"
+
+
+def smallest_rope_factor(tokens_needed: int, max_position_embeddings: int) -> float:
+    """The smallest integer linear RoPE factor whose scaled context holds ``tokens_needed`` positions."""
+    return float(max(1, math.ceil(tokens_needed / max_position_embeddings)))
 
 
 def plan_context(text_tokens: int, visual_tokens: int, config: LlavaNextConfig, rope_scale: RopeScale = "config",
