@@ -2,17 +2,21 @@
 
 import fnmatch
 import json
+import mmap
 import os
 import shutil
+import struct
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import llava_next_weights.hub as hub
+import llava_next_weights.load as load
 from checkpoints import make_llava_hf_checkpoint
 from llava_next_weights.convert import convert
-from llava_next_weights.load import LoadError, load_into, load_state_dict_mmap, read_config
+from llava_next_weights.load import LoadError, _cast, load_into, load_state_dict_mmap, read_config, release_file_pages
 from llava_next_weights.shapes import expected_shapes
 
 
@@ -32,6 +36,17 @@ def mapped_file(ptr: int) -> str | None:
             if lo <= ptr < hi:
                 return parts[5] if len(parts) > 5 else None
     return None
+
+
+def mapped_pages(t: torch.Tensor) -> int:
+    """How many of the pages lying wholly inside ``t`` are mapped in this process (Linux /proc/self/pagemap)."""
+    page = mmap.PAGESIZE
+    first, last = -(-t.data_ptr() // page), (t.data_ptr() + t.nbytes) // page
+    if last <= first:
+        return 0
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(first * 8)
+        return sum(entry >> 63 for entry in struct.unpack(f"{last - first}Q", f.read(8 * (last - first))))
 
 
 needs_proc = pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc/self/maps")
@@ -97,6 +112,58 @@ def test_load_into_casts(converted):
     reference = load_state_dict_mmap(out)
     for key, p in module.named_parameters():
         assert p.dtype == torch.bfloat16 and torch.equal(p, reference[key].to(torch.bfloat16)), key
+
+
+@pytest.mark.parametrize("chunk", [load.CAST_CHUNK, 1000])  # 1000 bytes: many chunks, none page-aligned
+def test_load_into_casts_bf16_files_to_float32_exactly(converted, tmp_path, monkeypatch, chunk):
+    src, _ = converted
+    out = convert(src, tmp_path / "bf16", dtype="bf16", shard_bytes=40_000, progress=False)
+    monkeypatch.setattr(load, "CAST_CHUNK", chunk)
+    module = load_into(meta_module(out), out, dtype=torch.float32)
+    reference = load_state_dict_mmap(out)
+    assert {t.dtype for t in reference.values()} == {torch.bfloat16}
+    assert chunk > 1000 or max(t.nbytes for t in reference.values()) > 30 * chunk  # really split up
+    for key, p in module.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p, reference[key].to(torch.float32)), key
+
+
+@pytest.fixture
+def mapped_abc(tmp_path):
+    """Tensors a, b, c of one safetensors file, mmapped, lying back to back; b spans many pages, c is 6 bytes,
+    and neither b's start nor its end is on a page boundary."""
+    values = {"a": torch.randn(3001), "b": torch.randn(300_001), "c": torch.randn(3)}
+    save_file({k: v.to(torch.bfloat16) for k, v in values.items()}, tmp_path / "abc.safetensors")
+    state = load_file(tmp_path / "abc.safetensors")
+    a, b, c = state["a"], state["b"], state["c"]
+    assert b.data_ptr() == a.data_ptr() + a.nbytes and c.data_ptr() == b.data_ptr() + b.nbytes
+    assert b.data_ptr() % mmap.PAGESIZE and c.data_ptr() % mmap.PAGESIZE
+    return a, b, c, {k: v.to(torch.bfloat16) for k, v in values.items()}
+
+
+@needs_proc
+def test_cast_releases_the_source_pages_and_they_stay_readable(mapped_abc):
+    _, b, _, values = mapped_abc
+    assert torch.equal(b, values["b"])  # maps every page of b
+    assert mapped_pages(b) == b.nbytes // mmap.PAGESIZE - 1 > 100  # the pages wholly inside b
+    out = _cast(b, torch.float32, torch.device("cpu"))
+    assert mapped_pages(b) == 0
+    assert torch.equal(out, values["b"].to(torch.float32))
+    assert torch.equal(b, values["b"])  # read back from the file
+    assert _cast(b, torch.bfloat16, torch.device("cpu")) is b and mapped_pages(b) > 0  # no copy: kept
+
+
+@needs_proc
+def test_release_leaves_pages_shared_with_neighbours_and_small_tensors_alone(mapped_abc):
+    a, b, c, values = mapped_abc
+    # Writing into a and c makes their pages private copies (the mapping is copy-on-write); a released page
+    # would be read back from the file, so a or c losing its write means release dropped their page.
+    a.mul_(2)
+    c.mul_(2)
+    for t in (b[1:2], b[-3:], c, b):  # a slice inside one page, b's last (shared) page, a 6-byte tensor, b
+        release_file_pages(t)
+    assert mapped_pages(b) == 0
+    assert torch.equal(a, 2 * values["a"]) and torch.equal(c, 2 * values["c"])
+    assert torch.equal(b, values["b"])
 
 
 def test_load_into_names_missing_unexpected_and_misshaped_keys(converted):
