@@ -13,7 +13,9 @@ Stages (ours / transformers, same dtype, same inputs; each a ratio, < 1 = llava-
   takes layer -2 (what get_video_features does); llava-next builds only the layers it reads.
 - pool + projector: (8, 576, 1024) -> (1152, 4096).
 - prefill / decode: one ``generate`` of 65 tokens over the same ~1,200 prompt embeddings
-  (8 x 144 video tokens + text): prefill = start -> first logits, decode = the next 64 tokens.
+  (8 x 144 video tokens + text): prefill = start -> first logits, decode = the next 64 tokens. Each
+  provider first runs one short warm-up generate (llava-next compiles its one-query decode attention
+  there, llava_next/cpu_decode.py: once per process).
   transformers: ``model.generate(inputs_embeds=...)`` (greedy, its default dynamic cache, lm_head on
   the last position: generate sets logits_to_keep=1); llava-next: ``generate.stream``.
 - video -> first token: from the .mp4 file, each provider's documented path (cpu_models.py):
@@ -216,6 +218,8 @@ def run_dtype(name: str, args, report: Report, dirs: tuple[Path, Path], video: P
         n = args.decode_tokens + 1
         mm, read = MatmulProbe(decoder_layer_weights(theirs.layer("decoder")), T), ReadProbe()
         fns = {k: (lambda p=p: p.generate(embeds, n)) for k, p in providers.items()}
+        for p in providers.values():  # warm-up: llava-next compiles its CPU decode kernels on first use
+            p.generate(embeds[:, :32], 3)
         runs = alternate(fns | {"matmul": mm, "memory read": read}, args.repeats)
         pf, kv_mean = prefill_flops(cfg, T), T + n / 2
         per_token = decode_bytes(cfg, kv_mean, torch.finfo(dtype).bits // 8)

@@ -14,7 +14,9 @@ Backends
 - "sdpa":   torch.nn.functional.scaled_dot_product_attention (the CPU fast path).
 - "eager":  the textbook softmax(q k^T / sqrt(d)) v in fp32 — the reference the others are tested against.
 - "triton": the kernels in llava_next_kernels (the CUDA fast path), imported from that package.
-- "auto":   triton on CUDA when available, sdpa otherwise.
+- "auto":   triton on CUDA when available; on CPU, one query without a mask (decoding one token) goes
+            to cpu_decode.attention_one_query (compiled; SDPA's CPU kernel reads the KV cache ~6x slower),
+            everything else to sdpa.
 
 ``use_backend("eager")`` is a context manager that forces one backend (tests run both paths on the
 same inputs with it).
@@ -28,6 +30,8 @@ from typing import Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
+
+from . import cpu_decode
 
 Backend = Literal["auto", "sdpa", "eager", "triton"]
 AttentionFn = Callable[..., torch.Tensor]
@@ -76,6 +80,8 @@ def causal_mask(tq: int, tk: int, device: torch.device) -> torch.Tensor:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
               mask: torch.Tensor | None = None) -> torch.Tensor:
     backend = current_backend(q.device)
+    if _forced == "auto" and q.device.type == "cpu" and q.shape[-2] == 1 and mask is None and cpu_decode.enabled():
+        return cpu_decode.attention_one_query(q, k, v)
     if backend == "sdpa":
         return sdpa_attention(q, k, v, causal=causal, mask=mask)
     if backend == "eager":

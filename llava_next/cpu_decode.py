@@ -1,0 +1,83 @@
+"""One-token decode on CPU: attention of one query against the KV cache, compiled.
+
+Decoding one token reads every decoder weight and the whole KV cache once and does almost no arithmetic
+per byte, so its speed is bytes / memory bandwidth if the kernels stream. The weights' one-row GEMMs
+(oneDNN, prepacked by ``LlavaNextModel.pack_for_cpu``) do; SDPA's CPU kernel with a single query does
+not: it reads the KV cache at ~4 GB/s (it is built for blocks of queries), which made attention ~19% of
+a bfloat16 decode step of the 7B shape at a 1,200-token context (benchmarks/bench_cpu.py, 2-core Zen 4).
+
+The textbook formula, compiled by torch.compile (inductor's C++ backend), reads the cache ~4x faster:
+
+    out[b, h] = sum_t softmax_t(q[b, h] . k[b, g, t] / sqrt(D)) v[b, g, t]      g = h // (Hq / Hkv)
+
+in float32, rounded once at the end (as SDPA does). It compiles on its first call (the first decoded
+token) with dynamic shapes, so one compile serves every cache length: ~5-10 s the first time on a
+machine, ~3 s in later processes (inductor keeps the code on disk; most of that is importing the
+compiler) — repaid within a few tokens of a real 7B model.
+
+The attention facade's "auto" backend sends one-query calls without a mask on CPU here.
+``LLAVA_NEXT_COMPILE=0`` turns it off; so does a failed compile (no C++ compiler, say), with one warning.
+SDPA is used then: the same numbers up to float32 summation order.
+
+Tried and dropped (A/B in one process, benchmarks/bench_cpu.py conditions): the same approach for the
+one-row linear layers, ``(x.float() * w.float()).sum(-1)`` compiled, streams the weights no faster than
+oneDNN's prepacked bf16 GEMV (~30 GB/s both, while a plain ``sum`` reads ~50 GB/s); with dynamic
+shapes inductor even emits a single-threaded loop.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+
+def _attention_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # q (B, Hq, 1, D); k, v (B, Hkv, T, D) -> (B, Hq, 1, D); query head h reads kv head h // (Hq // Hkv)
+    B, Hq, _, D = q.shape
+    Hkv = k.shape[1]
+    qg = q.reshape(B, Hkv, Hq // Hkv, 1, D).float()  # (B, Hkv, G, 1, D)
+    scores = (qg * k[:, :, None].float()).sum(-1) * (1.0 / math.sqrt(D))  # (B, Hkv, G, T)
+    probs = torch.softmax(scores, dim=-1)
+    out = (probs[..., None] * v[:, :, None].float()).sum(-2)  # (B, Hkv, G, D)
+    return out.reshape(B, Hq, 1, D).to(q.dtype)
+
+
+_failed = False  # set once a compile has failed: SDPA from then on
+
+
+def enabled() -> bool:
+    """False when ``LLAVA_NEXT_COMPILE=0`` or after a compile failed. The kernel compiles on first use."""
+    return not _failed and os.environ.get("LLAVA_NEXT_COMPILE", "1") != "0"
+
+
+def attention_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(B, Hq, 1, D) queries against all of (B, Hkv, T, D) keys/values, no mask: compiled, else SDPA."""
+    global _failed
+    if k.shape[2] < 2 or not enabled():  # a one-key cache has nothing to stream (and would pin T = 1)
+        return _sdpa(q, k, v)
+    try:
+        return _compiled()(q, k, v)
+    except Exception as e:  # noqa: BLE001 - a compiler failure (no C++ compiler, say): SDPA, warned once
+        _failed = True
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        warnings.warn(f"llava-next: compiling the CPU decode attention failed ({type(e).__name__}: {first}); "
+                      f"decoding uses SDPA instead (slower). Set LLAVA_NEXT_COMPILE=0 to skip the attempt.",
+                      RuntimeWarning, stacklevel=2)
+        return _sdpa(q, k, v)  # bad inputs raise here, from the library kernel
+
+
+@functools.cache
+def _compiled():
+    # one process may decode with several models (dtypes, head counts, batch sizes: each a separate
+    # specialization); dynamo's default of 8 per function would end in a hard failure under fullgraph
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(_attention_one_query, dynamic=True, fullgraph=True)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1])
