@@ -20,8 +20,9 @@ Stages (ours / transformers, same dtype, same inputs; each a ratio, < 1 = llava-
   the last position: generate sets logits_to_keep=1); llava-next: ``generate.stream``.
 - video -> first token: from the .mp4 file, each provider's documented path (cpu_models.py):
   decode + preprocess 8 frames, encode, prefill, first token (one repeat fewer than the others).
-- load (a fresh subprocess per provider and dtype): time and peak RSS of loading the bf16
-  safetensors checkpoint (fp32: cast while loading), RSS above the process's own baseline after
+- load (a fresh subprocess per provider and dtype, its files read once just before so both load
+  from the page cache): time and peak RSS of loading the bf16 safetensors checkpoint (fp32: cast
+  while loading), RSS above the process's own baseline after
   imports, against the checkpoint's bytes; llava-next's CPU prepack (bf16) is timed on its own row.
   In bf16 the same process then runs one video -> first token and reports its peak RSS.
 
@@ -290,9 +291,17 @@ def child(args) -> None:
     print(json.dumps(result))
 
 
+def read_files(path: Path) -> None:
+    for f in sorted(path.iterdir()):
+        with open(f, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
+
+
 def load_stage(args, report: Report, name: str, dirs: tuple[Path, Path]) -> None:
     hf_dir, ours_dir = dirs
     for provider, path in (("ours", ours_dir), ("transformers", hf_dir)):
+        read_files(path)  # both load from the page cache, whatever ran before
         cmd = [sys.executable, __file__, "--child", provider, "--dtype", name, "--path", str(path),
                "--layers", str(args.layers), "--threads", str(args.threads)]
         if name == "bf16":  # the fp32 rows only load (a cast from the bf16 files): the run costs minutes

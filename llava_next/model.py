@@ -26,14 +26,12 @@ format, which has no placeholder rows) are never looked up in the embedding tabl
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
-import sys
 from typing import Sequence
 
 import torch
 from torch import nn
+
+from llava_next_weights.load import is_file_mapped, release_file_pages
 
 from .anyres import pack_image_features
 from .config import LlavaNextConfig
@@ -47,8 +45,9 @@ from .vision import VisionTower
 class PackedLinear(nn.Module):
     """An ``nn.Linear`` whose weight is prepacked for oneDNN (CPU, float32 or bfloat16). Inference only.
 
-    The packed weight is a copy. The plain weight is usually a view of the mmapped checkpoint: its pages
-    are handed back to the kernel (``release_pages``) so the process does not hold the model twice."""
+    The packed weight is a copy. The plain weight is usually a view of the mmapped checkpoint: its file
+    pages are dropped from the process (they stay in the page cache for the next run) so the process does
+    not hold the model twice."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -56,38 +55,14 @@ class PackedLinear(nn.Module):
         weight = linear.weight.detach()
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)  # opaque oneDNN layout
         self.bias = None if linear.bias is None else linear.bias.detach()
-        release_pages(weight)
+        if is_file_mapped(weight):  # (anonymous memory, e.g. a cast copy, is freed with the nn.Linear)
+            release_file_pages(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
-
-def release_pages(t: torch.Tensor) -> None:
-    """Ask Linux to reclaim the memory pages lying wholly inside ``t`` (madvise MADV_PAGEOUT).
-
-    Non-destructive: a page of a file mapping (the mmapped checkpoint) that is touched again is read
-    back from the file, and anonymous pages stay where they are without swap. A no-op elsewhere."""
-    libc = _libc()
-    if libc is None:
-        return
-    page = 4096
-    start = -(-t.data_ptr() // page) * page
-    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
-    if end > start:
-        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 21)  # 21 = MADV_PAGEOUT (Linux 5.4)
-
-
-@functools.cache
-def _libc():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
 
 
 def can_pack_for_cpu(dtype: torch.dtype, device: torch.device) -> bool:

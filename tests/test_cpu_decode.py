@@ -104,6 +104,24 @@ def test_pack_for_cpu_packs_every_linear():
     assert isinstance(model.language_model.lm_head, PackedLinear) and isinstance(model.projector.linear_1, PackedLinear)
 
 
+def test_packed_linear_drops_the_file_pages_of_a_mapped_weight_and_leaves_copies_alone(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from test_load import mapped_pages
+
+    w = torch.randn(512, 256).to(torch.bfloat16)
+    save_file({"w": w}, tmp_path / "w.safetensors")
+    mapped = load_file(tmp_path / "w.safetensors")["w"]
+    x = torch.randn(3, 256).to(torch.bfloat16)
+    for weight in (mapped, w):
+        linear = torch.nn.Linear(256, 512, bias=False, dtype=torch.bfloat16)
+        linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+        before = mapped_pages(weight)
+        packed = PackedLinear(linear)
+        assert mapped_pages(weight) == (0 if weight is mapped else before) and before > 0
+        assert torch.equal(weight, w)  # still readable: dropped file pages come back from the file
+        assert torch.equal(packed(x), F.linear(x, w))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_model_decodes_like_the_unpacked_model(dtype):
     model = tiny_model(dtype)

@@ -16,7 +16,8 @@ import llava_next_weights.hub as hub
 import llava_next_weights.load as load
 from checkpoints import make_llava_hf_checkpoint
 from llava_next_weights.convert import convert
-from llava_next_weights.load import LoadError, _cast, load_into, load_state_dict_mmap, read_config, release_file_pages
+from llava_next_weights.load import (LoadError, _cast, is_file_mapped, load_into, load_state_dict_mmap, read_config,
+                                     release_file_pages)
 from llava_next_weights.shapes import expected_shapes
 
 
@@ -164,6 +165,14 @@ def test_release_leaves_pages_shared_with_neighbours_and_small_tensors_alone(map
     assert mapped_pages(b) == 0
     assert torch.equal(a, 2 * values["a"]) and torch.equal(c, 2 * values["c"])
     assert torch.equal(b, values["b"])
+
+
+@needs_proc
+def test_is_file_mapped_tells_checkpoint_views_from_copies(mapped_abc):
+    a, b, c, _ = mapped_abc
+    assert is_file_mapped(a) and is_file_mapped(b[5:9]) and is_file_mapped(c)
+    copy = _cast(b, torch.float32, torch.device("cpu"))
+    assert not is_file_mapped(copy) and not is_file_mapped(b.clone()) and not is_file_mapped(torch.empty(0))
 
 
 def test_load_into_names_missing_unexpected_and_misshaped_keys(converted):

@@ -197,6 +197,24 @@ def release_file_pages(t: torch.Tensor) -> None:
         libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # 4 = MADV_DONTNEED
 
 
+def is_file_mapped(t: torch.Tensor) -> bool:
+    """True when ``t``'s bytes lie in a file mapping of this process (a tensor of a mmapped checkpoint),
+    from /proc/self/maps; False for anonymous memory (copies, casts) and off Linux."""
+    if not sys.platform.startswith("linux") or t.numel() == 0:
+        return False
+    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:  # "start-end perms offset dev inode [path]"
+                fields = line.split(maxsplit=5)
+                lo, hi = (int(a, 16) for a in fields[0].split("-"))
+                if lo <= start < hi:
+                    return end <= hi and fields[4] != "0"
+    except OSError:
+        pass
+    return False
+
+
 @functools.cache
 def _libc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
