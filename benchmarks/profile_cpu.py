@@ -55,11 +55,10 @@ def run_profiled(fn, setup=lambda: None) -> tuple[float, list[tuple[str, float, 
 
 def table(stage: str, wall: float, rows, rate_of: dict) -> list[str]:
     total = sum(s for _, s, _ in rows)
-    grouped: dict[str, list[float]] = {}
-    for name, s, n in rows:
-        g = grouped.setdefault(kind(name), [0.0, 0])
+    grouped: dict[str, list[float]] = {}  # kind -> [self seconds, calls of its largest operator]
+    for name, s, n in rows:  # rows come largest first
+        g = grouped.setdefault(kind(name), [0.0, n])
         g[0] += s
-        g[1] += n
     lines = [f"**{stage}**: {wall * 1e3:.0f} ms wall (profiled: {total * 1e3:.0f} ms of operator self time)", "",
              "| operator | self time | share | calls | rate |", "|---|---|---|---|---|"]
     for name, (s, n) in sorted(grouped.items(), key=lambda kv: -kv[1][0])[:8]:
