@@ -11,12 +11,15 @@ The textbook formula, compiled by torch.compile (inductor's C++ backend), reads 
     out[b, h] = sum_t softmax_t(q[b, h] . k[b, g, t] / sqrt(D)) v[b, g, t]      g = h // (Hq / Hkv)
 
 in float32, rounded once at the end (as SDPA does). It compiles on its first call (the first decoded
-token) with dynamic shapes, so one compile serves every cache length: ~5-10 s the first time on a
-machine, ~3 s in later processes (inductor keeps the code on disk; most of that is importing the
-compiler) — repaid within a few tokens of a real 7B model.
+token) with dynamic shapes, so one compile serves every cache length. The cost: ~17 s the first time on
+a machine, ~5 s in later processes (inductor keeps the code on disk; most of the rest is importing the
+compiler). What it saves: for a 7B model at a 1,200-token context, ~115 ms per token (32 layers x 20 MB
+of KV, read at ~15 instead of ~4 GB/s), so it pays for itself after ~45 tokens (~150 the very first
+time), sooner at longer contexts, and at once in a long-lived process. Compiling in a background thread
+while the vision tower runs was tried: on 2 cores the two only take turns.
 
 The attention facade's "auto" backend sends one-query calls without a mask on CPU here.
-``LLAVA_NEXT_COMPILE=0`` turns it off; so does a failed compile (no C++ compiler, say), with one warning.
+``LLAVA_NEXT_COMPILE=0`` turns it off (the better choice for short one-off answers); so does a failed compile (no C++ compiler, say), with one warning.
 SDPA is used then: the same numbers up to float32 summation order.
 
 Tried and dropped (A/B in one process, benchmarks/bench_cpu.py conditions): the same approach for the
