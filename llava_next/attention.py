@@ -15,7 +15,7 @@ Backends
 - "eager":  the textbook softmax(q k^T / sqrt(d)) v in fp32 — the reference the others are tested against.
 - "triton": the kernels in llava_next_kernels (the CUDA fast path), imported from that package.
 - "auto":   triton on CUDA when available; on CPU, one query without a mask (decoding one token) goes
-            to cpu_decode.attention_one_query (compiled; SDPA's CPU kernel reads the KV cache ~6x slower),
+            to cpu_decode.attention_one_query (compiled; SDPA's CPU kernel reads the KV cache ~4x slower),
             everything else to sdpa.
 
 ``use_backend("eager")`` is a context manager that forces one backend (tests run both paths on the
