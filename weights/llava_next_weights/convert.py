@@ -55,11 +55,12 @@ from safetensors import safe_open
 
 from llava_next.config import ConfigError, LlavaNextConfig
 from llava_next_weights.keymaps import Split, UnmappedKeyError, drop_unused_vision_layers, map_key
-from llava_next_weights.load import PICKLE_SUFFIXES, check_safetensors, parse_dtype
+from llava_next_weights.load import PICKLE_SUFFIXES, check_safetensors, index_shards, parse_dtype, read_json
 from llava_next_weights.shapes import Shape, expected_shapes
 
 SOURCE_FORMATS = ("llava_hf", "llava_hf_new", "original")
 DEFAULT_SHARD_BYTES = 2 * 2**30
+GET_AGAIN = ": get it again"  # a damaged source file: the remedy is downloading it again
 INDEX_FILE = "model.safetensors.index.json"
 # copied unchanged when present (tokenizer, chat template, generation defaults)
 SIDE_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -97,15 +98,11 @@ def source_files(src: Path) -> list[Path]:
     """The safetensors files of a checkpoint directory (by its index when there is one)."""
     index = src / INDEX_FILE
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ConversionError(f"{index}: has no 'weight_map'; it is not a safetensors index (get it again)")
-        names = sorted(set(map(str, weight_map.values())))
-        missing = [n for n in names if not (src / n).is_file()]
+        files, missing = index_shards(index, ConversionError, GET_AGAIN)
         if missing:
             raise ConversionError(f"{index} lists shard(s) that are not in {src}: {', '.join(missing)}; "
                                   f"the download is incomplete, fetch the missing files")
-        return [src / n for n in names]
+        return files
     files = sorted(src.glob("*.safetensors"))
     if files:
         return files
@@ -117,16 +114,6 @@ def source_files(src: Path) -> list[Path]:
             f"(most hub repos have them: `hf download <repo> --include '*.safetensors' '*.json'`), or convert "
             f"the pickles to safetensors with a tool you trust")
     raise ConversionError(f"no *.safetensors files in {src}")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{path}: not valid JSON ({e}); the file is damaged or cut off: get it again") from None
-    if not isinstance(data, dict):
-        raise ConversionError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def read_headers(files: list[Path]) -> dict[str, tuple[Path, Shape, torch.dtype]]:
@@ -303,7 +290,7 @@ def convert(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, fmt: str 
         raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
     if not (src / "config.json").is_file():
         raise ConversionError(f"no config.json in {src}; the model's config.json must sit beside its weights")
-    raw_config = _read_json(src / "config.json")
+    raw_config = read_json(src / "config.json", ConversionError, GET_AGAIN)
 
     # ---- plan from the headers: every check happens here, before any data is copied
     headers = read_headers(source_files(src))

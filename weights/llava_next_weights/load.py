@@ -99,14 +99,24 @@ def is_llava_next_dir(path: str | os.PathLike) -> bool:
     return isinstance(raw, dict) and "vision" in raw and "text" in raw and "model_type" not in raw
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path, error: type[Exception] = LoadError, hint: str = "") -> dict:
+    """A JSON object from ``path``; ``error`` (with ``hint`` appended) when the file is not one."""
     try:
         data = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
-        raise LoadError(f"{path}: not valid JSON ({e}); the file is damaged or cut off") from None
+        raise error(f"{path}: not valid JSON ({e}); the file is damaged or cut off{hint}") from None
     if not isinstance(data, dict):
-        raise LoadError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+def index_shards(index: Path, error: type[Exception] = LoadError, hint: str = "") -> tuple[list[Path], list[str]]:
+    """(the shard files a safetensors index names, the names of those that are not beside it)."""
+    weight_map = read_json(index, error, hint).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise error(f"{index}: has no 'weight_map'; it is not a safetensors index{hint}")
+    names = sorted(set(map(str, weight_map.values())))
+    return [index.parent / n for n in names], [n for n in names if not (index.parent / n).is_file()]
 
 
 def read_config(path: str | os.PathLike) -> LlavaNextConfig:
@@ -114,7 +124,7 @@ def read_config(path: str | os.PathLike) -> LlavaNextConfig:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise LoadError(f"no config.json in {path}")
-    raw = _read_json(path / "config.json")
+    raw = read_json(path / "config.json")
     if not is_llava_next_dir(path):
         raise LoadError(f"{path} is not in llava-next's layout (its config.json is a llava-hf or original "
                         f"LLaVA-NeXT config); convert it first: llava_next_weights.hub.resolve({str(path)!r}) "
@@ -130,14 +140,10 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
     path = Path(path)
     index = path / INDEX_FILE
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise LoadError(f"{index}: has no 'weight_map'; it is not a safetensors index")
-        names = sorted(set(map(str, weight_map.values())))
-        missing = [n for n in names if not (path / n).is_file()]
+        files, missing = index_shards(index)
         if missing:
             raise LoadError(f"{index} lists files that are missing: {', '.join(missing)}")
-        return [path / n for n in names]
+        return files
     if (path / "model.safetensors").is_file():
         return [path / "model.safetensors"]
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
