@@ -15,7 +15,7 @@ Stages (ours / transformers, same dtype, same inputs; each a ratio, < 1 = llava-
 - prefill / decode: one ``generate`` of 65 tokens over the same ~1,200 prompt embeddings
   (8 x 144 video tokens + text): prefill = start -> first logits, decode = the next 64 tokens. Each
   provider first runs one short warm-up generate (llava-next compiles its one-query decode attention
-  there, llava_next/cpu_decode.py: once per process).
+  there, llava_next/model/cpu_decode.py: once per process).
   transformers: ``model.generate(inputs_embeds=...)`` (greedy, its default dynamic cache, lm_head on
   the last position: generate sets logits_to_keep=1); llava-next: ``generate.stream``.
 - video -> first token: from the .mp4 file, each provider's documented path (cpu_models.py):
@@ -96,7 +96,7 @@ def rss_bytes() -> int:
 # ---- the two providers' stage functions ----------------------------------------------------------
 class Ours:
     def __init__(self, model):
-        from llava_next.pooling import add_video_newlines, pool_and_project, pooled_grid_hw
+        from llava_next.model.pooling import add_video_newlines, pool_and_project, pooled_grid_hw
         self.model, self.cfg = model, model.config
         c = self.cfg
         grid = (c.vision.grid_size, c.vision.grid_size)
@@ -111,7 +111,7 @@ class Ours:
 
     def generate(self, embeds, n: int) -> list[float]:
         """Timestamps: start, then one per new token."""
-        from llava_next.generate import stream
+        from llava_next.model.generate import stream
         stamps = [time.perf_counter()]
         for _ in stream(self.model.language_model, input_embeds=embeds, max_new_tokens=n, eos_token_id=()):
             stamps.append(time.perf_counter())
@@ -119,14 +119,14 @@ class Ours:
 
     @torch.no_grad()
     def prefill_logits(self, embeds):
-        from llava_next.generate import prefill
+        from llava_next.model.generate import prefill
         dec = self.model.language_model
         dec.setup_caches(1, embeds.shape[1])
         return prefill(dec, embeds, torch.arange(embeds.shape[1]).expand(1, -1), None).float()
 
     def video_first_token(self, path, ids):
-        from llava_next.generate import generate
-        from llava_next.video import load_video
+        from llava_next.model.generate import generate
+        from llava_next.inputs.video import load_video
         clip = load_video(path, FRAMES, size=self.cfg.tile_size)
         embeds = self.model.embed(ids, video_features=[self.model.video_features(clip.pixel_values)])
         return generate(self.model.language_model, input_embeds=embeds, max_new_tokens=1, eos_token_id=())
@@ -190,7 +190,7 @@ def run_dtype(name: str, args, report: Report, dirs: tuple[Path, Path], video: P
     print(f"[{name}] both models loaded in {time.perf_counter() - t:.1f} s", flush=True)
     ids = prompt_ids(cfg)
     with torch.no_grad():
-        from llava_next.video import load_video
+        from llava_next.inputs.video import load_video
         pixels = load_video(video, FRAMES, size=cfg.tile_size).pixel_values.to(dtype)  # (8, 3, 336, 336)
 
         # vision: 8 frames -> (8, 576, 1024); the matmul probe runs 2 layers' GEMMs at the same shapes
@@ -273,7 +273,7 @@ def child(args) -> None:
         from cpu_models import hf_video_processor
         hf_video_processor()  # import everything it needs before the baseline
     else:
-        import llava_next.generate, llava_next.video, llava_next_weights.load  # noqa: E401,F401
+        import llava_next.model.generate, llava_next.inputs.video, llava_next_weights.load  # noqa: E401,F401
     base = rss_bytes()
     t = time.perf_counter()
     path = Path(args.path)

@@ -16,7 +16,7 @@ Random values: matrices N(0, 0.02) (transformers' initializer_range), biases N(0
 1 + N(0, 0.1); seeded, so every run of the benchmark sees the same model.
 
 Input paths, each provider's own (used by the "video to first token" stage):
-- llava-next: ``llava_next.video.load_video`` (PyAV, keeps only the sampled frames, PIL preprocessing).
+- llava-next: ``llava_next.inputs.video.load_video`` (PyAV, keeps only the sampled frames, PIL preprocessing).
 - transformers: the llava-hf model card — ``read_video_pyav`` (PyAV decode, frames kept as arrays),
   then ``LlavaNextVideoVideoProcessor`` (the hub's 336 px settings), then ``model.generate``.
 
@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # checkpoints.py (transformers config builder), media.py
 
 from llava_next.config import LlavaNextConfig  # noqa: E402
-from llava_next.model import LlavaNextModel  # noqa: E402
+from llava_next.model.llava import LlavaNextModel  # noqa: E402
 
 CACHE = Path(os.environ.get("LLAVA_NEXT_BENCH_DIR", Path(tempfile.gettempdir()) / "llava_next_bench"))
 FRAMES = 8

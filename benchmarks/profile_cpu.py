@@ -77,7 +77,7 @@ def main() -> None:
     dtype, cfg = DTYPES[args.dtype], bench_config(2)
     model = load_ours(make_checkpoints(cfg)[1], dtype)  # prepacked for CPU, as Pipeline.from_pretrained does
     decoder = model.language_model
-    from llava_next.video import load_video
+    from llava_next.inputs.video import load_video
     pixels = load_video(bench_video(), FRAMES, size=cfg.tile_size).pixel_values.to(dtype)
     ids = prompt_ids(cfg)
     embeds = model.embed(ids, video_features=[model.video_features(pixels)])  # (1, T, 4096)

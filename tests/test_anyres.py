@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from llava_next.anyres import (pack_image_features, resized_size, select_best_resolution,
+from llava_next.model.anyres import (pack_image_features, resized_size, select_best_resolution,
                                tile_grid, unpadded_size)
 from llava_next.config import LlavaNextConfig, VisionConfig
-from llava_next.tokens import image_tokens
+from llava_next.inputs.tokens import image_tokens
 
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 TINY_PINPOINTS = [[p // 6 for p in pair] for pair in PINPOINTS]  # tile 56 px = 4x4 patches of 14 px

@@ -20,12 +20,12 @@ from PIL import Image
 
 import media
 from checkpoints import make_runnable_checkpoint
-from llava_next.cli import main
-from llava_next.image import ImageError, load_image
-from llava_next.pipeline import Pipeline
-from llava_next.prompt import PromptError
-from llava_next.tokens import ContextOverflowError, image_tokens
-from llava_next.video import VideoError
+from llava_next.cli.main import main
+from llava_next.inputs.image import ImageError, load_image
+from llava_next.runtime.pipeline import Pipeline
+from llava_next.inputs.prompt import PromptError
+from llava_next.inputs.tokens import ContextOverflowError, image_tokens
+from llava_next.inputs.video import VideoError
 from llava_next_weights.convert import convert
 
 pytest.importorskip("transformers")
@@ -293,7 +293,7 @@ def test_context_overflow_through_the_cli(tiny):
     video = media.cached_video("model_parity", frames=24, size_hw=(90, 160), fps=12, photo="coffee")
     with pytest.raises(ContextOverflowError):
         tiny[1].prepare("What happens?", video=video, max_new_tokens=600)
-    r = subprocess.run([sys.executable, "-m", "llava_next.cli", "run", "--model", str(directory), "--video", str(video),
+    r = subprocess.run([sys.executable, "-m", "llava_next.cli.main", "run", "--model", str(directory), "--video", str(video),
                         "--max-new-tokens", "600", "What happens?"], capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert r.returncode == 2 and r.stdout == ""

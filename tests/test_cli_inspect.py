@@ -1,6 +1,6 @@
 """`llava-next inspect` on real media: the printed plan, --json fields, --png output and exit codes.
 
-Three runs go through a real subprocess (``python -m llava_next.cli`` and the installed ``llava-next``
+Three runs go through a real subprocess (``python -m llava_next.cli.main`` and the installed ``llava-next``
 script); the rest call ``cli.main(argv)`` in-process, which is the same code without the start-up cost.
 """
 
@@ -15,15 +15,16 @@ import pytest
 from PIL import Image
 
 import media
-from llava_next import LlavaNextConfig, cli
-from llava_next.tokens import image_tokens, video_tokens
+from llava_next import LlavaNextConfig
+from llava_next.cli import main as cli
+from llava_next.inputs.tokens import image_tokens, video_tokens
 
 VIDEO_7B = LlavaNextConfig.from_name("LLaVA-NeXT-Video-7B")
 
 
 def _run(*args, script=False):
     exe = Path(sys.executable).with_name("llava-next")
-    cmd = [str(exe)] if script and exe.exists() else [sys.executable, "-m", "llava_next.cli"]
+    cmd = [str(exe)] if script and exe.exists() else [sys.executable, "-m", "llava_next.cli.main"]
     return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=120)
 
 

@@ -29,13 +29,13 @@ def setup(tmp_path_factory):
 
 
 def cli(env, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llava_next.cli", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "llava_next.cli.main", *args], env=env, capture_output=True, text=True,
                           timeout=300)
 
 
 def test_run_json_tokens_equal_transformers_greedy(setup):
-    from llava_next.image import preprocess_image
-    from llava_next.video import load_video
+    from llava_next.inputs.image import preprocess_image
+    from llava_next.inputs.video import load_video
     from llava_next_weights.load import read_config
 
     root, directory, hf, env, video = setup

@@ -10,7 +10,7 @@ from transformers import LlavaNextConfig as HFLlavaNextConfig
 from transformers import LlavaNextVideoConfig as HFLlavaNextVideoConfig
 
 from llava_next.config import DEFAULT_PINPOINTS, PRESETS, ConfigError, LlavaNextConfig, TextConfig, VisionConfig
-from llava_next.tokens import smallest_rope_factor
+from llava_next.inputs.tokens import smallest_rope_factor
 
 
 def arch(text: TextConfig) -> dict:

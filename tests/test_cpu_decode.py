@@ -1,4 +1,4 @@
-"""CPU decode (llava_next.cpu_decode) and ``pack_for_cpu``: the compiled one-query attention against the
+"""CPU decode (llava_next.model.cpu_decode) and ``pack_for_cpu``: the compiled one-query attention against the
 float32 reference, the facade's routing, the fallback when compiling fails, and whole models packed for
 CPU (oneDNN linears + compiled decode attention) against the same models unpacked on library kernels.
 
@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from checkpoints import tiny_config
-from llava_next import attention as attention_mod
-from llava_next import cpu_decode
-from llava_next.attention import eager_attention, use_backend
-from llava_next.generate import generate
-from llava_next.model import LlavaNextModel, PackedLinear
+from llava_next.model import attention as attention_mod
+from llava_next.model import cpu_decode
+from llava_next.model.attention import eager_attention, use_backend
+from llava_next.model.generate import generate
+from llava_next.model.llava import LlavaNextModel, PackedLinear
 
 pytestmark = pytest.mark.skipif(not cpu_decode.enabled(), reason="LLAVA_NEXT_COMPILE=0")
 

@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from llava_next.config import LlavaNextConfig, PRESETS, TextConfig
-from llava_next.decoder import Decoder, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+from llava_next.model.decoder import Decoder, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 from llava_next_weights.keymaps import rename_state_dict
 
 TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,

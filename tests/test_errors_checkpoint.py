@@ -20,11 +20,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from checkpoints import make_runnable_checkpoint
-from llava_next.cli import main
-from llava_next.pipeline import Pipeline
+from llava_next.cli.main import main
+from llava_next.runtime.pipeline import Pipeline
 from llava_next_weights.convert import ConversionError, convert
 from llava_next_weights.hub import HubError
-from llava_next.model import LlavaNextModel
+from llava_next.model.llava import LlavaNextModel
 from llava_next_weights.load import LoadError, load_into, load_state_dict_mmap, read_config
 
 pytest.importorskip("transformers")
@@ -223,7 +223,7 @@ def test_cut_off_shard_names_the_file(ckpt, tmp_path, capsys):
 SLOW_CONVERT = textwrap.dedent("""
     import os, sys, time
     import llava_next_weights.convert as c
-    from llava_next.cli import main
+    from llava_next.cli.main import main
 
     real_write, real_rename, written = c._write_tensor, c.os.rename, [0]
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import llava_next.pipeline as pipeline_mod
+import llava_next.runtime.pipeline as pipeline_mod
 from checkpoints import make_runnable_checkpoint
-from llava_next.cli import main
-from llava_next.pipeline import MemoryBudgetError, NonFiniteError, Pipeline
+from llava_next.cli.main import main
+from llava_next.runtime.pipeline import MemoryBudgetError, NonFiniteError, Pipeline
 from llava_next_weights.convert import convert
 from media import cached_video, real_photo
 
@@ -126,7 +126,7 @@ def test_failed_allocation_becomes_the_same_error(tiny, monkeypatch):
 
 def test_memory_error_through_the_cli(tiny):
     directory, _ = tiny
-    r = subprocess.run([sys.executable, "-m", "llava_next.cli", "run", "--model", str(directory), "--json",
+    r = subprocess.run([sys.executable, "-m", "llava_next.cli.main", "run", "--model", str(directory), "--json",
                         "--max-new-tokens", "1000000000", "--rope-scale", "10000000", "Hi"],
                        capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert r.returncode == 2, r.stderr

@@ -4,7 +4,7 @@ left-padded batches and streaming."""
 import pytest
 import torch
 
-from llava_next.generate import generate, positions_from_mask, sample, stream, top_p_filter
+from llava_next.model.generate import generate, positions_from_mask, sample, stream, top_p_filter
 from test_decoder import hf_and_ours, ids
 
 N = 32

@@ -12,9 +12,9 @@ import skimage
 import torch
 from PIL import Image
 
-from llava_next.tokens import image_tokens
+from llava_next.inputs.tokens import image_tokens
 from llava_next.config import LlavaNextConfig, VisionConfig
-from llava_next.image import CLIP_MEAN, CLIP_STD, ImageInput, load_image, normalize, preprocess_image
+from llava_next.inputs.image import CLIP_MEAN, CLIP_STD, ImageInput, load_image, normalize, preprocess_image
 
 SKIMAGE = os.path.join(os.path.dirname(skimage.__file__), "data")
 MPL = os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "sample_data")

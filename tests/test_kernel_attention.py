@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import llava_next.attention as facade
-from llava_next.attention import eager_attention
+import llava_next.model.attention as facade
+from llava_next.model.attention import eager_attention
 from llava_next_kernels import attention as attn
 from llava_next_kernels.attention import (attention_reference, decode_attention, flash_attention,
                                           flash_attention_with_key_mass, key_mass_reference)

@@ -9,11 +9,11 @@ import torch
 from checkpoints import make_llava_hf_checkpoint
 from media import cached_video, real_photo
 from test_model import load_ours, prompt_ids
-from llava_next.attention import use_backend
-from llava_next.generate import generate
-from llava_next.image import preprocess_image
-from llava_next.pooling import use_pool_backend
-from llava_next.video import load_video
+from llava_next.model.attention import use_backend
+from llava_next.model.generate import generate
+from llava_next.inputs.image import preprocess_image
+from llava_next.model.pooling import use_pool_backend
+from llava_next.inputs.video import load_video
 from llava_next_weights.convert import convert
 
 pytest.importorskip("triton")
@@ -50,7 +50,7 @@ def test_model_with_triton_kernels_matches_reference_path(tmp_path):
             return fn(*args, **kwargs)
         return wrapped
 
-    import llava_next.attention as facade
+    import llava_next.model.attention as facade
     try:
         facade._triton_fn = spy(original_attn, "attention")
         kp.spatial_pool = spy(original_pool, "pooling")

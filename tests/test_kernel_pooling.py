@@ -7,7 +7,7 @@ on the same inputs at most 2x that of torch's own same-dtype avg_pool2d, plus a 
 import pytest
 import torch
 
-from llava_next.pooling import add_video_newlines, pool_frames
+from llava_next.model.pooling import add_video_newlines, pool_frames
 from llava_next_kernels import pooling
 from llava_next_kernels.pooling import pooled_token_count, spatial_pool, spatial_pool_reference
 

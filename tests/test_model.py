@@ -16,11 +16,11 @@ import torch
 
 from checkpoints import make_llava_hf_checkpoint, make_original_checkpoint
 from media import cached_video, real_photo
-from llava_next.image import preprocess_image
-from llava_next.model import LlavaNextModel, MediaMismatchError
-from llava_next.prompt import expand_placeholders
-from llava_next.tokens import image_tokens, video_tokens
-from llava_next.video import load_video
+from llava_next.inputs.image import preprocess_image
+from llava_next.model.llava import LlavaNextModel, MediaMismatchError
+from llava_next.inputs.prompt import expand_placeholders
+from llava_next.inputs.tokens import image_tokens, video_tokens
+from llava_next.inputs.video import load_video
 from llava_next_weights.convert import convert
 from llava_next_weights.load import load_into, read_config
 
@@ -130,7 +130,7 @@ def test_left_padded_batch_equals_each_prompt_alone(video_pair, media):
 
 
 def test_greedy_generation_is_token_identical(video_pair, media):
-    from llava_next.generate import generate
+    from llava_next.model.generate import generate
 
     ours, _, hf = video_pair
     images, clip = media

@@ -89,9 +89,15 @@ def test_wheel_contains_the_three_packages_and_imports_from_it(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for top in PACKAGES:
         assert f"{top}/__init__.py" in names
+    # every module of the tree is in the wheel (a subpackage missing from pyproject's list would be dropped)
+    for folder in (REPO / "llava_next", REPO / "kernels", REPO / "weights"):
+        for module in folder.rglob("*.py"):
+            rel = module.relative_to(folder if folder.name == "llava_next" else folder).as_posix()
+            rel = f"llava_next/{rel}" if folder.name == "llava_next" else rel
+            assert rel in names, f"{rel} is not in the wheel: add its package to pyproject.toml"
     assert not any(n.startswith(("kernels/", "weights/", "tests/", "benchmarks/")) for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "llava-next = llava_next.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "llava-next = llava_next.cli.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)  # a pure-Python wheel installs by unpacking

@@ -15,8 +15,8 @@ import torch
 from checkpoints import make_runnable_checkpoint
 from media import cached_video, real_photo
 from test_model import hf_image_args
-from llava_next.pipeline import Pipeline
-from llava_next.tokens import ContextOverflowError
+from llava_next.runtime.pipeline import Pipeline
+from llava_next.inputs.tokens import ContextOverflowError
 
 pytest.importorskip("transformers")
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from llava_next import pooling
-from llava_next.pooling import add_video_newlines, newline_count, pool_and_project, pool_frames, pooled_grid_hw
+from llava_next.model import pooling
+from llava_next.model.pooling import add_video_newlines, newline_count, pool_and_project, pool_frames, pooled_grid_hw
 
 
 # ---- the original LLaVA-NeXT code, transcribed (self.* replaced by arguments) ------------------------

@@ -1,4 +1,4 @@
-"""Chat templates and tokenization (llava_next/prompt.py) against reference-spec §8/§9 and transformers.
+"""Chat templates and tokenization (llava_next/inputs/prompt.py) against reference-spec §8/§9 and transformers.
 
 References: the literal strings of reference-spec §8; transformers' LlavaNextVideoProcessor rendering
 the llava-hf video chat template; PreTrainedTokenizerFast on the same tokenizer files; transformers'
@@ -16,9 +16,9 @@ import pytest
 from tokenizers.decoders import DecodeStream
 from tokenizers_fixture import RARE_TEXT, build_tokenizer, make_hf_tokenizer, make_tokenizer_json
 
-from llava_next.anyres import select_best_resolution, unpadded_size
+from llava_next.model.anyres import select_best_resolution, unpadded_size
 from llava_next.config import LlavaNextConfig, TextConfig, VisionConfig
-from llava_next.prompt import (PromptError, Tokenizer, build_input_ids, expand_placeholders, render_prompt,
+from llava_next.inputs.prompt import (PromptError, Tokenizer, build_input_ids, expand_placeholders, render_prompt,
                                stop_token_ids)
 
 Q = "What is shown in this image?"

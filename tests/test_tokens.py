@@ -8,9 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_next import LlavaNextConfig, tokens
-from llava_next.pooling import add_video_newlines, pool_frames
-from llava_next.tokens import ContextOverflowError, check_context, image_tokens, plan_context, video_tokens
+from llava_next import LlavaNextConfig
+from llava_next.inputs import tokens
+from llava_next.model.pooling import add_video_newlines, pool_frames
+from llava_next.inputs.tokens import ContextOverflowError, check_context, image_tokens, plan_context, video_tokens
 
 VIDEO_7B = LlavaNextConfig.from_name("LLaVA-NeXT-Video-7B")
 VICUNA_7B = LlavaNextConfig.from_name("llava-v1.6-vicuna-7b")

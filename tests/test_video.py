@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import media
-from llava_next import video
-from llava_next.video import VideoError, fps_indices, load_video, uniform_indices
+from llava_next.inputs import video
+from llava_next.inputs.video import VideoError, fps_indices, load_video, uniform_indices
 
 
 def _decode_all_count(path) -> int:
@@ -154,7 +154,7 @@ def test_long_video_is_not_held_in_memory():
     warm = media.cached_video("odd", frames=12, size_hw=(9, 17), fps=10, codec="mpeg4")
     script = textwrap.dedent(f"""
         import threading, time
-        from llava_next.video import load_video
+        from llava_next.inputs.video import load_video
 
         def rss_mb():  # resident memory now (a high-water mark would still hold the import's peak)
             with open("/proc/self/statm") as f:

@@ -9,7 +9,7 @@ non-trivial affine, q/k weights give O(1) attention logits (attention is far fro
 outputs are O(1) (quick-GELU and erf-GELU differ there), and the residual stream is kept small
 (embeddings, pre-LayerNorm, out_proj and fc2 scaled down: variance ~1e-3) so that a wrong
 ``layer_norm_eps`` in any LayerNorm changes the result by more than the tolerance.
-Mutations of vision.py seen to fail these tests are listed in the report of the commit that added them.
+Mutations of model/clip.py seen to fail these tests are listed in the report of the commit that added them.
 """
 
 import re
@@ -18,9 +18,9 @@ import pytest
 import torch
 from torch import nn
 
-from llava_next.attention import use_backend
+from llava_next.model.attention import use_backend
 from llava_next.config import VisionConfig
-from llava_next.vision import VisionTower
+from llava_next.model.clip import VisionTower
 
 transformers = pytest.importorskip("transformers")
 open_clip = pytest.importorskip("open_clip")
@@ -179,7 +179,7 @@ def test_builds_only_the_layers_it_uses(tiny_hf, layer, built):
 
 
 def test_attention_goes_through_the_facade(tiny_hf, monkeypatch):
-    import llava_next.vision as vision
+    import llava_next.model.clip as vision
 
     calls = []
 

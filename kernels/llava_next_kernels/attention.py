@@ -5,7 +5,7 @@
     decode_attention(q, k, v, *, mask=None, num_splits=None)      -> (B, Hq, 1, D)
     attention_reference / key_mass_reference                      -> the same in plain fp32 PyTorch
 
-Semantics are those of the model's attention facade (llava_next/attention.py), so ``flash_attention`` is
+Semantics are those of the model's attention facade (llava_next/model/attention.py), so ``flash_attention`` is
 a drop-in backend: q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D); GQA by index (query head h reads kv head
 h // (Hq // Hkv), K/V never repeated); ``causal`` aligns queries to the END of the keys (query i sits at
 key position Tk - Tq + i: prefill, chunked prefill and decode are one rule); ``mask`` is bool

@@ -21,7 +21,7 @@ Notable choices
   drops their weights on purpose, after checking the checkpoint has the configured number of layers).
 - The position embedding is added as a whole table (ids 0..576 in order), no index lookup; there is no
   position interpolation: inputs must be exactly ``image_size`` px square (the AnyRes tiles are).
-- Attention goes through the ``llava_next.attention`` facade (SDPA on CPU, Triton on CUDA, eager for
+- Attention goes through the ``llava_next.model.attention`` facade (SDPA on CPU, Triton on CUDA, eager for
   reference). Parameter names follow the layout at the top of ``llava_next_weights/keymaps.py``.
 - ``from_state_dict`` builds on the meta device and *assigns* the checkpoint tensors (no random init,
   no copy: the tower shares storage with the state dict and takes its dtype).
@@ -37,7 +37,7 @@ from torch import nn
 from llava_next_weights.keymaps import drop_unused_vision_layers, rename_state_dict
 
 from .attention import attention
-from .config import VisionConfig
+from ..config import VisionConfig
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -138,10 +138,10 @@ class VisionTower(nn.Module):
         _, ch, h, w = pixel_values.shape
         if ch != c.num_channels or (h, w) != (c.image_size, c.image_size):
             raise ValueError(f"VisionTower expects pixel_values of shape {want}, got {tuple(pixel_values.shape)}: "
-                             f"split images into {c.image_size} px tiles first (llava_next.anyres / image)")
+                             f"split images into {c.image_size} px tiles first (llava_next.model.anyres / image)")
         if not pixel_values.is_floating_point():
             raise ValueError(f"VisionTower expects normalized float pixels, got dtype {pixel_values.dtype}: "
-                             "apply llava_next.image.normalize to uint8 images first")
+                             "apply llava_next.inputs.image.normalize to uint8 images first")
 
     # ---- weights --------------------------------------------------------------------------------
     @classmethod

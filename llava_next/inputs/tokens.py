@@ -32,9 +32,9 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from .anyres import resized_size, tile_grid, unpadded_size
-from .config import LlavaNextConfig, PoolMode, VideoNewline
-from .pooling import newline_count, pooled_grid_hw
+from ..model.anyres import resized_size, tile_grid, unpadded_size
+from ..config import LlavaNextConfig, PoolMode, VideoNewline
+from ..model.pooling import newline_count, pooled_grid_hw
 
 Size = tuple[int, int]  # (height, width)
 RopeScale = Literal["config", "auto", "original"] | float

@@ -44,7 +44,7 @@ from typing import Callable, Iterable, Iterator, Literal, Sequence, get_args
 
 import tokenizers
 
-from .config import LlavaNextConfig, TemplateName
+from ..config import LlavaNextConfig, TemplateName
 
 IMAGE, VIDEO = "<image>", "<video>"
 TemplateChoice = TemplateName | Literal["none"]

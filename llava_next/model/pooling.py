@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from .config import PoolMode, PoolPosition, VideoNewline
+from ..config import PoolMode, PoolPosition, VideoNewline
 
 Size = tuple[int, int]  # (height, width)
 POOL_MODES: tuple[str, ...] = ("average", "max", "bilinear")

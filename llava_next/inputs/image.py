@@ -49,8 +49,8 @@ import torch
 from einops import rearrange
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .anyres import Size, resized_size, tile_grid
-from .config import LlavaNextConfig
+from ..model.anyres import Size, resized_size, tile_grid
+from ..config import LlavaNextConfig
 
 # OpenAI CLIP normalization (CLIPImageProcessor defaults; reference-spec §2)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

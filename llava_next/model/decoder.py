@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
-from .config import TextConfig
+from ..config import TextConfig
 
 
 class RMSNorm(nn.Module):

@@ -26,20 +26,22 @@ format, which has no placeholder rows) are never looked up in the embedding tabl
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import nn
 
 from llava_next_weights.load import is_file_mapped, release_file_pages
 
+from ..config import LlavaNextConfig
 from .anyres import pack_image_features
-from .config import LlavaNextConfig
+from .clip import VisionTower
 from .decoder import Decoder
-from .image import ImageInput
 from .pooling import add_video_newlines, pool_and_project, pooled_grid_hw
 from .projector import Projector
-from .vision import VisionTower
+
+if TYPE_CHECKING:  # a type only: the model never imports the input pipeline (imports flow cli -> runtime -> inputs -> model)
+    from ..inputs.image import ImageInput
 
 
 class PackedLinear(nn.Module):
@@ -157,7 +159,7 @@ class LlavaNextModel(nn.Module):
                 raise MediaMismatchError(
                     f"the prompt has {n_slots} {kind} placeholder tokens but the {len(feats)} {kind}(s) given "
                     f"produce {n_feats} {kind} features; expand each <{kind}> placeholder to its token count "
-                    f"(llava_next.tokens) and give one {kind} per placeholder")
+                    f"(llava_next.inputs.tokens) and give one {kind} per placeholder")
             if n_slots:
                 embeds = embeds.masked_scatter(mask[..., None], torch.cat(list(feats)).to(embeds.dtype))
         return embeds

@@ -32,7 +32,7 @@ from typing import Sequence
 import torch
 from einops import rearrange
 
-from .config import AnyresCompat, LlavaNextConfig
+from ..config import AnyresCompat, LlavaNextConfig
 
 Size = tuple[int, int]  # (height, width)
 

@@ -7,7 +7,7 @@
 ``run`` streams the answer to stdout; what it decided (the token plan, a RoPE factor chosen by
 ``--rope-scale auto``) goes to stderr, so stdout is the answer alone. ``--json`` prints one JSON object
 instead: ``tokens`` (generated ids), ``text``, ``timings`` and ``plan``; errors are then JSON too.
-Registered into the parser by ``llava_next.cli.build_parser``.
+Registered into the parser by ``llava_next.cli.main.build_parser``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def add_run(sub, *, positive, rope_scale, user_error, max_image_pixels) -> None:
-    from .prompt import TEMPLATES
+    from ..inputs.prompt import TEMPLATES
 
     p = sub.add_parser("run", help="answer a question about images and/or a video",
                        description="Answer PROMPT about the given images and/or video with a LLaVA-NeXT checkpoint "
@@ -83,8 +83,8 @@ def _convert(args: argparse.Namespace, user_error) -> int:
 
 
 def _run(args: argparse.Namespace, user_error) -> int:
-    from .pipeline import Pipeline
-    from .pooling import pooled_grid_hw
+    from ..runtime.pipeline import Pipeline
+    from ..model.pooling import pooled_grid_hw
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise user_error("--device cuda: no CUDA device is available; use --device cpu")

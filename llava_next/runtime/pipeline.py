@@ -38,13 +38,13 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .config import LlavaNextConfig, TextConfig
-from .generate import stream as stream_tokens
-from .image import ImageInput, preprocess_image
-from .model import LlavaNextModel
-from .prompt import TemplateChoice, Tokenizer, build_input_ids, expand_placeholders, stop_token_ids
-from .tokens import ContextPlan, RopeScale, check_context, image_tokens, plan_context, video_tokens
-from .video import VideoClip, load_video
+from ..config import LlavaNextConfig, TextConfig
+from ..model.generate import stream as stream_tokens
+from ..inputs.image import ImageInput, preprocess_image
+from ..model.llava import LlavaNextModel
+from ..inputs.prompt import TemplateChoice, Tokenizer, build_input_ids, expand_placeholders, stop_token_ids
+from ..inputs.tokens import ContextPlan, RopeScale, check_context, image_tokens, plan_context, video_tokens
+from ..inputs.video import VideoClip, load_video
 
 PathLike = str | os.PathLike
 
@@ -349,7 +349,7 @@ def with_overrides(config: LlavaNextConfig, *, pool_stride: int | None = None) -
 
 def preset_for(model_id: PathLike):
     """The preset whose hub id (llava-hf or original) is ``model_id``, or None."""
-    from .config import PRESETS
+    from ..config import PRESETS
 
     name = str(model_id)
     return next((p for p in PRESETS.values() if name in (p.hub_id, p.original_id)), None)

@@ -16,7 +16,7 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .tokens import ContextPlan, ImagePlan, VideoPlan
+from ..inputs.tokens import ContextPlan, ImagePlan, VideoPlan
 
 BG, FG, DIM = (250, 250, 250), (20, 20, 20), (110, 110, 110)
 TILE, KEPT, DROP, PATCH = (255, 200, 0), (0, 200, 80), (230, 40, 40), (255, 255, 255)

@@ -1,7 +1,7 @@
-"""Command line: ``llava-next COMMAND ...`` (also ``python -m llava_next.cli``).
+"""Command line: ``llava-next COMMAND ...`` (also ``python -m llava_next.cli.main``).
 
 Commands
-- ``run`` / ``convert`` (cli_run.py): answer a question with a checkpoint; convert a checkpoint.
+- ``run`` / ``convert`` (run.py): answer a question with a checkpoint; convert a checkpoint.
 - ``inspect``: the token plan of images or a video, without weights — AnyRes canvas, tiles, unpadded
   features and newlines per image; sampled frames, timestamps and pooled tokens per frame for a video;
   and whether the prompt fits the RoPE context with which factor. ``--json`` for scripts, ``--png`` for
@@ -29,7 +29,7 @@ import os
 import sys
 from typing import Sequence
 
-from .config import PRESETS, LlavaNextConfig
+from ..config import PRESETS, LlavaNextConfig
 
 DEFAULT_PRESET = "LLaVA-NeXT-Video-7B"
 EXIT_USER_ERROR = 2
@@ -144,7 +144,7 @@ def _check_file(path: str) -> None:
 
 
 def _load_image(path: str, max_pixels: int | None):
-    from .image import load_image
+    from ..inputs.image import load_image
 
     _check_file(path)
     try:
@@ -155,13 +155,13 @@ def _load_image(path: str, max_pixels: int | None):
 
 
 def _context(args, visual: int, config: LlavaNextConfig):
-    from .tokens import plan_context
+    from ..inputs.tokens import plan_context
 
     return plan_context(args.text_tokens, visual, config, args.rope_scale)
 
 
 def _inspect_images(args, config: LlavaNextConfig):
-    from .tokens import image_plan
+    from ..inputs.tokens import image_plan
 
     images, entries = [], []
     for path in args.image:
@@ -187,8 +187,8 @@ def _inspect_images(args, config: LlavaNextConfig):
 
 
 def _inspect_video(args, config: LlavaNextConfig):
-    from .tokens import video_plan
-    from .video import VideoError, load_video
+    from ..inputs.tokens import video_plan
+    from ..inputs.video import VideoError, load_video
 
     _check_file(args.video)
     try:  # options first: a bad stride should not wait for a decode
@@ -257,7 +257,7 @@ def _format(r: dict) -> str:
             f"  tokens          {r['num_frames']} x {r['tokens_per_frame']}{nl} = {r['visual_tokens']}",
         ] + [f"  note: {note}" for note in r["notes"]]
     c = r["context"]
-    from .tokens import ContextPlan
+    from ..inputs.tokens import ContextPlan
 
     plan = ContextPlan(**c)
     lines.append(f"context  {plan.summary()}")
@@ -292,7 +292,7 @@ def build_parser(json_errors: bool = False) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=functools.partial(_Parser, json_errors=json_errors))
     _add_inspect(sub)
-    from .cli_run import add_convert, add_run  # weights commands (imported lazily: torch-heavy paths)
+    from .run import add_convert, add_run  # weights commands (imported lazily: torch-heavy paths)
 
     add_run(sub, positive=_positive, rope_scale=_rope_scale, user_error=UserError,
             max_image_pixels=_add_max_image_pixels)
