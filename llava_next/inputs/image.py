@@ -49,7 +49,7 @@ import torch
 from einops import rearrange
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..model.anyres import Size, resized_size, tile_grid
+from ..model.anyres import Size, paste_offset, resized_size, tile_grid
 from ..config import LlavaNextConfig
 
 # OpenAI CLIP normalization (CLIPImageProcessor defaults; reference-spec §2)
@@ -236,7 +236,7 @@ def preprocess_image(image: str | os.PathLike | Image.Image | np.ndarray,
 
     # resize into the canvas keeping the aspect ratio, paste centred on black (odd remainder right/bottom)
     canvas = np.zeros((*canvas_hw, 3), dtype=np.uint8)  # (H_canvas, W_canvas, 3)
-    top, left = (canvas_hw[0] - new_h) // 2, (canvas_hw[1] - new_w) // 2
+    top, left = paste_offset(canvas_hw, (new_h, new_w))
     canvas[top:top + new_h, left:left + new_w] = np.asarray(rgb.resize((new_w, new_h), Image.BICUBIC))
 
     tiles = rearrange(canvas, "(r th) (c tw) ch -> (r c) th tw ch", th=tile, tw=tile)  # (rows*cols, T, T, 3)

@@ -123,6 +123,11 @@ def shortest_edge_size(size_hw: tuple[int, int], shortest: int) -> tuple[int, in
     return int(shortest * h / w), shortest
 
 
+def center_crop_offset(size_hw: tuple[int, int], size: int) -> tuple[int, int]:
+    """(top, left) px of the centred ``size`` x ``size`` crop of a ``size_hw`` frame (CLIPImageProcessor)."""
+    return (size_hw[0] - size) // 2, (size_hw[1] - size) // 2
+
+
 def preprocess_frame(frame: Image.Image | np.ndarray, size: int = 336) -> np.ndarray:
     """RGB frame -> (size, size, 3) uint8: shortest edge to ``size`` (bicubic), centre crop."""
     img = frame if isinstance(frame, Image.Image) else Image.fromarray(frame)
@@ -130,7 +135,7 @@ def preprocess_frame(frame: Image.Image | np.ndarray, size: int = 336) -> np.nda
     h, w = shortest_edge_size((img.height, img.width), size)
     if (h, w) != (img.height, img.width):
         img = img.resize((w, h), Image.BICUBIC)
-    top, left = (h - size) // 2, (w - size) // 2
+    top, left = center_crop_offset((h, w), size)
     return np.asarray(img)[top:top + size, left:left + size]
 
 

@@ -7,6 +7,7 @@ except the pixels themselves (image.py does resize / pad / cut with this geometr
 
     select_best_resolution(image_hw, pinpoints, compat) -> canvas (h, w)     which canvas
     resized_size(image_hw, canvas_hw)                   -> (h, w)           aspect-kept size in the canvas
+    paste_offset(canvas_hw, resized_hw)                 -> (top, left)      where it sits in the canvas
     tile_grid(image_hw, config)                         -> canvas, grid     canvas px and (rows, cols) tiles
     unpadded_size(image_hw, map_hw, compat)             -> (h', w')         feature rows/cols that hold image
     pack_image_features(features, image_hw, grid, newline, compat) -> (tokens, C)
@@ -79,6 +80,11 @@ def resized_size(image_hw: Size, canvas_hw: Size) -> Size:
     if scale_w < scale_h:
         return min(math.ceil(h * scale_w), th), tw
     return th, min(math.ceil(w * scale_h), tw)
+
+
+def paste_offset(canvas_hw: Size, resized_hw: Size) -> Size:
+    """(top, left) px of the resized image pasted centred on the canvas (an odd remainder goes right/bottom)."""
+    return (canvas_hw[0] - resized_hw[0]) // 2, (canvas_hw[1] - resized_hw[1]) // 2
 
 
 def tile_grid(image_hw: Size, config: LlavaNextConfig) -> tuple[Size, Size]:

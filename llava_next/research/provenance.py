@@ -1,0 +1,574 @@
+"""Token provenance: for every position of a prepared request, where it came from.
+
+    prov = Provenance.from_request(request, pipe.config, tokenizer=pipe.tokenizer, question="What happens?")
+    prov.kind_name(i), prov.media[i], prov.frame[i], prov.tile_of(i), prov.row[i], prov.col[i], prov.box[i]
+    prov.where(kind="video", frame=3)           -> LongTensor of positions (selectors: research/select.py)
+    prov.to_grid(values, media=0, frame=3)      -> (h, w) map of per-position values (NaN: no token)
+    prov.to_pixels(values, media=0, part="grid") -> (H, W) map on the ORIGINAL image / frame pixels
+    prov.sums(values)                           -> per-segment, per-frame and per-tile sums
+    prov.with_generated(ids)                    -> the same map with generated positions appended
+
+What every position records (struct of arrays, one (T,) tensor per field, -1 / NaN where n/a):
+- ``kind``: text, image_base, image_grid, image_newline, video, video_newline, generated (``KINDS``).
+- ``segment``: system, question, template (other prompt text: role markers, separators, BOS, earlier
+  turns), the visual kinds, generated (``SEGMENTS``). system/question are found by decoding the text
+  positions with the tokenizer and locating the strings given (``question=``, ``system=``).
+- ``media``: index into ``prov.media_info`` (media in sequence order; each says image/video, which
+  image or video it is, its source size and its token plan from tokens.py).
+- ``tile_row``/``tile_col``: the 336 px crop an AnyRes grid token comes from (base tokens: "base").
+- ``frame``/``time``: the sampled frame's index in the clip (0..F-1) and its timestamp in seconds.
+- ``row``/``col`` in the feature grid the token belongs to, ``grid_h``/``grid_w`` its size: 24x24 for
+  the base image, the unpadded stitched map (h', w') for the AnyRes grid, the pooled grid (12x12 at
+  stride 2) for a video frame. Newline tokens carry the row they end (col -1).
+- ``box`` (x0, y0, x1, y1): the source pixels of the token's patch (or pooled cell) in the ORIGINAL
+  image or frame, undoing resize, padding, centre crop and unpadding; ``coverage``: the fraction of
+  that patch's canvas area that is image (< 1 where a kept feature overlaps the black padding). The
+  box is the geometric footprint (patches the pooling reads; a ViT mixes information globally).
+
+How it is built (never reverse-engineered from counts): the token order comes from running the
+model's own packing code on index tensors — ``model.anyres.pack_image_features`` on per-tile (tile,
+patch row, patch col) channels, ``model.pooling.pool_frames`` on an identity matrix (so each pooled
+cell's weights over patches are exactly what the pooling reads: its footprint for average, max and
+bilinear alike), ``model.pooling.add_video_newlines`` on (frame, cell) channels — and the geometry
+from the functions the pixel pipeline uses (``inputs.tokens.image_plan``, ``model.anyres.paste_offset``,
+``inputs.video.shortest_edge_size`` / ``center_crop_offset``). Visual placeholders are assigned to
+media the way ``LlavaNextModel.embed`` splices features: the image placeholder positions in order
+to images 0, 1, ..., the video ones to videos 0, 1, ... (equal ids: images first, as
+``expand_placeholders``). A medium whose packed length differs from its placeholder count is an error.
+
+Sizes are (height, width); boxes are (x0, y0, x1, y1) in pixels with x to the right, y down.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal, Sequence
+
+import numpy as np
+import torch
+
+from ..config import LlavaNextConfig
+from ..inputs.tokens import ImagePlan, VideoPlan, image_plan, video_plan
+from ..inputs.video import center_crop_offset, shortest_edge_size
+from ..model.anyres import pack_image_features, paste_offset
+from ..model.pooling import add_video_newlines, pool_frames
+
+Size = tuple[int, int]
+KINDS = ("text", "image_base", "image_grid", "image_newline", "video", "video_newline", "generated")
+SEGMENTS = ("system", "question", "template", "image_base", "image_grid", "image_newline", "video", "video_newline",
+            "generated")
+K = {name: i for i, name in enumerate(KINDS)}
+S = {name: i for i, name in enumerate(SEGMENTS)}
+
+
+@dataclass(frozen=True)
+class Media:
+    """One image or video of the request, in sequence order."""
+
+    index: int  # position in Provenance.media_info
+    kind: Literal["image", "video"]
+    kind_index: int  # the k-th image (video) given: the order features are spliced in
+    start: int  # its first sequence position
+    end: int  # one past its last
+    source_hw: Size  # the original image's / video frame's (height, width) px
+    plan: ImagePlan | VideoPlan  # tokens.py's accounting for it
+    name: str = ""
+    frame_indices: tuple[int, ...] = ()  # video: sampled frames' indices in the decoded stream
+    timestamps: tuple[float, ...] = ()  # video: their times in seconds
+
+    def to_dict(self) -> dict:
+        d = {"index": self.index, "kind": self.kind, "kind_index": self.kind_index, "start": self.start,
+             "end": self.end, "source_hw": list(self.source_hw), "name": self.name}
+        if self.kind == "image":
+            p = self.plan
+            d.update(canvas_hw=list(p.canvas_hw), grid_hw=list(p.grid_hw), resized_hw=list(p.resized_hw),
+                     unpadded_hw=list(p.unpadded_hw))
+        else:
+            p = self.plan
+            d.update(frame_indices=list(self.frame_indices), timestamps=list(self.timestamps),
+                     pooled_hw=list(p.pooled_hw), pool_stride=p.stride, pool_mode=p.mode, newline=p.newline)
+        return d
+
+
+# --------------------------------------------------------------------------------------------------
+# One medium -> per-token fields, by running the model's own packing code on index tensors
+# --------------------------------------------------------------------------------------------------
+def _fields(n: int) -> dict[str, np.ndarray]:
+    return {"kind": np.zeros(n, np.int8), "tile_row": np.full(n, -1, np.int32), "tile_col": np.full(n, -1, np.int32),
+            "frame": np.full(n, -1, np.int32), "time": np.full(n, np.nan), "row": np.full(n, -1, np.int32),
+            "col": np.full(n, -1, np.int32), "grid_h": np.full(n, -1, np.int32), "grid_w": np.full(n, -1, np.int32),
+            "box": np.full((n, 4), np.nan), "coverage": np.full(n, np.nan)}
+
+
+def image_fields(image_hw: Size, config: LlavaNextConfig) -> tuple[dict[str, np.ndarray], ImagePlan]:
+    """Per-token fields of one image, in the order ``pack_image_features`` emits its tokens."""
+    plan = image_plan(image_hw, config)
+    side, patch, tile = config.vision.grid_size, config.vision.patch_size, config.tile_size
+    rows, cols = plan.grid_hw
+    n_tiles = 1 + rows * cols
+    # channels (float64, exact): tile (0 = base, 1 + ty * cols + tx), patch row, patch col inside the tile
+    t = torch.arange(n_tiles).repeat_interleave(side * side)
+    pr = torch.arange(side).repeat_interleave(side).repeat(n_tiles)
+    pc = torch.arange(side).repeat(side * n_tiles)
+    feats = torch.stack([t, pr, pc], -1).double().view(n_tiles, side * side, 3)
+    seq = pack_image_features(feats, image_hw, plan.grid_hw, torch.full((3,), -1.0, dtype=torch.float64),
+                              config.anyres_compat).long().numpy()  # (tokens, 3)
+    n = len(seq)
+    if n != plan.total:
+        raise AssertionError(f"pack_image_features gave {n} tokens for a {image_hw} image, tokens.py {plan.total}")
+    f = _fields(n)
+    h, w = image_hw
+    base = side * side
+    f["kind"][:base] = K["image_base"]
+    f["row"][:base], f["col"][:base] = seq[:base, 1], seq[:base, 2]
+    f["grid_h"][:base], f["grid_w"][:base] = side, side
+    scale = np.array([w / tile, h / tile, w / tile, h / tile])  # the base is the whole image squashed to tile px
+    f["box"][:base] = np.stack([seq[:base, 2], seq[:base, 1], seq[:base, 2] + 1, seq[:base, 1] + 1], -1) * patch * scale
+    f["coverage"][:base] = 1.0
+
+    g = seq[base:]
+    is_nl = g[:, 0] < 0
+    kh, kw = plan.unpadded_hw
+    line = np.concatenate([[0], np.cumsum(is_nl)[:-1]])  # the row a token is in = newlines before it
+    col = np.arange(len(g)) - np.concatenate([[0], np.flatnonzero(is_nl) + 1])[line]
+    sl = slice(base, n)
+    f["kind"][sl] = np.where(is_nl, K["image_newline"], K["image_grid"])
+    f["row"][sl], f["col"][sl] = line, np.where(is_nl, -1, col)
+    f["grid_h"][sl], f["grid_w"][sl] = kh, kw
+    ty, tx = (g[:, 0] - 1) // cols, (g[:, 0] - 1) % cols
+    f["tile_row"][sl], f["tile_col"][sl] = np.where(is_nl, -1, ty), np.where(is_nl, -1, tx)
+    map_r, map_c = ty * side + g[:, 1], tx * side + g[:, 2]  # cell in the stitched (rows*24, cols*24) map
+    grid = ~is_nl
+    # the unpadded block is a fixed offset into the stitched map: the sequence and the map agree
+    offsets = {(int(a), int(b)) for a, b in zip((map_r - line)[grid], (map_c - col)[grid])}
+    if len(offsets) > 1:  # (0 when the unpadded map has no column: a 3000x40 image keeps only newlines)
+        raise AssertionError(f"grid tokens of a {image_hw} image are not one row-major block: offsets {offsets}")
+    # canvas px -> the resized image pasted at (top, left) -> original px
+    (rh, rw), (top, left) = plan.resized_hw, paste_offset(plan.canvas_hw, plan.resized_hw)
+    x0, y0 = map_c * patch - left, map_r * patch - top
+    raw = np.stack([x0 * w / rw, y0 * h / rh, (x0 + patch) * w / rw, (y0 + patch) * h / rh], -1)
+    clipped = np.clip(raw, 0, [w, h, w, h])
+    area = lambda b: np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    f["box"][sl][grid] = clipped[grid]
+    f["coverage"][sl][grid] = (area(clipped) / area(raw))[grid]
+    return f, plan
+
+
+@functools.lru_cache(maxsize=32)
+def _cell_footprints(side: int, stride: int, mode: str) -> np.ndarray:
+    """(cells, 4) patch box (c0, r0, c1, r1) each pooled cell reads: the model's pooling run on an identity
+    (one channel per patch), so the weights it gives a cell are exactly the patches that cell reads."""
+    weights = pool_frames(torch.eye(side * side, dtype=torch.float32)[None], (side, side), stride, mode)[0]
+    used = (weights != 0).view(-1, side, side).numpy()  # (cells, side, side)
+    rows_used, cols_used = used.any(2), used.any(1)  # (cells, side) each
+    first = lambda m: m.argmax(1)
+    last = lambda m: side - 1 - m[:, ::-1].argmax(1)
+    return np.stack([first(cols_used), first(rows_used), last(cols_used) + 1, last(rows_used) + 1], -1)
+
+
+def video_fields(num_frames: int, frame_hw: Size, config: LlavaNextConfig,
+                 timestamps: Sequence[float] | None = None) -> tuple[dict[str, np.ndarray], VideoPlan]:
+    """Per-token fields of one video, in the order the model's pooling and newline code emit them."""
+    plan = video_plan(num_frames, config)
+    side, patch, size = config.vision.grid_size, config.vision.patch_size, config.tile_size
+    ph, pw = plan.pooled_hw
+    cell_box = _cell_footprints(side, plan.stride, plan.mode)  # (cells, 4) in patches
+    # sequence order: (frame, cell) channels through the newline code
+    chans = torch.stack(torch.meshgrid(torch.arange(num_frames), torch.arange(ph * pw), indexing="ij"), -1).double()
+    seq = add_video_newlines(chans, (ph, pw), torch.full((2,), -1.0, dtype=torch.float64),
+                             plan.newline).long().numpy()  # (tokens, 2)
+    n = len(seq)
+    if n != plan.total:
+        raise AssertionError(f"add_video_newlines gave {n} tokens for {num_frames} frames, tokens.py {plan.total}")
+    f = _fields(n)
+    is_nl = seq[:, 0] < 0
+    cell = seq[:, 1]
+    f["kind"] = np.where(is_nl, K["video_newline"], K["video"]).astype(np.int8)
+    # a newline belongs to the frame (and row) of the token before it ("one_token": after all frames: none)
+    prev = np.maximum.accumulate(np.where(is_nl, -1, np.arange(n)))
+    frame = np.where(prev >= 0, seq[np.maximum(prev, 0), 0], -1)
+    if plan.newline == "one_token":
+        frame = np.where(is_nl, -1, frame)
+    f["frame"] = frame.astype(np.int32)
+    last_cell = cell[np.maximum(prev, 0)]
+    f["row"] = np.where(is_nl & (plan.newline != "grid"), -1, np.where(is_nl, last_cell // pw, cell // pw))
+    f["col"] = np.where(is_nl, -1, cell % pw)
+    f["grid_h"][:], f["grid_w"][:] = ph, pw
+    if timestamps is not None:
+        if len(timestamps) != num_frames:
+            raise ValueError(f"{len(timestamps)} timestamps for {num_frames} frames")
+        ts = np.asarray(timestamps, dtype=np.float64)
+        f["time"] = np.where(f["frame"] >= 0, ts[np.maximum(f["frame"], 0)], np.nan)
+    # crop px -> the shortest-edge resized frame -> original px
+    (fh, fw) = frame_hw
+    rh, rw = shortest_edge_size(frame_hw, size)
+    top, left = center_crop_offset((rh, rw), size)
+    b = cell_box[cell] * patch + [left, top, left, top]
+    box = b * [fw / rw, fh / rh, fw / rw, fh / rh]
+    f["box"] = np.where(is_nl[:, None], np.nan, box)
+    f["coverage"] = np.where(is_nl, np.nan, 1.0)
+    return f, plan
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole sequence
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class Provenance:
+    """Where each of the T positions came from; every field a (T,) tensor ((T, 4) for ``box``)."""
+
+    kind: torch.Tensor  # int8, index into KINDS
+    segment: torch.Tensor  # int8, index into SEGMENTS
+    media: torch.Tensor  # int32, index into media_info, -1 for text
+    tile_row: torch.Tensor  # int32, AnyRes grid tokens only
+    tile_col: torch.Tensor
+    frame: torch.Tensor  # int32, video tokens (and their newlines)
+    time: torch.Tensor  # float64 seconds, NaN
+    row: torch.Tensor  # int32 cell in the feature grid
+    col: torch.Tensor
+    grid_h: torch.Tensor  # int32 size of that grid
+    grid_w: torch.Tensor
+    box: torch.Tensor  # (T, 4) float64 source pixels (x0, y0, x1, y1) in the original image / frame
+    coverage: torch.Tensor  # float64 fraction of the patch that is image (not padding)
+    token_id: torch.Tensor  # int64 the id in the sequence (placeholder id for visual tokens)
+    media_info: tuple[Media, ...] = ()
+    prompt_len: int = 0  # positions before the first generated one
+    question: str | None = None
+
+    # ---- building -------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, input_ids: Sequence[int], config: LlavaNextConfig, *, image_sizes: Sequence[Size] = (),
+              videos: Sequence[dict] = (), tokenizer=None, question: str | None = None,
+              system: str | None = None, image_names: Sequence[str] = ()) -> "Provenance":
+        """From expanded ids (one placeholder id per visual token) and the media's geometry.
+
+        ``videos``: one dict per video with ``num_frames``, ``frame_hw`` and optionally ``timestamps``,
+        ``frame_indices``, ``name``. ``tokenizer`` (inputs.prompt.Tokenizer) + ``question`` / ``system``
+        label those text positions; without them every text position is segment "template"."""
+        ids = np.asarray(list(input_ids), dtype=np.int64)
+        T = len(ids)
+        f = _fields(T)
+        f["kind"][:] = K["text"]
+        media = np.full(T, -1, np.int32)
+        img_id, vid_id = config.image_token_id, config.video_token_id
+        image_slots = np.flatnonzero(ids == img_id)
+        video_slots = np.flatnonzero(ids == vid_id) if vid_id is not None and vid_id != img_id else np.array([], int)
+
+        parts = []  # (first position, kind, kind index, per-token fields, plan, extra)
+        for k, hw in enumerate(image_sizes):
+            fk, plan = image_fields(tuple(hw), config)
+            parts.append(("image", k, fk, plan, {"source_hw": tuple(hw),
+                                                 "name": image_names[k] if k < len(image_names) else ""}))
+        for k, v in enumerate(videos):
+            ts = v.get("timestamps")
+            fk, plan = video_fields(v["num_frames"], tuple(v["frame_hw"]), config, ts)
+            parts.append(("video", k, fk, plan, {"source_hw": tuple(v["frame_hw"]), "name": v.get("name", ""),
+                                                 "frame_indices": tuple(v.get("frame_indices", ())),
+                                                 "timestamps": tuple(ts or ())}))
+        n_img = sum(len(p[2]["kind"]) for p in parts if p[0] == "image")
+        n_vid = sum(len(p[2]["kind"]) for p in parts if p[0] == "video")
+        if vid_id == img_id and vid_id is not None:  # original-format ids: images first, then videos
+            image_slots, video_slots = image_slots[:n_img], image_slots[n_img:]
+        for what, slots, want in (("image", image_slots, n_img), ("video", video_slots, n_vid)):
+            if len(slots) != want:
+                raise ValueError(f"the ids hold {len(slots)} {what} placeholder positions but the {what}(s) given "
+                                 f"make {want} tokens; pass the expanded ids of the same request")
+        cursor = {"image": 0, "video": 0}
+        located = []
+        for what, k, fk, plan, extra in parts:
+            slots = image_slots if what == "image" else video_slots
+            n = len(fk["kind"])
+            pos = slots[cursor[what]:cursor[what] + n]
+            cursor[what] += n
+            if pos[-1] - pos[0] != n - 1:
+                raise ValueError(f"{what} {k}'s {n} placeholder positions are not contiguous; expand each "
+                                 f"placeholder into one run (inputs.prompt.expand_placeholders)")
+            located.append((int(pos[0]), what, k, fk, plan, extra))
+        located.sort(key=lambda x: x[0])
+        infos = []
+        for m, (start, what, k, fk, plan, extra) in enumerate(located):
+            n = len(fk["kind"])
+            for name, arr in fk.items():
+                f[name][start:start + n] = arr
+            media[start:start + n] = m
+            infos.append(Media(index=m, kind=what, kind_index=k, start=start, end=start + n, plan=plan, **extra))
+
+        segment = np.full(T, S["template"], np.int8)
+        for kname in KINDS[1:6]:
+            segment[f["kind"] == K[kname]] = S[kname]
+        if tokenizer is not None:
+            spans = _text_char_spans(ids, f["kind"] == K["text"], tokenizer)
+            if system:
+                segment[_locate(spans, system, last=False)] = S["system"]
+            if question:
+                segment[_locate(spans, question, last=True)] = S["question"]
+        t = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in f.items()}
+        return cls(kind=t["kind"], segment=torch.from_numpy(segment), media=torch.from_numpy(media),
+                   tile_row=t["tile_row"], tile_col=t["tile_col"], frame=t["frame"], time=t["time"], row=t["row"],
+                   col=t["col"], grid_h=t["grid_h"], grid_w=t["grid_w"], box=t["box"], coverage=t["coverage"],
+                   token_id=torch.from_numpy(ids), media_info=tuple(infos), prompt_len=T, question=question)
+
+    @classmethod
+    def from_request(cls, request, config: LlavaNextConfig, *, tokenizer=None, question: str | None = None,
+                     system: str | None = None) -> "Provenance":
+        """From a ``Pipeline.prepare`` request (its expanded ids, images and video clips). ``system``
+        defaults to the config template's system prompt when a tokenizer is given."""
+        if tokenizer is not None and system is None:
+            from ..inputs.prompt import TEMPLATES
+            spec = TEMPLATES.get(config.template)
+            system = spec.system if spec is not None else None
+        videos = [{"num_frames": c.num_frames, "frame_hw": c.size_hw, "timestamps": c.timestamps,
+                   "frame_indices": c.frame_indices, "name": os.path.basename(c.path)} for c in request.videos]
+        return cls.build(request.input_ids, config, image_sizes=[im.image_size for im in request.images],
+                         videos=videos, tokenizer=tokenizer, question=question, system=system)
+
+    def with_generated(self, token_ids: Iterable[int]) -> "Provenance":
+        """The same map with generated positions appended (kind and segment "generated")."""
+        ids = torch.as_tensor(list(token_ids), dtype=torch.int64)
+        n = len(ids)
+        if n == 0:
+            return self
+
+        def ext(t: torch.Tensor, fill) -> torch.Tensor:
+            return torch.cat([t, torch.full((n, *t.shape[1:]), fill, dtype=t.dtype)])
+
+        return Provenance(kind=ext(self.kind, K["generated"]), segment=ext(self.segment, S["generated"]),
+                          media=ext(self.media, -1), tile_row=ext(self.tile_row, -1), tile_col=ext(self.tile_col, -1),
+                          frame=ext(self.frame, -1), time=ext(self.time, math.nan), row=ext(self.row, -1),
+                          col=ext(self.col, -1), grid_h=ext(self.grid_h, -1), grid_w=ext(self.grid_w, -1),
+                          box=ext(self.box, math.nan), coverage=ext(self.coverage, math.nan),
+                          token_id=torch.cat([self.token_id, ids]), media_info=self.media_info,
+                          prompt_len=self.prompt_len, question=self.question)
+
+    # ---- reading ----------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.kind)
+
+    def kind_name(self, i: int) -> str:
+        return KINDS[int(self.kind[i])]
+
+    def segment_name(self, i: int) -> str:
+        return SEGMENTS[int(self.segment[i])]
+
+    def tile_of(self, i: int) -> str | tuple[int, int] | None:
+        """"base", (tile row, tile col) of an AnyRes grid token, or None."""
+        k = int(self.kind[i])
+        if k == K["image_base"]:
+            return "base"
+        if k == K["image_grid"]:
+            return int(self.tile_row[i]), int(self.tile_col[i])
+        return None
+
+    def where(self, *, kind: str | Sequence[str] | None = None, segment: str | Sequence[str] | None = None,
+              media: int | Sequence[int] | None = None, frame=None, tile=None, row=None, col=None) -> torch.Tensor:
+        """Positions (LongTensor, ascending) matching every given field. ``frame``/``row``/``col``: an int,
+        a range, a slice or a list; ``tile``: "base", (ty, tx) or a list of those."""
+        keep = torch.ones(len(self), dtype=torch.bool)
+        if kind is not None:
+            keep &= _isin(self.kind, [K[_check(k, KINDS, "kind")] for k in _as_list(kind)])
+        if segment is not None:
+            keep &= _isin(self.segment, [S[_check(s, SEGMENTS, "segment")] for s in _as_list(segment)])
+        for name, value in (("media", media), ("frame", frame), ("row", row), ("col", col)):
+            if value is not None:
+                keep &= _isin(getattr(self, name), _indices(value, name, self._extent(name)))
+        if tile is not None:
+            tiles = [tile] if tile == "base" or (isinstance(tile, tuple) and len(tile) == 2
+                                                   and all(isinstance(v, int) for v in tile)) else list(tile)
+            match = torch.zeros(len(self), dtype=torch.bool)
+            for t in tiles:
+                if t == "base":
+                    match |= self.kind == K["image_base"]
+                else:
+                    ty, tx = t
+                    match |= (self.kind == K["image_grid"]) & (self.tile_row == ty) & (self.tile_col == tx)
+            keep &= match
+        return torch.nonzero(keep).flatten()
+
+    def _extent(self, name: str) -> int:
+        t = {"media": self.media, "frame": self.frame, "row": self.row, "col": self.col}[name]
+        return int(t.max()) + 1 if len(t) else 0
+
+    def segments(self) -> dict[str, torch.Tensor]:
+        """{segment name: positions} for the segments present."""
+        return {name: torch.nonzero(self.segment == i).flatten() for i, name in enumerate(SEGMENTS)
+                if bool((self.segment == i).any())}
+
+    def to_records(self) -> list[dict[str, Any]]:
+        """One plain dict per position (JSON): kind, segment, media, frame, time, tile, row, col, grid,
+        box, token_id; None where a field does not apply."""
+        out = []
+        kind, seg, media, frame = self.kind.tolist(), self.segment.tolist(), self.media.tolist(), self.frame.tolist()
+        time, row, col = self.time.tolist(), self.row.tolist(), self.col.tolist()
+        gh, gw, box, ids = self.grid_h.tolist(), self.grid_w.tolist(), self.box.tolist(), self.token_id.tolist()
+        for i in range(len(self)):
+            visual = media[i] >= 0
+            out.append({
+                "kind": KINDS[kind[i]], "segment": SEGMENTS[seg[i]], "media": media[i] if visual else None,
+                "frame": frame[i] if frame[i] >= 0 else None,
+                "time": round(time[i], 6) if not math.isnan(time[i]) else None,
+                "tile": (lambda t: list(t) if isinstance(t, tuple) else t)(self.tile_of(i)),
+                "row": row[i] if row[i] >= 0 else None, "col": col[i] if col[i] >= 0 else None,
+                "grid": [gh[i], gw[i]] if visual else None,
+                "box": [round(v, 3) for v in box[i]] if not math.isnan(box[i][0]) else None,
+                "token_id": None if visual else ids[i]})
+        return out
+
+    def summary(self) -> str:
+        """The token budget: positions per segment and per medium."""
+        lines = [f"{len(self)} positions"]
+        for name, pos in self.segments().items():
+            lines.append(f"  {name:<14}{len(pos):>7}")
+        for m in self.media_info:
+            if m.kind == "image":
+                p = m.plan
+                lines.append(f"  media {m.index}: image {m.kind_index} {m.source_hw[0]}x{m.source_hw[1]} px, "
+                             f"positions {m.start}-{m.end - 1}: base {p.base_tokens} + grid {p.unpadded_hw[0]}x"
+                             f"{p.unpadded_hw[1]} from {p.grid_hw[0]}x{p.grid_hw[1]} tiles + {p.newline_tokens} newline")
+            else:
+                p = m.plan
+                lines.append(f"  media {m.index}: video {m.kind_index} {p.num_frames} frames of "
+                             f"{m.source_hw[0]}x{m.source_hw[1]} px, positions {m.start}-{m.end - 1}: "
+                             f"{p.pooled_hw[0]}x{p.pooled_hw[1]} per frame + {p.newline_tokens} newline")
+        return "\n".join(lines)
+
+    # ---- values per position -> pictures and sums -------------------------------------------------
+    def _part(self, media: int, frame: int | None, part: str) -> torch.Tensor:
+        info = self.media_info[media]
+        if info.kind == "video":
+            if frame is None:
+                raise ValueError(f"media {media} is a video: give frame= (0..{info.plan.num_frames - 1})")
+            return self.where(media=media, frame=frame, kind="video")
+        if part not in ("grid", "base"):
+            raise ValueError(f"part must be 'grid' (the AnyRes tiles) or 'base' (the squashed image), got {part!r}")
+        return self.where(media=media, kind="image_grid" if part == "grid" else "image_base")
+
+    def to_grid(self, values, media: int, frame: int | None = None, part: str = "grid") -> torch.Tensor:
+        """(grid_h, grid_w) float64 map of ``values`` (T,) over one image part or video frame; NaN where
+        no token sits (never for these parts: every cell of the feature grid is a token)."""
+        values = torch.as_tensor(values, dtype=torch.float64)
+        pos = self._part(media, frame, part)
+        h, w = int(self.grid_h[pos[0]]), int(self.grid_w[pos[0]])
+        out = torch.full((h, w), math.nan, dtype=torch.float64)
+        out[self.row[pos].long(), self.col[pos].long()] = values[pos]
+        return out
+
+    def to_pixels(self, values, media: int, frame: int | None = None, part: str = "grid") -> np.ndarray:
+        """(H, W) float64 map of ``values`` (T,) on the original image's (frame's) pixels: each pixel gets
+        the mean value of the tokens whose box holds its centre; NaN where none does (e.g. a pixel strip
+        the unpadding dropped)."""
+        values = torch.as_tensor(values, dtype=torch.float64)
+        pos = self._part(media, frame, part)
+        h, w = self.media_info[media].source_hw
+        boxes, vals = self.box[pos].numpy(), values[pos].numpy()
+        # pixel i (centre i + 0.5) is in [x0, x1) when ceil(x0 - 0.5) <= i < ceil(x1 - 0.5)
+        x0, y0, x1, y1 = np.clip(np.ceil(boxes - 0.5).astype(np.int64), 0, [w, h, w, h]).T
+        # every box added at once: +v at its top-left corner, -v right and below, cumulative sums spread it
+        corners = [(y0, x0, 1), (y0, x1, -1), (y1, x0, -1), (y1, x1, 1)]
+        flat = np.concatenate([ys * (w + 1) + xs for ys, xs, _ in corners])
+        signs = np.concatenate([np.full(len(vals), sign, np.float64) for _, _, sign in corners])
+        total = np.bincount(flat, signs * np.tile(vals, 4), (h + 1) * (w + 1)).reshape(h + 1, w + 1)
+        count = np.bincount(flat, signs, (h + 1) * (w + 1)).reshape(h + 1, w + 1)
+        total, count = total.cumsum(0).cumsum(1)[:h, :w], count.cumsum(0).cumsum(1)[:h, :w]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(count > 0.5, total / np.maximum(count, 1), np.nan)
+
+    def sums(self, values) -> dict[str, Any]:
+        """Sums of ``values`` (T,) per segment, per video frame (its tokens and newlines) and per image tile
+        (grid tiles and the base); the JSON layout of ``llava-next trace``."""
+        values = torch.as_tensor(values, dtype=torch.float64)
+        out: dict[str, Any] = {"segments": {name: float(values[pos].sum()) for name, pos in self.segments().items()},
+                               "frames": [], "tiles": []}
+        for m in self.media_info:
+            if m.kind == "video":
+                for fr in range(m.plan.num_frames):
+                    pos = self.where(media=m.index, frame=fr)
+                    out["frames"].append({"media": m.index, "frame": fr,
+                                          "time": m.timestamps[fr] if m.timestamps else None,
+                                          "sum": float(values[pos].sum())})
+            else:
+                out["tiles"].append({"media": m.index, "tile": "base",
+                                     "sum": float(values[self.where(media=m.index, tile="base")].sum())})
+                rows, cols = m.plan.grid_hw
+                for ty in range(rows):
+                    for tx in range(cols):
+                        pos = self.where(media=m.index, tile=(ty, tx))
+                        out["tiles"].append({"media": m.index, "tile": [ty, tx], "sum": float(values[pos].sum())})
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+def _check(name: str, allowed: Sequence[str], what: str) -> str:
+    if name not in allowed:
+        raise ValueError(f"unknown {what} {name!r}; choose one of {list(allowed)}")
+    return name
+
+
+def _as_list(v) -> list:
+    return [v] if isinstance(v, (str, int)) else list(v)
+
+
+def _indices(value, name: str, extent: int) -> list[int]:
+    if isinstance(value, slice):
+        return list(range(extent))[value]
+    if isinstance(value, bool) or not isinstance(value, (int, range, list, tuple, torch.Tensor, np.ndarray)):
+        raise TypeError(f"{name} must be an int, a range, a slice or a list of ints, got {type(value).__name__}")
+    return [int(value)] if isinstance(value, int) else [int(v) for v in value]
+
+
+def _isin(t: torch.Tensor, values: list[int]) -> torch.Tensor:
+    return torch.isin(t.long(), torch.tensor(values, dtype=torch.long))
+
+
+def _text_char_spans(ids: np.ndarray, is_text: np.ndarray, tokenizer) -> tuple[str, np.ndarray]:
+    """Decode the text positions run by run (a "\\0" between runs): (text, (T, 2) char span per position,
+    -1 for visual positions). Streaming decode attributes each emitted piece to the ids that produced it."""
+    spans = np.full((len(ids), 2), -1, np.int64)
+    text: list[str] = []
+    length = 0
+    pos = 0
+    while pos < len(ids):
+        if not is_text[pos]:
+            pos += 1
+            continue
+        end = pos
+        while end < len(ids) and is_text[end]:
+            end += 1
+        dec = tokenizer.stream(skip_special_tokens=True)
+        pending = []
+        for i in range(pos, end):
+            pending.append(i)
+            piece = dec.step(int(ids[i]))
+            if piece:
+                spans[pending] = [length, length + len(piece)]
+                text.append(piece)
+                length += len(piece)
+                pending = []
+        tail = dec.finish()
+        spans[pending] = [length, length + len(tail)]
+        text.append(tail + "\0")
+        length += len(tail) + 1
+        pos = end
+    return "".join(text), spans
+
+
+def _locate(spans: tuple[str, np.ndarray], needle: str, last: bool) -> np.ndarray:
+    """Positions whose decoded characters overlap ``needle`` (placeholders removed; each piece between
+    placeholders located on its own, the last (or first) occurrence)."""
+    import re
+
+    text, span = spans
+    hit = np.zeros(len(span), dtype=bool)
+    for piece in re.split(r"<image>|<video>", needle):
+        piece = piece.strip()
+        if not piece:
+            continue
+        at = text.rfind(piece) if last else text.find(piece)
+        if at < 0:
+            continue
+        hit |= (span[:, 0] < at + len(piece)) & (span[:, 1] > at) & (span[:, 1] > span[:, 0])
+    return hit
