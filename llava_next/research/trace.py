@@ -72,7 +72,8 @@ class Record:
     """Record hook ``name`` (fnmatch pattern) at ``positions`` (None: all), reduced over them by ``reduce``.
 
     none: (B, P, ...) the selected rows; mean / sum / max: (B, ...); topk: per channel the k largest values
-    over the positions and their absolute positions, stored as ``name`` and ``name + ":positions"``."""
+    over the positions and their absolute positions, stored as ``name`` and ``name + ":positions"``.
+    ``key``: store under this name instead of the hook's (two Records of one hook need different keys)."""
 
     name: str
     positions: Any = None
@@ -81,6 +82,7 @@ class Record:
     dtype: torch.dtype | None = None
     device: str | torch.device | None = "cpu"
     steps: Literal["all", "prefill", "decode"] = "all"
+    key: str | None = None
 
     def __post_init__(self) -> None:
         if self.reduce not in ("none", "mean", "sum", "max", "topk"):
@@ -247,10 +249,19 @@ class Trace:
         h1 = self.decoder.register_forward_pre_hook(pre, with_kwargs=True)
         h2 = self.decoder.register_forward_hook(post, with_kwargs=True)
         self._removers += [h1.remove, h2.remove]
+        keys: dict[str, str] = {}
         for rec in self.records:
             positions = self.resolve(rec.positions)
-            for name in self.names(rec.name):
-                self._removers.append(self.points[name].add_hook(self._recorder(rec, name, positions)))
+            names = self.names(rec.name)
+            if rec.key is not None and len(names) > 1:
+                raise ValueError(f"Record(key={rec.key!r}) matches {len(names)} hook points; a key names one")
+            for name in names:
+                key = rec.key or name
+                if key in keys:
+                    raise ValueError(f"two Records store under {key!r} ({keys[key]!r} and {rec.name!r}); "
+                                     "give one of them key='...'")
+                keys[key] = rec.name
+                self._removers.append(self.points[name].add_hook(self._recorder(rec, name, key, positions)))
         for name, fn in self.user_hooks:
             self.add_hook(name, fn)
         for spec in self.interventions:
@@ -267,7 +278,7 @@ class Trace:
     def is_sequence_hook(self, name: str) -> bool:
         return not name.startswith(NONSEQUENCE)
 
-    def _recorder(self, rec: Record, name: str, positions: torch.Tensor | None) -> HookFn:
+    def _recorder(self, rec: Record, name: str, key: str, positions: torch.Tensor | None) -> HookFn:
         sequence = self.is_sequence_hook(name)
 
         def fn(x: torch.Tensor, hook: HookPoint) -> None:
@@ -283,9 +294,9 @@ class Trace:
             value, where = reduce_positions(x.detach(), idx.to(x.device) if idx is not None else None, rec.reduce, rec.k)
             if where is not None:
                 where = where + (step.offset if sequence else 0)
-            self._store(step, name, self._place(value, rec.dtype, rec.device))
+            self._store(step, key, self._place(value, rec.dtype, rec.device))
             if where is not None:
-                self._store(step, name + ":positions", where.to(rec.device or where.device))
+                self._store(step, key + ":positions", where.to(rec.device or where.device))
         return fn
 
     @staticmethod
