@@ -1,9 +1,19 @@
-"""Research instruments: token provenance and selectors (provenance.py, select.py), pictures (plots.py).
+"""Research instruments: token provenance and selectors, named hook points, traces reduced on the fly, exact
+attention statistics without T x T maps, a streaming logit lens, interventions and pictures (see each
+module's docstring).
 
     from llava_next.research import Provenance, select as sel
+    from llava_next.research import trace, Record, Attention, LogitLens, ablate, knockout, patch
 """
 
 from . import select
+from .attention import AttentionStats, attention_rows, attention_stats
+from .interventions import ablate, grouped_attention, intervene, knockout, patch, replace_embedding
+from .logit_lens import LensResult, LogitLens
 from .provenance import KINDS, SEGMENTS, Media, Provenance
+from .trace import Attention, Record, Step, Trace, hooks, resolve_positions, run_with_cache, run_with_hooks, trace
 
-__all__ = ["KINDS", "SEGMENTS", "Media", "Provenance", "select"]
+__all__ = ["Attention", "AttentionStats", "KINDS", "LensResult", "LogitLens", "Media", "Provenance", "Record",
+           "SEGMENTS", "Step", "Trace", "ablate", "attention_rows", "attention_stats", "grouped_attention", "hooks",
+           "intervene", "knockout", "patch", "replace_embedding", "resolve_positions", "run_with_cache",
+           "run_with_hooks", "select", "trace"]
