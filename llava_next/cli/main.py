@@ -2,6 +2,7 @@
 
 Commands
 - ``run`` / ``convert`` (run.py): answer a question with a checkpoint; convert a checkpoint.
+- ``trace`` (trace.py): token provenance, exact attention and logit lens of one request (JSON, PNG).
 - ``inspect``: the token plan of images or a video, without weights — AnyRes canvas, tiles, unpadded
   features and newlines per image; sampled frames, timestamps and pooled tokens per frame for a video;
   and whether the prompt fits the RoPE context with which factor. ``--json`` for scripts, ``--png`` for
@@ -297,6 +298,10 @@ def build_parser(json_errors: bool = False) -> argparse.ArgumentParser:
     add_run(sub, positive=_positive, rope_scale=_rope_scale, user_error=UserError,
             max_image_pixels=_add_max_image_pixels)
     add_convert(sub, user_error=UserError)
+    from .trace import add_trace  # research: provenance, attention, logit lens of one request
+
+    add_trace(sub, positive=_positive, rope_scale=_rope_scale, user_error=UserError,
+              max_image_pixels=_add_max_image_pixels)
     return parser
 
 

@@ -1,0 +1,316 @@
+"""``llava-next trace``: look inside one request — token provenance, exact attention, logit lens, pictures.
+
+    llava-next trace --video clip.mp4 --frames 8 --layers 0,15,31 --query last,question --json "What happens?"
+    llava-next trace --image photo.jpg --png out/ "What is in the picture?"
+
+Same model, media and prompt flags as ``run`` (its parser is reused as the parent of this one). What it does:
+prepare the request (no generation unless ``--max-new-tokens N``: then the greedy answer is generated first
+and traced with the prompt), build its token provenance (research/provenance.py), run ONE forward of the
+whole sequence under ``research.trace`` with exact attention statistics (research/attention.py: rows of the
+chosen queries, query chunk by query chunk, from the layer's own post-RoPE q and k; the model itself keeps
+its SDPA attention) and a streaming logit lens, then report.
+
+``--json`` prints one object:
+- ``positions``: one object per position: ``kind``, ``segment``, ``media``, ``frame``, ``time``, ``tile``
+  ("base" or [tile row, tile col]), ``row``, ``col``, ``grid``, ``box`` (source pixels in the original
+  image / frame), ``token_id``; null where a field does not apply. ``media``: what each media index is.
+- ``attention``: ``{layer: {query group: {"queries": [positions], "weights": [T floats], "sums": {...}}}}``
+  with the head-averaged attention weights of the group's queries over all T positions (the mean of their
+  rows, so the weights sum to 1), and their sums per segment, per video frame and per image tile. Query
+  groups (``--query``): ``last`` (the last prompt position: FastV's query), ``question``, ``generated``,
+  ``all`` (every position; from the per-key mass summed over all queries, divided by T).
+- ``logit_lens``: ``{layer: {"positions": [...], "ids": [[top-k]], "tokens": [[...]], "probs": [[...]]}}``
+  for the ``--lens`` positions.
+``--png DIR`` draws (research/plots.py): per video, per-frame heatmaps (first query group, mean over the
+requested layers) and the layer x frame chart; per image, the base and AnyRes grid maps on its original
+pixels; the logit-lens grid. Without ``--json`` a summary goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+QUERY_GROUPS = ("last", "question", "generated", "all")
+LENS_GROUPS = ("last", "question", "generated", "text", "visual", "none")
+
+
+def _names(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in names if v not in allowed]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"{what} must be a comma-separated list of {', '.join(allowed)}; got {value!r}")
+    return list(dict.fromkeys(names))
+
+
+def _layers(value: str) -> list[int] | None:
+    if value == "all":
+        return None
+    try:
+        layers = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers takes 'all' or comma-separated layer numbers (negative from "
+                                         f"the end), got {value!r}") from None
+    if not layers:
+        raise argparse.ArgumentTypeError("--layers needs at least one layer")
+    return layers
+
+
+def _nonnegative(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
+
+
+def add_trace(sub, *, positive, rope_scale, user_error, max_image_pixels) -> None:
+    from .run import add_run
+
+    scratch = argparse.ArgumentParser(add_help=False).add_subparsers()
+    add_run(scratch, positive=positive, rope_scale=rope_scale, user_error=user_error,
+            max_image_pixels=max_image_pixels)  # run's parser: model, media, prompt and sampling flags
+    p = sub.add_parser("trace", parents=[scratch.choices["run"]], conflict_handler="resolve",
+                       help="token provenance, exact attention and logit lens of one request (JSON, PNG)",
+                       description="Run one request through the model under a trace and report where every "
+                                   "position came from, the exact head-averaged attention of chosen queries "
+                                   "(without T x T maps or eager attention) and a logit lens.")
+    p.add_argument("--layers", type=_layers, default=None, metavar="all|I,J,...",
+                   help="decoder layers to report (default all; negative counts from the end)")
+    p.add_argument("--query", type=lambda v: _names(v, QUERY_GROUPS, "--query"), default=["last"],
+                   metavar="GROUPS", help=f"query groups, comma-separated: {', '.join(QUERY_GROUPS)} (default last)")
+    p.add_argument("--lens", type=lambda v: _names(v, LENS_GROUPS, "--lens"), default=["question", "last", "generated"],
+                   metavar="GROUPS", help=f"logit-lens positions: {', '.join(LENS_GROUPS)} (default "
+                                          f"question,last,generated)")
+    p.add_argument("--lens-top-k", type=positive, default=5, help="logit lens: top-k tokens kept (default 5)")
+    p.add_argument("--max-new-tokens", type=_nonnegative, default=0,
+                   help="generate this many tokens first and trace them with the prompt (default 0: prompt only)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (positions, attention, logit_lens)")
+    p.add_argument("--png", metavar="DIR", default=None, help="draw heatmaps, charts and the logit-lens grid into DIR")
+    p.set_defaults(func=lambda args: _trace(args, user_error))
+
+
+def _trace(args: argparse.Namespace, user_error) -> int:
+    import dataclasses
+
+    from ..model.pooling import pooled_grid_hw
+    from ..research import Attention, LogitLens, Provenance, trace
+    from ..research import select as sel
+    from ..runtime.pipeline import Pipeline
+    from .run import DTYPES
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise user_error("--device cuda: no CUDA device is available; use --device cpu")
+    if args.png and os.path.exists(args.png) and not os.path.isdir(args.png):
+        raise user_error(f"--png {args.png}: exists and is not a directory")
+    t0 = time.perf_counter()
+    pipe = Pipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device,
+                                    cache_dir=args.cache_dir, progress=not args.json)
+    if args.pool_stride is not None:
+        cfg = pipe.model.config
+        pooled_grid_hw((cfg.vision.grid_size,) * 2, args.pool_stride, cfg.spatial_pool_mode)  # validates
+        pipe.model.config = dataclasses.replace(cfg, spatial_pool_stride=args.pool_stride)
+    request = pipe.prepare(args.prompt, images=args.image, video=args.video, frames=args.frames,
+                           template=args.template, rope_scale=args.rope_scale, max_new_tokens=args.max_new_tokens,
+                           max_image_pixels=args.max_image_pixels)
+    generated: list[int] = []
+    if args.max_new_tokens:
+        for _ in pipe.stream(request, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             top_p=args.top_p, seed=args.seed, template=args.template):
+            pass
+        generated = list(request.tokens)
+    prov = Provenance.from_request(request, pipe.config, tokenizer=pipe.tokenizer, question=args.prompt)
+    prov = prov.with_generated(generated)
+    T = len(prov)
+
+    n_layers = len(pipe.model.language_model.layers)
+    layers = list(range(n_layers)) if args.layers is None else args.layers
+    bad = [layer for layer in layers if not -n_layers <= layer < n_layers]
+    if bad:
+        raise user_error(f"--layers {bad}: this decoder has {n_layers} layers (0..{n_layers - 1}, or negative)")
+    layers = list(dict.fromkeys(layer % n_layers for layer in layers))
+    selectors = {"last": sel.last_text(), "question": sel.question(), "generated": sel.generated()}
+    if "generated" in args.query and not generated:
+        raise user_error("--query generated needs generated tokens: add --max-new-tokens N")
+    groups = {g: selectors[g].resolve(prov) for g in args.query if g != "all"}
+    lens_groups = {"text": sel.text(), "visual": sel.visual(), **selectors}
+    lens_pos = torch.cat([sel.maybe(lens_groups[g]).resolve(prov) for g in args.lens if g != "none"]
+                         or [torch.zeros(0, dtype=torch.long)]).unique()
+
+    row_queries = torch.cat(list(groups.values())).unique() if groups else None
+    model, decoder = pipe.model, pipe.model.language_model
+    ids = torch.tensor([request.input_ids + generated])
+    previous = decoder.rope_scaling_factor
+    decoder.rope_scaling_factor = request.plan.factor
+    t1 = time.perf_counter()
+    try:
+        with torch.no_grad(), _maybe_all(model, "all" in args.query, layers, prov, trace, Attention) as tr_all, \
+                trace(model, provenance=prov,
+                      attention=Attention(layers=layers, queries=row_queries, rows=True, heads="mean", decode=False)
+                      if row_queries is not None else None,
+                      logit_lens=LogitLens(positions=lens_pos, top_k=args.lens_top_k, steps="prefill")
+                      if len(lens_pos) else None) as tr:
+            embeds = model.embed(ids, model.image_features(request.images),
+                                 [model.video_features(c.pixel_values) for c in request.videos])
+            decoder(input_embeds=embeds, last_only=True)
+    finally:
+        decoder.rope_scaling_factor = previous
+    trace_s = time.perf_counter() - t1
+
+    attention: dict[int, dict[str, dict]] = {}
+    for layer in layers:
+        per_group = {}
+        if groups:
+            stats = tr.attention[layer]
+            rows = stats.rows[0]  # (|Q|, T) head mean
+            where = {int(p): i for i, p in enumerate(stats.query_positions.tolist())}
+            for g, pos in groups.items():
+                per_group[g] = rows[[where[int(p)] for p in pos]].mean(0).double()
+        if tr_all is not None:
+            per_group["all"] = tr_all.attention[layer].key_mass[0].double() / T  # mean of all T rows
+        attention[layer] = {g: per_group[g] for g in args.query}
+
+    lens = {layer: r for layer, r in tr.logit_lens.items()} if len(lens_pos) else {}
+    report = {
+        "model": str(args.model), "positions_total": T, "prompt_positions": prov.prompt_len,
+        "input_ids": request.input_ids + generated, "generated": generated,
+        "text": pipe.tokenizer.decode(generated) if generated else "",
+        "plan": request.to_dict(), "media": [m.to_dict() for m in prov.media_info],
+        "positions": prov.to_records(),
+        "attention": {str(layer): {g: {"queries": (groups[g].tolist() if g != "all" else "all"),
+                                       "weights": w.tolist(), "sums": prov.sums(w)}
+                                   for g, w in per_group.items()} for layer, per_group in attention.items()},
+        "logit_lens": {str(layer): {"positions": r.positions.tolist(), "ids": r.ids[0].tolist(),
+                                    "tokens": [[_piece(pipe.tokenizer, i) for i in row]
+                                               for row in r.ids[0].tolist()],
+                                    "probs": r.probs[0].tolist()} for layer, r in sorted(lens.items())},
+        "timings": {"load_and_prepare_s": t1 - t0, "trace_s": trace_s},
+    }
+    pngs = []
+    if args.png:
+        pngs = _draw(args, request, prov, attention, lens, pipe.tokenizer, layers, user_error)
+        report["png"] = pngs
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(prov.summary())
+        for layer in layers:
+            for g, w in attention[layer].items():
+                s = prov.sums(w)
+                segs = ", ".join(f"{k} {v:.3f}" for k, v in s["segments"].items())
+                print(f"layer {layer:>3} query {g:<9} {segs}")
+                if s["frames"]:
+                    print("    frames: " + " ".join(f"{f['frame']}:{f['sum']:.3f}" for f in s["frames"]))
+        for path in pngs:
+            print(f"drew {path}")
+    return 0
+
+
+class _maybe_all:
+    """A second, outer trace computing the all-query key mass (only when --query all is asked): its attention
+    override wraps the inner one's, so one forward serves both."""
+
+    def __init__(self, model, wanted, layers, prov, trace, Attention) -> None:
+        self.tr = trace(model, provenance=prov, attention=Attention(layers=layers, queries="all", rows=False,
+                                                                    key_mass=True, heads="mean", decode=False)) \
+            if wanted else None
+
+    def __enter__(self):
+        return self.tr.__enter__() if self.tr is not None else None
+
+    def __exit__(self, *exc):
+        return self.tr.__exit__(*exc) if self.tr is not None else None
+
+
+def _draw(args, request, prov, attention, lens, tokenizer, layers, user_error) -> list[str]:
+    from ..inputs.image import load_image
+    from ..research import plots
+
+    try:
+        os.makedirs(args.png, exist_ok=True)
+    except OSError as e:
+        raise user_error(f"--png {args.png}: cannot create the directory ({e.strerror or e})") from None
+    group = args.query[0]
+    mean_w = torch.stack([attention[layer][group] for layer in layers]).mean(0)  # over the requested layers
+    span = f"layer {layers[0]}" if len(layers) == 1 else f"mean of layers {', '.join(map(str, layers))}" \
+        if len(layers) <= 6 else f"mean of {len(layers)} layers"
+    out = []
+
+    def save(img, name):
+        path = os.path.join(args.png, name)
+        img.save(path, format="PNG")
+        out.append(path)
+
+    for m in prov.media_info:
+        if m.kind == "video":
+            clip = request.videos[m.kind_index]
+            F = m.plan.num_frames
+            grids = [prov.to_grid(mean_w, m.index, frame=f).numpy() for f in range(F)]
+            sums = [prov.where(media=m.index, frame=f) for f in range(F)]
+            st = m.plan.stride * m.plan.pooled_hw[0] / m.plan.patch_grid_hw[0] if m.plan.mode != "bilinear" else 1.0
+            save(plots.frame_heatmaps(clip.frames, grids, list(m.timestamps), list(m.frame_indices),
+                                      title=f"{m.name}: which frame gets attention? query '{group}', {span}",
+                                      frame_sums=[float(mean_w[p].sum()) for p in sums], covered=min(1.0, st)),
+                 f"video{m.kind_index}_frames.png")
+            shares = np.array([[float(attention[layer][group][p].sum()) for p in sums] for layer in layers])
+            extra = {name: np.array([float(attention[layer][group][pos].sum()) for layer in layers])
+                     for name, pos in prov.segments().items() if name in ("system", "question", "template")}
+            save(plots.layer_frame_chart(shares, layers, list(m.timestamps),
+                                         title=f"{m.name}: share of query '{group}' attention per frame and layer",
+                                         extra=extra), f"video{m.kind_index}_layers.png")
+        else:
+            path = args.image[m.kind_index]
+            image = load_image(path, max_pixels=args.max_image_pixels)
+            base = prov.to_pixels(mean_w, m.index, part="base")
+            grid = prov.to_pixels(mean_w, m.index, part="grid")
+            tiles = []
+            rows, cols = m.plan.grid_hw
+            for ty in range(rows):
+                for tx in range(cols):
+                    b = prov.box[prov.where(media=m.index, tile=(ty, tx))]
+                    if len(b):
+                        tiles.append((float(b[:, 0].min()), float(b[:, 1].min()), float(b[:, 2].max()),
+                                      float(b[:, 3].max())))
+            save(plots.anyres_overlay(image, base, grid, title=f"{os.path.basename(path)}: query '{group}' attention, "
+                                                             f"{span}", tile_boxes=tiles,
+                                      base_sum=float(mean_w[prov.where(media=m.index, tile='base')].sum()),
+                                      grid_sum=float(mean_w[prov.where(media=m.index, kind='image_grid')].sum())),
+                 f"image{m.kind_index}_anyres.png")
+    if lens:
+        ordered = sorted(lens)
+        positions = lens[ordered[0]].positions.tolist()[-32:]
+        keep = [lens[ordered[0]].positions.tolist().index(p) for p in positions]
+        tokens = [[_piece(tokenizer, int(lens[layer].ids[0, i, 0])) for i in keep] for layer in ordered]
+        probs = np.array([[float(lens[layer].probs[0, i, 0]) for i in keep] for layer in ordered])
+        labels = [_label(prov, p, tokenizer) for p in positions]
+        save(plots.logit_lens_grid(tokens, probs, ordered, labels,
+                                   title="logit lens: top-1 token per layer at the chosen positions"),
+             "logit_lens.png")
+    return out
+
+
+def _label(prov, p: int, tokenizer) -> str:
+    kind = prov.kind_name(p)
+    if kind in ("text", "generated"):
+        return f"{p}:{_piece(tokenizer, int(prov.token_id[p]))}"
+    if kind == "video":
+        return f"{p}:f{int(prov.frame[p])} {int(prov.row[p])},{int(prov.col[p])}"
+    return f"{p}:{kind}"
+
+
+def _piece(tokenizer, idx: int) -> str:
+    """A token's text as decoded alone, or its vocabulary piece (e.g. "<0x0A>", "▁") when that is blank or
+    a partial UTF-8 character."""
+    text = tokenizer.decode([idx], False)
+    if not text.strip() or "\ufffd" in text:
+        piece = tokenizer.backend.id_to_token(idx)
+        return piece if piece is not None else text
+    return text

@@ -1,0 +1,240 @@
+"""Pictures researchers draw by hand today, drawn with Pillow and numpy only (``llava-next trace --png DIR``).
+
+    frame_heatmaps(frames, grids, times, ...)     per-frame attention mass over the sampled frames, timestamps
+    layer_frame_chart(shares, layers, ...)        layers x frames: the share of a query group's attention each
+                                                  frame receives, text columns beside, visual share per layer
+    anyres_overlay(image, base_map, grid_map)     an image's base and AnyRes grid maps on its ORIGINAL pixels
+    logit_lens_grid(tokens, probs, layers, ...)   layers x positions: the lens' top-1 token, shaded by probability
+
+Every function takes plain arrays (computed from token provenance: ``Provenance.to_grid`` / ``to_pixels`` /
+``sums``) and returns a PIL image; nothing here runs the model. Colour scale: a perceptual dark-to-bright
+ramp (inferno's anchor colours, linearly interpolated); NaN cells (no token) stay uncoloured. Heatmaps over
+frames share one scale (``norm="global"``, frames comparable) or use one per frame (``"frame"``); the
+caption says which, with the query group and layers the values come from.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+BG, FG, DIM = (250, 250, 250), (20, 20, 20), (110, 110, 110)
+PAD = 14
+# inferno, 9 anchors from 0 to 1 (matplotlib's table sampled at 0, 1/8, ..., 1)
+_ANCHORS = np.array([[0, 0, 4], [31, 12, 72], [85, 15, 109], [136, 34, 106], [186, 54, 85], [227, 89, 51],
+                     [249, 140, 10], [249, 201, 50], [252, 255, 164]], dtype=np.float64)
+
+
+def colormap(x: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] (clipped) -> uint8 RGB (..., 3)."""
+    x = np.clip(np.nan_to_num(np.asarray(x, dtype=np.float64)), 0, 1) * (len(_ANCHORS) - 1)
+    i = np.minimum(x.astype(int), len(_ANCHORS) - 2)
+    t = (x - i)[..., None]
+    return np.round(_ANCHORS[i] * (1 - t) + _ANCHORS[i + 1] * t).astype(np.uint8)
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def _text_block(lines: Sequence[str], width: int, size: int = 15) -> Image.Image:
+    font, gap = _font(size), 5
+    width = max([width] + [int(font.getlength(line)) + 2 * PAD for line in lines])
+    img = Image.new("RGB", (width, PAD + len(lines) * (size + gap)), BG)
+    d = ImageDraw.Draw(img)
+    for i, line in enumerate(lines):
+        d.text((PAD, PAD // 2 + i * (size + gap)), line, fill=FG if i == 0 else DIM, font=font)
+    return img
+
+
+def _stack(parts: Sequence[Image.Image]) -> Image.Image:
+    out = Image.new("RGB", (max(p.width for p in parts), sum(p.height for p in parts)), BG)
+    y = 0
+    for p in parts:
+        out.paste(p, (0, y))
+        y += p.height
+    return out
+
+
+def _colorbar(lo: float, hi: float, width: int = 260, label: str = "") -> Image.Image:
+    bar = Image.new("RGB", (width + 2 * PAD + 200, 40), BG)
+    ramp = colormap(np.linspace(0, 1, width))[None].repeat(12, 0)
+    bar.paste(Image.fromarray(ramp), (PAD, 4))
+    d = ImageDraw.Draw(bar)
+    d.text((PAD, 18), f"{lo:.3g}", fill=DIM, font=_font(12))
+    d.text((PAD + width - 40, 18), f"{hi:.3g}", fill=DIM, font=_font(12))
+    d.text((PAD + width + 12, 2), label, fill=DIM, font=_font(12))
+    return bar
+
+
+def overlay(rgb: np.ndarray, heat: np.ndarray, lo: float, hi: float, alpha: float = 0.6) -> np.ndarray:
+    """(H, W, 3) uint8 picture with an (H, W) heat map blended on top (NaN: picture only, dimmed)."""
+    rgb = np.asarray(rgb, dtype=np.float64)
+    valid = ~np.isnan(heat)
+    scaled = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
+    colour = colormap(scaled).astype(np.float64)
+    out = np.where(valid[..., None], (1 - alpha) * rgb + alpha * colour, 0.45 * rgb)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def _upsample(grid: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """(h, w) cell values -> (H, W) nearest-neighbour (NaN kept)."""
+    h, w = grid.shape
+    rows = np.minimum((np.arange(size_hw[0]) * h) // size_hw[0], h - 1)
+    cols = np.minimum((np.arange(size_hw[1]) * w) // size_hw[1], w - 1)
+    return grid[rows][:, cols]
+
+
+# --------------------------------------------------------------------------------------------------
+# Video: per-frame heatmaps and the layer x frame chart
+# --------------------------------------------------------------------------------------------------
+def frame_heatmaps(frames: np.ndarray, grids: Sequence[np.ndarray], timestamps: Sequence[float],
+                   frame_indices: Sequence[int], *, title: str, frame_sums: Sequence[float] | None = None,
+                   norm: str = "global", covered: float = 1.0, thumb: int = 224) -> Image.Image:
+    """Sampled frames (F, S, S, 3) uint8 as the model sees them, each with its pooled attention grid on top.
+
+    ``grids``: one (h, w) array per frame (``Provenance.to_grid``); ``covered``: the fraction of the crop the
+    pooled cells cover (floor pooling drops the last rows/cols when the stride does not divide the patch grid).
+    """
+    if norm not in ("global", "frame"):
+        raise ValueError(f"norm must be 'global' or 'frame', got {norm!r}")
+    n = len(grids)
+    per_row = min(n, 8)
+    rows = -(-n // per_row)
+    cap = 38
+    sheet = Image.new("RGB", (PAD + per_row * (thumb + PAD), rows * (thumb + cap)), BG)
+    d = ImageDraw.Draw(sheet)
+    finite = np.concatenate([g[~np.isnan(g)].ravel() for g in grids]) if n else np.zeros(1)
+    glo, ghi = float(finite.min()), float(finite.max())
+    side = max(1, round(thumb * covered))
+    for k, grid in enumerate(grids):
+        x, y = PAD + (k % per_row) * (thumb + PAD), (k // per_row) * (thumb + cap)
+        rgb = np.asarray(Image.fromarray(frames[k]).resize((thumb, thumb), Image.BICUBIC))
+        heat = np.full((thumb, thumb), np.nan)
+        heat[:side, :side] = _upsample(np.asarray(grid, dtype=np.float64), (side, side))
+        lo, hi = (glo, ghi) if norm == "global" else (float(np.nanmin(grid)), float(np.nanmax(grid)))
+        sheet.paste(Image.fromarray(overlay(rgb, heat, lo, hi)), (x, y))
+        label = f"frame {k}  #{frame_indices[k]}  {timestamps[k]:.2f} s"
+        d.text((x, y + thumb + 3), label, fill=FG, font=_font(13))
+        if frame_sums is not None:
+            d.text((x, y + thumb + 19), f"mass {frame_sums[k]:.4f}", fill=DIM, font=_font(12))
+    scale = "one colour scale for all frames" if norm == "global" else "each frame scaled on its own"
+    header = _text_block([title, f"attention mass per pooled cell, on the {frames.shape[1]}x{frames.shape[2]} "
+                                 f"crop each frame is given to the model; {scale}"], sheet.width)
+    parts = [header, sheet]
+    if norm == "global":
+        parts.append(_colorbar(glo, ghi, label="attention per token"))
+    return _stack(parts)
+
+
+def layer_frame_chart(shares: np.ndarray, layers: Sequence[int], timestamps: Sequence[float], *, title: str,
+                      extra: dict[str, np.ndarray] | None = None, cell: int = 40) -> Image.Image:
+    """(L, F) share of the query group's attention each frame receives, per layer (rows) and frame (columns);
+    ``extra`` columns (e.g. text segments) to the right; the visual share per layer as a bar at the far right."""
+    shares = np.asarray(shares, dtype=np.float64)
+    L, F = shares.shape
+    extra = extra or {}
+    cols = F + len(extra)
+    hi = float(np.nanmax(shares)) if shares.size else 1.0
+    hi_extra = max([float(np.nanmax(v)) for v in extra.values()] + [1e-12])
+    left, top = 70, 70
+    bar_w = 160
+    note = ("cells: share of the group's attention (its rows sum to 1 over all positions); colour: frames scaled "
+            "to the largest frame cell, text columns to their own largest")
+    width = max(left + cols * cell + 30 + bar_w + PAD + 40, int(_font(12).getlength(note)) + left + PAD)
+    height = top + L * cell + 60
+    img = Image.new("RGB", (width, height), BG)
+    d = ImageDraw.Draw(img)
+    font = _font(12)
+    for j in range(F):
+        d.text((left + j * cell + 2, top - 34), f"f{j}", fill=FG, font=font)
+        d.text((left + j * cell + 2, top - 18), f"{timestamps[j]:.1f}s", fill=DIM, font=_font(10))
+    for j, name in enumerate(extra):
+        d.text((left + (F + j) * cell + 2, top - 34 + 16 * (j % 2)), name[:5], fill=FG, font=font)
+    for i, layer in enumerate(layers):
+        y = top + i * cell
+        d.text((8, y + cell // 3), f"layer {layer}", fill=FG, font=font)
+        row = [shares[i, j] for j in range(F)] + [float(np.asarray(v)[i]) for v in extra.values()]
+        for j, v in enumerate(row):
+            scaled = v / hi if j < F else v / hi_extra
+            colour = tuple(int(c) for c in colormap(scaled if np.isfinite(scaled) else 0))
+            box = [left + j * cell, y, left + (j + 1) * cell - 2, y + cell - 2]
+            d.rectangle(box, fill=colour)
+            d.text((box[0] + 3, box[1] + cell // 3), f"{v:.2f}"[1:] if 0 <= v < 1 else f"{v:.1f}",
+                   fill=(255, 255, 255) if scaled < 0.6 else (0, 0, 0), font=_font(10))
+        visual = float(np.nansum(shares[i]))
+        bx = left + cols * cell + 30
+        d.rectangle([bx, y + 6, bx + bar_w, y + cell - 8], outline=DIM)
+        d.rectangle([bx, y + 6, bx + bar_w * min(max(visual, 0), 1), y + cell - 8], fill=(70, 110, 200))
+        d.text((bx + bar_w + 6, y + cell // 3), f"{visual:.2f}", fill=FG, font=font)
+    d.text((left + cols * cell + 30, top - 34), "all frames", fill=FG, font=font)
+    d.text((left, top + L * cell + 8), note, fill=DIM, font=font)
+    return _stack([_text_block([title], width), img])
+
+
+# --------------------------------------------------------------------------------------------------
+# Images: base and AnyRes grid maps on the original pixels
+# --------------------------------------------------------------------------------------------------
+def anyres_overlay(image: Image.Image, base_map: np.ndarray, grid_map: np.ndarray, *, title: str,
+                   base_sum: float, grid_sum: float, tile_boxes: Sequence[tuple[float, float, float, float]] = (),
+                   max_side: int = 480) -> Image.Image:
+    """The original image twice: the base tokens' map and the AnyRes grid tokens' map (both
+    ``Provenance.to_pixels``: each pixel gets the value of the token whose source box holds it), one colour
+    scale; ``tile_boxes``: the 336 px tiles' footprints on the original image, outlined."""
+    rgb = np.asarray(image.convert("RGB"))
+    h, w = rgb.shape[:2]
+    values = np.concatenate([m[~np.isnan(m)].ravel() for m in (base_map, grid_map)])
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+    s = min(1.0, max_side / max(h, w))
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    panels = []
+    for name, m, total in (("base (whole image squashed to one tile)", base_map, base_sum),
+                           ("AnyRes grid (tiles, unpadded)", grid_map, grid_sum)):
+        pic = Image.fromarray(overlay(rgb, m, lo, hi)).resize(size, Image.BILINEAR)
+        d = ImageDraw.Draw(pic)
+        if "grid" in name:
+            for x0, y0, x1, y1 in tile_boxes:
+                d.rectangle([x0 * s, y0 * s, x1 * s - 1, y1 * s - 1], outline=(255, 200, 0), width=2)
+        cap = Image.new("RGB", (size[0], 40), BG)
+        cd = ImageDraw.Draw(cap)
+        cd.text((2, 4), name, fill=FG, font=_font(13))
+        cd.text((2, 21), f"mass {total:.4f}", fill=DIM, font=_font(12))
+        panels.append(_stack([pic, cap]))
+    body = Image.new("RGB", (3 * PAD + 2 * size[0], panels[0].height), BG)
+    body.paste(panels[0], (PAD, 0))
+    body.paste(panels[1], (2 * PAD + size[0], 0))
+    header = _text_block([title, f"{h}x{w} px original; grey: pixels no token of that part covers (unpadding "
+                                 f"drops them); yellow: tiles"], body.width)
+    return _stack([header, body, _colorbar(lo, hi, label="attention per token")])
+
+
+# --------------------------------------------------------------------------------------------------
+# Logit lens
+# --------------------------------------------------------------------------------------------------
+def logit_lens_grid(tokens: Sequence[Sequence[str]], probs: np.ndarray, layers: Sequence[int],
+                    labels: Sequence[str], *, title: str, cell_w: int = 78, cell_h: int = 26) -> Image.Image:
+    """(L, P) top-1 tokens of the lens, rows = layers (the last one is the model's output), columns =
+    positions (``labels``: what each position is), shaded by the top-1 probability."""
+    probs = np.asarray(probs, dtype=np.float64)
+    L, P = probs.shape
+    left, top = 70, 58
+    img = Image.new("RGB", (left + P * cell_w + PAD, top + L * cell_h + 30), BG)
+    d = ImageDraw.Draw(img)
+    font = _font(11)
+    for j, label in enumerate(labels):
+        d.text((left + j * cell_w + 2, 6 + (j % 3) * 16), label.replace("\u2581", "_")[:14], fill=FG, font=font)
+    for i, layer in enumerate(layers):
+        y = top + i * cell_h
+        d.text((6, y + 7), f"layer {layer}", fill=FG, font=font)
+        for j in range(P):
+            p = probs[i, j]
+            colour = tuple(int(c) for c in colormap(0.15 + 0.85 * p))
+            box = [left + j * cell_w, y, left + (j + 1) * cell_w - 2, y + cell_h - 2]
+            d.rectangle(box, fill=colour)
+            text = tokens[i][j].replace("\n", "\\n").replace("\u2581", "_")[:11]  # (the font has no "▁")
+            d.text((box[0] + 3, box[1] + 6), text, fill=(255, 255, 255) if p < 0.55 else (0, 0, 0), font=font)
+    d.text((left, top + L * cell_h + 8), "cell: top-1 token of norm + lm_head on that layer's residual; "
+                                        "shade: its probability (0 dark .. 1 bright)", fill=DIM, font=font)
+    return _stack([_text_block([title], img.width), img])
