@@ -109,11 +109,19 @@ def _trace(args: argparse.Namespace, user_error) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise user_error("--device cuda: no CUDA device is available; use --device cpu")
+    if "generated" in args.query and not args.max_new_tokens:
+        raise user_error("--query generated needs generated tokens: add --max-new-tokens N")
     if args.png and os.path.exists(args.png) and not os.path.isdir(args.png):
         raise user_error(f"--png {args.png}: exists and is not a directory")
     t0 = time.perf_counter()
     pipe = Pipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device,
                                     cache_dir=args.cache_dir, progress=not args.json)
+    n_layers = len(pipe.model.language_model.layers)
+    layers = list(range(n_layers)) if args.layers is None else args.layers
+    bad = [layer for layer in layers if not -n_layers <= layer < n_layers]
+    if bad:
+        raise user_error(f"--layers {bad}: this decoder has {n_layers} layers (0..{n_layers - 1}, or negative)")
+    layers = list(dict.fromkeys(layer % n_layers for layer in layers))
     if args.pool_stride is not None:
         cfg = pipe.model.config
         pooled_grid_hw((cfg.vision.grid_size,) * 2, args.pool_stride, cfg.spatial_pool_mode)  # validates
@@ -131,15 +139,7 @@ def _trace(args: argparse.Namespace, user_error) -> int:
     prov = prov.with_generated(generated)
     T = len(prov)
 
-    n_layers = len(pipe.model.language_model.layers)
-    layers = list(range(n_layers)) if args.layers is None else args.layers
-    bad = [layer for layer in layers if not -n_layers <= layer < n_layers]
-    if bad:
-        raise user_error(f"--layers {bad}: this decoder has {n_layers} layers (0..{n_layers - 1}, or negative)")
-    layers = list(dict.fromkeys(layer % n_layers for layer in layers))
     selectors = {"last": sel.last_text(), "question": sel.question(), "generated": sel.generated()}
-    if "generated" in args.query and not generated:
-        raise user_error("--query generated needs generated tokens: add --max-new-tokens N")
     groups = {g: selectors[g].resolve(prov) for g in args.query if g != "all"}
     lens_groups = {"text": sel.text(), "visual": sel.visual(), **selectors}
     lens_pos = torch.cat([sel.maybe(lens_groups[g]).resolve(prov) for g in args.lens if g != "none"]
