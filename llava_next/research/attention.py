@@ -48,6 +48,11 @@ from typing import Iterator, Sequence
 
 import torch
 
+class ResearchError(ValueError):
+    """A research request that cannot be served (unknown hook, bad positions, layer out of range, ...): the
+    message says what was wrong and what to do. A ValueError: the CLI reports it as a user error."""
+
+
 CHUNK_BYTES = 32 << 20  # default budget of one (B, Hq, chunk, Tk) fp32 probability block
 
 
@@ -55,7 +60,7 @@ def _as_index(queries: torch.Tensor | Sequence[int] | int, n: int, device: torch
     """Query indices (negative from the end) -> LongTensor in [0, n), checked."""
     idx = torch.as_tensor(queries, dtype=torch.long, device=device).reshape(-1)
     if idx.numel() and (bool((idx < -n).any()) or bool((idx >= n).any())):
-        raise IndexError(f"query index out of range for {n} queries: got {idx.min().item()}..{idx.max().item()}")
+        raise ResearchError(f"query index out of range for {n} queries: got {idx.min().item()}..{idx.max().item()}")
     return idx % n if n else idx
 
 
@@ -150,7 +155,7 @@ def _segment_ids(segments: torch.Tensor, Tk: int, device: torch.device) -> tuple
     """(Tk,) segment id per key (keys past the given ids -> one extra id) and the number of segments."""
     segments = torch.as_tensor(segments, dtype=torch.long, device=device).reshape(-1)
     if segments.numel() and int(segments.min()) < 0:
-        raise ValueError("segment ids must be >= 0")
+        raise ResearchError("segment ids must be >= 0 (one id per sequence position)")
     S = int(segments.max()) + 1 if segments.numel() else 0
     if segments.numel() >= Tk:
         return segments[:Tk], S
@@ -200,7 +205,7 @@ def attention_stats(q: torch.Tensor, k: torch.Tensor, queries: torch.Tensor | Se
         if block:
             map_seg, map_S = torch.arange(Tk, device=device) // block, -(-Tk // block)
         elif seg is None:
-            raise ValueError("segment_map needs segments (a LongTensor of segment ids, one per position)")
+            raise ResearchError("segment_map needs segments (a LongTensor of segment ids, one per position)")
         else:
             map_seg, map_S = seg, S
         q_seg = map_seg[Tk - Tq:]  # segment of each query (queries sit at the end of the keys)
