@@ -14,7 +14,7 @@ from llava_next.model import attention as attention_mod
 from llava_next.model import cpu_decode
 from llava_next.model.generate import generate
 from llava_next.model.hooks import hook_points
-from llava_next.research import Attention, Record, hooks, run_with_cache, run_with_hooks, trace
+from llava_next.research import Attention, Record, ResearchError, hooks, run_with_cache, run_with_hooks, trace
 
 TL_BLOCK_NAMES = ["hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
                   "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q", "attn.hook_rot_k", "attn.hook_z",
@@ -113,6 +113,7 @@ def test_transformer_lens_hook_code_runs_unchanged(video):
 
 
 def test_generation_records_every_step_and_keeps_fast_paths(video, monkeypatch):
+    monkeypatch.setattr(cpu_decode, "enabled", lambda: True)  # even under LLAVA_NEXT_COMPILE=0
     ours, ids, mine = video
     calls = {"sdpa": 0, "decode": 0}
     sdpa, one_query = attention_mod.sdpa_attention, cpu_decode.attention_one_query
@@ -128,6 +129,8 @@ def test_generation_records_every_step_and_keeps_fast_paths(video, monkeypatch):
     def no_eager(*a, **k):
         raise AssertionError("tracing switched to eager attention")
 
+    # the routing is what is tested here, not the compiled kernel (test_cpu_decode.py; compiling costs ~17 s)
+    monkeypatch.setattr(cpu_decode, "_compiled", lambda: cpu_decode._attention_one_query)
     monkeypatch.setattr(attention_mod, "sdpa_attention", count_sdpa)
     monkeypatch.setattr(cpu_decode, "attention_one_query", count_decode)
     monkeypatch.setattr(attention_mod, "eager_attention", no_eager)
@@ -142,7 +145,7 @@ def test_generation_records_every_step_and_keeps_fast_paths(video, monkeypatch):
                    attention=Attention(queries="last", rows=True, key_mass=True)) as tr:
             new = generate(ours.language_model, input_embeds=embeds, max_new_tokens=4, eos_token_id=())
     assert torch.equal(new, plain)
-    assert calls["sdpa"] == L and (calls["decode"] == 3 * L or not cpu_decode.enabled())
+    assert calls["sdpa"] == L and calls["decode"] == 3 * L
     assert len(tr.steps) == 4 and [s.offset for s in tr.steps] == [0, T, T + 1, T + 2]
     assert all(s.records["blocks.1.hook_resid_post"].shape == (1, ours.config.text.hidden_size) for s in tr.steps)
     assert [("hook_embed" in s.records) for s in tr.steps] == [False, False, True, False]  # position T+1 only
@@ -166,13 +169,16 @@ def test_clear_errors(video):
         def resolve(self, provenance):
             return torch.tensor([1, 2])
 
-    with pytest.raises(KeyError, match="no hook point matches 'blocks.0.hook_pattern'"):
-        with trace(ours, record=["blocks.0.hook_pattern"]):
+    with pytest.raises(ResearchError, match="no hook point matches 'blocks.0.hook_patern'"):
+        with trace(ours, record=["blocks.0.hook_patern"]):
             pass
+    with pytest.raises(ResearchError, match="virtual and read-only"):
+        with trace(ours, hooks=[("blocks.0.attn.hook_pattern", lambda p, hook: p * 0)]):
+            ours(ids, **mine)
     with pytest.raises(ValueError, match="selector and needs the request's token provenance"):
         with trace(ours, record=[Record("hook_embed", positions=Frame())]):
             pass
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ResearchError, match="out of range"):
         with trace(ours, attention=Attention(layers=[7])):
             pass
     with pytest.raises(ValueError, match="reduce must be"):

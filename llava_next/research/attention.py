@@ -13,7 +13,8 @@ queries (negative counts from the end).
 How: for a chunk of c queries, scores = q_c k^T / sqrt(D) in fp32 (GQA by grouping the query heads of one kv
 head, K never repeated), masked causally, softmaxed; every statistic is reduced from that (B, Hq, c, Tk)
 block, which is then dropped. Extra memory is bounded by Hq x c x Tk floats (plus one fp32 copy of K),
-never Hq x Tq x Tk; ``chunk`` defaults to what fits ``CHUNK_BYTES`` (64 MiB). The numbers are those of
+never Hq x Tq x Tk; ``chunk`` defaults to what fits ``CHUNK_BYTES`` (32 MiB). Sums per segment are a
+matmul with a (Tk, S) one-hot matrix (index_add_ along the key axis is a scalar loop on CPU). The numbers are those of
 transformers' eager attention (fp32 softmax of the scaled scores): the parity tests compare with its
 ``output_attentions``.
 
@@ -47,14 +48,19 @@ from typing import Iterator, Sequence
 
 import torch
 
-CHUNK_BYTES = 64 << 20  # default budget of one (B, Hq, chunk, Tk) fp32 probability block
+class ResearchError(ValueError):
+    """A research request that cannot be served (unknown hook, bad positions, layer out of range, ...): the
+    message says what was wrong and what to do. A ValueError: the CLI reports it as a user error."""
+
+
+CHUNK_BYTES = 32 << 20  # default budget of one (B, Hq, chunk, Tk) fp32 probability block
 
 
 def _as_index(queries: torch.Tensor | Sequence[int] | int, n: int, device: torch.device) -> torch.Tensor:
     """Query indices (negative from the end) -> LongTensor in [0, n), checked."""
     idx = torch.as_tensor(queries, dtype=torch.long, device=device).reshape(-1)
     if idx.numel() and (bool((idx < -n).any()) or bool((idx >= n).any())):
-        raise IndexError(f"query index out of range for {n} queries: got {idx.min().item()}..{idx.max().item()}")
+        raise ResearchError(f"query index out of range for {n} queries: got {idx.min().item()}..{idx.max().item()}")
     return idx % n if n else idx
 
 
@@ -140,11 +146,16 @@ class AttentionStats:
                                  for f in fields(self)})
 
 
+def _one_hot(seg: torch.Tensor, S: int) -> torch.Tensor:
+    """(Tk, S) fp32 one-hot of the key segments: probs (..., Tk) @ it = mass per segment (..., S)."""
+    return torch.zeros(seg.numel(), S, device=seg.device).scatter_(1, seg[:, None], 1.0)
+
+
 def _segment_ids(segments: torch.Tensor, Tk: int, device: torch.device) -> tuple[torch.Tensor, int]:
     """(Tk,) segment id per key (keys past the given ids -> one extra id) and the number of segments."""
     segments = torch.as_tensor(segments, dtype=torch.long, device=device).reshape(-1)
     if segments.numel() and int(segments.min()) < 0:
-        raise ValueError("segment ids must be >= 0")
+        raise ResearchError("segment ids must be >= 0 (one id per sequence position)")
     S = int(segments.max()) + 1 if segments.numel() else 0
     if segments.numel() >= Tk:
         return segments[:Tk], S
@@ -169,6 +180,7 @@ def attention_stats(q: torch.Tensor, k: torch.Tensor, queries: torch.Tensor | Se
     seg = S = None
     if segments is not None:
         seg, S = _segment_ids(segments, Tk, device)
+        seg_hot = _one_hot(seg, S)
     per_query = rows or key_mass or entropy or topk or seg is not None
     if per_query:
         parts: dict[str, list[torch.Tensor]] = {"rows": [], "entropy": [], "tv": [], "ti": [], "seg": []}
@@ -185,7 +197,7 @@ def attention_stats(q: torch.Tensor, k: torch.Tensor, queries: torch.Tensor | Se
                 parts["tv"].append(v)
                 parts["ti"].append(i)
             if seg is not None:
-                parts["seg"].append(p.new_zeros(*p.shape[:3], S).index_add_(-1, seg, p))  # (B, Hq, c, S)
+                parts["seg"].append(p @ seg_hot)  # (B, Hq, c, S)
         cat = lambda name: torch.cat(parts[name], dim=2) if parts[name] else None  # noqa: E731
         out.rows, out.entropy, out.segment_rows = cat("rows"), cat("entropy"), cat("seg")
         out.topk_values, out.topk_ids, out.key_mass = cat("tv"), cat("ti"), mass
@@ -193,13 +205,14 @@ def attention_stats(q: torch.Tensor, k: torch.Tensor, queries: torch.Tensor | Se
         if block:
             map_seg, map_S = torch.arange(Tk, device=device) // block, -(-Tk // block)
         elif seg is None:
-            raise ValueError("segment_map needs segments (a LongTensor of segment ids, one per position)")
+            raise ResearchError("segment_map needs segments (a LongTensor of segment ids, one per position)")
         else:
             map_seg, map_S = seg, S
         q_seg = map_seg[Tk - Tq:]  # segment of each query (queries sit at the end of the keys)
+        map_hot = _one_hot(map_seg, map_S)
         smap = torch.zeros(B, Hq, map_S, map_S, device=device)
         for qi, p in iter_probs(q, k, torch.arange(Tq, device=device), key_mask=key_mask, chunk=chunk, groups=groups):
-            per_seg = p.new_zeros(*p.shape[:3], map_S).index_add_(-1, map_seg, p)  # (B, Hq, c, S)
+            per_seg = p @ map_hot  # (B, Hq, c, S)
             smap.index_add_(2, q_seg[qi], per_seg)
         out.segment_map = smap
         out.segment_counts = torch.bincount(q_seg, minlength=map_S)

@@ -36,7 +36,7 @@ from typing import Any, Iterable, Literal
 import torch
 import torch.nn.functional as F
 
-from .attention import Groups, allowed_block, default_chunk
+from .attention import Groups, ResearchError, allowed_block, default_chunk
 from .trace import Trace
 
 
@@ -75,7 +75,7 @@ class ablate:  # noqa: N801 - reads as a verb in a list of interventions
 
     def __post_init__(self) -> None:
         if self.mode not in ("zero", "mean"):
-            raise ValueError(f"ablate mode must be 'zero' or 'mean', got {self.mode!r}")
+            raise ResearchError(f"ablate mode must be 'zero' or 'mean', got {self.mode!r}")
 
     def install(self, tr: Trace) -> None:
         positions = tr.resolve(self.positions)
@@ -91,7 +91,7 @@ class ablate:  # noqa: N801 - reads as a verb in a list of interventions
             else:
                 src = _rows(tr, x, over, hook.name)
                 if src is None:
-                    raise ValueError(f"ablate(mode='mean'): none of the 'over' positions are in this call of {hook.name}")
+                    raise ResearchError(f"ablate(mode='mean'): none of the 'over' positions are in this call of {hook.name}")
                 x[:, idx] = x[:, src].float().mean(1, keepdim=True).to(x.dtype)
             return x
         tr.add_hook(self.at, fn)
@@ -108,7 +108,7 @@ class replace_embedding:  # noqa: N801
 
         values = torch.as_tensor(self.values)
         if values.dim() == 2 and values.shape[0] != positions.numel():
-            raise ValueError(f"replace_embedding: {values.shape[0]} rows of values for {positions.numel()} positions")
+            raise ResearchError(f"replace_embedding: {values.shape[0]} rows of values for {positions.numel()} positions")
 
         def fn(x: torch.Tensor, hook) -> torch.Tensor | None:
             offset = tr.current.offset if tr.is_sequence_hook(hook.name) else 0
@@ -135,12 +135,12 @@ class patch:  # noqa: N801
             for n in names:
                 if tr.points.get(n) is not None and (n == rec.name or _matches(n, rec.name)):
                     if rec.reduce != "none":
-                        raise ValueError(f"patch({self.name!r}): the source trace reduced {n} ({rec.reduce}); "
+                        raise ResearchError(f"patch({self.name!r}): the source trace reduced {n} ({rec.reduce}); "
                                          "record it with reduce='none'")
                     source_positions[n] = self.source.resolve(rec.positions)
         missing = [n for n in names if n not in source_positions]
         if missing:
-            raise ValueError(f"patch: the source trace did not record {missing[:3]}; record them with Record(name)")
+            raise ResearchError(f"patch: the source trace did not record {missing[:3]}; record them with Record(name)")
 
         def fn(x: torch.Tensor, hook) -> torch.Tensor | None:
             step_no = len(tr.steps) - 1 if tr._in_decoder else len(tr.steps)
@@ -159,7 +159,7 @@ class patch:  # noqa: N801
                 absolute = idx + offset
                 where = (have[None, :] == absolute[:, None]).float().argmax(1)
                 if not bool(torch.isin(absolute, have).all()):
-                    raise ValueError(f"patch({hook.name}): the source recorded other positions than the ones patched")
+                    raise ResearchError(f"patch({hook.name}): the source recorded other positions than the ones patched")
                 rows = where
             x = x.clone()
             x[:, idx.to(x.device)] = src[:, rows].to(x.device, x.dtype)

@@ -22,6 +22,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 
+from .attention import ResearchError
 from .trace import Trace
 
 
@@ -70,7 +71,7 @@ class LogitLens:
 
     def install(self, tr: Trace) -> None:
         if self.top_k < 1:
-            raise ValueError(f"LogitLens.top_k must be >= 1, got {self.top_k}")
+            raise ResearchError(f"LogitLens.top_k must be >= 1, got {self.top_k}")
         decoder = tr.decoder
         n = len(decoder.layers)
         layers = list(range(n)) if self.layers is None else [layer % n for layer in self.layers]

@@ -30,6 +30,11 @@ Choices
   (``Attention.attention_override`` on the decoder layer) by the exact query-chunked path of
   research/attention.py; the layer's output still comes from the attention facade (SDPA, Triton, the
   compiled CPU decode attention), so tracing never switches the model to eager attention.
+- ``blocks.{i}.attn.hook_pattern`` is virtual (TransformerLens' name for the (B, H, q, k) probabilities):
+  a hook function on it receives the exact pattern of the call, computed query chunk by query chunk from
+  q and k — all queries (T x T, as TransformerLens: small inputs) — and may only observe; a ``Record``
+  of it keeps only the rows at ``positions`` (memory H x |positions| x T), like TransformerLens'
+  ``pos_slice``. Use ``Attention`` for reductions and ``knockout`` to change the pattern.
 - Interventions (research/interventions.py) are specs installed by the same trace: hook functions that
   replace tensors, and per-layer knockout group tables the attention override applies.
 - Leaving the ``with`` block removes every hook and override, also after an exception.
@@ -46,7 +51,7 @@ from torch import nn
 
 from ..model.attention import attention as facade_attention
 from ..model.hooks import HookFn, HookPoint, hook_points
-from .attention import AttentionStats, Groups, attention_stats, key_mass_triton
+from .attention import AttentionStats, Groups, ResearchError, attention_rows, attention_stats, key_mass_triton
 
 Reduce = Literal["none", "mean", "sum", "max", "topk"]
 NONSEQUENCE = ("vision.", "mm.hook_features", "mm.hook_pooled", "mm.hook_projected", "mm.hook_newline")
@@ -58,12 +63,12 @@ def resolve_positions(positions: Any, provenance: Any = None) -> torch.Tensor | 
         return None
     if hasattr(positions, "resolve"):
         if provenance is None:
-            raise ValueError(f"{type(positions).__name__} is a selector and needs the request's token provenance: "
+            raise ResearchError(f"{type(positions).__name__} is a selector and needs the request's token provenance: "
                              "pass provenance=... to trace(), or give positions as a LongTensor")
         positions = positions.resolve(provenance)
     idx = torch.as_tensor(positions, dtype=torch.long).reshape(-1)
     if idx.numel() and int(idx.min()) < 0:
-        raise ValueError("positions must be absolute sequence positions (>= 0); use a selector for 'the last token'")
+        raise ResearchError("positions must be absolute sequence positions (>= 0); use a selector for 'the last token'")
     return idx
 
 
@@ -86,11 +91,11 @@ class Record:
 
     def __post_init__(self) -> None:
         if self.reduce not in ("none", "mean", "sum", "max", "topk"):
-            raise ValueError(f"Record.reduce must be none, mean, sum, max or topk, got {self.reduce!r}")
+            raise ResearchError(f"Record.reduce must be none, mean, sum, max or topk, got {self.reduce!r}")
         if self.steps not in ("all", "prefill", "decode"):
-            raise ValueError(f"Record.steps must be all, prefill or decode, got {self.steps!r}")
+            raise ResearchError(f"Record.steps must be all, prefill or decode, got {self.steps!r}")
         if self.reduce == "topk" and self.k < 1:
-            raise ValueError(f"Record.k must be >= 1 for reduce='topk', got {self.k}")
+            raise ResearchError(f"Record.k must be >= 1 for reduce='topk', got {self.k}")
 
 
 @dataclass(frozen=True)
@@ -122,11 +127,11 @@ class Attention:
 
     def __post_init__(self) -> None:
         if self.heads not in ("all", "mean"):
-            raise ValueError(f"Attention.heads must be 'all' or 'mean', got {self.heads!r}")
+            raise ResearchError(f"Attention.heads must be 'all' or 'mean', got {self.heads!r}")
         if self.backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"Attention.backend must be auto, torch or triton, got {self.backend!r}")
+            raise ResearchError(f"Attention.backend must be auto, torch or triton, got {self.backend!r}")
         if self.segment_map and self.segments is None:
-            raise ValueError("Attention(segment_map=True) needs segments (one segment id per position)")
+            raise ResearchError("Attention(segment_map=True) needs segments (one segment id per position)")
 
 
 @dataclass
@@ -148,7 +153,7 @@ class Trace:
         self.model = model
         self.decoder = getattr(model, "language_model", model)
         if not hasattr(self.decoder, "layers"):
-            raise TypeError(f"trace() takes a LlavaNextModel or a Decoder, got {type(model).__name__}")
+            raise ResearchError(f"trace() takes a LlavaNextModel or a Decoder, got {type(model).__name__}")
         self.points = hook_points(model)
         self.provenance = provenance
         self.records = [Record(r) if isinstance(r, str) else r for r in record]
@@ -160,7 +165,11 @@ class Trace:
         self._in_decoder = False
         self._removers: list[Callable[[], None]] = []
         self._knockouts: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # layer -> (src, dst) positions
-        self._overrides: dict[int, Any] = {}
+        L = len(self.decoder.layers)
+        self.patterns = {f"blocks.{i}.attn.hook_pattern": HookPoint() for i in range(L)}  # virtual (docstring)
+        for name, point in self.patterns.items():
+            point.name = name
+        self._pattern_users: dict[int, list[tuple[Callable, torch.Tensor | None]]] = {}
 
     # ---- what users read ----------------------------------------------------------------------------
     @property
@@ -190,28 +199,41 @@ class Trace:
     # ---- installing ---------------------------------------------------------------------------------
     def names(self, pattern: str | Callable[[str], bool]) -> list[str]:
         """Hook names matching an fnmatch pattern or a predicate; a clear error when none does."""
+        every = [*self.points, *self.patterns]
         if callable(pattern):
-            found = [n for n in self.points if pattern(n)]
+            found = [n for n in every if pattern(n)]
         else:
-            found = [n for n in self.points if fnmatch.fnmatchcase(n, pattern)]
+            found = [n for n in every if fnmatch.fnmatchcase(n, pattern)]
         if not found:
             example = ", ".join(list(self.points)[:6])
-            raise KeyError(f"no hook point matches {pattern!r}; names look like: {example}, ... "
+            raise ResearchError(f"no hook point matches {pattern!r}; names look like: {example}, ... "
                            "(llava_next/model/hooks.py lists them)")
         return found
 
     def add_hook(self, name: str | Callable[[str], bool], fn: HookFn) -> None:
         for n in self.names(name):
-            self._removers.append(self.points[n].add_hook(fn))
+            if n in self.patterns:
+                self._add_pattern_user(n, fn, None)
+            else:
+                self._removers.append(self.points[n].add_hook(fn))
+
+    def _add_pattern_user(self, name: str, fn: Callable, positions: torch.Tensor | None) -> None:
+        point = self.patterns[name]
+
+        def observe(pattern: torch.Tensor) -> None:
+            if fn(pattern, point) is not None:
+                raise ResearchError(f"{name} is virtual and read-only (the pattern is recomputed, not used); "
+                                    "change attention with research.interventions.knockout")
+        self._pattern_users.setdefault(point.layer(), []).append((observe, positions))
 
     def add_knockout(self, src: torch.Tensor, dst: torch.Tensor, layers: Iterable[int]) -> None:
         """Queries at positions ``dst`` may not attend to keys at ``src`` in these layers."""
         for layer in layers:
             if not 0 <= layer < len(self.decoder.layers):
-                raise ValueError(f"knockout layer {layer} out of range 0..{len(self.decoder.layers) - 1}")
+                raise ResearchError(f"knockout layer {layer} out of range 0..{len(self.decoder.layers) - 1}")
             self._knockouts.setdefault(layer, []).append((src, dst))
             if len(self._knockouts[layer]) > 4:
-                raise ValueError("at most 4 knockouts per layer in one trace (each doubles the group table twice)")
+                raise ResearchError("at most 4 knockouts per layer in one trace (each doubles the group table twice)")
 
     def local(self, positions: torch.Tensor | None, offset: int, length: int) -> torch.Tensor | None:
         """Absolute positions -> indices into a call covering [offset, offset + length); None = all."""
@@ -254,13 +276,18 @@ class Trace:
             positions = self.resolve(rec.positions)
             names = self.names(rec.name)
             if rec.key is not None and len(names) > 1:
-                raise ValueError(f"Record(key={rec.key!r}) matches {len(names)} hook points; a key names one")
+                raise ResearchError(f"Record(key={rec.key!r}) matches {len(names)} hook points; a key names one")
             for name in names:
                 key = rec.key or name
                 if key in keys:
-                    raise ValueError(f"two Records store under {key!r} ({keys[key]!r} and {rec.name!r}); "
+                    raise ResearchError(f"two Records store under {key!r} ({keys[key]!r} and {rec.name!r}); "
                                      "give one of them key='...'")
                 keys[key] = rec.name
+                if name in self.patterns:
+                    if rec.reduce != "none":
+                        raise ResearchError(f"Record({name!r}) keeps pattern rows; for reductions use Attention(...)")
+                    self._add_pattern_user(name, self._pattern_recorder(rec, key), positions)
+                    continue
                 self._removers.append(self.points[name].add_hook(self._recorder(rec, name, key, positions)))
         for name, fn in self.user_hooks:
             self.add_hook(name, fn)
@@ -299,6 +326,13 @@ class Trace:
                 self._store(step, key + ":positions", where.to(rec.device or where.device))
         return fn
 
+    def _pattern_recorder(self, rec: Record, key: str) -> Callable:
+        def store(pattern: torch.Tensor, hook: HookPoint) -> None:
+            if rec.steps == "prefill" and len(self.steps) > 1 or rec.steps == "decode" and len(self.steps) == 1:
+                return
+            self._store(self.current, key, self._place(pattern, rec.dtype, rec.device))
+        return store
+
     @staticmethod
     def _place(value: torch.Tensor, dtype: torch.dtype | None, device: Any) -> torch.Tensor:
         value = value.to(dtype) if dtype is not None else value
@@ -320,18 +354,18 @@ class Trace:
     # ---- attention -----------------------------------------------------------------------------------
     def _install_attention(self) -> None:
         spec = self.attention_spec
-        layers: set[int] = set(self._knockouts)
+        layers: set[int] = set(self._knockouts) | set(self._pattern_users)
         if spec is not None:
             n = len(self.decoder.layers)
             chosen = range(n) if spec.layers is None else spec.layers
             for layer in chosen:
                 if not -n <= layer < n:
-                    raise ValueError(f"attention layer {layer} out of range for a {n}-layer decoder")
+                    raise ResearchError(f"attention layer {layer} out of range for a {n}-layer decoder")
             layers |= {layer % n for layer in chosen}
             self._attn_layers = {layer % n for layer in chosen}
             self._attn_queries = spec.queries if isinstance(spec.queries, str) else self.resolve(spec.queries)
             if isinstance(spec.queries, str) and spec.queries not in ("last", "all"):
-                raise ValueError(f"Attention.queries must be 'last', 'all', positions or a selector; got {spec.queries!r}")
+                raise ResearchError(f"Attention.queries must be 'last', 'all', positions or a selector; got {spec.queries!r}")
             self._attn_segments = self.resolve(spec.segments) if spec.segments is not None else None
         else:
             self._attn_layers = set()
@@ -375,6 +409,11 @@ class Trace:
                 y = facade_attention(q, k, v, causal=True, mask=mask)
             if layer in self._attn_layers:
                 self._record_attention(layer, q, k, v, key_mask, groups)
+            for use, positions in self._pattern_users.get(layer, ()):
+                idx = self.local(positions, self.current.offset, q.shape[2]) if positions is not None else \
+                    torch.arange(q.shape[2])
+                if idx.numel():
+                    use(attention_rows(q, k, idx.to(q.device), key_mask=key_mask, groups=groups))
             return y
         return fn
 
