@@ -137,7 +137,7 @@ def test_video_png_with_newlines(capsys, tmp_path):
     (["--image", "{tmp}"], "{tmp}: is a directory"),
     (["--video", "{video}", "--pool-stride", "30"], "larger than the 24x24 patch grid"),
     (["--video", "{tmp}/notes.png"], "{tmp}/notes.png: not a readable video"),
-    (["--image", "{photo}", "--frames", "3"], "--frames: video options, not valid with --image"),
+    (["--image", "{photo}", "--frames", "3"], "--frames: video options, but no --video was given"),
     (["--video", "{video}", "--png", "{tmp}/no/such/dir/x.png"], "cannot write the PNG"),
 ])
 def test_user_errors_exit_2_with_one_line(capsys, tmp_path, args, message):
@@ -148,7 +148,7 @@ def test_user_errors_exit_2_with_one_line(capsys, tmp_path, args, message):
     assert len(err.strip().splitlines()) == 1 and message.format(**fill) in err, err
 
 
-@pytest.mark.parametrize("args", [[], ["inspect"], ["inspect", "--image", "a.png", "--video", "b.mp4"],
+@pytest.mark.parametrize("args", [[], ["inspect"], ["inspect", "--video", "b.mp4", "--pool-position", "middle"],
                                   ["inspect", "--video", "b.mp4", "--rope-scale", "0.5"],
                                   ["inspect", "--video", "b.mp4", "--preset", "nope"],
                                   ["inspect", "--video", "b.mp4", "--frames", "0"]])

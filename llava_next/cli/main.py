@@ -3,14 +3,15 @@
 Commands
 - ``run`` / ``convert`` (run.py): answer a question with a checkpoint; convert a checkpoint.
 - ``trace`` (trace.py): token provenance, exact attention and logit lens of one request (JSON, PNG).
-- ``inspect``: the token plan of images or a video, without weights — AnyRes canvas, tiles, unpadded
+- ``inspect``: the token plan of images and/or videos, without weights — AnyRes canvas, tiles, unpadded
   features and newlines per image; sampled frames, timestamps and pooled tokens per frame for a video;
   and whether the prompt fits the RoPE context with which factor. ``--json`` for scripts, ``--png`` for
   a picture of the plan.
 
 Adding a command: write ``_add_NAME(subparsers)`` that builds its parser and calls
 ``parser.set_defaults(func=_NAME)``, where ``_NAME(args) -> int`` returns the exit code, and call it
-from ``build_parser``. Raise ``UserError`` for anything the user can fix (bad file, bad option): ``main``
+from ``build_parser``. Take the shared option groups from options.py (``--model``, ``--image``/``--video``,
+every token-plan switch, ``--json``/``--quiet``), so a flag means the same in every command. Raise ``UserError`` for anything the user can fix (bad file, bad option): ``main``
 prints it as one line and exits with status 2, argparse's own code for usage errors.
 
 Exit status (docs/errors.md has every message): 0 success; 2 a user error — bad option (argparse),
@@ -31,98 +32,56 @@ import sys
 from typing import Sequence
 
 from ..config import PRESETS, LlavaNextConfig
+from . import options
+from .options import UserError
 
 DEFAULT_PRESET = "LLaVA-NeXT-Video-7B"
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 3
 
 
-class UserError(Exception):
-    """Something the user can fix; printed as one line, exit status 2."""
-
-
 # --------------------------------------------------------------------------------------------------
 # inspect
 # --------------------------------------------------------------------------------------------------
-def _rope_scale(value: str):
-    if value in ("config", "auto", "original"):
-        return value
-    try:
-        factor = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not 'config', 'auto', 'original' or a number") from None
-    if factor < 1:
-        raise argparse.ArgumentTypeError(f"a RoPE factor must be >= 1 (1 = no scaling), got {value}")
-    return factor
-
-
-def _pixels(value: str) -> int:
-    try:
-        n = int(float(value))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number of pixels") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = no limit), got {value}")
-    return n
-
-
-def _add_max_image_pixels(p) -> None:
-    p.add_argument("--max-image-pixels", type=_pixels, default=None, metavar="N",
-                   help="refuse images with more pixels (a guard against decompression bombs; default 100000000 "
-                        "or $LLAVA_NEXT_MAX_IMAGE_PIXELS; 0 = no limit)")
-
-
-def _positive(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
-
-
 def _add_inspect(sub) -> None:
-    p = sub.add_parser("inspect", help="show the token plan of images or a video (no weights needed)",
-                       description="Show how many tokens images or a video become and whether they fit the "
-                                   "model's RoPE context. Sizes are printed as height x width.")
-    media = p.add_mutually_exclusive_group(required=True)
-    media.add_argument("--image", nargs="+", metavar="FILE", help="one or more image files")
-    media.add_argument("--video", metavar="FILE", help="a video file (anything FFmpeg decodes)")
-    p.add_argument("--frames", type=_positive, default=None,
-                   help="frames to sample (default 8; the cap with --sampling fps)")
-    p.add_argument("--sampling", choices=("uniform", "fps"), default=None,
-                   help="uniform: np.linspace over all frames (default); fps: 1 frame/s, uniform if over --frames")
-    p.add_argument("--pool-stride", type=_positive, default=None, help="spatial pool stride (preset: 2)")
-    p.add_argument("--pool-mode", choices=("average", "max", "bilinear"), default=None,
-                   help="spatial pool mode (preset: average)")
-    p.add_argument("--newline", choices=("none", "grid", "frame", "one_token"), default=None,
-                   help="video newline tokens (preset: none, as transformers)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET, metavar="NAME",
-                   help=f"model preset (default {DEFAULT_PRESET}); one of: {', '.join(sorted(PRESETS))}")
-    p.add_argument("--text-tokens", type=int, default=100,
-                   help="positions to reserve for prompt text and answer (default 100)")
-    p.add_argument("--rope-scale", type=_rope_scale, default="config", metavar="config|auto|original|F",
-                   help="linear RoPE factor: the preset's (config), the smallest that fits (auto), the original "
-                        "demo's rule (original) or a number")
-    _add_max_image_pixels(p)
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument("--png", metavar="OUT", help="draw the plan into a PNG file")
-    p.set_defaults(func=_inspect)
+    p = sub.add_parser("inspect", help="show the token plan of images and/or videos (no weights needed)",
+                       description="Show how many tokens images and videos become and whether they fit the "
+                                   "model's RoPE context. Sizes are printed as height x width. Takes the same "
+                                   "model, media and token-plan options as run.")
+    options.add_model_options(p)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, metavar="NAME",
+                   help=f"a model preset (the same as --model NAME); one of: {', '.join(sorted(PRESETS))}")
+    options.add_media_options(p)
+    options.add_plan_options(p)
+    options.add_prompt_options(p, positional=False, max_new_tokens=None)
+    p.add_argument("--text-tokens", type=int, default=None,
+                   help="positions to reserve for prompt text and answer when no --prompt is given (default 100)")
+    options.add_output_options(p, what="the plan")
+    p.add_argument("--png", metavar="OUT", help="draw the plan into a PNG file (images, or one video)")
+    p.set_defaults(func=_inspect, _parser=p)
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    config = LlavaNextConfig.from_name(args.preset)
-    if args.text_tokens < 0:
+    if not args.image and not args.video:
+        args._parser.error("give at least one --image or --video")
+    options.finish(args)
+    if args.preset is not None and args.model != options.DEFAULT_MODEL:
+        raise UserError(f"--preset {args.preset} and --model {args.model}: give one")
+    model = args.preset or args.model
+    config, preset = options.model_config(model)
+    from ..runtime.pipeline import with_overrides
+
+    try:
+        config = with_overrides(config, **options.plan_overrides(args))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if args.text_tokens is not None and args.text_tokens < 0:
         raise UserError(f"--text-tokens must be >= 0, got {args.text_tokens}")
-    if args.image:
-        video_only = [f"--{n.replace('_', '-')}" for n in ("frames", "sampling", "pool_stride", "pool_mode", "newline")
-                      if getattr(args, n) is not None]
-        if video_only:
-            raise UserError(f"{', '.join(video_only)}: video options, not valid with --image")
-        report, draw = _inspect_images(args, config)
-    else:
-        report, draw = _inspect_video(args, config)
+    if args.text_tokens is not None and args.prompt is not None:
+        raise UserError("--text-tokens and --prompt: give one (with --prompt the text is counted exactly)")
+    if args.png and (args.image and args.video or len(args.video) > 1):
+        raise UserError("--png draws the plan of images or of one video; give only those")
+    report, draw = _inspect_media(args, config, model, preset)
     if args.png:
         try:
             draw().save(args.png, format="PNG")
@@ -155,71 +114,65 @@ def _load_image(path: str, max_pixels: int | None):
         raise UserError(message if path in message else f"{path}: {message}") from None
 
 
-def _context(args, visual: int, config: LlavaNextConfig):
-    from ..inputs.tokens import plan_context
+def _inspect_media(args, config: LlavaNextConfig, model: str, preset: str | None):
+    from ..inputs.tokens import image_plan, plan_context, video_plan
+    from ..inputs.video import VideoError, load_video
+    from .plan import media_plan
 
-    return plan_context(args.text_tokens, visual, config, args.rope_scale)
-
-
-def _inspect_images(args, config: LlavaNextConfig):
-    from ..inputs.tokens import image_plan
-
-    images, entries = [], []
+    n_frames, sampling = options.frames(args), options.sampling(args)
+    images, image_plans = [], []
     for path in args.image:
         img = _load_image(path, args.max_image_pixels)
         plan = image_plan((img.height, img.width), config)
         images.append((img, plan, os.path.basename(path)))
-        entries.append({"path": path, "tokens": plan.total, "image_hw": plan.image_hw, "canvas_hw": plan.canvas_hw,
-                        "grid_hw": plan.grid_hw, "num_tiles": plan.num_tiles, "resized_hw": plan.resized_hw,
-                        "base_tokens": plan.base_tokens, "feature_map_hw": plan.feature_map_hw,
-                        "unpadded_hw": plan.unpadded_hw, "newline_tokens": plan.newline_tokens})
-    visual = sum(e["tokens"] for e in entries)
-    context = _context(args, visual, config)
-    report = {"preset": args.preset, "kind": "image", "visual_tokens": visual, "text_tokens": args.text_tokens,
-              "total": context.tokens_needed, "fits": context.fits, "images": entries,
+        image_plans.append((path, plan))
+    if args.video:
+        try:  # options first: a bad stride should not wait for a decode
+            video_plan(n_frames, config)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    videos = []
+    for path in args.video:
+        _check_file(path)
+        try:
+            clip = load_video(path, n_frames, sampling=sampling, size=config.vision.image_size)
+        except VideoError as e:
+            raise UserError(str(e)) from None
+        videos.append((clip, video_plan(clip.num_frames, config)))
+    media = media_plan(image_plans, videos, config, args.rope_scale, sampling)
+    visual = media["visual_tokens"]
+    text_tokens = 100 if args.text_tokens is None else args.text_tokens
+    new_tokens = args.max_new_tokens or 0
+    if args.prompt is not None:  # count the prompt exactly, as run does
+        from ..inputs.prompt import build_input_ids
+
+        tokenizer = options.model_tokenizer(model)
+        if tokenizer is None:
+            raise UserError(f"--prompt: counting the prompt needs the model's tokenizer.json, and {model} is not a "
+                            f"checkpoint directory here; give a directory, or --text-tokens N instead")
+        ids = build_input_ids(args.prompt, tokenizer, config, len(image_plans), len(videos), args.template)
+        text_tokens = len(ids) - len(image_plans) - len(videos)  # one placeholder id per medium
+        new_tokens = options.ANSWER_TOKENS if args.max_new_tokens is None else args.max_new_tokens
+    context = plan_context(text_tokens, visual, config, args.rope_scale, new_tokens=new_tokens)
+    kind = "video" if videos and not images and len(videos) == 1 else "image" if images and not videos else "mixed"
+    report = {"preset": preset, "model": model, "kind": kind, "visual_tokens": visual,
+              "text_tokens": text_tokens, "total": context.tokens_needed, "fits": context.fits, **media,
               "context": context.to_dict()}
+    if kind == "video":  # one video: its fields at the top level too (the original inspect format)
+        report.update({k: v for k, v in media["videos"][0].items() if k != "tokens"})
 
     def draw():
-        from .plan_png import draw_images_plan
+        if images:
+            from .plan_png import draw_images_plan
 
-        return draw_images_plan(images, context, tile=config.tile_size)
-
-    return report, draw
-
-
-def _inspect_video(args, config: LlavaNextConfig):
-    from ..inputs.tokens import video_plan
-    from ..inputs.video import VideoError, load_video
-
-    _check_file(args.video)
-    try:  # options first: a bad stride should not wait for a decode
-        plan = video_plan(args.frames or 8, config, args.pool_stride, args.pool_mode, args.newline)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    try:
-        clip = load_video(args.video, args.frames or 8, sampling=args.sampling or "uniform",
-                          size=config.vision.image_size)
-    except VideoError as e:
-        raise UserError(str(e)) from None
-    plan = video_plan(clip.num_frames, config, plan.stride, plan.mode, plan.newline)
-    context = _context(args, plan.total, config)
-    report = {"preset": args.preset, "kind": "video", "visual_tokens": plan.total, "text_tokens": args.text_tokens,
-              "total": context.tokens_needed, "fits": context.fits, "path": args.video,
-              "size_hw": clip.size_hw, "total_frames": clip.total_frames, "fps": clip.fps, "duration": clip.duration,
-              "sampling": args.sampling or "uniform", "num_frames": clip.num_frames,
-              "frame_indices": clip.frame_indices, "timestamps": clip.timestamps,
-              "tokens_per_frame": plan.tokens_per_frame, "patch_grid_hw": plan.patch_grid_hw,
-              "pooled_hw": plan.pooled_hw, "pool_stride": plan.stride, "pool_mode": plan.mode,
-              "newline": plan.newline, "newline_tokens": plan.newline_tokens, "context": context.to_dict(),
-              "notes": clip.notes()}
-
-    def draw():
+            return draw_images_plan(images, context, tile=config.tile_size)
         from .plan_png import draw_video_plan
 
+        (clip, plan), = videos
         source = (f"{_hw(clip.size_hw)} px, {clip.total_frames} frames, {clip.fps:.2f} fps, "
-                  f"{clip.duration:.2f} s; {report['sampling']} sampling")
+                  f"{clip.duration:.2f} s; {sampling} sampling")
         return draw_video_plan(clip.frames, clip.frame_indices, clip.timestamps, clip.duration, plan,
-                               os.path.basename(args.video), context, source)
+                               os.path.basename(clip.path), context, source)
 
     return report, draw
 
@@ -230,33 +183,39 @@ def _hw(size: Sequence[int]) -> str:
 
 def _format(r: dict) -> str:
     """The human-readable plan."""
-    preset = PRESETS[r["preset"]]
-    lines = [f"preset   {r['preset']} ({preset.hub_id}); sizes are height x width"]
-    if r["kind"] == "image":
-        for e in r["images"]:
-            kh, kw = e["unpadded_hw"]
-            lines += [
-                f"image    {e['path']}: {_hw(e['image_hw'])} px",
-                f"  best resolution {_hw(e['canvas_hw'])} px -> grid {_hw(e['grid_hw'])} = {e['num_tiles']} tiles "
-                f"+ 1 base image; resized to {_hw(e['resized_hw'])} then padded",
-                f"  features        base {e['base_tokens']} + map {_hw(e['feature_map_hw'])} unpadded to "
-                f"{kh}x{kw} = {kh * kw} + {e['newline_tokens']} newline",
-                f"  tokens          {e['tokens']}",
-            ]
-        if len(r["images"]) > 1:
-            lines.append(f"visual   {r['visual_tokens']} tokens in {len(r['images'])} images")
+    if r["preset"] is not None:
+        lines = [f"preset   {r['preset']} ({PRESETS[r['preset']].hub_id}); sizes are height x width"]
     else:
-        ph, pw = r["pooled_hw"]
-        frames = ", ".join(f"{i}@{t:.2f}s" for i, t in zip(r["frame_indices"], r["timestamps"]))
-        nl = f" + {r['newline_tokens']} newline ({r['newline']})" if r["newline_tokens"] else ""
+        lines = [f"model    {r['model']}; sizes are height x width"]
+    for e in r["images"]:
+        kh, kw = e["unpadded_hw"]
         lines += [
-            f"video    {r['path']}: {_hw(r['size_hw'])} px, {r['total_frames']} frames, {r['fps']:.2f} fps, "
-            f"{r['duration']:.2f} s",
-            f"  sampled         {r['num_frames']} frames ({r['sampling']}): {frames}",
-            f"  per frame       {_hw(r['patch_grid_hw'])} patches -> {r['pool_mode']} pool stride {r['pool_stride']}"
-            f" -> {ph}x{pw} = {r['tokens_per_frame']} tokens",
-            f"  tokens          {r['num_frames']} x {r['tokens_per_frame']}{nl} = {r['visual_tokens']}",
-        ] + [f"  note: {note}" for note in r["notes"]]
+            f"image    {e['path']}: {_hw(e['image_hw'])} px",
+            f"  best resolution {_hw(e['canvas_hw'])} px -> grid {_hw(e['grid_hw'])} = {e['num_tiles']} tiles "
+            f"+ 1 base image; resized to {_hw(e['resized_hw'])} then padded",
+            f"  features        base {e['base_tokens']} + map {_hw(e['feature_map_hw'])} unpadded to "
+            f"{kh}x{kw} = {kh * kw} + {e['newline_tokens']} newline",
+            f"  tokens          {e['tokens']}",
+        ]
+    for v in r["videos"]:
+        ph, pw = v["pooled_hw"]
+        frames = ", ".join(f"{i}@{t:.2f}s" for i, t in zip(v["frame_indices"], v["timestamps"]))
+        nl = f" + {v['newline_tokens']} newline ({v['newline']})" if v["newline_tokens"] else ""
+        lines += [
+            f"video    {v['path']}: {_hw(v['size_hw'])} px, {v['total_frames']} frames, {v['fps']:.2f} fps, "
+            f"{v['duration']:.2f} s",
+            f"  sampled         {v['num_frames']} frames ({v['sampling']}): {frames}",
+            f"  per frame       {_hw(v['patch_grid_hw'])} patches -> {v['pool_mode']} pool stride {v['pool_stride']}"
+            f" -> {ph}x{pw} = {v['tokens_per_frame']} tokens",
+            f"  tokens          {v['num_frames']} x {v['tokens_per_frame']}{nl} = {v['tokens']}",
+        ] + [f"  note: {note}" for note in v["notes"]]
+    n = len(r["images"]) + len(r["videos"])
+    if n > 1:
+        lines.append(f"visual   {r['visual_tokens']} tokens in {len(r['images'])} images"
+                     + (f" and {len(r['videos'])} videos" if r["videos"] else ""))
+    sw = r["switches"]
+    if sw["pool_position"] != "before_projector" or sw["anyres_compat"] != "hf":
+        lines.append(f"switches pool {sw['pool_position']}, anyres_compat {sw['anyres_compat']}")
     c = r["context"]
     from ..inputs.tokens import ContextPlan
 
@@ -265,7 +224,7 @@ def _format(r: dict) -> str:
     if not plan.fits:
         lines.append(f"  fix: {plan.fix()}")
     elif plan.factor != plan.config_factor:
-        lines.append(f"  note: the preset's config uses RoPE factor {plan.config_factor:g}; this plan uses "
+        lines.append(f"  note: the model's config uses RoPE factor {plan.config_factor:g}; this plan uses "
                      f"{plan.factor:g}")
     return "\n".join(lines)
 
@@ -295,13 +254,11 @@ def build_parser(json_errors: bool = False) -> argparse.ArgumentParser:
     _add_inspect(sub)
     from .run import add_convert, add_run  # weights commands (imported lazily: torch-heavy paths)
 
-    add_run(sub, positive=_positive, rope_scale=_rope_scale, user_error=UserError,
-            max_image_pixels=_add_max_image_pixels)
+    add_run(sub, user_error=UserError)
     add_convert(sub, user_error=UserError)
     from .trace import add_trace  # research: provenance, attention, logit lens of one request
 
-    add_trace(sub, positive=_positive, rope_scale=_rope_scale, user_error=UserError,
-              max_image_pixels=_add_max_image_pixels)
+    add_trace(sub, user_error=UserError)
     return parser
 
 

@@ -13,44 +13,37 @@ Registered into the parser by ``llava_next.cli.main.build_parser``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
 
 import torch
 
-DEFAULT_MODEL = "llava-hf/LLaVA-NeXT-Video-7B-hf"
+from .options import DEFAULT_MODEL  # noqa: F401  (re-exported: the default checkpoint)
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def add_run(sub, *, positive, rope_scale, user_error, max_image_pixels) -> None:
-    from ..inputs.prompt import TEMPLATES
+def add_run(sub, *, user_error) -> None:
+    from . import options
 
-    p = sub.add_parser("run", help="answer a question about images and/or a video",
-                       description="Answer PROMPT about the given images and/or video with a LLaVA-NeXT checkpoint "
-                                   "(a hub id, a llava-hf or original checkpoint directory, or a converted one).")
-    p.add_argument("prompt", metavar="PROMPT", help="the question (with --template none: the exact prompt text)")
-    p.add_argument("--model", default=DEFAULT_MODEL, metavar="ID_OR_DIR", help=f"default: {DEFAULT_MODEL}")
-    p.add_argument("--image", action="append", default=[], metavar="FILE", help="an image (repeat for several)")
-    p.add_argument("--video", metavar="FILE", help="a video file")
-    p.add_argument("--frames", type=positive, default=8, help="frames sampled uniformly from the video (default 8)")
-    p.add_argument("--pool-stride", type=positive, default=None, help="video spatial pool stride (checkpoint: 2)")
-    p.add_argument("--rope-scale", type=rope_scale, default="config", metavar="config|auto|F",
-                   help="linear RoPE factor: the checkpoint's (config), the smallest that fits (auto), or F")
-    p.add_argument("--max-new-tokens", type=positive, default=256)
+    p = sub.add_parser("run", help="answer a question about images and/or videos",
+                       description="Answer PROMPT about the given images and/or videos with a LLaVA-NeXT checkpoint "
+                                   "(a hub id, a llava-hf or original checkpoint directory, a converted one, or "
+                                   "tiny-random). Takes the same model, media and token-plan options as inspect.")
+    options.add_prompt_options(p, positional=True)
+    options.add_model_options(p)
+    options.add_media_options(p)
+    options.add_plan_options(p)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
                    help="weights and activations (default bf16: AMX on recent CPUs, half the memory of fp32)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--template", choices=[*TEMPLATES, "none"], default=None,
-                   help="chat template (default: the checkpoint's); 'none' sends PROMPT exactly as given")
     p.add_argument("--cache-dir", default=None, help="where converted checkpoints are kept "
                                                      "(default $LLAVA_NEXT_CACHE or ~/.cache/llava-next)")
-    max_image_pixels(p)
-    p.add_argument("--json", action="store_true", help="print one JSON object (tokens, text, timings, plan)")
+    options.add_output_options(p, what="one object (tokens, text, timings, plan)")
     p.set_defaults(func=lambda args: _run(args, user_error))
 
 
@@ -83,47 +76,55 @@ def _convert(args: argparse.Namespace, user_error) -> int:
 
 
 def _run(args: argparse.Namespace, user_error) -> int:
-    from ..runtime.pipeline import Pipeline
-    from ..model.pooling import pooled_grid_hw
+    from ..config import PRESETS
+    from ..runtime.pipeline import Pipeline, with_overrides
+    from . import options
+    from .plan import media_plan
 
+    options.finish(args, needs_prompt=True)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise user_error("--device cuda: no CUDA device is available; use --device cpu")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise user_error(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature}, {args.top_p}")
+    model_id = PRESETS[args.model].hub_id if args.model in PRESETS else args.model
     t0 = time.perf_counter()
-    pipe = Pipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device,
-                                    cache_dir=args.cache_dir, progress=not args.json)
+    pipe = Pipeline.from_pretrained(model_id, dtype=DTYPES[args.dtype], device=args.device,
+                                    cache_dir=args.cache_dir, progress=not (args.json or args.quiet))
     load_s = time.perf_counter() - t0
-    if args.pool_stride is not None:
-        cfg = pipe.model.config
-        grid = (cfg.vision.grid_size, cfg.vision.grid_size)
-        pooled_grid_hw(grid, args.pool_stride, cfg.spatial_pool_mode)  # validates the stride
-        pipe.model.config = dataclasses.replace(cfg, spatial_pool_stride=args.pool_stride)
-    request = pipe.prepare(args.prompt, images=args.image, video=args.video, frames=args.frames,
-                           template=args.template, rope_scale=args.rope_scale, max_new_tokens=args.max_new_tokens,
-                           max_image_pixels=args.max_image_pixels)
+    pipe.model.config = with_overrides(pipe.model.config, **options.plan_overrides(args))
+    if args.video:  # validates the pool stride / mode against the patch grid before any decoding
+        from ..inputs.tokens import video_plan
+
+        video_plan(options.frames(args), pipe.model.config)
+    request = pipe.prepare(args.prompt, images=args.image, videos=args.video, frames=options.frames(args),
+                           sampling=options.sampling(args), template=args.template, rope_scale=args.rope_scale,
+                           max_new_tokens=args.max_new_tokens, max_image_pixels=args.max_image_pixels)
     plan = request.plan
-    if not args.json:
+    say = not (args.json or args.quiet)
+    if say:
         print(f"[llava-next] {plan.summary()}", file=sys.stderr)
         for note in request.notes:
             print(f"[llava-next] note: {note}", file=sys.stderr)
         if plan.factor_source == "auto":
             print(f"[llava-next] --rope-scale auto: using linear RoPE factor {plan.factor:g} "
                   f"(the checkpoint's is {plan.config_factor:g})", file=sys.stderr)
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   seed=args.seed, template=args.template)
+    options_ = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    seed=args.seed, template=args.template)
     pieces = []
-    for piece in pipe.stream(request, **options):
+    for piece in pipe.stream(request, **options_):
         pieces.append(piece)
         if not args.json:
             sys.stdout.write(piece)
             sys.stdout.flush()
     timings = {"load_s": load_s, **request.timings}
     if args.json:
+        media = media_plan(list(zip(args.image, request.image_plans)), list(zip(request.videos, request.video_plans)),
+                           pipe.model.config, args.rope_scale, options.sampling(args))
         print(json.dumps({"tokens": request.tokens, "text": "".join(pieces), "timings": timings,
-                          "plan": request.to_dict()}))
+                          "plan": {**request.to_dict(), **media}}))
     else:
         sys.stdout.write("\n")
-        print(f"[llava-next] {len(request.tokens)} tokens; first token {timings['first_token_s']:.2f} s, "
-              f"{timings['decode_tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+        if say:
+            print(f"[llava-next] {len(request.tokens)} tokens; first token {timings['first_token_s']:.2f} s, "
+                  f"{timings['decode_tokens_per_s']:.1f} tokens/s", file=sys.stderr)
     return 0

@@ -72,17 +72,18 @@ def _nonnegative(value: str) -> int:
     return n
 
 
-def add_trace(sub, *, positive, rope_scale, user_error, max_image_pixels) -> None:
+def add_trace(sub, *, user_error) -> None:
+    from . import options
     from .run import add_run
 
     scratch = argparse.ArgumentParser(add_help=False).add_subparsers()
-    add_run(scratch, positive=positive, rope_scale=rope_scale, user_error=user_error,
-            max_image_pixels=max_image_pixels)  # run's parser: model, media, prompt and sampling flags
+    add_run(scratch, user_error=user_error)  # run's parser: model, media, plan, prompt, sampling and dtype flags
     p = sub.add_parser("trace", parents=[scratch.choices["run"]], conflict_handler="resolve",
                        help="token provenance, exact attention and logit lens of one request (JSON, PNG)",
                        description="Run one request through the model under a trace and report where every "
                                    "position came from, the exact head-averaged attention of chosen queries "
-                                   "(without T x T maps or eager attention) and a logit lens.")
+                                   "(without T x T maps or eager attention) and a logit lens. Takes run's "
+                                   "model, media, token-plan and prompt options.")
     p.add_argument("--layers", type=_layers, default=None, metavar="all|I,J,...",
                    help="decoder layers to report (default all; negative counts from the end)")
     p.add_argument("--query", type=lambda v: _names(v, QUERY_GROUPS, "--query"), default=["last"],
@@ -90,7 +91,7 @@ def add_trace(sub, *, positive, rope_scale, user_error, max_image_pixels) -> Non
     p.add_argument("--lens", type=lambda v: _names(v, LENS_GROUPS, "--lens"), default=["question", "last", "generated"],
                    metavar="GROUPS", help=f"logit-lens positions: {', '.join(LENS_GROUPS)} (default "
                                           f"question,last,generated)")
-    p.add_argument("--lens-top-k", type=positive, default=5, help="logit lens: top-k tokens kept (default 5)")
+    p.add_argument("--lens-top-k", type=options.positive, default=5, help="logit lens: top-k tokens kept (default 5)")
     p.add_argument("--max-new-tokens", type=_nonnegative, default=0,
                    help="generate this many tokens first and trace them with the prompt (default 0: prompt only)")
     p.add_argument("--json", action="store_true", help="print one JSON object (positions, attention, logit_lens)")
@@ -99,14 +100,14 @@ def add_trace(sub, *, positive, rope_scale, user_error, max_image_pixels) -> Non
 
 
 def _trace(args: argparse.Namespace, user_error) -> int:
-    import dataclasses
-
-    from ..model.pooling import pooled_grid_hw
+    from ..config import PRESETS
     from ..research import Attention, LogitLens, Provenance, trace
     from ..research import select as sel
-    from ..runtime.pipeline import Pipeline
+    from ..runtime.pipeline import Pipeline, with_overrides
+    from . import options
     from .run import DTYPES
 
+    options.finish(args, needs_prompt=True)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise user_error("--device cuda: no CUDA device is available; use --device cpu")
     if "generated" in args.query and not args.max_new_tokens:
@@ -114,21 +115,23 @@ def _trace(args: argparse.Namespace, user_error) -> int:
     if args.png and os.path.exists(args.png) and not os.path.isdir(args.png):
         raise user_error(f"--png {args.png}: exists and is not a directory")
     t0 = time.perf_counter()
-    pipe = Pipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device,
-                                    cache_dir=args.cache_dir, progress=not args.json)
+    model_id = PRESETS[args.model].hub_id if args.model in PRESETS else args.model
+    pipe = Pipeline.from_pretrained(model_id, dtype=DTYPES[args.dtype], device=args.device,
+                                    cache_dir=args.cache_dir, progress=not (args.json or args.quiet))
     n_layers = len(pipe.model.language_model.layers)
     layers = list(range(n_layers)) if args.layers is None else args.layers
     bad = [layer for layer in layers if not -n_layers <= layer < n_layers]
     if bad:
         raise user_error(f"--layers {bad}: this decoder has {n_layers} layers (0..{n_layers - 1}, or negative)")
     layers = list(dict.fromkeys(layer % n_layers for layer in layers))
-    if args.pool_stride is not None:
-        cfg = pipe.model.config
-        pooled_grid_hw((cfg.vision.grid_size,) * 2, args.pool_stride, cfg.spatial_pool_mode)  # validates
-        pipe.model.config = dataclasses.replace(cfg, spatial_pool_stride=args.pool_stride)
-    request = pipe.prepare(args.prompt, images=args.image, video=args.video, frames=args.frames,
-                           template=args.template, rope_scale=args.rope_scale, max_new_tokens=args.max_new_tokens,
-                           max_image_pixels=args.max_image_pixels)
+    pipe.model.config = with_overrides(pipe.model.config, **options.plan_overrides(args))
+    if args.video:  # validates the pool stride / mode against the patch grid before any decoding
+        from ..inputs.tokens import video_plan
+
+        video_plan(options.frames(args), pipe.model.config)
+    request = pipe.prepare(args.prompt, images=args.image, videos=args.video, frames=options.frames(args),
+                           sampling=options.sampling(args), template=args.template, rope_scale=args.rope_scale,
+                           max_new_tokens=args.max_new_tokens, max_image_pixels=args.max_image_pixels)
     generated: list[int] = []
     if args.max_new_tokens:
         for _ in pipe.stream(request, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

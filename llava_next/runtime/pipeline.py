@@ -43,8 +43,9 @@ from ..model.generate import stream as stream_tokens
 from ..inputs.image import ImageInput, preprocess_image
 from ..model.llava import LlavaNextModel
 from ..inputs.prompt import TemplateChoice, Tokenizer, build_input_ids, expand_placeholders, stop_token_ids
-from ..inputs.tokens import ContextPlan, RopeScale, check_context, image_tokens, plan_context, video_tokens
-from ..inputs.video import VideoClip, load_video
+from ..inputs.tokens import (ContextPlan, ImagePlan, RopeScale, VideoPlan, check_context, image_plan, plan_context,
+                             video_plan)
+from ..inputs.video import Sampling, VideoClip, load_video
 
 PathLike = str | os.PathLike
 
@@ -61,6 +62,8 @@ class Request:
     video_token_counts: list[int]
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # unusual but valid input, e.g. repeated frames
+    image_plans: list[ImagePlan] = field(default_factory=list)  # every number behind each image's count
+    video_plans: list[VideoPlan] = field(default_factory=list)  # ... and each video's
 
     def to_dict(self) -> dict:
         """The token plan as plain data (for --json)."""
@@ -122,23 +125,28 @@ class Pipeline:
     def prepare(self, prompt: str, images: Sequence[PathLike | object] = (), video: PathLike | None = None, *,
                 frames: int = 8, template: TemplateChoice | None = None, rope_scale: RopeScale = "config",
                 max_new_tokens: int = 0, system: str | None = None,
-                max_image_pixels: int | None = None) -> Request:
+                max_image_pixels: int | None = None, videos: Sequence[PathLike] = (),
+                sampling: Sampling = "uniform") -> Request:
         """Preprocess media, tokenize, expand placeholders and check the context (nothing runs yet).
-        ``max_image_pixels``: refuse larger images (default 100 MP, 0 = no limit; see image.py)."""
+        ``videos``: several videos (``video`` is one more, placed first); ``sampling``: "uniform" or "fps"
+        (video.py). ``max_image_pixels``: refuse larger images (default 100 MP, 0 = no limit; see image.py)."""
         cfg = self.config
         t0 = time.perf_counter()
         image_inputs = [preprocess_image(im, cfg, max_pixels=max_image_pixels) for im in images]
-        clips = [load_video(video, frames, size=cfg.tile_size)] if video is not None else []
+        paths = ([video] if video is not None else []) + list(videos)
+        clips = [load_video(v, frames, sampling=sampling, size=cfg.tile_size) for v in paths]
         t1 = time.perf_counter()
         ids = build_input_ids(prompt, self.tokenizer, cfg, len(image_inputs), len(clips), template, system=system)
-        image_counts = [image_tokens(im.image_size, cfg) for im in image_inputs]
-        video_counts = [video_tokens(c.num_frames, cfg) for c in clips]
+        image_plans = [image_plan(im.image_size, cfg) for im in image_inputs]
+        video_plans = [video_plan(c.num_frames, cfg) for c in clips]
+        image_counts = [p.total for p in image_plans]
+        video_counts = [p.total for p in video_plans]
         ids = expand_placeholders(ids, cfg.image_token_id, cfg.video_token_id, image_counts, video_counts)
         visual = sum(image_counts) + sum(video_counts)
         plan = check_context(plan_context(len(ids) - visual, visual, cfg, rope_scale, new_tokens=max_new_tokens))
         return Request(ids, image_inputs, clips, plan, image_counts, video_counts,
                        {"preprocess_s": t1 - t0, "tokenize_s": time.perf_counter() - t1},
-                       [note for c in clips for note in c.notes()])
+                       [note for c in clips for note in c.notes()], image_plans, video_plans)
 
     # ---- 2. embed ---------------------------------------------------------------------------------
     def embed(self, requests: Sequence[Request]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -339,11 +347,14 @@ def memory_budget(text: TextConfig, batch: int, prompt_tokens: int, new_tokens: 
     return MemoryBudget(batch, prompt_tokens, new_tokens, kv, activations, available, dtype, torch.device(device))
 
 
-def with_overrides(config: LlavaNextConfig, *, pool_stride: int | None = None) -> LlavaNextConfig:
-    """The config with run-time video settings changed (the weights do not depend on them)."""
-    changes = {}
-    if pool_stride is not None:
-        changes["spatial_pool_stride"] = pool_stride
+def with_overrides(config: LlavaNextConfig, *, pool_stride: int | None = None, pool_mode: str | None = None,
+                   newline: str | None = None, pool_position: str | None = None,
+                   anyres_compat: str | None = None) -> LlavaNextConfig:
+    """The config with run-time token-plan switches changed (the weights do not depend on them); None keeps
+    the checkpoint's value. Each is a divergence switch of ``LlavaNextConfig`` (validated there)."""
+    changes = {name: value for name, value in (("spatial_pool_stride", pool_stride), ("spatial_pool_mode", pool_mode),
+                                               ("video_newline", newline), ("pool_position", pool_position),
+                                               ("anyres_compat", anyres_compat)) if value is not None}
     return dataclasses.replace(config, **changes) if changes else config
 
 

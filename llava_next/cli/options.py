@@ -1,0 +1,236 @@
+"""The options every command shares: one name, one meaning, one parser per group.
+
+Each group is a function that takes an argparse parser and adds its flags, so every command that builds
+a token plan (``inspect``, ``run``, and ``trace``, ``batch`` ...) accepts the same switches with the
+same names, defaults and help:
+
+    add_model_options(p)     --model ID_OR_DIR (a hub id, a checkpoint directory, a preset name, tiny-random)
+    add_media_options(p)     --image FILE [FILE ...]   --video FILE [FILE ...]
+    add_plan_options(p)      --frames --sampling --pool-stride --pool-mode --newline --pool-position
+                             --anyres-compat --rope-scale --max-image-pixels
+    add_prompt_options(p)    PROMPT (positional, optional) or --prompt TEXT; --template; --max-new-tokens
+    add_output_options(p)    --json --quiet
+
+and after ``parse_args``:
+
+    finish(args)             the prompt rule below; switches that need a video without one are errors
+    plan_overrides(args)     the config switches as keyword arguments of runtime.pipeline.with_overrides
+    UserError                what ``main`` prints as one line with exit status 2
+
+Media: ``--image a.jpg b.jpg`` and ``--image a.jpg --image b.jpg`` both give two images, in every
+command; nothing given is ever dropped. Because a list option is greedy, ``run --video clip.mp4 "What
+happens?"`` first reads the question as a second video; the rule (``finish``): when a command takes a
+PROMPT and none was found on its own, the PROMPT is the last word of the last ``--image``/``--video``
+list, if that list has more than one word. ``--prompt TEXT`` avoids the question altogether.
+
+Plan switches default to None ("the checkpoint's value"), so a command can tell a switch that was given
+from one that was not: a video switch (``--frames``, ``--sampling``, ``--pool-*``, ``--newline``)
+without a ``--video`` is an error rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..config import PRESETS
+
+DEFAULT_MODEL = "llava-hf/LLaVA-NeXT-Video-7B-hf"
+TINY_MODEL = "tiny-random"
+DEFAULT_FRAMES = 8
+ANSWER_TOKENS = 256  # run's default --max-new-tokens
+VIDEO_SWITCHES = ("frames", "sampling", "pool_stride", "pool_mode", "newline", "pool_position")
+
+
+class UserError(Exception):
+    """Something the user can fix; printed as one line, exit status 2."""
+
+
+# --------------------------------------------------------------------------------------------------
+# value types
+# --------------------------------------------------------------------------------------------------
+def positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def rope_scale(value: str):
+    if value in ("config", "auto", "original"):
+        return value
+    try:
+        factor = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not 'config', 'auto', 'original' or a number") from None
+    if factor < 1:
+        raise argparse.ArgumentTypeError(f"a RoPE factor must be >= 1 (1 = no scaling), got {value}")
+    return factor
+
+
+def pixels(value: str) -> int:
+    try:
+        n = int(float(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of pixels") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = no limit), got {value}")
+    return n
+
+
+# --------------------------------------------------------------------------------------------------
+# groups
+# --------------------------------------------------------------------------------------------------
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, metavar="ID_OR_DIR",
+                   help=f"a hub id, a llava-hf / original / converted checkpoint directory, a preset name "
+                        f"({', '.join(sorted(PRESETS))}), or '{TINY_MODEL}' (built in: random weights, no "
+                        f"download); default {DEFAULT_MODEL}")
+
+
+class _MediaList(argparse.Action):
+    """``--image a b`` and ``--image a --image b`` both extend one list; remembers the last occurrence."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), *values])
+        namespace._last_media = (self.dest, len(values))
+
+
+def add_media_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", action=_MediaList, nargs="+", default=[], metavar="FILE",
+                   help="image file(s): --image a.jpg b.jpg or --image a.jpg --image b.jpg")
+    p.add_argument("--video", action=_MediaList, nargs="+", default=[], metavar="FILE",
+                   help="video file(s), anything FFmpeg decodes; several as for --image")
+
+
+def add_plan_options(p: argparse.ArgumentParser) -> None:
+    """Every switch that changes the token plan (README: 'Divergences between implementations')."""
+    g = p.add_argument_group("token plan (the same in every command)")
+    g.add_argument("--frames", type=positive, default=None,
+                   help=f"frames sampled per video (default {DEFAULT_FRAMES}; the cap with --sampling fps)")
+    g.add_argument("--sampling", choices=("uniform", "fps"), default=None,
+                   help="uniform: np.linspace over all frames (default); fps: 1 frame/s, uniform if over --frames")
+    g.add_argument("--pool-stride", type=positive, default=None, help="video spatial pool stride (checkpoint: 2)")
+    g.add_argument("--pool-mode", choices=("average", "max", "bilinear"), default=None,
+                   help="video spatial pool mode (checkpoint: average)")
+    g.add_argument("--newline", choices=("none", "grid", "frame", "one_token"), default=None,
+                   help="video newline tokens (checkpoint: none, as transformers)")
+    g.add_argument("--pool-position", choices=("before_projector", "after_projector"), default=None,
+                   help="pool video features before the projector (transformers, original 'inference' branch) "
+                        "or after it (original main branch); checkpoint: before_projector")
+    g.add_argument("--anyres-compat", choices=("hf", "original"), default=None,
+                   help="AnyRes pinpoint order and unpad rounding: transformers (hf) or the original code")
+    g.add_argument("--rope-scale", type=rope_scale, default="config", metavar="config|auto|original|F",
+                   help="linear RoPE factor: the checkpoint's (config), the smallest that fits (auto), the "
+                        "original demo's rule (original) or a number")
+    g.add_argument("--max-image-pixels", type=pixels, default=None, metavar="N",
+                   help="refuse images with more pixels (a guard against decompression bombs; default 100000000 "
+                        "or $LLAVA_NEXT_MAX_IMAGE_PIXELS; 0 = no limit)")
+
+
+def add_prompt_options(p: argparse.ArgumentParser, *, positional: bool = True,
+                       max_new_tokens: int | None = ANSWER_TOKENS) -> None:
+    from ..inputs.prompt import TEMPLATES
+
+    if positional:
+        p.add_argument("prompt", nargs="?", metavar="PROMPT",
+                       help="the question (with --template none: the exact prompt text)")
+    p.add_argument("--prompt", dest="prompt_option", metavar="TEXT", default=None,
+                   help="the question, as an option" + (" (instead of PROMPT)" if positional else ""))
+    p.add_argument("--template", choices=[*TEMPLATES, "none"], default=None,
+                   help="chat template (default: the checkpoint's); 'none' sends the prompt exactly as given")
+    p.add_argument("--max-new-tokens", type=positive, default=max_new_tokens,
+                   help=f"answer length budget (default {max_new_tokens or ANSWER_TOKENS}), counted in the context")
+
+
+def add_output_options(p: argparse.ArgumentParser, *, what: str = "the result") -> None:
+    p.add_argument("--json", action="store_true", help=f"print {what} as one JSON object on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress or notes on stderr (errors still go there)")
+
+
+# --------------------------------------------------------------------------------------------------
+# after parsing
+# --------------------------------------------------------------------------------------------------
+def finish(args: argparse.Namespace, *, needs_prompt: bool = False) -> argparse.Namespace:
+    """Resolve the PROMPT rule (module docstring) and refuse video switches without a video."""
+    positional = getattr(args, "prompt", None)
+    option = getattr(args, "prompt_option", None)
+    if positional is not None and option is not None:
+        raise UserError(f"two prompts given: PROMPT {positional!r} and --prompt {option!r}; give one")
+    prompt = positional if positional is not None else option
+    last = getattr(args, "_last_media", None)
+    if prompt is None and needs_prompt and last is not None and last[1] > 1:
+        dest, _ = last
+        *kept, prompt = getattr(args, dest)
+        setattr(args, dest, kept)
+    if prompt is None and needs_prompt:
+        raise UserError("no PROMPT given: put the question after the files (run --video clip.mp4 \"What "
+                        "happens?\") or pass --prompt TEXT")
+    if hasattr(args, "prompt_option"):
+        args.prompt = prompt
+    if not getattr(args, "video", None):
+        given = [f"--{n.replace('_', '-')}" for n in VIDEO_SWITCHES if getattr(args, n, None) is not None]
+        if given:
+            raise UserError(f"{', '.join(given)}: video options, but no --video was given")
+    return args
+
+
+def plan_overrides(args: argparse.Namespace) -> dict:
+    """The config switches given on the command line, for ``runtime.pipeline.with_overrides``."""
+    return {name: getattr(args, name, None) for name in
+            ("pool_stride", "pool_mode", "newline", "pool_position", "anyres_compat")}
+
+
+def frames(args: argparse.Namespace) -> int:
+    return args.frames or DEFAULT_FRAMES
+
+
+def sampling(args: argparse.Namespace) -> str:
+    return args.sampling or "uniform"
+
+
+def model_config(model: str):
+    """(config, preset name or None) of ``--model`` without loading weights or downloading: a preset name,
+    the hub id of a preset, or a local checkpoint directory (llava-next, llava-hf or original config.json)."""
+    import json
+    from pathlib import Path
+
+    from ..config import ConfigError, LlavaNextConfig
+
+    if model in PRESETS:
+        return PRESETS[model].config, model
+    preset = next((p for p in PRESETS.values() if model in (p.hub_id, p.original_id)), None)
+    if preset is not None:
+        return preset.config, preset.name
+    path = Path(model).expanduser()
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise UserError(f"{path}: no config.json in this directory; give a checkpoint directory")
+        try:
+            raw = json.loads(cfg_file.read_text())
+        except ValueError as e:
+            raise UserError(f"{cfg_file}: not valid JSON ({e})") from None
+        try:
+            if "vision" in raw and "text" in raw and "model_type" not in raw:
+                return LlavaNextConfig.from_dict(raw), None
+            if raw.get("model_type") in ("llava_next", "llava_next_video"):
+                return LlavaNextConfig.from_hf_config(raw), None
+            return LlavaNextConfig.from_original_config(raw), None
+        except ConfigError as e:
+            raise UserError(f"{cfg_file}: {e}") from None
+    raise UserError(f"--model {model}: planning needs the model's config without downloading it; give a preset "
+                    f"name ({', '.join(sorted(PRESETS))}), the hub id of one, a checkpoint directory, or "
+                    f"'{TINY_MODEL}'")
+
+
+def model_tokenizer(model: str):
+    """The tokenizer of ``--model`` when it is on this machine (a checkpoint directory), else None."""
+    from pathlib import Path
+
+    from ..inputs.prompt import Tokenizer
+
+    file = Path(model).expanduser() / "tokenizer.json"
+    return Tokenizer.load(file) if file.is_file() else None

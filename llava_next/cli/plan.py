@@ -1,0 +1,52 @@
+"""The token plan as data: one format for every command that prints one (``inspect --json``, ``run --json``).
+
+``inspect`` builds its plan without weights, ``run`` from the request it actually ran; both describe it
+through these functions, so for the same files and switches the two JSON plans are equal field by field
+(tests/test_cli_options.py checks this for every switch):
+
+    image_entry(path, ImagePlan)                  canvas, tiles, unpadded map, newlines, tokens
+    video_entry(VideoClip, VideoPlan, sampling)   frames, timestamps, pooling, newlines, tokens
+    switches(config, rope_scale, sampling)        the value of every token-plan switch this plan used
+    media_plan(images, videos, config, ...)       {"images": [...], "videos": [...], "visual_tokens", "switches"}
+
+Sizes are (height, width).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from ..config import LlavaNextConfig
+
+
+def image_entry(path: str, plan) -> dict:
+    return {"path": str(path), "tokens": plan.total, "image_hw": plan.image_hw, "canvas_hw": plan.canvas_hw,
+            "grid_hw": plan.grid_hw, "num_tiles": plan.num_tiles, "resized_hw": plan.resized_hw,
+            "base_tokens": plan.base_tokens, "feature_map_hw": plan.feature_map_hw,
+            "unpadded_hw": plan.unpadded_hw, "newline_tokens": plan.newline_tokens}
+
+
+def video_entry(clip, plan, sampling: str) -> dict:
+    return {"path": str(clip.path), "tokens": plan.total, "size_hw": clip.size_hw, "total_frames": clip.total_frames,
+            "fps": clip.fps, "duration": clip.duration, "sampling": sampling, "num_frames": clip.num_frames,
+            "frame_indices": clip.frame_indices, "timestamps": clip.timestamps,
+            "tokens_per_frame": plan.tokens_per_frame, "patch_grid_hw": plan.patch_grid_hw,
+            "pooled_hw": plan.pooled_hw, "pool_stride": plan.stride, "pool_mode": plan.mode,
+            "newline": plan.newline, "newline_tokens": plan.newline_tokens, "notes": clip.notes()}
+
+
+def switches(config: LlavaNextConfig, rope_scale, sampling: str) -> dict:
+    """Every token-plan switch with the value the plan used (README: 'Divergences ... as switches')."""
+    return {"sampling": sampling, "pool_stride": config.spatial_pool_stride, "pool_mode": config.spatial_pool_mode,
+            "newline": config.video_newline, "pool_position": config.pool_position,
+            "anyres_compat": config.anyres_compat, "rope_scale": rope_scale}
+
+
+def media_plan(images: Sequence[tuple[str, object]], videos: Sequence[tuple[object, object]], config: LlavaNextConfig,
+               rope_scale, sampling: str) -> dict:
+    """``images``: (path, ImagePlan) pairs; ``videos``: (VideoClip, VideoPlan) pairs."""
+    image_entries = [image_entry(path, plan) for path, plan in images]
+    video_entries = [video_entry(clip, plan, sampling) for clip, plan in videos]
+    return {"images": image_entries, "videos": video_entries,
+            "visual_tokens": sum(e["tokens"] for e in image_entries + video_entries),
+            "switches": switches(config, rope_scale, sampling)}
