@@ -25,10 +25,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .attention import ResearchError
 from .provenance import K, Provenance
 
 
-class EmptySelection(ValueError):
+class EmptySelection(ResearchError):
     """A selector matched no position of this request; the message says which and what exists."""
 
 
