@@ -272,6 +272,14 @@ def test_selectors(request_and_pipe):
     assert sel.generated().resolve(gen).tolist() == [len(prov), len(prov) + 1, len(prov) + 2]
     assert sel.last_text().resolve(gen).tolist() == [len(prov) - 1]
     assert gen.to_records()[-1]["kind"] == "generated"
+    # a pruned sequence (every other video token of frame 0 dropped) keeps each position's origin
+    drop = sel.frame(0).resolve(prov)[::2]
+    keep = torch.tensor([i for i in range(len(prov)) if i not in set(drop.tolist())])
+    pruned = prov.take(keep)
+    assert len(pruned) == len(prov) - len(drop) and pruned.prompt_len == len(pruned)
+    assert torch.equal(pruned.box[sel.frame(1).resolve(pruned)], prov.box[f1])
+    assert len(sel.frame(0).resolve(pruned)) == per_frame - len(drop)
+    assert sel.last_text().resolve(pruned).tolist() == [len(pruned) - 1]
     # sums per segment / frame / tile add up
     values = torch.rand(len(prov), dtype=torch.float64)
     sums = prov.sums(values)

@@ -7,6 +7,7 @@
     prov.to_pixels(values, media=0, part="grid") -> (H, W) map on the ORIGINAL image / frame pixels
     prov.sums(values)                           -> per-segment, per-frame and per-tile sums
     prov.with_generated(ids)                    -> the same map with generated positions appended
+    prov.take(kept)                             -> the map of a pruned / merged sequence
 
 What every position records (struct of arrays, one (T,) tensor per field, -1 / NaN where n/a):
 - ``kind``: text, image_base, image_grid, image_newline, video, video_newline, generated (``KINDS``).
@@ -41,6 +42,7 @@ Sizes are (height, width); boxes are (x0, y0, x1, y1) in pixels with x to the ri
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -342,6 +344,24 @@ class Provenance:
                           box=ext(self.box, math.nan), coverage=ext(self.coverage, math.nan),
                           token_id=torch.cat([self.token_id, ids]), media_info=self.media_info,
                           prompt_len=self.prompt_len, question=self.question)
+
+    def take(self, positions) -> "Provenance":
+        """The provenance of a shortened sequence that keeps ``positions`` (ascending), e.g. after token
+        pruning or merging (FastV drops visual tokens after layer K): every kept position keeps its origin;
+        ``media_info`` start/end become the first and one-past-last kept position of each medium."""
+        idx = torch.as_tensor(positions, dtype=torch.long).flatten()
+        if idx.numel() and (bool((idx[1:] <= idx[:-1]).any()) or int(idx[0]) < 0 or int(idx[-1]) >= len(self)):
+            raise ValueError(f"take() needs ascending, unique positions in 0..{len(self) - 1}")
+        fields = {name: getattr(self, name)[idx] for name in ("kind", "segment", "media", "tile_row", "tile_col",
+                                                               "frame", "time", "row", "col", "grid_h", "grid_w",
+                                                               "box", "coverage", "token_id")}
+        infos = []
+        for m in self.media_info:
+            kept = torch.nonzero(fields["media"] == m.index).flatten()
+            start, end = (int(kept[0]), int(kept[-1]) + 1) if len(kept) else (0, 0)
+            infos.append(dataclasses.replace(m, start=start, end=end))
+        return Provenance(**fields, media_info=tuple(infos), prompt_len=int((idx < self.prompt_len).sum()),
+                          question=self.question)
 
     # ---- reading ----------------------------------------------------------------------------------
     def __len__(self) -> int:
