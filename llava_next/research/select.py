@@ -44,8 +44,12 @@ class Selector:
     def resolve(self, prov: Provenance) -> torch.Tensor:
         pos = self._positions(prov).long().unique(sorted=True)
         if len(pos) == 0 and not self.allow_empty:
+            hint = ""
+            if "question" in repr(self) or "system" in repr(self):
+                hint = ("; question and system positions are found by decoding the prompt: build the provenance "
+                        "with tokenizer= and question= / system=, and give a question with some text")
             raise EmptySelection(f"{self!r} selects no position of this request ({len(prov)} positions: "
-                                 f"{', '.join(f'{k} {len(v)}' for k, v in prov.segments().items())})")
+                                 f"{', '.join(f'{k} {len(v)}' for k, v in prov.segments().items())}){hint}")
         return pos
 
     def __or__(self, other: "Selector") -> "Selector":
@@ -111,15 +115,23 @@ class where(Selector):  # noqa: N801  (reads as a function: sel.where(kind="vide
     """Every position matching all the given ``Provenance.where`` filters."""
 
     filters: dict
+    label: str | None = None
 
-    def __init__(self, **filters: Any) -> None:
+    def __init__(self, _label: str | None = None, **filters: Any) -> None:
         object.__setattr__(self, "filters", filters)
+        object.__setattr__(self, "label", _label)
 
     def _positions(self, prov):
         return prov.where(**self.filters)
 
     def __repr__(self) -> str:
-        return f"sel.where({', '.join(f'{k}={v!r}' for k, v in self.filters.items())})"
+        return self.label or f"sel.where({', '.join(f'{k}={v!r}' for k, v in self.filters.items())})"
+
+
+def _call(name: str, *args: Any, **kwargs: Any) -> str:
+    """How the user wrote it: 'sel.frame(3, media=1)' (None keywords left out)."""
+    parts = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items() if v is not None]
+    return f"sel.{name}({', '.join(parts)})"
 
 
 @dataclass(frozen=True)
@@ -142,51 +154,51 @@ class positions(Selector):  # noqa: N801
 def frame(f: int | range | slice | Sequence[int], media: int | None = None, newlines: bool = True) -> Selector:
     """Video frame(s) ``f`` (0-based among the sampled frames); with ``newlines`` their newline tokens too."""
     kinds = ["video", "video_newline"] if newlines else ["video"]
-    return where(kind=kinds, frame=f, **({} if media is None else {"media": media}))
+    return where(_call("frame", f, media=media), kind=kinds, frame=f, **({} if media is None else {"media": media}))
 
 
 def tile(t: str | tuple[int, int] | Sequence, media: int | None = None) -> Selector:
     """AnyRes tile(s): "base" or (tile row, tile col) of the 336 px crop, or a list of those."""
-    return where(tile=t, **({} if media is None else {"media": media}))
+    return where(_call("tile", t, media=media), tile=t, **({} if media is None else {"media": media}))
 
 
 def media(m: int | Sequence[int]) -> Selector:
     """Every position of image/video ``m`` (index in sequence order, ``Provenance.media_info``)."""
-    return where(media=m)
+    return where(_call("media", m), media=m)
 
 
 def kind(*kinds: str) -> Selector:
-    return where(kind=list(kinds))
+    return where(_call("kind", *kinds), kind=list(kinds))
 
 
 def segment(*names: str) -> Selector:
-    return where(segment=list(names))
+    return where(_call("segment", *names), segment=list(names))
 
 
 def visual() -> Selector:
-    return kind("image_base", "image_grid", "image_newline", "video", "video_newline")
+    return where("sel.visual()", kind=["image_base", "image_grid", "image_newline", "video", "video_newline"])
 
 
 def text() -> Selector:
     """Prompt text positions (not generated)."""
-    return kind("text")
+    return where("sel.text()", kind=["text"])
 
 
 def newlines() -> Selector:
-    return kind("image_newline", "video_newline")
+    return where("sel.newlines()", kind=["image_newline", "video_newline"])
 
 
 def generated() -> Selector:
-    return kind("generated")
+    return where("sel.generated()", kind=["generated"])
 
 
 def question() -> Selector:
     """The question's text positions (located when the provenance was built with ``question=``)."""
-    return segment("question")
+    return where("sel.question()", segment=["question"])
 
 
 def system() -> Selector:
-    return segment("system")
+    return where("sel.system()", segment=["system"])
 
 
 @dataclass(frozen=True)
@@ -234,6 +246,12 @@ class box(Selector):  # noqa: N801
         inter = w * h
         keep = inter > 0 if self.min_overlap <= 0 else inter / area >= self.min_overlap
         return pos[keep]
+
+    def __repr__(self) -> str:
+        extra = {k: getattr(self, k) for k in ("media", "frame") if getattr(self, k) is not None}
+        extra |= {"min_overlap": self.min_overlap} if self.min_overlap else {}
+        extra |= {"part": self.part} if self.part != "any" else {}
+        return _call("box", self.x0, self.y0, self.x1, self.y1, **extra)
 
 
 def resolve(selector: "Selector | torch.Tensor | Sequence[int]", prov: Provenance) -> torch.Tensor:
