@@ -106,9 +106,9 @@ def _ramp(h: int, w: int, blue: int = 0) -> np.ndarray:
 def _patch_means(pixels: torch.Tensor, patch: int) -> torch.Tensor:
     """(N, 3, S, S) CLIP-normalized -> (N, (S/patch)^2, 3) mean 0..255 colour per patch (a "vision tower"
     that keeps exactly where each patch is)."""
-    rgb = pixels * torch.tensor(CLIP_STD).view(1, 3, 1, 1) + torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    pooled = F.avg_pool2d(rgb * 255, patch)  # (N, 3, P, P)
-    return pooled.flatten(2).transpose(1, 2).double()
+    pooled = F.avg_pool2d(pixels, patch).double()  # (N, 3, P, P); un-normalizing is affine: after the mean
+    rgb = pooled * torch.tensor(CLIP_STD).view(1, 3, 1, 1) + torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    return (rgb * 255).flatten(2).transpose(1, 2)
 
 
 RAMP_SIZES = [(480, 640), (640, 480), (899, 1024), (300, 1000), (1000, 300), (720, 1280), (540, 960),

@@ -145,7 +145,7 @@ def image_fields(image_hw: Size, config: LlavaNextConfig) -> tuple[dict[str, np.
     map_r, map_c = ty * side + g[:, 1], tx * side + g[:, 2]  # cell in the stitched (rows*24, cols*24) map
     grid = ~is_nl
     # the unpadded block is a fixed offset into the stitched map: the sequence and the map agree
-    offsets = {(int(a), int(b)) for a, b in zip((map_r - line)[grid], (map_c - col)[grid])}
+    offsets = np.unique(np.stack([(map_r - line)[grid], (map_c - col)[grid]]), axis=1).T.tolist()
     if len(offsets) > 1:  # (0 when the unpadded map has no column: a 3000x40 image keeps only newlines)
         raise AssertionError(f"grid tokens of a {image_hw} image are not one row-major block: offsets {offsets}")
     # canvas px -> the resized image pasted at (top, left) -> original px
