@@ -138,7 +138,8 @@ def _trace(args: argparse.Namespace, user_error) -> int:
                              top_p=args.top_p, seed=args.seed, template=args.template):
             pass
         generated = list(request.tokens)
-    prov = Provenance.from_request(request, pipe.config, tokenizer=pipe.tokenizer, question=args.prompt)
+    prov = Provenance.from_request(request, pipe.config, tokenizer=pipe.tokenizer, question=args.prompt,
+                                   template=args.template)
     prov = prov.with_generated(generated)
     T = len(prov)
 

@@ -315,12 +315,13 @@ class Provenance:
 
     @classmethod
     def from_request(cls, request, config: LlavaNextConfig, *, tokenizer=None, question: str | None = None,
-                     system: str | None = None) -> "Provenance":
+                     system: str | None = None, template: str | None = None) -> "Provenance":
         """From a ``Pipeline.prepare`` request (its expanded ids, images and video clips). ``system``
-        defaults to the config template's system prompt when a tokenizer is given."""
+        defaults to the system prompt of ``template`` (the one given to ``prepare``; default the config's)
+        when a tokenizer is given."""
         if tokenizer is not None and system is None:
             from ..inputs.prompt import TEMPLATES
-            spec = TEMPLATES.get(config.template)
+            spec = TEMPLATES.get(template or config.template)  # "none": no system prompt
             system = spec.system if spec is not None else None
         videos = [{"num_frames": c.num_frames, "frame_hw": c.size_hw, "timestamps": c.timestamps,
                    "frame_indices": c.frame_indices, "name": os.path.basename(c.path)} for c in request.videos]
