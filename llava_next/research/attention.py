@@ -73,24 +73,28 @@ Groups = tuple[torch.Tensor, torch.Tensor]  # (group id per key position (Tk,), 
 
 
 def allowed_block(query_idx: torch.Tensor, Tq: int, Tk: int, key_mask: torch.Tensor | None = None,
-                  groups: Groups | None = None) -> torch.Tensor:
-    """Which keys the chosen queries may see: (c, Tk) or (B, 1, c, Tk) bool. Causal (queries at the end of the
-    keys), ``key_mask`` (B, Tk), and a knockout group table: query at position i may see key j only if
-    ``table[group[i], group[j]]`` (an O(T + G^2) description instead of a dense T x T mask)."""
-    keys = torch.arange(Tk, device=query_idx.device)
+                  groups: Groups | None = None, width: int | None = None) -> torch.Tensor:
+    """Which of the first ``width`` (default Tk) keys the chosen queries may see: (c, width) or (B, 1, c, width)
+    bool. Causal (queries at the end of the keys), ``key_mask`` (B, Tk), and a knockout group table: query at
+    position i may see key j only if ``table[group[i], group[j]]`` (O(T + G^2) instead of a dense T x T mask)."""
+    width = Tk if width is None else width
+    keys = torch.arange(width, device=query_idx.device)
     pos = query_idx + (Tk - Tq)
-    allowed = keys[None, :] <= pos[:, None]  # (c, Tk)
+    allowed = keys[None, :] <= pos[:, None]  # (c, width)
     if groups is not None:
         g, table = groups
-        allowed = allowed & table[g[pos]][:, g]
+        allowed = allowed & table[g[pos]][:, g[:width]]
     if key_mask is not None:
-        allowed = (allowed[None] & key_mask[:, None, :])[:, None]  # (B, 1, c, Tk)
+        allowed = (allowed[None] & key_mask[:, None, :width])[:, None]  # (B, 1, c, width)
     return allowed
 
 
 def iter_probs(q: torch.Tensor, k: torch.Tensor, queries: torch.Tensor, *, key_mask: torch.Tensor | None = None,
                chunk: int | None = None, groups: Groups | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (query indices (c,), probabilities (B, Hq, c, Tk) fp32) chunk by chunk; rows seeing no key are 0."""
+    """Yield (query indices (c,), probabilities (B, Hq, c, kc) fp32) chunk by chunk; rows seeing no key are 0.
+
+    kc <= Tk: only the keys up to the chunk's last query position (the later ones have probability 0 by
+    causality and are not computed: half the work of an all-query pass)."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -98,9 +102,10 @@ def iter_probs(q: torch.Tensor, k: torch.Tensor, queries: torch.Tensor, *, key_m
     k32 = k.float().transpose(-1, -2)[:, :, None]  # (B, Hkv, 1, D, Tk)
     scale = 1.0 / math.sqrt(D)
     for idx in queries.split(chunk):
+        kc = int(idx.max()) + (Tk - Tq) + 1  # keys this chunk can see
         qc = q[:, :, idx].float().reshape(B, Hkv, G, idx.numel(), D)  # query heads grouped by kv head
-        scores = (qc @ k32).reshape(B, Hq, idx.numel(), Tk) * scale  # (B, Hq, c, Tk)
-        scores.masked_fill_(~allowed_block(idx, Tq, Tk, key_mask, groups), float("-inf"))
+        scores = (qc @ k32[..., :kc]).reshape(B, Hq, idx.numel(), kc) * scale  # (B, Hq, c, kc)
+        scores.masked_fill_(~allowed_block(idx, Tq, Tk, key_mask, groups, width=kc), float("-inf"))
         yield idx, torch.softmax(scores, dim=-1).nan_to_num_(0.0)
 
 
@@ -109,8 +114,14 @@ def attention_rows(q: torch.Tensor, k: torch.Tensor, queries: torch.Tensor | Seq
                    groups: Groups | None = None) -> torch.Tensor:
     """Exact attention probabilities of the chosen queries: (B, Hq, |Q|, Tk) fp32 (module docstring)."""
     idx = _as_index(queries, q.shape[2], q.device)
-    parts = [p for _, p in iter_probs(q, k, idx, key_mask=key_mask, chunk=chunk, groups=groups)]
+    Tk = k.shape[2]
+    parts = [_pad(p, Tk) for _, p in iter_probs(q, k, idx, key_mask=key_mask, chunk=chunk, groups=groups)]
     return torch.cat(parts, dim=2)
+
+
+def _pad(p: torch.Tensor, Tk: int) -> torch.Tensor:
+    """(..., kc) probabilities -> (..., Tk), zeros for the keys the queries cannot see."""
+    return p if p.shape[-1] == Tk else torch.nn.functional.pad(p, (0, Tk - p.shape[-1]))
 
 
 @dataclass
@@ -185,19 +196,20 @@ def attention_stats(q: torch.Tensor, k: torch.Tensor, queries: torch.Tensor | Se
     if per_query:
         parts: dict[str, list[torch.Tensor]] = {"rows": [], "entropy": [], "tv": [], "ti": [], "seg": []}
         mass = torch.zeros(B, Hq, Tk, device=device) if key_mass else None
-        for _, p in iter_probs(q, k, idx, key_mask=key_mask, chunk=chunk, groups=groups):  # p (B, Hq, c, Tk)
+        for _, p in iter_probs(q, k, idx, key_mask=key_mask, chunk=chunk, groups=groups):  # p (B, Hq, c, kc)
+            kc = p.shape[-1]
             if rows:
-                parts["rows"].append(p)
+                parts["rows"].append(_pad(p, Tk))
             if mass is not None:
-                mass += p.sum(dim=2)
+                mass[..., :kc] += p.sum(dim=2)
             if entropy:
                 parts["entropy"].append(-(p * p.clamp_min(1e-30).log()).sum(-1))  # 0 log 0 = 0
             if topk:
-                v, i = p.topk(min(topk, Tk), dim=-1)
+                v, i = _pad(p, Tk).topk(min(topk, Tk), dim=-1)
                 parts["tv"].append(v)
                 parts["ti"].append(i)
             if seg is not None:
-                parts["seg"].append(p @ seg_hot)  # (B, Hq, c, S)
+                parts["seg"].append(p @ seg_hot[:kc])  # (B, Hq, c, S)
         cat = lambda name: torch.cat(parts[name], dim=2) if parts[name] else None  # noqa: E731
         out.rows, out.entropy, out.segment_rows = cat("rows"), cat("entropy"), cat("seg")
         out.topk_values, out.topk_ids, out.key_mass = cat("tv"), cat("ti"), mass
@@ -212,7 +224,7 @@ def attention_stats(q: torch.Tensor, k: torch.Tensor, queries: torch.Tensor | Se
         map_hot = _one_hot(map_seg, map_S)
         smap = torch.zeros(B, Hq, map_S, map_S, device=device)
         for qi, p in iter_probs(q, k, torch.arange(Tq, device=device), key_mask=key_mask, chunk=chunk, groups=groups):
-            per_seg = p @ map_hot  # (B, Hq, c, S)
+            per_seg = p @ map_hot[:p.shape[-1]]  # (B, Hq, c, S)
             smap.index_add_(2, q_seg[qi], per_seg)
         out.segment_map = smap
         out.segment_counts = torch.bincount(q_seg, minlength=map_S)

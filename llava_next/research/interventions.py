@@ -44,14 +44,17 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups:
                       key_mask: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
     """Causal attention (queries at the end of the keys) restricted by a knockout group table: (B, Hq, Tq, D).
 
-    Extra memory: one (chunk, Tk) boolean mask and SDPA's own per-chunk buffers, never (Tq, Tk)."""
+    Extra memory: one (chunk, Tk) boolean mask and SDPA's own per-chunk buffers, never (Tq, Tk). Each chunk
+    reads only the keys up to its last query."""
     B, Hq, Tq, D = q.shape
     Tk = k.shape[2]
     chunk = chunk or default_chunk(B, Hq, Tk)
     out = torch.empty_like(q)
     for idx in torch.arange(Tq, device=q.device).split(chunk):
-        allowed = allowed_block(idx, Tq, Tk, key_mask, groups)  # (c, Tk) or (B, 1, c, Tk)
-        y = F.scaled_dot_product_attention(q[:, :, idx], k, v, attn_mask=allowed, enable_gqa=Hq != k.shape[1])
+        kc = int(idx[-1]) + (Tk - Tq) + 1  # keys the chunk can see (causal)
+        allowed = allowed_block(idx, Tq, Tk, key_mask, groups, width=kc)  # (c, kc) or (B, 1, c, kc)
+        y = F.scaled_dot_product_attention(q[:, :, idx], k[:, :, :kc], v[:, :, :kc], attn_mask=allowed,
+                                           enable_gqa=Hq != k.shape[1])
         empty = ~allowed.any(-1)  # rows that may see no key: zeros, never NaN
         if bool(empty.any()):
             y = y.masked_fill(empty[..., None] if empty.dim() == 4 else empty[None, None, :, None], 0.0)
