@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from llava_next.config import LlavaNextConfig
 from llava_next.inputs.image import CLIP_MEAN, CLIP_STD, preprocess_image

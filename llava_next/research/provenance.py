@@ -46,7 +46,7 @@ import dataclasses
 import functools
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np
