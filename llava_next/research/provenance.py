@@ -84,12 +84,11 @@ class Media:
     def to_dict(self) -> dict:
         d = {"index": self.index, "kind": self.kind, "kind_index": self.kind_index, "start": self.start,
              "end": self.end, "source_hw": list(self.source_hw), "name": self.name}
+        p = self.plan
         if self.kind == "image":
-            p = self.plan
             d.update(canvas_hw=list(p.canvas_hw), grid_hw=list(p.grid_hw), resized_hw=list(p.resized_hw),
                      unpadded_hw=list(p.unpadded_hw))
         else:
-            p = self.plan
             d.update(frame_indices=list(self.frame_indices), timestamps=list(self.timestamps),
                      pooled_hw=list(p.pooled_hw), pool_stride=p.stride, pool_mode=p.mode, newline=p.newline)
         return d
@@ -424,13 +423,16 @@ class Provenance:
         kind, seg, media, frame = self.kind.tolist(), self.segment.tolist(), self.media.tolist(), self.frame.tolist()
         time, row, col = self.time.tolist(), self.row.tolist(), self.col.tolist()
         gh, gw, box, ids = self.grid_h.tolist(), self.grid_w.tolist(), self.box.tolist(), self.token_id.tolist()
+        ty, tx = self.tile_row.tolist(), self.tile_col.tolist()
+        base, grid = K["image_base"], K["image_grid"]
         for i in range(len(self)):
             visual = media[i] >= 0
+            tile = "base" if kind[i] == base else [ty[i], tx[i]] if kind[i] == grid else None
             out.append({
                 "kind": KINDS[kind[i]], "segment": SEGMENTS[seg[i]], "media": media[i] if visual else None,
                 "frame": frame[i] if frame[i] >= 0 else None,
                 "time": round(time[i], 6) if not math.isnan(time[i]) else None,
-                "tile": (lambda t: list(t) if isinstance(t, tuple) else t)(self.tile_of(i)),
+                "tile": tile,
                 "row": row[i] if row[i] >= 0 else None, "col": col[i] if col[i] >= 0 else None,
                 "grid": [gh[i], gw[i]] if visual else None,
                 "box": [round(v, 3) for v in box[i]] if not math.isnan(box[i][0]) else None,
