@@ -37,6 +37,7 @@ from torch import nn
 from llava_next_weights.keymaps import drop_unused_vision_layers, rename_state_dict
 
 from .attention import attention
+from .hooks import HookPoint
 from ..config import VisionConfig
 
 
@@ -91,11 +92,12 @@ class EncoderLayer(nn.Module):
         self.self_attn = SelfAttention(config)
         self.layer_norm2 = nn.LayerNorm(C, eps=eps)
         self.mlp = MLP(config)
+        self.hook_resid_post = HookPoint()  # "vision.blocks.{j}.hook_resid_post" (model/hooks.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.layer_norm1(x))
         x = x + self.mlp(self.layer_norm2(x))
-        return x
+        return self.hook_resid_post(x)
 
 
 class VisionTower(nn.Module):
@@ -110,6 +112,7 @@ class VisionTower(nn.Module):
         self.position_embedding = nn.Embedding(P, C, _weight=torch.empty(P, C))  # added whole, id i = token i
         self.pre_layernorm = nn.LayerNorm(C, eps=config.layer_norm_eps)
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.layers_used))
+        self.hook_embed = HookPoint()  # "vision.hook_embed": after pre_layernorm
         if not self.class_embedding.is_meta:  # random init is for tests only (load weights); on the meta
             nn.init.normal_(self.class_embedding, std=C ** -0.5)  # device normal_ would import torch._dynamo (~2 s)
             nn.init.normal_(self.position_embedding.weight)
@@ -124,7 +127,7 @@ class VisionTower(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (N, g*g, C): patches row-major (row over height, then width)
         cls = self.class_embedding.expand(N, 1, -1)  # (N, 1, C)
         x = torch.cat([cls, x], dim=1) + self.position_embedding.weight  # (N, 1 + g*g, C)
-        x = self.pre_layernorm(x)  # hidden_states[0]
+        x = self.hook_embed(self.pre_layernorm(x))  # hidden_states[0]
         for layer in self.layers:
             x = layer(x)  # hidden_states[i]
         return x if self.config.feature_strategy == "full" else x[:, 1:]  # (N, g*g, C)

@@ -29,17 +29,23 @@ Notable choices
 - Two kinds of position: ``input_pos`` (T,) are cache *slots*, shared by the batch and contiguous;
   ``position_ids`` (B, T) are RoPE positions per row (left padding: cumsum(mask) - 1).
   ``key_mask`` (B, kv_len) marks which keys are real tokens (False = padding).
+- Named hook points (``HookPoint``, TransformerLens names: model/hooks.py) sit at every residual, q/k/v,
+  norm and MLP tensor; ``Attention.attention_override`` lets llava_next.research record attention statistics
+  or knock out attention without touching this file. Both cost nothing while unused.
 - Sliding-window attention (Mistral's default 4096) is not implemented: llava-hf's Mistral sets
   ``sliding_window`` null. With a window set, sequences longer than it raise NotImplementedError.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
+from .hooks import HookPoint
 from ..config import TextConfig
 
 
@@ -48,11 +54,12 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.hook_normalized = HookPoint()  # before the weight, as TransformerLens' RMSNorm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.weight * self.hook_normalized(x32.to(x.dtype))
 
 
 # ---- RoPE ----------------------------------------------------------------------------------------
@@ -111,19 +118,31 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         self.kv_cache: KVCache | None = None
+        # named hook points (model/hooks.py); (B, T, H, D) like TransformerLens
+        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
+        self.hook_rot_q, self.hook_rot_k, self.hook_z = HookPoint(), HookPoint(), HookPoint()
+        # research instruments (llava_next.research) may set this: called as fn(q, k, v, mask) instead of the
+        # facade, with the post-RoPE q and the keys/values attended (the cache prefix); returns (B, Hq, T, D)
+        self.attention_override: Callable[..., torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor | None,
                 kv_len: int, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, D)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.hook_q(self.q_proj(x).view(B, T, self.num_heads, self.head_dim)).transpose(1, 2)  # (B, Hq, T, D)
+        k = self.hook_k(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.hook_v(self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = self.hook_rot_q(q.transpose(1, 2)).transpose(1, 2)  # views both ways: free without a hook
+        k = self.hook_rot_k(k.transpose(1, 2)).transpose(1, 2)
         if input_pos is not None:  # cached: attend over the filled prefix of the cache
             k_all, v_all = self.kv_cache.update(input_pos, k, v)
             k, v = k_all[:, :, :kv_len], v_all[:, :, :kv_len]  # (B, Hkv, kv_len, D)
-        y = attention(q, k, v, causal=True, mask=mask)  # (B, Hq, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+        if self.attention_override is None:
+            y = attention(q, k, v, causal=True, mask=mask)  # (B, Hq, T, D)
+        else:
+            y = self.attention_override(q, k, v, mask)
+        z = self.hook_z(y.transpose(1, 2))  # (B, T, Hq, D)
+        return self.o_proj(z.reshape(B, T, self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -132,12 +151,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.hook_pre, self.hook_pre_linear, self.hook_post = HookPoint(), HookPoint(), HookPoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, I)
-        if torch.is_grad_enabled():
-            return self.down_proj(F.silu(gate) * up)
-        return self.down_proj(F.silu(gate, inplace=True).mul_(up))  # the same numbers without two (B, T, I) temporaries
+        gate, up = self.hook_pre(self.gate_proj(x)), self.hook_pre_linear(self.up_proj(x))  # (B, T, I)
+        if torch.is_grad_enabled() or self.hook_pre.active or self.hook_pre_linear.active:  # a hook may hold them
+            return self.down_proj(self.hook_post(F.silu(gate) * up))
+        # the same numbers without two (B, T, I) temporaries
+        return self.down_proj(self.hook_post(F.silu(gate, inplace=True).mul_(up)))
 
 
 class Block(nn.Module):
@@ -147,11 +168,15 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        self.hook_resid_pre, self.hook_resid_mid, self.hook_resid_post = HookPoint(), HookPoint(), HookPoint()
+        self.hook_attn_out, self.hook_mlp_out = HookPoint(), HookPoint()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor | None,
                 kv_len: int, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, kv_len, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = self.hook_resid_pre(x)
+        x = self.hook_resid_mid(x + self.hook_attn_out(
+            self.self_attn(self.input_layernorm(x), cos, sin, input_pos, kv_len, mask)))
+        return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.post_attention_layernorm(x))))
 
 
 # ---- the decoder ---------------------------------------------------------------------------------
@@ -167,6 +192,7 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # untied
+        self.hook_embed, self.hook_logits = HookPoint(), HookPoint()  # named hook points: model/hooks.py
 
     # ---- cache ---------------------------------------------------------------------------------
     @property
@@ -211,7 +237,7 @@ class Decoder(nn.Module):
         position_ids (B, T): RoPE positions; default input_pos (or arange(T)) for every row.
         key_mask (B, kv_len) bool: False for padding keys, kv_len = input_pos[-1] + 1 (or T without cache).
         """
-        x = self._embed(input_ids, input_embeds)  # (B, T, C)
+        x = self.hook_embed(self._embed(input_ids, input_embeds))  # (B, T, C)
         B, T, _ = x.shape
         if input_pos is None:
             kv_len = T
@@ -242,7 +268,7 @@ class Decoder(nn.Module):
             x = layer(x, cos, sin, input_pos, kv_len, mask)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
-        return self.lm_head(self.norm(x))  # (B, T or 1, V)
+        return self.hook_logits(self.lm_head(self.norm(x)))  # (B, T or 1, V)
 
     def _embed(self, input_ids: torch.Tensor | None, input_embeds: torch.Tensor | None) -> torch.Tensor:
         if (input_ids is None) == (input_embeds is None):

@@ -37,6 +37,7 @@ from ..config import LlavaNextConfig
 from .anyres import pack_image_features
 from .clip import VisionTower
 from .decoder import Decoder
+from .hooks import HookPoint
 from .pooling import add_video_newlines, pool_and_project, pooled_grid_hw
 from .projector import Projector
 
@@ -74,6 +75,15 @@ def can_pack_for_cpu(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+class MultimodalHooks(nn.Module):
+    """The named hook points of the multimodal stages (``mm.hook_*``, shapes in model/hooks.py). No parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hook_features, self.hook_pooled, self.hook_projected = HookPoint(), HookPoint(), HookPoint()
+        self.hook_newline, self.hook_merged = HookPoint(), HookPoint()
+
+
 class MediaMismatchError(ValueError):
     """The prompt's placeholders and the media given do not match; the message has both counts."""
 
@@ -86,6 +96,7 @@ class LlavaNextModel(nn.Module):
         self.projector = Projector(config.vision.hidden_size, config.text.hidden_size, config.projector_bias)
         self.image_newline = nn.Parameter(torch.zeros(config.text.hidden_size))
         self.language_model = Decoder(config.text)
+        self.mm = MultimodalHooks()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -115,11 +126,12 @@ class LlavaNextModel(nn.Module):
         if not images:
             return []
         pixels = torch.cat([im.pixel_values for im in images]).to(self.device, self.dtype)  # (sum tiles, 3, S, S)
-        tiles = self.projector(self.vision_tower(pixels))  # (sum tiles, 576, D)
+        tiles = self.mm.hook_projected(self.projector(self.mm.hook_features(self.vision_tower(pixels))))  # (sum tiles, 576, D)
+        newline = self.mm.hook_newline(self.image_newline)
         out, start = [], 0
         for im in images:
             n = 1 + im.num_tiles  # base + tiles
-            out.append(pack_image_features(tiles[start:start + n], im.image_size, im.grid, self.image_newline,
+            out.append(pack_image_features(tiles[start:start + n], im.image_size, im.grid, newline,
                                            self.config.anyres_compat))
             start += n
         return out
@@ -133,10 +145,20 @@ class LlavaNextModel(nn.Module):
         grid = (cfg.vision.grid_size, cfg.vision.grid_size)
         pixel_values = pixel_values.to(self.device, self.dtype)
         feats = torch.cat([self.vision_tower(chunk) for chunk in pixel_values.split(frame_batch)])  # (F, 576, Cv)
-        pooled = pool_and_project(feats, self.projector, grid, cfg.spatial_pool_stride, cfg.spatial_pool_mode,
+        feats = self.mm.hook_features(feats)
+        hooks = self.mm
+        if cfg.pool_position == "before_projector":  # mm.hook_pooled sees pool_frames' output in either order
+            def project(x: torch.Tensor) -> torch.Tensor:
+                return hooks.hook_projected(self.projector(hooks.hook_pooled(x)))
+        else:
+            def project(x: torch.Tensor) -> torch.Tensor:
+                return hooks.hook_projected(self.projector(x))
+        pooled = pool_and_project(feats, project, grid, cfg.spatial_pool_stride, cfg.spatial_pool_mode,
                                   cfg.pool_position)  # (F, h*w, D)
+        if cfg.pool_position != "before_projector":
+            pooled = hooks.hook_pooled(pooled)
         pooled_hw = pooled_grid_hw(grid, cfg.spatial_pool_stride, cfg.spatial_pool_mode)
-        return add_video_newlines(pooled, pooled_hw, self.image_newline, cfg.video_newline)  # (T, D)
+        return add_video_newlines(pooled, pooled_hw, hooks.hook_newline(self.image_newline), cfg.video_newline)  # (T, D)
 
     # ---- prompt embeddings ------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor, image_features: Sequence[torch.Tensor] = (),
@@ -162,7 +184,7 @@ class LlavaNextModel(nn.Module):
                     f"(llava_next.inputs.tokens) and give one {kind} per placeholder")
             if n_slots:
                 embeds = embeds.masked_scatter(mask[..., None], torch.cat(list(feats)).to(embeds.dtype))
-        return embeds
+        return self.mm.hook_merged(embeds)
 
     # ---- one forward ------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, *, images: Sequence[ImageInput] = (),

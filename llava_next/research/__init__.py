@@ -1,0 +1,14 @@
+"""Research instruments: named hook points, traces reduced on the fly, exact attention statistics without
+T x T maps, a streaming logit lens, and interventions (see each module's docstring).
+
+    from llava_next.research import trace, Record, Attention, LogitLens, ablate, knockout, patch
+"""
+
+from .attention import AttentionStats, ResearchError, attention_rows, attention_stats
+from .interventions import ablate, grouped_attention, intervene, knockout, patch, replace_embedding
+from .logit_lens import LensResult, LogitLens
+from .trace import Attention, Record, Step, Trace, hooks, resolve_positions, run_with_cache, run_with_hooks, trace
+
+__all__ = ["Attention", "AttentionStats", "LensResult", "LogitLens", "Record", "ResearchError", "Step", "Trace", "ablate",
+           "attention_rows", "attention_stats", "grouped_attention", "hooks", "intervene", "knockout", "patch",
+           "replace_embedding", "resolve_positions", "run_with_cache", "run_with_hooks", "trace"]

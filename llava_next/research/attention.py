@@ -1,0 +1,255 @@
+"""Attention statistics without a T x T map: exact, query chunk by query chunk, from the layer's own q and k.
+
+    rows = attention_rows(q, k, queries)                     # (B, Hq, |Q|, Tk) fp32, exact softmax rows
+    score = attention_rows(q, k, [-1]).mean(1)[:, 0]         # FastV's score: last query, head mean -> (B, Tk)
+    stats = attention_stats(q, k, queries, rows=True, key_mass=True, entropy=True, segments=frame_ids)
+
+q (B, Hq, Tq, D) is the post-RoPE query of a decoder call and k (B, Hkv, Tk, D) the keys it attends (the KV
+cache prefix, post-RoPE), exactly what ``Attention.attention_override`` receives; the queries sit at the END
+of the keys (query i at key position Tk - Tq + i: prefill, chunked prefill and decode alike, the attention
+facade's rule), ``key_mask`` (B, Tk) marks real keys (left padding). ``queries`` are indices into the Tq
+queries (negative counts from the end).
+
+How: for a chunk of c queries, scores = q_c k^T / sqrt(D) in fp32 (GQA by grouping the query heads of one kv
+head, K never repeated), masked causally, softmaxed; every statistic is reduced from that (B, Hq, c, Tk)
+block, which is then dropped. Extra memory is bounded by Hq x c x Tk floats (plus one fp32 copy of K),
+never Hq x Tq x Tk; ``chunk`` defaults to what fits ``CHUNK_BYTES`` (32 MiB). Sums per segment are a
+matmul with a (Tk, S) one-hot matrix (index_add_ along the key axis is a scalar loop on CPU). The numbers are those of
+transformers' eager attention (fp32 softmax of the scaled scores): the parity tests compare with its
+``output_attentions``.
+
+What it returns (``AttentionStats``; every field per head, ``.mean_heads()`` averages them):
+
+    rows             (B, Hq, |Q|, Tk)   exact probabilities of the chosen queries (LVLM-Interpret heatmaps,
+                                         FastV's last-query score)
+    key_mass         (B, Hq, Tk)        attention each key receives, summed over the chosen queries
+                                         (column sums: "received" scores, sinks)
+    entropy          (B, Hq, |Q|)       -sum p log p per chosen query
+    topk_values/ids  (B, Hq, |Q|, k)    the k most-attended keys of each chosen query
+    segment_rows     (B, Hq, |Q|, S)    each chosen query's mass per key segment (frames, tiles, text parts)
+    segment_map      (B, Hq, S, S)      mass summed over ALL queries of a segment (rows) to key segments
+                                         (columns): the layer x frame chart; with ``block`` it is the
+                                         block-pooled map (FastV's figure) instead of a segment one
+    segment_counts   (S,)               queries per segment (segment_map / counts = the mean row)
+
+``segments`` is a LongTensor mapping each key position to a segment id 0..S-1 (e.g. frame index, from token
+provenance); keys past its end (tokens generated after the prompt) get the extra id S.
+
+On CUDA the Triton kernel ``flash_attention_with_key_mass`` (kernels/llava_next_kernels/attention.py) computes
+``key_mass`` when it is the only statistic asked for (``key_mass_triton``); tests check it against this path
+under the Triton interpreter. Rows, entropy, top-k and segment sums use this PyTorch path on every device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Iterator, Sequence
+
+import torch
+
+class ResearchError(ValueError):
+    """A research request that cannot be served (unknown hook, bad positions, layer out of range, ...): the
+    message says what was wrong and what to do. A ValueError: the CLI reports it as a user error."""
+
+
+CHUNK_BYTES = 32 << 20  # default budget of one (B, Hq, chunk, Tk) fp32 probability block
+
+
+def _as_index(queries: torch.Tensor | Sequence[int] | int, n: int, device: torch.device) -> torch.Tensor:
+    """Query indices (negative from the end) -> LongTensor in [0, n), checked."""
+    idx = torch.as_tensor(queries, dtype=torch.long, device=device).reshape(-1)
+    if idx.numel() and (bool((idx < -n).any()) or bool((idx >= n).any())):
+        raise ResearchError(f"query index out of range for {n} queries: got {idx.min().item()}..{idx.max().item()}")
+    return idx % n if n else idx
+
+
+def default_chunk(batch: int, heads: int, keys: int, budget: int = CHUNK_BYTES) -> int:
+    """Queries per chunk so one fp32 (batch, heads, chunk, keys) block fits ``budget`` bytes (at least 1)."""
+    return max(1, budget // (4 * batch * heads * keys))
+
+
+Groups = tuple[torch.Tensor, torch.Tensor]  # (group id per key position (Tk,), allowed table (G, G) bool)
+
+
+def allowed_block(query_idx: torch.Tensor, Tq: int, Tk: int, key_mask: torch.Tensor | None = None,
+                  groups: Groups | None = None, width: int | None = None) -> torch.Tensor:
+    """Which of the first ``width`` (default Tk) keys the chosen queries may see: (c, width) or (B, 1, c, width)
+    bool. Causal (queries at the end of the keys), ``key_mask`` (B, Tk), and a knockout group table: query at
+    position i may see key j only if ``table[group[i], group[j]]`` (O(T + G^2) instead of a dense T x T mask)."""
+    width = Tk if width is None else width
+    keys = torch.arange(width, device=query_idx.device)
+    pos = query_idx + (Tk - Tq)
+    allowed = keys[None, :] <= pos[:, None]  # (c, width)
+    if groups is not None:
+        g, table = groups
+        allowed = allowed & table[g[pos]][:, g[:width]]
+    if key_mask is not None:
+        allowed = (allowed[None] & key_mask[:, None, :width])[:, None]  # (B, 1, c, width)
+    return allowed
+
+
+def iter_probs(q: torch.Tensor, k: torch.Tensor, queries: torch.Tensor, *, key_mask: torch.Tensor | None = None,
+               chunk: int | None = None, groups: Groups | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (query indices (c,), probabilities (B, Hq, c, kc) fp32) chunk by chunk; rows seeing no key are 0.
+
+    kc <= Tk: only the keys up to the chunk's last query position (the later ones have probability 0 by
+    causality and are not computed: half the work of an all-query pass)."""
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    chunk = chunk or default_chunk(B, Hq, Tk)
+    k32 = k.float().transpose(-1, -2)[:, :, None]  # (B, Hkv, 1, D, Tk)
+    scale = 1.0 / math.sqrt(D)
+    for idx in queries.split(chunk):
+        kc = int(idx.max()) + (Tk - Tq) + 1  # keys this chunk can see
+        qc = q[:, :, idx].float().reshape(B, Hkv, G, idx.numel(), D)  # query heads grouped by kv head
+        scores = (qc @ k32[..., :kc]).reshape(B, Hq, idx.numel(), kc) * scale  # (B, Hq, c, kc)
+        scores.masked_fill_(~allowed_block(idx, Tq, Tk, key_mask, groups, width=kc), float("-inf"))
+        yield idx, torch.softmax(scores, dim=-1).nan_to_num_(0.0)
+
+
+def attention_rows(q: torch.Tensor, k: torch.Tensor, queries: torch.Tensor | Sequence[int] | int = -1, *,
+                   key_mask: torch.Tensor | None = None, chunk: int | None = None,
+                   groups: Groups | None = None) -> torch.Tensor:
+    """Exact attention probabilities of the chosen queries: (B, Hq, |Q|, Tk) fp32 (module docstring)."""
+    idx = _as_index(queries, q.shape[2], q.device)
+    Tk = k.shape[2]
+    parts = [_pad(p, Tk) for _, p in iter_probs(q, k, idx, key_mask=key_mask, chunk=chunk, groups=groups)]
+    return torch.cat(parts, dim=2)
+
+
+def _pad(p: torch.Tensor, Tk: int) -> torch.Tensor:
+    """(..., kc) probabilities -> (..., Tk), zeros for the keys the queries cannot see."""
+    return p if p.shape[-1] == Tk else torch.nn.functional.pad(p, (0, Tk - p.shape[-1]))
+
+
+@dataclass
+class AttentionStats:
+    """Statistics of one attention call (module docstring); fields not asked for are None."""
+
+    queries: torch.Tensor  # (|Q|,) query indices within the call
+    query_positions: torch.Tensor  # (|Q|,) their key positions (= sequence positions)
+    rows: torch.Tensor | None = None
+    key_mass: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    topk_values: torch.Tensor | None = None
+    topk_ids: torch.Tensor | None = None
+    segment_rows: torch.Tensor | None = None
+    segment_map: torch.Tensor | None = None
+    segment_counts: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+    def mean_heads(self) -> "AttentionStats":
+        """The same statistics averaged over heads (dim 1); top-k is per head and dropped."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("rows", "key_mass", "entropy", "segment_rows", "segment_map") and v is not None:
+                v = v.mean(dim=1)
+            elif f.name in ("topk_values", "topk_ids"):
+                v = None
+            out[f.name] = v
+        return AttentionStats(**out)
+
+    def to(self, device: torch.device | str) -> "AttentionStats":
+        return AttentionStats(**{f.name: v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor) else v
+                                 for f in fields(self)})
+
+
+def _one_hot(seg: torch.Tensor, S: int) -> torch.Tensor:
+    """(Tk, S) fp32 one-hot of the key segments: probs (..., Tk) @ it = mass per segment (..., S)."""
+    return torch.zeros(seg.numel(), S, device=seg.device).scatter_(1, seg[:, None], 1.0)
+
+
+def _segment_ids(segments: torch.Tensor, Tk: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """(Tk,) segment id per key (keys past the given ids -> one extra id) and the number of segments."""
+    segments = torch.as_tensor(segments, dtype=torch.long, device=device).reshape(-1)
+    if segments.numel() and int(segments.min()) < 0:
+        raise ResearchError("segment ids must be >= 0 (one id per sequence position)")
+    S = int(segments.max()) + 1 if segments.numel() else 0
+    if segments.numel() >= Tk:
+        return segments[:Tk], S
+    return torch.cat([segments, segments.new_full((Tk - segments.numel(),), S)]), S + 1
+
+
+def attention_stats(q: torch.Tensor, k: torch.Tensor, queries: torch.Tensor | Sequence[int] | int | None = None, *,
+                    key_mask: torch.Tensor | None = None, rows: bool = False, key_mass: bool = False,
+                    entropy: bool = False, topk: int = 0, segments: torch.Tensor | None = None,
+                    segment_map: bool = False, block: int = 0, chunk: int | None = None,
+                    groups: Groups | None = None) -> AttentionStats:
+    """Reduce the attention of one call to the statistics asked for (module docstring).
+
+    queries: indices into the call's Tq queries (None = all). ``segments`` (LongTensor of key segment ids)
+    enables ``segment_rows`` for the chosen queries; ``segment_map`` (needs ``segments``) or ``block`` > 0
+    adds the all-query map (a second pass over all queries when ``queries`` is a subset)."""
+    B, Hq, Tq, _ = q.shape
+    Tk = k.shape[2]
+    device = q.device
+    idx = torch.arange(Tq, device=device) if queries is None else _as_index(queries, Tq, device)
+    out = AttentionStats(queries=idx, query_positions=idx + (Tk - Tq))
+    seg = S = None
+    if segments is not None:
+        seg, S = _segment_ids(segments, Tk, device)
+        seg_hot = _one_hot(seg, S)
+    per_query = rows or key_mass or entropy or topk or seg is not None
+    if per_query:
+        parts: dict[str, list[torch.Tensor]] = {"rows": [], "entropy": [], "tv": [], "ti": [], "seg": []}
+        mass = torch.zeros(B, Hq, Tk, device=device) if key_mass else None
+        for _, p in iter_probs(q, k, idx, key_mask=key_mask, chunk=chunk, groups=groups):  # p (B, Hq, c, kc)
+            kc = p.shape[-1]
+            if rows:
+                parts["rows"].append(_pad(p, Tk))
+            if mass is not None:
+                mass[..., :kc] += p.sum(dim=2)
+            if entropy:
+                parts["entropy"].append(-(p * p.clamp_min(1e-30).log()).sum(-1))  # 0 log 0 = 0
+            if topk:
+                v, i = _pad(p, Tk).topk(min(topk, Tk), dim=-1)
+                parts["tv"].append(v)
+                parts["ti"].append(i)
+            if seg is not None:
+                parts["seg"].append(p @ seg_hot[:kc])  # (B, Hq, c, S)
+        cat = lambda name: torch.cat(parts[name], dim=2) if parts[name] else None  # noqa: E731
+        out.rows, out.entropy, out.segment_rows = cat("rows"), cat("entropy"), cat("seg")
+        out.topk_values, out.topk_ids, out.key_mass = cat("tv"), cat("ti"), mass
+    if segment_map or block:
+        if block:
+            map_seg, map_S = torch.arange(Tk, device=device) // block, -(-Tk // block)
+        elif seg is None:
+            raise ResearchError("segment_map needs segments (a LongTensor of segment ids, one per position)")
+        else:
+            map_seg, map_S = seg, S
+        q_seg = map_seg[Tk - Tq:]  # segment of each query (queries sit at the end of the keys)
+        map_hot = _one_hot(map_seg, map_S)
+        smap = torch.zeros(B, Hq, map_S, map_S, device=device)
+        for qi, p in iter_probs(q, k, torch.arange(Tq, device=device), key_mask=key_mask, chunk=chunk, groups=groups):
+            per_seg = p @ map_hot[:p.shape[-1]]  # (B, Hq, c, S)
+            smap.index_add_(2, q_seg[qi], per_seg)
+        out.segment_map = smap
+        out.segment_counts = torch.bincount(q_seg, minlength=map_S)
+    return out
+
+
+# ---- CUDA: the Triton key-mass kernel ---------------------------------------------------------------------
+def key_mass_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, queries: torch.Tensor | Sequence[int] | None = None,
+                    *, key_mask: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
+    """``key_mass`` (B, Hq, Tk) fp32 of the chosen queries from ``flash_attention_with_key_mass``.
+
+    Not for knocked-out layers (the kernel takes no group table). The kernel sums over every query it is given, with causality relative to the end of the keys; a query
+    subset is passed with an explicit (B, 1, c, Tk) mask that restores each query's own causal horizon,
+    c queries at a time (the kernel's attention output is discarded)."""
+    from llava_next_kernels.attention import flash_attention_with_key_mass
+
+    B, Hq, Tq, _ = q.shape
+    Tk = k.shape[2]
+    idx = torch.arange(Tq, device=q.device) if queries is None else _as_index(queries, Tq, q.device)
+    keys = torch.arange(Tk, device=q.device)
+    mass = torch.zeros(B, Hq, Tk, device=q.device)
+    for part in idx.split(chunk or max(1, CHUNK_BYTES // max(1, B * Tk))):
+        allowed = (keys[None, :] <= (part + (Tk - Tq))[:, None])[None].expand(B, -1, -1)  # (B, c, Tk)
+        if key_mask is not None:
+            allowed = allowed & key_mask[:, None, :]
+        _, m = flash_attention_with_key_mass(q[:, :, part], k, v, causal=False, mask=allowed[:, None].contiguous())
+        mass += m
+    return mass

@@ -1,0 +1,191 @@
+"""Interventions: scoped, composable changes to a forward, each a small spec installed by ``trace``.
+
+    with trace(model, interventions=[ablate(frame_3, mode="mean"),
+                                     knockout(src=image, dst=question, layers=range(4, 13))],
+               provenance=prov) as tr:
+        logits = model(ids, videos=[pixels])
+    # or only the change:   with intervene(model, ablate(...), provenance=prov): ...
+
+- ``ablate(positions, mode="zero"|"mean", over=None, at="mm.hook_merged")``: visual tokens replaced by zeros
+  or by the mean of the rows ``over`` (default: the ablated rows themselves; llava-interp uses the mean of
+  all visual tokens of the image). At ``mm.hook_merged`` the visual rows are exactly the projector's output
+  rows (after pooling and AnyRes packing), addressed by sequence position; ``at`` takes any decoder hook
+  (e.g. ``blocks.4.hook_resid_post`` to ablate later).
+- ``replace_embedding(positions, values, at="hook_embed")``: set the decoder input rows at positions
+  ((P, C) or (C,) broadcast).
+- ``patch(name, source, positions=None)``: activation patching: the rows of hook(s) ``name`` at
+  ``positions`` are taken from another, finished trace that recorded them (``Record(name)`` with all
+  positions, or with exactly the same positions); step by step, so decode steps patch too.
+- ``knockout(src, dst, layers)``: in those decoder layers, queries at ``dst`` may not attend to keys at
+  ``src`` (cross-modal-information-flow's attention knockout). Not a dense T x T mask: each position gets a
+  small group id and each layer a G x G table of allowed (query group, key group) pairs; the attention is
+  computed query chunk by chunk with SDPA and a (chunk x T) boolean mask made from the table
+  (``grouped_attention``), and recorded attention statistics see the same table. A query left with no
+  key (only possible when it knocks out itself) gets a zero output, as the facade's rule for empty rows.
+
+Positions are absolute sequence positions or selectors (``resolve(provenance)``), as everywhere in
+``llava_next.research``. Hook-based interventions act in every step whose positions they cover
+(prefill for prompt positions; a selector of generated positions acts during decoding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Literal
+
+import torch
+import torch.nn.functional as F
+
+from .attention import Groups, ResearchError, allowed_block, default_chunk
+from .trace import Trace
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: Groups, *,
+                      key_mask: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
+    """Causal attention (queries at the end of the keys) restricted by a knockout group table: (B, Hq, Tq, D).
+
+    Extra memory: one (chunk, Tk) boolean mask and SDPA's own per-chunk buffers, never (Tq, Tk). Each chunk
+    reads only the keys up to its last query."""
+    B, Hq, Tq, D = q.shape
+    Tk = k.shape[2]
+    chunk = chunk or default_chunk(B, Hq, Tk)
+    out = torch.empty_like(q)
+    for idx in torch.arange(Tq, device=q.device).split(chunk):
+        kc = int(idx[-1]) + (Tk - Tq) + 1  # keys the chunk can see (causal)
+        allowed = allowed_block(idx, Tq, Tk, key_mask, groups, width=kc)  # (c, kc) or (B, 1, c, kc)
+        y = F.scaled_dot_product_attention(q[:, :, idx], k[:, :, :kc], v[:, :, :kc], attn_mask=allowed,
+                                           enable_gqa=Hq != k.shape[1])
+        empty = ~allowed.any(-1)  # rows that may see no key: zeros, never NaN
+        if bool(empty.any()):
+            y = y.masked_fill(empty[..., None] if empty.dim() == 4 else empty[None, None, :, None], 0.0)
+        out[:, :, idx] = y
+    return out
+
+
+def _rows(tr: Trace, x: torch.Tensor, positions: torch.Tensor, name: str) -> torch.Tensor | None:
+    """Indices into this call's dim 1 of the absolute ``positions`` (None when none fall in the call)."""
+    offset = tr.current.offset if tr.is_sequence_hook(name) else 0
+    idx = tr.local(positions, offset, x.shape[1])
+    return None if idx.numel() == 0 else idx.to(x.device)
+
+
+@dataclass(frozen=True)
+class ablate:  # noqa: N801 - reads as a verb in a list of interventions
+    positions: Any
+    mode: Literal["zero", "mean"] = "zero"
+    over: Any = None
+    at: str = "mm.hook_merged"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("zero", "mean"):
+            raise ResearchError(f"ablate mode must be 'zero' or 'mean', got {self.mode!r}")
+
+    def install(self, tr: Trace) -> None:
+        positions = tr.resolve(self.positions)
+        over = tr.resolve(self.over) if self.over is not None else positions
+
+        def fn(x: torch.Tensor, hook) -> torch.Tensor | None:
+            idx = _rows(tr, x, positions, hook.name)
+            if idx is None:
+                return None
+            x = x.clone()
+            if self.mode == "zero":
+                x[:, idx] = 0
+            else:
+                src = _rows(tr, x, over, hook.name)
+                if src is None:
+                    raise ResearchError(f"ablate(mode='mean'): none of the 'over' positions are in this call of {hook.name}")
+                x[:, idx] = x[:, src].float().mean(1, keepdim=True).to(x.dtype)
+            return x
+        tr.add_hook(self.at, fn)
+
+
+@dataclass(frozen=True)
+class replace_embedding:  # noqa: N801
+    positions: Any
+    values: torch.Tensor
+    at: str = "hook_embed"
+
+    def install(self, tr: Trace) -> None:
+        positions = tr.resolve(self.positions)
+
+        values = torch.as_tensor(self.values)
+        if values.dim() == 2 and values.shape[0] != positions.numel():
+            raise ResearchError(f"replace_embedding: {values.shape[0]} rows of values for {positions.numel()} positions")
+
+        def fn(x: torch.Tensor, hook) -> torch.Tensor | None:
+            offset = tr.current.offset if tr.is_sequence_hook(hook.name) else 0
+            inside = (positions >= offset) & (positions < offset + x.shape[1])
+            if not bool(inside.any()):
+                return None
+            x = x.clone()
+            x[:, (positions[inside] - offset).to(x.device)] = (values[inside] if values.dim() == 2 else values).to(x.device, x.dtype)
+            return x
+        tr.add_hook(self.at, fn)
+
+
+@dataclass(frozen=True)
+class patch:  # noqa: N801
+    name: str
+    source: Trace
+    positions: Any = None
+
+    def install(self, tr: Trace) -> None:
+        positions = tr.resolve(self.positions)
+        names = tr.names(self.name)
+        source_positions = {}
+        for rec in self.source.records:
+            for n in names:
+                if tr.points.get(n) is not None and (n == rec.name or _matches(n, rec.name)):
+                    if rec.reduce != "none":
+                        raise ResearchError(f"patch({self.name!r}): the source trace reduced {n} ({rec.reduce}); "
+                                         "record it with reduce='none'")
+                    source_positions[n] = self.source.resolve(rec.positions)
+        missing = [n for n in names if n not in source_positions]
+        if missing:
+            raise ResearchError(f"patch: the source trace did not record {missing[:3]}; record them with Record(name)")
+
+        def fn(x: torch.Tensor, hook) -> torch.Tensor | None:
+            step_no = len(tr.steps) - 1 if tr._in_decoder else len(tr.steps)
+            if step_no >= len(self.source.steps) or hook.name not in self.source.steps[step_no].records:
+                return None
+            src = self.source.steps[step_no].records[hook.name]
+            offset = tr.current.offset
+            want = positions if positions is not None else torch.arange(offset, offset + x.shape[1])
+            idx = tr.local(want, offset, x.shape[1])
+            if idx.numel() == 0:
+                return None
+            have = source_positions[hook.name]
+            if have is None:  # the source kept every row of this call
+                rows = idx
+            else:  # the source kept rows at ``have``: find ours among them
+                absolute = idx + offset
+                where = (have[None, :] == absolute[:, None]).float().argmax(1)
+                if not bool(torch.isin(absolute, have).all()):
+                    raise ResearchError(f"patch({hook.name}): the source recorded other positions than the ones patched")
+                rows = where
+            x = x.clone()
+            x[:, idx.to(x.device)] = src[:, rows].to(x.device, x.dtype)
+            return x
+        for n in names:
+            tr.add_hook(n, fn)
+
+
+def _matches(name: str, pattern: str) -> bool:
+    import fnmatch
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+@dataclass(frozen=True)
+class knockout:  # noqa: N801
+    src: Any
+    dst: Any
+    layers: Iterable[int]
+
+    def install(self, tr: Trace) -> None:
+        tr.add_knockout(tr.resolve(self.src), tr.resolve(self.dst), list(self.layers))
+
+
+def intervene(model, *specs: Any, provenance: Any = None) -> Trace:
+    """``with intervene(model, ablate(...), knockout(...)):`` — interventions without recording."""
+    return Trace(model, interventions=specs, provenance=provenance)

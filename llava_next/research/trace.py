@@ -1,0 +1,512 @@
+"""One entry point to look inside the model: record what is asked, reduced on the fly, and intervene.
+
+    with trace(model, record=[Record("blocks.*.hook_resid_post", positions=sel, reduce="mean")],
+               attention=Attention(layers=[2, 15], queries="last", rows=True, segments=frame_ids),
+               interventions=[ablate(frame_3, mode="mean")], provenance=prov) as tr:
+        logits = model(ids, videos=[pixels])                 # or pipeline / generate: every decoder call
+    tr["blocks.15.hook_resid_post"]                          # (B, C) mean over the selected positions
+    tr.attention[15].rows.mean(1)                            # (B, |Q|, T) head-averaged exact rows
+    tr.steps[3].attention[15].rows                           # the 3rd generated token's row (decode step 3)
+
+What it follows: TransformerLens' names and hook contract (``fn(tensor, hook) -> None | tensor``;
+``run_with_cache`` / ``run_with_hooks`` / ``hooks`` below keep its call shapes), baukit's context-managed
+``TraceDict`` and its reduce-while-recording ``runningstats``, nnsight's per-step records during generation.
+
+Choices
+- Only what is asked is kept: a ``Record`` names hook points (fnmatch patterns: ``blocks.*.attn.hook_z``),
+  the sequence positions to keep and a reduction over them (``none`` / ``mean`` / ``sum`` / ``max`` /
+  ``topk`` per channel), a dtype and a device. Nothing else is copied.
+- Positions are absolute sequence positions: a LongTensor, a list, or any object with
+  ``resolve(provenance) -> LongTensor`` (the selectors of ``llava_next.research.provenance``), resolved
+  once against the ``provenance`` given to ``trace``. Hooks of the decoder see a call's slice of the
+  sequence (the whole prompt at prefill, one new position per decode step): each call keeps the chosen
+  positions that fall into its slice, and a call with none of them records nothing.
+- Steps: every decoder call is a step (``tr.steps``): step 0 is the prefill (or the one forward), step s
+  the s-th decode step. Vision and ``mm.*`` hooks fire before the decoder and are filed under the step
+  of the decoder call that follows. ``tr.cache`` / ``tr.attention`` are step 0's. A hook that fires
+  several times in one step (the vision tower runs per chunk of frames) has its records concatenated
+  along dim 0.
+- Attention statistics (``Attention``) are computed from the layer's post-RoPE q and the keys it attends
+  (``Attention.attention_override`` on the decoder layer) by the exact query-chunked path of
+  research/attention.py; the layer's output still comes from the attention facade (SDPA, Triton, the
+  compiled CPU decode attention), so tracing never switches the model to eager attention.
+- ``blocks.{i}.attn.hook_pattern`` is virtual (TransformerLens' name for the (B, H, q, k) probabilities):
+  a hook function on it receives the exact pattern of the call, computed query chunk by query chunk from
+  q and k — all queries (T x T, as TransformerLens: small inputs) — and may only observe; a ``Record``
+  of it keeps only the rows at ``positions`` (memory H x |positions| x T), like TransformerLens'
+  ``pos_slice``. Use ``Attention`` for reductions and ``knockout`` to change the pattern.
+- Interventions (research/interventions.py) are specs installed by the same trace: hook functions that
+  replace tensors, and per-layer knockout group tables the attention override applies.
+- Leaving the ``with`` block removes every hook and override, also after an exception.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Literal, Sequence
+
+import torch
+from torch import nn
+
+from ..model.attention import attention as facade_attention
+from ..model.hooks import HookFn, HookPoint, hook_points
+from .attention import AttentionStats, Groups, ResearchError, attention_rows, attention_stats, key_mass_triton
+
+Reduce = Literal["none", "mean", "sum", "max", "topk"]
+NONSEQUENCE = ("vision.", "mm.hook_features", "mm.hook_pooled", "mm.hook_projected", "mm.hook_newline")
+
+
+def resolve_positions(positions: Any, provenance: Any = None) -> torch.Tensor | None:
+    """None (all), a LongTensor / list of indices, or a selector with ``resolve(provenance)`` -> LongTensor."""
+    if positions is None:
+        return None
+    if hasattr(positions, "resolve"):
+        if provenance is None:
+            raise ResearchError(f"{type(positions).__name__} is a selector and needs the request's token provenance: "
+                             "pass provenance=... to trace(), or give positions as a LongTensor")
+        positions = positions.resolve(provenance)
+    idx = torch.as_tensor(positions, dtype=torch.long).reshape(-1)
+    if idx.numel() and int(idx.min()) < 0:
+        raise ResearchError("positions must be absolute sequence positions (>= 0); use a selector for 'the last token'")
+    return idx
+
+
+@dataclass(frozen=True)
+class Record:
+    """Record hook ``name`` (fnmatch pattern) at ``positions`` (None: all), reduced over them by ``reduce``.
+
+    none: (B, P, ...) the selected rows; mean / sum / max: (B, ...); topk: per channel the k largest values
+    over the positions and their absolute positions, stored as ``name`` and ``name + ":positions"``.
+    ``key``: store under this name instead of the hook's (two Records of one hook need different keys)."""
+
+    name: str
+    positions: Any = None
+    reduce: Reduce = "none"
+    k: int = 8
+    dtype: torch.dtype | None = None
+    device: str | torch.device | None = "cpu"
+    steps: Literal["all", "prefill", "decode"] = "all"
+    key: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.reduce not in ("none", "mean", "sum", "max", "topk"):
+            raise ResearchError(f"Record.reduce must be none, mean, sum, max or topk, got {self.reduce!r}")
+        if self.steps not in ("all", "prefill", "decode"):
+            raise ResearchError(f"Record.steps must be all, prefill or decode, got {self.steps!r}")
+        if self.reduce == "topk" and self.k < 1:
+            raise ResearchError(f"Record.k must be >= 1 for reduce='topk', got {self.k}")
+
+
+@dataclass(frozen=True)
+class Attention:
+    """Attention statistics to compute per decoder layer (research/attention.py has the definitions).
+
+    layers: None = all. queries: "last" (the last position of each call: FastV's query at prefill, the new
+    token when decoding), "all", or positions / a selector (absolute). segments: a LongTensor of segment ids
+    per sequence position (e.g. frame index) or a selector-like object with ``resolve``; enables
+    ``segment_rows`` and, with ``segment_map``, the all-query segment x segment map. ``block`` > 0: the
+    block-pooled all-query map. ``decode``: also at each decode step (the new token's query). ``heads``:
+    "all" keeps per-head statistics, "mean" only their head average (H times less memory).
+    ``backend``: "auto" uses the Triton key-mass kernel on CUDA when key_mass is the only statistic."""
+
+    layers: Sequence[int] | None = None
+    queries: Any = "last"
+    rows: bool = True
+    key_mass: bool = False
+    entropy: bool = False
+    topk: int = 0
+    segments: Any = None
+    segment_map: bool = False
+    block: int = 0
+    decode: bool = True
+    heads: Literal["all", "mean"] = "all"
+    chunk: int | None = None
+    device: str | torch.device | None = "cpu"
+    backend: Literal["auto", "torch", "triton"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.heads not in ("all", "mean"):
+            raise ResearchError(f"Attention.heads must be 'all' or 'mean', got {self.heads!r}")
+        if self.backend not in ("auto", "torch", "triton"):
+            raise ResearchError(f"Attention.backend must be auto, torch or triton, got {self.backend!r}")
+        if self.segment_map and self.segments is None:
+            raise ResearchError("Attention(segment_map=True) needs segments (one segment id per position)")
+
+
+@dataclass
+class Step:
+    """What one decoder call recorded: ``offset`` = the sequence position of its first token."""
+
+    offset: int = 0
+    records: dict[str, Any] = field(default_factory=dict)
+    attention: dict[int, AttentionStats] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. the logit lens
+
+
+class Trace:
+    """The context manager behind ``trace`` (module docstring)."""
+
+    def __init__(self, model: nn.Module, *, record: Iterable[Record | str] = (), attention: Attention | None = None,
+                 hooks: Iterable[tuple[str | Callable[[str], bool], HookFn]] = (), interventions: Iterable[Any] = (),
+                 logit_lens: Any = None, provenance: Any = None) -> None:
+        self.model = model
+        self.decoder = getattr(model, "language_model", model)
+        if not hasattr(self.decoder, "layers"):
+            raise ResearchError(f"trace() takes a LlavaNextModel or a Decoder, got {type(model).__name__}")
+        self.points = hook_points(model)
+        self.provenance = provenance
+        self.records = [Record(r) if isinstance(r, str) else r for r in record]
+        self.attention_spec = attention
+        self.user_hooks = list(hooks)
+        self.interventions = list(interventions) + ([logit_lens] if logit_lens is not None else [])
+        self.steps: list[Step] = []
+        self._pending = Step()  # records of hooks that fire before the next decoder call
+        self._in_decoder = False
+        self._removers: list[Callable[[], None]] = []
+        self._knockouts: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # layer -> (src, dst) positions
+        L = len(self.decoder.layers)
+        self.patterns = {f"blocks.{i}.attn.hook_pattern": HookPoint() for i in range(L)}  # virtual (docstring)
+        for name, point in self.patterns.items():
+            point.name = name
+        self._pattern_users: dict[int, list[tuple[Callable, torch.Tensor | None]]] = {}
+
+    # ---- what users read ----------------------------------------------------------------------------
+    @property
+    def cache(self) -> dict[str, Any]:
+        return self.steps[0].records if self.steps else self._pending.records
+
+    @property
+    def attention(self) -> dict[int, AttentionStats]:
+        return self.steps[0].attention if self.steps else {}
+
+    @property
+    def logit_lens(self) -> dict[int, Any]:
+        """Step 0's logit lens per layer (research/logit_lens.py), if one was asked for."""
+        return self.steps[0].extra.get("logit_lens", {}) if self.steps else {}
+
+    def __getitem__(self, name: str) -> Any:
+        return self.cache[name]
+
+    def resolve(self, positions: Any) -> torch.Tensor | None:
+        return resolve_positions(positions, self.provenance)
+
+    @property
+    def current(self) -> Step:
+        """The step hooks are filed under now (see the module docstring)."""
+        return self.steps[-1] if self._in_decoder else self._pending
+
+    # ---- installing ---------------------------------------------------------------------------------
+    def names(self, pattern: str | Callable[[str], bool]) -> list[str]:
+        """Hook names matching an fnmatch pattern or a predicate; a clear error when none does."""
+        every = [*self.points, *self.patterns]
+        if callable(pattern):
+            found = [n for n in every if pattern(n)]
+        else:
+            found = [n for n in every if fnmatch.fnmatchcase(n, pattern)]
+        if not found:
+            example = ", ".join(list(self.points)[:6])
+            raise ResearchError(f"no hook point matches {pattern!r}; names look like: {example}, ... "
+                           "(llava_next/model/hooks.py lists them)")
+        return found
+
+    def add_hook(self, name: str | Callable[[str], bool], fn: HookFn) -> None:
+        for n in self.names(name):
+            if n in self.patterns:
+                self._add_pattern_user(n, fn, None)
+            else:
+                self._removers.append(self.points[n].add_hook(fn))
+
+    def _add_pattern_user(self, name: str, fn: Callable, positions: torch.Tensor | None) -> None:
+        point = self.patterns[name]
+
+        def observe(pattern: torch.Tensor) -> None:
+            if fn(pattern, point) is not None:
+                raise ResearchError(f"{name} is virtual and read-only (the pattern is recomputed, not used); "
+                                    "change attention with research.interventions.knockout")
+        self._pattern_users.setdefault(point.layer(), []).append((observe, positions))
+
+    def add_knockout(self, src: torch.Tensor, dst: torch.Tensor, layers: Iterable[int]) -> None:
+        """Queries at positions ``dst`` may not attend to keys at ``src`` in these layers."""
+        for layer in layers:
+            if not 0 <= layer < len(self.decoder.layers):
+                raise ResearchError(f"knockout layer {layer} out of range 0..{len(self.decoder.layers) - 1}")
+            self._knockouts.setdefault(layer, []).append((src, dst))
+            if len(self._knockouts[layer]) > 4:
+                raise ResearchError("at most 4 knockouts per layer in one trace (each doubles the group table twice)")
+
+    def local(self, positions: torch.Tensor | None, offset: int, length: int) -> torch.Tensor | None:
+        """Absolute positions -> indices into a call covering [offset, offset + length); None = all."""
+        if positions is None:
+            return None
+        inside = positions[(positions >= offset) & (positions < offset + length)]
+        return inside - offset
+
+    def __enter__(self) -> "Trace":
+        try:
+            self._install()
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._remove()
+        if self._pending.records and not self.steps:  # only the vision side ran (e.g. model.image_features)
+            self.steps.append(self._pending)
+            self._pending = Step()
+
+    def _install(self) -> None:
+        def pre(module, args, kwargs):
+            input_pos = kwargs.get("input_pos")
+            step = self._pending
+            step.offset = int(input_pos[0]) if input_pos is not None else 0
+            self._pending = Step()
+            self.steps.append(step)
+            self._in_decoder = True
+
+        def post(module, args, kwargs, output):
+            self._in_decoder = False
+
+        h1 = self.decoder.register_forward_pre_hook(pre, with_kwargs=True)
+        h2 = self.decoder.register_forward_hook(post, with_kwargs=True)
+        self._removers += [h1.remove, h2.remove]
+        keys: dict[str, str] = {}
+        for rec in self.records:
+            positions = self.resolve(rec.positions)
+            names = self.names(rec.name)
+            if rec.key is not None and len(names) > 1:
+                raise ResearchError(f"Record(key={rec.key!r}) matches {len(names)} hook points; a key names one")
+            for name in names:
+                key = rec.key or name
+                if key in keys:
+                    raise ResearchError(f"two Records store under {key!r} ({keys[key]!r} and {rec.name!r}); "
+                                     "give one of them key='...'")
+                keys[key] = rec.name
+                if name in self.patterns:
+                    if rec.reduce != "none":
+                        raise ResearchError(f"Record({name!r}) keeps pattern rows; for reductions use Attention(...)")
+                    self._add_pattern_user(name, self._pattern_recorder(rec, key), positions)
+                    continue
+                self._removers.append(self.points[name].add_hook(self._recorder(rec, name, key, positions)))
+        for name, fn in self.user_hooks:
+            self.add_hook(name, fn)
+        for spec in self.interventions:
+            spec.install(self)
+        self._install_attention()
+
+    def _remove(self) -> None:
+        for remove in reversed(self._removers):
+            remove()
+        self._removers.clear()
+        self._in_decoder = False
+
+    # ---- records -------------------------------------------------------------------------------------
+    def is_sequence_hook(self, name: str) -> bool:
+        return not name.startswith(NONSEQUENCE)
+
+    def _recorder(self, rec: Record, name: str, key: str, positions: torch.Tensor | None) -> HookFn:
+        sequence = self.is_sequence_hook(name)
+
+        def fn(x: torch.Tensor, hook: HookPoint) -> None:
+            step = self.current
+            decoding = self._in_decoder and len(self.steps) > 1
+            if (rec.steps == "prefill" and decoding) or (rec.steps == "decode" and not decoding):
+                return
+            idx = positions
+            if positions is not None and x.dim() >= 2:
+                idx = self.local(positions, step.offset if sequence else 0, x.shape[1])
+                if idx.numel() == 0:
+                    return
+            value, where = reduce_positions(x.detach(), idx.to(x.device) if idx is not None else None, rec.reduce, rec.k)
+            if where is not None:
+                where = where + (step.offset if sequence else 0)
+            self._store(step, key, self._place(value, rec.dtype, rec.device))
+            if where is not None:
+                self._store(step, key + ":positions", where.to(rec.device or where.device))
+        return fn
+
+    def _pattern_recorder(self, rec: Record, key: str) -> Callable:
+        def store(pattern: torch.Tensor, hook: HookPoint) -> None:
+            if rec.steps == "prefill" and len(self.steps) > 1 or rec.steps == "decode" and len(self.steps) == 1:
+                return
+            self._store(self.current, key, self._place(pattern, rec.dtype, rec.device))
+        return store
+
+    @staticmethod
+    def _place(value: torch.Tensor, dtype: torch.dtype | None, device: Any) -> torch.Tensor:
+        value = value.to(dtype) if dtype is not None else value
+        return value.to(device) if device is not None else value
+
+    @staticmethod
+    def _store(step: Step, name: str, value: torch.Tensor) -> None:
+        old = step.records.get(name)
+        if old is None:
+            step.records[name] = value
+        elif isinstance(old, list):
+            old.append(value)
+        else:
+            try:
+                step.records[name] = torch.cat([old, value])
+            except RuntimeError:  # shapes differ (e.g. images of different sizes): keep the calls apart
+                step.records[name] = [old, value]
+
+    # ---- attention -----------------------------------------------------------------------------------
+    def _install_attention(self) -> None:
+        spec = self.attention_spec
+        layers: set[int] = set(self._knockouts) | set(self._pattern_users)
+        if spec is not None:
+            n = len(self.decoder.layers)
+            chosen = range(n) if spec.layers is None else spec.layers
+            for layer in chosen:
+                if not -n <= layer < n:
+                    raise ResearchError(f"attention layer {layer} out of range for a {n}-layer decoder")
+            layers |= {layer % n for layer in chosen}
+            self._attn_layers = {layer % n for layer in chosen}
+            self._attn_queries = spec.queries if isinstance(spec.queries, str) else self.resolve(spec.queries)
+            if isinstance(spec.queries, str) and spec.queries not in ("last", "all"):
+                raise ResearchError(f"Attention.queries must be 'last', 'all', positions or a selector; got {spec.queries!r}")
+            self._attn_segments = self.resolve(spec.segments) if spec.segments is not None else None
+        else:
+            self._attn_layers = set()
+        for layer in sorted(layers):
+            module = self.decoder.layers[layer].self_attn
+            previous = module.attention_override
+            module.attention_override = self._override(layer, previous)
+
+            def restore(module=module, previous=previous) -> None:
+                module.attention_override = previous
+            self._removers.append(restore)
+
+    def _groups(self, layer: int, Tk: int, device: torch.device) -> Groups | None:
+        """The knockout group table of a layer: one group id per key (bit 2j: in src_j, bit 2j+1: in dst_j)
+        and which (query group, key group) pairs may attend."""
+        specs = self._knockouts.get(layer)
+        if not specs:
+            return None
+        g = torch.zeros(Tk, dtype=torch.long, device=device)
+        for j, (src, dst) in enumerate(specs):
+            g[src[src < Tk].to(device)] += 1 << (2 * j)
+            g[dst[dst < Tk].to(device)] += 2 << (2 * j)
+        ids = torch.arange(4 ** len(specs), device=device)
+        table = torch.ones(len(ids), len(ids), dtype=torch.bool, device=device)
+        for j in range(len(specs)):
+            in_dst = (ids >> (2 * j + 1)) & 1 == 1
+            in_src = (ids >> (2 * j)) & 1 == 1
+            table &= ~(in_dst[:, None] & in_src[None, :])
+        return g, table
+
+    def _override(self, layer: int, previous: Callable | None) -> Callable:
+        def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+            key_mask = None if mask is None else mask[:, 0, 0, :]  # (B, Tk): the decoder passes (B, 1, 1, Tk)
+            groups = self._groups(layer, k.shape[2], q.device)
+            if groups is not None:
+                from .interventions import grouped_attention
+                y = grouped_attention(q, k, v, groups, key_mask=key_mask)
+            elif previous is not None:
+                y = previous(q, k, v, mask)
+            else:
+                y = facade_attention(q, k, v, causal=True, mask=mask)
+            if layer in self._attn_layers:
+                self._record_attention(layer, q, k, v, key_mask, groups)
+            for use, positions in self._pattern_users.get(layer, ()):
+                idx = self.local(positions, self.current.offset, q.shape[2]) if positions is not None else \
+                    torch.arange(q.shape[2])
+                if idx.numel():
+                    use(attention_rows(q, k, idx.to(q.device), key_mask=key_mask, groups=groups))
+            return y
+        return fn
+
+    def _record_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          key_mask: torch.Tensor | None, groups: Groups | None) -> None:
+        spec = self.attention_spec
+        step = self.current
+        Tq, Tk = q.shape[2], k.shape[2]
+        decoding = len(self.steps) > 1 and Tq == 1
+        if decoding and not spec.decode:
+            return
+        queries = self._attn_queries
+        if decoding or (isinstance(queries, str) and queries == "last"):
+            idx = torch.tensor([Tq - 1], device=q.device)
+        elif isinstance(queries, str):  # "all"
+            idx = None
+        else:
+            idx = self.local(queries, step.offset, Tq)
+            if idx.numel() == 0 and not (spec.segment_map or spec.block):
+                return
+            idx = idx.to(q.device)
+        only_mass = spec.key_mass and not (spec.rows or spec.entropy or spec.topk or spec.segments is not None)
+        use_triton = groups is None and only_mass and (spec.backend == "triton" or (spec.backend == "auto" and q.is_cuda))
+        if use_triton:
+            n = Tq if idx is None else idx.numel()
+            positions = torch.arange(Tq, device=q.device) if idx is None else idx
+            stats = AttentionStats(queries=positions, query_positions=positions + (Tk - Tq),
+                                   key_mass=key_mass_triton(q, k, v, idx, key_mask=key_mask, chunk=spec.chunk)
+                                   if n else q.new_zeros(q.shape[0], q.shape[1], Tk, dtype=torch.float32))
+        else:
+            stats = attention_stats(q, k, idx, key_mask=key_mask, rows=spec.rows, key_mass=spec.key_mass,
+                                    entropy=spec.entropy, topk=spec.topk, segments=self._attn_segments,
+                                    segment_map=spec.segment_map and not decoding,
+                                    block=0 if decoding else spec.block, chunk=spec.chunk, groups=groups)
+        if spec.heads == "mean":
+            stats = stats.mean_heads()
+        step.attention[layer] = stats.to(spec.device) if spec.device is not None else stats
+
+
+def reduce_positions(x: torch.Tensor, idx: torch.Tensor | None, reduce: Reduce, k: int = 8
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Select positions (dim 1; 0-D/1-D tensors have none) and reduce over them. Returns (value, positions of
+    the top-k values or None). Always a copy: later in-place updates cannot change a record."""
+    if x.dim() < 2:
+        return x.clone(), None
+    x = x.index_select(1, idx) if idx is not None else x
+    if reduce == "none":
+        return (x if idx is not None else x.clone()), None
+    if reduce == "mean":
+        return x.float().mean(1).to(x.dtype), None
+    if reduce == "sum":
+        return x.float().sum(1).to(x.dtype), None
+    if reduce == "max":
+        return x.amax(1), None
+    values, order = x.topk(min(k, x.shape[1]), dim=1)  # (B, k, ...) per channel
+    where = order if idx is None else idx[order]
+    return values, where
+
+
+def trace(model: nn.Module, *, record: Iterable[Record | str] = (), attention: Attention | None = None,
+          hooks: Iterable[tuple[str | Callable[[str], bool], HookFn]] = (), interventions: Iterable[Any] = (),
+          logit_lens: Any = None, provenance: Any = None) -> Trace:
+    """``with trace(model, ...) as tr:`` — see the module docstring and ``Record`` / ``Attention``."""
+    return Trace(model, record=record, attention=attention, hooks=hooks, interventions=interventions,
+                 logit_lens=logit_lens, provenance=provenance)
+
+
+# ---- TransformerLens call shapes ---------------------------------------------------------------------
+def hooks(model: nn.Module, fwd_hooks: Iterable[tuple[str | Callable[[str], bool], HookFn]] = ()) -> Trace:
+    """``with hooks(model, fwd_hooks=[(name, fn)]):`` as TransformerLens' ``model.hooks(...)``; removed on exit."""
+    return Trace(model, hooks=fwd_hooks)
+
+
+def run_with_hooks(model: nn.Module, *args, fwd_hooks: Iterable[tuple[str | Callable[[str], bool], HookFn]] = (),
+                   **kwargs) -> Any:
+    """``model(*args, **kwargs)`` with the hooks attached for that call only."""
+    with hooks(model, fwd_hooks):
+        return model(*args, **kwargs)
+
+
+def run_with_cache(model: nn.Module, *args, names_filter: str | Callable[[str], bool] | Sequence[str] | None = None,
+                   device: str | torch.device | None = None, **kwargs) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(output, cache) as TransformerLens' ``run_with_cache``: every matching hook's full tensor.
+
+    Unlike TransformerLens, ``names_filter`` defaults to every *decoder* hook (not the vision tower's), and
+    ``trace(record=[Record(..., positions=..., reduce=...)])`` keeps memory to what is needed."""
+    if names_filter is None:
+        names_filter = lambda n: not n.startswith(("vision.", "mm."))  # noqa: E731
+    if isinstance(names_filter, (list, tuple)):
+        wanted = set(names_filter)
+        names_filter = wanted.__contains__
+    tr = Trace(model)
+    records = [Record(n, device=device) for n in tr.names(names_filter)]
+    with trace(model, record=records) as tr:
+        out = model(*args, **kwargs)
+    return out, tr.cache
