@@ -127,3 +127,31 @@ def test_option_errors_are_one_line_exit_2(capsys, model, argv, message):
     code = cli.main([a.format(**fill) for a in argv] + ["--model", model])
     out, err = capsys.readouterr()
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_allow_overflow_runs_past_the_context_and_says_by_how_much(capsys, model):
+    # tiny model: 512 positions x factor 2; 64 frames x 16 tokens (stride 1) = 1024 visual + text > 1024
+    argv = ["run", "--model", model, "--video", _video(), "--frames", "64", "--pool-stride", "1", "--rope-scale", "2",
+            "--dtype", "fp32", "--max-new-tokens", "2", "--json", "Describe."]
+    code = cli.main(argv)
+    out, _ = capsys.readouterr()
+    refused = json.loads(out)
+    assert code == 2 and "does not fit the RoPE context" in refused["error"] and "--allow-overflow" in refused["error"]
+
+    code = cli.main(argv + ["--allow-overflow"])
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
+    result = json.loads(out)
+    ctx, over = result["plan"]["context"], result["overflow"]
+    assert not ctx["fits"] and ctx["positions_available"] == 1024 and len(result["tokens"]) >= 1
+    assert over["exceeded_by"] == ctx["tokens_needed"] - 1024 > 0 and over["positions_needed"] == ctx["tokens_needed"]
+    assert f"the context is exceeded by {over['exceeded_by']} positions" in err
+    assert len(err.strip().splitlines()) == 1  # with --json: that warning, nothing else
+
+    # the text mode says it too, and inspect reports the same overflow
+    code = cli.main([a for a in argv if a != "--json"] + ["--allow-overflow", "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 0 and f"exceeded by {over['exceeded_by']} positions" in err
+    plan_args = [a for a in argv[1:-1] if a not in ("--dtype", "fp32")]
+    planned = _json(capsys, "inspect", *plan_args, "--prompt", "Describe.")
+    assert planned["overflow"] == over and planned["context"] == ctx

@@ -116,7 +116,7 @@ def _load_image(path: str, max_pixels: int | None):
 def _inspect_media(args, config: LlavaNextConfig, model: str, preset: str | None):
     from ..inputs.tokens import image_plan, plan_context, video_plan
     from ..inputs.video import VideoError, load_video
-    from .plan import media_plan
+    from .plan import media_plan, overflow
 
     n_frames, sampling = options.frames(args), options.sampling(args)
     images, image_plans = [], []
@@ -156,7 +156,7 @@ def _inspect_media(args, config: LlavaNextConfig, model: str, preset: str | None
     kind = "video" if videos and not images and len(videos) == 1 else "image" if images and not videos else "mixed"
     report = {"preset": preset, "model": model, "kind": kind, "visual_tokens": visual,
               "text_tokens": text_tokens, "total": context.tokens_needed, "fits": context.fits, **media,
-              "context": context.to_dict()}
+              "context": context.to_dict(), "overflow": overflow(context)}
     if kind == "video":  # one video: its fields at the top level too (the original inspect format)
         report.update({k: v for k, v in media["videos"][0].items() if k != "tokens"})
 

@@ -7,7 +7,7 @@ same names, defaults and help:
     add_model_options(p)     --model ID_OR_DIR (a hub id, a checkpoint directory, a preset name, tiny-random)
     add_media_options(p)     --image FILE [FILE ...]   --video FILE [FILE ...]
     add_plan_options(p)      --frames --sampling --pool-stride --pool-mode --newline --pool-position
-                             --anyres-compat --rope-scale --max-image-pixels
+                             --anyres-compat --rope-scale --allow-overflow --max-image-pixels
     add_prompt_options(p)    PROMPT (positional, optional) or --prompt TEXT; --template; --max-new-tokens
     add_output_options(p)    --json --quiet
 
@@ -125,6 +125,9 @@ def add_plan_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rope-scale", type=rope_scale, default="config", metavar="config|auto|original|F",
                    help="linear RoPE factor: the checkpoint's (config), the smallest that fits (auto), the "
                         "original demo's rule (original) or a number")
+    g.add_argument("--allow-overflow", action="store_true",
+                   help="run a prompt longer than max_position_embeddings x RoPE factor anyway (default: refuse); "
+                        "says on stderr and in --json by how much the context is exceeded")
     g.add_argument("--max-image-pixels", type=pixels, default=None, metavar="N",
                    help="refuse images with more pixels (a guard against decompression bombs; default 100000000 "
                         "or $LLAVA_NEXT_MAX_IMAGE_PIXELS; 0 = no limit)")

@@ -79,7 +79,7 @@ def _run(args: argparse.Namespace, user_error) -> int:
     from ..config import PRESETS
     from ..runtime.pipeline import Pipeline, with_overrides
     from . import options
-    from .plan import media_plan
+    from .plan import media_plan, overflow, overflow_warning
 
     options.finish(args, needs_prompt=True)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -98,8 +98,11 @@ def _run(args: argparse.Namespace, user_error) -> int:
         video_plan(options.frames(args), pipe.model.config)
     request = pipe.prepare(args.prompt, images=args.image, videos=args.video, frames=options.frames(args),
                            sampling=options.sampling(args), template=args.template, rope_scale=args.rope_scale,
-                           max_new_tokens=args.max_new_tokens, max_image_pixels=args.max_image_pixels)
+                           max_new_tokens=args.max_new_tokens, max_image_pixels=args.max_image_pixels,
+                           allow_overflow=args.allow_overflow)
     plan = request.plan
+    if not plan.fits:  # only with --allow-overflow; said even with --json or --quiet
+        print(f"[llava-next] {overflow_warning(plan)}", file=sys.stderr)
     say = not (args.json or args.quiet)
     if say:
         print(f"[llava-next] {plan.summary()}", file=sys.stderr)
@@ -121,7 +124,7 @@ def _run(args: argparse.Namespace, user_error) -> int:
         media = media_plan(list(zip(args.image, request.image_plans)), list(zip(request.videos, request.video_plans)),
                            pipe.model.config, args.rope_scale, options.sampling(args))
         print(json.dumps({"tokens": request.tokens, "text": "".join(pieces), "timings": timings,
-                          "plan": {**request.to_dict(), **media}}))
+                          "plan": {**request.to_dict(), **media}, "overflow": overflow(plan)}))
     else:
         sys.stdout.write("\n")
         if say:

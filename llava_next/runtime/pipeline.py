@@ -126,10 +126,12 @@ class Pipeline:
                 frames: int = 8, template: TemplateChoice | None = None, rope_scale: RopeScale = "config",
                 max_new_tokens: int = 0, system: str | None = None,
                 max_image_pixels: int | None = None, videos: Sequence[PathLike] = (),
-                sampling: Sampling = "uniform") -> Request:
+                sampling: Sampling = "uniform", allow_overflow: bool = False) -> Request:
         """Preprocess media, tokenize, expand placeholders and check the context (nothing runs yet).
         ``videos``: several videos (``video`` is one more, placed first); ``sampling``: "uniform" or "fps"
-        (video.py). ``max_image_pixels``: refuse larger images (default 100 MP, 0 = no limit; see image.py)."""
+        (video.py). ``max_image_pixels``: refuse larger images (default 100 MP, 0 = no limit; see image.py).
+        ``allow_overflow``: plan a prompt longer than the RoPE context instead of refusing it (``plan.fits``
+        is then False: for studying that regime on purpose)."""
         cfg = self.config
         t0 = time.perf_counter()
         image_inputs = [preprocess_image(im, cfg, max_pixels=max_image_pixels) for im in images]
@@ -143,7 +145,9 @@ class Pipeline:
         video_counts = [p.total for p in video_plans]
         ids = expand_placeholders(ids, cfg.image_token_id, cfg.video_token_id, image_counts, video_counts)
         visual = sum(image_counts) + sum(video_counts)
-        plan = check_context(plan_context(len(ids) - visual, visual, cfg, rope_scale, new_tokens=max_new_tokens))
+        plan = plan_context(len(ids) - visual, visual, cfg, rope_scale, new_tokens=max_new_tokens)
+        if not allow_overflow:
+            check_context(plan)
         return Request(ids, image_inputs, clips, plan, image_counts, video_counts,
                        {"preprocess_s": t1 - t0, "tokenize_s": time.perf_counter() - t1},
                        [note for c in clips for note in c.notes()], image_plans, video_plans)
