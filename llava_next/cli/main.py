@@ -157,6 +157,8 @@ def _inspect_media(args, config: LlavaNextConfig, model: str, preset: str | None
     report = {"preset": preset, "model": model, "kind": kind, "visual_tokens": visual,
               "text_tokens": text_tokens, "total": context.tokens_needed, "fits": context.fits, **media,
               "context": context.to_dict(), "overflow": overflow(context)}
+    if model == options.TINY_MODEL:
+        report["random_weights"] = True
     if kind == "video":  # one video: its fields at the top level too (the original inspect format)
         report.update({k: v for k, v in media["videos"][0].items() if k != "tokens"})
 
@@ -184,6 +186,8 @@ def _format(r: dict) -> str:
     """The human-readable plan."""
     if r["preset"] is not None:
         lines = [f"preset   {r['preset']} ({PRESETS[r['preset']].hub_id}); sizes are height x width"]
+    elif r.get("random_weights"):
+        lines = [f"model    {r['model']} (built in, RANDOM weights: a smoke-test model); sizes are height x width"]
     else:
         lines = [f"model    {r['model']}; sizes are height x width"]
     for e in r["images"]:

@@ -23,6 +23,9 @@ happens?"`` first reads the question as a second video; the rule (``finish``): w
 PROMPT and none was found on its own, the PROMPT is the last word of the last ``--image``/``--video``
 list, if that list has more than one word. ``--prompt TEXT`` avoids the question altogether.
 
+``sample:bunny`` (a 5 s clip of Big Buck Bunny, CC-BY 3.0) and ``sample:cat`` (a photo, CC0) name the
+sample media shipped in the package (llava_next/samples/README.md), for first runs.
+
 Plan switches default to None ("the checkpoint's value"), so a command can tell a switch that was given
 from one that was not: a video switch (``--frames``, ``--sampling``, ``--pool-*``, ``--newline``)
 without a ``--video`` is an error rather than silently ignored.
@@ -38,6 +41,7 @@ DEFAULT_MODEL = "llava-hf/LLaVA-NeXT-Video-7B-hf"
 TINY_MODEL = "tiny-random"
 DEFAULT_FRAMES = 8
 ANSWER_TOKENS = 256  # run's default --max-new-tokens
+SAMPLES = {"bunny": "bigbuckbunny.mp4", "cat": "chelsea.jpg"}  # llava_next/samples/README.md: sources, licences
 VIDEO_SWITCHES = ("frames", "sampling", "pool_stride", "pool_mode", "newline", "pool_position")
 
 
@@ -100,9 +104,9 @@ class _MediaList(argparse.Action):
 
 def add_media_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", action=_MediaList, nargs="+", default=[], metavar="FILE",
-                   help="image file(s): --image a.jpg b.jpg or --image a.jpg --image b.jpg")
+                   help="image file(s): --image a.jpg b.jpg or --image a.jpg --image b.jpg; sample:cat is a shipped photo")
     p.add_argument("--video", action=_MediaList, nargs="+", default=[], metavar="FILE",
-                   help="video file(s), anything FFmpeg decodes; several as for --image")
+                   help="video file(s), anything FFmpeg decodes; several as for --image; sample:bunny is a shipped clip")
 
 
 def add_plan_options(p: argparse.ArgumentParser) -> None:
@@ -173,11 +177,31 @@ def finish(args: argparse.Namespace, *, needs_prompt: bool = False) -> argparse.
                         "happens?\") or pass --prompt TEXT")
     if hasattr(args, "prompt_option"):
         args.prompt = prompt
+    for dest in ("image", "video"):
+        if getattr(args, dest, None):
+            setattr(args, dest, [sample_path(f) if f.startswith("sample:") else f for f in getattr(args, dest)])
     if not getattr(args, "video", None):
         given = [f"--{n.replace('_', '-')}" for n in VIDEO_SWITCHES if getattr(args, n, None) is not None]
         if given:
             raise UserError(f"{', '.join(given)}: video options, but no --video was given")
     return args
+
+
+def sample_path(name: str) -> str:
+    """``sample:bunny`` / ``sample:cat`` (or the file names) -> the packaged sample file (an existing file of
+    that name in the current directory wins: it is what the user wrote)."""
+    import os
+    from pathlib import Path
+
+    if os.path.exists(name):
+        return name
+    key = name.removeprefix("sample:")
+    file = SAMPLES.get(key, key if key in SAMPLES.values() else None)
+    path = Path(__file__).resolve().parents[1] / "samples" / (file or "")
+    if file is None or not path.is_file():
+        raise UserError(f"{name}: no such sample; the samples are {', '.join('sample:' + k for k in SAMPLES)} "
+                        f"(llava_next/samples)")
+    return str(path)
 
 
 def plan_overrides(args: argparse.Namespace) -> dict:
@@ -202,6 +226,10 @@ def model_config(model: str):
 
     from ..config import ConfigError, LlavaNextConfig
 
+    if model == TINY_MODEL:
+        from ..runtime.tiny import tiny_config
+
+        return tiny_config(), None
     if model in PRESETS:
         return PRESETS[model].config, model
     preset = next((p for p in PRESETS.values() if model in (p.hub_id, p.original_id)), None)
@@ -235,5 +263,9 @@ def model_tokenizer(model: str):
 
     from ..inputs.prompt import Tokenizer
 
+    if model == TINY_MODEL:
+        from ..runtime import tiny
+
+        return Tokenizer.load(tiny.ensure())
     file = Path(model).expanduser() / "tokenizer.json"
     return Tokenizer.load(file) if file.is_file() else None

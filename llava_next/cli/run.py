@@ -13,6 +13,7 @@ Registered into the parser by ``llava_next.cli.main.build_parser``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -77,6 +78,7 @@ def _convert(args: argparse.Namespace, user_error) -> int:
 
 def _run(args: argparse.Namespace, user_error) -> int:
     from ..config import PRESETS
+    from ..model.attention import use_backend
     from ..runtime.pipeline import Pipeline, with_overrides
     from . import options
     from .plan import media_plan, overflow, overflow_warning
@@ -87,6 +89,11 @@ def _run(args: argparse.Namespace, user_error) -> int:
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise user_error(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature}, {args.top_p}")
     model_id = PRESETS[args.model].hub_id if args.model in PRESETS else args.model
+    tiny = args.model == options.TINY_MODEL
+    if tiny:  # said plainly, whatever the output mode: the answer is noise
+        from ..runtime.tiny import NOTICE
+
+        print(f"[llava-next] {NOTICE}", file=sys.stderr)
     t0 = time.perf_counter()
     pipe = Pipeline.from_pretrained(model_id, dtype=DTYPES[args.dtype], device=args.device,
                                     cache_dir=args.cache_dir, progress=not (args.json or args.quiet))
@@ -114,17 +121,22 @@ def _run(args: argparse.Namespace, user_error) -> int:
     options_ = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     seed=args.seed, template=args.template)
     pieces = []
-    for piece in pipe.stream(request, **options_):
-        pieces.append(piece)
-        if not args.json:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+    # tiny-random on CPU: plain SDPA decode attention (compiling the fast one costs more than the whole answer)
+    with use_backend("sdpa") if tiny and args.device == "cpu" else contextlib.nullcontext():
+        for piece in pipe.stream(request, **options_):
+            pieces.append(piece)
+            if not args.json:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
     timings = {"load_s": load_s, **request.timings}
     if args.json:
         media = media_plan(list(zip(args.image, request.image_plans)), list(zip(request.videos, request.video_plans)),
                            pipe.model.config, args.rope_scale, options.sampling(args))
-        print(json.dumps({"tokens": request.tokens, "text": "".join(pieces), "timings": timings,
-                          "plan": {**request.to_dict(), **media}, "overflow": overflow(plan)}))
+        result = {"tokens": request.tokens, "text": "".join(pieces), "timings": timings,
+                  "plan": {**request.to_dict(), **media}, "overflow": overflow(plan)}
+        if tiny:
+            result["random_weights"], result["notice"] = True, NOTICE
+        print(json.dumps(result))
     else:
         sys.stdout.write("\n")
         if say:

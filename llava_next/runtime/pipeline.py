@@ -46,6 +46,7 @@ from ..inputs.prompt import TemplateChoice, Tokenizer, build_input_ids, expand_p
 from ..inputs.tokens import (ContextPlan, ImagePlan, RopeScale, VideoPlan, check_context, image_plan, plan_context,
                              video_plan)
 from ..inputs.video import Sampling, VideoClip, load_video
+from . import tiny
 
 PathLike = str | os.PathLike
 
@@ -101,12 +102,16 @@ class Pipeline:
                         device: str | torch.device = "cpu", cache_dir: PathLike | None = None,
                         progress: bool = True) -> "Pipeline":
         """A converted llava-next directory, a llava-hf / original checkpoint directory (converted once,
-        cached), or a hub id (downloaded, converted once, cached). Weights are mmapped, not copied."""
+        cached), a hub id (downloaded, converted once, cached), or "tiny-random" (runtime/tiny.py: random
+        weights, no download). Weights are mmapped, not copied."""
         from llava_next_weights.hub import resolve
         from llava_next_weights.load import load_into, parse_dtype, read_config
 
         dtype = parse_dtype(dtype)  # a bad dtype fails before any conversion or loading
-        path = resolve(model_id_or_dir, cache_dir=cache_dir, progress=progress)
+        if tiny.is_tiny(model_id_or_dir):  # built in: random weights, built into the cache on first use
+            path = tiny.ensure(cache_dir)
+        else:
+            path = resolve(model_id_or_dir, cache_dir=cache_dir, progress=progress)
         config = read_config(path)
         preset = preset_for(model_id_or_dir)
         if preset is not None and config.template != preset.config.template:
