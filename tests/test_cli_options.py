@@ -107,9 +107,9 @@ def test_run_takes_several_videos_and_the_prompt_after_a_list(capsys, model):
                 "--max-new-tokens", "1", "--json", "What differs?")
     plan = out["plan"]
     assert [v["path"] for v in plan["videos"]] == [v1, v2] and len(plan["video_tokens"]) == 2
-    again = _json(capsys, "run", "--model", model, "--video", v1, "--video", v2, "What differs?", "--frames", "2",
-                  "--dtype", "fp32", "--max-new-tokens", "1", "--json")["plan"]
-    assert again["videos"] == plan["videos"] and again["input_tokens"] == plan["input_tokens"]
+    again = _json(capsys, "inspect", "--model", model, "--video", v1, "--video", v2, "--prompt", "What differs?",
+                  "--frames", "2", "--max-new-tokens", "1", "--json")
+    assert again["videos"] == plan["videos"] and again["context"] == plan["context"]
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -135,7 +135,7 @@ def test_allow_overflow_runs_past_the_context_and_says_by_how_much(capsys, model
     refused = json.loads(out)
     assert code == 2 and "does not fit the RoPE context" in refused["error"] and "--allow-overflow" in refused["error"]
 
-    code = cli.main(argv + ["--allow-overflow"])
+    code = cli.main(argv + ["--allow-overflow", "--quiet"])
     out, err = capsys.readouterr()
     assert code == 0, out + err
     result = json.loads(out)
@@ -143,7 +143,7 @@ def test_allow_overflow_runs_past_the_context_and_says_by_how_much(capsys, model
     assert not ctx["fits"] and ctx["positions_available"] == 4915 and len(result["tokens"]) >= 1
     assert over["exceeded_by"] == ctx["tokens_needed"] - 4915 > 0 and over["positions_needed"] == ctx["tokens_needed"]
     assert f"the context is exceeded by {over['exceeded_by']} positions" in err
-    lines = err.strip().splitlines()  # with --json: that warning (and tiny-random's notice), nothing else
+    lines = err.strip().splitlines()  # with --json --quiet: that warning (and tiny-random's notice), nothing else
     assert len(lines) == 2 and "RANDOM weights" in lines[0] and "--allow-overflow" in lines[1]
 
     # the text mode says it too, and inspect reports the same overflow

@@ -5,7 +5,8 @@
     llava-next convert llava-hf/LLaVA-NeXT-Video-7B-hf ./video-7b --dtype bf16
 
 ``run`` streams the answer to stdout; what it decided (the token plan, a RoPE factor chosen by
-``--rope-scale auto``) goes to stderr, so stdout is the answer alone. ``--json`` prints one JSON object
+``--rope-scale auto``) and the progress of long work (runtime/progress.py: loading, frames decoded, the
+vision tower, prefill, tokens/s) go to stderr, so stdout is the answer alone; ``--quiet`` turns both off. ``--json`` prints one JSON object
 instead: ``tokens`` (generated ids), ``text``, ``timings`` and ``plan``; errors are then JSON too.
 Registered into the parser by ``llava_next.cli.main.build_parser``.
 """
@@ -80,6 +81,7 @@ def _run(args: argparse.Namespace, user_error) -> int:
     from ..config import PRESETS
     from ..model.attention import use_backend
     from ..runtime.pipeline import Pipeline, with_overrides
+    from ..runtime.progress import Progress
     from . import options
     from .plan import media_plan, overflow, overflow_warning
 
@@ -94,10 +96,14 @@ def _run(args: argparse.Namespace, user_error) -> int:
         from ..runtime.tiny import NOTICE
 
         print(f"[llava-next] {NOTICE}", file=sys.stderr)
+    progress = Progress(enabled=not args.quiet)  # stderr only, so --json's stdout stays one object
+    progress.say("loading", f"{model_id} ({args.dtype}, {args.device}){' (built on first use)' if tiny else ''}")
     t0 = time.perf_counter()
     pipe = Pipeline.from_pretrained(model_id, dtype=DTYPES[args.dtype], device=args.device,
-                                    cache_dir=args.cache_dir, progress=not (args.json or args.quiet))
+                                    cache_dir=args.cache_dir, progress=not args.quiet)
     load_s = time.perf_counter() - t0
+    progress.say("loading", f"done in {load_s:.2f} s")
+    pipe.progress = progress
     pipe.model.config = with_overrides(pipe.model.config, **options.plan_overrides(args))
     if args.video:  # validates the pool stride / mode against the patch grid before any decoding
         from ..inputs.tokens import video_plan

@@ -91,6 +91,11 @@ class Pipeline:
     def __init__(self, model: LlavaNextModel, tokenizer: Tokenizer) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.progress = None  # a runtime.progress.Progress to report long work on stderr; None: silent
+
+    def _say(self, stage: str, message: str) -> None:
+        if self.progress is not None:
+            self.progress.say(stage, message)
 
     @property
     def config(self) -> LlavaNextConfig:
@@ -140,8 +145,16 @@ class Pipeline:
         cfg = self.config
         t0 = time.perf_counter()
         image_inputs = [preprocess_image(im, cfg, max_pixels=max_image_pixels) for im in images]
+        if image_inputs:
+            self._say("images", f"{len(image_inputs)} image(s) -> {sum(1 + im.num_tiles for im in image_inputs)} "
+                                f"tiles (base + AnyRes) in {time.perf_counter() - t0:.2f} s")
         paths = ([video] if video is not None else []) + list(videos)
-        clips = [load_video(v, frames, sampling=sampling, size=cfg.tile_size) for v in paths]
+        clips = []
+        for v in paths:
+            tv = time.perf_counter()
+            clips.append(load_video(v, frames, sampling=sampling, size=cfg.tile_size))
+            self._say("frames", f"{os.fspath(v)}: decoded {clips[-1].total_frames} frames, kept {clips[-1].num_frames} "
+                                f"in {time.perf_counter() - tv:.2f} s")
         t1 = time.perf_counter()
         ids = build_input_ids(prompt, self.tokenizer, cfg, len(image_inputs), len(clips), template, system=system)
         image_plans = [image_plan(im.image_size, cfg) for im in image_inputs]
@@ -169,8 +182,21 @@ class Pipeline:
             mask[row, T - len(r.input_ids):] = True
         images = [im for r in requests for im in r.images]
         videos = [v for r in requests for v in r.videos]
-        image_feats = model.image_features(images)
-        video_feats = [model.video_features(v.pixel_values) for v in videos]
+        total = sum(1 + im.num_tiles for im in images) + sum(v.num_frames for v in videos)
+        done, t0 = [0], time.perf_counter()
+
+        def count(module, args, output) -> None:  # one call per batch of frames / tiles
+            done[0] += args[0].shape[0]
+            self.progress.update("vision tower", f"{done[0]}/{total} frames+tiles, {time.perf_counter() - t0:.1f} s",
+                                 final=done[0] >= total)
+
+        hook = model.vision_tower.register_forward_hook(count) if self.progress is not None and total else None
+        try:
+            image_feats = model.image_features(images)
+            video_feats = [model.video_features(v.pixel_values) for v in videos]
+        finally:
+            if hook is not None:
+                hook.remove()
         for kind, feats in (("image", image_feats), ("video", video_feats)):
             for i, f in enumerate(feats):
                 _check_finite(f, f"the visual features of {kind} {i}")
@@ -245,6 +271,11 @@ class Pipeline:
         for step in self.stream_batch([request], **kwargs):
             if first is None:
                 first = time.perf_counter()
+                self._say("prefill", f"{len(request.input_ids)} positions, first token after {first - t0:.2f} s "
+                                     f"(vision tower and prefill)")
+            elif self.progress is not None:
+                n = len(request.tokens) + 1  # type: ignore[attr-defined]
+                self.progress.update("decoding", f"{n} tokens, {(n - 1) / (time.perf_counter() - first):.1f} tokens/s")
             token = int(step[0])
             request.tokens.append(token)  # type: ignore[attr-defined]
             piece = decoder.step(token)
@@ -255,6 +286,8 @@ class Pipeline:
             yield tail
         end = time.perf_counter()
         n = len(request.tokens)  # type: ignore[attr-defined]
+        if self.progress is not None and first is not None and n > 1:
+            self.progress.update("decoding", f"{n} tokens, {(n - 1) / (end - first):.1f} tokens/s", final=True)
         request.timings.update({"first_token_s": (first or end) - t0, "total_s": end - t0,
                                 "decode_tokens_per_s": (n - 1) / (end - first) if first and n > 1 else 0.0})
 
