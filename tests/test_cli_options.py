@@ -114,6 +114,7 @@ def test_run_takes_several_videos_and_the_prompt_after_a_list(capsys, model):
 
 @pytest.mark.parametrize("argv,message", [
     (["run", "--video", "{video}"], "no PROMPT given"),
+    (["run", "--image", "{photo}", "{photo}"], "is a file, not a question"),
     (["run", "--video", "{video}", "--prompt", "a", "b"], "two prompts given"),
     (["run", "--image", "{photo}", "--frames", "3", "Hi"], "--frames: video options, but no --video was given"),
     (["run", "--image", "{photo}", "--pool-position", "after_projector", "Hi"], "--pool-position: video options"),

@@ -21,7 +21,8 @@ Media: ``--image a.jpg b.jpg`` and ``--image a.jpg --image b.jpg`` both give two
 command; nothing given is ever dropped. Because a list option is greedy, ``run --video clip.mp4 "What
 happens?"`` first reads the question as a second video; the rule (``finish``): when a command takes a
 PROMPT and none was found on its own, the PROMPT is the last word of the last ``--image``/``--video``
-list, if that list has more than one word. ``--prompt TEXT`` avoids the question altogether.
+list, if that list has more than one word and that word is not a file (a forgotten question is an
+error, never a dropped file). ``--prompt TEXT`` avoids the question altogether.
 
 ``sample:bunny`` (a 5 s clip of Big Buck Bunny, CC-BY 3.0) and ``sample:cat`` (a photo, CC0) name the
 sample media shipped in the package (llava_next/samples/README.md), for first runs.
@@ -34,6 +35,7 @@ without a ``--video`` is an error rather than silently ignored.
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..config import PRESETS
 
@@ -171,6 +173,9 @@ def finish(args: argparse.Namespace, *, needs_prompt: bool = False) -> argparse.
     if prompt is None and needs_prompt and last is not None and last[1] > 1:
         dest, _ = last
         *kept, prompt = getattr(args, dest)
+        if os.path.exists(prompt) or prompt.startswith("sample:"):  # a forgotten question: never eat a file
+            raise UserError(f"no PROMPT given: the last word after --{dest}, {prompt!r}, is a file, not a "
+                            f"question; put the question last or pass --prompt TEXT")
         setattr(args, dest, kept)
     if prompt is None and needs_prompt:
         raise UserError("no PROMPT given: put the question after the files (run --video clip.mp4 \"What "
@@ -190,7 +195,6 @@ def finish(args: argparse.Namespace, *, needs_prompt: bool = False) -> argparse.
 def sample_path(name: str) -> str:
     """``sample:bunny`` / ``sample:cat`` (or the file names) -> the packaged sample file (an existing file of
     that name in the current directory wins: it is what the user wrote)."""
-    import os
     from pathlib import Path
 
     if os.path.exists(name):
