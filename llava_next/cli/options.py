@@ -163,7 +163,8 @@ def add_output_options(p: argparse.ArgumentParser, *, what: str = "the result") 
 # after parsing
 # --------------------------------------------------------------------------------------------------
 def finish(args: argparse.Namespace, *, needs_prompt: bool = False) -> argparse.Namespace:
-    """Resolve the PROMPT rule (module docstring) and refuse video switches without a video."""
+    """Resolve the PROMPT rule and ``sample:`` names (module docstring), check that every media file exists,
+    and refuse video switches without a video."""
     positional = getattr(args, "prompt", None)
     option = getattr(args, "prompt_option", None)
     if positional is not None and option is not None:
@@ -185,6 +186,12 @@ def finish(args: argparse.Namespace, *, needs_prompt: bool = False) -> argparse.
     for dest in ("image", "video"):
         if getattr(args, dest, None):
             setattr(args, dest, [sample_path(f) if f.startswith("sample:") else f for f in getattr(args, dest)])
+    for dest in ("image", "video"):  # before any model is loaded: a typo should not wait for 14 GB
+        for path in getattr(args, dest, None) or []:
+            if not os.path.exists(path):
+                raise UserError(f"{path}: no such file")
+            if os.path.isdir(path):
+                raise UserError(f"{path}: is a directory, not {'an image' if dest == 'image' else 'a video'} file")
     if not getattr(args, "video", None):
         given = [f"--{n.replace('_', '-')}" for n in VIDEO_SWITCHES if getattr(args, n, None) is not None]
         if given:

@@ -6,8 +6,8 @@
 
 ``run`` streams the answer to stdout; what it decided (the token plan, a RoPE factor chosen by
 ``--rope-scale auto``) and the progress of long work (runtime/progress.py: loading, frames decoded, the
-vision tower, prefill, tokens/s) go to stderr, so stdout is the answer alone; ``--quiet`` turns both off. ``--json`` prints one JSON object
-instead: ``tokens`` (generated ids), ``text``, ``timings`` and ``plan``; errors are then JSON too.
+vision tower, prefill, tokens/s) go to stderr, so stdout is the answer alone; ``--quiet`` turns both off.
+``--json`` prints one JSON object instead: ``tokens`` (generated ids), ``text``, ``timings`` and ``plan``; errors are then JSON too.
 Registered into the parser by ``llava_next.cli.main.build_parser``.
 """
 
@@ -26,7 +26,9 @@ from .options import DEFAULT_MODEL  # noqa: F401  (re-exported: the default chec
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def add_run(sub, *, user_error) -> None:
+def add_run(sub, *, user_error, **_unused) -> None:
+    """``_unused``: the value types other commands once passed in (positive=, rope_scale=, ...); the shared
+    option groups of options.py now bring their own."""
     from . import options
 
     p = sub.add_parser("run", help="answer a question about images and/or videos",

@@ -138,7 +138,7 @@ class Pipeline:
                 max_image_pixels: int | None = None, videos: Sequence[PathLike] = (),
                 sampling: Sampling = "uniform", allow_overflow: bool = False) -> Request:
         """Preprocess media, tokenize, expand placeholders and check the context (nothing runs yet).
-        ``videos``: several videos (``video`` is one more, placed first); ``sampling``: "uniform" or "fps"
+        ``videos``: several videos (``video``, a path or a list, goes first); ``sampling``: "uniform" or "fps"
         (video.py). ``max_image_pixels``: refuse larger images (default 100 MP, 0 = no limit; see image.py).
         ``allow_overflow``: plan a prompt longer than the RoPE context instead of refusing it (``plan.fits``
         is then False: for studying that regime on purpose)."""
@@ -148,7 +148,8 @@ class Pipeline:
         if image_inputs:
             self._say("images", f"{len(image_inputs)} image(s) -> {sum(1 + im.num_tiles for im in image_inputs)} "
                                 f"tiles (base + AnyRes) in {time.perf_counter() - t0:.2f} s")
-        paths = ([video] if video is not None else []) + list(videos)
+        frames = 8 if frames is None else frames
+        paths = (list(video) if isinstance(video, (list, tuple)) else [video] if video is not None else []) + list(videos)
         clips = []
         for v in paths:
             tv = time.perf_counter()
