@@ -10,7 +10,8 @@ Commands
 Adding a command: write ``_add_NAME(subparsers)`` that builds its parser and calls
 ``parser.set_defaults(func=_NAME)``, where ``_NAME(args) -> int`` returns the exit code, and call it
 from ``build_parser``. Take the shared option groups from options.py (``--model``, ``--image``/``--video``,
-every token-plan switch, ``--json``/``--quiet``), so a flag means the same in every command. Raise ``UserError`` for anything the user can fix (bad file, bad option): ``main``
+every token-plan switch, ``--json``/``--quiet``), so a flag means the same in every command. Raise
+``UserError`` for anything the user can fix (bad file, bad option): ``main``
 prints it as one line and exits with status 2, argparse's own code for usage errors.
 
 Exit status (docs/errors.md has every message): 0 success; 2 a user error — bad option (argparse),
@@ -43,7 +44,8 @@ EXIT_INTERNAL_ERROR = 3
 
 def _add_max_image_pixels(p) -> None:
     p.add_argument("--max-image-pixels", type=options.pixels, default=None, metavar="N",
-                   help="refuse images with more pixels (default 100000000 or $LLAVA_NEXT_MAX_IMAGE_PIXELS; 0 = no limit)")
+                   help="refuse images with more pixels (default 100000000 or $LLAVA_NEXT_MAX_IMAGE_PIXELS; "
+                        "0 = no limit)")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -106,9 +106,11 @@ class _MediaList(argparse.Action):
 
 def add_media_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", action=_MediaList, nargs="+", default=[], metavar="FILE",
-                   help="image file(s): --image a.jpg b.jpg or --image a.jpg --image b.jpg; sample:cat is a shipped photo")
+                   help="image file(s): --image a.jpg b.jpg or --image a.jpg --image b.jpg; sample:cat is a "
+                        "shipped photo")
     p.add_argument("--video", action=_MediaList, nargs="+", default=[], metavar="FILE",
-                   help="video file(s), anything FFmpeg decodes; several as for --image; sample:bunny is a shipped clip")
+                   help="video file(s), anything FFmpeg decodes; several as for --image; sample:bunny is a "
+                        "shipped clip")
 
 
 def add_plan_options(p: argparse.ArgumentParser) -> None:

@@ -7,7 +7,8 @@
 ``run`` streams the answer to stdout; what it decided (the token plan, a RoPE factor chosen by
 ``--rope-scale auto``) and the progress of long work (runtime/progress.py: loading, frames decoded, the
 vision tower, prefill, tokens/s) go to stderr, so stdout is the answer alone; ``--quiet`` turns both off.
-``--json`` prints one JSON object instead: ``tokens`` (generated ids), ``text``, ``timings`` and ``plan``; errors are then JSON too.
+``--json`` prints one JSON object instead: ``tokens`` (generated ids), ``text``, ``timings``, ``plan`` and
+``overflow``; errors are then JSON too.
 Registered into the parser by ``llava_next.cli.main.build_parser``.
 """
 

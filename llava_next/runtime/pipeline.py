@@ -149,7 +149,8 @@ class Pipeline:
             self._say("images", f"{len(image_inputs)} image(s) -> {sum(1 + im.num_tiles for im in image_inputs)} "
                                 f"tiles (base + AnyRes) in {time.perf_counter() - t0:.2f} s")
         frames = 8 if frames is None else frames
-        paths = (list(video) if isinstance(video, (list, tuple)) else [video] if video is not None else []) + list(videos)
+        first = list(video) if isinstance(video, (list, tuple)) else [video] if video is not None else []
+        paths = first + list(videos)
         clips = []
         for v in paths:
             tv = time.perf_counter()
