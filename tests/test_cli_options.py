@@ -19,13 +19,10 @@ from llava_next.cli import main as cli
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    """A runnable tiny checkpoint directory (real formats, real tokenizer)."""
-    pytest.importorskip("transformers")
-    from checkpoints import make_runnable_checkpoint
-
-    directory, _ = make_runnable_checkpoint(tmp_path_factory.mktemp("opts") / "tiny-video-hf", kind="video")
-    return str(directory)
+def model():
+    """The built-in tiny-random checkpoint (real architecture and formats, random weights; built into the
+    test's cache on first use)."""
+    return "tiny-random"
 
 
 @pytest.fixture(autouse=True)
@@ -68,9 +65,9 @@ def _same_plan(ran: dict, planned: dict) -> None:
 SWITCHES = [  # (flags, what must change against the default plan)
     (["--frames", "3"], lambda p: p["videos"][0]["num_frames"] == 3),
     (["--sampling", "fps"], lambda p: p["videos"][0]["frame_indices"] == [0, 12]),
-    (["--pool-stride", "4"], lambda p: p["videos"][0]["pooled_hw"] == [1, 1]),
+    (["--pool-stride", "4"], lambda p: p["videos"][0]["pooled_hw"] == [2, 2]),
     (["--pool-mode", "max"], lambda p: p["videos"][0]["pool_mode"] == "max" and p["switches"]["pool_mode"] == "max"),
-    (["--newline", "grid"], lambda p: p["videos"][0]["newline_tokens"] == 8 * 2),
+    (["--newline", "grid"], lambda p: p["videos"][0]["newline_tokens"] == 8 * 4),
     (["--pool-position", "after_projector"], lambda p: p["switches"]["pool_position"] == "after_projector"),
     (["--anyres-compat", "original"], lambda p: p["switches"]["anyres_compat"] == "original"),
     (["--rope-scale", "3"], lambda p: p["context"]["factor"] == 3.0 and p["context"]["factor_source"] == "user"),
@@ -110,13 +107,14 @@ def test_run_takes_several_videos_and_the_prompt_after_a_list(capsys, model):
                 "--max-new-tokens", "1", "--json", "What differs?")
     plan = out["plan"]
     assert [v["path"] for v in plan["videos"]] == [v1, v2] and len(plan["video_tokens"]) == 2
-    again = _json(capsys, "run", "--model", model, "--video", v1, "--video", v2, "What differs?", "--frames", "2",
-                  "--dtype", "fp32", "--max-new-tokens", "1", "--json")["plan"]
-    assert again["videos"] == plan["videos"] and again["input_tokens"] == plan["input_tokens"]
+    again = _json(capsys, "inspect", "--model", model, "--video", v1, "--video", v2, "--prompt", "What differs?",
+                  "--frames", "2", "--max-new-tokens", "1", "--json")
+    assert again["videos"] == plan["videos"] and again["context"] == plan["context"]
 
 
 @pytest.mark.parametrize("argv,message", [
     (["run", "--video", "{video}"], "no PROMPT given"),
+    (["run", "--image", "{photo}", "{photo}"], "is a file, not a question"),
     (["run", "--video", "{video}", "--prompt", "a", "b"], "two prompts given"),
     (["run", "--image", "{photo}", "--frames", "3", "Hi"], "--frames: video options, but no --video was given"),
     (["run", "--image", "{photo}", "--pool-position", "after_projector", "Hi"], "--pool-position: video options"),
@@ -127,3 +125,32 @@ def test_option_errors_are_one_line_exit_2(capsys, model, argv, message):
     code = cli.main([a.format(**fill) for a in argv] + ["--model", model])
     out, err = capsys.readouterr()
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_allow_overflow_runs_past_the_context_and_says_by_how_much(capsys, model):
+    # tiny-random: 4096 positions x factor 1.2 = 4915; 78 frames x 64 tokens (stride 1) = 4992 visual + text
+    argv = ["run", "--model", model, "--video", _video(), "--frames", "78", "--pool-stride", "1", "--rope-scale", "1.2",
+            "--dtype", "fp32", "--max-new-tokens", "2", "--json", "Describe."]
+    code = cli.main(argv)
+    out, _ = capsys.readouterr()
+    refused = json.loads(out)
+    assert code == 2 and "does not fit the RoPE context" in refused["error"] and "--allow-overflow" in refused["error"]
+
+    code = cli.main(argv + ["--allow-overflow", "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
+    result = json.loads(out)
+    ctx, over = result["plan"]["context"], result["overflow"]
+    assert not ctx["fits"] and ctx["positions_available"] == 4915 and len(result["tokens"]) >= 1
+    assert over["exceeded_by"] == ctx["tokens_needed"] - 4915 > 0 and over["positions_needed"] == ctx["tokens_needed"]
+    assert f"the context is exceeded by {over['exceeded_by']} positions" in err
+    lines = err.strip().splitlines()  # with --json --quiet: that warning (and tiny-random's notice), nothing else
+    assert len(lines) == 2 and "RANDOM weights" in lines[0] and "--allow-overflow" in lines[1]
+
+    # the text mode says it too, and inspect reports the same overflow
+    code = cli.main([a for a in argv if a != "--json"] + ["--allow-overflow", "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 0 and f"exceeded by {over['exceeded_by']} positions" in err
+    plan_args = [a for a in argv[1:-1] if a not in ("--dtype", "fp32")]
+    planned = _json(capsys, "inspect", *plan_args, "--prompt", "Describe.")
+    assert planned["overflow"] == over and planned["context"] == ctx

@@ -11,7 +11,8 @@ Commands
 Adding a command: write ``_add_NAME(subparsers)`` that builds its parser and calls
 ``parser.set_defaults(func=_NAME)``, where ``_NAME(args) -> int`` returns the exit code, and call it
 from ``build_parser``. Take the shared option groups from options.py (``--model``, ``--image``/``--video``,
-every token-plan switch, ``--json``/``--quiet``), so a flag means the same in every command. Raise ``UserError`` for anything the user can fix (bad file, bad option): ``main``
+every token-plan switch, ``--json``/``--quiet``), so a flag means the same in every command. Raise
+``UserError`` for anything the user can fix (bad file, bad option): ``main``
 prints it as one line and exits with status 2, argparse's own code for usage errors.
 
 Exit status (docs/errors.md has every message): 0 success; 2 a user error — bad option (argparse),
@@ -36,8 +37,16 @@ from . import options
 from .options import UserError
 
 DEFAULT_PRESET = "LLaVA-NeXT-Video-7B"
+# value types and groups that commands took from here before options.py (kept for them)
+_positive, _rope_scale, _pixels = options.positive, options.rope_scale, options.pixels
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 3
+
+
+def _add_max_image_pixels(p) -> None:
+    p.add_argument("--max-image-pixels", type=options.pixels, default=None, metavar="N",
+                   help="refuse images with more pixels (default 100000000 or $LLAVA_NEXT_MAX_IMAGE_PIXELS; "
+                        "0 = no limit)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -117,7 +126,7 @@ def _load_image(path: str, max_pixels: int | None):
 def _inspect_media(args, config: LlavaNextConfig, model: str, preset: str | None):
     from ..inputs.tokens import image_plan, plan_context, video_plan
     from ..inputs.video import VideoError, load_video
-    from .plan import media_plan
+    from .plan import media_plan, overflow
 
     n_frames, sampling = options.frames(args), options.sampling(args)
     images, image_plans = [], []
@@ -157,7 +166,9 @@ def _inspect_media(args, config: LlavaNextConfig, model: str, preset: str | None
     kind = "video" if videos and not images and len(videos) == 1 else "image" if images and not videos else "mixed"
     report = {"preset": preset, "model": model, "kind": kind, "visual_tokens": visual,
               "text_tokens": text_tokens, "total": context.tokens_needed, "fits": context.fits, **media,
-              "context": context.to_dict()}
+              "context": context.to_dict(), "overflow": overflow(context)}
+    if model == options.TINY_MODEL:
+        report["random_weights"] = True
     if kind == "video":  # one video: its fields at the top level too (the original inspect format)
         report.update({k: v for k, v in media["videos"][0].items() if k != "tokens"})
 
@@ -185,6 +196,8 @@ def _format(r: dict) -> str:
     """The human-readable plan."""
     if r["preset"] is not None:
         lines = [f"preset   {r['preset']} ({PRESETS[r['preset']].hub_id}); sizes are height x width"]
+    elif r.get("random_weights"):
+        lines = [f"model    {r['model']} (built in, RANDOM weights: a smoke-test model); sizes are height x width"]
     else:
         lines = [f"model    {r['model']}; sizes are height x width"]
     for e in r["images"]:

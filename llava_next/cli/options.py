@@ -7,7 +7,7 @@ same names, defaults and help:
     add_model_options(p)     --model ID_OR_DIR (a hub id, a checkpoint directory, a preset name, tiny-random)
     add_media_options(p)     --image FILE [FILE ...]   --video FILE [FILE ...]
     add_plan_options(p)      --frames --sampling --pool-stride --pool-mode --newline --pool-position
-                             --anyres-compat --rope-scale --max-image-pixels
+                             --anyres-compat --rope-scale --allow-overflow --max-image-pixels
     add_prompt_options(p)    PROMPT (positional, optional) or --prompt TEXT; --template; --max-new-tokens
     add_output_options(p)    --json --quiet
 
@@ -21,7 +21,11 @@ Media: ``--image a.jpg b.jpg`` and ``--image a.jpg --image b.jpg`` both give two
 command; nothing given is ever dropped. Because a list option is greedy, ``run --video clip.mp4 "What
 happens?"`` first reads the question as a second video; the rule (``finish``): when a command takes a
 PROMPT and none was found on its own, the PROMPT is the last word of the last ``--image``/``--video``
-list, if that list has more than one word. ``--prompt TEXT`` avoids the question altogether.
+list, if that list has more than one word and that word is not a file (a forgotten question is an
+error, never a dropped file). ``--prompt TEXT`` avoids the question altogether.
+
+``sample:bunny`` (a 5 s clip of Big Buck Bunny, CC-BY 3.0) and ``sample:cat`` (a photo, CC0) name the
+sample media shipped in the package (llava_next/samples/README.md), for first runs.
 
 Plan switches default to None ("the checkpoint's value"), so a command can tell a switch that was given
 from one that was not: a video switch (``--frames``, ``--sampling``, ``--pool-*``, ``--newline``)
@@ -31,6 +35,7 @@ without a ``--video`` is an error rather than silently ignored.
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..config import PRESETS
 
@@ -38,6 +43,7 @@ DEFAULT_MODEL = "llava-hf/LLaVA-NeXT-Video-7B-hf"
 TINY_MODEL = "tiny-random"
 DEFAULT_FRAMES = 8
 ANSWER_TOKENS = 256  # run's default --max-new-tokens
+SAMPLES = {"bunny": "bigbuckbunny.mp4", "cat": "chelsea.jpg"}  # llava_next/samples/README.md: sources, licences
 VIDEO_SWITCHES = ("frames", "sampling", "pool_stride", "pool_mode", "newline", "pool_position")
 
 
@@ -100,9 +106,11 @@ class _MediaList(argparse.Action):
 
 def add_media_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", action=_MediaList, nargs="+", default=[], metavar="FILE",
-                   help="image file(s): --image a.jpg b.jpg or --image a.jpg --image b.jpg")
+                   help="image file(s): --image a.jpg b.jpg or --image a.jpg --image b.jpg; sample:cat is a "
+                        "shipped photo")
     p.add_argument("--video", action=_MediaList, nargs="+", default=[], metavar="FILE",
-                   help="video file(s), anything FFmpeg decodes; several as for --image")
+                   help="video file(s), anything FFmpeg decodes; several as for --image; sample:bunny is a "
+                        "shipped clip")
 
 
 def add_plan_options(p: argparse.ArgumentParser) -> None:
@@ -125,6 +133,9 @@ def add_plan_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rope-scale", type=rope_scale, default="config", metavar="config|auto|original|F",
                    help="linear RoPE factor: the checkpoint's (config), the smallest that fits (auto), the "
                         "original demo's rule (original) or a number")
+    g.add_argument("--allow-overflow", action="store_true",
+                   help="run a prompt longer than max_position_embeddings x RoPE factor anyway (default: refuse); "
+                        "says on stderr and in --json by how much the context is exceeded")
     g.add_argument("--max-image-pixels", type=pixels, default=None, metavar="N",
                    help="refuse images with more pixels (a guard against decompression bombs; default 100000000 "
                         "or $LLAVA_NEXT_MAX_IMAGE_PIXELS; 0 = no limit)")
@@ -154,7 +165,8 @@ def add_output_options(p: argparse.ArgumentParser, *, what: str = "the result") 
 # after parsing
 # --------------------------------------------------------------------------------------------------
 def finish(args: argparse.Namespace, *, needs_prompt: bool = False) -> argparse.Namespace:
-    """Resolve the PROMPT rule (module docstring) and refuse video switches without a video."""
+    """Resolve the PROMPT rule and ``sample:`` names (module docstring), check that every media file exists,
+    and refuse video switches without a video."""
     positional = getattr(args, "prompt", None)
     option = getattr(args, "prompt_option", None)
     if positional is not None and option is not None:
@@ -164,17 +176,45 @@ def finish(args: argparse.Namespace, *, needs_prompt: bool = False) -> argparse.
     if prompt is None and needs_prompt and last is not None and last[1] > 1:
         dest, _ = last
         *kept, prompt = getattr(args, dest)
+        if os.path.exists(prompt) or prompt.startswith("sample:"):  # a forgotten question: never eat a file
+            raise UserError(f"no PROMPT given: the last word after --{dest}, {prompt!r}, is a file, not a "
+                            f"question; put the question last or pass --prompt TEXT")
         setattr(args, dest, kept)
     if prompt is None and needs_prompt:
         raise UserError("no PROMPT given: put the question after the files (run --video clip.mp4 \"What "
                         "happens?\") or pass --prompt TEXT")
     if hasattr(args, "prompt_option"):
         args.prompt = prompt
+    for dest in ("image", "video"):
+        if getattr(args, dest, None):
+            setattr(args, dest, [sample_path(f) if f.startswith("sample:") else f for f in getattr(args, dest)])
+    for dest in ("image", "video"):  # before any model is loaded: a typo should not wait for 14 GB
+        for path in getattr(args, dest, None) or []:
+            if not os.path.exists(path):
+                raise UserError(f"{path}: no such file")
+            if os.path.isdir(path):
+                raise UserError(f"{path}: is a directory, not {'an image' if dest == 'image' else 'a video'} file")
     if not getattr(args, "video", None):
         given = [f"--{n.replace('_', '-')}" for n in VIDEO_SWITCHES if getattr(args, n, None) is not None]
         if given:
             raise UserError(f"{', '.join(given)}: video options, but no --video was given")
     return args
+
+
+def sample_path(name: str) -> str:
+    """``sample:bunny`` / ``sample:cat`` (or the file names) -> the packaged sample file (an existing file of
+    that name in the current directory wins: it is what the user wrote)."""
+    from pathlib import Path
+
+    if os.path.exists(name):
+        return name
+    key = name.removeprefix("sample:")
+    file = SAMPLES.get(key, key if key in SAMPLES.values() else None)
+    path = Path(__file__).resolve().parents[1] / "samples" / (file or "")
+    if file is None or not path.is_file():
+        raise UserError(f"{name}: no such sample; the samples are {', '.join('sample:' + k for k in SAMPLES)} "
+                        f"(llava_next/samples)")
+    return str(path)
 
 
 def plan_overrides(args: argparse.Namespace) -> dict:
@@ -199,6 +239,10 @@ def model_config(model: str):
 
     from ..config import ConfigError, LlavaNextConfig
 
+    if model == TINY_MODEL:
+        from ..runtime.tiny import tiny_config
+
+        return tiny_config(), None
     if model in PRESETS:
         return PRESETS[model].config, model
     preset = next((p for p in PRESETS.values() if model in (p.hub_id, p.original_id)), None)
@@ -232,5 +276,9 @@ def model_tokenizer(model: str):
 
     from ..inputs.prompt import Tokenizer
 
+    if model == TINY_MODEL:
+        from ..runtime import tiny
+
+        return Tokenizer.load(tiny.ensure())
     file = Path(model).expanduser() / "tokenizer.json"
     return Tokenizer.load(file) if file.is_file() else None

@@ -8,6 +8,7 @@ through these functions, so for the same files and switches the two JSON plans a
     video_entry(VideoClip, VideoPlan, sampling)   frames, timestamps, pooling, newlines, tokens
     switches(config, rope_scale, sampling)        the value of every token-plan switch this plan used
     media_plan(images, videos, config, ...)       {"images": [...], "videos": [...], "visual_tokens", "switches"}
+    overflow(ContextPlan)                         by how much a prompt exceeds the RoPE context (None: it fits)
 
 Sizes are (height, width).
 """
@@ -50,3 +51,21 @@ def media_plan(images: Sequence[tuple[str, object]], videos: Sequence[tuple[obje
     return {"images": image_entries, "videos": video_entries,
             "visual_tokens": sum(e["tokens"] for e in image_entries + video_entries),
             "switches": switches(config, rope_scale, sampling)}
+
+
+def overflow(context) -> dict | None:
+    """How far past ``max_position_embeddings x factor`` the prompt goes (None when it fits)."""
+    if context.fits:
+        return None
+    over = context.tokens_needed - context.positions_available
+    return {"positions_needed": context.tokens_needed, "positions_available": context.positions_available,
+            "exceeded_by": over, "ratio": round(context.tokens_needed / context.positions_available, 4)}
+
+
+def overflow_warning(context) -> str:
+    """The stderr line for a run that goes past the context on purpose (--allow-overflow)."""
+    o = overflow(context)
+    return (f"warning: --allow-overflow: the prompt needs {o['positions_needed']} positions but "
+            f"max_position_embeddings {context.max_position_embeddings} x RoPE factor {context.factor:g} = "
+            f"{o['positions_available']}: the context is exceeded by {o['exceeded_by']} positions ({o['ratio']:g}x); "
+            f"positions past {o['positions_available']} were never trained, so the answer may be garbage")

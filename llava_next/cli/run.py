@@ -5,14 +5,17 @@
     llava-next convert llava-hf/LLaVA-NeXT-Video-7B-hf ./video-7b --dtype bf16
 
 ``run`` streams the answer to stdout; what it decided (the token plan, a RoPE factor chosen by
-``--rope-scale auto``) goes to stderr, so stdout is the answer alone. ``--json`` prints one JSON object
-instead: ``tokens`` (generated ids), ``text``, ``timings`` and ``plan``; errors are then JSON too.
+``--rope-scale auto``) and the progress of long work (runtime/progress.py: loading, frames decoded, the
+vision tower, prefill, tokens/s) go to stderr, so stdout is the answer alone; ``--quiet`` turns both off.
+``--json`` prints one JSON object instead: ``tokens`` (generated ids), ``text``, ``timings``, ``plan`` and
+``overflow``; errors are then JSON too.
 Registered into the parser by ``llava_next.cli.main.build_parser``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -24,7 +27,9 @@ from .options import DEFAULT_MODEL  # noqa: F401  (re-exported: the default chec
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def add_run(sub, *, user_error) -> None:
+def add_run(sub, *, user_error, **_unused) -> None:
+    """``_unused``: the value types other commands once passed in (positive=, rope_scale=, ...); the shared
+    option groups of options.py now bring their own."""
     from . import options
 
     p = sub.add_parser("run", help="answer a question about images and/or videos",
@@ -77,9 +82,11 @@ def _convert(args: argparse.Namespace, user_error) -> int:
 
 def _run(args: argparse.Namespace, user_error) -> int:
     from ..config import PRESETS
+    from ..model.attention import use_backend
     from ..runtime.pipeline import Pipeline, with_overrides
+    from ..runtime.progress import Progress
     from . import options
-    from .plan import media_plan
+    from .plan import media_plan, overflow, overflow_warning
 
     options.finish(args, needs_prompt=True)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -87,10 +94,19 @@ def _run(args: argparse.Namespace, user_error) -> int:
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise user_error(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature}, {args.top_p}")
     model_id = PRESETS[args.model].hub_id if args.model in PRESETS else args.model
+    tiny = args.model == options.TINY_MODEL
+    if tiny:  # said plainly, whatever the output mode: the answer is noise
+        from ..runtime.tiny import NOTICE
+
+        print(f"[llava-next] {NOTICE}", file=sys.stderr)
+    progress = Progress(enabled=not args.quiet)  # stderr only, so --json's stdout stays one object
+    progress.say("loading", f"{model_id} ({args.dtype}, {args.device}){' (built on first use)' if tiny else ''}")
     t0 = time.perf_counter()
     pipe = Pipeline.from_pretrained(model_id, dtype=DTYPES[args.dtype], device=args.device,
-                                    cache_dir=args.cache_dir, progress=not (args.json or args.quiet))
+                                    cache_dir=args.cache_dir, progress=not args.quiet)
     load_s = time.perf_counter() - t0
+    progress.say("loading", f"done in {load_s:.2f} s")
+    pipe.progress = progress
     pipe.model.config = with_overrides(pipe.model.config, **options.plan_overrides(args))
     if args.video:  # validates the pool stride / mode against the patch grid before any decoding
         from ..inputs.tokens import video_plan
@@ -98,8 +114,11 @@ def _run(args: argparse.Namespace, user_error) -> int:
         video_plan(options.frames(args), pipe.model.config)
     request = pipe.prepare(args.prompt, images=args.image, videos=args.video, frames=options.frames(args),
                            sampling=options.sampling(args), template=args.template, rope_scale=args.rope_scale,
-                           max_new_tokens=args.max_new_tokens, max_image_pixels=args.max_image_pixels)
+                           max_new_tokens=args.max_new_tokens, max_image_pixels=args.max_image_pixels,
+                           allow_overflow=args.allow_overflow)
     plan = request.plan
+    if not plan.fits:  # only with --allow-overflow; said even with --json or --quiet
+        print(f"[llava-next] {overflow_warning(plan)}", file=sys.stderr)
     say = not (args.json or args.quiet)
     if say:
         print(f"[llava-next] {plan.summary()}", file=sys.stderr)
@@ -111,17 +130,22 @@ def _run(args: argparse.Namespace, user_error) -> int:
     options_ = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     seed=args.seed, template=args.template)
     pieces = []
-    for piece in pipe.stream(request, **options_):
-        pieces.append(piece)
-        if not args.json:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+    # tiny-random on CPU: plain SDPA decode attention (compiling the fast one costs more than the whole answer)
+    with use_backend("sdpa") if tiny and args.device == "cpu" else contextlib.nullcontext():
+        for piece in pipe.stream(request, **options_):
+            pieces.append(piece)
+            if not args.json:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
     timings = {"load_s": load_s, **request.timings}
     if args.json:
         media = media_plan(list(zip(args.image, request.image_plans)), list(zip(request.videos, request.video_plans)),
                            pipe.model.config, args.rope_scale, options.sampling(args))
-        print(json.dumps({"tokens": request.tokens, "text": "".join(pieces), "timings": timings,
-                          "plan": {**request.to_dict(), **media}}))
+        result = {"tokens": request.tokens, "text": "".join(pieces), "timings": timings,
+                  "plan": {**request.to_dict(), **media}, "overflow": overflow(plan)}
+        if tiny:
+            result["random_weights"], result["notice"] = True, NOTICE
+        print(json.dumps(result))
     else:
         sys.stdout.write("\n")
         if say:

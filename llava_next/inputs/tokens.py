@@ -160,7 +160,8 @@ class ContextPlan:
         over = self.tokens_needed - self.positions_available
         return (f"{over} positions too many: use fewer frames, a larger --pool-stride, or --rope-scale "
                 f"{_fmt(self.smallest_factor)} (the smallest linear factor that holds {self.tokens_needed} "
-                f"positions; the config's factor is {_fmt(self.config_factor)})")
+                f"positions; the config's factor is {_fmt(self.config_factor)}); or, to study this regime on "
+                f"purpose, --allow-overflow runs it anyway")
 
     def to_dict(self) -> dict:
         return asdict(self)

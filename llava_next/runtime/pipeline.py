@@ -46,6 +46,7 @@ from ..inputs.prompt import TemplateChoice, Tokenizer, build_input_ids, expand_p
 from ..inputs.tokens import (ContextPlan, ImagePlan, RopeScale, VideoPlan, check_context, image_plan, plan_context,
                              video_plan)
 from ..inputs.video import Sampling, VideoClip, load_video
+from . import tiny
 
 PathLike = str | os.PathLike
 
@@ -90,6 +91,11 @@ class Pipeline:
     def __init__(self, model: LlavaNextModel, tokenizer: Tokenizer) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.progress = None  # a runtime.progress.Progress to report long work on stderr; None: silent
+
+    def _say(self, stage: str, message: str) -> None:
+        if self.progress is not None:
+            self.progress.say(stage, message)
 
     @property
     def config(self) -> LlavaNextConfig:
@@ -101,12 +107,16 @@ class Pipeline:
                         device: str | torch.device = "cpu", cache_dir: PathLike | None = None,
                         progress: bool = True) -> "Pipeline":
         """A converted llava-next directory, a llava-hf / original checkpoint directory (converted once,
-        cached), or a hub id (downloaded, converted once, cached). Weights are mmapped, not copied."""
+        cached), a hub id (downloaded, converted once, cached), or "tiny-random" (runtime/tiny.py: random
+        weights, no download). Weights are mmapped, not copied."""
         from llava_next_weights.hub import resolve
         from llava_next_weights.load import load_into, parse_dtype, read_config
 
         dtype = parse_dtype(dtype)  # a bad dtype fails before any conversion or loading
-        path = resolve(model_id_or_dir, cache_dir=cache_dir, progress=progress)
+        if tiny.is_tiny(model_id_or_dir):  # built in: random weights, built into the cache on first use
+            path = tiny.ensure(cache_dir)
+        else:
+            path = resolve(model_id_or_dir, cache_dir=cache_dir, progress=progress)
         config = read_config(path)
         preset = preset_for(model_id_or_dir)
         if preset is not None and config.template != preset.config.template:
@@ -126,15 +136,27 @@ class Pipeline:
                 frames: int = 8, template: TemplateChoice | None = None, rope_scale: RopeScale = "config",
                 max_new_tokens: int = 0, system: str | None = None,
                 max_image_pixels: int | None = None, videos: Sequence[PathLike] = (),
-                sampling: Sampling = "uniform") -> Request:
+                sampling: Sampling = "uniform", allow_overflow: bool = False) -> Request:
         """Preprocess media, tokenize, expand placeholders and check the context (nothing runs yet).
-        ``videos``: several videos (``video`` is one more, placed first); ``sampling``: "uniform" or "fps"
-        (video.py). ``max_image_pixels``: refuse larger images (default 100 MP, 0 = no limit; see image.py)."""
+        ``videos``: several videos (``video``, a path or a list, goes first); ``sampling``: "uniform" or "fps"
+        (video.py). ``max_image_pixels``: refuse larger images (default 100 MP, 0 = no limit; see image.py).
+        ``allow_overflow``: plan a prompt longer than the RoPE context instead of refusing it (``plan.fits``
+        is then False: for studying that regime on purpose)."""
         cfg = self.config
         t0 = time.perf_counter()
         image_inputs = [preprocess_image(im, cfg, max_pixels=max_image_pixels) for im in images]
-        paths = ([video] if video is not None else []) + list(videos)
-        clips = [load_video(v, frames, sampling=sampling, size=cfg.tile_size) for v in paths]
+        if image_inputs:
+            self._say("images", f"{len(image_inputs)} image(s) -> {sum(1 + im.num_tiles for im in image_inputs)} "
+                                f"tiles (base + AnyRes) in {time.perf_counter() - t0:.2f} s")
+        frames = 8 if frames is None else frames
+        first = list(video) if isinstance(video, (list, tuple)) else [video] if video is not None else []
+        paths = first + list(videos)
+        clips = []
+        for v in paths:
+            tv = time.perf_counter()
+            clips.append(load_video(v, frames, sampling=sampling, size=cfg.tile_size))
+            self._say("frames", f"{os.fspath(v)}: decoded {clips[-1].total_frames} frames, kept {clips[-1].num_frames} "
+                                f"in {time.perf_counter() - tv:.2f} s")
         t1 = time.perf_counter()
         ids = build_input_ids(prompt, self.tokenizer, cfg, len(image_inputs), len(clips), template, system=system)
         image_plans = [image_plan(im.image_size, cfg) for im in image_inputs]
@@ -143,7 +165,9 @@ class Pipeline:
         video_counts = [p.total for p in video_plans]
         ids = expand_placeholders(ids, cfg.image_token_id, cfg.video_token_id, image_counts, video_counts)
         visual = sum(image_counts) + sum(video_counts)
-        plan = check_context(plan_context(len(ids) - visual, visual, cfg, rope_scale, new_tokens=max_new_tokens))
+        plan = plan_context(len(ids) - visual, visual, cfg, rope_scale, new_tokens=max_new_tokens)
+        if not allow_overflow:
+            check_context(plan)
         return Request(ids, image_inputs, clips, plan, image_counts, video_counts,
                        {"preprocess_s": t1 - t0, "tokenize_s": time.perf_counter() - t1},
                        [note for c in clips for note in c.notes()], image_plans, video_plans)
@@ -160,8 +184,21 @@ class Pipeline:
             mask[row, T - len(r.input_ids):] = True
         images = [im for r in requests for im in r.images]
         videos = [v for r in requests for v in r.videos]
-        image_feats = model.image_features(images)
-        video_feats = [model.video_features(v.pixel_values) for v in videos]
+        total = sum(1 + im.num_tiles for im in images) + sum(v.num_frames for v in videos)
+        done, t0 = [0], time.perf_counter()
+
+        def count(module, args, output) -> None:  # one call per batch of frames / tiles
+            done[0] += args[0].shape[0]
+            self.progress.update("vision tower", f"{done[0]}/{total} frames+tiles, {time.perf_counter() - t0:.1f} s",
+                                 final=done[0] >= total)
+
+        hook = model.vision_tower.register_forward_hook(count) if self.progress is not None and total else None
+        try:
+            image_feats = model.image_features(images)
+            video_feats = [model.video_features(v.pixel_values) for v in videos]
+        finally:
+            if hook is not None:
+                hook.remove()
         for kind, feats in (("image", image_feats), ("video", video_feats)):
             for i, f in enumerate(feats):
                 _check_finite(f, f"the visual features of {kind} {i}")
@@ -236,6 +273,11 @@ class Pipeline:
         for step in self.stream_batch([request], **kwargs):
             if first is None:
                 first = time.perf_counter()
+                self._say("prefill", f"{len(request.input_ids)} positions, first token after {first - t0:.2f} s "
+                                     f"(vision tower and prefill)")
+            elif self.progress is not None:
+                n = len(request.tokens) + 1  # type: ignore[attr-defined]
+                self.progress.update("decoding", f"{n} tokens, {(n - 1) / (time.perf_counter() - first):.1f} tokens/s")
             token = int(step[0])
             request.tokens.append(token)  # type: ignore[attr-defined]
             piece = decoder.step(token)
@@ -246,6 +288,8 @@ class Pipeline:
             yield tail
         end = time.perf_counter()
         n = len(request.tokens)  # type: ignore[attr-defined]
+        if self.progress is not None and first is not None and n > 1:
+            self.progress.update("decoding", f"{n} tokens, {(n - 1) / (end - first):.1f} tokens/s", final=True)
         request.timings.update({"first_token_s": (first or end) - t0, "total_s": end - t0,
                                 "decode_tokens_per_s": (n - 1) / (end - first) if first and n > 1 else 0.0})
 

@@ -1,0 +1,79 @@
+"""The built-in ``tiny-random`` model (runtime/tiny.py): deterministic from its seed, built atomically into
+``$LLAVA_NEXT_CACHE`` on first use, loadable as a converted llava-next directory, saying plainly that its
+weights are random; plus the packaged sample media (llava_next/samples). The installed script running it
+offline right after install is tests/test_readme.py (the README's first command)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from llava_next.cli import main as cli
+from llava_next.cli.options import SAMPLES, sample_path
+from llava_next.runtime import tiny
+
+
+def test_same_seed_same_bytes_other_seed_other_weights(tmp_path):
+    a, b, c = tiny.write(tmp_path / "a"), tiny.write(tmp_path / "b"), tiny.write(tmp_path / "c", seed=1)
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
+    assert (a / "tokenizer.json").read_bytes() == (c / "tokenizer.json").read_bytes()
+
+
+def test_loads_as_a_converted_checkpoint_with_its_tokenizer(tmp_path):
+    import torch
+
+    from llava_next.inputs.prompt import Tokenizer, build_input_ids
+    from llava_next_weights.load import read_config
+    from llava_next_weights.shapes import expected_shapes
+    from safetensors.torch import load_file
+
+    path = tiny.ensure(tmp_path)
+    assert path == tmp_path / "tiny-random" / f"{tiny.VERSION}-seed0"
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".partial")]
+    config = read_config(path)
+    assert config == tiny.tiny_config() and config.video_token_id == 672 and config.template == "llava_next_video"
+    weights = load_file(path / "model.safetensors")
+    assert {k: tuple(v.shape) for k, v in weights.items()} == expected_shapes(config)
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    tok = Tokenizer.load(path)
+    assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (1, 2, 674)
+    ids = build_input_ids("What happens in this video?", tok, config, 0, 1)
+    assert ids[0] == 1 and ids.count(config.video_token_id) == 1 and max(ids) < config.text.vocab_size
+    assert tok.decode(tok.encode("What happens in this video?"), skip_special_tokens=True) == \
+        "What happens in this video?"
+    assert tiny.ensure(tmp_path) == path  # reused, not rebuilt
+
+
+def test_json_and_inspect_say_random_weights(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAVA_NEXT_CACHE", str(tmp_path))
+    assert cli.main(["run", "--model", "tiny-random", "--image", "sample:cat", "--max-new-tokens", "2",
+                     "--dtype", "fp32", "--json", "What is this?"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert result["random_weights"] is True and "RANDOM" in result["notice"] and "RANDOM weights" in err
+    assert result["plan"]["images"][0]["path"] == sample_path("sample:cat")
+    assert cli.main(["inspect", "--model", "tiny-random", "--video", "sample:bunny"]) == 0
+    out, _ = capsys.readouterr()
+    assert "tiny-random (built in, RANDOM weights" in out and "132 frames, 25.00 fps, 5.28 s" in out
+
+
+def test_sample_media_decode_and_unknown_names_are_errors(capsys):
+    from llava_next.inputs.image import load_image
+    from llava_next.inputs.video import load_video
+
+    assert set(SAMPLES) == {"bunny", "cat"}
+    clip = load_video(sample_path("sample:bunny"), 4)
+    assert (clip.size_hw, clip.total_frames, clip.fps) == ((360, 640), 132, 25.0)
+    assert load_image(sample_path("sample:cat")).size == (451, 300)
+    readme = (Path(sample_path("sample:cat")).parent / "README.md").read_text()
+    assert "CC-BY 3.0" in readme and "Blender Foundation" in readme and "CC0" in readme
+    assert cli.main(["inspect", "--video", "sample:nope"]) == 2
+    assert "sample:nope: no such sample; the samples are sample:bunny, sample:cat" in capsys.readouterr().err
+
+
+def test_wheel_ships_the_samples():
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    for name in SAMPLES.values():
+        assert name.rsplit(".", 1)[1] in text.split("[tool.setuptools.package-data]")[1].split("\n\n")[0]
