@@ -7,13 +7,13 @@ module's docstring).
 """
 
 from . import select
-from .attention import AttentionStats, ResearchError, attention_rows, attention_stats
+from .attention import AttentionStats, ResearchError, attention_rows, attention_stats, fastv_score
 from .interventions import ablate, grouped_attention, intervene, knockout, patch, replace_embedding
 from .logit_lens import LensResult, LogitLens
 from .provenance import KINDS, SEGMENTS, Media, Provenance
 from .trace import Attention, Record, Step, Trace, hooks, resolve_positions, run_with_cache, run_with_hooks, trace
 
 __all__ = ["Attention", "AttentionStats", "KINDS", "LensResult", "LogitLens", "Media", "Provenance", "Record",
-           "ResearchError", "SEGMENTS", "Step", "Trace", "ablate", "attention_rows", "attention_stats",
+           "ResearchError", "SEGMENTS", "Step", "Trace", "ablate", "attention_rows", "attention_stats", "fastv_score",
            "grouped_attention", "hooks", "intervene", "knockout", "patch", "replace_embedding", "resolve_positions",
            "run_with_cache", "run_with_hooks", "select", "trace"]
