@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -115,6 +116,10 @@ def _trace(args: argparse.Namespace, user_error) -> int:
         raise user_error(f"--png {args.png}: exists and is not a directory")
     t0 = time.perf_counter()
     model_id = PRESETS[args.model].hub_id if args.model in PRESETS else args.model
+    if args.model == options.TINY_MODEL:  # said plainly, whatever the output mode: random weights
+        from ..runtime.tiny import NOTICE
+
+        print(f"[llava-next] {NOTICE}", file=sys.stderr)
     pipe = Pipeline.from_pretrained(model_id, dtype=DTYPES[args.dtype], device=args.device,
                                     cache_dir=args.cache_dir, progress=not (args.json or args.quiet))
     n_layers = len(pipe.model.language_model.layers)
@@ -130,7 +135,8 @@ def _trace(args: argparse.Namespace, user_error) -> int:
         video_plan(options.frames(args), pipe.model.config)
     request = pipe.prepare(args.prompt, images=args.image, videos=args.video, frames=options.frames(args),
                            sampling=options.sampling(args), template=args.template, rope_scale=args.rope_scale,
-                           max_new_tokens=args.max_new_tokens, max_image_pixels=args.max_image_pixels)
+                           max_new_tokens=args.max_new_tokens, max_image_pixels=args.max_image_pixels,
+                           allow_overflow=getattr(args, "allow_overflow", False))
     generated: list[int] = []
     if args.max_new_tokens:
         for _ in pipe.stream(request, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
