@@ -105,6 +105,11 @@ def test_transformer_lens_hook_code_runs_unchanged(video):
         out, cache = run_with_cache(ours, ids, **mine, names_filter=lambda n: n.endswith("hook_resid_post"))
     assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, plain, atol=1e-3)
     assert torch.equal(out, plain)
+    with torch.no_grad():  # a returned tensor (not an in-place edit) replaces the hooked one
+        replaced = run_with_hooks(ours, ids, **mine, fwd_hooks=[("blocks.0.hook_resid_pre",
+                                                                 lambda x, hook: torch.full_like(x, 0.5))])
+        direct = ours.language_model(input_embeds=torch.full((1, ids.shape[1], ours.config.text.hidden_size), 0.5))
+    assert torch.equal(replaced, direct)
     assert sorted(cache) == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post",
                              "vision.blocks.0.hook_resid_post", "vision.blocks.1.hook_resid_post"]
     with hooks(ours, fwd_hooks=[(lambda n: n == "hook_embed", lambda x, hook: x * 0)]):
