@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from research_models import tiny_pair
 from llava_next.model import cpu_decode
 from llava_next.model.generate import generate
-from llava_next.research import Attention, Record, attention_rows, attention_stats, trace
+from llava_next.research import Attention, Record, attention_rows, attention_stats, fastv_score, trace
 from llava_next.research.attention import key_mass_triton
 
 pytest.importorskip("transformers")
@@ -133,6 +133,24 @@ def test_decode_step_rows_match_transformers(pair, monkeypatch):
             assert (stats.rows[:, :, 0] - want).abs().max() <= ATOL, f"step {s} layer {layer}"
 
 
+def test_fastv_score_inside_a_forward(pair):
+    """The recipe in fastv_score's docstring: layer K-1's hook points give the score before layer K runs."""
+    ours, ids, mine, ref = pair
+    K = 1
+    got = {}
+
+    def keep_q(q, hook):
+        got["q"] = q
+
+    def score_from_k(k, hook):
+        got["score"] = fastv_score(got["q"].transpose(1, 2), k.transpose(1, 2))
+
+    with torch.no_grad(), trace(ours, hooks=[(f"blocks.{K}.attn.hook_rot_q", keep_q),
+                                            (f"blocks.{K}.attn.hook_rot_k", score_from_k)]):
+        ours(ids, **mine)
+    assert (got["score"] - ref[K][:, :, -1].mean(1)).abs().max() <= ATOL
+
+
 def test_fastv_score_one_liner():
     """attention_rows(q, k, -1).mean(1): the last query's head-mean row, as FastV ranks image tokens."""
     g = torch.Generator().manual_seed(0)
@@ -141,6 +159,7 @@ def test_fastv_score_one_liner():
                           torch.full((50, 50), float("-inf")).triu(1), -1)
     score = attention_rows(q, k, -1).mean(1)[:, 0]  # (B, T)
     assert (score - probs[:, :, -1].mean(1)).abs().max() <= 1e-6
+    assert torch.equal(fastv_score(q, k), score)
 
 
 class LargestTensor(TorchDispatchMode):

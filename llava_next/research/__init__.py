@@ -4,11 +4,11 @@ T x T maps, a streaming logit lens, and interventions (see each module's docstri
     from llava_next.research import trace, Record, Attention, LogitLens, ablate, knockout, patch
 """
 
-from .attention import AttentionStats, ResearchError, attention_rows, attention_stats
+from .attention import AttentionStats, ResearchError, attention_rows, attention_stats, fastv_score
 from .interventions import ablate, grouped_attention, intervene, knockout, patch, replace_embedding
 from .logit_lens import LensResult, LogitLens
 from .trace import Attention, Record, Step, Trace, hooks, resolve_positions, run_with_cache, run_with_hooks, trace
 
 __all__ = ["Attention", "AttentionStats", "LensResult", "LogitLens", "Record", "ResearchError", "Step", "Trace", "ablate",
-           "attention_rows", "attention_stats", "grouped_attention", "hooks", "intervene", "knockout", "patch",
+           "attention_rows", "attention_stats", "fastv_score", "grouped_attention", "hooks", "intervene", "knockout", "patch",
            "replace_embedding", "resolve_positions", "run_with_cache", "run_with_hooks", "trace"]

@@ -124,6 +124,21 @@ def _pad(p: torch.Tensor, Tk: int) -> torch.Tensor:
     return p if p.shape[-1] == Tk else torch.nn.functional.pad(p, (0, Tk - p.shape[-1]))
 
 
+def fastv_score(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """FastV's token score: the last query's attention row, averaged over heads -> (B, Tk) fp32.
+
+    FastV (pkunlp-icler/FastV, ``modeling_llama.py``) ranks image tokens by this row at layer K-1 and keeps the
+    top ones from layer K on. Inside a forward, from the hook points of layer K-1 (both fire before layer K):
+
+        with trace(model, hooks=[("blocks.{K-1}.attn.hook_rot_q", keep_q),            # (B, T, Hq, D)
+                                 ("blocks.{K-1}.attn.hook_rot_k", score_from_k)]):   # (B, T, Hkv, D)
+            ...   # score_from_k: fastv_score(q.transpose(1, 2), k.transpose(1, 2)) at prefill
+
+    or after it: ``trace(model, attention=Attention(layers=[K - 1], queries="last", heads="mean"))`` then
+    ``tr.attention[K - 1].rows[:, 0]``."""
+    return attention_rows(q, k, -1, key_mask=key_mask).mean(1)[:, 0]
+
+
 @dataclass
 class AttentionStats:
     """Statistics of one attention call (module docstring); fields not asked for are None."""
