@@ -199,3 +199,25 @@ def test_triton_key_mass_matches_cpu_path(queries, padded):
     want = attention_stats(q, k, queries, key_mask=key_mask, key_mass=True).key_mass
     got = key_mass_triton(q, k, v, queries, key_mask=key_mask, chunk=16)
     assert (got - want).abs().max() <= 1e-5
+
+
+def test_left_padded_batch_rows_match_transformers():
+    """Two text prompts of different lengths, left padded: the padded keys get no mass (key_mask) and each
+    row's last-query attention equals transformers' with the same attention_mask."""
+    ours, hf, _, _, _ = tiny_pair("video")
+    rows = [[1, 5, 17, 33, 7, 9, 21, 40, 41, 42], [1, 8, 9, 10, 11, 12]]
+    T = max(map(len, rows))
+    ids = torch.zeros(2, T, dtype=torch.long)
+    mask = torch.zeros(2, T, dtype=torch.bool)
+    for r, row in enumerate(rows):
+        ids[r, T - len(row):] = torch.tensor(row)
+        mask[r, T - len(row):] = True
+    with torch.no_grad():
+        with trace(ours, attention=Attention(queries=[T - 2, T - 1], rows=True, key_mass=True)) as tr:
+            ours(ids, attention_mask=mask)
+        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        ref = hf(input_ids=ids, attention_mask=mask.long(), position_ids=position_ids, output_attentions=True).attentions
+    for layer, stats in tr.attention.items():
+        want = ref[layer][:, :, T - 2:].float()
+        assert (stats.rows - want).abs().max() <= ATOL
+        assert stats.key_mass[1, :, :T - len(rows[1])].abs().max() == 0
