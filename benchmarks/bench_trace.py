@@ -16,7 +16,7 @@ own high-water mark over the resident model):
                     pass over all 4,708 queries per layer, exact, query-chunked
 
 Modes run in the order untraced, frames, frames+map, repeated; the faster time and the lower peak of each
-are reported. Results: benchmarks/results/trace.csv (+ a Markdown line per mode on stdout).
+are reported, wall and CPU time (process_time, all threads: steadier than wall time on a shared machine). Results: benchmarks/results/trace.csv (+ a Markdown line per mode on stdout).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def child(mode: str, layers: int, tokens: int, dtype_name: str) -> dict:
         prefill(dec, embeds[:, :64], positions[:, :64], None)
     rss_model = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with torch.no_grad():
         if spec is None:
             prefill(dec, embeds, positions, None)
@@ -86,8 +86,8 @@ def child(mode: str, layers: int, tokens: int, dtype_name: str) -> dict:
                 prefill(dec, embeds, positions, None)
             per_frame_mass = tr.attention[layers - 1].segment_rows.sum(2).mean(1)  # (1, S): the chart's column
             assert per_frame_mass.shape[-1] == frames + 2
-    seconds = time.perf_counter() - t0
-    return {"mode": mode, "seconds": seconds, "peak_mib": _status("VmHWM") / 1024, "model_mib": rss_model / 1024}
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"mode": mode, "seconds": seconds, "cpu_seconds": cpu, "peak_mib": _status("VmHWM") / 1024, "model_mib": rss_model / 1024}
 
 
 def _status(field: str) -> int:
@@ -119,22 +119,25 @@ def main() -> None:
             if out.returncode:
                 raise SystemExit(f"{mode} failed:\n{out.stderr[-3000:]}")
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"  {mode:<11} {r['seconds']:7.2f} s  peak {r['peak_mib']:7.0f} MiB (model resident {r['model_mib']:.0f})",
+            print(f"  {mode:<11} {r['seconds']:7.2f} s ({r['cpu_seconds']:7.2f} s CPU)  peak {r['peak_mib']:7.0f} MiB (model resident {r['model_mib']:.0f})",
                   flush=True)
             b = best.setdefault(mode, r)
-            b["seconds"], b["peak_mib"] = min(b["seconds"], r["seconds"]), min(b["peak_mib"], r["peak_mib"])
+            for key in ("seconds", "cpu_seconds", "peak_mib"):
+                b[key] = min(b[key], r[key])
     base = best["untraced"]
     rows = []
     print(f"\n7B layer shape, {args.layers} layers, {args.tokens} positions, {args.dtype}, best of {args.repeats}:")
-    print("| mode | time s | x time | peak MiB | x peak | prefill-only MiB | x prefill-only |")
-    print("|---|---|---|---|---|---|---|")
+    print("| mode | time s | x time | CPU s | x CPU | peak MiB | x peak | prefill-only MiB | x prefill-only |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for mode, r in best.items():
         own, base_own = r["peak_mib"] - r["model_mib"], base["peak_mib"] - base["model_mib"]
         row = dict(mode=mode, layers=args.layers, tokens=args.tokens, dtype=args.dtype, seconds=r["seconds"],
-                   time_ratio=r["seconds"] / base["seconds"], peak_mib=r["peak_mib"],
+                   time_ratio=r["seconds"] / base["seconds"], cpu_seconds=r["cpu_seconds"],
+                   cpu_ratio=r["cpu_seconds"] / base["cpu_seconds"], peak_mib=r["peak_mib"],
                    peak_ratio=r["peak_mib"] / base["peak_mib"], prefill_mib=own, prefill_ratio=own / base_own)
         rows.append(row)
-        print(f"| {mode} | {r['seconds']:.2f} | {row['time_ratio']:.2f} | {r['peak_mib']:.0f} | {row['peak_ratio']:.3f} "
+        print(f"| {mode} | {r['seconds']:.2f} | {row['time_ratio']:.2f} | {r['cpu_seconds']:.2f} | {row['cpu_ratio']:.2f} "
+              f"| {r['peak_mib']:.0f} | {row['peak_ratio']:.3f} "
               f"| {own:.0f} | {row['prefill_ratio']:.2f} |")
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from common import append_csv
