@@ -35,9 +35,12 @@ def test_every_stage_on_stderr_and_json_stdout_stays_clean(capsys):
     for stage in STAGES:
         assert stage in err, stage
     assert "tokens/s" in err and "[llava-next]" not in out
+    assert err.count("decoding: 3 tokens") == 1  # the final state once, not repeated
 
 
-def test_quiet_turns_progress_off(capsys):
+def test_text_mode_streams_the_answer_and_quiet_turns_progress_off(capsys):
+    out, err = _run(capsys)  # the answer streams on stdout: no decoding lines interleaved, one summary at the end
+    assert out.strip() and "vision tower: 8/8" in err and "decoding:" not in err and "3 tokens; first token" in err
     out, err = _run(capsys, "--quiet")
     assert out.strip() and len(err.strip().splitlines()) == 1 and "RANDOM weights" in err  # only the notice
 
@@ -53,8 +56,9 @@ def test_terminal_rewrites_a_line_in_place_and_logs_throttle():
     p.update("decoding", "1 tokens")
     p.update("decoding", "2 tokens")
     p.say("note", "x")
+    p.update("decoding", "3 tokens", final=True)
     assert term.getvalue() == ("\r\x1b[K[llava-next] decoding: 1 tokens\r\x1b[K[llava-next] decoding: 2 tokens\n"
-                               "[llava-next] note: x\n")
+                               "[llava-next] note: x\n\r\x1b[K[llava-next] decoding: 3 tokens\n")
     log = io.StringIO()
     p = Progress(log, interval=3600)
     for i in range(5):
@@ -63,3 +67,6 @@ def test_terminal_rewrites_a_line_in_place_and_logs_throttle():
     silent = io.StringIO()
     Progress(silent, enabled=False).say("loading", "x")
     assert silent.getvalue() == ""
+    skipping = io.StringIO()
+    Progress(skipping, skip=("decoding",)).update("decoding", "1 tokens", final=True)
+    assert skipping.getvalue() == ""

@@ -99,7 +99,8 @@ def _run(args: argparse.Namespace, user_error) -> int:
         from ..runtime.tiny import NOTICE
 
         print(f"[llava-next] {NOTICE}", file=sys.stderr)
-    progress = Progress(enabled=not args.quiet)  # stderr only, so --json's stdout stays one object
+    # stderr only, so --json's stdout stays one object; in text mode the streamed answer shows the decoding
+    progress = Progress(enabled=not args.quiet, skip=() if args.json else ("decoding",))
     progress.say("loading", f"{model_id} ({args.dtype}, {args.device}){' (built on first use)' if tiny else ''}")
     t0 = time.perf_counter()
     pipe = Pipeline.from_pretrained(model_id, dtype=DTYPES[args.dtype], device=args.device,

@@ -26,8 +26,8 @@ Choices
   parity tests check against transformers.
 - Cache: built on first use into ``$LLAVA_NEXT_CACHE/tiny-random/<VERSION>-seed<seed>/`` (default
   ``~/.cache/llava-next``), written into a temporary directory beside it and renamed into place, so a
-  directory that exists is complete and concurrent first runs are safe. Building takes well under a
-  second and ~2 MB.
+  directory that exists is complete and concurrent first runs are safe. Building takes about a
+  second (1.4 s measured on a busy 2-core machine) and 2.8 MB.
 
 Runtime code: no transformers. ``config.json`` is ``LlavaNextConfig.to_dict()``; ``tiny-random.json``
 says what this is.
