@@ -20,15 +20,20 @@ Construction
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 FeatureStrategy = Literal["default", "full"]  # 'default' drops CLS (576 tokens), 'full' keeps it (577)
+VisionKind = Literal["clip", "siglip"]  # CLIP ViT (CLS, pre-LN, quick-GELU) / SigLIP (no CLS, no pre-LN, tanh GELU)
+VisionAct = Literal["quick_gelu", "gelu_pytorch_tanh", "gelu"]  # transformers' hidden_act names; gelu = erf
+ImageAspect = Literal["anyres", "resize", "pad"]  # AnyRes tiles / one squashed tile / padded to square, one tile
 PoolMode = Literal["average", "max", "bilinear"]
 PoolPosition = Literal["before_projector", "after_projector"]  # HF/vLLM/orig `inference` vs orig main
 VideoNewline = Literal["none", "grid", "frame", "one_token"]
 AnyresCompat = Literal["hf", "original"]  # pinpoint pair order + unpad rounding (reference-spec §2.1)
-TemplateName = Literal["llava_v1", "vicuna_v1", "mistral_instruct", "chatml_direct", "llava_next_video"]
+TemplateName = Literal["llava_v1", "vicuna_v1", "mistral_instruct", "chatml_direct", "llava_next_video",
+                       "qwen_interleave_hf", "qwen_onevision_hf", "qwen_1_5"]
 
 
 class ConfigError(ValueError):
@@ -52,7 +57,13 @@ def _check_positive(owner: str, **values: float) -> None:
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class VisionConfig:
-    """CLIP ViT as LLaVA uses it. Defaults are ViT-L/14-336 (openai/clip-vit-large-patch14-336)."""
+    """The vision tower as LLaVA uses it. Defaults are CLIP ViT-L/14-336 (openai/clip-vit-large-patch14-336).
+
+    ``kind="siglip"`` is SigLIP so400m as LLaVA-NeXT-Interleave / OneVision use it (interleave-onevision-spec
+    §1): no CLS token, no pre-LayerNorm, a patch conv with bias, LayerNorm eps 1e-6, tanh GELU; every token
+    is a patch (``feature_strategy`` must be "full": "default" would drop a patch, not a CLS token).
+    ``hidden_act=None`` takes the kind's activation (CLIP quick_gelu, SigLIP gelu_pytorch_tanh); open_clip's
+    timm SigLIP trunk uses the erf GELU ("gelu"), a switch so it can be loaded exactly (model/siglip.py)."""
 
     hidden_size: int = 1024
     intermediate_size: int = 4096
@@ -64,16 +75,26 @@ class VisionConfig:
     layer_norm_eps: float = 1e-5
     feature_layer: int = -2  # index into hidden_states (0 = embeddings after pre-LN, i = after layer i)
     feature_strategy: FeatureStrategy = "default"
+    kind: VisionKind = "clip"
+    hidden_act: VisionAct | None = None  # None: the kind's (clip: quick_gelu, siglip: gelu_pytorch_tanh)
 
     # derived
     head_dim: int = field(init=False)
     grid_size: int = field(init=False)  # patches per side (24)
     num_patches: int = field(init=False)  # grid_size ** 2 (576)
     layers_used: int = field(init=False)  # transformer layers actually computed (23 for -2)
-    tokens_per_tile: int = field(init=False)  # 576 ('default') or 577 ('full')
+    tokens_per_tile: int = field(init=False)  # 576 ('default') or 577 ('full'); SigLIP: 729
+    has_cls: bool = field(init=False)  # CLIP prepends a CLS token; SigLIP has none
 
     def __post_init__(self) -> None:
         o = "VisionConfig"
+        _check_literal(o, "kind", self.kind, VisionKind)
+        if self.hidden_act is None:
+            object.__setattr__(self, "hidden_act", "quick_gelu" if self.kind == "clip" else "gelu_pytorch_tanh")
+        _check_literal(o, "hidden_act", self.hidden_act, VisionAct)
+        if self.kind == "siglip" and self.feature_strategy != "full":
+            raise ConfigError(f"{o}.feature_strategy must be 'full' for a SigLIP tower (it has no CLS token: "
+                              f"'default' would drop the first patch, 728 of 729 tokens; interleave-onevision-spec §8.2)")
         _check_positive(o, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
                         num_layers=self.num_layers, num_heads=self.num_heads, image_size=self.image_size,
                         patch_size=self.patch_size, num_channels=self.num_channels,
@@ -81,8 +102,9 @@ class VisionConfig:
         _check_literal(o, "feature_strategy", self.feature_strategy, FeatureStrategy)
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"{o}.hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if self.image_size % self.patch_size:
+        if self.image_size % self.patch_size and self.kind == "clip":  # SigLIP: 384 // 14 = 27, the conv's
             raise ConfigError(f"{o}.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        # "valid" padding drops the last 384 - 27 * 14 = 6 px rows/columns, as the checkpoint was trained
         # hidden_states has num_layers + 1 entries; accept python-style negative indices
         n = self.num_layers + 1
         if not -n <= self.feature_layer < n:
@@ -94,7 +116,8 @@ class VisionConfig:
         set_(self, "grid_size", grid)
         set_(self, "num_patches", grid * grid)
         set_(self, "layers_used", self.feature_layer % n)
-        set_(self, "tokens_per_tile", grid * grid + (1 if self.feature_strategy == "full" else 0))
+        set_(self, "has_cls", self.kind == "clip")
+        set_(self, "tokens_per_tile", grid * grid + (1 if self.has_cls and self.feature_strategy == "full" else 0))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -102,7 +125,10 @@ class VisionConfig:
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TextConfig:
-    """Llama-style decoder (Llama / Vicuna / Mistral / Yi): RMSNorm, RoPE, GQA, SwiGLU, untied lm_head."""
+    """Llama-style decoder (Llama / Vicuna / Mistral / Yi / Qwen1.5 / Qwen2): RMSNorm, RoPE, GQA, SwiGLU.
+
+    Qwen (interleave-onevision-spec §3) is the same block with ``qkv_bias=True``, RoPE theta 1e6, and for
+    the 0.5B models ``tie_word_embeddings=True``; Qwen2 adds GQA (``num_kv_heads`` < ``num_heads``)."""
 
     vocab_size: int = 32064
     hidden_size: int = 4096
@@ -116,6 +142,8 @@ class TextConfig:
     rope_scaling_factor: float = 1.0  # linear RoPE scaling: positions are divided by this
     max_position_embeddings: int = 4096  # trained context (before linear scaling)
     sliding_window: int | None = None  # Mistral; None = full attention. Not implemented otherwise.
+    qkv_bias: bool = False  # Qwen1.5 / Qwen2: q/k/v projections have a bias (o_proj and the MLP do not)
+    tie_word_embeddings: bool = False  # Qwen 0.5B: lm_head is embed_tokens (one tensor, not saved twice)
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     pad_token_id: int | None = 0
@@ -168,6 +196,12 @@ class LlavaNextConfig:
     # AnyRes compatibility with the original repo (pinpoint pair order, unpad rounding)
     anyres_compat: AnyresCompat = "hf"
     template: TemplateName = "llava_v1"
+    # SigLIP + Qwen family (interleave-onevision-spec §4, §7): how an image becomes tiles
+    image_aspect_ratio: ImageAspect = "anyres"  # resize: one squashed 384 px tile (llava-hf interleave, 729)
+    anyres_max_patches: int | None = None  # OneVision "anyres_max_9": 9; None = plain anyres (no downscale)
+    multi_image_aspect_ratio: ImageAspect | None = None  # with > 1 image in a prompt (OneVision: "pad"); None = same
+    untiled_image_newline: bool = False  # image_newline after a resize/pad image (729 -> 730: OneVision, ORIG unpad)
+    video_as_images: bool = False  # a video is its frames as images, one <image> each (Interleave)
 
     # derived
     tile_size: int = field(init=False)  # px, == vision.image_size
@@ -179,6 +213,14 @@ class LlavaNextConfig:
         _check_literal(o, "video_newline", self.video_newline, VideoNewline)
         _check_literal(o, "anyres_compat", self.anyres_compat, AnyresCompat)
         _check_literal(o, "template", self.template, TemplateName)
+        _check_literal(o, "image_aspect_ratio", self.image_aspect_ratio, ImageAspect)
+        if self.multi_image_aspect_ratio is not None:
+            _check_literal(o, "multi_image_aspect_ratio", self.multi_image_aspect_ratio, ImageAspect)
+        if self.anyres_max_patches is not None and self.anyres_max_patches < 1:
+            raise ConfigError(f"{o}.anyres_max_patches must be >= 1 (or None), got {self.anyres_max_patches}")
+        if self.video_as_images and self.video_token_id is not None:
+            raise ConfigError(f"{o}.video_as_images sends frames as images, so the config must have no video_token_id "
+                              f"(got {self.video_token_id})")
         if self.spatial_pool_stride < 1:
             raise ConfigError(f"{o}.spatial_pool_stride must be >= 1, got {self.spatial_pool_stride}")
         pins = tuple(tuple(int(v) for v in p) for p in self.image_grid_pinpoints)
@@ -244,7 +286,18 @@ _CLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers
                       image_size=224, patch_size=32, num_channels=3, layer_norm_eps=1e-5, hidden_act="quick_gelu")
 _CLIP_L14_336 = dict(_CLIP_DEFAULTS, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                      num_attention_heads=16, image_size=336, patch_size=14)
+# transformers' SiglipVisionConfig defaults (the interleave-onevision checkpoints list every field anyway)
+_SIGLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                        image_size=224, patch_size=16, num_channels=3, layer_norm_eps=1e-6,
+                        hidden_act="gelu_pytorch_tanh")
+# google/siglip-so400m-patch14-384 as LLaVA keeps it: 26 of its 27 layers (interleave-onevision-spec §1)
+_SIGLIP_SO400M = dict(_SIGLIP_DEFAULTS, hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
+                      num_attention_heads=16, image_size=384, patch_size=14)
 _TEXT_DEFAULTS = {
+    "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-6, rope_theta=10000.0,
+                  max_position_embeddings=32768, sliding_window=None, hidden_act="silu",
+                  tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None),
     "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                   num_attention_heads=32, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=2048,
                   sliding_window=None, hidden_act="silu"),
@@ -280,6 +333,9 @@ def _text_from_dict(tc: dict, model_type: str) -> TextConfig:
         raise ConfigError(f"text hidden_act {d['hidden_act']!r} is not supported (LLaVA-NeXT decoders use 'silu')")
     if d.get("attention_bias") or d.get("mlp_bias"):
         raise ConfigError("text attention_bias / mlp_bias are not supported (LLaVA-NeXT decoders have no biases)")
+    is_qwen = model_type == "qwen2"
+    if is_qwen and not d.get("use_sliding_window", False):
+        d["sliding_window"] = None  # Qwen2: sliding_window is only read when use_sliding_window is true
     theta, factor = _rope(dict(d, _default_theta=d["rope_theta"]))
     return TextConfig(
         vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
@@ -287,8 +343,28 @@ def _text_from_dict(tc: dict, model_type: str) -> TextConfig:
         num_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"], head_dim=d.get("head_dim"),
         rms_norm_eps=d["rms_norm_eps"], rope_theta=theta, rope_scaling_factor=factor,
         max_position_embeddings=d["max_position_embeddings"], sliding_window=d.get("sliding_window"),
-        bos_token_id=d.get("bos_token_id", 1), eos_token_id=d.get("eos_token_id", 2),
-        pad_token_id=d.get("pad_token_id", 0),
+        qkv_bias=is_qwen, tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        bos_token_id=_one_id(d.get("bos_token_id", 1)), eos_token_id=_one_id(d.get("eos_token_id", 2)),
+        pad_token_id=_one_id(d.get("pad_token_id", 0)),
+    )
+
+
+def _one_id(value: Any) -> int | None:
+    """A token id from a config (Qwen generation configs may list several eos ids: the first)."""
+    return value[0] if isinstance(value, list) and value else value
+
+
+def _siglip_from_dict(vc: dict, feature_layer: Any, strategy: str) -> VisionConfig:
+    d = dict(_SIGLIP_DEFAULTS, **vc)
+    if d["hidden_act"] != "gelu_pytorch_tanh":
+        raise ConfigError(f"vision hidden_act {d['hidden_act']!r} is not supported (SigLIP uses 'gelu_pytorch_tanh')")
+    if not isinstance(feature_layer, int):
+        raise ConfigError(f"vision_feature_layer {feature_layer!r} is not supported; give a single layer index")
+    return VisionConfig(
+        kind="siglip", hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+        num_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"], image_size=d["image_size"],
+        patch_size=d["patch_size"], num_channels=d["num_channels"], layer_norm_eps=d["layer_norm_eps"],
+        feature_layer=feature_layer, feature_strategy=strategy,  # type: ignore[arg-type]
     )
 
 
@@ -308,6 +384,8 @@ def _vision_from_dict(vc: dict, feature_layer: Any, strategy: str) -> VisionConf
 
 def _from_hf_config(cfg: dict) -> LlavaNextConfig:
     model_type = cfg.get("model_type")
+    if model_type in ("llava", "llava_onevision"):
+        return _from_hf_siglip_config(cfg)
     if model_type not in ("llava_next", "llava_next_video"):
         raise ConfigError(f"config model_type {model_type!r} is not a LLaVA-NeXT config "
                           f"(expected 'llava_next' or 'llava_next_video')")
@@ -337,6 +415,55 @@ def _from_hf_config(cfg: dict) -> LlavaNextConfig:
         template="llava_next_video" if is_video else ("mistral_instruct" if tc.get("model_type") == "mistral"
                                                       else "llava_v1"),
     )
+
+
+def _from_hf_siglip_config(cfg: dict) -> LlavaNextConfig:
+    """llava-hf LLaVA-NeXT-Interleave (model_type "llava": LlavaForConditionalGeneration) and LLaVA-OneVision
+    (model_type "llava_onevision"): a SigLIP tower and a Qwen decoder (interleave-onevision-spec §4, §7)."""
+    model_type = cfg["model_type"]
+    vc, tc = dict(cfg.get("vision_config") or {}), dict(cfg.get("text_config") or {})
+    if vc.get("model_type", "siglip_vision_model") != "siglip_vision_model":
+        raise ConfigError(f"{model_type} config with vision_config.model_type {vc.get('model_type')!r}: llava-next "
+                          f"reads the SigLIP ones (LLaVA-NeXT-Interleave, LLaVA-OneVision); LLaVA-1.5 is not supported")
+    if tc.get("model_type", "qwen2") != "qwen2":
+        raise ConfigError(f"{model_type} config with text_config.model_type {tc.get('model_type')!r} is not supported "
+                          f"(LLaVA-NeXT-Interleave and LLaVA-OneVision use qwen2)")
+    if cfg.get("projector_hidden_act", "gelu") != "gelu":
+        raise ConfigError(f"projector_hidden_act {cfg['projector_hidden_act']!r} is not supported (expected 'gelu')")
+    if "tie_word_embeddings" not in tc and "tie_word_embeddings" in cfg:  # transformers lifts it to the top level
+        tc["tie_word_embeddings"] = cfg["tie_word_embeddings"]
+    vision = _siglip_from_dict({k: v for k, v in vc.items() if k != "model_type"},
+                               cfg.get("vision_feature_layer", -1 if model_type == "llava_onevision" else -2),
+                               cfg.get("vision_feature_select_strategy", "full" if model_type == "llava_onevision"
+                                       else "default"))
+    text = _text_from_dict(tc, "qwen2")
+    tile = vision.image_size
+    if model_type == "llava":  # every image, frame and view: one 384 px tile, 729 tokens, no newline
+        return LlavaNextConfig(
+            vision=vision, text=text, image_grid_pinpoints=((tile, tile),),
+            image_token_id=cfg.get("image_token_index", cfg.get("image_token_id", 32000)),
+            projector_bias=cfg.get("multimodal_projector_bias", True), image_aspect_ratio="resize",
+            video_as_images=True, template="qwen_interleave_hf")
+    aspect = cfg.get("vision_aspect_ratio", "anyres_max_9")
+    if not re.fullmatch(r"anyres_max_\d+", aspect):
+        raise ConfigError(f"vision_aspect_ratio {aspect!r} is not supported (LLaVA-OneVision uses 'anyres_max_9')")
+    return LlavaNextConfig(
+        vision=vision, text=text,
+        image_grid_pinpoints=tuple(tuple(p) for p in cfg.get("image_grid_pinpoints", _OV_PINPOINTS)),
+        image_token_id=cfg.get("image_token_index", cfg.get("image_token_id", 151646)),
+        video_token_id=cfg.get("video_token_index", cfg.get("video_token_id", 151647)),
+        projector_bias=cfg.get("multimodal_projector_bias", True), **_ONEVISION,
+        anyres_max_patches=int(aspect.removeprefix("anyres_max_")), template="qwen_onevision_hf")
+
+
+# LLaVA-OneVision image/video handling as transformers' LlavaOnevisionForConditionalGeneration does it
+# (interleave-onevision-spec §7): anyres_max (base first, unpad, bilinear downscale, newline per row); more
+# than one image: each padded to a square, one tile + one newline (730); video: projector, then bilinear
+# 27 -> 14 pooling (196 per frame), one newline after the whole video
+_ONEVISION = dict(image_aspect_ratio="anyres", multi_image_aspect_ratio="pad", untiled_image_newline=True,
+                  spatial_pool_stride=2, spatial_pool_mode="bilinear", pool_position="after_projector",
+                  video_newline="one_token")
+_OV_PINPOINTS = tuple((a, b) for a in range(384, 2305, 384) for b in range(384, 2305, 384))
 
 
 # The original config names its vision tower by hub id; these are the towers LLaVA-NeXT uses.

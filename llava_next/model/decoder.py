@@ -113,9 +113,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        bias = cfg.qkv_bias  # Qwen: q/k/v have a bias, o_proj never
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         self.kv_cache: KVCache | None = None
         # named hook points (model/hooks.py); (B, T, H, D) like TransformerLens
@@ -179,6 +180,23 @@ class Block(nn.Module):
         return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.post_attention_layernorm(x))))
 
 
+class TiedLMHead(nn.Module):
+    """``logits = x @ embed_tokens.weight.T`` (tie_word_embeddings): no parameter of its own, so the weight
+    is one tensor, saved and loaded once (as ``embed_tokens.weight``). It reads the embedding's current
+    weight at every call, so loading (``assign=True`` replaces the parameter) keeps the tie."""
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self._embedding = (embedding,)  # a tuple: not registered as a submodule (no second state_dict entry)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._embedding[0].weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
 # ---- the decoder ---------------------------------------------------------------------------------
 class Decoder(nn.Module):
     def __init__(self, cfg: TextConfig) -> None:
@@ -191,7 +209,10 @@ class Decoder(nn.Module):
             nn.init.normal_(self.embed_tokens.weight)  # loaders) normal_ would import torch._dynamo (~2 s)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # untied
+        if cfg.tie_word_embeddings:  # Qwen 0.5B: the output projection is the embedding table itself
+            self.lm_head = TiedLMHead(self.embed_tokens)
+        else:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.hook_embed, self.hook_logits = HookPoint(), HookPoint()  # named hook points: model/hooks.py
 
     # ---- cache ---------------------------------------------------------------------------------

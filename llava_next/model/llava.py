@@ -40,6 +40,7 @@ from .decoder import Decoder
 from .hooks import HookPoint
 from .pooling import add_video_newlines, pool_and_project, pooled_grid_hw
 from .projector import Projector
+from .siglip import SiglipTower
 
 if TYPE_CHECKING:  # a type only: the model never imports the input pipeline (imports flow cli -> runtime -> inputs -> model)
     from ..inputs.image import ImageInput
@@ -92,7 +93,7 @@ class LlavaNextModel(nn.Module):
     def __init__(self, config: LlavaNextConfig) -> None:
         super().__init__()
         self.config = config
-        self.vision_tower = VisionTower(config.vision)
+        self.vision_tower = SiglipTower(config.vision) if config.vision.kind == "siglip" else VisionTower(config.vision)
         self.projector = Projector(config.vision.hidden_size, config.text.hidden_size, config.projector_bias)
         self.image_newline = nn.Parameter(torch.zeros(config.text.hidden_size))
         self.language_model = Decoder(config.text)

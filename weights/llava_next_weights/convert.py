@@ -192,6 +192,8 @@ def plan(fmt: str, source_shapes: Mapping[str, Shape], config: LlavaNextConfig) 
         for p in candidates:
             if drop_unused_vision_layers(p.target, config.vision.layers_used) is None:
                 continue  # a vision layer after the feature layer: never computed
+            if p.target == "language_model.lm_head.weight" and config.text.tie_word_embeddings:
+                continue  # tied (Qwen 0.5B): the output projection is embed_tokens, as transformers ties it
             if p.target in pieces:
                 problems.append(f"{p.target} comes from two source keys: {pieces[p.target].source} and {key}")
             elif p.target not in expected:

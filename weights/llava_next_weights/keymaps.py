@@ -3,10 +3,11 @@
 llava-next's layout is the module tree (``LlavaNextModel.state_dict()`` names), leaf names kept from
 the checkpoints so that every table is a prefix rename:
 
-    vision_tower.class_embedding                                   (C,)
-    vision_tower.patch_embedding.weight                            (C, 3, 14, 14)   no bias
+    vision_tower.class_embedding                                   (C,)             CLIP only
+    vision_tower.patch_embedding.weight                            (C, 3, 14, 14)
+    vision_tower.patch_embedding.bias                              (C,)             SigLIP only
     vision_tower.position_embedding.weight                         (577, C)
-    vision_tower.pre_layernorm.{weight,bias}
+    vision_tower.pre_layernorm.{weight,bias}                                        CLIP only
     vision_tower.layers.{i}.layer_norm{1,2}.{weight,bias}
     vision_tower.layers.{i}.self_attn.{q,k,v,out}_proj.{weight,bias}
     vision_tower.layers.{i}.mlp.{fc1,fc2}.{weight,bias}
@@ -15,9 +16,10 @@ the checkpoints so that every table is a prefix rename:
     language_model.embed_tokens.weight                             (V, D)
     language_model.layers.{i}.{input_layernorm,post_attention_layernorm}.weight
     language_model.layers.{i}.self_attn.{q,k,v,o}_proj.weight
+    language_model.layers.{i}.self_attn.{q,k,v}_proj.bias                           Qwen only
     language_model.layers.{i}.mlp.{gate,up,down}_proj.weight
     language_model.norm.weight
-    language_model.lm_head.weight                                  (V, D)
+    language_model.lm_head.weight                                  (V, D)           absent when tied
 
 A table is a list of ``(source_template, target_template)``; ``{}`` stands for a layer index, and a
 target of ``None`` means the key is dropped on purpose (say why beside it). Matching is exact on the
@@ -42,7 +44,14 @@ class Split:
     targets: tuple[str, ...]
 
 
-Target = str | Split | None
+@dataclass(frozen=True)
+class Squeeze:
+    """One source tensor with a leading dimension of 1 dropped (timm's ``pos_embed`` (1, 729, C))."""
+
+    target: str
+
+
+Target = str | Split | Squeeze | None
 Table = list[tuple[str, Target]]
 
 # ---- CLIP vision tower ---------------------------------------------------------------------------
@@ -91,6 +100,53 @@ _CLIP_OPEN_CLIP: Table = [
     ("proj", None),  # CLIP's image-text projection, unused by LLaVA
 ]
 
+# ---- SigLIP vision tower (interleave-onevision-spec §1, §6, §9) ----------------------------------------
+# transformers SiglipVisionModel, relative to its `vision_model.` prefix: CLIP's names without the CLS and
+# pre-LayerNorm, plus the patch conv's bias; the attention-pooling head (google checkpoints,
+# vision_use_head=True) and post_layernorm are never used by LLaVA (features are read before them)
+_SIGLIP_HF: Table = [
+    ("embeddings.patch_embedding.weight", "patch_embedding.weight"),
+    ("embeddings.patch_embedding.bias", "patch_embedding.bias"),
+    ("embeddings.position_embedding.weight", "position_embedding.weight"),
+    ("embeddings.position_ids", None),  # a buffer arange(729), rebuilt
+    *[(s, t) for s, t in _CLIP_HF if s.startswith("encoder.layers.")],
+    ("post_layernorm.weight", None),  # LLaVA reads hidden states before it
+    ("post_layernorm.bias", None),
+    *[(f"head.{n}", None) for n in (  # the MAP head (probe + MultiheadAttention + LayerNorm + MLP): unused
+        "probe", "attention.in_proj_weight", "attention.in_proj_bias", "attention.out_proj.weight",
+        "attention.out_proj.bias", "layernorm.weight", "layernorm.bias", "mlp.fc1.weight", "mlp.fc1.bias",
+        "mlp.fc2.weight", "mlp.fc2.bias")],
+]
+
+# open_clip ViT-SO400M-14-SigLIP-384 (`model.visual.state_dict()`): a timm trunk, fused qkv (order q, k, v)
+_SIGLIP_OPEN_CLIP: Table = [
+    ("trunk.patch_embed.proj.weight", "patch_embedding.weight"),
+    ("trunk.patch_embed.proj.bias", "patch_embedding.bias"),
+    ("trunk.pos_embed", Squeeze("position_embedding.weight")),  # (1, 729, C) -> (729, C)
+    ("trunk.blocks.{}.norm1.weight", "layers.{}.layer_norm1.weight"),
+    ("trunk.blocks.{}.norm1.bias", "layers.{}.layer_norm1.bias"),
+    ("trunk.blocks.{}.attn.qkv.weight", Split(("layers.{}.self_attn.q_proj.weight", "layers.{}.self_attn.k_proj.weight",
+                                               "layers.{}.self_attn.v_proj.weight"))),
+    ("trunk.blocks.{}.attn.qkv.bias", Split(("layers.{}.self_attn.q_proj.bias", "layers.{}.self_attn.k_proj.bias",
+                                             "layers.{}.self_attn.v_proj.bias"))),
+    ("trunk.blocks.{}.attn.proj.weight", "layers.{}.self_attn.out_proj.weight"),
+    ("trunk.blocks.{}.attn.proj.bias", "layers.{}.self_attn.out_proj.bias"),
+    ("trunk.blocks.{}.norm2.weight", "layers.{}.layer_norm2.weight"),
+    ("trunk.blocks.{}.norm2.bias", "layers.{}.layer_norm2.bias"),
+    ("trunk.blocks.{}.mlp.fc1.weight", "layers.{}.mlp.fc1.weight"),
+    ("trunk.blocks.{}.mlp.fc1.bias", "layers.{}.mlp.fc1.bias"),
+    ("trunk.blocks.{}.mlp.fc2.weight", "layers.{}.mlp.fc2.weight"),
+    ("trunk.blocks.{}.mlp.fc2.bias", "layers.{}.mlp.fc2.bias"),
+    ("trunk.norm.weight", None),  # = transformers' post_layernorm: LLaVA reads features before it
+    ("trunk.norm.bias", None),
+    *[(f"trunk.attn_pool.{n}", None) for n in (  # the MAP head, unused by LLaVA
+        "latent", "q.weight", "q.bias", "kv.weight", "kv.bias", "proj.weight", "proj.bias", "norm.weight",
+        "norm.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")],
+]
+# whole-model tables take both towers' names; the config decides which are expected (CLIP and SigLIP
+# share every name they both have, so a key of the other tower is an error, never a silent load)
+_VIT_HF: Table = _CLIP_HF + [(s, t) for s, t in _SIGLIP_HF if (s, t) not in _CLIP_HF]
+
 # ---- Llama-style decoder -------------------------------------------------------------------------
 # transformers LlamaForCausalLM / MistralForCausalLM, relative to the decoder's `model.` prefix
 _DECODER_HF: Table = [
@@ -98,7 +154,8 @@ _DECODER_HF: Table = [
     *[(f"layers.{{}}.{n}", f"layers.{{}}.{n}") for n in (
         "input_layernorm.weight", "post_attention_layernorm.weight",
         "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
-        "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")],
+        "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+        "self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")],  # biases: Qwen only
     ("layers.{}.self_attn.rotary_emb.inv_freq", None),  # old checkpoints store the RoPE buffer; rebuilt
     ("norm.weight", "norm.weight"),
 ]
@@ -110,6 +167,8 @@ def _prefixed(table: Table, src: str, dst: str) -> Table:
             return None
         if isinstance(t, Split):
             return Split(tuple(dst + x for x in t.targets))
+        if isinstance(t, Squeeze):
+            return Squeeze(dst + t.target)
         return dst + t
     return [(src + s, add(t)) for s, t in table]
 
@@ -119,11 +178,13 @@ TABLES: dict[str, Table] = {
     # a standalone CLIPVisionModel / open_clip tower / Llama decoder, onto the sub-module's own names
     "clip_hf": _prefixed(_CLIP_HF, "vision_model.", "") + _CLIP_HF,  # transformers 5 drops `vision_model.`
     "clip_open_clip": _CLIP_OPEN_CLIP,
+    "siglip_hf": _prefixed(_SIGLIP_HF, "vision_model.", "") + _SIGLIP_HF,  # transformers 5 drops `vision_model.`
+    "siglip_open_clip": _SIGLIP_OPEN_CLIP,
     "llama_hf": _prefixed(_DECODER_HF, "model.", "") + [("lm_head.weight", "lm_head.weight")],
     # llava-hf on disk: language_model.model.*, and the CLIP tower as vision_tower.vision_model.* (hub
     # files) or vision_tower.* (what transformers 5 save_pretrained writes)
-    "llava_hf": (_prefixed(_CLIP_HF, "vision_tower.vision_model.", "vision_tower.")
-                 + _prefixed(_CLIP_HF, "vision_tower.", "vision_tower.")
+    "llava_hf": (_prefixed(_VIT_HF, "vision_tower.vision_model.", "vision_tower.")
+                 + _prefixed(_VIT_HF, "vision_tower.", "vision_tower.")
                  + _prefixed(_DECODER_HF, "language_model.model.", "language_model.")
                  + [("language_model.lm_head.weight", "language_model.lm_head.weight"),
                     ("multi_modal_projector.linear_1.weight", "projector.linear_1.weight"),
@@ -133,8 +194,8 @@ TABLES: dict[str, Table] = {
                     ("image_newline", "image_newline")]),
     # transformers >= 4.52 in-memory names (model.language_model.*, model.vision_tower.vision_model.*);
     # transformers 5 also flattens the CLIP prefix (model.vision_tower.embeddings.*)
-    "llava_hf_new": (_prefixed(_CLIP_HF, "model.vision_tower.vision_model.", "vision_tower.")
-                     + _prefixed(_CLIP_HF, "model.vision_tower.", "vision_tower.")
+    "llava_hf_new": (_prefixed(_VIT_HF, "model.vision_tower.vision_model.", "vision_tower.")
+                     + _prefixed(_VIT_HF, "model.vision_tower.", "vision_tower.")
                      + _prefixed(_DECODER_HF, "model.language_model.", "language_model.")
                      + [("lm_head.weight", "language_model.lm_head.weight"),
                         ("model.multi_modal_projector.linear_1.weight", "projector.linear_1.weight"),
@@ -143,7 +204,7 @@ TABLES: dict[str, Table] = {
                         ("model.multi_modal_projector.linear_2.bias", "projector.linear_2.bias"),
                         ("model.image_newline", "image_newline")]),
     # the original LLaVA-NeXT release (liuhaotian/llava-v1.6-*, lmms-lab/LLaVA-NeXT-Video-*)
-    "original": (_prefixed(_CLIP_HF, "model.vision_tower.vision_tower.vision_model.", "vision_tower.")
+    "original": (_prefixed(_VIT_HF, "model.vision_tower.vision_tower.vision_model.", "vision_tower.")
                  + _prefixed(_DECODER_HF, "model.", "language_model.")
                  + [("lm_head.weight", "language_model.lm_head.weight"),
                     ("model.mm_projector.0.weight", "projector.linear_1.weight"),  # index 1 is the GELU
@@ -178,6 +239,8 @@ def map_key(fmt: str, key: str) -> Target:
             return None
         if isinstance(target, Split):
             return Split(tuple(t.format(*m.groups()) for t in target.targets))
+        if isinstance(target, Squeeze):
+            return Squeeze(target.target.format(*m.groups()))
         return target.format(*m.groups())
     raise UnmappedKeyError(f"checkpoint key {key!r} is not in the {fmt!r} key table: refusing to guess what it is")
 
@@ -211,6 +274,10 @@ def rename_state_dict(fmt: str, state_dict: dict, *, vision_layers_used: int | N
                 if name is not None:
                     out[name] = part
             continue
+        if isinstance(target, Squeeze):
+            if tensor.shape[0] != 1:
+                raise ValueError(f"checkpoint key {key!r} has shape {tuple(tensor.shape)}; expected a leading 1")
+            target, tensor = target.target, tensor[0]
         if vision_layers_used is not None:
             target = drop_unused_vision_layers(target, vision_layers_used, vision_prefix)
         if target is not None:

@@ -24,13 +24,17 @@ def expected_shapes(config: LlavaNextConfig) -> dict[str, Shape]:
     q_out, kv_out = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
     shapes: dict[str, Shape] = {}
 
-    # ---- CLIP vision tower (only the layers that are computed)
+    # ---- vision tower (only the layers that are computed): CLIP or SigLIP (no CLS / pre-LN, conv bias)
     vt = "vision_tower."
-    shapes[vt + "class_embedding"] = (C,)
+    if v.has_cls:
+        shapes[vt + "class_embedding"] = (C,)
     shapes[vt + "patch_embedding.weight"] = (C, v.num_channels, v.patch_size, v.patch_size)
-    shapes[vt + "position_embedding.weight"] = (v.num_patches + 1, C)  # +1: the CLS position
-    shapes[vt + "pre_layernorm.weight"] = (C,)
-    shapes[vt + "pre_layernorm.bias"] = (C,)
+    if v.kind == "siglip":
+        shapes[vt + "patch_embedding.bias"] = (C,)
+    shapes[vt + "position_embedding.weight"] = (v.num_patches + v.has_cls, C)  # CLIP: +1, the CLS position
+    if v.kind == "clip":
+        shapes[vt + "pre_layernorm.weight"] = (C,)
+        shapes[vt + "pre_layernorm.bias"] = (C,)
     for i in range(v.layers_used):
         p = f"{vt}layers.{i}."
         for norm in ("layer_norm1", "layer_norm2"):
@@ -64,11 +68,16 @@ def expected_shapes(config: LlavaNextConfig) -> dict[str, Shape]:
         shapes[p + "self_attn.k_proj.weight"] = (kv_out, D)
         shapes[p + "self_attn.v_proj.weight"] = (kv_out, D)
         shapes[p + "self_attn.o_proj.weight"] = (D, q_out)
+        if t.qkv_bias:  # Qwen
+            shapes[p + "self_attn.q_proj.bias"] = (q_out,)
+            shapes[p + "self_attn.k_proj.bias"] = (kv_out,)
+            shapes[p + "self_attn.v_proj.bias"] = (kv_out,)
         shapes[p + "mlp.gate_proj.weight"] = (F, D)
         shapes[p + "mlp.up_proj.weight"] = (F, D)
         shapes[p + "mlp.down_proj.weight"] = (D, F)
     shapes[lm + "norm.weight"] = (D,)
-    shapes[lm + "lm_head.weight"] = (t.vocab_size, D)
+    if not t.tie_word_embeddings:  # tied: lm_head is embed_tokens, stored once
+        shapes[lm + "lm_head.weight"] = (t.vocab_size, D)
     return shapes
 
 
