@@ -205,6 +205,7 @@ class LlavaNextConfig:
 
     # derived
     tile_size: int = field(init=False)  # px, == vision.image_size
+    uses_image_newline: bool = field(init=False)  # False: no image_newline parameter (llava-hf interleave has none)
 
     def __post_init__(self) -> None:
         o = "LlavaNextConfig"
@@ -233,6 +234,8 @@ class LlavaNextConfig:
                                   f"of the tile size {tile} px")
         object.__setattr__(self, "image_grid_pinpoints", pins)
         object.__setattr__(self, "tile_size", tile)
+        object.__setattr__(self, "uses_image_newline", "anyres" in (self.image_aspect_ratio, self.multi_image_aspect_ratio)
+                           or self.untiled_image_newline or self.video_newline != "none")
 
     # ---- construction -------------------------------------------------------------------------
     def replace(self, **changes: Any) -> "LlavaNextConfig":

@@ -50,32 +50,45 @@ from einops import rearrange
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..model.anyres import Size, paste_offset, resized_size, tile_grid
-from ..config import LlavaNextConfig
+from ..config import ImageAspect, LlavaNextConfig
 
 # OpenAI CLIP normalization (CLIPImageProcessor defaults; reference-spec §2)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# SigLIP (SiglipImageProcessor, the original SigLipImageProcessor; interleave-onevision-spec §1): [-1, 1]
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+Stats = tuple[tuple[float, float, float], tuple[float, float, float]]  # (mean, std)
+CLIP_STATS: Stats = (CLIP_MEAN, CLIP_STD)
+SIGLIP_STATS: Stats = (SIGLIP_MEAN, SIGLIP_STD)
 
-def _normalize_arith(pixels: np.ndarray) -> np.ndarray:
+
+def stats_for(config: LlavaNextConfig) -> Stats:
+    """The pixel normalization of the config's vision tower."""
+    return SIGLIP_STATS if config.vision.kind == "siglip" else CLIP_STATS
+
+
+def _normalize_arith(pixels: np.ndarray, stats: Stats = CLIP_STATS) -> np.ndarray:
     """(..., 3) -> (..., 3) float32: x / 255 (in float64, as transformers), then (x - mean) / std."""
     x = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
-    return (x - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
+    return (x - np.array(stats[0], dtype=np.float32)) / np.array(stats[1], dtype=np.float32)
 
 
 # uint8 inputs have 256 values per channel: a table of their normalized values gives bit-identical
-# results ~4x faster than the arithmetic on every pixel. (3, 256)
-_LUT = _normalize_arith(np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)).T.copy()
+# results ~4x faster than the arithmetic on every pixel. (3, 256) per normalization
+_LUTS = {s: _normalize_arith(np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1), s).T.copy()
+         for s in (CLIP_STATS, SIGLIP_STATS)}
 
 
-def normalize(pixels: np.ndarray) -> torch.Tensor:
+def normalize(pixels: np.ndarray, stats: Stats = CLIP_STATS) -> torch.Tensor:
     """uint8 (..., H, W, 3) -> float32 (..., 3, H, W): x / 255 (in float64, as transformers), then (x - mean) / std."""
     if pixels.shape[-1] != 3:
         raise ValueError(f"normalize expects RGB pixels (..., H, W, 3), got shape {pixels.shape}")
-    if pixels.dtype != np.uint8:
-        return torch.from_numpy(np.ascontiguousarray(np.moveaxis(_normalize_arith(pixels), -1, -3)))
+    if pixels.dtype != np.uint8 or stats not in _LUTS:
+        return torch.from_numpy(np.ascontiguousarray(np.moveaxis(_normalize_arith(pixels, stats), -1, -3)))
+    lut = _LUTS[stats]
     out = np.empty(pixels.shape[:-3] + (3,) + pixels.shape[-3:-1], dtype=np.float32)
     for c in range(3):
-        out[..., c, :, :] = _LUT[c][pixels[..., c]]  # gather channel c into its own plane
+        out[..., c, :, :] = lut[c][pixels[..., c]]  # gather channel c into its own plane
     return torch.from_numpy(out)
 
 
@@ -211,7 +224,7 @@ class ImageInput:
     pixel_values: torch.Tensor  # (1 + rows*cols, 3, tile, tile) float32, base image first
     image_size: Size  # original (height, width) px
     best_resolution: Size  # canvas (height, width) px, a pinpoint
-    grid: Size  # (rows, cols) of tiles
+    grid: Size  # (rows, cols) of tiles; (0, 0): one untiled image ("resize" / "pad"), the base only
 
     @property
     def num_tiles(self) -> int:
@@ -219,13 +232,36 @@ class ImageInput:
         return self.grid[0] * self.grid[1]
 
 
+def expand_to_square(rgb: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """The original ``expand2square``: the image pasted centred (offset floor) on a square of ``fill``."""
+    w, h = rgb.size
+    if w == h:
+        return rgb
+    side = max(w, h)
+    square = Image.new(rgb.mode, (side, side), fill)
+    square.paste(rgb, ((side - w) // 2, (side - h) // 2))
+    return square
+
+
 def preprocess_image(image: str | os.PathLike | Image.Image | np.ndarray,
-                     config: LlavaNextConfig, *, max_pixels: int | None = None) -> ImageInput:
-    """Load an image and turn it into AnyRes tiles: ``[base, tile_0, ...]`` normalized for CLIP.
+                     config: LlavaNextConfig, *, max_pixels: int | None = None,
+                     aspect: ImageAspect | None = None) -> ImageInput:
+    """Load an image and turn it into tiles normalized for the config's tower: AnyRes ``[base, tile_0, ...]``,
+    or one tile (``aspect`` "resize": squashed to the tile size, PIL bicubic, as SiglipImageProcessor; "pad":
+    first padded to a square with the mean colour, 127 for SigLIP, as the original ``expand2square`` and
+    transformers' OneVision multi-image path). ``aspect`` defaults to ``config.image_aspect_ratio``;
     ``max_pixels`` as in ``load_image``."""
     rgb = load_image(image, max_pixels=max_pixels)
     tile = config.tile_size
     image_hw = (rgb.height, rgb.width)  # PIL's .size is (width, height)
+    stats = stats_for(config)
+    aspect = config.image_aspect_ratio if aspect is None else aspect
+    if aspect != "anyres":
+        if aspect == "pad":
+            rgb = expand_to_square(rgb, tuple(int(m * 255) for m in stats[0]))  # type: ignore[arg-type]
+        one = np.asarray(rgb.resize((tile, tile), Image.BICUBIC))[None]  # (1, T, T, 3), aspect not kept
+        return ImageInput(pixel_values=normalize(one, stats), image_size=image_hw, best_resolution=(tile, tile),
+                          grid=(0, 0))
     canvas_hw, (rows, cols) = tile_grid(image_hw, config)
     new_h, new_w = resized_size(image_hw, canvas_hw)
     # the canvas is exactly the pinpoint and holds the resized image (transformers once produced a
@@ -242,5 +278,5 @@ def preprocess_image(image: str | os.PathLike | Image.Image | np.ndarray,
     tiles = rearrange(canvas, "(r th) (c tw) ch -> (r c) th tw ch", th=tile, tw=tile)  # (rows*cols, T, T, 3)
     base = np.asarray(rgb.resize((tile, tile), Image.BICUBIC))  # (T, T, 3), aspect not kept
     pixels = np.concatenate([base[None], tiles])  # (1 + rows*cols, T, T, 3)
-    return ImageInput(pixel_values=normalize(pixels), image_size=image_hw, best_resolution=canvas_hw,
+    return ImageInput(pixel_values=normalize(pixels, stats), image_size=image_hw, best_resolution=canvas_hw,
                       grid=(rows, cols))

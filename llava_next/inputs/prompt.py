@@ -226,12 +226,41 @@ def _hf_chat(system: str, turns: Turns, question: str) -> str:
     return f"{system + ' ' if system else ''}{history}USER: {question} ASSISTANT:"
 
 
+def _chatml(system_sep: str, text_sep: str, leading_media: bool) -> Callable[[str, Turns, str], str]:
+    """Qwen's ChatML turns "<|im_start|>role\n...<|im_end|>\n" (interleave-onevision-spec §5).
+
+    ``system_sep`` goes between a system turn's header and its text; ``text_sep`` before every user and
+    assistant text; with ``leading_media`` the placeholders at the front of a user turn come before that
+    separator (the llava-hf interleave template renders a turn's images first, then "\n" + its text)."""
+    media = re.compile(rf"^((?:{re.escape(IMAGE)}|{re.escape(VIDEO)})*)(.*)$", re.S)
+
+    def user(text: str) -> str:
+        head, rest = media.match(text).groups() if leading_media else ("", text)  # type: ignore[union-attr]
+        return f"<|im_start|>user\n{head}{text_sep}{rest}<|im_end|>\n"
+
+    def render(system: str, turns: Turns, question: str) -> str:
+        out = f"<|im_start|>system\n{system_sep}{system}<|im_end|>\n" if system else ""
+        out += "".join(user(q) + f"<|im_start|>assistant\n{text_sep}{a}<|im_end|>\n" for q, a in turns)
+        return out + user(question) + "<|im_start|>assistant\n"
+
+    return render
+
+
+def _images_then_videos(n_images: int, n_videos: int) -> str:
+    return f"{IMAGE}\n" * n_images + f"{VIDEO}\n" * n_videos
+
+
+def _media_run(n_images: int, n_videos: int) -> str:
+    return IMAGE * n_images + VIDEO * n_videos
+
+
 @dataclass(frozen=True)
 class Template:
     name: str
     system: str  # default system prompt ("" = none)
     stop: str  # the text that ends an assistant turn
     render: Callable[[str, Turns, str], str]
+    media: Callable[[int, int], str] = _images_then_videos  # the placeholders put before the first user text
 
 
 _HUMAN = "A chat between a curious {0} and an artificial intelligence assistant. " \
@@ -242,6 +271,13 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in [
     Template("mistral_instruct", "", "</s>", _llama_2),
     Template("chatml_direct", "Answer the questions.", "<|im_end|>", _mpt),
     Template("llava_next_video", "", "</s>", _hf_chat),
+    # llava-hf llava-interleave-qwen-*-hf chat_template.json: "<|im_start|>user\n<image><image>\nText<|im_end|>\n"
+    # (images first, no newline between them; "\n" before every text, a system text too), no system prompt
+    Template("qwen_interleave_hf", "", "<|im_end|>", _chatml("\n", "\n", leading_media=True), _media_run),
+    # llava-hf OneVision (converter's chat template): "<image>\n" per image, "<video>\n" per video, then text
+    Template("qwen_onevision_hf", "", "<|im_end|>", _chatml("", "", leading_media=False)),
+    # the original conv_qwen ("qwen_1_5" / "qwen_2", SeparatorStyle.CHATML): always a system prompt
+    Template("qwen_1_5", "You are a helpful assistant.", "<|im_end|>", _chatml("", "", leading_media=False)),
 ]}
 assert set(TEMPLATES) == set(get_args(TemplateName))
 
@@ -280,7 +316,7 @@ def render_prompt(question: str, n_images: int = 0, n_videos: int = 0, template:
                      "write exactly one placeholder per image and per video, or none at all (the template then "
                      "puts them at the front of the first user turn)")
     else:
-        users[0] = f"{IMAGE}\n" * n_images + f"{VIDEO}\n" * n_videos + users[0]
+        users[0] = spec.media(n_images, n_videos) + users[0]
     turns = [(u, a) for u, (_, a) in zip(users, history)]
     return spec.render(spec.system if system is None else system, turns, users[-1])
 

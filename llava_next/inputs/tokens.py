@@ -32,8 +32,8 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from ..model.anyres import resized_size, tile_grid, unpadded_size
-from ..config import LlavaNextConfig, PoolMode, VideoNewline
+from ..model.anyres import anyres_max_size, resized_size, tile_grid, unpadded_size
+from ..config import ImageAspect, LlavaNextConfig, PoolMode, VideoNewline
 from ..model.pooling import newline_count, pooled_grid_hw
 
 Size = tuple[int, int]  # (height, width)
@@ -60,27 +60,45 @@ class ImagePlan:
         return self.grid_hw[0] * self.grid_hw[1]
 
 
-def image_plan(image_hw: Size, config: LlavaNextConfig) -> ImagePlan:
-    """Every number behind one image's token count."""
-    if config.vision.feature_strategy != "default":
+def image_aspect(config: LlavaNextConfig, num_images: int = 1) -> ImageAspect:
+    """How an image is tiled in a prompt with ``num_images`` images (OneVision pads each of several)."""
+    if num_images > 1 and config.multi_image_aspect_ratio is not None:
+        return config.multi_image_aspect_ratio
+    return config.image_aspect_ratio
+
+
+def image_plan(image_hw: Size, config: LlavaNextConfig, aspect: ImageAspect | None = None) -> ImagePlan:
+    """Every number behind one image's token count (``aspect``: default the config's single-image one).
+
+    "resize" / "pad" (LLaVA-NeXT-Interleave, OneVision's multi-image): one tile, no map; its tokens plus
+    one newline when ``config.untiled_image_newline``. "anyres": base + unpadded tile map (downscaled
+    under ``anyres_max_patches``) + one newline per row."""
+    if config.vision.tokens_per_tile != config.vision.num_patches:
         raise ValueError("AnyRes images need vision.feature_strategy='default' (CLS dropped): tiles are "
                          f"stitched as square patch grids; got {config.vision.feature_strategy!r}")
     h, w = image_hw
     if h < 1 or w < 1:
         raise ValueError(f"image size must be positive (height, width), got {image_hw}")
-    canvas, grid = tile_grid((h, w), config)
     side = config.vision.grid_size
-    fmap = (grid[0] * side, grid[1] * side)
-    kept = unpadded_size((h, w), fmap, config.anyres_compat)
     base = side * side
+    aspect = config.image_aspect_ratio if aspect is None else aspect
+    if aspect != "anyres":
+        tile = config.tile_size
+        newline = int(config.untiled_image_newline)
+        return ImagePlan(image_hw=(h, w), canvas_hw=(tile, tile), grid_hw=(0, 0), resized_hw=(tile, tile),
+                         base_tokens=base, feature_map_hw=(0, 0), unpadded_hw=(0, 0), newline_tokens=newline,
+                         total=base + newline)
+    canvas, grid = tile_grid((h, w), config)
+    fmap = (grid[0] * side, grid[1] * side)
+    kept = anyres_max_size(unpadded_size((h, w), fmap, config.anyres_compat), side, config.anyres_max_patches)
     return ImagePlan(image_hw=(h, w), canvas_hw=canvas, grid_hw=grid, resized_hw=resized_size((h, w), canvas),
                      base_tokens=base, feature_map_hw=fmap, unpadded_hw=kept, newline_tokens=kept[0],
                      total=base + kept[0] * kept[1] + kept[0])
 
 
-def image_tokens(image_hw: Size, config: LlavaNextConfig) -> int:
+def image_tokens(image_hw: Size, config: LlavaNextConfig, aspect: ImageAspect | None = None) -> int:
     """Visual tokens for one image of ``image_hw`` (height, width) px."""
-    return image_plan(image_hw, config).total
+    return image_plan(image_hw, config, aspect).total
 
 
 # --------------------------------------------------------------------------------------------------
@@ -104,7 +122,7 @@ def video_plan(num_frames: int, config: LlavaNextConfig, stride: int | None = No
     """Every number behind a video's token count; ``None`` takes the config's value."""
     if num_frames < 1:
         raise ValueError(f"a video needs at least one frame, got num_frames={num_frames}")
-    if config.vision.feature_strategy != "default":
+    if config.vision.tokens_per_tile != config.vision.num_patches:
         raise ValueError("video pooling needs vision.feature_strategy='default' (CLS dropped): frames are "
                          f"pooled as square patch grids; got {config.vision.feature_strategy!r}")
     stride = config.spatial_pool_stride if stride is None else stride

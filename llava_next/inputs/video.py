@@ -41,9 +41,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .image import normalize
+from ..config import LlavaNextConfig
+from .image import CLIP_STATS, Stats, normalize, stats_for
 
 Sampling = Literal["uniform", "fps"]
+FrameResize = Literal["crop", "squash"]  # CLIP: shortest edge + centre crop; SigLIP: straight to size x size
 
 
 class VideoError(ValueError):
@@ -128,10 +130,14 @@ def center_crop_offset(size_hw: tuple[int, int], size: int) -> tuple[int, int]:
     return (size_hw[0] - size) // 2, (size_hw[1] - size) // 2
 
 
-def preprocess_frame(frame: Image.Image | np.ndarray, size: int = 336) -> np.ndarray:
-    """RGB frame -> (size, size, 3) uint8: shortest edge to ``size`` (bicubic), centre crop."""
+def preprocess_frame(frame: Image.Image | np.ndarray, size: int = 336, resize: FrameResize = "crop") -> np.ndarray:
+    """RGB frame -> (size, size, 3) uint8: shortest edge to ``size`` (bicubic), centre crop; or with
+    ``resize="squash"`` (SigLIP's processors: transformers' Siglip / LlavaOnevisionVideo, the original
+    SigLipImageProcessor) resized straight to ``size`` x ``size``, bicubic, aspect not kept."""
     img = frame if isinstance(frame, Image.Image) else Image.fromarray(frame)
     img = img.convert("RGB")
+    if resize == "squash":
+        return np.asarray(img.resize((size, size), Image.BICUBIC) if img.size != (size, size) else img)
     h, w = shortest_edge_size((img.height, img.width), size)
     if (h, w) != (img.height, img.width):
         img = img.resize((w, h), Image.BICUBIC)
@@ -139,9 +145,15 @@ def preprocess_frame(frame: Image.Image | np.ndarray, size: int = 336) -> np.nda
     return np.asarray(img)[top:top + size, left:left + size]
 
 
-def frames_to_pixels(frames: np.ndarray) -> torch.Tensor:
-    """(F, S, S, 3) uint8 -> (F, 3, S, S) float32, CLIP-normalized."""
-    return normalize(frames)
+def frames_to_pixels(frames: np.ndarray, stats: Stats = CLIP_STATS) -> torch.Tensor:
+    """(F, S, S, 3) uint8 -> (F, 3, S, S) float32, normalized (CLIP by default)."""
+    return normalize(frames, stats)
+
+
+def frame_options(config: LlavaNextConfig) -> dict:
+    """``load_video`` keyword arguments for the config's vision tower (tile size, resize rule, normalization)."""
+    siglip = config.vision.kind == "siglip"
+    return dict(size=config.tile_size, resize="squash" if siglip else "crop", stats=stats_for(config))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,7 +229,7 @@ def _estimate_total(path: str) -> tuple[int, float]:
         return count, fps
 
 
-def _decode(path: str, indices: list[int], size: int):
+def _decode(path: str, indices: list[int], size: int, resize: FrameResize = "crop"):
     """One sequential pass: keep frames at ``indices`` (preprocessed), count every frame.
 
     Returns (kept frames, their timestamps, decoded frame count, duration in s or None, frame size,
@@ -240,7 +252,7 @@ def _decode(path: str, indices: list[int], size: int):
                 if t is not None and t0 is not None:  # end of this frame, relative to the first
                     t_end = t - t0 + (float(frame.duration * frame.time_base) if frame.duration else 0.0)
                 if i in wanted:
-                    pixels = preprocess_frame(frame.to_image(), size)
+                    pixels = preprocess_frame(frame.to_image(), size, resize)
                     for slot in wanted[i]:
                         kept[slot] = pixels
                         times[slot] = None if t is None or t0 is None else t - t0
@@ -258,8 +270,10 @@ def _decode(path: str, indices: list[int], size: int):
 
 
 def load_video(path: str | os.PathLike, num_frames: int = 8, *, sampling: Sampling = "uniform",
-               target_fps: float = 1.0, size: int = 336) -> VideoClip:
-    """Decode ``path`` and return ``num_frames`` preprocessed frames (the cap, for ``sampling="fps"``)."""
+               target_fps: float = 1.0, size: int = 336, resize: FrameResize = "crop",
+               stats: Stats = CLIP_STATS) -> VideoClip:
+    """Decode ``path`` and return ``num_frames`` preprocessed frames (the cap, for ``sampling="fps"``);
+    ``size``/``resize``/``stats`` as ``frame_options(config)`` gives them (default: CLIP's)."""
     path = os.fspath(path)
     if num_frames < 1:
         raise VideoError(f"{path}: num_frames must be >= 1, got {num_frames}")
@@ -273,7 +287,7 @@ def load_video(path: str | os.PathLike, num_frames: int = 8, *, sampling: Sampli
         return fps_indices(n_total, fps or 1.0, num_frames, target_fps)
 
     indices = pick(max(total, 1))
-    kept, times, count, duration, size_hw, rotation = _decode(path, indices, size)
+    kept, times, count, duration, size_hw, rotation = _decode(path, indices, size, resize)
     if count == 0:
         raise VideoError(f"{path}: the video stream has no decodable frames; give a video with at least one frame")
     if count != total:  # the index lied (edit list, truncated file): sample the real stream
@@ -282,7 +296,7 @@ def load_video(path: str | os.PathLike, num_frames: int = 8, *, sampling: Sampli
             raise VideoError(f"{path}: truncated MP4 ({cut}; only {count} of its {total} frames decode): the file "
                              f"is cut off, probably an incomplete download or copy; get it again")
         indices = pick(count)
-        kept, times, count2, duration, size_hw, rotation = _decode(path, indices, size)
+        kept, times, count2, duration, size_hw, rotation = _decode(path, indices, size, resize)
         if count2 != count:
             raise VideoError(f"{path}: corrupt video, decodes to {count} then {count2} frames")
     if not fps:
@@ -292,7 +306,7 @@ def load_video(path: str | os.PathLike, num_frames: int = 8, *, sampling: Sampli
     if duration is None:
         duration = count / fps
     frames = np.stack(kept)  # (F, S, S, 3)
-    return VideoClip(pixel_values=frames_to_pixels(frames), frames=frames, frame_indices=indices,
+    return VideoClip(pixel_values=frames_to_pixels(frames, stats), frames=frames, frame_indices=indices,
                      timestamps=[round(float(t), 6) for t in timestamps], fps=float(fps), total_frames=count,
                      duration=round(float(duration), 6), size_hw=size_hw, path=path, listed_frames=total,
                      rotation=rotation)

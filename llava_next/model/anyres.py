@@ -11,6 +11,7 @@ except the pixels themselves (image.py does resize / pad / cut with this geometr
     tile_grid(image_hw, config)                         -> canvas, grid     canvas px and (rows, cols) tiles
     unpadded_size(image_hw, map_hw, compat)             -> (h', w')         feature rows/cols that hold image
     pack_image_features(features, image_hw, grid, newline, compat) -> (tokens, C)
+    anyres_max_size(unpadded_hw, side, max_patches)     -> (h'', w'')         OneVision's bilinear downscale
     image_token_count(image_hw, config)                 -> 576 + h' * (w' + 1)
 
 Token layout (reference-spec §2 "spatial_unpad", identical in transformers and the original code):
@@ -23,6 +24,12 @@ Sizes are (height, width). ``pinpoints`` are read as (height, width) pairs in "h
 PIL's ``image.size``); the default list is symmetric, so both agree except on exact ties — images
 with both sides <= 336 px (reference-spec §2.1). "original" also truncates instead of rounding when
 unpadding (e.g. 748x352 (h, w): 1876 tokens in "hf", 1826 in "original").
+
+anyres_max_N (LLaVA-OneVision, interleave-onevision-spec §7.2; transformers' LlavaOnevisionModel and the
+original code agree): after unpadding, a map of h x w patches larger than N tiles' worth is shrunk —
+``ratio = sqrt(h * w / (N * P * P))``; if ratio > 1.1 the (C, h, w) map is resized with
+``F.interpolate(size=(int(h // ratio), int(w // ratio)), mode="bilinear")`` (align_corners False, no
+antialias) — before the newline column is added.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import math
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 
 from ..config import AnyresCompat, LlavaNextConfig
@@ -116,13 +124,26 @@ def unpadded_size(image_hw: Size, map_hw: Size, compat: AnyresCompat = "hf") -> 
     return cur_h, cur_w - 2 * pad
 
 
+def anyres_max_size(unpadded_hw: Size, side: int, max_patches: int | None) -> Size:
+    """The (rows, cols) an unpadded feature map is downscaled to under anyres_max_N (itself if small enough)."""
+    h, w = unpadded_hw
+    if max_patches is None:
+        return h, w
+    ratio = math.sqrt(h * w / (max_patches * side ** 2))
+    if ratio > 1.1:
+        return int(h // ratio), int(w // ratio)
+    return h, w
+
+
 def pack_image_features(tile_features: torch.Tensor, image_hw: Size, grid_hw: Size,
-                        image_newline: torch.Tensor | None, compat: AnyresCompat = "hf") -> torch.Tensor:
+                        image_newline: torch.Tensor | None, compat: AnyresCompat = "hf",
+                        max_patches: int | None = None) -> torch.Tensor:
     """One image's per-tile features (base first) -> its token sequence (base, unpadded grid + newlines).
 
     tile_features: (1 + rows*cols, P*P, C), element 0 the base image, then the tiles row-major; P*P
     patches per tile (576), CLS already dropped. image_hw: the original image's (height, width).
     grid_hw: (rows, cols) of tiles (``ImageInput.grid``). image_newline: (C,), or None for no newline.
+    max_patches: anyres_max_N's N (None: no downscale).
     Returns (P*P + h' * (w' + 1), C) — (P*P + h' * w', C) without a newline.
     """
     image_hw = _check_size("image size", image_hw)
@@ -147,6 +168,10 @@ def pack_image_features(tile_features: torch.Tensor, image_hw: Size, grid_hw: Si
     h, w = unpadded_size(image_hw, (map_h, map_w), compat)
     top, left = (map_h - h) // 2, (map_w - w) // 2
     fmap = fmap[top:top + h, left:left + w]  # (h', w', C)
+    small = anyres_max_size((h, w), side, max_patches)
+    if small != (h, w):  # anyres_max: bilinear on (1, C, h', w'), as both references
+        fmap = F.interpolate(fmap.permute(2, 0, 1)[None], size=small, mode="bilinear")[0].permute(1, 2, 0)
+        h, w = small
     if image_newline is not None:
         newline = image_newline.to(fmap.dtype).expand(h, 1, channels)
         fmap = torch.cat([fmap, newline], dim=1)  # (h', w' + 1, C): a newline ends every row

@@ -95,7 +95,8 @@ class LlavaNextModel(nn.Module):
         self.config = config
         self.vision_tower = SiglipTower(config.vision) if config.vision.kind == "siglip" else VisionTower(config.vision)
         self.projector = Projector(config.vision.hidden_size, config.text.hidden_size, config.projector_bias)
-        self.image_newline = nn.Parameter(torch.zeros(config.text.hidden_size))
+        # the learned row separator; llava-hf LLaVA-NeXT-Interleave has none (one tile per image, no newline)
+        self.image_newline = nn.Parameter(torch.zeros(config.text.hidden_size)) if config.uses_image_newline else None
         self.language_model = Decoder(config.text)
         self.mm = MultimodalHooks()
 
@@ -132,8 +133,14 @@ class LlavaNextModel(nn.Module):
         out, start = [], 0
         for im in images:
             n = 1 + im.num_tiles  # base + tiles
-            out.append(pack_image_features(tiles[start:start + n], im.image_size, im.grid, newline,
-                                           self.config.anyres_compat))
+            if im.grid == (0, 0):  # one untiled image ("resize" / "pad"): its tile's tokens (+ one newline)
+                one = tiles[start]
+                if self.config.untiled_image_newline:
+                    one = torch.cat([one, newline.to(one.dtype)[None]])
+                out.append(one)
+            else:
+                out.append(pack_image_features(tiles[start:start + n], im.image_size, im.grid, newline,
+                                               self.config.anyres_compat, self.config.anyres_max_patches))
             start += n
         return out
 

@@ -42,10 +42,11 @@ from ..config import LlavaNextConfig, TextConfig
 from ..model.generate import stream as stream_tokens
 from ..inputs.image import ImageInput, preprocess_image
 from ..model.llava import LlavaNextModel
-from ..inputs.prompt import TemplateChoice, Tokenizer, build_input_ids, expand_placeholders, stop_token_ids
-from ..inputs.tokens import (ContextPlan, ImagePlan, RopeScale, VideoPlan, check_context, image_plan, plan_context,
-                             video_plan)
-from ..inputs.video import Sampling, VideoClip, load_video
+from ..inputs.prompt import (IMAGE, VIDEO, TemplateChoice, Tokenizer, build_input_ids, expand_placeholders,
+                             stop_token_ids)
+from ..inputs.tokens import (ContextPlan, ImagePlan, RopeScale, VideoPlan, check_context, image_aspect, image_plan,
+                             plan_context, video_plan)
+from ..inputs.video import Sampling, VideoClip, frame_options, load_video
 from . import tiny
 
 PathLike = str | os.PathLike
@@ -65,6 +66,7 @@ class Request:
     notes: list[str] = field(default_factory=list)  # unusual but valid input, e.g. repeated frames
     image_plans: list[ImagePlan] = field(default_factory=list)  # every number behind each image's count
     video_plans: list[VideoPlan] = field(default_factory=list)  # ... and each video's
+    frame_clips: list[VideoClip] = field(default_factory=list)  # videos sent as frames, one <image> each
 
     def to_dict(self) -> dict:
         """The token plan as plain data (for --json)."""
@@ -73,7 +75,7 @@ class Request:
             "image_tokens": self.image_token_counts,
             "video_tokens": self.video_token_counts,
             "video_frames": [{"frame_indices": v.frame_indices, "timestamps": [round(t, 3) for t in v.timestamps]}
-                             for v in self.videos],
+                             for v in self.videos + self.frame_clips],
             "context": self.plan.to_dict(),
             "notes": self.notes,
         }
@@ -144,7 +146,8 @@ class Pipeline:
         is then False: for studying that regime on purpose)."""
         cfg = self.config
         t0 = time.perf_counter()
-        image_inputs = [preprocess_image(im, cfg, max_pixels=max_image_pixels) for im in images]
+        aspect = image_aspect(cfg, len(images))  # OneVision pads each of several images to one tile
+        image_inputs = [preprocess_image(im, cfg, max_pixels=max_image_pixels, aspect=aspect) for im in images]
         if image_inputs:
             self._say("images", f"{len(image_inputs)} image(s) -> {sum(1 + im.num_tiles for im in image_inputs)} "
                                 f"tiles (base + AnyRes) in {time.perf_counter() - t0:.2f} s")
@@ -154,12 +157,22 @@ class Pipeline:
         clips = []
         for v in paths:
             tv = time.perf_counter()
-            clips.append(load_video(v, frames, sampling=sampling, size=cfg.tile_size))
+            clips.append(load_video(v, frames, sampling=sampling, **frame_options(cfg)))
             self._say("frames", f"{os.fspath(v)}: decoded {clips[-1].total_frames} frames, kept {clips[-1].num_frames} "
                                 f"in {time.perf_counter() - tv:.2f} s")
+        frame_clips, notes = [], []
+        if clips and cfg.video_as_images:  # LLaVA-NeXT-Interleave: a video is its frames, one <image> each
+            frame_clips, clips = clips, []
+            aspect = "resize"
+            for clip in frame_clips:
+                image_inputs += [ImageInput(clip.pixel_values[i:i + 1], clip.size_hw, (cfg.tile_size,) * 2, (0, 0))
+                                 for i in range(clip.num_frames)]
+                prompt = prompt.replace(VIDEO, IMAGE * clip.num_frames, 1)  # the k-th <video>, if written
+                notes.append(f"{clip.path}: sent as its {clip.num_frames} frames, one <image> each (this checkpoint "
+                             f"reads videos as interleaved images)")
         t1 = time.perf_counter()
         ids = build_input_ids(prompt, self.tokenizer, cfg, len(image_inputs), len(clips), template, system=system)
-        image_plans = [image_plan(im.image_size, cfg) for im in image_inputs]
+        image_plans = [image_plan(im.image_size, cfg, aspect) for im in image_inputs]
         video_plans = [video_plan(c.num_frames, cfg) for c in clips]
         image_counts = [p.total for p in image_plans]
         video_counts = [p.total for p in video_plans]
@@ -170,7 +183,8 @@ class Pipeline:
             check_context(plan)
         return Request(ids, image_inputs, clips, plan, image_counts, video_counts,
                        {"preprocess_s": t1 - t0, "tokenize_s": time.perf_counter() - t1},
-                       [note for c in clips for note in c.notes()], image_plans, video_plans)
+                       notes + [note for c in clips + frame_clips for note in c.notes()], image_plans, video_plans,
+                       frame_clips)
 
     # ---- 2. embed ---------------------------------------------------------------------------------
     def embed(self, requests: Sequence[Request]) -> tuple[torch.Tensor, torch.Tensor]:

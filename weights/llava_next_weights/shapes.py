@@ -55,7 +55,8 @@ def expected_shapes(config: LlavaNextConfig) -> dict[str, Shape]:
     shapes["projector.linear_2.weight"] = (D, D)
     if config.projector_bias:
         shapes["projector.linear_2.bias"] = (D,)
-    shapes["image_newline"] = (D,)
+    if config.uses_image_newline:
+        shapes["image_newline"] = (D,)
 
     # ---- decoder
     lm = "language_model."
