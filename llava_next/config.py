@@ -554,6 +554,23 @@ def _preset(name: str, hub_id: str, original_id: str, **fields: Any) -> Preset:
 _VIDEO = dict(spatial_pool_stride=2, spatial_pool_mode="average", pool_position="before_projector",
               video_newline="none")
 
+_SO400M = VisionConfig(kind="siglip", hidden_size=1152, intermediate_size=4304, num_layers=26, num_heads=16,
+                       image_size=384, patch_size=14, layer_norm_eps=1e-6, feature_layer=-1, feature_strategy="full")
+_QWEN = dict(rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768, qkv_bias=True, bos_token_id=None,
+             eos_token_id=151645, pad_token_id=151643)  # <|im_end|>, <|endoftext|>; Qwen adds no BOS
+_QWEN15_05B = TextConfig(vocab_size=152000, hidden_size=1024, intermediate_size=2816, num_layers=24, num_heads=16,
+                         num_kv_heads=16, tie_word_embeddings=True, **_QWEN)
+_QWEN15_7B = TextConfig(vocab_size=152000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+                        num_kv_heads=32, **_QWEN)
+_QWEN2_05B = TextConfig(vocab_size=152000, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
+                        num_kv_heads=2, tie_word_embeddings=True, **_QWEN)
+_QWEN2_7B = TextConfig(vocab_size=152128, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+                       num_kv_heads=4, **_QWEN)
+_INTERLEAVE = dict(image_grid_pinpoints=((384, 384),), image_token_id=151646, image_aspect_ratio="resize",
+                   video_as_images=True, template="qwen_interleave_hf")
+_OV = dict(image_grid_pinpoints=_OV_PINPOINTS, image_token_id=151646, video_token_id=151647, anyres_max_patches=9,
+           template="qwen_onevision_hf", **_ONEVISION)
+
 PRESETS: dict[str, Preset] = {p.name: p for p in [
     _preset("llava-v1.6-vicuna-7b", "llava-hf/llava-v1.6-vicuna-7b-hf", "liuhaotian/llava-v1.6-vicuna-7b",
             text=_VICUNA_7B, image_token_id=32000, template="llava_v1"),
@@ -573,4 +590,22 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     _preset("LLaVA-NeXT-Video-34B", "llava-hf/LLaVA-NeXT-Video-34B-hf", "lmms-lab/LLaVA-NeXT-Video-34B",
             text=dataclasses.replace(_YI_34B, vocab_size=64064), image_token_id=64001, video_token_id=64000,
             template="chatml_direct", **_VIDEO),
+
+    # ---- SigLIP + Qwen (interleave-onevision-spec §1, §3, §4, §7) ----------------------------------
+    # llava-hf interleave configs: 26 SigLIP layers, vision_feature_layer -1 "full", image_token_index 151646,
+    # vocabulary 151936 + <image> padded to 152000 (the extra rows are random: never generated in practice)
+    _preset("llava-interleave-qwen-0.5b", "llava-hf/llava-interleave-qwen-0.5b-hf",
+            "lmms-lab/llava-next-interleave-qwen-0.5b", vision=_SO400M, text=_QWEN15_05B, **_INTERLEAVE),
+    _preset("llava-interleave-qwen-7b", "llava-hf/llava-interleave-qwen-7b-hf",
+            "lmms-lab/llava-next-interleave-qwen-7b", vision=_SO400M, text=_QWEN15_7B, **_INTERLEAVE),
+    _preset("llava-interleave-qwen-7b-dpo", "llava-hf/llava-interleave-qwen-7b-dpo-hf",
+            "lmms-lab/llava-next-interleave-qwen-7b-dpo", vision=_SO400M, text=_QWEN15_7B, **_INTERLEAVE),
+    # OneVision: <video> 151647; OV-0.5B vocabulary 152000, OV-7B 152064 + 2 padded to 152128 (computed from the
+    # converter, spec §3); LLaVA-Video-7B-Qwen2 is OneVision-7B's architecture (its llava-hf id is not verified)
+    _preset("llava-onevision-qwen2-0.5b-ov", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
+            "lmms-lab/llava-onevision-qwen2-0.5b-ov", vision=_SO400M, text=_QWEN2_05B, **_OV),
+    _preset("llava-onevision-qwen2-7b-ov", "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+            "lmms-lab/llava-onevision-qwen2-7b-ov", vision=_SO400M, text=_QWEN2_7B, **_OV),
+    _preset("LLaVA-Video-7B-Qwen2", "llava-hf/LLaVA-Video-7B-Qwen2-hf", "lmms-lab/LLaVA-Video-7B-Qwen2",
+            vision=_SO400M, text=_QWEN2_7B, **_OV),
 ]}
