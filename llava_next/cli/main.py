@@ -124,15 +124,16 @@ def _load_image(path: str, max_pixels: int | None):
 
 
 def _inspect_media(args, config: LlavaNextConfig, model: str, preset: str | None):
-    from ..inputs.tokens import image_plan, plan_context, video_plan
-    from ..inputs.video import VideoError, load_video
+    from ..inputs.tokens import image_aspect, image_plan, plan_context, video_plan
+    from ..inputs.video import VideoError, frame_options, load_video
     from .plan import media_plan, overflow
 
     n_frames, sampling = options.frames(args), options.sampling(args)
     images, image_plans = [], []
+    aspect = image_aspect(config, len(args.image))  # OneVision pads each of several images to one tile
     for path in args.image:
         img = _load_image(path, args.max_image_pixels)
-        plan = image_plan((img.height, img.width), config)
+        plan = image_plan((img.height, img.width), config, aspect)
         images.append((img, plan, os.path.basename(path)))
         image_plans.append((path, plan))
     if args.video:
@@ -144,7 +145,7 @@ def _inspect_media(args, config: LlavaNextConfig, model: str, preset: str | None
     for path in args.video:
         _check_file(path)
         try:
-            clip = load_video(path, n_frames, sampling=sampling, size=config.vision.image_size)
+            clip = load_video(path, n_frames, sampling=sampling, **frame_options(config))
         except VideoError as e:
             raise UserError(str(e)) from None
         videos.append((clip, video_plan(clip.num_frames, config)))
@@ -202,6 +203,12 @@ def _format(r: dict) -> str:
         lines = [f"model    {r['model']}; sizes are height x width"]
     for e in r["images"]:
         kh, kw = e["unpadded_hw"]
+        if e["num_tiles"] == 0:  # one untiled image (LLaVA-NeXT-Interleave, OneVision's multi-image)
+            lines += [f"image    {e['path']}: {_hw(e['image_hw'])} px",
+                      f"  one tile        resized to {_hw(e['canvas_hw'])} px: {e['base_tokens']} tokens"
+                      f" + {e['newline_tokens']} newline",
+                      f"  tokens          {e['tokens']}"]
+            continue
         lines += [
             f"image    {e['path']}: {_hw(e['image_hw'])} px",
             f"  best resolution {_hw(e['canvas_hw'])} px -> grid {_hw(e['grid_hw'])} = {e['num_tiles']} tiles "

@@ -125,10 +125,15 @@ def video_plan(num_frames: int, config: LlavaNextConfig, stride: int | None = No
     if config.vision.tokens_per_tile != config.vision.num_patches:
         raise ValueError("video pooling needs vision.feature_strategy='default' (CLS dropped): frames are "
                          f"pooled as square patch grids; got {config.vision.feature_strategy!r}")
+    grid = (config.vision.grid_size, config.vision.grid_size)
+    if config.video_as_images:  # LLaVA-NeXT-Interleave: every frame is an image of its own, no pooling
+        per = image_tokens(grid, config, "resize")
+        return VideoPlan(num_frames=num_frames, stride=1, mode=config.spatial_pool_mode, newline="none",
+                         patch_grid_hw=grid, pooled_hw=grid, tokens_per_frame=per, newline_tokens=0,
+                         total=num_frames * per)
     stride = config.spatial_pool_stride if stride is None else stride
     mode = config.spatial_pool_mode if mode is None else mode
     newline = config.video_newline if newline is None else newline
-    grid = (config.vision.grid_size, config.vision.grid_size)
     pooled = pooled_grid_hw(grid, stride, mode)
     per_frame = pooled[0] * pooled[1]
     extra = newline_count(num_frames, pooled, newline)
