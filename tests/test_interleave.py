@@ -39,11 +39,12 @@ def cli(env, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    from llava_next.cli.main import main
+
     root = tmp_path_factory.mktemp("interleave")
     src, hf = make_interleave_checkpoint(root / "llava-interleave-tiny-hf")
     env = dict(os.environ, LLAVA_NEXT_CACHE=str(root / "cache"), HF_HUB_OFFLINE="1", LLAVA_NEXT_COMPILE="0")
-    r = cli(env, "convert", str(src), str(root / "converted"))
-    assert r.returncode == 0, r.stderr
+    assert main(["convert", str(src), str(root / "converted")]) == 0  # the CLI's code, in this process
     config = read_config(root / "converted")
     with torch.device("meta"):
         ours = LlavaNextModel(config)
@@ -107,38 +108,35 @@ def hf_greedy(setup, text: str, pixels: torch.Tensor, new: int) -> list[int]:
     return out[0, ids.shape[1]:].tolist(), ids.shape[1]
 
 
-def test_run_json_three_interleaved_images_tokens_equal_transformers(setup):
+def test_run_json_interleaved_images_and_video_frames_tokens_equal_transformers(setup):
+    """One real process: three photos interleaved with text, then the real video's 3 frames as images."""
     root, _, _, ours, env = setup
     cfg = ours.config
     photos = [str(real_photo(n)) for n in PHOTOS]
-    prompt = "Compare <image> with <image>, then <image>: what differs?"
+    prompt = "Compare <image> with <image>, then <image>; what happens in <video>?"
     r = cli(env, "run", "--model", str(root / "converted"), *[a for p in photos for a in ("--image", p)],
-            "--dtype", "fp32", "--max-new-tokens", "12", "--json", prompt)
+            "--video", str(real_video()), "--frames", "3", "--dtype", "fp32", "--max-new-tokens", "12", "--json", prompt)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert out["plan"]["image_tokens"] == [25, 25, 25]
-    text = render_prompt(prompt, 3, 0, "qwen_interleave_hf").replace("<image>", "<image>" * 25)
-    assert text.startswith("<|im_start|>user\n\nCompare <image>")
-    pixels = torch.cat([preprocess_image(p, cfg).pixel_values for p in photos])
-    ref, n_ids = hf_greedy(setup, text, pixels, 12)
+    assert out["plan"]["image_tokens"] == [25] * 6 and out["plan"]["video_tokens"] == []
+    assert len(out["plan"]["video_frames"][0]["frame_indices"]) == 3
+    text = render_prompt(prompt.replace("<video>", "<image>" * 3), 6, 0, "qwen_interleave_hf")
+    assert text.startswith("<|im_start|>user\n\nCompare <image> with")
+    clip = load_video(real_video(), 3, **frame_options(cfg))
+    pixels = torch.cat([preprocess_image(p, cfg).pixel_values for p in photos] + [clip.pixel_values])
+    ref, n_ids = hf_greedy(setup, text.replace("<image>", "<image>" * 25), pixels, 12)
     assert out["plan"]["input_tokens"] == n_ids
     assert out["tokens"] == ref[:len(out["tokens"])] and out["tokens"]
 
 
-def test_run_json_video_as_frames_tokens_equal_transformers(setup):
-    root, _, _, ours, env = setup
-    cfg = ours.config
-    r = cli(env, "run", "--model", str(root / "converted"), "--video", str(real_video()), "--frames", "4",
-            "--dtype", "fp32", "--max-new-tokens", "12", "--json", "What happens in this video?")
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
-    assert out["plan"]["image_tokens"] == [25] * 4 and out["plan"]["video_tokens"] == []
-    assert len(out["plan"]["video_frames"][0]["frame_indices"]) == 4
-    text = render_prompt("What happens in this video?", 4, 0, "qwen_interleave_hf").replace("<image>", "<image>" * 25)
-    assert text.startswith("<|im_start|>user\n<image>") and "<image>\nWhat happens" in text
-    clip = load_video(real_video(), 4, **frame_options(cfg))
-    ref, _ = hf_greedy(setup, text, clip.pixel_values, 12)
-    assert out["tokens"] == ref[:len(out["tokens"])] and out["tokens"]
-    # the frames are squashed to the tile, not centre-cropped (SigLIP's processors), normalized to [-1, 1]
-    first = np.asarray(Image.fromarray(clip.frames[0]))
-    assert torch.equal(clip.pixel_values[0], normalize(first, SIGLIP_STATS)[...])
+def test_video_frames_are_squashed_and_placed_first_by_the_template(setup):
+    cfg = setup[3].config
+    clip = load_video(real_video(), 2, **frame_options(cfg))
+    # SigLIP's processors resize frames straight to the tile (no centre crop) and normalize to [-1, 1]
+    whole = np.asarray(Image.fromarray(np.asarray(Image.open(real_photo("chelsea")).convert("RGB"))).resize(
+        (TILE, TILE), Image.BICUBIC))
+    assert torch.equal(preprocess_image(real_photo("chelsea"), cfg).pixel_values[0], normalize(whole, SIGLIP_STATS))
+    assert clip.frames.shape == (2, TILE, TILE, 3)
+    assert torch.equal(clip.pixel_values, normalize(clip.frames, SIGLIP_STATS))
+    text = render_prompt("What happens in this video?", 2, 0, "qwen_interleave_hf")
+    assert text == "<|im_start|>user\n<image><image>\nWhat happens in this video?<|im_end|>\n<|im_start|>assistant\n"
