@@ -478,6 +478,8 @@ _ORIG_POOL_MODE = {"average": "average", "max": "max", "bilinear": "bilinear"}
 
 def _from_original_config(cfg: dict) -> LlavaNextConfig:
     tower = cfg.get("mm_vision_tower")
+    if tower in _ORIGINAL_SIGLIP_TOWERS:
+        return _from_original_siglip_config(cfg)
     if tower not in _ORIGINAL_TOWERS:
         raise ConfigError(f"mm_vision_tower {tower!r} is not supported; known towers: {list(_ORIGINAL_TOWERS)}")
     if cfg.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
@@ -519,6 +521,68 @@ def _from_original_config(cfg: dict) -> LlavaNextConfig:
         video_newline=_ORIG_NEWLINE[newline] if is_video else "none",  # type: ignore[arg-type]
         template=("mistral_instruct" if text_type == "mistral" else "vicuna_v1" if is_video else "llava_v1"),
     )
+
+
+# SigLIP towers of the lmms-lab Qwen checkpoints (LLaVA-NeXT-Interleave, OneVision, LLaVA-Video). The original
+# SigLipVisionTower drops the last of the google tower's 27 layers and reads the output of the 26th, before
+# post_layernorm, whatever mm_vision_select_layer says; its checkpoints hold those 26 layers.
+_ORIGINAL_SIGLIP_TOWERS = {"google/siglip-so400m-patch14-384": _SIGLIP_SO400M}
+
+
+def _from_original_siglip_config(cfg: dict) -> LlavaNextConfig:
+    """An lmms-lab LlavaQwenForCausalLM config (interleave-onevision-spec §3, §4, §7). Each way its image handling
+    differs from llava-hf's is a field of the result:
+    - image_aspect_ratio "anyres" (interleave 0.5b/7b) or "anyres_max_N" (OneVision, LLaVA-Video): AnyRes for
+      a single image, pinpoints read as (width, height) and unpad truncating (``anyres_compat="original"``);
+      "pad" (interleave 7b-dpo): one tile padded to a square with the mean colour;
+    - more than one image in a prompt: padded to one tile each (the original training rule);
+    - mm_patch_merge_type "spatial_unpad": a newline after every untiled image (730 tokens), "flat": none;
+    - video: OneVision / LLaVA-Video pool each frame bilinearly (``get_2dPool``: stride 2 whatever
+      mm_spatial_pool_stride says) after the projector, newline placement from mm_newline_position (default
+      one_token, only with spatial_unpad); the interleave checkpoints read a video as its frames (the demo);
+    - the "qwen_1_5" conversation template (a system prompt)."""
+    archs = cfg.get("architectures") or ["LlavaQwenForCausalLM"]
+    if "LlavaQwenForCausalLM" not in archs:
+        raise ConfigError(f"architectures {archs} with a SigLIP tower: llava-next reads LlavaQwenForCausalLM")
+    if cfg.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
+        raise ConfigError(f"mm_projector_type {cfg['mm_projector_type']!r} is not supported (expected 'mlp2x_gelu')")
+    aspect = cfg.get("image_aspect_ratio", "anyres")
+    max_patches = None
+    if m := re.fullmatch(r"anyres_max_(\d+)", str(aspect)):
+        aspect, max_patches = "anyres", int(m.group(1))
+    if aspect not in ("anyres", "pad"):
+        raise ConfigError(f"image_aspect_ratio {aspect!r} is not supported; expected 'anyres', 'anyres_max_N' or 'pad'")
+    merge = cfg.get("mm_patch_merge_type", "spatial_unpad")
+    if merge not in ("spatial_unpad", "flat") or (merge == "flat" and aspect == "anyres"):
+        raise ConfigError(f"mm_patch_merge_type {merge!r} with image_aspect_ratio {cfg.get('image_aspect_ratio')!r} is "
+                          f"not supported; the released checkpoints use spatial_unpad, or flat with pad")
+    unpad = merge == "spatial_unpad"
+    text_fields = {k: v for k, v in cfg.items() if not k.startswith("mm_") and k != "model_type"}
+    text = _text_from_dict(text_fields, "qwen2")
+    tower = dict(_ORIGINAL_SIGLIP_TOWERS[cfg["mm_vision_tower"]])
+    vision = _siglip_from_dict(tower, -1, "full")  # mm_vision_select_layer / _feature are ignored by the original
+    tile = vision.image_size
+    pins = cfg.get("image_grid_pinpoints") if aspect == "anyres" else None
+    if isinstance(pins, str):  # training scripts' "(1x1),...,(6x6)": every (i * tile, j * tile)
+        grid = [tuple(map(int, g)) for g in re.findall(r"\((\d+)x(\d+)\)", pins)]
+        rows = range(min(g[0] for g in grid), max(g[0] for g in grid) + 1)
+        cols = range(min(g[1] for g in grid), max(g[1] for g in grid) + 1)
+        pins = [(i * tile, j * tile) for i in rows for j in cols]
+    video_pooled = max_patches is not None  # OneVision / LLaVA-Video; interleave: frames as images
+    newline = cfg.get("mm_newline_position", "one_token")
+    if newline not in _ORIG_NEWLINE:
+        raise ConfigError(f"mm_newline_position {newline!r} is not supported; expected {list(_ORIG_NEWLINE)}")
+    mode = cfg.get("mm_spatial_pool_mode", "bilinear")
+    if mode not in _ORIG_POOL_MODE:
+        raise ConfigError(f"mm_spatial_pool_mode {mode!r} is not supported; expected {list(_ORIG_POOL_MODE)}")
+    video = dict(spatial_pool_stride=2, spatial_pool_mode=mode, pool_position="after_projector",
+                 video_newline=_ORIG_NEWLINE[newline] if unpad else "none") if video_pooled else {}
+    return LlavaNextConfig(
+        vision=vision, text=text, image_grid_pinpoints=tuple(tuple(p) for p in (pins or [(tile, tile)])),
+        image_token_id=text.vocab_size, video_token_id=text.vocab_size + 1 if video_pooled else None,
+        anyres_compat="original", image_aspect_ratio=aspect, anyres_max_patches=max_patches,  # type: ignore[arg-type]
+        multi_image_aspect_ratio="pad", untiled_image_newline=unpad, video_as_images=not video_pooled,
+        template="qwen_1_5", **video)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------------------

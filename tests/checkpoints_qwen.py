@@ -110,3 +110,66 @@ def make_onevision_checkpoint(directory, aspect: str = "anyres_max_9", *, seed: 
                                   image_grid_pinpoints=[[a, b] for a in (70, 140, 210) for b in (70, 140, 210)],
                                   tie_word_embeddings=True)
     return _save(LlavaOnevisionForConditionalGeneration(config), Path(directory), seed)
+
+
+# ---- the original lmms-lab layout (LlavaQwenForCausalLM) -------------------------------------------
+ORIGINAL_VOCAB = IMAGE_ID  # the original vocabulary has no <image> / <video> rows (placeholders are -200)
+TINY_SIGLIP_TOWER = "llava-next-tests/siglip-tiny-70"
+
+
+def register_tiny_siglip_tower() -> None:
+    """The original config names its tower by hub id; register the tiny one (test-only, cannot clash)."""
+    import llava_next.config as config
+
+    config._ORIGINAL_SIGLIP_TOWERS.setdefault(TINY_SIGLIP_TOWER, dict(
+        config._SIGLIP_DEFAULTS, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        image_size=TILE, patch_size=14))
+
+
+def hf_disk_to_original_key(key: str) -> str:
+    """llava-hf on-disk name -> lmms-lab name (the HF converters' KEYS_TO_MODIFY_MAPPING, reversed; spec §6)."""
+    if key.startswith("vision_tower."):
+        return "model.vision_tower.vision_tower.vision_model." + key.removeprefix("vision_tower.").removeprefix("vision_model.")
+    for old, new in (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                     ("multi_modal_projector.linear_1.", "model.mm_projector.0."),
+                     ("multi_modal_projector.linear_2.", "model.mm_projector.2."), ("image_newline", "model.image_newline")):
+        if key.startswith(old):
+            return new + key[len(old):]
+    raise KeyError(key)
+
+
+def make_original_qwen_checkpoint(directory, from_hf_dir, **mm) -> Path:
+    """The weights of a tiny llava-hf checkpoint in the lmms-lab layout with an lmms-lab config.json; ``mm``
+    sets image_aspect_ratio / mm_patch_merge_type / image_grid_pinpoints / mm_newline_position ..."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    register_tiny_siglip_tower()
+    directory, src = Path(directory), Path(from_hf_dir)
+    hf = json.loads((src / "config.json").read_text())
+    tc = hf["text_config"]
+    tensors = {}
+    for key, t in load_file(src / "model.safetensors").items():
+        name = hf_disk_to_original_key(key)
+        if name == "model.image_newline" and mm.get("mm_patch_merge_type") == "flat":
+            continue  # flat checkpoints have no image_newline
+        tensors[name] = t[:ORIGINAL_VOCAB].clone() if name in ("model.embed_tokens.weight", "lm_head.weight") else t
+    if "model.image_newline" not in tensors and mm.get("mm_patch_merge_type", "spatial_unpad") != "flat":
+        tensors["model.image_newline"] = torch.randn(tc["hidden_size"], generator=torch.Generator().manual_seed(5))
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    rope = tc.get("rope_parameters") or {}
+    cfg = {"architectures": ["LlavaQwenForCausalLM"], "model_type": "llava", "hidden_size": tc["hidden_size"],
+           "intermediate_size": tc["intermediate_size"], "num_hidden_layers": tc["num_hidden_layers"],
+           "num_attention_heads": tc["num_attention_heads"], "num_key_value_heads": tc["num_key_value_heads"],
+           "rms_norm_eps": tc["rms_norm_eps"], "rope_theta": rope.get("rope_theta", 1e6), "rope_scaling": None,
+           "max_position_embeddings": tc["max_position_embeddings"], "vocab_size": ORIGINAL_VOCAB,
+           "tie_word_embeddings": tc.get("tie_word_embeddings", False), "use_sliding_window": False,
+           "sliding_window": 4096, "bos_token_id": PIECES, "eos_token_id": PIECES + 2,
+           "mm_vision_tower": TINY_SIGLIP_TOWER, "mm_hidden_size": 32, "mm_vision_select_layer": -2,
+           "mm_vision_select_feature": "patch", "mm_projector_type": "mlp2x_gelu", "mm_use_im_start_end": False,
+           "mm_use_im_patch_token": False, "image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad",
+           "mm_tunable_parts": "mm_mlp_adapter,mm_language_model", **mm}
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2))
+    return directory
