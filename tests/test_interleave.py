@@ -140,3 +140,29 @@ def test_video_frames_are_squashed_and_placed_first_by_the_template(setup):
     assert torch.equal(clip.pixel_values, normalize(clip.frames, SIGLIP_STATS))
     text = render_prompt("What happens in this video?", 2, 0, "qwen_interleave_hf")
     assert text == "<|im_start|>user\n<image><image>\nWhat happens in this video?<|im_end|>\n<|im_start|>assistant\n"
+
+
+# the llava-hf llava-interleave-qwen-*-hf chat_template.json, verbatim (interleave-onevision-spec §5)
+HF_INTERLEAVE_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}{# Render all images first #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{# Render all text next #}{% if message['role'] != 'assistant' %}{% for content in message['content'] | "
+    "selectattr('type', 'equalto', 'text') %}{{ '\\n' + content['text'] }}{% endfor %}{% else %}{% for content in "
+    "message['content'] | selectattr('type', 'equalto', 'text') %}{% generation %}{{ '\\n' + content['text'] }}"
+    "{% endgeneration %}{% endfor %}{% endif %}{{'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("n_images, system, history", [(1, None, ()), (3, "Be brief.", ()), (0, None, [("Hi", "Hello")])])
+def test_qwen_interleave_template_renders_as_the_llava_hf_chat_template(setup, n_images, system, history):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(setup[1])
+    messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+    for q, a in history:
+        messages += [{"role": "user", "content": [{"type": "text", "text": q}]},
+                     {"role": "assistant", "content": [{"type": "text", "text": a}]}]
+    messages.append({"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": "What?"}]})
+    ref = tok.apply_chat_template(messages, chat_template=HF_INTERLEAVE_TEMPLATE, tokenize=False,
+                                  add_generation_prompt=True)
+    assert render_prompt("What?", n_images, 0, "qwen_interleave_hf", system=system, history=history) == ref
