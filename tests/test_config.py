@@ -48,7 +48,9 @@ def test_presets_match_the_reference_spec(name):
 
 
 def test_from_name_is_an_exact_lookup_listing_valid_names():
-    assert set(PRESETS) == set(SPEC)
+    from test_qwen import QWEN_SPEC  # the SigLIP + Qwen presets (issue 13)
+
+    assert set(PRESETS) == set(SPEC) | set(QWEN_SPEC)
     for wrong in ("llava-v1.6-Vicuna-7b", "vicuna-7b", "LLaVA-NeXT-Video-7B "):
         with pytest.raises(ConfigError) as e:
             LlavaNextConfig.from_name(wrong)
@@ -238,7 +240,7 @@ def test_from_original_config_mistral_and_video():
 
 
 @pytest.mark.parametrize("change,field", [
-    (dict(mm_vision_tower="google/siglip-so400m-patch14-384"), "mm_vision_tower"),
+    (dict(mm_vision_tower="google/siglip-base-patch16-224"), "mm_vision_tower"),  # so400m is supported (issue 13)
     (dict(mm_projector_type="linear"), "mm_projector_type"),
     (dict(image_aspect_ratio="pad"), "image_aspect_ratio"),
     (dict(mm_patch_merge_type="flat"), "mm_patch_merge_type"),

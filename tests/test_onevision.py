@@ -155,3 +155,23 @@ def test_published_processor_test_count_with_a_clip_tower():
     plan = image_plan((503, 316), cfg)
     assert (plan.base_tokens, plan.feature_map_hw, plan.unpadded_hw) == (576, (48, 24), (38, 24))
     assert image_tokens((503, 316), cfg) == 576 + 38 * 24 + 38 == 1525 + 1
+
+
+def test_inspect_text_json_png_for_the_new_presets(tmp_path, capsys):
+    from PIL import Image
+
+    from llava_next.cli.main import main
+
+    photos = [str(real_photo("chelsea")), str(real_photo("rocket"))]
+    assert main(["inspect", "--preset", "llava-onevision-qwen2-0.5b-ov", "--image", *photos, "--json",
+                 "--png", str(tmp_path / "plan.png")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [(e["tokens"], e["aspect"]) for e in report["images"]] == [(730, "pad")] * 2  # several images: padded
+    assert Image.open(tmp_path / "plan.png").size[0] > 300
+    assert main(["inspect", "--preset", "llava-onevision-qwen2-0.5b-ov", "--image", photos[0]]) == 0
+    assert "tokens          1836" in capsys.readouterr().out  # anyres_max_9: 300x451 -> 1836
+    assert main(["inspect", "--preset", "llava-interleave-qwen-7b", "--video", str(real_video()), "--frames", "4",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["visual_tokens"] == 4 * 729 and report["tokens_per_frame"] == 729
+    assert report["context"]["max_position_embeddings"] == 32768

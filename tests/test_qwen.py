@@ -133,3 +133,32 @@ def test_real_shapes_on_the_meta_device(name, sizes):
     full = {k.removeprefix("language_model."): v for k, v in
             expected_shapes(LlavaNextConfig(text=ours.config)).items() if k.startswith("language_model.")}
     assert full == {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+
+
+# ---- presets (interleave-onevision-spec §1, §3, §4, §7) ----------------------------------------------------
+# (layers, hidden, heads, kv heads, mlp, vocab, tied, image token, video token, image aspect, anyres_max)
+QWEN_SPEC = {
+    "llava-interleave-qwen-0.5b": (24, 1024, 16, 16, 2816, 152000, True, 151646, None, "resize", None),
+    "llava-interleave-qwen-7b": (32, 4096, 32, 32, 11008, 152000, False, 151646, None, "resize", None),
+    "llava-interleave-qwen-7b-dpo": (32, 4096, 32, 32, 11008, 152000, False, 151646, None, "resize", None),
+    "llava-onevision-qwen2-0.5b-ov": (24, 896, 14, 2, 4864, 152000, True, 151646, 151647, "anyres", 9),
+    "llava-onevision-qwen2-7b-ov": (28, 3584, 28, 4, 18944, 152128, False, 151646, 151647, "anyres", 9),
+    "LLaVA-Video-7B-Qwen2": (28, 3584, 28, 4, 18944, 152128, False, 151646, 151647, "anyres", 9),
+}
+
+
+@pytest.mark.parametrize("name", list(QWEN_SPEC))
+def test_qwen_presets_match_the_spec(name):
+    from llava_next.config import PRESETS
+
+    p = PRESETS[name]
+    c, t, v = p.config, p.config.text, p.config.vision
+    got = (t.num_layers, t.hidden_size, t.num_heads, t.num_kv_heads, t.intermediate_size, t.vocab_size,
+           t.tie_word_embeddings, c.image_token_id, c.video_token_id, c.image_aspect_ratio, c.anyres_max_patches)
+    assert got == QWEN_SPEC[name]
+    assert (t.qkv_bias, t.rope_theta, t.max_position_embeddings, t.rms_norm_eps, t.bos_token_id, t.eos_token_id) == \
+        (True, 1e6, 32768, 1e-6, None, 151645)
+    assert (v.kind, v.hidden_size, v.intermediate_size, v.num_layers, v.layers_used, v.num_patches, v.layer_norm_eps) == \
+        ("siglip", 1152, 4304, 26, 26, 729, 1e-6)
+    assert c.video_as_images == (c.video_token_id is None)
+    assert p.source == f"https://huggingface.co/{p.hub_id}/blob/main/config.json"

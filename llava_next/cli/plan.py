@@ -24,7 +24,8 @@ def image_entry(path: str, plan) -> dict:
     return {"path": str(path), "tokens": plan.total, "image_hw": plan.image_hw, "canvas_hw": plan.canvas_hw,
             "grid_hw": plan.grid_hw, "num_tiles": plan.num_tiles, "resized_hw": plan.resized_hw,
             "base_tokens": plan.base_tokens, "feature_map_hw": plan.feature_map_hw,
-            "unpadded_hw": plan.unpadded_hw, "newline_tokens": plan.newline_tokens}
+            "unpadded_hw": plan.unpadded_hw, "newline_tokens": plan.newline_tokens,
+            "aspect": plan.aspect}  # "resize" / "pad": one untiled tile (interleave, OneVision's multi-image)
 
 
 def video_entry(clip, plan, sampling: str) -> dict:

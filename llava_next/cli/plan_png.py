@@ -55,9 +55,33 @@ def _hw(size: tuple[int, int]) -> str:
 # --------------------------------------------------------------------------------------------------
 # Images
 # --------------------------------------------------------------------------------------------------
+def _draw_untiled_plan(image: Image.Image, plan: ImagePlan, name: str, max_side: int) -> Image.Image:
+    """One tile for the whole image (LLaVA-NeXT-Interleave; OneVision with several images): squashed, or first
+    padded to a square with the mean colour (``plan.aspect`` "pad"; SigLIP's mean, 127 grey)."""
+    side = plan.canvas_hw[0]
+    shown = image
+    if plan.aspect == "pad":
+        w, h = image.size
+        shown = Image.new("RGB", (max(w, h), max(w, h)), (127, 127, 127))
+        shown.paste(image, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+    shown = shown.resize((side, side), Image.BICUBIC).resize((min(side, max_side),) * 2, Image.BILINEAR)
+    how = "padded to a square (grey), then resized" if plan.aspect == "pad" else "resized (aspect not kept)"
+    newline = f" + {plan.newline_tokens} newline" if plan.newline_tokens else ", no newline"
+    header = _text_block([
+        f"{name}: {_hw(plan.image_hw)} px (h x w)  ->  {plan.total} visual tokens",
+        f"one tile: the whole image {how} to {side}x{side} px; no AnyRes tiles",
+        f"features: {plan.base_tokens}{newline} = {plan.total}",
+    ], shown.width + 2 * PAD)
+    body = Image.new("RGB", (shown.width + 2 * PAD, shown.height + PAD), BG)
+    body.paste(shown, (PAD, 0))
+    return _stack([header, body])
+
+
 def draw_image_plan(image: Image.Image, plan: ImagePlan, name: str, tile: int = 336, patch: int = 14,
                     max_side: int = 720) -> Image.Image:
     """The AnyRes plan of one RGB image (``plan`` from ``tokens.image_plan``)."""
+    if plan.num_tiles == 0:
+        return _draw_untiled_plan(image, plan, name, max_side)
     ch, cw = plan.canvas_hw
     s = min(1.0, max_side / max(ch, cw))  # display scale
     rh, rw = plan.resized_hw

@@ -54,6 +54,7 @@ class ImagePlan:
     unpadded_hw: Size  # rows/cols of that map that hold the image (h', w')
     newline_tokens: int  # one per kept row: h'
     total: int  # base + h' * w' + h'
+    aspect: str = "anyres"  # "resize" / "pad": one untiled tile, no map (grid (0, 0))
 
     @property
     def num_tiles(self) -> int:
@@ -87,7 +88,7 @@ def image_plan(image_hw: Size, config: LlavaNextConfig, aspect: ImageAspect | No
         newline = int(config.untiled_image_newline)
         return ImagePlan(image_hw=(h, w), canvas_hw=(tile, tile), grid_hw=(0, 0), resized_hw=(tile, tile),
                          base_tokens=base, feature_map_hw=(0, 0), unpadded_hw=(0, 0), newline_tokens=newline,
-                         total=base + newline)
+                         total=base + newline, aspect=aspect)
     canvas, grid = tile_grid((h, w), config)
     fmap = (grid[0] * side, grid[1] * side)
     kept = anyres_max_size(unpadded_size((h, w), fmap, config.anyres_compat), side, config.anyres_max_patches)
