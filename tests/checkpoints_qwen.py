@@ -17,6 +17,7 @@ corpus of tokenizers_fixture.py; no BOS is added (as Qwen's); eos is <|im_end|>,
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -173,3 +174,15 @@ def make_original_qwen_checkpoint(directory, from_hf_dir, **mm) -> Path:
            "mm_tunable_parts": "mm_mlp_adapter,mm_language_model", **mm}
     (directory / "config.json").write_text(json.dumps(cfg, indent=2))
     return directory
+
+
+@functools.lru_cache(maxsize=4)
+def real_clip(num_frames: int, tile: int = TILE):
+    """The real test video (bigbuckbunny.mp4) sampled as SigLIP frames, decoded once per process (a 720p decode
+    of every frame is the slowest step of these tests)."""
+    from media import real_video
+
+    from llava_next.inputs.image import SIGLIP_STATS
+    from llava_next.inputs.video import load_video
+
+    return load_video(real_video(), num_frames, size=tile, resize="squash", stats=SIGLIP_STATS)

@@ -19,12 +19,12 @@ import pytest
 import torch
 from PIL import Image
 
-from checkpoints_qwen import IMAGE_ID, TILE, make_interleave_checkpoint
+from checkpoints_qwen import IMAGE_ID, TILE, make_interleave_checkpoint, real_clip
 from media import real_photo, real_video
 from llava_next.inputs.image import SIGLIP_STATS, normalize, preprocess_image
 from llava_next.inputs.prompt import expand_placeholders, render_prompt
 from llava_next.inputs.tokens import image_tokens
-from llava_next.inputs.video import frame_options, load_video
+from llava_next.inputs.video import frame_options
 from llava_next.model.llava import LlavaNextModel
 from llava_next_weights.load import load_into, read_config
 
@@ -83,7 +83,7 @@ def test_logits_match_transformers(setup, case):
     _, _, hf, ours, _ = setup
     cfg = ours.config
     if case == "video_frames":
-        clip = load_video(real_video(), 3, **frame_options(cfg))
+        clip = real_clip(3)
         images = [preprocess_image(f, cfg) for f in clip.frames]  # the frames as images (already squashed)
         assert all(torch.equal(im.pixel_values[0], clip.pixel_values[i]) for i, im in enumerate(images))
     else:
@@ -122,7 +122,7 @@ def test_run_json_interleaved_images_and_video_frames_tokens_equal_transformers(
     assert len(out["plan"]["video_frames"][0]["frame_indices"]) == 3
     text = render_prompt(prompt.replace("<video>", "<image>" * 3), 6, 0, "qwen_interleave_hf")
     assert text.startswith("<|im_start|>user\n\nCompare <image> with")
-    clip = load_video(real_video(), 3, **frame_options(cfg))
+    clip = real_clip(3)
     pixels = torch.cat([preprocess_image(p, cfg).pixel_values for p in photos] + [clip.pixel_values])
     ref, n_ids = hf_greedy(setup, text.replace("<image>", "<image>" * 25), pixels, 12)
     assert out["plan"]["input_tokens"] == n_ids
@@ -131,7 +131,8 @@ def test_run_json_interleaved_images_and_video_frames_tokens_equal_transformers(
 
 def test_video_frames_are_squashed_and_placed_first_by_the_template(setup):
     cfg = setup[3].config
-    clip = load_video(real_video(), 2, **frame_options(cfg))
+    assert frame_options(cfg) == dict(size=TILE, resize="squash", stats=SIGLIP_STATS)
+    clip = real_clip(2)  # = load_video(real_video(), 2, **frame_options(cfg)), cached
     # SigLIP's processors resize frames straight to the tile (no centre crop) and normalize to [-1, 1]
     whole = np.asarray(Image.fromarray(np.asarray(Image.open(real_photo("chelsea")).convert("RGB"))).resize(
         (TILE, TILE), Image.BICUBIC))

@@ -17,13 +17,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from checkpoints_qwen import IMAGE_ID, VIDEO_ID, make_onevision_checkpoint
+from checkpoints_qwen import IMAGE_ID, VIDEO_ID, make_onevision_checkpoint, real_clip
 from media import real_photo, real_video
 from llava_next.config import PRESETS
 from llava_next.inputs.image import preprocess_image
 from llava_next.inputs.prompt import expand_placeholders
 from llava_next.inputs.tokens import image_aspect, image_plan, image_tokens, video_tokens
-from llava_next.inputs.video import frame_options, load_video
 from llava_next.model.llava import LlavaNextModel
 from llava_next_weights.convert import convert
 from llava_next_weights.load import load_into, read_config
@@ -112,7 +111,7 @@ def test_three_images_padded_one_tile_each(pair):
 
 def test_video_and_image_with_video(pair):
     ours, hf = pair
-    clip = load_video(real_video(), 4, **frame_options(ours.config))
+    clip = real_clip(4)
     assert video_tokens(4, ours.config) == 4 * 3 * 3 + 1  # 5x5 -> bilinear 3x3, one newline per video
     run_both(ours, hf, clips=[clip])
     run_both(ours, hf, images=[preprocess_image(real_photo("astronaut"), ours.config)], clips=[clip])

@@ -18,13 +18,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from checkpoints_qwen import (IMAGE_ID, ORIGINAL_VOCAB, VIDEO_ID, make_interleave_checkpoint,
+from checkpoints_qwen import (IMAGE_ID, ORIGINAL_VOCAB, VIDEO_ID, make_interleave_checkpoint, real_clip,
                               make_onevision_checkpoint, make_original_qwen_checkpoint)
-from media import real_photo, real_video
+from media import real_photo
 from llava_next.inputs.image import preprocess_image
 from llava_next.inputs.prompt import expand_placeholders, render_prompt
 from llava_next.inputs.tokens import image_aspect, image_tokens, video_tokens
-from llava_next.inputs.video import frame_options, load_video
 from llava_next_weights.convert import convert
 from test_onevision import assert_close, load_ours
 
@@ -66,7 +65,7 @@ def test_onevision_original_matches_transformers_on_an_image_and_a_video(tmp_pat
     assert (cfg.anyres_compat, cfg.anyres_max_patches, cfg.spatial_pool_stride, cfg.video_newline) == \
         ("original", 9, 2, "one_token")  # the original ignores mm_spatial_pool_stride
     image = preprocess_image(real_photo("rocket"), cfg)
-    clip = load_video(real_video(), 3, **frame_options(cfg))
+    clip = real_clip(3)
     # a size where the two readings (pinpoint order, unpad rounding) agree, so transformers is the reference
     assert image_tokens(image.image_size, cfg) == image_tokens(image.image_size, cfg.replace(anyres_compat="hf"))
     ids = [5, IMAGE_ID, VIDEO_ID, 17, 9]
