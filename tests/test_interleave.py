@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -30,11 +28,6 @@ from llava_next_weights.load import load_into, read_config
 
 pytest.importorskip("transformers")
 PHOTOS = ("chelsea", "rocket", "coffee")
-
-
-def cli(env, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llava_next.cli.main", *args], env=env, capture_output=True,
-                          text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -108,16 +101,23 @@ def hf_greedy(setup, text: str, pixels: torch.Tensor, new: int) -> list[int]:
     return out[0, ids.shape[1]:].tolist(), ids.shape[1]
 
 
-def test_run_json_interleaved_images_and_video_frames_tokens_equal_transformers(setup):
-    """One real process: three photos interleaved with text, then the real video's 3 frames as images."""
+def test_run_json_interleaved_images_and_video_frames_tokens_equal_transformers(setup, monkeypatch, capsys):
+    """``llava-next run --json`` (its entry point, in this process: test_cli_run covers the console script in a
+    process of its own): three photos interleaved with text, then the real video's 3 frames as images."""
+    from llava_next.cli.main import main
+
     root, _, _, ours, env = setup
+    for key in ("LLAVA_NEXT_CACHE", "LLAVA_NEXT_COMPILE"):
+        monkeypatch.setenv(key, env[key])
     cfg = ours.config
     photos = [str(real_photo(n)) for n in PHOTOS]
     prompt = "Compare <image> with <image>, then <image>; what happens in <video>?"
-    r = cli(env, "run", "--model", str(root / "converted"), *[a for p in photos for a in ("--image", p)],
-            "--video", str(real_video()), "--frames", "3", "--dtype", "fp32", "--max-new-tokens", "12", "--json", prompt)
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
+    code = main(["run", "--model", str(root / "converted"), *[a for p in photos for a in ("--image", p)],
+                 "--video", str(real_video()), "--frames", "3", "--dtype", "fp32", "--max-new-tokens", "12", "--json",
+                 prompt])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    out = json.loads(captured.out)
     assert out["plan"]["image_tokens"] == [25] * 6 and out["plan"]["video_tokens"] == []
     assert len(out["plan"]["video_frames"][0]["frame_indices"]) == 3
     text = render_prompt(prompt.replace("<video>", "<image>" * 3), 6, 0, "qwen_interleave_hf")
