@@ -20,9 +20,12 @@ Construction
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import re
+import types
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal, get_args, get_type_hints
 
 FeatureStrategy = Literal["default", "full"]  # 'default' drops CLS (576 tokens), 'full' keeps it (577)
 VisionKind = Literal["clip", "siglip"]  # CLIP ViT (CLS, pre-LN, quick-GELU) / SigLIP (no CLS, no pre-LN, tanh GELU)
@@ -44,6 +47,36 @@ def _check_literal(owner: str, name: str, value: Any, literal: Any) -> None:
     allowed = get_args(literal)
     if value not in allowed:
         raise ConfigError(f"{owner}.{name} = {value!r} is not supported; choose one of {list(allowed)}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@functools.cache
+def _hints(cls: type) -> dict:
+    return get_type_hints(cls)
+
+
+def _check_types(owner: str, obj: Any) -> None:
+    """Every int / float / bool / optional init field of ``obj`` holds that type (config.json values arrive
+    untyped: "64", 6.5, [], true, 1e999). Literal switches, sub-configs and tuples are checked elsewhere."""
+    for f in dataclasses.fields(obj):
+        if not f.init:
+            continue
+        hint, value = _hints(type(obj))[f.name], getattr(obj, f.name)
+        options = get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        if not set(options) & {int, float, bool}:
+            continue
+        if (value is None and type(None) in options) or (bool in options and isinstance(value, bool)) \
+                or (int in options and _is_int(value)) \
+                or (float in options and (_is_int(value) or isinstance(value, float) and math.isfinite(value))):
+            continue
+        names = " or ".join("null" if o is type(None) else "a finite number" if o is float else
+                            "an integer" if o is int else o.__name__ for o in options)
+        text = repr(value)
+        raise ConfigError(f"{owner}.{f.name} = {text[:60]}{'...' if len(text) > 60 else ''} is not supported; "
+                          f"it must be {names}")
 
 
 def _check_positive(owner: str, **values: float) -> None:
@@ -88,6 +121,7 @@ class VisionConfig:
 
     def __post_init__(self) -> None:
         o = "VisionConfig"
+        _check_types(o, self)
         _check_literal(o, "kind", self.kind, VisionKind)
         if self.hidden_act is None:
             object.__setattr__(self, "hidden_act", "quick_gelu" if self.kind == "clip" else "gelu_pytorch_tanh")
@@ -154,6 +188,7 @@ class TextConfig:
 
     def __post_init__(self) -> None:
         o = "TextConfig"
+        _check_types(o, self)
         _check_positive(o, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
                         intermediate_size=self.intermediate_size, num_layers=self.num_layers,
                         num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
@@ -209,6 +244,7 @@ class LlavaNextConfig:
 
     def __post_init__(self) -> None:
         o = "LlavaNextConfig"
+        _check_types(o, self)
         _check_literal(o, "spatial_pool_mode", self.spatial_pool_mode, PoolMode)
         _check_literal(o, "pool_position", self.pool_position, PoolPosition)
         _check_literal(o, "video_newline", self.video_newline, VideoNewline)
@@ -224,7 +260,12 @@ class LlavaNextConfig:
                               f"(got {self.video_token_id})")
         if self.spatial_pool_stride < 1:
             raise ConfigError(f"{o}.spatial_pool_stride must be >= 1, got {self.spatial_pool_stride}")
-        pins = tuple(tuple(int(v) for v in p) for p in self.image_grid_pinpoints)
+        pins = self.image_grid_pinpoints
+        if not isinstance(pins, (list, tuple)) or not all(
+                isinstance(p, (list, tuple)) and all(_is_int(v) for v in p) for p in pins):
+            raise ConfigError(f"{o}.image_grid_pinpoints must be a list of [height, width] integer pairs, got "
+                              f"{str(pins)[:80]}")
+        pins = tuple(tuple(int(v) for v in p) for p in pins)
         if not pins:
             raise ConfigError(f"{o}.image_grid_pinpoints is empty; LLaVA-NeXT uses {list(DEFAULT_PINPOINTS)}")
         tile = self.vision.image_size
@@ -259,10 +300,11 @@ class LlavaNextConfig:
     def from_dict(d: dict) -> "LlavaNextConfig":
         """Inverse of ``to_dict`` (llava-next's own config.json); unknown fields are an error."""
         d = dict(d)
+        vision, text = d.pop("vision", {}), d.pop("text", {})
+        if not isinstance(vision, dict) or not isinstance(text, dict):
+            raise ConfigError("llava-next config.json: 'vision' and 'text' must be JSON objects")
         try:
-            vision = VisionConfig(**d.pop("vision", {}))
-            text = TextConfig(**d.pop("text", {}))
-            return LlavaNextConfig(vision=vision, text=text, **d)
+            return LlavaNextConfig(vision=VisionConfig(**vision), text=TextConfig(**text), **d)
         except TypeError as e:  # unexpected keyword
             raise ConfigError(f"llava-next config.json has a field this version does not know: {e}") from None
 
@@ -274,11 +316,33 @@ class LlavaNextConfig:
 
     @staticmethod
     def from_hf_config(cfg: dict) -> "LlavaNextConfig":
-        return _from_hf_config(cfg)
+        with _malformed("llava-hf"):
+            return _from_hf_config(cfg)
 
     @staticmethod
     def from_original_config(cfg: dict) -> "LlavaNextConfig":
-        return _from_original_config(cfg)
+        with _malformed("original LLaVA-NeXT"):
+            return _from_original_config(cfg)
+
+
+class _malformed:
+    """A config.json value of the wrong kind (a list where an object belongs, a string where a number
+    does, a missing required field) reaching the readers below as TypeError / KeyError / AttributeError /
+    OverflowError becomes a ConfigError that says so, instead of a traceback (found by fuzzing)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, e, tb) -> bool:
+        if e is None or isinstance(e, ConfigError) or not isinstance(e, (TypeError, ValueError, KeyError, AttributeError,
+                                                                         OverflowError, IndexError)):
+            return False
+        what = f"missing field {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {str(e)[:160]}"
+        raise ConfigError(f"a malformed {self.kind} config ({what}); a field has the wrong type or is "
+                          f"missing: restore the config.json that came with the checkpoint") from None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -65,6 +65,31 @@ def _token_text(value: object) -> str | None:
     return value.get("content") if isinstance(value, dict) else value  # type: ignore[return-value]
 
 
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
+
+
+def _read_special(path: Path) -> dict:
+    """The special-token fields of a tokenizer_config.json / special_tokens_map.json, checked (a damaged
+    file is an error naming it, not a traceback from deep inside the tokenizer)."""
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, RecursionError) as e:  # also UnicodeDecodeError; RecursionError: absurd nesting
+        raise PromptError(f"{path}: not valid JSON ({_first_line(e)}); the file is damaged or cut off: get the "
+                          f"checkpoint's {path.name} again") from None
+    if not isinstance(data, dict):
+        raise PromptError(f"{path}: expected a JSON object, got {type(data).__name__}; get the checkpoint's "
+                          f"{path.name} again")
+    for key in ("bos_token", "eos_token", "pad_token"):
+        value = data.get(key)
+        if not (value is None or isinstance(value, str)
+                or isinstance(value, dict) and isinstance(value.get("content"), (str, type(None)))):
+            raise PromptError(f"{path}: {key} must be a token string (or {{\"content\": token}}), got "
+                              f"{str(value)[:60]}; get the checkpoint's {path.name} again")
+    return data
+
+
 class Tokenizer:
     """Text <-> ids for one checkpoint. Build with ``Tokenizer.load(dir_or_tokenizer_json)``."""
 
@@ -111,8 +136,17 @@ class Tokenizer:
         special: dict = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
             if (file.parent / name).is_file():
-                special.update(json.loads((file.parent / name).read_text()))
-        return Tokenizer(tokenizers.Tokenizer.from_file(str(file)), special)
+                special.update(_read_special(file.parent / name))
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(file))
+        except Exception as e:  # the Rust parser raises a bare Exception ("expected value at line 1 column 5")
+            raise PromptError(f"{file}: not a tokenizer.json the tokenizers library can read ({_first_line(e)}); "
+                              f"the file is damaged or cut off: get the checkpoint's tokenizer.json again") from None
+        try:
+            return Tokenizer(backend, special)
+        except StopIteration:  # the post-processor does not keep the text it wraps
+            raise PromptError(f"{file}: its post-processor drops the text it should wrap with special tokens; "
+                              f"get the checkpoint's tokenizer.json again") from None
 
     @property
     def vocab_size(self) -> int:

@@ -55,7 +55,8 @@ from safetensors import safe_open
 
 from llava_next.config import ConfigError, LlavaNextConfig
 from llava_next_weights.keymaps import Split, UnmappedKeyError, drop_unused_vision_layers, map_key
-from llava_next_weights.load import PICKLE_SUFFIXES, check_safetensors, index_shards, parse_dtype, read_json
+from llava_next_weights.load import (PICKLE_SUFFIXES, check_safetensors, index_shards, parse_dtype, read_json,
+                                     safetensors_errors)
 from llava_next_weights.shapes import Shape, expected_shapes
 
 SOURCE_FORMATS = ("llava_hf", "llava_hf_new", "original")
@@ -121,7 +122,7 @@ def read_headers(files: list[Path]) -> dict[str, tuple[Path, Shape, torch.dtype]
     out: dict[str, tuple[Path, Shape, torch.dtype]] = {}
     for path in files:
         check_safetensors(path, ConversionError)
-        with safe_open(path, framework="pt") as f:
+        with safetensors_errors(path, ConversionError), safe_open(path, framework="pt") as f:
             for key in f.keys():
                 if key in out:
                     raise ConversionError(f"key {key!r} is in two files: {out[key][0].name} and {path.name}")
@@ -298,7 +299,10 @@ def convert(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, fmt: str 
     headers = read_headers(source_files(src))
     fmt = fmt or detect_format(raw_config, list(headers))
     config = read_source_config(raw_config, fmt, src / "config.json")
-    pieces = plan(fmt, {k: shape for k, (_, shape, _) in headers.items()}, config)
+    try:
+        pieces = plan(fmt, {k: shape for k, (_, shape, _) in headers.items()}, config)
+    except ConversionError as e:  # name the directory: the problems below name only keys
+        raise ConversionError(f"{src}: {e}") from None
 
     def out_dtype_of(p: Piece) -> torch.dtype:
         src_dtype = headers[p.source][2]
@@ -322,9 +326,10 @@ def convert(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, fmt: str 
                 def read(target: str) -> torch.Tensor:
                     p = by_target[target]
                     path = headers[p.source][0]
-                    if path not in handles:
-                        handles[path] = stack.enter_context(safe_open(path, framework="pt"))
-                    t = handles[path].get_tensor(p.source)  # backed by the mmapped file, no copy
+                    with safetensors_errors(path, ConversionError):
+                        if path not in handles:
+                            handles[path] = stack.enter_context(safe_open(path, framework="pt"))
+                        t = handles[path].get_tensor(p.source)  # backed by the mmapped file, no copy
                     if p.parts > 1:
                         t = t.chunk(p.parts, dim=0)[p.part]
                     return t.to(out_dtype_of(p))  # a no-op unless casting

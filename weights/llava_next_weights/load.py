@@ -27,10 +27,12 @@ tensor is left on the meta device.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import json
+import math
 import mmap
 import os
 import struct
@@ -38,6 +40,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from llava_next.config import ConfigError, LlavaNextConfig
@@ -67,8 +70,23 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
                     f"bfloat16 (names: {', '.join(sorted(DTYPE_NAMES))}); quantized integer dtypes are not")
 
 
+# The safetensors format as the safetensors library validates it (safetensors/src/tensor.rs: read_metadata,
+# Metadata::validate, Dtype::bitsize): a header of at most 100 MB; bits per element of every dtype it defines.
+SAFETENSORS_MAX_HEADER = 100_000_000
+SAFETENSORS_BITS = {"BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
+                    "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
+                    "C64": 64, "F64": 64, "I64": 64, "U64": 64}
+_U64 = 2**64
+
+
 def check_safetensors(path: Path, error: type[Exception] | None = None) -> None:
-    """Raise ``error`` (default LoadError) naming ``path`` unless its size is what its header describes."""
+    """Raise ``error`` (default LoadError) naming ``path`` unless it is a well-formed safetensors file of
+    exactly the size its header describes — checked from the header alone, before the file is opened.
+
+    Everything the safetensors library checks is checked here first (``validate_safetensors_header``),
+    so its ``SafetensorError`` (a traceback, e.g. for a header whose ``dtype`` field is misspelt) never
+    reaches the user, and a header that claims a huge tensor is refused before anything is allocated.
+    """
     error = error or LoadError
     size = path.stat().st_size
     again = "it is cut off (an interrupted download or copy?): download or copy it again"
@@ -78,13 +96,89 @@ def check_safetensors(path: Path, error: type[Exception] | None = None) -> None:
         if n is None or 8 + n > size:
             raise error(f"{path}: not a safetensors file, or {again} (it has {size} bytes"
                         f"{'' if n is None else f'; its header alone claims {8 + n}'})")
+        if n > SAFETENSORS_MAX_HEADER:
+            raise error(f"{path}: not a safetensors file (its header length field says {n} bytes, over the "
+                        f"format's limit of {SAFETENSORS_MAX_HEADER}); the file is damaged: get it again")
         try:
-            header = json.loads(f.read(n))
-            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
-            raise error(f"{path}: not a safetensors file (unreadable header: {e})") from None
-    if size < 8 + n + max(ends, default=0):
-        raise error(f"{path}: has {size} bytes but its header describes {8 + n + max(ends)}; {again}")
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; absurd nesting
+            raise error(f"{path}: not a safetensors file (unreadable header: {_first_line(e)})") from None
+    if not isinstance(header, dict):
+        raise error(f"{path}: not a safetensors file (its header is a JSON {type(header).__name__}, not an object)")
+    problem = validate_safetensors_header(header)
+    if problem:
+        raise error(f"{path}: damaged safetensors header: {problem}; the file is corrupt: download or copy it again")
+    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    if size < 8 + n + end:
+        raise error(f"{path}: has {size} bytes but its header describes {8 + n + end}; {again}")
+    if size > 8 + n + end:
+        raise error(f"{path}: has {size} bytes but its header describes {8 + n + end}: {size - 8 - n - end} bytes "
+                    f"at the end belong to no tensor, so the file is damaged (a bad copy?): download or copy it again")
+
+
+def validate_safetensors_header(header: dict) -> str | None:
+    """What is wrong with a parsed safetensors header (None if nothing), by the rules of the safetensors
+    library: every entry but ``__metadata__`` (an object of strings, or null) is an object with ``dtype``
+    (a name it knows), ``shape`` (integers >= 0) and ``data_offsets`` ([begin, end], end - begin = the
+    tensor's bytes); in offset order the tensors tile the data from 0 without gaps or overlaps."""
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        return f"__metadata__ must map names to strings, got {_short(meta)}"
+    spans = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            return f"tensor {key!r} is described by {_short(info)}, not an object"
+        missing = [f for f in ("dtype", "shape", "data_offsets") if f not in info]
+        if missing:
+            return (f"tensor {key!r} has no {' / '.join(map(repr, missing))} field (its fields: "
+                    f"{', '.join(map(repr, info)) or 'none'})")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_BITS:
+            return f"tensor {key!r} has dtype {_short(dtype)}, not a safetensors dtype ({', '.join(SAFETENSORS_BITS)})"
+        if not isinstance(shape, list) or not all(_is_u64(d) for d in shape):
+            return f"tensor {key!r} has shape {_short(shape)}; a shape is a list of integers >= 0"
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_u64, offsets))
+                and offsets[0] <= offsets[1]):
+            return f"tensor {key!r} has data_offsets {_short(offsets)}; they must be [begin, end] with 0 <= begin <= end"
+        bits = math.prod(shape) * SAFETENSORS_BITS[dtype]
+        if bits % 8 or bits // 8 != offsets[1] - offsets[0]:
+            return (f"tensor {key!r} of shape {_short(shape)} and dtype {dtype} needs {bits / 8:.0f} bytes but its "
+                    f"data_offsets {offsets} span {offsets[1] - offsets[0]}")
+        spans.append((offsets[0], offsets[1], key))
+    position = 0
+    for begin, end, key in sorted(spans):
+        if begin != position:
+            return (f"tensor {key!r} starts at byte {begin} of the data, but the previous tensor ends at {position} "
+                    f"(tensors must follow each other without gaps or overlaps)")
+        position = end
+    return None
+
+
+def _is_u64(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < _U64
+
+
+def _short(v: object, n: int = 80) -> str:
+    text = json.dumps(v) if isinstance(v, (dict, list, str, int, float, bool, type(None))) else repr(v)
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def safetensors_errors(path: Path, error: type[Exception] | None = None):
+    """Any error the safetensors library raises reading ``path`` as ``error`` (default LoadError) naming the
+    file: a backstop behind ``check_safetensors`` for whatever the library rejects that it did not foresee."""
+    try:
+        yield
+    except SafetensorError as e:
+        raise (error or LoadError)(f"{path}: not a valid safetensors file ({_first_line(e)}); the file is damaged: "
+                                   f"download or copy it again") from None
 
 
 def is_llava_next_dir(path: str | os.PathLike) -> bool:
@@ -94,7 +188,7 @@ def is_llava_next_dir(path: str | os.PathLike) -> bool:
         return False
     try:
         raw = json.loads(cfg.read_text())
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, absurdly nested: read_config says which
         return False
     return isinstance(raw, dict) and "vision" in raw and "text" in raw and "model_type" not in raw
 
@@ -103,8 +197,8 @@ def read_json(path: Path, error: type[Exception] = LoadError, hint: str = "") ->
     """A JSON object from ``path``; ``error`` (with ``hint`` appended) when the file is not one."""
     try:
         data = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise error(f"{path}: not valid JSON ({e}); the file is damaged or cut off{hint}") from None
+    except (ValueError, RecursionError) as e:  # also UnicodeDecodeError; RecursionError: absurdly deep nesting
+        raise error(f"{path}: not valid JSON ({_first_line(e)}); the file is damaged or cut off{hint}") from None
     if not isinstance(data, dict):
         raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -158,7 +252,9 @@ def load_state_dict_mmap(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for file in weight_files(path):
         check_safetensors(file)
-        for key, tensor in load_file(file, device="cpu").items():
+        with safetensors_errors(file):
+            tensors = load_file(file, device="cpu")
+        for key, tensor in tensors.items():
             if key in state:
                 raise LoadError(f"key {key!r} appears in two files of {path}")
             state[key] = tensor
