@@ -79,6 +79,19 @@ def _check_types(owner: str, obj: Any) -> None:
                           f"it must be {names}")
 
 
+# Sanity limits on config.json numbers (found by fuzzing: 10^100 layers hung the key planner, a 10^100-wide
+# layer overflowed torch). Far above any real checkpoint (80 layers, widths ~30k, vocabularies ~260k).
+MAX_LAYERS = 1024
+MAX_SIZE = 2**24  # any width, head count, vocabulary size, tile or patch size
+
+
+def _check_at_most(owner: str, limit: int, **values: int) -> None:
+    for name, value in values.items():
+        if value > limit:
+            raise ConfigError(f"{owner}.{name} = {value} is over llava-next's sanity limit of {limit}; the config "
+                              f"is damaged: restore the config.json that came with the checkpoint")
+
+
 def _check_positive(owner: str, **values: float) -> None:
     for name, value in values.items():
         if not value > 0:
@@ -133,6 +146,10 @@ class VisionConfig:
                         num_layers=self.num_layers, num_heads=self.num_heads, image_size=self.image_size,
                         patch_size=self.patch_size, num_channels=self.num_channels,
                         layer_norm_eps=self.layer_norm_eps)
+        _check_at_most(o, MAX_LAYERS, num_layers=self.num_layers)
+        _check_at_most(o, MAX_SIZE, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                       num_heads=self.num_heads, image_size=self.image_size, patch_size=self.patch_size,
+                       num_channels=self.num_channels)
         _check_literal(o, "feature_strategy", self.feature_strategy, FeatureStrategy)
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"{o}.hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
@@ -194,10 +211,16 @@ class TextConfig:
                         num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                         rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta,
                         max_position_embeddings=self.max_position_embeddings)
+        _check_at_most(o, MAX_LAYERS, num_layers=self.num_layers)
+        _check_at_most(o, MAX_SIZE, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                       intermediate_size=self.intermediate_size, num_heads=self.num_heads,
+                       num_kv_heads=self.num_kv_heads, head_dim=self.head_dim or 1)
         if self.rope_scaling_factor < 1.0:
             raise ConfigError(f"{o}.rope_scaling_factor must be >= 1.0 (1.0 = no scaling), got {self.rope_scaling_factor}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"{o}.num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.head_dim is not None:
+            _check_positive(o, head_dim=self.head_dim)
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
                 raise ConfigError(f"{o}.hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; set head_dim")

@@ -69,7 +69,7 @@ RSS_BOUND = 1 << 30  # bytes of peak-RSS growth one case may cause (tiny inputs 
 DATA_LIMIT = 6 << 30  # RLIMIT_DATA of a worker: a runaway allocation fails instead of swapping the machine
 CASE_TIMEOUT = 60.0  # s per in-process case (bigbuckbunny decodes in ~1.5 s on an idle core)
 CLI_TIMEOUT = 180.0  # s per CLI case (a cold python + torch import is ~5 s, more on a busy machine)
-SEED_VERSION = "1"  # bump when build_seeds changes
+SEED_VERSION = "2"  # bump when build_seeds changes
 
 
 # ==================================================================================================
@@ -268,6 +268,8 @@ def mutate_header(rng: random.Random, header: dict) -> tuple[dict, str, int | No
         entry["shape"] = value
         return header, f"header {name}: shape = {value!r}", None
     if op == "huge_shape":  # a self-consistent header for a 10^12-element tensor: only the file size contradicts it
+        name = max(names, key=lambda k: header[k]["data_offsets"])  # the last tensor: the others stay consistent
+        entry = header[name]
         itemsize = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8}.get(entry.get("dtype"), 4)
         begin = entry["data_offsets"][0]
         entry["shape"] = [10**6, 10**6]
@@ -325,7 +327,16 @@ def byte_mutation(rng: random.Random, data: bytes) -> tuple[bytes, str]:
 # Seeds: real files, built once per machine
 # ==================================================================================================
 def seed_root() -> Path:
-    return Path(os.environ.get("LLAVA_NEXT_FUZZ_SEEDS") or Path(tempfile.gettempdir()) / f"llava_next_fuzz_seeds_v{SEED_VERSION}")
+    """$LLAVA_NEXT_FUZZ_SEEDS, or a directory in /tmp keyed by the code that builds the seeds (a change to
+    the checkpoint builders or the converter builds them anew instead of fuzzing stale files)."""
+    import hashlib
+
+    h = hashlib.sha256(SEED_VERSION.encode())
+    for f in (TESTS / "checkpoints.py", TESTS / "tokenizers_fixture.py", TESTS / "media.py",
+              ROOT / "weights" / "llava_next_weights" / "convert.py", ROOT / "weights" / "llava_next_weights" / "keymaps.py"):
+        h.update(f.read_bytes() if f.exists() else b"")
+    return Path(os.environ.get("LLAVA_NEXT_FUZZ_SEEDS") or
+                Path(tempfile.gettempdir()) / f"llava_next_fuzz_seeds_{h.hexdigest()[:12]}")
 
 
 def build_seeds(root: Path | None = None) -> Path:
@@ -347,12 +358,12 @@ def build_seeds(root: Path | None = None) -> Path:
         src = media.real_photo(name)
         shutil.copy(src, images / src.name)
     data = media._skimage_data()
-    for name in ("no_time_for_that_tiny.gif", "multipage_rgb.tif"):
-        shutil.copy(data / name, images / name)
+    shutil.copy(data / "no_time_for_that_tiny.gif", images / "no_time_for_that_tiny.gif")  # animated
     with Image.open(media.real_photo("coffee")) as im:
         small = im.convert("RGB").resize((150, 100))
         small.save(images / "coffee.webp", quality=80)
         small.save(images / "coffee.bmp")
+        small.save(images / "coffee.tif", compression="tiff_lzw")
     videos = tmp / "videos"
     videos.mkdir()
     shutil.copy(media.real_video(), videos / "bigbuckbunny.mp4")
@@ -413,10 +424,12 @@ class Target:
     weights: tuple[float, ...] = ()  # relative frequency of each seed (default equal)
 
 
-def make_case(target: Target, seed: int, index: int, root: Path, work: Path) -> Case:
-    """Recreate case ``index`` of ``target`` under ``work`` (deterministic in (seed, target, index))."""
+def make_case(target: Target, seed: int, index: int, root: Path, work: Path, *, spec: str | None = None,
+              mutate: Callable[[random.Random, bytes], tuple[bytes, str]] | None = None) -> Case:
+    """Recreate case ``index`` of ``target`` under ``work`` (deterministic in (seed, target, index)).
+    ``spec`` picks the seed file, ``mutate`` replaces the target's mutator (regression tests)."""
     rng = random.Random(f"{seed}:{target.name}:{index}")
-    spec = rng.choices(target.seeds, weights=target.weights or None)[0]
+    spec = spec or rng.choices(target.seeds, weights=target.weights or None)[0]
     work.mkdir(parents=True, exist_ok=True)
     if ":" in spec:
         directory, name = spec.split(":")
@@ -426,7 +439,7 @@ def make_case(target: Target, seed: int, index: int, root: Path, work: Path) -> 
     else:
         inp = mutated = work / f"fz-{Path(spec).name}"
         shutil.copy(root / spec, mutated)
-    data, note = target.mutate(rng, mutated.read_bytes())
+    data, note = (mutate or target.mutate)(rng, mutated.read_bytes())
     mutated.write_bytes(data)
     return Case(target.name, index, seed, inp, mutated, work, f"{spec}: {note}")
 
@@ -509,7 +522,7 @@ def cli_run(case: Case):
 
 
 _IMAGES = ("images/chelsea.png", "images/rocket.jpg", "images/hubble_deep_field.jpg", "images/logo.png",
-           "images/camera.png", "images/no_time_for_that_tiny.gif", "images/multipage_rgb.tif",
+           "images/camera.png", "images/no_time_for_that_tiny.gif", "images/coffee.tif",
            "images/coffee.webp", "images/coffee.bmp")
 TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("image", _IMAGES, byte_mutation, api_image, cli_inspect_image),
@@ -562,7 +575,7 @@ def classify(exc: BaseException | None, case: Case) -> tuple[str, str]:
     message = str(exc) if not isinstance(exc, OSError) or exc.filename is None else f"{exc.filename}: {exc}"
     if not names_input(message, case):
         return "unnamed", f"{type(exc).__name__}: {message[:500]}"
-    return "error", f"{type(exc).__name__}: {message[:200]}"
+    return "error", f"{type(exc).__name__}: {message[:600]}"
 
 
 # ---- the worker (one process, many cases) -------------------------------------------------------

@@ -139,6 +139,10 @@ def detect_format(raw_config: dict, keys: list[str]) -> str:
     if "vision" in raw_config and "text" in raw_config and "model_type" not in raw_config:
         raise ConversionError("this directory is already in llava-next's layout; load it directly")
     found = [fmt for fmt, marker in _FORMAT_MARKERS.items() if any(k.startswith(marker) for k in keys)]
+    if not found and any(k.startswith("projector.") for k in keys):  # llava-next's own key names
+        raise ConversionError("the tensors are in llava-next's own layout but config.json is not a llava-next config "
+                              "(it needs 'vision' and 'text' objects and no 'model_type'): it is damaged; restore it "
+                              "or convert the original checkpoint again")
     if len(found) != 1:
         raise ConversionError(f"cannot tell the checkpoint format from its key names (found markers of "
                               f"{found or 'none'}); pass fmt= one of {list(SOURCE_FORMATS)}")
@@ -297,7 +301,10 @@ def convert(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, fmt: str 
 
     # ---- plan from the headers: every check happens here, before any data is copied
     headers = read_headers(source_files(src))
-    fmt = fmt or detect_format(raw_config, list(headers))
+    try:
+        fmt = fmt or detect_format(raw_config, list(headers))
+    except ConversionError as e:
+        raise ConversionError(f"{src}: {e}") from None
     config = read_source_config(raw_config, fmt, src / "config.json")
     try:
         pieces = plan(fmt, {k: shape for k, (_, shape, _) in headers.items()}, config)
