@@ -30,6 +30,7 @@ def main() -> int:
     p.add_argument("--start", type=int, default=0, help="first case index (to continue a run)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--cli-every", type=int, default=25, help="every Nth case also through the CLI (0: none)")
+    p.add_argument("--cli-workers", type=int, default=1, help="CLI subprocesses at a time (default 1)")
     p.add_argument("--timeout", type=float, default=CASE_TIMEOUT, help="seconds per in-process case")
     p.add_argument("--targets", nargs="+", choices=sorted(TARGETS), default=None)
     p.add_argument("--out", default=None, help="JSON report (default benchmarks/results/fuzz-seed{SEED}.json)")
@@ -49,7 +50,7 @@ def main() -> int:
             print(f"... {done[0]} results in {time.monotonic() - t0:.0f} s", flush=True)
 
     report = run_campaign(args.cases, args.seed, targets=args.targets, workers=args.workers,
-                          cli_every=args.cli_every, timeout=args.timeout, progress=progress, start=args.start)
+                          cli_every=args.cli_every, cli_workers=args.cli_workers, timeout=args.timeout, progress=progress, start=args.start)
     print(f"\nseed {args.seed}, cases {args.start}..{args.start + args.cases - 1}, {report.cases} results "
           f"({report.seconds:.0f} s); per-case timeout {args.timeout:.0f} s, peak-RSS bound "
           f"{RSS_BOUND / 2**20:.0f} MiB, largest growth {report.max_rss_growth / 2**20:.0f} MiB\n")
@@ -59,7 +60,7 @@ def main() -> int:
     out = Path(args.out or Path(__file__).parent / "results" / f"fuzz-seed{args.seed}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"seed": args.seed, "start": args.start, "workers": args.workers,
-                               "cli_every": args.cli_every, **report.to_dict()}, indent=1) + "\n")
+                               "cli_every": args.cli_every, "cli_workers": args.cli_workers, **report.to_dict()}, indent=1) + "\n")
     print(f"\nwritten {out}")
     return 1 if report.failures else 0
 

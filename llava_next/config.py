@@ -53,6 +53,14 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _finite(value: float) -> bool:
+    """A number torch can use as a float (10**400 is a valid JSON integer but not a float)."""
+    try:
+        return math.isfinite(float(value)) and abs(float(value)) < 1e300
+    except OverflowError:
+        return False
+
+
 @functools.cache
 def _hints(cls: type) -> dict:
     return get_type_hints(cls)
@@ -69,11 +77,13 @@ def _check_types(owner: str, obj: Any) -> None:
         if not set(options) & {int, float, bool}:
             continue
         if (value is None and type(None) in options) or (bool in options and isinstance(value, bool)) \
-                or (int in options and _is_int(value)) \
-                or (float in options and (_is_int(value) or isinstance(value, float) and math.isfinite(value))):
+                or (int in options and _is_int(value) and abs(value) < 2**31) \
+                or (float in options and (_is_int(value) or isinstance(value, float)) and _finite(value)):
+            if float in options and int not in options and _is_int(value):  # 10**100 as a float: torch.pow
+                object.__setattr__(obj, f.name, float(value))              # cannot take the integer
             continue
         names = " or ".join("null" if o is type(None) else "a finite number" if o is float else
-                            "an integer" if o is int else o.__name__ for o in options)
+                            "an integer below 2**31 in magnitude" if o is int else o.__name__ for o in options)
         text = repr(value)
         raise ConfigError(f"{owner}.{f.name} = {text[:60]}{'...' if len(text) > 60 else ''} is not supported; "
                           f"it must be {names}")
@@ -221,6 +231,8 @@ class TextConfig:
             raise ConfigError(f"{o}.num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.head_dim is not None:
             _check_positive(o, head_dim=self.head_dim)
+        if self.sliding_window is not None:
+            _check_positive(o, sliding_window=self.sliding_window)
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
                 raise ConfigError(f"{o}.hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; set head_dim")

@@ -311,6 +311,12 @@ def convert(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, fmt: str 
     except ConversionError as e:  # name the directory: the problems below name only keys
         raise ConversionError(f"{src}: {e}") from None
 
+    integer = [f"{p.source} ({_ST_NAMES[headers[p.source][2]]}, in {headers[p.source][0].name})" for p in pieces
+               if not headers[p.source][2].is_floating_point]
+    if integer:  # every LLaVA-NeXT weight is floating point (found by fuzzing: a flipped dtype loaded as U32)
+        raise ConversionError(f"{src}: {len(integer)} weight(s) are stored as integers: {', '.join(integer[:5])}; "
+                              f"LLaVA-NeXT weights are floating point, so the file is damaged: get it again")
+
     def out_dtype_of(p: Piece) -> torch.dtype:
         src_dtype = headers[p.source][2]
         return out_dtype if out_dtype is not None and src_dtype.is_floating_point else src_dtype

@@ -345,6 +345,11 @@ def load_into(module: torch.nn.Module, path: str | os.PathLike, *, dtype: torch.
                     f"config and the weights contradict each other (an edited config.json, one from another "
                     f"model, or altered tensors). Restore the files the checkpoint came with, or convert again.")
         raise LoadError(f"the checkpoint in {path} does not fit {type(module).__name__}:\n{mismatch}{hint}")
+    kinds = [f"{k} ({state[k].dtype} in the file, {v.dtype} in the model)" for k, v in module.state_dict().items()
+             if state[k].is_floating_point() != v.is_floating_point() or state[k].is_complex() != v.is_complex()]
+    if kinds:  # e.g. a float weight stored as U32 (found by fuzzing: torch's load_state_dict raised RuntimeError)
+        raise LoadError(f"the checkpoint in {path} stores {len(kinds)} tensor(s) in a dtype of the wrong kind: "
+                        f"{', '.join(kinds[:5])}; the file is damaged: convert the checkpoint again")
     device = torch.device(device)
     for key, t in state.items():
         state[key] = _cast(t, dtype if dtype is not None and t.is_floating_point() else t.dtype, device)
