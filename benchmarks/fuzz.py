@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from fuzzing import CASE_TIMEOUT, RSS_BOUND, TARGETS, run_campaign  # noqa: E402
+from fuzzing import CASE_TIMEOUT, FAILURES, RSS_BOUND, TARGETS, run_campaign  # noqa: E402
 
 
 def main() -> int:
@@ -41,8 +41,7 @@ def main() -> int:
 
     def progress(result: dict) -> None:
         done[0] += 1
-        bad = result["outcome"].removeprefix("cli-") in ("internal", "unnamed", "partial", "memory", "hang",
-                                                          "signal", "bad-exit")
+        bad = result["outcome"].removeprefix("cli-") in FAILURES + ("bad-exit",)
         if bad:
             print(f"FAIL {result['outcome']} {result['target']} #{result['index']}: {result['mutation']}\n"
                   f"     {result['detail'][-600:]}", flush=True)

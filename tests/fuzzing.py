@@ -45,6 +45,7 @@ Adding a parser (e.g. batch-input .jsonl lines, quantized checkpoints): build it
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -170,12 +171,12 @@ def mutate_json(rng: random.Random, obj) -> tuple[object, str, int]:
         path = rng.choice(inner)
     depth = 0
     if not path:  # the whole document
-        value = rng.choice(([], "x", 1, None, [obj]))
+        value = copy.deepcopy(rng.choice(([], "x", 1, None, [obj])))
         return value, f"json root -> {json.dumps(value)[:40]}", 0
     parent, key = _get(obj, path[:-1]), path[-1]
     where = "/".join(map(str, path))
     if op == "wrong_type":
-        value = rng.choice(WRONG_VALUES)
+        value = copy.deepcopy(rng.choice(WRONG_VALUES))  # a copy: later changes must not reach the constant
         parent[key] = value
         return obj, f"json wrong_type {where} = {json.dumps(value)}", 0
     if op == "drop":
@@ -184,7 +185,7 @@ def mutate_json(rng: random.Random, obj) -> tuple[object, str, int]:
     if op == "extra":
         target = _get(obj, path)
         name = rng.choice(("extra_field", "", "__metadata__", "model_type", "dtype", "text_config", "0"))
-        target[name] = rng.choice(WRONG_VALUES + (10**12,))
+        target[name] = copy.deepcopy(rng.choice(WRONG_VALUES + (10**12,)))
         return obj, f"json extra {where}/{name}", 0
     if op == "huge":
         value = rng.choice(HUGE_NUMBERS)
@@ -545,7 +546,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
 # ==================================================================================================
 # Outcomes
 # ==================================================================================================
-FAILURES = ("internal", "unnamed", "partial", "memory", "hang", "signal")
+FAILURES = ("internal", "unnamed", "partial", "memory", "hang", "signal", "harness")
 
 
 # documented errors about a request's numbers rather than a file (docs/errors.md, Runtime): weights that
@@ -642,8 +643,13 @@ def worker_main(root: str) -> None:
         work = Path(req["work"])
         target = TARGETS[req["target"]]
         try:
-            case = make_case(target, req["seed"], req["index"], Path(root), work)
-            result = run_in_process(target, case)
+            try:
+                case = make_case(target, req["seed"], req["index"], Path(root), work)
+            except Exception as e:  # a bug of the harness, not of llava-next: say so, keep going
+                result = {"target": target.name, "index": req["index"], "outcome": "harness",
+                          "detail": "".join(traceback.format_exception(e))[-2000:], "mutation": "?"}
+            else:
+                result = run_in_process(target, case)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         proto.write(json.dumps(result) + "\n")
@@ -827,9 +833,9 @@ def run_campaign(n_cases: int, seed: int = 0, *, targets: list[str] | None = Non
                         result = json.loads(line)
                     else:  # the worker died inside the case
                         w.proc.wait()
-                        result = _lost(w.job, seed, "signal", f"worker exited with {w.proc.returncode}")
+                        result = _lost(w.job, seed, "signal", f"worker exited with {w.proc.returncode}", root)
                 elif time.monotonic() > w.deadline:
-                    result = _lost(w.job, seed, "hang", f"no answer within {timeout:.0f} s")
+                    result = _lost(w.job, seed, "hang", f"no answer within {timeout:.0f} s", root)
                 if result is None:
                     continue
                 if result["outcome"] in ("signal", "hang"):
@@ -852,11 +858,15 @@ def run_campaign(n_cases: int, seed: int = 0, *, targets: list[str] | None = Non
     return report
 
 
-def _lost(job: dict, seed: int, outcome: str, detail: str) -> dict:
-    case = make_case(TARGETS[job["target"]], seed, job["index"], build_seeds(), Path(tempfile.mkdtemp()))
-    shutil.rmtree(case.work, ignore_errors=True)
+def _lost(job: dict, seed: int, outcome: str, detail: str, root: Path) -> dict:
+    work = Path(tempfile.mkdtemp())
+    try:
+        mutation = make_case(TARGETS[job["target"]], seed, job["index"], root, work).mutation
+    except Exception as e:  # noqa: BLE001
+        mutation = f"? (recreating it failed: {type(e).__name__})"
+    shutil.rmtree(work, ignore_errors=True)
     return {"target": job["target"], "index": job["index"], "outcome": outcome, "detail": detail,
-            "mutation": case.mutation}
+            "mutation": mutation}
 
 
 class _CliRunner:
@@ -887,8 +897,12 @@ class _CliRunner:
             if self.stopped:
                 return
             work = scratch / f"cli-{name}-{index}"
-            case = make_case(TARGETS[name], seed, index, root, work)
-            result = run_cli(TARGETS[name], case)
+            try:
+                case = make_case(TARGETS[name], seed, index, root, work)
+                result = run_cli(TARGETS[name], case)
+            except Exception as e:  # noqa: BLE001  (a bug of the harness: reported, the run goes on)
+                result = {"target": name, "index": index, "outcome": "cli-harness", "mutation": "?",
+                          "detail": "".join(traceback.format_exception(e))[-2000:]}
             report.add(result)
             if progress:
                 progress(result)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 import struct
+import subprocess
 
 import pytest
 
@@ -95,6 +96,16 @@ def test_outcome_rules_catch_failures(tmp_path):
     assert classify(ValueError("bad value"), case)[0] == "unnamed"
     assert classify(ValueError(f"{case.mutated}: bad"), case)[0] == "error"
     assert classify(fuzzing.PartialOutput("left"), case)[0] == "partial"
+    cli = lambda code, err: fuzzing._classify_cli(subprocess.CompletedProcess([], code, "", err), "convert", case, None)
+    named = f"llava-next convert: error: {case.mutated}: not valid JSON\n"
+    assert cli(2, named)[0] == "cli-error"
+    assert cli(2, "tempfile.tif: Using code not yet in table.\n" + named)[0] == "cli-error"  # a C library's warning
+    assert cli(2, "llava-next convert: error: bad value\n")[0] == "cli-unnamed"
+    assert cli(3, "Traceback (most recent call last):\n...\nllava-next convert: internal error (KeyError)")[0] \
+        == "cli-internal"
+    assert cli(2, named + named)[0] == "cli-internal"
+    assert cli(-11, "")[0] == "cli-signal"
+    assert cli(1, "")[0] == "cli-bad-exit"
 
 
 def test_mutations_are_deterministic(seeds, tmp_path):
@@ -263,8 +274,12 @@ def test_config_type_checks_accept_the_presets():
 def test_random_mutators_are_bounded():
     """Mutators never grow a file without bound (the harness's own memory) and keep JSON parseable-or-not."""
     rng = random.Random(0)
+    constants = json.dumps(fuzzing.WRONG_VALUES)
     data = json.dumps({"a": [1, 2, {"b": "c"}], "d": 1.5}).encode()
-    for _ in range(200):
+    for _ in range(300):
         out, note = fuzzing.json_file_mutation(rng, data)
         assert len(out) < 3_000_000 and note
+    # a mutation once stored WRONG_VALUES' own {} in a document and a later one added to it: the constant
+    # grew into a cycle (RecursionError in the worker) and later cases depended on earlier ones
+    assert json.dumps(fuzzing.WRONG_VALUES) == constants
     assert LoadError.__mro__[1] is ValueError
