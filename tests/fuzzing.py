@@ -71,6 +71,9 @@ DATA_LIMIT = 6 << 30  # RLIMIT_DATA of a worker: a runaway allocation fails inst
 CASE_TIMEOUT = 60.0  # s per in-process case (bigbuckbunny decodes in ~1.5 s on an idle core)
 CLI_TIMEOUT = 180.0  # s per CLI case (a cold python + torch import is ~5 s, more on a busy machine)
 SEED_VERSION = "2"  # bump when build_seeds changes
+# parsers that other branches add: fuzzed as soon as their code is in this tree
+HAS_QUANT = (ROOT / "weights" / "llava_next_weights" / "quantize.py").exists()
+HAS_BATCH = (ROOT / "llava_next" / "runtime" / "batch.py").exists()
 
 
 # ==================================================================================================
@@ -334,7 +337,8 @@ def seed_root() -> Path:
 
     h = hashlib.sha256(SEED_VERSION.encode())
     for f in (TESTS / "checkpoints.py", TESTS / "tokenizers_fixture.py", TESTS / "media.py",
-              ROOT / "weights" / "llava_next_weights" / "convert.py", ROOT / "weights" / "llava_next_weights" / "keymaps.py"):
+              ROOT / "weights" / "llava_next_weights" / "convert.py", ROOT / "weights" / "llava_next_weights" / "keymaps.py",
+              ROOT / "weights" / "llava_next_weights" / "quantize.py", ROOT / "llava_next" / "runtime" / "batch.py"):
         h.update(f.read_bytes() if f.exists() else b"")
     return Path(os.environ.get("LLAVA_NEXT_FUZZ_SEEDS") or
                 Path(tempfile.gettempdir()) / f"llava_next_fuzz_seeds_{h.hexdigest()[:12]}")
@@ -375,6 +379,16 @@ def build_seeds(root: Path | None = None) -> Path:
     for side in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(hf / side, tmp / "ckpt-orig" / side)
     convert(hf, tmp / "ckpt-converted", progress=False)
+    if HAS_QUANT:  # quantized checkpoints (llava_next_weights.quantize), when this tree has them
+        for method in ("int8", "int4"):
+            convert(hf, tmp / f"ckpt-{method}", dtype="bf16", quantize=method, group_size=32, progress=False)
+    if HAS_BATCH:  # a batch-input file (llava_next.runtime.batch) naming the seed media, read-only
+        jobs = [{"id": "image", "prompt": "What is this?", "images": [str(root / "images/chelsea.png")]},
+                {"id": "text", "prompt": "Hello", "max_new_tokens": 2},
+                {"id": "video", "prompt": "What happens?", "video": str(root / "videos/pan.avi"), "frames": 2},
+                {"id": "sampled", "prompt": "Go on", "temperature": 0.5, "seed": 1, "top_p": 0.9}]
+        (tmp / "batch").mkdir()
+        (tmp / "batch" / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
     (tmp / "DONE").write_text("ok\n")
     try:
         os.rename(tmp, root)
@@ -522,6 +536,59 @@ def cli_run(case: Case):
             "--cache-dir", str(case.work / "cache"), "What is in this video?"], None
 
 
+def jsonl_mutation(rng: random.Random, data: bytes) -> tuple[bytes, str]:
+    """A batch-input file: one line changed structure-aware (or replaced, duplicated, dropped), else bytes."""
+    lines = data.split(b"\n")
+    full = [i for i, line in enumerate(lines) if line.strip()]
+    r = rng.random()
+    if r < 0.25 or not full:
+        return byte_mutation(rng, data)
+    i = rng.choice(full)
+    if r < 0.35:
+        j = rng.choice(full)
+        lines.insert(j, lines[i])
+        return b"\n".join(lines), f"jsonl line {i + 1} duplicated before line {j + 1}"
+    if r < 0.4:
+        del lines[i]
+        return b"\n".join(lines), f"jsonl drop line {i + 1}"
+    new, note = json_file_mutation(rng, lines[i])
+    lines[i] = new.replace(b"\n", b" ") if rng.random() < 0.9 else new
+    return b"\n".join(lines), f"jsonl line {i + 1}: {note}"
+
+
+def api_batch(case: Case) -> None:
+    """``run_batch`` over the mutated inputs with the seed's converted model; every output line must be a
+    JSON record with an id, written once (a bad item is an error record, not an exception)."""
+    import torch
+
+    from llava_next.runtime.batch import Defaults, run_batch
+    from llava_next.runtime.pipeline import Pipeline
+
+    out = case.work / "results.jsonl"
+    model = seed_root() / "ckpt-converted"
+    try:
+        run_batch(lambda: Pipeline.from_pretrained(model, dtype=torch.float32, progress=False), case.input, out,
+                  defaults=Defaults(max_new_tokens=2), progress=None)
+    except BaseException:
+        if out.exists() and out.stat().st_size:
+            raise PartialOutput(f"{out} written by a batch that failed before running") from None
+        raise
+    ids = []
+    for line in out.read_text().splitlines() if out.exists() else []:
+        record = json.loads(line)
+        if not isinstance(record, dict) or "id" not in record or record.get("status") not in ("ok", "error"):
+            raise PartialOutput(f"{out}: a malformed record {line[:120]}")
+        ids.append(record["id"])
+    if len(ids) != len(set(ids)):
+        raise PartialOutput(f"{out}: an id written twice")
+
+
+def cli_batch(case: Case):
+    out = case.work / "results.jsonl"
+    return ["batch", "--inputs", str(case.input), "--out", str(out), "--model", str(seed_root() / "ckpt-converted"),
+            "--dtype", "fp32", "--max-new-tokens", "2", "--quiet"], None
+
+
 _IMAGES = ("images/chelsea.png", "images/rocket.jpg", "images/hubble_deep_field.jpg", "images/logo.png",
            "images/camera.png", "images/no_time_for_that_tiny.gif", "images/coffee.tif",
            "images/coffee.webp", "images/coffee.bmp")
@@ -541,6 +608,16 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("tokenizer-json", ("ckpt-converted:tokenizer.json",), json_file_mutation, api_pipeline, cli_run),
     Target("tokenizer-config", ("ckpt-converted:tokenizer_config.json",), json_file_mutation, api_pipeline, cli_run),
 )}
+if HAS_QUANT:
+    TARGETS.update({t.name: t for t in (
+        Target("quant-safetensors", ("ckpt-int8:model-00001-of-00001.safetensors",
+                                     "ckpt-int4:model-00001-of-00001.safetensors"), safetensors_mutation,
+               api_pipeline, cli_run),
+        Target("quant-json", ("ckpt-int8:quantization.json", "ckpt-int4:quantization.json"), json_file_mutation,
+               api_pipeline, cli_run),
+    )})
+if HAS_BATCH:
+    TARGETS["batch-jsonl"] = Target("batch-jsonl", ("batch/jobs.jsonl",), jsonl_mutation, api_batch, cli_batch)
 
 
 # ==================================================================================================
