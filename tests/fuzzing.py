@@ -13,6 +13,9 @@ What is fuzzed (``TARGETS``; each is one parser, fed a mutated copy of a real se
 | orig-safetensors / orig-config | the same weights in the original release format | model.safetensors / config.json | ``convert`` | ``convert SRC OUT`` |
 | converted-safetensors / -index / -config | the tiny model converted by llava-next | shard / index / config.json | ``Pipeline.from_pretrained`` + ``prepare`` + 2 tokens | ``run --model DIR`` |
 | tokenizer-json / tokenizer-config | its tokenizer.json / tokenizer_config.json | that file | the same | ``run --model DIR`` |
+| onevision-safetensors / -config, qwen-tokenizer | a tiny SigLIP + Qwen2 LLaVA-OneVision checkpoint (``tests/checkpoints_qwen.py``) | model.safetensors / config.json / tokenizer.json | the same (converted into the case's cache first) | ``run --model DIR`` |
+| quant-safetensors / quant-json (once ``llava_next_weights.quantize`` exists) | int8 / int4 conversions of the tiny model | shard / quantization.json | the same | ``run --model DIR`` |
+| batch-jsonl (once ``llava_next.runtime.batch`` exists) | a jobs.jsonl naming the seed media | one line (structure-aware) or bytes | ``run_batch`` (records checked) | ``batch --inputs F --out O`` |
 
 Mutations (all drawn from ``random.Random(f"{seed}:{target}:{index}")``, so a case is recreated from its
 three numbers): byte level — bit flips (half of them in the first 4 KiB, where headers are), splices
@@ -70,7 +73,7 @@ RSS_BOUND = 1 << 30  # bytes of peak-RSS growth one case may cause (tiny inputs 
 DATA_LIMIT = 6 << 30  # RLIMIT_DATA of a worker: a runaway allocation fails instead of swapping the machine
 CASE_TIMEOUT = 60.0  # s per in-process case (bigbuckbunny decodes in ~1.5 s on an idle core)
 CLI_TIMEOUT = 180.0  # s per CLI case (a cold python + torch import is ~5 s, more on a busy machine)
-SEED_VERSION = "2"  # bump when build_seeds changes
+SEED_VERSION = "3"  # bump when build_seeds changes
 # parsers that other branches add: fuzzed as soon as their code is in this tree
 HAS_QUANT = (ROOT / "weights" / "llava_next_weights" / "quantize.py").exists()
 HAS_BATCH = (ROOT / "llava_next" / "runtime" / "batch.py").exists()
@@ -336,7 +339,7 @@ def seed_root() -> Path:
     import hashlib
 
     h = hashlib.sha256(SEED_VERSION.encode())
-    for f in (TESTS / "checkpoints.py", TESTS / "tokenizers_fixture.py", TESTS / "media.py",
+    for f in (TESTS / "checkpoints.py", TESTS / "checkpoints_qwen.py", TESTS / "tokenizers_fixture.py", TESTS / "media.py",
               ROOT / "weights" / "llava_next_weights" / "convert.py", ROOT / "weights" / "llava_next_weights" / "keymaps.py",
               ROOT / "weights" / "llava_next_weights" / "quantize.py", ROOT / "llava_next" / "runtime" / "batch.py"):
         h.update(f.read_bytes() if f.exists() else b"")
@@ -379,6 +382,9 @@ def build_seeds(root: Path | None = None) -> Path:
     for side in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(hf / side, tmp / "ckpt-orig" / side)
     convert(hf, tmp / "ckpt-converted", progress=False)
+    from checkpoints_qwen import make_onevision_checkpoint  # SigLIP + Qwen2 (LLaVA-OneVision), llava-hf files
+
+    make_onevision_checkpoint(tmp / "ckpt-onevision", "anyres_max_9")
     if HAS_QUANT:  # quantized checkpoints (llava_next_weights.quantize), when this tree has them
         for method in ("int8", "int4"):
             convert(hf, tmp / f"ckpt-{method}", dtype="bf16", quantize=method, group_size=32, progress=False)
@@ -608,6 +614,11 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("tokenizer-json", ("ckpt-converted:tokenizer.json",), json_file_mutation, api_pipeline, cli_run),
     Target("tokenizer-config", ("ckpt-converted:tokenizer_config.json",), json_file_mutation, api_pipeline, cli_run),
 )}
+TARGETS.update({t.name: t for t in (  # the SigLIP + Qwen2 family: converted into the case's cache, loaded, run
+    Target("onevision-safetensors", ("ckpt-onevision:model.safetensors",), safetensors_mutation, api_pipeline, cli_run),
+    Target("onevision-config", ("ckpt-onevision:config.json",), json_file_mutation, api_pipeline, cli_run),
+    Target("qwen-tokenizer", ("ckpt-onevision:tokenizer.json",), json_file_mutation, api_pipeline, cli_run),
+)})
 if HAS_QUANT:
     TARGETS.update({t.name: t for t in (
         Target("quant-safetensors", ("ckpt-int8:model-00001-of-00001.safetensors",
