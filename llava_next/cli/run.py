@@ -83,12 +83,15 @@ def _convert(args: argparse.Namespace, user_error) -> int:
 def _run(args: argparse.Namespace, user_error) -> int:
     from ..config import PRESETS
     from ..model.attention import use_backend
-    from ..runtime.pipeline import Pipeline, with_overrides
+    from ..parallel.launch import dist_env, rank0_output
+    from ..parallel.tensor_parallel import load_pipeline  # under torchrun: the decoder split over the ranks
+    from ..runtime.pipeline import with_overrides
     from ..runtime.progress import Progress
     from . import options
     from .plan import media_plan, overflow, overflow_warning
 
     options.finish(args, needs_prompt=True)
+    rank0_output(dist_env())  # under torchrun, ranks > 0 print nothing (the answer, plan and progress come once)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise user_error("--device cuda: no CUDA device is available; use --device cpu")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
@@ -103,8 +106,8 @@ def _run(args: argparse.Namespace, user_error) -> int:
     progress = Progress(enabled=not args.quiet, skip=() if args.json else ("decoding",))
     progress.say("loading", f"{model_id} ({args.dtype}, {args.device}){' (built on first use)' if tiny else ''}")
     t0 = time.perf_counter()
-    pipe = Pipeline.from_pretrained(model_id, dtype=DTYPES[args.dtype], device=args.device,
-                                    cache_dir=args.cache_dir, progress=not args.quiet)
+    pipe = load_pipeline(model_id, dtype=DTYPES[args.dtype], device=args.device, cache_dir=args.cache_dir,
+                         progress=not args.quiet)
     load_s = time.perf_counter() - t0
     progress.say("loading", f"done in {load_s:.2f} s")
     pipe.progress = progress

@@ -239,7 +239,8 @@ class Decoder(nn.Module):
             if (c is not None and c.k.shape[0] == batch and c.k.shape[2] >= max_len and c.k.dtype == dtype
                     and c.k.device == device):
                 continue
-            layer.self_attn.kv_cache = KVCache(batch, cfg.num_kv_heads, max_len, cfg.head_dim, dtype, device)
+            # the attention's own kv head count: under tensor parallelism (llava_next.parallel) a rank's share
+            layer.self_attn.kv_cache = KVCache(batch, layer.self_attn.num_kv_heads, max_len, cfg.head_dim, dtype, device)
 
     def clear_caches(self) -> None:
         for layer in self.layers:

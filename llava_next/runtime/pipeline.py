@@ -94,6 +94,9 @@ class Pipeline:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.progress = None  # a runtime.progress.Progress to report long work on stderr; None: silent
+        # the decoder sizes this process computes with, for the memory check: config.text, or one rank's
+        # share under tensor parallelism (llava_next.parallel.tensor_parallel.rank_text_config)
+        self.budget_text_config: TextConfig | None = None
 
     def _say(self, stage: str, message: str) -> None:
         if self.progress is not None:
@@ -232,7 +235,8 @@ class Pipeline:
         if not max_new_tokens >= 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         decoder = self.model.language_model
-        budget = memory_budget(self.config.text, len(requests), max(len(r.input_ids) for r in requests),
+        budget = memory_budget(self.budget_text_config or self.config.text, len(requests),
+                               max(len(r.input_ids) for r in requests),
                                max_new_tokens, self.model.dtype, self.model.device, decoder)
         budget.check()
         stops = stop_token_ids(self.tokenizer, self.config.template if template is None else template)

@@ -281,6 +281,32 @@ def _cast(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Te
     return out
 
 
+def local_part(t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The part of the full checkpoint tensor ``t`` this process holds of ``target``: ``t`` itself, or, when
+    ``target`` is a DTensor sharded evenly along dimensions (tensor parallelism, llava_next.parallel), this
+    rank's slice. A slice along the first dimension stays a view of the mapped file (only its pages are
+    ever read); any other slice is copied and the file pages it read are dropped."""
+    placements = getattr(target, "placements", None)
+    if placements is None:
+        return t
+    mesh, full = target.device_mesh, t
+    for mesh_dim, placement in enumerate(placements):
+        dim = getattr(placement, "dim", None)
+        if dim is None or not placement.is_shard():
+            continue
+        n, i = mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
+        if t.shape[dim] % n:
+            raise LoadError(f"a tensor of shape {tuple(t.shape)} cannot be split evenly over {n} ranks along "
+                            f"dimension {dim}")
+        size = t.shape[dim] // n
+        t = t.narrow(dim, i * size, size)
+    if not t.is_contiguous():
+        t = t.contiguous()
+        if is_file_mapped(full):  # the rows it was copied from: none of their pages are needed here any more
+            release_file_pages(full)
+    return t
+
+
 def release_file_pages(t: torch.Tensor) -> None:
     """Drop the mmapped file pages lying wholly inside ``t`` from this process (madvise MADV_DONTNEED).
 
@@ -351,8 +377,15 @@ def load_into(module: torch.nn.Module, path: str | os.PathLike, *, dtype: torch.
         raise LoadError(f"the checkpoint in {path} stores {len(kinds)} tensor(s) in a dtype of the wrong kind: "
                         f"{', '.join(kinds[:5])}; the file is damaged: convert the checkpoint again")
     device = torch.device(device)
+    targets = module.state_dict()
     for key, t in state.items():
-        state[key] = _cast(t, dtype if dtype is not None and t.is_floating_point() else t.dtype, device)
+        t = local_part(t, targets[key])
+        t = _cast(t, dtype if dtype is not None and t.is_floating_point() else t.dtype, device)
+        if hasattr(targets[key], "placements"):  # a DTensor: this rank's slice, wrapped with the same layout
+            from torch.distributed.tensor import DTensor
+
+            t = DTensor.from_local(t, targets[key].device_mesh, targets[key].placements, run_check=False)
+        state[key] = t
     module.load_state_dict(state, strict=True, assign=True)
     for sub in module.modules():
         init = getattr(sub, "init_buffers", None)

@@ -1,0 +1,191 @@
+"""The decoder split over 2 real processes (torchrun, gloo on 127.0.0.1) against the same checkpoint in one.
+
+One torchrun launch (tests/tp_worker.py) covers the parity cases on two tiny checkpoints — llama (4 heads,
+4 kv heads) and mistral (GQA: 4 heads, 2 kv heads): full-sequence fp32 logits of an image prompt (its
+AnyRes tiles split across the ranks), a video prompt (its frames split) and a left-padded batch of both,
+within the project's tolerance of one process; greedy tokens identical; both ranks agree; each rank
+holds half of the decoder's sharded weights and a KV cache with half of the kv heads; ``llava-next
+run --json`` under torchrun prints the single-process answer from rank 0 only. A second launch, two
+"machines" (two torchrun agents, --nnodes 2) of which one has a cut-off copy of the checkpoint,
+must end both with one message within a bounded time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoints import make_runnable_checkpoint
+from media import cached_video
+
+pytest.importorskip("transformers")
+pytest.importorskip("torch.distributed")
+if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is needed", allow_module_level=True)
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+TIMEOUT_S = 240
+
+
+def child_env(**extra) -> dict:
+    """One thread per process (2 cores, 2 ranks), no decode-attention compile (~10 s per process; SDPA
+    instead, the same numbers to ~1e-7), the repository first on the path."""
+    paths = [str(REPO), str(REPO / "kernels"), str(REPO / "weights")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", LLAVA_NEXT_COMPILE="0", HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join(paths + [os.environ.get("PYTHONPATH", "")]), **extra)
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *args]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """Two tiny runnable checkpoints converted into llava-next's layout: {"llama": dir, "gqa": dir}."""
+    from llava_next_weights.hub import resolve
+
+    root = tmp_path_factory.mktemp("tp")
+    out = {}
+    for name, text in (("llama", "llama"), ("gqa", "mistral")):
+        directory, _ = make_runnable_checkpoint(root / f"hf-{name}", kind="video", text=text)
+        out[name] = resolve(directory, cache_dir=root / "cache", progress=False)
+    return root, out
+
+
+@pytest.fixture(scope="module")
+def video():
+    return cached_video("model_parity", frames=24, size_hw=(90, 160), fps=12, photo="coffee")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(converted, video):
+    """The worker's results per checkpoint and rank, and the CLI's stdout per rank."""
+    root, dirs = converted
+    out = root / "out"
+    out.mkdir()
+    t0 = time.perf_counter()
+    r = subprocess.run(torchrun("--standalone", "--nproc-per-node", "2", str(HERE / "tp_worker.py"), str(out),
+                                str(video), *(f"{k}={v}" for k, v in dirs.items())),
+                       env=child_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert r.returncode == 0, r.stderr[-4000:]
+    results = {name: [torch.load(out / f"{name}-rank{rank}.pt") for rank in (0, 1)] for name in dirs}
+    cli = [((out / f"cli-rank{rank}.txt").read_text(), (out / f"cli-rank{rank}.code").read_text()) for rank in (0, 1)]
+    return results, cli, time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def like_a_rank():
+    """The single-process reference computed as the ranks compute: SDPA decode attention (no compile) and
+    one thread (two spinning oneDNN threads on a busy 2-core machine made this ~40x slower)."""
+    threads = torch.get_num_threads()
+    os.environ["LLAVA_NEXT_COMPILE"] = "0"
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        os.environ.pop("LLAVA_NEXT_COMPILE")
+        torch.set_num_threads(threads)
+
+
+def single_process(directory, video) -> dict:
+    """The same prompts as tp_worker.run_prompts, in this process (no tensor parallelism)."""
+    import tp_worker
+    from llava_next.runtime.pipeline import Pipeline
+
+    with like_a_rank():
+        pipe = Pipeline.from_pretrained(directory, dtype=torch.float32, progress=False)
+        return tp_worker.run_prompts(pipe, str(video))
+
+
+@pytest.mark.parametrize("name", ["llama", "gqa"])
+def test_two_ranks_match_one_process(two_ranks, converted, video, name):
+    results, _, _ = two_ranks
+    ref = single_process(converted[1][name], video)
+    for rank, got in enumerate(results[name]):
+        for case in ("image", "video", "batch"):
+            want, have = ref[f"{case}_logits"], got[f"{case}_logits"]
+            assert have.shape == want.shape
+            err = (have - want).abs().max().item() / want.abs().max().item()
+            assert err <= 1e-5, f"{name} {case} rank {rank}: relative logit error {err:.2e}"
+            assert got[f"{case}_tokens"] == ref[f"{case}_tokens"], f"{name} {case} rank {rank}"
+    assert torch.equal(results[name][0]["batch_logits"], results[name][1]["batch_logits"])  # ranks agree exactly
+
+
+@pytest.mark.parametrize("name", ["llama", "gqa"])
+def test_each_rank_holds_half_the_decoder(two_ranks, converted, video, name):
+    """Measured from the tensors each rank's modules hold after loading: the split weights halve, the
+    norms (replicated) stay; the KV cache has half of the kv heads."""
+    from llava_next_weights.load import read_config
+
+    results, _, _ = two_ranks
+    cfg = read_config(converted[1][name]).text
+    full = 4 * sum(n for n in (
+        cfg.vocab_size * cfg.hidden_size * 2,  # embed_tokens + lm_head
+        cfg.num_layers * cfg.hidden_size * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim,
+        cfg.num_layers * 3 * cfg.hidden_size * cfg.intermediate_size))
+    norms = 4 * cfg.hidden_size * (2 * cfg.num_layers + 1)
+    for got in results[name]:
+        assert got["decoder_bytes"] == full // 2 + norms
+        assert got["kv_cache_shape"][1] == cfg.num_kv_heads // 2
+
+
+def test_run_under_torchrun_prints_once_the_single_process_answer(two_ranks, converted, video):
+    from llava_next.runtime.pipeline import Pipeline
+
+    _, cli, _ = two_ranks
+    (out0, code0), (out1, code1) = cli
+    assert (code0, code1) == ("0", "0")
+    assert out1 == ""  # rank 1 prints nothing
+    answer = json.loads(out0)
+    import tp_worker
+
+    with like_a_rank():
+        pipe = Pipeline.from_pretrained(converted[1]["llama"], dtype=torch.float32, progress=False)
+        req = pipe.prepare(tp_worker.PROMPTS["video"]["prompt"], video=video, frames=4,
+                           max_new_tokens=tp_worker.NEW_TOKENS)
+        ref = pipe.generate_batch([req], max_new_tokens=tp_worker.NEW_TOKENS)[0]
+    assert answer["tokens"] == ref
+
+
+def test_a_rank_failing_at_load_ends_every_rank_with_one_message(converted, video, tmp_path):
+    """Two machines (torchrun agents with --nnodes 2 on 127.0.0.1), the second with a cut-off copy of
+    the checkpoint: both exit non-zero, promptly, and rank 0 says which rank failed and why."""
+    import socket
+
+    _, dirs = converted
+    good = dirs["llama"]
+    bad = tmp_path / "copy-on-machine-2"
+    shutil.copytree(good, bad)
+    shard = next(bad.glob("*.safetensors"))
+    with open(shard, "r+b") as f:  # an interrupted copy
+        f.truncate(shard.stat().st_size // 2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    t0 = time.perf_counter()
+    for node, model in ((0, good), (1, bad)):
+        procs.append(subprocess.Popen(
+            torchrun("--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
+                     "--master-port", str(port), "-m", "llava_next.cli.main", "run", "--model", str(model),
+                     "--video", str(video), "--frames", "2", "--max-new-tokens", "2", "What is happening?"),
+            env=child_env(LLAVA_NEXT_DIST_TIMEOUT="60"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=TIMEOUT_S) for p in procs]
+    elapsed = time.perf_counter() - t0
+    assert all(p.returncode != 0 for p in procs), [o[1][-2000:] for o in outs]
+    assert elapsed < 120
+    err0 = outs[0][1]
+    assert "rank 1 of 2 failed loading the checkpoint" in err0 and "cut off" in err0, err0[-3000:]
+    assert err0.count("failed loading the checkpoint") == 1
