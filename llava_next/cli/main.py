@@ -3,6 +3,7 @@
 Commands
 - ``run`` / ``convert`` (run.py): answer a question with a checkpoint; convert a checkpoint.
 - ``trace`` (trace.py): token provenance, exact attention and logit lens of one request (JSON, PNG).
+- ``batch`` (batch.py): answer every request of a JSONL file into a JSONL file, resumably.
 - ``inspect``: the token plan of images and/or videos, without weights — AnyRes canvas, tiles, unpadded
   features and newlines per image; sampled frames, timestamps and pooled tokens per frame for a video;
   and whether the prompt fits the RoPE context with which factor. ``--json`` for scripts, ``--png`` for
@@ -279,6 +280,9 @@ def build_parser(json_errors: bool = False) -> argparse.ArgumentParser:
     from .trace import add_trace  # research: provenance, attention, logit lens of one request
 
     add_trace(sub, user_error=UserError)
+    from .batch import add_batch  # the resumable batch job (torchrun shares it out)
+
+    add_batch(sub, user_error=UserError)
     return parser
 
 
