@@ -189,3 +189,37 @@ def test_a_rank_failing_at_load_ends_every_rank_with_one_message(converted, vide
     err0 = outs[0][1]
     assert "rank 1 of 2 failed loading the checkpoint" in err0 and "cut off" in err0, err0[-3000:]
     assert err0.count("failed loading the checkpoint") == 1
+
+
+def test_which_numbers_of_processes_work_is_said():
+    from llava_next.config import LlavaNextConfig
+    from llava_next.parallel.tensor_parallel import TensorParallelError, check_tp_size, working_tp_sizes
+
+    yi = LlavaNextConfig.from_name("LLaVA-NeXT-Video-34B").text  # 56 heads, 8 kv heads (GQA), vocab 64064
+    assert working_tp_sizes(yi) == [1, 2, 4, 8]
+    with pytest.raises(TensorParallelError, match=r"num_heads 56, num_kv_heads \(GQA\) 8, .* not divisible by 3.*"
+                                                  r"works for this model: 1, 2, 4, 8"):
+        check_tp_size(yi, 3)
+    mistral = LlavaNextConfig.from_name("llava-v1.6-mistral-7b").text  # 32 heads, 8 kv heads
+    with pytest.raises(TensorParallelError, match=r"split over 16 processes: num_kv_heads \(GQA\) 8 is not divisible"):
+        check_tp_size(mistral, 16)
+
+
+def test_memory_per_rank_is_the_run_check_with_one_ranks_share():
+    """N = 1 is exactly the single-process numbers (all weights; memory_budget of the full config); at
+    N = 2 the decoder weights, the KV cache and the head/MLP activations halve, the vision tower does not."""
+    from llava_next.config import LlavaNextConfig
+    from llava_next.model.llava import LlavaNextModel
+    from llava_next.parallel.tensor_parallel import memory_per_rank
+    from llava_next.runtime.pipeline import memory_budget
+
+    config = LlavaNextConfig.from_name("LLaVA-NeXT-Video-7B")
+    with torch.device("meta"):
+        model = LlavaNextModel(config)
+    weights = sum(p.numel() for p in model.parameters()) * 2
+    budget = memory_budget(config.text, 1, 1200, 256, torch.bfloat16, torch.device("cpu"))
+    one, two = (memory_per_rank(config, n, torch.bfloat16, 1200, 256) for n in (1, 2))
+    assert one["total"] == weights + budget.needed_bytes
+    norms = 2 * config.text.hidden_size * (2 * config.text.num_layers + 1)
+    assert two["decoder"] == (one["decoder"] - norms) // 2 + norms and two["vision"] == one["vision"]
+    assert two["kv_cache"] * 2 == one["kv_cache"] and two["activations"] < one["activations"]

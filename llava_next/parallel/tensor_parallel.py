@@ -100,10 +100,11 @@ def working_tp_sizes(text: TextConfig, up_to: int = 64) -> list[int]:
 
 
 def check_tp_size(text: TextConfig, n: int) -> None:
-    bad = [f"{name} {size}" for name, size in _split_sizes(text).items() if size % n]
+    bad = [f"{name} {size}" for name, size in _split_sizes(text).items() if size % n]  # e.g. "num_heads 56"
     if bad:
         raise TensorParallelError(
-            f"the decoder cannot be split over {n} processes: {', '.join(bad)} not divisible by {n} (each rank takes "
+            f"the decoder cannot be split over {n} processes: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not "
+            f"divisible by {n} (each rank takes "
             f"an equal share of the heads, the MLP and the vocabulary). Use a number of processes that works for "
             f"this model: {', '.join(map(str, working_tp_sizes(text)))}")
 
@@ -202,13 +203,40 @@ def pack_replicated_for_cpu(model: LlavaNextModel) -> bool:
     return True
 
 
+def load_model(path, mesh, *, config: LlavaNextConfig | None = None, dtype: torch.dtype | None = None,
+               device: str = "cpu") -> LlavaNextModel:
+    """The model of a converted directory with its decoder split over ``mesh``: built on the meta device,
+    parallelized, then each rank's slices mmapped (``load_into``); vision layers prepacked on CPU."""
+    from llava_next_weights.load import load_into, read_config
+
+    config = config or read_config(path)
+    with torch.device("meta"):
+        model = LlavaNextModel(config)
+    parallelize(model, mesh)
+    load_into(model, path, dtype=dtype, device=device)
+    pack_replicated_for_cpu(model)
+    return model.eval()
+
+
+def memory_per_rank(config: LlavaNextConfig, n: int, dtype: torch.dtype, prompt_tokens: int, new_tokens: int,
+                    batch: int = 1) -> dict[str, int]:
+    """Bytes one of ``n`` ranks needs: its weights (``weights_per_rank``) plus what a run allocates, from
+    ``runtime.pipeline.memory_budget`` (the check every run makes before it starts) with one rank's sizes."""
+    weights = weights_per_rank(config, n, dtype)
+    budget = memory_budget(rank_text_config(config.text, n), batch, prompt_tokens, new_tokens, dtype,
+                           torch.device("cpu"))
+    out = {**weights, "kv_cache": budget.kv_cache_bytes, "activations": budget.activation_bytes}
+    out["total"] = sum(out.values())
+    return out
+
+
 def load_tensor_parallel(model_id_or_dir, mesh, *, dtype: torch.dtype | None = None, device: str = "cpu",
                          cache_dir=None, progress: bool = True):
     """A ``Pipeline`` whose decoder is split over ``mesh`` (every rank calls this). Resolving (download,
     conversion) happens on each machine's local rank 0 first, the others then find it cached. Errors on
     any rank become one ``RankFailedError`` on all of them."""
     from llava_next_weights.hub import resolve
-    from llava_next_weights.load import load_into, parse_dtype, read_config
+    from llava_next_weights.load import parse_dtype, read_config
 
     from ..inputs.prompt import Tokenizer
     from ..runtime.pipeline import preset_for
@@ -236,11 +264,7 @@ def load_tensor_parallel(model_id_or_dir, mesh, *, dtype: torch.dtype | None = N
         tokenizer_file = Path(path) / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise FileNotFoundError(f"{path} has no tokenizer.json; copy the checkpoint's tokenizer.json there")
-        with torch.device("meta"):
-            model = LlavaNextModel(config)
-        parallelize(model, mesh)
-        load_into(model, path, dtype=dtype, device=device)
-        pack_replicated_for_cpu(model)
+        model = load_model(path, mesh, config=config, dtype=dtype, device=device)
         pipe = TensorParallelPipeline(model, Tokenizer.load(tokenizer_file))
         pipe.budget_text_config = rank_text_config(config.text, mesh.size())
         return pipe
