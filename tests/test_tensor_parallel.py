@@ -69,20 +69,46 @@ def video():
     return cached_video("model_parity", frames=24, size_hw=(90, 160), fps=12, photo="coffee")
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
-def two_ranks(converted, video):
-    """The worker's results per checkpoint and rank, and the CLI's stdout per rank."""
+def launches(converted, video):
+    """Both launches at once (they share the machine; waiting for one then the other doubled the time):
+    the parity worker on 2 ranks, and the two "machines" of which the second has a cut-off checkpoint.
+    Returns the worker's results per checkpoint and rank, the CLI's stdout per rank, and for the failing
+    run each agent's (returncode, stderr) and the seconds until both had exited."""
     root, dirs = converted
     out = root / "out"
     out.mkdir()
+    bad = root / "copy-on-machine-2"
+    shutil.copytree(dirs["llama"], bad)
+    shard = next(bad.glob("*.safetensors"))
+    with open(shard, "r+b") as f:  # an interrupted copy
+        f.truncate(shard.stat().st_size // 2)
     t0 = time.perf_counter()
-    r = subprocess.run(torchrun("--standalone", "--nproc-per-node", "2", str(HERE / "tp_worker.py"), str(out),
-                                str(video), *(f"{k}={v}" for k, v in dirs.items())),
-                       env=child_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert r.returncode == 0, r.stderr[-4000:]
+    worker = subprocess.Popen(torchrun("--standalone", "--nproc-per-node", "2", str(HERE / "tp_worker.py"), str(out),
+                                       str(video), *(f"{k}={v}" for k, v in dirs.items())),
+                              env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    port = free_port()
+    nodes = [subprocess.Popen(
+        torchrun("--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
+                 "--master-port", str(port), "-m", "llava_next.cli.main", "run", "--model", str(model),
+                 "--video", str(video), "--frames", "2", "--max-new-tokens", "2", "What is happening?"),
+        env=child_env(LLAVA_NEXT_DIST_TIMEOUT="60"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for node, model in ((0, dirs["llama"]), (1, bad))]
+    failing = [(p.communicate(timeout=TIMEOUT_S)[1], p.returncode) for p in nodes]
+    failing_s = time.perf_counter() - t0
+    _, err = worker.communicate(timeout=TIMEOUT_S)
+    assert worker.returncode == 0, err[-4000:]
     results = {name: [torch.load(out / f"{name}-rank{rank}.pt") for rank in (0, 1)] for name in dirs}
     cli = [((out / f"cli-rank{rank}.txt").read_text(), (out / f"cli-rank{rank}.code").read_text()) for rank in (0, 1)]
-    return results, cli, time.perf_counter() - t0
+    return {"results": results, "cli": cli, "failing": failing, "failing_s": failing_s}
 
 
 @contextlib.contextmanager
@@ -110,8 +136,8 @@ def single_process(directory, video) -> dict:
 
 
 @pytest.mark.parametrize("name", ["llama", "gqa"])
-def test_two_ranks_match_one_process(two_ranks, converted, video, name):
-    results, _, _ = two_ranks
+def test_two_ranks_match_one_process(launches, converted, video, name):
+    results = launches["results"]
     ref = single_process(converted[1][name], video)
     for rank, got in enumerate(results[name]):
         for case in ("image", "video", "batch"):
@@ -124,12 +150,12 @@ def test_two_ranks_match_one_process(two_ranks, converted, video, name):
 
 
 @pytest.mark.parametrize("name", ["llama", "gqa"])
-def test_each_rank_holds_half_the_decoder(two_ranks, converted, video, name):
+def test_each_rank_holds_half_the_decoder(launches, converted, video, name):
     """Measured from the tensors each rank's modules hold after loading: the split weights halve, the
     norms (replicated) stay; the KV cache has half of the kv heads."""
     from llava_next_weights.load import read_config
 
-    results, _, _ = two_ranks
+    results = launches["results"]
     cfg = read_config(converted[1][name]).text
     full = 4 * sum(n for n in (
         cfg.vocab_size * cfg.hidden_size * 2,  # embed_tokens + lm_head
@@ -141,11 +167,10 @@ def test_each_rank_holds_half_the_decoder(two_ranks, converted, video, name):
         assert got["kv_cache_shape"][1] == cfg.num_kv_heads // 2
 
 
-def test_run_under_torchrun_prints_once_the_single_process_answer(two_ranks, converted, video):
+def test_run_under_torchrun_prints_once_the_single_process_answer(launches, converted, video):
     from llava_next.runtime.pipeline import Pipeline
 
-    _, cli, _ = two_ranks
-    (out0, code0), (out1, code1) = cli
+    (out0, code0), (out1, code1) = launches["cli"]
     assert (code0, code1) == ("0", "0")
     assert out1 == ""  # rank 1 prints nothing
     answer = json.loads(out0)
@@ -159,36 +184,15 @@ def test_run_under_torchrun_prints_once_the_single_process_answer(two_ranks, con
     assert answer["tokens"] == ref
 
 
-def test_a_rank_failing_at_load_ends_every_rank_with_one_message(converted, video, tmp_path):
+def test_a_rank_failing_at_load_ends_every_rank_with_one_message(launches):
     """Two machines (torchrun agents with --nnodes 2 on 127.0.0.1), the second with a cut-off copy of
-    the checkpoint: both exit non-zero, promptly, and rank 0 says which rank failed and why."""
-    import socket
-
-    _, dirs = converted
-    good = dirs["llama"]
-    bad = tmp_path / "copy-on-machine-2"
-    shutil.copytree(good, bad)
-    shard = next(bad.glob("*.safetensors"))
-    with open(shard, "r+b") as f:  # an interrupted copy
-        f.truncate(shard.stat().st_size // 2)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    t0 = time.perf_counter()
-    for node, model in ((0, good), (1, bad)):
-        procs.append(subprocess.Popen(
-            torchrun("--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
-                     "--master-port", str(port), "-m", "llava_next.cli.main", "run", "--model", str(model),
-                     "--video", str(video), "--frames", "2", "--max-new-tokens", "2", "What is happening?"),
-            env=child_env(LLAVA_NEXT_DIST_TIMEOUT="60"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=TIMEOUT_S) for p in procs]
-    elapsed = time.perf_counter() - t0
-    assert all(p.returncode != 0 for p in procs), [o[1][-2000:] for o in outs]
-    assert elapsed < 120
-    err0 = outs[0][1]
-    assert "rank 1 of 2 failed loading the checkpoint" in err0 and "cut off" in err0, err0[-3000:]
+    the checkpoint: both exit non-zero, promptly, and rank 0 says once which rank failed and why."""
+    (err0, code0), (err1, code1) = launches["failing"]
+    assert code0 != 0 and code1 != 0, (err0[-2000:], err1[-2000:])
+    assert launches["failing_s"] < 150  # no collective waits for the failed rank (the timeout alone would be 60 s)
+    assert "llava-next run: error: rank 1 of 2 failed loading the checkpoint" in err0 and "cut off" in err0, err0[-3000:]
     assert err0.count("failed loading the checkpoint") == 1
+    assert "failed loading the checkpoint" not in err1  # rank 1 leaves the message to rank 0
 
 
 def test_which_numbers_of_processes_work_is_said():
