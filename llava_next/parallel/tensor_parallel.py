@@ -103,10 +103,9 @@ def check_tp_size(text: TextConfig, n: int) -> None:
     bad = [f"{name} {size}" for name, size in _split_sizes(text).items() if size % n]  # e.g. "num_heads 56"
     if bad:
         raise TensorParallelError(
-            f"the decoder cannot be split over {n} processes: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not "
-            f"divisible by {n} (each rank takes "
-            f"an equal share of the heads, the MLP and the vocabulary). Use a number of processes that works for "
-            f"this model: {', '.join(map(str, working_tp_sizes(text)))}")
+            f"the decoder cannot be split over {n} processes: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} "
+            f"not divisible by {n} (each rank takes an equal share of the heads, the MLP and the vocabulary). Use a "
+            f"number of processes that works for this model: {', '.join(map(str, working_tp_sizes(text)))}")
 
 
 def rank_text_config(text: TextConfig, n: int) -> TextConfig:
