@@ -50,6 +50,7 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import math
 import os
 import sys
 import time
@@ -116,8 +117,13 @@ def read_items(path: PathLike, defaults: Defaults = Defaults()) -> list[Item]:
     with a non-empty string ``id``, or a repeated id; an item's bad options are kept as its ``problem``."""
     items: list[Item] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for number, text in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise BatchInputError(f"{path} line {number}: not UTF-8 text ({e.reason} at byte {e.start}); save the "
+                                      f"file as UTF-8 JSON lines") from None
             if not text.strip():
                 continue
             try:
@@ -128,6 +134,11 @@ def read_items(path: PathLike, defaults: Defaults = Defaults()) -> list[Item]:
             if not isinstance(raw, dict) or not isinstance(raw.get("id"), str) or not raw["id"]:
                 raise BatchInputError(f"{path} line {number}: each line must be a JSON object with a non-empty "
                                       f"string \"id\" (got {text.strip()[:80]})")
+            try:
+                raw["id"].encode("utf-8")
+            except UnicodeEncodeError:
+                raise BatchInputError(f"{path} line {number}: the id {raw['id']!r} is not valid Unicode (a lone "
+                                      f"surrogate escape); ids must be text") from None
             if raw["id"] in seen:
                 raise BatchInputError(f"{path} line {number}: id {raw['id']!r} is already used on line "
                                       f"{seen[raw['id']]}; ids must be unique (they key the output)")
@@ -193,8 +204,8 @@ def _number(raw: dict, key: str, default, kind: type, minimum: float):
     value = raw.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
         raise ItemError(f"\"{key}\" must be {'an integer' if kind is int else 'a number'}, got {value!r}")
-    if value < minimum:
-        raise ItemError(f"\"{key}\" must be >= {minimum}, got {value}")
+    if not math.isfinite(value) or value < minimum:
+        raise ItemError(f"\"{key}\" must be a finite number >= {minimum}, got {value}")
     return kind(value)
 
 
@@ -244,7 +255,10 @@ class ResultsFile:
 
     def append(self, record: dict) -> None:
         """One line, whole, then on disk before returning."""
-        data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        try:
+            data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from the input in a message: escape everything instead
+            data = (json.dumps(record) + "\n").encode("utf-8")
         with self.locked():
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
