@@ -156,7 +156,8 @@ def test_unusable_inputs_are_refused_before_anything_runs(tmp_path):
     for text, match in (('{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}\n', "already used on line 1"),
                         ('{"id": "a", "prompt": "x"}\nnot json\n', "line 2: not JSON"),
                         ('{"prompt": "x"}\n', "non-empty string \"id\""),
-                        ('{"id": "a", "prompt": "\xa0"}\n'.encode("latin-1"), "line 1: not UTF-8 text")):
+                        ('{"id": "a", "prompt": "\xa0"}\n'.encode("latin-1"), "line 1: not UTF-8 text"),
+                        ('{"id": "a", "prompt": ' + "[" * 5000 + "]" * 5000 + "}\n", "line 1: JSON nested too deeply")):
         path = tmp_path / "jobs.jsonl"
         path.write_bytes(text if isinstance(text, bytes) else text.encode())
         with pytest.raises(BatchInputError, match=match):

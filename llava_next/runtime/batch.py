@@ -131,6 +131,9 @@ def read_items(path: PathLike, defaults: Defaults = Defaults()) -> list[Item]:
             except json.JSONDecodeError as e:
                 raise BatchInputError(f"{path} line {number}: not JSON ({e}); each line must be one JSON object "
                                       f"with an \"id\" and a \"prompt\"") from None
+            except RecursionError:  # json's parser recurses per nesting level (~1,000 levels exhaust the stack)
+                raise BatchInputError(f"{path} line {number}: JSON nested too deeply; each line must be one flat JSON "
+                                      f"object with an \"id\" and a \"prompt\"") from None
             if not isinstance(raw, dict) or not isinstance(raw.get("id"), str) or not raw["id"]:
                 raise BatchInputError(f"{path} line {number}: each line must be a JSON object with a non-empty "
                                       f"string \"id\" (got {text.strip()[:80]})")
