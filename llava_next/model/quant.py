@@ -58,6 +58,7 @@ DEFAULT_GROUP_SIZE = 128
 DEQUANT_MIN_ROWS = 128  # rows of activations from which a layer dequantizes and runs a bf16 GEMM
 INNER_K_TILES = 2  # argument of torch._convert_weight_to_int4pack_for_cpu (the CPU layout ignores it)
 _CHUNK_ROWS = 512
+ALIGN = 64  # bytes: torch's int8 CPU kernel needs its weight aligned like this (see Int8Linear.init_buffers)
 
 
 class QuantizationError(ValueError):
@@ -174,6 +175,15 @@ class Int8Linear(nn.Module):
         if linear.bias is not None:
             m.bias = linear.bias.detach().to(dtype)
         return m
+
+    def init_buffers(self, device: torch.device) -> None:
+        """After loading: an int8 weight not aligned to 64 bytes is copied (the kernel's vector loads need
+        the alignment: a misaligned weight crashes it from 2 rows up). The converter aligns the integer
+        weights it writes, so mmapped weights are normally used in place."""
+        for name in ("weight", "scales"):
+            t = getattr(self, name)
+            if not t.is_meta and t.data_ptr() % ALIGN:
+                setattr(self, name, t.clone())
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         out = torch.empty(self.weight.shape, dtype=dtype, device=self.weight.device)

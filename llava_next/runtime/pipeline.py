@@ -107,18 +107,25 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, model_id_or_dir: PathLike, *, dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu", cache_dir: PathLike | None = None,
-                        progress: bool = True) -> "Pipeline":
+                        progress: bool = True, quantize: str | None = None,
+                        group_size: int = 128) -> "Pipeline":
         """A converted llava-next directory, a llava-hf / original checkpoint directory (converted once,
         cached), a hub id (downloaded, converted once, cached), or "tiny-random" (runtime/tiny.py: random
-        weights, no download). Weights are mmapped, not copied."""
+        weights, no download). Weights are mmapped, not copied.
+        ``quantize`` ("int8" / "int4"): the decoder's linears quantized once into the cache
+        (llava_next/model/quant.py); a directory that is already quantized loads as such without it."""
         from llava_next_weights.hub import resolve
         from llava_next_weights.load import load_into, parse_dtype, read_config
+        from llava_next_weights.quantize import prepare_quantized
 
         dtype = parse_dtype(dtype)  # a bad dtype fails before any conversion or loading
         if tiny.is_tiny(model_id_or_dir):  # built in: random weights, built into the cache on first use
             path = tiny.ensure(cache_dir)
+            if quantize is not None:  # quantized into the cache like any llava-next directory
+                path = resolve(path, cache_dir=cache_dir, progress=progress, quantize=quantize, group_size=group_size)
         else:
-            path = resolve(model_id_or_dir, cache_dir=cache_dir, progress=progress)
+            path = resolve(model_id_or_dir, cache_dir=cache_dir, progress=progress, quantize=quantize,
+                           group_size=group_size)
         config = read_config(path)
         preset = preset_for(model_id_or_dir)
         if preset is not None and config.template != preset.config.template:
@@ -126,6 +133,9 @@ class Pipeline:
             config = dataclasses.replace(config, template=preset.config.template)
         with torch.device("meta"):
             model = LlavaNextModel(config)
+        if prepare_quantized(model, path, dtype) is not None and torch.device(device).type != "cpu":
+            raise ValueError(f"{path} is quantized: quantized checkpoints run on CPU only (torch's int8/int4 "
+                             f"CPU kernels); use --device cpu, or the float checkpoint on {device}")
         load_into(model, path, dtype=dtype, device=device)
         model.pack_for_cpu()  # oneDNN-prepacked linears on CPU (same numbers, faster); a no-op elsewhere
         tokenizer_file = Path(path) / "tokenizer.json"
