@@ -47,6 +47,9 @@ def add_run(sub, *, user_error, **_unused) -> None:
                    help="weights and activations (default bf16: AMX on recent CPUs, half the memory of fp32)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     _add_quantize(p, "quantize the decoder's linear weights once (cached like a conversion); CPU only")
+    p.add_argument("--compile-step", choices=("auto", "on", "off"), default="auto",
+                   help="CPU: decode with one compiled graph per step (auto: when the answer is long enough to "
+                        "pay for the compile; see llava_next/model/compiled_step.py)")
     p.add_argument("--cache-dir", default=None, help="where converted checkpoints are kept "
                                                      "(default $LLAVA_NEXT_CACHE or ~/.cache/llava-next)")
     options.add_output_options(p, what="one object (tokens, text, timings, plan)")
@@ -139,7 +142,8 @@ def _run(args: argparse.Namespace, user_error) -> int:
             print(f"[llava-next] --rope-scale auto: using linear RoPE factor {plan.factor:g} "
                   f"(the checkpoint's is {plan.config_factor:g})", file=sys.stderr)
     options_ = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                    seed=args.seed, template=args.template)
+                    seed=args.seed, template=args.template,
+                    compile_step={"auto": None, "on": True, "off": False}[args.compile_step])
     pieces = []
     # tiny-random on CPU: plain SDPA decode attention (compiling the fast one costs more than the whole answer)
     with use_backend("sdpa") if tiny and args.device == "cpu" else contextlib.nullcontext():

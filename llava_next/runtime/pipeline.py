@@ -235,7 +235,7 @@ class Pipeline:
 
     def stream_batch(self, requests: Sequence[Request], *, max_new_tokens: int = 128, temperature: float = 0.0,
                      top_p: float = 1.0, seed: int | None = None,
-                     template: TemplateChoice | None = None) -> Iterator[torch.Tensor]:
+                     template: TemplateChoice | None = None, compile_step: bool | None = None) -> Iterator[torch.Tensor]:
         """Yield (B,) token ids per step for a left-padded batch of prepared requests."""
         if not requests:
             raise ValueError("no requests to generate for")
@@ -263,7 +263,8 @@ class Pipeline:
             decoder.rope_scaling_factor = self._rope_factor(requests)
             yield from stream_tokens(decoder, input_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
                                      temperature=temperature, top_p=top_p, seed=seed, eos_token_id=stops,
-                                     pad_token_id=self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0)
+                                     pad_token_id=self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0,
+                                     compile_step=compile_step)
         except (torch.OutOfMemoryError, MemoryError) as e:
             raise budget.error(f"the allocation failed: {_first_line(e)}") from None
         except RuntimeError as e:  # the CPU allocator says so in a RuntimeError
