@@ -43,6 +43,7 @@ hundreds of rows, where quantization saves memory but no time). "all" quantizes 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -350,10 +351,10 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
 
 
 def weight_bytes(shape: tuple[int, int], method: Method | None, itemsize: int, group_size: int = DEFAULT_GROUP_SIZE) -> int:
-    """Bytes a linear weight of ``shape`` occupies: float (``itemsize``), int8 + scales, or int4 + scales/zeros."""
-    N, K = shape
+    """Bytes a weight of ``shape`` occupies: float (``itemsize``), or a linear's int8 + scales / int4 + scales, zeros."""
     if method is None:
-        return N * K * itemsize
+        return math.prod(shape) * itemsize
+    N, K = shape
     if method == "int8":
         return N * K + N * itemsize
     return N * K // 2 + 2 * N * (K // group_size) * itemsize

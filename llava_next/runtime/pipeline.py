@@ -133,7 +133,10 @@ class Pipeline:
             config = dataclasses.replace(config, template=preset.config.template)
         with torch.device("meta"):
             model = LlavaNextModel(config)
-        if prepare_quantized(model, path, dtype) is not None and torch.device(device).type != "cpu":
+        qc = prepare_quantized(model, path, dtype)
+        check_model_fits(config, dtype or torch.bfloat16, device, None if qc is None else qc.method,
+                         128 if qc is None else qc.group_size)
+        if qc is not None and torch.device(device).type != "cpu":
             raise ValueError(f"{path} is quantized: quantized checkpoints run on CPU only (torch's int8/int4 "
                              f"CPU kernels); use --device cpu, or the float checkpoint on {device}")
         load_into(model, path, dtype=dtype, device=device)
@@ -414,6 +417,73 @@ def memory_budget(text: TextConfig, batch: int, prompt_tokens: int, new_tokens: 
     if available is not None and decoder is not None:  # caches of an earlier run are freed or reused
         available += sum(b.nbytes for name, b in decoder.named_buffers() if "kv_cache" in name)
     return MemoryBudget(batch, prompt_tokens, new_tokens, kv, activations, available, dtype, torch.device(device))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Whole-model memory: weights (float / int8 / int4) + a request's KV cache and activations
+# ----------------------------------------------------------------------------------------------------
+TYPICAL_PROMPT = 1272  # an 8-frame video (8 x 144 visual tokens) + ~120 text tokens
+TYPICAL_NEW = 256  # llava-next run's default --max-new-tokens
+
+
+def weight_bytes(config: LlavaNextConfig, dtype: torch.dtype, quantize: str | None = None,
+                 group_size: int = 128) -> int:
+    """Bytes of the model's weights in ``dtype``, with the decoder's linears quantized as ``quantize`` (the
+    layout of llava_next/model/quant.py: int8 + a scale per row, int4 + a scale and zero per group).
+    From the config alone (llava_next_weights.shapes, the converter's own shape table)."""
+    from llava_next_weights.shapes import expected_shapes
+
+    from ..model.quant import weight_bytes as linear_bytes
+
+    size = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for key, shape in expected_shapes(config).items():
+        is_linear = (key.startswith("language_model.") and key.endswith(".weight") and len(shape) == 2
+                     and "embed_tokens" not in key)
+        total += linear_bytes(shape, quantize if is_linear else None, size, group_size)
+    return total
+
+
+def check_model_fits(config: LlavaNextConfig, dtype: torch.dtype, device: torch.device | str = "cpu",
+                     quantize: str | None = None, group_size: int = 128) -> None:
+    """Before loading: refuse a model whose weights plus a one-token KV cache cannot fit the memory available
+    now (weights are mmapped, but decoding reads every byte per token: a model larger than memory
+    thrashes the disk). The error names the smaller formats that would fit."""
+    device = torch.device(device)
+    available = available_memory(device)
+    if available is None:
+        return
+    need = weight_bytes(config, dtype, quantize, group_size) + memory_budget(
+        config.text, 1, 1, 0, dtype, device).needed_bytes
+    if need <= available:
+        return
+    fits = [q for q in ("int8", "int4") if q != quantize and weight_bytes(config, dtype, q, group_size) < available]
+    what = "quantized " + quantize if quantize else str(dtype).removeprefix("torch.")
+    hint = (f"; --quantize {fits[0]} ({_gib(weight_bytes(config, dtype, fits[0], group_size))}) would fit"
+            if fits and device.type == "cpu" else "; use a machine with more memory or a smaller model")
+    raise MemoryBudgetError(f"the model's weights need {_gib(need)} in {what} but {_gib(available)} are available "
+                            f"on {device.type}{hint} (README: 'Which models fit')")
+
+
+def memory_table(memories_gib: Sequence[int] = (16, 24, 32, 64)) -> str:
+    """Markdown: for each decoder size (the presets), weights and a typical request (8-frame video + the
+    default 256 new tokens: KV cache and prefill activations, ``memory_budget``) in bf16 / int8 / int4,
+    and which machine memories hold it (with 10% left for the OS and the process)."""
+    from ..config import PRESETS
+
+    rows = [f"| model | format | weights | + typical request | total | "
+            + " | ".join(f"{m} GB" for m in memories_gib) + " |",
+            "|---|---|---|---|---|" + "---|" * len(memories_gib)]
+    for name in ("llava-v1.6-vicuna-7b", "llava-v1.6-vicuna-13b", "llava-v1.6-34b"):
+        cfg = PRESETS[name].config
+        request = memory_budget(cfg.text, 1, TYPICAL_PROMPT, TYPICAL_NEW, torch.bfloat16, torch.device("meta"))
+        for q in (None, "int8", "int4"):
+            w = weight_bytes(cfg, torch.bfloat16, q)
+            total = w + request.needed_bytes
+            marks = " | ".join("yes" if total <= 0.9 * m * 1e9 else "no" for m in memories_gib)
+            rows.append(f"| {name} | {q or 'bf16'} | {w / 1e9:.1f} GB | {request.needed_bytes / 1e9:.1f} GB | "
+                        f"{total / 1e9:.1f} GB | {marks} |")
+    return "\n".join(rows)
 
 
 def with_overrides(config: LlavaNextConfig, *, pool_stride: int | None = None, pool_mode: str | None = None,
