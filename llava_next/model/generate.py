@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from . import compiled_step
+from . import compiled_step, cpu_decode
 from .decoder import Decoder
 
 _FROM_CONFIG = object()  # default for eos_token_id / pad_token_id: read decoder.config
@@ -131,6 +131,9 @@ def stream(model: Decoder, input_ids: torch.Tensor | None = None, *, input_embed
             generator.manual_seed(seed)
 
     logits = prefill(model, embeds, position_ids, None if key_mask is None else key_mask[:, :T])
+    cfg = model.config  # the eager step's compiled attention (cpu_decode.py): only where it pays for itself
+    kv_bytes = 2 * cfg.num_layers * B * cfg.num_kv_heads * (T + max_new_tokens / 2) * cfg.head_dim * embeds.element_size()
+    attention_compile = cpu_decode.worth_compiling(kv_bytes, max_new_tokens)
     next_pos = position_ids[:, -1:] + 1  # (B, 1) RoPE position of the next token
     input_pos = torch.tensor([T], device=device)  # its cache slot
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -148,8 +151,9 @@ def stream(model: Decoder, input_ids: torch.Tensor | None = None, *, input_embed
         if logits is not None:
             _call_forward_hooks(model, logits[:, None])  # what model(...) would have run (e.g. finiteness checks)
         else:
-            logits = decode_one_token(model, token, input_pos, next_pos,
-                                      None if key_mask is None else key_mask[:, :kv_len])
+            with cpu_decode.for_request(attention_compile):
+                logits = decode_one_token(model, token, input_pos, next_pos,
+                                          None if key_mask is None else key_mask[:, :kv_len])
         input_pos += 1
         next_pos += 1
 
