@@ -197,6 +197,9 @@ class Int8Linear(nn.Module):
         if rows >= DEQUANT_MIN_ROWS:  # a GEMM: oneDNN on the dequantized weight is ~3x faster
             return F.linear(x, self.dequantized(x.dtype), self.bias)
         scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
+        if torch.compiler.is_compiling():  # the pattern inductor's CPU weight-only-int8 GEMM template matches
+            y = F.linear(x, self.weight.to(x.dtype)) * scales
+            return y if self.bias is None else y + self.bias
         y = torch._weight_int8pack_mm(x.reshape(rows, self.in_features).contiguous(), self.weight, scales)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
