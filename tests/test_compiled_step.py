@@ -72,6 +72,14 @@ def test_policy(monkeypatch):
     monkeypatch.setenv("LLAVA_NEXT_COMPILE_STEP", "1")
     assert compiled_step.worth_compiling(dec, 1, cpu)
     assert compiled_step.cache_length(1000, 64) == 1280 and compiled_step.cache_length(1, 255) == 256
+    # a named hook point or a module hook inside the decoder: the graph would skip it, so the eager step runs
+    remove = dec.layers[0].mlp.hook_post.add_hook(lambda t, hook: None)
+    assert not compiled_step.worth_compiling(dec, 1, cpu, compile_step=True)
+    remove()
+    handle = dec.layers[1].self_attn.register_forward_hook(lambda *a: None)
+    assert not compiled_step.worth_compiling(dec, 1, cpu, compile_step=True)
+    handle.remove()
+    assert compiled_step.worth_compiling(dec, 1, cpu, compile_step=True)
 
 
 def test_failed_compile_falls_back_to_the_eager_step_with_one_warning(monkeypatch):

@@ -27,7 +27,8 @@ Cost and when it is used: compiling takes seconds to minutes (per layer, more wi
 cached on disk by inductor for later processes. ``generate.stream`` uses it only when it pays for
 itself for the request: ``worth_compiling`` (the policy and the measured figures are there).
 ``LLAVA_NEXT_COMPILE_STEP=0`` (or ``compile_step=False``) turns it off, ``=1`` forces it; a failed
-compile falls back to the eager step with one warning.
+compile falls back to the eager step with one warning. The graph does not run the named hook points
+(hooks.py) or module hooks inside the decoder: while any is attached, the eager step runs (``observed``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .decoder import Decoder, apply_rope, rope_cos_sin, rope_inv_freq
+from .hooks import HookPoint
 
 # ---- policy ----------------------------------------------------------------------------------------
 # Measured (benchmarks/bench_cpu.py, 2-core Zen 4, 7B layer shapes): see README "CPU performance".
@@ -56,7 +58,7 @@ def setting() -> str:
 def worth_compiling(decoder: Decoder, max_new_tokens: int, device: torch.device, compile_step: bool | None = None) -> bool:
     """Whether ``stream`` should decode with the compiled step: on CPU, unless switched off, when the
     request asks for at least ``MIN_NEW_TOKENS`` tokens or the step is already compiled in this process."""
-    if compile_step is False or device.type != "cpu" or _failed:
+    if compile_step is False or device.type != "cpu" or _failed or observed(decoder):
         return False
     if compile_step is True or setting() == "1":
         return True
@@ -65,6 +67,18 @@ def worth_compiling(decoder: Decoder, max_new_tokens: int, device: torch.device,
     if getattr(decoder, "_compiled_step", None) is not None:
         return True  # already paid for in this process
     return max_new_tokens >= MIN_NEW_TOKENS and _room_for_frozen_weights(decoder)
+
+
+def observed(decoder: Decoder) -> bool:
+    """True while something watches the decoder's insides: an active named hook point (hooks.py), or a
+    forward (pre-)hook on a submodule or a pre-hook on the decoder. The graph does not call them, so the
+    eager step runs then (the decoder's own forward hooks are called on the step's logits)."""
+    for m in decoder.modules():
+        if isinstance(m, HookPoint) and m.active:
+            return True
+        if m._forward_pre_hooks or (m is not decoder and m._forward_hooks):
+            return True
+    return False
 
 
 def _room_for_frozen_weights(decoder: Decoder) -> bool:
