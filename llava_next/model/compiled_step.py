@@ -44,8 +44,11 @@ from .decoder import Decoder, apply_rope, rope_cos_sin, rope_inv_freq
 from .hooks import HookPoint
 
 # ---- policy ----------------------------------------------------------------------------------------
-# Measured (benchmarks/bench_cpu.py, 2-core Zen 4, 7B layer shapes): see README "CPU performance".
-MIN_NEW_TOKENS = 96  # auto: compile the step for requests of at least this many new tokens
+# Provisional: a 7B graph with max-autotune compiles in minutes cold, and on the (heavily shared) machine
+# this was written on the compiled step was not shown to beat the eager step (benchmarks/bench_quant.py,
+# README "Smaller and faster on a CPU"), so "auto" compiles only for very long answers; lower this once
+# bench_quant.py on a quiet machine shows tokens/s gained x tokens > the warm compile time.
+MIN_NEW_TOKENS = 1024  # auto: compile the step for requests of at least this many new tokens
 MODE = "max-autotune-no-cudagraphs"  # inductor mode (the tests use "default": no autotuning, seconds not minutes)
 
 
