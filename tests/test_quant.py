@@ -147,3 +147,19 @@ def test_readme_memory_table_is_the_one_the_memory_check_computes():
     assert weight_bytes(cfg, torch.bfloat16) == sum(t.nbytes for t in model.state_dict().values())
     quantize_model(model, QuantConfig("int4", group_size=32))
     assert weight_bytes(cfg, torch.bfloat16, "int4", 32) == sum(t.nbytes for t in model.state_dict().values())
+
+
+def test_check_model_fits_names_the_format_that_would(monkeypatch):
+    from llava_next.config import PRESETS
+    from llava_next.runtime import pipeline
+    from llava_next.runtime.pipeline import MemoryBudgetError, check_model_fits
+
+    cfg = PRESETS["llava-v1.6-vicuna-13b"].config
+    monkeypatch.setattr(pipeline, "available_memory", lambda device: 10 * 2**30)
+    monkeypatch.setattr(pipeline, "_total_memory", lambda: 24 * 2**30)
+    with pytest.raises(MemoryBudgetError, match=r"need 2\d\.\d\d GiB in bfloat16 but the machine has 24.00 GiB "
+                                                r"\(cpu\); --quantize int8 \(12\.\d\d GiB\) would fit"):
+        check_model_fits(cfg, torch.bfloat16)
+    with pytest.warns(RuntimeWarning, match="only 10.00 GiB of 24.00 GiB are available now"):
+        check_model_fits(cfg, torch.bfloat16, quantize="int8")  # fits the machine, not what is free now
+    check_model_fits(cfg, torch.bfloat16, quantize="int4")  # fits

@@ -446,23 +446,40 @@ def weight_bytes(config: LlavaNextConfig, dtype: torch.dtype, quantize: str | No
 
 def check_model_fits(config: LlavaNextConfig, dtype: torch.dtype, device: torch.device | str = "cpu",
                      quantize: str | None = None, group_size: int = 128) -> None:
-    """Before loading: refuse a model whose weights plus a one-token KV cache cannot fit the memory available
-    now (weights are mmapped, but decoding reads every byte per token: a model larger than memory
-    thrashes the disk). The error names the smaller formats that would fit."""
+    """Before loading: refuse a model whose weights plus a one-token KV cache exceed the machine's memory
+    (weights are mmapped, but decoding reads every byte per token: a model larger than memory rereads the
+    disk for every token), and warn when they exceed the memory available now (other processes hold the
+    rest). The message names the smaller format that would fit."""
+    import warnings
+
     device = torch.device(device)
     available = available_memory(device)
-    if available is None:
+    total = _total_memory() if device.type == "cpu" else available
+    if available is None or total is None:
         return
     need = weight_bytes(config, dtype, quantize, group_size) + memory_budget(
         config.text, 1, 1, 0, dtype, device).needed_bytes
     if need <= available:
         return
+    if need <= total:
+        warnings.warn(f"llava-next: the model's weights need {_gib(need)} but only {_gib(available)} of "
+                      f"{_gib(total)} are available now; decoding may reread the disk", RuntimeWarning, stacklevel=3)
+        return
+    available = total
     fits = [q for q in ("int8", "int4") if q != quantize and weight_bytes(config, dtype, q, group_size) < available]
     what = "quantized " + quantize if quantize else str(dtype).removeprefix("torch.")
     hint = (f"; --quantize {fits[0]} ({_gib(weight_bytes(config, dtype, fits[0], group_size))}) would fit"
             if fits and device.type == "cpu" else "; use a machine with more memory or a smaller model")
-    raise MemoryBudgetError(f"the model's weights need {_gib(need)} in {what} but {_gib(available)} are available "
-                            f"on {device.type}{hint} (README: 'Which models fit')")
+    raise MemoryBudgetError(f"the model's weights need {_gib(need)} in {what} but the machine has {_gib(available)} "
+                            f"({device.type}){hint} (README: 'Which models fit')")
+
+
+def _total_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    except (OSError, StopIteration):
+        return None
 
 
 def memory_table(memories_gib: Sequence[int] = (16, 24, 32, 64)) -> str:
