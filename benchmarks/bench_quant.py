@@ -47,7 +47,9 @@ from cpu_models import bench_config, load_hf, load_ours, make_checkpoints, promp
 from common import append_csv
 from cpu_report import FIELDS, Report
 
-ANCHOR = Path(__file__).resolve().parents[2] / "shared" / "tools" / "llamacpp-anchor.sh"
+# ../shared/tools/ beside the repository (/work/main -> /work/shared), also from a worktree (/work/wt/NAME)
+ANCHOR = next((p for p in (Path(__file__).resolve().parents[n] / "shared" / "tools" / "llamacpp-anchor.sh"
+                           for n in (2, 3)) if p.is_file()), Path("llamacpp-anchor.sh"))
 
 
 def decode_bytes(cfg, kv_len: float, method: str | None) -> float:
