@@ -46,6 +46,10 @@ def add_run(sub, *, user_error, **_unused) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
                    help="weights and activations (default bf16: AMX on recent CPUs, half the memory of fp32)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    _add_quantize(p, "quantize the decoder's linear weights once (cached like a conversion); CPU only")
+    p.add_argument("--compile-step", choices=("auto", "on", "off"), default="auto",
+                   help="CPU: decode with one compiled graph per step (auto: when the answer is long enough to "
+                        "pay for the compile; see llava_next/model/compiled_step.py)")
     p.add_argument("--cache-dir", default=None, help="where converted checkpoints are kept "
                                                      "(default $LLAVA_NEXT_CACHE or ~/.cache/llava-next)")
     options.add_output_options(p, what="one object (tokens, text, timings, plan)")
@@ -61,7 +65,14 @@ def add_convert(sub, *, user_error) -> None:
     p.add_argument("out", metavar="OUT")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast floating tensors (default: keep)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    _add_quantize(p, "store the decoder's linear weights quantized (SRC may then be a converted directory)")
     p.set_defaults(func=lambda args: _convert(args, user_error))
+
+
+def _add_quantize(p, what: str) -> None:
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help=f"{what}: int8 per output channel, or int4 in groups of --group-size input features")
+    p.add_argument("--group-size", type=int, choices=(32, 64, 128, 256), default=128, help="int4 group (default 128)")
 
 
 def _convert(args: argparse.Namespace, user_error) -> int:
@@ -75,7 +86,8 @@ def _convert(args: argparse.Namespace, user_error) -> int:
         if "/" not in args.src:
             raise user_error(f"{args.src}: no such directory (and not a hub id of the form org/name)")
         src = download(args.src)
-    out = convert(src, args.out, dtype=args.dtype, overwrite=args.overwrite, progress=True)
+    out = convert(src, args.out, dtype=args.dtype, overwrite=args.overwrite, progress=True, quantize=args.quantize,
+                  group_size=args.group_size)
     print(f"converted {args.src} -> {out}", file=sys.stderr)
     return 0
 
@@ -107,7 +119,7 @@ def _run(args: argparse.Namespace, user_error) -> int:
     progress.say("loading", f"{model_id} ({args.dtype}, {args.device}){' (built on first use)' if tiny else ''}")
     t0 = time.perf_counter()
     pipe = load_pipeline(model_id, dtype=DTYPES[args.dtype], device=args.device, cache_dir=args.cache_dir,
-                         progress=not args.quiet)
+                         progress=not args.quiet, quantize=args.quantize, group_size=args.group_size)
     load_s = time.perf_counter() - t0
     progress.say("loading", f"done in {load_s:.2f} s")
     pipe.progress = progress
@@ -132,7 +144,8 @@ def _run(args: argparse.Namespace, user_error) -> int:
             print(f"[llava-next] --rope-scale auto: using linear RoPE factor {plan.factor:g} "
                   f"(the checkpoint's is {plan.config_factor:g})", file=sys.stderr)
     options_ = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                    seed=args.seed, template=args.template)
+                    seed=args.seed, template=args.template,
+                    compile_step={"auto": None, "on": True, "off": False}[args.compile_step])
     pieces = []
     # tiny-random on CPU: plain SDPA decode attention (compiling the fast one costs more than the whole answer)
     with use_backend("sdpa") if tiny and args.device == "cpu" else contextlib.nullcontext():

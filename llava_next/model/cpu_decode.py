@@ -19,7 +19,10 @@ time), sooner at longer contexts, and at once in a long-lived process. Compiling
 while the vision tower runs was tried: on 2 cores the two only take turns.
 
 The attention facade's "auto" backend sends one-query calls without a mask on CPU here.
-``LLAVA_NEXT_COMPILE=0`` turns it off (the better choice for short one-off answers); so does a failed compile (no C++ compiler, say), with one warning.
+By default (``LLAVA_NEXT_COMPILE`` unset or ``auto``) ``generate.stream`` uses it only for requests where the
+compile pays for itself (``worth_compiling``: long answers over a large KV cache, or once it is compiled in
+the process); ``LLAVA_NEXT_COMPILE=1`` always, ``=0`` never; a failed compile (no C++ compiler, say) falls
+back with one warning.
 SDPA is used then: the same numbers up to float32 summation order.
 
 Tried and dropped (A/B in one process, benchmarks/bench_cpu.py conditions): the same approach for the
@@ -30,6 +33,7 @@ shapes inductor even emits a single-threaded loop.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -51,11 +55,40 @@ def _attention_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
 
 
 _failed = False  # set once a compile has failed: SDPA from then on
+_allowed = True  # the current request's choice (``for_request``)
+COMPILE_COST_S = 5.0  # a warm compile (inductor's disk cache filled), measured above
+SDPA_GBPS, COMPILED_GBPS = 4e9, 15e9  # KV-cache read rates, measured above
 
 
 def enabled() -> bool:
-    """False when ``LLAVA_NEXT_COMPILE=0`` or after a compile failed. The kernel compiles on first use."""
-    return not _failed and os.environ.get("LLAVA_NEXT_COMPILE", "1") != "0"
+    """False when ``LLAVA_NEXT_COMPILE=0``, after a compile failed, or inside ``for_request(False)``.
+    The kernel compiles on first use."""
+    return not _failed and _allowed and os.environ.get("LLAVA_NEXT_COMPILE", "auto") != "0"
+
+
+def worth_compiling(kv_bytes_per_token: float, new_tokens: int) -> bool:
+    """Whether compiling pays for itself for a request that reads ``kv_bytes_per_token`` of KV cache per
+    decoded token (mean over the answer) for ``new_tokens`` tokens: always once compiled in this process
+    or with ``LLAVA_NEXT_COMPILE=1``; never with ``=0``; else (``auto``, the default) when the time saved,
+    new_tokens x kv_bytes x (1/4 - 1/15 GB/s), exceeds ``COMPILE_COST_S``. A 7B model at 1,200 tokens
+    saves ~115 ms per token (pays after ~45 tokens); the 2-layer benchmark model ~7 ms (after ~700)."""
+    setting = os.environ.get("LLAVA_NEXT_COMPILE", "auto")
+    if setting in ("0", "1"):
+        return setting == "1"
+    if _compiled.cache_info().currsize:
+        return True
+    return new_tokens * kv_bytes_per_token * (1 / SDPA_GBPS - 1 / COMPILED_GBPS) > COMPILE_COST_S
+
+
+@contextlib.contextmanager
+def for_request(allowed: bool):
+    """Within the block, one-query attention uses the compiled kernel only if ``allowed`` (and ``enabled``)."""
+    global _allowed
+    previous, _allowed = _allowed, allowed
+    try:
+        yield
+    finally:
+        _allowed = previous
 
 
 def attention_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

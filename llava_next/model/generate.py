@@ -27,6 +27,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from . import compiled_step, cpu_decode
 from .decoder import Decoder
 
 _FROM_CONFIG = object()  # default for eos_token_id / pad_token_id: read decoder.config
@@ -80,8 +81,10 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def stream(model: Decoder, input_ids: torch.Tensor | None = None, *, input_embeds: torch.Tensor | None = None,
            attention_mask: torch.Tensor | None = None, max_new_tokens: int, temperature: float = 0.0,
            top_p: float = 1.0, seed: int | None = None, eos_token_id: int | Sequence[int] | None | object = _FROM_CONFIG,
-           pad_token_id: int | None | object = _FROM_CONFIG) -> Iterator[torch.Tensor]:
-    """Yield the next (B,) tokens, one step at a time (see the module docstring for the arguments)."""
+           pad_token_id: int | None | object = _FROM_CONFIG, compile_step: bool | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next (B,) tokens, one step at a time (see the module docstring for the arguments).
+    ``compile_step``: decode with the whole-step compiled graph (compiled_step.py): None = when it pays
+    for itself (``worth_compiling``), True / False = always / never."""
     if not max_new_tokens >= 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not temperature >= 0:
@@ -112,7 +115,13 @@ def stream(model: Decoder, input_ids: torch.Tensor | None = None, *, input_embed
             key_mask[:, :T] = attention_mask
             position_ids = positions_from_mask(attention_mask)
 
-    model.setup_caches(B, T + max_new_tokens, dtype=embeds.dtype, device=device)
+    use_step = compiled_step.worth_compiling(model, max_new_tokens, device, compile_step)
+    cache_len = compiled_step.cache_length(T, max_new_tokens) if use_step else T + max_new_tokens
+    model.setup_caches(B, cache_len, dtype=embeds.dtype, device=device)
+    if use_step:  # the compiled step reads the whole static cache: a (B, S) mask of real (non-padding) slots
+        static_mask = torch.ones(B, model.cache_shape[1], dtype=torch.bool, device=device)
+        if key_mask is not None:
+            static_mask[:, :T] = key_mask[:, :T]
     generator = None
     if temperature > 0:
         generator = torch.Generator(device=device)
@@ -122,6 +131,9 @@ def stream(model: Decoder, input_ids: torch.Tensor | None = None, *, input_embed
             generator.manual_seed(seed)
 
     logits = prefill(model, embeds, position_ids, None if key_mask is None else key_mask[:, :T])
+    cfg = model.config  # the eager step's compiled attention (cpu_decode.py): only where it pays for itself
+    kv_bytes = 2 * cfg.num_layers * B * cfg.num_kv_heads * (T + max_new_tokens / 2) * cfg.head_dim * embeds.element_size()
+    attention_compile = cpu_decode.worth_compiling(kv_bytes, max_new_tokens)
     next_pos = position_ids[:, -1:] + 1  # (B, 1) RoPE position of the next token
     input_pos = torch.tensor([T], device=device)  # its cache slot
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -135,8 +147,13 @@ def stream(model: Decoder, input_ids: torch.Tensor | None = None, *, input_embed
         if step == max_new_tokens - 1 or (eos is not None and bool(done.all())):
             return
         kv_len = T + step + 1
-        logits = decode_one_token(model, token, input_pos, next_pos,
-                                  None if key_mask is None else key_mask[:, :kv_len])
+        logits = compiled_step.run_step(model, token, input_pos, next_pos, static_mask) if use_step else None
+        if logits is not None:
+            _call_forward_hooks(model, logits[:, None])  # what model(...) would have run (e.g. finiteness checks)
+        else:
+            with cpu_decode.for_request(attention_compile):
+                logits = decode_one_token(model, token, input_pos, next_pos,
+                                          None if key_mask is None else key_mask[:, :kv_len])
         input_pos += 1
         next_pos += 1
 
@@ -145,16 +162,22 @@ def generate(model: Decoder, input_ids: torch.Tensor | None = None, *, input_emb
              attention_mask: torch.Tensor | None = None, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, seed: int | None = None, eos_token_id: int | Sequence[int] | None | object = _FROM_CONFIG,
              pad_token_id: int | None | object = _FROM_CONFIG,
-             on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+             on_token: Callable[[torch.Tensor], None] | None = None, compile_step: bool | None = None) -> torch.Tensor:
     """(B, n) new tokens, n <= max_new_tokens; ``on_token`` is called with each step's (B,) tokens."""
     steps = []
     for token in stream(model, input_ids, input_embeds=input_embeds, attention_mask=attention_mask,
                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                        eos_token_id=eos_token_id, pad_token_id=pad_token_id):
+                        eos_token_id=eos_token_id, pad_token_id=pad_token_id, compile_step=compile_step):
         steps.append(token)
         if on_token is not None:
             on_token(token)
     return torch.stack(steps, dim=1)
+
+
+def _call_forward_hooks(model: Decoder, output: torch.Tensor) -> None:
+    """Run ``model``'s forward hooks on ``output`` (the compiled step bypasses ``model.__call__``)."""
+    for hook in list(model._forward_hooks.values()):
+        hook(model, (), output)
 
 
 def _eos_ids(model: Decoder, eos_token_id: object, device: torch.device) -> torch.Tensor | None:

@@ -299,13 +299,17 @@ class TensorParallelPipeline(Pipeline):
 
 
 def load_pipeline(model_id_or_dir, *, dtype: torch.dtype | None = None, device: str = "cpu", cache_dir=None,
-                  progress: bool = True) -> Pipeline:
-    """What ``llava-next run`` loads: ``Pipeline.from_pretrained`` in a single process; under torchrun
-    (WORLD_SIZE > 1) the process group, rank-0-only output and ``load_tensor_parallel``."""
+                  progress: bool = True, quantize: str | None = None, group_size: int | None = None) -> Pipeline:
+    """What ``llava-next run`` loads: ``Pipeline.from_pretrained`` in a single process (``quantize``: int8 / int4
+    weights, see model/quant.py); under torchrun (WORLD_SIZE > 1) the process group, rank-0-only output and
+    ``load_tensor_parallel`` (bf16/fp32 weights only)."""
     env = dist_env()
     if not env.is_distributed:
         return Pipeline.from_pretrained(model_id_or_dir, dtype=dtype, device=device, cache_dir=cache_dir,
-                                        progress=progress)
+                                        progress=progress, quantize=quantize, group_size=group_size)
+    if quantize is not None:
+        raise TensorParallelError(f"--quantize {quantize} is not supported under torchrun: the tensor-parallel "
+                                  "decoder splits bf16/fp32 weights; run quantized in one process, or without --quantize")
     rank0_output(env)
     mesh = init_mesh(torch.device(device).type)
     return load_tensor_parallel(model_id_or_dir, mesh, dtype=dtype, device=device, cache_dir=cache_dir,

@@ -110,18 +110,25 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, model_id_or_dir: PathLike, *, dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu", cache_dir: PathLike | None = None,
-                        progress: bool = True) -> "Pipeline":
+                        progress: bool = True, quantize: str | None = None,
+                        group_size: int = 128) -> "Pipeline":
         """A converted llava-next directory, a llava-hf / original checkpoint directory (converted once,
         cached), a hub id (downloaded, converted once, cached), or "tiny-random" (runtime/tiny.py: random
-        weights, no download). Weights are mmapped, not copied."""
+        weights, no download). Weights are mmapped, not copied.
+        ``quantize`` ("int8" / "int4"): the decoder's linears quantized once into the cache
+        (llava_next/model/quant.py); a directory that is already quantized loads as such without it."""
         from llava_next_weights.hub import resolve
         from llava_next_weights.load import load_into, parse_dtype, read_config
+        from llava_next_weights.quantize import prepare_quantized
 
         dtype = parse_dtype(dtype)  # a bad dtype fails before any conversion or loading
         if tiny.is_tiny(model_id_or_dir):  # built in: random weights, built into the cache on first use
             path = tiny.ensure(cache_dir)
+            if quantize is not None:  # quantized into the cache like any llava-next directory
+                path = resolve(path, cache_dir=cache_dir, progress=progress, quantize=quantize, group_size=group_size)
         else:
-            path = resolve(model_id_or_dir, cache_dir=cache_dir, progress=progress)
+            path = resolve(model_id_or_dir, cache_dir=cache_dir, progress=progress, quantize=quantize,
+                           group_size=group_size)
         config = read_config(path)
         preset = preset_for(model_id_or_dir)
         if preset is not None and config.template != preset.config.template:
@@ -129,6 +136,12 @@ class Pipeline:
             config = dataclasses.replace(config, template=preset.config.template)
         with torch.device("meta"):
             model = LlavaNextModel(config)
+        qc = prepare_quantized(model, path, dtype)
+        check_model_fits(config, dtype or torch.bfloat16, device, None if qc is None else qc.method,
+                         128 if qc is None else qc.group_size)
+        if qc is not None and torch.device(device).type != "cpu":
+            raise ValueError(f"{path} is quantized: quantized checkpoints run on CPU only (torch's int8/int4 "
+                             f"CPU kernels); use --device cpu, or the float checkpoint on {device}")
         load_into(model, path, dtype=dtype, device=device)
         model.pack_for_cpu()  # oneDNN-prepacked linears on CPU (same numbers, faster); a no-op elsewhere
         tokenizer_file = Path(path) / "tokenizer.json"
@@ -228,7 +241,7 @@ class Pipeline:
 
     def stream_batch(self, requests: Sequence[Request], *, max_new_tokens: int = 128, temperature: float = 0.0,
                      top_p: float = 1.0, seed: int | None = None,
-                     template: TemplateChoice | None = None) -> Iterator[torch.Tensor]:
+                     template: TemplateChoice | None = None, compile_step: bool | None = None) -> Iterator[torch.Tensor]:
         """Yield (B,) token ids per step for a left-padded batch of prepared requests."""
         if not requests:
             raise ValueError("no requests to generate for")
@@ -257,7 +270,8 @@ class Pipeline:
             decoder.rope_scaling_factor = self._rope_factor(requests)
             yield from stream_tokens(decoder, input_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
                                      temperature=temperature, top_p=top_p, seed=seed, eos_token_id=stops,
-                                     pad_token_id=self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0)
+                                     pad_token_id=self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0,
+                                     compile_step=compile_step)
         except (torch.OutOfMemoryError, MemoryError) as e:
             raise budget.error(f"the allocation failed: {_first_line(e)}") from None
         except RuntimeError as e:  # the CPU allocator says so in a RuntimeError
@@ -407,6 +421,90 @@ def memory_budget(text: TextConfig, batch: int, prompt_tokens: int, new_tokens: 
     if available is not None and decoder is not None:  # caches of an earlier run are freed or reused
         available += sum(b.nbytes for name, b in decoder.named_buffers() if "kv_cache" in name)
     return MemoryBudget(batch, prompt_tokens, new_tokens, kv, activations, available, dtype, torch.device(device))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Whole-model memory: weights (float / int8 / int4) + a request's KV cache and activations
+# ----------------------------------------------------------------------------------------------------
+TYPICAL_PROMPT = 1272  # an 8-frame video (8 x 144 visual tokens) + ~120 text tokens
+TYPICAL_NEW = 256  # llava-next run's default --max-new-tokens
+
+
+def weight_bytes(config: LlavaNextConfig, dtype: torch.dtype, quantize: str | None = None,
+                 group_size: int = 128) -> int:
+    """Bytes of the model's weights in ``dtype``, with the decoder's linears quantized as ``quantize`` (the
+    layout of llava_next/model/quant.py: int8 + a scale per row, int4 + a scale and zero per group).
+    From the config alone (llava_next_weights.shapes, the converter's own shape table)."""
+    from llava_next_weights.shapes import expected_shapes
+
+    from ..model.quant import weight_bytes as linear_bytes
+
+    size = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for key, shape in expected_shapes(config).items():
+        is_linear = (key.startswith("language_model.") and key.endswith(".weight") and len(shape) == 2
+                     and "embed_tokens" not in key)
+        total += linear_bytes(shape, quantize if is_linear else None, size, group_size)
+    return total
+
+
+def check_model_fits(config: LlavaNextConfig, dtype: torch.dtype, device: torch.device | str = "cpu",
+                     quantize: str | None = None, group_size: int = 128) -> None:
+    """Before loading: refuse a model whose weights plus a one-token KV cache exceed the machine's memory
+    (weights are mmapped, but decoding reads every byte per token: a model larger than memory rereads the
+    disk for every token), and warn when they exceed the memory available now (other processes hold the
+    rest). The message names the smaller format that would fit."""
+    import warnings
+
+    device = torch.device(device)
+    available = available_memory(device)
+    total = _total_memory() if device.type == "cpu" else available
+    if available is None or total is None:
+        return
+    need = weight_bytes(config, dtype, quantize, group_size) + memory_budget(
+        config.text, 1, 1, 0, dtype, device).needed_bytes
+    if need <= available:
+        return
+    if need <= total:
+        warnings.warn(f"llava-next: the model's weights need {_gib(need)} but only {_gib(available)} of "
+                      f"{_gib(total)} are available now; decoding may reread the disk", RuntimeWarning, stacklevel=3)
+        return
+    available = total
+    fits = [q for q in ("int8", "int4") if q != quantize and weight_bytes(config, dtype, q, group_size) < available]
+    what = "quantized " + quantize if quantize else str(dtype).removeprefix("torch.")
+    hint = (f"; --quantize {fits[0]} ({_gib(weight_bytes(config, dtype, fits[0], group_size))}) would fit"
+            if fits and device.type == "cpu" else "; use a machine with more memory or a smaller model")
+    raise MemoryBudgetError(f"the model's weights need {_gib(need)} in {what} but the machine has {_gib(available)} "
+                            f"({device.type}){hint} (README: 'Which models fit')")
+
+
+def _total_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def memory_table(memories_gib: Sequence[int] = (16, 24, 32, 64)) -> str:
+    """Markdown: for each decoder size (the presets), weights and a typical request (8-frame video + the
+    default 256 new tokens: KV cache and prefill activations, ``memory_budget``) in bf16 / int8 / int4,
+    and which machine memories hold it (with 10% left for the OS and the process)."""
+    from ..config import PRESETS
+
+    rows = [f"| model | format | weights | + typical request | total | "
+            + " | ".join(f"{m} GB" for m in memories_gib) + " |",
+            "|---|---|---|---|---|" + "---|" * len(memories_gib)]
+    for name in ("llava-v1.6-vicuna-7b", "llava-v1.6-vicuna-13b", "llava-v1.6-34b"):
+        cfg = PRESETS[name].config
+        request = memory_budget(cfg.text, 1, TYPICAL_PROMPT, TYPICAL_NEW, torch.bfloat16, torch.device("meta"))
+        for q in (None, "int8", "int4"):
+            w = weight_bytes(cfg, torch.bfloat16, q)
+            total = w + request.needed_bytes
+            marks = " | ".join("yes" if total <= 0.9 * m * 1e9 else "no" for m in memories_gib)
+            rows.append(f"| {name} | {q or 'bf16'} | {w / 1e9:.1f} GB | {request.needed_bytes / 1e9:.1f} GB | "
+                        f"{total / 1e9:.1f} GB | {marks} |")
+    return "\n".join(rows)
 
 
 def with_overrides(config: LlavaNextConfig, *, pool_stride: int | None = None, pool_mode: str | None = None,

@@ -54,9 +54,11 @@ import torch
 from safetensors import safe_open
 
 from llava_next.config import ConfigError, LlavaNextConfig
+from llava_next.model.quant import DEFAULT_GROUP_SIZE, QuantConfig
 from llava_next_weights.keymaps import Split, UnmappedKeyError, drop_unused_vision_layers, map_key
-from llava_next_weights.load import (PICKLE_SUFFIXES, check_safetensors, index_shards, parse_dtype, read_json,
-                                     safetensors_errors)
+from llava_next_weights.load import (PICKLE_SUFFIXES, check_safetensors, index_shards, is_llava_next_dir, parse_dtype,
+                                     read_config, read_json, safetensors_errors)
+from llava_next_weights.quantize import QUANT_FILE, quantized_entries, quantizing_reader, write_quant_file
 from llava_next_weights.shapes import Shape, expected_shapes
 
 SOURCE_FORMATS = ("llava_hf", "llava_hf_new", "original")
@@ -224,6 +226,19 @@ def plan(fmt: str, source_shapes: Mapping[str, Shape], config: LlavaNextConfig) 
     return [pieces[k] for k in expected]
 
 
+def plan_identity(source_shapes: Mapping[str, Shape], config: LlavaNextConfig) -> list[Piece]:
+    """The plan for a source already in llava-next's layout (to quantize it): every key kept, checked
+    against ``expected_shapes`` like ``plan``."""
+    expected = expected_shapes(config)
+    problems = [f"{k}: unexpected key" for k in source_shapes if k not in expected]
+    problems += [f"{k}: missing" for k in expected if k not in source_shapes]
+    problems += [f"{k}: shape {tuple(source_shapes[k])}, expected {expected[k]} from config.json"
+                 for k in expected if k in source_shapes and tuple(source_shapes[k]) != expected[k]]
+    if problems:
+        raise ConversionError("cannot quantize this llava-next directory:\n  " + "\n  ".join(problems[:20]))
+    return [Piece(k, k, expected[k]) for k in expected]
+
+
 # --------------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------------
@@ -242,7 +257,7 @@ def _write_shard(path: Path, entries: list[tuple[str, Shape, torch.dtype]],
         header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, like safetensors' own writer
+    blob += b" " * (-(8 + len(blob)) % 64)  # the data starts 64-byte aligned in the (page-aligned) mmap
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
@@ -264,7 +279,13 @@ def _shards(entries: list[tuple[str, Shape, torch.dtype]], shard_bytes: int) -> 
             size = 0
         shards[-1].append(e)
         size += nbytes
-    return [sorted(s, key=lambda e: -e[2].itemsize) for s in shards]
+    # integer (quantized) weights whose sizes are multiples of 64 bytes go first: they stay 64-byte aligned
+    # in the mmap, which torch's int8 kernel needs (quant.py); the rest keeps its natural alignment after them
+    def order(e):
+        nbytes = torch.Size(e[1]).numel() * e[2].itemsize
+        return (0 if not e[2].is_floating_point and nbytes % 64 == 0 else 1, -e[2].itemsize)
+
+    return [sorted(s, key=order) for s in shards]
 
 
 def _progress(total: int, enabled: bool):
@@ -278,14 +299,18 @@ def _progress(total: int, enabled: bool):
 # --------------------------------------------------------------------------------------------------
 def convert(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, fmt: str | None = None,
             dtype: torch.dtype | str | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
-            overwrite: bool = False, progress: bool = True) -> Path:
+            overwrite: bool = False, progress: bool = True, quantize: str | None = None,
+            group_size: int = DEFAULT_GROUP_SIZE) -> Path:
     """Convert ``src_dir`` (llava-hf or original LLaVA-NeXT) into llava-next's layout at ``out_dir``.
 
     ``fmt`` is detected from the key names when None; ``dtype`` casts floating tensors (None keeps the
-    source dtypes). Returns ``out_dir``.
+    source dtypes). ``quantize`` ("int8" / "int4", with ``group_size``) stores the decoder's linear
+    weights quantized (quantize.py); then ``src_dir`` may also be a (float) llava-next directory.
+    Returns ``out_dir``.
     """
     src, out = Path(src_dir), Path(out_dir)
     out_dtype = parse_dtype(dtype)
+    qc = None if quantize is None else QuantConfig(quantize, group_size)
     if shard_bytes <= 0:
         raise ConversionError(f"shard_bytes must be positive, got {shard_bytes}")
     if not src.is_dir():
@@ -301,15 +326,21 @@ def convert(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, fmt: str 
 
     # ---- plan from the headers: every check happens here, before any data is copied
     headers = read_headers(source_files(src))
-    try:
-        fmt = fmt or detect_format(raw_config, list(headers))
-    except ConversionError as e:
-        raise ConversionError(f"{src}: {e}") from None
-    config = read_source_config(raw_config, fmt, src / "config.json")
-    try:
-        pieces = plan(fmt, {k: shape for k, (_, shape, _) in headers.items()}, config)
-    except ConversionError as e:  # name the directory: the problems below name only keys
-        raise ConversionError(f"{src}: {e}") from None
+    if qc is not None and is_llava_next_dir(src):  # quantizing an already converted directory
+        fmt, config = "llava_next", read_config(src)
+        if (src / QUANT_FILE).is_file():
+            raise ConversionError(f"{src} is already quantized ({src / QUANT_FILE}); quantize its float source")
+        pieces = plan_identity({k: shape for k, (_, shape, _) in headers.items()}, config)
+    else:
+        try:
+            fmt = fmt or detect_format(raw_config, list(headers))
+        except ConversionError as e:
+            raise ConversionError(f"{src}: {e}") from None
+        config = read_source_config(raw_config, fmt, src / "config.json")
+        try:
+            pieces = plan(fmt, {k: shape for k, (_, shape, _) in headers.items()}, config)
+        except ConversionError as e:  # name the directory: the problems below name only keys
+            raise ConversionError(f"{src}: {e}") from None
 
     integer = [f"{p.source} ({_ST_NAMES[headers[p.source][2]]}, in {headers[p.source][0].name})" for p in pieces
                if not headers[p.source][2].is_floating_point]
@@ -322,7 +353,10 @@ def convert(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, fmt: str 
         return out_dtype if out_dtype is not None and src_dtype.is_floating_point else src_dtype
 
     by_target = {p.target: p for p in pieces}
-    shards = _shards([(p.target, p.shape, out_dtype_of(p)) for p in pieces], shard_bytes)
+    entries = [(p.target, p.shape, out_dtype_of(p)) for p in pieces]
+    if qc is not None:  # each quantized weight becomes its integer weight + scales (+ zeros)
+        entries = quantized_entries(entries, config, qc)
+    shards = _shards(entries, shard_bytes)
     total = sum(torch.Size(s).numel() * d.itemsize for shard in shards for _, s, d in shard)
 
     # ---- write into a staging directory next to out_dir, then rename it into place
@@ -347,18 +381,23 @@ def convert(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, fmt: str 
                         t = t.chunk(p.parts, dim=0)[p.part]
                     return t.to(out_dtype_of(p))  # a no-op unless casting
 
+                if qc is not None:
+                    read = quantizing_reader(read, config, qc)
                 weight_map = {}
                 for i, shard in enumerate(shards, 1):
                     name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
                     _write_shard(new / name, shard, read, bar.update)
                     weight_map.update({key: name for key, _, _ in shard})
             index = {"metadata": {"total_size": total},
-                     "weight_map": {p.target: weight_map[p.target] for p in pieces}}
+                     "weight_map": {key: weight_map[key] for key, _, _ in entries}}
             (new / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
             (new / "conversion.json").write_text(json.dumps(
                 {"source": str(src.resolve()), "source_format": fmt,
                  "dtype": None if out_dtype is None else str(out_dtype).removeprefix("torch."),
-                 "tensors": len(pieces), "bytes": total}, indent=2) + "\n")
+                 "tensors": len(entries), "bytes": total,
+                 "quantization": None if qc is None else qc.to_dict()}, indent=2) + "\n")
+            if qc is not None:
+                write_quant_file(new, qc)
             for side in SIDE_FILES:
                 if (src / side).is_file():
                     shutil.copyfile(src / side, new / side)

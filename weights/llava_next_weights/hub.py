@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 
 from llava_next_weights.convert import INDEX_FILE, SIDE_FILES, convert
+from llava_next.model.quant import DEFAULT_GROUP_SIZE, QuantConfig
 from llava_next_weights.load import PICKLE_SUFFIXES, is_llava_next_dir, parse_dtype
+from llava_next_weights.quantize import read_quant_config
 
 CACHE_ENV = "LLAVA_NEXT_CACHE"
 ALLOW_PATTERNS = ["config.json", "*.safetensors", INDEX_FILE, *SIDE_FILES]
@@ -58,11 +60,16 @@ def _suffix(dtype: torch.dtype | None) -> str:
     return "" if dtype is None else "-" + str(dtype).removeprefix("torch.")
 
 
-def _convert_once(src: Path, out: Path, dtype: torch.dtype | None, progress: bool) -> Path:
+def _quant_suffix(quantize: str | None, group_size: int) -> str:
+    return "" if quantize is None else f"-{quantize}" + (f"-g{group_size}" if quantize == "int4" else "")
+
+
+def _convert_once(src: Path, out: Path, dtype: torch.dtype | None, progress: bool, quantize: str | None = None,
+                  group_size: int = DEFAULT_GROUP_SIZE) -> Path:
     if is_llava_next_dir(out):
         return out
     try:
-        return convert(src, out, dtype=dtype, progress=progress)
+        return convert(src, out, dtype=dtype, progress=progress, quantize=quantize, group_size=group_size)
     except FileExistsError:
         if is_llava_next_dir(out):  # a concurrent run finished first
             return out
@@ -90,13 +97,20 @@ def download(repo_id: str, *, revision: str | None = None, hf_cache_dir: str | o
 
 def resolve(model_id_or_dir: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
             dtype: torch.dtype | str | None = None, revision: str | None = None,
-            hf_cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
+            hf_cache_dir: str | os.PathLike | None = None, progress: bool = True,
+            quantize: str | None = None, group_size: int = DEFAULT_GROUP_SIZE) -> Path:
     """The path of a converted llava-next directory for a local directory or a hub id.
 
     ``dtype`` (e.g. ``torch.bfloat16``) is the dtype of the converted files; it is part of the cache
     key. A directory already in llava-next's layout is returned as is (cast at load time instead).
+    ``quantize`` ("int8" / "int4" with ``group_size``): the converted copy stores the decoder's linears
+    quantized (convert.py, quantize.py), made once and cached like a conversion (the method and group
+    size are part of the cache key); a llava-next directory is then quantized into the cache too.
     """
     out_dtype = parse_dtype(dtype)
+    if quantize is not None:
+        QuantConfig(quantize, group_size)  # a bad method or group size fails before any work
+    qsuffix = _quant_suffix(quantize, group_size)
     root = cache_root(cache_dir)
     local = Path(model_id_or_dir).expanduser()
     if local.exists():
@@ -105,10 +119,10 @@ def resolve(model_id_or_dir: str | os.PathLike, *, cache_dir: str | os.PathLike 
                 raise HubError(f"{local} is a pickle file: loading a pickle can run arbitrary code, so llava-next "
                                f"never unpickles. Give a checkpoint directory with safetensors weights")
             raise HubError(f"{local} is a file; give the checkpoint directory (config.json beside the weights)")
-        if is_llava_next_dir(local):
+        if is_llava_next_dir(local) and (quantize is None or _already(local, quantize, group_size)):
             return local
-        out = root / "local" / f"{local.name}-{fingerprint(local)}{_suffix(out_dtype)}"
-        return _convert_once(local, out, out_dtype, progress)
+        out = root / "local" / f"{local.name}-{fingerprint(local)}{_suffix(out_dtype)}{qsuffix}"
+        return _convert_once(local, out, out_dtype, progress, quantize, group_size)
 
     repo_id = str(model_id_or_dir)
     if not _HUB_ID.match(repo_id):
@@ -119,11 +133,25 @@ def resolve(model_id_or_dir: str | os.PathLike, *, cache_dir: str | os.PathLike 
     except HubError:
         # offline and not in the Hugging Face cache (e.g. deleted after converting): reuse the newest
         # earlier conversion of this repo in the same dtype
-        same_dtype = re.compile(r"[^-]+" + re.escape(_suffix(out_dtype)))
+        same_dtype = re.compile(r"[^-]+" + re.escape(_suffix(out_dtype) + qsuffix))
         earlier = [p for p in repo_dir.glob("*") if same_dtype.fullmatch(p.name) and is_llava_next_dir(p)]
         if earlier and revision is None:
             return max(earlier, key=lambda p: p.stat().st_mtime)
         raise
-    if is_llava_next_dir(snapshot):  # a repo published in llava-next's layout
-        return snapshot
-    return _convert_once(snapshot, repo_dir / f"{snapshot.name}{_suffix(out_dtype)}", out_dtype, progress)
+    if is_llava_next_dir(snapshot) and (quantize is None or _already(snapshot, quantize, group_size)):
+        return snapshot  # a repo published in llava-next's layout
+    return _convert_once(snapshot, repo_dir / f"{snapshot.name}{_suffix(out_dtype)}{qsuffix}", out_dtype, progress,
+                         quantize, group_size)
+
+
+def _already(path: Path, quantize: str, group_size: int) -> bool:
+    """True when the llava-next directory ``path`` is quantized as asked; False when it is float (it is
+    quantized into the cache); an error when it is quantized otherwise."""
+    qc = read_quant_config(path)
+    if qc is None:
+        return False
+    if qc != QuantConfig(quantize, group_size, qc.scope):
+        raise HubError(f"{path} is already quantized ({qc.method}"
+                       f"{f', group_size {qc.group_size}' if qc.method == 'int4' else ''}); it cannot be quantized "
+                       f"again to {quantize}: run it without --quantize, or quantize its float source")
+    return True

@@ -1,0 +1,242 @@
+"""CPU decode at the memory-bandwidth limit: bf16 (eager step vs the compiled whole step), int8, int4, against
+the memory-read limit measured in the same run, transformers bf16 and llama.cpp.
+
+    python benchmarks/bench_quant.py                     # 2 decoder layers of the 7B shape, 3 repeats
+    python benchmarks/bench_quant.py --repeats 1 --no-llamacpp
+
+Model and inputs as benchmarks/bench_cpu.py: the LLaVA-NeXT-Video-7B-shaped random checkpoint (2 decoder
+layers of the 7B shape, real vocabulary), one generate of 65 tokens over the same ~1,200 prompt
+embeddings; decode = tokens 2..65 (tokens/s), and GB/s = (decoder weights in the provider's format + the
+KV cache at the mean length) x tokens/s. The int8 / int4 checkpoints are written by ``convert
+--quantize`` from the same bf16 checkpoint (cached beside it). Providers alternate run by run with the
+memory-read probe (a 512 MB ``sum``), so a busy spell slows the limit as much as the providers.
+
+Compile cost of the whole-step graph: "cold" is the first compile with an empty inductor cache
+(TORCHINDUCTOR_CACHE_DIR set to a fresh directory for this process), "warm" a fresh child process
+compiling the same graph with that cache filled.
+
+Quantization error (a mechanics figure: random weights, not a quality claim): relative max error of the
+prefill's last logits against the bf16 model, and greedy agreement over 64 tokens (positions equal /
+64, and the first position that differs).
+
+llama.cpp: ../shared/tools/llamacpp-anchor.sh (built once; BF16 / Q8_0 / Q4_0 at the same shapes) when
+it is there, its table copied into the output. Results: benchmarks/results/quant.csv and quant.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __name__ == "__main__" and "--child" not in sys.argv:  # a fresh inductor cache: the first compile is cold
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="llava-next-inductor-"))
+# steady-state decode: the eager step with its compiled attention (compiled during the warm-up, not timed)
+os.environ.setdefault("LLAVA_NEXT_COMPILE", "1")
+
+import torch
+
+from bench_cpu import alternate
+from cpu_limits import ReadProbe
+from cpu_models import bench_config, load_hf, load_ours, make_checkpoints, prompt_ids
+from common import append_csv
+from cpu_report import FIELDS, Report
+
+# ../shared/tools/ beside the repository (/work/main -> /work/shared), also from a worktree (/work/wt/NAME)
+ANCHOR = next((p for p in (Path(__file__).resolve().parents[n] / "shared" / "tools" / "llamacpp-anchor.sh"
+                           for n in (2, 3)) if p.is_file()), Path("llamacpp-anchor.sh"))
+
+
+def decode_bytes(cfg, kv_len: float, method: str | None) -> float:
+    """Bytes read per decoded token: decoder linears in the format, norms, one embedding row, KV cache (bf16)."""
+    from llava_next.model.quant import weight_bytes
+    t = cfg.text
+    q, kv = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
+    shapes = [(q, t.hidden_size), (kv, t.hidden_size), (kv, t.hidden_size), (t.hidden_size, q),
+              (t.intermediate_size, t.hidden_size), (t.intermediate_size, t.hidden_size),
+              (t.hidden_size, t.intermediate_size)]
+    linears = t.num_layers * sum(weight_bytes(s, method, 2) for s in shapes)
+    linears += weight_bytes((t.vocab_size, t.hidden_size), method, 2)
+    other = 2 * (t.num_layers * 2 * t.hidden_size + 2 * t.hidden_size)
+    return linears + other + 2 * t.num_layers * kv_len * kv * 2
+
+
+def quantized_dir(ours_dir: Path, method: str) -> Path:
+    from llava_next_weights.convert import convert
+    out = ours_dir.parent / f"llava-next-{method}"
+    if not (out / "config.json").is_file():
+        convert(ours_dir, out, quantize=method, overwrite=True, progress=False)
+    return out
+
+
+def load_quantized(path: Path):
+    from llava_next.model.llava import LlavaNextModel
+    from llava_next_weights.load import load_into, read_config
+    from llava_next_weights.quantize import prepare_quantized
+    with torch.device("meta"):
+        model = LlavaNextModel(read_config(path))
+    prepare_quantized(model, path, torch.bfloat16)
+    load_into(model, path, dtype=torch.bfloat16).eval()
+    model.pack_for_cpu()  # the float layers left (vision, projector)
+    return model
+
+
+def ours_generate(model, embeds, n: int, compile_step: bool) -> list[float]:
+    from llava_next.model.generate import stream
+    stamps, tokens = [time.perf_counter()], []
+    for tok in stream(model.language_model, input_embeds=embeds, max_new_tokens=n, eos_token_id=(),
+                      compile_step=compile_step):
+        stamps.append(time.perf_counter())
+        tokens.append(int(tok[0]))
+    return stamps, tokens
+
+
+def theirs_generate(model, embeds, n: int):
+    from transformers import LogitsProcessor
+
+    class Stamp(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            stamps.append(time.perf_counter())
+            return scores
+
+    stamps = [time.perf_counter()]
+    with torch.no_grad():
+        out = model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                             max_new_tokens=n, min_new_tokens=n, do_sample=False, logits_processor=[Stamp()],
+                             pad_token_id=0)
+    return stamps, out[0, -n:].tolist()
+
+
+def child_compile(args) -> None:
+    """In a fresh process: load, prefill, time the first compiled step (warm: the parent filled the cache)."""
+    from llava_next.model.generate import prefill
+    from llava_next.model import compiled_step as cs
+    _, ours_dir = make_checkpoints(bench_config(args.layers))
+    model = load_ours(ours_dir, torch.bfloat16)
+    dec = model.language_model
+    T, n = 1200, args.decode_tokens + 1
+    S = cs.cache_length(T, n)
+    dec.setup_caches(1, S)
+    embeds = torch.randn(1, T, dec.config.hidden_size, generator=torch.Generator().manual_seed(0)).bfloat16()
+    with torch.no_grad():
+        tok = prefill(dec, embeds, torch.arange(T)[None], None).argmax(-1)
+    t = time.perf_counter()
+    cs.run_step(dec, tok, torch.tensor([T]), torch.tensor([[T]]), torch.ones(1, S, dtype=torch.bool))
+    print(json.dumps({"compile_s": time.perf_counter() - t}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--no-llamacpp", action="store_true")
+    p.add_argument("--no-transformers", action="store_true")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child:
+        return child_compile(args)
+    cfg = bench_config(args.layers)
+    hf_dir, ours_dir = make_checkpoints(cfg)
+    report = Report()
+    n = args.decode_tokens + 1
+
+    models = {"bf16": load_ours(ours_dir, torch.bfloat16)}
+    for method in ("int8", "int4"):
+        t = time.perf_counter()
+        path = quantized_dir(ours_dir, method)
+        report.add(f"convert --quantize {method} (2-layer checkpoint)", "llava-next", method,
+                   time.perf_counter() - t, "s")
+        t = time.perf_counter()
+        models[method] = load_quantized(path)
+        report.add("load + repack", "llava-next", method, time.perf_counter() - t, "s")
+    hf = None if args.no_transformers else load_hf(hf_dir, torch.bfloat16)
+
+    ids = prompt_ids(cfg)
+    T = ids.shape[1]
+    embeds = torch.randn(1, T, cfg.text.hidden_size, generator=torch.Generator().manual_seed(0)).bfloat16() * 0.5
+
+    # warm-ups: the decode attention compile (eager path), the whole-step compile (cold, timed)
+    for name in ("bf16", "int8", "int4"):
+        ours_generate(models[name], embeds[:, :32], 3, compile_step=False)
+    t = time.perf_counter()
+    ours_generate(models["bf16"], embeds, 2, compile_step=True)
+    report.add("compile whole step, cold (+ prefill + 1 token)", "llava-next", "bf16", time.perf_counter() - t, "s")
+    out = subprocess.run([sys.executable, __file__, "--child", "--layers", str(args.layers),
+                          "--decode-tokens", str(args.decode_tokens)], capture_output=True, text=True,
+                         cwd=Path(__file__).parent, env=dict(os.environ))
+    if out.returncode == 0:
+        report.add("compile whole step, warm (fresh process)", "llava-next", "bf16",
+                   json.loads(out.stdout.strip().splitlines()[-1])["compile_s"], "s")
+    else:
+        print(out.stderr[-2000:], file=sys.stderr)
+    if hf is not None:
+        theirs_generate(hf, embeds[:, :32], 3)
+
+    fns = {"bf16 eager": lambda: ours_generate(models["bf16"], embeds, n, False),
+           "bf16 compiled step": lambda: ours_generate(models["bf16"], embeds, n, True),
+           "int8": lambda: ours_generate(models["int8"], embeds, n, False),
+           "int4": lambda: ours_generate(models["int4"], embeds, n, False),
+           "memory read": ReadProbe()}
+    if hf is not None:
+        fns["transformers bf16"] = lambda: theirs_generate(hf, embeds, n)
+    runs = alternate(fns, args.repeats)
+    read = [fns["memory read"].bytes / s / 1e9 for s, _ in runs["memory read"]]
+    report.add("memory read", "torch", "-", read, "GB/s")
+    fmt = {"bf16 eager": None, "bf16 compiled step": None, "int8": "int8", "int4": "int4", "transformers bf16": None}
+    tokens = {}
+    for name, method in fmt.items():
+        if name not in runs:
+            continue
+        per_token = decode_bytes(cfg, T + n / 2, method)
+        tok_s = [(n - 1) / (st[-1] - st[1]) for _, (st, _) in runs[name]]
+        report.add("prefill", name, method or "bf16", [st[1] - st[0] for _, (st, _) in runs[name]], "s")
+        report.add("decode", name, method or "bf16", tok_s, "tokens/s")
+        report.add("decode", name, method or "bf16", [per_token * x / 1e9 for x in tok_s], "GB/s")
+        tokens[name] = runs[name][-1][1][1]
+
+    # quantization error against the bf16 model (mechanics on random weights)
+    from llava_next.model.generate import prefill
+    logits = {}
+    for name, model in models.items():
+        dec = model.language_model
+        dec.setup_caches(1, T)
+        with torch.no_grad():
+            logits[name] = prefill(dec, embeds, torch.arange(T)[None], None).float()
+    for name in ("int8", "int4"):
+        ref = logits["bf16"]
+        report.add("logit error vs bf16 (rel. max)", name, name,
+                   ((logits[name] - ref).abs().max() / ref.abs().max()).item(), "rel")
+        same = [a == b for a, b in zip(tokens[name], tokens["bf16 eager"])]
+        report.add("greedy agreement vs bf16, 64 tokens", name, name, sum(same) / len(same), "fraction")
+        report.add("first differing token", name, name, same.index(False) if False in same else len(same), "index")
+    same = [a == b for a, b in zip(tokens["bf16 compiled step"], tokens["bf16 eager"])]
+    report.add("greedy agreement compiled vs eager", "bf16 compiled step", "bf16", sum(same) / len(same), "fraction")
+
+    csv = append_csv("quant.csv", FIELDS, report.rows)
+    lines = [f"`python benchmarks/bench_quant.py` — {args.layers} decoder layers of the 7B shape, random weights, "
+             f"~{T}-token prompt, {args.decode_tokens} decoded tokens, {args.repeats} repeats, "
+             f"{torch.get_num_threads()} threads; {report.context['machine']}; commit {report.context['commit']}",
+             "", "| stage | provider | format | p50 | unit | p20 | p80 |",
+             "|---|---|---|---|---|---|---|"]
+    for r in report.rows:
+        lines.append(f"| {r['stage']} | {r['provider']} | {r['dtype']} | {r['value']:.4g} | {r['unit']} | "
+                     f"{r['p20'] if r['p20'] == '' else format(r['p20'], '.4g')} | "
+                     f"{r['p80'] if r['p80'] == '' else format(r['p80'], '.4g')} |")
+    if not args.no_llamacpp and ANCHOR.is_file():
+        out = subprocess.run(["bash", str(ANCHOR), str(args.layers), str(T)], capture_output=True, text=True)
+        lines += ["", out.stdout.strip() if out.returncode == 0 else f"(llama.cpp anchor failed: {out.stderr[-300:]})"]
+    md = "\n".join(lines) + "\n"
+    (csv.parent / "quant.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

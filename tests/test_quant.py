@@ -1,0 +1,165 @@
+"""Weight-only quantization (llava_next/model/quant.py): each quantized linear against its dequantized fp32
+reference, a quantized model's logits against the same model with dequantized weights, which layers a
+scope quantizes, and the errors for shapes the int4 kernel cannot take.
+
+Tolerances (stated, measured x ~4): bf16 activations — the quantized layer rounds its output to bf16
+(and the GEMM path also the dequantized weight), so max |y - ref| <= 1.5e-2 x max |ref| per layer; a
+whole model's bf16 logits are held to the bf16 rule (at most 2x the error of the same dequantized model
+run in plain bf16, plus 1e-3). fp32 activations (int8 only: the int4 kernel rounds weights to bf16)
+differ from the fp32 reference only in summation order: 1e-5 per layer, 1e-4 for logits.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from checkpoints import tiny_config
+from llava_next.model.attention import use_backend
+from llava_next.model.generate import generate
+from llava_next.model.llava import LlavaNextModel
+from llava_next.model.quant import (DEQUANT_MIN_ROWS, Int4Linear, Int8Linear, QuantConfig, QuantizationError,
+                                    dequantize_int4, dequantize_int8, dequantize_model, quantize_int4,
+                                    quantize_int8, quantize_model)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def linear(n: int = 96, k: int = 256, bias: bool = False, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        lin.weight.mul_(1 + 3 * torch.rand(n, 1))  # rows of different ranges: per-row scales matter
+    return lin
+
+
+def test_int8_numbers():
+    w = linear().weight.detach()
+    q, s = quantize_int8(w)
+    assert q.dtype == torch.int8 and q.abs().max() == 127 and s.shape == (96,)
+    assert ((dequantize_int8(q, s) - w).abs() <= s[:, None] / 2 + 1e-7).all()  # round to nearest
+
+
+def test_int4_numbers():
+    w = linear().weight.detach()
+    packed, s, z = quantize_int4(w, 64)
+    assert packed.shape == (96, 128) and packed.dtype == torch.uint8 and s.shape == z.shape == (96, 4)
+    assert ((dequantize_int4(packed, s, z, 64) - w).abs() <= s.repeat_interleave(64, 1) / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("rows", [1, 5, DEQUANT_MIN_ROWS + 3])  # one-row kernel, few rows, the GEMM path
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_linear_matches_dequantized_fp32(method, rows):
+    lin = linear(bias=True)
+    if method == "int8":
+        q = Int8Linear.from_linear(lin, torch.bfloat16)
+        w = dequantize_int8(q.weight, q.scales)
+    else:
+        q = Int4Linear.from_linear(lin, 64, torch.bfloat16)
+        w = dequantize_int4(q.weight, q.scales, q.zeros, 64)
+    x = torch.randn(2, rows, 256).bfloat16()
+    ref = x.float() @ w.T + q.bias.float()
+    with torch.no_grad():
+        y = q(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, rows, 96)
+    assert rel(y, ref) <= 1.5e-2
+    assert rel(y, lin(x.float())) > 1e-3  # the quantization itself is visible: the test compares the right thing
+
+
+@pytest.mark.parametrize("rows", [3, DEQUANT_MIN_ROWS])
+def test_int8_fp32_activations_match_to_summation_order(rows):
+    lin = linear()
+    q = Int8Linear.from_linear(lin, torch.float32)
+    x = torch.randn(rows, 256)
+    with torch.no_grad():
+        assert rel(q(x), x @ dequantize_int8(q.weight, q.scales).T) <= 1e-5
+
+
+def tiny_model(dtype: torch.dtype) -> LlavaNextModel:
+    torch.manual_seed(0)
+    return LlavaNextModel(tiny_config()).eval().to(dtype)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_model_logits_match_dequantized_model(method):
+    qc = QuantConfig(method, group_size=32)  # the tiny decoder is 64 wide
+    model = quantize_model(tiny_model(torch.bfloat16), qc)
+    ref = dequantize_model(copy.deepcopy(model), torch.float32).float()
+    plain_bf16 = copy.deepcopy(ref).to(torch.bfloat16)
+    dec, dec_ref, dec_bf16 = model.language_model, ref.language_model, plain_bf16.language_model
+    for T in (7, DEQUANT_MIN_ROWS + 5):  # kernel path and dequantize-then-GEMM path
+        x = torch.randint(0, 128, (1, T))
+        with torch.no_grad():
+            out, want, bf16 = dec(x).float(), dec_ref(x), dec_bf16(x).float()
+        assert rel(out, want) <= 2 * rel(bf16, want) + 1e-3, (T, rel(out, want), rel(bf16, want))
+
+
+def test_int8_fp32_model_greedy_identical_to_dequantized():
+    model = quantize_model(tiny_model(torch.float32), QuantConfig("int8"))
+    ref = dequantize_model(copy.deepcopy(model), torch.float32)
+    x = torch.randint(0, 128, (1, DEQUANT_MIN_ROWS + 2))  # prefill on the GEMM path, decode on the kernel
+    with torch.no_grad():
+        assert rel(model.language_model(x), ref.language_model(x)) <= 1e-4
+    with use_backend("sdpa"):  # keeps the compiled decode attention (one-time compile) out of this test
+        a = generate(model.language_model, x, max_new_tokens=12, eos_token_id=())
+        b = generate(ref.language_model, x, max_new_tokens=12, eos_token_id=())
+    assert torch.equal(a, b) and len(set(a[0].tolist())) > 2
+
+
+def test_scope_decoder_keeps_vision_and_projector():
+    model = quantize_model(tiny_model(torch.bfloat16), QuantConfig("int8"))
+    kinds = {n: type(m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, Int8Linear))}
+    assert kinds["language_model.lm_head"] is Int8Linear
+    assert kinds["language_model.layers.1.mlp.down_proj"] is Int8Linear
+    assert all(t is nn.Linear for n, t in kinds.items() if not n.startswith("language_model."))
+    assert any(n.startswith("vision_tower.") for n in kinds) and "projector.linear_1" in kinds
+    assert model.vision_tower.layers[0].mlp.fc1.weight.dtype == torch.bfloat16
+    everything = quantize_model(tiny_model(torch.bfloat16), QuantConfig("int8", scope="all"))
+    assert not any(type(m) is nn.Linear for m in everything.modules())
+
+
+def test_int4_bad_shapes_and_config_are_clear_errors():
+    with pytest.raises(QuantizationError, match=r"layers.0.self_attn.q_proj.weight.*multiple of the group size"):
+        quantize_model(tiny_model(torch.bfloat16), QuantConfig("int4", group_size=128))  # K = 64
+    with pytest.raises(QuantizationError, match="multiple of 16"):
+        Int4Linear.from_linear(linear(n=40, k=128), 64)
+    with pytest.raises(QuantizationError, match="group_size 100"):
+        QuantConfig("int4", group_size=100)
+    with pytest.raises(QuantizationError, match="int8 or int4"):
+        QuantConfig("int3")
+    with pytest.raises(QuantizationError, match="group_size"):
+        QuantConfig.from_dict({"method": "int4"})
+
+
+def test_readme_memory_table_is_the_one_the_memory_check_computes():
+    """README's 'Which models fit' table is ``pipeline.memory_table()`` (the code ``check_model_fits`` uses)."""
+    from pathlib import Path
+
+    from llava_next.runtime.pipeline import memory_table, weight_bytes
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert memory_table() in readme
+    cfg = tiny_config()
+    model = tiny_model(torch.bfloat16)
+    assert weight_bytes(cfg, torch.bfloat16) == sum(t.nbytes for t in model.state_dict().values())
+    quantize_model(model, QuantConfig("int4", group_size=32))
+    assert weight_bytes(cfg, torch.bfloat16, "int4", 32) == sum(t.nbytes for t in model.state_dict().values())
+
+
+def test_check_model_fits_names_the_format_that_would(monkeypatch):
+    from llava_next.config import PRESETS
+    from llava_next.runtime import pipeline
+    from llava_next.runtime.pipeline import MemoryBudgetError, check_model_fits
+
+    cfg = PRESETS["llava-v1.6-vicuna-13b"].config
+    monkeypatch.setattr(pipeline, "available_memory", lambda device: 10 * 2**30)
+    monkeypatch.setattr(pipeline, "_total_memory", lambda: 24 * 2**30)
+    with pytest.raises(MemoryBudgetError, match=r"need 2\d\.\d\d GiB in bfloat16 but the machine has 24.00 GiB "
+                                                r"\(cpu\); --quantize int8 \(12\.\d\d GiB\) would fit"):
+        check_model_fits(cfg, torch.bfloat16)
+    with pytest.warns(RuntimeWarning, match="only 10.00 GiB of 24.00 GiB are available now"):
+        check_model_fits(cfg, torch.bfloat16, quantize="int8")  # fits the machine, not what is free now
+    check_model_fits(cfg, torch.bfloat16, quantize="int4")  # fits
