@@ -23,13 +23,24 @@ stopped. By default the EOS is ``decoder.config.eos_token_id``; pass ``eos_token
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 
 from .decoder import Decoder
 
 _FROM_CONFIG = object()  # default for eos_token_id / pad_token_id: read decoder.config
+
+
+class LayerRunner(Protocol):
+    """Runs prefill and each decode step itself (e.g. ``llava_next.reduce.ReducedRunner``: it prunes tokens
+    between layers, so layer ranges hold KV caches of different lengths). Same arguments as ``prefill``;
+    ``decode`` gets the step index (0 = the first token after the prompt) and the (B, 1) RoPE positions."""
+
+    def prefill(self, model: Decoder, input_embeds: torch.Tensor, position_ids: torch.Tensor,
+                key_mask: torch.Tensor | None) -> torch.Tensor: ...
+
+    def decode(self, model: Decoder, token: torch.Tensor, step: int, position_ids: torch.Tensor) -> torch.Tensor: ...
 
 
 @torch.no_grad()
@@ -80,8 +91,9 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def stream(model: Decoder, input_ids: torch.Tensor | None = None, *, input_embeds: torch.Tensor | None = None,
            attention_mask: torch.Tensor | None = None, max_new_tokens: int, temperature: float = 0.0,
            top_p: float = 1.0, seed: int | None = None, eos_token_id: int | Sequence[int] | None | object = _FROM_CONFIG,
-           pad_token_id: int | None | object = _FROM_CONFIG) -> Iterator[torch.Tensor]:
-    """Yield the next (B,) tokens, one step at a time (see the module docstring for the arguments)."""
+           pad_token_id: int | None | object = _FROM_CONFIG, runner: LayerRunner | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next (B,) tokens, one step at a time (see the module docstring for the arguments).
+    ``runner``: prefill and decode through a ``LayerRunner`` instead of the whole decoder at once."""
     if not max_new_tokens >= 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not temperature >= 0:
@@ -121,7 +133,10 @@ def stream(model: Decoder, input_ids: torch.Tensor | None = None, *, input_embed
         else:
             generator.manual_seed(seed)
 
-    logits = prefill(model, embeds, position_ids, None if key_mask is None else key_mask[:, :T])
+    if runner is None:
+        logits = prefill(model, embeds, position_ids, None if key_mask is None else key_mask[:, :T])
+    else:  # a token-reduction schedule (llava_next.reduce) runs the layers itself
+        logits = runner.prefill(model, embeds, position_ids, None if key_mask is None else key_mask[:, :T])
     next_pos = position_ids[:, -1:] + 1  # (B, 1) RoPE position of the next token
     input_pos = torch.tensor([T], device=device)  # its cache slot
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -135,8 +150,11 @@ def stream(model: Decoder, input_ids: torch.Tensor | None = None, *, input_embed
         if step == max_new_tokens - 1 or (eos is not None and bool(done.all())):
             return
         kv_len = T + step + 1
-        logits = decode_one_token(model, token, input_pos, next_pos,
-                                  None if key_mask is None else key_mask[:, :kv_len])
+        if runner is None:
+            logits = decode_one_token(model, token, input_pos, next_pos,
+                                      None if key_mask is None else key_mask[:, :kv_len])
+        else:
+            logits = runner.decode(model, token, step, next_pos)
         input_pos += 1
         next_pos += 1
 
@@ -145,12 +163,12 @@ def generate(model: Decoder, input_ids: torch.Tensor | None = None, *, input_emb
              attention_mask: torch.Tensor | None = None, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, seed: int | None = None, eos_token_id: int | Sequence[int] | None | object = _FROM_CONFIG,
              pad_token_id: int | None | object = _FROM_CONFIG,
-             on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+             on_token: Callable[[torch.Tensor], None] | None = None, runner: LayerRunner | None = None) -> torch.Tensor:
     """(B, n) new tokens, n <= max_new_tokens; ``on_token`` is called with each step's (B,) tokens."""
     steps = []
     for token in stream(model, input_ids, input_embeds=input_embeds, attention_mask=attention_mask,
                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                        eos_token_id=eos_token_id, pad_token_id=pad_token_id):
+                        eos_token_id=eos_token_id, pad_token_id=pad_token_id, runner=runner):
         steps.append(token)
         if on_token is not None:
             on_token(token)
