@@ -1,0 +1,130 @@
+"""Pre-decoder token reducers (PLLaVA pooling, SlowFast) against their official code transcribed onto
+transformers' tower and projector (same tiny checkpoint), their token counts at the real shapes, and the
+whole pipeline with reduction on the real test video: `run --json`-style report, batch equals alone."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from einops import rearrange
+from torch import nn
+
+from checkpoints import make_runnable_checkpoint
+from media import real_video
+from llava_next.config import LlavaNextConfig
+from llava_next.inputs.video import load_video
+from llava_next.model.attention import use_backend
+from llava_next.reduce import PLLaVAPool, ReductionError, SlowFast, parse_reduction
+from llava_next.runtime.pipeline import Pipeline
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(autouse=True)
+def sdpa():
+    with use_backend("sdpa"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def runnable(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reduce")
+    directory, hf = make_runnable_checkpoint(root / "LLaVA-NeXT-Video-tiny", kind="video")
+    hf.set_attn_implementation("eager")
+    pipe = Pipeline.from_pretrained(directory, cache_dir=root / "cache", progress=False)
+    return hf, pipe
+
+
+@pytest.fixture(scope="module")
+def clip(runnable):
+    return load_video(real_video(), 6, size=runnable[1].config.tile_size)
+
+
+def hf_projected(hf, pixels: torch.Tensor) -> torch.Tensor:
+    """transformers: tower hidden state -2 without CLS, then the projector: (F, H*W, D)."""
+    with torch.no_grad():
+        h = hf.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        return hf.model.multi_modal_projector(h)
+
+
+def official_pllava(hidden_states: torch.Tensor, num_frames: int, pooling_shape, frame_shape) -> torch.Tensor:
+    """PllavaMultiModalProjector.forward after the projector (modeling_pllava.py), one video."""
+    total_frames = hidden_states.shape[0]
+    if total_frames < num_frames:
+        multiplier = int(num_frames / total_frames) + 1
+        hidden_states = hidden_states.repeat_interleave(multiplier, dim=0)[:num_frames]
+    v = rearrange(hidden_states, "(n f) (h w) d -> n d f h w", n=1, h=frame_shape[0])
+    v = nn.AdaptiveAvgPool3d(pooling_shape)(v)
+    return rearrange(v, "n d f h w -> n (f h w) d")[0]
+
+
+def official_slowfast(image_features: torch.Tensor, num_slowpath: int, fast_hw) -> torch.Tensor:
+    """prepare_slowfast with 'spatial_1d_max_pool' (ml-slowfast-llava llava_arch.py)."""
+    T, N, D = image_features.shape
+    idx = torch.linspace(0, T, num_slowpath + 1).to(torch.int32).tolist()
+    idx.pop()
+    slow = rearrange(image_features[idx], "t n d -> t d n")
+    slow = rearrange(nn.MaxPool1d(kernel_size=2, stride=2)(slow), "t d n -> t n d").reshape(-1, D)
+    n0 = int(math.sqrt(N))
+    fast = rearrange(image_features, "t (n0 n1) d -> d t n0 n1", n0=n0)
+    fast = rearrange(nn.AdaptiveAvgPool2d(fast_hw)(fast), "d t n0 n1 -> (t n0 n1) d")
+    return torch.cat([slow, fast])
+
+
+def close(a, b):
+    assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 2), (8, 3, 3), (6, 4, 4)])  # temporal pooling, repeat, identity
+def test_pllava_matches_official(runnable, clip, shape):
+    hf, pipe = runnable
+    out = PLLaVAPool(shape).reduce_video(pipe.model, clip.pixel_values)
+    ref = official_pllava(hf_projected(hf, clip.pixel_values), shape[0], shape, (4, 4))
+    close(out.tokens, ref)
+    assert out.frame.max() < clip.num_frames and len(out.frame) == len(out.patch) == ref.shape[0]
+
+
+def test_pllava_at_the_native_grid_is_the_models_own_pooling(runnable, clip):
+    _, pipe = runnable
+    model = pipe.model
+    own = model.config
+    try:
+        model.config = own.replace(pool_position="after_projector")
+        native = model.video_features(clip.pixel_values)
+    finally:
+        model.config = own
+    close(PLLaVAPool((6, 2, 2)).reduce_video(model, clip.pixel_values).tokens, native)
+
+
+@pytest.mark.parametrize("slow", [1, 3, 6])
+def test_slowfast_matches_official(runnable, clip, slow):
+    hf, pipe = runnable
+    out = SlowFast(slow_frames=slow, fast_grid=2).reduce_video(pipe.model, clip.pixel_values)
+    close(out.tokens, official_slowfast(hf_projected(hf, clip.pixel_values), slow, (2, 2)))
+
+
+def test_published_token_counts_at_the_real_shapes():
+    cfg = LlavaNextConfig.from_name("LLaVA-NeXT-Video-7B")
+    assert SlowFast().num_tokens(50, cfg) == 3680  # 10 x 288 + 50 x 16 (SF-LLaVA paper)
+    assert PLLaVAPool().num_tokens(16, cfg) == 2304  # 16 x 12 x 12 (PLLaVA eval)
+    with pytest.raises(ReductionError, match="slow_frames=10 but the video has 8 frames"):
+        SlowFast().num_tokens(8, cfg)
+
+
+def test_pipeline_reports_and_batches_with_reduction(runnable):
+    _, pipe = runnable
+    video = real_video()
+    red = parse_reduction(reduce=["pllava:shape=3x2x2", "fastv:layer=1,keep=0.5"])
+    a = pipe.prepare("What happens?", video=video, frames=6, reduction=red, max_new_tokens=6)
+    b = pipe.prepare("Describe the scene in a few words.", video=video, frames=4, reduction=red, max_new_tokens=6)
+    assert a.video_token_counts == [12] and b.video_token_counts == [12]
+    batch = pipe.generate_batch([a, b], max_new_tokens=6)
+    report = a.to_dict()["reduction"]
+    assert report["methods"] == ["pllava:shape=3x2x2", "fastv:layer=1,keep=0.5,score=last_query"]
+    assert report["visual_tokens_unreduced"] == 24 and report["visual_tokens_into_decoder"] == 12
+    assert report["visual_tokens_after_pruning"] == 6 and len(report["kept_positions"]) == 6
+    kept = report["kept_positions"]
+    alone = [pipe.generate_batch([r], max_new_tokens=6)[0] for r in (a, b)]
+    assert batch == alone and a.to_dict()["reduction"]["kept_positions"] == kept
