@@ -128,3 +128,23 @@ def test_pipeline_reports_and_batches_with_reduction(runnable):
     kept = report["kept_positions"]
     alone = [pipe.generate_batch([r], max_new_tokens=6)[0] for r in (a, b)]
     assert batch == alone and a.to_dict()["reduction"]["kept_positions"] == kept
+
+
+def test_maxinfo_selects_frames_from_the_towers_cls_on_the_real_video(runnable):
+    from llava_next.reduce.maxinfo import MaxInfo, select_rows
+
+    hf, pipe = runnable
+    video = real_video()  # 132 frames at 25 fps: 6 candidates at 1 fps
+    method = MaxInfo(rank=3)
+    req = pipe.prepare("What happens?", video=video, frames=4, reduction=parse_reduction(select_frames="maxinfo:rank=3"))
+    cands = load_video(video, method.candidate_count(4, 132, 25.0), size=pipe.config.tile_size)
+    assert cands.num_frames == 6
+    with torch.no_grad():  # the embedding: CLS of transformers' tower at the feature layer
+        ref_cls = hf.model.vision_tower(cands.pixel_values, output_hidden_states=True).hidden_states[-2][:, 0]
+    emb = method.embeddings(cands.pixel_values, pipe.model)
+    close(emb, ref_cls)
+    rows = select_rows(ref_cls, 3, 0.3, 4)
+    assert req.videos[0].frame_indices == [cands.frame_indices[i] for i in rows]
+    assert 3 <= req.videos[0].num_frames <= 4 and req.video_token_counts == [4 * req.videos[0].num_frames]
+    assert req.to_dict()["reduction"]["methods"] == ["maxinfo:frames=0,rank=3,tol=0.3,candidate_fps=1.0,"
+                                                     "max_candidates=128,embedding=cls"]

@@ -15,12 +15,13 @@ import typing
 from typing import Sequence, get_args, get_origin
 
 from .fastv import FastV
+from .maxinfo import MaxInfo
 from .pllava import PLLaVAPool
 from .slowfast import SlowFast
 from .stages import (DecodeSelector, FrameSelector, PrefillPruner, Reduction, ReductionError, TokenReducer,
                      VisualLayout)
 
-METHODS: dict[str, type] = {m.name: m for m in (PLLaVAPool, SlowFast, FastV)}
+METHODS: dict[str, type] = {m.name: m for m in (MaxInfo, PLLaVAPool, SlowFast, FastV)}
 
 __all__ = ["METHODS", "Reduction", "ReductionError", "VisualLayout", "parse_method", "parse_reduction",
            "FrameSelector", "TokenReducer", "PrefillPruner", "DecodeSelector", *[m.__name__ for m in METHODS.values()]]
