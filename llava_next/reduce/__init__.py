@@ -14,6 +14,7 @@ import dataclasses
 import typing
 from typing import Sequence, get_args, get_origin
 
+from .dycoke import DyCokeDecode, DyCokeMerge
 from .fastv import FastV
 from .maxinfo import MaxInfo
 from .pllava import PLLaVAPool
@@ -21,7 +22,7 @@ from .slowfast import SlowFast
 from .stages import (DecodeSelector, FrameSelector, PrefillPruner, Reduction, ReductionError, TokenReducer,
                      VisualLayout)
 
-METHODS: dict[str, type] = {m.name: m for m in (MaxInfo, PLLaVAPool, SlowFast, FastV)}
+METHODS: dict[str, type] = {m.name: m for m in (MaxInfo, PLLaVAPool, SlowFast, DyCokeMerge, FastV, DyCokeDecode)}
 
 __all__ = ["METHODS", "Reduction", "ReductionError", "VisualLayout", "parse_method", "parse_reduction",
            "FrameSelector", "TokenReducer", "PrefillPruner", "DecodeSelector", *[m.__name__ for m in METHODS.values()]]
@@ -59,7 +60,7 @@ def parse_method(spec: str):
     if cls is None:
         raise ReductionError(f"unknown reduction method {name!r}; the methods are: {', '.join(METHODS)}")
     hints = typing.get_type_hints(cls)
-    knobs = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    knobs = {f.name: hints[f.name] for f in dataclasses.fields(cls) if not f.name.startswith("_")}
     values = {}
     for item in filter(None, (a.strip() for a in args.split(","))):
         key, eq, value = item.partition("=")

@@ -245,6 +245,8 @@ def method_spec(method: object) -> str:
     """'name:knob=value,...' of a method dataclass (the CLI form; parse.parse_method reads it back)."""
     parts = []
     for f in dataclasses.fields(method):  # type: ignore[arg-type]
+        if f.name.startswith("_"):
+            continue  # run-time state, not a knob
         v = getattr(method, f.name)
         parts.append(f"{f.name}={'x'.join(map(str, v)) if isinstance(v, tuple) else v}")
     return f"{method.name}:{','.join(parts)}" if parts else method.name  # type: ignore[attr-defined]
