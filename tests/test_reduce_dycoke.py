@@ -147,7 +147,7 @@ def _layers_masked(hf, x, pos, layers, mask):
     return x
 
 
-@pytest.mark.parametrize("on_similar,threshold", [("full", 0.9), ("full", 0.0), ("reuse", 0.0)]  # 0.9: re-selects every step here; 0: never)
+@pytest.mark.parametrize("on_similar,threshold", [("full", 0.9), ("full", 0.0), ("reuse", 0.0)])  # 0.9: new pick every step here; 0.0: never
 def test_decode_selection_equals_a_recompute_with_the_official_rule(on_similar, threshold):
     hf, ours = hf_and_ours("llama", 1.0, seed=5, num_layers=LAYERS, vocab_size=101)
     e, vis = prompt(7, 5, 40, 6)
