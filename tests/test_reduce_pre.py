@@ -4,6 +4,7 @@ whole pipeline with reduction on the real test video: `run --json`-style report,
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -34,7 +35,7 @@ def runnable(tmp_path_factory):
     directory, hf = make_runnable_checkpoint(root / "LLaVA-NeXT-Video-tiny", kind="video")
     hf.set_attn_implementation("eager")
     pipe = Pipeline.from_pretrained(directory, cache_dir=root / "cache", progress=False)
-    return hf, pipe
+    return hf, pipe, directory, root / "cache"
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def close(a, b):
 
 @pytest.mark.parametrize("shape", [(3, 2, 2), (8, 3, 3), (6, 4, 4)])  # temporal pooling, repeat, identity
 def test_pllava_matches_official(runnable, clip, shape):
-    hf, pipe = runnable
+    hf, pipe, *_ = runnable
     out = PLLaVAPool(shape).reduce_video(pipe.model, clip.pixel_values)
     ref = official_pllava(hf_projected(hf, clip.pixel_values), shape[0], shape, (4, 4))
     close(out.tokens, ref)
@@ -87,7 +88,7 @@ def test_pllava_matches_official(runnable, clip, shape):
 
 
 def test_pllava_at_the_native_grid_is_the_models_own_pooling(runnable, clip):
-    _, pipe = runnable
+    _, pipe, *_ = runnable
     model = pipe.model
     own = model.config
     try:
@@ -100,7 +101,7 @@ def test_pllava_at_the_native_grid_is_the_models_own_pooling(runnable, clip):
 
 @pytest.mark.parametrize("slow", [1, 3, 6])
 def test_slowfast_matches_official(runnable, clip, slow):
-    hf, pipe = runnable
+    hf, pipe, *_ = runnable
     out = SlowFast(slow_frames=slow, fast_grid=2).reduce_video(pipe.model, clip.pixel_values)
     close(out.tokens, official_slowfast(hf_projected(hf, clip.pixel_values), slow, (2, 2)))
 
@@ -114,7 +115,7 @@ def test_published_token_counts_at_the_real_shapes():
 
 
 def test_pipeline_reports_and_batches_with_reduction(runnable):
-    _, pipe = runnable
+    _, pipe, *_ = runnable
     video = real_video()
     red = parse_reduction(reduce=["pllava:shape=3x2x2", "fastv:layer=1,keep=0.5"])
     a = pipe.prepare("What happens?", video=video, frames=6, reduction=red, max_new_tokens=6)
@@ -133,7 +134,7 @@ def test_pipeline_reports_and_batches_with_reduction(runnable):
 def test_maxinfo_selects_frames_from_the_towers_cls_on_the_real_video(runnable):
     from llava_next.reduce.maxinfo import MaxInfo, select_rows
 
-    hf, pipe = runnable
+    hf, pipe, *_ = runnable
     video = real_video()  # 132 frames at 25 fps: 6 candidates at 1 fps
     method = MaxInfo(rank=3)
     req = pipe.prepare("What happens?", video=video, frames=4, reduction=parse_reduction(select_frames="maxinfo:rank=3"))
@@ -148,3 +149,39 @@ def test_maxinfo_selects_frames_from_the_towers_cls_on_the_real_video(runnable):
     assert 3 <= req.videos[0].num_frames <= 4 and req.video_token_counts == [4 * req.videos[0].num_frames]
     assert req.to_dict()["reduction"]["methods"] == ["maxinfo:frames=0,rank=3,tol=0.3,candidate_fps=1.0,"
                                                      "max_candidates=128,embedding=cls"]
+
+
+def test_cli_run_json_reports_the_reduction_and_equals_the_python_api(runnable):
+    import os
+    import subprocess
+    import sys
+
+    _, pipe, directory, cache = runnable
+    video = str(real_video())
+    env = dict(os.environ, LLAVA_NEXT_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    args = [sys.executable, "-m", "llava_next.cli.main", "run", "--model", str(directory), "--video", video,
+            "--frames", "8", "--dtype", "fp32", "--max-new-tokens", "5", "--json"]
+    r = subprocess.run([*args, "--select-frames", "maxinfo:frames=6,rank=3", "--reduce", "pllava:shape=4x2x2",
+                        "--reduce", "fastv:layer=1,keep=0.5", "What happens?"], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    red = out["plan"]["reduction"]
+    assert red["visual_tokens_unreduced"] == 32 and red["visual_tokens_into_decoder"] == 16
+    assert red["visual_tokens_after_pruning"] == 8 and len(red["kept_positions"]) == 8
+    req = pipe.prepare("What happens?", video=video, frames=8, max_new_tokens=5,
+                       reduction=parse_reduction("maxinfo:frames=6,rank=3", ["pllava:shape=4x2x2", "fastv:layer=1,keep=0.5"]))
+    assert pipe.generate_batch([req], max_new_tokens=5)[0] == out["tokens"][:len(out["tokens"])]
+    assert req.to_dict()["reduction"]["kept_positions"] == red["kept_positions"]
+
+
+def test_cli_bad_methods_and_values_fail_before_loading(capsys):
+    from llava_next.cli.main import main
+
+    video = str(real_video())
+    for spec, message in [("fastv:keep=0", "fastv: keep is the fraction of visual tokens kept, in (0, 1], got 0.0"),
+                          ("fastvv", "unknown reduction method 'fastvv'; the methods are: maxinfo, pllava"),
+                          ("pllava:shape=4x2", "pllava: shape is (frames, height, width)"),
+                          ("maxinfo", "maxinfo selects frames: pass it as --select-frames maxinfo")]:
+        assert main(["run", "--model", "/nonexistent", "--video", video, "--reduce", spec, "--json", "Q?"]) == 2
+        assert message in json.loads(capsys.readouterr().out)["error"]

@@ -112,6 +112,10 @@ class FrameSelector(ABC):
     def spec(self) -> str:
         return method_spec(self)
 
+    def budget(self, requested: int) -> int:
+        """The most frames ``select`` returns for a request of ``requested`` frames."""
+        return requested
+
     @abstractmethod
     def candidate_count(self, requested: int, total_frames: int, fps: float) -> int:
         """How many candidate frames to decode for a request of ``requested`` frames."""
@@ -181,6 +185,10 @@ class PrefillPruner(ABC):
         return method_spec(self)
     layer: int
 
+    def kept(self, visual_tokens: int) -> int | None:
+        """Visual tokens kept from ``layer`` on, when known before running (None: data-dependent)."""
+        return int(visual_tokens * self.keep) if hasattr(self, "keep") else None
+
     @abstractmethod
     def select_rows(self, decoder: Decoder, hidden_in: torch.Tensor, hidden_out: torch.Tensor,
              position_ids: torch.Tensor, key_mask: torch.Tensor | None, layout: VisualLayout) -> list[torch.Tensor]:
@@ -233,6 +241,28 @@ class Reduction:
             if m is not None and not 1 <= m.layer < layers:
                 raise ReductionError(f"{m.name}: layer={m.layer} but the decoder has {layers} layers; use "
                                      f"1 <= layer <= {layers - 1} (the score is layer {m.layer}-1's attention)")
+
+    def budget(self, config: LlavaNextConfig, frames: int, video_tokens: int, other_visual: int = 0) -> dict:
+        """The visual-token budget of one video at each stage, known before running (``inspect``):
+        ``video_tokens`` is the unreduced video's count, ``other_visual`` the images' tokens."""
+        out: dict = {"methods": self.names(), "visual_tokens_unreduced": video_tokens + other_visual}
+        if self.select_frames is not None:
+            frames = self.select_frames.budget(frames)  # type: ignore[attr-defined]
+            out["frames_at_most"] = frames
+        n = self.reducer.num_tokens(frames, config) if self.reducer is not None else None
+        if n is None:  # the model's own pooling of the (selected) frames
+            from ..inputs.tokens import video_tokens as count
+
+            n = count(frames, config)
+        out["visual_tokens_into_decoder"] = n + other_visual
+        if self.pruner is not None:
+            out["pruned_at_layer"] = self.pruner.layer
+            kept = self.pruner.kept(n + other_visual)
+            out["visual_tokens_after_pruning"] = kept if kept is not None else "data-dependent"
+        if self.decode is not None:
+            out["decode_reads_from_layer"] = self.decode.layer
+            out["visual_keys_read_per_step"] = int((n + other_visual) * self.decode.keep)  # type: ignore[attr-defined]
+        return out
 
     def names(self) -> list[str]:
         return [m.spec() for m in (self.select_frames, self.reducer, self.pruner, self.decode) if m is not None]
