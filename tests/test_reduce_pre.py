@@ -185,3 +185,53 @@ def test_cli_bad_methods_and_values_fail_before_loading(capsys):
                           ("maxinfo", "maxinfo selects frames: pass it as --select-frames maxinfo")]:
         assert main(["run", "--model", "/nonexistent", "--video", video, "--reduce", spec, "--json", "Q?"]) == 2
         assert message in json.loads(capsys.readouterr().out)["error"]
+
+
+def official_visionzip(hidden_states, attn_weights, metric, dominant_num, contextual_num):
+    """CLIPVisionTower_VisionZip.forward (visionzip/clip_encoder.py @ 3151f6d), after the tower ran."""
+    cls_idx = 0
+    cls_attention = attn_weights[:, :, cls_idx, cls_idx + 1:]
+    cls_attention_sum = cls_attention.sum(dim=1)
+    topk_indices = cls_attention_sum.topk(dominant_num, dim=1).indices + 1
+    all_indices = torch.cat([torch.zeros((hidden_states.shape[0], 1), dtype=topk_indices.dtype), topk_indices], dim=1)
+    mask = torch.ones_like(hidden_states[:, :, 0], dtype=torch.bool).scatter_(1, all_indices, False)
+    dominant_tokens = hidden_states.masked_select(~mask.unsqueeze(-1)).view(hidden_states.shape[0], dominant_num + 1,
+                                                                              hidden_states.shape[2])
+    metric_filtered = metric[mask].view(hidden_states.shape[0], hidden_states.shape[1] - (dominant_num + 1), metric.shape[2])
+    hidden_states_filtered = hidden_states.masked_select(mask.unsqueeze(-1)).view(
+        hidden_states.shape[0], hidden_states.shape[1] - (dominant_num + 1), hidden_states.shape[2])
+    metric_normalized = metric_filtered / metric_filtered.norm(dim=-1, keepdim=True)
+    step = max(1, metric_normalized.shape[1] // contextual_num)
+    target_indices = torch.arange(0, metric_normalized.shape[1], step)[:contextual_num]
+    target_tokens = metric_normalized[:, target_indices, :]
+    tokens_to_merge = metric_normalized[:, ~torch.isin(torch.arange(metric_normalized.shape[1]), target_indices), :]
+    similarity = torch.bmm(tokens_to_merge, target_tokens.transpose(1, 2))
+    assign_one_hot = torch.zeros(tokens_to_merge.shape[0], tokens_to_merge.shape[1], contextual_num,
+                                 dtype=hidden_states_filtered.dtype)
+    assign_one_hot.scatter_(2, similarity.argmax(dim=2).unsqueeze(-1), 1)
+    counts = assign_one_hot.sum(dim=1).clamp(min=1).unsqueeze(-1)
+    hidden_to_merge = hidden_states_filtered[:, ~torch.isin(torch.arange(hidden_states_filtered.shape[1]), target_indices), :]
+    aggregated_hidden = torch.bmm(assign_one_hot.transpose(1, 2), hidden_to_merge) / counts
+    target_hidden = hidden_states_filtered[:, target_indices, :]
+    contextual_tokens = target_hidden + aggregated_hidden
+    return torch.cat([dominant_tokens, contextual_tokens], dim=1)
+
+
+@pytest.mark.parametrize("dominant,contextual", [(5, 3), (2, 6), (9, 1)])
+def test_visionzip_matches_official(runnable, clip, dominant, contextual):
+    from llava_next.reduce import VisionZip
+
+    hf, pipe, *_ = runnable
+    px = clip.pixel_values
+    with torch.no_grad():
+        out = hf.model.vision_tower(px, output_hidden_states=True, output_attentions=True)
+        layer = hf.model.vision_tower.encoder.layers[-2]
+        h_in = layer.layer_norm1(out.hidden_states[-3])
+        n, T, _ = h_in.shape
+        heads = layer.self_attn.num_heads
+        metric = layer.self_attn.k_proj(h_in).view(n, T, heads, -1).transpose(1, 2).mean(1)  # raw_key_states.mean(1)
+        ref = hf.model.multi_modal_projector(official_visionzip(out.hidden_states[-2], out.attentions[-2], metric,
+                                                                dominant - 1, contextual))
+    got = VisionZip(dominant, contextual).reduce_video(pipe.model, px)
+    close(got.tokens, ref.reshape(-1, ref.shape[-1]))
+    assert got.tokens.shape[0] == VisionZip(dominant, contextual).num_tokens(px.shape[0], pipe.config)

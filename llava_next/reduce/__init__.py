@@ -19,10 +19,11 @@ from .fastv import FastV
 from .maxinfo import MaxInfo
 from .pllava import PLLaVAPool
 from .slowfast import SlowFast
+from .visionzip import VisionZip
 from .stages import (DecodeSelector, FrameSelector, PrefillPruner, Reduction, ReductionError, TokenReducer,
                      VisualLayout)
 
-METHODS: dict[str, type] = {m.name: m for m in (MaxInfo, PLLaVAPool, SlowFast, DyCokeMerge, FastV, DyCokeDecode)}
+METHODS: dict[str, type] = {m.name: m for m in (MaxInfo, PLLaVAPool, SlowFast, DyCokeMerge, VisionZip, FastV, DyCokeDecode)}
 
 __all__ = ["METHODS", "Reduction", "ReductionError", "VisualLayout", "parse_method", "parse_reduction",
            "FrameSelector", "TokenReducer", "PrefillPruner", "DecodeSelector", *[m.__name__ for m in METHODS.values()]]

@@ -157,15 +157,16 @@ class TokenReducer(ABC):
         pixels = pixel_values.to(model.device, model.dtype)
         with torch.no_grad():
             if self.needs == "tower":
-                return self.reduce(pixels, cfg, model=model)  # type: ignore[call-arg]
-            feats = torch.cat([model.vision_tower(c) for c in pixels.split(frame_batch)])  # (F, H*W, Cv)
-            if self.needs == "patches":
-                feats = model.projector(feats)  # (F, H*W, D)
+                out = self.reduce(pixels, cfg, model=model)  # type: ignore[call-arg]
+                feats = None
             else:
+                feats = torch.cat([model.vision_tower(c) for c in pixels.split(frame_batch)])  # (F, H*W, Cv)
+            if feats is not None and self.needs == "patches":
+                out = self.reduce(model.projector(feats), cfg)  # (F, H*W, D) in
+            elif feats is not None:
                 grid = (cfg.vision.grid_size,) * 2
-                feats = pool_and_project(feats, model.projector, grid, cfg.spatial_pool_stride,
-                                         cfg.spatial_pool_mode, cfg.pool_position)  # (F, h*w, D)
-            out = self.reduce(feats, cfg)
+                out = self.reduce(pool_and_project(feats, model.projector, grid, cfg.spatial_pool_stride,
+                                                   cfg.spatial_pool_mode, cfg.pool_position), cfg)  # (F, h*w, D) in
         n = self.num_tokens(pixel_values.shape[0], cfg)
         if out.tokens.shape[0] != n:  # the promise prepare() expanded the placeholders with
             raise RuntimeError(f"{self.name} returned {out.tokens.shape[0]} tokens, num_tokens said {n} (a bug)")
