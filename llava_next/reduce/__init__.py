@@ -16,6 +16,7 @@ from typing import Sequence, get_args, get_origin
 
 from .dycoke import DyCokeDecode, DyCokeMerge
 from .fastv import FastV
+from .framefusion import FrameFusion
 from .maxinfo import MaxInfo
 from .pllava import PLLaVAPool
 from .slowfast import SlowFast
@@ -23,7 +24,8 @@ from .visionzip import VisionZip
 from .stages import (DecodeSelector, FrameSelector, PrefillPruner, Reduction, ReductionError, TokenReducer,
                      VisualLayout)
 
-METHODS: dict[str, type] = {m.name: m for m in (MaxInfo, PLLaVAPool, SlowFast, DyCokeMerge, VisionZip, FastV, DyCokeDecode)}
+METHODS: dict[str, type] = {m.name: m for m in (MaxInfo, PLLaVAPool, SlowFast, DyCokeMerge, VisionZip, FastV, FrameFusion,
+                                                 DyCokeDecode)}
 
 __all__ = ["METHODS", "Reduction", "ReductionError", "VisualLayout", "parse_method", "parse_reduction",
            "FrameSelector", "TokenReducer", "PrefillPruner", "DecodeSelector", *[m.__name__ for m in METHODS.values()]]

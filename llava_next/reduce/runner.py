@@ -72,6 +72,12 @@ class ReducedRunner:
             self.report.visual_after = self.report.visual_before
             self.report.kept_positions = [position_ids[b][visual[b]].tolist() for b in range(B)]
             return model.head(x[:, -1:])[:, -1]
+        if hasattr(pruner, "prefill"):  # a pruner that runs the layers itself (FrameFusion: merges at every layer)
+            logits, self.segments, alive = pruner.prefill(model, embeds, position_ids, key_mask, layout)
+            kept_visual = [visual[b][alive[b]] for b in range(B)]
+            self.report.visual_after = [int(v.sum()) for v in kept_visual]
+            self.report.kept_positions = [position_ids[b][alive[b]][kept_visual[b]].tolist() for b in range(B)]
+            return logits
         K = pruner.layer
         x_in = model.forward_layers(embeds, position_ids, range(K - 1), input_pos=slots, key_mask=key_mask)
         x_out = model.forward_layers(x_in, position_ids, range(K - 1, K), input_pos=slots, key_mask=key_mask)
