@@ -147,9 +147,14 @@ def _layers_masked(hf, x, pos, layers, mask):
     return x
 
 
+@pytest.fixture(scope="module")
+def models():
+    return hf_and_ours("llama", 1.0, seed=5, num_layers=LAYERS, vocab_size=101)
+
+
 @pytest.mark.parametrize("on_similar,threshold", [("full", 0.9), ("full", 0.0), ("reuse", 0.0)])  # 0.9: new pick every step here; 0.0: never
-def test_decode_selection_equals_a_recompute_with_the_official_rule(on_similar, threshold):
-    hf, ours = hf_and_ours("llama", 1.0, seed=5, num_layers=LAYERS, vocab_size=101)
+def test_decode_selection_equals_a_recompute_with_the_official_rule(models, on_similar, threshold):
+    hf, ours = models
     e, vis = prompt(7, 5, 40, 6)
     method = DyCokeDecode(layer=2, keep=0.25, threshold=threshold, on_similar=on_similar)
     runner = ReducedRunner(Reduction(decode=method), layout(vis))

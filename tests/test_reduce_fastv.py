@@ -146,9 +146,9 @@ def test_batch_of_different_lengths_equals_each_prompt_alone(models):
     for i, (e, v) in enumerate(rows):
         batch[i, T - e.shape[1]:], vis[i, T - e.shape[1]:], mask[i, T - e.shape[1]:] = e[0], v[0], True
     method = FastV(layer=K, keep=0.5)
-    tokens, runner = run(ours, batch, vis, method, mask)
+    tokens, runner = run(ours, batch, vis, method, mask, n=4)
     for i, (e, v) in enumerate(rows):
-        alone, r1 = run(ours, e, v, method)
+        alone, r1 = run(ours, e, v, method, n=4)
         assert tokens[i].tolist() == alone[0].tolist()
         assert runner.report.kept_positions[i] == r1.report.kept_positions[0]
 

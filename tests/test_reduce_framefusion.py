@@ -232,10 +232,10 @@ def test_batch_equals_each_prompt_alone(models):
         batch[i, T - n:], frame[i, T - n:], patch[i, T - n:], mask[i, T - n:] = e[0], lay.frame[0], lay.patch[0], True
     method = FrameFusion(similarity=0.9)
     runner = ReducedRunner(Reduction(pruner=method), VisualLayout(frame >= 0, frame, patch))
-    out = generate(ours, input_embeds=batch, attention_mask=mask, max_new_tokens=6, eos_token_id=(), runner=runner)
+    out = generate(ours, input_embeds=batch, attention_mask=mask, max_new_tokens=4, eos_token_id=(), runner=runner)
     for i, (e, lay, _) in enumerate(rows):
         alone = ReducedRunner(Reduction(pruner=method), lay)
-        assert out[i].tolist() == generate(ours, input_embeds=e, max_new_tokens=6, eos_token_id=(), runner=alone)[0].tolist()
+        assert out[i].tolist() == generate(ours, input_embeds=e, max_new_tokens=4, eos_token_id=(), runner=alone)[0].tolist()
         assert runner.report.kept_positions[i] == alone.report.kept_positions[0]
 
 
