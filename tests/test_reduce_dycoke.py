@@ -106,7 +106,7 @@ def reference_dycoke_decode(hf, e, vis, method: DyCokeDecode, n: int):
     L = method.layer
     T = e.shape[1]
     rows_visible = []  # per generated token: (S,) bool visible keys at its step
-    out, prev, chosen = [], None, None
+    out, logits, prev, chosen = [], [], None, None
     with torch.no_grad():
         for t in range(n + 1):
             ids = torch.tensor([out], dtype=torch.long)
@@ -136,8 +136,9 @@ def reference_dycoke_decode(hf, e, vis, method: DyCokeDecode, n: int):
                 mask[q, :len(vis_row)][~vis_row] = float("-inf")
             h = _layers_masked(hf, h, pos, range(L, LAYERS), mask[None, None])
             if t < n:
-                out.append(int(hf.lm_head(hf.model.norm(h[:, -1])).argmax()))
-    return out, rows_visible
+                logits.append(hf.lm_head(hf.model.norm(h[:, -1])))
+                out.append(int(logits[-1].argmax()))
+    return out, rows_visible, torch.cat(logits)
 
 
 def _layers_masked(hf, x, pos, layers, mask):
@@ -158,9 +159,14 @@ def test_decode_selection_equals_a_recompute_with_the_official_rule(models, on_s
     e, vis = prompt(7, 5, 40, 6)
     method = DyCokeDecode(layer=2, keep=0.25, threshold=threshold, on_similar=on_similar)
     runner = ReducedRunner(Reduction(decode=method), layout(vis))
+    seen = []
+    decode = runner.decode
+    runner.decode = lambda *a: seen.append(decode(*a)) or seen[-1]
     tokens = generate(ours, input_embeds=e, max_new_tokens=6, eos_token_id=(), runner=runner)
-    ref, visible = reference_dycoke_decode(hf, e, vis, method, 6)
+    ref, visible, ref_logits = reference_dycoke_decode(hf, e, vis, method, 6)
     assert tokens[0].tolist() == ref and len(set(ref)) > 1
+    ours_logits, ref_logits = torch.cat(seen), ref_logits[1:]  # the decode steps' logits, not just the argmax
+    assert (ours_logits - ref_logits).abs().max() <= 1e-4 * ref_logits.abs().max()
     pruned_steps = sum(int(v.sum()) < len(v) for v in visible)
     assert pruned_steps >= 1  # the selection did fire (DyCoke issue #6: it silently never did)
 

@@ -103,8 +103,8 @@ class VisualLayout:
 
 # ---- H0 ------------------------------------------------------------------------------------------------
 class FrameSelector(ABC):
-    """Pick frames before they become tokens. ``candidates`` frames are sampled uniformly first (or at
-    ``candidate_fps``), then ``select`` keeps some of them."""
+    """Pick frames before they become tokens: ``candidate_count`` frames are sampled uniformly first, then
+    ``select`` keeps some of them (``Pipeline.prepare``)."""
 
     name: ClassVar[str]
     stage: ClassVar[str] = "select-frames"
@@ -136,10 +136,10 @@ class TokenReducer(ABC):
 
     name: ClassVar[str]
     stage: ClassVar[str] = "reduce"
+    needs: ClassVar[Literal["patches", "pooled", "tower"]] = "patches"
 
     def spec(self) -> str:
         return method_spec(self)
-    needs: ClassVar[Literal["patches", "pooled", "tower"]] = "patches"
 
     @abstractmethod
     def num_tokens(self, num_frames: int, config: LlavaNextConfig) -> int:
