@@ -35,7 +35,8 @@ from typing import ClassVar, Literal
 import torch
 
 from ..model.decoder import Decoder
-from .scores import attention_rows
+from ..research.attention import fastv_score
+from .scores import attention_rows, layer_queries
 from .stages import PrefillPruner, ReductionError, VisualLayout
 
 Score = Literal["last_query", "all_queries"]
@@ -65,9 +66,10 @@ class FastV(PrefillPruner):
                key_mask: torch.Tensor | None) -> torch.Tensor:
         """(B, T) fp32 importance of every key (callers restrict to visual keys)."""
         B, T, _ = hidden_in.shape
-        if self.score == "last_query":
-            probs = attention_rows(decoder, self.layer - 1, hidden_in[:, -1:], position_ids[:, -1:], key_mask, T)
-            return probs[:, :, 0].mean(1)  # (B, T): mean over heads of the last row
+        if self.score == "last_query":  # research.attention.fastv_score on layer K-1's last query and cached keys
+            q = layer_queries(decoder, self.layer - 1, hidden_in[:, -1:], position_ids[:, -1:])  # (B, H, 1, D)
+            k = decoder.layers[self.layer - 1].self_attn.kv_cache.k[:, :, :T]
+            return fastv_score(q, k, key_mask)  # (B, T): mean over heads of the last row
         probs = attention_rows(decoder, self.layer - 1, hidden_in, position_ids, key_mask, T)  # (B, H, T, T)
         real = torch.ones(B, T, dtype=torch.bool, device=hidden_in.device) if key_mask is None else key_mask
         mass = (probs * real[:, None, :, None]).sum(2)  # (B, H, T): received from every real query
