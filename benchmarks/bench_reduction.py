@@ -191,6 +191,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     load = os.getloadavg()[0]
+    code = commit()  # once: the code this process imported (HEAD may move while it runs)
     pipe = pipeline(args)
     layers = pipe.config.text.num_layers
     video = bench_video()
@@ -210,7 +211,7 @@ def main() -> None:
         row = dict(method=label, frames=args.frames, layers=layers, kl_first_token=kl,
                    top1_agrees=int(base["logits"].argmax() == r["logits"].argmax()),
                    greedy_agreement=sum(same) / len(same), first_difference=next((i for i, s in enumerate(same) if not s), len(same)),
-                   load_average=round(load, 1), weights="random" if not args.model else args.model, commit=commit(),
+                   load_average=round(load, 1), weights="random" if not args.model else args.model, commit=code,
                    **{k: r[k] for k in ("visual_unreduced", "visual_into_decoder", "visual_after_pruning",
                                         "mean_tokens_per_layer", "prefill_gflops", "prefill_s",
                                         "video_to_first_token_s", "peak_rss_mib", "kv_cache_mib")})
