@@ -1,7 +1,7 @@
 """Every token-reduction method at its published default, side by side, on one real video and one 7B-shaped model.
 
     python benchmarks/bench_reduction.py                      # random 7B-shaped weights, 6 decoder layers
-    python benchmarks/bench_reduction.py --model llava-hf/LLaVA-NeXT-Video-7B-hf --layers 0   # real weights
+    python benchmarks/bench_reduction.py --model llava-hf/LLaVA-NeXT-Video-7B-hf --frames 16   # real weights
 
 The model: LLaVA-NeXT-Video-7B's shapes (full CLIP ViT-L/14-336, the projector, decoder layers of the
 Vicuna-7B shape, the real 32,064-row vocabulary) with ``--layers`` decoder layers (default 6: enough for
