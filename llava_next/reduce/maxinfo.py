@@ -133,6 +133,11 @@ class MaxInfo(FrameSelector):
     def embeddings(self, pixel_values: torch.Tensor, model, frame_batch: int = 8) -> torch.Tensor:
         """(N, C) fp32 embedding of each candidate frame from the model's vision tower."""
         tower = model.vision_tower
+        if self.embedding == "patch_mean":  # the tower's own features at its feature layer, averaged
+            return torch.cat([tower(c).float().mean(1) for c in pixel_values.to(model.device, model.dtype).split(frame_batch)])
+        if not hasattr(tower, "class_embedding"):
+            raise ReductionError("maxinfo: embedding=cls needs a tower with a CLS token (CLIP); this model's tower has "
+                                 "none (SigLIP): use maxinfo:embedding=patch_mean")
         out = []
         for chunk in pixel_values.to(model.device, model.dtype).split(frame_batch):
             x = tower.patch_embedding(chunk).flatten(2).transpose(1, 2)  # (n, g*g, C): VisionTower.forward
@@ -140,7 +145,7 @@ class MaxInfo(FrameSelector):
             x = tower.pre_layernorm(x)
             for layer in tower.layers:
                 x = layer(x)
-            out.append(x[:, 0] if self.embedding == "cls" else x[:, 1:].mean(1))
+            out.append(x[:, 0])
         return torch.cat(out).float()
 
     def select(self, pixel_values: torch.Tensor, model, frames: int) -> list[int]:

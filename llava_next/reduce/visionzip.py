@@ -71,6 +71,9 @@ class VisionZip(TokenReducer):
         return last(x), cls_row[:, :, 0, 1:].sum(1), k.mean(1)
 
     def reduce(self, pixels: torch.Tensor, config, model=None) -> ReducedVideo:
+        if not hasattr(model.vision_tower, "class_embedding"):
+            raise ReductionError("visionzip reads the CLS token's attention; this model's tower has no CLS token "
+                                 "(SigLIP): use another reducer (pllava, slowfast, dycoke-ttm)")
         if config.vision.feature_layer != -2:
             raise ReductionError(f"visionzip reads CLIP layer -2 (as its code does); this model's feature layer is "
                                  f"{config.vision.feature_layer}")
