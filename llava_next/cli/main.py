@@ -63,6 +63,7 @@ def _add_inspect(sub) -> None:
                    help=f"a model preset (the same as --model NAME); one of: {', '.join(sorted(PRESETS))}")
     options.add_media_options(p)
     options.add_plan_options(p)
+    options.add_reduction_options(p)
     options.add_prompt_options(p, positional=False, max_new_tokens=None)
     p.add_argument("--text-tokens", type=int, default=None,
                    help="positions to reserve for prompt text and answer when no --prompt is given (default 100)")
@@ -152,6 +153,15 @@ def _inspect_media(args, config: LlavaNextConfig, model: str, preset: str | None
         videos.append((clip, video_plan(clip.num_frames, config)))
     media = media_plan(image_plans, videos, config, args.rope_scale, sampling)
     visual = media["visual_tokens"]
+    reduction = options.reduction(args)
+    budgets = []
+    if reduction:  # the budget after frame selection / token reduction; the context is checked with it
+        try:
+            reduction.check(config)
+            budgets = [reduction.budget(config, n_frames, plan.total) for _, plan in videos]
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        visual += sum(b["visual_tokens_into_decoder"] - b["visual_tokens_unreduced"] for b in budgets)
     text_tokens = 100 if args.text_tokens is None else args.text_tokens
     new_tokens = args.max_new_tokens or 0
     if args.prompt is not None:  # count the prompt exactly, as run does
@@ -171,6 +181,8 @@ def _inspect_media(args, config: LlavaNextConfig, model: str, preset: str | None
               "context": context.to_dict(), "overflow": overflow(context)}
     if model == options.TINY_MODEL:
         report["random_weights"] = True
+    if budgets:
+        report["reduction"] = budgets
     if kind == "video":  # one video: its fields at the top level too (the original inspect format)
         report.update({k: v for k, v in media["videos"][0].items() if k != "tokens"})
 
@@ -230,6 +242,15 @@ def _format(r: dict) -> str:
             f" -> {ph}x{pw} = {v['tokens_per_frame']} tokens",
             f"  tokens          {v['num_frames']} x {v['tokens_per_frame']}{nl} = {v['tokens']}",
         ] + [f"  note: {note}" for note in v["notes"]]
+    for b in r.get("reduction", []):
+        frames = f" (at most {b['frames_at_most']} frames)" if "frames_at_most" in b else ""
+        lines.append(f"reduce   {', '.join(b['methods'])}: {b['visual_tokens_unreduced']} visual tokens -> "
+                     f"{b['visual_tokens_into_decoder']} into the decoder{frames}")
+        if "pruned_at_layer" in b:
+            lines.append(f"  from decoder layer {b['pruned_at_layer']}: {b['visual_tokens_after_pruning']} visual tokens")
+        if "decode_reads_from_layer" in b:
+            lines.append(f"  decode, from layer {b['decode_reads_from_layer']}: {b['visual_keys_read_per_step']} "
+                         f"visual keys read per step")
     n = len(r["images"]) + len(r["videos"])
     if n > 1:
         lines.append(f"visual   {r['visual_tokens']} tokens in {len(r['images'])} images"

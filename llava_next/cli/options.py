@@ -10,11 +10,13 @@ same names, defaults and help:
                              --anyres-compat --rope-scale --allow-overflow --max-image-pixels
     add_prompt_options(p)    PROMPT (positional, optional) or --prompt TEXT; --template; --max-new-tokens
     add_output_options(p)    --json --quiet
+    add_reduction_options(p) --select-frames METHOD[:knob=value,...]  --reduce METHOD[:knob=value,...] (repeat)
 
 and after ``parse_args``:
 
     finish(args)             the prompt rule below; switches that need a video without one are errors
     plan_overrides(args)     the config switches as keyword arguments of runtime.pipeline.with_overrides
+    reduction(args)          the llava_next.reduce.Reduction of --select-frames / --reduce (or None)
     UserError                what ``main`` prints as one line with exit status 2
 
 Media: ``--image a.jpg b.jpg`` and ``--image a.jpg --image b.jpg`` both give two images, in every
@@ -161,6 +163,20 @@ def add_output_options(p: argparse.ArgumentParser, *, what: str = "the result") 
     p.add_argument("--quiet", action="store_true", help="no progress or notes on stderr (errors still go there)")
 
 
+def add_reduction_options(p: argparse.ArgumentParser) -> None:
+    """Frame selection and visual-token reduction (llava_next.reduce, docs/reduction.md)."""
+    from ..reduce import METHODS, FrameSelector
+
+    selectors = [n for n, c in METHODS.items() if issubclass(c, FrameSelector)]
+    reducers = [n for n, c in METHODS.items() if not issubclass(c, FrameSelector)]
+    g = p.add_argument_group("token reduction (docs/reduction.md)")
+    g.add_argument("--select-frames", metavar="METHOD[:knob=value,...]", default=None,
+                   help=f"choose the video frames: {', '.join(selectors)} (e.g. maxinfo:frames=16)")
+    g.add_argument("--reduce", action="append", default=[], metavar="METHOD[:knob=value,...]",
+                   help=f"reduce visual tokens, one method per stage, repeatable: {', '.join(reducers)} "
+                        f"(e.g. fastv:layer=2,keep=0.5; keep = fraction kept)")
+
+
 # --------------------------------------------------------------------------------------------------
 # after parsing
 # --------------------------------------------------------------------------------------------------
@@ -221,6 +237,20 @@ def plan_overrides(args: argparse.Namespace) -> dict:
     """The config switches given on the command line, for ``runtime.pipeline.with_overrides``."""
     return {name: getattr(args, name, None) for name in
             ("pool_stride", "pool_mode", "newline", "pool_position", "anyres_compat")}
+
+
+def reduction(args: argparse.Namespace):
+    """The Reduction of --select-frames / --reduce, or None; a bad name or value is a UserError."""
+    from ..reduce import ReductionError, parse_reduction
+
+    if not getattr(args, "select_frames", None) and not getattr(args, "reduce", None):
+        return None
+    if not args.video:
+        raise UserError("--select-frames / --reduce: the reduction methods work on videos, but no --video was given")
+    try:
+        return parse_reduction(args.select_frames, args.reduce)
+    except ReductionError as e:
+        raise UserError(str(e)) from None
 
 
 def frames(args: argparse.Namespace) -> int:

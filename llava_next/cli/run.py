@@ -40,6 +40,7 @@ def add_run(sub, *, user_error, **_unused) -> None:
     options.add_model_options(p)
     options.add_media_options(p)
     options.add_plan_options(p)
+    options.add_reduction_options(p)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
@@ -108,6 +109,7 @@ def _run(args: argparse.Namespace, user_error) -> int:
         raise user_error("--device cuda: no CUDA device is available; use --device cpu")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise user_error(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature}, {args.top_p}")
+    reduction = options.reduction(args)  # a bad method or value fails before any loading
     model_id = PRESETS[args.model].hub_id if args.model in PRESETS else args.model
     tiny = args.model == options.TINY_MODEL
     if tiny:  # said plainly, whatever the output mode: the answer is noise
@@ -128,10 +130,17 @@ def _run(args: argparse.Namespace, user_error) -> int:
         from ..inputs.tokens import video_plan
 
         video_plan(options.frames(args), pipe.model.config)
+    if reduction:
+        from ..reduce import ReductionError
+
+        try:
+            reduction.check(pipe.model.config)
+        except ReductionError as e:
+            raise user_error(str(e)) from None
     request = pipe.prepare(args.prompt, images=args.image, videos=args.video, frames=options.frames(args),
                            sampling=options.sampling(args), template=args.template, rope_scale=args.rope_scale,
                            max_new_tokens=args.max_new_tokens, max_image_pixels=args.max_image_pixels,
-                           allow_overflow=args.allow_overflow)
+                           allow_overflow=args.allow_overflow, reduction=reduction)
     plan = request.plan
     if not plan.fits:  # only with --allow-overflow; said even with --json or --quiet
         print(f"[llava-next] {overflow_warning(plan)}", file=sys.stderr)
@@ -140,6 +149,10 @@ def _run(args: argparse.Namespace, user_error) -> int:
         print(f"[llava-next] {plan.summary()}", file=sys.stderr)
         for note in request.notes:
             print(f"[llava-next] note: {note}", file=sys.stderr)
+        if reduction:
+            r = request.reduction_summary()
+            print(f"[llava-next] reduction {', '.join(r['methods'])}: {r['visual_tokens_unreduced']} visual tokens "
+                  f"unreduced -> {r['visual_tokens_into_decoder']} into the decoder", file=sys.stderr)
         if plan.factor_source == "auto":
             print(f"[llava-next] --rope-scale auto: using linear RoPE factor {plan.factor:g} "
                   f"(the checkpoint's is {plan.config_factor:g})", file=sys.stderr)

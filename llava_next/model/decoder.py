@@ -292,6 +292,29 @@ class Decoder(nn.Module):
             x = x[:, -1:]  # (B, 1, C)
         return self.hook_logits(self.lm_head(self.norm(x)))  # (B, T or 1, V)
 
+    # ---- layer ranges: prefills that change the sequence between layers (llava_next.reduce) ----------
+    def forward_layers(self, x: torch.Tensor, position_ids: torch.Tensor, layers: range, *,
+                       input_pos: torch.Tensor | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states (B, T, C) through ``self.layers[i] for i in layers`` only (no embedding, no final
+        norm or head); arguments as in ``forward``. Each call has its own cache slots and key mask, so layer
+        ranges can hold KV caches of different lengths: a token pruner at layer K keeps the full sequence
+        in layers < K and writes only the kept tokens, at slots 0..T'-1, into layers >= K."""
+        B, T, _ = x.shape
+        kv_len = T if input_pos is None else self._check_cache(input_pos, B, T)
+        if key_mask is not None and (key_mask.shape != (B, kv_len) or key_mask.dtype != torch.bool):
+            raise ValueError(f"key_mask must be a bool tensor of shape (batch, keys) = {(B, kv_len)}, "
+                             f"got {key_mask.dtype} {tuple(key_mask.shape)}")
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, kv_len)
+        inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta, self.rope_scaling_factor, x.device)
+        cos, sin = rope_cos_sin(position_ids, inv_freq, x.dtype)  # (B, 1, T, D)
+        for i in layers:
+            x = self.layers[i](x, cos, sin, input_pos, kv_len, mask)
+        return x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and lm_head: hidden states (B, T, C) -> logits (B, T, V)."""
+        return self.lm_head(self.norm(x))
+
     def _embed(self, input_ids: torch.Tensor | None, input_embeds: torch.Tensor | None) -> torch.Tensor:
         if (input_ids is None) == (input_embeds is None):
             raise ValueError("pass exactly one of input_ids (B, T) or input_embeds (B, T, hidden_size)")

@@ -23,7 +23,7 @@ stopped. By default the EOS is ``decoder.config.eos_token_id``; pass ``eos_token
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -31,6 +31,17 @@ from . import compiled_step, cpu_decode
 from .decoder import Decoder
 
 _FROM_CONFIG = object()  # default for eos_token_id / pad_token_id: read decoder.config
+
+
+class LayerRunner(Protocol):
+    """Runs prefill and each decode step itself (e.g. ``llava_next.reduce.ReducedRunner``: it prunes tokens
+    between layers, so layer ranges hold KV caches of different lengths). Same arguments as ``prefill``;
+    ``decode`` gets the step index (0 = the first token after the prompt) and the (B, 1) RoPE positions."""
+
+    def prefill(self, model: Decoder, input_embeds: torch.Tensor, position_ids: torch.Tensor,
+                key_mask: torch.Tensor | None) -> torch.Tensor: ...
+
+    def decode(self, model: Decoder, token: torch.Tensor, step: int, position_ids: torch.Tensor) -> torch.Tensor: ...
 
 
 @torch.no_grad()
@@ -81,10 +92,13 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def stream(model: Decoder, input_ids: torch.Tensor | None = None, *, input_embeds: torch.Tensor | None = None,
            attention_mask: torch.Tensor | None = None, max_new_tokens: int, temperature: float = 0.0,
            top_p: float = 1.0, seed: int | None = None, eos_token_id: int | Sequence[int] | None | object = _FROM_CONFIG,
-           pad_token_id: int | None | object = _FROM_CONFIG, compile_step: bool | None = None) -> Iterator[torch.Tensor]:
+           pad_token_id: int | None | object = _FROM_CONFIG, compile_step: bool | None = None,
+           runner: LayerRunner | None = None) -> Iterator[torch.Tensor]:
     """Yield the next (B,) tokens, one step at a time (see the module docstring for the arguments).
     ``compile_step``: decode with the whole-step compiled graph (compiled_step.py): None = when it pays
-    for itself (``worth_compiling``), True / False = always / never."""
+    for itself (``worth_compiling``), True / False = always / never. ``runner``: prefill and decode through a
+    ``LayerRunner`` (token reduction, llava_next.reduce) instead of the whole decoder at once; the compiled
+    step is then not used."""
     if not max_new_tokens >= 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not temperature >= 0:
@@ -115,7 +129,7 @@ def stream(model: Decoder, input_ids: torch.Tensor | None = None, *, input_embed
             key_mask[:, :T] = attention_mask
             position_ids = positions_from_mask(attention_mask)
 
-    use_step = compiled_step.worth_compiling(model, max_new_tokens, device, compile_step)
+    use_step = runner is None and compiled_step.worth_compiling(model, max_new_tokens, device, compile_step)
     cache_len = compiled_step.cache_length(T, max_new_tokens) if use_step else T + max_new_tokens
     model.setup_caches(B, cache_len, dtype=embeds.dtype, device=device)
     if use_step:  # the compiled step reads the whole static cache: a (B, S) mask of real (non-padding) slots
@@ -130,7 +144,10 @@ def stream(model: Decoder, input_ids: torch.Tensor | None = None, *, input_embed
         else:
             generator.manual_seed(seed)
 
-    logits = prefill(model, embeds, position_ids, None if key_mask is None else key_mask[:, :T])
+    if runner is None:
+        logits = prefill(model, embeds, position_ids, None if key_mask is None else key_mask[:, :T])
+    else:  # a token-reduction schedule (llava_next.reduce) runs the layers itself
+        logits = runner.prefill(model, embeds, position_ids, None if key_mask is None else key_mask[:, :T])
     cfg = model.config  # the eager step's compiled attention (cpu_decode.py): only where it pays for itself
     kv_bytes = 2 * cfg.num_layers * B * cfg.num_kv_heads * (T + max_new_tokens / 2) * cfg.head_dim * embeds.element_size()
     attention_compile = cpu_decode.worth_compiling(kv_bytes, max_new_tokens)
@@ -147,13 +164,17 @@ def stream(model: Decoder, input_ids: torch.Tensor | None = None, *, input_embed
         if step == max_new_tokens - 1 or (eos is not None and bool(done.all())):
             return
         kv_len = T + step + 1
-        logits = compiled_step.run_step(model, token, input_pos, next_pos, static_mask) if use_step else None
-        if logits is not None:
-            _call_forward_hooks(model, logits[:, None])  # what model(...) would have run (e.g. finiteness checks)
-        else:
+        if runner is not None:
             with cpu_decode.for_request(attention_compile):
-                logits = decode_one_token(model, token, input_pos, next_pos,
-                                          None if key_mask is None else key_mask[:, :kv_len])
+                logits = runner.decode(model, token, step, next_pos)
+        else:
+            logits = compiled_step.run_step(model, token, input_pos, next_pos, static_mask) if use_step else None
+            if logits is not None:
+                _call_forward_hooks(model, logits[:, None])  # what model(...) would have run (e.g. finiteness checks)
+            else:
+                with cpu_decode.for_request(attention_compile):
+                    logits = decode_one_token(model, token, input_pos, next_pos,
+                                              None if key_mask is None else key_mask[:, :kv_len])
         input_pos += 1
         next_pos += 1
 
@@ -162,12 +183,14 @@ def generate(model: Decoder, input_ids: torch.Tensor | None = None, *, input_emb
              attention_mask: torch.Tensor | None = None, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, seed: int | None = None, eos_token_id: int | Sequence[int] | None | object = _FROM_CONFIG,
              pad_token_id: int | None | object = _FROM_CONFIG,
-             on_token: Callable[[torch.Tensor], None] | None = None, compile_step: bool | None = None) -> torch.Tensor:
+             on_token: Callable[[torch.Tensor], None] | None = None, compile_step: bool | None = None,
+             runner: LayerRunner | None = None) -> torch.Tensor:
     """(B, n) new tokens, n <= max_new_tokens; ``on_token`` is called with each step's (B,) tokens."""
     steps = []
     for token in stream(model, input_ids, input_embeds=input_embeds, attention_mask=attention_mask,
                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                        eos_token_id=eos_token_id, pad_token_id=pad_token_id, compile_step=compile_step):
+                        eos_token_id=eos_token_id, pad_token_id=pad_token_id, compile_step=compile_step,
+                        runner=runner):
         steps.append(token)
         if on_token is not None:
             on_token(token)

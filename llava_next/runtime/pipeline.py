@@ -48,6 +48,7 @@ from ..inputs.tokens import (ContextPlan, ImagePlan, RopeScale, VideoPlan, check
                              plan_context, video_plan)
 from ..inputs.video import Sampling, VideoClip, frame_options, load_video
 from . import tiny
+from ..reduce.stages import Reduction, VisualLayout, native_video_layout
 
 PathLike = str | os.PathLike
 
@@ -67,6 +68,9 @@ class Request:
     image_plans: list[ImagePlan] = field(default_factory=list)  # every number behind each image's count
     video_plans: list[VideoPlan] = field(default_factory=list)  # ... and each video's
     frame_clips: list[VideoClip] = field(default_factory=list)  # videos sent as frames, one <image> each
+    reduction: Reduction | None = None  # token reduction / frame selection (llava_next.reduce)
+    unreduced_visual_tokens: int = 0  # what the same request costs without reduction
+    reduction_report: dict = field(default_factory=dict)  # filled by the in-decoder stage at prefill
 
     def to_dict(self) -> dict:
         """The token plan as plain data (for --json)."""
@@ -78,7 +82,16 @@ class Request:
                              for v in self.videos + self.frame_clips],
             "context": self.plan.to_dict(),
             "notes": self.notes,
+            **({"reduction": self.reduction_summary()} if self.reduction else {}),
         }
+
+    def reduction_summary(self) -> dict:
+        """Methods, visual tokens before (unreduced) and after each stage, kept positions (after prefill)."""
+        into = sum(self.image_token_counts) + sum(self.video_token_counts)
+        out = {"methods": self.reduction.names(), "visual_tokens_unreduced": self.unreduced_visual_tokens,
+               "visual_tokens_into_decoder": into}
+        out.update(self.reduction_report)
+        return out
 
 
 class NonFiniteError(ValueError):
@@ -154,16 +167,20 @@ class Pipeline:
                 frames: int = 8, template: TemplateChoice | None = None, rope_scale: RopeScale = "config",
                 max_new_tokens: int = 0, system: str | None = None,
                 max_image_pixels: int | None = None, videos: Sequence[PathLike] = (),
-                sampling: Sampling = "uniform", allow_overflow: bool = False) -> Request:
+                sampling: Sampling = "uniform", allow_overflow: bool = False,
+                reduction: Reduction | None = None) -> Request:
         """Preprocess media, tokenize, expand placeholders and check the context (nothing runs yet).
         ``videos``: several videos (``video``, a path or a list, goes first); ``sampling``: "uniform" or "fps"
         (video.py). ``max_image_pixels``: refuse larger images (default 100 MP, 0 = no limit; see image.py).
         ``allow_overflow``: plan a prompt longer than the RoPE context instead of refusing it (``plan.fits``
-        is then False: for studying that regime on purpose)."""
+        is then False: for studying that regime on purpose). ``reduction``: frame selection / token reduction
+        (llava_next.reduce); its frame selector runs here."""
         cfg = self.config
         t0 = time.perf_counter()
         aspect = image_aspect(cfg, len(images))  # OneVision pads each of several images to one tile
         image_inputs = [preprocess_image(im, cfg, max_pixels=max_image_pixels, aspect=aspect) for im in images]
+        if reduction:
+            reduction.check(cfg)
         if image_inputs:
             self._say("images", f"{len(image_inputs)} image(s) -> {sum(1 + im.num_tiles for im in image_inputs)} "
                                 f"tiles (base + AnyRes) in {time.perf_counter() - t0:.2f} s")
@@ -173,7 +190,7 @@ class Pipeline:
         clips = []
         for v in paths:
             tv = time.perf_counter()
-            clips.append(load_video(v, frames, sampling=sampling, **frame_options(cfg)))
+            clips.append(self._load_clip(v, frames, sampling, reduction))
             self._say("frames", f"{os.fspath(v)}: decoded {clips[-1].total_frames} frames, kept {clips[-1].num_frames} "
                                 f"in {time.perf_counter() - tv:.2f} s")
         frame_clips, notes = [], []
@@ -191,7 +208,10 @@ class Pipeline:
         image_plans = [image_plan(im.image_size, cfg, aspect) for im in image_inputs]
         video_plans = [video_plan(c.num_frames, cfg) for c in clips]
         image_counts = [p.total for p in image_plans]
-        video_counts = [p.total for p in video_plans]
+        reducer = reduction.reducer if reduction else None
+        video_counts = [reducer.num_tokens(c.num_frames, cfg) if reducer else p.total for c, p in zip(clips, video_plans)]
+        selector = reduction.select_frames if reduction else None
+        unreduced = sum(image_counts) + sum(video_plan(frames, cfg).total if selector else p.total for p in video_plans)
         ids = expand_placeholders(ids, cfg.image_token_id, cfg.video_token_id, image_counts, video_counts)
         visual = sum(image_counts) + sum(video_counts)
         plan = plan_context(len(ids) - visual, visual, cfg, rope_scale, new_tokens=max_new_tokens)
@@ -200,11 +220,32 @@ class Pipeline:
         return Request(ids, image_inputs, clips, plan, image_counts, video_counts,
                        {"preprocess_s": t1 - t0, "tokenize_s": time.perf_counter() - t1},
                        notes + [note for c in clips + frame_clips for note in c.notes()], image_plans, video_plans,
-                       frame_clips)
+                       frame_clips, reduction or None, unreduced)
+
+    def _load_clip(self, video: PathLike, frames: int, sampling: Sampling, reduction: Reduction | None) -> VideoClip:
+        """``frames`` sampled frames, or a frame selector's pick among its candidates."""
+        options = frame_options(self.config)
+        selector = reduction.select_frames if reduction else None
+        if selector is None:
+            return load_video(video, frames, sampling=sampling, **options)
+        from ..inputs.video import _estimate_total
+
+        total, fps = _estimate_total(os.fspath(video))
+        candidates = load_video(video, selector.candidate_count(frames, total, fps), **options)
+        keep = selector.select(candidates.pixel_values, self.model, frames)
+        return dataclasses.replace(candidates, pixel_values=candidates.pixel_values[keep],
+                                   frames=candidates.frames[keep],
+                                   frame_indices=[candidates.frame_indices[i] for i in keep],
+                                   timestamps=[candidates.timestamps[i] for i in keep])
 
     # ---- 2. embed ---------------------------------------------------------------------------------
     def embed(self, requests: Sequence[Request]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded (B, T, D) embeddings with the visual features spliced in, and the (B, T) mask."""
+        return self.embed_with_layout(requests)[:2]
+
+    def embed_with_layout(self, requests: Sequence[Request]) -> tuple[torch.Tensor, torch.Tensor, VisualLayout]:
+        """``embed`` plus the batch's VisualLayout (which positions are visual, their frame and patch);
+        a request's token reducer replaces the model's own video pooling."""
         model, pad = self.model, 0
         T = max(len(r.input_ids) for r in requests)
         ids = torch.full((len(requests), T), pad, dtype=torch.long)
@@ -225,14 +266,25 @@ class Pipeline:
         hook = model.vision_tower.register_forward_hook(count) if self.progress is not None and total else None
         try:
             image_feats = model.image_features(images)
-            video_feats = [model.video_features(v.pixel_values) for v in videos]
+            video_feats, video_layouts = [], []
+            for r in requests:
+                reducer = r.reduction.reducer if r.reduction else None
+                for v in r.videos:
+                    if reducer is None:
+                        video_feats.append(model.video_features(v.pixel_values))
+                        video_layouts.append(native_video_layout(v.num_frames, self.config))
+                    else:
+                        out = reducer.reduce_video(model, v.pixel_values)
+                        video_feats.append(out.tokens)
+                        video_layouts.append((out.frame, out.patch))
         finally:
             if hook is not None:
                 hook.remove()
         for kind, feats in (("image", image_feats), ("video", video_feats)):
             for i, f in enumerate(feats):
                 _check_finite(f, f"the visual features of {kind} {i}")
-        return model.embed(ids, image_feats, video_feats), mask.to(model.device)
+        layout = VisualLayout.build(ids, self.config, video_layouts)
+        return model.embed(ids, image_feats, video_feats), mask.to(model.device), layout
 
     # ---- 3. generate ------------------------------------------------------------------------------
     def _rope_factor(self, requests: Sequence[Request]) -> float:
@@ -262,16 +314,38 @@ class Pipeline:
             _check_finite(logits[:, -1], f"the logits of {where}")
 
         hook = decoder.register_forward_hook(check_logits)
+        in_decoder = {(r.reduction.pruner, r.reduction.decode) if r.reduction else (None, None) for r in requests}
+        if len(in_decoder) > 1:
+            raise ValueError("the requests of one batch must use the same in-decoder reduction (prefill pruner / "
+                             "decode selector): run them in separate batches")
+        pruner, selector = in_decoder.pop()
         try:
             t0 = time.perf_counter()
-            embeds, mask = self.embed(requests)
+            embeds, mask, layout = self.embed_with_layout(requests)
             for r in requests:
                 r.timings["encode_s"] = time.perf_counter() - t0
             decoder.rope_scaling_factor = self._rope_factor(requests)
-            yield from stream_tokens(decoder, input_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                     temperature=temperature, top_p=top_p, seed=seed, eos_token_id=stops,
-                                     pad_token_id=self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0,
-                                     compile_step=compile_step)
+            runner = None
+            if pruner is not None or selector is not None:
+                from ..reduce.runner import ReducedRunner
+
+                runner = ReducedRunner(Reduction(pruner=pruner, decode=selector), layout)
+                _check_runner_logits(runner)  # the runner bypasses decoder.forward and so the hook above
+            tokens = stream_tokens(decoder, input_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_p=top_p, seed=seed, eos_token_id=stops,
+                                   pad_token_id=self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0,
+                                   compile_step=compile_step, runner=runner)
+            for step, token in enumerate(tokens):
+                if step == 0:
+                    t_first = time.perf_counter()
+                    for row, r in enumerate(requests):
+                        r.timings["prefill_s"] = t_first - t0 - r.timings["encode_s"]
+                        if runner is not None:
+                            rep = runner.report
+                            r.reduction_report = {"pruned_at_layer": rep.layer,
+                                                  "visual_tokens_after_pruning": rep.visual_after[row],
+                                                  "kept_positions": rep.kept_positions[row]}
+                yield token
         except (torch.OutOfMemoryError, MemoryError) as e:
             raise budget.error(f"the allocation failed: {_first_line(e)}") from None
         except RuntimeError as e:  # the CPU allocator says so in a RuntimeError
@@ -340,6 +414,23 @@ def _check_finite(t: torch.Tensor, what: str) -> None:
         cause = (f"in {str(t.dtype).removeprefix('torch.')} this means the weights or the inputs hold inf/NaN, "
                  f"or activations overflow; check the checkpoint's tensors (torch.isfinite), or try --dtype fp32")
     raise NonFiniteError(f"{what} are not finite (inf/NaN), so generation stopped before producing garbage: {cause}")
+
+
+def _check_runner_logits(runner) -> None:
+    """Wrap a ReducedRunner's prefill/decode with the same inf/NaN check the decoder's forward hook does."""
+    prefill, decode = runner.prefill, runner.decode
+
+    def checked_prefill(*args):
+        logits = prefill(*args)
+        _check_finite(logits, "the logits of the prompt (prefill)")
+        return logits
+
+    def checked_decode(model, token, step, position_ids):
+        logits = decode(model, token, step, position_ids)
+        _check_finite(logits, f"the logits of generated token {step + 1}")
+        return logits
+
+    runner.prefill, runner.decode = checked_prefill, checked_decode
 
 
 def _first_line(e: BaseException) -> str:
