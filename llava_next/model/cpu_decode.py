@@ -55,6 +55,7 @@ def _attention_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
 
 
 _failed = False  # set once a compile has failed: SDPA from then on
+_compiled_once = False  # set once the compiled kernel has run in this process: later requests use it for free
 _allowed = True  # the current request's choice (``for_request``)
 COMPILE_COST_S = 5.0  # a warm compile (inductor's disk cache filled), measured above
 SDPA_GBPS, COMPILED_GBPS = 4e9, 15e9  # KV-cache read rates, measured above
@@ -75,7 +76,7 @@ def worth_compiling(kv_bytes_per_token: float, new_tokens: int) -> bool:
     setting = os.environ.get("LLAVA_NEXT_COMPILE", "auto")
     if setting in ("0", "1"):
         return setting == "1"
-    if _compiled.cache_info().currsize:
+    if _compiled_once:
         return True
     return new_tokens * kv_bytes_per_token * (1 / SDPA_GBPS - 1 / COMPILED_GBPS) > COMPILE_COST_S
 
@@ -93,11 +94,13 @@ def for_request(allowed: bool):
 
 def attention_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """(B, Hq, 1, D) queries against all of (B, Hkv, T, D) keys/values, no mask: compiled, else SDPA."""
-    global _failed
+    global _failed, _compiled_once
     if k.shape[2] < 2 or not enabled():  # a one-key cache has nothing to stream (and would pin T = 1)
         return _sdpa(q, k, v)
     try:
-        return _compiled()(q, k, v)
+        out = _compiled()(q, k, v)
+        _compiled_once = True
+        return out
     except Exception as e:  # noqa: BLE001 - a compiler failure (no C++ compiler, say): SDPA, warned once
         _failed = True
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
