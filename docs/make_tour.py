@@ -540,7 +540,7 @@ def trace_picture(out_dir: Path, tmp: Path) -> None:
 
     from llava_next.cli.main import main as cli_main
 
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # (the random-weights notice)
         code = cli_main(["trace", "--model", "tiny-random", "--video", "sample:bunny", "--frames", str(FRAMES),
                          "--png", str(tmp / "trace"), "--quiet", QUESTION_VIDEO])
     if code != 0:
