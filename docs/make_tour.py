@@ -39,7 +39,7 @@ from llava_next.inputs import prompt as prompt_mod  # noqa: E402
 from llava_next.inputs import tokens as tokens_mod  # noqa: E402
 from llava_next.inputs import video as video_mod  # noqa: E402
 from llava_next.model import anyres, clip, decoder, generate, llava, pooling, projector  # noqa: E402
-from llava_next.model import cpu_decode, siglip  # noqa: E402
+from llava_next.model import compiled_step, cpu_decode, siglip  # noqa: E402
 
 VIDEO_PRESET = "LLaVA-NeXT-Video-7B"
 IMAGE_PRESET = "llava-v1.6-vicuna-7b"
@@ -346,8 +346,13 @@ def video_walk(out_dir: Path, tmp: Path) -> list[str]:
     L += ["### 12. One token at a time", "",
           f"{where(generate.decode_one_token)} feeds the sampled token back at cache slot {T}, position {T}; "
           f"attention reads the {T + 1} filled slots of the cache, never the whole buffer. On a CPU the one-query "
-          f"attention runs compiled ({where(cpu_decode.attention_one_query)}).", "",
-          excerpt(generate.stream, "for step in range(max_new_tokens):", "next_pos += 1"), "",
+          f"attention runs compiled ({where(cpu_decode.attention_one_query)}) when the answer is long enough to pay "
+          "for the compile.", "",
+          excerpt(generate.decode_one_token, "def decode_one_token", "return model("), "",
+          f"{where(generate.stream)} loops: sample, feed back, advance the slot and the position. For long answers "
+          f"on a CPU it can run the whole step as one compiled graph ({where(compiled_step.run_step)}), and a "
+          "token-reduction method (`llava_next/reduce/`, [docs/reduction.md](reduction.md)) can drive the layers "
+          "itself — the same loop either way.", "",
           table([("q at each step", shape((1, t.num_heads, 1, t.head_dim)), "batch, heads, one query, head dim"),
                  ("keys read at the first step", shape((1, t.num_kv_heads, T + 1, t.head_dim)), "batch, KV heads, filled slots, head dim")]), ""]
     return L
