@@ -101,16 +101,17 @@ def test_failed_compile_falls_back_to_the_eager_step_with_one_warning(monkeypatc
 
 def test_decode_attention_compile_pays_for_itself_by_default(monkeypatch):
     """cpu_decode's compile (~5 s warm) is used by default only when the KV reads it speeds up pay for it."""
-    import functools
-
     from llava_next.model import cpu_decode
 
     monkeypatch.setenv("LLAVA_NEXT_COMPILE", "auto")
-    monkeypatch.setattr(cpu_decode, "_compiled", functools.cache(lambda: None))  # not compiled yet
+    monkeypatch.setattr(cpu_decode, "_compiled_once", False)  # not compiled yet in this process
+    monkeypatch.setattr(cpu_decode, "_compiled", lambda: cpu_decode._attention_one_query)  # no real compile here
     kv_7b = 2 * 32 * 32 * 1200 * 128 * 2  # KV bytes read per token: 7B, bf16, 1,200 tokens (~0.63 GB)
     assert not cpu_decode.worth_compiling(kv_7b, 30) and cpu_decode.worth_compiling(kv_7b, 64)
     assert not cpu_decode.worth_compiling(kv_7b / 16, 256)  # the 2-layer benchmark model: a short answer
-    cpu_decode._compiled()  # compiled once in this process: from then on always
+    q, kv = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 5, 8)
+    with cpu_decode.for_request(True):
+        cpu_decode.attention_one_query(q, kv, kv)  # the compiled kernel ran once in this process: from then on always
     assert cpu_decode.worth_compiling(kv_7b / 16, 1)
     monkeypatch.setenv("LLAVA_NEXT_COMPILE", "0")
     assert not cpu_decode.worth_compiling(kv_7b, 10_000)
