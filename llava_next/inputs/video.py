@@ -170,7 +170,9 @@ def _open(path: str):
     if os.path.getsize(path) == 0:
         raise VideoError(f"{path}: is an empty file")
     try:
-        container = av.open(path)
+        # metadata tags are informational: a damaged tag (invalid UTF-8, found by fuzzing) must not make a
+        # playable file unreadable, so undecodable bytes become U+FFFD instead of a UnicodeDecodeError
+        container = av.open(path, metadata_errors="replace")
     except av.error.FFmpegError as e:
         cut = _mp4_cut_off(path)
         if cut:
