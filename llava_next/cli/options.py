@@ -56,14 +56,22 @@ class UserError(Exception):
 # --------------------------------------------------------------------------------------------------
 # value types
 # --------------------------------------------------------------------------------------------------
-def positive(value: str) -> int:
+def _integer_at_least(value: str, minimum: int) -> int:
     try:
         n = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    if n < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {n}")
     return n
+
+
+def positive(value: str) -> int:
+    return _integer_at_least(value, 1)
+
+
+def nonnegative(value: str) -> int:
+    return _integer_at_least(value, 0)
 
 
 def rope_scale(value: str):

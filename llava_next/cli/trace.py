@@ -62,16 +62,6 @@ def _layers(value: str) -> list[int] | None:
     return layers
 
 
-def _nonnegative(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
-    return n
-
-
 def add_trace(sub, *, user_error) -> None:
     from . import options
     from .run import add_run
@@ -92,7 +82,7 @@ def add_trace(sub, *, user_error) -> None:
                    metavar="GROUPS", help=f"logit-lens positions: {', '.join(LENS_GROUPS)} (default "
                                           f"question,last,generated)")
     p.add_argument("--lens-top-k", type=options.positive, default=5, help="logit lens: top-k tokens kept (default 5)")
-    p.add_argument("--max-new-tokens", type=_nonnegative, default=0,
+    p.add_argument("--max-new-tokens", type=options.nonnegative, default=0,
                    help="generate this many tokens first and trace them with the prompt (default 0: prompt only)")
     p.add_argument("--json", action="store_true", help="print one JSON object (positions, attention, logit_lens)")
     p.add_argument("--png", metavar="DIR", default=None, help="draw heatmaps, charts and the logit-lens grid into DIR")
