@@ -146,7 +146,7 @@ def main() -> None:
     md = ["# Scale-out: tensor parallelism", "",
           "Memory per rank, bf16, a 1,200-token prompt (an 8-frame video) + 256 new tokens, batch 1 "
           "(`llava_next.parallel.tensor_parallel.memory_per_rank`: the plan's weight shares + "
-          "`runtime.pipeline.memory_budget` with one rank's head and MLP counts):", "", table, ""]
+          "`runtime.memory.memory_budget` with one rank's head and MLP counts):", "", table, ""]
     if not args.memory_only:
         from cpu_models import bench_config, make_checkpoints
 

@@ -15,10 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import llava_next.runtime.pipeline as pipeline_mod
+import llava_next.runtime.memory as memory_mod
 from checkpoints import make_runnable_checkpoint
 from llava_next.cli.main import main
-from llava_next.runtime.pipeline import MemoryBudgetError, NonFiniteError, Pipeline
+from llava_next.runtime.memory import MemoryBudgetError
+from llava_next.runtime.pipeline import NonFiniteError, Pipeline
 from llava_next_weights.convert import convert
 from media import cached_video, real_photo
 
@@ -99,13 +100,13 @@ def test_small_memory_budget_counts_the_video(tiny, monkeypatch):
     _, pipe = tiny
     video = cached_video("model_parity", frames=24, size_hw=(90, 160), fps=12, photo="coffee")
     req = pipe.prepare("What happens?", video=video, frames=24)
-    budget = pipeline_mod.memory_budget(pipe.config.text, 1, len(req.input_ids), 8, torch.float32,
+    budget = memory_mod.memory_budget(pipe.config.text, 1, len(req.input_ids), 8, torch.float32,
                                         torch.device("cpu"))
     assert budget.kv_cache_bytes == 2 * 2 * 4 * (len(req.input_ids) + 8) * 16 * 4
-    monkeypatch.setattr(pipeline_mod, "available_memory", lambda device: budget.needed_bytes - 1)
+    monkeypatch.setattr(memory_mod, "available_memory", lambda device: budget.needed_bytes - 1)
     with pytest.raises(MemoryBudgetError, match=f"{len(req.input_ids)} prompt \\+ 8 new tokens"):
         pipe.generate(req, max_new_tokens=8)
-    monkeypatch.setattr(pipeline_mod, "available_memory", lambda device: budget.needed_bytes)
+    monkeypatch.setattr(memory_mod, "available_memory", lambda device: budget.needed_bytes)
     assert pipe.generate_batch([req], max_new_tokens=8)
 
 
@@ -114,7 +115,7 @@ def test_failed_allocation_becomes_the_same_error(tiny, monkeypatch):
     2**40 positions x 256 bytes = 256 TiB per cache tensor: beyond any address space, so malloc fails
     whatever the kernel's overcommit policy."""
     _, pipe = tiny
-    monkeypatch.setattr(pipeline_mod, "available_memory", lambda device: None)
+    monkeypatch.setattr(memory_mod, "available_memory", lambda device: None)
     req = pipe.prepare("Hi", rope_scale=2.0**40, max_new_tokens=2**40)
     with pytest.raises(MemoryBudgetError, match=r"\(the allocation failed: .*can't allocate memory.*\): "
                                                 r"1 x \d+ positions .* available on cpu: unknown"):

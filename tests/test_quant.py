@@ -135,10 +135,10 @@ def test_int4_bad_shapes_and_config_are_clear_errors():
 
 
 def test_readme_memory_table_is_the_one_the_memory_check_computes():
-    """README's 'Which models fit' table is ``pipeline.memory_table()`` (the code ``check_model_fits`` uses)."""
+    """README's 'Which models fit' table is ``memory.memory_table()`` (the code ``check_model_fits`` uses)."""
     from pathlib import Path
 
-    from llava_next.runtime.pipeline import memory_table, weight_bytes
+    from llava_next.runtime.memory import memory_table, weight_bytes
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert memory_table() in readme
@@ -151,12 +151,12 @@ def test_readme_memory_table_is_the_one_the_memory_check_computes():
 
 def test_check_model_fits_names_the_format_that_would(monkeypatch):
     from llava_next.config import PRESETS
-    from llava_next.runtime import pipeline
-    from llava_next.runtime.pipeline import MemoryBudgetError, check_model_fits
+    from llava_next.runtime import memory
+    from llava_next.runtime.memory import MemoryBudgetError, check_model_fits
 
     cfg = PRESETS["llava-v1.6-vicuna-13b"].config
-    monkeypatch.setattr(pipeline, "available_memory", lambda device: 10 * 2**30)
-    monkeypatch.setattr(pipeline, "_total_memory", lambda: 24 * 2**30)
+    monkeypatch.setattr(memory, "available_memory", lambda device: 10 * 2**30)
+    monkeypatch.setattr(memory, "_total_memory", lambda: 24 * 2**30)
     with pytest.raises(MemoryBudgetError, match=r"need 2\d\.\d\d GiB in bfloat16 but the machine has 24.00 GiB "
                                                 r"\(cpu\); --quantize int8 \(12\.\d\d GiB\) would fit"):
         check_model_fits(cfg, torch.bfloat16)

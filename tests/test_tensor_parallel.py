@@ -215,7 +215,7 @@ def test_memory_per_rank_is_the_run_check_with_one_ranks_share():
     from llava_next.config import LlavaNextConfig
     from llava_next.model.llava import LlavaNextModel
     from llava_next.parallel.tensor_parallel import memory_per_rank
-    from llava_next.runtime.pipeline import memory_budget
+    from llava_next.runtime.memory import memory_budget
 
     config = LlavaNextConfig.from_name("LLaVA-NeXT-Video-7B")
     with torch.device("meta"):

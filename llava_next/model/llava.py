@@ -5,7 +5,7 @@
     input_ids (placeholders already expanded to one id per visual token)
         → embed_tokens, placeholder rows replaced by the visual features in order → Decoder
 
-The prompt side (which ids, how many placeholders) lives in processor.py; the token counts both sides
+The prompt side (which ids, how many placeholders) lives in inputs/prompt.py; the token counts both sides
 use come from tokens.py, so a prompt and its media cannot disagree silently: ``embed`` checks that
 the number of placeholder positions equals the number of visual features, per kind, and says which
 side is short.

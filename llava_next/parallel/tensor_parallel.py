@@ -55,7 +55,8 @@ from torch import nn
 
 from ..config import LlavaNextConfig, TextConfig
 from ..model.llava import LlavaNextModel, PackedLinear, can_pack_for_cpu
-from ..runtime.pipeline import Pipeline, memory_budget
+from ..runtime.memory import memory_budget
+from ..runtime.pipeline import Pipeline
 from .launch import RankFailedError, agree, dist_env, init_mesh, rank0_output, report_own_failure
 
 # module name pattern (under language_model) -> (style, dimension of the weight that is split)
@@ -110,7 +111,7 @@ def check_tp_size(text: TextConfig, n: int) -> None:
 
 def rank_text_config(text: TextConfig, n: int) -> TextConfig:
     """The sizes one rank's decoder computes with (heads, kv heads and MLP width / n): what the memory
-    check of a run (``runtime.pipeline.memory_budget``) must count per process."""
+    check of a run (``runtime.memory.memory_budget``) must count per process."""
     check_tp_size(text, n)
     return dataclasses.replace(text, num_heads=text.num_heads // n, num_kv_heads=text.num_kv_heads // n,
                                intermediate_size=text.intermediate_size // n, head_dim=text.head_dim)
@@ -220,7 +221,7 @@ def load_model(path, mesh, *, config: LlavaNextConfig | None = None, dtype: torc
 def memory_per_rank(config: LlavaNextConfig, n: int, dtype: torch.dtype, prompt_tokens: int, new_tokens: int,
                     batch: int = 1) -> dict[str, int]:
     """Bytes one of ``n`` ranks needs: its weights (``weights_per_rank``) plus what a run allocates, from
-    ``runtime.pipeline.memory_budget`` (the check every run makes before it starts) with one rank's sizes."""
+    ``runtime.memory.memory_budget`` (the check every run makes before it starts) with one rank's sizes."""
     weights = weights_per_rank(config, n, dtype)
     budget = memory_budget(rank_text_config(config.text, n), batch, prompt_tokens, new_tokens, dtype,
                            torch.device("cpu"))
