@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from checkpoints import tiny_config
@@ -67,6 +68,21 @@ def test_quantized_linear_matches_dequantized_fp32(method, rows):
     assert y.dtype == torch.bfloat16 and y.shape == (2, rows, 96)
     assert rel(y, ref) <= 1.5e-2
     assert rel(y, lin(x.float())) > 1e-3  # the quantization itself is visible: the test compares the right thing
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_prompt_gemm_in_weight_chunks_covers_every_output_channel(method):
+    """The prompt path dequantizes 512 output channels at a time; 1,040 channels = two full chunks and a
+    partial one. Each column must equal the whole-weight GEMM's (F.linear on ``dequantized``)."""
+    lin = linear(n=1040, bias=True)
+    q = Int8Linear.from_linear(lin, torch.bfloat16) if method == "int8" else Int4Linear.from_linear(lin, 64, torch.bfloat16)
+    x = torch.randn(1, DEQUANT_MIN_ROWS + 1, 256).bfloat16()
+    with torch.no_grad():
+        y = q(x)
+        whole = F.linear(x, q.dequantized(torch.bfloat16), q.bias)
+    assert y.shape == (1, DEQUANT_MIN_ROWS + 1, 1040)
+    assert rel(y, whole) <= 1e-2  # bf16 GEMMs over the same weights (oneDNN may block differently per width)
+    assert rel(y[..., 1024:], whole[..., 1024:]) <= 1e-2  # the last, partial chunk too
 
 
 @pytest.mark.parametrize("rows", [3, DEQUANT_MIN_ROWS])

@@ -32,8 +32,9 @@ built when the model is loaded (``init_buffers``, ~0.14 s per 45 M weights on 2 
 
 Prompts (many rows at once) are a GEMM, not a GEMV, and the int kernels run them at a third of
 oneDNN's bf16 rate (int8 ~120, int4 ~160 vs ~430 GFLOP/s at 256 rows): from ``DEQUANT_MIN_ROWS`` rows
-on, a layer dequantizes its weight to the activation dtype (int8 0.1 s, int4 0.12 s per 45 M weights,
-in 512-row chunks) and calls ``F.linear`` — prefill then costs the bf16 GEMM plus the dequantization.
+on, a layer dequantizes its weight to the activation dtype 512 output channels at a time, each chunk
+used by ``F.linear`` while it is in cache (``dequantized_linear``) — prefill then costs the bf16 GEMM
+plus the dequantization: +5-15% over bf16 (int8) and +10-20% (int4) at 1,200 rows.
 
 Which layers (``QuantConfig.scope``): "decoder" (default) quantizes every linear of the language
 model, lm_head included; the vision tower and projector stay in their dtype (they run GEMMs over
@@ -155,6 +156,20 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
 
 
 # ---- the layers ------------------------------------------------------------------------------------
+def dequantized_linear(layer: "Int8Linear | Int4Linear", x: torch.Tensor) -> torch.Tensor:
+    """A prompt-sized input (..., K) -> (..., N) through bf16 GEMMs, ``_CHUNK_ROWS`` output channels at a
+    time: each chunk of the weight is dequantized while it stays in cache and used at once, so the full
+    float weight never exists (lm_head of a 7B: 263 MB saved) and prefill runs 5-10% faster than
+    dequantizing the whole weight first (1 thread, a (11008, 4096) weight, 1,200 rows). Each output
+    column is the same dot product as ``F.linear(x, layer.dequantized(dtype))``: bit-identical."""
+    N = layer.out_features
+    out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
+    for i in range(0, N, _CHUNK_ROWS):
+        stop = min(i + _CHUNK_ROWS, N)
+        out[..., i:stop] = F.linear(x, layer.dequantized_rows(i, stop, x.dtype))
+    return out if layer.bias is None else out + layer.bias
+
+
 class Int8Linear(nn.Module):
     """``nn.Linear`` with an int8 weight and per-output-channel scales. Inference only."""
 
@@ -186,16 +201,18 @@ class Int8Linear(nn.Module):
             if not t.is_meta and t.data_ptr() % ALIGN:
                 setattr(self, name, t.clone())
 
+    def dequantized_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Output channels [start, stop) of the weight, (stop - start, K) in ``dtype``."""
+        out = torch.empty(stop - start, self.in_features, dtype=dtype, device=self.weight.device)
+        return out.copy_(self.weight[start:stop]).mul_(self.scales[start:stop, None])
+
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        out = torch.empty(self.weight.shape, dtype=dtype, device=self.weight.device)
-        for i in range(0, self.out_features, _CHUNK_ROWS):  # chunks stay in cache: ~2x faster than one pass
-            out[i:i + _CHUNK_ROWS].copy_(self.weight[i:i + _CHUNK_ROWS]).mul_(self.scales[i:i + _CHUNK_ROWS, None])
-        return out
+        return self.dequantized_rows(0, self.out_features, dtype)  # (N, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if rows >= DEQUANT_MIN_ROWS:  # a GEMM: oneDNN on the dequantized weight is ~3x faster
-            return F.linear(x, self.dequantized(x.dtype), self.bias)
+            return dequantized_linear(self, x)
         scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
         if torch.compiler.is_compiling():  # the pattern inductor's CPU weight-only-int8 GEMM template matches
             y = F.linear(x, self.weight.to(x.dtype)) * scales
@@ -250,20 +267,23 @@ class Int4Linear(nn.Module):
         self.packed = torch._convert_weight_to_int4pack_for_cpu(q, INNER_K_TILES)
         self.scales_and_zeros = torch.stack((self.scales, self.zeros), dim=-1).transpose(0, 1).contiguous()
 
-    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        N, K, g = self.out_features, self.in_features, self.group_size
-        out = torch.empty(N, K, dtype=dtype, device=self.weight.device)
-        for i in range(0, N, _CHUNK_ROWS):
-            u, n = self.weight[i:i + _CHUNK_ROWS], min(_CHUNK_ROWS, N - i)
-            pairs = out[i:i + n].view(n, K // 2, 2)
-            pairs[..., 0], pairs[..., 1] = u & 15, u >> 4
-            out[i:i + n].view(n, K // g, g).sub_(8).mul_(self.scales[i:i + n, :, None]).add_(self.zeros[i:i + n, :, None])
+    def dequantized_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Output channels [start, stop) of the weight, (stop - start, K) in ``dtype``."""
+        n, K, g = stop - start, self.in_features, self.group_size
+        out = torch.empty(n, K, dtype=dtype, device=self.weight.device)
+        u = self.weight[start:stop]  # (n, K/2) two nibbles per byte
+        pairs = out.view(n, K // 2, 2)
+        pairs[..., 0], pairs[..., 1] = u & 15, u >> 4
+        out.view(n, K // g, g).sub_(8).mul_(self.scales[start:stop, :, None]).add_(self.zeros[start:stop, :, None])
         return out
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.dequantized_rows(0, self.out_features, dtype)  # (N, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if rows >= DEQUANT_MIN_ROWS:
-            return F.linear(x, self.dequantized(x.dtype), self.bias)
+            return dequantized_linear(self, x)
         if self.packed is None:
             self.init_buffers(self.weight.device)
         sz = self.scales_and_zeros if self.scales_and_zeros.dtype == x.dtype else self.scales_and_zeros.to(x.dtype)
