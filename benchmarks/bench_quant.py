@@ -11,16 +11,21 @@ KV cache at the mean length) x tokens/s. The int8 / int4 checkpoints are written
 --quantize`` from the same bf16 checkpoint (cached beside it). Providers alternate run by run with the
 memory-read probe (a 512 MB ``sum``), so a busy spell slows the limit as much as the providers.
 
-Compile cost of the whole-step graph: "cold" is the first compile with an empty inductor cache
-(TORCHINDUCTOR_CACHE_DIR set to a fresh directory for this process), "warm" a fresh child process
-compiling the same graph with that cache filled.
+The whole-step compiled decode is measured for each format in ``--compiled-steps``. Its compile cost:
+"cold" is the first compile with an empty inductor cache (TORCHINDUCTOR_CACHE_DIR set to a fresh
+directory for this process), "warm" (bf16) a fresh child process compiling the same graph with that
+cache filled. Load rows include the CPU prepack (bf16) / the int4 repack: what a process pays before
+its first prompt.
 
-Quantization error (a mechanics figure: random weights, not a quality claim): relative max error of the
-prefill's last logits against the bf16 model, and greedy agreement over 64 tokens (positions equal /
-64, and the first position that differs).
+Agreement (a mechanics figure: random weights, not a quality claim): relative max error of the
+prefill's last logits against the bf16 model, and greedy agreement over 64 tokens with the bf16 eager
+step (positions equal / 64, the first position that differs, and there: the bf16 run's top-1 - top-2
+logit margin against the largest logit difference between the two runs, same prefix; a margin below
+the difference is a near-tie flipped by rounding).
 
-llama.cpp: ../shared/tools/llamacpp-anchor.sh (built once; BF16 / Q8_0 / Q4_0 at the same shapes) when
-it is there, its table copied into the output. Results: benchmarks/results/quant.csv and quant.md.
+llama.cpp: ../shared/tools/llamacpp-anchor.sh (built once, ~5 minutes; BF16 / Q8_0 / Q4_0 at the same
+shapes, 2 threads) runs right after the alternation; a table puts its prefill and decode tokens/s beside
+ours per format. Results: benchmarks/results/quant.csv and quant.md.
 """
 
 from __future__ import annotations
@@ -86,14 +91,36 @@ def load_quantized(path: Path):
     return model
 
 
-def ours_generate(model, embeds, n: int, compile_step: bool) -> list[float]:
+def ours_generate(model, embeds, n: int, compile_step: bool, logits: list | None = None) -> list[float]:
+    """Time stamps (start, then one per token) and the greedy tokens; ``logits`` collects each step's
+    (V,) fp32 logits through the decoder's forward hook (which both decode paths call)."""
     from llava_next.model.generate import stream
+    dec = model.language_model
+    handle = None if logits is None else dec.register_forward_hook(
+        lambda m, a, out: logits.append(out[0, -1].float().clone()))
     stamps, tokens = [time.perf_counter()], []
-    for tok in stream(model.language_model, input_embeds=embeds, max_new_tokens=n, eos_token_id=(),
-                      compile_step=compile_step):
-        stamps.append(time.perf_counter())
-        tokens.append(int(tok[0]))
+    try:
+        for tok in stream(dec, input_embeds=embeds, max_new_tokens=n, eos_token_id=(), compile_step=compile_step):
+            stamps.append(time.perf_counter())
+            tokens.append(int(tok[0]))
+    finally:
+        if handle is not None:
+            handle.remove()
     return stamps, tokens
+
+
+def divergence(ref_tokens: list[int], ref_logits: list, tokens: list[int], logits: list) -> dict:
+    """Where two greedy runs first differ, and why: the reference's top-1 - top-2 logit margin there
+    against the largest difference between the two runs' logits at that step (same prefix up to it).
+    A margin smaller than the difference is a near-tie flipped by rounding, not a wrong computation."""
+    same = [a == b for a, b in zip(tokens, ref_tokens)]
+    first = same.index(False) if False in same else len(same)
+    out = {"agreement": sum(same) / len(same), "first": first}
+    if first < len(same):  # logits[0] is the prefill's (token 0), logits[i] chose token i
+        top2 = ref_logits[first].topk(2).values
+        out["margin"] = float(top2[0] - top2[1])
+        out["diff"] = float((logits[first] - ref_logits[first]).abs().max())
+    return out
 
 
 def theirs_generate(model, embeds, n: int):
@@ -130,12 +157,27 @@ def child_compile(args) -> None:
     print(json.dumps({"compile_s": time.perf_counter() - t}))
 
 
+def llamacpp_rows(layers: int, prompt: int) -> tuple[str, dict[str, dict[str, float]]]:
+    """Run the anchor script: its Markdown table and {format: {"prefill": tok/s, "decode": tok/s}}."""
+    out = subprocess.run(["bash", str(ANCHOR), str(layers), str(prompt)], capture_output=True, text=True)
+    if out.returncode:
+        return f"(llama.cpp anchor failed: {out.stderr[-300:]})", {}
+    rows = {}
+    for line in out.stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0] in ("BF16", "Q8_0", "Q4_0"):
+            rows[cells[0]] = {"prefill": float(cells[1]), "decode": float(cells[2])}
+    return out.stdout.strip(), rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--compiled-steps", default="bf16,int8,int4",
+                   help="formats whose whole-step compiled decode is measured ('' for none)")
     p.add_argument("--no-llamacpp", action="store_true")
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -147,13 +189,15 @@ def main() -> None:
     hf_dir, ours_dir = make_checkpoints(cfg)
     report = Report()
     n = args.decode_tokens + 1
+    steps = [f for f in args.compiled_steps.split(",") if f]
 
-    models = {"bf16": load_ours(ours_dir, torch.bfloat16)}
+    t = time.perf_counter()
+    models = {"bf16": load_ours(ours_dir, torch.bfloat16)}  # mmap + assign, then the oneDNN prepack
+    report.add("load + prepack (2-layer checkpoint, page cache warm)", "llava-next", "bf16", time.perf_counter() - t, "s")
     for method in ("int8", "int4"):
         t = time.perf_counter()
         path = quantized_dir(ours_dir, method)
-        report.add(f"convert --quantize {method} (2-layer checkpoint)", "llava-next", method,
-                   time.perf_counter() - t, "s")
+        report.add(f"convert --quantize {method} (0 when cached)", "llava-next", method, time.perf_counter() - t, "s")
         t = time.perf_counter()
         models[method] = load_quantized(path)
         report.add("load + repack", "llava-next", method, time.perf_counter() - t, "s")
@@ -163,76 +207,108 @@ def main() -> None:
     T = ids.shape[1]
     embeds = torch.randn(1, T, cfg.text.hidden_size, generator=torch.Generator().manual_seed(0)).bfloat16() * 0.5
 
-    # warm-ups: the decode attention compile (eager path), the whole-step compile (cold, timed)
+    # warm-ups: the decode attention compile (eager path), the whole-step compiles (bf16 cold, timed)
     for name in ("bf16", "int8", "int4"):
         ours_generate(models[name], embeds[:, :32], 3, compile_step=False)
-    t = time.perf_counter()
-    ours_generate(models["bf16"], embeds, 2, compile_step=True)
-    report.add("compile whole step, cold (+ prefill + 1 token)", "llava-next", "bf16", time.perf_counter() - t, "s")
-    out = subprocess.run([sys.executable, __file__, "--child", "--layers", str(args.layers),
-                          "--decode-tokens", str(args.decode_tokens)], capture_output=True, text=True,
-                         cwd=Path(__file__).parent, env=dict(os.environ))
-    if out.returncode == 0:
-        report.add("compile whole step, warm (fresh process)", "llava-next", "bf16",
-                   json.loads(out.stdout.strip().splitlines()[-1])["compile_s"], "s")
-    else:
-        print(out.stderr[-2000:], file=sys.stderr)
+    for name in steps:
+        t = time.perf_counter()
+        ours_generate(models[name], embeds, 2, compile_step=True)
+        report.add("compile whole step, cold (+ prefill + 1 token)", "llava-next", name, time.perf_counter() - t, "s")
+    if "bf16" in steps:
+        out = subprocess.run([sys.executable, __file__, "--child", "--layers", str(args.layers),
+                              "--decode-tokens", str(args.decode_tokens)], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, env=dict(os.environ))
+        if out.returncode == 0:
+            report.add("compile whole step, warm (fresh process)", "llava-next", "bf16",
+                       json.loads(out.stdout.strip().splitlines()[-1])["compile_s"], "s")
+        else:
+            print(out.stderr[-2000:], file=sys.stderr)
     if hf is not None:
         theirs_generate(hf, embeds[:, :32], 3)
 
     fns = {"bf16 eager": lambda: ours_generate(models["bf16"], embeds, n, False),
-           "bf16 compiled step": lambda: ours_generate(models["bf16"], embeds, n, True),
            "int8": lambda: ours_generate(models["int8"], embeds, n, False),
            "int4": lambda: ours_generate(models["int4"], embeds, n, False),
            "memory read": ReadProbe()}
+    for name in steps:
+        fns[f"{name} compiled step"] = lambda name=name: ours_generate(models[name], embeds, n, True)
     if hf is not None:
         fns["transformers bf16"] = lambda: theirs_generate(hf, embeds, n)
     runs = alternate(fns, args.repeats)
     read = [fns["memory read"].bytes / s / 1e9 for s, _ in runs["memory read"]]
     report.add("memory read", "torch", "-", read, "GB/s")
-    fmt = {"bf16 eager": None, "bf16 compiled step": None, "int8": "int8", "int4": "int4", "transformers bf16": None}
-    tokens = {}
+    fmt = {"bf16 eager": None, "bf16 compiled step": None, "int8": "int8", "int8 compiled step": "int8",
+           "int4": "int4", "int4 compiled step": "int4", "transformers bf16": None}
+    decode, prefill_tok = {}, {}
     for name, method in fmt.items():
         if name not in runs:
             continue
         per_token = decode_bytes(cfg, T + n / 2, method)
         tok_s = [(n - 1) / (st[-1] - st[1]) for _, (st, _) in runs[name]]
-        report.add("prefill", name, method or "bf16", [st[1] - st[0] for _, (st, _) in runs[name]], "s")
-        report.add("decode", name, method or "bf16", tok_s, "tokens/s")
+        pre = [st[1] - st[0] for _, (st, _) in runs[name]]
+        report.add("prefill", name, method or "bf16", pre, "s")
+        prefill_tok[name] = report.add("prefill", name, method or "bf16", [T / x for x in pre], "tokens/s")
+        decode[name] = report.add("decode", name, method or "bf16", tok_s, "tokens/s")
         report.add("decode", name, method or "bf16", [per_token * x / 1e9 for x in tok_s], "GB/s")
-        tokens[name] = runs[name][-1][1][1]
+        report.add("decode, share of the memory read", name, method or "bf16",
+                   [per_token * x / 1e9 / r for x, r in zip(tok_s, read)], "fraction")
 
-    # quantization error against the bf16 model (mechanics on random weights)
+    # llama.cpp at the same shapes, right after the alternation (its own process, 2 threads)
+    anchor_md, anchor = ("", {}) if args.no_llamacpp or not ANCHOR.is_file() else llamacpp_rows(args.layers, T)
+
+    # agreement with the bf16 eager model, and why tokens differ (mechanics on random weights)
     from llava_next.model.generate import prefill
-    logits = {}
-    for name, model in models.items():
-        dec = model.language_model
-        dec.setup_caches(1, T)
-        with torch.no_grad():
-            logits[name] = prefill(dec, embeds, torch.arange(T)[None], None).float()
+    recorded = {}
+    for name, (model, step) in {"bf16 eager": (models["bf16"], False), "int8": (models["int8"], False),
+                                "int4": (models["int4"], False),
+                                **{f"{m} compiled step": (models[m], True) for m in steps}}.items():
+        lg: list = []
+        _, toks = ours_generate(model, embeds, n - 1, step, lg)
+        recorded[name] = (toks, lg)
+    ref_tokens, ref_logits = recorded["bf16 eager"]
     for name in ("int8", "int4"):
-        ref = logits["bf16"]
-        report.add("logit error vs bf16 (rel. max)", name, name,
-                   ((logits[name] - ref).abs().max() / ref.abs().max()).item(), "rel")
-        same = [a == b for a, b in zip(tokens[name], tokens["bf16 eager"])]
-        report.add("greedy agreement vs bf16, 64 tokens", name, name, sum(same) / len(same), "fraction")
-        report.add("first differing token", name, name, same.index(False) if False in same else len(same), "index")
-    same = [a == b for a, b in zip(tokens["bf16 compiled step"], tokens["bf16 eager"])]
-    report.add("greedy agreement compiled vs eager", "bf16 compiled step", "bf16", sum(same) / len(same), "fraction")
+        dec = models[name].language_model
+        dec.setup_caches(1, T)
+        ref_dec = models["bf16"].language_model
+        ref_dec.setup_caches(1, T)
+        with torch.no_grad():
+            q = prefill(dec, embeds, torch.arange(T)[None], None).float()
+            ref = prefill(ref_dec, embeds, torch.arange(T)[None], None).float()
+        report.add("logit error vs bf16 (rel. max)", name, name, ((q - ref).abs().max() / ref.abs().max()).item(), "rel")
+    divergences = {}
+    for name, (toks, lg) in recorded.items():
+        if name == "bf16 eager":
+            continue
+        d = divergences[name] = divergence(ref_tokens, ref_logits, toks, lg)
+        report.add(f"greedy agreement vs bf16 eager, {n - 1} tokens", name, fmt[name] or "bf16", d["agreement"], "fraction")
+        report.add("first differing token", name, fmt[name] or "bf16", d["first"], "index")
+        if "margin" in d:
+            report.add("  there: bf16 eager's top-1 - top-2 logit margin", name, fmt[name] or "bf16", d["margin"], "logit")
+            report.add("  there: largest logit difference from bf16 eager", name, fmt[name] or "bf16", d["diff"], "logit")
 
     csv = append_csv("quant.csv", FIELDS, report.rows)
+    load = os.getloadavg()[0]
     lines = [f"`python benchmarks/bench_quant.py` — {args.layers} decoder layers of the 7B shape, random weights, "
              f"~{T}-token prompt, {args.decode_tokens} decoded tokens, {args.repeats} repeats, "
-             f"{torch.get_num_threads()} threads; {report.context['machine']}; commit {report.context['commit']}",
-             "", "| stage | provider | format | p50 | unit | p20 | p80 |",
-             "|---|---|---|---|---|---|---|"]
+             f"{torch.get_num_threads()} threads; {report.context['machine']}; commit {report.context['commit']}; "
+             f"load average {load:.1f} at the end", ""]
+    if anchor:
+        lines += ["| format | llava-next decode tok/s | llama.cpp | ratio | llava-next prefill tok/s | llama.cpp | ratio |",
+                  "|---|---|---|---|---|---|---|"]
+        for ours_name, theirs in (("bf16 eager", "BF16"), ("int8", "Q8_0"), ("int4", "Q4_0")):
+            if theirs in anchor and ours_name in decode:
+                a = anchor[theirs]
+                lines.append(f"| {ours_name} vs {theirs} | {decode[ours_name]:.2f} | {a['decode']:.1f} | "
+                             f"{decode[ours_name] / a['decode']:.2f} | {prefill_tok[ours_name]:.0f} | {a['prefill']:.0f} | "
+                             f"{prefill_tok[ours_name] / a['prefill']:.2f} |")
+        lines.append("")
+    lines += ["| stage | provider | format | p50 | unit | p20 | p80 |", "|---|---|---|---|---|---|---|"]
     for r in report.rows:
         lines.append(f"| {r['stage']} | {r['provider']} | {r['dtype']} | {r['value']:.4g} | {r['unit']} | "
                      f"{r['p20'] if r['p20'] == '' else format(r['p20'], '.4g')} | "
                      f"{r['p80'] if r['p80'] == '' else format(r['p80'], '.4g')} |")
-    if not args.no_llamacpp and ANCHOR.is_file():
-        out = subprocess.run(["bash", str(ANCHOR), str(args.layers), str(T)], capture_output=True, text=True)
-        lines += ["", out.stdout.strip() if out.returncode == 0 else f"(llama.cpp anchor failed: {out.stderr[-300:]})"]
+    if anchor_md:
+        lines += ["", anchor_md]
     md = "\n".join(lines) + "\n"
     (csv.parent / "quant.md").write_text(md)
     print(md)
