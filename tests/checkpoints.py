@@ -32,14 +32,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import llava_next.config as _config
+import llava_next.config.readers as _config
 from llava_next.config import LlavaNextConfig, TextConfig, VisionConfig
 
 TINY_PINPOINTS = ((56, 112), (112, 56), (112, 112), (168, 56), (56, 168))
 BASE_VOCAB = 128  # the "original" vocabulary
 HF_VOCAB = 192  # + <image> (+ <video>), padded to a multiple of 64
 # The original config names its CLIP tower by hub id; register a name for the tiny tower.
-# (llava_next.config has no public registry yet; this test-only entry cannot clash with a real id.)
+# (llava_next.config.readers has no public registry yet; this test-only entry cannot clash with a real id.)
 TINY_TOWER = "llava-next-tests/clip-vit-tiny-56"
 _config._ORIGINAL_TOWERS.setdefault(TINY_TOWER, dict(
     _config._CLIP_DEFAULTS, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,

@@ -120,7 +120,7 @@ TINY_SIGLIP_TOWER = "llava-next-tests/siglip-tiny-70"
 
 def register_tiny_siglip_tower() -> None:
     """The original config names its tower by hub id; register the tiny one (test-only, cannot clash)."""
-    import llava_next.config as config
+    import llava_next.config.readers as config
 
     config._ORIGINAL_SIGLIP_TOWERS.setdefault(TINY_SIGLIP_TOWER, dict(
         config._SIGLIP_DEFAULTS, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,

@@ -9,7 +9,7 @@ What is here, top to bottom
   full decode, for any ids: it decodes each new token together with the previous ones (so
   SentencePiece "▁" spaces come out right) and holds back runs of byte-fallback pieces until they end
   (so multi-byte characters arrive whole and an invalid byte never rewrites text already shown).
-- ``render_prompt``: the five templates of reference-spec §8 (``TemplateName`` in config.py), or
+- ``render_prompt``: the five templates of reference-spec §8 (``TemplateName`` in config/schema.py), or
   ``"none"`` (the prompt is sent exactly as given).
 - ``build_input_ids``: render + tokenize, with each ``<image>`` / ``<video>`` placeholder as one id.
 - ``expand_placeholders``: each placeholder id -> its visual-token count copies (what transformers'
