@@ -23,7 +23,8 @@ Every call goes through ``Decoder.forward(..., runner=self)``: the embedding, fi
 points and the decoder's forward hooks run as in an unreduced call, and this runner runs the layers
 (``run_layers``). While layers run on a pruned sequence the runner sets ``Decoder.seq_map`` (the original
 position of every row and key), so a trace (llava_next.research) reports a pruned layer in original
-positions. The runner can also be installed by ``research.trace(..., reduction=...)`` on plain decoder calls.
+positions; the prefill's last hidden states are put back at their original positions (NaN rows for the
+positions that did not reach the last layer), so the final norm, head and logits are in original positions. The runner can also be installed by ``research.trace(..., reduction=...)`` on plain decoder calls.
 
 Batches: rows keep different numbers of tokens; they are left-padded again to the longest and the
 padding masked, so each row computes what it computes alone (tests/test_reduce_fastv.py).
@@ -143,7 +144,6 @@ class ReducedRunner:
         visual = layout.visual & real
         self.prompt_len, self._key_mask, self._visual = T, key_mask, visual
         self.fates = Fates.unreduced(B, T, L, embeds.device)
-        self.fates.merged_into[~real] = -1
         if self.reduction.decode is not None:
             self.fates.decode_layer = self.reduction.decode.layer
         self.report = PruneReport(method=", ".join(self.reduction.names()),
@@ -159,7 +159,7 @@ class ReducedRunner:
             kept_visual = [visual[b][alive[b]] for b in range(B)]
             self.report.visual_after = [int(v.sum()) for v in kept_visual]
             self.report.kept_positions = [position_ids[b][alive[b]][kept_visual[b]].tolist() for b in range(B)]
-            return x
+            return _to_original(x, _slot_positions(alive, x.shape[1]), T)
         K = pruner.layer
         x_in = model.forward_layers(embeds, position_ids, range(K - 1), input_pos=slots, key_mask=key_mask)
         x_out = model.forward_layers(x_in, position_ids, range(K - 1, K), input_pos=slots, key_mask=key_mask)
@@ -179,7 +179,7 @@ class ReducedRunner:
         self.report.layer = K
         self.report.visual_after = [int(v.sum()) for v in kept_visual]
         self.report.kept_positions = [position_ids[b][keep[b]][kept_visual[b]].tolist() for b in range(B)]
-        return y
+        return _to_original(y, where, T)
 
     # ---- decode -------------------------------------------------------------------------------------
     def _decode(self, model: Decoder, x: torch.Tensor, step: int, position_ids: torch.Tensor) -> torch.Tensor:
@@ -255,6 +255,17 @@ def _slot_positions(keep: list[torch.Tensor], T2: int) -> torch.Tensor:
     for b, k in enumerate(keep):
         out[b, T2 - len(k):] = k
     return out
+
+
+def _to_original(x: torch.Tensor, where: torch.Tensor, T: int) -> torch.Tensor:
+    """Rows (B, T', C) at original positions ``where`` (B, T') -> (B, T, C) in original positions, NaN where a
+    position did not reach the last layer (so the final norm, head and their hooks stay in original positions;
+    the last position, a text token, is always there)."""
+    B, _, C = x.shape
+    out = x.new_full((B, T + 1, C), float("nan"))
+    idx = torch.where(where >= 0, where, T)  # padding rows -> a scratch row
+    out.scatter_(1, idx[..., None].expand(-1, -1, C), x)
+    return out[:, :T]
 
 
 def _grow(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
