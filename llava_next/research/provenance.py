@@ -8,6 +8,8 @@
     prov.sums(values)                           -> per-segment, per-frame and per-tile sums
     prov.with_generated(ids)                    -> the same map with generated positions appended
     prov.take(kept)                             -> the map of a pruned / merged sequence
+    prov.with_fates(tr.fates)                   -> + what token reduction did to each position (pruned at
+                                                   which layer, merged into which position, read by DyCoke)
 
 What every position records (struct of arrays, one (T,) tensor per field, -1 / NaN where n/a):
 - ``kind``: text, image_base, image_grid, image_newline, video, video_newline, generated (``KINDS``).
@@ -57,6 +59,7 @@ from ..inputs.tokens import ImagePlan, VideoPlan, image_plan, video_plan
 from ..inputs.video import center_crop_offset, shortest_edge_size
 from ..model.anyres import pack_image_features, paste_offset
 from ..model.pooling import add_video_newlines, pool_frames
+from ..reduce.runner import Fates
 
 Size = tuple[int, int]
 KINDS = ("text", "image_base", "image_grid", "image_newline", "video", "video_newline", "generated")
@@ -238,6 +241,7 @@ class Provenance:
     media_info: tuple[Media, ...] = ()
     prompt_len: int = 0  # positions before the first generated one
     question: str | None = None
+    fates: Fates | None = None  # a reduced request: what the in-decoder stages did to each position (with_fates)
 
     # ---- building -------------------------------------------------------------------------------
     @classmethod
@@ -343,7 +347,59 @@ class Provenance:
                           col=ext(self.col, -1), grid_h=ext(self.grid_h, -1), grid_w=ext(self.grid_w, -1),
                           box=ext(self.box, math.nan), coverage=ext(self.coverage, math.nan),
                           token_id=torch.cat([self.token_id, ids]), media_info=self.media_info,
-                          prompt_len=self.prompt_len, question=self.question)
+                          prompt_len=self.prompt_len, question=self.question, fates=self.fates)
+
+    def with_fates(self, fates: Any, row: int = 0) -> "Provenance":
+        """The same map with what a token-reduction run did to each prompt position: ``fates`` is the
+        runner's (``tr.fates`` of a reduced trace, ``ReducedRunner.fates``; llava_next/reduce/runner.py),
+        ``row`` the batch row of this request. ``removed_at(i)``, ``merged_into(i)``, ``alive(layer)`` and
+        ``to_records()`` then say, per ORIGINAL position, which layer removed it (pruned or merged, and into
+        which position) and which decode steps read it (DyCoke)."""
+        T = fates.removed_at.shape[1]
+        if T != self.prompt_len:
+            raise ValueError(f"the fates cover {T} prompt positions, this provenance {self.prompt_len}: "
+                             "pass the fates of the same request")
+        read = [None if r is None else r[row].cpu() for r in fates.decode_read]
+        return dataclasses.replace(self, fates=Fates(fates.removed_at[row].cpu(), fates.merged_into[row].cpu(),
+                                                     fates.num_layers, fates.decode_layer, read))
+
+    def removed_at(self, i: int) -> int | None:
+        """The first decoder layer without position ``i`` (None: every layer has it, or no fates)."""
+        if self.fates is None or i >= self.prompt_len or int(self.fates.removed_at[i]) < 0:
+            return None
+        return int(self.fates.removed_at[i])
+
+    def merged_into(self, i: int) -> int | None:
+        """The position ``i`` was averaged into (FrameFusion), or None."""
+        if self.fates is None or i >= self.prompt_len or int(self.fates.merged_into[i]) < 0:
+            return None
+        return int(self.fates.merged_into[i])
+
+    def alive(self, layer: int) -> torch.Tensor:
+        """Positions (ascending) present in decoder layer ``layer``'s attention (every position without fates)."""
+        keep = torch.ones(len(self), dtype=torch.bool)
+        if self.fates is not None:
+            r = self.fates.removed_at
+            keep[:self.prompt_len] = (r < 0) | (r > layer)
+        return torch.nonzero(keep).flatten()
+
+    def layers_reached(self) -> torch.Tensor:
+        """(T,) float: how many decoder layers had each position (the number of layers where never removed)."""
+        n = self.fates.num_layers if self.fates is not None else 0
+        out = torch.full((len(self),), float(n))
+        if self.fates is not None:
+            r = self.fates.removed_at.double()
+            out[:self.prompt_len] = torch.where(r < 0, float(n), r)
+        return out
+
+    def decode_reads(self) -> torch.Tensor | None:
+        """(T,) float: the fraction of decode steps whose layers >= L read each prompt position (DyCoke), or None."""
+        if self.fates is None or self.fates.decode_layer is None or not self.fates.decode_read:
+            return None
+        n = torch.zeros(len(self), dtype=torch.float64)
+        for r in self.fates.decode_read:
+            n[:self.prompt_len] += 1.0 if r is None else r[:self.prompt_len].double()
+        return n / len(self.fates.decode_read)
 
     def take(self, positions) -> "Provenance":
         """The provenance of a shortened sequence that keeps ``positions`` (ascending), e.g. after token
@@ -437,6 +493,17 @@ class Provenance:
                 "grid": [gh[i], gw[i]] if visual else None,
                 "box": [round(v, 3) for v in box[i]] if not math.isnan(box[i][0]) else None,
                 "token_id": None if visual else ids[i]})
+        if self.fates is not None:  # a reduced request (with_fates): what happened to each prompt position
+            f = self.fates
+            removed, into = f.removed_at.tolist(), f.merged_into.tolist()
+            reads = [None if r is None else r.tolist() for r in f.decode_read]
+            for i in range(self.prompt_len):
+                fate = "kept" if removed[i] < 0 else "merged" if into[i] >= 0 else "pruned"
+                entry = {"fate": fate, "removed_at_layer": removed[i] if removed[i] >= 0 else None,
+                         "merged_into": into[i] if into[i] >= 0 else None}
+                if f.decode_layer is not None and media[i] >= 0:
+                    entry["decode_steps_read"] = [s for s, r in enumerate(reads) if r is None or r[i]]
+                out[i]["reduction"] = entry
         return out
 
     def summary(self) -> str:

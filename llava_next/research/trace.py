@@ -678,10 +678,11 @@ def layout_from_provenance(prov: Any) -> Any:
     from ..reduce.stages import VisualLayout
     from .provenance import K
 
-    visual = prov.media >= 0
-    video = prov.kind == K["video"]
-    frame = torch.where(visual & (prov.frame >= 0), prov.frame.long(), -1)
-    patch = torch.where(video, prov.row.long() * prov.grid_w.long() + prov.col.long(), -1)
+    P = prov.prompt_len  # the prompt's positions (generated ones are never pruning candidates)
+    visual = prov.media[:P] >= 0
+    video = prov.kind[:P] == K["video"]
+    frame = torch.where(visual & (prov.frame[:P] >= 0), prov.frame[:P].long(), -1)
+    patch = torch.where(video, prov.row[:P].long() * prov.grid_w[:P].long() + prov.col[:P].long(), -1)
     return VisualLayout(visual[None], frame[None], patch[None])
 
 
