@@ -1,0 +1,296 @@
+"""Tracing a reduced model (llava_next.reduce + llava_next.research.trace): every hook point fires as unreduced,
+layers from the pruning layer on see the pruned rows, and everything is reported in ORIGINAL positions.
+
+References are built independently of the runner's index map: FastV's keep-set from transformers' eager
+attention (test_reduce_fastv.reference_keep), then our decoder's layers run by hand without a cache on the
+kept rows at their original positions (and transformers' layers for the residual stream and the attention
+probabilities); FrameFusion's from its official class driven through transformers' layers
+(test_reduce_framefusion.official_run, which tracks the original index of every alive token). A pruned +
+selected decode (FastV + DyCoke) equals a no-cache recompute with the same kept keys at original positions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llava_next.model.attention import use_backend
+from llava_next.model.generate import generate
+from llava_next.reduce import DyCokeDecode, FastV, FrameFusion, Reduction
+from llava_next.reduce.runner import ReducedRunner
+from llava_next.research import Attention, LogitLens, Record, trace
+from test_decoder import hf_and_ours
+from test_reduce_fastv import LAYERS, K, hf_layers, layout, prompt, reference_keep
+from test_trace import TL_BLOCK_NAMES
+
+BLOCK = [f"blocks.{i}.{n}" for i in range(LAYERS) for n in TL_BLOCK_NAMES]
+
+
+@pytest.fixture(autouse=True)
+def sdpa():
+    with use_backend("sdpa"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def models():
+    return hf_and_ours("llama", 2.0, seed=3, num_layers=LAYERS, vocab_size=101)
+
+
+def fastv_prefill(ours, e, vis, keep=0.5, **kw):
+    runner = ReducedRunner(Reduction(pruner=FastV(layer=K, keep=keep)), layout(vis))
+    T = e.shape[1]
+    ours.setup_caches(1, T + 4)
+    with torch.no_grad(), trace(ours, **kw) as tr:
+        logits = runner.prefill(ours, e, torch.arange(T)[None], None)
+    return tr, logits, runner
+
+
+def test_fastv_hook_tensors_equal_the_layers_run_by_hand_on_the_kept_rows(models):
+    hf, ours = models
+    e, vis = prompt(2, 6, 48, 9)
+    T = e.shape[1]
+    tr, logits, runner = fastv_prefill(ours, e, vis, record=["hook_embed", *BLOCK, "ln_final.hook_normalized",
+                                                              "hook_logits"])
+    keep = reference_keep(hf, e, vis, 0.5)  # transformers' eager attention picks them, not the runner
+    pruned = torch.ones(T, dtype=torch.bool)
+    pruned[keep] = False
+    pos = torch.arange(T)[None]
+    with torch.no_grad(), trace(ours, record=BLOCK) as full:  # unreduced code, no cache, all T rows
+        h = ours.forward_layers(e, pos, range(K))
+    with torch.no_grad(), trace(ours, record=BLOCK) as cut:  # the kept rows at their original positions
+        last = ours.forward_layers(h[:, keep], keep[None], range(K, LAYERS))
+    assert len(tr.steps) == 1 and torch.equal(tr["hook_embed"], e)
+    for name in BLOCK:
+        got, layer = tr[name], int(name.split(".")[1])
+        if layer < K:  # the full sequence
+            assert got.shape == full[name].shape and name + ":kept" not in tr.cache
+            torch.testing.assert_close(got, full[name], rtol=0, atol=1e-5)
+            continue
+        assert got.shape[1] == T, name  # original positions: one row per prompt position
+        assert torch.equal(tr[name + ":kept"][0], ~pruned), name
+        assert bool(got[:, pruned].isnan().all()), name  # pruned rows are absent, not shifted
+        torch.testing.assert_close(got[:, keep], cut[name], rtol=0, atol=1e-5)
+    # transformers' layers agree on the residual stream of the last layer, and the head sees the last position
+    with torch.no_grad():
+        ref = hf_layers(hf, hf_layers(hf, e, pos, range(K))[:, keep], keep[None], range(K, LAYERS))
+        ref_logits = hf.lm_head(hf.model.norm(ref[:, -1]))
+    torch.testing.assert_close(tr[f"blocks.{LAYERS - 1}.hook_resid_post"][:, keep], ref, rtol=0, atol=1e-4)
+    torch.testing.assert_close(tr["hook_logits"][:, -1], ref_logits, rtol=0, atol=1e-4)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-4)
+    assert torch.allclose(ours.head(last[:, -1:])[:, 0], logits, atol=1e-5)
+    # the fates say the same
+    assert torch.equal(runner.fates.removed_at[0] == K, pruned)
+    assert bool((runner.fates.removed_at[0][keep] == -1).all())
+
+
+def test_records_reduced_over_positions_skip_the_pruned_ones(models):
+    hf, ours = models
+    e, vis = prompt(2, 6, 48, 9)
+    keep = reference_keep(hf, e, vis, 0.5)
+    vis_idx = torch.nonzero(vis[0]).flatten()
+    gone = vis_idx[~torch.isin(vis_idx, keep)][:3]
+    stay = vis_idx[torch.isin(vis_idx, keep)][:3]
+    want = torch.cat([gone, stay])
+    name = f"blocks.{K}.hook_resid_post"
+    tr, _, _ = fastv_prefill(ours, e, vis, record=[Record(name, positions=want, key="rows"),
+                                                    Record(name, positions=want, reduce="mean", key="mean"),
+                                                    Record(name, positions=want, reduce="topk", k=2, key="top")])
+    rows = tr["rows"]
+    assert rows.shape[1] == 6 and bool(rows[:, :3].isnan().all()) and not bool(rows[:, 3:].isnan().any())
+    assert tr["rows:kept"][0].tolist() == [False] * 3 + [True] * 3
+    torch.testing.assert_close(tr["mean"], rows[:, 3:].mean(1))
+    top = rows[:, 3:].topk(2, dim=1)
+    assert torch.equal(tr["top"], top.values) and torch.equal(tr["top:positions"], stay[top.indices])
+
+
+def eager_probs(hf, h, pos, layer, mask=None):
+    """transformers' eager attention probabilities (1, H, S, S) of one layer on the rows h at RoPE positions pos."""
+    S = h.shape[1]
+    causal = torch.full((S, S), float("-inf")).triu(1)[None, None] if mask is None else mask
+    block = hf.model.layers[layer]
+    _, w = block.self_attn(block.input_layernorm(h), position_embeddings=hf.model.rotary_emb(h, pos),
+                           attention_mask=causal)
+    return w
+
+
+def test_attention_on_a_pruned_layer_equals_eager_attention_over_the_kept_keys(models):
+    hf, ours = models
+    e, vis = prompt(2, 6, 48, 9)
+    T = e.shape[1]
+    keep = reference_keep(hf, e, vis, 0.5)
+    vis_idx = torch.nonzero(vis[0]).flatten()
+    gone = int(vis_idx[~torch.isin(vis_idx, keep)][0])
+    stay = int(vis_idx[torch.isin(vis_idx, keep)][-1])
+    queries = torch.tensor([gone, stay, T - 2, T - 1])
+    segments = torch.zeros(T, dtype=torch.long)
+    segments[vis[0]] = 1 + (torch.arange(int(vis.sum())) >= 24).long()  # two "frames"
+    tr, _, _ = fastv_prefill(ours, e, vis, attention=Attention(layers=[K - 1, K + 1], queries=queries, rows=True,
+                                                               key_mass=True, topk=3, segments=segments))
+    pos = torch.arange(T)[None]
+    with torch.no_grad():
+        h = hf_layers(hf, e, pos, range(K - 1))
+        full = eager_probs(hf, h, pos, K - 1)[0]  # (H, T, T)
+        h = hf_layers(hf, hf_layers(hf, e, pos, range(K))[:, keep], keep[None], range(K, K + 1))
+        cut = eager_probs(hf, h, keep[None], K + 1)[0]  # (H, T', T'): the kept rows and keys only
+    below = tr.attention[K - 1]
+    assert below.query_positions.tolist() == queries.tolist()
+    torch.testing.assert_close(below.rows[0], full[:, queries], rtol=0, atol=1e-5)
+    st = tr.attention[K + 1]
+    assert st.query_positions.tolist() == [stay, T - 2, T - 1]  # the pruned query is absent at this layer
+    assert st.rows.shape[-1] == T and torch.equal(st.extra["kept_keys"], torch.isin(torch.arange(T), keep))
+    at = {int(p): i for i, p in enumerate(keep.tolist())}
+    ref_rows = torch.full((cut.shape[0], 3, T), float("nan"))
+    ref_rows[:, :, keep] = cut[:, [at[stay], at[T - 2], at[T - 1]]]
+    torch.testing.assert_close(st.rows[0], ref_rows, rtol=0, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(st.key_mass[0][:, keep], ref_rows[:, :, keep].sum(1), rtol=0, atol=1e-5)
+    assert bool(st.key_mass[0][:, ~torch.isin(torch.arange(T), keep)].isnan().all())
+    assert torch.equal(st.topk_ids[0], ref_rows.nan_to_num(-1).topk(3, dim=-1).indices)  # original positions
+    seg_ref = torch.stack([ref_rows.nan_to_num(0)[..., segments == s].sum(-1) for s in range(3)], -1)
+    torch.testing.assert_close(st.segment_rows[0], seg_ref, rtol=0, atol=1e-5)
+
+
+def test_decode_steps_of_a_pruned_layer_are_in_original_positions(models):
+    hf, ours = models
+    e, vis = prompt(2, 6, 48, 9)
+    T = e.shape[1]
+    keep = reference_keep(hf, e, vis, 0.5)
+    runner = ReducedRunner(Reduction(pruner=FastV(layer=K, keep=0.5)), layout(vis))
+    with torch.no_grad(), trace(ours, record=[Record(f"blocks.{K}.hook_resid_post", key="r")],
+                                attention=Attention(layers=[K], queries="last", rows=True),
+                                logit_lens=LogitLens(layers=[K], positions=torch.tensor([7, T + 1]), top_k=2)) as tr:
+        tokens = generate(ours, input_embeds=e, max_new_tokens=3, eos_token_id=(), runner=runner)
+    assert len(tr.steps) == 3  # the prefill and two decode steps
+    with torch.no_grad():  # no cache: the prompt's kept rows and the first generated token
+        x = torch.cat([e, ours.embed_tokens(tokens[:, :1])], 1)
+        rows = torch.cat([keep, torch.tensor([T])])
+        h = hf_layers(hf, hf_layers(hf, x, torch.arange(T + 1)[None], range(K))[:, rows], rows[None], range(K, K))
+        w = eager_probs(hf, h, rows[None], K)[0, :, -1]  # (H, T'+1): the generated token's row
+    step = tr.steps[1]
+    assert step.attention[K].query_positions.tolist() == [T] and step.records["r:kept"].tolist() == [[True]]
+    ref = torch.full((w.shape[0], T + 1), float("nan"))
+    ref[:, rows] = w
+    torch.testing.assert_close(step.attention[K].rows[0, :, 0], ref, rtol=0, atol=1e-5, equal_nan=True)
+    lens0 = tr.steps[0].extra["logit_lens"][K].positions.tolist()
+    assert lens0 == ([7] if 7 in keep.tolist() else [])  # text position 7: present
+    assert tr.steps[2].extra["logit_lens"][K].positions.tolist() == [T + 1]
+
+
+# ---- FrameFusion: the two halves of every layer, merged rows ----------------------------------------------
+def test_framefusion_hooks_follow_the_official_merges():
+    import test_reduce_framefusion as tff
+
+    hf, ours = hf_and_ours("llama", 1.0, seed=11, num_layers=tff.LAYERS, vocab_size=101)
+    e, lay, start = tff.video_prompt(1, 5, 7, 0.8)
+    T, n = e.shape[1], tff.LAYERS
+    method = FrameFusion(cost=0.3, similarity=0.9)
+    official, recorded = tff.OfficialFrameFusion.forward, []
+
+    def spy(self, x, pe, mask, w=None):  # each call's result: the original indices alive and the hidden states
+        out = official(self, x, pe, mask, w)
+        recorded.append((self.orig.clone(), out[0].clone()))
+        return out
+    tff.OfficialFrameFusion.forward = spy
+    try:
+        ref_logits, ff = tff.official_run(hf, e, lay, start, method)
+    finally:
+        tff.OfficialFrameFusion.forward = official
+    assert len(recorded) == n + 1  # before layer 0, then after every layer's attention
+    names = [f"blocks.{i}.{h}" for i in range(n) for h in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post",
+                                                           "mlp.hook_post")]
+    runner = ReducedRunner(Reduction(pruner=method), lay)
+    ours.setup_caches(1, T + 4)
+    with torch.no_grad(), trace(ours, record=names) as tr:
+        logits = runner.prefill(ours, e, torch.arange(T)[None], None)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-4)
+    at = lambda orig: torch.isin(torch.arange(T), orig)  # noqa: E731
+    torch.testing.assert_close(tr["blocks.0.hook_resid_pre"][0, recorded[0][0]], recorded[0][1][0], rtol=0, atol=1e-6)
+    for layer in range(n):
+        orig_in, (orig_mlp, x_mlp) = recorded[layer][0], recorded[layer + 1]
+        for name in ("hook_resid_pre", "hook_resid_mid"):  # the rows of this layer's attention
+            assert torch.equal(tr[f"blocks.{layer}.{name}:kept"][0], at(orig_in)), (layer, name)
+        for name in ("mlp.hook_post", "hook_resid_post"):  # the MLP half runs on the merged rows
+            assert torch.equal(tr[f"blocks.{layer}.{name}:kept"][0], at(orig_mlp)), (layer, name)
+        block = hf.model.layers[layer]
+        with torch.no_grad():
+            ref_post = x_mlp + block.mlp(block.post_attention_layernorm(x_mlp))
+        post = tr[f"blocks.{layer}.hook_resid_post"]
+        torch.testing.assert_close(post[0, orig_mlp], ref_post[0], rtol=0, atol=1e-4)
+        assert bool(post[0, ~at(orig_mlp)].isnan().all())
+        if layer + 1 < n:
+            torch.testing.assert_close(tr[f"blocks.{layer + 1}.hook_resid_pre"], post, equal_nan=True)
+    # the fates: every merged token went into an earlier frame's same patch; the survivors are the official ones
+    fates = runner.fates
+    merged = torch.nonzero(fates.merged_into[0] >= 0).flatten()
+    into = fates.merged_into[0, merged]
+    assert len(merged) > 0 and bool((lay.patch[0, merged] == lay.patch[0, into]).all()) and bool((into < merged).all())
+    survivors = ff.orig[(ff.orig >= start) & (ff.orig < start + tff.FRAMES * tff.PATCHES)]
+    assert torch.equal(torch.nonzero(fates.alive(n - 1)[0] & lay.visual[0]).flatten(), survivors)
+
+
+# ---- FastV + DyCoke: prefill pruning and decode-time selection together ------------------------------------
+def reference_pruned_selected(hf, e, vis, keep_idx, method: DyCokeDecode, n: int):
+    """No cache: every step recomputes the sequence; layers < K see every row, layers >= K the kept prompt rows
+    and the generated ones (original RoPE positions); from layer L on, the query of generated token s reads
+    only the text, generated and selected visual keys of step s, chosen by the official rule among the visual
+    keys layer L-1 has (eager attention of its last query, mean over heads)."""
+    T, L = e.shape[1], method.layer
+    out, logits, prev, chosen, visible_at = [], [], None, None, []
+    with torch.no_grad():
+        for t in range(n + 1):
+            x = torch.cat([e, hf.model.embed_tokens(torch.tensor([out], dtype=torch.long))], 1) if out else e
+            S = x.shape[1]
+            rows = torch.arange(S)
+            h = x
+            for layer in range(LAYERS):
+                if layer == K:
+                    rows = torch.cat([keep_idx, torch.arange(T, S)])
+                    h = h[:, torch.isin(torch.arange(S), rows)] if h.shape[1] == S else h
+                mask = torch.full((len(rows), len(rows)), float("-inf")).triu(1)
+                if layer >= L:
+                    for j, vis_ok in enumerate(visible_at):  # generated token j's row (later keys: causal)
+                        q = int((rows == T + j).nonzero())
+                        ok = torch.ones(S, dtype=torch.bool)
+                        ok[:len(vis_ok)] = vis_ok
+                        mask[q][~ok[rows]] = float("-inf")
+                if t > 0 and layer == L - 1:  # this step's choice, from the last query's attention here
+                    s = eager_probs(hf, h, rows[None], layer, mask[None, None])[0].mean(0)[-1]
+                    present = rows < T
+                    cand = rows[present & vis[0][rows.clamp(max=T - 1)]]
+                    sc = s[torch.isin(rows, cand)]
+                    similar = prev is not None and float(torch.nn.functional.cosine_similarity(sc, prev, dim=0)) \
+                        >= method.threshold
+                    prev = sc
+                    ok = torch.ones(S, dtype=torch.bool)
+                    if not (similar and method.on_similar == "full"):
+                        if not similar:
+                            chosen = cand[sc.topk(int(len(cand) * method.keep)).indices]
+                        ok[vis[0].nonzero().flatten()] = False
+                        ok[chosen] = True
+                    visible_at.append(ok)
+                cos_sin = hf.model.rotary_emb(h, rows[None])
+                h = hf.model.layers[layer](h, attention_mask=mask[None, None], position_ids=rows[None],
+                                           position_embeddings=cos_sin)
+            if t < n:
+                logits.append(hf.lm_head(hf.model.norm(h[:, -1])))
+                out.append(int(logits[-1].argmax()))
+    return out, torch.cat(logits), visible_at
+
+
+@pytest.mark.parametrize("L", [K + 1, K, K - 1])  # the selector's layer after, at and before the pruning layer
+def test_pruned_and_selected_decode_equals_a_recompute_with_the_same_kept_keys(models, L):
+    hf, ours = models
+    e, vis = prompt(7, 5, 40, 6)
+    keep_idx = reference_keep(hf, e, vis, 0.5)
+    dy = DyCokeDecode(layer=L, keep=0.25, threshold=0.9)
+    runner = ReducedRunner(Reduction(pruner=FastV(layer=K, keep=0.5), decode=dy), layout(vis))
+    seen = []
+    decode = runner.decode
+    runner.decode = lambda *a: seen.append(decode(*a)) or seen[-1]
+    tokens = generate(ours, input_embeds=e, max_new_tokens=6, eos_token_id=(), runner=runner)
+    ref, ref_logits, visible_at = reference_pruned_selected(hf, e, vis, keep_idx, dy, 6)
+    assert tokens[0].tolist() == ref and len(set(ref)) > 1
+    assert (torch.cat(seen) - ref_logits[1:]).abs().max() <= 1e-4 * ref_logits.abs().max()
+    assert sum(int(v.sum()) < len(v) for v in visible_at) >= 1  # the selection did prune at some step
+    reads = [r[0, :e.shape[1]] & vis[0] for r in runner.fates.decode_read if r is not None]
+    candidates = int((vis[0][keep_idx]).sum()) if L - 1 >= K else int(vis.sum())  # layer L-1's visual keys
+    assert reads and all(int(r.sum()) == int(candidates * 0.25) for r in reads)
