@@ -294,3 +294,42 @@ def test_pruned_and_selected_decode_equals_a_recompute_with_the_same_kept_keys(m
     reads = [r[0, :e.shape[1]] & vis[0] for r in runner.fates.decode_read if r is not None]
     candidates = int((vis[0][keep_idx]).sum()) if L - 1 >= K else int(vis.sum())  # layer L-1's visual keys
     assert reads and all(int(r.sum()) == int(candidates * 0.25) for r in reads)
+
+
+# ---- the command line ------------------------------------------------------------------------------------
+def test_cli_trace_of_a_reduced_model(tmp_path, monkeypatch):
+    """`llava-next trace --reduce fastv --reduce dycoke` on tiny-random and the sample video: every prompt position
+    says its fate, weights are null exactly where the layer no longer has the key, the kept map is drawn."""
+    import contextlib
+    import io
+    import json
+
+    from llava_next.cli.main import main
+
+    monkeypatch.setenv("LLAVA_NEXT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LLAVA_NEXT_COMPILE", "0")
+    args = ["trace", "--model", "tiny-random", "--video", "sample:bunny", "--frames", "4", "--layers", "0,1",
+            "--reduce", "fastv:layer=1,keep=0.5", "--reduce", "dycoke:layer=1,keep=0.5", "--max-new-tokens", "2",
+            "--query", "last,generated", "--png", str(tmp_path / "png"), "--json", "What happens?"]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(args) == 0
+    out = json.loads(buf.getvalue())
+    P = out["prompt_positions"]
+    fates = [p["reduction"] for p in out["positions"][:P]]
+    pruned = [i for i, f in enumerate(fates) if f["fate"] == "pruned"]
+    assert all(fates[i]["removed_at_layer"] == 1 for i in pruned)
+    assert len(pruned) == out["reduction"]["visual_tokens_into_decoder"] - out["reduction"]["visual_tokens_after_pruning"]
+    kept_visual = [i for i, p in enumerate(out["positions"][:P]) if p["media"] is not None and i not in pruned]
+    assert [i for i in kept_visual if out["positions"][i]["kind"] == "video"] == out["reduction"]["kept_positions"]
+    assert all("decode_steps_read" in fates[i] for i in kept_visual)
+    for group in ("last", "generated"):
+        w0, w1 = out["attention"]["0"][group]["weights"], out["attention"]["1"][group]["weights"]
+        assert None not in w0 and [i for i, v in enumerate(w1) if v is None] == pruned
+        assert abs(sum(v for v in w1 if v is not None) - 1) < 1e-4
+    names = {p.rsplit("/", 1)[-1] for p in out["png"]}
+    assert {"video0_kept.png", "video0_decode_reads.png", "video0_frames.png"} <= names
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        assert main(args[:-6] + ["--reduce", "pllava", "What happens?"]) == 2
+    assert "does not take a token reducer yet" in err.getvalue()
