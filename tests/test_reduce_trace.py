@@ -333,3 +333,40 @@ def test_cli_trace_of_a_reduced_model(tmp_path, monkeypatch):
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
         assert main(args[:-6] + ["--reduce", "pllava", "What happens?"]) == 2
     assert "does not take a token reducer yet" in err.getvalue()
+
+
+def test_trace_api_runs_the_multimodal_model_through_a_reduction():
+    """``trace(model, reduction=..., provenance=prov)`` on ``model(ids, videos=...)``: the index map built from the
+    provenance equals the pipeline's (built from the ids and the pooling), the logits are the runner's at the last
+    position and NaN at the positions pruned before the last layer, and ``with_fates`` reports them."""
+    from research_models import tiny_pair
+
+    from llava_next.reduce.stages import VisualLayout, native_video_layout
+    from llava_next.research import Provenance
+    from llava_next.research.trace import layout_from_provenance
+
+    ours, _, ids, mine, _ = tiny_pair("video")
+    cfg, dec = ours.config, ours.language_model
+    F, T = mine["videos"][0].shape[0], ids.shape[1]
+    prov = Provenance.build(ids[0].tolist(), cfg, videos=[{"num_frames": F, "frame_hw": (240, 320)}])
+    layout = VisualLayout.build(ids, cfg, [native_video_layout(F, cfg)])
+    from_prov = layout_from_provenance(prov)
+    for name in ("visual", "frame", "patch"):
+        assert torch.equal(getattr(from_prov, name), getattr(layout, name)), name
+    red = Reduction(pruner=FastV(layer=1, keep=0.5))
+    with torch.no_grad(), trace(ours, reduction=red, provenance=prov, record=["blocks.1.hook_resid_post"]) as tr:
+        logits = ours(ids, **mine)
+    kept = tr.fates.alive(1)[0]
+    assert int((~kept).sum()) == int(layout.visual.sum()) - int(layout.visual.sum() * 0.5)
+    assert torch.equal(tr["blocks.1.hook_resid_post:kept"][0], kept)
+    assert bool(logits[0, ~kept].isnan().all()) and not bool(logits[0, kept].isnan().any())
+    runner = ReducedRunner(red, layout)
+    with torch.no_grad():
+        embeds = ours.embed(ids, [], [ours.video_features(v) for v in mine["videos"]])
+        dec.setup_caches(1, T)
+        ref = runner.prefill(dec, embeds, torch.arange(T)[None], None)
+    torch.testing.assert_close(logits[:, -1], ref, rtol=0, atol=1e-5)
+    records = prov.with_fates(tr.fates).to_records()
+    assert [i for i, r in enumerate(records) if r["reduction"]["fate"] == "pruned"] == \
+        torch.nonzero(~kept).flatten().tolist()
+    assert all(records[i]["frame"] is not None for i in torch.nonzero(~kept).flatten().tolist())
