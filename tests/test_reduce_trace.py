@@ -329,10 +329,25 @@ def test_cli_trace_of_a_reduced_model(tmp_path, monkeypatch):
         assert abs(sum(v for v in w1 if v is not None) - 1) < 1e-4
     names = {p.rsplit("/", 1)[-1] for p in out["png"]}
     assert {"video0_kept.png", "video0_decode_reads.png", "video0_frames.png"} <= names
+    # DyCoke's temporal pruning before the decoder, then FrameFusion's merges: fates of the tokens that entered
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
+        assert main(args[:9] + ["--reduce", "dycoke-ttm:keep=0.5", "--reduce", "framefusion:similarity=0.5,cost=0.6",
+                                "--query", "last", "--json", "What happens?"]) == 0
+    out = json.loads(buf.getvalue())
+    red, positions = out["reduction"], out["positions"][:out["prompt_positions"]]
+    video = [p for p in positions if p["kind"] == "video"]
+    assert sum(red["before_decoder"][0]["kept_per_frame"]) == len(video) == red["visual_tokens_into_decoder"] < 64
+    assert len({(p["frame"], p["row"], p["col"]) for p in video}) == len(video)  # distinct pooled cells
+    merged = [(i, p) for i, p in enumerate(positions) if p["reduction"]["fate"] == "merged"]
+    assert merged and all(positions[p["reduction"]["merged_into"]]["frame"] < p["frame"] and
+                          (positions[p["reduction"]["merged_into"]]["row"], positions[p["reduction"]["merged_into"]]["col"])
+                          == (p["row"], p["col"]) for _, p in merged)  # into the same cell of an earlier frame
+    assert red["visual_tokens_after_pruning"] == sum(p["reduction"]["fate"] == "kept" for p in video)
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
         assert main(args[:-6] + ["--reduce", "pllava", "What happens?"]) == 2
-    assert "does not take a token reducer yet" in err.getvalue()
+    assert "does not take this token reducer yet" in err.getvalue()
 
 
 def test_trace_api_runs_the_multimodal_model_through_a_reduction():
@@ -370,3 +385,26 @@ def test_trace_api_runs_the_multimodal_model_through_a_reduction():
     assert [i for i, r in enumerate(records) if r["reduction"]["fate"] == "pruned"] == \
         torch.nonzero(~kept).flatten().tolist()
     assert all(records[i]["frame"] is not None for i in torch.nonzero(~kept).flatten().tolist())
+
+
+def test_provenance_of_a_video_reduced_by_dycoke_ttm():
+    """A token reducer that keeps pooled cells (DyCoke's TTM): each token's frame / row / col / box is its
+    cell's, looked up in the unreduced video's provenance by (frame, row, col)."""
+    from test_reduce_dycoke import CFG, video_features
+
+    from llava_next.reduce import DyCokeMerge
+    from llava_next.research import Provenance
+
+    out = DyCokeMerge(keep=0.3).reduce(video_features(8), CFG)
+    v = CFG.video_token_id
+    native = Provenance.build([1, 2] + [v] * 8 * 144 + [3], CFG, videos=[{"num_frames": 8, "frame_hw": (720, 1280)}])
+    reduced = Provenance.build([1, 2] + [v] * len(out.frame) + [3], CFG,
+                               videos=[{"num_frames": 8, "frame_hw": (720, 1280), "tokens": (out.frame, out.patch)}])
+    pos = reduced.where(kind="video")
+    assert len(pos) == len(out.frame) < 8 * 144
+    assert reduced.frame[pos].tolist() == out.frame.tolist()
+    assert (reduced.row[pos] * 12 + reduced.col[pos]).tolist() == out.patch.tolist()
+    for i in pos[::37].tolist():
+        j = native.where(frame=int(reduced.frame[i]), row=int(reduced.row[i]), col=int(reduced.col[i]), kind="video")
+        assert len(j) == 1 and torch.equal(native.box[j[0]], reduced.box[i])
+    assert torch.isnan(reduced.to_grid(torch.ones(len(reduced)), 0, frame=1)).any()  # the cells TTM dropped

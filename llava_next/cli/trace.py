@@ -99,10 +99,11 @@ def _trace(args: argparse.Namespace, user_error) -> int:
 
     options.finish(args, needs_prompt=True)
     reduction = options.reduction(args)  # a bad method or value fails before any loading
-    if reduction is not None and reduction.reducer is not None:
-        raise user_error(f"--reduce {reduction.reducer.name}: trace does not take a token reducer yet (its tokens are "
-                         f"no longer the video's pooled grid, so they have no provenance); trace takes "
-                         f"--select-frames and the in-decoder methods (fastv, framefusion, dycoke)")
+    reducer = reduction.reducer if reduction is not None else None
+    if reducer is not None and reducer.needs != "pooled":
+        raise user_error(f"--reduce {reducer.name}: trace does not take this token reducer yet (its tokens are not "
+                         f"cells of the video's pooled grid, so they have no provenance); trace takes "
+                         f"--select-frames, dycoke-ttm and the in-decoder methods (fastv, framefusion, dycoke)")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise user_error("--device cuda: no CUDA device is available; use --device cpu")
     if "generated" in args.query and not args.max_new_tokens:
@@ -146,8 +147,15 @@ def _trace(args: argparse.Namespace, user_error) -> int:
                              top_p=args.top_p, seed=args.seed, template=args.template):
             pass
         generated = list(request.tokens)
+    model = pipe.model
+    with torch.no_grad():  # the video tokens (a token reducer's, with the pooled cell each one is)
+        reduced = [reducer.reduce_video(model, c.pixel_values) if reducer is not None else None
+                   for c in request.videos]
+        video_feats = [r.tokens if r is not None else model.video_features(c.pixel_values)
+                       for r, c in zip(reduced, request.videos)]
     prov = Provenance.from_request(request, pipe.config, tokenizer=pipe.tokenizer, question=args.prompt,
-                                   template=args.template)
+                                   template=args.template,
+                                   video_tokens=[(r.frame, r.patch) if r is not None else None for r in reduced])
     prov = prov.with_generated(generated)
     T = len(prov)
 
@@ -172,8 +180,7 @@ def _trace(args: argparse.Namespace, user_error) -> int:
                       logit_lens=LogitLens(positions=lens_pos, top_k=args.lens_top_k,
                                            steps="all" if in_decoder else "prefill")
                       if len(lens_pos) else None) as tr:
-            embeds = model.embed(ids, model.image_features(request.images),
-                                 [model.video_features(c.pixel_values) for c in request.videos])
+            embeds = model.embed(ids, model.image_features(request.images), video_feats)
             if not in_decoder:
                 decoder(input_embeds=embeds, last_only=True)
             else:  # the reduced model prunes at prefill and reads its pruned cache while decoding: replay both
@@ -188,6 +195,9 @@ def _trace(args: argparse.Namespace, user_error) -> int:
     trace_s = time.perf_counter() - t1
     if in_decoder:
         prov = prov.with_fates(tr.fates)
+        rep = tr.runner.report  # what the traced (replayed) prefill pruned, as run --json reports it
+        request.reduction_report = {"pruned_at_layer": rep.layer, "visual_tokens_after_pruning": rep.visual_after[0],
+                                    "kept_positions": rep.kept_positions[0]}
 
     attention: dict[int, dict[str, dict]] = {}
     for layer in layers:
@@ -225,9 +235,15 @@ def _trace(args: argparse.Namespace, user_error) -> int:
     if reduction:
         report["reduction"] = {**request.reduction_summary(), "num_layers": n_layers,
                                **({"decode_layer": prov.fates.decode_layer} if in_decoder else {})}
+        if reducer is not None:  # the first stage: which pooled cells of each frame entered the decoder
+            report["reduction"]["before_decoder"] = [
+                {"media": m.index, "cells_per_frame": m.plan.pooled_hw[0] * m.plan.pooled_hw[1],
+                 "kept_per_frame": [len(prov.where(media=m.index, frame=f, kind="video"))
+                                    for f in range(m.plan.num_frames)]}
+                for m in prov.media_info if m.kind == "video"]
     pngs = []
     if args.png:
-        pngs = _draw(args, request, prov, attention, lens, pipe.tokenizer, layers, user_error)
+        pngs = _draw(args, request, prov, attention, lens, pipe.tokenizer, layers, user_error, n_layers)
         report["png"] = pngs
     if args.json:
         print(json.dumps(report))
@@ -297,7 +313,7 @@ class _maybe_all:
         return self.tr.__exit__(*exc) if self.tr is not None else None
 
 
-def _draw(args, request, prov, attention, lens, tokenizer, layers, user_error) -> list[str]:
+def _draw(args, request, prov, attention, lens, tokenizer, layers, user_error, n_layers) -> list[str]:
     from ..inputs.image import load_image
     from ..research import plots
 
@@ -328,8 +344,8 @@ def _draw(args, request, prov, attention, lens, tokenizer, layers, user_error) -
                                       title=f"{m.name}: which frame gets attention? query '{group}', {span}",
                                       frame_sums=[float(mean_w[p].nansum()) for p in sums], covered=min(1.0, st)),
                  f"video{m.kind_index}_frames.png")
-            if prov.fates is not None:  # a reduced request: what reached which layer, per frame
-                _draw_fates(prov, m, clip, save)
+            if prov.fates is not None or args.reduce:  # a reduced request: what reached which layer, per frame
+                _draw_fates(prov, m, clip, save, n_layers)
             shares = np.array([[float(attention[layer][group][p].nansum()) for p in sums] for layer in layers])
             extra = {name: np.array([float(attention[layer][group][pos].nansum()) for layer in layers])
                      for name, pos in prov.segments().items() if name in ("system", "question", "template")}
@@ -367,7 +383,7 @@ def _draw(args, request, prov, attention, lens, tokenizer, layers, user_error) -
     return out
 
 
-def _draw_fates(prov, m, clip, save) -> None:
+def _draw_fates(prov, m, clip, save, n_layers: int) -> None:
     """Per-frame maps of a reduced request: how many decoder layers each video token reached (the kept /
     pruned map: the darkest cells were pruned or merged first, the brightest reached the last layer), and
     with DyCoke the share of decode steps whose deep layers read each token."""
@@ -375,8 +391,8 @@ def _draw_fates(prov, m, clip, save) -> None:
 
     F = m.plan.num_frames
     st = m.plan.stride * m.plan.pooled_hw[0] / m.plan.patch_grid_hw[0] if m.plan.mode != "bilinear" else 1.0
-    L = prov.fates.num_layers
-    reached = prov.layers_reached()
+    L = n_layers
+    reached = prov.layers_reached(n_layers)  # cells a token reducer dropped: no token, drawn as 0 layers
     grids = [prov.to_grid(reached, m.index, frame=f).numpy() for f in range(F)]
     kept = [int((reached[prov.where(media=m.index, frame=f, kind="video")] == L).sum()) for f in range(F)]
     img = plots.frame_heatmaps(clip.frames, [np.where(g == g, g, 0) for g in grids], list(m.timestamps),
@@ -384,7 +400,7 @@ def _draw_fates(prov, m, clip, save) -> None:
                                sum_format="{} tokens kept", value="decoder layers reached",
                                bar_label="layers reached",
                                title=f"{m.name}: decoder layers each token reached (of {L}; bright = kept to the "
-                                     f"last layer, dark = pruned or merged early)")
+                                     f"last layer, dark = pruned or merged early, 0 = dropped before the decoder)")
     save(img, f"video{m.kind_index}_kept.png")
     reads = prov.decode_reads()
     if reads is not None:

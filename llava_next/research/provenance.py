@@ -217,6 +217,23 @@ def video_fields(num_frames: int, frame_hw: Size, config: LlavaNextConfig,
     return f, plan
 
 
+def reduced_video_fields(num_frames: int, frame_hw: Size, config: LlavaNextConfig, frame, cell,
+                         timestamps: Sequence[float] | None = None) -> tuple[dict[str, np.ndarray], VideoPlan]:
+    """Per-token fields of a video whose tokens a token reducer chose among the model's pooled cells, in its
+    order (llava_next.reduce ``ReducedVideo``: token i is cell ``cell[i]`` = row * w + col of frame
+    ``frame[i]``; no newline tokens). Reducers whose tokens are no such cells (PLLaVA's, SlowFast's grids,
+    VisionZip's merged tokens) have no per-token provenance here."""
+    flat, plan = video_fields(num_frames, frame_hw, dataclasses.replace(config, video_newline="none"), timestamps)
+    h, w = plan.pooled_hw
+    frame, cell = np.asarray(frame, dtype=np.int64), np.asarray(cell, dtype=np.int64)
+    if len(frame) != len(cell) or (frame < 0).any() or (frame >= num_frames).any() or (cell < 0).any() \
+            or (cell >= h * w).any():
+        raise ValueError(f"reduced video tokens must be (frame in 0..{num_frames - 1}, cell in 0..{h * w - 1}) pairs "
+                         f"of the {h}x{w} pooled grid")
+    idx = frame * h * w + cell
+    return {name: arr[idx] for name, arr in flat.items()}, plan
+
+
 # --------------------------------------------------------------------------------------------------
 # The whole sequence
 # --------------------------------------------------------------------------------------------------
@@ -251,7 +268,8 @@ class Provenance:
         """From expanded ids (one placeholder id per visual token) and the media's geometry.
 
         ``videos``: one dict per video with ``num_frames``, ``frame_hw`` and optionally ``timestamps``,
-        ``frame_indices``, ``name``. ``tokenizer`` (inputs.prompt.Tokenizer) + ``question`` / ``system``
+        ``frame_indices``, ``name``, and ``tokens`` = (frame, cell) of each token when a token reducer chose
+        them among the pooled cells (``reduced_video_fields``). ``tokenizer`` (inputs.prompt.Tokenizer) + ``question`` / ``system``
         label those text positions; without them every text position is segment "template"."""
         ids = np.asarray(list(input_ids), dtype=np.int64)
         T = len(ids)
@@ -269,7 +287,10 @@ class Provenance:
                                                  "name": image_names[k] if k < len(image_names) else ""}))
         for k, v in enumerate(videos):
             ts = v.get("timestamps")
-            fk, plan = video_fields(v["num_frames"], tuple(v["frame_hw"]), config, ts)
+            if v.get("tokens") is not None:  # a token reducer chose these pooled cells (e.g. DyCoke's TTM)
+                fk, plan = reduced_video_fields(v["num_frames"], tuple(v["frame_hw"]), config, *v["tokens"], ts)
+            else:
+                fk, plan = video_fields(v["num_frames"], tuple(v["frame_hw"]), config, ts)
             parts.append(("video", k, fk, plan, {"source_hw": tuple(v["frame_hw"]), "name": v.get("name", ""),
                                                  "frame_indices": tuple(v.get("frame_indices", ())),
                                                  "timestamps": tuple(ts or ())}))
@@ -318,16 +339,19 @@ class Provenance:
 
     @classmethod
     def from_request(cls, request, config: LlavaNextConfig, *, tokenizer=None, question: str | None = None,
-                     system: str | None = None, template: str | None = None) -> "Provenance":
+                     system: str | None = None, template: str | None = None,
+                     video_tokens: Sequence[tuple[Any, Any] | None] = ()) -> "Provenance":
         """From a ``Pipeline.prepare`` request (its expanded ids, images and video clips). ``system``
         defaults to the system prompt of ``template`` (the one given to ``prepare``; default the config's)
-        when a tokenizer is given."""
+        when a tokenizer is given. ``video_tokens``: per video, the (frame, cell) of each token a token
+        reducer kept (``ReducedVideo.frame`` / ``.patch``), or None for the model's own tokens."""
         if tokenizer is not None and system is None:
             from ..inputs.prompt import TEMPLATES
             spec = TEMPLATES.get(template or config.template)  # "none": no system prompt
             system = spec.system if spec is not None else None
         videos = [{"num_frames": c.num_frames, "frame_hw": c.size_hw, "timestamps": c.timestamps,
-                   "frame_indices": c.frame_indices, "name": os.path.basename(c.path)} for c in request.videos]
+                   "frame_indices": c.frame_indices, "name": os.path.basename(c.path),
+                   "tokens": video_tokens[i] if i < len(video_tokens) else None} for i, c in enumerate(request.videos)]
         return cls.build(request.input_ids, config, image_sizes=[im.image_size for im in request.images],
                          videos=videos, tokenizer=tokenizer, question=question, system=system)
 
@@ -383,9 +407,10 @@ class Provenance:
             keep[:self.prompt_len] = (r < 0) | (r > layer)
         return torch.nonzero(keep).flatten()
 
-    def layers_reached(self) -> torch.Tensor:
-        """(T,) float: how many decoder layers had each position (the number of layers where never removed)."""
-        n = self.fates.num_layers if self.fates is not None else 0
+    def layers_reached(self, num_layers: int | None = None) -> torch.Tensor:
+        """(T,) float: how many decoder layers had each position (every layer where never removed; give
+        ``num_layers`` without fates)."""
+        n = self.fates.num_layers if self.fates is not None else num_layers
         out = torch.full((len(self),), float(n))
         if self.fates is not None:
             r = self.fates.removed_at.double()
@@ -537,9 +562,11 @@ class Provenance:
 
     def to_grid(self, values, media: int, frame: int | None = None, part: str = "grid") -> torch.Tensor:
         """(grid_h, grid_w) float64 map of ``values`` (T,) over one image part or video frame; NaN where
-        no token sits (never for these parts: every cell of the feature grid is a token)."""
+        no token sits (only where a token reducer dropped cells: otherwise every cell is a token)."""
         values = torch.as_tensor(values, dtype=torch.float64)
         pos = self._part(media, frame, part)
+        if len(pos) == 0:  # a frame a token reducer dropped whole
+            return torch.full(tuple(self.media_info[media].plan.pooled_hw), math.nan, dtype=torch.float64)
         h, w = int(self.grid_h[pos[0]]), int(self.grid_w[pos[0]])
         out = torch.full((h, w), math.nan, dtype=torch.float64)
         out[self.row[pos].long(), self.col[pos].long()] = values[pos]
