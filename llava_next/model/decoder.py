@@ -32,6 +32,9 @@ Notable choices
 - Named hook points (``HookPoint``, TransformerLens names: model/hooks.py) sit at every residual, q/k/v,
   norm and MLP tensor; ``Attention.attention_override`` lets llava_next.research record attention statistics
   or knock out attention without touching this file. Both cost nothing while unused.
+- Token reduction (llava_next.reduce) runs its layers through ``forward(..., runner=...)`` (embedding, head, hooks
+  as in any call) and ``forward_layers``; ``Block.attention_half`` / ``mlp_half`` let FrameFusion merge tokens
+  between a block's two residual halves; ``seq_map`` names the original positions of a pruned layer's rows.
 - Sliding-window attention (Mistral's default 4096) is not implemented: llava-hf's Mistral sets
   ``sliding_window`` null. With a window set, sequences longer than it raise NotImplementedError.
 """

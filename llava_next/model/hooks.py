@@ -37,6 +37,10 @@ decoder layer, against the ~30 ms a 7B layer takes to decode one token on a CPU)
 SDPA / Triton / the compiled CPU decode attention, prepacked linears, in-place activations (the decoder's
 MLP skips its in-place SiLU only while a hook on gate_proj's or up_proj's output could hold a reference).
 
+A reduced model (llava_next.reduce) fires every point with the same names and meaning; the layers it runs on a
+pruned or merged sequence have fewer rows, and ``Decoder.seq_map`` (``SequenceMap`` below) says which original
+position each row and key is, so llava_next.research reports them in original positions.
+
 Attention *probabilities* are not a hook point (materialising them is what makes other tools need
 eager attention and T x T memory): ``llava_next.research`` computes the statistics asked for from
 ``hook_rot_q`` / the attended keys, exactly, query chunk by query chunk.
