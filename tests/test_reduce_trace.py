@@ -319,7 +319,8 @@ def test_cli_trace_of_a_reduced_model(tmp_path, monkeypatch):
     fates = [p["reduction"] for p in out["positions"][:P]]
     pruned = [i for i, f in enumerate(fates) if f["fate"] == "pruned"]
     assert all(fates[i]["removed_at_layer"] == 1 for i in pruned)
-    assert len(pruned) == out["reduction"]["visual_tokens_into_decoder"] - out["reduction"]["visual_tokens_after_pruning"]
+    red = out["reduction"]
+    assert len(pruned) == red["visual_tokens_into_decoder"] - red["visual_tokens_after_pruning"]
     kept_visual = [i for i, p in enumerate(out["positions"][:P]) if p["media"] is not None and i not in pruned]
     assert [i for i in kept_visual if out["positions"][i]["kind"] == "video"] == out["reduction"]["kept_positions"]
     assert all("decode_steps_read" in fates[i] for i in kept_visual)
@@ -339,10 +340,9 @@ def test_cli_trace_of_a_reduced_model(tmp_path, monkeypatch):
     video = [p for p in positions if p["kind"] == "video"]
     assert sum(red["before_decoder"][0]["kept_per_frame"]) == len(video) == red["visual_tokens_into_decoder"] < 64
     assert len({(p["frame"], p["row"], p["col"]) for p in video}) == len(video)  # distinct pooled cells
-    merged = [(i, p) for i, p in enumerate(positions) if p["reduction"]["fate"] == "merged"]
-    assert merged and all(positions[p["reduction"]["merged_into"]]["frame"] < p["frame"] and
-                          (positions[p["reduction"]["merged_into"]]["row"], positions[p["reduction"]["merged_into"]]["col"])
-                          == (p["row"], p["col"]) for _, p in merged)  # into the same cell of an earlier frame
+    merged = [(p, positions[p["reduction"]["merged_into"]]) for p in positions if p["reduction"]["fate"] == "merged"]
+    assert merged and all(a["frame"] < p["frame"] and (a["row"], a["col"]) == (p["row"], p["col"])
+                          for p, a in merged)  # into the same cell of an earlier frame
     assert red["visual_tokens_after_pruning"] == sum(p["reduction"]["fate"] == "kept" for p in video)
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):

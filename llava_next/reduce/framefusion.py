@@ -94,7 +94,8 @@ class FrameFusion(PrefillPruner):
     # ---- the prefill ------------------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, model, embeds: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor | None,
-                layout: VisualLayout, fates: Fates | None = None) -> tuple[torch.Tensor, list[Segment], list[torch.Tensor]]:
+                layout: VisualLayout, fates: Fates | None = None
+                ) -> tuple[torch.Tensor, list[Segment], list[torch.Tensor]]:
         """Returns the last layer's hidden states (B, T', C), one Segment per layer, and per row the original
         indices still alive. Each layer runs as its two halves (``Block.attention_half`` / ``mlp_half``, hook
         points included) with ``model.seq_map`` saying which original positions its rows are; ``fates``
@@ -167,7 +168,8 @@ class FrameFusion(PrefillPruner):
         x2, pos2, mask2 = _gather_left_padded(new_x, pos, keep_rows)
         return x2, pos2, mask2, alive
 
-    def _merge(self, h: torch.Tensor, pt: torch.Tensor, state: _Row, n_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _merge(self, h: torch.Tensor, pt: torch.Tensor, state: _Row,
+               n_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One merge step on one row's alive tokens h (n, C) (modified in place); returns the keep mask and,
         per token, the index of the token it was averaged into (-1: not merged)."""
         n = h.shape[0]

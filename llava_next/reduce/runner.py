@@ -24,7 +24,8 @@ points and the decoder's forward hooks run as in an unreduced call, and this run
 (``run_layers``). While layers run on a pruned sequence the runner sets ``Decoder.seq_map`` (the original
 position of every row and key), so a trace (llava_next.research) reports a pruned layer in original
 positions; the prefill's last hidden states are put back at their original positions (NaN rows for the
-positions that did not reach the last layer), so the final norm, head and logits are in original positions. The runner can also be installed by ``research.trace(..., reduction=...)`` on plain decoder calls.
+positions that did not reach the last layer), so the final norm, head and logits are in original
+positions. ``research.trace(..., reduction=...)`` installs a runner on plain decoder calls.
 
 Batches: rows keep different numbers of tokens; they are left-padded again to the longest and the
 padding masked, so each row computes what it computes alone (tests/test_reduce_fastv.py).

@@ -269,8 +269,8 @@ class Provenance:
 
         ``videos``: one dict per video with ``num_frames``, ``frame_hw`` and optionally ``timestamps``,
         ``frame_indices``, ``name``, and ``tokens`` = (frame, cell) of each token when a token reducer chose
-        them among the pooled cells (``reduced_video_fields``). ``tokenizer`` (inputs.prompt.Tokenizer) + ``question`` / ``system``
-        label those text positions; without them every text position is segment "template"."""
+        them among the pooled cells (``reduced_video_fields``). ``tokenizer`` (inputs.prompt.Tokenizer) +
+        ``question`` / ``system`` label those text positions; without them every text position is segment "template"."""
         ids = np.asarray(list(input_ids), dtype=np.int64)
         T = len(ids)
         f = _fields(T)
