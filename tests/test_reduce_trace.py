@@ -103,6 +103,25 @@ def test_records_reduced_over_positions_skip_the_pruned_ones(models):
     assert torch.equal(tr["top"], top.values) and torch.equal(tr["top:positions"], stay[top.indices])
 
 
+def test_records_of_a_pruned_batch_equal_each_prompt_alone(models):
+    _, ours = models
+    rows = [prompt(3, 5, 40, 7), prompt(4, 9, 24, 3)]
+    T = max(e.shape[1] for e, _ in rows)
+    batch, vis, mask = torch.zeros(2, T, 64), torch.zeros(2, T, dtype=torch.bool), torch.zeros(2, T, dtype=torch.bool)
+    for i, (e, v) in enumerate(rows):
+        batch[i, T - e.shape[1]:], vis[i, T - e.shape[1]:], mask[i, T - e.shape[1]:] = e[0], v[0], True
+    name = f"blocks.{K + 1}.hook_resid_post"
+    runner = ReducedRunner(Reduction(pruner=FastV(layer=K, keep=0.5)), layout(vis))
+    with torch.no_grad(), trace(ours, record=[name]) as tr:
+        generate(ours, input_embeds=batch, attention_mask=mask, max_new_tokens=1, eos_token_id=(), runner=runner)
+    for i, (e, v) in enumerate(rows):
+        alone, _, _ = fastv_prefill(ours, e, v, record=[name])
+        n = e.shape[1]
+        torch.testing.assert_close(tr[name][i, T - n:], alone[name][0], rtol=0, atol=1e-5, equal_nan=True)
+        assert torch.equal(tr[name + ":kept"][i, T - n:], alone[name + ":kept"][0])
+        assert not bool(tr[name + ":kept"][i, :T - n].any())  # padding is no position of the prompt
+
+
 def eager_probs(hf, h, pos, layer, mask=None):
     """transformers' eager attention probabilities (1, H, S, S) of one layer on the rows h at RoPE positions pos."""
     S = h.shape[1]
@@ -310,7 +329,7 @@ def test_cli_trace_of_a_reduced_model(tmp_path, monkeypatch):
     monkeypatch.setenv("LLAVA_NEXT_COMPILE", "0")
     args = ["trace", "--model", "tiny-random", "--video", "sample:bunny", "--frames", "4", "--layers", "0,1",
             "--reduce", "fastv:layer=1,keep=0.5", "--reduce", "dycoke:layer=1,keep=0.5", "--max-new-tokens", "2",
-            "--query", "last,generated", "--png", str(tmp_path / "png"), "--json", "What happens?"]
+            "--query", "last,generated,all", "--png", str(tmp_path / "png"), "--json", "What happens?"]
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         assert main(args) == 0
@@ -324,7 +343,7 @@ def test_cli_trace_of_a_reduced_model(tmp_path, monkeypatch):
     kept_visual = [i for i, p in enumerate(out["positions"][:P]) if p["media"] is not None and i not in pruned]
     assert [i for i in kept_visual if out["positions"][i]["kind"] == "video"] == out["reduction"]["kept_positions"]
     assert all("decode_steps_read" in fates[i] for i in kept_visual)
-    for group in ("last", "generated"):
+    for group in ("last", "generated", "all"):
         w0, w1 = out["attention"]["0"][group]["weights"], out["attention"]["1"][group]["weights"]
         assert None not in w0 and [i for i, v in enumerate(w1) if v is None] == pruned
         assert abs(sum(v for v in w1 if v is not None) - 1) < 1e-4
