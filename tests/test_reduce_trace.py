@@ -343,6 +343,8 @@ def test_cli_trace_of_a_reduced_model(tmp_path, monkeypatch):
     kept_visual = [i for i, p in enumerate(out["positions"][:P]) if p["media"] is not None and i not in pruned]
     assert [i for i in kept_visual if out["positions"][i]["kind"] == "video"] == out["reduction"]["kept_positions"]
     assert all("decode_steps_read" in fates[i] for i in kept_visual)
+    assert all(fates[i]["decode_steps_read"] == [] for i in pruned)  # not in the deep layers' caches: never read
+    assert any(0 < len(fates[i]["decode_steps_read"]) < 2 for i in kept_visual)  # the selection left some out
     for group in ("last", "generated", "all"):
         w0, w1 = out["attention"]["0"][group]["weights"], out["attention"]["1"][group]["weights"]
         assert None not in w0 and [i for i, v in enumerate(w1) if v is None] == pruned

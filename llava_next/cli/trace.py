@@ -24,6 +24,15 @@ its SDPA attention) and a streaming logit lens, then report.
 ``--png DIR`` draws (research/plots.py): per video, per-frame heatmaps (first query group, mean over the
 requested layers) and the layer x frame chart; per image, the base and AnyRes grid maps on its original
 pixels; the logit-lens grid. Without ``--json`` a summary goes to stdout.
+
+With ``--select-frames`` / ``--reduce`` (docs/reduction.md, "Tracing a reduced model"): the frames are
+selected and DyCoke's temporal pruning applied as ``run`` does; an in-decoder method (fastv, framefusion,
+dycoke) runs the prompt through the reduced prefill and replays each generated token through the reduced
+decode (one decoder call per token), so every number is what the reduced model computed, in ORIGINAL prompt
+positions: ``positions[i].reduction`` = its fate (kept / pruned at a layer / merged into a position, the
+decode steps that read it), weights null at the keys a layer no longer has, ``reduction.before_decoder``
+the pooled cells each frame kept; ``--png`` adds ``video{k}_kept.png`` (layers each token reached, per frame)
+and, with dycoke, ``video{k}_decode_reads.png``.
 """
 
 from __future__ import annotations

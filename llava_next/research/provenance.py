@@ -418,12 +418,15 @@ class Provenance:
         return out
 
     def decode_reads(self) -> torch.Tensor | None:
-        """(T,) float: the fraction of decode steps whose layers >= L read each prompt position (DyCoke), or None."""
+        """(T,) float: the fraction of decode steps whose layers >= L read each prompt position (DyCoke; 0 for a
+        position layer L no longer has), or None."""
         if self.fates is None or self.fates.decode_layer is None or not self.fates.decode_read:
             return None
         n = torch.zeros(len(self), dtype=torch.float64)
         for r in self.fates.decode_read:
             n[:self.prompt_len] += 1.0 if r is None else r[:self.prompt_len].double()
+        r = self.fates.removed_at  # a position no longer in layer L's cache is read by no step
+        n[:self.prompt_len] *= ((r < 0) | (r > self.fates.decode_layer)).double()
         return n / len(self.fates.decode_read)
 
     def take(self, positions) -> "Provenance":
@@ -526,8 +529,9 @@ class Provenance:
                 fate = "kept" if removed[i] < 0 else "merged" if into[i] >= 0 else "pruned"
                 entry = {"fate": fate, "removed_at_layer": removed[i] if removed[i] >= 0 else None,
                          "merged_into": into[i] if into[i] >= 0 else None}
-                if f.decode_layer is not None and media[i] >= 0:
-                    entry["decode_steps_read"] = [s for s, r in enumerate(reads) if r is None or r[i]]
+                if f.decode_layer is not None and media[i] >= 0:  # steps whose layers >= L read it (in their cache)
+                    present = removed[i] < 0 or removed[i] > f.decode_layer
+                    entry["decode_steps_read"] = [s for s, r in enumerate(reads) if present and (r is None or r[i])]
                 out[i]["reduction"] = entry
         return out
 
