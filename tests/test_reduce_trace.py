@@ -17,7 +17,7 @@ from llava_next.model.attention import use_backend
 from llava_next.model.generate import generate
 from llava_next.reduce import DyCokeDecode, FastV, FrameFusion, Reduction
 from llava_next.reduce.runner import ReducedRunner
-from llava_next.research import Attention, LogitLens, Record, trace
+from llava_next.research import Attention, LogitLens, Record, knockout, trace
 from test_decoder import hf_and_ours
 from test_reduce_fastv import LAYERS, K, hf_layers, layout, prompt, reference_keep
 from test_trace import TL_BLOCK_NAMES
@@ -166,6 +166,21 @@ def test_attention_on_a_pruned_layer_equals_eager_attention_over_the_kept_keys(m
     assert torch.equal(st.topk_ids[0], ref_rows.nan_to_num(-1).topk(3, dim=-1).indices)  # original positions
     seg_ref = torch.stack([ref_rows.nan_to_num(0)[..., segments == s].sum(-1) for s in range(3)], -1)
     torch.testing.assert_close(st.segment_rows[0], seg_ref, rtol=0, atol=1e-5)
+    # the virtual pattern hook and a knockout at the pruned layer, both by original position
+    src = keep[vis[0][keep]][:4]  # four kept visual tokens the last query may not read at layer K+1
+    tr, _, _ = fastv_prefill(ours, e, vis, record=[Record(f"blocks.{K + 1}.attn.hook_pattern", positions=[stay, T - 1],
+                                                          key="pattern")],
+                             interventions=[knockout(src, torch.tensor([T - 1]), layers=[K + 1])])
+    torch.testing.assert_close(tr["pattern"][0, :, 0], ref_rows[:, 0], rtol=0, atol=1e-5, equal_nan=True)
+    blocked = torch.zeros(1, 1, len(keep), len(keep))
+    blocked[..., -1, torch.isin(keep, src)] = float("-inf")
+    with torch.no_grad():
+        causal = torch.full((len(keep), len(keep)), float("-inf")).triu(1)[None, None]
+        ko = eager_probs(hf, h, keep[None], K + 1, causal + blocked)[0, :, -1]
+    ref_last = torch.full((ko.shape[0], T), float("nan"))
+    ref_last[:, keep] = ko
+    torch.testing.assert_close(tr["pattern"][0, :, 1], ref_last, rtol=0, atol=1e-5, equal_nan=True)
+    assert float(tr["pattern"][0, :, 1, src].abs().max()) == 0.0
 
 
 def test_decode_steps_of_a_pruned_layer_are_in_original_positions(models):
