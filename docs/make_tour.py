@@ -314,8 +314,11 @@ def video_walk(out_dir: Path, tmp: Path) -> list[str]:
           f"{where(decoder.Block)}: RMSNorm, causal attention with RoPE, RMSNorm, SwiGLU MLP, each added to the "
           "residual stream. The whole prompt goes through in one forward (prefill), writing every layer's keys and "
           "values into a preallocated cache. (Every `hook_*` is a named hook point — TransformerLens' names, "
-          "an identity unless a research tool attaches a function: `llava_next/model/hooks.py`.)", "",
-          excerpt(decoder.Block.forward, "x = self.hook_resid_pre(x)", "return self.hook_resid_post"), "",
+          "an identity unless a research tool attaches a function: `llava_next/model/hooks.py`.) `Block.forward` "
+          "is `mlp_half(attention_half(x, ...))`: the two residual halves are methods of their own, because "
+          "FrameFusion (`llava_next/reduce/framefusion.py`) merges tokens between them.", "",
+          excerpt(decoder.Block.attention_half, "x = self.hook_resid_pre(x)", "self.self_attn("), "",
+          excerpt(decoder.Block.mlp_half, "return self.hook_resid_post"), "",
           excerpt(decoder.Attention.forward, "q = self.hook_q(", "y = attention("), "",
           table([("q as attention gets it", shape(s["decoder q"]), "batch, heads, positions, head dim"),
                  ("k, v as attention gets them", shape(s["decoder k"]), "batch, KV heads, positions, head dim"),

@@ -24,6 +24,15 @@ its SDPA attention) and a streaming logit lens, then report.
 ``--png DIR`` draws (research/plots.py): per video, per-frame heatmaps (first query group, mean over the
 requested layers) and the layer x frame chart; per image, the base and AnyRes grid maps on its original
 pixels; the logit-lens grid. Without ``--json`` a summary goes to stdout.
+
+With ``--select-frames`` / ``--reduce`` (docs/reduction.md, "Tracing a reduced model"): the frames are
+selected and DyCoke's temporal pruning applied as ``run`` does; an in-decoder method (fastv, framefusion,
+dycoke) runs the prompt through the reduced prefill and replays each generated token through the reduced
+decode (one decoder call per token), so every number is what the reduced model computed, in ORIGINAL prompt
+positions: ``positions[i].reduction`` = its fate (kept / pruned at a layer / merged into a position, the
+decode steps that read it), weights null at the keys a layer no longer has, ``reduction.before_decoder``
+the pooled cells each frame kept; ``--png`` adds ``video{k}_kept.png`` (layers each token reached, per frame)
+and, with dycoke, ``video{k}_decode_reads.png``.
 """
 
 from __future__ import annotations
@@ -98,6 +107,12 @@ def _trace(args: argparse.Namespace, user_error) -> int:
     from .run import DTYPES
 
     options.finish(args, needs_prompt=True)
+    reduction = options.reduction(args)  # a bad method or value fails before any loading
+    reducer = reduction.reducer if reduction is not None else None
+    if reducer is not None and reducer.needs != "pooled":
+        raise user_error(f"--reduce {reducer.name}: trace does not take this token reducer yet (its tokens are not "
+                         f"cells of the video's pooled grid, so they have no provenance); trace takes "
+                         f"--select-frames, dycoke-ttm and the in-decoder methods (fastv, framefusion, dycoke)")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise user_error("--device cuda: no CUDA device is available; use --device cpu")
     if "generated" in args.query and not args.max_new_tokens:
@@ -123,18 +138,33 @@ def _trace(args: argparse.Namespace, user_error) -> int:
         from ..inputs.tokens import video_plan
 
         video_plan(options.frames(args), pipe.model.config)
+    if reduction:
+        from ..reduce import ReductionError
+
+        try:
+            reduction.check(pipe.model.config)
+        except ReductionError as e:
+            raise user_error(str(e)) from None
     request = pipe.prepare(args.prompt, images=args.image, videos=args.video, frames=options.frames(args),
                            sampling=options.sampling(args), template=args.template, rope_scale=args.rope_scale,
                            max_new_tokens=args.max_new_tokens, max_image_pixels=args.max_image_pixels,
-                           allow_overflow=getattr(args, "allow_overflow", False))
+                           allow_overflow=getattr(args, "allow_overflow", False), reduction=reduction)
+    in_decoder = reduction is not None and reduction.in_decoder
     generated: list[int] = []
     if args.max_new_tokens:
         for _ in pipe.stream(request, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              top_p=args.top_p, seed=args.seed, template=args.template):
             pass
         generated = list(request.tokens)
+    model = pipe.model
+    with torch.no_grad():  # the video tokens (a token reducer's, with the pooled cell each one is)
+        reduced = [reducer.reduce_video(model, c.pixel_values) if reducer is not None else None
+                   for c in request.videos]
+        video_feats = [r.tokens if r is not None else model.video_features(c.pixel_values)
+                       for r, c in zip(reduced, request.videos)]
     prov = Provenance.from_request(request, pipe.config, tokenizer=pipe.tokenizer, question=args.prompt,
-                                   template=args.template)
+                                   template=args.template,
+                                   video_tokens=[(r.frame, r.patch) if r is not None else None for r in reduced])
     prov = prov.with_generated(generated)
     T = len(prov)
 
@@ -152,32 +182,50 @@ def _trace(args: argparse.Namespace, user_error) -> int:
     t1 = time.perf_counter()
     try:
         with torch.no_grad(), _maybe_all(model, "all" in args.query, layers, prov, trace, Attention) as tr_all, \
-                trace(model, provenance=prov,
-                      attention=Attention(layers=layers, queries=row_queries, rows=True, heads="mean", decode=False)
+                trace(model, provenance=prov, reduction=reduction if in_decoder else None,
+                      attention=Attention(layers=layers, queries=row_queries, rows=True, heads="mean",
+                                          decode=in_decoder)
                       if row_queries is not None else None,
-                      logit_lens=LogitLens(positions=lens_pos, top_k=args.lens_top_k, steps="prefill")
+                      logit_lens=LogitLens(positions=lens_pos, top_k=args.lens_top_k,
+                                           steps="all" if in_decoder else "prefill")
                       if len(lens_pos) else None) as tr:
-            embeds = model.embed(ids, model.image_features(request.images),
-                                 [model.video_features(c.pixel_values) for c in request.videos])
-            decoder(input_embeds=embeds, last_only=True)
+            embeds = model.embed(ids, model.image_features(request.images), video_feats)
+            if not in_decoder:
+                decoder(input_embeds=embeds, last_only=True)
+            else:  # the reduced model prunes at prefill and reads its pruned cache while decoding: replay both
+                P = prov.prompt_len
+                decoder.setup_caches(1, T)
+                decoder(input_embeds=embeds[:, :P], input_pos=torch.arange(P, device=embeds.device), last_only=True)
+                for s, token in enumerate(generated):
+                    decoder(torch.tensor([[token]], device=embeds.device), input_pos=torch.tensor([P + s],
+                                                                                     device=embeds.device))
     finally:
         decoder.rope_scaling_factor = previous
     trace_s = time.perf_counter() - t1
+    if in_decoder:
+        prov = prov.with_fates(tr.fates)
+        rep = tr.runner.report  # what the traced (replayed) prefill pruned, as run --json reports it
+        request.reduction_report = {"pruned_at_layer": rep.layer, "visual_tokens_after_pruning": rep.visual_after[0],
+                                    "kept_positions": rep.kept_positions[0]}
 
     attention: dict[int, dict[str, dict]] = {}
     for layer in layers:
         per_group = {}
         if groups:
-            stats = tr.attention[layer]
-            rows = stats.rows[0]  # (|Q|, T) head mean
-            where = {int(p): i for i, p in enumerate(stats.query_positions.tolist())}
+            rows, where = _query_rows(tr, layer, T)
             for g, pos in groups.items():
-                per_group[g] = rows[[where[int(p)] for p in pos]].mean(0).double()
+                per_group[g] = rows[[where[int(p)] for p in pos]].mean(0)
         if tr_all is not None:
-            per_group["all"] = tr_all.attention[layer].key_mass[0].double() / T  # mean of all T rows
+            stats = tr_all.attention[layer]  # the mean of the rows of every query the layer has
+            per_group["all"] = _pad(stats.key_mass[0].double() / len(stats.queries), T)
         attention[layer] = {g: per_group[g] for g in args.query}
 
-    lens = {layer: r for layer, r in tr.logit_lens.items()} if len(lens_pos) else {}
+    if not len(lens_pos):
+        lens = {}
+    elif in_decoder:  # one result per decode step: joined per layer
+        lens = _join_lens(tr)
+    else:
+        lens = {layer: r for layer, r in tr.logit_lens.items()}
     report = {
         "model": str(args.model), "positions_total": T, "prompt_positions": prov.prompt_len,
         "input_ids": request.input_ids + generated, "generated": generated,
@@ -185,7 +233,7 @@ def _trace(args: argparse.Namespace, user_error) -> int:
         "plan": request.to_dict(), "media": [m.to_dict() for m in prov.media_info],
         "positions": prov.to_records(),
         "attention": {str(layer): {g: {"queries": (groups[g].tolist() if g != "all" else "all"),
-                                       "weights": w.tolist(), "sums": prov.sums(w)}
+                                       "weights": _json_floats(w), "sums": prov.sums(w.nan_to_num(0.0))}
                                    for g, w in per_group.items()} for layer, per_group in attention.items()},
         "logit_lens": {str(layer): {"positions": r.positions.tolist(), "ids": r.ids[0].tolist(),
                                     "tokens": [[_piece(pipe.tokenizer, i) for i in row]
@@ -193,9 +241,18 @@ def _trace(args: argparse.Namespace, user_error) -> int:
                                     "probs": r.probs[0].tolist()} for layer, r in sorted(lens.items())},
         "timings": {"load_and_prepare_s": t1 - t0, "trace_s": trace_s},
     }
+    if reduction:
+        report["reduction"] = {**request.reduction_summary(), "num_layers": n_layers,
+                               **({"decode_layer": prov.fates.decode_layer} if in_decoder else {})}
+        if reducer is not None:  # the first stage: which pooled cells of each frame entered the decoder
+            report["reduction"]["before_decoder"] = [
+                {"media": m.index, "cells_per_frame": m.plan.pooled_hw[0] * m.plan.pooled_hw[1],
+                 "kept_per_frame": [len(prov.where(media=m.index, frame=f, kind="video"))
+                                    for f in range(m.plan.num_frames)]}
+                for m in prov.media_info if m.kind == "video"]
     pngs = []
     if args.png:
-        pngs = _draw(args, request, prov, attention, lens, pipe.tokenizer, layers, user_error)
+        pngs = _draw(args, request, prov, attention, lens, pipe.tokenizer, layers, user_error, n_layers)
         report["png"] = pngs
     if args.json:
         print(json.dumps(report))
@@ -211,6 +268,42 @@ def _trace(args: argparse.Namespace, user_error) -> int:
         for path in pngs:
             print(f"drew {path}")
     return 0
+
+
+def _pad(w: torch.Tensor, T: int) -> torch.Tensor:
+    """Weights over the first n positions -> over T (0 for later positions: causally unseen)."""
+    return w if len(w) >= T else torch.cat([w, w.new_zeros(T - len(w))])
+
+
+def _query_rows(tr, layer: int, T: int) -> tuple[torch.Tensor, dict[int, int]]:
+    """Head-mean rows (|Q|, T) float64 of every traced query of a layer, from the prefill and (a reduced replay)
+    each decode step, and the row of each query position. NaN: a key this layer no longer had."""
+    rows, where = [], {}
+    for step in tr.steps:
+        stats = step.attention.get(layer)
+        if stats is None:
+            continue
+        for i, p in enumerate(stats.query_positions.tolist()):
+            where[int(p)] = len(rows)
+            rows.append(_pad(stats.rows[0, i].double(), T))
+    return torch.stack(rows), where
+
+
+def _join_lens(tr) -> dict:
+    """The logit lens of every step of a reduced replay, one result per layer (positions in order)."""
+    from ..research import LensResult
+
+    parts: dict = {}
+    for step in tr.steps:
+        for layer, r in step.extra.get("logit_lens", {}).items():
+            parts.setdefault(layer, []).append(r)
+    return {layer: LensResult(torch.cat([r.positions for r in rs]), torch.cat([r.ids for r in rs], 1),
+                              torch.cat([r.probs for r in rs], 1), None) for layer, rs in parts.items()}
+
+
+def _json_floats(w: torch.Tensor) -> list:
+    """Weights as JSON numbers; null where a reduced layer no longer had the position (NaN)."""
+    return [None if v != v else v for v in w.tolist()]
 
 
 class _maybe_all:
@@ -229,7 +322,7 @@ class _maybe_all:
         return self.tr.__exit__(*exc) if self.tr is not None else None
 
 
-def _draw(args, request, prov, attention, lens, tokenizer, layers, user_error) -> list[str]:
+def _draw(args, request, prov, attention, lens, tokenizer, layers, user_error, n_layers) -> list[str]:
     from ..inputs.image import load_image
     from ..research import plots
 
@@ -238,7 +331,8 @@ def _draw(args, request, prov, attention, lens, tokenizer, layers, user_error) -
     except OSError as e:
         raise user_error(f"--png {args.png}: cannot create the directory ({e.strerror or e})") from None
     group = args.query[0]
-    mean_w = torch.stack([attention[layer][group] for layer in layers]).mean(0)  # over the requested layers
+    # over the requested layers (a reduced layer's pruned keys are NaN: the mean of the layers that have them)
+    mean_w = torch.stack([attention[layer][group] for layer in layers]).nanmean(0)
     span = f"layer {layers[0]}" if len(layers) == 1 else f"mean of layers {', '.join(map(str, layers))}" \
         if len(layers) <= 6 else f"mean of {len(layers)} layers"
     out = []
@@ -257,10 +351,12 @@ def _draw(args, request, prov, attention, lens, tokenizer, layers, user_error) -
             st = m.plan.stride * m.plan.pooled_hw[0] / m.plan.patch_grid_hw[0] if m.plan.mode != "bilinear" else 1.0
             save(plots.frame_heatmaps(clip.frames, grids, list(m.timestamps), list(m.frame_indices),
                                       title=f"{m.name}: which frame gets attention? query '{group}', {span}",
-                                      frame_sums=[float(mean_w[p].sum()) for p in sums], covered=min(1.0, st)),
+                                      frame_sums=[float(mean_w[p].nansum()) for p in sums], covered=min(1.0, st)),
                  f"video{m.kind_index}_frames.png")
-            shares = np.array([[float(attention[layer][group][p].sum()) for p in sums] for layer in layers])
-            extra = {name: np.array([float(attention[layer][group][pos].sum()) for layer in layers])
+            if prov.fates is not None or args.reduce:  # a reduced request: what reached which layer, per frame
+                _draw_fates(prov, m, clip, save, n_layers)
+            shares = np.array([[float(attention[layer][group][p].nansum()) for p in sums] for layer in layers])
+            extra = {name: np.array([float(attention[layer][group][pos].nansum()) for layer in layers])
                      for name, pos in prov.segments().items() if name in ("system", "question", "template")}
             save(plots.layer_frame_chart(shares, layers, list(m.timestamps),
                                          title=f"{m.name}: share of query '{group}' attention per frame and layer",
@@ -294,6 +390,35 @@ def _draw(args, request, prov, attention, lens, tokenizer, layers, user_error) -
                                    title="logit lens: top-1 token per layer at the chosen positions"),
              "logit_lens.png")
     return out
+
+
+def _draw_fates(prov, m, clip, save, n_layers: int) -> None:
+    """Per-frame maps of a reduced request: how many decoder layers each video token reached (the kept /
+    pruned map: the darkest cells were pruned or merged first, the brightest reached the last layer), and
+    with DyCoke the share of decode steps whose deep layers read each token."""
+    from ..research import plots
+
+    F = m.plan.num_frames
+    st = m.plan.stride * m.plan.pooled_hw[0] / m.plan.patch_grid_hw[0] if m.plan.mode != "bilinear" else 1.0
+    L = n_layers
+    reached = prov.layers_reached(n_layers)  # cells a token reducer dropped: no token, drawn as 0 layers
+    grids = [prov.to_grid(reached, m.index, frame=f).numpy() for f in range(F)]
+    kept = [int((reached[prov.where(media=m.index, frame=f, kind="video")] == L).sum()) for f in range(F)]
+    img = plots.frame_heatmaps(clip.frames, [np.where(g == g, g, 0) for g in grids], list(m.timestamps),
+                               list(m.frame_indices), frame_sums=kept, covered=min(1.0, st), norm="global",
+                               sum_format="{} tokens kept", value="decoder layers reached",
+                               bar_label="layers reached",
+                               title=f"{m.name}: decoder layers each token reached (of {L}; bright = kept to the "
+                                     f"last layer, dark = pruned or merged early, 0 = dropped before the decoder)")
+    save(img, f"video{m.kind_index}_kept.png")
+    reads = prov.decode_reads()
+    if reads is not None:
+        grids = [prov.to_grid(reads, m.index, frame=f).numpy() for f in range(F)]
+        save(plots.frame_heatmaps(clip.frames, grids, list(m.timestamps), list(m.frame_indices), covered=min(1.0, st),
+                                  title=f"{m.name}: share of decode steps whose layers >= {prov.fates.decode_layer} "
+                                        f"read each token (DyCoke)", value="share of decode steps reading it",
+                                  bar_label="share of decode steps"),
+             f"video{m.kind_index}_decode_reads.png")
 
 
 def _label(prov, p: int, tokenizer) -> str:

@@ -32,6 +32,9 @@ Notable choices
 - Named hook points (``HookPoint``, TransformerLens names: model/hooks.py) sit at every residual, q/k/v,
   norm and MLP tensor; ``Attention.attention_override`` lets llava_next.research record attention statistics
   or knock out attention without touching this file. Both cost nothing while unused.
+- Token reduction (llava_next.reduce) runs its layers through ``forward(..., runner=...)`` (embedding, head, hooks
+  as in any call) and ``forward_layers``; ``Block.attention_half`` / ``mlp_half`` let FrameFusion merge tokens
+  between a block's two residual halves; ``seq_map`` names the original positions of a pruned layer's rows.
 - Sliding-window attention (Mistral's default 4096) is not implemented: llava-hf's Mistral sets
   ``sliding_window`` null. With a window set, sequences longer than it raise NotImplementedError.
 """
@@ -45,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
-from .hooks import HookPoint
+from .hooks import HookPoint, SequenceMap
 from ..config import TextConfig
 
 
@@ -174,9 +177,16 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor | None,
                 kv_len: int, mask: torch.Tensor | None) -> torch.Tensor:
+        return self.mlp_half(self.attention_half(x, cos, sin, input_pos, kv_len, mask))
+
+    # the two residual halves, callable apart (FrameFusion merges tokens between them), hooks included
+    def attention_half(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor | None,
+                       kv_len: int, mask: torch.Tensor | None) -> torch.Tensor:
         x = self.hook_resid_pre(x)
-        x = self.hook_resid_mid(x + self.hook_attn_out(
+        return self.hook_resid_mid(x + self.hook_attn_out(
             self.self_attn(self.input_layernorm(x), cos, sin, input_pos, kv_len, mask)))
+
+    def mlp_half(self, x: torch.Tensor) -> torch.Tensor:
         return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.post_attention_layernorm(x))))
 
 
@@ -214,6 +224,9 @@ class Decoder(nn.Module):
         else:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.hook_embed, self.hook_logits = HookPoint(), HookPoint()  # named hook points: model/hooks.py
+        # while a runner (llava_next.reduce) runs layers on a pruned or merged sequence: the ORIGINAL sequence
+        # positions of their rows and keys (SequenceMap); None: rows are the call's slots, keys the cache prefix
+        self.seq_map: SequenceMap | None = None
 
     # ---- cache ---------------------------------------------------------------------------------
     @property
@@ -249,7 +262,7 @@ class Decoder(nn.Module):
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor | None = None, *, input_embeds: torch.Tensor | None = None,
                 input_pos: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                key_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+                key_mask: torch.Tensor | None = None, last_only: bool = False, runner=None) -> torch.Tensor:
         """Logits (B, T, V), or (B, 1, V) with ``last_only`` (prefill only needs the next token).
 
         input_ids (B, T) or input_embeds (B, T, hidden_size): exactly one.
@@ -258,6 +271,11 @@ class Decoder(nn.Module):
             attend only to each other.
         position_ids (B, T): RoPE positions; default input_pos (or arange(T)) for every row.
         key_mask (B, kv_len) bool: False for padding keys, kv_len = input_pos[-1] + 1 (or T without cache).
+        runner: an object whose ``run_layers(decoder, x, position_ids, input_pos, key_mask) -> x`` runs the
+            layers instead of the loop below (llava_next.reduce.ReducedRunner prunes rows between layers; its
+            result may have fewer rows, the last one still the last token). The embedding, the final norm and
+            head, their hook points and this module's forward hooks run as in any call, so a trace or a
+            finiteness check sees a reduced call like an unreduced one.
         """
         x = self.hook_embed(self._embed(input_ids, input_embeds))  # (B, T, C)
         B, T, _ = x.shape
@@ -286,19 +304,31 @@ class Decoder(nn.Module):
 
         inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta, self.rope_scaling_factor, x.device)
         cos, sin = rope_cos_sin(position_ids, inv_freq, x.dtype)  # (B, 1, T, D)
-        for layer in self.layers:
-            x = layer(x, cos, sin, input_pos, kv_len, mask)
+        if runner is not None:
+            x = runner.run_layers(self, x, position_ids, input_pos, key_mask)
+        else:
+            for layer in self.layers:
+                x = layer(x, cos, sin, input_pos, kv_len, mask)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         return self.hook_logits(self.lm_head(self.norm(x)))  # (B, T or 1, V)
 
     # ---- layer ranges: prefills that change the sequence between layers (llava_next.reduce) ----------
     def forward_layers(self, x: torch.Tensor, position_ids: torch.Tensor, layers: range, *,
-                       input_pos: torch.Tensor | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+                       input_pos: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+                       seq_map: SequenceMap | None = None) -> torch.Tensor:
         """Hidden states (B, T, C) through ``self.layers[i] for i in layers`` only (no embedding, no final
         norm or head); arguments as in ``forward``. Each call has its own cache slots and key mask, so layer
         ranges can hold KV caches of different lengths: a token pruner at layer K keeps the full sequence
-        in layers < K and writes only the kept tokens, at slots 0..T'-1, into layers >= K."""
+        in layers < K and writes only the kept tokens, at slots 0..T'-1, into layers >= K. ``seq_map``: the
+        original positions of these rows and keys (set as ``self.seq_map`` for the call: hooks read it)."""
+        previous, self.seq_map = self.seq_map, seq_map
+        try:
+            return self._forward_layers(x, position_ids, layers, input_pos, key_mask)
+        finally:
+            self.seq_map = previous
+
+    def _forward_layers(self, x, position_ids, layers, input_pos, key_mask) -> torch.Tensor:
         B, T, _ = x.shape
         kv_len = T if input_pos is None else self._check_cache(input_pos, B, T)
         if key_mask is not None and (key_mask.shape != (B, kv_len) or key_mask.dtype != torch.bool):

@@ -17,6 +17,8 @@ token just before the run (unweighted) and removed. The prune step (after the at
 where merging stopped) keeps the top ``round(n * (1 - r))`` video tokens by the last query's attention
 (mean over heads). Survivors keep their original RoPE positions; a layer's KV cache holds the tokens
 alive in its attention, so a merge after layer l's attention shrinks layers > l only. Decode is untouched.
+Each layer runs as ``Block.attention_half`` then ``Block.mlp_half`` (every hook point fires, with
+``Decoder.seq_map`` naming the original positions of the rows: the MLP half sees the merged rows).
 
 Named options / differences:
 - ``layers_in_budget``: the budget formula's layer count; 0 (default) = the model's own, the official
@@ -36,7 +38,8 @@ from typing import ClassVar
 
 import torch
 
-from .runner import Segment, _gather_left_padded
+from ..model.hooks import SequenceMap
+from .runner import Fates, Segment, _gather_left_padded, _slot_positions, mapped
 from .scores import attention_rows
 from .stages import PrefillPruner, ReductionError, VisualLayout
 
@@ -91,8 +94,12 @@ class FrameFusion(PrefillPruner):
     # ---- the prefill ------------------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, model, embeds: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor | None,
-                layout: VisualLayout) -> tuple[torch.Tensor, list[Segment], list[torch.Tensor]]:
-        """Returns (B, V) logits, one Segment per layer, and per row the original indices still alive."""
+                layout: VisualLayout, fates: Fates | None = None
+                ) -> tuple[torch.Tensor, list[Segment], list[torch.Tensor]]:
+        """Returns the last layer's hidden states (B, T', C), one Segment per layer, and per row the original
+        indices still alive. Each layer runs as its two halves (``Block.attention_half`` / ``mlp_half``, hook
+        points included) with ``model.seq_map`` saying which original positions its rows are; ``fates``
+        (runner.Fates) gets the layer that removed each position and the anchor a merged one went into."""
         B, T, _ = embeds.shape
         L = len(model.layers)
         n_layers = self.layers_in_budget or L
@@ -100,8 +107,9 @@ class FrameFusion(PrefillPruner):
         ptype = torch.where((layout.frame >= 0) & (layout.patch >= 0) & real, layout.patch, -1)  # (B, T)
         alive = [torch.nonzero(real[b]).flatten() for b in range(B)]  # original indices per row
         rows = [_Row([]) for _ in range(B)]
+        fates = fates if fates is not None else Fates.unreduced(B, T, L, embeds.device)
         x = embeds
-        x, pos, mask, alive = self._step(x, position_ids, real, alive, ptype, rows, n_layers, model, None, None)
+        x, pos, mask, alive = self._step(x, position_ids, real, alive, ptype, rows, n_layers, model, None, None, fates)
         segments = []
         from ..model.decoder import rope_cos_sin, rope_inv_freq
 
@@ -113,21 +121,24 @@ class FrameFusion(PrefillPruner):
             slots = torch.arange(Tl, device=x.device)
             kv_len = model._check_cache(slots, B, Tl)
             cos, sin = rope_cos_sin(pos, inv_freq, x.dtype)
+            where = _slot_positions(alive, Tl)  # (B, Tl) original position of every row and key of this layer
             x_in = x
-            x = x + block.self_attn(block.input_layernorm(x), cos, sin, slots, kv_len,
-                                    None if km is None else km[:, None, None, :])  # Block.forward, first half
-            segments.append(Segment(range(l, l + 1), Tl, km))
-            x, pos, mask, alive = self._step(x, pos, mask, alive, ptype, rows, n_layers, model, l, x_in)
-            x = x + block.mlp(block.post_attention_layernorm(x))  # Block.forward, second half
-        return model.head(x[:, -1:])[:, -1], segments, alive
+            with mapped(model, SequenceMap(where, where, T)):
+                x = block.attention_half(x, cos, sin, slots, kv_len, None if km is None else km[:, None, None, :])
+            segments.append(Segment(range(l, l + 1), Tl, km, where))
+            x, pos, mask, alive = self._step(x, pos, mask, alive, ptype, rows, n_layers, model, l, x_in, fates)
+            with mapped(model, SequenceMap(_slot_positions(alive, x.shape[1]), where, T)):
+                x = block.mlp_half(x)
+        return x, segments, alive
 
-    def _step(self, x, pos, mask, alive, ptype, rows, n_layers, model, layer, x_in):
+    def _step(self, x, pos, mask, alive, ptype, rows, n_layers, model, layer, x_in, fates):
         """One FrameFusion call for every row (prune or merge), then re-left-pad. ``layer`` None: layer 0
         before attention (no attention weights)."""
         B, T, _ = x.shape
         keep_rows, new_x = [], x.clone()
         needs_attn = [b for b in range(B) if layer is not None and not rows[b].merging and rows[b].pruning]
         last_attn = None
+        removed_at = 0 if layer is None else layer + 1
         if needs_attn:  # the last query's attention of this layer, mean over heads (utils.py, num=1)
             probs = attention_rows(model, layer, x_in[:, -1:], pos[:, -1:], None if bool(mask.all()) else mask, T)
             last_attn = probs[:, :, 0].mean(1)  # (B, T)
@@ -145,8 +156,11 @@ class FrameFusion(PrefillPruner):
                 state.pruning = False
             elif state.merging:
                 h = new_x[b, idx]  # (n, C)
-                keep = self._merge(h, pt, state, n_layers)
+                keep, into = self._merge(h, pt, state, n_layers)
                 new_x[b, idx] = h  # anchors updated in place
+                merged = into >= 0
+                fates.merged_into[b, alive[b][merged]] = alive[b][into[merged]]
+            fates.removed_at[b, alive[b][~keep]] = removed_at
             keep_rows.append(idx[keep])
             alive[b] = alive[b][keep]
         if all(len(k) == int(mask[b].sum()) for b, k in enumerate(keep_rows)):
@@ -154,15 +168,18 @@ class FrameFusion(PrefillPruner):
         x2, pos2, mask2 = _gather_left_padded(new_x, pos, keep_rows)
         return x2, pos2, mask2, alive
 
-    def _merge(self, h: torch.Tensor, pt: torch.Tensor, state: _Row, n_layers: int) -> torch.Tensor:
-        """One merge step on one row's alive tokens h (n, C) (modified in place); returns the keep mask."""
+    def _merge(self, h: torch.Tensor, pt: torch.Tensor, state: _Row,
+               n_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One merge step on one row's alive tokens h (n, C) (modified in place); returns the keep mask and,
+        per token, the index of the token it was averaged into (-1: not merged)."""
         n = h.shape[0]
         keep = torch.ones(n, dtype=torch.bool, device=h.device)
+        into = torch.full((n,), -1, dtype=torch.long, device=h.device)
         r_up = pruning_ratio(state.sparsity, self.cost, n_layers)
         video = int((pt >= 0).sum())
         if video == 0:
             state.merging = False
-            return keep
+            return keep, into
         order = torch.nonzero(pt >= 0).flatten()
         order = order[torch.sort(pt[order], stable=True).indices]  # grouped by patch, frame order inside
         a, b2 = h[order[:-1]].float(), h[order[1:]].float()
@@ -180,7 +197,7 @@ class FrameFusion(PrefillPruner):
             state.merging = False
             state.pruning = False
         if len(merge) == 0:
-            return keep
+            return keep, into
         flag = torch.zeros(len(order), dtype=torch.bool, device=h.device)
         flag[merge] = True
         j = 0
@@ -194,4 +211,5 @@ class FrameFusion(PrefillPruner):
             anchor, members = order[start - 1], order[start:j]
             h[anchor] = (h[anchor] + h[members].sum(0)) / (len(members) + 1)
             keep[members] = False
-        return keep
+            into[members] = anchor
+        return keep, into

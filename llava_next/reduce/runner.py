@@ -3,6 +3,7 @@
     runner = ReducedRunner(reduction, layout)                   # layout: VisualLayout of the padded batch
     tokens = generate(decoder, input_embeds=e, attention_mask=m, max_new_tokens=32, runner=runner)
     runner.report                                               # visual tokens before/after, kept positions
+    runner.fates                                                # what happened to every original position
 
 Prefill with a ``PrefillPruner`` at layer K (FastV's KV-cache implementation, token-reduction-spec §1.2):
 
@@ -13,25 +14,38 @@ Prefill with a ``PrefillPruner`` at layer K (FastV's KV-cache implementation, to
     layers[K, L)(y')                      cache slots 0..T'-1 of those layers only
 
 so layers < K hold T keys and layers >= K hold T' keys; ``segments`` records (layers, filled length,
-key mask) and every decode step writes slot length + step of each segment, at RoPE position
-T_original + step (one position counter for all layers: decode continues at the unpruned length).
-Pruning happens once; decode never re-ranks (FastV's README: "all subsequent decoding tokens uniformly
-attend to the same set of image tokens").
+key mask, original position of every slot) and every decode step writes slot length + step of each
+segment, at RoPE position T_original + step (one position counter for all layers: decode continues at
+the unpruned length). Pruning happens once; decode never re-ranks (FastV's README: "all subsequent
+decoding tokens uniformly attend to the same set of image tokens").
+
+Every call goes through ``Decoder.forward(..., runner=self)``: the embedding, final norm, head, their hook
+points and the decoder's forward hooks run as in an unreduced call, and this runner runs the layers
+(``run_layers``). While layers run on a pruned sequence the runner sets ``Decoder.seq_map`` (the original
+position of every row and key), so a trace (llava_next.research) reports a pruned layer in original
+positions; the prefill's last hidden states are put back at their original positions (NaN rows for the
+positions that did not reach the last layer), so the final norm, head and logits are in original
+positions. ``research.trace(..., reduction=...)`` installs a runner on plain decoder calls.
 
 Batches: rows keep different numbers of tokens; they are left-padded again to the longest and the
 padding masked, so each row computes what it computes alone (tests/test_reduce_fastv.py).
 
-With a ``DecodeSelector`` at layer L (DyCoke stage 2) the prefill is the plain one; each decode step
-runs layers [0, L), asks the selector which keys layers >= L may read (a key mask), and runs [L, end).
+With a ``DecodeSelector`` at layer L (DyCoke stage 2) each decode step runs layers up to L-1, asks the
+selector which of layer L-1's cached visual keys layers >= L may read (top fraction by the new query's
+attention), and runs the rest with the others masked. Combined with a prefill pruner the rule is the same
+in original positions: candidates are the visual keys still in layer L-1's cache (what survived pruning
+there), and a layer >= L reads a visual key iff it is in that layer's cache and was selected.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 
 from ..model.decoder import Decoder
+from ..model.hooks import SequenceMap
 from .stages import PruneReport, Reduction, VisualLayout
 
 
@@ -40,6 +54,37 @@ class Segment:
     layers: range
     length: int  # cache slots filled by the prefill
     key_mask: torch.Tensor | None  # (B, length) or None (no padding)
+    positions: torch.Tensor | None = None  # (B, length) original position of each slot (-1: padding); None: 0..T-1
+
+
+@dataclass
+class Fates:
+    """What the in-decoder stages did to every ORIGINAL position of the (B, T) prompt (-1 = not applicable).
+
+    removed_at (B, T): the first decoder layer whose attention no longer has the position (-1: every layer
+        has it). FastV: K. FrameFusion: 0 for a merge before layer 0, l + 1 for a merge or prune after layer
+        l's attention (layer l's MLP already lacks it).
+    merged_into (B, T): FrameFusion: the original position the token was averaged into (an anchor can be
+        merged later too: follow the chain); -1 when dropped outright or kept.
+    decode_layer: DyCoke's L (layers >= L read the selected keys) or None.
+    decode_read: per decode step s, (B, T + s + 1) bool: the positions layers >= L could read at that step
+        (before intersecting with what each layer's cache holds); None for a step that read everything.
+    """
+
+    removed_at: torch.Tensor
+    merged_into: torch.Tensor
+    num_layers: int
+    decode_layer: int | None = None
+    decode_read: list = field(default_factory=list)
+
+    @classmethod
+    def unreduced(cls, B: int, T: int, num_layers: int, device=None) -> "Fates":
+        return cls(torch.full((B, T), -1, dtype=torch.long, device=device),
+                   torch.full((B, T), -1, dtype=torch.long, device=device), num_layers)
+
+    def alive(self, layer: int) -> torch.Tensor:
+        """(B, T) bool: the positions in ``layer``'s attention (as keys and queries)."""
+        return (self.removed_at < 0) | (self.removed_at > layer)
 
 
 class ReducedRunner:
@@ -50,72 +95,178 @@ class ReducedRunner:
         self.layout = layout
         self.segments: list[Segment] = []
         self.report = PruneReport()
-        self._visual_slots: torch.Tensor | None = None  # (B, T) visual mask of the prompt's cache slots
+        self.fates: Fates | None = None
+        self.prompt_len = 0
+        self._key_mask: torch.Tensor | None = None  # (B, T) of the prompt
+        self._visual: torch.Tensor | None = None  # (B, T) visual & real
 
-    # ---- prefill ------------------------------------------------------------------------------------
+    # ---- the LayerRunner protocol (generate.stream): whole calls of the decoder ---------------------------
     @torch.no_grad()
     def prefill(self, model: Decoder, embeds: torch.Tensor, position_ids: torch.Tensor,
                 key_mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, T, C) prompt embeddings -> (B, V) logits of the last position, the cache filled."""
+        T = embeds.shape[1]
+        return model(input_embeds=embeds, input_pos=torch.arange(T, device=embeds.device), position_ids=position_ids,
+                     key_mask=key_mask, last_only=True, runner=self)[:, -1]
+
+    @torch.no_grad()
+    def decode(self, model: Decoder, token: torch.Tensor, step: int, position_ids: torch.Tensor) -> torch.Tensor:
+        """(B,) token of decode step ``step`` at RoPE positions (B, 1) -> (B, V) logits."""
+        slot = torch.tensor([self.prompt_len + step], device=token.device)
+        return model(token[:, None], input_pos=slot, position_ids=position_ids,
+                     key_mask=_grow(self._key_mask, step + 1), runner=self)[:, -1]
+
+    # ---- Decoder.forward(runner=self) calls this ----------------------------------------------------------
+    def run_layers(self, model: Decoder, x: torch.Tensor, position_ids: torch.Tensor, input_pos: torch.Tensor | None,
+                   key_mask: torch.Tensor | None) -> torch.Tensor:
+        if input_pos is None:
+            raise RuntimeError("a reduced decoder call needs the KV cache: pass input_pos (generate and "
+                               "research.trace(reduction=...) do)")
+        start = int(input_pos[0])
+        if start == 0:
+            return self._prefill(model, x, position_ids, key_mask)
+        if x.shape[1] != 1 or start < self.prompt_len or not self.segments:
+            raise RuntimeError(f"a reduced decoder continues one token at a time after its prefill: got "
+                               f"{x.shape[1]} tokens at slot {start} after a {self.prompt_len}-token prompt")
+        return self._decode(model, x, start - self.prompt_len, position_ids)
+
+    # ---- prefill ------------------------------------------------------------------------------------
+    def _prefill(self, model: Decoder, embeds: torch.Tensor, position_ids: torch.Tensor,
+                 key_mask: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = embeds.shape
         L = len(model.layers)
         layout = self.layout.to(embeds.device)
+        if layout.visual.shape != (B, T):
+            raise ValueError(f"the runner's VisualLayout covers {tuple(layout.visual.shape)} positions, the prompt "
+                             f"is {(B, T)}")
         real = torch.ones(B, T, dtype=torch.bool, device=embeds.device) if key_mask is None else key_mask
         slots = torch.arange(T, device=embeds.device)
         pruner = self.reduction.pruner
         visual = layout.visual & real
+        self.prompt_len, self._key_mask, self._visual = T, key_mask, visual
+        self.fates = Fates.unreduced(B, T, L, embeds.device)
+        if self.reduction.decode is not None:
+            self.fates.decode_layer = self.reduction.decode.layer
         self.report = PruneReport(method=", ".join(self.reduction.names()),
                                   visual_before=visual.sum(1).tolist())
         if pruner is None:
             x = model.forward_layers(embeds, position_ids, range(L), input_pos=slots, key_mask=key_mask)
             self.segments = [Segment(range(L), T, key_mask)]
-            self._visual_slots = visual
             self.report.visual_after = self.report.visual_before
             self.report.kept_positions = [position_ids[b][visual[b]].tolist() for b in range(B)]
-            return model.head(x[:, -1:])[:, -1]
+            return x
         if hasattr(pruner, "prefill"):  # a pruner that runs the layers itself (FrameFusion: merges at every layer)
-            logits, self.segments, alive = pruner.prefill(model, embeds, position_ids, key_mask, layout)
+            x, self.segments, alive = pruner.prefill(model, embeds, position_ids, key_mask, layout, self.fates)
             kept_visual = [visual[b][alive[b]] for b in range(B)]
             self.report.visual_after = [int(v.sum()) for v in kept_visual]
             self.report.kept_positions = [position_ids[b][alive[b]][kept_visual[b]].tolist() for b in range(B)]
-            return logits
+            return _to_original(x, _slot_positions(alive, x.shape[1]), T)
         K = pruner.layer
         x_in = model.forward_layers(embeds, position_ids, range(K - 1), input_pos=slots, key_mask=key_mask)
         x_out = model.forward_layers(x_in, position_ids, range(K - 1, K), input_pos=slots, key_mask=key_mask)
         keep = pruner.select_rows(model, x_in, x_out, position_ids, key_mask, layout)  # per row: sorted indices
         x2, pos2, mask2 = _gather_left_padded(x_out, position_ids, keep)
+        where = _slot_positions(keep, x2.shape[1])  # (B, T') original position of every row (-1: padding)
         T2 = x2.shape[1]
         km2 = None if bool(mask2.all()) else mask2
-        y = model.forward_layers(x2, pos2, range(K, L), input_pos=torch.arange(T2, device=x2.device), key_mask=km2)
-        self.segments = [Segment(range(K), T, key_mask), Segment(range(K, L), T2, km2)]
+        y = model.forward_layers(x2, pos2, range(K, L), input_pos=torch.arange(T2, device=x2.device), key_mask=km2,
+                                 seq_map=SequenceMap(where, where, T))
+        self.segments = [Segment(range(K), T, key_mask), Segment(range(K, L), T2, km2, where)]
+        for b in range(B):
+            gone = real[b].clone()
+            gone[keep[b]] = False
+            self.fates.removed_at[b, gone] = K
         kept_visual = [visual[b][keep[b]] for b in range(B)]
         self.report.layer = K
         self.report.visual_after = [int(v.sum()) for v in kept_visual]
         self.report.kept_positions = [position_ids[b][keep[b]][kept_visual[b]].tolist() for b in range(B)]
-        return model.head(y[:, -1:])[:, -1]
+        return _to_original(y, where, T)
 
     # ---- decode -------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def decode(self, model: Decoder, token: torch.Tensor, step: int, position_ids: torch.Tensor) -> torch.Tensor:
-        x = model.embed_tokens(token[:, None])  # (B, 1, C)
+    def _decode(self, model: Decoder, x: torch.Tensor, step: int, position_ids: torch.Tensor) -> torch.Tensor:
+        B = x.shape[0]
+        T = self.prompt_len
         selector = self.reduction.decode
+        Ls = selector.layer if selector is not None else None
+        new_pos = torch.full((B, 1), T + step, dtype=torch.long, device=x.device)
+        read = None  # (B, T + step + 1) bool over original positions, once the selector has chosen
         for seg in self.segments:
-            input_pos = torch.tensor([seg.length + step], device=x.device)
+            slot = torch.tensor([seg.length + step], device=x.device)
             km = _grow(seg.key_mask, step + 1)
-            if selector is None or selector.layer not in seg.layers:
-                x = model.forward_layers(x, position_ids, seg.layers, input_pos=input_pos, key_mask=km)
+            keys = self._key_positions(seg, step, B, x.device)
+            smap = None if seg.positions is None else SequenceMap(new_pos, keys, T + step + 1)
+            start = seg.layers.start
+            if Ls is not None and start < Ls <= seg.layers.stop:  # layer L-1 is here: run up to it, then choose
+                x_in = model.forward_layers(x, position_ids, range(start, Ls - 1), input_pos=slot, key_mask=km,
+                                            seq_map=smap)
+                x = model.forward_layers(x_in, position_ids, range(Ls - 1, Ls), input_pos=slot, key_mask=km,
+                                         seq_map=smap)
+                read = self._select(model, x_in, position_ids, km, keys, step)
+                start = Ls
+            if start >= seg.layers.stop:
                 continue
-            Ls = selector.layer
-            x = model.forward_layers(x, position_ids, range(seg.layers.start, Ls - 1), input_pos=input_pos, key_mask=km)
-            x_in = x
-            x = model.forward_layers(x, position_ids, range(Ls - 1, Ls), input_pos=input_pos, key_mask=km)
-            kv_len = seg.length + step + 1
-            full = km if km is not None else torch.ones(x.shape[0], kv_len, dtype=torch.bool, device=x.device)
-            visual = torch.zeros_like(full)
-            visual[:, :seg.length] = self._visual_slots
-            visible = selector.visible(model, x_in, position_ids, full, visual, step)
-            x = model.forward_layers(x, position_ids, range(Ls, seg.layers.stop), input_pos=input_pos,
-                                     key_mask=visible)
-        return model.head(x)[:, -1]
+            if read is not None and start >= Ls:  # layers >= L: only the selected visual keys of this cache
+                full = km if km is not None else torch.ones(B, keys.shape[1], dtype=torch.bool, device=x.device)
+                km = full & read.gather(1, keys.clamp(min=0))
+            x = model.forward_layers(x, position_ids, range(start, seg.layers.stop), input_pos=slot, key_mask=km,
+                                     seq_map=smap)
+        if selector is not None:
+            self.fates.decode_read.append(read)
+        return x
+
+    def _key_positions(self, seg: Segment, step: int, B: int, device) -> torch.Tensor:
+        """(B, length + step + 1) original position of each cache slot of a segment at this decode step."""
+        prompt = seg.positions if seg.positions is not None else \
+            torch.arange(seg.length, device=device).expand(B, -1)
+        generated = torch.arange(self.prompt_len, self.prompt_len + step + 1, device=device).expand(B, -1)
+        return torch.cat([prompt, generated], 1)
+
+    def _select(self, model: Decoder, x_in: torch.Tensor, position_ids: torch.Tensor, km: torch.Tensor | None,
+                keys: torch.Tensor, step: int) -> torch.Tensor | None:
+        """The selector's choice among layer L-1's visual keys -> (B, T + step + 1) bool over original
+        positions (True: may be read), or None when this step reads everything."""
+        B, kv_len = keys.shape
+        full = km if km is not None else torch.ones(B, kv_len, dtype=torch.bool, device=x_in.device)
+        slot_visual = self._visual.gather(1, keys.clamp(min=0).clamp(max=self.prompt_len - 1)) & \
+            (keys >= 0) & (keys < self.prompt_len)
+        visible = self.reduction.decode.visible(model, x_in, position_ids, full, slot_visual, step)
+        if bool((visible == full).all()):
+            return None
+        read = torch.ones(B, self.prompt_len + step + 1, dtype=torch.bool, device=x_in.device)
+        read[:, :self.prompt_len] = ~self._visual  # visual positions: only the chosen ones
+        chosen = visible & slot_visual
+        for b in range(B):
+            read[b, keys[b][chosen[b]]] = True
+        return read
+
+
+@contextmanager
+def mapped(model: Decoder, seq_map: SequenceMap | None):
+    """Set ``model.seq_map`` for a block of layer calls made directly (FrameFusion's halves of a layer)."""
+    previous, model.seq_map = model.seq_map, seq_map
+    try:
+        yield
+    finally:
+        model.seq_map = previous
+
+
+def _slot_positions(keep: list[torch.Tensor], T2: int) -> torch.Tensor:
+    """Per row, the kept original indices left-padded with -1 to T2: (B, T2)."""
+    out = torch.full((len(keep), T2), -1, dtype=torch.long, device=keep[0].device)
+    for b, k in enumerate(keep):
+        out[b, T2 - len(k):] = k
+    return out
+
+
+def _to_original(x: torch.Tensor, where: torch.Tensor, T: int) -> torch.Tensor:
+    """Rows (B, T', C) at original positions ``where`` (B, T') -> (B, T, C) in original positions, NaN where a
+    position did not reach the last layer (so the final norm, head and their hooks stay in original positions;
+    the last position, a text token, is always there)."""
+    B, _, C = x.shape
+    out = x.new_full((B, T + 1, C), float("nan"))
+    idx = torch.where(where >= 0, where, T)  # padding rows -> a scratch row
+    out.scatter_(1, idx[..., None].expand(-1, -1, C), x)
+    return out[:, :T]
 
 
 def _grow(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:

@@ -25,11 +25,18 @@ def layer_queries(decoder: Decoder, layer: int, hidden_in: torch.Tensor, positio
     block = decoder.layers[layer]
     attn = block.self_attn
     B, R, _ = hidden_in.shape
-    q = attn.q_proj(block.input_layernorm(hidden_in)).view(B, R, attn.num_heads, attn.head_dim).transpose(1, 2)
+    q = attn.q_proj(_norm(block.input_layernorm, hidden_in)).view(B, R, attn.num_heads, attn.head_dim).transpose(1, 2)
     cfg = decoder.config
     inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, decoder.rope_scaling_factor, hidden_in.device)
     cos, sin = rope_cos_sin(position_ids, inv_freq, q.dtype)
     return apply_rope(q, cos, sin)
+
+
+def _norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """The layer's RMSNorm (decoder.RMSNorm, same numbers) without firing its hook point: recomputing a score
+    is not a forward of the layer, so a trace must not see it."""
+    x32 = x.float()
+    return norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.eps)).to(x.dtype)
 
 
 def attention_rows(decoder: Decoder, layer: int, hidden_in: torch.Tensor, position_ids: torch.Tensor,

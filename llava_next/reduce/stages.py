@@ -226,11 +226,6 @@ class Reduction:
     pruner: PrefillPruner | None = None
     decode: DecodeSelector | None = None
 
-    def __post_init__(self) -> None:
-        if self.pruner is not None and self.decode is not None:
-            raise ReductionError(f"{self.pruner.name} (prefill pruning) and {self.decode.name} (decode-time KV "
-                                 "selection) cannot be combined yet: choose one in-decoder method")
-
     @property
     def in_decoder(self) -> bool:
         return self.pruner is not None or self.decode is not None
@@ -262,7 +257,11 @@ class Reduction:
             out["visual_tokens_after_pruning"] = kept if kept is not None else "data-dependent"
         if self.decode is not None:
             out["decode_reads_from_layer"] = self.decode.layer
-            out["visual_keys_read_per_step"] = int((n + other_visual) * self.decode.keep)  # type: ignore[attr-defined]
+            survivors = n + other_visual  # a prefill pruner below the selector's layer leaves fewer candidates
+            if self.pruner is not None and self.pruner.layer < self.decode.layer:
+                survivors = self.pruner.kept(survivors)
+            out["visual_keys_read_per_step"] = (int(survivors * self.decode.keep)  # type: ignore[attr-defined]
+                                                if survivors is not None else "data-dependent")
         return out
 
     def names(self) -> list[str]:

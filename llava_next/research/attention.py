@@ -192,12 +192,14 @@ def attention_stats(q: torch.Tensor, k: torch.Tensor, queries: torch.Tensor | Se
                     key_mask: torch.Tensor | None = None, rows: bool = False, key_mass: bool = False,
                     entropy: bool = False, topk: int = 0, segments: torch.Tensor | None = None,
                     segment_map: bool = False, block: int = 0, chunk: int | None = None,
-                    groups: Groups | None = None) -> AttentionStats:
+                    groups: Groups | None = None, key_positions: torch.Tensor | None = None) -> AttentionStats:
     """Reduce the attention of one call to the statistics asked for (module docstring).
 
     queries: indices into the call's Tq queries (None = all). ``segments`` (LongTensor of key segment ids)
     enables ``segment_rows`` for the chosen queries; ``segment_map`` (needs ``segments``) or ``block`` > 0
-    adds the all-query map (a second pass over all queries when ``queries`` is a subset)."""
+    adds the all-query map (a second pass over all queries when ``queries`` is a subset). ``key_positions``
+    (Tk,): the keys' original sequence positions when they are not 0..Tk-1 (a pruned layer,
+    llava_next.reduce): ``block`` pools by them."""
     B, Hq, Tq, _ = q.shape
     Tk = k.shape[2]
     device = q.device
@@ -230,7 +232,9 @@ def attention_stats(q: torch.Tensor, k: torch.Tensor, queries: torch.Tensor | Se
         out.topk_values, out.topk_ids, out.key_mass = cat("tv"), cat("ti"), mass
     if segment_map or block:
         if block:
-            map_seg, map_S = torch.arange(Tk, device=device) // block, -(-Tk // block)
+            at = torch.arange(Tk, device=device) if key_positions is None else key_positions.to(device)
+            map_seg = at // block
+            map_S = int(map_seg.max()) + 1 if Tk else 0
         elif seg is None:
             raise ResearchError("segment_map needs segments (a LongTensor of segment ids, one per position)")
         else:

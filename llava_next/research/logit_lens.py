@@ -96,6 +96,7 @@ class LogitLens:
                 ids, probs, tlp = lens(decoder, x.detach().index_select(1, idx.to(x.device)), self.top_k, targets,
                                        self.chunk)
             place = (lambda t: t.to(self.device)) if self.device is not None else (lambda t: t)  # noqa: E731
-            step.extra.setdefault("logit_lens", {})[layer] = LensResult(
-                idx + step.offset, place(ids), place(probs), None if tlp is None else place(tlp))
+            step.extra.setdefault("logit_lens", {})[layer] = LensResult(  # positions: original ones (a pruned
+                tr.absolute(idx, step.offset, x.shape[1]), place(ids), place(probs),  # layer lists those it has)
+                None if tlp is None else place(tlp))
         return fn

@@ -92,11 +92,14 @@ def _upsample(grid: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 def frame_heatmaps(frames: np.ndarray, grids: Sequence[np.ndarray], timestamps: Sequence[float],
                    frame_indices: Sequence[int], *, title: str, frame_sums: Sequence[float] | None = None,
-                   norm: str = "global", covered: float = 1.0, thumb: int = 224) -> Image.Image:
+                   norm: str = "global", covered: float = 1.0, thumb: int = 224,
+                   sum_format: str = "mass {:.4f}", value: str = "attention mass",
+                   bar_label: str = "attention per token") -> Image.Image:
     """Sampled frames (F, S, S, 3) uint8 as the model sees them, each with its pooled attention grid on top.
 
     ``grids``: one (h, w) array per frame (``Provenance.to_grid``); ``covered``: the fraction of the crop the
     pooled cells cover (floor pooling drops the last rows/cols when the stride does not divide the patch grid).
+    ``value`` / ``bar_label`` name what the cells show, ``sum_format`` the line under each frame.
     """
     if norm not in ("global", "frame"):
         raise ValueError(f"norm must be 'global' or 'frame', got {norm!r}")
@@ -119,13 +122,13 @@ def frame_heatmaps(frames: np.ndarray, grids: Sequence[np.ndarray], timestamps: 
         label = f"frame {k}  #{frame_indices[k]}  {timestamps[k]:.2f} s"
         d.text((x, y + thumb + 3), label, fill=FG, font=_font(13))
         if frame_sums is not None:
-            d.text((x, y + thumb + 19), f"mass {frame_sums[k]:.4f}", fill=DIM, font=_font(12))
+            d.text((x, y + thumb + 19), sum_format.format(frame_sums[k]), fill=DIM, font=_font(12))
     scale = "one colour scale for all frames" if norm == "global" else "each frame scaled on its own"
-    header = _text_block([title, f"attention mass per pooled cell, on the {frames.shape[1]}x{frames.shape[2]} "
+    header = _text_block([title, f"{value} per pooled cell, on the {frames.shape[1]}x{frames.shape[2]} "
                                  f"crop each frame is given to the model; {scale}"], sheet.width)
     parts = [header, sheet]
     if norm == "global":
-        parts.append(_colorbar(glo, ghi, label="attention per token"))
+        parts.append(_colorbar(glo, ghi, label=bar_label))
     return _stack(parts)
 
 

@@ -8,6 +8,8 @@
     prov.sums(values)                           -> per-segment, per-frame and per-tile sums
     prov.with_generated(ids)                    -> the same map with generated positions appended
     prov.take(kept)                             -> the map of a pruned / merged sequence
+    prov.with_fates(tr.fates)                   -> + what token reduction did to each position (pruned at
+                                                   which layer, merged into which position, read by DyCoke)
 
 What every position records (struct of arrays, one (T,) tensor per field, -1 / NaN where n/a):
 - ``kind``: text, image_base, image_grid, image_newline, video, video_newline, generated (``KINDS``).
@@ -57,6 +59,7 @@ from ..inputs.tokens import ImagePlan, VideoPlan, image_plan, video_plan
 from ..inputs.video import center_crop_offset, shortest_edge_size
 from ..model.anyres import pack_image_features, paste_offset
 from ..model.pooling import add_video_newlines, pool_frames
+from ..reduce.runner import Fates
 
 Size = tuple[int, int]
 KINDS = ("text", "image_base", "image_grid", "image_newline", "video", "video_newline", "generated")
@@ -214,6 +217,23 @@ def video_fields(num_frames: int, frame_hw: Size, config: LlavaNextConfig,
     return f, plan
 
 
+def reduced_video_fields(num_frames: int, frame_hw: Size, config: LlavaNextConfig, frame, cell,
+                         timestamps: Sequence[float] | None = None) -> tuple[dict[str, np.ndarray], VideoPlan]:
+    """Per-token fields of a video whose tokens a token reducer chose among the model's pooled cells, in its
+    order (llava_next.reduce ``ReducedVideo``: token i is cell ``cell[i]`` = row * w + col of frame
+    ``frame[i]``; no newline tokens). Reducers whose tokens are no such cells (PLLaVA's, SlowFast's grids,
+    VisionZip's merged tokens) have no per-token provenance here."""
+    flat, plan = video_fields(num_frames, frame_hw, dataclasses.replace(config, video_newline="none"), timestamps)
+    h, w = plan.pooled_hw
+    frame, cell = np.asarray(frame, dtype=np.int64), np.asarray(cell, dtype=np.int64)
+    if len(frame) != len(cell) or (frame < 0).any() or (frame >= num_frames).any() or (cell < 0).any() \
+            or (cell >= h * w).any():
+        raise ValueError(f"reduced video tokens must be (frame in 0..{num_frames - 1}, cell in 0..{h * w - 1}) pairs "
+                         f"of the {h}x{w} pooled grid")
+    idx = frame * h * w + cell
+    return {name: arr[idx] for name, arr in flat.items()}, plan
+
+
 # --------------------------------------------------------------------------------------------------
 # The whole sequence
 # --------------------------------------------------------------------------------------------------
@@ -238,6 +258,7 @@ class Provenance:
     media_info: tuple[Media, ...] = ()
     prompt_len: int = 0  # positions before the first generated one
     question: str | None = None
+    fates: Fates | None = None  # a reduced request: what the in-decoder stages did to each position (with_fates)
 
     # ---- building -------------------------------------------------------------------------------
     @classmethod
@@ -247,8 +268,9 @@ class Provenance:
         """From expanded ids (one placeholder id per visual token) and the media's geometry.
 
         ``videos``: one dict per video with ``num_frames``, ``frame_hw`` and optionally ``timestamps``,
-        ``frame_indices``, ``name``. ``tokenizer`` (inputs.prompt.Tokenizer) + ``question`` / ``system``
-        label those text positions; without them every text position is segment "template"."""
+        ``frame_indices``, ``name``, and ``tokens`` = (frame, cell) of each token when a token reducer chose
+        them among the pooled cells (``reduced_video_fields``). ``tokenizer`` (inputs.prompt.Tokenizer) +
+        ``question`` / ``system`` label those text positions; without them every text position is segment "template"."""
         ids = np.asarray(list(input_ids), dtype=np.int64)
         T = len(ids)
         f = _fields(T)
@@ -265,7 +287,10 @@ class Provenance:
                                                  "name": image_names[k] if k < len(image_names) else ""}))
         for k, v in enumerate(videos):
             ts = v.get("timestamps")
-            fk, plan = video_fields(v["num_frames"], tuple(v["frame_hw"]), config, ts)
+            if v.get("tokens") is not None:  # a token reducer chose these pooled cells (e.g. DyCoke's TTM)
+                fk, plan = reduced_video_fields(v["num_frames"], tuple(v["frame_hw"]), config, *v["tokens"], ts)
+            else:
+                fk, plan = video_fields(v["num_frames"], tuple(v["frame_hw"]), config, ts)
             parts.append(("video", k, fk, plan, {"source_hw": tuple(v["frame_hw"]), "name": v.get("name", ""),
                                                  "frame_indices": tuple(v.get("frame_indices", ())),
                                                  "timestamps": tuple(ts or ())}))
@@ -314,16 +339,19 @@ class Provenance:
 
     @classmethod
     def from_request(cls, request, config: LlavaNextConfig, *, tokenizer=None, question: str | None = None,
-                     system: str | None = None, template: str | None = None) -> "Provenance":
+                     system: str | None = None, template: str | None = None,
+                     video_tokens: Sequence[tuple[Any, Any] | None] = ()) -> "Provenance":
         """From a ``Pipeline.prepare`` request (its expanded ids, images and video clips). ``system``
         defaults to the system prompt of ``template`` (the one given to ``prepare``; default the config's)
-        when a tokenizer is given."""
+        when a tokenizer is given. ``video_tokens``: per video, the (frame, cell) of each token a token
+        reducer kept (``ReducedVideo.frame`` / ``.patch``), or None for the model's own tokens."""
         if tokenizer is not None and system is None:
             from ..inputs.prompt import TEMPLATES
             spec = TEMPLATES.get(template or config.template)  # "none": no system prompt
             system = spec.system if spec is not None else None
         videos = [{"num_frames": c.num_frames, "frame_hw": c.size_hw, "timestamps": c.timestamps,
-                   "frame_indices": c.frame_indices, "name": os.path.basename(c.path)} for c in request.videos]
+                   "frame_indices": c.frame_indices, "name": os.path.basename(c.path),
+                   "tokens": video_tokens[i] if i < len(video_tokens) else None} for i, c in enumerate(request.videos)]
         return cls.build(request.input_ids, config, image_sizes=[im.image_size for im in request.images],
                          videos=videos, tokenizer=tokenizer, question=question, system=system)
 
@@ -343,7 +371,63 @@ class Provenance:
                           col=ext(self.col, -1), grid_h=ext(self.grid_h, -1), grid_w=ext(self.grid_w, -1),
                           box=ext(self.box, math.nan), coverage=ext(self.coverage, math.nan),
                           token_id=torch.cat([self.token_id, ids]), media_info=self.media_info,
-                          prompt_len=self.prompt_len, question=self.question)
+                          prompt_len=self.prompt_len, question=self.question, fates=self.fates)
+
+    def with_fates(self, fates: Any, row: int = 0) -> "Provenance":
+        """The same map with what a token-reduction run did to each prompt position: ``fates`` is the
+        runner's (``tr.fates`` of a reduced trace, ``ReducedRunner.fates``; llava_next/reduce/runner.py),
+        ``row`` the batch row of this request. ``removed_at(i)``, ``merged_into(i)``, ``alive(layer)`` and
+        ``to_records()`` then say, per ORIGINAL position, which layer removed it (pruned or merged, and into
+        which position) and which decode steps read it (DyCoke)."""
+        T = fates.removed_at.shape[1]
+        if T != self.prompt_len:
+            raise ValueError(f"the fates cover {T} prompt positions, this provenance {self.prompt_len}: "
+                             "pass the fates of the same request")
+        read = [None if r is None else r[row].cpu() for r in fates.decode_read]
+        return dataclasses.replace(self, fates=Fates(fates.removed_at[row].cpu(), fates.merged_into[row].cpu(),
+                                                     fates.num_layers, fates.decode_layer, read))
+
+    def removed_at(self, i: int) -> int | None:
+        """The first decoder layer without position ``i`` (None: every layer has it, or no fates)."""
+        if self.fates is None or i >= self.prompt_len or int(self.fates.removed_at[i]) < 0:
+            return None
+        return int(self.fates.removed_at[i])
+
+    def merged_into(self, i: int) -> int | None:
+        """The position ``i`` was averaged into (FrameFusion), or None."""
+        if self.fates is None or i >= self.prompt_len or int(self.fates.merged_into[i]) < 0:
+            return None
+        return int(self.fates.merged_into[i])
+
+    def alive(self, layer: int) -> torch.Tensor:
+        """Positions (ascending) present in decoder layer ``layer``'s attention (every position without fates)."""
+        keep = torch.ones(len(self), dtype=torch.bool)
+        if self.fates is not None:
+            r = self.fates.removed_at
+            keep[:self.prompt_len] = (r < 0) | (r > layer)
+        return torch.nonzero(keep).flatten()
+
+    def layers_reached(self, num_layers: int | None = None) -> torch.Tensor:
+        """(T,) float: how many decoder layers had each position (every layer where never removed; give
+        ``num_layers`` without fates)."""
+        n = self.fates.num_layers if self.fates is not None else num_layers
+        out = torch.full((len(self),), float(n))
+        if self.fates is not None:
+            r = self.fates.removed_at.double()
+            out[:self.prompt_len] = torch.where(r < 0, float(n), r)
+        return out
+
+    def decode_reads(self) -> torch.Tensor | None:
+        """(T,) float: the fraction of decode steps whose layers >= L read each prompt position (DyCoke; 0 for a
+        position layer L no longer has), or None."""
+        if self.fates is None or self.fates.decode_layer is None or not self.fates.decode_read:
+            return None
+        n = torch.zeros(len(self), dtype=torch.float64)
+        for r in self.fates.decode_read:
+            n[:self.prompt_len] += 1.0 if r is None else r[:self.prompt_len].double()
+        r = self.fates.removed_at  # a position no longer in layer L's cache is read by no step
+        n[:self.prompt_len] *= ((r < 0) | (r > self.fates.decode_layer)).double()
+        return n / len(self.fates.decode_read)
 
     def take(self, positions) -> "Provenance":
         """The provenance of a shortened sequence that keeps ``positions`` (ascending), e.g. after token
@@ -437,6 +521,18 @@ class Provenance:
                 "grid": [gh[i], gw[i]] if visual else None,
                 "box": [round(v, 3) for v in box[i]] if not math.isnan(box[i][0]) else None,
                 "token_id": None if visual else ids[i]})
+        if self.fates is not None:  # a reduced request (with_fates): what happened to each prompt position
+            f = self.fates
+            removed, into = f.removed_at.tolist(), f.merged_into.tolist()
+            reads = [None if r is None else r.tolist() for r in f.decode_read]
+            for i in range(self.prompt_len):
+                fate = "kept" if removed[i] < 0 else "merged" if into[i] >= 0 else "pruned"
+                entry = {"fate": fate, "removed_at_layer": removed[i] if removed[i] >= 0 else None,
+                         "merged_into": into[i] if into[i] >= 0 else None}
+                if f.decode_layer is not None and media[i] >= 0:  # steps whose layers >= L read it (in their cache)
+                    present = removed[i] < 0 or removed[i] > f.decode_layer
+                    entry["decode_steps_read"] = [s for s, r in enumerate(reads) if present and (r is None or r[i])]
+                out[i]["reduction"] = entry
         return out
 
     def summary(self) -> str:
@@ -470,9 +566,11 @@ class Provenance:
 
     def to_grid(self, values, media: int, frame: int | None = None, part: str = "grid") -> torch.Tensor:
         """(grid_h, grid_w) float64 map of ``values`` (T,) over one image part or video frame; NaN where
-        no token sits (never for these parts: every cell of the feature grid is a token)."""
+        no token sits (only where a token reducer dropped cells: otherwise every cell is a token)."""
         values = torch.as_tensor(values, dtype=torch.float64)
         pos = self._part(media, frame, part)
+        if len(pos) == 0:  # a frame a token reducer dropped whole
+            return torch.full(tuple(self.media_info[media].plan.pooled_hw), math.nan, dtype=torch.float64)
         h, w = int(self.grid_h[pos[0]]), int(self.grid_w[pos[0]])
         out = torch.full((h, w), math.nan, dtype=torch.float64)
         out[self.row[pos].long(), self.col[pos].long()] = values[pos]

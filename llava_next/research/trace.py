@@ -38,6 +38,16 @@ Choices
 - Interventions (research/interventions.py) are specs installed by the same trace: hook functions that
   replace tensors, and per-layer knockout group tables the attention override applies.
 - Leaving the ``with`` block removes every hook and override, also after an exception.
+- A reduced model (llava_next.reduce: FastV, FrameFusion, DyCoke; ``trace(..., reduction=...)`` runs plain
+  decoder calls through its runner, ``Pipeline.stream`` of a reduced request does so itself): every hook
+  point fires as unreduced, layers at and past the pruning layer on the pruned rows (``Decoder.seq_map``
+  names their original positions). Whatever is reported is in ORIGINAL positions: a ``Record`` at a
+  pruned layer keeps the chosen positions with NaN rows where the position was pruned, plus
+  ``name + ":kept"`` (B, P) bool; attention ``rows`` / ``key_mass`` cover every original key, NaN for the
+  keys that layer no longer has (``query_positions`` lists the chosen queries it still has; ``topk_ids``
+  are original positions); the logit lens lists only positions present. ``tr.fates`` says, for every
+  original position, which layer removed it, which position it was merged into, and what DyCoke read at
+  each decode step (reduce/runner.py ``Fates``; ``Provenance.with_fates`` puts it beside the provenance).
 """
 
 from __future__ import annotations
@@ -149,7 +159,7 @@ class Trace:
 
     def __init__(self, model: nn.Module, *, record: Iterable[Record | str] = (), attention: Attention | None = None,
                  hooks: Iterable[tuple[str | Callable[[str], bool], HookFn]] = (), interventions: Iterable[Any] = (),
-                 logit_lens: Any = None, provenance: Any = None) -> None:
+                 logit_lens: Any = None, provenance: Any = None, reduction: Any = None) -> None:
         self.model = model
         self.decoder = getattr(model, "language_model", model)
         if not hasattr(self.decoder, "layers"):
@@ -170,6 +180,8 @@ class Trace:
         for name, point in self.patterns.items():
             point.name = name
         self._pattern_users: dict[int, list[tuple[Callable, torch.Tensor | None]]] = {}
+        self.reduction = reduction if reduction else None  # in-decoder stages run through a ReducedRunner
+        self.runner: Any = None  # the reduction runner of the last reduced decoder call seen
 
     # ---- what users read ----------------------------------------------------------------------------
     @property
@@ -185,8 +197,36 @@ class Trace:
         """Step 0's logit lens per layer (research/logit_lens.py), if one was asked for."""
         return self.steps[0].extra.get("logit_lens", {}) if self.steps else {}
 
+    @property
+    def fates(self) -> Any:
+        """What the reduction did to every original position (reduce/runner.py ``Fates``), or None."""
+        return None if self.runner is None else self.runner.fates
+
     def __getitem__(self, name: str) -> Any:
         return self.cache[name]
+
+    # ---- a reduced model: rows of a pruned layer -> original positions -----------------------------------
+    def row_map(self, length: int) -> torch.Tensor | None:
+        """(B, length) original positions of the rows of the current decoder call's tensors while its layers
+        run on a pruned or merged sequence (``Decoder.seq_map``); None when the rows are offset + 0..length-1."""
+        smap = getattr(self.decoder, "seq_map", None)
+        if not self._in_decoder or smap is None or smap.rows.shape[1] != length:
+            return None
+        return smap.rows
+
+    def _shared(self, rows: torch.Tensor, what: str) -> torch.Tensor:
+        """The (T,) map shared by every batch row (a pruned batch's rows keep different positions)."""
+        if rows.shape[0] > 1 and not bool((rows == rows[:1]).all()):
+            raise ResearchError(f"{what} of a pruned layer needs one request per trace (the rows of a pruned "
+                                "batch keep different positions); trace the requests one at a time")
+        return rows[0]
+
+    def absolute(self, idx: torch.Tensor, offset: int, length: int) -> torch.Tensor:
+        """Indices into a call's rows -> absolute (original) positions; the inverse of ``local``."""
+        rows = self.row_map(length)
+        if rows is None:
+            return idx + offset
+        return self._shared(rows, "positions").to(idx.device)[idx]
 
     def resolve(self, positions: Any) -> torch.Tensor | None:
         return resolve_positions(positions, self.provenance)
@@ -239,6 +279,10 @@ class Trace:
         """Absolute positions -> indices into a call covering [offset, offset + length); None = all."""
         if positions is None:
             return None
+        rows = self.row_map(length)
+        if rows is not None:  # a pruned layer: the rows holding these original positions (absent ones dropped)
+            loc = _inverse(self._shared(rows, "positions")[None].cpu(), positions)[0]
+            return loc[loc >= 0]
         inside = positions[(positions >= offset) & (positions < offset + length)]
         return inside - offset
 
@@ -258,6 +302,8 @@ class Trace:
 
     def _install(self) -> None:
         def pre(module, args, kwargs):
+            if kwargs.get("runner") is not None:
+                self.runner = kwargs["runner"]
             input_pos = kwargs.get("input_pos")
             step = self._pending
             step.offset = int(input_pos[0]) if input_pos is not None else 0
@@ -268,6 +314,8 @@ class Trace:
         def post(module, args, kwargs, output):
             self._in_decoder = False
 
+        if self.reduction is not None:
+            self._install_reduction()
         h1 = self.decoder.register_forward_pre_hook(pre, with_kwargs=True)
         h2 = self.decoder.register_forward_hook(post, with_kwargs=True)
         self._removers += [h1.remove, h2.remove]
@@ -295,6 +343,35 @@ class Trace:
             spec.install(self)
         self._install_attention()
 
+    def _install_reduction(self) -> None:
+        """Plain decoder calls run through a ReducedRunner of ``self.reduction``'s in-decoder stages: a call at
+        cache slot 0 (or without a cache: one is set up) is the prefill, later one-token calls decode."""
+        from ..reduce.runner import ReducedRunner
+        from ..reduce.stages import Reduction
+
+        red = self.reduction
+        if red.pruner is None and red.decode is None:
+            return  # frame selection / token reducers act while the request is prepared and embedded
+        if self.provenance is None:
+            raise ResearchError("trace(reduction=...) needs provenance=... (which positions are visual, their frame "
+                                "and patch: the pruners' candidates)")
+        runner = ReducedRunner(Reduction(pruner=red.pruner, decode=red.decode), layout_from_provenance(self.provenance))
+
+        def inject(module, args, kwargs):
+            if kwargs.get("runner") is not None:  # a runner of its own (Pipeline.stream of a reduced request)
+                return None
+            x = kwargs.get("input_embeds")
+            x = x if x is not None else (args[0] if args else kwargs.get("input_ids"))
+            if kwargs.get("input_pos") is None:  # one forward without a cache: the runner needs one
+                B, T = x.shape[:2]
+                module.setup_caches(B, T)
+                kwargs["input_pos"] = torch.arange(T, device=x.device)
+            kwargs["runner"] = runner
+            return args, kwargs
+
+        h = self.decoder.register_forward_pre_hook(inject, with_kwargs=True)
+        self._removers.append(h.remove)
+
     def _remove(self) -> None:
         for remove in reversed(self._removers):
             remove()
@@ -312,6 +389,19 @@ class Trace:
             step = self.current
             decoding = self._in_decoder and len(self.steps) > 1
             if (rec.steps == "prefill" and decoding) or (rec.steps == "decode" and not decoding):
+                return
+            rows = self.row_map(x.shape[1]) if sequence and x.dim() >= 2 else None
+            if rows is not None:  # a pruned layer: report in original positions (module docstring)
+                smap = self.decoder.seq_map
+                want = positions if positions is not None else torch.arange(step.offset, smap.length)
+                want = want[(want >= step.offset) & (want < smap.length)]
+                if want.numel() == 0:
+                    return
+                value, where, kept = reduce_mapped(x.detach(), rows, want.to(rows.device), rec.reduce, rec.k)
+                self._store(step, key, self._place(value, rec.dtype, rec.device))
+                self._store(step, key + ":kept", kept.to(rec.device or kept.device))
+                if where is not None:
+                    self._store(step, key + ":positions", where.to(rec.device or where.device))
                 return
             idx = positions
             if positions is not None and x.dim() >= 2:
@@ -380,14 +470,18 @@ class Trace:
 
     def _groups(self, layer: int, Tk: int, device: torch.device) -> Groups | None:
         """The knockout group table of a layer: one group id per key (bit 2j: in src_j, bit 2j+1: in dst_j)
-        and which (query group, key group) pairs may attend."""
+        and which (query group, key group) pairs may attend. A pruned layer's keys: by original position."""
         specs = self._knockouts.get(layer)
         if not specs:
             return None
-        g = torch.zeros(Tk, dtype=torch.long, device=device)
+        smap = getattr(self.decoder, "seq_map", None) if self._in_decoder else None
+        span = Tk if smap is None else smap.length
+        g = torch.zeros(span, dtype=torch.long, device=device)
         for j, (src, dst) in enumerate(specs):
-            g[src[src < Tk].to(device)] += 1 << (2 * j)
-            g[dst[dst < Tk].to(device)] += 2 << (2 * j)
+            g[src[src < span].to(device)] += 1 << (2 * j)
+            g[dst[dst < span].to(device)] += 2 << (2 * j)
+        if smap is not None:
+            g = g[self._shared(smap.keys, "a knockout").clamp(min=0).to(device)]
         ids = torch.arange(4 ** len(specs), device=device)
         table = torch.ones(len(ids), len(ids), dtype=torch.bool, device=device)
         for j in range(len(specs)):
@@ -413,7 +507,8 @@ class Trace:
                 idx = self.local(positions, self.current.offset, q.shape[2]) if positions is not None else \
                     torch.arange(q.shape[2])
                 if idx.numel():
-                    use(attention_rows(q, k, idx.to(q.device), key_mask=key_mask, groups=groups))
+                    p = attention_rows(q, k, idx.to(q.device), key_mask=key_mask, groups=groups)
+                    use(p if self.row_map(q.shape[2]) is None else self._keys_to_original(p))
             return y
         return fn
 
@@ -426,6 +521,7 @@ class Trace:
         if decoding and not spec.decode:
             return
         queries = self._attn_queries
+        smap = self.decoder.seq_map if self.row_map(Tq) is not None else None
         if decoding or (isinstance(queries, str) and queries == "last"):
             idx = torch.tensor([Tq - 1], device=q.device)
         elif isinstance(queries, str):  # "all"
@@ -435,6 +531,12 @@ class Trace:
             if idx.numel() == 0 and not (spec.segment_map or spec.block):
                 return
             idx = idx.to(q.device)
+        if smap is not None:
+            stats = self._mapped_stats(spec, q, k, idx, key_mask, groups, smap, decoding)
+            if spec.heads == "mean":
+                stats = stats.mean_heads()
+            step.attention[layer] = stats.to(spec.device) if spec.device is not None else stats
+            return
         only_mass = spec.key_mass and not (spec.rows or spec.entropy or spec.topk or spec.segments is not None)
         use_triton = groups is None and only_mass and (spec.backend == "triton" or (spec.backend == "auto" and q.is_cuda))
         if use_triton:
@@ -451,6 +553,92 @@ class Trace:
         if spec.heads == "mean":
             stats = stats.mean_heads()
         step.attention[layer] = stats.to(spec.device) if spec.device is not None else stats
+
+
+    def _keys_to_original(self, t: torch.Tensor) -> torch.Tensor:
+        """(..., Tk) values over a pruned layer's keys -> (..., length) over original positions, NaN where
+        that layer has no key (the call's ``Decoder.seq_map``)."""
+        smap = self.decoder.seq_map
+        keys = self._shared(smap.keys, "attention").to(t.device)
+        out = t.new_full((*t.shape[:-1], smap.length + 1), float("nan"))
+        out[..., torch.where(keys >= 0, keys, smap.length)] = t
+        return out[..., :smap.length]
+
+    def _mapped_stats(self, spec: "Attention", q, k, idx, key_mask, groups, smap, decoding) -> AttentionStats:
+        """``attention_stats`` of a pruned layer's call, reported over original positions (module docstring)."""
+        keys = self._shared(smap.keys, "attention").to(q.device)
+        rows = self._shared(smap.rows, "attention").to(q.device)
+        Tq = q.shape[2]
+        segments = S_full = None
+        if self._attn_segments is not None:
+            from .attention import _segment_ids
+
+            seg_full, S_full = _segment_ids(self._attn_segments, smap.length, q.device)
+            segments = seg_full[keys.clamp(min=0)]
+        stats = attention_stats(q, k, idx, key_mask=key_mask, rows=spec.rows, key_mass=spec.key_mass,
+                                entropy=spec.entropy, topk=spec.topk, segments=segments,
+                                segment_map=spec.segment_map and not decoding,
+                                block=0 if decoding else spec.block, chunk=spec.chunk, groups=groups,
+                                key_positions=keys.clamp(min=0))
+        chosen = stats.queries
+        stats.query_positions = rows[chosen]
+        stats.extra["kept_keys"] = self._keys_to_original(torch.ones_like(keys, dtype=torch.float32)) == 1
+        if stats.rows is not None:
+            stats.rows = self._keys_to_original(stats.rows)
+        if stats.key_mass is not None:
+            stats.key_mass = self._keys_to_original(stats.key_mass)
+        if stats.topk_ids is not None:
+            stats.topk_ids = keys[stats.topk_ids]
+
+        def pad(t: torch.Tensor | None, dims: Sequence[int], S: int) -> torch.Tensor | None:
+            if t is None:
+                return None
+            for d in dims:  # a segment whose keys were all pruned at this layer: 0
+                if t.shape[d] < S:
+                    t = torch.cat([t, t.new_zeros(*t.shape[:d], S - t.shape[d], *t.shape[d + 1:])], d)
+            return t
+        if S_full is not None:
+            stats.segment_rows = pad(stats.segment_rows, [-1], S_full)
+        if stats.segment_map is not None:
+            S = -(-smap.length // spec.block) if spec.block and not decoding else S_full
+            stats.segment_map = pad(stats.segment_map, [-2, -1], S)
+            stats.segment_counts = pad(stats.segment_counts, [0], S)
+        return stats
+
+
+def _inverse(rows: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """rows (B, T') original position of each row (-1: padding), want (P,) original positions -> (B, P) the
+    row holding each wanted position, -1 where it has none."""
+    B, T2 = rows.shape
+    span = max(int(rows.max()) + 1 if rows.numel() else 0, int(want.max()) + 1 if want.numel() else 0)
+    inv = torch.full((B, span + 1), -1, dtype=torch.long, device=rows.device)
+    inv.scatter_(1, torch.where(rows >= 0, rows, span), torch.arange(T2, device=rows.device).expand(B, -1))
+    inv[:, span] = -1
+    return inv[:, want.to(rows.device)]
+
+
+def reduce_mapped(x: torch.Tensor, rows: torch.Tensor, want: torch.Tensor, reduce: Reduce, k: int = 8
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``reduce_positions`` for a pruned layer's tensor x (B, T', ...) whose rows sit at original positions
+    ``rows`` (B, T'): the wanted original positions ``want`` (P,) -> (value, top-k positions or None, kept
+    (B, P) bool). Absent positions are NaN rows (none) and left out of mean / sum / max / top-k."""
+    loc = _inverse(rows, want)  # (B, P)
+    kept = loc >= 0
+    shape = (*loc.shape, *x.shape[2:])
+    sel = x.gather(1, loc.clamp(min=0).view(*loc.shape, *([1] * (x.dim() - 2))).expand(shape))  # (B, P, ...)
+    present = kept.view(*kept.shape, *([1] * (x.dim() - 2)))
+    if reduce == "none":
+        return sel.masked_fill(~present, float("nan")), None, kept
+    if reduce in ("mean", "sum"):
+        total = sel.float().masked_fill(~present, 0).sum(1)
+        if reduce == "mean":
+            total = total / kept.sum(1).view(-1, *([1] * (x.dim() - 2))).clamp(min=1)
+        return total.masked_fill(~present.any(1), float("nan")).to(x.dtype), None, kept
+    filled = sel.masked_fill(~present, float("-inf"))
+    if reduce == "max":
+        return filled.amax(1).masked_fill(~present.any(1), float("nan")), None, kept
+    values, order = filled.topk(min(k, filled.shape[1]), dim=1)
+    return values, want.to(order.device)[order], kept
 
 
 def reduce_positions(x: torch.Tensor, idx: torch.Tensor | None, reduce: Reduce, k: int = 8
@@ -475,10 +663,27 @@ def reduce_positions(x: torch.Tensor, idx: torch.Tensor | None, reduce: Reduce, 
 
 def trace(model: nn.Module, *, record: Iterable[Record | str] = (), attention: Attention | None = None,
           hooks: Iterable[tuple[str | Callable[[str], bool], HookFn]] = (), interventions: Iterable[Any] = (),
-          logit_lens: Any = None, provenance: Any = None) -> Trace:
-    """``with trace(model, ...) as tr:`` — see the module docstring and ``Record`` / ``Attention``."""
+          logit_lens: Any = None, provenance: Any = None, reduction: Any = None) -> Trace:
+    """``with trace(model, ...) as tr:`` — see the module docstring and ``Record`` / ``Attention``.
+    ``reduction``: a llava_next.reduce ``Reduction`` whose in-decoder stages (pruner, decode selector) run
+    every decoder call of the block (needs ``provenance``: which positions are visual)."""
     return Trace(model, record=record, attention=attention, hooks=hooks, interventions=interventions,
-                 logit_lens=logit_lens, provenance=provenance)
+                 logit_lens=logit_lens, provenance=provenance, reduction=reduction)
+
+
+def layout_from_provenance(prov: Any) -> Any:
+    """The reducers' index map (reduce.stages.VisualLayout, batch of one) from a request's token provenance:
+    visual = every image / video position (newlines included, as the placeholders are), frame and patch
+    (row * grid width + col) of each video token, -1 elsewhere."""
+    from ..reduce.stages import VisualLayout
+    from .provenance import K
+
+    P = prov.prompt_len  # the prompt's positions (generated ones are never pruning candidates)
+    visual = prov.media[:P] >= 0
+    video = prov.kind[:P] == K["video"]
+    frame = torch.where(visual & (prov.frame[:P] >= 0), prov.frame[:P].long(), -1)
+    patch = torch.where(video, prov.row[:P].long() * prov.grid_w[:P].long() + prov.col[:P].long(), -1)
+    return VisualLayout(visual[None], frame[None], patch[None])
 
 
 # ---- TransformerLens call shapes ---------------------------------------------------------------------

@@ -326,8 +326,8 @@ class Pipeline:
             if pruner is not None or selector is not None:
                 from ..reduce.runner import ReducedRunner
 
-                runner = ReducedRunner(Reduction(pruner=pruner, decode=selector), layout)
-                _check_runner_logits(runner)  # the runner bypasses decoder.forward and so the hook above
+                runner = ReducedRunner(Reduction(pruner=pruner, decode=selector), layout)  # (calls decoder.forward:
+                # the finiteness hook above sees its logits)
             tokens = stream_tokens(decoder, input_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
                                    temperature=temperature, top_p=top_p, seed=seed, eos_token_id=stops,
                                    pad_token_id=self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0,
@@ -411,23 +411,6 @@ def _check_finite(t: torch.Tensor, what: str) -> None:
         cause = (f"in {str(t.dtype).removeprefix('torch.')} this means the weights or the inputs hold inf/NaN, "
                  f"or activations overflow; check the checkpoint's tensors (torch.isfinite), or try --dtype fp32")
     raise NonFiniteError(f"{what} are not finite (inf/NaN), so generation stopped before producing garbage: {cause}")
-
-
-def _check_runner_logits(runner) -> None:
-    """Wrap a ReducedRunner's prefill/decode with the same inf/NaN check the decoder's forward hook does."""
-    prefill, decode = runner.prefill, runner.decode
-
-    def checked_prefill(*args):
-        logits = prefill(*args)
-        _check_finite(logits, "the logits of the prompt (prefill)")
-        return logits
-
-    def checked_decode(model, token, step, position_ids):
-        logits = decode(model, token, step, position_ids)
-        _check_finite(logits, f"the logits of generated token {step + 1}")
-        return logits
-
-    runner.prefill, runner.decode = checked_prefill, checked_decode
 
 
 def _first_line(e: BaseException) -> str:
