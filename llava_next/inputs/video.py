@@ -231,8 +231,9 @@ def _estimate_total(path: str) -> tuple[int, float]:
         return count, fps
 
 
-def _decode(path: str, indices: list[int], size: int, resize: FrameResize = "crop"):
-    """One sequential pass: keep frames at ``indices`` (preprocessed), count every frame.
+def _decode(path: str, indices: list[int], size: int, resize: FrameResize = "crop", total: int = 0):
+    """One sequential pass: keep frames at ``indices`` (preprocessed), count every frame (``total``: what
+    the container lists, for the error message).
 
     Returns (kept frames, their timestamps, decoded frame count, duration in s or None, frame size,
     display rotation in degrees).
@@ -261,7 +262,10 @@ def _decode(path: str, indices: list[int], size: int, resize: FrameResize = "cro
         except _AV_ERRORS as e:
             cut = _mp4_cut_off(path)
             if cut:
-                raise VideoError(f"{path}: truncated MP4 ({cut}; {count} frames decoded before the end): the file "
+                # the same words as load_video's check: whether FFmpeg raises at the cut or stops quietly
+                # there depends on its frame threads (one CPU: raises; two: stops)
+                of = f" of its {total}" if total > count else ""
+                raise VideoError(f"{path}: truncated MP4 ({cut}; only {count}{of} frames decode): the file "
                                  f"is cut off, probably an incomplete download or copy; get it again") from None
             if count == 0:
                 raise VideoError(f"{path}: not a readable video (decoding the first frame failed: {_reason(e)}); "
@@ -289,7 +293,7 @@ def load_video(path: str | os.PathLike, num_frames: int = 8, *, sampling: Sampli
         return fps_indices(n_total, fps or 1.0, num_frames, target_fps)
 
     indices = pick(max(total, 1))
-    kept, times, count, duration, size_hw, rotation = _decode(path, indices, size, resize)
+    kept, times, count, duration, size_hw, rotation = _decode(path, indices, size, resize, total)
     if count == 0:
         raise VideoError(f"{path}: the video stream has no decodable frames; give a video with at least one frame")
     if count != total:  # the index lied (edit list, truncated file): sample the real stream
