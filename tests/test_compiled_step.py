@@ -62,8 +62,11 @@ def test_policy(monkeypatch):
     dec = bf16_model().language_model
     cpu = torch.device("cpu")
     monkeypatch.delenv("LLAVA_NEXT_COMPILE_STEP", raising=False)
+    assert not compiled_step.worth_compiling(dec, 10_000, cpu)  # auto: never (measured not to pay here)
+    monkeypatch.setattr(compiled_step, "AUTO", True)  # a CPU where it pays: long answers only
     assert not compiled_step.worth_compiling(dec, compiled_step.MIN_NEW_TOKENS - 1, cpu)
     assert compiled_step.worth_compiling(dec, compiled_step.MIN_NEW_TOKENS, cpu)
+    monkeypatch.setattr(compiled_step, "AUTO", False)
     assert not compiled_step.worth_compiling(dec, 10_000, torch.device("meta"))  # CPU only
     assert not compiled_step.worth_compiling(dec, 10_000, cpu, compile_step=False)
     assert compiled_step.worth_compiling(dec, 1, cpu, compile_step=True)
