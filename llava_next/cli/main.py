@@ -158,7 +158,8 @@ def _inspect_media(args, config: LlavaNextConfig, model: str, preset: str | None
     if reduction:  # the budget after frame selection / token reduction; the context is checked with it
         try:
             reduction.check(config)
-            budgets = [reduction.budget(config, n_frames, plan.total) for _, plan in videos]
+            budgets = [reduction.image_budget(config, plan.grid_hw, plan.total) for _, plan in image_plans]
+            budgets += [reduction.budget(config, n_frames, plan.total) for _, plan in videos]
         except ValueError as e:
             raise UserError(str(e)) from None
         visual += sum(b["visual_tokens_into_decoder"] - b["visual_tokens_unreduced"] for b in budgets)
@@ -183,6 +184,7 @@ def _inspect_media(args, config: LlavaNextConfig, model: str, preset: str | None
         report["random_weights"] = True
     if budgets:
         report["reduction"] = budgets
+        report["visual_tokens"] = visual  # after reduction (media's own entry is the unreduced sum)
     if kind == "video":  # one video: its fields at the top level too (the original inspect format)
         report.update({k: v for k, v in media["videos"][0].items() if k != "tokens"})
 
@@ -244,7 +246,8 @@ def _format(r: dict) -> str:
         ] + [f"  note: {note}" for note in v["notes"]]
     for b in r.get("reduction", []):
         frames = f" (at most {b['frames_at_most']} frames)" if "frames_at_most" in b else ""
-        lines.append(f"reduce   {', '.join(b['methods'])}: {b['visual_tokens_unreduced']} visual tokens -> "
+        lines.append(f"reduce   {'image: ' if b.get('media') == 'image' else ''}{', '.join(b['methods'])}: "
+                     f"{b['visual_tokens_unreduced']} visual tokens -> "
                      f"{b['visual_tokens_into_decoder']} into the decoder{frames}")
         if "pruned_at_layer" in b:
             lines.append(f"  from decoder layer {b['pruned_at_layer']}: {b['visual_tokens_after_pruning']} visual tokens")

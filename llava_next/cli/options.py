@@ -253,8 +253,11 @@ def reduction(args: argparse.Namespace):
 
     if not getattr(args, "select_frames", None) and not getattr(args, "reduce", None):
         return None
-    if not args.video:
-        raise UserError("--select-frames / --reduce: the reduction methods work on videos, but no --video was given")
+    if getattr(args, "select_frames", None) and not args.video:
+        raise UserError("--select-frames picks a video's frames, but no --video was given")
+    if not args.video and not getattr(args, "image", None):
+        raise UserError("--reduce: the reduction methods work on images and videos, but neither --image nor --video "
+                        "was given")
     try:
         return parse_reduction(args.select_frames, args.reduce)
     except ReductionError as e:

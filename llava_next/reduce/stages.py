@@ -2,7 +2,7 @@
 
     H0 FrameSelector   candidate frames (pixels)            -> which frames to turn into tokens   (MaxInfo)
     H1 TokenReducer    one video's projector outputs        -> the tokens the decoder sees        (PLLaVA, SlowFast,
-                                                                                                   DyCoke-TTM, VisionZip)
+                       (or one image's crops: VisionZip)                                           DyCoke-TTM, VisionZip)
     H2 PrefillPruner   hidden states at decoder layer K     -> which rows survive into layer K    (FastV, FrameFusion)
     H3 DecodeSelector  each decode step's query at layer L  -> which cached keys layers >= L read  (DyCoke stage 2)
 
@@ -46,6 +46,15 @@ class ReductionError(ValueError):
 
 # ---- the index map ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class ReducedImage:
+    """One image's tokens as the decoder will see them, and the crop and patch each came from."""
+
+    tokens: torch.Tensor  # (N, D)
+    tile: torch.Tensor  # (N,) long: 0 = the base image, k = AnyRes tile k (1-based, row-major); -1 newline
+    patch: torch.Tensor  # (N,) long: row * width + col in its crop's patch grid; -1 for CLS / newline
+
+
+@dataclass(frozen=True)
 class ReducedVideo:
     """One video's tokens as the decoder will see them: features and where each token came from."""
 
@@ -76,17 +85,20 @@ def native_video_layout(num_frames: int, config: LlavaNextConfig) -> tuple[torch
 
 @dataclass
 class VisualLayout:
-    """Per position of a (B, T) batch: visual? frame? patch? (-1 where not applicable)."""
+    """Per position of a (B, T) batch: visual? frame? patch? tile? (-1 where not applicable)."""
 
     visual: torch.Tensor  # (B, T) bool: image or video token (pruning candidates)
-    frame: torch.Tensor  # (B, T) long
-    patch: torch.Tensor  # (B, T) long
+    frame: torch.Tensor  # (B, T) long: a video token's frame
+    patch: torch.Tensor  # (B, T) long: patch in its frame's grid (video) or its crop's grid (reduced image)
+    tile: torch.Tensor | None = None  # (B, T) long: a reduced image token's crop (0 = base, k = tile k)
 
     @classmethod
     def build(cls, input_ids: torch.Tensor, config: LlavaNextConfig,
-              videos: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> "VisualLayout":
+              videos: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
+              images: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> "VisualLayout":
         """From the (B, T) expanded ids and each video's (frame, patch) in the order videos fill the batch
-        (row 0's first). Image tokens are visual with frame/patch -1."""
+        (row 0's first); ``images``: each image's (tile, patch) likewise (a token reducer's; -1 for an
+        unreduced image). Image tokens have frame -1; without ``images`` tile/patch -1 too."""
         is_video = input_ids == config.video_token_id if config.video_token_id is not None else \
             torch.zeros_like(input_ids, dtype=torch.bool)
         visual = is_video | (input_ids == config.image_token_id)
@@ -95,10 +107,16 @@ class VisualLayout:
         if videos:
             frame[is_video] = torch.cat([f for f, _ in videos]).to(frame.device)
             patch[is_video] = torch.cat([p for _, p in videos]).to(patch.device)
-        return cls(visual, frame, patch)
+        tile = torch.full_like(input_ids, -1)
+        if images:
+            is_image = input_ids == config.image_token_id
+            tile[is_image] = torch.cat([t for t, _ in images]).to(tile.device)
+            patch[is_image] = torch.cat([p for _, p in images]).to(patch.device)
+        return cls(visual, frame, patch, tile)
 
     def to(self, device: torch.device) -> "VisualLayout":
-        return VisualLayout(self.visual.to(device), self.frame.to(device), self.patch.to(device))
+        return VisualLayout(self.visual.to(device), self.frame.to(device), self.patch.to(device),
+                            None if self.tile is None else self.tile.to(device))
 
 
 # ---- H0 ------------------------------------------------------------------------------------------------
@@ -132,11 +150,37 @@ class TokenReducer(ABC):
     ``needs``: "patches" = the projector applied to every patch of the full grid, (F, H*W, D) (PLLaVA,
     SlowFast: pooling after the projector, as in their code); "pooled" = the model's own pooled,
     projected features (F, h*w, D) (DyCoke's temporal merging); "tower" = the reducer runs the vision
-    tower itself (VisionZip reads its attention). Reducers emit no newline tokens."""
+    tower itself (VisionZip reads its attention). Reducers emit no newline tokens for videos.
+
+    ``media``: what the reducer applies to. A video-only reducer (it works across frames: PLLaVA,
+    SlowFast, DyCoke-TTM) refuses a request with images (``check_media``) rather than leave them
+    unreduced silently; an image reducer (VisionZip) implements ``num_image_tokens`` / ``reduce_image``
+    and reduces every image and video of the request, each on its own (text is never touched)."""
 
     name: ClassVar[str]
     stage: ClassVar[str] = "reduce"
     needs: ClassVar[Literal["patches", "pooled", "tower"]] = "patches"
+    media: ClassVar[tuple[str, ...]] = ("video",)
+
+    def check_media(self, num_images: int, frames_as_images: bool = False) -> None:
+        """A clear error when a video-only reducer meets images (``frames_as_images``: the checkpoint reads
+        videos as interleaved images, e.g. LLaVA-NeXT-Interleave)."""
+        if num_images and "image" not in self.media:
+            why = ("this checkpoint reads videos as interleaved images" if frames_as_images
+                   else f"the request has {num_images} image(s)")
+            raise ReductionError(f"{self.name} reduces videos only (it works across frames), but {why}: drop "
+                                 f"--reduce {self.name}, or use a reducer for images: "
+                                 f"{', '.join(image_reducers()) or 'none'}")
+
+    def num_image_tokens(self, grid: Size, config: LlavaNextConfig) -> int:
+        """Tokens ``reduce_image`` returns for an image cut into ``grid`` (rows, cols) tiles ((0, 0): untiled)."""
+        self.check_media(1)
+        raise NotImplementedError
+
+    def reduce_image(self, model: LlavaNextModel, image) -> ReducedImage:
+        """One preprocessed image (inputs.image.ImageInput: base + tiles) -> ReducedImage."""
+        self.check_media(1)
+        raise NotImplementedError
 
     def spec(self) -> str:
         return method_spec(self)
@@ -171,6 +215,13 @@ class TokenReducer(ABC):
         if out.tokens.shape[0] != n:  # the promise prepare() expanded the placeholders with
             raise RuntimeError(f"{self.name} returned {out.tokens.shape[0]} tokens, num_tokens said {n} (a bug)")
         return out
+
+
+def image_reducers() -> list[str]:
+    """Names of the token reducers that apply to images."""
+    from . import METHODS
+
+    return [n for n, c in METHODS.items() if issubclass(c, TokenReducer) and "image" in c.media]
 
 
 # ---- H2 ------------------------------------------------------------------------------------------------
@@ -251,13 +302,26 @@ class Reduction:
 
             n = count(frames, config)
         out["visual_tokens_into_decoder"] = n + other_visual
+        return self._in_decoder(out, n + other_visual)
+
+    def image_budget(self, config: LlavaNextConfig, grid: Size, image_tokens: int) -> dict:
+        """The same for one image cut into ``grid`` tiles, ``image_tokens`` unreduced (``inspect``)."""
+        out: dict = {"methods": self.names(), "media": "image", "visual_tokens_unreduced": image_tokens}
+        n = image_tokens
+        if self.reducer is not None:
+            self.reducer.check_media(1)
+            n = self.reducer.num_image_tokens(grid, config)
+        out["visual_tokens_into_decoder"] = n
+        return self._in_decoder(out, n)
+
+    def _in_decoder(self, out: dict, n: int) -> dict:
         if self.pruner is not None:
             out["pruned_at_layer"] = self.pruner.layer
-            kept = self.pruner.kept(n + other_visual)
+            kept = self.pruner.kept(n)
             out["visual_tokens_after_pruning"] = kept if kept is not None else "data-dependent"
         if self.decode is not None:
             out["decode_reads_from_layer"] = self.decode.layer
-            survivors = n + other_visual  # a prefill pruner below the selector's layer leaves fewer candidates
+            survivors = n  # a prefill pruner below the selector's layer leaves fewer candidates
             if self.pruner is not None and self.pruner.layer < self.decode.layer:
                 survivors = self.pruner.kept(survivors)
             out["visual_keys_read_per_step"] = (int(survivors * self.decode.keep)  # type: ignore[attr-defined]

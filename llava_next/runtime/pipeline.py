@@ -95,6 +95,10 @@ class Request:
         return out
 
 
+def _reduces_images(r: Request) -> bool:
+    return r.reduction is not None and r.reduction.reducer is not None and "image" in r.reduction.reducer.media
+
+
 class NonFiniteError(ValueError):
     """The model produced inf/NaN; the message says where and which dtype to use instead."""
 
@@ -206,9 +210,13 @@ class Pipeline:
         video_plans = [video_plan(c.num_frames, cfg) for c in clips]
         image_counts = [p.total for p in image_plans]
         reducer = reduction.reducer if reduction else None
+        unreduced = sum(image_counts)
+        if reducer is not None and image_inputs:  # each image on its own (a video-only reducer refuses images)
+            reducer.check_media(len(image_inputs), frames_as_images=bool(frame_clips))
+            image_counts = [reducer.num_image_tokens(im.grid, cfg) for im in image_inputs]
         video_counts = [reducer.num_tokens(c.num_frames, cfg) if reducer else p.total for c, p in zip(clips, video_plans)]
         selector = reduction.select_frames if reduction else None
-        unreduced = sum(image_counts) + sum(video_plan(frames, cfg).total if selector else p.total for p in video_plans)
+        unreduced += sum(video_plan(frames, cfg).total if selector else p.total for p in video_plans)
         ids = expand_placeholders(ids, cfg.image_token_id, cfg.video_token_id, image_counts, video_counts)
         visual = sum(image_counts) + sum(video_counts)
         plan = plan_context(len(ids) - visual, visual, cfg, rope_scale, new_tokens=max_new_tokens)
@@ -262,7 +270,17 @@ class Pipeline:
 
         hook = model.vision_tower.register_forward_hook(count) if self.progress is not None and total else None
         try:
-            image_feats = model.image_features(images)
+            plain = iter(model.image_features([im for r in requests if not _reduces_images(r) for im in r.images]))
+            image_feats, image_layouts = [], []
+            for r in requests:  # a token reducer for images reduces each image of its request on its own
+                for im in r.images:
+                    if _reduces_images(r):
+                        red = r.reduction.reducer.reduce_image(model, im)  # type: ignore[union-attr]
+                        image_feats.append(red.tokens)
+                        image_layouts.append((red.tile, red.patch))
+                    else:
+                        image_feats.append(next(plain))
+                        image_layouts.append((torch.full((len(image_feats[-1]),), -1),) * 2)
             video_feats, video_layouts = [], []
             for r in requests:
                 reducer = r.reduction.reducer if r.reduction else None
@@ -280,7 +298,7 @@ class Pipeline:
         for kind, feats in (("image", image_feats), ("video", video_feats)):
             for i, f in enumerate(feats):
                 _check_finite(f, f"the visual features of {kind} {i}")
-        layout = VisualLayout.build(ids, self.config, video_layouts)
+        layout = VisualLayout.build(ids, self.config, video_layouts, image_layouts)
         return model.embed(ids, image_feats, video_feats), mask.to(model.device), layout
 
     # ---- 3. generate ------------------------------------------------------------------------------
