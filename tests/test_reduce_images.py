@@ -257,6 +257,11 @@ def test_siglip_mean_received_matches_holitom_and_cls_is_refused(tmp_path):
         close(video.tokens, hf.model.multi_modal_projector(ref).reshape(-1, video.tokens.shape[-1]).detach())
     with pytest.raises(ReductionError, match="score=cls reads the CLS token's attention; this model's tower"):
         VisionZip(score="cls").crops(model, frames)
+    from llava_next.reduce import MaxInfo
+
+    with pytest.raises(ReductionError, match="maxinfo: embedding=cls needs a tower with a CLS token"):
+        MaxInfo().embeddings(frames, model)
+    assert MaxInfo(embedding="patch_mean").embeddings(frames, model).shape == (3, 32)
     image = preprocess_image(real_photo("coffee"), model.config)  # anyres_max_9: the same code layout
     got = VisionZip(6, 4).reduce_image(model, image)
     assert got.tokens.shape[0] == (1 + image.num_tiles) * 10 and (got.patch >= 0).all()  # no CLS anywhere

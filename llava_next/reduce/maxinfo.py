@@ -16,7 +16,11 @@ MIT) step for step, in float64 torch instead of scipy's LAPACK/BLAS calls.
 Differences from the paper / that code, as options or notes:
 - ``embedding="cls"``: the CLS token of the model's own vision tower at its feature layer (CLIP
   ViT-L/14-336 layer -2, 1024-d, no projection head); the code uses a separate CLIP ViT-B/32's projected
-  CLS (512-d). ``"patch_mean"``: the mean of the patch features instead.
+  CLS (512-d). ``"patch_mean"``: the mean of the patch features instead. A SigLIP tower (Interleave,
+  OneVision, LLaVA-Video) has no CLS token, so ``cls`` is a clear error there: the paper and the code
+  followed embed with CLIP's (projected) CLS and say nothing about other encoders; SigLIP's own pooled
+  output comes from its attention-pooling head, which LLaVA never runs and the loader does not keep.
+  ``patch_mean`` works on both.
 - Exact SVD (``torch.linalg.svd``) instead of sklearn's randomized TruncatedSVD; rect_maxvol's choice
   depends only on the column space of A (C = A A_I^-1 is unchanged by A -> A M for invertible M), which
   the randomized solver approximates. U_R (paper) vs U_R Sigma_R (code) select the same rows, for the same reason.
@@ -137,7 +141,8 @@ class MaxInfo(FrameSelector):
             return torch.cat([tower(c).float().mean(1) for c in pixel_values.to(model.device, model.dtype).split(frame_batch)])
         if not hasattr(tower, "class_embedding"):
             raise ReductionError("maxinfo: embedding=cls needs a tower with a CLS token (CLIP); this model's tower has "
-                                 "none (SigLIP): use maxinfo:embedding=patch_mean")
+                                 "none (SigLIP), and neither the paper nor the code it follows offers a substitute: "
+                                 "use maxinfo:embedding=patch_mean")
         out = []
         for chunk in pixel_values.to(model.device, model.dtype).split(frame_batch):
             x = tower.patch_embedding(chunk).flatten(2).transpose(1, 2)  # (n, g*g, C): VisionTower.forward
