@@ -168,6 +168,9 @@ def test_pipeline_image_counts_batch_and_cli(image_model, capsys):
     own = VisionZip(5, 3).reduce_image(pipe.model, a.images[0])
     row = layout.visual[0]
     assert layout.tile[0][row].tolist() == own.tile.tolist() and layout.patch[0][row].tolist() == own.patch.tolist()
+    for row, r in enumerate((a, b)):  # each row's embeddings (its image's reduced features) equal it alone
+        alone = pipe.embed_with_layout([r])[0][0]
+        assert torch.equal(embeds[row, embeds.shape[1] - len(r.input_ids):], alone)
     batch = pipe.generate_batch([a, b], max_new_tokens=4)
     assert batch == [pipe.generate_batch([r], max_new_tokens=4)[0] for r in (a, b)]
     summary = a.to_dict()["reduction"]
