@@ -239,15 +239,11 @@ def holitom_siglip_visionzip(hf_tower, pixels, dominant_num, contextual_num):
 
 def test_siglip_mean_received_matches_holitom_and_cls_is_refused(tmp_path):
     from checkpoints_qwen import make_onevision_checkpoint, real_clip
-    from llava_next.model.llava import LlavaNextModel
-    from llava_next_weights.convert import convert
-    from llava_next_weights.load import load_into, read_config
 
     src, hf = make_onevision_checkpoint(tmp_path / "hf")
     hf.set_attn_implementation("eager")
-    with torch.device("meta"):
-        model = LlavaNextModel(read_config(convert(src, tmp_path / "ours", progress=False)))
-    model = load_into(model, tmp_path / "ours").eval()
+    pipe = Pipeline.from_pretrained(src, cache_dir=tmp_path / "cache", progress=False)
+    model = pipe.model
     frames = real_clip(3).pixel_values
     assert VisionZip().resolved_score(model.config) == "mean_received"
     for dominant, contextual in ((6, 4), (1, 9)):
@@ -268,3 +264,9 @@ def test_siglip_mean_received_matches_holitom_and_cls_is_refused(tmp_path):
     image = preprocess_image(real_photo("coffee"), model.config)  # anyres_max_9: the same code layout
     got = VisionZip(6, 4).reduce_image(model, image)
     assert got.tokens.shape[0] == (1 + image.num_tiles) * 10 and (got.patch >= 0).all()  # no CLS anywhere
+    # the pipeline: two images (OneVision pads each to one tile + a newline) and a video, each reduced
+    red = parse_reduction(reduce=["visionzip:dominant=6,contextual=4"])
+    req = pipe.prepare("<image><image><video> Compare.", images=[real_photo("coffee"), real_photo("astronaut")],
+                       video=real_video(), frames=2, reduction=red, max_new_tokens=2)
+    assert req.image_token_counts == [11, 11] and req.video_token_counts == [20]
+    assert len(pipe.generate_batch([req], max_new_tokens=2)[0]) >= 1
