@@ -34,6 +34,7 @@ from ..model.pooling import pooled_grid_hw
 
 if TYPE_CHECKING:
     from ..config import LlavaNextConfig
+    from ..inputs.image import ImageInput
     from ..model.decoder import Decoder
     from ..model.llava import LlavaNextModel
 
@@ -177,8 +178,8 @@ class TokenReducer(ABC):
         self.check_media(1)
         raise NotImplementedError
 
-    def reduce_image(self, model: LlavaNextModel, image) -> ReducedImage:
-        """One preprocessed image (inputs.image.ImageInput: base + tiles) -> ReducedImage."""
+    def reduce_image(self, model: LlavaNextModel, image: ImageInput) -> ReducedImage:
+        """One preprocessed image (base + tiles) -> ReducedImage."""
         self.check_media(1)
         raise NotImplementedError
 

@@ -142,6 +142,7 @@ class VisionZip(TokenReducer):
 
     @torch.no_grad()
     def reduce_image(self, model, image) -> ReducedImage:
+        """One AnyRes image (inputs.image.ImageInput: base + tiles) -> its tokens in the code's layout."""
         cfg = model.config
         tokens, patch = self.crops(model, image.pixel_values)
         feats = model.projector(tokens)  # (1 + tiles, d + c, D): the code projects before restoring
