@@ -270,3 +270,23 @@ def test_siglip_mean_received_matches_holitom_and_cls_is_refused(tmp_path):
                        video=real_video(), frames=2, reduction=red, max_new_tokens=2)
     assert req.image_token_counts == [11, 11] and req.video_token_counts == [20]
     assert len(pipe.generate_batch([req], max_new_tokens=2)[0]) >= 1
+
+
+def test_mean_received_on_clip_and_query_chunks(image_model):
+    """score=mean_received on a CLIP tower ranks patches by attentions[-2].mean(heads).mean(queries) without the
+    CLS column (CLS still kept first); the query-chunked sum equals the whole (query_chunk < T)."""
+    from llava_next.reduce.visionzip import tower_scores
+
+    hf, pipe, *_ = image_model
+    pixels = preprocess_image(real_photo("coffee"), pipe.config).pixel_values
+    with torch.no_grad():
+        att = hf.model.vision_tower(pixels, output_attentions=True).attentions[-2]  # (n, H, 17, 17)
+    ref = att.mean(1).mean(1)[:, 1:]
+    _, whole, _ = tower_scores(pipe.model.vision_tower, pixels, "mean_received", True)
+    _, chunked, _ = tower_scores(pipe.model.vision_tower, pixels, "mean_received", True, query_chunk=4)
+    close(whole, ref)
+    close(chunked, ref)
+    _, patch = VisionZip(5, 3, score="mean_received").crops(pipe.model, pixels)
+    assert (patch[:, 0] == -1).all()  # the CLS token, kept as the code keeps it
+    for crop in range(len(pixels)):
+        assert sorted(patch[crop, 1:5].tolist()) == sorted(ref[crop].topk(4).indices.tolist())
