@@ -24,7 +24,7 @@ logit margin against the largest logit difference between the two runs, same pre
 the difference is a near-tie flipped by rounding).
 
 llama.cpp: ../shared/tools/llamacpp-anchor.sh (built once, ~5 minutes; BF16 / Q8_0 / Q4_0 at the same
-shapes, 2 threads) runs right after the alternation; a table puts its prefill and decode tokens/s beside
+shapes, 2 threads; other --threads: its llama-bench rerun with -t N) runs right after the alternation; a table puts its prefill and decode tokens/s beside
 ours per format. Results: benchmarks/results/quant.csv and quant.md.
 """
 
@@ -157,17 +157,40 @@ def child_compile(args) -> None:
     print(json.dumps({"compile_s": time.perf_counter() - t}))
 
 
-def llamacpp_rows(layers: int, prompt: int) -> tuple[str, dict[str, dict[str, float]]]:
-    """Run the anchor script: its Markdown table and {format: {"prefill": tok/s, "decode": tok/s}}."""
-    out = subprocess.run(["bash", str(ANCHOR), str(layers), str(prompt)], capture_output=True, text=True)
-    if out.returncode:
-        return f"(llama.cpp anchor failed: {out.stderr[-300:]})", {}
+def llamacpp_rows(layers: int, prompt: int, threads: int) -> tuple[str, dict[str, dict[str, float]]]:
+    """Run the anchor script: its Markdown table and {format: {"prefill": tok/s, "decode": tok/s}}. The
+    script measures with 2 threads; for another thread count its llama-bench is rerun here on the same
+    GGUF files (same flags, ``-t threads``), so both sides use the same cores."""
+    work = Path(os.environ.get("TMPDIR", "/tmp")) / "llamacpp-anchor"  # the script's default WORKDIR
+    bench = work / "src/vendor/llama.cpp/build/bin/llama-bench"
+    formats = ("BF16", "Q8_0", "Q4_0")
+    built = bench.is_file() and all((work / f"model-{layers}l-{t}.gguf").is_file() for t in formats)
     rows = {}
-    for line in out.stdout.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 3 and cells[0] in ("BF16", "Q8_0", "Q4_0"):
-            rows[cells[0]] = {"prefill": float(cells[1]), "decode": float(cells[2])}
-    return out.stdout.strip(), rows
+    if threads == 2 or not built:  # the script builds llama.cpp and the GGUF files on its first run
+        out = subprocess.run(["bash", str(ANCHOR), str(layers), str(prompt)], capture_output=True, text=True)
+        if out.returncode:
+            return f"(llama.cpp anchor failed: {out.stderr[-300:]})", {}
+        for line in out.stdout.splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) == 3 and cells[0] in formats:
+                rows[cells[0]] = {"prefill": float(cells[1]), "decode": float(cells[2])}
+        if threads == 2:
+            return out.stdout.strip(), rows
+    env = dict(os.environ, LD_LIBRARY_PATH=str(bench.parent))
+
+    def rate(model: Path, *flags: str) -> float:
+        r = subprocess.run([str(bench), "-m", str(model), "-t", str(threads), *flags, "-o", "csv"],
+                           capture_output=True, text=True, env=env, check=True)
+        return float(r.stdout.strip().splitlines()[-1].replace('"', "").split(",")[-2])
+
+    lines = [f"| llama.cpp, {layers} layers of the 7B shape, {threads} threads (llama-bench of the anchor) "
+             f"| prefill pp{prompt} tok/s | decode tg64 @ depth {prompt} tok/s |", "|---|---|---|"]
+    for t in formats:
+        model = work / f"model-{layers}l-{t}.gguf"
+        rows[t] = {"prefill": rate(model, "-p", str(prompt), "-n", "0", "-r", "2"),
+                   "decode": rate(model, "-p", "0", "-n", "64", "-d", str(prompt), "-r", "3")}
+        lines.append(f"| {t} | {rows[t]['prefill']:.1f} | {rows[t]['decode']:.1f} |")
+    return "\n".join(lines), rows
 
 
 def main() -> None:
@@ -254,7 +277,7 @@ def main() -> None:
                    [per_token * x / 1e9 / r for x, r in zip(tok_s, read)], "fraction")
 
     # llama.cpp at the same shapes, right after the alternation (its own process, 2 threads)
-    anchor_md, anchor = ("", {}) if args.no_llamacpp or not ANCHOR.is_file() else llamacpp_rows(args.layers, T)
+    anchor_md, anchor = ("", {}) if args.no_llamacpp or not ANCHOR.is_file() else llamacpp_rows(args.layers, T, args.threads)
 
     # agreement with the bf16 eager model, and why tokens differ (mechanics on random weights)
     from llava_next.model.generate import prefill
