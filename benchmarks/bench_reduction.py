@@ -199,19 +199,18 @@ def run_one(pipe, video: Path, frames: int, method: Method, new_tokens: int) -> 
 def rounds(pipe, video: Path, frames: int, todo: list[Method], repeats: int, max_s: float) -> dict[str, list[dict]]:
     """Round 0 decodes NEW_TOKENS, later rounds stop at the first token; the order reverses each round."""
     runs: dict[str, list[dict]] = {m.label: [] for m in todo}
-    start, last = time.perf_counter(), 0.0
+    start, next_round = time.perf_counter(), 0.0  # expected seconds of a first-token-only round
     for r in range(repeats):
-        if r >= 1 and time.perf_counter() - start + last > max_s:
+        if r >= 1 and time.perf_counter() - start + next_round > max_s:
             print(f"stopping after {r} round(s): another would end past --max-minutes", flush=True)
             break
-        t_round = time.perf_counter()
         for m in (todo if r % 2 == 0 else todo[::-1]):
             res = run_one(pipe, video, frames, m, NEW_TOKENS if r == 0 else 1)
             runs[m.label].append(res)
             print(f"  round {r + 1} {m.label:45} prefill {res['prefill_s']:6.2f} s  video->1st {res['first_token_s']:6.2f} s"
                   + (f"  peak +{res['peak_delta_mib']:5.0f} MiB (KV needs {res['kv_needed_mib']:4.0f})" if r == 0 else "")
                   + f"  load {os.getloadavg()[0]:.1f}", flush=True)
-        last = time.perf_counter() - t_round
+        next_round = sum(runs[m.label][-1]["first_token_s"] for m in todo)
     return runs
 
 
@@ -246,7 +245,7 @@ def summarise(todo: list[Method], runs: dict[str, list[dict]], frames: int, laye
 def table(rows: list[dict]) -> str:
     head = ("| method | visual tokens into decoder → after pruning | visual tokens per layer | prefill GFLOP | "
             "prefill s (× unreduced) | video → first token s (× unreduced) | peak RSS GiB (+ MiB above model) | "
-            "KV needed MiB | first-token KL | greedy agreement /32 |")
+            "KV MiB needed / allocated | first-token KL | top-1 same | greedy agreement /32 |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
         tokens = (f"{r['visual_into_decoder']}" if r["visual_after_pruning"] == r["visual_into_decoder"]
@@ -254,7 +253,8 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {r['method']} | {tokens} | {r['visual_per_layer']:.0f} | {r['prefill_gflops']:.0f} | "
                      f"{r['prefill_s']:.1f} ({r['prefill_ratio']:.2f}) | {r['video_to_first_token_s']:.1f} "
                      f"({r['first_token_ratio']:.2f}) | {r['peak_rss_mib'] / 1024:.2f} (+{r['peak_delta_mib']:.0f}) | "
-                     f"{r['kv_needed_mib']:.0f} | {r['kl_first_token']:.3g} | {r['greedy_agreement']:.2f} |")
+                     f"{r['kv_needed_mib']:.0f} / {r['kv_allocated_mib']:.0f} | {r['kl_first_token']:.3g} | "
+                     f"{'yes' if r['top1_agrees'] else 'no'} | {r['greedy_agreement']:.2f} |")
     return "\n".join(lines)
 
 
@@ -314,17 +314,19 @@ def plot(rows: list[dict], layers: int, args, load: float) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for r in rows:
-        x, y = r["visual_per_layer"], r["video_to_first_token_s"]
-        ax.scatter(x, y, color="black" if r["method"] == "unreduced" else "tab:blue")
-        ax.annotate(f"{r['method']} ({r['first_token_ratio']:.2f}x)", (x, y), textcoords="offset points",
-                    xytext=(4, 4), fontsize=7)
+    fig, ax = plt.subplots(figsize=(10, 5))
+    markers = "os^Dv<>pPX*h"
+    for i, r in enumerate(rows):  # one colour + marker per method, named in the legend: no labels to overlap
+        ax.scatter(r["visual_per_layer"], r["video_to_first_token_s"], s=50, zorder=3, color=f"C{i % 10}",
+                   marker=markers[i % len(markers)],
+                   label=f"{r['method']}: {r['first_token_ratio']:.2f}x")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title="video -> first token / unreduced",
+              title_fontsize=7)
     ax.set_xlabel("visual tokens per decoder layer (mean over layers)")
     ax.set_ylabel("video file -> first token (s, median)")
     weights = "random 7B-shaped weights" if not args.model else args.model
     ax.set_title(f"token reduction: {args.frames} frames, {layers} decoder layers, {weights}\n"
-                 f"(median of {rows[0]['repeats']} rounds on a shared 2-core CPU, load {load:.1f}; "
+                 f"(median of {rows[0]['repeats']} round{'s' if rows[0]['repeats'] > 1 else ''} on a shared 2-core CPU, load {load:.1f}; "
                  f"(x) = time / unreduced)", fontsize=9)
     ax.grid(alpha=0.3)
     save_plot(fig, "bench_reduction")
