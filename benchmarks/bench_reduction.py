@@ -96,7 +96,8 @@ class Method:
 
     @property
     def spec(self) -> str:
-        return " ".join(([f"--select-frames {self.select}"] if self.select else []) + [f"--reduce {r}" for r in self.reduce])
+        select = [f"--select-frames {self.select}"] if self.select else []
+        return " ".join(select + [f"--reduce {r}" for r in self.reduce])
 
 
 def methods(frames: int) -> list[Method]:
@@ -207,7 +208,8 @@ def rounds(pipe, video: Path, frames: int, todo: list[Method], repeats: int, max
         for m in (todo if r % 2 == 0 else todo[::-1]):
             res = run_one(pipe, video, frames, m, NEW_TOKENS if r == 0 else 1)
             runs[m.label].append(res)
-            print(f"  round {r + 1} {m.label:45} prefill {res['prefill_s']:6.2f} s  video->1st {res['first_token_s']:6.2f} s"
+            print(f"  round {r + 1} {m.label:45} prefill {res['prefill_s']:6.2f} s  "
+                  f"video->1st {res['first_token_s']:6.2f} s"
                   + (f"  peak +{res['peak_delta_mib']:5.0f} MiB (KV needs {res['kv_needed_mib']:4.0f})" if r == 0 else "")
                   + f"  load {os.getloadavg()[0]:.1f}", flush=True)
         next_round = sum(runs[m.label][-1]["first_token_s"] for m in todo)
@@ -228,7 +230,8 @@ def summarise(todo: list[Method], runs: dict[str, list[dict]], frames: int, laye
         ok = first["peak_delta_mib"] >= first["kv_needed_mib"]
         rows.append(dict(
             method=m.label, spec=m.spec, frames=frames, layers=layers, repeats=n,
-            **{k: first[k] for k in ("visual_unreduced", "visual_into_decoder", "visual_after_pruning", "visual_per_layer",
+            **{k: first[k] for k in ("visual_unreduced", "visual_into_decoder", "visual_after_pruning",
+                                     "visual_per_layer",
                                      "prefill_gflops", "decode_s", "peak_rss_mib", "peak_delta_mib", "kv_needed_mib",
                                      "kv_allocated_mib")},
             prefill_s=statistics.median(r["prefill_s"] for r in rs),
@@ -236,8 +239,10 @@ def summarise(todo: list[Method], runs: dict[str, list[dict]], frames: int, laye
             video_to_first_token_s=statistics.median(r["first_token_s"] for r in rs),
             first_token_ratio=statistics.median(r["first_token_s"] / b["first_token_s"] for r, b in zip(rs, base_runs)),
             memory_check="ok" if ok else "FAILED: peak delta below the kept tokens' KV bytes",
-            kl_first_token=float((p.exp() * (p - q)).sum()), top1_agrees=int(base["logits"].argmax() == first["logits"].argmax()),
-            greedy_agreement=sum(same) / len(same), first_difference=next((i for i, s in enumerate(same) if not s), len(same)),
+            kl_first_token=float((p.exp() * (p - q)).sum()),
+            top1_agrees=int(base["logits"].argmax() == first["logits"].argmax()),
+            greedy_agreement=sum(same) / len(same),
+            first_difference=next((i for i, s in enumerate(same) if not s), len(same)),
             load_start=round(load_start, 1), load_end=round(os.getloadavg()[0], 1), weights=weights, commit=code))
     return rows
 
@@ -261,9 +266,12 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=6, help="decoder layers of the random model (default 6)")
-    ap.add_argument("--frames", type=int, default=8, help="frames sampled from the video (default 8; the model's own: 32)")
-    ap.add_argument("--repeats", type=int, default=3, help="timing rounds (default 3; round 1 also measures agreement and memory)")
-    ap.add_argument("--max-minutes", type=float, default=25.0, help="start no round that would end past this (default 25)")
+    ap.add_argument("--frames", type=int, default=8,
+                    help="frames sampled from the video (default 8; the model's own: 32)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timing rounds (default 3; round 1 also measures agreement and memory)")
+    ap.add_argument("--max-minutes", type=float, default=25.0,
+                    help="start no round that would end past this (default 25)")
     ap.add_argument("--model", default=None, help="real weights (hub id or directory) instead of the random model")
     ap.add_argument("--only", nargs="*", default=None,
                     help="run only the methods whose label contains one of these words (and the unreduced model)")
@@ -293,14 +301,16 @@ def main() -> None:
     path = append_csv("bench_reduction.csv", FIELDS, rows)
     note = (f"{weights} weights, {layers} decoder layers, bf16, {video.name} at {args.frames} frames, "
             f"{rows[0]['repeats']} round(s) (median; ratio = median of per-round method / unreduced), load average "
-            f"{load_start:.1f} at the start and {rows[-1]['load_end']:.1f} at the end on {os.cpu_count()} shared cores: "
+            f"{load_start:.1f} at the start and {rows[-1]['load_end']:.1f} at the end on {os.cpu_count()} shared "
+            "cores: "
             "absolute seconds depend on the load, the ratios are what is meaningful.")
     warning = ("Agreement on random weights is a mechanics check (how far each method moves this model's logits), "
                "not a quality claim. The real comparison: python benchmarks/bench_reduction.py --model "
                "llava-hf/LLaVA-NeXT-Video-7B-hf --frames 32")
     failed = [r["method"] for r in rows if r["memory_check"] != "ok"]
     check = ("Memory check: every row's peak above the loaded model is at least the KV bytes its kept tokens need."
-             if not failed else f"Memory check FAILED for: {', '.join(failed)} (peak delta below the kept tokens' KV bytes).")
+             if not failed else
+             f"Memory check FAILED for: {', '.join(failed)} (peak delta below the kept tokens' KV bytes).")
     md = "\n\n".join([table(rows), note, check, warning]) + "\n"
     (RESULTS / "bench_reduction.md").write_text(md)
     print("\n" + md)
@@ -326,8 +336,8 @@ def plot(rows: list[dict], layers: int, args, load: float) -> None:
     ax.set_ylabel("video file -> first token (s, median)")
     weights = "random 7B-shaped weights" if not args.model else args.model
     ax.set_title(f"token reduction: {args.frames} frames, {layers} decoder layers, {weights}\n"
-                 f"(median of {rows[0]['repeats']} round{'s' if rows[0]['repeats'] > 1 else ''} on a shared 2-core CPU, load {load:.1f}; "
-                 f"(x) = time / unreduced)", fontsize=9)
+                 f"(median of {rows[0]['repeats']} round{'s' if rows[0]['repeats'] > 1 else ''} on a shared "
+                 f"{os.cpu_count()}-core CPU, load average {load:.1f} at the start)", fontsize=9)
     ax.grid(alpha=0.3)
     save_plot(fig, "bench_reduction")
 
