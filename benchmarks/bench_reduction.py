@@ -28,8 +28,10 @@ Published defaults (token-reduction-spec.md and docs/reduction.md give the sourc
 Timing: after one warm-up request, ``--repeats`` rounds; each round runs every method once, the order
 reversed every other round (as bench_cpu.py does), so a busy spell of the shared machine hits all
 methods alike. Round 1 decodes 32 tokens (agreement, memory); later rounds stop at the first token.
-Reported: median seconds over rounds and the median over rounds of (method / unreduced in the same
-round): the ratios are what is meaningful on a shared machine. ``--max-minutes`` stops starting rounds
+Reported: median wall seconds over rounds, and the method's median over the unreduced model's (two
+rounds in opposite orders cancel a load that drifts linearly); the same in CPU seconds of all this
+process's threads (``time.process_time``), which count less of the time a niced process waits for the
+CPU. The ratios are what is meaningful on a shared machine. ``--max-minutes`` stops starting rounds
 once the next would end past it (fewer repeats, never fewer frames).
 
 Memory (round 1, one request at a time in this process, peak_memory.py): before each request the KV
@@ -211,7 +213,8 @@ def rounds(pipe, video: Path, frames: int, todo: list[Method], repeats: int, max
             runs[m.label].append(res)
             print(f"  round {r + 1} {m.label:45} prefill {res['prefill_s']:6.2f} s  "
                   f"video->1st {res['first_token_s']:6.2f} s"
-                  + (f"  peak +{res['peak_delta_mib']:5.0f} MiB (KV needs {res['kv_needed_mib']:4.0f})" if r == 0 else "")
+                  + (f"  peak +{res['peak_delta_mib']:5.0f} MiB (KV needs {res['kv_needed_mib']:4.0f})"
+                     if r == 0 else "")
                   + f"  load {os.getloadavg()[0]:.1f}", flush=True)
         next_round = sum(runs[m.label][-1]["first_token_s"] for m in todo)
     return runs
@@ -276,7 +279,8 @@ def table(rows: list[dict]) -> str:
                   else f"{r['visual_into_decoder']} → {r['visual_after_pruning']}")
         lines.append(f"| {r['method']} | {tokens} | {r['visual_per_layer']:.0f} | {r['prefill_gflops']:.0f} | "
                      f"{r['prefill_s']:.1f} ({r['prefill_ratio']:.2f}) | {r['video_to_first_token_s']:.1f} "
-                     f"({r['first_token_ratio']:.2f}) | {cpu(r)} | {r['peak_rss_mib'] / 1024:.2f} (+{r['peak_delta_mib']:.0f}) | "
+                     f"({r['first_token_ratio']:.2f}) | {cpu(r)} | "
+                     f"{r['peak_rss_mib'] / 1024:.2f} (+{r['peak_delta_mib']:.0f}) | "
                      f"{r['kv_needed_mib']:.0f} / {r['kv_allocated_mib']:.0f} | {r['kl_first_token']:.3g} | "
                      f"{'yes' if r['top1_agrees'] else 'no'} | {r['greedy_agreement']:.2f} |")
     return "\n".join(lines)
@@ -350,8 +354,8 @@ def plot(rows: list[dict], layers: int, args, load: float) -> None:
                    marker=markers[i % len(markers)],
                    label=f"{r['method']}: {r['first_token_ratio']:.2f}x"
                          + (f" ({r['first_token_cpu_ratio']:.2f}x CPU)" if "first_token_cpu_ratio" in r else ""))
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title="video -> first token / unreduced (wall)",
-              title_fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title_fontsize=7,
+              title="video -> first token / unreduced (wall)")
     ax.set_xlabel("visual tokens per decoder layer (mean over layers)")
     ax.set_ylabel("video file -> first token (s, median)")
     weights = "random 7B-shaped weights" if not args.model else args.model
