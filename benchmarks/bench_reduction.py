@@ -270,7 +270,8 @@ def cpu(r: dict) -> str:
 
 def table(rows: list[dict]) -> str:
     head = ("| method | visual tokens into decoder → after pruning | visual tokens per layer | prefill GFLOP | "
-            "prefill s (× unreduced) | video → first token s (× unreduced) | the same in CPU s | "
+            "prefill s (× unreduced) | video → first token s (× unreduced) | "
+            "CPU s: prefill, video → first token (×) | "
             "peak RSS GiB (+ MiB above model) | "
             "KV MiB needed / allocated | first-token KL | top-1 same | greedy agreement /32 |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
@@ -323,7 +324,7 @@ def main() -> None:
     rows = summarise(todo, runs, args.frames, layers, load_start, weights, code)
     path = append_csv("bench_reduction.csv", FIELDS, rows)
     note = (f"{weights} weights, {layers} decoder layers, bf16, {video.name} at {args.frames} frames, "
-            f"{rows[0]['repeats']} round(s) (median; ratio = median of per-round method / unreduced), load average "
+            f"{rows[0]['repeats']} round(s) (median; ratio = method median / unreduced median), load average "
             f"{load_start:.1f} at the start and {rows[-1]['load_end']:.1f} at the end on {os.cpu_count()} shared "
             "cores: "
             "absolute seconds depend on the load, the ratios are what is meaningful.")
