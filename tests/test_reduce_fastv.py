@@ -124,6 +124,22 @@ def test_pruned_decode_equals_full_recompute_with_the_same_kept_tokens(models):
     assert (ours_logits - ref_logits).abs().max() <= 1e-4 * ref_logits.abs().max()
 
 
+def test_layers_after_the_pruner_hold_only_the_kept_tokens(models):
+    """KV memory: layers < K keep T + n slots, layers >= K only T' + n (T' = kept rows), sized after pruning;
+    the decode equals the recompute above with these caches (the test before this one)."""
+    _, ours = models
+    e, vis = prompt(2, 6, 48, 9)
+    T = e.shape[1]
+    ours.setup_caches(1, 4 * T)  # a longer cache left by an earlier request is not kept for layers >= K
+    tokens, runner = run(ours, e, vis, FastV(layer=K, keep=0.5))
+    kept = T - 48 + 24
+    lengths = [layer.self_attn.kv_cache.k.shape[2] for layer in ours.layers]
+    assert lengths[K:] == [kept + N] * (LAYERS - K)
+    assert all(n >= T + N for n in lengths[:K])
+    tokens2, _ = run(ours, e, vis, FastV(layer=K, keep=0.5))  # the next request resizes them again
+    assert torch.equal(tokens, tokens2)
+
+
 def test_renumbered_positions_would_change_the_answer(models):
     """Guards the reference: closing the gaps (positions 0..T'-1) gives other logits."""
     hf, _ = models

@@ -236,18 +236,19 @@ class Decoder(nn.Module):
         return None if c is None else (c.k.shape[0], c.k.shape[2])
 
     def setup_caches(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
-                     device: torch.device | str | None = None) -> None:
+                     device: torch.device | str | None = None, layers: range | None = None) -> None:
         """Allocate per-layer KV caches for ``batch`` rows of up to ``max_len`` tokens (default dtype and
         device: the weights'). Existing caches of the same batch, dtype and device that are at least
         this long are kept: stale contents are harmless, every run overwrites slots from 0 and reads
-        only the slots it wrote."""
+        only the slots it wrote. ``layers``: only these (default all; a token pruner at layer K sizes the
+        caches of layers >= K once it knows how many tokens they keep: llava_next.reduce.ReducedRunner)."""
         if batch < 1 or max_len < 1:
             raise ValueError(f"setup_caches needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
         weight = self.embed_tokens.weight
         dtype = dtype or weight.dtype
         device = torch.device(device) if device is not None else weight.device
         cfg = self.config
-        for layer in self.layers:
+        for layer in (self.layers if layers is None else [self.layers[i] for i in layers]):
             c = layer.self_attn.kv_cache
             if (c is not None and c.k.shape[0] == batch and c.k.shape[2] >= max_len and c.k.dtype == dtype
                     and c.k.device == device):

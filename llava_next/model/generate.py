@@ -36,7 +36,9 @@ _FROM_CONFIG = object()  # default for eos_token_id / pad_token_id: read decoder
 class LayerRunner(Protocol):
     """Runs prefill and each decode step itself (e.g. ``llava_next.reduce.ReducedRunner``: it prunes tokens
     between layers, so layer ranges hold KV caches of different lengths). Same arguments as ``prefill``;
-    ``decode`` gets the step index (0 = the first token after the prompt) and the (B, 1) RoPE positions."""
+    ``decode`` gets the step index (0 = the first token after the prompt) and the (B, 1) RoPE positions.
+    Optional ``setup_caches(model, batch, max_len, dtype, device)``: allocates the KV caches instead of
+    ``model.setup_caches`` (a pruner gives the layers after it shorter caches)."""
 
     def prefill(self, model: Decoder, input_embeds: torch.Tensor, position_ids: torch.Tensor,
                 key_mask: torch.Tensor | None) -> torch.Tensor: ...
@@ -131,7 +133,10 @@ def stream(model: Decoder, input_ids: torch.Tensor | None = None, *, input_embed
 
     use_step = runner is None and compiled_step.worth_compiling(model, max_new_tokens, device, compile_step)
     cache_len = compiled_step.cache_length(T, max_new_tokens) if use_step else T + max_new_tokens
-    model.setup_caches(B, cache_len, dtype=embeds.dtype, device=device)
+    if runner is not None and hasattr(runner, "setup_caches"):  # e.g. a pruner sizes the caches after pruning
+        runner.setup_caches(model, B, cache_len, embeds.dtype, device)
+    else:
+        model.setup_caches(B, cache_len, dtype=embeds.dtype, device=device)
     if use_step:  # the compiled step reads the whole static cache: a (B, S) mask of real (non-padding) slots
         static_mask = torch.ones(B, model.cache_shape[1], dtype=torch.bool, device=device)
         if key_mask is not None:

@@ -99,6 +99,21 @@ class ReducedRunner:
         self.prompt_len = 0
         self._key_mask: torch.Tensor | None = None  # (B, T) of the prompt
         self._visual: torch.Tensor | None = None  # (B, T) visual & real
+        self._deferred: tuple | None = None  # (max_len, dtype, device) of caches allocated after pruning
+
+    # ---- memory: the layers after a pruner hold only the kept tokens -----------------------------------
+    def setup_caches(self, model: Decoder, batch: int, max_len: int, dtype: torch.dtype,
+                     device: torch.device) -> None:
+        """``generate.stream`` calls this instead of ``model.setup_caches``. With a pruner at layer K (FastV),
+        layers < K get caches of ``max_len`` slots now; layers >= K get theirs in the prefill, once the
+        pruner has chosen: T' + (max_len - T) slots, so pruning saves KV memory, not only compute. (FrameFusion
+        merges at every layer and DyCoke keeps every key: their caches are allocated at full length.)"""
+        pruner, L = self.reduction.pruner, len(model.layers)
+        K = pruner.layer if pruner is not None and not hasattr(pruner, "prefill") else L
+        model.setup_caches(batch, max_len, dtype, device, layers=range(K))
+        for layer in model.layers[K:]:
+            layer.self_attn.kv_cache = None  # a longer cache of an earlier request would pin its memory
+        self._deferred = (max_len, dtype, device) if K < L else None
 
     # ---- the LayerRunner protocol (generate.stream): whole calls of the decoder ---------------------------
     @torch.no_grad()
@@ -169,6 +184,10 @@ class ReducedRunner:
         where = _slot_positions(keep, x2.shape[1])  # (B, T') original position of every row (-1: padding)
         T2 = x2.shape[1]
         km2 = None if bool(mask2.all()) else mask2
+        if self._deferred is not None:  # setup_caches left layers >= K for now: T2 prompt + the decode slots
+            max_len, dtype, device = self._deferred
+            model.setup_caches(B, T2 + max_len - T, dtype, device, layers=range(K, L))
+            self._deferred = None
         y = model.forward_layers(x2, pos2, range(K, L), input_pos=torch.arange(T2, device=x2.device), key_mask=km2,
                                  seq_map=SequenceMap(where, where, T))
         self.segments = [Segment(range(K), T, key_mask), Segment(range(K, L), T2, km2, where)]
