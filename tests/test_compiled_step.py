@@ -14,6 +14,7 @@ from llava_next.model import compiled_step
 from llava_next.model.attention import use_backend
 from llava_next.model.generate import generate, prefill
 from llava_next.model.llava import LlavaNextModel
+from llava_next.model.quant import QuantConfig, quantize_model
 
 
 def bf16_model(pack: bool = True) -> LlavaNextModel:
@@ -62,11 +63,11 @@ def test_policy(monkeypatch):
     dec = bf16_model().language_model
     cpu = torch.device("cpu")
     monkeypatch.delenv("LLAVA_NEXT_COMPILE_STEP", raising=False)
-    assert not compiled_step.worth_compiling(dec, 10_000, cpu)  # auto: never (measured not to pay here)
-    monkeypatch.setattr(compiled_step, "AUTO", True)  # a CPU where it pays: long answers only
     assert not compiled_step.worth_compiling(dec, compiled_step.MIN_NEW_TOKENS - 1, cpu)
     assert compiled_step.worth_compiling(dec, compiled_step.MIN_NEW_TOKENS, cpu)
-    monkeypatch.setattr(compiled_step, "AUTO", False)
+    qdec = quantize_model(bf16_model(pack=False), QuantConfig("int8")).language_model  # int kernels: eager is faster
+    assert not compiled_step.worth_compiling(qdec, 10 * compiled_step.MIN_NEW_TOKENS, cpu)
+    assert compiled_step.worth_compiling(qdec, 1, cpu, compile_step=True)
     assert not compiled_step.worth_compiling(dec, 10_000, torch.device("meta"))  # CPU only
     assert not compiled_step.worth_compiling(dec, 10_000, cpu, compile_step=False)
     assert compiled_step.worth_compiling(dec, 1, cpu, compile_step=True)

@@ -24,8 +24,8 @@ Quantized layers (quant.py) are traced too: int8 as ``F.linear(x, w.to(dtype)) *
 pattern inductor's CPU weight-only-int8 GEMM template recognises; int4 through torch's int4 kernel.
 
 Cost and when it is used: compiling takes seconds to minutes (per layer, more with max-autotune),
-cached on disk by inductor for later processes. It was not measured to pay on the CPUs here, so
-``generate.stream`` uses it only when switched on: ``worth_compiling`` (the policy and the figures are there).
+cached on disk by inductor for later processes. ``generate.stream`` uses it only where it was measured to
+pay for itself: float decoders and long answers (``worth_compiling``: the policy and the figures are there).
 ``LLAVA_NEXT_COMPILE_STEP=0`` (or ``compile_step=False``) turns it off, ``=1`` forces it; a failed
 compile falls back to the eager step with one warning. The graph does not run the named hook points
 (hooks.py) or module hooks inside the decoder: while any is attached, the eager step runs (``observed``).
@@ -44,14 +44,14 @@ from .decoder import Decoder, apply_rope, rope_cos_sin, rope_inv_freq
 from .hooks import HookPoint
 
 # ---- policy ----------------------------------------------------------------------------------------
-# Measured on a 2-core Zen 4 (AVX512-BF16, no AMX; benchmarks/bench_quant.py, README "Smaller and faster on a
-# CPU"): the compiled step decodes no faster than the eager step in bf16 and slower with int8 / int4 weights
-# (inductor's autotuner mostly picks oneDNN's one-row GEMM, the kernel the eager step already uses, and the
-# int kernels run slower inside the graph), after a compile of about a minute cold and 10+ s warm. So "auto"
-# never compiles it; ``on`` / ``LLAVA_NEXT_COMPILE_STEP=1`` does, for CPUs where inductor's GEMV template
-# may win (e.g. with AMX): measure there with ``bench_quant.py --compiled-steps bf16,int8,int4``.
-AUTO = False  # whether "auto" compiles the step (for requests of at least MIN_NEW_TOKENS new tokens)
-MIN_NEW_TOKENS = 1024
+# Measured on a 2-core Zen 4 (AVX512-BF16, no AMX), benchmarks/bench_quant.py, 2 decoder layers of the 7B
+# shape, ~1,200-token prompt (README "Smaller and faster on a CPU"):
+#   bf16: 20.3 vs 18.3 tok/s eager with 2 threads (1.11x: ~5 ms a token saved per 2 layers), 0.96x with 1;
+#   int8: 0.77x, int4: 0.49x (inductor's int templates run slower than torch's int kernels the eager step uses);
+#   compile: 43 s cold (empty inductor cache), 11 s warm (a fresh process, cache filled), for 2 layers.
+# So "auto" compiles it only for float (unquantized) decoders and answers of at least MIN_NEW_TOKENS tokens,
+# where ~5 ms per token per 2 layers repays a warm compile; quantized decoders never ("on" still forces it).
+MIN_NEW_TOKENS = 2048  # auto: compile the step for float decoders and requests of at least this many new tokens
 MODE = "max-autotune-no-cudagraphs"  # inductor mode (the tests use "default": no autotuning, seconds not minutes)
 
 
@@ -63,17 +63,23 @@ def setting() -> str:
 
 def worth_compiling(decoder: Decoder, max_new_tokens: int, device: torch.device, compile_step: bool | None = None) -> bool:
     """Whether ``stream`` should decode with the compiled step: on CPU, when switched on (``compile_step=True``
-    or ``LLAVA_NEXT_COMPILE_STEP=1``); under "auto" only if ``AUTO`` (off: see above) and the request asks
-    for at least ``MIN_NEW_TOKENS`` tokens, or the step is already compiled in this process."""
+    or ``LLAVA_NEXT_COMPILE_STEP=1``); under "auto" for a float decoder when the request asks for at least
+    ``MIN_NEW_TOKENS`` tokens or the step is already compiled in this process (the figures above)."""
     if compile_step is False or device.type != "cpu" or _failed or observed(decoder):
         return False
     if compile_step is True or setting() == "1":
         return True
-    if setting() == "0" or not AUTO:
+    if setting() == "0" or _quantized(decoder):
         return False
     if getattr(decoder, "_compiled_step", None) is not None:
         return True  # already paid for in this process
     return max_new_tokens >= MIN_NEW_TOKENS and _room_for_frozen_weights(decoder)
+
+
+def _quantized(decoder: Decoder) -> bool:
+    """Weight-only int8 / int4 layers (quant.py): the eager step's int kernels are faster than the graph's."""
+    from .quant import Int4Linear, Int8Linear
+    return any(isinstance(m, (Int8Linear, Int4Linear)) for m in decoder.modules())
 
 
 def observed(decoder: Decoder) -> bool:
