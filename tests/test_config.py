@@ -1,4 +1,4 @@
-"""llava_next/config.py: presets, derived fields, validation, and the two config.json readers
+"""llava_next/config/ (schema, readers, presets): presets, derived fields, validation, and the two config.json readers
 (llava-hf via transformers' own LlavaNextConfig / LlavaNextVideoConfig, and the original LLaVA-NeXT)."""
 
 import dataclasses
