@@ -96,8 +96,11 @@ def test_left_padding_mask(mask_rows, dtype):
         mask = mask.expand(B, 1, T, T) & (torch.rand(B, 1, T, T, generator=torch.Generator().manual_seed(2)) > 0.2)
     out = flash_attention(q, k, v, causal=True, mask=mask)
     _assert_flash_rule(out, q, k, v, True, mask)
-    torch.testing.assert_close(out, eager_attention(q, k, v, causal=True, mask=mask),  # the facade's reference
-                               **({} if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)))
+    eager = eager_attention(q, k, v, causal=True, mask=mask)  # the facade's reference
+    # bf16: both round once at the end, so they may differ by one bf16 step at the output's scale (measured: a
+    # quarter of one); the strict check is the flash rule above
+    step = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps * eager.float().abs().max().item()
+    torch.testing.assert_close(out, eager, **({} if dtype == torch.float32 else dict(atol=step, rtol=0.0)))
 
 
 # (B, Hq, Hkv, Tq=1, Tk, D, num_splits)
