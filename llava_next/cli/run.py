@@ -98,7 +98,6 @@ def _run(args: argparse.Namespace, user_error) -> int:
     from ..model.attention import use_backend
     from ..parallel.launch import dist_env, rank0_output
     from ..parallel.tensor_parallel import load_pipeline  # under torchrun: the decoder split over the ranks
-    from ..runtime.pipeline import with_overrides
     from ..runtime.progress import Progress
     from . import options
     from .plan import media_plan, overflow, overflow_warning
@@ -125,22 +124,7 @@ def _run(args: argparse.Namespace, user_error) -> int:
     load_s = time.perf_counter() - t0
     progress.say("loading", f"done in {load_s:.2f} s")
     pipe.progress = progress
-    pipe.model.config = with_overrides(pipe.model.config, **options.plan_overrides(args))
-    if args.video:  # validates the pool stride / mode against the patch grid before any decoding
-        from ..inputs.tokens import video_plan
-
-        video_plan(options.frames(args), pipe.model.config)
-    if reduction:
-        from ..reduce import ReductionError
-
-        try:
-            reduction.check(pipe.model.config)
-        except ReductionError as e:
-            raise user_error(str(e)) from None
-    request = pipe.prepare(args.prompt, images=args.image, videos=args.video, frames=options.frames(args),
-                           sampling=options.sampling(args), template=args.template, rope_scale=args.rope_scale,
-                           max_new_tokens=args.max_new_tokens, max_image_pixels=args.max_image_pixels,
-                           allow_overflow=args.allow_overflow, reduction=reduction)
+    request = prepare_request(pipe, args, reduction, user_error)
     plan = request.plan
     if not plan.fits:  # only with --allow-overflow; said even with --json or --quiet
         print(f"[llava-next] {overflow_warning(plan)}", file=sys.stderr)
@@ -182,3 +166,27 @@ def _run(args: argparse.Namespace, user_error) -> int:
             print(f"[llava-next] {len(request.tokens)} tokens; first token {timings['first_token_s']:.2f} s, "
                   f"{timings['decode_tokens_per_s']:.1f} tokens/s", file=sys.stderr)
     return 0
+
+
+def prepare_request(pipe, args: argparse.Namespace, reduction, user_error):
+    """The request ``run`` and ``trace`` make from the same flags: the plan switches applied to the model's
+    config, the video plan and the reduction checked against it before any decoding, then ``pipe.prepare``."""
+    from ..runtime.pipeline import with_overrides
+    from . import options
+
+    pipe.model.config = with_overrides(pipe.model.config, **options.plan_overrides(args))
+    if args.video:  # validates the pool stride / mode against the patch grid before any decoding
+        from ..inputs.tokens import video_plan
+
+        video_plan(options.frames(args), pipe.model.config)
+    if reduction:
+        from ..reduce import ReductionError
+
+        try:
+            reduction.check(pipe.model.config)
+        except ReductionError as e:
+            raise user_error(str(e)) from None
+    return pipe.prepare(args.prompt, images=args.image, videos=args.video, frames=options.frames(args),
+                        sampling=options.sampling(args), template=args.template, rope_scale=args.rope_scale,
+                        max_new_tokens=args.max_new_tokens, max_image_pixels=args.max_image_pixels,
+                        allow_overflow=getattr(args, "allow_overflow", False), reduction=reduction)

@@ -102,7 +102,8 @@ def _trace(args: argparse.Namespace, user_error) -> int:
     from ..config import PRESETS
     from ..research import Attention, LogitLens, Provenance, trace
     from ..research import select as sel
-    from ..runtime.pipeline import Pipeline, with_overrides
+    from ..runtime.pipeline import Pipeline
+    from .run import prepare_request
     from . import options
     from .run import DTYPES
 
@@ -133,22 +134,7 @@ def _trace(args: argparse.Namespace, user_error) -> int:
     if bad:
         raise user_error(f"--layers {bad}: this decoder has {n_layers} layers (0..{n_layers - 1}, or negative)")
     layers = list(dict.fromkeys(layer % n_layers for layer in layers))
-    pipe.model.config = with_overrides(pipe.model.config, **options.plan_overrides(args))
-    if args.video:  # validates the pool stride / mode against the patch grid before any decoding
-        from ..inputs.tokens import video_plan
-
-        video_plan(options.frames(args), pipe.model.config)
-    if reduction:
-        from ..reduce import ReductionError
-
-        try:
-            reduction.check(pipe.model.config)
-        except ReductionError as e:
-            raise user_error(str(e)) from None
-    request = pipe.prepare(args.prompt, images=args.image, videos=args.video, frames=options.frames(args),
-                           sampling=options.sampling(args), template=args.template, rope_scale=args.rope_scale,
-                           max_new_tokens=args.max_new_tokens, max_image_pixels=args.max_image_pixels,
-                           allow_overflow=getattr(args, "allow_overflow", False), reduction=reduction)
+    request = prepare_request(pipe, args, reduction, user_error)
     in_decoder = reduction is not None and reduction.in_decoder
     generated: list[int] = []
     if args.max_new_tokens:
