@@ -26,7 +26,7 @@ from llava_next.model.anyres import pack_image_features
 from llava_next.model.pooling import add_video_newlines, pool_frames
 from llava_next.research import Provenance
 from llava_next.research import select as sel
-from llava_next.research.provenance import K, image_fields, video_fields
+from llava_next.research.geometry import K, image_fields, video_fields
 from test_anyres import SIZES, TINY, hf_model  # noqa: F401  (fixture)
 from test_tokens import IMAGE_SIZES
 
