@@ -3,7 +3,8 @@
 Order matters here:
 1. TRITON_INTERPRET=1 before any @triton.jit decorator runs, so kernels execute on CPU tensors.
 2. HF_HUB_OFFLINE=1 before any Hugging Face import: there is no hub access here, and a missed file
-   would otherwise cost ~46 s of retries.
+   would otherwise cost ~46 s of retries. USE_HUB_KERNELS=NO likewise: transformers' reference stays
+   its own torch code (no kernel-hub replacement of its layers).
 3. The torchvision operator schemas. CI installs torch 2.13.0 (CPU) with torchvision 0.28.0, its
    matching release; PyPI's 0.28.0 wheel is a CUDA build whose C++ ops do not register beside CPU
    torch, so `import torchvision` dies on `torchvision::nms does not exist`. transformers' image and
@@ -17,6 +18,9 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# transformers >= 5.25 kernelizes models on from_pretrained through its kernel hub (the PyPI package
+# `kernels`) unless told not to: the reference must be its own torch code, as in transformers' own tests
+os.environ.setdefault("USE_HUB_KERNELS", "NO")
 # numpy's OpenBLAS threads spin against torch's on 2 cores (the Triton interpreter runs tl.dot in numpy)
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # the compiled one-query decode attention on every CPU decode step, as before its cost-based policy

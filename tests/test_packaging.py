@@ -1,6 +1,7 @@
 """Packaging: the three import names resolve unambiguously (repo root, editable install, wheel), and the
 runtime never imports transformers or torchvision (test-time references only)."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -67,12 +68,34 @@ def test_imports_from_repo_root_resolve_to_the_project_folders():
         assert not (REPO / folder / "__init__.py").exists(), f"{folder}/__init__.py would shadow a PyPI package"
 
 
-def test_transformers_does_not_mistake_kernels_folder_for_the_kernels_package():
+def test_the_kernels_folder_never_poses_as_the_kernels_module_and_hub_kernels_stay_off():
+    # From the repo root, where `kernels/` is a folder without __init__.py: the module `kernels` Python
+    # imports must never be that folder. transformers >= 5.25 depends on the PyPI package `kernels` (its
+    # kernel hub), so it is installed and must win; if it is absent, `kernels` must not import at all.
+    # And the reference must stay transformers' own torch code: with the suite's environment (conftest sets
+    # USE_HUB_KERNELS=NO) from_pretrained leaves the hub-kernel path off, as transformers' own tests do.
     pytest.importorskip("transformers")
-    code = ("import os; os.environ['HF_HUB_OFFLINE'] = '1'\n"
-            "from transformers.utils.import_utils import is_kernels_available\n"
-            "print(is_kernels_available())\n")
-    assert _run(code, cwd=REPO).strip().endswith("False")
+    code = ("import importlib.util, importlib.metadata, json, os, tempfile\n"
+            "spec = importlib.util.find_spec('kernels')\n"
+            "try: dist = importlib.metadata.version('kernels')\n"
+            "except importlib.metadata.PackageNotFoundError: dist = None\n"
+            f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r}); import conftest  # the suite's setup\n"
+            "from transformers import LlamaConfig, LlamaForCausalLM\n"
+            "cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,\n"
+            "                  num_attention_heads=4, num_key_value_heads=4)\n"
+            "d = tempfile.mkdtemp(); LlamaForCausalLM(cfg).save_pretrained(d)\n"
+            "m = LlamaForCausalLM.from_pretrained(d)\n"
+            "print(json.dumps({'origin': spec and spec.origin, 'locations': list(spec.submodule_search_locations or [])\n"
+            "                  if spec else [], 'dist': dist, 'use_kernels': m.use_kernels}))\n")
+    found = json.loads(_run(code, cwd=REPO).strip().splitlines()[-1])
+    ours = (REPO / "kernels").resolve()
+    places = [p for p in [found["origin"], *found["locations"]] if p]
+    assert all(ours != Path(p).resolve() and ours not in Path(p).resolve().parents for p in places), found
+    if found["dist"] is None:
+        assert found["origin"] is None and not found["locations"], found  # nothing named kernels imports
+    else:
+        assert found["origin"] and Path(found["origin"]).name == "__init__.py", found  # the PyPI package
+    assert found["use_kernels"] is False, "transformers' kernel hub is on: the reference would not be plain torch"
 
 
 def test_wheel_contains_the_three_packages_and_imports_from_it(tmp_path):
