@@ -51,6 +51,45 @@ def test_runtime_never_imports_transformers(tmp_path):
         assert f"{top} " in out
 
 
+# Without the `kernels` extra (no triton): every llava_next module imports, the model runs on its PyTorch
+# paths, and asking for the Triton kernels says which extra brings them.
+WITHOUT_TRITON = r"""
+import importlib, pkgutil, sys
+
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("triton", "transformers", "torchvision", "open_clip", "timm"):
+            raise ImportError(f"No module named {name!r}")
+        return None
+
+sys.meta_path.insert(0, Block())
+import torch, llava_next
+for info in pkgutil.walk_packages(llava_next.__path__, "llava_next."):
+    importlib.import_module(info.name)
+from llava_next.model import attention, pooling
+q = torch.randn(1, 2, 5, 8)
+out = attention.attention(q, q, q, causal=True)  # auto on CPU: SDPA
+for force in (lambda: attention.use_backend("triton"), lambda: pooling.use_pool_backend("triton")):
+    try:
+        with force():
+            attention.attention(q, q, q, causal=True)
+            pooling.pool_frames(torch.randn(2, 16, 8), (4, 4))
+    except RuntimeError as e:
+        print("refused:", e)
+try:
+    import llava_next_kernels
+except ImportError as e:
+    print("kernels:", e)
+"""
+
+
+def test_runtime_runs_without_the_kernels_extra(tmp_path):
+    out = _run(WITHOUT_TRITON, cwd=tmp_path)
+    lines = out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["refused", "refused", "kernels"], out
+    assert all("pip install 'llava-next[kernels]'" in line for line in lines), out
+
+
 def test_imports_from_repo_root_resolve_to_the_project_folders():
     # From the repo root (REPL, notebook, `python -m`) the folders `kernels/` and `weights/` must not
     # pose as the PyPI packages of those names, and our import names must map to our folders.

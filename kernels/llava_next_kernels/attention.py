@@ -33,8 +33,13 @@ import math
 import os
 
 import torch
-import triton
-import triton.language as tl
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as e:  # the kernels are an extra: say which
+    raise ImportError("llava_next_kernels needs triton, which is not installed: pip install 'llava-next[kernels]' "
+                      "(the PyTorch paths run without it)") from e
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read when the @triton.jit decorators run
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}

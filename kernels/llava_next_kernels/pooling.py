@@ -32,8 +32,13 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as e:  # the kernels are an extra: say which
+    raise ImportError("llava_next_kernels needs triton, which is not installed: pip install 'llava-next[kernels]' "
+                      "(the PyTorch paths run without it)") from e
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read when the @triton.jit decorator runs
 PoolMode = Literal["average", "max"]

@@ -38,6 +38,7 @@ AttentionFn = Callable[..., torch.Tensor]
 
 _forced: Backend = "auto"
 _triton_fn: AttentionFn | None = None  # imported on first use
+_triton_error: str | None = None  # why the import failed, for the error a forced "triton" raises
 
 
 @contextlib.contextmanager
@@ -62,12 +63,14 @@ def current_backend(device: torch.device) -> Backend:
 
 def _load_triton() -> AttentionFn | None:
     """The Triton kernel, imported on first use (None if triton or the kernels are unavailable)."""
-    global _triton_fn
-    if _triton_fn is None:
-        with contextlib.suppress(ImportError):
+    global _triton_fn, _triton_error
+    if _triton_fn is None and _triton_error is None:
+        try:
             from llava_next_kernels.attention import flash_attention
 
             _triton_fn = flash_attention
+        except ImportError as e:
+            _triton_error = str(e)
     return _triton_fn
 
 
@@ -88,8 +91,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         return eager_attention(q, k, v, causal=causal, mask=mask)
     fn = _load_triton()
     if fn is None:
-        raise RuntimeError("attention backend 'triton' requested but llava_next_kernels could not be imported "
-                           "(is triton installed?)")
+        raise RuntimeError(f"attention backend 'triton' requested but the Triton kernels cannot be imported: {_triton_error}")
     return fn(q, k, v, causal=causal, mask=mask)
 
 

@@ -80,10 +80,9 @@ def _triton_pool(features: torch.Tensor, mode: PoolMode) -> Callable[..., torch.
         return None
     try:
         from llava_next_kernels.pooling import spatial_pool
-    except ImportError:
+    except ImportError as e:
         if _pool_backend == "triton":
-            raise RuntimeError("pooling backend 'triton' requested but llava_next_kernels could not be imported "
-                               "(is triton installed?)") from None
+            raise RuntimeError(f"pooling backend 'triton' requested but the Triton kernels cannot be imported: {e}") from None
         return None
     return spatial_pool
 
