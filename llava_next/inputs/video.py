@@ -157,6 +157,41 @@ def frame_options(config: LlavaNextConfig) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
+# Memory of the kept frames
+# --------------------------------------------------------------------------------------------------
+def frame_bytes(num_frames: int, size: int) -> int:
+    """Bytes the kept frames take: (F, S, S, 3) uint8 pixels plus their (F, 3, S, S) float32 copy."""
+    return num_frames * size * size * 3 * (1 + 4)
+
+
+def _available_bytes() -> int | None:
+    from ..runtime.memory import available_memory
+
+    return available_memory(torch.device("cpu"))
+
+
+def check_frame_memory(path: str, num_frames: int, size: int, total_frames: int = 0) -> None:
+    """Refuse, before decoding, to keep more frames than the memory available can hold (a ``--frames
+    100000`` typo would otherwise allocate tens of GiB after decoding the whole video)."""
+    need, available = frame_bytes(num_frames, size), _available_bytes()
+    if available is None or need <= available:
+        return
+    fit = max(1, available // frame_bytes(1, size))
+    short = (f"the video has only {total_frames} frames (uniform sampling repeats them past that), so "
+             if 0 < total_frames < num_frames else "")
+    raise VideoError(f"{path}: {num_frames} frames of {size}x{size} px would take {_size(need)} in memory (uint8 "
+                     f"pixels + float32 copy), more than the {_size(available)} available; {short}use --frames "
+                     f"{min(fit, total_frames) if short else fit} or fewer")
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} bytes"
+
+
+# --------------------------------------------------------------------------------------------------
 # Decoding
 # --------------------------------------------------------------------------------------------------
 _AV_ERRORS = (av.error.FFmpegError, OSError)
@@ -286,6 +321,10 @@ def load_video(path: str | os.PathLike, num_frames: int = 8, *, sampling: Sampli
     if sampling not in ("uniform", "fps"):
         raise VideoError(f"{path}: sampling {sampling!r} is not supported; use 'uniform' or 'fps'")
     total, fps = _estimate_total(path)
+    # how many frames sampling keeps, known before any index list or decoded frame exists
+    kept_frames = num_frames if sampling == "uniform" else min(num_frames, len(range(0, max(total, 1),
+                                                                                   max(1, round((fps or 1.0) / target_fps)))))
+    check_frame_memory(path, kept_frames, size, total)
 
     def pick(n_total: int) -> list[int]:
         if sampling == "uniform":
