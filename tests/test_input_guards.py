@@ -146,3 +146,15 @@ def test_one_sample_resolver():
 
     assert options.sample_path("sample:cat") == samples.sample_path("sample:cat")
     assert Path(samples.sample_path("sample:bunny")).name == "bigbuckbunny.mp4"
+
+
+def test_inspect_plans_frames_without_preprocessing_their_pixels(capsys, monkeypatch):
+    """inspect (without --png) shows the plan, which needs the frame indices and timestamps, not pixels: a
+    large --frames costs a decode pass, not frames x 336 x 336 x 3 bytes of preprocessed copies."""
+    def spy(*args, **kwargs):
+        raise AssertionError("a frame was preprocessed")
+
+    monkeypatch.setattr(video_mod, "preprocess_frame", spy)
+    assert cli.main(["inspect", "--video", _small_video(), "--frames", "2000", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["num_frames"] == 2000 and len(plan["frame_indices"]) == 2000 and not plan["fits"]

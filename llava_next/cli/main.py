@@ -148,7 +148,8 @@ def _inspect_media(args, config: LlavaNextConfig, model: str, preset: str | None
     for path in args.video:
         _check_file(path)
         try:
-            clip = load_video(path, n_frames, sampling=sampling, **frame_options(config))
+            # the plan needs indices and times; pixels only for --png
+            clip = load_video(path, n_frames, sampling=sampling, keep_pixels=bool(args.png), **frame_options(config))
         except VideoError as e:
             raise UserError(str(e)) from None
         videos.append((clip, video_plan(clip.num_frames, config)))
