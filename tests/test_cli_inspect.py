@@ -46,7 +46,7 @@ def test_video_json_and_png_subprocess(tmp_path):
     assert plan["frame_indices"] == np.linspace(0, total - 1, 8, dtype=int).tolist()
     assert plan["timestamps"] == pytest.approx([i / plan["fps"] for i in plan["frame_indices"]], abs=1e-3)
     assert plan["tokens_per_frame"] == 144 and plan["visual_tokens"] == 1152 == video_tokens(8, VIDEO_7B)
-    assert plan["total"] == 1152 + plan["text_tokens"] and plan["fits"] is True
+    assert plan["total"] == 1152 + plan["text_tokens"] + 256 and plan["fits"] is True  # run's default answer budget
     assert plan["context"]["factor"] == 2.5 and plan["context"]["positions_available"] == 10240
     _png_ok(out, (1000, 300))
 
@@ -86,7 +86,7 @@ def test_image_json_fields(capsys):
     assert code == 0 and plan["kind"] == "image"
     (entry,) = plan["images"]
     assert entry["image_hw"] == [427, 640] and entry["tokens"] == image_tokens((427, 640), VIDEO_7B)
-    assert plan["visual_tokens"] == entry["tokens"] and plan["total"] == entry["tokens"] + 100
+    assert plan["visual_tokens"] == entry["tokens"] and plan["total"] == entry["tokens"] + 100 + 256
     assert (entry["canvas_hw"], entry["grid_hw"], entry["num_tiles"]) == ([672, 672], [2, 2], 4)
     assert plan["context"]["positions_available"] == 4096  # vicuna: no RoPE scaling
 

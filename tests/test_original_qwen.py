@@ -97,3 +97,35 @@ def test_interleave_anyres_unpad_switches(tmp_path):
 
     assert image_plan((384, 384), cfg).canvas_hw == (768, 384)
     assert render_prompt("Hi", 1, 0, cfg.template).startswith("<|im_start|>system\nYou are a helpful assistant.")
+
+
+def test_original_interleave_runs_an_anyres_image_and_a_video_sent_as_frames(tmp_path):
+    """Issue 22: an original-format interleave checkpoint (anyres + spatial_unpad) sends a video as its
+    frames; the user's image keeps its AnyRes plan, each frame its one-tile "resize" plan, and every planned
+    count equals the features the model makes of that image (the run once died with a shape mismatch: the
+    image was planned as one tile)."""
+    import shutil
+
+    from media import cached_video
+    from llava_next.inputs.tokens import image_plan
+    from llava_next.runtime.pipeline import Pipeline
+
+    src, _ = make_interleave_checkpoint(tmp_path / "hf")
+    pins = [[70, 140], [140, 70], [140, 140]]
+    orig = make_original_qwen_checkpoint(tmp_path / "orig", src, image_grid_pinpoints=pins)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, orig / name)
+    pipe = Pipeline.from_pretrained(orig, cache_dir=tmp_path / "cache", progress=False, dtype=torch.float32)
+    cfg = pipe.config
+    assert cfg.video_as_images and cfg.image_aspect_ratio == "anyres"
+    video = cached_video("odd", frames=12, size_hw=(9, 17), fps=10, codec="mpeg4")
+    req = pipe.prepare("What is shown?", images=[real_photo("rocket")], video=video, frames=2)
+    image = req.images[0]
+    assert image.grid != (0, 0) and req.image_plans[0].aspect == "anyres"
+    assert req.image_token_counts[0] == image_plan(image.image_size, cfg).total
+    assert [p.aspect for p in req.image_plans[1:]] == ["resize", "resize"] and len(req.frame_clips) == 1
+    with torch.no_grad():
+        features = pipe.model.image_features(req.images)
+    assert [len(f) for f in features] == req.image_token_counts
+    assert req.plan.video_tokens == sum(req.image_token_counts[1:])
+    assert len(pipe.generate_batch([req], max_new_tokens=2)[0]) >= 1

@@ -180,7 +180,7 @@ def test_rope_scale_sources():
 def test_overflow_is_never_silent():
     plan = plan_context(TEXT, video_tokens(64, VIDEO_7B), VIDEO_7B)  # 9316 positions vs 10240: fits
     assert check_context(plan) is plan
-    over = plan_context(TEXT, video_tokens(80, VIDEO_7B), VIDEO_7B)  # 11620 > 10240
+    over = plan_context(TEXT, video_tokens(80, VIDEO_7B), VIDEO_7B, video_tokens=video_tokens(80, VIDEO_7B))  # 11620
     with pytest.raises(ContextOverflowError) as e:
         check_context(over)
     msg = str(e.value)

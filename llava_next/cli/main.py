@@ -66,7 +66,8 @@ def _add_inspect(sub) -> None:
     options.add_reduction_options(p)
     options.add_prompt_options(p, positional=False, max_new_tokens=None)
     p.add_argument("--text-tokens", type=int, default=None,
-                   help="positions to reserve for prompt text and answer when no --prompt is given (default 100)")
+                   help="positions to reserve for the prompt text when no --prompt is given (default 100); the "
+                        "answer's --max-new-tokens (default 256, as run) are counted on top")
     options.add_output_options(p, what="the plan")
     p.add_argument("--png", metavar="OUT", help="draw the plan into a PNG file (images, or one video)")
     p.set_defaults(func=_inspect, _parser=p)
@@ -147,7 +148,8 @@ def _inspect_media(args, config: LlavaNextConfig, model: str, preset: str | None
     for path in args.video:
         _check_file(path)
         try:
-            clip = load_video(path, n_frames, sampling=sampling, **frame_options(config))
+            # the plan needs indices and times; pixels only for --png
+            clip = load_video(path, n_frames, sampling=sampling, keep_pixels=bool(args.png), **frame_options(config))
         except VideoError as e:
             raise UserError(str(e)) from None
         videos.append((clip, video_plan(clip.num_frames, config)))
@@ -164,7 +166,7 @@ def _inspect_media(args, config: LlavaNextConfig, model: str, preset: str | None
             raise UserError(str(e)) from None
         visual += sum(b["visual_tokens_into_decoder"] - b["visual_tokens_unreduced"] for b in budgets)
     text_tokens = 100 if args.text_tokens is None else args.text_tokens
-    new_tokens = args.max_new_tokens or 0
+    new_tokens = options.ANSWER_TOKENS if args.max_new_tokens is None else args.max_new_tokens  # as run counts
     if args.prompt is not None:  # count the prompt exactly, as run does
         from ..inputs.prompt import build_input_ids
 
@@ -174,8 +176,11 @@ def _inspect_media(args, config: LlavaNextConfig, model: str, preset: str | None
                             f"checkpoint directory here; give a directory, or --text-tokens N instead")
         ids = build_input_ids(args.prompt, tokenizer, config, len(image_plans), len(videos), args.template)
         text_tokens = len(ids) - len(image_plans) - len(videos)  # one placeholder id per medium
-        new_tokens = options.ANSWER_TOKENS if args.max_new_tokens is None else args.max_new_tokens
-    context = plan_context(text_tokens, visual, config, args.rope_scale, new_tokens=new_tokens)
+    video_visual = sum(plan.total for _, plan in videos)  # the videos' share, for the overflow advice
+    if budgets:
+        video_visual = sum(b["visual_tokens_into_decoder"] for b in budgets[len(image_plans):])
+    context = plan_context(text_tokens, visual, config, args.rope_scale, new_tokens=new_tokens,
+                           video_tokens=video_visual)
     kind = "video" if videos and not images and len(videos) == 1 else "image" if images and not videos else "mixed"
     report = {"preset": preset, "model": model, "kind": kind, "visual_tokens": visual,
               "text_tokens": text_tokens, "total": context.tokens_needed, "fits": context.fits, **media,

@@ -40,12 +40,12 @@ import argparse
 import os
 
 from ..config import PRESETS
+from ..inputs.samples import SAMPLES, SampleError, is_sample  # noqa: F401  (SAMPLES re-exported)
 
 DEFAULT_MODEL = "llava-hf/LLaVA-NeXT-Video-7B-hf"
 TINY_MODEL = "tiny-random"
 DEFAULT_FRAMES = 8
 ANSWER_TOKENS = 256  # run's default --max-new-tokens
-SAMPLES = {"bunny": "bigbuckbunny.mp4", "cat": "chelsea.jpg"}  # llava_next/samples/README.md: sources, licences
 VIDEO_SWITCHES = ("frames", "sampling", "pool_stride", "pool_mode", "newline", "pool_position")
 
 
@@ -200,7 +200,7 @@ def finish(args: argparse.Namespace, *, needs_prompt: bool = False) -> argparse.
     if prompt is None and needs_prompt and last is not None and last[1] > 1:
         dest, _ = last
         *kept, prompt = getattr(args, dest)
-        if os.path.exists(prompt) or prompt.startswith("sample:"):  # a forgotten question: never eat a file
+        if os.path.exists(prompt) or is_sample(prompt):  # a forgotten question: never eat a file
             raise UserError(f"no PROMPT given: the last word after --{dest}, {prompt!r}, is a file, not a "
                             f"question; put the question last or pass --prompt TEXT")
         setattr(args, dest, kept)
@@ -211,7 +211,7 @@ def finish(args: argparse.Namespace, *, needs_prompt: bool = False) -> argparse.
         args.prompt = prompt
     for dest in ("image", "video"):
         if getattr(args, dest, None):
-            setattr(args, dest, [sample_path(f) if f.startswith("sample:") else f for f in getattr(args, dest)])
+            setattr(args, dest, [sample_path(f) if is_sample(f) else f for f in getattr(args, dest)])
     for dest in ("image", "video"):  # before any model is loaded: a typo should not wait for 14 GB
         for path in getattr(args, dest, None) or []:
             if not os.path.exists(path):
@@ -226,19 +226,14 @@ def finish(args: argparse.Namespace, *, needs_prompt: bool = False) -> argparse.
 
 
 def sample_path(name: str) -> str:
-    """``sample:bunny`` / ``sample:cat`` (or the file names) -> the packaged sample file (an existing file of
-    that name in the current directory wins: it is what the user wrote)."""
-    from pathlib import Path
+    """``sample:bunny`` / ``sample:cat`` -> the packaged sample file (llava_next/inputs/samples.py, the resolver
+    the Python API uses too); an unknown name is a UserError."""
+    from ..inputs import samples
 
-    if os.path.exists(name):
-        return name
-    key = name.removeprefix("sample:")
-    file = SAMPLES.get(key, key if key in SAMPLES.values() else None)
-    path = Path(__file__).resolve().parents[1] / "samples" / (file or "")
-    if file is None or not path.is_file():
-        raise UserError(f"{name}: no such sample; the samples are {', '.join('sample:' + k for k in SAMPLES)} "
-                        f"(llava_next/samples)")
-    return str(path)
+    try:
+        return samples.sample_path(name)
+    except SampleError as e:
+        raise UserError(str(e)) from None
 
 
 def plan_overrides(args: argparse.Namespace) -> dict:

@@ -20,7 +20,8 @@ smallest integer factor that holds the actual tokens (1 if they already fit), ``
 original demo's rule ``ceil((visual + 1000) / max_pos)`` (it sets the factor when that is >= 2 and
 otherwise leaves the lmms-lab config, which has no scaling: the same number), and a number is used
 as given. ``check_context`` never lets an overflow pass silently: it raises (or warns) with the fixes
-spelled out — fewer frames, a larger ``--pool-stride``, or ``--rope-scale F``.
+spelled out — what dominates first (a smaller ``--max-new-tokens``, fewer frames or a larger
+``--pool-stride``, fewer images, a shorter prompt), then ``--rope-scale F``.
 
 Sizes are (height, width).
 """
@@ -169,6 +170,8 @@ class ContextPlan:
     smallest_factor: float  # smallest integer factor whose context holds tokens_needed
     positions_available: int  # max_position_embeddings * factor
     fits: bool
+    video_tokens: int = 0  # the videos' share of visual_tokens (pooled frames, or frames sent as images)
+    video_pooled: bool = True  # False: the frames are sent as images (LLaVA-NeXT-Interleave), no --pool-stride
 
     def summary(self) -> str:
         """One line: the budget, the factor and whether it fits."""
@@ -178,14 +181,33 @@ class ContextPlan:
                 f" x RoPE factor {_fmt(self.factor)} ({self.factor_source}) = {self.positions_available}: {verdict}")
 
     def fix(self) -> str:
-        """What to change when it does not fit ('' when it fits)."""
+        """What to change when it does not fit ('' when it fits): the parts of the prompt that dominate
+        (the answer budget, the videos' frames, the images, the text), largest first, then the RoPE factor."""
         if self.fits:
             return ""
         over = self.tokens_needed - self.positions_available
-        return (f"{over} positions too many: use fewer frames, a larger --pool-stride, or --rope-scale "
-                f"{_fmt(self.smallest_factor)} (the smallest linear factor that holds {self.tokens_needed} "
-                f"positions; the config's factor is {_fmt(self.config_factor)}); or, to study this regime on "
-                f"purpose, --allow-overflow runs it anyway")
+        room = self.positions_available - (self.tokens_needed - self.new_tokens)  # positions left for the answer
+        images = self.visual_tokens - self.video_tokens
+        levers = []  # (positions, advice): what the user controls, by how many positions it costs
+        if self.new_tokens:
+            levers.append((self.new_tokens, f"a smaller --max-new-tokens ({self.new_tokens} now; "
+                                            + (f"at most {room} fit)" if room >= 1 else "the prompt alone does not fit)")))
+        if self.video_tokens:
+            levers.append((self.video_tokens, f"fewer frames (--frames; the video takes {self.video_tokens} positions)"
+                                              + (", a larger --pool-stride" if self.video_pooled else "")))
+        if images:
+            levers.append((images, f"fewer or smaller images ({images} positions)"))
+        if self.text_tokens:
+            levers.append((self.text_tokens, f"a shorter prompt ({self.text_tokens} positions)"))
+        levers.sort(key=lambda lever: -lever[0])
+        named, covered = [], 0
+        for size, advice in levers:  # the largest; others that alone could close the gap and matter
+            if not named or covered < over or (size >= over and size * 10 >= self.tokens_needed):
+                named.append(advice)
+                covered += size
+        return (f"{over} positions too many: use {', '.join(named)}, or --rope-scale {_fmt(self.smallest_factor)} "
+                f"(the smallest linear factor that holds {self.tokens_needed} positions; the config's factor is "
+                f"{_fmt(self.config_factor)}); or, to study this regime on purpose, --allow-overflow runs it anyway")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -201,10 +223,12 @@ def smallest_rope_factor(tokens_needed: int, max_position_embeddings: int) -> fl
 
 
 def plan_context(text_tokens: int, visual_tokens: int, config: LlavaNextConfig, rope_scale: RopeScale = "config",
-                 new_tokens: int = 0) -> ContextPlan:
-    """Positions a prompt needs against what the decoder's (scaled) RoPE provides."""
-    if min(text_tokens, visual_tokens, new_tokens) < 0:
-        raise ValueError(f"token counts must be >= 0, got text={text_tokens}, visual={visual_tokens}, new={new_tokens}")
+                 new_tokens: int = 0, video_tokens: int = 0) -> ContextPlan:
+    """Positions a prompt needs against what the decoder's (scaled) RoPE provides. ``video_tokens``: the
+    videos' share of ``visual_tokens`` (so the advice names frames only when there is a video)."""
+    if min(text_tokens, visual_tokens, new_tokens, video_tokens) < 0 or video_tokens > visual_tokens:
+        raise ValueError(f"token counts must be >= 0 (video <= visual), got text={text_tokens}, visual={visual_tokens}, "
+                         f"new={new_tokens}, video={video_tokens}")
     max_pos = config.text.max_position_embeddings
     needed = text_tokens + visual_tokens + new_tokens
     smallest = smallest_rope_factor(needed, max_pos)
@@ -222,7 +246,8 @@ def plan_context(text_tokens: int, visual_tokens: int, config: LlavaNextConfig, 
     return ContextPlan(text_tokens=text_tokens, visual_tokens=visual_tokens, new_tokens=new_tokens,
                        tokens_needed=needed, max_position_embeddings=max_pos,
                        config_factor=config.text.rope_scaling_factor, factor=factor, factor_source=source,
-                       smallest_factor=smallest, positions_available=available, fits=needed <= available)
+                       smallest_factor=smallest, positions_available=available, fits=needed <= available,
+                       video_tokens=video_tokens, video_pooled=not config.video_as_images)
 
 
 def check_context(plan: ContextPlan, on_overflow: Literal["raise", "warn"] = "raise") -> ContextPlan:

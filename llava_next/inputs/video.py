@@ -7,7 +7,9 @@ What is in here, in data-flow order:
   every ``round(avg_fps / target_fps)`` frames (target 1 fps), switching to uniform when that gives
   more than the cap.
 - ``load_video``: decodes the stream once, sequentially, and keeps only the sampled frames (already
-  resized and cropped to 336 x 336), so a long video never sits in memory. The frame count comes from
+  resized and cropped to 336 x 336), so a long video never sits in memory. Before decoding, the kept
+  frames' bytes (F x 336 x 336 x 3, plus their float32 copy) are checked against the memory available
+  (``check_frame_memory``): ``--frames 100000`` is refused at once, not after a 31 GiB ``np.stack``. The frame count comes from
   the container's index (``stream.frames``) or, when that is missing, from counting packets; the
   decode pass then counts the frames for real and, if the estimate was wrong (edit lists, truncated
   files), samples again over the true count — indices always refer to the decoded stream.
@@ -56,8 +58,8 @@ class VideoError(ValueError):
 class VideoClip:
     """Sampled, preprocessed frames of one video plus what is known about where they came from."""
 
-    pixel_values: torch.Tensor  # (F, 3, S, S) float32, CLIP-normalized
-    frames: np.ndarray  # (F, S, S, 3) uint8: exactly the pixels the model sees, before normalization
+    pixel_values: torch.Tensor  # (F, 3, S, S) float32, CLIP-normalized (F = 0: loaded with keep_pixels=False)
+    frames: np.ndarray  # (F, S, S, 3) uint8: exactly the pixels the model sees, before normalization (idem)
     frame_indices: list[int]  # into the decoded stream, 0-based
     timestamps: list[float]  # seconds from the first frame
     fps: float  # average frame rate
@@ -157,6 +159,41 @@ def frame_options(config: LlavaNextConfig) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
+# Memory of the kept frames
+# --------------------------------------------------------------------------------------------------
+def frame_bytes(num_frames: int, size: int) -> int:
+    """Bytes the kept frames take: (F, S, S, 3) uint8 pixels plus their (F, 3, S, S) float32 copy."""
+    return num_frames * size * size * 3 * (1 + 4)
+
+
+def _available_bytes() -> int | None:
+    from ..runtime.memory import available_memory
+
+    return available_memory(torch.device("cpu"))
+
+
+def check_frame_memory(path: str, num_frames: int, size: int, total_frames: int = 0) -> None:
+    """Refuse, before decoding, to keep more frames than the memory available can hold (a ``--frames
+    100000`` typo would otherwise allocate tens of GiB after decoding the whole video)."""
+    need, available = frame_bytes(num_frames, size), _available_bytes()
+    if available is None or need <= available:
+        return
+    fit = max(1, available // frame_bytes(1, size))
+    short = (f"the video has only {total_frames} frames (uniform sampling repeats them past that), so "
+             if 0 < total_frames < num_frames else "")
+    raise VideoError(f"{path}: {num_frames} frames of {size}x{size} px would take {_size(need)} in memory (uint8 "
+                     f"pixels + float32 copy), more than the {_size(available)} available; {short}use --frames "
+                     f"{min(fit, total_frames) if short else fit} or fewer")
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} bytes"
+
+
+# --------------------------------------------------------------------------------------------------
 # Decoding
 # --------------------------------------------------------------------------------------------------
 _AV_ERRORS = (av.error.FFmpegError, OSError)
@@ -231,9 +268,10 @@ def _estimate_total(path: str) -> tuple[int, float]:
         return count, fps
 
 
-def _decode(path: str, indices: list[int], size: int, resize: FrameResize = "crop", total: int = 0):
-    """One sequential pass: keep frames at ``indices`` (preprocessed), count every frame (``total``: what
-    the container lists, for the error message).
+def _decode(path: str, indices: list[int], size: int, resize: FrameResize = "crop", total: int = 0,
+            keep: bool = True):
+    """One sequential pass: keep frames at ``indices`` (preprocessed; ``keep=False``: only their times),
+    count every frame (``total``: what the container lists, for the error message).
 
     Returns (kept frames, their timestamps, decoded frame count, duration in s or None, frame size,
     display rotation in degrees).
@@ -255,7 +293,7 @@ def _decode(path: str, indices: list[int], size: int, resize: FrameResize = "cro
                 if t is not None and t0 is not None:  # end of this frame, relative to the first
                     t_end = t - t0 + (float(frame.duration * frame.time_base) if frame.duration else 0.0)
                 if i in wanted:
-                    pixels = preprocess_frame(frame.to_image(), size, resize)
+                    pixels = preprocess_frame(frame.to_image(), size, resize) if keep else None
                     for slot in wanted[i]:
                         kept[slot] = pixels
                         times[slot] = None if t is None or t0 is None else t - t0
@@ -277,15 +315,22 @@ def _decode(path: str, indices: list[int], size: int, resize: FrameResize = "cro
 
 def load_video(path: str | os.PathLike, num_frames: int = 8, *, sampling: Sampling = "uniform",
                target_fps: float = 1.0, size: int = 336, resize: FrameResize = "crop",
-               stats: Stats = CLIP_STATS) -> VideoClip:
+               stats: Stats = CLIP_STATS, keep_pixels: bool = True) -> VideoClip:
     """Decode ``path`` and return ``num_frames`` preprocessed frames (the cap, for ``sampling="fps"``);
-    ``size``/``resize``/``stats`` as ``frame_options(config)`` gives them (default: CLIP's)."""
+    ``size``/``resize``/``stats`` as ``frame_options(config)`` gives them (default: CLIP's).
+    ``keep_pixels=False`` (a plan only, ``inspect``): the frames are sampled and timed but not preprocessed;
+    ``frames`` and ``pixel_values`` are then empty (0 frames). The memory check applies either way: it is
+    about the run the plan is for."""
     path = os.fspath(path)
     if num_frames < 1:
         raise VideoError(f"{path}: num_frames must be >= 1, got {num_frames}")
     if sampling not in ("uniform", "fps"):
         raise VideoError(f"{path}: sampling {sampling!r} is not supported; use 'uniform' or 'fps'")
     total, fps = _estimate_total(path)
+    # how many frames sampling keeps, known before any index list or decoded frame exists
+    kept_frames = num_frames if sampling == "uniform" else min(num_frames, len(range(0, max(total, 1),
+                                                                                   max(1, round((fps or 1.0) / target_fps)))))
+    check_frame_memory(path, kept_frames, size, total)
 
     def pick(n_total: int) -> list[int]:
         if sampling == "uniform":
@@ -293,7 +338,7 @@ def load_video(path: str | os.PathLike, num_frames: int = 8, *, sampling: Sampli
         return fps_indices(n_total, fps or 1.0, num_frames, target_fps)
 
     indices = pick(max(total, 1))
-    kept, times, count, duration, size_hw, rotation = _decode(path, indices, size, resize, total)
+    kept, times, count, duration, size_hw, rotation = _decode(path, indices, size, resize, total, keep_pixels)
     if count == 0:
         raise VideoError(f"{path}: the video stream has no decodable frames; give a video with at least one frame")
     if count != total:  # the index lied (edit list, truncated file): sample the real stream
@@ -302,7 +347,7 @@ def load_video(path: str | os.PathLike, num_frames: int = 8, *, sampling: Sampli
             raise VideoError(f"{path}: truncated MP4 ({cut}; only {count} of its {total} frames decode): the file "
                              f"is cut off, probably an incomplete download or copy; get it again")
         indices = pick(count)
-        kept, times, count2, duration, size_hw, rotation = _decode(path, indices, size, resize)
+        kept, times, count2, duration, size_hw, rotation = _decode(path, indices, size, resize, keep=keep_pixels)
         if count2 != count:
             raise VideoError(f"{path}: corrupt video, decodes to {count} then {count2} frames")
     if not fps:
@@ -311,7 +356,7 @@ def load_video(path: str | os.PathLike, num_frames: int = 8, *, sampling: Sampli
     timestamps = [t if t is not None else i / fps for t, i in zip(times, indices)]
     if duration is None:
         duration = count / fps
-    frames = np.stack(kept)  # (F, S, S, 3)
+    frames = np.stack(kept) if keep_pixels else np.zeros((0, size, size, 3), np.uint8)  # (F, S, S, 3)
     return VideoClip(pixel_values=frames_to_pixels(frames, stats), frames=frames, frame_indices=indices,
                      timestamps=[round(float(t), 6) for t in timestamps], fps=float(fps), total_frames=count,
                      duration=round(float(duration), 6), size_hw=size_hw, path=path, listed_frames=total,

@@ -11,6 +11,9 @@ Steps, in order (each its own method, so a reader or a test can stop anywhere):
    same function the model's features obey); the RoPE context checked *before* running: a prompt
    that needs more positions than max_position_embeddings x factor is refused with the fix spelled
    out (or, with ``rope_scale="auto"``, the smallest linear factor that fits is chosen and reported).
+   With uniform sampling the plan is known from the frame count alone, so it is checked before a single
+   frame is decoded (``--frames 100000`` fails at once), and again with what was decoded. Images and
+   videos may be ``sample:NAME`` (inputs/samples.py), as on the command line.
 2. ``embed``: the vision tower, pooling and projector; features spliced at the placeholders.
 3. ``stream`` / ``generate``: the decoder with its static KV cache (generate.py), text decoded
    incrementally. Several prepared requests run as one left-padded batch (``generate_batch``).
@@ -44,9 +47,10 @@ from ..inputs.image import ImageInput, preprocess_image
 from ..model.llava import LlavaNextModel
 from ..inputs.prompt import (IMAGE, VIDEO, TemplateChoice, Tokenizer, build_input_ids, expand_placeholders,
                              stop_token_ids)
-from ..inputs.tokens import (ContextPlan, ImagePlan, RopeScale, VideoPlan, check_context, image_aspect, image_plan,
-                             plan_context, video_plan)
-from ..inputs.video import Sampling, VideoClip, frame_options, load_video
+from ..inputs.samples import resolve as resolve_sample
+from ..inputs.tokens import (ContextOverflowError, ContextPlan, ImagePlan, RopeScale, Size, VideoPlan, check_context,
+                             image_aspect, image_plan, plan_context, video_plan)
+from ..inputs.video import Sampling, VideoClip, VideoError, _estimate_total, frame_options, load_video
 from . import tiny
 from .memory import MemoryBudgetError, check_model_fits, memory_budget
 from ..reduce.stages import Reduction, VisualLayout, native_video_layout
@@ -178,8 +182,10 @@ class Pipeline:
         (llava_next.reduce); its frame selector runs here."""
         cfg = self.config
         t0 = time.perf_counter()
+        images = [resolve_sample(im) for im in images]  # "sample:cat", as on the command line
         aspect = image_aspect(cfg, len(images))  # OneVision pads each of several images to one tile
         image_inputs = [preprocess_image(im, cfg, max_pixels=max_image_pixels, aspect=aspect) for im in images]
+        user_images = [(im.image_size, im.grid) for im in image_inputs]
         if reduction:
             reduction.check(cfg)
         if image_inputs:
@@ -187,7 +193,20 @@ class Pipeline:
                                 f"tiles (base + AnyRes) in {time.perf_counter() - t0:.2f} s")
         frames = 8 if frames is None else frames
         first = list(video) if isinstance(video, (list, tuple)) else [video] if video is not None else []
-        paths = first + list(videos)
+        paths = [resolve_sample(v) for v in first + list(videos)]
+        plan_args = dict(frames=frames, template=template, system=system, rope_scale=rope_scale,
+                         max_new_tokens=max_new_tokens, reduction=reduction)
+        if paths and not allow_overflow and sampling == "uniform" and not (reduction and reduction.select_frames):
+            # uniform sampling keeps exactly `frames` frames of every video (repeating frames of a shorter one),
+            # so the plan is known before decoding: a frame count the context cannot hold fails here, cheaply
+            tile = (cfg.tile_size,) * 2
+            as_images = [(tile, frames)] * len(paths) if cfg.video_as_images else []
+            planned = self._token_plan(prompt, user_images, aspect, as_images, [] if as_images else [frames] * len(paths),
+                                       **plan_args)[-1]
+            try:
+                check_context(planned)
+            except ContextOverflowError as e:
+                raise ContextOverflowError(f"{e}{_shorter_videos(paths, frames)}") from None
         clips = []
         for v in paths:
             tv = time.perf_counter()
@@ -197,29 +216,15 @@ class Pipeline:
         frame_clips, notes = [], []
         if clips and cfg.video_as_images:  # LLaVA-NeXT-Interleave: a video is its frames, one <image> each
             frame_clips, clips = clips, []
-            aspect = "resize"
             for clip in frame_clips:
                 image_inputs += [ImageInput(clip.pixel_values[i:i + 1], clip.size_hw, (cfg.tile_size,) * 2, (0, 0))
                                  for i in range(clip.num_frames)]
-                prompt = prompt.replace(VIDEO, IMAGE * clip.num_frames, 1)  # the k-th <video>, if written
                 notes.append(f"{clip.path}: sent as its {clip.num_frames} frames, one <image> each (this checkpoint "
                              f"reads videos as interleaved images)")
         t1 = time.perf_counter()
-        ids = build_input_ids(prompt, self.tokenizer, cfg, len(image_inputs), len(clips), template, system=system)
-        image_plans = [image_plan(im.image_size, cfg, aspect) for im in image_inputs]
-        video_plans = [video_plan(c.num_frames, cfg) for c in clips]
-        image_counts = [p.total for p in image_plans]
-        reducer = reduction.reducer if reduction else None
-        unreduced = sum(image_counts)
-        if reducer is not None and image_inputs:  # each image on its own (a video-only reducer refuses images)
-            reducer.check_media(len(image_inputs), frames_as_images=bool(frame_clips))
-            image_counts = [reducer.num_image_tokens(im.grid, cfg) for im in image_inputs]
-        video_counts = [reducer.num_tokens(c.num_frames, cfg) if reducer else p.total for c, p in zip(clips, video_plans)]
-        selector = reduction.select_frames if reduction else None
-        unreduced += sum(video_plan(frames, cfg).total if selector else p.total for p in video_plans)
-        ids = expand_placeholders(ids, cfg.image_token_id, cfg.video_token_id, image_counts, video_counts)
-        visual = sum(image_counts) + sum(video_counts)
-        plan = plan_context(len(ids) - visual, visual, cfg, rope_scale, new_tokens=max_new_tokens)
+        ids, image_plans, video_plans, image_counts, video_counts, unreduced, plan = self._token_plan(
+            prompt, user_images, aspect, [(c.size_hw, c.num_frames) for c in frame_clips], [c.num_frames for c in clips],
+            **plan_args)
         if not allow_overflow:
             check_context(plan)
         return Request(ids, image_inputs, clips, plan, image_counts, video_counts,
@@ -227,14 +232,47 @@ class Pipeline:
                        notes + [note for c in clips + frame_clips for note in c.notes()], image_plans, video_plans,
                        frame_clips, reduction or None, unreduced)
 
+    def _token_plan(self, prompt: str, images: list[tuple[Size, Size]], aspect: str,
+                    frames_as_images: list[tuple[Size, int]], videos: list[int], *, frames: int,
+                    template: TemplateChoice | None, system: str | None, rope_scale: RopeScale, max_new_tokens: int,
+                    reduction: Reduction | None):
+        """The expanded ids and every count of a prompt with these media, from sizes and frame counts alone (so
+        ``prepare`` checks the plan before decoding a frame, and again with what was decoded).
+
+        ``images``: the user's images, (height, width) and tile grid each, planned with ``aspect``;
+        ``frames_as_images``: (frame size, frames) of each video sent as its frames (Interleave), every frame
+        one untiled "resize" image after the user's; ``videos``: the frame count of each pooled video.
+        Returns (ids, image plans, video plans, image counts, video counts, unreduced visual tokens, context)."""
+        cfg = self.config
+        specs = [(hw, grid, aspect) for hw, grid in images]  # each image keeps its own aspect plan
+        for hw, n in frames_as_images:
+            specs += [(hw, (0, 0), "resize")] * n
+            prompt = prompt.replace(VIDEO, IMAGE * n, 1)  # the k-th <video>, if written
+        ids = build_input_ids(prompt, self.tokenizer, cfg, len(specs), len(videos), template, system=system)
+        image_plans = [image_plan(hw, cfg, a) for hw, _, a in specs]
+        video_plans = [video_plan(n, cfg) for n in videos]
+        image_counts = [p.total for p in image_plans]
+        reducer = reduction.reducer if reduction else None
+        unreduced = sum(image_counts)
+        if reducer is not None and specs:  # each image on its own (a video-only reducer refuses images)
+            reducer.check_media(len(specs), frames_as_images=bool(frames_as_images))
+            image_counts = [reducer.num_image_tokens(grid, cfg) for _, grid, _ in specs]
+        video_counts = [reducer.num_tokens(n, cfg) if reducer else p.total for n, p in zip(videos, video_plans)]
+        selector = reduction.select_frames if reduction else None
+        unreduced += sum(video_plan(frames, cfg).total if selector else p.total for p in video_plans)
+        ids = expand_placeholders(ids, cfg.image_token_id, cfg.video_token_id, image_counts, video_counts)
+        visual = sum(image_counts) + sum(video_counts)
+        from_videos = sum(video_counts) + sum(image_counts[len(images):])  # pooled videos, or their frames as images
+        plan = plan_context(len(ids) - visual, visual, cfg, rope_scale, new_tokens=max_new_tokens,
+                            video_tokens=from_videos)
+        return ids, image_plans, video_plans, image_counts, video_counts, unreduced, plan
+
     def _load_clip(self, video: PathLike, frames: int, sampling: Sampling, reduction: Reduction | None) -> VideoClip:
         """``frames`` sampled frames, or a frame selector's pick among its candidates."""
         options = frame_options(self.config)
         selector = reduction.select_frames if reduction else None
         if selector is None:
             return load_video(video, frames, sampling=sampling, **options)
-        from ..inputs.video import _estimate_total
-
         total, fps = _estimate_total(os.fspath(video))
         candidates = load_video(video, selector.candidate_count(frames, total, fps), **options)
         keep = selector.select(candidates.pixel_values, self.model, frames)
@@ -429,6 +467,20 @@ def _check_finite(t: torch.Tensor, what: str) -> None:
         cause = (f"in {str(t.dtype).removeprefix('torch.')} this means the weights or the inputs hold inf/NaN, "
                  f"or activations overflow; check the checkpoint's tensors (torch.isfinite), or try --dtype fp32")
     raise NonFiniteError(f"{what} are not finite (inf/NaN), so generation stopped before producing garbage: {cause}")
+
+
+def _shorter_videos(paths: Sequence[PathLike], frames: int) -> str:
+    """'; clip.mp4 has only 12 frames ...' for each video shorter than ``frames`` (read from its index, no
+    decoding), to append to a context error: more frames than a video has only repeat its frames."""
+    out = ""
+    for path in paths:
+        try:
+            total, _ = _estimate_total(os.fspath(path))
+        except VideoError:  # a bad file: loading it says why
+            continue
+        if 0 < total < frames:
+            out += f"; {os.fspath(path)} has only {total} frames (uniform sampling repeats frames past that)"
+    return out
 
 
 def _first_line(e: BaseException) -> str:
