@@ -158,3 +158,18 @@ def test_inspect_plans_frames_without_preprocessing_their_pixels(capsys, monkeyp
     assert cli.main(["inspect", "--video", _small_video(), "--frames", "2000", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["num_frames"] == 2000 and len(plan["frame_indices"]) == 2000 and not plan["fits"]
+
+
+def test_memory_advice_names_frames_only_with_a_video(pipe, monkeypatch):
+    """The memory refusal, like the context one, names fewer frames / a larger pool stride only for a video."""
+    from llava_next.runtime import memory as memory_mod
+    from llava_next.runtime.memory import MemoryBudgetError
+
+    image = pipe.prepare("What is this?", images=["sample:cat"])
+    video = pipe.prepare("What happens?", video="sample:bunny", frames=2)
+    monkeypatch.setattr(memory_mod, "available_memory", lambda device: 1)
+    with pytest.raises(MemoryBudgetError) as e:
+        pipe.generate(image, max_new_tokens=4)
+    assert "--frames" not in str(e.value) and "--pool-stride" not in str(e.value) and "fewer images" in str(e.value)
+    with pytest.raises(MemoryBudgetError, match="fewer frames \\(--frames\\) or a larger --pool-stride"):
+        pipe.generate(video, max_new_tokens=4)

@@ -64,6 +64,7 @@ class MemoryBudget:
     available_bytes: int | None  # free now, plus the KV cache a previous run left (it is replaced)
     dtype: torch.dtype
     device: torch.device
+    videos: bool = True  # whether fewer frames / a larger pool stride can help (the advice names them only then)
 
     @property
     def needed_bytes(self) -> int:
@@ -76,8 +77,9 @@ class MemoryBudget:
             f"positions ({self.prompt_tokens} prompt + {self.new_tokens} new tokens) need a KV cache of "
             f"{_gib(self.kv_cache_bytes)} in {str(self.dtype).removeprefix('torch.')} plus ~"
             f"{_gib(self.activation_bytes)} of prefill activations = {_gib(self.needed_bytes)}; available on "
-            f"{self.device.type}: {have}. Lower --max-new-tokens, use fewer frames (--frames) or a larger "
-            f"--pool-stride, or run fewer requests per batch"
+            f"{self.device.type}: {have}. Lower --max-new-tokens, "
+            f"{'use fewer frames (--frames) or a larger --pool-stride, ' if self.videos else 'use fewer images, '}"
+            f"or run fewer requests per batch"
             f"{', or use --dtype bf16 (half of fp32)' if self.dtype == torch.float32 else ''}")
 
     def check(self) -> None:
@@ -86,8 +88,9 @@ class MemoryBudget:
 
 
 def memory_budget(text: TextConfig, batch: int, prompt_tokens: int, new_tokens: int, dtype: torch.dtype,
-                  device: torch.device, decoder: torch.nn.Module | None = None) -> MemoryBudget:
-    """The memory a run of ``batch`` prompts of up to ``prompt_tokens`` tokens + ``new_tokens`` needs."""
+                  device: torch.device, decoder: torch.nn.Module | None = None, videos: bool = True) -> MemoryBudget:
+    """The memory a run of ``batch`` prompts of up to ``prompt_tokens`` tokens + ``new_tokens`` needs
+    (``videos``: whether any prompt has a video, so that the advice names frames only then)."""
     size = torch.empty((), dtype=dtype).element_size()
     positions = prompt_tokens + new_tokens
     kv = 2 * text.num_layers * batch * text.num_kv_heads * positions * text.head_dim * size
@@ -97,7 +100,8 @@ def memory_budget(text: TextConfig, batch: int, prompt_tokens: int, new_tokens: 
     available = available_memory(torch.device(device))
     if available is not None and decoder is not None:  # caches of an earlier run are freed or reused
         available += sum(b.nbytes for name, b in decoder.named_buffers() if "kv_cache" in name)
-    return MemoryBudget(batch, prompt_tokens, new_tokens, kv, activations, available, dtype, torch.device(device))
+    return MemoryBudget(batch, prompt_tokens, new_tokens, kv, activations, available, dtype, torch.device(device),
+                        videos)
 
 
 # ----------------------------------------------------------------------------------------------------

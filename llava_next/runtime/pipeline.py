@@ -355,7 +355,8 @@ class Pipeline:
         decoder = self.model.language_model
         budget = memory_budget(self.budget_text_config or self.config.text, len(requests),
                                max(len(r.input_ids) for r in requests),
-                               max_new_tokens, self.model.dtype, self.model.device, decoder)
+                               max_new_tokens, self.model.dtype, self.model.device, decoder,
+                               videos=any(r.videos or r.frame_clips for r in requests))
         budget.check()
         stops = stop_token_ids(self.tokenizer, self.config.template if template is None else template)
         previous = decoder.rope_scaling_factor
