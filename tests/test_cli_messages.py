@@ -1,0 +1,121 @@
+"""What a new user sees (issue 22, items 10 and 11): messages that say the real cause and what helps, the
+built-in tiny-random model's notice wherever its weights go, Ctrl-C and closed pipes without tracebacks,
+one error vocabulary for every command, and progress that suits a log file. Everything runs the real
+``llava-next`` in a subprocess, as a user would, mostly on ``tiny-random`` (built once into a shared cache)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("messages-cache")
+    return dict(os.environ, LLAVA_NEXT_CACHE=str(cache), HF_HUB_OFFLINE="1", LLAVA_NEXT_COMPILE="0")
+
+
+def cli(env, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llava_next.cli.main", *args], env=env, capture_output=True,
+                          text=True, timeout=TIMEOUT_S, **kwargs)
+
+
+def one_error_line(r: subprocess.CompletedProcess, command: str) -> str:
+    """The stderr of a user error: exit 2, no traceback, one ``llava-next COMMAND: error:`` line."""
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith(f"llava-next {command}: error:")]
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
+# ---- 10c: Ctrl-C while torch is still importing -----------------------------------------------------------
+SIGINT_AT_TORCH_IMPORT = """\
+import os, signal, sys
+
+class _InterruptTorchImport:  # Ctrl-C exactly when the command first imports torch (no timing involved)
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)  # os.kill runs the KeyboardInterrupt handler before returning
+        return None
+
+sys.meta_path.insert(0, _InterruptTorchImport())
+"""
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_ctrl_c_while_importing_is_one_line_and_exit_130(env, tmp_path, as_json):
+    (tmp_path / "sitecustomize.py").write_text(SIGINT_AT_TORCH_IMPORT)
+    hooked = dict(env, PYTHONPATH=os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")]))
+    r = cli(hooked, "run", "--model", "tiny-random", "--prompt", "hi", *(["--json"] if as_json else []))
+    assert r.returncode == 130, r.stderr
+    assert "Traceback" not in r.stderr and "KeyboardInterrupt" not in r.stderr, r.stderr
+    if as_json:
+        assert json.loads(r.stdout) == {"error": "interrupted", "kind": "interrupted", "type": "KeyboardInterrupt"}
+        assert r.stderr == ""
+    else:
+        assert r.stderr.strip().splitlines() == ["llava-next run: interrupted"]
+
+
+# ---- 11g: a reader that stops early (| head) -------------------------------------------------------------
+def test_closed_stdout_exits_quietly(env):
+    p = subprocess.Popen([sys.executable, "-m", "llava_next.cli.main", "inspect", "--model", "tiny-random",
+                          "--image", "sample:cat", "--video", "sample:bunny"], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    p.stdout.close()  # what `| head -1` does once it has its line; here before the first one
+    err = p.stderr.read()
+    assert p.wait(timeout=TIMEOUT_S) == 141, err  # 128 + SIGPIPE, as a C tool killed by the signal reports
+    assert err == "", err
+
+
+# ---- 10b: a near-miss model name -------------------------------------------------------------------------
+def test_near_miss_model_name_suggests_the_preset(env):
+    for command in ("run", "inspect"):
+        args = ["--prompt", "hi"] if command == "run" else ["--image", "sample:cat"]
+        line = one_error_line(cli(env, command, "--model", "llava-next-video-7b", *args), command)
+        assert "did you mean 'LLaVA-NeXT-Video-7B'?" in line, line
+    line = one_error_line(cli(env, "run", "--model", "tiny-randon", "--prompt", "hi"), "run")
+    assert "did you mean 'tiny-random'?" in line, line
+    line = one_error_line(cli(env, "run", "--model", "xyzzy", "--prompt", "hi"), "run")
+    assert "did you mean" not in line, line
+
+
+# ---- 10a: int4 on a decoder whose widths the int4 kernel cannot take ---------------------------------------
+def write_checkpoint(out: Path, **text_changes) -> Path:
+    """tiny-random's layout with other decoder widths (llava-next's converted format)."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    from llava_next.runtime import tiny
+
+    base = tiny.tiny_config()
+    config = dataclasses.replace(base, text=dataclasses.replace(base.text, **text_changes))
+    out.mkdir(parents=True)
+    save_file(tiny.random_weights(config), str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(config.to_dict()))
+    return out
+
+
+def test_int4_message_states_the_failing_condition_and_what_helps(env, tmp_path):
+    rows = write_checkpoint(tmp_path / "mlp344", hidden_size=128, intermediate_size=344)
+    line = one_error_line(cli(env, "convert", str(rows), str(tmp_path / "q"), "--quantize", "int4"), "convert")
+    # gate/up (344, 128): 344 output rows, not a multiple of 16, whatever the group size
+    assert "344" in line and "multiple of 16" in line and "no --group-size can help" in line, line
+    assert "use --quantize int8" in line and "group_size that divides" not in line, line
+
+    cols = write_checkpoint(tmp_path / "mlp352", hidden_size=128, intermediate_size=352)  # 352 = 11 x 32
+    line = one_error_line(cli(env, "convert", str(cols), str(tmp_path / "q"), "--quantize", "int4"), "convert")
+    # down_proj (128, 352): 352 input features, a multiple of 32 but not of 64, 128 or 256
+    assert "352" in line and "--group-size 32" in line and "--group-size 64" not in line, line
+    ok = cli(env, "convert", str(cols), str(tmp_path / "q32"), "--quantize", "int4", "--group-size", "32")
+    assert ok.returncode == 0, ok.stderr
+    assert not (tmp_path / "q").exists()
