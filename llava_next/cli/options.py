@@ -306,9 +306,11 @@ def model_config(model: str):
             return LlavaNextConfig.from_original_config(raw), None
         except ConfigError as e:
             raise UserError(f"{cfg_file}: {e}") from None
+    from ..config.presets import did_you_mean
+
     raise UserError(f"--model {model}: planning needs the model's config without downloading it; give a preset "
                     f"name ({', '.join(sorted(PRESETS))}), the hub id of one, a checkpoint directory, or "
-                    f"'{TINY_MODEL}'")
+                    f"'{TINY_MODEL}'{did_you_mean(model, extra=(TINY_MODEL,))}")
 
 
 def model_tokenizer(model: str):
