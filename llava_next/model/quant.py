@@ -60,6 +60,7 @@ DEFAULT_GROUP_SIZE = 128
 DEQUANT_MIN_ROWS = 128  # rows of activations from which a layer dequantizes and runs a bf16 GEMM
 INNER_K_TILES = 2  # argument of torch._convert_weight_to_int4pack_for_cpu (the CPU layout ignores it)
 _CHUNK_ROWS = 512
+INT8_KERNEL_K = 16  # torch's int8 CPU kernel is right only for in_features % 16 == 0 (measured, torch 2.13)
 ALIGN = 64  # bytes: torch's int8 CPU kernel needs its weight aligned like this (see Int8Linear.init_buffers)
 
 
@@ -232,7 +233,9 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows >= DEQUANT_MIN_ROWS:  # a GEMM: oneDNN on the dequantized weight is ~3x faster
+        # a GEMM: oneDNN on the dequantized weight is ~3x faster. K % 16 != 0: torch 2.13's int8 CPU kernel
+        # reads past each row (wrong numbers, or a segfault near the end of an mmapped file), so dequantize too
+        if rows >= DEQUANT_MIN_ROWS or self.in_features % INT8_KERNEL_K:
             return dequantized_linear(self, x)
         scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
         if torch.compiler.is_compiling():  # the pattern inductor's CPU weight-only-int8 GEMM template matches
