@@ -183,7 +183,9 @@ def _inspect_media(args, config: LlavaNextConfig, model: str, preset: str | None
     report = {"preset": preset, "model": model, "kind": kind, "visual_tokens": visual,
               "text_tokens": text_tokens, "total": context.tokens_needed, "fits": context.fits, **media,
               "context": context.to_dict(), "overflow": overflow(context)}
-    if model == options.TINY_MODEL:
+    from .run import random_weights_notice
+
+    if random_weights_notice(model):
         report["random_weights"] = True
     if budgets:
         report["reduction"] = budgets
@@ -216,7 +218,8 @@ def _format(r: dict) -> str:
     if r["preset"] is not None:
         lines = [f"preset   {r['preset']} ({PRESETS[r['preset']].hub_id}); sizes are height x width"]
     elif r.get("random_weights"):
-        lines = [f"model    {r['model']} (built in, RANDOM weights: a smoke-test model); sizes are height x width"]
+        what = "built in" if r["model"] == options.TINY_MODEL else "a copy of tiny-random"
+        lines = [f"model    {r['model']} ({what}, RANDOM weights: a smoke-test model); sizes are height x width"]
     else:
         lines = [f"model    {r['model']}; sizes are height x width"]
     for e in r["images"]:

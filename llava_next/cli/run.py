@@ -82,15 +82,47 @@ def _convert(args: argparse.Namespace, user_error) -> int:
     from llava_next_weights.convert import convert
     from llava_next_weights.hub import download
 
-    src = Path(args.src)
-    if not src.exists():
+    from . import options
+
+    src, dtype = Path(args.src), args.dtype
+    if args.src == options.TINY_MODEL and not src.exists():  # the built-in model, written in the chosen format
+        from ..runtime import tiny
+
+        print(f"[llava-next] {tiny.NOTICE}", file=sys.stderr)
+        src, dtype = tiny.ensure(), dtype or "fp32"  # its weights are float32: a copy unless told otherwise
+    elif not src.exists():
         if "/" not in args.src:
-            raise user_error(f"{args.src}: no such directory (and not a hub id of the form org/name)")
+            from ..config.presets import did_you_mean
+
+            raise user_error(f"{args.src}: no such directory (and not a hub id of the form org/name, nor "
+                             f"'{options.TINY_MODEL}'){did_you_mean(args.src, extra=(options.TINY_MODEL,))}")
         src = download(args.src)
-    out = convert(src, args.out, dtype=args.dtype, overwrite=args.overwrite, progress=True, quantize=args.quantize,
+    out = convert(src, args.out, dtype=dtype, overwrite=args.overwrite, progress=True, quantize=args.quantize,
                   group_size=args.group_size)
     print(f"converted {args.src} -> {out}", file=sys.stderr)
     return 0
+
+
+def random_weights_notice(model: str) -> str | None:
+    """The notice that ``model``'s weights are random: tiny-random itself, or a directory holding a copy of it
+    (``convert`` copies its tiny-random.json marker along with the weights, quantized or cast); else None."""
+    import os
+    from pathlib import Path
+
+    from ..runtime.tiny import NAME, NOTICE
+
+    if model == NAME and not os.path.exists(model):
+        return NOTICE
+    marker = Path(model).expanduser() / "tiny-random.json"
+    if not marker.is_file():
+        return None
+    try:
+        info = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        info = {"random_weights": True}  # a damaged marker still marks random weights
+    if not isinstance(info, dict) or info.get("random_weights") is False:
+        return None
+    return f"{model} holds tiny-random's weights: {NOTICE}"
 
 
 def _run(args: argparse.Namespace, user_error) -> int:
@@ -111,10 +143,9 @@ def _run(args: argparse.Namespace, user_error) -> int:
     reduction = options.reduction(args)  # a bad method or value fails before any loading
     model_id = PRESETS[args.model].hub_id if args.model in PRESETS else args.model
     tiny = args.model == options.TINY_MODEL
-    if tiny:  # said plainly, whatever the output mode: the answer is noise
-        from ..runtime.tiny import NOTICE
-
-        print(f"[llava-next] {NOTICE}", file=sys.stderr)
+    notice = random_weights_notice(args.model)
+    if notice:  # said plainly, whatever the output mode: the answer is noise
+        print(f"[llava-next] {notice}", file=sys.stderr)
     # stderr only, so --json's stdout stays one object; in text mode the streamed answer shows the decoding
     progress = Progress(enabled=not args.quiet, skip=() if args.json else ("decoding",))
     progress.say("loading", f"{model_id} ({args.dtype}, {args.device}){' (built on first use)' if tiny else ''}")
@@ -157,8 +188,8 @@ def _run(args: argparse.Namespace, user_error) -> int:
                            pipe.model.config, args.rope_scale, options.sampling(args))
         result = {"tokens": request.tokens, "text": "".join(pieces), "timings": timings,
                   "plan": {**request.to_dict(), **media}, "overflow": overflow(plan)}
-        if tiny:
-            result["random_weights"], result["notice"] = True, NOTICE
+        if notice:
+            result["random_weights"], result["notice"] = True, notice
         print(json.dumps(result))
     else:
         sys.stdout.write("\n")
