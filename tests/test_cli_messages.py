@@ -119,3 +119,38 @@ def test_int4_message_states_the_failing_condition_and_what_helps(env, tmp_path)
     ok = cli(env, "convert", str(cols), str(tmp_path / "q32"), "--quantize", "int4", "--group-size", "32")
     assert ok.returncode == 0, ok.stderr
     assert not (tmp_path / "q").exists()
+
+
+# ---- 11b, 11c, 11d: convert tiny-random; the notice follows its weights; progress in a log ---------------
+def test_convert_tiny_random_and_the_notice_follows_its_weights(env, tmp_path):
+    plain = cli(env, "convert", "tiny-random", str(tmp_path / "plain"))
+    assert plain.returncode == 0, plain.stderr
+    assert (tmp_path / "plain" / "config.json").is_file() and (tmp_path / "plain" / "tiny-random.json").is_file()
+
+    r = cli(env, "convert", "tiny-random", str(tmp_path / "q8"), "--quantize", "int8", "--dtype", "bf16")
+    assert r.returncode == 0, r.stderr
+    # stderr is a pipe here: one line per update, no carriage returns, and the last one says it is complete
+    assert "\r" not in r.stderr, repr(r.stderr)
+    progress = [line for line in r.stderr.splitlines() if "converting" in line and "->" not in line]
+    assert progress and "100%" in progress[-1], r.stderr
+
+    run = cli(env, "run", "--model", str(tmp_path / "q8"), "--prompt", "hi", "--max-new-tokens", "2", "--json")
+    assert run.returncode == 0, run.stderr
+    assert "RANDOM weights" in run.stderr
+    result = json.loads(run.stdout)
+    assert result["random_weights"] is True and "RANDOM" in result["notice"]
+    inspect = cli(env, "inspect", "--model", str(tmp_path / "q8"), "--image", "sample:cat", "--json")
+    assert inspect.returncode == 0, inspect.stderr
+    assert json.loads(inspect.stdout)["random_weights"] is True
+
+
+# ---- 11a: batch ------------------------------------------------------------------------------------------
+def test_batch_says_random_weights_and_leaves_no_lock_file(env, tmp_path):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"id": "a", "prompt": "hi", "max_new_tokens": 2}) + "\n")
+    out = tmp_path / "out" / "results.jsonl"
+    r = cli(env, "batch", "--model", "tiny-random", "--inputs", str(jobs), "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "RANDOM weights" in r.stderr  # said even with --quiet, as run does
+    assert sorted(p.name for p in out.parent.iterdir()) == ["results.jsonl"]
+    assert json.loads(out.read_text())["status"] == "ok"

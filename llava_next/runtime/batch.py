@@ -31,9 +31,9 @@ Guarantees and how:
   is not a JSON object with a string id) stops the job before it starts.
 - Several processes: under torchrun (RANK / WORLD_SIZE) rank r takes the ids with crc32(id) % WORLD_SIZE
   == r, a split that does not depend on the order of the input or on what is already done; all ranks
-  append to the same file under an exclusive ``flock`` (output and checkpoint conversion alike), so the
-  output needs a file system with working locks (local disks; NFSv4) when machines share it. No
-  collectives: ranks never wait for each other, and a rerun with another number of processes works.
+  append to the same file under an exclusive ``flock`` of that file (output and checkpoint conversion
+  alike; no lock file is left behind), so the output needs a file system with working locks (local
+  disks; NFSv4) when machines share it. No collectives: ranks never wait for each other, and a rerun with another number of processes works.
 - Batching: pending greedy requests with the same options and the same RoPE factor run as one
   left-padded batch (``Pipeline.generate_batch``, up to ``batch_size``); sampled requests run alone
   (one seeded generator per request). If a batch fails, its requests are retried one by one, so an
@@ -219,16 +219,16 @@ def owner(item_id: str, world_size: int) -> int:
 
 # ---- output ---------------------------------------------------------------------------------------
 class ResultsFile:
-    """The append-only JSONL output. Every access holds an exclusive flock on ``<out>.lock``."""
+    """The append-only JSONL output. Every access holds an exclusive flock on the output file itself (so no
+    lock file is left beside it; opening it to lock creates it, empty, as the job's first act)."""
 
     def __init__(self, path: PathLike) -> None:
         self.path = Path(path)
-        self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        with open(self.lock_path, "a") as lock:
+        with open(self.path, "ab") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield
@@ -238,8 +238,6 @@ class ResultsFile:
     def done_ids(self) -> set[str]:
         """Ids with a complete line; a cut-off last line (a kill in the middle of a write) is removed."""
         with self.locked():
-            if not self.path.exists():
-                return set()
             data = self.path.read_bytes()
             end = data.rfind(b"\n") + 1
             if end < len(data):  # no newline at the end: the last write was cut off
