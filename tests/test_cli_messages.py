@@ -154,3 +154,27 @@ def test_batch_says_random_weights_and_leaves_no_lock_file(env, tmp_path):
     assert "RANDOM weights" in r.stderr  # said even with --quiet, as run does
     assert sorted(p.name for p in out.parent.iterdir()) == ["results.jsonl"]
     assert json.loads(out.read_text())["status"] == "ok"
+
+
+# ---- 10d: one error shape and type vocabulary for every command -----------------------------------------
+def test_missing_file_is_the_same_error_in_run_inspect_and_batch(env, tmp_path):
+    missing = str(tmp_path / "rockett.jpg")
+    want = {"error": f"{missing}: no such file", "kind": "user", "type": "FileNotFoundError"}
+    for command, args in (("run", ["--prompt", "hi"]), ("inspect", [])):
+        r = cli(env, command, "--model", "tiny-random", "--image", missing, "--json", *args)
+        assert r.returncode == 2 and json.loads(r.stdout) == want, (r.stdout, r.stderr)
+    folder = str(tmp_path)
+    r = cli(env, "run", "--model", "tiny-random", "--image", folder, "--json", "--prompt", "hi")
+    assert json.loads(r.stdout) == {"error": f"{folder}: is a directory, not an image file", "kind": "user",
+                                    "type": "IsADirectoryError"}
+
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"id": "a", "prompt": "hi", "images": [missing]}) + "\n"
+                    + json.dumps({"id": "b", "prompt": "hi", "images": [folder]}) + "\n")
+    out = tmp_path / "results.jsonl"
+    r = cli(env, "batch", "--model", "tiny-random", "--inputs", str(jobs), "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    lines = {rec["id"]: rec for rec in map(json.loads, out.read_text().splitlines())}
+    assert lines["a"] == {"id": "a", "status": "error", **want}
+    assert lines["b"] == {"id": "b", "status": "error", "error": f"{folder}: is a directory, not an image file",
+                          "kind": "user", "type": "IsADirectoryError"}

@@ -110,17 +110,16 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_file(path: str) -> None:
-    if not os.path.exists(path):
-        raise UserError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise UserError(f"{path}: is a directory, not a file")
+def _check_file(path: str, what: str = "video") -> None:
+    from ..runtime.files import check_media_file
+
+    check_media_file(path, what)
 
 
 def _load_image(path: str, max_pixels: int | None):
     from ..inputs.image import load_image
 
-    _check_file(path)
+    _check_file(path, "image")
     try:
         return load_image(path, max_pixels=max_pixels)
     except (ValueError, OSError) as e:

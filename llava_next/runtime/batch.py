@@ -16,7 +16,7 @@ command's options):
 Output, one JSON object per finished id, in the order they finish:
 
     {"id": "clip-0001", "status": "ok", "text": "...", "tokens": [...], "input_tokens": 1187, "seconds": 3.1}
-    {"id": "clip-0002", "status": "error", "error": "b.mp4: no such file", "type": "FileNotFoundError"}
+    {"id": "clip-0002", "status": "error", "error": "b.mp4: no such file", "kind": "user", "type": "FileNotFoundError"}
 
 Guarantees and how:
 - An interrupted run (Ctrl-C, kill -9, a lost machine) loses at most the items in flight: each line is
@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Iterator, Sequence, TextIO
 
 from ..inputs.tokens import RopeScale
+from .files import check_media_file
 from .pipeline import Pipeline, Request
 
 PathLike = str | os.PathLike
@@ -322,9 +323,9 @@ class BatchJob:
     def prepare(self, item: Item) -> Request:
         if item.problem is not None:
             raise ItemError(item.problem)
-        for path in (*item.images, *item.videos):
-            if not os.path.exists(path):
-                raise FileNotFoundError(2, "no such file", path)
+        for what, paths in (("image", item.images), ("video", item.videos)):
+            for path in paths:
+                check_media_file(path, what)  # the error run and inspect give for the same path
         return self.pipe.prepare(item.prompt, images=list(item.images), videos=list(item.videos), frames=item.frames,
                                  sampling=item.sampling, template=item.template, rope_scale=item.rope_scale,
                                  max_new_tokens=item.max_new_tokens, system=item.system,
@@ -388,11 +389,16 @@ def _stops(pipe: Pipeline, template: str | None) -> tuple[int, ...]:
 
 
 def error_record(item: Item, e: BaseException) -> dict:
+    """The error line of ``item``: the fields and values of ``llava-next --json``'s error object (``error``,
+    ``kind``: "user" for what the user can fix, "internal" for a bug; ``type``: the exception class)."""
+    from llava_next_weights.hub import HubError
+
     if isinstance(e, OSError) and e.filename is not None:
         message = f"{e.filename}: {e.strerror or e}"
     else:
         message = (str(e).strip() or type(e).__name__)
-    return {"id": item.id, "status": "error", "error": message, "type": type(e).__name__}
+    kind = "user" if isinstance(e, (ValueError, OSError, HubError)) else "internal"
+    return {"id": item.id, "status": "error", "error": message, "kind": kind, "type": type(e).__name__}
 
 
 def run_batch(pipe_loader, inputs: PathLike, out: PathLike, *, defaults: Defaults = Defaults(), batch_size: int = 4,
