@@ -178,3 +178,31 @@ def test_missing_file_is_the_same_error_in_run_inspect_and_batch(env, tmp_path):
     assert lines["a"] == {"id": "a", "status": "error", **want}
     assert lines["b"] == {"id": "b", "status": "error", "error": f"{folder}: is a directory, not an image file",
                           "kind": "user", "type": "IsADirectoryError"}
+
+
+# ---- 11e, 11f: what auto choices and reducers change is said -------------------------------------------
+def test_rope_scale_auto_says_why_it_differs_from_the_config(env):
+    from llava_next.runtime.tiny import tiny_config
+
+    config_factor = tiny_config().text.rope_scaling_factor
+    assert config_factor > 1  # tiny-random's factor (2.5, as Video-7B's): auto lowers it for a short prompt
+    args = ["run", "--model", "tiny-random", "--prompt", "hi", "--max-new-tokens", "2", "--rope-scale", "auto"]
+    r = cli(env, *args)
+    assert r.returncode == 0, r.stderr
+    notes = [line for line in r.stderr.splitlines() if "--rope-scale auto" in line]
+    assert len(notes) == 1 and "factor 1" in notes[0] and "smallest" in notes[0], r.stderr
+    assert f"config's {config_factor:g}" in notes[0], notes
+    plan = json.loads(cli(env, *args, "--json").stdout)["plan"]
+    assert any("--rope-scale auto" in n and "smallest" in n for n in plan["notes"]), plan["notes"]
+    inspect = cli(env, "inspect", "--model", "tiny-random", "--image", "sample:cat", "--rope-scale", "auto")
+    assert "smallest" in inspect.stdout and f"config's {config_factor:g}" in inspect.stdout, inspect.stdout
+
+
+def test_a_reducer_that_adds_tokens_says_so(env):
+    args = ["--model", "tiny-random", "--image", "sample:cat", "--reduce", "visionzip"]
+    r = cli(env, "run", *args, "--prompt", "hi", "--max-new-tokens", "2")
+    assert r.returncode == 0, r.stderr
+    notes = [line for line in r.stderr.splitlines() if "note:" in line and "visionzip" in line]
+    assert notes and "more than" in notes[0] and "per frame or crop" in notes[0], r.stderr
+    inspect = cli(env, "inspect", *args)
+    assert inspect.returncode == 0 and "more than" in inspect.stdout, inspect.stdout + inspect.stderr

@@ -186,9 +186,15 @@ def _inspect_media(args, config: LlavaNextConfig, model: str, preset: str | None
 
     if random_weights_notice(model):
         report["random_weights"] = True
+    from .plan import growth_note, per_crop, rope_note
+
+    notes = [rope_note(context)]
     if budgets:
         report["reduction"] = budgets
         report["visual_tokens"] = visual  # after reduction (media's own entry is the unreduced sum)
+        notes += [growth_note(b["methods"], b["visual_tokens_unreduced"], b["visual_tokens_into_decoder"],
+                              per_crop(reduction, config)) for b in budgets]
+    report["notes"] = [n for n in notes if n]
     if kind == "video":  # one video: its fields at the top level too (the original inspect format)
         report.update({k: v for k, v in media["videos"][0].items() if k != "tokens"})
 
@@ -273,9 +279,10 @@ def _format(r: dict) -> str:
     lines.append(f"context  {plan.summary()}")
     if not plan.fits:
         lines.append(f"  fix: {plan.fix()}")
-    elif plan.factor != plan.config_factor:
+    elif plan.factor != plan.config_factor and plan.factor_source != "auto":  # auto's reason is a note below
         lines.append(f"  note: the model's config uses RoPE factor {plan.config_factor:g}; this plan uses "
                      f"{plan.factor:g}")
+    lines += [f"note     {note}" for note in r.get("notes", [])]
     return "\n".join(lines)
 
 

@@ -168,9 +168,9 @@ def _run(args: argparse.Namespace, user_error) -> int:
             r = request.reduction_summary()
             print(f"[llava-next] reduction {', '.join(r['methods'])}: {r['visual_tokens_unreduced']} visual tokens "
                   f"unreduced -> {r['visual_tokens_into_decoder']} into the decoder", file=sys.stderr)
-        if plan.factor_source == "auto":
-            print(f"[llava-next] --rope-scale auto: using linear RoPE factor {plan.factor:g} "
-                  f"(the checkpoint's is {plan.config_factor:g})", file=sys.stderr)
+        if plan.factor_source == "auto" and plan.factor == plan.config_factor:  # else a note above says why
+            print(f"[llava-next] --rope-scale auto: using linear RoPE factor {plan.factor:g}, the checkpoint's",
+                  file=sys.stderr)
     options_ = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     seed=args.seed, template=args.template,
                     compile_step={"auto": None, "on": True, "off": False}[args.compile_step])
@@ -217,7 +217,17 @@ def prepare_request(pipe, args: argparse.Namespace, reduction, user_error):
             reduction.check(pipe.model.config)
         except ReductionError as e:
             raise user_error(str(e)) from None
-    return pipe.prepare(args.prompt, images=args.image, videos=args.video, frames=options.frames(args),
-                        sampling=options.sampling(args), template=args.template, rope_scale=args.rope_scale,
-                        max_new_tokens=args.max_new_tokens, max_image_pixels=args.max_image_pixels,
-                        allow_overflow=getattr(args, "allow_overflow", False), reduction=reduction)
+    request = pipe.prepare(args.prompt, images=args.image, videos=args.video, frames=options.frames(args),
+                           sampling=options.sampling(args), template=args.template, rope_scale=args.rope_scale,
+                           max_new_tokens=args.max_new_tokens, max_image_pixels=args.max_image_pixels,
+                           allow_overflow=getattr(args, "allow_overflow", False), reduction=reduction)
+    # what the command chose or the reducer changed, said as notes (stderr, and the JSON plan's "notes")
+    from .plan import growth_note, per_crop, rope_note
+
+    notes = [rope_note(request.plan)]
+    if reduction:
+        r = request.reduction_summary()
+        notes.append(growth_note(r["methods"], r["visual_tokens_unreduced"], r["visual_tokens_into_decoder"],
+                                 per_crop(reduction, pipe.model.config)))
+    request.notes.extend(n for n in notes if n)
+    return request
