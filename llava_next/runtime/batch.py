@@ -33,7 +33,8 @@ Guarantees and how:
   == r, a split that does not depend on the order of the input or on what is already done; all ranks
   append to the same file under an exclusive ``flock`` of that file (output and checkpoint conversion
   alike; no lock file is left behind), so the output needs a file system with working locks (local
-  disks; NFSv4) when machines share it. No collectives: ranks never wait for each other, and a rerun with another number of processes works.
+  disks; NFSv4) when machines share it. No collectives: ranks never wait for each other, and a rerun
+  with another number of processes works.
 - Batching: pending greedy requests with the same options and the same RoPE factor run as one
   left-padded batch (``Pipeline.generate_batch``, up to ``batch_size``); sampled requests run alone
   (one seeded generator per request). If a batch fails, its requests are retried one by one, so an
