@@ -154,6 +154,11 @@ def test_batch_says_random_weights_and_leaves_no_lock_file(env, tmp_path):
     assert "RANDOM weights" in r.stderr  # said even with --quiet, as run does
     assert sorted(p.name for p in out.parent.iterdir()) == ["results.jsonl"]
     assert json.loads(out.read_text())["status"] == "ok"
+    # a job that stops before answering anything (here: no such model) leaves no output and no lock behind
+    failed = tmp_path / "failed" / "results.jsonl"
+    r = cli(env, "batch", "--model", str(tmp_path / "no-model"), "--inputs", str(jobs), "--out", str(failed))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert list(failed.parent.iterdir()) == []
 
 
 # ---- 10d: one error shape and type vocabulary for every command -----------------------------------------

@@ -256,6 +256,15 @@ class ResultsFile:
                     ids.add(record["id"])
             return ids
 
+    def remove_if_empty(self) -> None:
+        """Remove the output if it holds nothing (a job that failed before its first line created it)."""
+        try:
+            with self.locked():
+                if self.path.stat().st_size == 0:
+                    self.path.unlink()
+        except OSError:
+            pass
+
     def append(self, record: dict) -> None:
         """One line, whole, then on disk before returning."""
         try:
@@ -410,6 +419,18 @@ def run_batch(pipe_loader, inputs: PathLike, out: PathLike, *, defaults: Default
     under the output's lock so that ranks sharing a machine convert a checkpoint once). Returns the counts."""
     items = read_items(inputs, defaults)
     results = ResultsFile(out)
+    created = not results.path.exists()
+    try:
+        return _run(pipe_loader, items, results, inputs, batch_size, rank, world_size, max_image_pixels, progress)
+    except BaseException:  # stopped before or while answering (no model, Ctrl-C): leave no empty output behind
+        if created:
+            results.remove_if_empty()
+        raise
+
+
+def _run(pipe_loader, items: list[Item], results: ResultsFile, inputs: PathLike, batch_size: int, rank: int,
+         world_size: int, max_image_pixels: int | None, progress: TextIO | None) -> Progress:
+    out = results.path
     done = results.done_ids()
     mine = [it for it in items if owner(it.id, world_size) == rank]
     todo = [it for it in mine if it.id not in done]
