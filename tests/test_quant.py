@@ -179,3 +179,16 @@ def test_check_model_fits_names_the_format_that_would(monkeypatch):
     with pytest.warns(RuntimeWarning, match="only 10.00 GiB of 24.00 GiB are available now"):
         check_model_fits(cfg, torch.bfloat16, quantize="int8")  # fits the machine, not what is free now
     check_model_fits(cfg, torch.bfloat16, quantize="int4")  # fits
+
+
+@pytest.mark.parametrize("in_features", [344, 24])
+def test_int8_decode_rows_with_in_features_not_a_multiple_of_16(in_features):
+    """torch 2.13's CPU int8 kernel (``_weight_int8pack_mm``) reads past each row when K % 16 != 0 (garbage or
+    inf seen, and a segfault on the mmapped tiny-random int8 copy, MLP width 344): such layers dequantize."""
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(nn.Linear(in_features, 64, bias=False), torch.bfloat16)
+    x = torch.randn(3, in_features, dtype=torch.bfloat16)  # decode-sized: below DEQUANT_MIN_ROWS
+    ref = F.linear(x.float(), layer.dequantized(torch.float32))
+    y = layer(x).float()
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())

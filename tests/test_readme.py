@@ -43,3 +43,17 @@ def test_first_screen_commands_run_as_written(tmp_path):
     r = subprocess.run(cmd + real, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "usage:" not in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert "llava-hf/LLaVA-NeXT-Video-7B-hf' is not in the Hugging Face cache" in r.stderr
+
+
+def test_no_example_passes_a_literal_backslash_n():
+    """Inside bash double quotes ``\\n`` is a backslash and an n, not a newline; llava-next sends a prompt as given
+    (``--template none``: byte for byte), so an example that means a newline must write ``$'...\\n...'``."""
+    bad = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
+        for line in block.splitlines():
+            code = line.split("  #", 1)[0]
+            # double-quoted strings, and single-quoted ones not written as $'...' (bash expands \n only there)
+            strings = re.findall(r'"((?:[^"\\]|\\.)*)"', code) + re.findall(r"(?<!\$)'([^']*)'", code)
+            if any("\\n" in s for s in strings):
+                bad.append(line.strip())
+    assert not bad, bad

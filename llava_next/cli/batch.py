@@ -65,6 +65,11 @@ def _batch(args: argparse.Namespace, user_error) -> int:
                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                         seed=args.seed, rope_scale=args.rope_scale, template=args.template)
     model_id = PRESETS[args.model].hub_id if args.model in PRESETS else args.model
+    from .run import random_weights_notice
+
+    notice = random_weights_notice(args.model)
+    if notice and env.rank == 0:  # said whatever the output mode, as run does: every answer is noise
+        print(f"[llava-next batch] {notice}", file=sys.stderr)
 
     def load() -> Pipeline:
         pipe = Pipeline.from_pretrained(model_id, dtype=DTYPES[args.dtype], device=device, cache_dir=args.cache_dir,

@@ -18,7 +18,8 @@ prints it as one line and exits with status 2, argparse's own code for usage err
 
 Exit status (docs/errors.md has every message): 0 success; 2 a user error — bad option (argparse),
 file, checkpoint, prompt, context, memory or dtype problem, one line on stderr; 3 an internal error
-(a bug in llava-next: traceback, then a line asking to report it); 130 interrupted (Ctrl-C). With
+(a bug in llava-next: traceback, then a line asking to report it); 130 interrupted (Ctrl-C, from the first
+moment: ``main`` wraps the heavy imports too); 141 stdout was closed by its reader (``| head``), quietly. With
 ``--json`` every error, usage errors included, is one JSON object on stdout:
 ``{"error": message, "kind": "user" | "internal" | "interrupted", "type": exception class}``
 (internal errors add ``"traceback"``).
@@ -42,6 +43,8 @@ DEFAULT_PRESET = "LLaVA-NeXT-Video-7B"
 _positive, _rope_scale, _pixels = options.positive, options.rope_scale, options.pixels
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 3
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
 
 
 def _add_max_image_pixels(p) -> None:
@@ -108,17 +111,16 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_file(path: str) -> None:
-    if not os.path.exists(path):
-        raise UserError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise UserError(f"{path}: is a directory, not a file")
+def _check_file(path: str, what: str = "video") -> None:
+    from ..runtime.files import check_media_file
+
+    check_media_file(path, what)
 
 
 def _load_image(path: str, max_pixels: int | None):
     from ..inputs.image import load_image
 
-    _check_file(path)
+    _check_file(path, "image")
     try:
         return load_image(path, max_pixels=max_pixels)
     except (ValueError, OSError) as e:
@@ -185,11 +187,19 @@ def _inspect_media(args, config: LlavaNextConfig, model: str, preset: str | None
     report = {"preset": preset, "model": model, "kind": kind, "visual_tokens": visual,
               "text_tokens": text_tokens, "total": context.tokens_needed, "fits": context.fits, **media,
               "context": context.to_dict(), "overflow": overflow(context)}
-    if model == options.TINY_MODEL:
+    from .run import random_weights_notice
+
+    if random_weights_notice(model):
         report["random_weights"] = True
+    from .plan import growth_note, per_crop, rope_note
+
+    notes = [rope_note(context)]
     if budgets:
         report["reduction"] = budgets
         report["visual_tokens"] = visual  # after reduction (media's own entry is the unreduced sum)
+        notes += [growth_note(b["methods"], b["visual_tokens_unreduced"], b["visual_tokens_into_decoder"],
+                              per_crop(reduction, config)) for b in budgets]
+    report["notes"] = [n for n in notes if n]
     if kind == "video":  # one video: its fields at the top level too (the original inspect format)
         report.update({k: v for k, v in media["videos"][0].items() if k != "tokens"})
 
@@ -218,7 +228,8 @@ def _format(r: dict) -> str:
     if r["preset"] is not None:
         lines = [f"preset   {r['preset']} ({PRESETS[r['preset']].hub_id}); sizes are height x width"]
     elif r.get("random_weights"):
-        lines = [f"model    {r['model']} (built in, RANDOM weights: a smoke-test model); sizes are height x width"]
+        what = "built in" if r["model"] == options.TINY_MODEL else "a copy of tiny-random"
+        lines = [f"model    {r['model']} ({what}, RANDOM weights: a smoke-test model); sizes are height x width"]
     else:
         lines = [f"model    {r['model']}; sizes are height x width"]
     for e in r["images"]:
@@ -273,9 +284,10 @@ def _format(r: dict) -> str:
     lines.append(f"context  {plan.summary()}")
     if not plan.fits:
         lines.append(f"  fix: {plan.fix()}")
-    elif plan.factor != plan.config_factor:
+    elif plan.factor != plan.config_factor and plan.factor_source != "auto":  # auto's reason is a note below
         lines.append(f"  note: the model's config uses RoPE factor {plan.config_factor:g}; this plan uses "
                      f"{plan.factor:g}")
+    lines += [f"note     {note}" for note in r.get("notes", [])]
     return "\n".join(lines)
 
 
@@ -325,18 +337,53 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The entry point. Everything runs inside it, the torch-heavy imports of building the parser included,
+    so a Ctrl-C in the first second (while torch imports) is the same one line and status 130 as later, and
+    a reader that stops early (``| head``) ends the command quietly."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    as_json = "--json" in argv
+    command = argv[0] if argv and not argv[0].startswith("-") else None  # COMMAND comes first
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # here, not at exit: a closed pipe is caught below
+        return status
+    except KeyboardInterrupt:
+        return _interrupted(command, as_json)
+    except BrokenPipeError:
+        return _broken_pipe()
+
+
+def _interrupted(command: str | None, as_json: bool) -> int:
+    try:
+        if as_json:
+            print(json.dumps({"error": "interrupted", "kind": "interrupted", "type": "KeyboardInterrupt"}), flush=True)
+        else:
+            print(f"llava-next{f' {command}' if command else ''}: interrupted", file=sys.stderr, flush=True)
+    except (BrokenPipeError, KeyboardInterrupt):
+        pass
+    return EXIT_INTERRUPTED
+
+
+def _broken_pipe() -> int:
+    """stdout's reader went away (``llava-next run ... | head -1``): nothing more to say to anyone. As Python's
+    documentation advises (signal module, "Note on SIGPIPE"), point stdout at /dev/null so that the flush at
+    exit does not fail again; 141 = 128 + SIGPIPE, what a tool killed by the signal reports."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return EXIT_BROKEN_PIPE
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser(json_errors="--json" in argv)
     args = parser.parse_args(argv)
     as_json = bool(getattr(args, "json", False))
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        if as_json:
-            print(json.dumps({"error": "interrupted", "kind": "interrupted", "type": "KeyboardInterrupt"}))
-        else:
-            print(f"llava-next {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, BrokenPipeError):
+        raise  # main's: the same line whenever it happens
     except _user_errors() as e:
         message = str(e) if not isinstance(e, OSError) or e.filename is None else f"{e.filename}: {e.strerror or e}"
         if as_json:

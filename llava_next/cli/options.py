@@ -212,12 +212,11 @@ def finish(args: argparse.Namespace, *, needs_prompt: bool = False) -> argparse.
     for dest in ("image", "video"):
         if getattr(args, dest, None):
             setattr(args, dest, [sample_path(f) if is_sample(f) else f for f in getattr(args, dest)])
+    from ..runtime.files import check_media_file
+
     for dest in ("image", "video"):  # before any model is loaded: a typo should not wait for 14 GB
         for path in getattr(args, dest, None) or []:
-            if not os.path.exists(path):
-                raise UserError(f"{path}: no such file")
-            if os.path.isdir(path):
-                raise UserError(f"{path}: is a directory, not {'an image' if dest == 'image' else 'a video'} file")
+            check_media_file(path, dest)  # FileNotFoundError / IsADirectoryError, as batch items say
     if not getattr(args, "video", None):
         given = [f"--{n.replace('_', '-')}" for n in VIDEO_SWITCHES if getattr(args, n, None) is not None]
         if given:
@@ -301,9 +300,11 @@ def model_config(model: str):
             return LlavaNextConfig.from_original_config(raw), None
         except ConfigError as e:
             raise UserError(f"{cfg_file}: {e}") from None
+    from ..config.presets import did_you_mean
+
     raise UserError(f"--model {model}: planning needs the model's config without downloading it; give a preset "
                     f"name ({', '.join(sorted(PRESETS))}), the hub id of one, a checkpoint directory, or "
-                    f"'{TINY_MODEL}'")
+                    f"'{TINY_MODEL}'{did_you_mean(model, extra=(TINY_MODEL,))}")
 
 
 def model_tokenizer(model: str):

@@ -70,3 +70,33 @@ def overflow_warning(context) -> str:
             f"max_position_embeddings {context.max_position_embeddings} x RoPE factor {context.factor:g} = "
             f"{o['positions_available']}: the context is exceeded by {o['exceeded_by']} positions ({o['ratio']:g}x); "
             f"positions past {o['positions_available']} were never trained, so the answer may be garbage")
+
+
+def rope_note(context) -> str | None:
+    """Why ``--rope-scale auto`` uses another factor than the checkpoint's config (None otherwise)."""
+    if context.factor_source != "auto" or context.factor == context.config_factor:
+        return None
+    return (f"--rope-scale auto: using linear RoPE factor {context.factor:g}, the smallest that holds the "
+            f"{context.tokens_needed} positions ({context.max_position_embeddings} x {context.factor:g} = "
+            f"{context.positions_available}), instead of the config's {context.config_factor:g}; pass "
+            f"--rope-scale config to keep the checkpoint's factor")
+
+
+def growth_note(methods: Sequence[str], unreduced: int, into: int, per_crop: int | None = None) -> str | None:
+    """Why a token reducer sends *more* visual tokens into the decoder than none would (None otherwise):
+    VisionZip's budget per frame or crop can exceed what the model makes of it unreduced (a pooled frame)."""
+    if into <= unreduced:
+        return None
+    budget = f" ({per_crop} tokens)" if per_crop else ""
+    return (f"{', '.join(methods)}: {into} visual tokens into the decoder, more than the {unreduced} without "
+            f"reduction: its budget per frame or crop{budget} exceeds what this model uses unreduced; lower its "
+            f"knobs (docs/reduction.md) or drop --reduce")
+
+
+def per_crop(reduction, config) -> int | None:
+    """A token reducer's fixed budget per frame or crop (VisionZip's dominant + contextual), if it has one."""
+    fn = getattr(getattr(reduction, "reducer", None), "per_crop", None)
+    try:
+        return fn(config) if fn else None
+    except ValueError:
+        return None

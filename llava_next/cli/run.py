@@ -82,15 +82,47 @@ def _convert(args: argparse.Namespace, user_error) -> int:
     from llava_next_weights.convert import convert
     from llava_next_weights.hub import download
 
-    src = Path(args.src)
-    if not src.exists():
+    from . import options
+
+    src, dtype = Path(args.src), args.dtype
+    if args.src == options.TINY_MODEL and not src.exists():  # the built-in model, written in the chosen format
+        from ..runtime import tiny
+
+        print(f"[llava-next] {tiny.NOTICE}", file=sys.stderr)
+        src, dtype = tiny.ensure(), dtype or "fp32"  # its weights are float32: a copy unless told otherwise
+    elif not src.exists():
         if "/" not in args.src:
-            raise user_error(f"{args.src}: no such directory (and not a hub id of the form org/name)")
+            from ..config.presets import did_you_mean
+
+            raise user_error(f"{args.src}: no such directory (and not a hub id of the form org/name, nor "
+                             f"'{options.TINY_MODEL}'){did_you_mean(args.src, extra=(options.TINY_MODEL,))}")
         src = download(args.src)
-    out = convert(src, args.out, dtype=args.dtype, overwrite=args.overwrite, progress=True, quantize=args.quantize,
+    out = convert(src, args.out, dtype=dtype, overwrite=args.overwrite, progress=True, quantize=args.quantize,
                   group_size=args.group_size)
     print(f"converted {args.src} -> {out}", file=sys.stderr)
     return 0
+
+
+def random_weights_notice(model: str) -> str | None:
+    """The notice that ``model``'s weights are random: tiny-random itself, or a directory holding a copy of it
+    (``convert`` copies its tiny-random.json marker along with the weights, quantized or cast); else None."""
+    import os
+    from pathlib import Path
+
+    from ..runtime.tiny import NAME, NOTICE
+
+    if model == NAME and not os.path.exists(model):
+        return NOTICE
+    marker = Path(model).expanduser() / "tiny-random.json"
+    if not marker.is_file():
+        return None
+    try:
+        info = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        info = {"random_weights": True}  # a damaged marker still marks random weights
+    if not isinstance(info, dict) or info.get("random_weights") is False:
+        return None
+    return f"{model} holds tiny-random's weights: {NOTICE}"
 
 
 def _run(args: argparse.Namespace, user_error) -> int:
@@ -111,10 +143,9 @@ def _run(args: argparse.Namespace, user_error) -> int:
     reduction = options.reduction(args)  # a bad method or value fails before any loading
     model_id = PRESETS[args.model].hub_id if args.model in PRESETS else args.model
     tiny = args.model == options.TINY_MODEL
-    if tiny:  # said plainly, whatever the output mode: the answer is noise
-        from ..runtime.tiny import NOTICE
-
-        print(f"[llava-next] {NOTICE}", file=sys.stderr)
+    notice = random_weights_notice(args.model)
+    if notice:  # said plainly, whatever the output mode: the answer is noise
+        print(f"[llava-next] {notice}", file=sys.stderr)
     # stderr only, so --json's stdout stays one object; in text mode the streamed answer shows the decoding
     progress = Progress(enabled=not args.quiet, skip=() if args.json else ("decoding",))
     progress.say("loading", f"{model_id} ({args.dtype}, {args.device}){' (built on first use)' if tiny else ''}")
@@ -137,9 +168,9 @@ def _run(args: argparse.Namespace, user_error) -> int:
             r = request.reduction_summary()
             print(f"[llava-next] reduction {', '.join(r['methods'])}: {r['visual_tokens_unreduced']} visual tokens "
                   f"unreduced -> {r['visual_tokens_into_decoder']} into the decoder", file=sys.stderr)
-        if plan.factor_source == "auto":
-            print(f"[llava-next] --rope-scale auto: using linear RoPE factor {plan.factor:g} "
-                  f"(the checkpoint's is {plan.config_factor:g})", file=sys.stderr)
+        if plan.factor_source == "auto" and plan.factor == plan.config_factor:  # else a note above says why
+            print(f"[llava-next] --rope-scale auto: using linear RoPE factor {plan.factor:g}, the checkpoint's",
+                  file=sys.stderr)
     options_ = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     seed=args.seed, template=args.template,
                     compile_step={"auto": None, "on": True, "off": False}[args.compile_step])
@@ -157,8 +188,8 @@ def _run(args: argparse.Namespace, user_error) -> int:
                            pipe.model.config, args.rope_scale, options.sampling(args))
         result = {"tokens": request.tokens, "text": "".join(pieces), "timings": timings,
                   "plan": {**request.to_dict(), **media}, "overflow": overflow(plan)}
-        if tiny:
-            result["random_weights"], result["notice"] = True, NOTICE
+        if notice:
+            result["random_weights"], result["notice"] = True, notice
         print(json.dumps(result))
     else:
         sys.stdout.write("\n")
@@ -186,7 +217,17 @@ def prepare_request(pipe, args: argparse.Namespace, reduction, user_error):
             reduction.check(pipe.model.config)
         except ReductionError as e:
             raise user_error(str(e)) from None
-    return pipe.prepare(args.prompt, images=args.image, videos=args.video, frames=options.frames(args),
-                        sampling=options.sampling(args), template=args.template, rope_scale=args.rope_scale,
-                        max_new_tokens=args.max_new_tokens, max_image_pixels=args.max_image_pixels,
-                        allow_overflow=getattr(args, "allow_overflow", False), reduction=reduction)
+    request = pipe.prepare(args.prompt, images=args.image, videos=args.video, frames=options.frames(args),
+                           sampling=options.sampling(args), template=args.template, rope_scale=args.rope_scale,
+                           max_new_tokens=args.max_new_tokens, max_image_pixels=args.max_image_pixels,
+                           allow_overflow=getattr(args, "allow_overflow", False), reduction=reduction)
+    # what the command chose or the reducer changed, said as notes (stderr, and the JSON plan's "notes")
+    from .plan import growth_note, per_crop, rope_note
+
+    notes = [rope_note(request.plan)]
+    if reduction:
+        r = request.reduction_summary()
+        notes.append(growth_note(r["methods"], r["visual_tokens_unreduced"], r["visual_tokens_into_decoder"],
+                                 per_crop(reduction, pipe.model.config)))
+    request.notes.extend(n for n in notes if n)
+    return request

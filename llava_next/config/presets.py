@@ -96,3 +96,18 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     _preset("LLaVA-Video-7B-Qwen2", "llava-hf/LLaVA-Video-7B-Qwen2-hf", "lmms-lab/LLaVA-Video-7B-Qwen2",
             vision=_SO400M, text=_QWEN2_7B, **_OV),
 ]}
+
+
+def did_you_mean(name: str, extra: tuple[str, ...] = ()) -> str:
+    """``"; did you mean 'LLaVA-NeXT-Video-7B'?"`` for a model name close to a preset name or a preset's hub id
+    (case-insensitive, difflib), else ``""``: the tail of a "no such model" message. ``extra``: more valid
+    names (the command line adds ``tiny-random``)."""
+    import difflib
+
+    names = [*extra, *PRESETS, *(p.hub_id for p in PRESETS.values()), *(p.original_id for p in PRESETS.values())]
+    by_lower = {n.lower(): n for n in reversed(names)}  # the first spelling of a name wins
+    key = str(name).strip().lower()
+    match = [key] if key in by_lower else difflib.get_close_matches(key, list(by_lower), n=1, cutoff=0.75)
+    if not match or by_lower[match[0]] == name:
+        return ""
+    return f"; did you mean {by_lower[match[0]]!r}?"

@@ -336,7 +336,9 @@ class LlavaNextConfig:
     def from_name(name: str) -> "LlavaNextConfig":
         from .presets import PRESETS  # presets.py builds on this module
         if name not in PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; valid names: {', '.join(PRESETS)}")
+            from .presets import did_you_mean
+
+            raise ConfigError(f"unknown preset {name!r}; valid names: {', '.join(PRESETS)}{did_you_mean(name)}")
         return PRESETS[name].config
 
     @staticmethod

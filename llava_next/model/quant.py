@@ -60,6 +60,7 @@ DEFAULT_GROUP_SIZE = 128
 DEQUANT_MIN_ROWS = 128  # rows of activations from which a layer dequantizes and runs a bf16 GEMM
 INNER_K_TILES = 2  # argument of torch._convert_weight_to_int4pack_for_cpu (the CPU layout ignores it)
 _CHUNK_ROWS = 512
+INT8_KERNEL_K = 16  # torch's int8 CPU kernel is right only for in_features % 16 == 0 (measured, torch 2.13)
 ALIGN = 64  # bytes: torch's int8 CPU kernel needs its weight aligned like this (see Int8Linear.init_buffers)
 
 
@@ -115,13 +116,34 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return q.float() * scales.float()[:, None]  # (N, K) fp32
 
 
-def check_int4_shape(name: str, n: int, k: int, group_size: int) -> None:
-    """The int4 kernel needs K a multiple of the group size and N of 16 (its row blocks)."""
-    if k % group_size or n % 16:
-        raise QuantizationError(
-            f"{name}: a ({n}, {k}) weight cannot be quantized to int4 with group_size {group_size}: the input "
-            f"features ({k}) must be a multiple of the group size and the output features ({n}) a multiple of "
-            f"16; use int8 for this model, or a group_size that divides {k}")
+def int4_group_sizes(shapes) -> list[int]:
+    """The supported group sizes with which every (N, K) weight of ``shapes`` can be quantized to int4."""
+    return [g for g in GROUP_SIZES if all(n % 16 == 0 and k % g == 0 for n, k in shapes)]
+
+
+def check_int4_shape(name: str, n: int, k: int, group_size: int, model_shapes=None) -> None:
+    """The int4 kernel needs N a multiple of 16 (it packs the rows in blocks of 16), whatever the group size,
+    and K a multiple of the group size. The message states the condition that failed and only advice that
+    can help: a group size that works for every layer of ``model_shapes`` (the (N, K) of all the layers to be
+    quantized; default this one), or int8 when none does."""
+    if not k % group_size and not n % 16:
+        return
+    if n % 16:
+        why = (f"its output features ({n}) are not a multiple of 16, which torch's int4 kernel needs whatever the "
+               f"group size (it packs the rows in blocks of 16)")
+    else:
+        why = f"its input features ({k}) are not a multiple of the group size {group_size}"
+    working = int4_group_sizes(model_shapes if model_shapes is not None else [(n, k)])
+    if working:
+        advice = (f"use {' or '.join(f'--group-size {g}' for g in working)} (group_size={working[0]}), which "
+                  f"{'every layer' if model_shapes is not None else 'this layer'} can take, or --quantize int8")
+    elif n % 16:
+        advice = "no --group-size can help: use --quantize int8 for this model"
+    else:
+        advice = (f"no supported group size ({', '.join(map(str, GROUP_SIZES))}) suits every layer: use "
+                  f"--quantize int8 for this model")
+    raise QuantizationError(f"{name}: a ({n}, {k}) weight cannot be quantized to int4 with group_size {group_size}: "
+                            f"{why}; {advice}")
 
 
 def quantize_int4(w: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE,
@@ -211,7 +233,9 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows >= DEQUANT_MIN_ROWS:  # a GEMM: oneDNN on the dequantized weight is ~3x faster
+        # a GEMM: oneDNN on the dequantized weight is ~3x faster. K % 16 != 0: torch 2.13's int8 CPU kernel
+        # reads past each row (wrong numbers, or a segfault near the end of an mmapped file), so dequantize too
+        if rows >= DEQUANT_MIN_ROWS or self.in_features % INT8_KERNEL_K:
             return dequantized_linear(self, x)
         scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
         if torch.compiler.is_compiling():  # the pattern inductor's CPU weight-only-int8 GEMM template matches

@@ -16,7 +16,7 @@ command's options):
 Output, one JSON object per finished id, in the order they finish:
 
     {"id": "clip-0001", "status": "ok", "text": "...", "tokens": [...], "input_tokens": 1187, "seconds": 3.1}
-    {"id": "clip-0002", "status": "error", "error": "b.mp4: no such file", "type": "FileNotFoundError"}
+    {"id": "clip-0002", "status": "error", "error": "b.mp4: no such file", "kind": "user", "type": "FileNotFoundError"}
 
 Guarantees and how:
 - An interrupted run (Ctrl-C, kill -9, a lost machine) loses at most the items in flight: each line is
@@ -31,9 +31,10 @@ Guarantees and how:
   is not a JSON object with a string id) stops the job before it starts.
 - Several processes: under torchrun (RANK / WORLD_SIZE) rank r takes the ids with crc32(id) % WORLD_SIZE
   == r, a split that does not depend on the order of the input or on what is already done; all ranks
-  append to the same file under an exclusive ``flock`` (output and checkpoint conversion alike), so the
-  output needs a file system with working locks (local disks; NFSv4) when machines share it. No
-  collectives: ranks never wait for each other, and a rerun with another number of processes works.
+  append to the same file under an exclusive ``flock`` of that file (output and checkpoint conversion
+  alike; no lock file is left behind), so the output needs a file system with working locks (local
+  disks; NFSv4) when machines share it. No collectives: ranks never wait for each other, and a rerun
+  with another number of processes works.
 - Batching: pending greedy requests with the same options and the same RoPE factor run as one
   left-padded batch (``Pipeline.generate_batch``, up to ``batch_size``); sampled requests run alone
   (one seeded generator per request). If a batch fails, its requests are retried one by one, so an
@@ -60,6 +61,7 @@ from pathlib import Path
 from typing import Iterator, Sequence, TextIO
 
 from ..inputs.tokens import RopeScale
+from .files import check_media_file
 from .pipeline import Pipeline, Request
 
 PathLike = str | os.PathLike
@@ -219,16 +221,16 @@ def owner(item_id: str, world_size: int) -> int:
 
 # ---- output ---------------------------------------------------------------------------------------
 class ResultsFile:
-    """The append-only JSONL output. Every access holds an exclusive flock on ``<out>.lock``."""
+    """The append-only JSONL output. Every access holds an exclusive flock on the output file itself (so no
+    lock file is left beside it; opening it to lock creates it, empty, as the job's first act)."""
 
     def __init__(self, path: PathLike) -> None:
         self.path = Path(path)
-        self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        with open(self.lock_path, "a") as lock:
+        with open(self.path, "ab") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield
@@ -238,8 +240,6 @@ class ResultsFile:
     def done_ids(self) -> set[str]:
         """Ids with a complete line; a cut-off last line (a kill in the middle of a write) is removed."""
         with self.locked():
-            if not self.path.exists():
-                return set()
             data = self.path.read_bytes()
             end = data.rfind(b"\n") + 1
             if end < len(data):  # no newline at the end: the last write was cut off
@@ -255,6 +255,15 @@ class ResultsFile:
                 if isinstance(record, dict) and isinstance(record.get("id"), str):
                     ids.add(record["id"])
             return ids
+
+    def remove_if_empty(self) -> None:
+        """Remove the output if it holds nothing (a job that failed before its first line created it)."""
+        try:
+            with self.locked():
+                if self.path.stat().st_size == 0:
+                    self.path.unlink()
+        except OSError:
+            pass
 
     def append(self, record: dict) -> None:
         """One line, whole, then on disk before returning."""
@@ -324,9 +333,9 @@ class BatchJob:
     def prepare(self, item: Item) -> Request:
         if item.problem is not None:
             raise ItemError(item.problem)
-        for path in (*item.images, *item.videos):
-            if not os.path.exists(path):
-                raise FileNotFoundError(2, "no such file", path)
+        for what, paths in (("image", item.images), ("video", item.videos)):
+            for path in paths:
+                check_media_file(path, what)  # the error run and inspect give for the same path
         return self.pipe.prepare(item.prompt, images=list(item.images), videos=list(item.videos), frames=item.frames,
                                  sampling=item.sampling, template=item.template, rope_scale=item.rope_scale,
                                  max_new_tokens=item.max_new_tokens, system=item.system,
@@ -390,11 +399,16 @@ def _stops(pipe: Pipeline, template: str | None) -> tuple[int, ...]:
 
 
 def error_record(item: Item, e: BaseException) -> dict:
+    """The error line of ``item``: the fields and values of ``llava-next --json``'s error object (``error``,
+    ``kind``: "user" for what the user can fix, "internal" for a bug; ``type``: the exception class)."""
+    from llava_next_weights.hub import HubError
+
     if isinstance(e, OSError) and e.filename is not None:
         message = f"{e.filename}: {e.strerror or e}"
     else:
         message = (str(e).strip() or type(e).__name__)
-    return {"id": item.id, "status": "error", "error": message, "type": type(e).__name__}
+    kind = "user" if isinstance(e, (ValueError, OSError, HubError)) else "internal"
+    return {"id": item.id, "status": "error", "error": message, "kind": kind, "type": type(e).__name__}
 
 
 def run_batch(pipe_loader, inputs: PathLike, out: PathLike, *, defaults: Defaults = Defaults(), batch_size: int = 4,
@@ -405,6 +419,18 @@ def run_batch(pipe_loader, inputs: PathLike, out: PathLike, *, defaults: Default
     under the output's lock so that ranks sharing a machine convert a checkpoint once). Returns the counts."""
     items = read_items(inputs, defaults)
     results = ResultsFile(out)
+    created = not results.path.exists()
+    try:
+        return _run(pipe_loader, items, results, inputs, batch_size, rank, world_size, max_image_pixels, progress)
+    except BaseException:  # stopped before or while answering (no model, Ctrl-C): leave no empty output behind
+        if created:
+            results.remove_if_empty()
+        raise
+
+
+def _run(pipe_loader, items: list[Item], results: ResultsFile, inputs: PathLike, batch_size: int, rank: int,
+         world_size: int, max_image_pixels: int | None, progress: TextIO | None) -> Progress:
+    out = results.path
     done = results.done_ids()
     mine = [it for it in items if owner(it.id, world_size) == rank]
     todo = [it for it in mine if it.id not in done]

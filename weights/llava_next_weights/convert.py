@@ -68,6 +68,8 @@ INDEX_FILE = "model.safetensors.index.json"
 # copied unchanged when present (tokenizer, chat template, generation defaults)
 SIDE_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
               "added_tokens.json", "chat_template.json", "chat_template.jinja", "generation_config.json")
+# copied too: what the weights are (tiny-random.json marks random weights; its notice follows every copy)
+MARKER_FILES = ("tiny-random.json",)
 
 # safetensors dtype names <-> torch dtypes
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -139,7 +141,8 @@ def read_headers(files: list[Path]) -> dict[str, tuple[Path, Shape, torch.dtype]
 def detect_format(raw_config: dict, keys: list[str]) -> str:
     """'llava_hf', 'llava_hf_new' or 'original', from the key names, checked against config.json."""
     if "vision" in raw_config and "text" in raw_config and "model_type" not in raw_config:
-        raise ConversionError("this directory is already in llava-next's layout; load it directly")
+        raise ConversionError("this directory is already in llava-next's layout; load it directly (or give a dtype or "
+                              "quantize to write a cast or quantized copy)")
     found = [fmt for fmt, marker in _FORMAT_MARKERS.items() if any(k.startswith(marker) for k in keys)]
     if not found and any(k.startswith("projector.") for k in keys):  # llava-next's own key names
         raise ConversionError("the tensors are in llava-next's own layout but config.json is not a llava-next config "
@@ -289,9 +292,37 @@ def _shards(entries: list[tuple[str, Shape, torch.dtype]], shard_bytes: int) -> 
 
 
 def _progress(total: int, enabled: bool):
+    """A bar on a terminal (tqdm); elsewhere (a pipe, a log file) whole lines, at most one a second, the last
+    one the complete count."""
+    if not sys.stderr.isatty():
+        return _LineProgress(total, enabled)
     from tqdm import tqdm  # a dependency of huggingface-hub
 
     return tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not enabled, file=sys.stderr)
+
+
+class _LineProgress:
+    def __init__(self, total: int, enabled: bool) -> None:
+        from llava_next.runtime.progress import Progress
+
+        self.total, self.done, self.t0 = total, 0, time.perf_counter()
+        self.progress = Progress(sys.stderr, enabled=enabled)
+
+    def __enter__(self) -> "_LineProgress":
+        return self
+
+    def update(self, n: int) -> None:
+        self.done += n
+        self.progress.update("converting", self._line(), final=self.done >= self.total)
+
+    def _line(self) -> str:
+        return (f"{self.done / 1e6:.1f} of {self.total / 1e6:.1f} MB ({100 * self.done // max(self.total, 1)}%), "
+                f"{time.perf_counter() - self.t0:.1f} s")
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None and self.done < self.total:  # never end on a partial count
+            self.done = self.total
+            self.progress.update("converting", self._line(), final=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -326,10 +357,11 @@ def convert(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, fmt: str 
 
     # ---- plan from the headers: every check happens here, before any data is copied
     headers = read_headers(source_files(src))
-    if qc is not None and is_llava_next_dir(src):  # quantizing an already converted directory
+    if (qc is not None or out_dtype is not None) and is_llava_next_dir(src):  # a quantized or cast copy
         fmt, config = "llava_next", read_config(src)
         if (src / QUANT_FILE).is_file():
-            raise ConversionError(f"{src} is already quantized ({src / QUANT_FILE}); quantize its float source")
+            raise ConversionError(f"{src} is already quantized ({src / QUANT_FILE}); "
+                                  f"{'quantize' if qc is not None else 'cast'} its float source")
         pieces = plan_identity({k: shape for k, (_, shape, _) in headers.items()}, config)
     else:
         try:
@@ -398,7 +430,7 @@ def convert(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, fmt: str 
                  "quantization": None if qc is None else qc.to_dict()}, indent=2) + "\n")
             if qc is not None:
                 write_quant_file(new, qc)
-            for side in SIDE_FILES:
+            for side in (*SIDE_FILES, *MARKER_FILES):
                 if (src / side).is_file():
                     shutil.copyfile(src / side, new / side)
             (new / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")  # last

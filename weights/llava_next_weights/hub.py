@@ -76,6 +76,12 @@ def _convert_once(src: Path, out: Path, dtype: torch.dtype | None, progress: boo
         raise
 
 
+def _did_you_mean(name: str) -> str:
+    from llava_next.config.presets import did_you_mean
+
+    return did_you_mean(name, extra=("tiny-random",))  # the built-in model (llava_next.runtime.tiny)
+
+
 def download(repo_id: str, *, revision: str | None = None, hf_cache_dir: str | os.PathLike | None = None) -> Path:
     """The hub snapshot directory of ``repo_id`` with only the files conversion needs."""
     from huggingface_hub import snapshot_download
@@ -89,10 +95,11 @@ def download(repo_id: str, *, revision: str | None = None, hf_cache_dir: str | o
             f"{repo_id!r} is not in the Hugging Face cache and the hub cannot be reached (HF_HUB_OFFLINE="
             f"{os.environ.get('HF_HUB_OFFLINE', '0')}). Download it where there is network "
             f"(`hf download {repo_id} --include 'config.json' '*.safetensors' '*.json' 'tokenizer*'`), "
-            f"or pass a local directory") from e
+            f"or pass a local directory{_did_you_mean(repo_id)}") from e
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:
         raise HubError(f"{repo_id!r} (revision {revision or 'main'}) was not found on the Hugging Face hub; "
-                       f"check the name, or log in (`hf auth login`) if the repo is private or gated") from e
+                       f"check the name, or log in (`hf auth login`) if the repo is private or gated"
+                       f"{_did_you_mean(repo_id)}") from e
 
 
 def resolve(model_id_or_dir: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
@@ -126,7 +133,8 @@ def resolve(model_id_or_dir: str | os.PathLike, *, cache_dir: str | os.PathLike 
 
     repo_id = str(model_id_or_dir)
     if not _HUB_ID.match(repo_id):
-        raise HubError(f"{repo_id!r} is neither an existing directory nor a hub id of the form 'org/name'")
+        raise HubError(f"{repo_id!r} is neither an existing directory nor a hub id of the form 'org/name'"
+                       f"{_did_you_mean(repo_id)}")
     repo_dir = root / repo_id.replace("/", "--")
     try:
         snapshot = download(repo_id, revision=revision, hf_cache_dir=hf_cache_dir)

@@ -29,8 +29,8 @@ import torch
 from safetensors import safe_open
 
 from llava_next.config import LlavaNextConfig
-from llava_next.model.quant import (QuantConfig, QuantizationError, quantize_model, quantized_linear_names,
-                                    quantized_shapes, quantized_state)
+from llava_next.model.quant import (QuantConfig, QuantizationError, check_int4_shape, quantize_model,
+                                    quantized_linear_names, quantized_shapes, quantized_state)
 from llava_next_weights.load import LoadError, check_safetensors, read_json, weight_files
 
 QUANT_FILE = "quantization.json"
@@ -53,6 +53,14 @@ def quantized_entries(entries: list[tuple[str, tuple, torch.dtype]], config: Lla
     """``convert``'s output entries (key, shape, dtype) with each quantized weight replaced by its
     stored tensors (scales in the weight's own output dtype). Raises naming a key int4 cannot take."""
     targets = set(quantized_weight_keys(config, qc))
+    if qc.method == "int4":  # before anything: the message states which condition fails and what can help
+        shapes = [tuple(shape) for key, shape, _ in entries if key in targets]
+        for key, shape, _ in entries:
+            if key in targets:
+                try:
+                    check_int4_shape(key, *shape, qc.group_size, model_shapes=shapes)
+                except QuantizationError as e:
+                    raise QuantizationError(f"cannot quantize this checkpoint to {qc.method}: {e}") from None
     out = []
     for key, shape, dtype in entries:
         if key not in targets:
