@@ -149,7 +149,7 @@ def _trace(args: argparse.Namespace, user_error) -> int:
         video_feats = [r.tokens if r is not None else model.video_features(c.pixel_values)
                        for r, c in zip(reduced, request.videos)]
     prov = Provenance.from_request(request, pipe.config, tokenizer=pipe.tokenizer, question=args.prompt,
-                                   template=args.template,
+                                   template=args.template, image_names=[os.path.basename(p) for p in args.image],
                                    video_tokens=[(r.frame, r.patch) if r is not None else None for r in reduced])
     prov = prov.with_generated(generated)
     T = len(prov)
@@ -330,7 +330,7 @@ def _draw(args, request, prov, attention, lens, tokenizer, layers, user_error, n
 
     for m in prov.media_info:
         if m.kind == "video":
-            clip = request.videos[m.kind_index]
+            clip = (request.frame_clips if m.as_images else request.videos)[m.kind_index]  # Interleave: frames as images
             F = m.plan.num_frames
             grids = [prov.to_grid(mean_w, m.index, frame=f).numpy() for f in range(F)]
             sums = [prov.where(media=m.index, frame=f) for f in range(F)]
@@ -351,7 +351,8 @@ def _draw(args, request, prov, attention, lens, tokenizer, layers, user_error, n
             path = args.image[m.kind_index]
             image = load_image(path, max_pixels=args.max_image_pixels)
             base = prov.to_pixels(mean_w, m.index, part="base")
-            grid = prov.to_pixels(mean_w, m.index, part="grid")
+            untiled = m.plan.aspect != "anyres"  # "resize" / "pad": one tile, no AnyRes grid
+            grid = None if untiled else prov.to_pixels(mean_w, m.index, part="grid")
             tiles = []
             rows, cols = m.plan.grid_hw
             for ty in range(rows):
@@ -362,6 +363,8 @@ def _draw(args, request, prov, attention, lens, tokenizer, layers, user_error, n
                                       float(b[:, 3].max())))
             save(plots.anyres_overlay(image, base, grid, title=f"{os.path.basename(path)}: query '{group}' attention, "
                                                              f"{span}", tile_boxes=tiles,
+                                      base_label=f"one tile ({'padded to a square' if m.plan.aspect == 'pad' else 'squashed'})"
+                                      if untiled else None,
                                       base_sum=float(mean_w[prov.where(media=m.index, tile='base')].sum()),
                                       grid_sum=float(mean_w[prov.where(media=m.index, kind='image_grid')].sum())),
                  f"image{m.kind_index}_anyres.png")
