@@ -244,13 +244,18 @@ def _trace(args: argparse.Namespace, user_error) -> int:
         print(json.dumps(report))
     else:
         print(prov.summary())
+        if in_decoder:
+            print("(a position pruned or merged away at a layer receives no attention there: it counts 0; "
+                  "'pruned' where a frame has no position left at that layer)")
         for layer in layers:
             for g, w in attention[layer].items():
-                s = prov.sums(w)
+                s = prov.sums(w.nan_to_num(0.0))  # NaN: a key this layer no longer has (mass 0)
                 segs = ", ".join(f"{k} {v:.3f}" for k, v in s["segments"].items())
                 print(f"layer {layer:>3} query {g:<9} {segs}")
                 if s["frames"]:
-                    print("    frames: " + " ".join(f"{f['frame']}:{f['sum']:.3f}" for f in s["frames"]))
+                    gone = [bool(w[prov.where(media=f["media"], frame=f["frame"])].isnan().all()) for f in s["frames"]]
+                    print("    frames: " + " ".join(f"{f['frame']}:{'pruned' if g else format(f['sum'], '.3f')}"
+                                                    for f, g in zip(s["frames"], gone)))
         for path in pngs:
             print(f"drew {path}")
     return 0
@@ -317,8 +322,9 @@ def _draw(args, request, prov, attention, lens, tokenizer, layers, user_error, n
     except OSError as e:
         raise user_error(f"--png {args.png}: cannot create the directory ({e.strerror or e})") from None
     group = args.query[0]
-    # over the requested layers (a reduced layer's pruned keys are NaN: the mean of the layers that have them)
-    mean_w = torch.stack([attention[layer][group] for layer in layers]).nanmean(0)
+    # the mean over the requested layers; a key a reduced layer no longer has (NaN) receives no attention there:
+    # 0, so every cell is averaged over the same layers and the mean is a distribution (sums to 1) as each layer's
+    mean_w = torch.stack([attention[layer][group] for layer in layers]).nan_to_num(0.0).mean(0)
     span = f"layer {layers[0]}" if len(layers) == 1 else f"mean of layers {', '.join(map(str, layers))}" \
         if len(layers) <= 6 else f"mean of {len(layers)} layers"
     out = []
