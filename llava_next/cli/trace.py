@@ -118,6 +118,11 @@ def _trace(args: argparse.Namespace, user_error) -> int:
         raise user_error("--device cuda: no CUDA device is available; use --device cpu")
     if "generated" in args.query and not args.max_new_tokens:
         raise user_error("--query generated needs generated tokens: add --max-new-tokens N")
+    gen_only = options.generation_only(args)
+    if gen_only and not args.max_new_tokens:  # they shape the generated tokens, and none are generated
+        raise user_error(f"{', '.join(gen_only)}: these act on generated tokens, and trace generates none "
+                         f"without --max-new-tokens N; add it (the answer is then generated and traced)")
+    quantize, group_size = options.quantization(args)
     if args.png and os.path.exists(args.png) and not os.path.isdir(args.png):
         raise user_error(f"--png {args.png}: exists and is not a directory")
     t0 = time.perf_counter()
@@ -127,7 +132,8 @@ def _trace(args: argparse.Namespace, user_error) -> int:
 
         print(f"[llava-next] {NOTICE}", file=sys.stderr)
     pipe = Pipeline.from_pretrained(model_id, dtype=DTYPES[args.dtype], device=args.device,
-                                    cache_dir=args.cache_dir, progress=not (args.json or args.quiet))
+                                    cache_dir=args.cache_dir, progress=not (args.json or args.quiet),
+                                    quantize=quantize, group_size=group_size)
     n_layers = len(pipe.model.language_model.layers)
     layers = list(range(n_layers)) if args.layers is None else args.layers
     bad = [layer for layer in layers if not -n_layers <= layer < n_layers]
@@ -135,11 +141,16 @@ def _trace(args: argparse.Namespace, user_error) -> int:
         raise user_error(f"--layers {bad}: this decoder has {n_layers} layers (0..{n_layers - 1}, or negative)")
     layers = list(dict.fromkeys(layer % n_layers for layer in layers))
     request = prepare_request(pipe, args, reduction, user_error)
+    if not (args.json or args.quiet):  # as run: the plan and the notes on stderr (--quiet: none)
+        print(f"[llava-next] {request.plan.summary()}", file=sys.stderr)
+        for note in request.notes:
+            print(f"[llava-next] note: {note}", file=sys.stderr)
     in_decoder = reduction is not None and reduction.in_decoder
     generated: list[int] = []
     if args.max_new_tokens:
         for _ in pipe.stream(request, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                             top_p=args.top_p, seed=args.seed, template=args.template):
+                             top_p=args.top_p, seed=args.seed, template=args.template,
+                             compile_step={"auto": None, "on": True, "off": False}[args.compile_step]):
             pass
         generated = list(request.tokens)
     model = pipe.model
