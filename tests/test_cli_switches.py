@@ -11,8 +11,10 @@ choices tries them in order until one differs. ``_contexts`` gives a switch the 
 prompt that overflows); without them they are refused (checked below). ``UNOBSERVABLE`` is the allow-list:
 switches whose effect cannot show on tiny-random, each with the reason and where its effect is tested.
 
-Observations leave out what varies run to run: JSON keys ending in ``_s`` / ``seconds`` / ``timings``
-and digits in stderr (timings and rates).
+Observed: stdout, stderr, the files written, and what the command handed the pipeline (the load options;
+per request the prepare options and the model config: the plan), so a switch that a random model's answer
+happens not to show still counts once it reaches the model. Left out, as they vary run to run: JSON keys
+ending in ``_s`` / ``seconds`` / ``timings`` and digits in stderr (timings and rates).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def _probes(media: dict) -> dict:
         ("inspect", "--model"): [["tiny-random"]],
         ("batch", "--model"): [["tiny-random"]],
         "--image": [[media["image2"]]],
-        "--video": [[media["video2"]]],
+        "--video": [["sample:bunny"]],
         "--frames": [["3"]],
         "--pool-stride": [["4"]],
         "--rope-scale": [["3"]],
@@ -95,7 +97,7 @@ def _contexts(media: dict) -> dict:
         "--allow-overflow": overflow,
         ("inspect", "--template"): [("--model", ["tiny-random"]), ("--prompt", ["What happens?"])],
         "--quiet": [("--json", None)],  # --json's stdout carries no progress either way
-        "--sampling": [("--frames", ["8"])],  # 2 of the sample's 132 frames at 25 fps: both rules pick 0 and 131
+        "--sampling": [("--frames", ["8"])],  # 12 frames at 4 fps: "fps" keeps 0, 4, 8; uniform 8 of them
     }
 
 
@@ -125,15 +127,13 @@ def media(tmp_path_factory):
     Image.fromarray(np.ascontiguousarray(photo_array("chelsea")[::-1, :200])).save(image2)
     from media import make_video
 
-    video2 = make_video(root / "pan.mp4", 12, (64, 96), fps=4)
+    video = make_video(root / "pan.mp4", 12, (64, 96), fps=4)  # small and short: decoded once per command line
     src, _ = make_onevision_checkpoint(root / "ov-hf")  # SigLIP + Qwen2, with its tokenizer
     work = root / "work"
-    m = {"root": root, "image": str(image), "image2": str(image2), "video2": str(video2), "src": str(src),
+    m = {"root": root, "image": str(image), "image2": str(image2), "video": str(video), "src": str(src),
          "work": work, "model": str(src)}
     jobs = root / "jobs.jsonl"
-    from llava_next.cli.options import sample_path
-
-    jobs.write_text(json.dumps({"id": "v", "video": sample_path("sample:bunny")}) + "\n"
+    jobs.write_text(json.dumps({"id": "v", "video": str(video)}) + "\n"
                     + json.dumps({"id": "i", "images": [str(image)]}) + "\n")
     jobs2 = root / "jobs2.jsonl"
     jobs2.write_text(json.dumps({"id": "w", "images": [str(image2)]}) + "\n")
@@ -144,14 +144,13 @@ def media(tmp_path_factory):
 def _baselines(m: dict) -> dict[str, list[str]]:
     out = str(m["work"] / "out")
     return {
-        "run": ["run", "--model", "tiny-random", "--image", m["image"], "--video", "sample:bunny", "--frames", "2",
+        "run": ["run", "--model", "tiny-random", "--image", m["image"], "--video", m["video"], "--frames", "2",
                 "--max-new-tokens", "2", "--json", "--prompt", "What happens?"],
-        "trace": ["trace", "--model", "tiny-random", "--image", m["image"], "--video", "sample:bunny", "--frames",
+        "trace": ["trace", "--model", "tiny-random", "--image", m["image"], "--video", m["video"], "--frames",
                   "2", "--layers", "0", "--json", "--prompt", "What happens?"],
-        "inspect": ["inspect", "--image", m["image"], "--video", "sample:bunny", "--json"],
-        # batch's lines are the answers alone: a model whose answer follows its inputs more than tiny-random's
+        "inspect": ["inspect", "--image", m["image"], "--video", m["video"], "--json"],
         "batch": ["batch", "--model", m["model"], "--inputs", m["jobs"], "--out", str(m["work"] / "results.jsonl"),
-                  "--max-new-tokens", "12", "--frames", "2", "--prompt", "What happens?"],
+                  "--max-new-tokens", "4", "--frames", "2", "--prompt", "What happens?"],
         "convert": ["convert", m["src"], out],
     }
 
@@ -193,6 +192,9 @@ def _files(work: Path) -> dict[str, str]:
     return out
 
 
+PIPELINE_CALLS: list[str] = []  # what the command handed the pipeline (filled by the _spy_pipeline fixture)
+
+
 def _observe(argv: list[str], work: Path, setup=None) -> tuple:
     if work.exists():
         shutil.rmtree(work)
@@ -200,9 +202,10 @@ def _observe(argv: list[str], work: Path, setup=None) -> tuple:
     if setup is not None:
         setup(work)
     out, err = io.StringIO(), io.StringIO()
+    PIPELINE_CALLS.clear()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = main(argv)
-    return rc, _text(out.getvalue()), _text(err.getvalue(), digits=False), _files(work)
+    return rc, _text(out.getvalue()), _text(err.getvalue(), digits=False), _files(work), tuple(PIPELINE_CALLS)
 
 
 def _switches(command: str) -> list[argparse.Action]:
@@ -230,6 +233,27 @@ def _without(argv: list[str], switch: str, nvalues: int) -> list[str]:
 
 
 COMMANDS = ("run", "trace", "inspect", "batch", "convert")
+
+
+@pytest.fixture(autouse=True)
+def _spy_pipeline(monkeypatch):
+    """The plan a command hands the pipeline, observed beside its output: the load options and, per request,
+    the prepare options and the model config they run under. (A random model's answer can be the same for
+    two plans; a switch that reaches neither the output nor the pipeline is ignored.)"""
+    from llava_next.runtime.pipeline import Pipeline
+
+    load, prepare = Pipeline.from_pretrained.__func__, Pipeline.prepare
+
+    def spy_load(cls, *args, **kw):
+        PIPELINE_CALLS.append(f"load {args!r} {sorted(kw.items())!r}")
+        return load(cls, *args, **kw)
+
+    def spy_prepare(self, *args, **kw):
+        PIPELINE_CALLS.append(f"prepare {args!r} {sorted(kw.items())!r} {self.config!r}")
+        return prepare(self, *args, **kw)
+
+    monkeypatch.setattr(Pipeline, "from_pretrained", classmethod(spy_load))
+    monkeypatch.setattr(Pipeline, "prepare", spy_prepare)
 
 
 @pytest.fixture(autouse=True)
