@@ -347,7 +347,8 @@ def _draw(args, request, prov, attention, lens, tokenizer, layers, user_error, n
 
     for m in prov.media_info:
         if m.kind == "video":
-            clip = (request.frame_clips if m.as_images else request.videos)[m.kind_index]  # Interleave: frames as images
+            # Interleave sends a video as its frames, one <image> each: its clip is in request.frame_clips
+            clip = (request.frame_clips if m.as_images else request.videos)[m.kind_index]
             F = m.plan.num_frames
             grids = [prov.to_grid(mean_w, m.index, frame=f).numpy() for f in range(F)]
             sums = [prov.where(media=m.index, frame=f) for f in range(F)]
@@ -378,10 +379,10 @@ def _draw(args, request, prov, attention, lens, tokenizer, layers, user_error, n
                     if len(b):
                         tiles.append((float(b[:, 0].min()), float(b[:, 1].min()), float(b[:, 2].max()),
                                       float(b[:, 3].max())))
+            how = "padded to a square" if m.plan.aspect == "pad" else "squashed"
             save(plots.anyres_overlay(image, base, grid, title=f"{os.path.basename(path)}: query '{group}' attention, "
                                                              f"{span}", tile_boxes=tiles,
-                                      base_label=f"one tile ({'padded to a square' if m.plan.aspect == 'pad' else 'squashed'})"
-                                      if untiled else None,
+                                      base_label=f"one tile ({how})" if untiled else None,
                                       base_sum=float(mean_w[prov.where(media=m.index, tile='base')].sum()),
                                       grid_sum=float(mean_w[prov.where(media=m.index, kind='image_grid')].sum())),
                  f"image{m.kind_index}_anyres.png")

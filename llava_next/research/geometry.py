@@ -92,7 +92,8 @@ def image_fields(image_hw: Size, config: LlavaNextConfig,
         r0, r1 = top + rows_read[li, 0], top + rows_read[li, 1] + 1
         c0, c1 = left + cols_read[ci, 0], left + cols_read[ci, 1] + 1
         # the interpolated map coordinate is the output cell's centre: it must lie among the patches read
-        inside = (g[:, 3] >= r0 - 1e-6) & (g[:, 3] <= r1 - 1 + 1e-6) & (g[:, 4] >= c0 - 1e-6) & (g[:, 4] <= c1 - 1 + 1e-6)
+        eps = 1e-6
+        inside = (g[:, 3] >= r0 - eps) & (g[:, 3] <= r1 - 1 + eps) & (g[:, 4] >= c0 - eps) & (g[:, 4] <= c1 - 1 + eps)
         if not inside[grid].all():
             raise AssertionError(f"anyres_max cells of a {image_hw} image are not where the bilinear weights put them")
         map_r, map_c = np.floor(g[:, 3]).astype(np.int64), np.floor(g[:, 4]).astype(np.int64)

@@ -171,10 +171,10 @@ class Provenance:
             else:
                 fk, plan = video_fields(v["num_frames"], tuple(v["frame_hw"]), config, ts)
                 runs = [fk]
-            parts.append((runs_of, "video", k, runs, plan, {"source_hw": tuple(v["frame_hw"]), "name": v.get("name", ""),
-                                                            "frame_indices": tuple(v.get("frame_indices", ())),
-                                                            "timestamps": tuple(ts or ()),
-                                                            "as_images": runs_of == "image"}))
+            extra = {"source_hw": tuple(v["frame_hw"]), "name": v.get("name", ""),
+                     "frame_indices": tuple(v.get("frame_indices", ())), "timestamps": tuple(ts or ()),
+                     "as_images": runs_of == "image"}
+            parts.append((runs_of, "video", k, runs, plan, extra))
         count = lambda slot: sum(len(r["kind"]) for p in parts if p[0] == slot for r in p[3])
         n_img, n_vid = count("image"), count("video")
         if vid_id == img_id and vid_id is not None:  # original-format ids: images first, then videos

@@ -503,7 +503,7 @@ class Trace:
             layers |= {layer % n for layer in chosen}
             self._attn_layers = {layer % n for layer in chosen}
             self._attn_queries = self.resolve_selection(spec.queries, "Attention.queries")
-            self._attn_segments = resolve_segments(spec.segments, self.provenance) if spec.segments is not None else None
+            self._attn_segments = None if spec.segments is None else resolve_segments(spec.segments, self.provenance)
         else:
             self._attn_layers = set()
         for layer in sorted(layers):
