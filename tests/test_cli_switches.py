@@ -193,6 +193,7 @@ def _files(work: Path) -> dict[str, str]:
 
 
 PIPELINE_CALLS: list[str] = []  # what the command handed the pipeline (filled by the _spy_pipeline fixture)
+_LOADED: dict[str, tuple] = {}  # load options -> (pipeline, its config, its progress) as loaded
 
 
 def _observe(argv: list[str], work: Path, setup=None) -> tuple:
@@ -246,7 +247,13 @@ def _spy_pipeline(monkeypatch):
 
     def spy_load(cls, *args, **kw):
         PIPELINE_CALLS.append(f"load {args!r} {sorted(kw.items())!r}")
-        return load(cls, *args, **kw)
+        key = repr((args, sorted(kw.items())))
+        if key not in _LOADED:  # loaded once per set of load options; each command line gets it as loaded
+            pipe = load(cls, *args, **kw)
+            _LOADED[key] = (pipe, pipe.model.config, pipe.progress)
+        pipe, config, progress = _LOADED[key]
+        pipe.model.config, pipe.progress = config, progress  # what a command changed (plan switches)
+        return pipe
 
     def spy_prepare(self, *args, **kw):
         PIPELINE_CALLS.append(f"prepare {args!r} {sorted(kw.items())!r} {self.config!r}")
