@@ -96,6 +96,31 @@ def test_reductions_match_transformers_eager(pair):
         assert stats.segment_counts.tolist() == torch.bincount(frames).tolist()
 
 
+def test_segments_with_unsegmented_positions_match_transformers_eager(pair):
+    """segments=prov.frame (issue 22.8): text positions carry -1 there; such keys and queries belong to no
+    segment (left out of segment_rows / segment_map / counts), the others are summed as usual."""
+    ours, ids, mine, ref = pair
+    T = ids.shape[1]
+    frames = torch.arange(T) // max(2, T // 6)
+    mid = T // 2
+    frames[:3] = -1  # text before the media, and a run in between
+    frames[mid - 2:mid + 3] = -1
+    group = torch.tensor([1, mid - 4, mid, T - 1])
+    spec = Attention(queries=group, rows=False, segments=frames, segment_map=True)
+    with torch.no_grad(), trace(ours, attention=spec) as tr:
+        ours(ids, **mine)
+    S = int(frames.max()) + 1
+    seg, keep = frames.clamp(min=0), (frames >= 0).float()
+    for layer, stats in tr.attention.items():
+        full = ref[layer] * keep  # (1, H, T, T), keys of no segment zeroed
+        per_seg = torch.zeros(*full.shape[:3], S).index_add_(-1, seg, full)  # (1, H, T, S)
+        assert (stats.segment_rows - per_seg[:, :, group]).abs().max() <= ATOL
+        valid = frames >= 0
+        smap = torch.zeros(1, full.shape[1], S, S).index_add_(2, frames[valid], per_seg[:, :, valid])
+        assert (stats.segment_map - smap).abs().max() <= 1e-4
+        assert stats.segment_counts.tolist() == torch.bincount(frames[valid], minlength=S).tolist()
+
+
 def test_block_map_and_all_queries(pair):
     ours, ids, mine, ref = pair
     T = ids.shape[1]

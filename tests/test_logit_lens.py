@@ -50,3 +50,28 @@ def test_logit_lens_during_generation_and_hooks_untouched(monkeypatch):
     assert [s.extra["logit_lens"][L - 1].ids[0, -1, 0].item() for s in tr.steps] == new[0].tolist()
     # the model's own norm call only (prefill normalises the last position only), not the lens's 2 more
     assert all(s.records["norm"].shape == (1, 1, ours.config.text.hidden_size) for s in tr.steps)
+
+
+def test_logit_lens_takes_the_position_selectors_attention_takes():
+    """One resolver (issue 22.8): "last" and "all" mean for the lens what they mean for Attention.queries;
+    a misspelt word is a ResearchError naming the choices, for both."""
+    import pytest
+
+    from llava_next.research import Attention, ResearchError
+
+    ours, _, ids, mine, _ = tiny_pair("video")
+    T = ids.shape[1]
+    with torch.no_grad():
+        with trace(ours, logit_lens=LogitLens(positions=torch.arange(T), top_k=3)) as every:
+            ours(ids, **mine)
+        with trace(ours, logit_lens=LogitLens(positions="last", top_k=3)) as last, \
+                trace(ours, logit_lens=LogitLens(positions="all", top_k=3)) as all_:
+            ours(ids, **mine)
+    for layer, ref in every.logit_lens.items():
+        assert last.logit_lens[layer].positions.tolist() == [T - 1]
+        assert torch.equal(last.logit_lens[layer].ids, ref.ids[:, -1:])
+        assert torch.equal(all_.logit_lens[layer].ids, ref.ids)
+    for spec in (dict(logit_lens=LogitLens(positions="lats")), dict(attention=Attention(queries="lats"))):
+        with pytest.raises(ResearchError, match="must be 'last', 'all', absolute positions"):
+            with trace(ours, **spec):
+                pass

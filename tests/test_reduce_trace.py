@@ -10,6 +10,7 @@ selected decode (FastV + DyCoke) equals a no-cache recompute with the same kept 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -384,6 +385,49 @@ def test_cli_trace_of_a_reduced_model(tmp_path, monkeypatch):
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
         assert main(args[:-6] + ["--reduce", "pllava", "What happens?"]) == 2
     assert "does not take this token reducer yet" in err.getvalue()
+
+
+def test_cli_trace_of_a_pruned_layer_reports_numbers_and_distributions(tmp_path, monkeypatch):
+    """Issue 22.7: a pruned position receives no attention at the layers it is gone from (mass 0), so the text
+    report prints numbers (never nan) and the frame picture averages the SAME layers for every cell: its
+    per-frame masses are the mean over layers of the JSON's per-layer frame sums, and with the text segments
+    they add up to 1 (nanmean counted pruned cells over one layer, kept ones over two: 1.146)."""
+    import contextlib
+    import io
+    import json
+
+    from llava_next.cli.main import main
+    from llava_next.research import plots
+
+    monkeypatch.setenv("LLAVA_NEXT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LLAVA_NEXT_COMPILE", "0")
+    drawn = {}
+    real = plots.frame_heatmaps
+
+    def spy(frames, grids, *a, **kw):
+        drawn.setdefault("calls", []).append(kw)
+        return real(frames, grids, *a, **kw)
+
+    monkeypatch.setattr(plots, "frame_heatmaps", spy)
+    args = ["trace", "--model", "tiny-random", "--video", "sample:bunny", "--frames", "4",
+            "--reduce", "fastv:layer=1,keep=0.5", "--png", str(tmp_path / "png"), "What happens?"]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
+        assert main(args) == 0
+    text = buf.getvalue()
+    assert "nan" not in text.lower(), text
+    assert "layer   1" in text and "frames:" in text
+    frame_sums = drawn["calls"][0]["frame_sums"]  # video0_frames.png: the first drawing is the attention one
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
+        assert main(args[:-3] + ["--json", "What happens?"]) == 0
+    out = json.loads(buf.getvalue())
+    layers = sorted(out["attention"], key=int)
+    per_layer = np.array([[f["sum"] for f in out["attention"][layer]["last"]["sums"]["frames"]] for layer in layers])
+    assert np.allclose(frame_sums, per_layer.mean(0), atol=1e-9)
+    text_mass = np.mean([sum(v for k, v in out["attention"][layer]["last"]["sums"]["segments"].items()
+                             if k not in ("video", "video_newline")) for layer in layers])
+    assert abs(sum(frame_sums) + text_mass - 1) < 1e-4
 
 
 def test_trace_api_runs_the_multimodal_model_through_a_reduction():

@@ -71,7 +71,7 @@ def _add_inspect(sub) -> None:
     p.add_argument("--text-tokens", type=int, default=None,
                    help="positions to reserve for the prompt text when no --prompt is given (default 100); the "
                         "answer's --max-new-tokens (default 256, as run) are counted on top")
-    options.add_output_options(p, what="the plan")
+    options.add_output_options(p, what="the plan", quiet=False)  # inspect writes nothing to stderr
     p.add_argument("--png", metavar="OUT", help="draw the plan into a PNG file (images, or one video)")
     p.set_defaults(func=_inspect, _parser=p)
 
@@ -94,6 +94,12 @@ def _inspect(args: argparse.Namespace) -> int:
         raise UserError(f"--text-tokens must be >= 0, got {args.text_tokens}")
     if args.text_tokens is not None and args.prompt is not None:
         raise UserError("--text-tokens and --prompt: give one (with --prompt the text is counted exactly)")
+    if args.template is not None and args.prompt is None:  # no switch is accepted and ignored
+        raise UserError(f"--template {args.template}: inspect renders a template only around --prompt TEXT "
+                        f"(without it the text is --text-tokens positions); add --prompt")
+    if args.allow_overflow:
+        raise UserError("--allow-overflow: inspect never refuses a prompt that does not fit, it reports it "
+                        "(\"fits\": false and the fixes); the switch is for run, trace and batch")
     if args.png and (args.image and args.video or len(args.video) > 1):
         raise UserError("--png draws the plan of images or of one video; give only those")
     report, draw = _inspect_media(args, config, model, preset)

@@ -166,9 +166,12 @@ def add_prompt_options(p: argparse.ArgumentParser, *, positional: bool = True,
                    help=f"answer length budget (default {max_new_tokens or ANSWER_TOKENS}), counted in the context")
 
 
-def add_output_options(p: argparse.ArgumentParser, *, what: str = "the result") -> None:
+def add_output_options(p: argparse.ArgumentParser, *, what: str = "the result", quiet: bool = True) -> None:
+    """``--json``, and ``--quiet`` for commands that write progress or notes to stderr (``quiet=False``: one
+    that writes none, so the switch would do nothing)."""
     p.add_argument("--json", action="store_true", help=f"print {what} as one JSON object on stdout")
-    p.add_argument("--quiet", action="store_true", help="no progress or notes on stderr (errors still go there)")
+    if quiet:
+        p.add_argument("--quiet", action="store_true", help="no progress or notes on stderr (errors still go there)")
 
 
 def add_reduction_options(p: argparse.ArgumentParser) -> None:
@@ -256,6 +259,30 @@ def reduction(args: argparse.Namespace):
         return parse_reduction(args.select_frames, args.reduce)
     except ReductionError as e:
         raise UserError(str(e)) from None
+
+
+def quantization(args: argparse.Namespace) -> tuple[str | None, int]:
+    """(--quantize, --group-size) with the group size's default (128); --group-size without --quantize int4
+    is refused (it would do nothing)."""
+    quantize, group = getattr(args, "quantize", None), getattr(args, "group_size", None)
+    if group is not None and quantize != "int4":
+        raise UserError(f"--group-size {group}: the group size is int4's; add --quantize int4 (int8 is per "
+                        f"output channel{'' if quantize else ', and no --quantize was given'})")
+    return quantize, 128 if group is None else group
+
+
+def generation_only(args: argparse.Namespace) -> list[str]:
+    """The sampling / decoding switches given with a non-default value (they act on generated tokens only)."""
+    given = []
+    if getattr(args, "temperature", 0.0) != 0.0:
+        given.append(f"--temperature {args.temperature:g}")
+    if getattr(args, "top_p", 1.0) != 1.0:
+        given.append(f"--top-p {args.top_p:g}")
+    if getattr(args, "seed", None) is not None:
+        given.append(f"--seed {args.seed}")
+    if getattr(args, "compile_step", "auto") != "auto":
+        given.append(f"--compile-step {args.compile_step}")
+    return given
 
 
 def frames(args: argparse.Namespace) -> int:

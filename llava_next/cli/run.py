@@ -73,7 +73,8 @@ def add_convert(sub, *, user_error) -> None:
 def _add_quantize(p, what: str) -> None:
     p.add_argument("--quantize", choices=("int8", "int4"), default=None,
                    help=f"{what}: int8 per output channel, or int4 in groups of --group-size input features")
-    p.add_argument("--group-size", type=int, choices=(32, 64, 128, 256), default=128, help="int4 group (default 128)")
+    p.add_argument("--group-size", type=int, choices=(32, 64, 128, 256), default=None,
+                   help="int4 group (default 128; only with --quantize int4)")
 
 
 def _convert(args: argparse.Namespace, user_error) -> int:
@@ -84,6 +85,7 @@ def _convert(args: argparse.Namespace, user_error) -> int:
 
     from . import options
 
+    quantize, group_size = options.quantization(args)
     src, dtype = Path(args.src), args.dtype
     if args.src == options.TINY_MODEL and not src.exists():  # the built-in model, written in the chosen format
         from ..runtime import tiny
@@ -97,8 +99,8 @@ def _convert(args: argparse.Namespace, user_error) -> int:
             raise user_error(f"{args.src}: no such directory (and not a hub id of the form org/name, nor "
                              f"'{options.TINY_MODEL}'){did_you_mean(args.src, extra=(options.TINY_MODEL,))}")
         src = download(args.src)
-    out = convert(src, args.out, dtype=dtype, overwrite=args.overwrite, progress=True, quantize=args.quantize,
-                  group_size=args.group_size)
+    out = convert(src, args.out, dtype=dtype, overwrite=args.overwrite, progress=True, quantize=quantize,
+                  group_size=group_size)
     print(f"converted {args.src} -> {out}", file=sys.stderr)
     return 0
 
@@ -141,6 +143,7 @@ def _run(args: argparse.Namespace, user_error) -> int:
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise user_error(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature}, {args.top_p}")
     reduction = options.reduction(args)  # a bad method or value fails before any loading
+    quantize, group_size = options.quantization(args)
     model_id = PRESETS[args.model].hub_id if args.model in PRESETS else args.model
     tiny = args.model == options.TINY_MODEL
     notice = random_weights_notice(args.model)
@@ -151,7 +154,7 @@ def _run(args: argparse.Namespace, user_error) -> int:
     progress.say("loading", f"{model_id} ({args.dtype}, {args.device}){' (built on first use)' if tiny else ''}")
     t0 = time.perf_counter()
     pipe = load_pipeline(model_id, dtype=DTYPES[args.dtype], device=args.device, cache_dir=args.cache_dir,
-                         progress=not args.quiet, quantize=args.quantize, group_size=args.group_size)
+                         progress=not args.quiet, quantize=quantize, group_size=group_size)
     load_s = time.perf_counter() - t0
     progress.say("loading", f"done in {load_s:.2f} s")
     pipe.progress = progress

@@ -118,6 +118,11 @@ def _trace(args: argparse.Namespace, user_error) -> int:
         raise user_error("--device cuda: no CUDA device is available; use --device cpu")
     if "generated" in args.query and not args.max_new_tokens:
         raise user_error("--query generated needs generated tokens: add --max-new-tokens N")
+    gen_only = options.generation_only(args)
+    if gen_only and not args.max_new_tokens:  # they shape the generated tokens, and none are generated
+        raise user_error(f"{', '.join(gen_only)}: these act on generated tokens, and trace generates none "
+                         f"without --max-new-tokens N; add it (the answer is then generated and traced)")
+    quantize, group_size = options.quantization(args)
     if args.png and os.path.exists(args.png) and not os.path.isdir(args.png):
         raise user_error(f"--png {args.png}: exists and is not a directory")
     t0 = time.perf_counter()
@@ -127,7 +132,8 @@ def _trace(args: argparse.Namespace, user_error) -> int:
 
         print(f"[llava-next] {NOTICE}", file=sys.stderr)
     pipe = Pipeline.from_pretrained(model_id, dtype=DTYPES[args.dtype], device=args.device,
-                                    cache_dir=args.cache_dir, progress=not (args.json or args.quiet))
+                                    cache_dir=args.cache_dir, progress=not (args.json or args.quiet),
+                                    quantize=quantize, group_size=group_size)
     n_layers = len(pipe.model.language_model.layers)
     layers = list(range(n_layers)) if args.layers is None else args.layers
     bad = [layer for layer in layers if not -n_layers <= layer < n_layers]
@@ -135,11 +141,16 @@ def _trace(args: argparse.Namespace, user_error) -> int:
         raise user_error(f"--layers {bad}: this decoder has {n_layers} layers (0..{n_layers - 1}, or negative)")
     layers = list(dict.fromkeys(layer % n_layers for layer in layers))
     request = prepare_request(pipe, args, reduction, user_error)
+    if not (args.json or args.quiet):  # as run: the plan and the notes on stderr (--quiet: none)
+        print(f"[llava-next] {request.plan.summary()}", file=sys.stderr)
+        for note in request.notes:
+            print(f"[llava-next] note: {note}", file=sys.stderr)
     in_decoder = reduction is not None and reduction.in_decoder
     generated: list[int] = []
     if args.max_new_tokens:
         for _ in pipe.stream(request, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                             top_p=args.top_p, seed=args.seed, template=args.template):
+                             top_p=args.top_p, seed=args.seed, template=args.template,
+                             compile_step={"auto": None, "on": True, "off": False}[args.compile_step]):
             pass
         generated = list(request.tokens)
     model = pipe.model
@@ -149,7 +160,7 @@ def _trace(args: argparse.Namespace, user_error) -> int:
         video_feats = [r.tokens if r is not None else model.video_features(c.pixel_values)
                        for r, c in zip(reduced, request.videos)]
     prov = Provenance.from_request(request, pipe.config, tokenizer=pipe.tokenizer, question=args.prompt,
-                                   template=args.template,
+                                   template=args.template, image_names=[os.path.basename(p) for p in args.image],
                                    video_tokens=[(r.frame, r.patch) if r is not None else None for r in reduced])
     prov = prov.with_generated(generated)
     T = len(prov)
@@ -244,13 +255,18 @@ def _trace(args: argparse.Namespace, user_error) -> int:
         print(json.dumps(report))
     else:
         print(prov.summary())
+        if in_decoder:
+            print("(a position pruned or merged away at a layer receives no attention there: it counts 0; "
+                  "'pruned' where a frame has no position left at that layer)")
         for layer in layers:
             for g, w in attention[layer].items():
-                s = prov.sums(w)
+                s = prov.sums(w.nan_to_num(0.0))  # NaN: a key this layer no longer has (mass 0)
                 segs = ", ".join(f"{k} {v:.3f}" for k, v in s["segments"].items())
                 print(f"layer {layer:>3} query {g:<9} {segs}")
                 if s["frames"]:
-                    print("    frames: " + " ".join(f"{f['frame']}:{f['sum']:.3f}" for f in s["frames"]))
+                    gone = [bool(w[prov.where(media=f["media"], frame=f["frame"])].isnan().all()) for f in s["frames"]]
+                    print("    frames: " + " ".join(f"{f['frame']}:{'pruned' if g else format(f['sum'], '.3f')}"
+                                                    for f, g in zip(s["frames"], gone)))
         for path in pngs:
             print(f"drew {path}")
     return 0
@@ -317,8 +333,9 @@ def _draw(args, request, prov, attention, lens, tokenizer, layers, user_error, n
     except OSError as e:
         raise user_error(f"--png {args.png}: cannot create the directory ({e.strerror or e})") from None
     group = args.query[0]
-    # over the requested layers (a reduced layer's pruned keys are NaN: the mean of the layers that have them)
-    mean_w = torch.stack([attention[layer][group] for layer in layers]).nanmean(0)
+    # the mean over the requested layers; a key a reduced layer no longer has (NaN) receives no attention there:
+    # 0, so every cell is averaged over the same layers and the mean is a distribution (sums to 1) as each layer's
+    mean_w = torch.stack([attention[layer][group] for layer in layers]).nan_to_num(0.0).mean(0)
     span = f"layer {layers[0]}" if len(layers) == 1 else f"mean of layers {', '.join(map(str, layers))}" \
         if len(layers) <= 6 else f"mean of {len(layers)} layers"
     out = []
@@ -330,7 +347,8 @@ def _draw(args, request, prov, attention, lens, tokenizer, layers, user_error, n
 
     for m in prov.media_info:
         if m.kind == "video":
-            clip = request.videos[m.kind_index]
+            # Interleave sends a video as its frames, one <image> each: its clip is in request.frame_clips
+            clip = (request.frame_clips if m.as_images else request.videos)[m.kind_index]
             F = m.plan.num_frames
             grids = [prov.to_grid(mean_w, m.index, frame=f).numpy() for f in range(F)]
             sums = [prov.where(media=m.index, frame=f) for f in range(F)]
@@ -351,7 +369,8 @@ def _draw(args, request, prov, attention, lens, tokenizer, layers, user_error, n
             path = args.image[m.kind_index]
             image = load_image(path, max_pixels=args.max_image_pixels)
             base = prov.to_pixels(mean_w, m.index, part="base")
-            grid = prov.to_pixels(mean_w, m.index, part="grid")
+            untiled = m.plan.aspect != "anyres"  # "resize" / "pad": one tile, no AnyRes grid
+            grid = None if untiled else prov.to_pixels(mean_w, m.index, part="grid")
             tiles = []
             rows, cols = m.plan.grid_hw
             for ty in range(rows):
@@ -360,8 +379,10 @@ def _draw(args, request, prov, attention, lens, tokenizer, layers, user_error, n
                     if len(b):
                         tiles.append((float(b[:, 0].min()), float(b[:, 1].min()), float(b[:, 2].max()),
                                       float(b[:, 3].max())))
+            how = "padded to a square" if m.plan.aspect == "pad" else "squashed"
             save(plots.anyres_overlay(image, base, grid, title=f"{os.path.basename(path)}: query '{group}' attention, "
                                                              f"{span}", tile_boxes=tiles,
+                                      base_label=f"one tile ({how})" if untiled else None,
                                       base_sum=float(mean_w[prov.where(media=m.index, tile='base')].sum()),
                                       grid_sum=float(mean_w[prov.where(media=m.index, kind='image_grid')].sum())),
                  f"image{m.kind_index}_anyres.png")

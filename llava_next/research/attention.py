@@ -33,7 +33,10 @@ What it returns (``AttentionStats``; every field per head, ``.mean_heads()`` ave
     segment_counts   (S,)               queries per segment (segment_map / counts = the mean row)
 
 ``segments`` is a LongTensor mapping each key position to a segment id 0..S-1 (e.g. frame index, from token
-provenance); keys past its end (tokens generated after the prompt) get the extra id S.
+provenance); keys past its end (tokens generated after the prompt) get the extra id S. A negative id (e.g.
+``prov.frame``'s -1 on text positions) puts the position in no segment: its keys count in no column of
+``segment_rows`` / ``segment_map`` (a row's segment sums then add up to its mass on segmented keys), its
+queries in no row of ``segment_map`` nor in ``segment_counts``.
 
 On CUDA the Triton kernel ``flash_attention_with_key_mass`` (kernels/llava_next_kernels/attention.py) computes
 ``key_mass`` when it is the only statistic asked for (``key_mass_triton``); tests check it against this path
@@ -173,16 +176,16 @@ class AttentionStats:
 
 
 def _one_hot(seg: torch.Tensor, S: int) -> torch.Tensor:
-    """(Tk, S) fp32 one-hot of the key segments: probs (..., Tk) @ it = mass per segment (..., S)."""
-    return torch.zeros(seg.numel(), S, device=seg.device).scatter_(1, seg[:, None], 1.0)
+    """(Tk, S) fp32 one-hot of the key segments: probs (..., Tk) @ it = mass per segment (..., S); a negative
+    id (no segment) is a zero row."""
+    hot = torch.zeros(seg.numel(), S + 1, device=seg.device).scatter_(1, torch.where(seg < 0, S, seg)[:, None], 1.0)
+    return hot[:, :S]
 
 
 def _segment_ids(segments: torch.Tensor, Tk: int, device: torch.device) -> tuple[torch.Tensor, int]:
     """(Tk,) segment id per key (keys past the given ids -> one extra id) and the number of segments."""
     segments = torch.as_tensor(segments, dtype=torch.long, device=device).reshape(-1)
-    if segments.numel() and int(segments.min()) < 0:
-        raise ResearchError("segment ids must be >= 0 (one id per sequence position)")
-    S = int(segments.max()) + 1 if segments.numel() else 0
+    S = max(int(segments.max()) + 1, 0) if segments.numel() else 0  # ids < 0: no segment
     if segments.numel() >= Tk:
         return segments[:Tk], S
     return torch.cat([segments, segments.new_full((Tk - segments.numel(),), S)]), S + 1
@@ -242,11 +245,12 @@ def attention_stats(q: torch.Tensor, k: torch.Tensor, queries: torch.Tensor | Se
         q_seg = map_seg[Tk - Tq:]  # segment of each query (queries sit at the end of the keys)
         map_hot = _one_hot(map_seg, map_S)
         smap = torch.zeros(B, Hq, map_S, map_S, device=device)
-        for qi, p in iter_probs(q, k, torch.arange(Tq, device=device), key_mask=key_mask, chunk=chunk, groups=groups):
+        in_seg = torch.nonzero(q_seg >= 0).flatten()  # queries of no segment (id < 0) add to no row
+        for qi, p in iter_probs(q, k, in_seg, key_mask=key_mask, chunk=chunk, groups=groups):
             per_seg = p @ map_hot[:p.shape[-1]]  # (B, Hq, c, S)
             smap.index_add_(2, q_seg[qi], per_seg)
         out.segment_map = smap
-        out.segment_counts = torch.bincount(q_seg, minlength=map_S)
+        out.segment_counts = torch.bincount(q_seg[in_seg], minlength=map_S)
     return out
 
 

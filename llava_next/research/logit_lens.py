@@ -58,7 +58,9 @@ def lens(decoder: Any, hidden: torch.Tensor, top_k: int = 5, targets: torch.Tens
 
 @dataclass(frozen=True)
 class LogitLens:
-    """A logit lens to run inside ``trace`` (module docstring). positions: None = every position of a call."""
+    """A logit lens to run inside ``trace`` (module docstring). positions: as ``Attention.queries`` (one
+    resolver, ``trace.resolve_selection``): None or "all" = every position of a call, "last" = each call's
+    last position, absolute positions or a selector."""
 
     positions: Any = None
     layers: Sequence[int] | None = None
@@ -75,7 +77,7 @@ class LogitLens:
         decoder = tr.decoder
         n = len(decoder.layers)
         layers = list(range(n)) if self.layers is None else [layer % n for layer in self.layers]
-        positions = tr.resolve(self.positions)
+        positions = tr.resolve_selection(self.positions, "LogitLens.positions")
         targets = None if self.targets is None else torch.as_tensor(self.targets, dtype=torch.long).reshape(-1)
         points = [(layer, f"blocks.{layer}.hook_resid_post") for layer in layers]
         if self.embed:

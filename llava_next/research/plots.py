@@ -180,21 +180,25 @@ def layer_frame_chart(shares: np.ndarray, layers: Sequence[int], timestamps: Seq
 # --------------------------------------------------------------------------------------------------
 # Images: base and AnyRes grid maps on the original pixels
 # --------------------------------------------------------------------------------------------------
-def anyres_overlay(image: Image.Image, base_map: np.ndarray, grid_map: np.ndarray, *, title: str,
+def anyres_overlay(image: Image.Image, base_map: np.ndarray, grid_map: np.ndarray | None, *, title: str,
                    base_sum: float, grid_sum: float, tile_boxes: Sequence[tuple[float, float, float, float]] = (),
-                   max_side: int = 480) -> Image.Image:
+                   max_side: int = 480, base_label: str | None = None) -> Image.Image:
     """The original image twice: the base tokens' map and the AnyRes grid tokens' map (both
     ``Provenance.to_pixels``: each pixel gets the value of the token whose source box holds it), one colour
-    scale; ``tile_boxes``: the 336 px tiles' footprints on the original image, outlined."""
+    scale; ``tile_boxes``: the 336 px tiles' footprints on the original image, outlined. ``grid_map`` None:
+    an untiled image (one tile, "resize" / "pad"), drawn once, captioned ``base_label``."""
     rgb = np.asarray(image.convert("RGB"))
     h, w = rgb.shape[:2]
-    values = np.concatenate([m[~np.isnan(m)].ravel() for m in (base_map, grid_map)])
+    maps = (base_map,) if grid_map is None else (base_map, grid_map)
+    values = np.concatenate([m[~np.isnan(m)].ravel() for m in maps])
     lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
     s = min(1.0, max_side / max(h, w))
     size = (max(1, round(w * s)), max(1, round(h * s)))
     panels = []
-    for name, m, total in (("base (whole image squashed to one tile)", base_map, base_sum),
-                           ("AnyRes grid (tiles, unpadded)", grid_map, grid_sum)):
+    parts = [(base_label or "base (whole image squashed to one tile)", base_map, base_sum)]
+    if grid_map is not None:
+        parts.append(("AnyRes grid (tiles, unpadded)", grid_map, grid_sum))
+    for name, m, total in parts:
         pic = Image.fromarray(overlay(rgb, m, lo, hi)).resize(size, Image.BILINEAR)
         d = ImageDraw.Draw(pic)
         if "grid" in name:
@@ -205,9 +209,9 @@ def anyres_overlay(image: Image.Image, base_map: np.ndarray, grid_map: np.ndarra
         cd.text((2, 4), name, fill=FG, font=_font(13))
         cd.text((2, 21), f"mass {total:.4f}", fill=DIM, font=_font(12))
         panels.append(_stack([pic, cap]))
-    body = Image.new("RGB", (3 * PAD + 2 * size[0], panels[0].height), BG)
-    body.paste(panels[0], (PAD, 0))
-    body.paste(panels[1], (2 * PAD + size[0], 0))
+    body = Image.new("RGB", ((len(panels) + 1) * PAD + len(panels) * size[0], panels[0].height), BG)
+    for i, panel in enumerate(panels):
+        body.paste(panel, ((i + 1) * PAD + i * size[0], 0))
     header = _text_block([title, f"{h}x{w} px original; grey: pixels no token of that part covers (unpadding "
                                  f"drops them); yellow: tiles"], body.width)
     return _stack([header, body, _colorbar(lo, hi, label="attention per token")])

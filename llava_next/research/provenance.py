@@ -55,9 +55,10 @@ import numpy as np
 import torch
 
 from ..config import LlavaNextConfig
-from ..inputs.tokens import ImagePlan, VideoPlan
+from ..inputs.tokens import ImagePlan, VideoPlan, image_aspect
 from ..reduce.runner import Fates
-from .geometry import KINDS, K, Size, empty_fields, image_fields, reduced_video_fields, video_fields
+from .geometry import (KINDS, K, Size, empty_fields, frame_image_fields, image_fields, reduced_video_fields,
+                       video_fields)
 
 SEGMENTS = ("system", "question", "template", "image_base", "image_grid", "image_newline", "video", "video_newline",
             "generated")
@@ -78,17 +79,19 @@ class Media:
     name: str = ""
     frame_indices: tuple[int, ...] = ()  # video: sampled frames' indices in the decoded stream
     timestamps: tuple[float, ...] = ()  # video: their times in seconds
+    as_images: bool = False  # video: its frames sent as images, one run each (Interleave; start..end may hold text)
 
     def to_dict(self) -> dict:
         d = {"index": self.index, "kind": self.kind, "kind_index": self.kind_index, "start": self.start,
              "end": self.end, "source_hw": list(self.source_hw), "name": self.name}
         p = self.plan
         if self.kind == "image":
-            d.update(canvas_hw=list(p.canvas_hw), grid_hw=list(p.grid_hw), resized_hw=list(p.resized_hw),
-                     unpadded_hw=list(p.unpadded_hw))
+            d.update(aspect=p.aspect, canvas_hw=list(p.canvas_hw), grid_hw=list(p.grid_hw),
+                     resized_hw=list(p.resized_hw), unpadded_hw=list(p.unpadded_hw))
         else:
             d.update(frame_indices=list(self.frame_indices), timestamps=list(self.timestamps),
-                     pooled_hw=list(p.pooled_hw), pool_stride=p.stride, pool_mode=p.mode, newline=p.newline)
+                     pooled_hw=list(p.pooled_hw), pool_stride=p.stride, pool_mode=p.mode, newline=p.newline,
+                     sent_as="images" if self.as_images else "video")
         return d
 
 
@@ -122,12 +125,17 @@ class Provenance:
     @classmethod
     def build(cls, input_ids: Sequence[int], config: LlavaNextConfig, *, image_sizes: Sequence[Size] = (),
               videos: Sequence[dict] = (), tokenizer=None, question: str | None = None,
-              system: str | None = None, image_names: Sequence[str] = ()) -> "Provenance":
+              system: str | None = None, image_names: Sequence[str] = (),
+              image_aspects: Sequence[str] | None = None) -> "Provenance":
         """From expanded ids (one placeholder id per visual token) and the media's geometry.
 
+        ``image_aspects``: how each image was preprocessed ("anyres", "resize", "pad"); default the prompt's
+        (``inputs.tokens.image_aspect``: OneVision pads each of several images), as ``Pipeline.prepare``.
         ``videos``: one dict per video with ``num_frames``, ``frame_hw`` and optionally ``timestamps``,
         ``frame_indices``, ``name``, and ``tokens`` = (frame, cell) of each token when a token reducer chose
-        them among the pooled cells (``reduced_video_fields``). ``tokenizer`` (inputs.prompt.Tokenizer) +
+        them among the pooled cells (``reduced_video_fields``). A video of a ``config.video_as_images`` model
+        (Interleave) is its frames sent as images: their placeholders are image ones, after the images'
+        (as ``Pipeline.prepare`` appends them), one run per frame. ``tokenizer`` (inputs.prompt.Tokenizer) +
         ``question`` / ``system`` label those text positions; without them every text position is segment "template"."""
         ids = np.asarray(list(input_ids), dtype=np.int64)
         T = len(ids)
@@ -137,23 +145,38 @@ class Provenance:
         img_id, vid_id = config.image_token_id, config.video_token_id
         image_slots = np.flatnonzero(ids == img_id)
         video_slots = np.flatnonzero(ids == vid_id) if vid_id is not None and vid_id != img_id else np.array([], int)
+        if image_aspects is None:
+            image_aspects = [image_aspect(config, len(image_sizes))] * len(image_sizes)
+        if len(image_aspects) != len(image_sizes):
+            raise ValueError(f"{len(image_aspects)} image_aspects for {len(image_sizes)} images")
 
-        parts = []  # (first position, kind, kind index, per-token fields, plan, extra)
+        # (placeholder kind, kind, kind index, [per-run fields], plan, extra); a frame sent as an image is a run
+        parts = []
         for k, hw in enumerate(image_sizes):
-            fk, plan = image_fields(tuple(hw), config)
-            parts.append(("image", k, fk, plan, {"source_hw": tuple(hw),
-                                                 "name": image_names[k] if k < len(image_names) else ""}))
+            fk, plan = image_fields(tuple(hw), config, image_aspects[k])
+            parts.append(("image", "image", k, [fk], plan, {"source_hw": tuple(hw),
+                                                            "name": image_names[k] if k < len(image_names) else ""}))
         for k, v in enumerate(videos):
             ts = v.get("timestamps")
-            if v.get("tokens") is not None:  # a token reducer chose these pooled cells (e.g. DyCoke's TTM)
+            runs_of = "video"
+            if config.video_as_images:  # Interleave: the frames are images
+                if v.get("tokens") is not None:
+                    raise ValueError("a video sent as frames (config.video_as_images) has no pooled cells a token "
+                                     "reducer could choose")
+                runs, plan = frame_image_fields(v["num_frames"], tuple(v["frame_hw"]), config, ts)
+                runs_of = "image"
+            elif v.get("tokens") is not None:  # a token reducer chose these pooled cells (e.g. DyCoke's TTM)
                 fk, plan = reduced_video_fields(v["num_frames"], tuple(v["frame_hw"]), config, *v["tokens"], ts)
+                runs = [fk]
             else:
                 fk, plan = video_fields(v["num_frames"], tuple(v["frame_hw"]), config, ts)
-            parts.append(("video", k, fk, plan, {"source_hw": tuple(v["frame_hw"]), "name": v.get("name", ""),
-                                                 "frame_indices": tuple(v.get("frame_indices", ())),
-                                                 "timestamps": tuple(ts or ())}))
-        n_img = sum(len(p[2]["kind"]) for p in parts if p[0] == "image")
-        n_vid = sum(len(p[2]["kind"]) for p in parts if p[0] == "video")
+                runs = [fk]
+            extra = {"source_hw": tuple(v["frame_hw"]), "name": v.get("name", ""),
+                     "frame_indices": tuple(v.get("frame_indices", ())), "timestamps": tuple(ts or ()),
+                     "as_images": runs_of == "image"}
+            parts.append((runs_of, "video", k, runs, plan, extra))
+        count = lambda slot: sum(len(r["kind"]) for p in parts if p[0] == slot for r in p[3])
+        n_img, n_vid = count("image"), count("video")
         if vid_id == img_id and vid_id is not None:  # original-format ids: images first, then videos
             image_slots, video_slots = image_slots[:n_img], image_slots[n_img:]
         for what, slots, want in (("image", image_slots, n_img), ("video", video_slots, n_vid)):
@@ -162,23 +185,28 @@ class Provenance:
                                  f"make {want} tokens; pass the expanded ids of the same request")
         cursor = {"image": 0, "video": 0}
         located = []
-        for what, k, fk, plan, extra in parts:
-            slots = image_slots if what == "image" else video_slots
-            n = len(fk["kind"])
-            pos = slots[cursor[what]:cursor[what] + n]
-            cursor[what] += n
-            if pos[-1] - pos[0] != n - 1:
-                raise ValueError(f"{what} {k}'s {n} placeholder positions are not contiguous; expand each "
-                                 f"placeholder into one run (inputs.prompt.expand_placeholders)")
-            located.append((int(pos[0]), what, k, fk, plan, extra))
-        located.sort(key=lambda x: x[0])
+        for slot, what, k, runs, plan, extra in parts:
+            slots = image_slots if slot == "image" else video_slots
+            starts = []
+            for fk in runs:
+                n = len(fk["kind"])
+                pos = slots[cursor[slot]:cursor[slot] + n]
+                cursor[slot] += n
+                if pos[-1] - pos[0] != n - 1:
+                    raise ValueError(f"{what} {k}'s {n} placeholder positions are not contiguous; expand each "
+                                     f"placeholder into one run (inputs.prompt.expand_placeholders)")
+                starts.append(int(pos[0]))
+            located.append((starts, what, k, runs, plan, extra))
+        located.sort(key=lambda x: x[0][0])
         infos = []
-        for m, (start, what, k, fk, plan, extra) in enumerate(located):
-            n = len(fk["kind"])
-            for name, arr in fk.items():
-                f[name][start:start + n] = arr
-            media[start:start + n] = m
-            infos.append(Media(index=m, kind=what, kind_index=k, start=start, end=start + n, plan=plan, **extra))
+        for m, (starts, what, k, runs, plan, extra) in enumerate(located):
+            for start, fk in zip(starts, runs):
+                n = len(fk["kind"])
+                for name, arr in fk.items():
+                    f[name][start:start + n] = arr
+                media[start:start + n] = m
+            end = starts[-1] + len(runs[-1]["kind"])
+            infos.append(Media(index=m, kind=what, kind_index=k, start=starts[0], end=end, plan=plan, **extra))
 
         segment = np.full(T, S["template"], np.int8)
         for kname in KINDS[1:6]:
@@ -198,20 +226,32 @@ class Provenance:
     @classmethod
     def from_request(cls, request, config: LlavaNextConfig, *, tokenizer=None, question: str | None = None,
                      system: str | None = None, template: str | None = None,
-                     video_tokens: Sequence[tuple[Any, Any] | None] = ()) -> "Provenance":
-        """From a ``Pipeline.prepare`` request (its expanded ids, images and video clips). ``system``
-        defaults to the system prompt of ``template`` (the one given to ``prepare``; default the config's)
-        when a tokenizer is given. ``video_tokens``: per video, the (frame, cell) of each token a token
-        reducer kept (``ReducedVideo.frame`` / ``.patch``), or None for the model's own tokens."""
+                     video_tokens: Sequence[tuple[Any, Any] | None] = (),
+                     image_names: Sequence[str] = ()) -> "Provenance":
+        """From a ``Pipeline.prepare`` request (its expanded ids, images and video clips; a video whose frames
+        were sent as images, ``request.frame_clips``, is one video medium). ``system`` defaults to the system
+        prompt of ``template`` (the one given to ``prepare``; default the config's) when a tokenizer is given.
+        ``video_tokens``: per video, the (frame, cell) of each token a token reducer kept
+        (``ReducedVideo.frame`` / ``.patch``), or None for the model's own tokens. ``image_names``: the
+        images' names (e.g. file names) for ``media_info``; default the base name of the path each image
+        was given as, when the request kept it."""
         if tokenizer is not None and system is None:
             from ..inputs.prompt import TEMPLATES
             spec = TEMPLATES.get(template or config.template)  # "none": no system prompt
             system = spec.system if spec is not None else None
+        clips = list(request.videos) + list(getattr(request, "frame_clips", ()))
         videos = [{"num_frames": c.num_frames, "frame_hw": c.size_hw, "timestamps": c.timestamps,
                    "frame_indices": c.frame_indices, "name": os.path.basename(c.path),
-                   "tokens": video_tokens[i] if i < len(video_tokens) else None} for i, c in enumerate(request.videos)]
-        return cls.build(request.input_ids, config, image_sizes=[im.image_size for im in request.images],
-                         videos=videos, tokenizer=tokenizer, question=question, system=system)
+                   "tokens": video_tokens[i] if i < len(video_tokens) else None} for i, c in enumerate(clips)]
+        n_frames = sum(c.num_frames for c in getattr(request, "frame_clips", ()))
+        images = list(request.images)[:len(request.images) - n_frames]  # the frames sent as images come last
+        if not image_names:
+            image_names = [os.path.basename(os.fspath(p)) if isinstance(p, (str, os.PathLike)) else ""
+                           for p in (getattr(im, "path", None) for im in images)]
+        aspect = image_aspect(config, len(images))  # as Pipeline.prepare: OneVision pads each of several images
+        return cls.build(request.input_ids, config, image_sizes=[im.image_size for im in images],
+                         videos=videos, tokenizer=tokenizer, question=question, system=system,
+                         image_names=list(image_names), image_aspects=[aspect] * len(images))
 
     def with_generated(self, token_ids: Iterable[int]) -> "Provenance":
         """The same map with generated positions appended (kind and segment "generated")."""
@@ -399,14 +439,21 @@ class Provenance:
         for name, pos in self.segments().items():
             lines.append(f"  {name:<14}{len(pos):>7}")
         for m in self.media_info:
-            if m.kind == "image":
-                p = m.plan
-                lines.append(f"  media {m.index}: image {m.kind_index} {m.source_hw[0]}x{m.source_hw[1]} px, "
+            p = m.plan
+            head = f"  media {m.index}: {m.kind} {m.kind_index}{f' ({m.name})' if m.name else ''}"
+            if m.kind == "image" and p.aspect != "anyres":
+                lines.append(f"{head} {m.source_hw[0]}x{m.source_hw[1]} px, positions {m.start}-{m.end - 1}: one "
+                             f"{'padded' if p.aspect == 'pad' else 'squashed'} tile of {p.base_tokens} + "
+                             f"{p.newline_tokens} newline")
+            elif m.kind == "image":
+                lines.append(f"{head} {m.source_hw[0]}x{m.source_hw[1]} px, "
                              f"positions {m.start}-{m.end - 1}: base {p.base_tokens} + grid {p.unpadded_hw[0]}x"
                              f"{p.unpadded_hw[1]} from {p.grid_hw[0]}x{p.grid_hw[1]} tiles + {p.newline_tokens} newline")
+            elif m.as_images:
+                lines.append(f"{head} {p.num_frames} frames of {m.source_hw[0]}x{m.source_hw[1]} px sent as images, "
+                             f"positions {m.start}-{m.end - 1}: {p.tokens_per_frame} per frame")
             else:
-                p = m.plan
-                lines.append(f"  media {m.index}: video {m.kind_index} {p.num_frames} frames of "
+                lines.append(f"{head} {p.num_frames} frames of "
                              f"{m.source_hw[0]}x{m.source_hw[1]} px, positions {m.start}-{m.end - 1}: "
                              f"{p.pooled_hw[0]}x{p.pooled_hw[1]} per frame + {p.newline_tokens} newline")
         return "\n".join(lines)

@@ -82,6 +82,48 @@ def resolve_positions(positions: Any, provenance: Any = None) -> torch.Tensor | 
     return idx
 
 
+class _Last:
+    """The position selector "last": the last position of each call (the prompt's last token at prefill,
+    the new token when decoding); ``Trace.local`` turns it into that call's index."""
+
+    def __repr__(self) -> str:
+        return "'last'"
+
+
+LAST = _Last()
+
+
+def resolve_selection(value: Any, provenance: Any = None, what: str = "positions") -> torch.Tensor | _Last | None:
+    """The one resolver of query / lens positions (``Attention.queries``, ``LogitLens.positions``): "all" or
+    None -> None (every position of a call), "last" -> ``LAST`` (each call's last position), absolute
+    positions or a selector -> LongTensor."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value == "all":
+            return None
+        if value == "last":
+            return LAST
+        raise ResearchError(f"{what} must be 'last', 'all', absolute positions (>= 0) or a selector "
+                            f"(llava_next.research.select); got {value!r}")
+    return resolve_positions(value, provenance)
+
+
+def resolve_segments(segments: Any, provenance: Any = None) -> torch.Tensor:
+    """``Attention.segments``: a segment id per sequence position (LongTensor, e.g. ``prov.frame``) or an
+    object with ``resolve(provenance)`` giving one. Ids < 0 (``prov.frame``'s -1 on text) are no segment."""
+    if hasattr(segments, "resolve"):
+        if provenance is None:
+            raise ResearchError(f"{type(segments).__name__} resolves against the request's token provenance: pass "
+                                "provenance=... to trace(), or give segments as a LongTensor of ids")
+        segments = segments.resolve(provenance)
+    try:
+        return torch.as_tensor(segments).long().reshape(-1)
+    except (TypeError, ValueError, RuntimeError):
+        raise ResearchError(f"Attention.segments must be one integer segment id per sequence position (e.g. "
+                            f"prov.frame), got {type(segments).__name__}") from None
+
+
 @dataclass(frozen=True)
 class Record:
     """Record hook ``name`` (fnmatch pattern) at ``positions`` (None: all), reduced over them by ``reduce``.
@@ -231,6 +273,10 @@ class Trace:
     def resolve(self, positions: Any) -> torch.Tensor | None:
         return resolve_positions(positions, self.provenance)
 
+    def resolve_selection(self, value: Any, what: str = "positions") -> torch.Tensor | _Last | None:
+        """``resolve_selection`` against this trace's provenance ("last", "all", positions, a selector)."""
+        return resolve_selection(value, self.provenance, what)
+
     @property
     def current(self) -> Step:
         """The step hooks are filed under now (see the module docstring)."""
@@ -276,9 +322,12 @@ class Trace:
                 raise ResearchError("at most 4 knockouts per layer in one trace (each doubles the group table twice)")
 
     def local(self, positions: torch.Tensor | None, offset: int, length: int) -> torch.Tensor | None:
-        """Absolute positions -> indices into a call covering [offset, offset + length); None = all."""
+        """Absolute positions -> indices into a call covering [offset, offset + length); None = all;
+        ``LAST``: the call's last row."""
         if positions is None:
             return None
+        if positions is LAST:
+            return torch.tensor([length - 1])
         rows = self.row_map(length)
         if rows is not None:  # a pruned layer: the rows holding these original positions (absent ones dropped)
             loc = _inverse(self._shared(rows, "positions")[None].cpu(), positions)[0]
@@ -453,10 +502,8 @@ class Trace:
                     raise ResearchError(f"attention layer {layer} out of range for a {n}-layer decoder")
             layers |= {layer % n for layer in chosen}
             self._attn_layers = {layer % n for layer in chosen}
-            self._attn_queries = spec.queries if isinstance(spec.queries, str) else self.resolve(spec.queries)
-            if isinstance(spec.queries, str) and spec.queries not in ("last", "all"):
-                raise ResearchError(f"Attention.queries must be 'last', 'all', positions or a selector; got {spec.queries!r}")
-            self._attn_segments = self.resolve(spec.segments) if spec.segments is not None else None
+            self._attn_queries = self.resolve_selection(spec.queries, "Attention.queries")
+            self._attn_segments = None if spec.segments is None else resolve_segments(spec.segments, self.provenance)
         else:
             self._attn_layers = set()
         for layer in sorted(layers):
@@ -522,9 +569,9 @@ class Trace:
             return
         queries = self._attn_queries
         smap = self.decoder.seq_map if self.row_map(Tq) is not None else None
-        if decoding or (isinstance(queries, str) and queries == "last"):
+        if decoding or queries is LAST:
             idx = torch.tensor([Tq - 1], device=q.device)
-        elif isinstance(queries, str):  # "all"
+        elif queries is None:  # "all"
             idx = None
         else:
             idx = self.local(queries, step.offset, Tq)
