@@ -1,7 +1,9 @@
 """`llava-next batch` as a user runs it, in real processes on a tiny checkpoint with real photos and videos.
 
 - Resume: a run is killed with SIGKILL in the middle, with an item in flight (the test holds the output's
-  lock, so the process is provably stuck with an answer it has not written), a cut-off line is appended
+  lock and lets the run through one access at a time; it kills it once it has written 2+ lines and the
+  kernel lists it waiting for that lock in an append: provably stuck with an answer it has not written;
+  no step depends on how fast anything runs), a cut-off line is appended
   as a kill in the middle of a write would leave it, and the rerun completes the output: every id
   exactly once, records equal to an uninterrupted run's.
 - Sharing: two ranks under torchrun append to one file; the set of records equals one process's.
@@ -26,7 +28,25 @@ from test_tensor_parallel import child_env, like_a_rank, torchrun
 
 pytest.importorskip("transformers")
 
-TIMEOUT_S = 240
+TIMEOUT_S = 600  # a hang guard for the runs and waits below, not a speed limit (4 runs share 2 busy cores)
+
+
+def waiting_for_lock(pid: int, path: Path) -> bool:
+    """Whether process ``pid`` is blocked in ``flock`` on ``path``: a ``->`` line of /proc/locks (man 5 proc)."""
+    ino = os.stat(path).st_ino
+    for line in Path("/proc/locks").read_text().splitlines():
+        f = line.split()  # "1: -> FLOCK ADVISORY WRITE <pid> <maj>:<min>:<inode> 0 EOF"
+        if len(f) > 6 and f[1] == "->" and f[2] == "FLOCK" and f[5] == str(pid) and f[6].endswith(f":{ino}"):
+            return True
+    return False
+
+
+def wait_until(ready, what: str) -> None:
+    """Poll ``ready()`` until true; fail naming ``what`` only if TIMEOUT_S passes (something is broken)."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ready():
+        assert time.monotonic() < deadline, f"not within {TIMEOUT_S} s: {what}"
+        time.sleep(0.01)
 
 
 def records(path: Path) -> dict[str, dict]:
@@ -90,6 +110,10 @@ def test_kill_rerun_and_two_ranks_equal_one_uninterrupted_run(setup):
     inputs = write_jobs(root / "jobs.jsonl", jobs(video, corrupt, root / "not-there.mp4"))
     env = child_env()
     ref_out, kill_out, ranks_out = root / "ref.jsonl", root / "resumed.jsonl", root / "ranks.jsonl"
+    lines = lambda: kill_out.read_text().count("\n") if kill_out.exists() else 0
+    lock_path = kill_out  # the output file is its own lock: every access to it takes the lock
+    lock = open(lock_path, "a")
+    fcntl.flock(lock, fcntl.LOCK_EX)  # held before the run to be killed starts: it goes only where we let it
     # three runs at once: uninterrupted, to be killed, two ranks
     ref = subprocess.Popen([sys.executable, *batch_cmd(model, inputs, ref_out)], env=env, stderr=subprocess.PIPE,
                            text=True)
@@ -98,21 +122,24 @@ def test_kill_rerun_and_two_ranks_equal_one_uninterrupted_run(setup):
     ranks = subprocess.Popen(torchrun("--standalone", "--nproc-per-node", "2", *batch_cmd(model, inputs, ranks_out)),
                              env=env, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + TIMEOUT_S
-        while not (kill_out.exists() and kill_out.read_text().count("\n") >= 2):
+        while True:  # one access at a time (done ids, loading, appends) until 2+ lines are written
+            wait_until(lambda: victim.poll() is not None or waiting_for_lock(victim.pid, lock_path),
+                       "the run to be killed reaches the output's lock")
             assert victim.poll() is None, "the run to be killed ended on its own"
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        with open(kill_out, "a") as lock:  # the output file is its own lock
-            fcntl.flock(lock, fcntl.LOCK_EX)  # its next append waits here, its answer in hand
-            written = kill_out.read_text().count("\n")
-            time.sleep(1.0)
-            assert victim.poll() is None and kill_out.read_text().count("\n") == written < 13
-            victim.send_signal(signal.SIGKILL)
-            victim.wait(timeout=30)
+            written = lines()
+            if written >= 2:  # waiting in an append: its answer in hand, not written
+                break
+            fcntl.flock(lock, fcntl.LOCK_UN)  # let it through ...
+            wait_until(lambda: victim.poll() is not None or not waiting_for_lock(victim.pid, lock_path),
+                       "the run to be killed takes the lock")
+            fcntl.flock(lock, fcntl.LOCK_EX)  # ... and stop it at its next access
+        assert written < 13 and waiting_for_lock(victim.pid, lock_path) and lines() == written
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=TIMEOUT_S)
     finally:
         if victim.poll() is None:
             victim.kill()
+        lock.close()
     with open(kill_out, "a") as f:  # what a kill in the middle of writing a line leaves
         f.write('{"id": "zz", "status": "ok", "te')
     rerun = subprocess.run([sys.executable, *batch_cmd(model, inputs, kill_out)], env=env, capture_output=True,

@@ -25,7 +25,7 @@ VIDEO_7B = LlavaNextConfig.from_name("LLaVA-NeXT-Video-7B")
 def _run(*args, script=False):
     exe = Path(sys.executable).with_name("llava-next")
     cmd = [str(exe)] if script and exe.exists() else [sys.executable, "-m", "llava_next.cli.main"]
-    return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=120)
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=600)  # a hang guard only
 
 
 def _png_ok(path, min_size=(200, 150)):

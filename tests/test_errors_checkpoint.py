@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import select
 import shutil
 import signal
 import subprocess
@@ -220,25 +221,37 @@ def test_cut_off_shard_names_the_file(ckpt, tmp_path, capsys):
 
 
 # ---- interrupted conversions ------------------------------------------------------------------------
+# Every wait below ends on an event (the child's "STOPPED" line, its exit); WAIT_S only bounds a wait
+# that something broken would make endless. It is no speed limit: on a busy machine these steps take
+# seconds, and the child never goes on converting by itself (it waits to be signalled, or gives up).
+WAIT_S = 600
+
 SLOW_CONVERT = textwrap.dedent("""
-    import os, sys, time
+    import os, signal, sys, time
+    # Ctrl-C as from a terminal: started in the background by a non-interactive shell (`pytest &`), this
+    # process inherits SIGINT ignored, and Python then leaves it ignored (no KeyboardInterrupt at all).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import llava_next_weights.convert as c
     from llava_next.cli.main import main
 
     real_write, real_rename, written = c._write_tensor, c.os.rename, [0]
 
-    def slow_write(f, t):  # signal the parent mid-conversion, then wait to be interrupted
+    def stop():  # tell the parent where we are, then wait for its signal; never carry on by ourselves
+        print("STOPPED", flush=True)
+        time.sleep(float(os.environ["WAIT_S"]))
+        print(f"SLOW_CONVERT: no signal came within {os.environ['WAIT_S']} s", file=sys.stderr, flush=True)
+        os._exit(99)
+
+    def slow_write(f, t):  # stop mid-conversion, some tensors written
         real_write(f, t)
         written[0] += 1
         if written[0] == 10 and os.environ["STOP_AT"] == "write":
-            print("STOPPED", flush=True)
-            time.sleep(60)
+            stop()
 
     def slow_rename(a, b):  # stop between the two renames of an overwrite
         real_rename(a, b)
         if os.path.basename(b) == "old" and os.environ["STOP_AT"] == "swap":
-            print("STOPPED", flush=True)
-            time.sleep(60)
+            stop()
 
     c._write_tensor, c.os.rename = slow_write, slow_rename
     sys.exit(main(sys.argv[1:]))
@@ -249,17 +262,34 @@ def start_convert(src, out, stop_at="write", *extra) -> subprocess.Popen:
     """``llava-next convert SRC OUT`` in a subprocess, returned once it is stopped mid-way."""
     proc = subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, "convert", str(src), str(out), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, STOP_AT=stop_at, HF_HUB_OFFLINE="1"))
-    assert proc.stdout.readline().strip() == "STOPPED", proc.stderr.read()
+                            env=dict(os.environ, STOP_AT=stop_at, WAIT_S=str(WAIT_S), HF_HUB_OFFLINE="1"))
+    ready, _, _ = select.select([proc.stdout], [], [], WAIT_S)
+    line = proc.stdout.readline() if ready else None
+    if line is None or line.strip() != "STOPPED":
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"convert never reached its stopping point ({'no line' if line is None else repr(line)} "
+                    f"within {WAIT_S} s); stderr:\n{err[-3000:]}")
     return proc
 
 
-def interrupt_convert(src, out, sig, stop_at="write", *extra) -> subprocess.Popen:
-    """Run ``llava-next convert SRC OUT`` in a subprocess and send ``sig`` once it is mid-way."""
+def finish(proc: subprocess.Popen) -> str:
+    """Wait for the (signalled) child to exit; its stderr."""
+    try:
+        _, err = proc.communicate(timeout=WAIT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"convert did not exit within {WAIT_S} s of its signal; stderr:\n{err[-3000:]}")
+    return err
+
+
+def interrupt_convert(src, out, sig, stop_at="write", *extra) -> tuple[int, str]:
+    """Run ``llava-next convert SRC OUT`` in a subprocess, send ``sig`` once it is mid-way: (exit status, stderr)."""
     proc = start_convert(src, out, stop_at, *extra)
     proc.send_signal(sig)
-    proc.wait(timeout=60)
-    return proc
+    err = finish(proc)
+    return proc.returncode, err
 
 
 def age(path, seconds=60):
@@ -271,8 +301,8 @@ def age(path, seconds=60):
 
 def test_ctrl_c_mid_convert_leaves_nothing(ckpt, tmp_path):
     hf_dir, _ = ckpt
-    proc = interrupt_convert(hf_dir, tmp_path / "out", signal.SIGINT)
-    assert proc.returncode == 130 and "llava-next convert: interrupted" in proc.stderr.read()
+    code, err = interrupt_convert(hf_dir, tmp_path / "out", signal.SIGINT)
+    assert code == 130 and "llava-next convert: interrupted" in err, (code, err[-3000:])
     assert os.listdir(tmp_path) == []
 
 
@@ -288,7 +318,8 @@ def test_kill_mid_convert_leaves_no_complete_looking_output_and_next_run_cleans(
     shutil.rmtree(out)
 
     proc.kill()
-    assert proc.wait(timeout=60) == -signal.SIGKILL
+    finish(proc)
+    assert proc.returncode == -signal.SIGKILL
     assert os.listdir(tmp_path) == [stage]
     assert not any(p.name == "config.json" for p in (tmp_path / stage).rglob("*"))  # never looks complete
     assert any(p.suffix == ".safetensors" for p in (tmp_path / stage).rglob("*"))  # it was killed mid-way
