@@ -180,7 +180,7 @@ def _inspect_media(args, config: LlavaNextConfig, model: str, preset: str | None
     report = {"preset": preset, "model": model, "kind": kind, "visual_tokens": visual,
               "text_tokens": text_tokens, "total": context.tokens_needed, "fits": context.fits, **media,
               "context": context.to_dict(), "overflow": overflow(context)}
-    if model == options.TINY_MODEL:
+    if options.is_tiny(model):
         report["random_weights"] = True
     if budgets:
         report["reduction"] = budgets

@@ -83,7 +83,13 @@ def _convert(args: argparse.Namespace, user_error) -> int:
     from llava_next_weights.hub import download
 
     src = Path(args.src)
-    if not src.exists():
+    from . import options
+
+    if options.is_tiny(args.src):  # a built-in model: its llava-next directory (e.g. to store it quantized)
+        from ..runtime import tiny
+
+        src = tiny.ensure(name=args.src)
+    elif not src.exists():
         if "/" not in args.src:
             raise user_error(f"{args.src}: no such directory (and not a hub id of the form org/name)")
         src = download(args.src)
@@ -110,11 +116,11 @@ def _run(args: argparse.Namespace, user_error) -> int:
         raise user_error(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature}, {args.top_p}")
     reduction = options.reduction(args)  # a bad method or value fails before any loading
     model_id = PRESETS[args.model].hub_id if args.model in PRESETS else args.model
-    tiny = args.model == options.TINY_MODEL
+    tiny = options.is_tiny(args.model)
     if tiny:  # said plainly, whatever the output mode: the answer is noise
-        from ..runtime.tiny import NOTICE
+        from ..runtime.tiny import notice
 
-        print(f"[llava-next] {NOTICE}", file=sys.stderr)
+        print(f"[llava-next] {notice(args.model)}", file=sys.stderr)
     # stderr only, so --json's stdout stays one object; in text mode the streamed answer shows the decoding
     progress = Progress(enabled=not args.quiet, skip=() if args.json else ("decoding",))
     progress.say("loading", f"{model_id} ({args.dtype}, {args.device}){' (built on first use)' if tiny else ''}")
@@ -158,7 +164,7 @@ def _run(args: argparse.Namespace, user_error) -> int:
         result = {"tokens": request.tokens, "text": "".join(pieces), "timings": timings,
                   "plan": {**request.to_dict(), **media}, "overflow": overflow(plan)}
         if tiny:
-            result["random_weights"], result["notice"] = True, NOTICE
+            result["random_weights"], result["notice"] = True, notice(args.model)
         print(json.dumps(result))
     else:
         sys.stdout.write("\n")
