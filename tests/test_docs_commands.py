@@ -304,8 +304,6 @@ RECIPES = collect_recipes()
 @pytest.mark.parametrize("doc", sorted(RECIPES))
 def test_documented_python_recipes_run_as_written(doc, media_dir, env, tmp_path):
     blocks = []
-    for prelude_doc, k in PRELUDES.get((doc, None), []):
-        blocks.append((prelude_doc, *RECIPES[prelude_doc][k]))
     for k, (line, code) in enumerate(RECIPES[doc]):
         for prelude_doc, j in PRELUDES.get((doc, k), []):
             blocks.append((prelude_doc, *RECIPES[prelude_doc][j]))
@@ -337,3 +335,8 @@ def test_every_doc_is_collected_and_the_tables_are_used():
         assert any(c.doc == doc and c.text.startswith(start) for c in COMMANDS), (doc, start)
     for name in MEDIA:
         assert name in texts, f"MEDIA entry {name} no longer appears in the docs"
+    for (doc, k), preludes in PRELUDES.items():  # the prelude is still the setup the block continues
+        assert k < len(RECIPES[doc]) and "research.md#recipes" in (ROOT / "docs" / doc).read_text()
+        for prelude_doc, j in preludes:
+            assert "pipe = Pipeline.from_pretrained" in RECIPES[prelude_doc][j][1]
+            assert "videos = " in RECIPES[prelude_doc][j][1]

@@ -21,11 +21,15 @@ Choices
   layer index the docs use for a 7B model -- ``--layers 2,15,31``, ``fastv:layer=2``, ``range(8, 17)`` --
   is valid here too; at width 128 the 32 layers cost ~5 ms a token on one core), 4 heads of 32, MLP 384:
   every linear's input features are a multiple of 128 and its output features of 16, so ``--quantize
-  int4`` works with every group size (model/quant.py's ``check_int4_shape``).
+  int4`` works with group sizes 32, 64 and 128 (the default; model/quant.py's ``check_int4_shape``).
 - Weights: every tensor of the layout (``llava_next_weights.shapes.expected_shapes``) drawn in sorted
   key order from one ``torch.Generator`` seeded with ``seed`` (matrices N(0, 0.02); norm weights
   1 + N(0, 0.02); biases and vectors N(0, 0.02)), so the checkpoint depends on the seed and the shapes
-  only, never on module init code. Same seed, same bytes (a test checks it).
+  only, never on module init code. Same seed, same bytes (a test checks it). The output rows (lm_head, or
+  the tied embedding) of ids no text decodes to -- the tokenizer's fillers and the vocabulary padding -- are
+  zero: their logit is 0 while the max over the ~650 random text rows is ~+0.7, so greedy decoding always
+  prints something (with seed 0 and v2's rows, README's first question was answered by 32 invisible
+  fillers).
 - Tokenizer: a real byte-fallback BPE trained with ``tokenizers`` on the built-in ``CORPUS``, laid out
   like the Llama / Vicuna SentencePiece tokenizers (0 <unk>, 1 <s>, 2 </s>, 3..258 bytes, trained
   pieces, a few fillers up to id 672, marked special so they never show in an answer; Metaspace
@@ -48,7 +52,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -57,7 +61,8 @@ from ..config import LlavaNextConfig, TextConfig, VisionConfig
 NAME = "tiny-random"
 INTERLEAVE, ONEVISION = "tiny-random-interleave", "tiny-random-onevision"  # runtime/tiny_qwen.py
 NAMES = (NAME, INTERLEAVE, ONEVISION)
-VERSION = "v2"  # bump when a shape, a tokenizer or the weight recipe changes (v2: 32 decoder layers, MLP 384, Qwen)
+VERSION = "v3"  # bump when a shape, a tokenizer or the weight recipe changes (v3: 32 decoder layers, MLP 384,
+# silent output rows zeroed, the SigLIP + Qwen models)
 DEFAULT_SEED = 0
 DECODER = dict(hidden_size=128, intermediate_size=384, num_layers=32, num_heads=4)  # all three (docstring)
 
@@ -93,16 +98,19 @@ def video_config() -> LlavaNextConfig:
     """tiny-random: LLaVA-NeXT-Video (CLIP + Llama)."""
     vision = VisionConfig(hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4, image_size=112,
                           patch_size=14)
-    text = TextConfig(vocab_size=VOCAB, **DECODER, num_kv_heads=4, rms_norm_eps=1e-5, rope_theta=1e4, rope_scaling_factor=2.5,
-                      max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    text = TextConfig(vocab_size=VOCAB, **DECODER, num_kv_heads=4, rms_norm_eps=1e-5, rope_theta=1e4,
+                      rope_scaling_factor=2.5, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
+                      pad_token_id=0)
     pinpoints = ((112, 224), (224, 112), (224, 224), (336, 112), (112, 336))
     return LlavaNextConfig(vision=vision, text=text, image_grid_pinpoints=pinpoints, image_token_id=TEXT_IDS + 1,
                            video_token_id=TEXT_IDS, spatial_pool_stride=2, spatial_pool_mode="average",
                            pool_position="before_projector", video_newline="none", template="llava_next_video")
 
 
-def random_weights(config: LlavaNextConfig, seed: int = DEFAULT_SEED) -> dict[str, torch.Tensor]:
-    """Every tensor of llava-next's layout for ``config``, float32, deterministic from ``seed``."""
+def random_weights(config: LlavaNextConfig, seed: int = DEFAULT_SEED,
+                   silent_ids: Sequence[int] = ()) -> dict[str, torch.Tensor]:
+    """Every tensor of llava-next's layout for ``config``, float32, deterministic from ``seed``; the output rows
+    of ``silent_ids`` zeroed (module docstring)."""
     from llava_next_weights.shapes import expected_shapes
 
     gen = torch.Generator().manual_seed(seed)
@@ -112,7 +120,14 @@ def random_weights(config: LlavaNextConfig, seed: int = DEFAULT_SEED) -> dict[st
         if len(shape) == 1 and key.endswith(".weight") and ("norm" in key or "layernorm" in key):
             t += 1.0
         tensors[key] = t.contiguous()
+    head = "language_model." + ("embed_tokens" if config.text.tie_word_embeddings else "lm_head") + ".weight"
+    tensors[head][list(silent_ids)] = 0.0
     return tensors
+
+
+def silent_ids(tokenizer, vocab_size: int) -> list[int]:
+    """Embedding rows no text decodes to: the tokenizer's fillers and the vocabulary's padding rows."""
+    return [i for i in range(vocab_size) if (tok := tokenizer.id_to_token(i)) is None or tok.startswith("<unused_")]
 
 
 def build_tokenizer():
@@ -177,9 +192,10 @@ def write(out: str | os.PathLike, seed: int = DEFAULT_SEED, name: str = NAME) ->
     spec = builtin(name)
     out = Path(out)
     out.mkdir(parents=True)
-    config = spec.config()
-    save_file(random_weights(config, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
-    spec.tokenizer().save(str(out / "tokenizer.json"))
+    config, tokenizer = spec.config(), spec.tokenizer()
+    weights = random_weights(config, seed, silent_ids(tokenizer, config.text.vocab_size))
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(spec.special_tokens, indent=2) + "\n")
     (out / "tiny-random.json").write_text(json.dumps(
         {"name": name, "version": VERSION, "seed": seed, "random_weights": True, "notice": notice(name)},

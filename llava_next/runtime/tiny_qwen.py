@@ -1,7 +1,7 @@
 """``tiny-random-interleave`` and ``tiny-random-onevision``: built-in SigLIP + Qwen checkpoints with random
 weights, for running the LLaVA-NeXT-Interleave and LLaVA-OneVision / LLaVA-Video commands with no download.
 
-    llava-next run --model tiny-random-interleave --image sample:cat sample:cat "What differs between <image> and <image>?"
+    llava-next run --model tiny-random-interleave --image sample:cat sample:cat "Compare <image> and <image>."
     llava-next run --model tiny-random-onevision --video sample:bunny "What happens?"
 
 The same on-disk format, cache scheme, weight recipe and random-weights notice as ``tiny-random``
