@@ -77,3 +77,69 @@ def test_wheel_ships_the_samples():
     text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     for name in SAMPLES.values():
         assert name.rsplit(".", 1)[1] in text.split("[tool.setuptools.package-data]")[1].split("\n\n")[0]
+
+
+def test_every_builtin_model_runs_every_documented_layer_index_and_int4():
+    """32 decoder layers (every layer index the docs use for a 7B model: --layers 2,15,31, fastv:layer=2,
+    range(8, 17)) and linear shapes the int4 kernel takes at group sizes up to 128; the vision side of
+    tiny-random unchanged (a frame 16 tokens, README's numbers); ids that print nothing have zero output
+    rows (so greedy decoding never picks them)."""
+    from llava_next.cli.options import TINY_MODELS
+    from llava_next.inputs.tokens import video_plan
+    from llava_next.model.quant import GROUP_SIZES, check_int4_shape
+    from llava_next_weights.shapes import expected_shapes
+
+    assert TINY_MODELS == tiny.NAMES  # the CLI's copy of the names (kept torch-free for --help)
+    for name in tiny.NAMES:
+        config = tiny.tiny_config(name)
+        assert config.text.num_layers == 32 and config.text.hidden_size == 128, name
+        for key, shape in expected_shapes(config).items():
+            decoder_linear = key.startswith(("language_model.layers.", "language_model.lm_head"))
+            if decoder_linear and key.endswith(".weight") and len(shape) == 2:
+                for g in (g for g in GROUP_SIZES if g <= 128):  # 128: the default and the docs' --group-size
+                    check_int4_shape(key, *shape, g)
+        assert name in tiny.notice(name) and "RANDOM weights" in tiny.notice(name)
+    assert video_plan(8, tiny.tiny_config()).total == 8 * 16
+    for name in tiny.NAMES:
+        config, tok = tiny.tiny_config(name), tiny.builtin(name).tokenizer()
+        weights = tiny.random_weights(config, 0, tiny.silent_ids(tok, config.text.vocab_size))
+        head = weights["language_model.embed_tokens.weight" if config.text.tie_word_embeddings
+                       else "language_model.lm_head.weight"]
+        silent = tiny.silent_ids(tok, config.text.vocab_size)
+        assert len(silent) >= 30 and not head[silent].any() and head[:200].abs().min(1).values.gt(0).all()
+
+
+def test_siglip_qwen_builtins_are_their_family(tmp_path):
+    """tiny-random-interleave / -onevision: SigLIP + Qwen with the llava-hf switches of their presets (the
+    same switch values as config/presets.py, only the sizes differ), Qwen's tokenizer layout (no BOS, eos
+    <|im_end|>), same seed same bytes, and each loads and answers through the pipeline."""
+    import torch
+
+    from llava_next.config import PRESETS
+    from llava_next.inputs.prompt import Tokenizer
+    from llava_next.inputs.tokens import video_plan
+    from llava_next.runtime.pipeline import Pipeline
+    from llava_next.runtime.tiny_qwen import EOS_ID, IMAGE_ID, VIDEO_ID
+
+    family = {tiny.INTERLEAVE: "llava-interleave-qwen-0.5b", tiny.ONEVISION: "llava-onevision-qwen2-0.5b-ov"}
+    switches = ("image_aspect_ratio", "anyres_max_patches", "multi_image_aspect_ratio", "untiled_image_newline",
+                "video_as_images", "pool_position", "video_newline", "spatial_pool_mode", "template",
+                "uses_image_newline")
+    for name, preset in family.items():
+        config, real = tiny.tiny_config(name), PRESETS[preset].config
+        assert {s: getattr(config, s) for s in switches} == {s: getattr(real, s) for s in switches}, name
+        assert config.vision.kind == "siglip" and config.vision.grid_size == 7 and config.vision.has_cls is False
+        assert (config.text.qkv_bias, config.text.tie_word_embeddings, config.text.bos_token_id) == (True, True, None)
+        assert config.text.num_kv_heads == (2 if name == tiny.ONEVISION else 4)
+        a, b = tiny.write(tmp_path / name / "a", name=name), tiny.write(tmp_path / name / "b", name=name)
+        assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+        path = tiny.ensure(tmp_path / "cache", name=name)
+        assert path == tmp_path / "cache" / name / f"{tiny.VERSION}-seed0"
+        tok = Tokenizer.load(path)
+        assert (tok.bos_id, tok.eos_id) == (None, EOS_ID) and tok.encode("<image>") == [IMAGE_ID]
+        pipe = Pipeline.from_pretrained(name, dtype=torch.float32, cache_dir=tmp_path / "cache", progress=False)
+        req = pipe.prepare("What happens?", video=sample_path("sample:bunny"), frames=4, max_new_tokens=3)
+        pipe.generate(req, max_new_tokens=3)
+        assert len(req.tokens) == 3
+    ov = tiny.tiny_config(tiny.ONEVISION)
+    assert ov.video_token_id == VIDEO_ID and video_plan(8, ov).total == 8 * 16 + 1  # 7 -> 4 bilinear, one newline

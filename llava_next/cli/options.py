@@ -44,6 +44,12 @@ from ..inputs.samples import SAMPLES, SampleError, is_sample  # noqa: F401  (SAM
 
 DEFAULT_MODEL = "llava-hf/LLaVA-NeXT-Video-7B-hf"
 TINY_MODEL = "tiny-random"
+TINY_MODELS = (TINY_MODEL, "tiny-random-interleave", "tiny-random-onevision")  # runtime/tiny.py NAMES
+
+
+def is_tiny(model: str) -> bool:
+    """A built-in random-weight model (runtime/tiny.py; the list is repeated here so --help imports no torch)."""
+    return model in TINY_MODELS
 DEFAULT_FRAMES = 8
 ANSWER_TOKENS = 256  # run's default --max-new-tokens
 VIDEO_SWITCHES = ("frames", "sampling", "pool_stride", "pool_mode", "newline", "pool_position")
@@ -102,8 +108,8 @@ def pixels(value: str) -> int:
 def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="ID_OR_DIR",
                    help=f"a hub id, a llava-hf / original / converted checkpoint directory, a preset name "
-                        f"({', '.join(sorted(PRESETS))}), or '{TINY_MODEL}' (built in: random weights, no "
-                        f"download); default {DEFAULT_MODEL}")
+                        f"({', '.join(sorted(PRESETS))}), or {' / '.join(TINY_MODELS)} (built in: random "
+                        f"weights, no download); default {DEFAULT_MODEL}")
 
 
 class _MediaList(argparse.Action):
@@ -301,10 +307,10 @@ def model_config(model: str):
 
     from ..config import ConfigError, LlavaNextConfig
 
-    if model == TINY_MODEL:
+    if is_tiny(model):
         from ..runtime.tiny import tiny_config
 
-        return tiny_config(), None
+        return tiny_config(model), None
     if model in PRESETS:
         return PRESETS[model].config, model
     preset = next((p for p in PRESETS.values() if model in (p.hub_id, p.original_id)), None)
@@ -331,7 +337,7 @@ def model_config(model: str):
 
     raise UserError(f"--model {model}: planning needs the model's config without downloading it; give a preset "
                     f"name ({', '.join(sorted(PRESETS))}), the hub id of one, a checkpoint directory, or "
-                    f"'{TINY_MODEL}'{did_you_mean(model, extra=(TINY_MODEL,))}")
+                    f"{' / '.join(TINY_MODELS)}{did_you_mean(model, extra=TINY_MODELS)}")
 
 
 def model_tokenizer(model: str):
@@ -340,9 +346,9 @@ def model_tokenizer(model: str):
 
     from ..inputs.prompt import Tokenizer
 
-    if model == TINY_MODEL:
+    if is_tiny(model):
         from ..runtime import tiny
 
-        return Tokenizer.load(tiny.ensure())
+        return Tokenizer.load(tiny.ensure(name=model))
     file = Path(model).expanduser() / "tokenizer.json"
     return Tokenizer.load(file) if file.is_file() else None

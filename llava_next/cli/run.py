@@ -87,17 +87,17 @@ def _convert(args: argparse.Namespace, user_error) -> int:
 
     quantize, group_size = options.quantization(args)
     src, dtype = Path(args.src), args.dtype
-    if args.src == options.TINY_MODEL and not src.exists():  # the built-in model, written in the chosen format
+    if options.is_tiny(args.src) and not src.exists():  # a built-in model, written in the chosen format
         from ..runtime import tiny
 
-        print(f"[llava-next] {tiny.NOTICE}", file=sys.stderr)
-        src, dtype = tiny.ensure(), dtype or "fp32"  # its weights are float32: a copy unless told otherwise
+        print(f"[llava-next] {tiny.notice(args.src)}", file=sys.stderr)
+        src, dtype = tiny.ensure(name=args.src), dtype or "fp32"  # float32 weights: a copy unless told otherwise
     elif not src.exists():
         if "/" not in args.src:
             from ..config.presets import did_you_mean
 
             raise user_error(f"{args.src}: no such directory (and not a hub id of the form org/name, nor "
-                             f"'{options.TINY_MODEL}'){did_you_mean(args.src, extra=(options.TINY_MODEL,))}")
+                             f"a built-in {' / '.join(options.TINY_MODELS)}){did_you_mean(args.src, extra=options.TINY_MODELS)}")
         src = download(args.src)
     out = convert(src, args.out, dtype=dtype, overwrite=args.overwrite, progress=True, quantize=quantize,
                   group_size=group_size)
@@ -106,15 +106,16 @@ def _convert(args: argparse.Namespace, user_error) -> int:
 
 
 def random_weights_notice(model: str) -> str | None:
-    """The notice that ``model``'s weights are random: tiny-random itself, or a directory holding a copy of it
-    (``convert`` copies its tiny-random.json marker along with the weights, quantized or cast); else None."""
+    """The notice that ``model``'s weights are random: a built-in model (tiny-random, -interleave, -onevision),
+    or a directory holding a copy of one (``convert`` copies its tiny-random.json marker along with the weights,
+    quantized or cast); else None."""
     import os
     from pathlib import Path
 
-    from ..runtime.tiny import NAME, NOTICE
+    from ..runtime.tiny import NAME, NAMES, notice
 
-    if model == NAME and not os.path.exists(model):
-        return NOTICE
+    if model in NAMES and not os.path.exists(model):
+        return notice(model)
     marker = Path(model).expanduser() / "tiny-random.json"
     if not marker.is_file():
         return None
@@ -124,7 +125,8 @@ def random_weights_notice(model: str) -> str | None:
         info = {"random_weights": True}  # a damaged marker still marks random weights
     if not isinstance(info, dict) or info.get("random_weights") is False:
         return None
-    return f"{model} holds tiny-random's weights: {NOTICE}"
+    name = info.get("name") if info.get("name") in NAMES else NAME
+    return f"{model} holds {name}'s weights: {notice(name)}"
 
 
 def _run(args: argparse.Namespace, user_error) -> int:
@@ -145,7 +147,7 @@ def _run(args: argparse.Namespace, user_error) -> int:
     reduction = options.reduction(args)  # a bad method or value fails before any loading
     quantize, group_size = options.quantization(args)
     model_id = PRESETS[args.model].hub_id if args.model in PRESETS else args.model
-    tiny = args.model == options.TINY_MODEL
+    tiny = options.is_tiny(args.model)
     notice = random_weights_notice(args.model)
     if notice:  # said plainly, whatever the output mode: the answer is noise
         print(f"[llava-next] {notice}", file=sys.stderr)

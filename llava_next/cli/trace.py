@@ -127,10 +127,10 @@ def _trace(args: argparse.Namespace, user_error) -> int:
         raise user_error(f"--png {args.png}: exists and is not a directory")
     t0 = time.perf_counter()
     model_id = PRESETS[args.model].hub_id if args.model in PRESETS else args.model
-    if args.model == options.TINY_MODEL:  # said plainly, whatever the output mode: random weights
-        from ..runtime.tiny import NOTICE
+    if options.is_tiny(args.model):  # said plainly, whatever the output mode: random weights
+        from ..runtime.tiny import notice
 
-        print(f"[llava-next] {NOTICE}", file=sys.stderr)
+        print(f"[llava-next] {notice(args.model)}", file=sys.stderr)
     pipe = Pipeline.from_pretrained(model_id, dtype=DTYPES[args.dtype], device=args.device,
                                     cache_dir=args.cache_dir, progress=not (args.json or args.quiet),
                                     quantize=quantize, group_size=group_size)

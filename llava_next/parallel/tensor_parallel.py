@@ -248,7 +248,7 @@ def load_tensor_parallel(model_id_or_dir, mesh, *, dtype: torch.dtype | None = N
         from ..runtime import tiny
 
         if tiny.is_tiny(model_id_or_dir):  # built in: random weights, built into the cache on first use
-            return tiny.ensure(cache_dir)
+            return tiny.ensure(cache_dir, name=str(model_id_or_dir))
         return resolve(model_id_or_dir, cache_dir=cache_dir, progress=progress and env.is_rank0)
 
     first = agree("resolving the checkpoint", resolve_here if env.local_rank == 0 else lambda: None)

@@ -131,8 +131,8 @@ class Pipeline:
                         progress: bool = True, quantize: str | None = None,
                         group_size: int = 128) -> "Pipeline":
         """A converted llava-next directory, a llava-hf / original checkpoint directory (converted once,
-        cached), a hub id (downloaded, converted once, cached), or "tiny-random" (runtime/tiny.py: random
-        weights, no download). Weights are mmapped, not copied.
+        cached), a hub id (downloaded, converted once, cached), or a built-in model ("tiny-random",
+        "tiny-random-interleave", "tiny-random-onevision": runtime/tiny.py, random weights, no download). Weights are mmapped, not copied.
         ``quantize`` ("int8" / "int4"): the decoder's linears quantized once into the cache
         (llava_next/model/quant.py); a directory that is already quantized loads as such without it."""
         from llava_next_weights.hub import resolve
@@ -141,7 +141,7 @@ class Pipeline:
 
         dtype = parse_dtype(dtype)  # a bad dtype fails before any conversion or loading
         if tiny.is_tiny(model_id_or_dir):  # built in: random weights, built into the cache on first use
-            path = tiny.ensure(cache_dir)
+            path = tiny.ensure(cache_dir, name=str(model_id_or_dir))
             if quantize is not None:  # quantized into the cache like any llava-next directory
                 path = resolve(path, cache_dir=cache_dir, progress=progress, quantize=quantize, group_size=group_size)
         else:

@@ -1,4 +1,6 @@
-"""``tiny-random``: a built-in LLaVA-NeXT-Video checkpoint with random weights, for a first run with no download.
+"""The built-in random-weight checkpoints, for a first run with no download: ``tiny-random``
+(LLaVA-NeXT-Video: CLIP + Llama), and ``tiny-random-interleave`` / ``tiny-random-onevision`` (SigLIP + Qwen:
+runtime/tiny_qwen.py).
 
     llava-next run --model tiny-random --video sample:bunny "What happens in this video?"
 
@@ -12,25 +14,34 @@ shows is that the command line, the token plan, the media pipeline and generatio
 
 Choices
 - Sizes: CLIP 112 px tiles of 8x8 patches of 14 px, width 64, 3 layers (2 used, feature layer -2);
-  pinpoints are llava-hf's scaled by 112/336; decoder width 128, 2 layers, 4 heads, MLP 344,
-  vocabulary 704 (672 text ids, ``<video>`` 672, ``<image>`` 673, padded like 32000 -> 32064).
-  A frame becomes 4x4 = 16 tokens after 2x2 pooling, an image 64 + up to ~260 tokens.
+  pinpoints are llava-hf's scaled by 112/336; vocabulary 704 (672 text ids, ``<video>`` 672, ``<image>``
+  673, padded like 32000 -> 32064). A frame becomes 4x4 = 16 tokens after 2x2 pooling, an image 64 + up
+  to ~260 tokens.
+- Decoder (the same for all three built-in models): width 128, **32 layers** (the 7B's depth, so every
+  layer index the docs use for a 7B model -- ``--layers 2,15,31``, ``fastv:layer=2``, ``range(8, 17)`` --
+  is valid here too; at width 128 the 32 layers cost ~5 ms a token on one core), 4 heads of 32, MLP 384:
+  every linear's input features are a multiple of 128 and its output features of 16, so ``--quantize
+  int4`` works with group sizes 32, 64 and 128 (the default; model/quant.py's ``check_int4_shape``).
 - Weights: every tensor of the layout (``llava_next_weights.shapes.expected_shapes``) drawn in sorted
   key order from one ``torch.Generator`` seeded with ``seed`` (matrices N(0, 0.02); norm weights
   1 + N(0, 0.02); biases and vectors N(0, 0.02)), so the checkpoint depends on the seed and the shapes
-  only, never on module init code. Same seed, same bytes (a test checks it).
+  only, never on module init code. Same seed, same bytes (a test checks it). The output rows (lm_head, or
+  the tied embedding) of ids no text decodes to -- the tokenizer's fillers and the vocabulary padding -- are
+  zero: their logit is 0 while the max over the ~650 random text rows is ~+0.7, so greedy decoding always
+  prints something (with seed 0 and v2's rows, README's first question was answered by 32 invisible
+  fillers).
 - Tokenizer: a real byte-fallback BPE trained with ``tokenizers`` on the built-in ``CORPUS``, laid out
   like the Llama / Vicuna SentencePiece tokenizers (0 <unk>, 1 <s>, 2 </s>, 3..258 bytes, trained
   pieces, a few fillers up to id 672, marked special so they never show in an answer; Metaspace
   pre-tokenizer, ``<s> $A`` post-processor); the same layout as tests/tokenizers_fixture.py, which the
   parity tests check against transformers.
-- Cache: built on first use into ``$LLAVA_NEXT_CACHE/tiny-random/<VERSION>-seed<seed>/`` (default
+- Cache: built on first use into ``$LLAVA_NEXT_CACHE/<name>/<VERSION>-seed<seed>/`` (default
   ``~/.cache/llava-next``), written into a temporary directory beside it and renamed into place, so a
-  directory that exists is complete and concurrent first runs are safe. Building takes about a
-  second (1.4 s measured on a busy 2-core machine) and 2.8 MB.
+  directory that exists is complete and concurrent first runs are safe. Building takes about a second
+  and ~28 MB (float32).
 
 Runtime code: no transformers. ``config.json`` is ``LlavaNextConfig.to_dict()``; ``tiny-random.json``
-says what this is.
+says what this is (its name, version, seed and the random-weights notice).
 """
 
 from __future__ import annotations
@@ -39,17 +50,32 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 
 from ..config import LlavaNextConfig, TextConfig, VisionConfig
 
 NAME = "tiny-random"
-VERSION = "v1"  # bump when the shape, the tokenizer or the weight recipe changes
+INTERLEAVE, ONEVISION = "tiny-random-interleave", "tiny-random-onevision"  # runtime/tiny_qwen.py
+NAMES = (NAME, INTERLEAVE, ONEVISION)
+VERSION = "v3"  # bump when a shape, a tokenizer or the weight recipe changes (v3: 32 decoder layers, MLP 384,
+# silent output rows zeroed, the SigLIP + Qwen models)
 DEFAULT_SEED = 0
-NOTICE = ("tiny-random has RANDOM weights (a built-in smoke-test model, no download): the answer is "
-          "meaningless; use a real checkpoint (the default --model) for real answers")
+DECODER = dict(hidden_size=128, intermediate_size=384, num_layers=32, num_heads=4)  # all three (docstring)
+
+
+def notice(name: str = NAME) -> str:
+    """What every command says when it runs a built-in model."""
+    real = {NAME: "the default --model", INTERLEAVE: "e.g. --model llava-hf/llava-interleave-qwen-0.5b-hf",
+            ONEVISION: "e.g. --model llava-hf/llava-onevision-qwen2-0.5b-ov-hf"}[name]
+    return (f"{name} has RANDOM weights (a built-in smoke-test model, no download): the answer is "
+            f"meaningless; use a real checkpoint ({real}) for real answers")
+
+
+NOTICE = notice(NAME)
 
 BASE_SPECIALS = ("<unk>", "<s>", "</s>")
 N_BYTES = 256
@@ -68,20 +94,23 @@ lines with indentation help too.
 """
 
 
-def tiny_config() -> LlavaNextConfig:
+def video_config() -> LlavaNextConfig:
+    """tiny-random: LLaVA-NeXT-Video (CLIP + Llama)."""
     vision = VisionConfig(hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4, image_size=112,
                           patch_size=14)
-    text = TextConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=344, num_layers=2, num_heads=4,
-                      num_kv_heads=4, rms_norm_eps=1e-5, rope_theta=1e4, rope_scaling_factor=2.5,
-                      max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    text = TextConfig(vocab_size=VOCAB, **DECODER, num_kv_heads=4, rms_norm_eps=1e-5, rope_theta=1e4,
+                      rope_scaling_factor=2.5, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
+                      pad_token_id=0)
     pinpoints = ((112, 224), (224, 112), (224, 224), (336, 112), (112, 336))
     return LlavaNextConfig(vision=vision, text=text, image_grid_pinpoints=pinpoints, image_token_id=TEXT_IDS + 1,
                            video_token_id=TEXT_IDS, spatial_pool_stride=2, spatial_pool_mode="average",
                            pool_position="before_projector", video_newline="none", template="llava_next_video")
 
 
-def random_weights(config: LlavaNextConfig, seed: int = DEFAULT_SEED) -> dict[str, torch.Tensor]:
-    """Every tensor of llava-next's layout for ``config``, float32, deterministic from ``seed``."""
+def random_weights(config: LlavaNextConfig, seed: int = DEFAULT_SEED,
+                   silent_ids: Sequence[int] = ()) -> dict[str, torch.Tensor]:
+    """Every tensor of llava-next's layout for ``config``, float32, deterministic from ``seed``; the output rows
+    of ``silent_ids`` zeroed (module docstring)."""
     from llava_next_weights.shapes import expected_shapes
 
     gen = torch.Generator().manual_seed(seed)
@@ -91,7 +120,14 @@ def random_weights(config: LlavaNextConfig, seed: int = DEFAULT_SEED) -> dict[st
         if len(shape) == 1 and key.endswith(".weight") and ("norm" in key or "layernorm" in key):
             t += 1.0
         tensors[key] = t.contiguous()
+    head = "language_model." + ("embed_tokens" if config.text.tie_word_embeddings else "lm_head") + ".weight"
+    tensors[head][list(silent_ids)] = 0.0
     return tensors
+
+
+def silent_ids(tokenizer, vocab_size: int) -> list[int]:
+    """Embedding rows no text decodes to: the tokenizer's fillers and the vocabulary's padding rows."""
+    return [i for i in range(vocab_size) if (tok := tokenizer.id_to_token(i)) is None or tok.startswith("<unused_")]
 
 
 def build_tokenizer():
@@ -123,35 +159,64 @@ def build_tokenizer():
     return tok
 
 
-def write(out: str | os.PathLike, seed: int = DEFAULT_SEED) -> Path:
-    """Write the checkpoint into the directory ``out`` (which must not exist yet)."""
+@dataclass(frozen=True)
+class Builtin:
+    """One built-in model: its config, its tokenizer and the special tokens of its tokenizer_config.json."""
+
+    name: str
+    config: Callable[[], LlavaNextConfig]
+    tokenizer: Callable[[], object]  # -> tokenizers.Tokenizer
+    special_tokens: dict
+
+
+def builtin(name: str = NAME) -> Builtin:
+    if name == NAME:
+        return Builtin(NAME, video_config, build_tokenizer,
+                       {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"})
+    from . import tiny_qwen
+
+    if name in tiny_qwen.BUILTINS:
+        return tiny_qwen.BUILTINS[name]
+    raise ValueError(f"{name!r} is not a built-in model; the built-in models are {', '.join(NAMES)}")
+
+
+def tiny_config(name: str = NAME) -> LlavaNextConfig:
+    """The config of the built-in model ``name`` (no weights built)."""
+    return builtin(name).config()
+
+
+def write(out: str | os.PathLike, seed: int = DEFAULT_SEED, name: str = NAME) -> Path:
+    """Write the checkpoint of the built-in model ``name`` into the directory ``out`` (which must not exist yet)."""
     from safetensors.torch import save_file
 
+    spec = builtin(name)
     out = Path(out)
     out.mkdir(parents=True)
-    config = tiny_config()
-    save_file(random_weights(config, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
-    build_tokenizer().save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"}, indent=2) + "\n")
+    config, tokenizer = spec.config(), spec.tokenizer()
+    weights = random_weights(config, seed, silent_ids(tokenizer, config.text.vocab_size))
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(spec.special_tokens, indent=2) + "\n")
     (out / "tiny-random.json").write_text(json.dumps(
-        {"name": NAME, "version": VERSION, "seed": seed, "random_weights": True, "notice": NOTICE}, indent=2) + "\n")
+        {"name": name, "version": VERSION, "seed": seed, "random_weights": True, "notice": notice(name)},
+        indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")  # last: marks it complete
     return out
 
 
-def ensure(cache_dir: str | os.PathLike | None = None, seed: int = DEFAULT_SEED) -> Path:
-    """The tiny-random directory in the cache, built atomically on first use."""
+def ensure(cache_dir: str | os.PathLike | None = None, seed: int = DEFAULT_SEED, name: str = NAME) -> Path:
+    """The directory of the built-in model ``name`` in the cache, built atomically on first use."""
     from llava_next_weights.hub import cache_root
     from llava_next_weights.load import is_llava_next_dir
 
-    final = cache_root(cache_dir) / NAME / f"{VERSION}-seed{seed}"
+    builtin(name)  # an unknown name fails before anything is written
+    final = cache_root(cache_dir) / name / f"{VERSION}-seed{seed}"
     if is_llava_next_dir(final):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
     try:
-        write(stage / "out", seed)
+        write(stage / "out", seed, name)
         try:
             os.rename(stage / "out", final)
         except OSError:  # another process finished first (the target exists and is not empty)
@@ -163,4 +228,5 @@ def ensure(cache_dir: str | os.PathLike | None = None, seed: int = DEFAULT_SEED)
 
 
 def is_tiny(model: str | os.PathLike) -> bool:
-    return str(model) == NAME
+    """Whether ``model`` names a built-in model (``tiny-random``, ``tiny-random-interleave``, ...)."""
+    return str(model) in NAMES
