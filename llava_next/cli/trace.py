@@ -127,10 +127,11 @@ def _trace(args: argparse.Namespace, user_error) -> int:
         raise user_error(f"--png {args.png}: exists and is not a directory")
     t0 = time.perf_counter()
     model_id = PRESETS[args.model].hub_id if args.model in PRESETS else args.model
-    if options.is_tiny(args.model):  # said plainly, whatever the output mode: random weights
-        from ..runtime.tiny import notice
+    from .run import random_weights_notice
 
-        print(f"[llava-next] {notice(args.model)}", file=sys.stderr)
+    notice = random_weights_notice(args.model)  # a built-in model or a copy of one
+    if notice:  # said plainly, whatever the output mode: random weights
+        print(f"[llava-next] {notice}", file=sys.stderr)
     pipe = Pipeline.from_pretrained(model_id, dtype=DTYPES[args.dtype], device=args.device,
                                     cache_dir=args.cache_dir, progress=not (args.json or args.quiet),
                                     quantize=quantize, group_size=group_size)

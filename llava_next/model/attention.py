@@ -74,6 +74,11 @@ def _load_triton() -> AttentionFn | None:
     return _triton_fn
 
 
+def triton_available() -> bool:
+    """Whether the Triton kernels import (the `kernels` extra is installed); "auto" uses them on CUDA only then."""
+    return _load_triton() is not None
+
+
 def causal_mask(tq: int, tk: int, device: torch.device) -> torch.Tensor:
     """(Tq, Tk) bool, True where query i (at key position tk - tq + i) may see key j."""
     q_pos = torch.arange(tk - tq, tk, device=device)[:, None]

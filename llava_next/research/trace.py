@@ -59,7 +59,7 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 import torch
 from torch import nn
 
-from ..model.attention import attention as facade_attention
+from ..model.attention import attention as facade_attention, triton_available
 from ..model.hooks import HookFn, HookPoint, hook_points
 from .attention import AttentionStats, Groups, ResearchError, attention_rows, attention_stats, key_mass_triton
 
@@ -585,7 +585,8 @@ class Trace:
             step.attention[layer] = stats.to(spec.device) if spec.device is not None else stats
             return
         only_mass = spec.key_mass and not (spec.rows or spec.entropy or spec.topk or spec.segments is not None)
-        use_triton = groups is None and only_mass and (spec.backend == "triton" or (spec.backend == "auto" and q.is_cuda))
+        use_triton = groups is None and only_mass and (spec.backend == "triton" or (spec.backend == "auto" and q.is_cuda
+                                                                            and triton_available()))
         if use_triton:
             n = Tq if idx is None else idx.numel()
             positions = torch.arange(Tq, device=q.device) if idx is None else idx
