@@ -17,6 +17,9 @@ The only changes made to what the docs say are these tables, each explicit:
   directory each command runs in (so the command line itself is unchanged).
 - ``SKIP``: commands that need several processes or a GPU, each with its reason.
 - ``EXPECT``: commands whose documented outcome is not exit 0.
+- ``UNSAID_ANSWER_TOKENS``: ``run`` / ``batch`` commands that leave ``--max-new-tokens`` unsaid get that many
+  instead of the CLI's default 256 (the command line is unchanged; a built-in model's answer is noise, and 256
+  of its tokens through 32 layers cost ~6 s a command, most of this test). inspect keeps counting 256.
 Commands run in-process (``cli.main``) in a fresh directory each, with ``LLAVA_NEXT_CACHE`` pointing at a
 cache shared by this module (each built-in model is built once) and the hub offline.
 """
@@ -232,6 +235,24 @@ def env(tmp_path_factory):
     cache = tmp_path_factory.mktemp("docs-cache")
     return {"LLAVA_NEXT_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_HOME": str(cache / "hf"),
             "LLAVA_NEXT_COMPILE": "0"}  # the compiled decode attention costs more than a tiny answer
+
+
+UNSAID_ANSWER_TOKENS = 16
+
+
+@pytest.fixture(autouse=True)
+def _short_unsaid_answers(monkeypatch):
+    """run / batch parsers get ``UNSAID_ANSWER_TOKENS`` as their --max-new-tokens default (see the docstring)."""
+    from llava_next.cli import options
+
+    real = options.add_prompt_options
+
+    def shorter(p, *, positional=True, max_new_tokens=options.ANSWER_TOKENS):
+        if max_new_tokens == options.ANSWER_TOKENS:  # run's and batch's default; inspect passes None
+            max_new_tokens = UNSAID_ANSWER_TOKENS
+        real(p, positional=positional, max_new_tokens=max_new_tokens)
+
+    monkeypatch.setattr(options, "add_prompt_options", shorter)
 
 
 def _workdir(tmp_path: Path, media_dir: Path) -> Path:

@@ -225,7 +225,7 @@ CASES = [  # (the docs/errors.md section that quotes the message, the message, t
     ("Command line", "--text-tokens and --prompt: give one",
      ["inspect", "--model", "tiny-random", "--image", "sample:cat", "--text-tokens", "5", "--prompt", "hi"]),
     ("Command line", "--model NAME: planning needs the model's config without downloading it; give a preset name "
-     "(...), the hub id of one, a checkpoint directory, or 'tiny-random'",
+     "(...), the hub id of one, a checkpoint directory, or tiny-random / tiny-random-interleave / tiny-random-onevision",
      ["inspect", "--model", "xyzzy", "--image", "sample:cat"]),
     ("Token reduction", "unknown reduction method 'X'; the methods are: maxinfo, pllava, slowfast, dycoke-ttm, "
      "visionzip, fastv, framefusion, dycoke",
