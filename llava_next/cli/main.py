@@ -38,19 +38,10 @@ from ..config import PRESETS, LlavaNextConfig
 from . import options
 from .options import UserError
 
-DEFAULT_PRESET = "LLaVA-NeXT-Video-7B"
-# value types and groups that commands took from here before options.py (kept for them)
-_positive, _rope_scale, _pixels = options.positive, options.rope_scale, options.pixels
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 3
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
-
-
-def _add_max_image_pixels(p) -> None:
-    p.add_argument("--max-image-pixels", type=options.pixels, default=None, metavar="N",
-                   help="refuse images with more pixels (default 100000000 or $LLAVA_NEXT_MAX_IMAGE_PIXELS; "
-                        "0 = no limit)")
 
 
 # --------------------------------------------------------------------------------------------------

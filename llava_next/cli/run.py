@@ -22,14 +22,10 @@ import time
 
 import torch
 
-from .options import DEFAULT_MODEL  # noqa: F401  (re-exported: the default checkpoint)
-
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def add_run(sub, *, user_error, **_unused) -> None:
-    """``_unused``: the value types other commands once passed in (positive=, rope_scale=, ...); the shared
-    option groups of options.py now bring their own."""
+def add_run(sub, *, user_error) -> None:
     from . import options
 
     p = sub.add_parser("run", help="answer a question about images and/or videos",

@@ -76,6 +76,7 @@ class Request:
     reduction: Reduction | None = None  # token reduction / frame selection (llava_next.reduce)
     unreduced_visual_tokens: int = 0  # what the same request costs without reduction
     reduction_report: dict = field(default_factory=dict)  # filled by the in-decoder stage at prefill
+    tokens: list[int] = field(default_factory=list)  # the answer's token ids, filled by stream()
 
     def to_dict(self) -> dict:
         """The token plan as plain data (for --json)."""
@@ -427,7 +428,7 @@ class Pipeline:
     def stream(self, request: Request, **kwargs) -> Iterator[str]:
         """Text pieces of one request's answer as they are generated (stop tokens not shown)."""
         decoder = self.tokenizer.stream()
-        request.tokens = []  # type: ignore[attr-defined]
+        request.tokens = []
         t0 = time.perf_counter()
         first = None
         for step in self.stream_batch([request], **kwargs):
@@ -436,10 +437,10 @@ class Pipeline:
                 self._say("prefill", f"{len(request.input_ids)} positions, first token after {first - t0:.2f} s "
                                      f"(vision tower and prefill)")
             elif self.progress is not None:
-                n = len(request.tokens) + 1  # type: ignore[attr-defined]
+                n = len(request.tokens) + 1
                 self.progress.update("decoding", f"{n} tokens, {(n - 1) / (time.perf_counter() - first):.1f} tokens/s")
             token = int(step[0])
-            request.tokens.append(token)  # type: ignore[attr-defined]
+            request.tokens.append(token)
             piece = decoder.step(token)
             if piece:
                 yield piece
@@ -447,7 +448,7 @@ class Pipeline:
         if tail:
             yield tail
         end = time.perf_counter()
-        n = len(request.tokens)  # type: ignore[attr-defined]
+        n = len(request.tokens)
         if self.progress is not None and first is not None and n > 1:
             self.progress.update("decoding", f"{n} tokens, {(n - 1) / (end - first):.1f} tokens/s", final=True)
         request.timings.update({"first_token_s": (first or end) - t0, "total_s": end - t0,
