@@ -1,6 +1,6 @@
 """docs/performance.md is generated from the committed result files (benchmarks/make_performance.py reads
 benchmarks/published/): regenerate it and compare, so a measured number is changed in one place and the page
-cannot drift from its sources."""
+cannot drift from its sources; and the README states no measured number of its own."""
 
 from __future__ import annotations
 
@@ -38,3 +38,10 @@ def test_every_result_file_is_used_and_says_where_it_comes_from():
         rows = list(csv.reader((PUBLISHED / f"{name}.csv").open(newline="")))
         assert len(rows) >= 2 and len({len(r) for r in rows}) == 1, f"{name}.csv: a header and rows of its width"
 
+
+def test_readme_prose_states_no_measurement():
+    """Measured numbers live in docs/performance.md: no timing, rate, ratio or speed-up in the README's prose."""
+    text = re.sub(r"^```.*?^```", "", (ROOT / "README.md").read_text(), flags=re.S | re.M)
+    found = re.findall(r"\b\d+(?:\.\d+)?\s?(?:ms|tok/s|tokens/s|GB/s|GFLOP/s|TFLOP/s|x faster|x slower)\b"
+                       r"|\b\d+\.\d+x\b|\b\d+(?:\.\d+)? ?(?:s|seconds|minutes) (?:to|per|on)\b", text)
+    assert not found, found
