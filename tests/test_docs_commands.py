@@ -78,14 +78,15 @@ MEDIA = {  # placeholder name in the docs -> the real file it stands for
     "b.mp4": lambda: media.cached_video("docs_b", frames=24, size_hw=(90, 160), fps=12, photo="coffee"),
     "long.mp4": _sample("bunny"),
 }
-BATCH_INPUTS = {  # batch input files the docs name but do not show whole (jobs.jsonl's lines are README's own)
+BATCH_INPUTS = {  # batch input files the docs name but do not show whole (jobs.jsonl's lines are parallel.md's own)
     "videos.jsonl": [{"id": "clip-0001", "video": "clip.mp4"}, {"id": "clip-0002", "video": "a.mp4"}],
 }
 
 SKIP = {  # (document, start of the command) -> why it cannot run here
     ("README.md", "OMP_NUM_THREADS=8 torchrun"): "several processes (torchrun): tests/test_tensor_parallel.py runs it",
-    ("README.md", "torchrun --nnodes 2"): "two machines with 4 GPUs each (--device cuda)",
-    ("README.md", "torchrun --nproc-per-node 4"): "several processes (torchrun): tests/test_batch.py runs batch ranks",
+    ("parallel.md", "OMP_NUM_THREADS=8 torchrun"): "several processes (torchrun): tests/test_tensor_parallel.py runs it",
+    ("parallel.md", "torchrun --nnodes 2"): "two machines with 4 GPUs each (--device cuda)",
+    ("parallel.md", "torchrun --nproc-per-node 4"): "several processes (torchrun): tests/test_batch.py runs batch ranks",
 }
 EXPECT: dict[tuple[str, str], tuple[int, str]] = {}  # (document, start of the command) -> (exit code, message)
 
@@ -220,10 +221,10 @@ def media_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("docs-media")
     for name, source in MEDIA.items():
         shutil.copyfile(source(), d / name)
-    readme = (ROOT / "README.md").read_text()
-    jobs = [line for line in readme.split("# jobs.jsonl", 1)[1].split("# results.jsonl", 1)[0].splitlines()
+    parallel = (ROOT / "docs" / "parallel.md").read_text()
+    jobs = [line for line in parallel.split("# jobs.jsonl", 1)[1].split("# results.jsonl", 1)[0].splitlines()
             if line.startswith("{")]
-    assert len(jobs) == 2, jobs  # README's own example lines are the job file
+    assert len(jobs) == 2, jobs  # docs/parallel.md's own example lines are the job file
     (d / "jobs.jsonl").write_text("\n".join(jobs) + "\n")
     for name, items in BATCH_INPUTS.items():
         (d / name).write_text("".join(json.dumps(i) + "\n" for i in items))
@@ -346,9 +347,9 @@ def test_every_doc_is_collected_and_the_tables_are_used():
     """The collector finds the commands it should (so a doc test cannot pass by collecting nothing), and every
     table entry still matches something in the docs (a stale entry would hide a change)."""
     docs = {c.doc for c in COMMANDS}
-    assert {"README.md", "research.md", "reduction.md", "tour.md"} <= docs, docs
+    assert {"README.md", "research.md", "reduction.md", "tour.md", "usage.md", "quantization.md", "parallel.md"} <= docs, docs
     assert len(COMMANDS) >= 40, len(COMMANDS)
-    assert {"README.md", "research.md", "reduction.md"} <= set(RECIPES), set(RECIPES)
+    assert {"README.md", "research.md", "reduction.md", "usage.md"} <= set(RECIPES), set(RECIPES)
     texts = " ".join(c.text for c in COMMANDS) + " ".join(code for blocks in RECIPES.values() for _, code in blocks)
     for real in MODELS:
         assert real in texts, f"MODELS entry {real} no longer appears in the docs"

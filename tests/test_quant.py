@@ -150,14 +150,15 @@ def test_int4_bad_shapes_and_config_are_clear_errors():
         QuantConfig.from_dict({"method": "int4"})
 
 
-def test_readme_memory_table_is_the_one_the_memory_check_computes():
-    """README's 'Which models fit' table is ``memory.memory_table()`` (the code ``check_model_fits`` uses)."""
+def test_docs_memory_table_is_the_one_the_memory_check_computes():
+    """docs/quantization.md's 'Which models fit' table is ``memory.memory_table()`` (the code ``check_model_fits``
+    uses)."""
     from pathlib import Path
 
     from llava_next.runtime.memory import memory_table, weight_bytes
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    assert memory_table() in readme
+    doc = (Path(__file__).parent.parent / "docs" / "quantization.md").read_text()
+    assert memory_table() in doc
     cfg = tiny_config()
     model = tiny_model(torch.bfloat16)
     assert weight_bytes(cfg, torch.bfloat16) == sum(t.nbytes for t in model.state_dict().values())

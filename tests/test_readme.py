@@ -49,7 +49,8 @@ def test_no_example_passes_a_literal_backslash_n():
     """Inside bash double quotes ``\\n`` is a backslash and an n, not a newline; llava-next sends a prompt as given
     (``--template none``: byte for byte), so an example that means a newline must write ``$'...\\n...'``."""
     bad = []
-    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
+    docs = [README, *sorted(README.parent.glob("docs/*.md"))]  # the README's long-form commands live in docs/
+    for block in re.findall(r"```bash\n(.*?)```", "\n".join(d.read_text() for d in docs), re.S):
         for line in block.splitlines():
             code = line.split("  #", 1)[0]
             # double-quoted strings, and single-quoted ones not written as $'...' (bash expands \n only there)
