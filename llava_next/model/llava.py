@@ -31,13 +31,12 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from llava_next_weights.load import is_file_mapped, release_file_pages
-
 from ..config import LlavaNextConfig
 from .anyres import ImageInput, pack_image_features
 from .clip import VisionTower
 from .decoder import Decoder
 from .hooks import HookPoint
+from .pages import is_file_mapped, release_file_pages
 from .pooling import add_video_newlines, pool_and_project, pooled_grid_hw
 from .projector import Projector
 from .siglip import SiglipTower
