@@ -8,7 +8,7 @@ The output directory holds llava-next's ``config.json`` (``LlavaNextConfig.to_di
 
 How it works, and the choices made
 - **Plan first, from the headers only.** Every source key and shape is read from the safetensors
-  headers (no tensor data), renamed through the key tables of ``keymaps.py`` and checked against
+  headers (no tensor data), renamed through the key tables of ``llava_next/model/keymaps.py`` and checked against
   ``shapes.expected_shapes(config)``: an unmapped source key, a missing or unexpected target key, or
   a wrong shape is an error that names the key(s) — before a byte of data is copied.
 - **Stream one tensor at a time.** Each output shard's header is known from the plan, so it is written
@@ -55,7 +55,7 @@ from safetensors import safe_open
 
 from llava_next.config import ConfigError, LlavaNextConfig
 from llava_next.model.quant import DEFAULT_GROUP_SIZE, QuantConfig
-from llava_next_weights.keymaps import Split, UnmappedKeyError, drop_unused_vision_layers, map_key
+from llava_next.model.keymaps import Split, UnmappedKeyError, drop_unused_vision_layers, map_key
 from llava_next_weights.load import (PICKLE_SUFFIXES, check_safetensors, index_shards, is_llava_next_dir, parse_dtype,
                                      read_config, read_json, safetensors_errors)
 from llava_next_weights.quantize import QUANT_FILE, quantized_entries, quantizing_reader, write_quant_file
