@@ -302,18 +302,37 @@ def _progress(total: int, enabled: bool):
 
 
 class _LineProgress:
-    def __init__(self, total: int, enabled: bool) -> None:
-        from llava_next.runtime.progress import Progress
+    """Whole lines on stderr, at most one a second per update, the last one the complete count: the lines
+    ``runtime.progress.Progress`` writes off a terminal (``[llava-next] converting: ...``), written here
+    because the weights package sits below runtime and does not import it (docs/architecture.md)."""
 
+    interval = 1.0
+
+    def __init__(self, total: int, enabled: bool) -> None:
         self.total, self.done, self.t0 = total, 0, time.perf_counter()
-        self.progress = Progress(sys.stderr, enabled=enabled)
+        self.enabled = enabled
+        self._last, self._shown = -1e9, None  # when the last line was written, and what it said
 
     def __enter__(self) -> "_LineProgress":
         return self
 
     def update(self, n: int) -> None:
         self.done += n
-        self.progress.update("converting", self._line(), final=self.done >= self.total)
+        self._show(self._line(), final=self.done >= self.total)
+
+    def _show(self, message: str, *, final: bool) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if not final and now - self._last < self.interval:
+            return
+        if final and self._shown == message:  # already the last line written
+            self._last, self._shown = -1e9, None
+            return
+        self._last, self._shown = now, message
+        print(f"[llava-next] converting: {message}", file=sys.stderr, flush=True)
+        if final:
+            self._last, self._shown = -1e9, None
 
     def _line(self) -> str:
         return (f"{self.done / 1e6:.1f} of {self.total / 1e6:.1f} MB ({100 * self.done // max(self.total, 1)}%), "
@@ -322,7 +341,7 @@ class _LineProgress:
     def __exit__(self, exc_type, *_) -> None:
         if exc_type is None and self.done < self.total:  # never end on a partial count
             self.done = self.total
-            self.progress.update("converting", self._line(), final=True)
+            self._show(self._line(), final=True)
 
 
 # --------------------------------------------------------------------------------------------------
