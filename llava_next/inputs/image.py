@@ -48,7 +48,7 @@ import torch
 from einops import rearrange
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..model.anyres import ImageInput, Size, paste_offset, resized_size, tile_grid
+from ..model.anyres import ImageInput, paste_offset, resized_size, tile_grid
 from ..config import ImageAspect, LlavaNextConfig
 
 # OpenAI CLIP normalization (CLIPImageProcessor defaults; reference-spec §2)
