@@ -1,5 +1,5 @@
-"""Exact attention probabilities, query chunk by query chunk, never a T x T map: the eager
-softmax(q k^T / sqrt(D)) in fp32 that the attention facade computes, for the research instruments
+"""Exact attention probabilities, query chunk by query chunk, never a T x T map: eager
+attention's fp32 softmax(q k^T / sqrt(D)), for the research instruments
 (``research.attention``: rows, key mass, entropy, top-k, segment maps) and the reduction methods' scores
 (``reduce.scores``, FastV's last-query score).
 
