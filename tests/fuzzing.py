@@ -340,7 +340,7 @@ def seed_root() -> Path:
 
     h = hashlib.sha256(SEED_VERSION.encode())
     for f in (TESTS / "checkpoints.py", TESTS / "checkpoints_qwen.py", TESTS / "tokenizers_fixture.py", TESTS / "media.py",
-              ROOT / "weights" / "llava_next_weights" / "convert.py", ROOT / "weights" / "llava_next_weights" / "keymaps.py",
+              ROOT / "weights" / "llava_next_weights" / "convert.py", ROOT / "llava_next" / "model" / "keymaps.py",
               ROOT / "weights" / "llava_next_weights" / "quantize.py", ROOT / "llava_next" / "runtime" / "batch.py"):
         h.update(f.read_bytes() if f.exists() else b"")
     return Path(os.environ.get("LLAVA_NEXT_FUZZ_SEEDS") or

@@ -17,7 +17,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEm
 
 from llava_next.config import LlavaNextConfig, PRESETS, TextConfig
 from llava_next.model.decoder import Decoder, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
-from llava_next_weights.keymaps import rename_state_dict
+from llava_next.model.keymaps import rename_state_dict
 
 TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
             max_position_embeddings=16, rms_norm_eps=1e-5)

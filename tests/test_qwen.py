@@ -17,7 +17,7 @@ import torch
 from llava_next.config import TextConfig
 from llava_next.model.decoder import Decoder, TiedLMHead
 from llava_next.model.generate import generate
-from llava_next_weights.keymaps import rename_state_dict
+from llava_next.model.keymaps import rename_state_dict
 from llava_next_weights.shapes import expected_shapes
 
 transformers = pytest.importorskip("transformers")

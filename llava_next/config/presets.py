@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from .readers import _ONEVISION, _OV_PINPOINTS
+from .readers import ONEVISION_FIELDS, ONEVISION_PINPOINTS
 from .schema import LlavaNextConfig, TextConfig, VisionConfig
 
 @dataclass(frozen=True)
@@ -55,8 +55,8 @@ _QWEN2_7B = TextConfig(vocab_size=152128, hidden_size=3584, intermediate_size=18
                        num_kv_heads=4, **_QWEN)
 _INTERLEAVE = dict(image_grid_pinpoints=((384, 384),), image_token_id=151646, image_aspect_ratio="resize",
                    video_as_images=True, template="qwen_interleave_hf")
-_OV = dict(image_grid_pinpoints=_OV_PINPOINTS, image_token_id=151646, video_token_id=151647, anyres_max_patches=9,
-           template="qwen_onevision_hf", **_ONEVISION)
+_OV = dict(image_grid_pinpoints=ONEVISION_PINPOINTS, image_token_id=151646, video_token_id=151647, anyres_max_patches=9,
+           template="qwen_onevision_hf", **ONEVISION_FIELDS)
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [
     _preset("llava-v1.6-vicuna-7b", "llava-hf/llava-v1.6-vicuna-7b-hf", "liuhaotian/llava-v1.6-vicuna-7b",

@@ -179,21 +179,22 @@ def _from_hf_siglip_config(cfg: dict) -> LlavaNextConfig:
         raise ConfigError(f"vision_aspect_ratio {aspect!r} is not supported (LLaVA-OneVision uses 'anyres_max_9')")
     return LlavaNextConfig(
         vision=vision, text=text,
-        image_grid_pinpoints=tuple(tuple(p) for p in cfg.get("image_grid_pinpoints", _OV_PINPOINTS)),
+        image_grid_pinpoints=tuple(tuple(p) for p in cfg.get("image_grid_pinpoints", ONEVISION_PINPOINTS)),
         image_token_id=cfg.get("image_token_index", cfg.get("image_token_id", 151646)),
         video_token_id=cfg.get("video_token_index", cfg.get("video_token_id", 151647)),
-        projector_bias=cfg.get("multimodal_projector_bias", True), **_ONEVISION,
+        projector_bias=cfg.get("multimodal_projector_bias", True), **ONEVISION_FIELDS,
         anyres_max_patches=int(aspect.removeprefix("anyres_max_")), template="qwen_onevision_hf")
 
 
 # LLaVA-OneVision image/video handling as transformers' LlavaOnevisionForConditionalGeneration does it
 # (interleave-onevision-spec §7): anyres_max (base first, unpad, bilinear downscale, newline per row); more
 # than one image: each padded to a square, one tile + one newline (730); video: projector, then bilinear
-# 27 -> 14 pooling (196 per frame), one newline after the whole video
-_ONEVISION = dict(image_aspect_ratio="anyres", multi_image_aspect_ratio="pad", untiled_image_newline=True,
-                  spatial_pool_stride=2, spatial_pool_mode="bilinear", pool_position="after_projector",
-                  video_newline="one_token")
-_OV_PINPOINTS = tuple((a, b) for a in range(384, 2305, 384) for b in range(384, 2305, 384))
+# 27 -> 14 pooling (196 per frame), one newline after the whole video. Public: the presets and the built-in
+# tiny OneVision model (runtime/tiny_qwen.py) build on the same fields.
+ONEVISION_FIELDS = dict(image_aspect_ratio="anyres", multi_image_aspect_ratio="pad", untiled_image_newline=True,
+                        spatial_pool_stride=2, spatial_pool_mode="bilinear", pool_position="after_projector",
+                        video_newline="one_token")
+ONEVISION_PINPOINTS = tuple((a, b) for a in range(384, 2305, 384) for b in range(384, 2305, 384))
 
 
 # The original config names its vision tower by hub id; these are the towers LLaVA-NeXT uses.

@@ -42,14 +42,13 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from einops import rearrange
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..model.anyres import Size, paste_offset, resized_size, tile_grid
+from ..model.anyres import ImageInput, paste_offset, resized_size, tile_grid
 from ..config import ImageAspect, LlavaNextConfig
 
 # OpenAI CLIP normalization (CLIPImageProcessor defaults; reference-spec §2)
@@ -217,21 +216,6 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray, *, max_pixe
 # ----------------------------------------------------------------------------------------------------
 # The AnyRes pixel pipeline
 # ----------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ImageInput:
-    """One preprocessed image: what the vision tower and the feature packer need."""
-
-    pixel_values: torch.Tensor  # (1 + rows*cols, 3, tile, tile) float32, base image first
-    image_size: Size  # original (height, width) px
-    best_resolution: Size  # canvas (height, width) px, a pinpoint
-    grid: Size  # (rows, cols) of tiles; (0, 0): one untiled image ("resize" / "pad"), the base only
-
-    @property
-    def num_tiles(self) -> int:
-        """Tiles cut from the canvas (the base image not counted)."""
-        return self.grid[0] * self.grid[1]
-
-
 def expand_to_square(rgb: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
     """The original ``expand2square``: the image pasted centred (offset floor) on a square of ``fill``."""
     w, h = rgb.size

@@ -35,6 +35,7 @@ antialias) — before the newline column is added.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -44,6 +45,23 @@ from einops import rearrange
 from ..config import AnyresCompat, LlavaNextConfig
 
 Size = tuple[int, int]  # (height, width)
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One preprocessed image: what the vision tower and the feature packer need. ``inputs.image``'s
+    ``preprocess_image`` makes it; it is defined here, beside the geometry it carries, because the model
+    reads it and the model imports nothing of the input pipeline (docs/architecture.md)."""
+
+    pixel_values: torch.Tensor  # (1 + rows*cols, 3, tile, tile) float32, base image first
+    image_size: Size  # original (height, width) px
+    best_resolution: Size  # canvas (height, width) px, a pinpoint
+    grid: Size  # (rows, cols) of tiles; (0, 0): one untiled image ("resize" / "pad"), the base only
+
+    @property
+    def num_tiles(self) -> int:
+        """Tiles cut from the canvas (the base image not counted)."""
+        return self.grid[0] * self.grid[1]
 
 
 def _check_size(name: str, size: Sequence[int]) -> Size:

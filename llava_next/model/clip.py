@@ -22,7 +22,7 @@ Notable choices
 - The position embedding is added as a whole table (ids 0..576 in order), no index lookup; there is no
   position interpolation: inputs must be exactly ``image_size`` px square (the AnyRes tiles are).
 - Attention goes through the ``llava_next.model.attention`` facade (SDPA on CPU, Triton on CUDA, eager for
-  reference). Parameter names follow the layout at the top of ``llava_next_weights/keymaps.py``.
+  reference). Parameter names follow the layout at the top of ``model/keymaps.py``.
 - ``from_state_dict`` builds on the meta device and *assigns* the checkpoint tensors (no random init,
   no copy: the tower shares storage with the state dict and takes its dtype).
 """
@@ -34,10 +34,9 @@ import re
 import torch
 from torch import nn
 
-from llava_next_weights.keymaps import drop_unused_vision_layers, rename_state_dict
-
 from .attention import attention
 from .hooks import HookPoint
+from .keymaps import drop_unused_vision_layers, rename_state_dict
 from ..config import VisionConfig
 
 

@@ -12,7 +12,7 @@ It computes what transformers' LlamaForCausalLM / MistralForCausalLM compute (re
 
 Notable choices
 - Module names are the checkpoint's leaf names (``q_proj``, ``gate_proj``, ...), so loading a
-  transformers state dict is a prefix rename (``llava_next_weights.keymaps``, format "llama_hf").
+  transformers state dict is a prefix rename (``model/keymaps.py``, format "llama_hf").
 - RMSNorm normalises in fp32, casts back, *then* multiplies by the weight (transformers' order; in
   bf16 the other order rounds differently).
 - RoPE uses the rotate-half (NeoX) layout that HF/LLaVA checkpoints are stored in: no weight permutation.

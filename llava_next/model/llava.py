@@ -26,24 +26,20 @@ format, which has no placeholder rows) are never looked up in the embedding tabl
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
-from llava_next_weights.load import is_file_mapped, release_file_pages
-
 from ..config import LlavaNextConfig
-from .anyres import pack_image_features
+from .anyres import ImageInput, pack_image_features
 from .clip import VisionTower
 from .decoder import Decoder
 from .hooks import HookPoint
+from .pages import is_file_mapped, release_file_pages
 from .pooling import add_video_newlines, pool_and_project, pooled_grid_hw
 from .projector import Projector
 from .siglip import SiglipTower
-
-if TYPE_CHECKING:  # a type only: the model never imports the input pipeline (imports flow cli -> runtime -> inputs -> model)
-    from ..inputs.image import ImageInput
 
 
 class PackedLinear(nn.Module):

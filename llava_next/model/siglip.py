@@ -32,7 +32,7 @@ by ``nn.GELU(approximate="tanh")`` against the default.
 Weights: ``from_state_dict`` takes a transformers SiglipVisionModel state dict ("siglip_hf": with or
 without the ``vision_model.`` prefix) or open_clip's ``model.visual.state_dict()`` ("siglip_open_clip":
 timm trunk, fused qkv split into q/k/v, ``pos_embed`` (1, 729, C) squeezed); the explicit tables are in
-``llava_next_weights/keymaps.py``. Parameter names are CLIP's (model/clip.py) minus the CLS and
+``model/keymaps.py``. Parameter names are CLIP's (model/clip.py) minus the CLS and
 pre-LayerNorm, plus ``patch_embedding.bias``.
 """
 

@@ -34,12 +34,28 @@ from typing import ClassVar, Literal
 
 import torch
 
+from ..model.attention_probs import attention_probs
 from ..model.decoder import Decoder
-from ..research.attention import fastv_score
 from .scores import attention_rows, layer_queries
 from .stages import PrefillPruner, ReductionError, VisualLayout
 
 Score = Literal["last_query", "all_queries"]
+
+
+def fastv_score(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """FastV's token score: the last query's attention row, averaged over heads -> (B, Tk) fp32.
+
+    FastV (pkunlp-icler/FastV, ``modeling_llama.py``) ranks image tokens by this row at layer K-1 and keeps the
+    top ones from layer K on. Inside a forward, from the hook points of layer K-1 (both fire before layer K):
+
+        with trace(model, hooks=[("blocks.{K-1}.attn.hook_rot_q", keep_q),            # (B, T, Hq, D)
+                                 ("blocks.{K-1}.attn.hook_rot_k", score_from_k)]):   # (B, T, Hkv, D)
+            ...   # score_from_k: fastv_score(q.transpose(1, 2), k.transpose(1, 2)) at prefill
+
+    or after it: ``trace(model, attention=Attention(layers=[K - 1], queries="last", heads="mean"))`` then
+    ``tr.attention[K - 1].rows[:, 0]``. (``llava_next.research`` exports it too.)"""
+    last = torch.tensor([q.shape[2] - 1], device=q.device)
+    return attention_probs(q, k, last, key_mask=key_mask).mean(1)[:, 0]
 
 
 @dataclass(frozen=True)
@@ -66,7 +82,7 @@ class FastV(PrefillPruner):
                key_mask: torch.Tensor | None) -> torch.Tensor:
         """(B, T) fp32 importance of every key (callers restrict to visual keys)."""
         B, T, _ = hidden_in.shape
-        if self.score == "last_query":  # research.attention.fastv_score on layer K-1's last query and cached keys
+        if self.score == "last_query":  # fastv_score on layer K-1's last query and cached keys
             q = layer_queries(decoder, self.layer - 1, hidden_in[:, -1:], position_ids[:, -1:])  # (B, H, 1, D)
             k = decoder.layers[self.layer - 1].self_attn.kv_cache.k[:, :, :T]
             return fastv_score(q, k, key_mask)  # (B, T): mean over heads of the last row

@@ -7,7 +7,8 @@ module's docstring).
 """
 
 from . import select
-from .attention import AttentionStats, ResearchError, attention_rows, attention_stats, fastv_score
+from ..reduce.fastv import fastv_score
+from .attention import AttentionStats, ResearchError, attention_rows, attention_stats
 from .interventions import ablate, grouped_attention, intervene, knockout, patch, replace_embedding
 from .logit_lens import LensResult, LogitLens
 from .provenance import KINDS, SEGMENTS, Media, Provenance

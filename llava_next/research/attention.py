@@ -45,18 +45,18 @@ under the Triton interpreter. Rows, entropy, top-k and segment sums use this PyT
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
+
+from ..model.attention_probs import (CHUNK_BYTES, Groups, allowed_block, attention_probs, default_chunk, iter_probs,
+                                     pad_keys)
+
 
 class ResearchError(ValueError):
     """A research request that cannot be served (unknown hook, bad positions, layer out of range, ...): the
     message says what was wrong and what to do. A ValueError: the CLI reports it as a user error."""
-
-
-CHUNK_BYTES = 32 << 20  # default budget of one (B, Hq, chunk, Tk) fp32 probability block
 
 
 def _as_index(queries: torch.Tensor | Sequence[int] | int, n: int, device: torch.device) -> torch.Tensor:
@@ -67,79 +67,12 @@ def _as_index(queries: torch.Tensor | Sequence[int] | int, n: int, device: torch
     return idx % n if n else idx
 
 
-def default_chunk(batch: int, heads: int, keys: int, budget: int = CHUNK_BYTES) -> int:
-    """Queries per chunk so one fp32 (batch, heads, chunk, keys) block fits ``budget`` bytes (at least 1)."""
-    return max(1, budget // (4 * batch * heads * keys))
-
-
-Groups = tuple[torch.Tensor, torch.Tensor]  # (group id per key position (Tk,), allowed table (G, G) bool)
-
-
-def allowed_block(query_idx: torch.Tensor, Tq: int, Tk: int, key_mask: torch.Tensor | None = None,
-                  groups: Groups | None = None, width: int | None = None) -> torch.Tensor:
-    """Which of the first ``width`` (default Tk) keys the chosen queries may see: (c, width) or (B, 1, c, width)
-    bool. Causal (queries at the end of the keys), ``key_mask`` (B, Tk), and a knockout group table: query at
-    position i may see key j only if ``table[group[i], group[j]]`` (O(T + G^2) instead of a dense T x T mask)."""
-    width = Tk if width is None else width
-    keys = torch.arange(width, device=query_idx.device)
-    pos = query_idx + (Tk - Tq)
-    allowed = keys[None, :] <= pos[:, None]  # (c, width)
-    if groups is not None:
-        g, table = groups
-        allowed = allowed & table[g[pos]][:, g[:width]]
-    if key_mask is not None:
-        allowed = (allowed[None] & key_mask[:, None, :width])[:, None]  # (B, 1, c, width)
-    return allowed
-
-
-def iter_probs(q: torch.Tensor, k: torch.Tensor, queries: torch.Tensor, *, key_mask: torch.Tensor | None = None,
-               chunk: int | None = None, groups: Groups | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (query indices (c,), probabilities (B, Hq, c, kc) fp32) chunk by chunk; rows seeing no key are 0.
-
-    kc <= Tk: only the keys up to the chunk's last query position (the later ones have probability 0 by
-    causality and are not computed: half the work of an all-query pass)."""
-    B, Hq, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    G = Hq // Hkv
-    chunk = chunk or default_chunk(B, Hq, Tk)
-    k32 = k.float().transpose(-1, -2)[:, :, None]  # (B, Hkv, 1, D, Tk)
-    scale = 1.0 / math.sqrt(D)
-    for idx in queries.split(chunk):
-        kc = int(idx.max()) + (Tk - Tq) + 1  # keys this chunk can see
-        qc = q[:, :, idx].float().reshape(B, Hkv, G, idx.numel(), D)  # query heads grouped by kv head
-        scores = (qc @ k32[..., :kc]).reshape(B, Hq, idx.numel(), kc) * scale  # (B, Hq, c, kc)
-        scores.masked_fill_(~allowed_block(idx, Tq, Tk, key_mask, groups, width=kc), float("-inf"))
-        yield idx, torch.softmax(scores, dim=-1).nan_to_num_(0.0)
-
-
 def attention_rows(q: torch.Tensor, k: torch.Tensor, queries: torch.Tensor | Sequence[int] | int = -1, *,
                    key_mask: torch.Tensor | None = None, chunk: int | None = None,
                    groups: Groups | None = None) -> torch.Tensor:
     """Exact attention probabilities of the chosen queries: (B, Hq, |Q|, Tk) fp32 (module docstring)."""
     idx = _as_index(queries, q.shape[2], q.device)
-    Tk = k.shape[2]
-    parts = [_pad(p, Tk) for _, p in iter_probs(q, k, idx, key_mask=key_mask, chunk=chunk, groups=groups)]
-    return torch.cat(parts, dim=2)
-
-
-def _pad(p: torch.Tensor, Tk: int) -> torch.Tensor:
-    """(..., kc) probabilities -> (..., Tk), zeros for the keys the queries cannot see."""
-    return p if p.shape[-1] == Tk else torch.nn.functional.pad(p, (0, Tk - p.shape[-1]))
-
-
-def fastv_score(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """FastV's token score: the last query's attention row, averaged over heads -> (B, Tk) fp32.
-
-    FastV (pkunlp-icler/FastV, ``modeling_llama.py``) ranks image tokens by this row at layer K-1 and keeps the
-    top ones from layer K on. Inside a forward, from the hook points of layer K-1 (both fire before layer K):
-
-        with trace(model, hooks=[("blocks.{K-1}.attn.hook_rot_q", keep_q),            # (B, T, Hq, D)
-                                 ("blocks.{K-1}.attn.hook_rot_k", score_from_k)]):   # (B, T, Hkv, D)
-            ...   # score_from_k: fastv_score(q.transpose(1, 2), k.transpose(1, 2)) at prefill
-
-    or after it: ``trace(model, attention=Attention(layers=[K - 1], queries="last", heads="mean"))`` then
-    ``tr.attention[K - 1].rows[:, 0]``."""
-    return attention_rows(q, k, -1, key_mask=key_mask).mean(1)[:, 0]
+    return attention_probs(q, k, idx, key_mask=key_mask, chunk=chunk, groups=groups)
 
 
 @dataclass
@@ -219,13 +152,13 @@ def attention_stats(q: torch.Tensor, k: torch.Tensor, queries: torch.Tensor | Se
         for _, p in iter_probs(q, k, idx, key_mask=key_mask, chunk=chunk, groups=groups):  # p (B, Hq, c, kc)
             kc = p.shape[-1]
             if rows:
-                parts["rows"].append(_pad(p, Tk))
+                parts["rows"].append(pad_keys(p, Tk))
             if mass is not None:
                 mass[..., :kc] += p.sum(dim=2)
             if entropy:
                 parts["entropy"].append(-(p * p.clamp_min(1e-30).log()).sum(-1))  # 0 log 0 = 0
             if topk:
-                v, i = _pad(p, Tk).topk(min(topk, Tk), dim=-1)
+                v, i = pad_keys(p, Tk).topk(min(topk, Tk), dim=-1)
                 parts["tv"].append(v)
                 parts["ti"].append(i)
             if seg is not None:

@@ -13,36 +13,17 @@ share, so the per-rank table in the README comes from the same code.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from ..config import LlavaNextConfig, TextConfig
+from ..inputs.video import available_memory
 
 
 class MemoryBudgetError(ValueError):
     """A request needs more memory than is available; the message has the numbers and what to lower."""
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes that can still be allocated on ``device`` (None when unknown)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type != "cpu":
-        return None
-    try:
-        with open("/proc/meminfo") as f:  # Linux: what can be allocated without swapping
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def _gib(n: float) -> str:

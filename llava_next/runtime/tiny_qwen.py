@@ -27,7 +27,7 @@ llava-hf checkpoints of the family have them (interleave-onevision-spec; the pre
 from __future__ import annotations
 
 from ..config import LlavaNextConfig, TextConfig, VisionConfig
-from ..config.readers import _ONEVISION
+from ..config.readers import ONEVISION_FIELDS
 from . import tiny
 
 TEXT_IDS = 640  # byte-level pieces + trained merges + fillers (151643 in Qwen's vocabulary)
@@ -59,7 +59,8 @@ def interleave_config() -> LlavaNextConfig:
 def onevision_config() -> LlavaNextConfig:
     """tiny-random-onevision: llava-hf LLaVA-OneVision / LLaVA-Video (SigLIP + Qwen2)."""
     return LlavaNextConfig(vision=_vision(), text=_qwen(2), image_grid_pinpoints=PINPOINTS, image_token_id=IMAGE_ID,
-                           video_token_id=VIDEO_ID, anyres_max_patches=9, template="qwen_onevision_hf", **_ONEVISION)
+                           video_token_id=VIDEO_ID, anyres_max_patches=9, template="qwen_onevision_hf",
+                           **ONEVISION_FIELDS)
 
 
 def build_tokenizer():

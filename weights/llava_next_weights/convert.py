@@ -8,7 +8,7 @@ The output directory holds llava-next's ``config.json`` (``LlavaNextConfig.to_di
 
 How it works, and the choices made
 - **Plan first, from the headers only.** Every source key and shape is read from the safetensors
-  headers (no tensor data), renamed through the key tables of ``keymaps.py`` and checked against
+  headers (no tensor data), renamed through the key tables of ``llava_next/model/keymaps.py`` and checked against
   ``shapes.expected_shapes(config)``: an unmapped source key, a missing or unexpected target key, or
   a wrong shape is an error that names the key(s) — before a byte of data is copied.
 - **Stream one tensor at a time.** Each output shard's header is known from the plan, so it is written
@@ -55,7 +55,7 @@ from safetensors import safe_open
 
 from llava_next.config import ConfigError, LlavaNextConfig
 from llava_next.model.quant import DEFAULT_GROUP_SIZE, QuantConfig
-from llava_next_weights.keymaps import Split, UnmappedKeyError, drop_unused_vision_layers, map_key
+from llava_next.model.keymaps import Split, UnmappedKeyError, drop_unused_vision_layers, map_key
 from llava_next_weights.load import (PICKLE_SUFFIXES, check_safetensors, index_shards, is_llava_next_dir, parse_dtype,
                                      read_config, read_json, safetensors_errors)
 from llava_next_weights.quantize import QUANT_FILE, quantized_entries, quantizing_reader, write_quant_file
@@ -302,18 +302,37 @@ def _progress(total: int, enabled: bool):
 
 
 class _LineProgress:
-    def __init__(self, total: int, enabled: bool) -> None:
-        from llava_next.runtime.progress import Progress
+    """Whole lines on stderr, at most one a second per update, the last one the complete count: the lines
+    ``runtime.progress.Progress`` writes off a terminal (``[llava-next] converting: ...``), written here
+    because the weights package sits below runtime and does not import it (docs/architecture.md)."""
 
+    interval = 1.0
+
+    def __init__(self, total: int, enabled: bool) -> None:
         self.total, self.done, self.t0 = total, 0, time.perf_counter()
-        self.progress = Progress(sys.stderr, enabled=enabled)
+        self.enabled = enabled
+        self._last, self._shown = -1e9, None  # when the last line was written, and what it said
 
     def __enter__(self) -> "_LineProgress":
         return self
 
     def update(self, n: int) -> None:
         self.done += n
-        self.progress.update("converting", self._line(), final=self.done >= self.total)
+        self._show(self._line(), final=self.done >= self.total)
+
+    def _show(self, message: str, *, final: bool) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if not final and now - self._last < self.interval:
+            return
+        if final and self._shown == message:  # already the last line written
+            self._last, self._shown = -1e9, None
+            return
+        self._last, self._shown = now, message
+        print(f"[llava-next] converting: {message}", file=sys.stderr, flush=True)
+        if final:
+            self._last, self._shown = -1e9, None
 
     def _line(self) -> str:
         return (f"{self.done / 1e6:.1f} of {self.total / 1e6:.1f} MB ({100 * self.done // max(self.total, 1)}%), "
@@ -322,7 +341,7 @@ class _LineProgress:
     def __exit__(self, exc_type, *_) -> None:
         if exc_type is None and self.done < self.total:  # never end on a partial count
             self.done = self.total
-            self.progress.update("converting", self._line(), final=True)
+            self._show(self._line(), final=True)
 
 
 # --------------------------------------------------------------------------------------------------

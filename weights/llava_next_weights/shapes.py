@@ -1,7 +1,7 @@
 """The exact ``{key: shape}`` of llava-next's own checkpoint layout for a config.
 
 This is the target side of every conversion and the contract the model module is checked against:
-the key names are the ones documented at the top of ``keymaps.py``; the shapes follow from the config
+the key names are the ones documented at the top of ``llava_next/model/keymaps.py``; the shapes follow from the config
 alone. Vision layers at or after ``config.vision.layers_used`` are never computed, so they are not
 part of the layout (the converter drops them, the model does not build them).
 

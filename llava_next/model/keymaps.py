@@ -28,6 +28,10 @@ tensor may also be split into several targets (open_clip's fused in_proj) with `
 
 Vision layers after the selected feature layer are never computed, so llava-next does not build them;
 ``drop_unused_vision_layers`` removes them from a mapping, explicitly.
+
+The tables live in the model layer (they name the model's own parameters; ``VisionTower.from_state_dict``
+renames a standalone CLIP checkpoint through them); the converter (``llava_next_weights.convert``) reads
+them from here (docs/architecture.md).
 """
 
 from __future__ import annotations
