@@ -130,7 +130,7 @@ def add_media_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_plan_options(p: argparse.ArgumentParser) -> None:
-    """Every switch that changes the token plan (README: 'Divergences between implementations')."""
+    """Every switch that changes the token plan (docs/usage.md: 'Divergences between implementations')."""
     g = p.add_argument_group("token plan (the same in every command)")
     g.add_argument("--frames", type=positive, default=None,
                    help=f"frames sampled per video (default {DEFAULT_FRAMES}; the cap with --sampling fps)")

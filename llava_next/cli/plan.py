@@ -38,7 +38,7 @@ def video_entry(clip, plan, sampling: str) -> dict:
 
 
 def switches(config: LlavaNextConfig, rope_scale, sampling: str) -> dict:
-    """Every token-plan switch with the value the plan used (README: 'Divergences ... as switches')."""
+    """Every token-plan switch with the value the plan used (docs/usage.md: 'Divergences ... as switches')."""
     return {"sampling": sampling, "pool_stride": config.spatial_pool_stride, "pool_mode": config.spatial_pool_mode,
             "newline": config.video_newline, "pool_position": config.pool_position,
             "anyres_compat": config.anyres_compat, "rope_scale": rope_scale}

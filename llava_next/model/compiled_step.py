@@ -45,7 +45,7 @@ from .hooks import HookPoint
 
 # ---- policy ----------------------------------------------------------------------------------------
 # Measured on a 2-core Zen 4 (AVX512-BF16, no AMX), benchmarks/bench_quant.py, 2 decoder layers of the 7B
-# shape, ~1,200-token prompt (README "Smaller and faster on a CPU"):
+# shape, ~1,200-token prompt (docs/performance.md):
 #   bf16: 20.3 vs 18.3 tok/s eager with 2 threads (1.11x: ~5 ms a token saved per 2 layers), 0.96x with 1;
 #   int8: 0.77x, int4: 0.49x (inductor's int templates run slower than torch's int kernels the eager step uses);
 #   compile: 43 s cold (empty inductor cache), 11 s warm (a fresh process, cache filled), for 2 layers.

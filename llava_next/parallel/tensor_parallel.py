@@ -32,7 +32,7 @@ Choices
   ``llava_next_weights.load.load_into`` then narrows each mmapped checkpoint tensor to this rank's
   slice (rows are a zero-copy view; column slices are copied and the file pages dropped), so each
   rank reads only its slices and holds about 1/N of the decoder (``weights_per_rank`` computes it
-  from this plan, the README's memory table uses it).
+  from this plan, docs/parallel.md's memory table uses it).
 - Vision: the CLIP tower is small (0.3 B) next to the decoder and a TP tower would all-reduce after
   every layer (SGLang's DP-encoder rationale), so it is replicated, and the frames/tiles of a request
   are split across ranks instead (vLLM's ``mm_encoder_tp_mode="data"``): each rank runs the tower on

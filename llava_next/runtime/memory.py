@@ -3,12 +3,12 @@
     memory_budget(text_config, batch, prompt_tokens, new_tokens, dtype, device) -> MemoryBudget   .check()
     weight_bytes(config, dtype, quantize)      bytes of the weights in a dtype or quantized format
     check_model_fits(config, dtype, device)    refuse a model larger than the machine (name what would fit)
-    memory_table()                             which presets fit in how much memory, per format (README)
+    memory_table()                             which presets fit in how much memory, per format (docs/quantization.md)
 
 The KV cache a request allocates is 2 x layers x batch x KV heads x positions x head_dim x bytes; the
 prompt's activations are estimated on top. Available memory is /proc/meminfo's MemAvailable on CPU and
 ``torch.cuda.mem_get_info`` on CUDA. The tensor-parallel runner calls ``memory_budget`` with one rank's
-share, so the per-rank table in the README comes from the same code.
+share, so the per-rank table in docs/parallel.md comes from the same code.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def check_model_fits(config: LlavaNextConfig, dtype: torch.dtype, device: torch.
     hint = (f"; --quantize {fits[0]} ({_gib(weight_bytes(config, dtype, fits[0], group_size))}) would fit"
             if fits and device.type == "cpu" else "; use a machine with more memory or a smaller model")
     raise MemoryBudgetError(f"the model's weights need {_gib(need)} in {what} but the machine has {_gib(available)} "
-                            f"({device.type}){hint} (README: 'Which models fit')")
+                            f"({device.type}){hint} (docs/quantization.md: 'Which models fit')")
 
 
 def _total_memory() -> int | None:
