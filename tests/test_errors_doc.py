@@ -169,7 +169,9 @@ def produced_by_source(message: str, templates, nested: bool = True) -> bool:
     for w in set(WORD.findall(pattern)):
         for i in index.get(w, ()):
             votes[i] = votes.get(i, 0) + 1
-    candidates = sorted(votes, key=votes.get, reverse=True)[:300] + index.get("", []) if votes else range(len(strings))
+    # every template sharing a word, most shared first (ties by index): no cut-off, and no order that depends on
+    # the set's string hashing (a top-300 cut over hash-ordered ties dropped the right template on some runs)
+    candidates = sorted(votes, key=lambda i: (-votes[i], i)) + index.get("", []) if votes else range(len(strings))
     if not nested:
         return any(can_produce(strings[i], pattern) for i in candidates)
     inner: dict[str, bool] = {}
