@@ -56,8 +56,9 @@ def _batch(args: argparse.Namespace, user_error) -> int:
     if args.allow_overflow:  # no switch is accepted and ignored
         raise user_error("--allow-overflow: batch does not run prompts past the RoPE context (an item that does not "
                          "fit becomes an error line saying so); to study one such prompt use run --allow-overflow")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise user_error(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature}, {args.top_p}")
+    bad_sampling = options.check_sampling(args)
+    if bad_sampling:
+        raise user_error(bad_sampling)
     env = dist_env()
     device = args.device
     if device == "cuda":

@@ -291,6 +291,18 @@ def generation_only(args: argparse.Namespace) -> list[str]:
     return given
 
 
+def check_sampling(args: argparse.Namespace) -> str | None:
+    """What is wrong with the sampling switches of run / batch, or None: out of range, or --top-p / --seed with
+    greedy decoding (--temperature 0), where they cannot change a token (no switch is accepted and ignored)."""
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        return f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature}, {args.top_p}"
+    given = [f"--top-p {args.top_p:g}"] * (args.top_p != 1.0) + [f"--seed {args.seed}"] * (args.seed is not None)
+    if args.temperature == 0 and given:
+        return (f"{', '.join(given)}: these act on sampling, and decoding is greedy (--temperature 0), where the "
+                f"answer is the same whatever they are; add --temperature T (> 0) to sample, or drop them")
+    return None
+
+
 def frames(args: argparse.Namespace) -> int:
     return args.frames or DEFAULT_FRAMES
 

@@ -138,8 +138,9 @@ def _run(args: argparse.Namespace, user_error) -> int:
     rank0_output(dist_env())  # under torchrun, ranks > 0 print nothing (the answer, plan and progress come once)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise user_error("--device cuda: no CUDA device is available; use --device cpu")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise user_error(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature}, {args.top_p}")
+    bad_sampling = options.check_sampling(args)
+    if bad_sampling:
+        raise user_error(bad_sampling)
     reduction = options.reduction(args)  # a bad method or value fails before any loading
     quantize, group_size = options.quantization(args)
     model_id = PRESETS[args.model].hub_id if args.model in PRESETS else args.model
