@@ -108,16 +108,9 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_file(path: str, what: str = "video") -> None:
-    from ..runtime.files import check_media_file
-
-    check_media_file(path, what)
-
-
 def _load_image(path: str, max_pixels: int | None):
     from ..inputs.image import load_image
 
-    _check_file(path, "image")
     try:
         return load_image(path, max_pixels=max_pixels)
     except (ValueError, OSError) as e:
@@ -145,7 +138,6 @@ def _inspect_media(args, config: LlavaNextConfig, model: str, preset: str | None
             raise UserError(str(e)) from None
     videos = []
     for path in args.video:
-        _check_file(path)
         try:
             # the plan needs indices and times; pixels only for --png
             clip = load_video(path, n_frames, sampling=sampling, keep_pixels=bool(args.png), **frame_options(config))
@@ -225,7 +217,7 @@ def _format(r: dict) -> str:
     if r["preset"] is not None:
         lines = [f"preset   {r['preset']} ({PRESETS[r['preset']].hub_id}); sizes are height x width"]
     elif r.get("random_weights"):
-        what = "built in" if r["model"] == options.TINY_MODEL else "a copy of tiny-random"
+        what = "built in" if options.is_tiny(r["model"]) else "a copy of a built-in model"
         lines = [f"model    {r['model']} ({what}, RANDOM weights: a smoke-test model); sizes are height x width"]
     else:
         lines = [f"model    {r['model']}; sizes are height x width"]
