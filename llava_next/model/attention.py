@@ -1,25 +1,28 @@
-"""The attention facade: one function every attention layer calls, and the switch that picks a backend.
+"""Attention maths, all of it: the facade every layer calls, the one-query decode kernel, exact
+probabilities query chunk by query chunk, and knockout-restricted attention. Model, research and reduce
+all import it from here; nothing else computes softmax(q k^T / sqrt(d)).
 
-    attention(q, k, v, causal=..., mask=...) -> (B, Hq, Tq, D)
+    attention(q, k, v, causal=..., mask=...) -> (B, Hq, Tq, D)          the facade (backends below)
+    one_query_attention(q, k, v, allowed=None) -> (B, Hq, 1, D)         decoding one token (compiled engines)
+    attention_probs(q, k, idx, key_mask=...) -> (B, Hq, |idx|, Tk)      exact fp32 rows, never T x T
+    grouped_attention(q, k, v, groups) -> (B, Hq, Tq, D)                attention under a knockout table
 
 q: (B, Hq, Tq, D); k, v: (B, Hkv, Tk, D) with Hq a multiple of Hkv (GQA: query head h reads kv head
-h // (Hq // Hkv); K/V are never repeated in memory by the fast backends). ``causal=True`` aligns the
+h // (Hq // Hkv); K/V are never repeated in memory by the fast paths). ``causal=True`` aligns the
 queries to the *end* of the keys: query i sits at key position Tk - Tq + i (prefill, chunked prefill
 and one-token decode against a KV cache are all the same call). ``mask`` is an optional boolean
 (B, 1, Tq, Tk) or (B, 1, 1, Tk) tensor, True = may attend (left padding in a batch); it is combined
 with the causal rule. A query row that may see no key at all (a left-padding row) must come out as
 zeros, never NaN, in every backend: NaN would spread to real rows through 0 x NaN in later layers.
 
-Backends
+Facade backends
 - "sdpa":   torch.nn.functional.scaled_dot_product_attention (the CPU fast path).
 - "eager":  the textbook softmax(q k^T / sqrt(d)) v in fp32 — the reference the others are tested against.
 - "triton": the kernels in llava_next_kernels (the CUDA fast path), imported from that package.
-- "auto":   triton on CUDA when available; on CPU, one query without a mask (decoding one token) goes
-            to cpu_decode.attention_one_query (compiled; SDPA's CPU kernel reads the KV cache ~4x slower),
-            everything else to sdpa.
-
+- "auto":   triton on CUDA when available, else sdpa.
 ``use_backend("eager")`` is a context manager that forces one backend (tests run both paths on the
-same inputs with it).
+same inputs with it). Which kernel a *decode step* uses (the compiled one-query attention, say) is the
+engine's choice, passed down in the layer context (model/context.py, model/compiled.py), not a switch here.
 """
 
 from __future__ import annotations
@@ -30,8 +33,6 @@ from typing import Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
-
-from . import cpu_decode
 
 Backend = Literal["auto", "sdpa", "eager", "triton"]
 AttentionFn = Callable[..., torch.Tensor]
@@ -88,6 +89,7 @@ def causal_mask(tq: int, tk: int, device: torch.device) -> torch.Tensor:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
               mask: torch.Tensor | None = None) -> torch.Tensor:
     backend = current_backend(q.device)
+    from . import cpu_decode  # (moves into the engines' layer context in the next commit)
     if _forced == "auto" and q.device.type == "cpu" and q.shape[-2] == 1 and mask is None and cpu_decode.enabled():
         return cpu_decode.attention_one_query(q, k, v)
     if backend == "sdpa":
@@ -130,3 +132,118 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked rows -> 0
     return (probs @ v.float()).to(q.dtype)  # (B, Hq, Tq, D)
+
+
+# ---- one query against a whole cache: the decode step's attention ----------------------------------
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """q (B, Hq, 1, D) against k, v (B, Hkv, S, D) -> (B, Hq, 1, D); ``allowed`` (B, S) bool masks keys.
+
+        out[b, h] = sum_s softmax_s(q[b, h] . k[b, g, s] / sqrt(D)) v[b, g, s]      g = h // (Hq / Hkv)
+
+    in float32, rounded once at the end (as SDPA does). Written as plain elementwise products and sums so
+    that torch.compile (inductor's C++ backend) turns it into one streaming pass over the cache: the
+    compiled decode engines (model/compiled.py) use it; eagerly it is a reference."""
+    B, Hq, _, D = q.shape
+    Hkv = k.shape[1]
+    qg = q.reshape(B, Hkv, Hq // Hkv, 1, D).float()  # (B, Hkv, G, 1, D): query heads grouped by kv head
+    scores = (qg * k[:, :, None].float()).sum(-1) * (1.0 / math.sqrt(D))  # (B, Hkv, G, S)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = (probs[..., None] * v[:, :, None].float()).sum(-2)  # (B, Hkv, G, D)
+    return out.reshape(B, Hq, 1, D).to(q.dtype)
+
+
+# ---- exact probabilities, query chunk by query chunk --------------------------------------------------
+# For the research instruments (research/attention.py: rows, key mass, entropy, top-k, segment maps) and the
+# reduction methods' scores (FastV's last-query row, DyCoke's decode row, VisionZip's CLS row): eager
+# attention's fp32 softmax(q k^T / sqrt(D)), never a T x T map. ``q`` is the post-RoPE query, ``k`` the keys
+# it attends, the queries at the END of the keys; ``key_mask`` (B, Tk) marks real keys; ``idx`` are query
+# indices in [0, Tq). Parity with transformers' eager attention: tests/test_attention_stats.py.
+
+CHUNK_BYTES = 32 << 20  # default budget of one (B, Hq, chunk, Tk) fp32 probability block
+
+
+def default_chunk(batch: int, heads: int, keys: int, budget: int = CHUNK_BYTES) -> int:
+    """Queries per chunk so one fp32 (batch, heads, chunk, keys) block fits ``budget`` bytes (at least 1)."""
+    return max(1, budget // (4 * batch * heads * keys))
+
+
+Groups = tuple[torch.Tensor, torch.Tensor]  # (group id per key position (Tk,), allowed table (G, G) bool)
+
+
+def allowed_block(query_idx: torch.Tensor, Tq: int, Tk: int, key_mask: torch.Tensor | None = None,
+                  groups: Groups | None = None, width: int | None = None, causal: bool = True) -> torch.Tensor:
+    """Which of the first ``width`` (default Tk) keys the chosen queries may see: (c, width) or (B, 1, c, width)
+    bool. Causal (queries at the end of the keys), ``key_mask`` (B, Tk), and a knockout group table: query at
+    position i may see key j only if ``table[group[i], group[j]]`` (O(T + G^2) instead of a dense T x T mask)."""
+    width = Tk if width is None else width
+    keys = torch.arange(width, device=query_idx.device)
+    pos = query_idx + (Tk - Tq)
+    allowed = keys[None, :] <= pos[:, None] if causal else keys[None, :] >= 0  # (c, width)
+    if groups is not None:
+        g, table = groups
+        allowed = allowed & table[g[pos]][:, g[:width]]
+    if key_mask is not None:
+        allowed = (allowed[None] & key_mask[:, None, :width])[:, None]  # (B, 1, c, width)
+    return allowed
+
+
+def iter_probs(q: torch.Tensor, k: torch.Tensor, queries: torch.Tensor, *, key_mask: torch.Tensor | None = None,
+               chunk: int | None = None, groups: Groups | None = None,
+               causal: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (query indices (c,), probabilities (B, Hq, c, kc) fp32) chunk by chunk; rows seeing no key are 0.
+
+    kc <= Tk: only the keys up to the chunk's last query position (the later ones have probability 0 by
+    causality and are not computed: half the work of an all-query pass). ``causal=False``: every query sees
+    every key (a vision tower's attention)."""
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    chunk = chunk or default_chunk(B, Hq, Tk)
+    k32 = k.float().transpose(-1, -2)[:, :, None]  # (B, Hkv, 1, D, Tk)
+    scale = 1.0 / math.sqrt(D)
+    for idx in queries.split(chunk):
+        kc = int(idx.max()) + (Tk - Tq) + 1 if causal else Tk  # keys this chunk can see
+        qc = q[:, :, idx].float().reshape(B, Hkv, G, idx.numel(), D)  # query heads grouped by kv head
+        scores = (qc @ k32[..., :kc]).reshape(B, Hq, idx.numel(), kc) * scale  # (B, Hq, c, kc)
+        scores.masked_fill_(~allowed_block(idx, Tq, Tk, key_mask, groups, width=kc, causal=causal), float("-inf"))
+        yield idx, torch.softmax(scores, dim=-1).nan_to_num_(0.0)
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, *, key_mask: torch.Tensor | None = None,
+                    chunk: int | None = None, groups: Groups | None = None, causal: bool = True) -> torch.Tensor:
+    """Exact attention probabilities of the queries ``idx`` (LongTensor in [0, Tq)): (B, Hq, |idx|, Tk) fp32."""
+    Tk = k.shape[2]
+    parts = [pad_keys(p, Tk) for _, p in iter_probs(q, k, idx, key_mask=key_mask, chunk=chunk, groups=groups,
+                                                   causal=causal)]
+    return torch.cat(parts, dim=2)
+
+
+def pad_keys(p: torch.Tensor, Tk: int) -> torch.Tensor:
+    """(..., kc) probabilities -> (..., Tk), zeros for the keys the queries cannot see."""
+    return p if p.shape[-1] == Tk else torch.nn.functional.pad(p, (0, Tk - p.shape[-1]))
+
+
+# ---- attention under a knockout table (research.interventions.knockout) --------------------------------
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: Groups, *,
+                      key_mask: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
+    """Causal attention (queries at the end of the keys) restricted by a knockout group table: (B, Hq, Tq, D).
+
+    Extra memory: one (chunk, Tk) boolean mask and SDPA's own per-chunk buffers, never (Tq, Tk). Each chunk
+    reads only the keys up to its last query."""
+    B, Hq, Tq, D = q.shape
+    Tk = k.shape[2]
+    chunk = chunk or default_chunk(B, Hq, Tk)
+    out = torch.empty_like(q)
+    for idx in torch.arange(Tq, device=q.device).split(chunk):
+        kc = int(idx[-1]) + (Tk - Tq) + 1  # keys the chunk can see (causal)
+        allowed = allowed_block(idx, Tq, Tk, key_mask, groups, width=kc)  # (c, kc) or (B, 1, c, kc)
+        y = F.scaled_dot_product_attention(q[:, :, idx], k[:, :, :kc], v[:, :, :kc], attn_mask=allowed,
+                                           enable_gqa=Hq != k.shape[1])
+        empty = ~allowed.any(-1)  # rows that may see no key: zeros, never NaN
+        if bool(empty.any()):
+            y = y.masked_fill(empty[..., None] if empty.dim() == 4 else empty[None, None, :, None], 0.0)
+        out[:, :, idx] = y
+    return out

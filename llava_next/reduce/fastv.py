@@ -34,7 +34,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from ..model.attention_probs import attention_probs
+from ..model.attention import attention_probs
 from ..model.decoder import Decoder
 from .scores import attention_rows, layer_queries
 from .stages import PrefillPruner, ReductionError, VisualLayout

@@ -4,7 +4,7 @@ Reduction methods need a few rows of one layer's softmax(q k^T / sqrt(d)): FastV
 layer K-1 (or every query's, for the paper's variant), DyCoke the decode query's. After a layer has run
 with the KV cache, its post-RoPE keys sit in the cache; the queries are recomputed from the layer's input,
 q = rope(q_proj(input_layernorm(x))) (``layer_queries``, the part that is specific to reduction), and the
-rows come from ``llava_next.model.attention_probs`` (query-chunked, fp32 softmax, causal and
+rows come from ``llava_next.model.attention.attention_probs`` (query-chunked, fp32 softmax, causal and
 key masks, GQA without repeating K; its parity tests compare with transformers' eager attention). Never
 the whole model in eager mode (token-reduction-spec §0.3).
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..model.decoder import Decoder, apply_rope, rope_cos_sin, rope_inv_freq
-from ..model.attention_probs import attention_probs
+from ..model.attention import attention_probs
 
 
 def layer_queries(decoder: Decoder, layer: int, hidden_in: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:

@@ -58,6 +58,7 @@ from typing import ClassVar, Literal
 
 import torch
 
+from ..model.attention import attention_probs, iter_probs
 from .stages import ReducedImage, ReducedVideo, ReductionError, TokenReducer
 
 Score = Literal["auto", "cls", "mean_received"]
@@ -180,16 +181,15 @@ def tower_scores(tower, pixels: torch.Tensor, score: str, has_cls: bool,
     H, hd = attn.num_heads, attn.head_dim
     h = last.layer_norm1(x)
     k = attn.k_proj(h).view(n, T, H, hd).transpose(1, 2).float()  # (n, H, T, hd): raw keys
-    scale = hd ** -0.5
     if score == "cls":
         q = attn.q_proj(h[:, :1]).view(n, 1, H, hd).transpose(1, 2).float()
-        probs = torch.softmax((q * scale) @ k.transpose(-1, -2), dim=-1)  # (n, H, 1, T)
+        probs = attention_probs(q, k, torch.zeros(1, dtype=torch.long, device=k.device), causal=False)  # (n, H, 1, T)
         s = probs[:, :, 0, 1:].sum(1)  # (n, P)
     else:
         q = attn.q_proj(h).view(n, T, H, hd).transpose(1, 2).float()  # (n, H, T, hd)
         received = torch.zeros(n, H, T, device=k.device)
-        for q_part in q.split(query_chunk, dim=2):  # never the whole (n, H, T, T) at once
-            received += torch.softmax((q_part * scale) @ k.transpose(-1, -2), dim=-1).sum(2)
+        for _, p in iter_probs(q, k, torch.arange(T, device=k.device), chunk=query_chunk, causal=False):
+            received += p.sum(2)  # never the whole (n, H, T, T) at once
         s = received.mean(1) / T  # (n, T): mean over heads and queries
         s = s[:, 1:] if has_cls else s
     return last(x), s, k.mean(1)

@@ -9,7 +9,8 @@ module's docstring).
 from . import select
 from ..reduce.fastv import fastv_score
 from .attention import AttentionStats, ResearchError, attention_rows, attention_stats
-from .interventions import ablate, grouped_attention, intervene, knockout, patch, replace_embedding
+from ..model.attention import grouped_attention
+from .interventions import ablate, intervene, knockout, patch, replace_embedding
 from .logit_lens import LensResult, LogitLens
 from .provenance import KINDS, SEGMENTS, Media, Provenance
 from .trace import Attention, Record, Step, Trace, hooks, resolve_positions, run_with_cache, run_with_hooks, trace

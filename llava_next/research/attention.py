@@ -50,8 +50,7 @@ from typing import Sequence
 
 import torch
 
-from ..model.attention_probs import (CHUNK_BYTES, Groups, allowed_block, attention_probs, default_chunk, iter_probs,
-                                     pad_keys)
+from ..model.attention import CHUNK_BYTES, Groups, attention_probs, iter_probs, pad_keys
 
 
 class ResearchError(ValueError):

@@ -36,30 +36,8 @@ from typing import Any, Iterable, Literal
 import torch
 import torch.nn.functional as F
 
-from .attention import Groups, ResearchError, allowed_block, default_chunk
+from .attention import ResearchError
 from .trace import Trace
-
-
-def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: Groups, *,
-                      key_mask: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
-    """Causal attention (queries at the end of the keys) restricted by a knockout group table: (B, Hq, Tq, D).
-
-    Extra memory: one (chunk, Tk) boolean mask and SDPA's own per-chunk buffers, never (Tq, Tk). Each chunk
-    reads only the keys up to its last query."""
-    B, Hq, Tq, D = q.shape
-    Tk = k.shape[2]
-    chunk = chunk or default_chunk(B, Hq, Tk)
-    out = torch.empty_like(q)
-    for idx in torch.arange(Tq, device=q.device).split(chunk):
-        kc = int(idx[-1]) + (Tk - Tq) + 1  # keys the chunk can see (causal)
-        allowed = allowed_block(idx, Tq, Tk, key_mask, groups, width=kc)  # (c, kc) or (B, 1, c, kc)
-        y = F.scaled_dot_product_attention(q[:, :, idx], k[:, :, :kc], v[:, :, :kc], attn_mask=allowed,
-                                           enable_gqa=Hq != k.shape[1])
-        empty = ~allowed.any(-1)  # rows that may see no key: zeros, never NaN
-        if bool(empty.any()):
-            y = y.masked_fill(empty[..., None] if empty.dim() == 4 else empty[None, None, :, None], 0.0)
-        out[:, :, idx] = y
-    return out
 
 
 def _rows(tr: Trace, x: torch.Tensor, positions: torch.Tensor, name: str) -> torch.Tensor | None:

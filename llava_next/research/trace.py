@@ -59,7 +59,7 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 import torch
 from torch import nn
 
-from ..model.attention import attention as facade_attention, triton_available
+from ..model.attention import attention as facade_attention, grouped_attention, triton_available
 from ..model.hooks import HookFn, HookPoint, hook_points
 from .attention import AttentionStats, Groups, ResearchError, attention_rows, attention_stats, key_mass_triton
 
@@ -542,7 +542,6 @@ class Trace:
             key_mask = None if mask is None else mask[:, 0, 0, :]  # (B, Tk): the decoder passes (B, 1, 1, Tk)
             groups = self._groups(layer, k.shape[2], q.device)
             if groups is not None:
-                from .interventions import grouped_attention
                 y = grouped_attention(q, k, v, groups, key_mask=key_mask)
             elif previous is not None:
                 y = previous(q, k, v, mask)
