@@ -15,7 +15,7 @@ Stages (ours / transformers, same dtype, same inputs; each a ratio, < 1 = llava-
 - prefill / decode: one ``generate`` of 65 tokens over the same ~1,200 prompt embeddings
   (8 x 144 video tokens + text): prefill = start -> first logits, decode = the next 64 tokens. Each
   provider first runs one short warm-up generate (llava-next compiles its one-query decode attention
-  there, llava_next/model/cpu_decode.py: once per process).
+  there, llava_next/model/engines.py: once per process).
   transformers: ``model.generate(inputs_embeds=...)`` (greedy, its default dynamic cache, lm_head on
   the last position: generate sets logits_to_keep=1); llava-next: ``generate.stream``.
 - video -> first token: from the .mp4 file, each provider's documented path (cpu_models.py):
@@ -119,10 +119,10 @@ class Ours:
 
     @torch.no_grad()
     def prefill_logits(self, embeds):
-        from llava_next.model.generate import prefill
+        from llava_next.model.engines import EagerEngine
         dec = self.model.language_model
         dec.setup_caches(1, embeds.shape[1])
-        return prefill(dec, embeds, torch.arange(embeds.shape[1]).expand(1, -1), None).float()
+        return EagerEngine().prefill(dec, embeds, torch.arange(embeds.shape[1]).expand(1, -1), None).float()
 
     def video_first_token(self, path, ids):
         from llava_next.model.generate import generate

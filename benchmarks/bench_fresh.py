@@ -10,7 +10,7 @@ benchmarks/cpu_models.py) with a tokenizer written beside it, 8 frames of bigbuc
 is the wall time of a whole process asked for 1 token (-> first token) or 64 tokens, providers
 alternating run by run, the page cache warm (files read before each run). Variants of ours:
 ``LLAVA_NEXT_COMPILE=1`` (the decode attention compiled whatever the answer length: the default before
-its cost-based policy) and ``LLAVA_NEXT_COMPILE_STEP=1`` (the whole-step compiled decode forced).
+its cost-based policy) and ``LLAVA_NEXT_COMPILE=step`` (the whole-step compiled decode forced).
 Results: benchmarks/results/fresh.csv and fresh.md.
 """
 
@@ -84,7 +84,7 @@ def main() -> None:
     base = dict(os.environ, HF_HUB_OFFLINE="1", LLAVA_NEXT_CACHE=str(ours_dir.parent / "run-cache"))
     variants = {"llava-next run (defaults)": {},
                 "llava-next run, LLAVA_NEXT_COMPILE=1": {"LLAVA_NEXT_COMPILE": "1"},
-                "llava-next run, LLAVA_NEXT_COMPILE_STEP=1": {"LLAVA_NEXT_COMPILE_STEP": "1"}}
+                "llava-next run, LLAVA_NEXT_COMPILE=step": {"LLAVA_NEXT_COMPILE": "step"}}
     report = Report()
     for n in args.tokens:
         cmds = {name: ([llava_next, "run", "--model", str(ours), "--video", str(video), "--frames", str(FRAMES),

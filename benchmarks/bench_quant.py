@@ -141,19 +141,18 @@ def theirs_generate(model, embeds, n: int):
 
 def child_compile(args) -> None:
     """In a fresh process: load, prefill, time the first compiled step (warm: the parent filled the cache)."""
-    from llava_next.model.generate import prefill
-    from llava_next.model import compiled_step as cs
+    from llava_next.model.engines import CompiledStepEngine
     _, ours_dir = make_checkpoints(bench_config(args.layers))
     model = load_ours(ours_dir, torch.bfloat16)
     dec = model.language_model
     T, n = 1200, args.decode_tokens + 1
-    S = cs.cache_length(T, n)
-    dec.setup_caches(1, S)
+    engine = CompiledStepEngine()
+    engine.setup_caches(dec, 1, T, n, torch.bfloat16, torch.device("cpu"))
     embeds = torch.randn(1, T, dec.config.hidden_size, generator=torch.Generator().manual_seed(0)).bfloat16()
     with torch.no_grad():
-        tok = prefill(dec, embeds, torch.arange(T)[None], None).argmax(-1)
+        tok = engine.prefill(dec, embeds, torch.arange(T)[None], None).argmax(-1)
     t = time.perf_counter()
-    cs.run_step(dec, tok, torch.tensor([T]), torch.tensor([[T]]), torch.ones(1, S, dtype=torch.bool))
+    engine.decode(dec, tok, 0, torch.tensor([[T]]))
     print(json.dumps({"compile_s": time.perf_counter() - t}))
 
 
@@ -280,7 +279,7 @@ def main() -> None:
     anchor_md, anchor = ("", {}) if args.no_llamacpp or not ANCHOR.is_file() else llamacpp_rows(args.layers, T, args.threads)
 
     # agreement with the bf16 eager model, and why tokens differ (mechanics on random weights)
-    from llava_next.model.generate import prefill
+    from llava_next.model.engines import EagerEngine
     recorded = {}
     for name, (model, step) in {"bf16 eager": (models["bf16"], False), "int8": (models["int8"], False),
                                 "int4": (models["int4"], False),
@@ -295,8 +294,8 @@ def main() -> None:
         ref_dec = models["bf16"].language_model
         ref_dec.setup_caches(1, T)
         with torch.no_grad():
-            q = prefill(dec, embeds, torch.arange(T)[None], None).float()
-            ref = prefill(ref_dec, embeds, torch.arange(T)[None], None).float()
+            q = EagerEngine().prefill(dec, embeds, torch.arange(T)[None], None).float()
+            ref = EagerEngine().prefill(ref_dec, embeds, torch.arange(T)[None], None).float()
         report.add("logit error vs bf16 (rel. max)", name, name, ((q - ref).abs().max() / ref.abs().max()).item(), "rel")
     divergences = {}
     for name, (toks, lg) in recorded.items():

@@ -78,7 +78,7 @@ from peak_memory import PeakMemory, status_bytes  # noqa: E402
 from llava_next.model.generate import generate  # noqa: E402
 from llava_next.model.llava import LlavaNextModel  # noqa: E402
 from llava_next.reduce import Reduction, parse_reduction  # noqa: E402
-from llava_next.reduce.runner import ReducedRunner  # noqa: E402
+from llava_next.reduce.engine import ReducedEngine  # noqa: E402
 
 PROMPT = "What happens in this video? Describe the main events."
 NEW_TOKENS = 32
@@ -168,7 +168,7 @@ def run_one(pipe, video: Path, frames: int, method: Method, new_tokens: int) -> 
         t0, c0 = time.perf_counter(), time.process_time()  # wall, and CPU seconds of all this process's threads
         req = pipe.prepare(PROMPT, video=video, frames=frames, reduction=reduction or None, max_new_tokens=NEW_TOKENS)
         embeds, mask, layout = pipe.embed_with_layout([req])
-        runner = ReducedRunner(Reduction(pruner=reduction.pruner, decode=reduction.decode), layout)
+        runner = ReducedEngine(Reduction(pruner=reduction.pruner, decode=reduction.decode), layout)
         prefill = runner.prefill
 
         def timed_prefill(*a, **k):
@@ -182,7 +182,7 @@ def run_one(pipe, video: Path, frames: int, method: Method, new_tokens: int) -> 
         runner.prefill = timed_prefill
         decoder.rope_scaling_factor = req.plan.factor
         tokens = generate(decoder, input_embeds=embeds, attention_mask=None, max_new_tokens=new_tokens,
-                          eos_token_id=(), runner=runner)
+                          eos_token_id=(), engine=runner)
         out["decode_s"] = time.perf_counter() - t0 - out["first_token_s"]
     cfg = decoder.config
     lengths = [seg.length for seg in runner.segments for _ in seg.layers]  # cached prompt tokens per layer

@@ -38,7 +38,7 @@ def child(mode: str, layers: int, tokens: int, dtype_name: str) -> dict:
 
     from llava_next.config import TextConfig
     from llava_next.model.decoder import Decoder
-    from llava_next.model.generate import prefill
+    from llava_next.model.engines import EagerEngine
     from llava_next.model.llava import PackedLinear, can_pack_for_cpu
     from llava_next.research import Attention, trace
 
@@ -74,16 +74,16 @@ def child(mode: str, layers: int, tokens: int, dtype_name: str) -> dict:
         spec = Attention(queries=q_positions, rows=False, key_mass=True, segments=segments,
                          segment_map=mode == "frames+map")
     with torch.no_grad():  # warm up (oneDNN primitives, allocator) on a short prompt, untraced
-        prefill(dec, embeds[:, :64], positions[:, :64], None)
+        EagerEngine().prefill(dec, embeds[:, :64], positions[:, :64], None)
     rss_model = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     t0, c0 = time.perf_counter(), time.process_time()
     with torch.no_grad():
         if spec is None:
-            prefill(dec, embeds, positions, None)
+            EagerEngine().prefill(dec, embeds, positions, None)
         else:
             with trace(dec, attention=spec) as tr:
-                prefill(dec, embeds, positions, None)
+                EagerEngine().prefill(dec, embeds, positions, None)
             per_frame_mass = tr.attention[layers - 1].segment_rows.sum(2).mean(1)  # (1, S): the chart's column
             assert per_frame_mass.shape[-1] == frames + 2
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0

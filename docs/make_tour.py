@@ -39,7 +39,7 @@ from llava_next.inputs import prompt as prompt_mod  # noqa: E402
 from llava_next.inputs import tokens as tokens_mod  # noqa: E402
 from llava_next.inputs import video as video_mod  # noqa: E402
 from llava_next.model import anyres, clip, decoder, generate, llava, pooling, projector  # noqa: E402
-from llava_next.model import compiled_step, cpu_decode, siglip  # noqa: E402
+from llava_next.model import engines, siglip  # noqa: E402
 
 VIDEO_PRESET = "LLaVA-NeXT-Video-7B"
 IMAGE_PRESET = "llava-v1.6-vicuna-7b"
@@ -319,7 +319,7 @@ def video_walk(out_dir: Path, tmp: Path) -> list[str]:
           "FrameFusion (`llava_next/reduce/framefusion.py`) merges tokens between them.", "",
           excerpt(decoder.Block.attention_half, "x = self.hook_resid_pre(x)", "self.self_attn("), "",
           excerpt(decoder.Block.mlp_half, "return self.hook_resid_post"), "",
-          excerpt(decoder.Attention.forward, "q = self.hook_q(", "y = attention("), "",
+          excerpt(decoder.Attention.forward, "q = self.hook_q(", "y = ctx.attend("), "",
           table([("q as attention gets it", shape(s["decoder q"]), "batch, heads, positions, head dim"),
                  ("k, v as attention gets them", shape(s["decoder k"]), "batch, KV heads, positions, head dim"),
                  ("`gate_proj` / `up_proj` output", shape(s["gate_proj"]), "batch, positions, MLP width"),
@@ -339,23 +339,23 @@ def video_walk(out_dir: Path, tmp: Path) -> list[str]:
           "video?\"`; the same command with `--model` a real checkpoint answers \"which frame gets attention?\".*", ""]
 
     L += ["### 11. Logits and the next token", "",
-          f"{where(generate.prefill)} asks the decoder for the last position's logits only (`last_only`): the "
+          f"{where(engines.EagerEngine.prefill)} asks the decoder for the last position's logits only (`last_only`): the "
           f"final norm and the {t.hidden_size} x {t.vocab_size} `lm_head` run on one row, not {T}.", "",
-          excerpt(decoder.Decoder.forward, "if last_only:", "self.lm_head(self.norm(x))"), "",
+          excerpt(decoder.Decoder.head, "if last_only:", "self.lm_head(self.norm(x))"), "",
           excerpt(generate.sample, "if temperature == 0:", "return logits.argmax"), "",
           table([("final norm input", shape(s["norm"]), "batch, 1 position, decoder width"),
                  ("logits", shape(logits.shape), "batch, vocabulary")]), ""]
 
     L += ["### 12. One token at a time", "",
-          f"{where(generate.decode_one_token)} feeds the sampled token back at cache slot {T}, position {T}; "
+          f"{where(engines.EagerEngine.decode)} feeds the sampled token back at cache slot {T}, position {T}; "
           f"attention reads the {T + 1} filled slots of the cache, never the whole buffer. On a CPU the one-query "
-          f"attention runs compiled ({where(cpu_decode.attention_one_query)}) when the answer is long enough to pay "
-          "for the compile.", "",
-          excerpt(generate.decode_one_token, "def decode_one_token", "return model("), "",
+          f"attention runs compiled ({where(engines.compiled_one_query)}) when the answer is long enough to pay "
+          "for the compile: the engine passes that kernel down in the layer context.", "",
+          excerpt(engines.EagerEngine.decode, "slot = torch.tensor(", "key_mask=grow("), "",
           f"{where(generate.stream)} loops: sample, feed back, advance the slot and the position. For long answers "
-          f"on a CPU it can run the whole step as one compiled graph ({where(compiled_step.run_step)}), and a "
-          "token-reduction method (`llava_next/reduce/`, [docs/reduction.md](reduction.md)) can drive the layers "
-          "itself — the same loop either way.", "",
+          f"on a CPU another engine runs the whole step, the same blocks, as one compiled graph "
+          f"({where(engines.decode_step)}), and a token-reduction method (`llava_next/reduce/engine.py`, "
+          "[docs/reduction.md](reduction.md)) owns a loop over layer ranges — the same sampling loop either way.", "",
           table([("q at each step", shape((1, t.num_heads, 1, t.head_dim)), "batch, heads, one query, head dim"),
                  ("keys read at the first step", shape((1, t.num_kv_heads, T + 1, t.head_dim)), "batch, KV heads, filled slots, head dim")]), ""]
     return L

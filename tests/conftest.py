@@ -24,7 +24,7 @@ os.environ.setdefault("USE_HUB_KERNELS", "NO")
 # numpy's OpenBLAS threads spin against torch's on 2 cores (the Triton interpreter runs tl.dot in numpy)
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # the compiled one-query decode attention on every CPU decode step, as before its cost-based policy
-# (llava_next/model/cpu_decode.py: "auto" would skip it for the suite's short answers)
+# (llava_next/model/policy.py: "auto" would skip it for the suite's short answers)
 os.environ.setdefault("LLAVA_NEXT_COMPILE", "1")
 
 import torch  # noqa: E402

@@ -16,7 +16,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from research_models import tiny_pair
-from llava_next.model import cpu_decode
+from llava_next.model import engines
+from llava_next.model.attention import one_query_attention
 from llava_next.model.generate import generate
 from llava_next.research import Attention, Record, attention_rows, attention_stats, fastv_score, trace
 from llava_next.research.attention import key_mass_triton
@@ -138,9 +139,9 @@ def test_block_map_and_all_queries(pair):
 
 def test_decode_step_rows_match_transformers(pair, monkeypatch):
     """Rows recorded during generation (one query per step against the KV cache) = transformers' rows of the
-    whole sequence at the generated positions. (Decode attention runs uncompiled here: compiling costs ~17 s
-    and is what test_cpu_decode.py checks; the routing under a trace is checked in test_trace.py.)"""
-    monkeypatch.setattr(cpu_decode, "_compiled", lambda: cpu_decode._attention_one_query)
+    whole sequence at the generated positions. (Decode attention runs uncompiled here: compiling costs seconds
+    and is what test_engines.py checks; the routing under a trace is checked in test_trace.py.)"""
+    monkeypatch.setattr(engines, "_compiled_one_query", lambda: one_query_attention)
     ours, ids, mine, _ = pair
     _, hf, _, _, theirs = tiny_pair("image" if "images" in mine else "video")
     with torch.no_grad():

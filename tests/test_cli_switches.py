@@ -38,7 +38,7 @@ from llava_next.cli.main import build_parser, main
 # switch -> why its effect cannot be observed on tiny-random on a CPU, and where it is tested instead
 UNOBSERVABLE = {
     ("run", "--compile-step"): "decoding path only: the compiled step gives the same tokens by construction "
-                               "(test_compiled_step.py); that run/trace pass it on: test_compile_step_reaches_stream",
+                               "(test_engines.py); that run/trace pass it on: test_compile_step_reaches_stream",
     ("trace", "--compile-step"): "as run's (test_compile_step_reaches_stream)",
     ("batch", "--batch-size"): "how many greedy requests run together; the answers are the same by design "
                                "(test_batch.py checks batched == one by one)",

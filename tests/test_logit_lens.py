@@ -35,10 +35,11 @@ def test_logit_lens_equals_full_computation():
 
 def test_logit_lens_during_generation_and_hooks_untouched(monkeypatch):
     """Per decode step the new position's lens; the lens does not fire ln_final's hook point."""
-    from llava_next.model import cpu_decode
+    from llava_next.model import engines
+    from llava_next.model.attention import one_query_attention
     from llava_next.model.generate import generate
 
-    monkeypatch.setattr(cpu_decode, "_compiled", lambda: cpu_decode._attention_one_query)  # no 17 s compile
+    monkeypatch.setattr(engines, "_compiled_one_query", lambda: one_query_attention)  # no compile here
 
     ours, _, ids, mine, _ = tiny_pair("video")
     with torch.no_grad():

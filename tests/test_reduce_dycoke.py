@@ -14,7 +14,7 @@ from llava_next.config import LlavaNextConfig
 from llava_next.model.attention import use_backend
 from llava_next.model.generate import generate
 from llava_next.reduce import DyCokeDecode, DyCokeMerge, Reduction, parse_method
-from llava_next.reduce.runner import ReducedRunner
+from llava_next.reduce.engine import ReducedEngine
 from test_reduce_fastv import LAYERS, hf_layers, layout, prompt
 from test_decoder import hf_and_ours
 
@@ -158,11 +158,11 @@ def test_decode_selection_equals_a_recompute_with_the_official_rule(models, on_s
     hf, ours = models
     e, vis = prompt(7, 5, 40, 6)
     method = DyCokeDecode(layer=2, keep=0.25, threshold=threshold, on_similar=on_similar)
-    runner = ReducedRunner(Reduction(decode=method), layout(vis))
+    runner = ReducedEngine(Reduction(decode=method), layout(vis))
     seen = []
     decode = runner.decode
     runner.decode = lambda *a: seen.append(decode(*a)) or seen[-1]
-    tokens = generate(ours, input_embeds=e, max_new_tokens=6, eos_token_id=(), runner=runner)
+    tokens = generate(ours, input_embeds=e, max_new_tokens=6, eos_token_id=(), engine=runner)
     ref, visible, ref_logits = reference_dycoke_decode(hf, e, vis, method, 6)
     assert tokens[0].tolist() == ref and len(set(ref)) > 1
     ours_logits, ref_logits = torch.cat(seen), ref_logits[1:]  # the decode steps' logits, not just the argmax

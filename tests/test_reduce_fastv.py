@@ -11,7 +11,7 @@ import torch
 from llava_next.model.attention import use_backend
 from llava_next.model.generate import generate
 from llava_next.reduce import FastV, Reduction, ReductionError, parse_method
-from llava_next.reduce.runner import ReducedRunner
+from llava_next.reduce.engine import ReducedEngine
 from llava_next.reduce.stages import VisualLayout
 from test_decoder import hf_and_ours
 
@@ -85,12 +85,12 @@ def reference_decode(hf, e, keep_idx, n):
 
 
 def run(ours, e, vis, method, mask=None, n=N):
-    runner = ReducedRunner(Reduction(pruner=method), layout(vis))
+    runner = ReducedEngine(Reduction(pruner=method), layout(vis))
     runner.logits = []
     prefill, decode = runner.prefill, runner.decode
     runner.prefill = lambda *a: runner.logits.append(prefill(*a)) or runner.logits[-1]
     runner.decode = lambda *a: runner.logits.append(decode(*a)) or runner.logits[-1]
-    tokens = generate(ours, input_embeds=e, attention_mask=mask, max_new_tokens=n, eos_token_id=(), runner=runner)
+    tokens = generate(ours, input_embeds=e, attention_mask=mask, max_new_tokens=n, eos_token_id=(), engine=runner)
     return tokens, runner
 
 

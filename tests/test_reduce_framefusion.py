@@ -13,7 +13,7 @@ from llava_next.model.attention import use_backend
 from llava_next.model.generate import generate
 from llava_next.reduce import FrameFusion, Reduction, ReductionError
 from llava_next.reduce.framefusion import pruning_ratio
-from llava_next.reduce.runner import ReducedRunner
+from llava_next.reduce.engine import ReducedEngine
 from llava_next.reduce.stages import VisualLayout
 from test_decoder import hf_and_ours
 
@@ -211,7 +211,7 @@ def test_matches_the_official_class(models, drift, similarity, cost, layers, ste
     method = FrameFusion(cost=cost, similarity=similarity, layers_in_budget=layers)
     ref_logits, ff = official_run(hf, e, layout, start, method)
     assert len(ff.sparsity_list) == steps
-    runner = ReducedRunner(Reduction(pruner=method), layout)
+    runner = ReducedEngine(Reduction(pruner=method), layout)
     ours.setup_caches(1, e.shape[1] + 8)
     logits = runner.prefill(ours, e, torch.arange(e.shape[1])[None], None)
     assert (logits - ref_logits).abs().max() <= 1e-4 * ref_logits.abs().max()
@@ -231,11 +231,11 @@ def test_batch_equals_each_prompt_alone(models):
         n = e.shape[1]
         batch[i, T - n:], frame[i, T - n:], patch[i, T - n:], mask[i, T - n:] = e[0], lay.frame[0], lay.patch[0], True
     method = FrameFusion(similarity=0.9)
-    runner = ReducedRunner(Reduction(pruner=method), VisualLayout(frame >= 0, frame, patch))
-    out = generate(ours, input_embeds=batch, attention_mask=mask, max_new_tokens=4, eos_token_id=(), runner=runner)
+    runner = ReducedEngine(Reduction(pruner=method), VisualLayout(frame >= 0, frame, patch))
+    out = generate(ours, input_embeds=batch, attention_mask=mask, max_new_tokens=4, eos_token_id=(), engine=runner)
     for i, (e, lay, _) in enumerate(rows):
-        alone = ReducedRunner(Reduction(pruner=method), lay)
-        assert out[i].tolist() == generate(ours, input_embeds=e, max_new_tokens=4, eos_token_id=(), runner=alone)[0].tolist()
+        alone = ReducedEngine(Reduction(pruner=method), lay)
+        assert out[i].tolist() == generate(ours, input_embeds=e, max_new_tokens=4, eos_token_id=(), engine=alone)[0].tolist()
         assert runner.report.kept_positions[i] == alone.report.kept_positions[0]
 
 

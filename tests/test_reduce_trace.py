@@ -17,7 +17,7 @@ import torch
 from llava_next.model.attention import use_backend
 from llava_next.model.generate import generate
 from llava_next.reduce import DyCokeDecode, FastV, FrameFusion, Reduction
-from llava_next.reduce.runner import ReducedRunner
+from llava_next.reduce.engine import ReducedEngine
 from llava_next.research import Attention, LogitLens, Record, knockout, trace
 from test_decoder import hf_and_ours
 from test_reduce_fastv import LAYERS, K, hf_layers, layout, prompt, reference_keep
@@ -38,7 +38,7 @@ def models():
 
 
 def fastv_prefill(ours, e, vis, keep=0.5, **kw):
-    runner = ReducedRunner(Reduction(pruner=FastV(layer=K, keep=keep)), layout(vis))
+    runner = ReducedEngine(Reduction(pruner=FastV(layer=K, keep=keep)), layout(vis))
     T = e.shape[1]
     ours.setup_caches(1, T + 4)
     with torch.no_grad(), trace(ours, **kw) as tr:
@@ -112,9 +112,9 @@ def test_records_of_a_pruned_batch_equal_each_prompt_alone(models):
     for i, (e, v) in enumerate(rows):
         batch[i, T - e.shape[1]:], vis[i, T - e.shape[1]:], mask[i, T - e.shape[1]:] = e[0], v[0], True
     name = f"blocks.{K + 1}.hook_resid_post"
-    runner = ReducedRunner(Reduction(pruner=FastV(layer=K, keep=0.5)), layout(vis))
+    runner = ReducedEngine(Reduction(pruner=FastV(layer=K, keep=0.5)), layout(vis))
     with torch.no_grad(), trace(ours, record=[name]) as tr:
-        generate(ours, input_embeds=batch, attention_mask=mask, max_new_tokens=1, eos_token_id=(), runner=runner)
+        generate(ours, input_embeds=batch, attention_mask=mask, max_new_tokens=1, eos_token_id=(), engine=runner)
     for i, (e, v) in enumerate(rows):
         alone, _, _ = fastv_prefill(ours, e, v, record=[name])
         n = e.shape[1]
@@ -189,11 +189,11 @@ def test_decode_steps_of_a_pruned_layer_are_in_original_positions(models):
     e, vis = prompt(2, 6, 48, 9)
     T = e.shape[1]
     keep = reference_keep(hf, e, vis, 0.5)
-    runner = ReducedRunner(Reduction(pruner=FastV(layer=K, keep=0.5)), layout(vis))
+    runner = ReducedEngine(Reduction(pruner=FastV(layer=K, keep=0.5)), layout(vis))
     with torch.no_grad(), trace(ours, record=[Record(f"blocks.{K}.hook_resid_post", key="r")],
                                 attention=Attention(layers=[K], queries="last", rows=True),
                                 logit_lens=LogitLens(layers=[K], positions=torch.tensor([7, T + 1]), top_k=2)) as tr:
-        tokens = generate(ours, input_embeds=e, max_new_tokens=3, eos_token_id=(), runner=runner)
+        tokens = generate(ours, input_embeds=e, max_new_tokens=3, eos_token_id=(), engine=runner)
     assert len(tr.steps) == 3  # the prefill and two decode steps
     with torch.no_grad():  # no cache: the prompt's kept rows and the first generated token
         x = torch.cat([e, ours.embed_tokens(tokens[:, :1])], 1)
@@ -232,7 +232,7 @@ def test_framefusion_hooks_follow_the_official_merges():
     assert len(recorded) == n + 1  # before layer 0, then after every layer's attention
     names = [f"blocks.{i}.{h}" for i in range(n) for h in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post",
                                                            "mlp.hook_post")]
-    runner = ReducedRunner(Reduction(pruner=method), lay)
+    runner = ReducedEngine(Reduction(pruner=method), lay)
     ours.setup_caches(1, T + 4)
     with torch.no_grad(), trace(ours, record=names) as tr:
         logits = runner.prefill(ours, e, torch.arange(T)[None], None)
@@ -317,11 +317,11 @@ def test_pruned_and_selected_decode_equals_a_recompute_with_the_same_kept_keys(m
     e, vis = prompt(7, 5, 40, 6)
     keep_idx = reference_keep(hf, e, vis, 0.5)
     dy = DyCokeDecode(layer=L, keep=0.25, threshold=0.9)
-    runner = ReducedRunner(Reduction(pruner=FastV(layer=K, keep=0.5), decode=dy), layout(vis))
+    runner = ReducedEngine(Reduction(pruner=FastV(layer=K, keep=0.5), decode=dy), layout(vis))
     seen = []
     decode = runner.decode
     runner.decode = lambda *a: seen.append(decode(*a)) or seen[-1]
-    tokens = generate(ours, input_embeds=e, max_new_tokens=6, eos_token_id=(), runner=runner)
+    tokens = generate(ours, input_embeds=e, max_new_tokens=6, eos_token_id=(), engine=runner)
     ref, ref_logits, visible_at = reference_pruned_selected(hf, e, vis, keep_idx, dy, 6)
     assert tokens[0].tolist() == ref and len(set(ref)) > 1
     assert (torch.cat(seen) - ref_logits[1:]).abs().max() <= 1e-4 * ref_logits.abs().max()
@@ -431,7 +431,8 @@ def test_cli_trace_of_a_pruned_layer_reports_numbers_and_distributions(tmp_path,
 
 
 def test_trace_api_runs_the_multimodal_model_through_a_reduction():
-    """``trace(model, reduction=..., provenance=prov)`` on ``model(ids, videos=...)``: the index map built from the
+    """``model(ids, videos=..., engine=ReducedEngine(red, layout_from_provenance(prov)))`` under ``trace(model,
+    provenance=prov)``: the index map built from the
     provenance equals the pipeline's (built from the ids and the pooling), the logits are the runner's at the last
     position and NaN at the positions pruned before the last layer, and ``with_fates`` reports them."""
     from research_models import tiny_pair
@@ -449,13 +450,13 @@ def test_trace_api_runs_the_multimodal_model_through_a_reduction():
     for name in ("visual", "frame", "patch"):
         assert torch.equal(getattr(from_prov, name), getattr(layout, name)), name
     red = Reduction(pruner=FastV(layer=1, keep=0.5))
-    with torch.no_grad(), trace(ours, reduction=red, provenance=prov, record=["blocks.1.hook_resid_post"]) as tr:
-        logits = ours(ids, **mine)
+    with torch.no_grad(), trace(ours, provenance=prov, record=["blocks.1.hook_resid_post"]) as tr:
+        logits = ours(ids, **mine, engine=ReducedEngine(red, from_prov))
     kept = tr.fates.alive(1)[0]
     assert int((~kept).sum()) == int(layout.visual.sum()) - int(layout.visual.sum() * 0.5)
     assert torch.equal(tr["blocks.1.hook_resid_post:kept"][0], kept)
     assert bool(logits[0, ~kept].isnan().all()) and not bool(logits[0, kept].isnan().any())
-    runner = ReducedRunner(red, layout)
+    runner = ReducedEngine(red, layout)
     with torch.no_grad():
         embeds = ours.embed(ids, [], [ours.video_features(v) for v in mine["videos"]])
         dec.setup_caches(1, T)

@@ -11,7 +11,7 @@ import torch
 
 from research_models import tiny_pair
 from llava_next.model import attention as attention_mod
-from llava_next.model import cpu_decode
+from llava_next.model import engines
 from llava_next.model.generate import generate
 from llava_next.model.hooks import hook_points
 from llava_next.research import Attention, Record, ResearchError, hooks, run_with_cache, run_with_hooks, trace
@@ -118,10 +118,10 @@ def test_transformer_lens_hook_code_runs_unchanged(video):
 
 
 def test_generation_records_every_step_and_keeps_fast_paths(video, monkeypatch):
-    monkeypatch.setattr(cpu_decode, "enabled", lambda: True)  # even under LLAVA_NEXT_COMPILE=0
+    monkeypatch.setenv("LLAVA_NEXT_COMPILE", "1")  # the compiled decode attention, even under LLAVA_NEXT_COMPILE=0
     ours, ids, mine = video
     calls = {"sdpa": 0, "decode": 0}
-    sdpa, one_query = attention_mod.sdpa_attention, cpu_decode.attention_one_query
+    sdpa, one_query = attention_mod.sdpa_attention, attention_mod.one_query_attention
 
     def count_sdpa(*a, **k):
         calls["sdpa"] += 1
@@ -134,10 +134,9 @@ def test_generation_records_every_step_and_keeps_fast_paths(video, monkeypatch):
     def no_eager(*a, **k):
         raise AssertionError("tracing switched to eager attention")
 
-    # the routing is what is tested here, not the compiled kernel (test_cpu_decode.py; compiling costs ~17 s)
-    monkeypatch.setattr(cpu_decode, "_compiled", lambda: cpu_decode._attention_one_query)
+    # the routing is what is tested here, not the compiled kernel (test_engines.py; compiling costs seconds)
+    monkeypatch.setattr(engines, "_compiled_one_query", lambda: count_decode)
     monkeypatch.setattr(attention_mod, "sdpa_attention", count_sdpa)
-    monkeypatch.setattr(cpu_decode, "attention_one_query", count_decode)
     monkeypatch.setattr(attention_mod, "eager_attention", no_eager)
     T = ids.shape[1]
     L = ours.config.text.num_layers
@@ -155,7 +154,7 @@ def test_generation_records_every_step_and_keeps_fast_paths(video, monkeypatch):
     assert all(s.records["blocks.1.hook_resid_post"].shape == (1, ours.config.text.hidden_size) for s in tr.steps)
     assert [("hook_embed" in s.records) for s in tr.steps] == [False, False, True, False]  # position T+1 only
     assert [s.attention[0].rows.shape[-1] for s in tr.steps] == [T, T + 1, T + 2, T + 3]
-    assert all(layer.self_attn.attention_override is None for layer in ours.language_model.layers)
+    assert ours.language_model.instrument is None
 
 
 def test_hooks_removed_after_an_exception(video):
@@ -164,7 +163,7 @@ def test_hooks_removed_after_an_exception(video):
         with trace(ours, record=["blocks.*.hook_resid_post"], attention=Attention(layers=[0])):
             raise RuntimeError("boom")
     assert not any(p.active for p in hook_points(ours).values())
-    assert ours.language_model.layers[0].self_attn.attention_override is None
+    assert ours.language_model.instrument is None
 
 
 def test_clear_errors(video):

@@ -46,7 +46,7 @@ def add_run(sub, *, user_error) -> None:
     _add_quantize(p, "quantize the decoder's linear weights once (cached like a conversion); CPU only")
     p.add_argument("--compile-step", choices=("auto", "on", "off"), default="auto",
                    help="CPU: decode with one compiled graph per step (auto: unquantized models and answers of 2048+ "
-                        "tokens, where it was measured to repay its compile; see llava_next/model/compiled_step.py)")
+                        "tokens, where it was measured to repay its compile; see llava_next/model/policy.py)")
     p.add_argument("--cache-dir", default=None, help="where converted checkpoints are kept "
                                                      "(default $LLAVA_NEXT_CACHE or ~/.cache/llava-next)")
     options.add_output_options(p, what="one object (tokens, text, timings, plan)")

@@ -180,7 +180,7 @@ def _trace(args: argparse.Namespace, user_error) -> int:
     t1 = time.perf_counter()
     try:
         with torch.no_grad(), _maybe_all(model, "all" in args.query, layers, prov, trace, Attention) as tr_all, \
-                trace(model, provenance=prov, reduction=reduction if in_decoder else None,
+                trace(model, provenance=prov,
                       attention=Attention(layers=layers, queries=row_queries, rows=True, heads="mean",
                                           decode=in_decoder)
                       if row_queries is not None else None,
@@ -191,18 +191,13 @@ def _trace(args: argparse.Namespace, user_error) -> int:
             if not in_decoder:
                 decoder(input_embeds=embeds, last_only=True)
             else:  # the reduced model prunes at prefill and reads its pruned cache while decoding: replay both
-                P = prov.prompt_len
-                decoder.setup_caches(1, T)
-                decoder(input_embeds=embeds[:, :P], input_pos=torch.arange(P, device=embeds.device), last_only=True)
-                for s, token in enumerate(generated):
-                    decoder(torch.tensor([[token]], device=embeds.device), input_pos=torch.tensor([P + s],
-                                                                                     device=embeds.device))
+                engine = _replay_reduced(decoder, embeds, prov, reduction, generated)
     finally:
         decoder.rope_scaling_factor = previous
     trace_s = time.perf_counter() - t1
     if in_decoder:
         prov = prov.with_fates(tr.fates)
-        rep = tr.runner.report  # what the traced (replayed) prefill pruned, as run --json reports it
+        rep = engine.report  # what the traced (replayed) prefill pruned, as run --json reports it
         request.reduction_report = {"pruned_at_layer": rep.layer, "visual_tokens_after_pruning": rep.visual_after[0],
                                     "kept_positions": rep.kept_positions[0]}
 
@@ -276,6 +271,22 @@ def _trace(args: argparse.Namespace, user_error) -> int:
 def _pad(w: torch.Tensor, T: int) -> torch.Tensor:
     """Weights over the first n positions -> over T (0 for later positions: causally unseen)."""
     return w if len(w) >= T else torch.cat([w, w.new_zeros(T - len(w))])
+
+
+def _replay_reduced(decoder, embeds: torch.Tensor, prov, reduction, generated: list[int]):
+    """The prompt and the generated tokens again through a reduced engine (prefill, then one decode step per
+    token), under the caller's trace; returns the engine (its report and fates)."""
+    from ..reduce.engine import ReducedEngine
+    from ..reduce.stages import Reduction
+    from ..research.trace import layout_from_provenance
+
+    P, device = prov.prompt_len, embeds.device
+    engine = ReducedEngine(Reduction(pruner=reduction.pruner, decode=reduction.decode), layout_from_provenance(prov))
+    engine.setup_caches(decoder, 1, P, len(generated), embeds.dtype, device)
+    engine.prefill(decoder, embeds[:, :P], torch.arange(P, device=device)[None], None)
+    for s, token in enumerate(generated):
+        engine.decode(decoder, torch.tensor([token], device=device), s, torch.tensor([[P + s]], device=device))
+    return engine
 
 
 def _query_rows(tr, layer: int, T: int) -> tuple[torch.Tensor, dict[int, int]]:

@@ -22,7 +22,7 @@ Facade backends
 - "auto":   triton on CUDA when available, else sdpa.
 ``use_backend("eager")`` is a context manager that forces one backend (tests run both paths on the
 same inputs with it). Which kernel a *decode step* uses (the compiled one-query attention, say) is the
-engine's choice, passed down in the layer context (model/context.py, model/compiled.py), not a switch here.
+engine's choice, passed down in the layer context (model/context.py, model/engines.py), not a switch here.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from typing import Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
+
+from .policy import CHUNK_BYTES
 
 Backend = Literal["auto", "sdpa", "eager", "triton"]
 AttentionFn = Callable[..., torch.Tensor]
@@ -52,6 +54,11 @@ def use_backend(name: Backend) -> Iterator[None]:
         yield
     finally:
         _forced = previous
+
+
+def forced_backend() -> Backend:
+    """The backend ``use_backend`` forces now ("auto" outside it); engines keep their own kernels only under "auto"."""
+    return _forced
 
 
 def current_backend(device: torch.device) -> Backend:
@@ -89,9 +96,6 @@ def causal_mask(tq: int, tk: int, device: torch.device) -> torch.Tensor:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
               mask: torch.Tensor | None = None) -> torch.Tensor:
     backend = current_backend(q.device)
-    from . import cpu_decode  # (moves into the engines' layer context in the next commit)
-    if _forced == "auto" and q.device.type == "cpu" and q.shape[-2] == 1 and mask is None and cpu_decode.enabled():
-        return cpu_decode.attention_one_query(q, k, v)
     if backend == "sdpa":
         return sdpa_attention(q, k, v, causal=causal, mask=mask)
     if backend == "eager":
@@ -143,7 +147,7 @@ def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     in float32, rounded once at the end (as SDPA does). Written as plain elementwise products and sums so
     that torch.compile (inductor's C++ backend) turns it into one streaming pass over the cache: the
-    compiled decode engines (model/compiled.py) use it; eagerly it is a reference."""
+    compiled decode engines (model/engines.py) use it; eagerly it is a reference."""
     B, Hq, _, D = q.shape
     Hkv = k.shape[1]
     qg = q.reshape(B, Hkv, Hq // Hkv, 1, D).float()  # (B, Hkv, G, 1, D): query heads grouped by kv head
@@ -161,9 +165,6 @@ def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 # attention's fp32 softmax(q k^T / sqrt(D)), never a T x T map. ``q`` is the post-RoPE query, ``k`` the keys
 # it attends, the queries at the END of the keys; ``key_mask`` (B, Tk) marks real keys; ``idx`` are query
 # indices in [0, Tq). Parity with transformers' eager attention: tests/test_attention_stats.py.
-
-CHUNK_BYTES = 32 << 20  # default budget of one (B, Hq, chunk, Tk) fp32 probability block
-
 
 def default_chunk(batch: int, heads: int, keys: int, budget: int = CHUNK_BYTES) -> int:
     """Queries per chunk so one fp32 (batch, heads, chunk, keys) block fits ``budget`` bytes (at least 1)."""

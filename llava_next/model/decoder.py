@@ -2,7 +2,8 @@
 
     Decoder(TextConfig)(input_ids | input_embeds, input_pos=..., position_ids=..., key_mask=...) -> logits
 
-It computes what transformers' LlamaForCausalLM / MistralForCausalLM compute (reference-spec §5):
+It computes what transformers' LlamaForCausalLM / MistralForCausalLM compute (models/llama/modeling_llama.py,
+models/mistral/modeling_mistral.py):
 
     x = embed_tokens(ids)                                   (or input_embeds: the multimodal model
     for each layer:                                           splices image features into them)
@@ -29,27 +30,39 @@ Notable choices
 - Two kinds of position: ``input_pos`` (T,) are cache *slots*, shared by the batch and contiguous;
   ``position_ids`` (B, T) are RoPE positions per row (left padding: cumsum(mask) - 1).
   ``key_mask`` (B, kv_len) marks which keys are real tokens (False = padding).
+- One way to run the layers: a call builds a ``LayerContext`` (model/context.py: RoPE, cache slots, key mask,
+  row map, attention kernel) and every block takes ``(x, ctx)``. The pieces are public so that each engine
+  owns its loop over the same blocks: ``begin`` (embedding, context, ``hook_embed``), ``run_layers`` (a layer
+  range, or one half of a block: FrameFusion merges tokens between a block's two residual halves), ``head``
+  (final norm, lm_head, ``hook_logits``). ``forward`` is the eager engine: begin, every layer, head. The
+  reduced engine (llava_next/reduce/engine.py) runs layer ranges on pruned sequences with a row map in the
+  context; the compiled decode (model/engines.py) compiles these same blocks with a static context.
 - Named hook points (``HookPoint``, TransformerLens names: model/hooks.py) sit at every residual, q/k/v,
-  norm and MLP tensor; ``Attention.attention_override`` lets llava_next.research record attention statistics
-  or knock out attention without touching this file. Both cost nothing while unused.
-- Token reduction (llava_next.reduce) runs its layers through ``forward(..., runner=...)`` (embedding, head, hooks
-  as in any call) and ``forward_layers``; ``Block.attention_half`` / ``mlp_half`` let FrameFusion merge tokens
-  between a block's two residual halves; ``seq_map`` names the original positions of a pruned layer's rows.
+  norm and MLP tensor; ``Decoder.instrument`` (one slot, research/trace.py sets it) gets each layer's
+  attention inputs to record statistics or knock out attention; ``Decoder.running`` is the context of the
+  call running now, for observers (a trace reports a pruned layer's rows in original positions). Both cost
+  nothing while unused.
 - Sliding-window attention (Mistral's default 4096) is not implemented: llava-hf's Mistral sets
   ``sliding_window`` null. With a window set, sequences longer than it raise NotImplementedError.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
-from .hooks import HookPoint, SequenceMap
+from .context import Instrument, Kernel, LayerContext, SequenceMap
+from .hooks import HookPoint
 from ..config import TextConfig
+
+
+def default_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The eager engine's attention: the facade (model/attention.py), causal, queries at the end of the keys."""
+    return attention(q, k, v, causal=True, mask=mask)
 
 
 class RMSNorm(nn.Module):
@@ -113,8 +126,9 @@ class KVCache(nn.Module):
 
 # ---- blocks --------------------------------------------------------------------------------------
 class Attention(nn.Module):
-    def __init__(self, cfg: TextConfig) -> None:
+    def __init__(self, cfg: TextConfig, layer: int = 0) -> None:
         super().__init__()
+        self.layer = layer  # its index in the decoder: the context's instrument is told which layer attends
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         bias = cfg.qkv_bias  # Qwen: q/k/v have a bias, o_proj never
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=bias)
@@ -125,26 +139,19 @@ class Attention(nn.Module):
         # named hook points (model/hooks.py); (B, T, H, D) like TransformerLens
         self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
         self.hook_rot_q, self.hook_rot_k, self.hook_z = HookPoint(), HookPoint(), HookPoint()
-        # research instruments (llava_next.research) may set this: called as fn(q, k, v, mask) instead of the
-        # facade, with the post-RoPE q and the keys/values attended (the cache prefix); returns (B, Hq, T, D)
-        self.attention_override: Callable[..., torch.Tensor] | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor | None,
-                kv_len: int, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.hook_q(self.q_proj(x).view(B, T, self.num_heads, self.head_dim)).transpose(1, 2)  # (B, Hq, T, D)
         k = self.hook_k(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.hook_v(self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         q = self.hook_rot_q(q.transpose(1, 2)).transpose(1, 2)  # views both ways: free without a hook
         k = self.hook_rot_k(k.transpose(1, 2)).transpose(1, 2)
-        if input_pos is not None:  # cached: attend over the filled prefix of the cache
-            k_all, v_all = self.kv_cache.update(input_pos, k, v)
-            k, v = k_all[:, :, :kv_len], v_all[:, :, :kv_len]  # (B, Hkv, kv_len, D)
-        if self.attention_override is None:
-            y = attention(q, k, v, causal=True, mask=mask)  # (B, Hq, T, D)
-        else:
-            y = self.attention_override(q, k, v, mask)
+        if ctx.input_pos is not None:  # cached: attend over the first kv_len slots of the cache
+            k_all, v_all = self.kv_cache.update(ctx.input_pos, k, v)
+            k, v = k_all[:, :, :ctx.kv_len], v_all[:, :, :ctx.kv_len]  # (B, Hkv, kv_len, D)
+        y = ctx.attend(self.layer, q, k, v)  # (B, Hq, T, D)
         z = self.hook_z(y.transpose(1, 2))  # (B, T, Hq, D)
         return self.o_proj(z.reshape(B, T, self.num_heads * self.head_dim))
 
@@ -166,25 +173,22 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: TextConfig) -> None:
+    def __init__(self, cfg: TextConfig, layer: int = 0) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
         self.hook_resid_pre, self.hook_resid_mid, self.hook_resid_post = HookPoint(), HookPoint(), HookPoint()
         self.hook_attn_out, self.hook_mlp_out = HookPoint(), HookPoint()
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor | None,
-                kv_len: int, mask: torch.Tensor | None) -> torch.Tensor:
-        return self.mlp_half(self.attention_half(x, cos, sin, input_pos, kv_len, mask))
+    def forward(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        return self.mlp_half(self.attention_half(x, ctx))
 
     # the two residual halves, callable apart (FrameFusion merges tokens between them), hooks included
-    def attention_half(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor | None,
-                       kv_len: int, mask: torch.Tensor | None) -> torch.Tensor:
+    def attention_half(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         x = self.hook_resid_pre(x)
-        return self.hook_resid_mid(x + self.hook_attn_out(
-            self.self_attn(self.input_layernorm(x), cos, sin, input_pos, kv_len, mask)))
+        return self.hook_resid_mid(x + self.hook_attn_out(self.self_attn(self.input_layernorm(x), ctx)))
 
     def mlp_half(self, x: torch.Tensor) -> torch.Tensor:
         return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.post_attention_layernorm(x))))
@@ -217,16 +221,15 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(V, C, _weight=torch.empty(V, C))
         if not self.embed_tokens.weight.is_meta:  # random init is for tests only; on the meta device (the
             nn.init.normal_(self.embed_tokens.weight)  # loaders) normal_ would import torch._dynamo (~2 s)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if cfg.tie_word_embeddings:  # Qwen 0.5B: the output projection is the embedding table itself
             self.lm_head = TiedLMHead(self.embed_tokens)
         else:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.hook_embed, self.hook_logits = HookPoint(), HookPoint()  # named hook points: model/hooks.py
-        # while a runner (llava_next.reduce) runs layers on a pruned or merged sequence: the ORIGINAL sequence
-        # positions of their rows and keys (SequenceMap); None: rows are the call's slots, keys the cache prefix
-        self.seq_map: SequenceMap | None = None
+        self.instrument: Instrument | None = None  # research's attention instrument, put in every context
+        self.running: LayerContext | None = None  # the context of the layers running now (for observers)
 
     # ---- cache ---------------------------------------------------------------------------------
     @property
@@ -241,7 +244,7 @@ class Decoder(nn.Module):
         device: the weights'). Existing caches of the same batch, dtype and device that are at least
         this long are kept: stale contents are harmless, every run overwrites slots from 0 and reads
         only the slots it wrote. ``layers``: only these (default all; a token pruner at layer K sizes the
-        caches of layers >= K once it knows how many tokens they keep: llava_next.reduce.ReducedRunner)."""
+        caches of layers >= K once it knows how many tokens they keep: llava_next/reduce/engine.py)."""
         if batch < 1 or max_len < 1:
             raise ValueError(f"setup_caches needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
         weight = self.embed_tokens.weight
@@ -260,11 +263,12 @@ class Decoder(nn.Module):
         for layer in self.layers:
             layer.self_attn.kv_cache = None
 
-    # ---- forward -------------------------------------------------------------------------------
+    # ---- one call: begin, layers, head ----------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor | None = None, *, input_embeds: torch.Tensor | None = None,
                 input_pos: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                key_mask: torch.Tensor | None = None, last_only: bool = False, runner=None) -> torch.Tensor:
-        """Logits (B, T, V), or (B, 1, V) with ``last_only`` (prefill only needs the next token).
+                key_mask: torch.Tensor | None = None, last_only: bool = False,
+                kernel: Kernel | None = None) -> torch.Tensor:
+        """The eager engine: logits (B, T, V), or (B, 1, V) with ``last_only`` (prefill only needs the next token).
 
         input_ids (B, T) or input_embeds (B, T, hidden_size): exactly one.
         input_pos (T,): contiguous cache slots to write, e.g. arange(T) for prefill, then [T], [T+1], ...;
@@ -272,19 +276,38 @@ class Decoder(nn.Module):
             attend only to each other.
         position_ids (B, T): RoPE positions; default input_pos (or arange(T)) for every row.
         key_mask (B, kv_len) bool: False for padding keys, kv_len = input_pos[-1] + 1 (or T without cache).
-        runner: an object whose ``run_layers(decoder, x, position_ids, input_pos, key_mask) -> x`` runs the
-            layers instead of the loop below (llava_next.reduce.ReducedRunner prunes rows between layers; its
-            result may have fewer rows, the last one still the last token). The embedding, the final norm and
-            head, their hook points and this module's forward hooks run as in any call, so a trace or a
-            finiteness check sees a reduced call like an unreduced one.
+        kernel: the attention kernel (default: the facade; the eager decode passes the compiled one-query
+            attention where it pays, model/engines.py).
         """
-        x = self.hook_embed(self._embed(input_ids, input_embeds))  # (B, T, C)
+        x, ctx = self.begin(input_ids, input_embeds, position_ids, input_pos=input_pos, key_mask=key_mask,
+                            kernel=kernel)
+        try:
+            return self.head(self.run_layers(x, ctx), last_only)
+        finally:
+            self.running = None
+
+    def begin(self, input_ids: torch.Tensor | None, input_embeds: torch.Tensor | None,
+              position_ids: torch.Tensor | None = None, **context: object) -> tuple[torch.Tensor, LayerContext]:
+        """Start a call: the embedded rows (B, T, C) after ``hook_embed`` and their ``LayerContext`` (keyword
+        arguments of ``context``). ``running`` is the context from here until the caller sets it to None
+        after ``head`` (observers file what the hooks see under this call)."""
+        x = self._embed(input_ids, input_embeds)  # (B, T, C)
+        ctx = self.context(x, position_ids, **context)
+        self.running = ctx
+        return self.hook_embed(x), ctx
+
+    def context(self, x: torch.Tensor, position_ids: torch.Tensor | None = None, *,
+                input_pos: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+                rows: SequenceMap | None = None, kernel: Kernel | None = None, engine: object = None,
+                kv_len: int | None = None) -> LayerContext:
+        """The ``LayerContext`` of rows x (B, T, C) at RoPE positions (B, T) (default: the slots), written to
+        cache slots ``input_pos`` (T,) with keys [0, kv_len) (default input_pos[-1] + 1; a compiled step reads
+        its whole static cache and passes kv_len and a mask itself). Arguments as in ``forward``."""
         B, T, _ = x.shape
         if input_pos is None:
-            kv_len = T
-            default_pos = torch.arange(T, device=x.device)
+            kv_len, default_pos = T, torch.arange(T, device=x.device)
         else:
-            kv_len = self._check_cache(input_pos, B, T)
+            kv_len = self._check_cache(input_pos, B, T) if kv_len is None else kv_len
             default_pos = input_pos
         if position_ids is None:
             position_ids = default_pos.expand(B, T)
@@ -302,49 +325,44 @@ class Decoder(nn.Module):
                 raise ValueError(f"key_mask must be a bool tensor of shape (batch, keys) = {(B, kv_len)}, "
                                  f"got {key_mask.dtype} {tuple(key_mask.shape)}")
             mask = key_mask[:, None, None, :]  # (B, 1, 1, kv_len)
-
         inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta, self.rope_scaling_factor, x.device)
         cos, sin = rope_cos_sin(position_ids, inv_freq, x.dtype)  # (B, 1, T, D)
-        if runner is not None:
-            x = runner.run_layers(self, x, position_ids, input_pos, key_mask)
-        else:
-            for layer in self.layers:
-                x = layer(x, cos, sin, input_pos, kv_len, mask)
+        return LayerContext(cos, sin, input_pos, kv_len, mask, kernel or default_kernel, rows, self.instrument, engine)
+
+    def run_layers(self, x: torch.Tensor, ctx: LayerContext, layers: range | None = None,
+                   part: Literal["block", "attention", "mlp"] = "block") -> torch.Tensor:
+        """Hidden states (B, T, C) through ``self.layers[i] for i in layers`` (default all) with ``ctx``; ``part``:
+        whole blocks, or only their attention or MLP residual half (FrameFusion changes the rows in between).
+        ``running`` is ``ctx`` meanwhile."""
+        previous, self.running = self.running, ctx
+        try:
+            for i in range(len(self.layers)) if layers is None else layers:
+                block = self.layers[i]
+                if part == "block":
+                    x = block(x, ctx)
+                elif part == "attention":
+                    x = block.attention_half(x, ctx)
+                else:
+                    x = block.mlp_half(x)
+            return x
+        finally:
+            self.running = previous
+
+    def forward_layers(self, x: torch.Tensor, position_ids: torch.Tensor, layers: range, *,
+                       input_pos: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+                       rows: SequenceMap | None = None, kernel: Kernel | None = None) -> torch.Tensor:
+        """``run_layers`` over a layer range with a context of its own (no embedding, no head): each call has its
+        own cache slots and key mask, so layer ranges can hold KV caches of different lengths (a token pruner
+        at layer K keeps the full sequence in layers < K and writes only the kept tokens, at slots 0..T'-1, into
+        layers >= K); ``rows``: the original positions of these rows and keys; ``kernel`` as in ``forward``."""
+        ctx = self.context(x, position_ids, input_pos=input_pos, key_mask=key_mask, rows=rows, kernel=kernel)
+        return self.run_layers(x, ctx, layers)
+
+    def head(self, x: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Final norm and lm_head: hidden states (B, T, C) -> logits (B, T, V), or (B, 1, V) of the last row."""
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         return self.hook_logits(self.lm_head(self.norm(x)))  # (B, T or 1, V)
-
-    # ---- layer ranges: prefills that change the sequence between layers (llava_next.reduce) ----------
-    def forward_layers(self, x: torch.Tensor, position_ids: torch.Tensor, layers: range, *,
-                       input_pos: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
-                       seq_map: SequenceMap | None = None) -> torch.Tensor:
-        """Hidden states (B, T, C) through ``self.layers[i] for i in layers`` only (no embedding, no final
-        norm or head); arguments as in ``forward``. Each call has its own cache slots and key mask, so layer
-        ranges can hold KV caches of different lengths: a token pruner at layer K keeps the full sequence
-        in layers < K and writes only the kept tokens, at slots 0..T'-1, into layers >= K. ``seq_map``: the
-        original positions of these rows and keys (set as ``self.seq_map`` for the call: hooks read it)."""
-        previous, self.seq_map = self.seq_map, seq_map
-        try:
-            return self._forward_layers(x, position_ids, layers, input_pos, key_mask)
-        finally:
-            self.seq_map = previous
-
-    def _forward_layers(self, x, position_ids, layers, input_pos, key_mask) -> torch.Tensor:
-        B, T, _ = x.shape
-        kv_len = T if input_pos is None else self._check_cache(input_pos, B, T)
-        if key_mask is not None and (key_mask.shape != (B, kv_len) or key_mask.dtype != torch.bool):
-            raise ValueError(f"key_mask must be a bool tensor of shape (batch, keys) = {(B, kv_len)}, "
-                             f"got {key_mask.dtype} {tuple(key_mask.shape)}")
-        mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, kv_len)
-        inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta, self.rope_scaling_factor, x.device)
-        cos, sin = rope_cos_sin(position_ids, inv_freq, x.dtype)  # (B, 1, T, D)
-        for i in layers:
-            x = self.layers[i](x, cos, sin, input_pos, kv_len, mask)
-        return x
-
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        """Final norm and lm_head: hidden states (B, T, C) -> logits (B, T, V)."""
-        return self.lm_head(self.norm(x))
 
     def _embed(self, input_ids: torch.Tensor | None, input_embeds: torch.Tensor | None) -> torch.Tensor:
         if (input_ids is None) == (input_embeds is None):

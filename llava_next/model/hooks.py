@@ -38,8 +38,9 @@ SDPA / Triton / the compiled CPU decode attention, prepacked linears, in-place a
 MLP skips its in-place SiLU only while a hook on gate_proj's or up_proj's output could hold a reference).
 
 A reduced model (llava_next.reduce) fires every point with the same names and meaning; the layers it runs on a
-pruned or merged sequence have fewer rows, and ``Decoder.seq_map`` (``SequenceMap`` below) says which original
-position each row and key is, so llava_next.research reports them in original positions.
+pruned or merged sequence have fewer rows, and the layer context's row map (``LayerContext.rows``, a
+``SequenceMap``: model/context.py; ``Decoder.running`` while a call runs) says which original position each
+row and key is, so llava_next.research reports them in original positions.
 
 Attention *probabilities* are not a hook point (materialising them is what makes other tools need
 eager attention and T x T memory): ``llava_next.research`` computes the statistics asked for from
@@ -49,28 +50,12 @@ eager attention and T x T memory): ``llava_next.research`` computes the statisti
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
 HookFn = Callable[[torch.Tensor, "HookPoint"], "torch.Tensor | None"]
-
-
-@dataclass(frozen=True)
-class SequenceMap:
-    """Where the rows of a decoder call on a pruned or merged sequence came from (llava_next.reduce sets it as
-    ``Decoder.seq_map`` while its layers run; llava_next.research reads it to report in original positions).
-
-    rows (B, Tq) and keys (B, Tk): the original sequence position of each row of the call's hidden states
-    and of each key its attention reads (the layer's KV cache slots), -1 for padding; ``length``: how many
-    positions the unreduced model's keys span in this call (the prompt length at prefill, + step + 1 in
-    decode). Hook tensors of the call have Tq rows; ``hook_rot_k`` etc. still have Tq rows (the new keys)."""
-
-    rows: torch.Tensor
-    keys: torch.Tensor
-    length: int
 
 
 class HookPoint(nn.Module):

@@ -192,13 +192,18 @@ class LlavaNextModel(nn.Module):
 
     # ---- one forward ------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, *, images: Sequence[ImageInput] = (),
-                videos: Sequence[torch.Tensor] = (), attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                videos: Sequence[torch.Tensor] = (), attention_mask: torch.Tensor | None = None,
+                engine=None) -> torch.Tensor:
         """Full-sequence logits (B, T, V) without a KV cache — the parity-test entry point. ``videos`` are
-        (F, 3, S, S) pixel tensors; ``attention_mask`` (B, T) marks real tokens in a left-padded batch."""
+        (F, 3, S, S) pixel tensors; ``attention_mask`` (B, T) marks real tokens in a left-padded batch.
+        ``engine``: run the decoder with this engine's ``forward`` instead of the eager one (a reduced engine,
+        llava_next/reduce/engine.py: logits in original positions, NaN where a position was pruned)."""
         embeds = self.embed(input_ids, self.image_features(images), [self.video_features(v) for v in videos])
         position_ids = key_mask = None
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device, torch.bool)
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             key_mask = attention_mask
+        if engine is not None:
+            return engine.forward(self.language_model, embeds, position_ids, key_mask)
         return self.language_model(input_embeds=embeds, position_ids=position_ids, key_mask=key_mask)

@@ -3,7 +3,7 @@
 Source: KD-TAO/DyCoke @ dd7463498203 (read at 26dc6f4f / 2325b63d): llava/model/llava_arch.py
 ``dycole_ttm`` (sic) and llava/model/language_model/modeling_qwen2.py ``PrunableDynamicCache
 .dycoke_pruning / update_cache`` and ``Qwen2Model.forward``; lmms-eval defaults ``dycoke_l=3,
-dycoke_p=0.8, dycoke_k=0.7``; paper arXiv:2411.15024 (CVPR'25); token-reduction-spec §6.
+dycoke_p=0.8, dycoke_k=0.7``; paper arXiv:2411.15024 (CVPR'25).
 
 Stage 1, ``DyCokeMerge`` (``dycoke-ttm``), on the model's pooled, projected frame tokens (F, N, D):
 within pairs of frames (0,1), (2,3), ... the later frame keeps only its ``int(keep * N)`` tokens LEAST
@@ -39,7 +39,7 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
-from .scores import attention_rows
+from .scores import cached_rows
 from .stages import DecodeSelector, ReducedVideo, ReductionError, TokenReducer
 
 
@@ -132,7 +132,7 @@ class DyCokeDecode(DecodeSelector):
 
     def visible(self, decoder, hidden_in, position_ids, key_mask, visual, step) -> torch.Tensor:
         B, kv_len = key_mask.shape
-        probs = attention_rows(decoder, self.layer - 1, hidden_in, position_ids, key_mask, kv_len)
+        probs = cached_rows(decoder, self.layer - 1, hidden_in, position_ids, key_mask, kv_len)
         scores = probs[:, :, 0].mean(1)  # (B, kv_len)
         if step == 0:
             self._state.clear()

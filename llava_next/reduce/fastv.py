@@ -2,8 +2,7 @@
 
 Source: pkunlp-icler/FastV @ d1659729b5bf, src/transformers/src/transformers/models/llama/modeling_llama.py
 L717-760 (the inplace KV-cache-free version) and src/FastV/lmms-eval/fastv_kvcache.py L119-125 (the
-lmms-eval KV-cache version, whose ``ratio`` is our ``keep``); paper arXiv:2403.06764. Spec:
-token-reduction-spec.md §1.
+lmms-eval KV-cache version, whose ``ratio`` is our ``keep``); paper arXiv:2403.06764.
 
 What the official code does, and what this does:
 - score = attention probabilities output by layer K-1 (0-indexed), mean over heads, row of the LAST
@@ -36,7 +35,7 @@ import torch
 
 from ..model.attention import attention_probs
 from ..model.decoder import Decoder
-from .scores import attention_rows, layer_queries
+from .scores import cached_rows, layer_queries
 from .stages import PrefillPruner, ReductionError, VisualLayout
 
 Score = Literal["last_query", "all_queries"]
@@ -86,7 +85,7 @@ class FastV(PrefillPruner):
             q = layer_queries(decoder, self.layer - 1, hidden_in[:, -1:], position_ids[:, -1:])  # (B, H, 1, D)
             k = decoder.layers[self.layer - 1].self_attn.kv_cache.k[:, :, :T]
             return fastv_score(q, k, key_mask)  # (B, T): mean over heads of the last row
-        probs = attention_rows(decoder, self.layer - 1, hidden_in, position_ids, key_mask, T)  # (B, H, T, T)
+        probs = cached_rows(decoder, self.layer - 1, hidden_in, position_ids, key_mask, T)  # (B, H, T, T)
         real = torch.ones(B, T, dtype=torch.bool, device=hidden_in.device) if key_mask is None else key_mask
         mass = (probs * real[:, None, :, None]).sum(2)  # (B, H, T): received from every real query
         seeing = real.flip(1).long().cumsum(1).flip(1).clamp(min=1)  # real queries at or after each key

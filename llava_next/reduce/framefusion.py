@@ -5,7 +5,7 @@ Source: thu-nics/FrameFusion @ fbec1d2e6bd3, framefusion/main.py (``FrameFusion.
 ``compute_similarity_and_token_index_by_patch``, ``merge_tokens_and_get_mask``, ``_compute_pruning_ratio``),
 framefusion/models/qwen2/modeling_qwen2.py (where it is called: layer 0 before attention, and after every
 layer's attention + residual, before the MLP), framefusion/utils.py (the last query's attention, recomputed);
-paper arXiv:2501.01986; token-reduction-spec §2. Defaults: ``apply_framefusion(cost=0.3,
+paper arXiv:2501.01986. Defaults: ``apply_framefusion(cost=0.3,
 similarity_lower_bound=0.6, ratio_lower_bound=0.1)``.
 
 Each merge step, per prompt: video tokens are grouped by patch (position in the frame grid), in frame
@@ -17,8 +17,9 @@ token just before the run (unweighted) and removed. The prune step (after the at
 where merging stopped) keeps the top ``round(n * (1 - r))`` video tokens by the last query's attention
 (mean over heads). Survivors keep their original RoPE positions; a layer's KV cache holds the tokens
 alive in its attention, so a merge after layer l's attention shrinks layers > l only. Decode is untouched.
-Each layer runs as ``Block.attention_half`` then ``Block.mlp_half`` (every hook point fires, with
-``Decoder.seq_map`` naming the original positions of the rows: the MLP half sees the merged rows).
+Each layer runs as its attention half then its MLP half (``Decoder.run_layers(..., part=...)``: every hook
+point fires, the context's row map naming the original positions of the rows: the MLP half sees the merged
+rows).
 
 Named options / differences:
 - ``layers_in_budget``: the budget formula's layer count; 0 (default) = the model's own, the official
@@ -38,9 +39,9 @@ from typing import ClassVar
 
 import torch
 
-from ..model.hooks import SequenceMap
-from .runner import Fates, Segment, _gather_left_padded, _slot_positions, mapped
-from .scores import attention_rows
+from ..model.context import SequenceMap
+from .engine import Fates, Segment, _gather_left_padded, _slot_positions
+from .scores import cached_rows
 from .stages import PrefillPruner, ReductionError, VisualLayout
 
 
@@ -97,9 +98,9 @@ class FrameFusion(PrefillPruner):
                 layout: VisualLayout, fates: Fates | None = None
                 ) -> tuple[torch.Tensor, list[Segment], list[torch.Tensor]]:
         """Returns the last layer's hidden states (B, T', C), one Segment per layer, and per row the original
-        indices still alive. Each layer runs as its two halves (``Block.attention_half`` / ``mlp_half``, hook
-        points included) with ``model.seq_map`` saying which original positions its rows are; ``fates``
-        (runner.Fates) gets the layer that removed each position and the anchor a merged one went into."""
+        indices still alive. Each layer runs as its two halves (``Decoder.run_layers(..., part=...)``, hook
+        points included) with the context's row map saying which original positions its rows are; ``fates``
+        (engine.Fates) gets the layer that removed each position and the anchor a merged one went into."""
         B, T, _ = embeds.shape
         L = len(model.layers)
         n_layers = self.layers_in_budget or L
@@ -111,24 +112,18 @@ class FrameFusion(PrefillPruner):
         x = embeds
         x, pos, mask, alive = self._step(x, position_ids, real, alive, ptype, rows, n_layers, model, None, None, fates)
         segments = []
-        from ..model.decoder import rope_cos_sin, rope_inv_freq
-
-        cfg = model.config
-        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, model.rope_scaling_factor, x.device)
-        for l, block in enumerate(model.layers):
+        for l in range(L):
             Tl = x.shape[1]
             km = None if bool(mask.all()) else mask
-            slots = torch.arange(Tl, device=x.device)
-            kv_len = model._check_cache(slots, B, Tl)
-            cos, sin = rope_cos_sin(pos, inv_freq, x.dtype)
             where = _slot_positions(alive, Tl)  # (B, Tl) original position of every row and key of this layer
+            ctx = model.context(x, pos, input_pos=torch.arange(Tl, device=x.device), key_mask=km,
+                                rows=SequenceMap(where, where, T))
             x_in = x
-            with mapped(model, SequenceMap(where, where, T)):
-                x = block.attention_half(x, cos, sin, slots, kv_len, None if km is None else km[:, None, None, :])
+            x = model.run_layers(x, ctx, range(l, l + 1), part="attention")
             segments.append(Segment(range(l, l + 1), Tl, km, where))
             x, pos, mask, alive = self._step(x, pos, mask, alive, ptype, rows, n_layers, model, l, x_in, fates)
-            with mapped(model, SequenceMap(_slot_positions(alive, x.shape[1]), where, T)):
-                x = block.mlp_half(x)
+            merged = ctx.with_rows(SequenceMap(_slot_positions(alive, x.shape[1]), where, T))  # the MLP's rows
+            x = model.run_layers(x, merged, range(l, l + 1), part="mlp")
         return x, segments, alive
 
     def _step(self, x, pos, mask, alive, ptype, rows, n_layers, model, layer, x_in, fates):
@@ -140,7 +135,7 @@ class FrameFusion(PrefillPruner):
         last_attn = None
         removed_at = 0 if layer is None else layer + 1
         if needs_attn:  # the last query's attention of this layer, mean over heads (utils.py, num=1)
-            probs = attention_rows(model, layer, x_in[:, -1:], pos[:, -1:], None if bool(mask.all()) else mask, T)
+            probs = cached_rows(model, layer, x_in[:, -1:], pos[:, -1:], None if bool(mask.all()) else mask, T)
             last_attn = probs[:, :, 0].mean(1)  # (B, T)
         for b in range(B):
             idx = torch.nonzero(mask[b]).flatten()  # this row's real slots, in order

@@ -6,9 +6,9 @@ with the KV cache, its post-RoPE keys sit in the cache; the queries are recomput
 q = rope(q_proj(input_layernorm(x))) (``layer_queries``, the part that is specific to reduction), and the
 rows come from ``llava_next.model.attention.attention_probs`` (query-chunked, fp32 softmax, causal and
 key masks, GQA without repeating K; its parity tests compare with transformers' eager attention). Never
-the whole model in eager mode (token-reduction-spec §0.3).
+the whole model in eager mode.
 
-    probs = attention_rows(decoder, layer, hidden_in, position_ids, key_mask, kv_len)
+    probs = cached_rows(decoder, layer, hidden_in, position_ids, key_mask, kv_len)
     # (B, H, R, kv_len): row r is query kv_len - R + r of the last forward of that layer
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model.decoder import Decoder, apply_rope, rope_cos_sin, rope_inv_freq
+from ..model.decoder import Decoder, apply_rope
 from ..model.attention import attention_probs
 
 
@@ -26,10 +26,8 @@ def layer_queries(decoder: Decoder, layer: int, hidden_in: torch.Tensor, positio
     attn = block.self_attn
     B, R, _ = hidden_in.shape
     q = attn.q_proj(_norm(block.input_layernorm, hidden_in)).view(B, R, attn.num_heads, attn.head_dim).transpose(1, 2)
-    cfg = decoder.config
-    inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, decoder.rope_scaling_factor, hidden_in.device)
-    cos, sin = rope_cos_sin(position_ids, inv_freq, q.dtype)
-    return apply_rope(q, cos, sin)
+    ctx = decoder.context(hidden_in, position_ids)  # the RoPE of these rows, as the layer computed it
+    return apply_rope(q, ctx.cos, ctx.sin)
 
 
 def _norm(norm, x: torch.Tensor) -> torch.Tensor:
@@ -39,14 +37,14 @@ def _norm(norm, x: torch.Tensor) -> torch.Tensor:
     return norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.eps)).to(x.dtype)
 
 
-def attention_rows(decoder: Decoder, layer: int, hidden_in: torch.Tensor, position_ids: torch.Tensor,
+def cached_rows(decoder: Decoder, layer: int, hidden_in: torch.Tensor, position_ids: torch.Tensor,
                    key_mask: torch.Tensor | None, kv_len: int) -> torch.Tensor:
     """fp32 attention probabilities (B, H, R, kv_len) of the R queries ``hidden_in`` (B, R, C) — the last R
     positions of the keys — against the first ``kv_len`` cached keys of ``layer``."""
     q = layer_queries(decoder, layer, hidden_in, position_ids)  # (B, H, R, D)
     cache = decoder.layers[layer].self_attn.kv_cache
     if cache is None:
-        raise RuntimeError("attention_rows reads the layer's KV cache: run the layer with a cache first")
+        raise RuntimeError("cached_rows reads the layer's KV cache: run the layer with a cache first")
     k = cache.k[:, :, :kv_len]  # (B, Hkv, kv_len, D)
     mask = None if key_mask is None else key_mask[:, :kv_len]
     return attention_probs(q, k, torch.arange(q.shape[2], device=q.device), key_mask=mask)

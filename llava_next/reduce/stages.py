@@ -7,7 +7,7 @@
     H3 DecodeSelector  each decode step's query at layer L  -> which cached keys layers >= L read  (DyCoke stage 2)
 
 A ``Reduction`` holds at most one method per stage; the pipeline applies H0 and H1 while building the
-prompt, and hands H2/H3 to ``runner.ReducedRunner``, which drives the decoder layer range by layer range
+prompt, and hands H2/H3 to ``engine.ReducedEngine``, which drives the decoder layer range by layer range
 (``Decoder.forward_layers``).
 
 Index map (token-reduction-spec §0.1). ``VisualLayout`` says, for every position of a (left-padded)
@@ -229,7 +229,7 @@ def image_reducers() -> list[str]:
 class PrefillPruner(ABC):
     """Inside the prefill: after layer ``layer - 1`` has run on the full sequence, ``select_rows`` picks the rows
     that go on into layer ``layer`` (layers below keep the full KV cache, layers from ``layer`` on the
-    pruned one). ``scores`` gets exact attention rows of layer ``layer - 1`` (``scores.attention_rows``)."""
+    pruned one). ``scores`` gets exact attention rows of layer ``layer - 1`` (``scores.cached_rows``)."""
 
     name: ClassVar[str]
     stage: ClassVar[str] = "reduce"
@@ -349,7 +349,7 @@ def method_spec(method: object) -> str:
 
 @dataclass
 class PruneReport:
-    """What the in-decoder stage did, per batch row (filled by the runner)."""
+    """What the in-decoder stage did, per batch row (filled by the reduced engine)."""
 
     method: str = ""
     visual_before: list[int] = field(default_factory=list)  # visual tokens entering the decoder

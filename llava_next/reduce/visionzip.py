@@ -6,7 +6,7 @@ layer's raw keys, mean over heads, as ``metric``; ``apply_info`` marks layer 22 
 visionzip/llava_arch.py (``prepare_inputs_labels_for_multimodal_visionzip`` L91-130 and
 ``restore_image_features_sorted`` L42-80: the LLaVA-NeXT AnyRes path), visionzip/main.py
 ``visionzip(model, dominant=191, contextual=30)``; README quick start ``dominant=54, contextual=10``;
-paper arXiv:2412.04467; token-reduction-spec §6.
+paper arXiv:2412.04467.
 
 Per crop, inside the vision tower, at the feature layer (CLIP layer -2 = the last layer LLaVA runs):
 - a score per patch (``score``, below) -> the top patches; dominant tokens = the CLS token (CLIP) + the

@@ -5,7 +5,7 @@
     stats = attention_stats(q, k, queries, rows=True, key_mass=True, entropy=True, segments=frame_ids)
 
 q (B, Hq, Tq, D) is the post-RoPE query of a decoder call and k (B, Hkv, Tk, D) the keys it attends (the KV
-cache prefix, post-RoPE), exactly what ``Attention.attention_override`` receives; the queries sit at the END
+cache prefix, post-RoPE), exactly what the decoder's attention instrument receives (``LayerContext.attend``); the queries sit at the END
 of the keys (query i at key position Tk - Tq + i: prefill, chunked prefill and decode alike, the attention
 facade's rule), ``key_mask`` (B, Tk) marks real keys (left padding). ``queries`` are indices into the Tq
 queries (negative counts from the end).

@@ -56,7 +56,7 @@ import torch
 
 from ..config import LlavaNextConfig
 from ..inputs.tokens import ImagePlan, VideoPlan, image_aspect
-from ..reduce.runner import Fates
+from ..reduce.engine import Fates
 from .geometry import (KINDS, K, Size, empty_fields, frame_image_fields, image_fields, reduced_video_fields,
                        video_fields)
 
@@ -273,7 +273,7 @@ class Provenance:
 
     def with_fates(self, fates: Any, row: int = 0) -> "Provenance":
         """The same map with what a token-reduction run did to each prompt position: ``fates`` is the
-        runner's (``tr.fates`` of a reduced trace, ``ReducedRunner.fates``; llava_next/reduce/runner.py),
+        engine's (``tr.fates`` of a reduced trace, ``ReducedEngine.fates``; llava_next/reduce/engine.py),
         ``row`` the batch row of this request. ``removed_at(i)``, ``merged_into(i)``, ``alive(layer)`` and
         ``to_records()`` then say, per ORIGINAL position, which layer removed it (pruned or merged, and into
         which position) and which decode steps read it (DyCoke)."""

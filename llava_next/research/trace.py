@@ -27,9 +27,10 @@ Choices
   several times in one step (the vision tower runs per chunk of frames) has its records concatenated
   along dim 0.
 - Attention statistics (``Attention``) are computed from the layer's post-RoPE q and the keys it attends
-  (``Attention.attention_override`` on the decoder layer) by the exact query-chunked path of
-  research/attention.py; the layer's output still comes from the attention facade (SDPA, Triton, the
-  compiled CPU decode attention), so tracing never switches the model to eager attention.
+  (the trace is the decoder's attention instrument, ``Decoder.instrument``: every layer context hands it
+  q, k, v) by the exact query-chunked path of research/attention.py; the layer's output still comes from
+  the engine's kernel (SDPA, Triton, the compiled CPU decode attention), so tracing never switches the
+  model to eager attention.
 - ``blocks.{i}.attn.hook_pattern`` is virtual (TransformerLens' name for the (B, H, q, k) probabilities):
   a hook function on it receives the exact pattern of the call, computed query chunk by query chunk from
   q and k — all queries (T x T, as TransformerLens: small inputs) — and may only observe; a ``Record``
@@ -38,16 +39,18 @@ Choices
 - Interventions (research/interventions.py) are specs installed by the same trace: hook functions that
   replace tensors, and per-layer knockout group tables the attention override applies.
 - Leaving the ``with`` block removes every hook and override, also after an exception.
-- A reduced model (llava_next.reduce: FastV, FrameFusion, DyCoke; ``trace(..., reduction=...)`` runs plain
-  decoder calls through its runner, ``Pipeline.stream`` of a reduced request does so itself): every hook
-  point fires as unreduced, layers at and past the pruning layer on the pruned rows (``Decoder.seq_map``
-  names their original positions). Whatever is reported is in ORIGINAL positions: a ``Record`` at a
+- Steps start when ``hook_embed`` fires (every engine's call begins there) and last while the decoder
+  runs a call (``Decoder.running``: its layer context).
+- A reduced model (llava_next.reduce: FastV, FrameFusion, DyCoke; run a call through a ``ReducedEngine``:
+  ``model(ids, videos=..., engine=ReducedEngine(red, layout_from_provenance(prov)))``, or ``Pipeline.stream``
+  of a reduced request): every hook point fires as unreduced, layers at and past the pruning layer on the
+  pruned rows (the layer context's row map, ``LayerContext.rows``, names their original positions). Whatever is reported is in ORIGINAL positions: a ``Record`` at a
   pruned layer keeps the chosen positions with NaN rows where the position was pruned, plus
   ``name + ":kept"`` (B, P) bool; attention ``rows`` / ``key_mass`` cover every original key, NaN for the
   keys that layer no longer has (``query_positions`` lists the chosen queries it still has; ``topk_ids``
   are original positions); the logit lens lists only positions present. ``tr.fates`` says, for every
   original position, which layer removed it, which position it was merged into, and what DyCoke read at
-  each decode step (reduce/runner.py ``Fates``; ``Provenance.with_fates`` puts it beside the provenance).
+  each decode step (reduce/engine.py ``Fates``; ``Provenance.with_fates`` puts it beside the provenance).
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 import torch
 from torch import nn
 
-from ..model.attention import attention as facade_attention, grouped_attention, triton_available
+from ..model.attention import grouped_attention, triton_available
 from ..model.hooks import HookFn, HookPoint, hook_points
 from .attention import AttentionStats, Groups, ResearchError, attention_rows, attention_stats, key_mass_triton
 
@@ -201,7 +204,7 @@ class Trace:
 
     def __init__(self, model: nn.Module, *, record: Iterable[Record | str] = (), attention: Attention | None = None,
                  hooks: Iterable[tuple[str | Callable[[str], bool], HookFn]] = (), interventions: Iterable[Any] = (),
-                 logit_lens: Any = None, provenance: Any = None, reduction: Any = None) -> None:
+                 logit_lens: Any = None, provenance: Any = None) -> None:
         self.model = model
         self.decoder = getattr(model, "language_model", model)
         if not hasattr(self.decoder, "layers"):
@@ -214,7 +217,6 @@ class Trace:
         self.interventions = list(interventions) + ([logit_lens] if logit_lens is not None else [])
         self.steps: list[Step] = []
         self._pending = Step()  # records of hooks that fire before the next decoder call
-        self._in_decoder = False
         self._removers: list[Callable[[], None]] = []
         self._knockouts: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # layer -> (src, dst) positions
         L = len(self.decoder.layers)
@@ -222,8 +224,7 @@ class Trace:
         for name, point in self.patterns.items():
             point.name = name
         self._pattern_users: dict[int, list[tuple[Callable, torch.Tensor | None]]] = {}
-        self.reduction = reduction if reduction else None  # in-decoder stages run through a ReducedRunner
-        self.runner: Any = None  # the reduction runner of the last reduced decoder call seen
+        self.engine: Any = None  # the engine of the last reduced decoder call seen (reduce/engine.py)
 
     # ---- what users read ----------------------------------------------------------------------------
     @property
@@ -241,18 +242,29 @@ class Trace:
 
     @property
     def fates(self) -> Any:
-        """What the reduction did to every original position (reduce/runner.py ``Fates``), or None."""
-        return None if self.runner is None else self.runner.fates
+        """What the reduction did to every original position (reduce/engine.py ``Fates``), or None."""
+        return None if self.engine is None else self.engine.fates
 
     def __getitem__(self, name: str) -> Any:
         return self.cache[name]
 
     # ---- a reduced model: rows of a pruned layer -> original positions -----------------------------------
+    @property
+    def _in_decoder(self) -> bool:
+        """Inside a decoder call this trace saw begin (layers run directly, ``forward_layers``, file under the
+        pending step like the vision hooks)."""
+        return self.decoder.running is not None and bool(self.steps)
+
+    def seq_map(self) -> Any:
+        """The row map of the layers running now (``LayerContext.rows``), None outside a call or unreduced."""
+        ctx = self.decoder.running
+        return None if ctx is None else ctx.rows
+
     def row_map(self, length: int) -> torch.Tensor | None:
         """(B, length) original positions of the rows of the current decoder call's tensors while its layers
-        run on a pruned or merged sequence (``Decoder.seq_map``); None when the rows are offset + 0..length-1."""
-        smap = getattr(self.decoder, "seq_map", None)
-        if not self._in_decoder or smap is None or smap.rows.shape[1] != length:
+        run on a pruned or merged sequence (the context's row map); None when the rows are offset + 0..length-1."""
+        smap = self.seq_map()
+        if smap is None or smap.rows.shape[1] != length:
             return None
         return smap.rows
 
@@ -350,24 +362,16 @@ class Trace:
             self._pending = Step()
 
     def _install(self) -> None:
-        def pre(module, args, kwargs):
-            if kwargs.get("runner") is not None:
-                self.runner = kwargs["runner"]
-            input_pos = kwargs.get("input_pos")
+        def begin(x: torch.Tensor, hook: HookPoint) -> None:  # every engine's call starts with hook_embed
+            ctx = self.decoder.running
             step = self._pending
-            step.offset = int(input_pos[0]) if input_pos is not None else 0
+            step.offset = ctx.offset if ctx is not None else 0
+            if ctx is not None and ctx.engine is not None:
+                self.engine = ctx.engine
             self._pending = Step()
             self.steps.append(step)
-            self._in_decoder = True
 
-        def post(module, args, kwargs, output):
-            self._in_decoder = False
-
-        if self.reduction is not None:
-            self._install_reduction()
-        h1 = self.decoder.register_forward_pre_hook(pre, with_kwargs=True)
-        h2 = self.decoder.register_forward_hook(post, with_kwargs=True)
-        self._removers += [h1.remove, h2.remove]
+        self._removers.append(self.decoder.hook_embed.add_hook(begin))
         keys: dict[str, str] = {}
         for rec in self.records:
             positions = self.resolve(rec.positions)
@@ -392,40 +396,10 @@ class Trace:
             spec.install(self)
         self._install_attention()
 
-    def _install_reduction(self) -> None:
-        """Plain decoder calls run through a ReducedRunner of ``self.reduction``'s in-decoder stages: a call at
-        cache slot 0 (or without a cache: one is set up) is the prefill, later one-token calls decode."""
-        from ..reduce.runner import ReducedRunner
-        from ..reduce.stages import Reduction
-
-        red = self.reduction
-        if red.pruner is None and red.decode is None:
-            return  # frame selection / token reducers act while the request is prepared and embedded
-        if self.provenance is None:
-            raise ResearchError("trace(reduction=...) needs provenance=... (which positions are visual, their frame "
-                                "and patch: the pruners' candidates)")
-        runner = ReducedRunner(Reduction(pruner=red.pruner, decode=red.decode), layout_from_provenance(self.provenance))
-
-        def inject(module, args, kwargs):
-            if kwargs.get("runner") is not None:  # a runner of its own (Pipeline.stream of a reduced request)
-                return None
-            x = kwargs.get("input_embeds")
-            x = x if x is not None else (args[0] if args else kwargs.get("input_ids"))
-            if kwargs.get("input_pos") is None:  # one forward without a cache: the runner needs one
-                B, T = x.shape[:2]
-                module.setup_caches(B, T)
-                kwargs["input_pos"] = torch.arange(T, device=x.device)
-            kwargs["runner"] = runner
-            return args, kwargs
-
-        h = self.decoder.register_forward_pre_hook(inject, with_kwargs=True)
-        self._removers.append(h.remove)
-
     def _remove(self) -> None:
         for remove in reversed(self._removers):
             remove()
         self._removers.clear()
-        self._in_decoder = False
 
     # ---- records -------------------------------------------------------------------------------------
     def is_sequence_hook(self, name: str) -> bool:
@@ -441,7 +415,7 @@ class Trace:
                 return
             rows = self.row_map(x.shape[1]) if sequence and x.dim() >= 2 else None
             if rows is not None:  # a pruned layer: report in original positions (module docstring)
-                smap = self.decoder.seq_map
+                smap = self.seq_map()
                 want = positions if positions is not None else torch.arange(step.offset, smap.length)
                 want = want[(want >= step.offset) & (want < smap.length)]
                 if want.numel() == 0:
@@ -506,14 +480,14 @@ class Trace:
             self._attn_segments = None if spec.segments is None else resolve_segments(spec.segments, self.provenance)
         else:
             self._attn_layers = set()
-        for layer in sorted(layers):
-            module = self.decoder.layers[layer].self_attn
-            previous = module.attention_override
-            module.attention_override = self._override(layer, previous)
+        if not layers:
+            return
+        previous = self.decoder.instrument
+        self.decoder.instrument = self._instrument(layers, previous)
 
-            def restore(module=module, previous=previous) -> None:
-                module.attention_override = previous
-            self._removers.append(restore)
+        def restore() -> None:
+            self.decoder.instrument = previous
+        self._removers.append(restore)
 
     def _groups(self, layer: int, Tk: int, device: torch.device) -> Groups | None:
         """The knockout group table of a layer: one group id per key (bit 2j: in src_j, bit 2j+1: in dst_j)
@@ -521,7 +495,7 @@ class Trace:
         specs = self._knockouts.get(layer)
         if not specs:
             return None
-        smap = getattr(self.decoder, "seq_map", None) if self._in_decoder else None
+        smap = self.seq_map()
         span = Tk if smap is None else smap.length
         g = torch.zeros(span, dtype=torch.long, device=device)
         for j, (src, dst) in enumerate(specs):
@@ -537,16 +511,22 @@ class Trace:
             table &= ~(in_dst[:, None] & in_src[None, :])
         return g, table
 
-    def _override(self, layer: int, previous: Callable | None) -> Callable:
-        def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-            key_mask = None if mask is None else mask[:, 0, 0, :]  # (B, Tk): the decoder passes (B, 1, 1, Tk)
+    def _instrument(self, layers: set[int], previous: Callable | None) -> Callable:
+        """The decoder's attention instrument (``LayerContext.instrument``): the layers this trace watches get
+        their statistics recorded and knockouts applied; the others go to an outer trace's instrument or the
+        engine's kernel."""
+        def fn(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Any) -> torch.Tensor:
+            if layer not in layers:
+                return previous(layer, q, k, v, ctx) if previous is not None else ctx.kernel(q, k, v, ctx.mask)
+            mask = ctx.mask
+            key_mask = None if mask is None else mask[:, 0, 0, :]  # (B, Tk): the context holds (B, 1, 1, Tk)
             groups = self._groups(layer, k.shape[2], q.device)
             if groups is not None:
                 y = grouped_attention(q, k, v, groups, key_mask=key_mask)
             elif previous is not None:
-                y = previous(q, k, v, mask)
+                y = previous(layer, q, k, v, ctx)
             else:
-                y = facade_attention(q, k, v, causal=True, mask=mask)
+                y = ctx.kernel(q, k, v, mask)
             if layer in self._attn_layers:
                 self._record_attention(layer, q, k, v, key_mask, groups)
             for use, positions in self._pattern_users.get(layer, ()):
@@ -567,7 +547,7 @@ class Trace:
         if decoding and not spec.decode:
             return
         queries = self._attn_queries
-        smap = self.decoder.seq_map if self.row_map(Tq) is not None else None
+        smap = self.seq_map() if self.row_map(Tq) is not None else None
         if decoding or queries is LAST:
             idx = torch.tensor([Tq - 1], device=q.device)
         elif queries is None:  # "all"
@@ -604,8 +584,8 @@ class Trace:
 
     def _keys_to_original(self, t: torch.Tensor) -> torch.Tensor:
         """(..., Tk) values over a pruned layer's keys -> (..., length) over original positions, NaN where
-        that layer has no key (the call's ``Decoder.seq_map``)."""
-        smap = self.decoder.seq_map
+        that layer has no key (the call's row map)."""
+        smap = self.seq_map()
         keys = self._shared(smap.keys, "attention").to(t.device)
         out = t.new_full((*t.shape[:-1], smap.length + 1), float("nan"))
         out[..., torch.where(keys >= 0, keys, smap.length)] = t
@@ -710,12 +690,10 @@ def reduce_positions(x: torch.Tensor, idx: torch.Tensor | None, reduce: Reduce, 
 
 def trace(model: nn.Module, *, record: Iterable[Record | str] = (), attention: Attention | None = None,
           hooks: Iterable[tuple[str | Callable[[str], bool], HookFn]] = (), interventions: Iterable[Any] = (),
-          logit_lens: Any = None, provenance: Any = None, reduction: Any = None) -> Trace:
-    """``with trace(model, ...) as tr:`` — see the module docstring and ``Record`` / ``Attention``.
-    ``reduction``: a llava_next.reduce ``Reduction`` whose in-decoder stages (pruner, decode selector) run
-    every decoder call of the block (needs ``provenance``: which positions are visual)."""
+          logit_lens: Any = None, provenance: Any = None) -> Trace:
+    """``with trace(model, ...) as tr:`` — see the module docstring and ``Record`` / ``Attention``."""
     return Trace(model, record=record, attention=attention, hooks=hooks, interventions=interventions,
-                 logit_lens=logit_lens, provenance=provenance, reduction=reduction)
+                 logit_lens=logit_lens, provenance=provenance)
 
 
 def layout_from_provenance(prov: Any) -> Any:

@@ -361,14 +361,11 @@ class Pipeline:
         budget.check()
         stops = stop_token_ids(self.tokenizer, self.config.template if template is None else template)
         previous = decoder.rope_scaling_factor
-        steps = [0]
 
-        def check_logits(module, args, logits: torch.Tensor) -> None:  # (B, T, V), T = 1 but in prefill
-            where = "the prompt (prefill)" if steps[0] == 0 else f"generated token {steps[0]}"
-            steps[0] += 1
-            _check_finite(logits[:, -1], f"the logits of {where}")
+        def check_logits(logits: torch.Tensor, step: int) -> None:  # (B, V) of every step, whatever the engine
+            where = "the prompt (prefill)" if step == 0 else f"generated token {step}"
+            _check_finite(logits, f"the logits of {where}")
 
-        hook = decoder.register_forward_hook(check_logits)
         in_decoder = {(r.reduction.pruner, r.reduction.decode) if r.reduction else (None, None) for r in requests}
         if len(in_decoder) > 1:
             raise ValueError("the requests of one batch must use the same in-decoder reduction (prefill pruner / "
@@ -380,23 +377,22 @@ class Pipeline:
             for r in requests:
                 r.timings["encode_s"] = time.perf_counter() - t0
             decoder.rope_scaling_factor = self._rope_factor(requests)
-            runner = None
+            engine = None  # model/engines.py chooses (eager or the compiled decode)
             if pruner is not None or selector is not None:
-                from ..reduce.runner import ReducedRunner
+                from ..reduce.engine import ReducedEngine
 
-                runner = ReducedRunner(Reduction(pruner=pruner, decode=selector), layout)  # (calls decoder.forward:
-                # the finiteness hook above sees its logits)
+                engine = ReducedEngine(Reduction(pruner=pruner, decode=selector), layout)
             tokens = stream_tokens(decoder, input_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
                                    temperature=temperature, top_p=top_p, seed=seed, eos_token_id=stops,
                                    pad_token_id=self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0,
-                                   compile_step=compile_step, runner=runner)
+                                   compile_step=compile_step, engine=engine, on_logits=check_logits)
             for step, token in enumerate(tokens):
                 if step == 0:
                     t_first = time.perf_counter()
                     for row, r in enumerate(requests):
                         r.timings["prefill_s"] = t_first - t0 - r.timings["encode_s"]
-                        if runner is not None:
-                            rep = runner.report
+                        if engine is not None:
+                            rep = engine.report
                             r.reduction_report = {"pruned_at_layer": rep.layer,
                                                   "visual_tokens_after_pruning": rep.visual_after[row],
                                                   "kept_positions": rep.kept_positions[row]}
@@ -408,7 +404,6 @@ class Pipeline:
                 raise
             raise budget.error(f"the allocation failed: {_first_line(e)}") from None
         finally:
-            hook.remove()
             decoder.rope_scaling_factor = previous
 
     def generate_batch(self, requests: Sequence[Request], **kwargs) -> list[list[int]]:

@@ -1,11 +1,13 @@
 """Prefill and decode through the decoder layer range by layer range, pruning tokens in between.
 
-    runner = ReducedRunner(reduction, layout)                   # layout: VisualLayout of the padded batch
-    tokens = generate(decoder, input_embeds=e, attention_mask=m, max_new_tokens=32, runner=runner)
-    runner.report                                               # visual tokens before/after, kept positions
-    runner.fates                                                # what happened to every original position
+    engine = ReducedEngine(reduction, layout)                   # layout: VisualLayout of the padded batch
+    tokens = generate(decoder, input_embeds=e, attention_mask=m, max_new_tokens=32, engine=engine)
+    engine.report                                               # visual tokens before/after, kept positions
+    engine.fates                                                # what happened to every original position
+    logits = model(ids, videos=[v], engine=engine)              # one forward (B, T, V), original positions
 
-Prefill with a ``PrefillPruner`` at layer K (FastV's KV-cache implementation, token-reduction-spec §1.2):
+Prefill with a ``PrefillPruner`` at layer K (FastV's KV-cache implementation: pkunlp-icler/FastV, README
+"Support KV Cache"):
 
     x = layers[0, K-1)(embeds)            full sequence, cache slots 0..T-1
     y = layers[K-1](x)                    full sequence; its cached keys + x give the score rows
@@ -19,13 +21,12 @@ segment, at RoPE position T_original + step (one position counter for all layers
 the unpruned length). Pruning happens once; decode never re-ranks (FastV's README: "all subsequent
 decoding tokens uniformly attend to the same set of image tokens").
 
-Every call goes through ``Decoder.forward(..., runner=self)``: the embedding, final norm, head, their hook
-points and the decoder's forward hooks run as in an unreduced call, and this runner runs the layers
-(``run_layers``). While layers run on a pruned sequence the runner sets ``Decoder.seq_map`` (the original
-position of every row and key), so a trace (llava_next.research) reports a pruned layer in original
-positions; the prefill's last hidden states are put back at their original positions (NaN rows for the
-positions that did not reach the last layer), so the final norm, head and logits are in original
-positions. ``research.trace(..., reduction=...)`` installs a runner on plain decoder calls.
+This engine owns its loop over the decoder's pieces: ``Decoder.begin`` (embedding, ``hook_embed``, the
+call's context naming this engine), layer ranges through ``Decoder.forward_layers`` with a row map in their
+context (``LayerContext.rows``: the original position of every row and key, so a trace reports a pruned
+layer in original positions), and ``Decoder.head``. The prefill's last hidden states are put back at their
+original positions (NaN rows for the positions that did not reach the last layer), so the final norm,
+head and logits are in original positions.
 
 Batches: rows keep different numbers of tokens; they are left-padded again to the longest and the
 padding masked, so each row computes what it computes alone (tests/test_reduce_fastv.py).
@@ -39,13 +40,13 @@ there), and a layer >= L reads a visual key iff it is in that layer's cache and 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
+from ..model.context import Kernel, SequenceMap
 from ..model.decoder import Decoder
-from ..model.hooks import SequenceMap
+from ..model.engines import grow
 from .stages import PruneReport, Reduction, VisualLayout
 
 
@@ -87,8 +88,8 @@ class Fates:
         return (self.removed_at < 0) | (self.removed_at > layer)
 
 
-class ReducedRunner:
-    """A ``generate.LayerRunner`` for the in-decoder stages of a ``Reduction``."""
+class ReducedEngine:
+    """An engine (model/engines.py ``Engine``) for the in-decoder stages of a ``Reduction``."""
 
     def __init__(self, reduction: Reduction, layout: VisualLayout) -> None:
         self.reduction = reduction
@@ -102,12 +103,13 @@ class ReducedRunner:
         self._deferred: tuple | None = None  # (max_len, dtype, device) of caches allocated after pruning
 
     # ---- memory: the layers after a pruner hold only the kept tokens -----------------------------------
-    def setup_caches(self, model: Decoder, batch: int, max_len: int, dtype: torch.dtype,
+    def setup_caches(self, model: Decoder, batch: int, prompt_len: int, max_new_tokens: int, dtype: torch.dtype,
                      device: torch.device) -> None:
-        """``generate.stream`` calls this instead of ``model.setup_caches``. With a pruner at layer K (FastV),
-        layers < K get caches of ``max_len`` slots now; layers >= K get theirs in the prefill, once the
-        pruner has chosen: T' + (max_len - T) slots, so pruning saves KV memory, not only compute. (FrameFusion
-        merges at every layer and DyCoke keeps every key: their caches are allocated at full length.)"""
+        """With a pruner at layer K (FastV), layers < K get caches of prompt + answer slots now; layers >= K get
+        theirs in the prefill, once the pruner has chosen: T' + max_new_tokens slots, so pruning saves KV
+        memory, not only compute. (FrameFusion merges at every layer and DyCoke keeps every key: their caches
+        are allocated at full length.)"""
+        max_len = prompt_len + max_new_tokens
         pruner, L = self.reduction.pruner, len(model.layers)
         K = pruner.layer if pruner is not None and not hasattr(pruner, "prefill") else L
         model.setup_caches(batch, max_len, dtype, device, layers=range(K))
@@ -115,35 +117,45 @@ class ReducedRunner:
             layer.self_attn.kv_cache = None  # a longer cache of an earlier request would pin its memory
         self._deferred = (max_len, dtype, device) if K < L else None
 
-    # ---- the LayerRunner protocol (generate.stream): whole calls of the decoder ---------------------------
+    # ---- the engine: whole calls of the decoder -----------------------------------------------------------
     @torch.no_grad()
     def prefill(self, model: Decoder, embeds: torch.Tensor, position_ids: torch.Tensor,
-                key_mask: torch.Tensor | None) -> torch.Tensor:
-        """(B, T, C) prompt embeddings -> (B, V) logits of the last position, the cache filled."""
+                key_mask: torch.Tensor | None, last_only: bool = True) -> torch.Tensor:
+        """(B, T, C) prompt embeddings -> (B, V) logits of the last position (``last_only=False``: (B, T, V) in
+        original positions), the cache filled."""
         T = embeds.shape[1]
-        return model(input_embeds=embeds, input_pos=torch.arange(T, device=embeds.device), position_ids=position_ids,
-                     key_mask=key_mask, last_only=True, runner=self)[:, -1]
+        x, _ = model.begin(None, embeds, position_ids, input_pos=torch.arange(T, device=embeds.device),
+                           key_mask=key_mask, engine=self)
+        try:
+            logits = model.head(self._prefill(model, x, position_ids, key_mask), last_only)
+        finally:
+            model.running = None
+        return logits[:, -1] if last_only else logits
 
     @torch.no_grad()
-    def decode(self, model: Decoder, token: torch.Tensor, step: int, position_ids: torch.Tensor) -> torch.Tensor:
+    def decode(self, model: Decoder, token: torch.Tensor, step: int, position_ids: torch.Tensor,
+               kernel: Kernel | None = None) -> torch.Tensor:
         """(B,) token of decode step ``step`` at RoPE positions (B, 1) -> (B, V) logits."""
+        if not self.segments:
+            raise RuntimeError("a reduced engine decodes after its prefill: call prefill first")
         slot = torch.tensor([self.prompt_len + step], device=token.device)
-        return model(token[:, None], input_pos=slot, position_ids=position_ids,
-                     key_mask=_grow(self._key_mask, step + 1), runner=self)[:, -1]
+        x, _ = model.begin(token[:, None], None, position_ids, input_pos=slot,
+                           key_mask=grow(self._key_mask, step + 1), kernel=kernel, engine=self)
+        try:
+            return model.head(self._decode(model, x, step, position_ids, kernel))[:, -1]
+        finally:
+            model.running = None
 
-    # ---- Decoder.forward(runner=self) calls this ----------------------------------------------------------
-    def run_layers(self, model: Decoder, x: torch.Tensor, position_ids: torch.Tensor, input_pos: torch.Tensor | None,
-                   key_mask: torch.Tensor | None) -> torch.Tensor:
-        if input_pos is None:
-            raise RuntimeError("a reduced decoder call needs the KV cache: pass input_pos (generate and "
-                               "research.trace(reduction=...) do)")
-        start = int(input_pos[0])
-        if start == 0:
-            return self._prefill(model, x, position_ids, key_mask)
-        if x.shape[1] != 1 or start < self.prompt_len or not self.segments:
-            raise RuntimeError(f"a reduced decoder continues one token at a time after its prefill: got "
-                               f"{x.shape[1]} tokens at slot {start} after a {self.prompt_len}-token prompt")
-        return self._decode(model, x, start - self.prompt_len, position_ids)
+    @torch.no_grad()
+    def forward(self, model: Decoder, embeds: torch.Tensor, position_ids: torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One reduced forward of a (B, T, C) prompt -> (B, T, V) logits in original positions (NaN at the
+        positions pruned before the last layer); ``LlavaNextModel.forward(..., engine=...)`` calls this."""
+        B, T, _ = embeds.shape
+        self.setup_caches(model, B, T, 0, embeds.dtype, embeds.device)
+        if position_ids is None:
+            position_ids = torch.arange(T, device=embeds.device).expand(B, T)
+        return self.prefill(model, embeds, position_ids, key_mask, last_only=False)
 
     # ---- prefill ------------------------------------------------------------------------------------
     def _prefill(self, model: Decoder, embeds: torch.Tensor, position_ids: torch.Tensor,
@@ -152,7 +164,7 @@ class ReducedRunner:
         L = len(model.layers)
         layout = self.layout.to(embeds.device)
         if layout.visual.shape != (B, T):
-            raise ValueError(f"the runner's VisualLayout covers {tuple(layout.visual.shape)} positions, the prompt "
+            raise ValueError(f"the engine's VisualLayout covers {tuple(layout.visual.shape)} positions, the prompt "
                              f"is {(B, T)}")
         real = torch.ones(B, T, dtype=torch.bool, device=embeds.device) if key_mask is None else key_mask
         slots = torch.arange(T, device=embeds.device)
@@ -189,7 +201,7 @@ class ReducedRunner:
             model.setup_caches(B, T2 + max_len - T, dtype, device, layers=range(K, L))
             self._deferred = None
         y = model.forward_layers(x2, pos2, range(K, L), input_pos=torch.arange(T2, device=x2.device), key_mask=km2,
-                                 seq_map=SequenceMap(where, where, T))
+                                 rows=SequenceMap(where, where, T))
         self.segments = [Segment(range(K), T, key_mask), Segment(range(K, L), T2, km2, where)]
         for b in range(B):
             gone = real[b].clone()
@@ -202,7 +214,8 @@ class ReducedRunner:
         return _to_original(y, where, T)
 
     # ---- decode -------------------------------------------------------------------------------------
-    def _decode(self, model: Decoder, x: torch.Tensor, step: int, position_ids: torch.Tensor) -> torch.Tensor:
+    def _decode(self, model: Decoder, x: torch.Tensor, step: int, position_ids: torch.Tensor,
+                kernel: Kernel | None) -> torch.Tensor:
         B = x.shape[0]
         T = self.prompt_len
         selector = self.reduction.decode
@@ -211,15 +224,15 @@ class ReducedRunner:
         read = None  # (B, T + step + 1) bool over original positions, once the selector has chosen
         for seg in self.segments:
             slot = torch.tensor([seg.length + step], device=x.device)
-            km = _grow(seg.key_mask, step + 1)
+            km = grow(seg.key_mask, step + 1)
             keys = self._key_positions(seg, step, B, x.device)
             smap = None if seg.positions is None else SequenceMap(new_pos, keys, T + step + 1)
             start = seg.layers.start
             if Ls is not None and start < Ls <= seg.layers.stop:  # layer L-1 is here: run up to it, then choose
                 x_in = model.forward_layers(x, position_ids, range(start, Ls - 1), input_pos=slot, key_mask=km,
-                                            seq_map=smap)
+                                            rows=smap, kernel=kernel)
                 x = model.forward_layers(x_in, position_ids, range(Ls - 1, Ls), input_pos=slot, key_mask=km,
-                                         seq_map=smap)
+                                         rows=smap, kernel=kernel)
                 read = self._select(model, x_in, position_ids, km, keys, step)
                 start = Ls
             if start >= seg.layers.stop:
@@ -228,7 +241,7 @@ class ReducedRunner:
                 full = km if km is not None else torch.ones(B, keys.shape[1], dtype=torch.bool, device=x.device)
                 km = full & read.gather(1, keys.clamp(min=0))
             x = model.forward_layers(x, position_ids, range(start, seg.layers.stop), input_pos=slot, key_mask=km,
-                                     seq_map=smap)
+                                     rows=smap, kernel=kernel)
         if selector is not None:
             self.fates.decode_read.append(read)
         return x
@@ -259,16 +272,6 @@ class ReducedRunner:
         return read
 
 
-@contextmanager
-def mapped(model: Decoder, seq_map: SequenceMap | None):
-    """Set ``model.seq_map`` for a block of layer calls made directly (FrameFusion's halves of a layer)."""
-    previous, model.seq_map = model.seq_map, seq_map
-    try:
-        yield
-    finally:
-        model.seq_map = previous
-
-
 def _slot_positions(keep: list[torch.Tensor], T2: int) -> torch.Tensor:
     """Per row, the kept original indices left-padded with -1 to T2: (B, T2)."""
     out = torch.full((len(keep), T2), -1, dtype=torch.long, device=keep[0].device)
@@ -286,13 +289,6 @@ def _to_original(x: torch.Tensor, where: torch.Tensor, T: int) -> torch.Tensor:
     idx = torch.where(where >= 0, where, T)  # padding rows -> a scratch row
     out.scatter_(1, idx[..., None].expand(-1, -1, C), x)
     return out[:, :T]
-
-
-def _grow(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
-    """The prefill key mask extended by ``n`` real (generated) tokens."""
-    if mask is None:
-        return None
-    return torch.cat([mask, mask.new_ones(mask.shape[0], n)], dim=1)
 
 
 def _gather_left_padded(x: torch.Tensor, position_ids: torch.Tensor,
