@@ -36,7 +36,7 @@ import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
@@ -52,6 +52,9 @@ from ..inputs.tokens import (ContextOverflowError, ContextPlan, ImagePlan, RopeS
 from ..inputs.video import Sampling, VideoClip, VideoError, _estimate_total, frame_options, load_video
 from .memory import memory_budget
 from ..reduce.stages import Reduction, VisualLayout, native_video_layout
+
+if TYPE_CHECKING:
+    from .tracing import TraceResult
 
 PathLike = str | os.PathLike
 
@@ -368,10 +371,7 @@ class Pipeline:
                     for row, r in enumerate(requests):
                         r.timings["prefill_s"] = t_first - t0 - r.timings["encode_s"]
                         if runner is not None:
-                            rep = runner.report
-                            r.reduction_report = {"pruned_at_layer": rep.layer,
-                                                  "visual_tokens_after_pruning": rep.visual_after[row],
-                                                  "kept_positions": rep.kept_positions[row]}
+                            r.reduction_report = pruning_report(runner.report, row)
                 yield token
         except (torch.OutOfMemoryError, MemoryError) as e:
             raise budget.error(f"the allocation failed: {_first_line(e)}") from None
@@ -429,6 +429,15 @@ class Pipeline:
     def generate(self, request: Request, **kwargs) -> str:
         return "".join(self.stream(request, **kwargs))
 
+    # ---- 4. trace (research) ----------------------------------------------------------------------
+    def trace(self, request: Request, **kwargs) -> "TraceResult":
+        """``request`` run under the research instruments (token provenance, exact attention rows of chosen
+        query groups, logit lens; a reduced model's prefill and decode replayed), the numbers returned as a
+        ``TraceResult``: runtime/tracing.py's ``trace_request``, which says what the arguments are."""
+        from .tracing import trace_request
+
+        return trace_request(self, request, **kwargs)
+
 
 def _check_finite(t: torch.Tensor, what: str) -> None:
     if bool(torch.isfinite(t).all()):
@@ -455,6 +464,13 @@ def _shorter_videos(paths: Sequence[PathLike], frames: int) -> str:
         if 0 < total < frames:
             out += f"; {os.fspath(path)} has only {total} frames (uniform sampling repeats frames past that)"
     return out
+
+
+def pruning_report(report, row: int) -> dict:
+    """What an in-decoder reduction's prefill pruned in one row of the batch (a ``ReducedRunner``'s report):
+    ``Request.reduction_report``, as a run and a trace report it."""
+    return {"pruned_at_layer": report.layer, "visual_tokens_after_pruning": report.visual_after[row],
+            "kept_positions": report.kept_positions[row]}
 
 
 def _first_line(e: BaseException) -> str:
