@@ -105,7 +105,7 @@ def _trace(args: argparse.Namespace, user_error) -> int:
     request = _prepare(pipe, args, reduction, user_error)
     t1 = time.perf_counter()
     result = pipe.trace(request, layers=args.layers, queries=args.query, lens=args.lens, lens_top_k=args.lens_top_k,
-                        question=args.prompt, template=args.template,
+                        template=args.template,
                         image_names=[os.path.basename(p) for p in args.image], max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                         compile_step={"auto": None, "on": True, "off": False}[args.compile_step])
@@ -228,7 +228,8 @@ def _json_floats(w: torch.Tensor) -> list:
 
 
 def _draw(args, request, prov, attention, lens, tokenizer, layers, user_error, n_layers) -> list[str]:
-    from ..inputs.image import load_image
+    """The --png pictures into args.png: per video its frame heatmaps, the layer x frame chart (and a reduced
+    request's kept map), per image its AnyRes overlay, and the logit-lens grid; their paths."""
     from ..research import plots
 
     try:
@@ -250,45 +251,9 @@ def _draw(args, request, prov, attention, lens, tokenizer, layers, user_error, n
 
     for m in prov.media_info:
         if m.kind == "video":
-            # Interleave sends a video as its frames, one <image> each: its clip is in request.frame_clips
-            clip = (request.frame_clips if m.as_images else request.videos)[m.kind_index]
-            F = m.plan.num_frames
-            grids = [prov.to_grid(mean_w, m.index, frame=f).numpy() for f in range(F)]
-            sums = [prov.where(media=m.index, frame=f) for f in range(F)]
-            st = m.plan.stride * m.plan.pooled_hw[0] / m.plan.patch_grid_hw[0] if m.plan.mode != "bilinear" else 1.0
-            save(plots.frame_heatmaps(clip.frames, grids, list(m.timestamps), list(m.frame_indices),
-                                      title=f"{m.name}: which frame gets attention? query '{group}', {span}",
-                                      frame_sums=[float(mean_w[p].nansum()) for p in sums], covered=min(1.0, st)),
-                 f"video{m.kind_index}_frames.png")
-            if prov.fates is not None or args.reduce:  # a reduced request: what reached which layer, per frame
-                _draw_fates(prov, m, clip, save, n_layers)
-            shares = np.array([[float(attention[layer][group][p].nansum()) for p in sums] for layer in layers])
-            extra = {name: np.array([float(attention[layer][group][pos].nansum()) for layer in layers])
-                     for name, pos in prov.segments().items() if name in ("system", "question", "template")}
-            save(plots.layer_frame_chart(shares, layers, list(m.timestamps),
-                                         title=f"{m.name}: share of query '{group}' attention per frame and layer",
-                                         extra=extra), f"video{m.kind_index}_layers.png")
+            _draw_video(args, request, prov, m, attention, mean_w, group, span, layers, save, n_layers)
         else:
-            path = args.image[m.kind_index]
-            image = load_image(path, max_pixels=args.max_image_pixels)
-            base = prov.to_pixels(mean_w, m.index, part="base")
-            untiled = m.plan.aspect != "anyres"  # "resize" / "pad": one tile, no AnyRes grid
-            grid = None if untiled else prov.to_pixels(mean_w, m.index, part="grid")
-            tiles = []
-            rows, cols = m.plan.grid_hw
-            for ty in range(rows):
-                for tx in range(cols):
-                    b = prov.box[prov.where(media=m.index, tile=(ty, tx))]
-                    if len(b):
-                        tiles.append((float(b[:, 0].min()), float(b[:, 1].min()), float(b[:, 2].max()),
-                                      float(b[:, 3].max())))
-            how = "padded to a square" if m.plan.aspect == "pad" else "squashed"
-            save(plots.anyres_overlay(image, base, grid, title=f"{os.path.basename(path)}: query '{group}' attention, "
-                                                             f"{span}", tile_boxes=tiles,
-                                      base_label=f"one tile ({how})" if untiled else None,
-                                      base_sum=float(mean_w[prov.where(media=m.index, tile='base')].sum()),
-                                      grid_sum=float(mean_w[prov.where(media=m.index, kind='image_grid')].sum())),
-                 f"image{m.kind_index}_anyres.png")
+            _draw_image(args, prov, m, mean_w, group, span, save)
     if lens:
         ordered = sorted(lens)
         positions = lens[ordered[0]].positions.tolist()[-32:]
@@ -300,6 +265,57 @@ def _draw(args, request, prov, attention, lens, tokenizer, layers, user_error, n
                                    title="logit lens: top-1 token per layer at the chosen positions"),
              "logit_lens.png")
     return out
+
+
+def _draw_video(args, request, prov, m, attention, mean_w, group: str, span: str, layers, save, n_layers: int) -> None:
+    """One video: which frame gets attention (heatmaps), the share per frame and layer, a reduced request's
+    kept map."""
+    from ..research import plots
+
+    # Interleave sends a video as its frames, one <image> each: its clip is in request.frame_clips
+    clip = (request.frame_clips if m.as_images else request.videos)[m.kind_index]
+    F = m.plan.num_frames
+    grids = [prov.to_grid(mean_w, m.index, frame=f).numpy() for f in range(F)]
+    sums = [prov.where(media=m.index, frame=f) for f in range(F)]
+    st = m.plan.stride * m.plan.pooled_hw[0] / m.plan.patch_grid_hw[0] if m.plan.mode != "bilinear" else 1.0
+    save(plots.frame_heatmaps(clip.frames, grids, list(m.timestamps), list(m.frame_indices),
+                              title=f"{m.name}: which frame gets attention? query '{group}', {span}",
+                              frame_sums=[float(mean_w[p].nansum()) for p in sums], covered=min(1.0, st)),
+         f"video{m.kind_index}_frames.png")
+    if prov.fates is not None or args.reduce:  # a reduced request: what reached which layer, per frame
+        _draw_fates(prov, m, clip, save, n_layers)
+    shares = np.array([[float(attention[layer][group][p].nansum()) for p in sums] for layer in layers])
+    extra = {name: np.array([float(attention[layer][group][pos].nansum()) for layer in layers])
+             for name, pos in prov.segments().items() if name in ("system", "question", "template")}
+    save(plots.layer_frame_chart(shares, layers, list(m.timestamps),
+                                 title=f"{m.name}: share of query '{group}' attention per frame and layer",
+                                 extra=extra), f"video{m.kind_index}_layers.png")
+
+
+def _draw_image(args, prov, m, mean_w, group: str, span: str, save) -> None:
+    """One image: the attention on its base tile and its AnyRes grid, over its original pixels."""
+    from ..inputs.image import load_image
+    from ..research import plots
+
+    path = args.image[m.kind_index]
+    image = load_image(path, max_pixels=args.max_image_pixels)
+    base = prov.to_pixels(mean_w, m.index, part="base")
+    untiled = m.plan.aspect != "anyres"  # "resize" / "pad": one tile, no AnyRes grid
+    grid = None if untiled else prov.to_pixels(mean_w, m.index, part="grid")
+    tiles = []
+    rows, cols = m.plan.grid_hw
+    for ty in range(rows):
+        for tx in range(cols):
+            b = prov.box[prov.where(media=m.index, tile=(ty, tx))]
+            if len(b):
+                tiles.append((float(b[:, 0].min()), float(b[:, 1].min()), float(b[:, 2].max()), float(b[:, 3].max())))
+    how = "padded to a square" if m.plan.aspect == "pad" else "squashed"
+    save(plots.anyres_overlay(image, base, grid, title=f"{os.path.basename(path)}: query '{group}' attention, "
+                                                     f"{span}", tile_boxes=tiles,
+                              base_label=f"one tile ({how})" if untiled else None,
+                              base_sum=float(mean_w[prov.where(media=m.index, tile='base')].sum()),
+                              grid_sum=float(mean_w[prov.where(media=m.index, kind='image_grid')].sum())),
+         f"image{m.kind_index}_anyres.png")
 
 
 def _draw_fates(prov, m, clip, save, n_layers: int) -> None:
