@@ -78,6 +78,7 @@ class Request:
     unreduced_visual_tokens: int = 0  # what the same request costs without reduction
     reduction_report: dict = field(default_factory=dict)  # filled by the in-decoder stage at prefill
     tokens: list[int] = field(default_factory=list)  # the answer's token ids, filled by stream()
+    prompt: str = ""  # the prompt text as given to prepare (what a trace's question selector finds)
 
     def to_dict(self) -> dict:
         """The token plan as plain data (for --json)."""
@@ -206,7 +207,7 @@ class Pipeline:
         return Request(ids, image_inputs, clips, plan, image_counts, video_counts,
                        {"preprocess_s": t1 - t0, "tokenize_s": time.perf_counter() - t1},
                        notes + [note for c in clips + frame_clips for note in c.notes()], image_plans, video_plans,
-                       frame_clips, reduction or None, unreduced)
+                       frame_clips, reduction or None, unreduced, prompt=prompt)
 
     def _token_plan(self, prompt: str, images: list[tuple[Size, Size]], aspect: str,
                     frames_as_images: list[tuple[Size, int]], videos: list[int], *, frames: int,

@@ -63,8 +63,8 @@ def trace_request(pipe: Pipeline, request: Request, *, layers: Sequence[int] | N
                   lens_top_k: int = 5, question: str | None = None, template: str | None = None,
                   image_names: Sequence[str] = (), max_new_tokens: int = 0, **sampling) -> TraceResult:
     """``request`` traced (see the module docstring). ``layers``: None = all, negative from the end;
-    ``question``: the prompt's question text (the ``question`` selector finds it); ``sampling``:
-    ``temperature``, ``top_p``, ``seed``, ``compile_step`` of the generation, as ``Pipeline.stream``."""
+    ``question``: the question text the ``question`` selector finds (default: the prompt given to prepare);
+    ``sampling``: ``temperature``, ``top_p``, ``seed``, ``compile_step`` of the generation, as ``Pipeline.stream``."""
     n_layers = len(pipe.model.language_model.layers)
     layers = list(range(n_layers)) if layers is None else list(dict.fromkeys(x % n_layers for x in layers))
     t0 = time.perf_counter()
@@ -80,6 +80,7 @@ def trace_request(pipe: Pipeline, request: Request, *, layers: Sequence[int] | N
                    for c in request.videos]
         video_feats = [r.tokens if r is not None else pipe.model.video_features(c.pixel_values)
                        for r, c in zip(reduced, request.videos)]
+    question = request.prompt if question is None else question
     prov = Provenance.from_request(request, pipe.config, tokenizer=pipe.tokenizer, question=question,
                                    template=template, image_names=list(image_names),
                                    video_tokens=[(r.frame, r.patch) if r is not None else None for r in reduced])
