@@ -127,12 +127,40 @@ def random_weights_notice(model: str) -> str | None:
 
 def _run(args: argparse.Namespace, user_error) -> int:
     from ..config import PRESETS
-    from ..model.attention import use_backend
+
+    reduction, (quantize, group_size) = _check_run(args, user_error)
+    model_id = PRESETS[args.model].hub_id if args.model in PRESETS else args.model
+    notice = random_weights_notice(args.model)
+    if notice:  # said plainly, whatever the output mode: the answer is noise
+        print(f"[llava-next] {notice}", file=sys.stderr)
+    pipe, load_s = _load(args, model_id, quantize, group_size)
+    request = prepare_request(pipe, args, reduction, user_error)
+    _say_plan(args, request, reduction)
+    text = _answer(args, pipe, request)
+    timings = {"load_s": load_s, **request.timings}
+    if args.json:
+        from . import options
+        from .plan import media_plan, overflow
+
+        media = media_plan(list(zip(args.image, request.image_plans)), list(zip(request.videos, request.video_plans)),
+                           pipe.model.config, args.rope_scale, options.sampling(args))
+        result = {"tokens": request.tokens, "text": text, "timings": timings,
+                  "plan": {**request.to_dict(), **media}, "overflow": overflow(request.plan)}
+        if notice:
+            result["random_weights"], result["notice"] = True, notice
+        print(json.dumps(result))
+    else:
+        sys.stdout.write("\n")
+        if not args.quiet:
+            print(f"[llava-next] {len(request.tokens)} tokens; first token {timings['first_token_s']:.2f} s, "
+                  f"{timings['decode_tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+    return 0
+
+
+def _check_run(args: argparse.Namespace, user_error):
+    """The flags checked before any loading: the reduction they ask for (or None), (quantize, group size)."""
     from ..parallel.launch import dist_env, rank0_output
-    from ..parallel.tensor_parallel import load_pipeline  # under torchrun: the decoder split over the ranks
-    from ..runtime.progress import Progress
     from . import options
-    from .plan import media_plan, overflow, overflow_warning
 
     options.finish(args, needs_prompt=True)
     rank0_output(dist_env())  # under torchrun, ranks > 0 print nothing (the answer, plan and progress come once)
@@ -142,12 +170,17 @@ def _run(args: argparse.Namespace, user_error) -> int:
     if bad_sampling:
         raise user_error(bad_sampling)
     reduction = options.reduction(args)  # a bad method or value fails before any loading
-    quantize, group_size = options.quantization(args)
-    model_id = PRESETS[args.model].hub_id if args.model in PRESETS else args.model
+    return reduction, options.quantization(args)
+
+
+def _load(args: argparse.Namespace, model_id: str, quantize, group_size):
+    """The pipeline (under torchrun: the decoder split over the ranks) with its progress lines, and the
+    seconds loading took."""
+    from ..parallel.tensor_parallel import load_pipeline
+    from ..runtime.progress import Progress
+    from . import options
+
     tiny = options.is_tiny(args.model)
-    notice = random_weights_notice(args.model)
-    if notice:  # said plainly, whatever the output mode: the answer is noise
-        print(f"[llava-next] {notice}", file=sys.stderr)
     # stderr only, so --json's stdout stays one object; in text mode the streamed answer shows the decoding
     progress = Progress(enabled=not args.quiet, skip=() if args.json else ("decoding",))
     progress.say("loading", f"{model_id} ({args.dtype}, {args.device}){' (built on first use)' if tiny else ''}")
@@ -157,48 +190,47 @@ def _run(args: argparse.Namespace, user_error) -> int:
     load_s = time.perf_counter() - t0
     progress.say("loading", f"done in {load_s:.2f} s")
     pipe.progress = progress
-    request = prepare_request(pipe, args, reduction, user_error)
+    return pipe, load_s
+
+
+def _say_plan(args: argparse.Namespace, request, reduction) -> None:
+    """The plan on stderr: an overflow warning always (only with --allow-overflow), the rest unless --json or
+    --quiet."""
+    from .plan import overflow_warning
+
     plan = request.plan
     if not plan.fits:  # only with --allow-overflow; said even with --json or --quiet
         print(f"[llava-next] {overflow_warning(plan)}", file=sys.stderr)
-    say = not (args.json or args.quiet)
-    if say:
-        print(f"[llava-next] {plan.summary()}", file=sys.stderr)
-        for note in request.notes:
-            print(f"[llava-next] note: {note}", file=sys.stderr)
-        if reduction:
-            r = request.reduction_summary()
-            print(f"[llava-next] reduction {', '.join(r['methods'])}: {r['visual_tokens_unreduced']} visual tokens "
-                  f"unreduced -> {r['visual_tokens_into_decoder']} into the decoder", file=sys.stderr)
-        if plan.factor_source == "auto" and plan.factor == plan.config_factor:  # else a note above says why
-            print(f"[llava-next] --rope-scale auto: using linear RoPE factor {plan.factor:g}, the checkpoint's",
-                  file=sys.stderr)
-    options_ = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                    seed=args.seed, template=args.template,
-                    compile_step={"auto": None, "on": True, "off": False}[args.compile_step])
+    if args.json or args.quiet:
+        return
+    print(f"[llava-next] {plan.summary()}", file=sys.stderr)
+    for note in request.notes:
+        print(f"[llava-next] note: {note}", file=sys.stderr)
+    if reduction:
+        r = request.reduction_summary()
+        print(f"[llava-next] reduction {', '.join(r['methods'])}: {r['visual_tokens_unreduced']} visual tokens "
+              f"unreduced -> {r['visual_tokens_into_decoder']} into the decoder", file=sys.stderr)
+    if plan.factor_source == "auto" and plan.factor == plan.config_factor:  # else a note above says why
+        print(f"[llava-next] --rope-scale auto: using linear RoPE factor {plan.factor:g}, the checkpoint's",
+              file=sys.stderr)
+
+
+def _answer(args: argparse.Namespace, pipe, request) -> str:
+    """The answer, streamed to stdout as it comes (not with --json)."""
+    from ..model.attention import use_backend
+    from . import options
+
     pieces = []
     # tiny-random on CPU: plain SDPA decode attention (compiling the fast one costs more than the whole answer)
-    with use_backend("sdpa") if tiny and args.device == "cpu" else contextlib.nullcontext():
-        for piece in pipe.stream(request, **options_):
+    with use_backend("sdpa") if options.is_tiny(args.model) and args.device == "cpu" else contextlib.nullcontext():
+        for piece in pipe.stream(request, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                 top_p=args.top_p, seed=args.seed, template=args.template,
+                                 compile_step={"auto": None, "on": True, "off": False}[args.compile_step]):
             pieces.append(piece)
             if not args.json:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
-    timings = {"load_s": load_s, **request.timings}
-    if args.json:
-        media = media_plan(list(zip(args.image, request.image_plans)), list(zip(request.videos, request.video_plans)),
-                           pipe.model.config, args.rope_scale, options.sampling(args))
-        result = {"tokens": request.tokens, "text": "".join(pieces), "timings": timings,
-                  "plan": {**request.to_dict(), **media}, "overflow": overflow(plan)}
-        if notice:
-            result["random_weights"], result["notice"] = True, notice
-        print(json.dumps(result))
-    else:
-        sys.stdout.write("\n")
-        if say:
-            print(f"[llava-next] {len(request.tokens)} tokens; first token {timings['first_token_s']:.2f} s, "
-                  f"{timings['decode_tokens_per_s']:.1f} tokens/s", file=sys.stderr)
-    return 0
+    return "".join(pieces)
 
 
 def prepare_request(pipe, args: argparse.Namespace, reduction, user_error):

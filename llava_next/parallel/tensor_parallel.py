@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -232,44 +231,27 @@ def memory_per_rank(config: LlavaNextConfig, n: int, dtype: torch.dtype, prompt_
 
 def load_tensor_parallel(model_id_or_dir, mesh, *, dtype: torch.dtype | None = None, device: str = "cpu",
                          cache_dir=None, progress: bool = True):
-    """A ``Pipeline`` whose decoder is split over ``mesh`` (every rank calls this). Resolving (download,
-    conversion) happens on each machine's local rank 0 first, the others then find it cached. Errors on
-    any rank become one ``RankFailedError`` on all of them."""
-    from llava_next_weights.hub import resolve
-    from llava_next_weights.load import parse_dtype, read_config
-
-    from ..inputs.prompt import Tokenizer
-    from ..runtime.pipeline import preset_for
+    """A ``Pipeline`` whose decoder is split over ``mesh`` (every rank calls this): the runtime's loader
+    (runtime/loading.py) with this package's model (``load_model``: parallelized, each rank's slices).
+    Resolving (download, conversion) happens on each machine's local rank 0 first, the others then find
+    it cached. Errors on any rank become one ``RankFailedError`` on all of them."""
+    from ..runtime.loading import load
 
     env = dist_env()
-    dtype = parse_dtype(dtype)
 
-    def resolve_here():
-        from ..runtime import tiny
+    def local_rank0_first(resolve):
+        first = agree("resolving the checkpoint", resolve if env.local_rank == 0 else lambda: None)
+        then = agree("resolving the checkpoint", resolve if env.local_rank != 0 else lambda: None)
+        return first if env.local_rank == 0 else then
 
-        if tiny.is_tiny(model_id_or_dir):  # built in: random weights, built into the cache on first use
-            return tiny.ensure(cache_dir, name=str(model_id_or_dir))
-        return resolve(model_id_or_dir, cache_dir=cache_dir, progress=progress and env.is_rank0)
+    def materialize(path, config, dtype, device):
+        return load_model(path, mesh, config=config, dtype=dtype, device=device)
 
-    first = agree("resolving the checkpoint", resolve_here if env.local_rank == 0 else lambda: None)
-    then = agree("resolving the checkpoint", resolve_here if env.local_rank != 0 else lambda: None)
-    path = first if env.local_rank == 0 else then
-
-    def load() -> Pipeline:
-        config = read_config(path)
-        check_tp_size(config.text, mesh.size())
-        preset = preset_for(model_id_or_dir)
-        if preset is not None and config.template != preset.config.template:
-            config = dataclasses.replace(config, template=preset.config.template)
-        tokenizer_file = Path(path) / "tokenizer.json"
-        if not tokenizer_file.is_file():
-            raise FileNotFoundError(f"{path} has no tokenizer.json; copy the checkpoint's tokenizer.json there")
-        model = load_model(path, mesh, config=config, dtype=dtype, device=device)
-        pipe = TensorParallelPipeline(model, Tokenizer.load(tokenizer_file))
-        pipe.budget_text_config = rank_text_config(config.text, mesh.size())
-        return pipe
-
-    return agree("loading the checkpoint", load)
+    pipe = load(model_id_or_dir, dtype=dtype, device=device, cache_dir=cache_dir, progress=progress and env.is_rank0,
+                materialize=materialize, pipeline_class=TensorParallelPipeline, resolve_step=local_rank0_first,
+                load_step=lambda step: agree("loading the checkpoint", step))
+    pipe.budget_text_config = rank_text_config(pipe.config.text, mesh.size())  # load_model checked the size
+    return pipe
 
 
 class TensorParallelPipeline(Pipeline):

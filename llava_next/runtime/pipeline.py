@@ -36,8 +36,7 @@ import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
@@ -51,9 +50,11 @@ from ..inputs.samples import resolve as resolve_sample
 from ..inputs.tokens import (ContextOverflowError, ContextPlan, ImagePlan, RopeScale, Size, VideoPlan, check_context,
                              image_aspect, image_plan, plan_context, video_plan)
 from ..inputs.video import Sampling, VideoClip, VideoError, _estimate_total, frame_options, load_video
-from . import tiny
-from .memory import MemoryBudgetError, check_model_fits, memory_budget
+from .memory import memory_budget
 from ..reduce.stages import Reduction, VisualLayout, native_video_layout
+
+if TYPE_CHECKING:
+    from .tracing import TraceResult
 
 PathLike = str | os.PathLike
 
@@ -77,6 +78,7 @@ class Request:
     unreduced_visual_tokens: int = 0  # what the same request costs without reduction
     reduction_report: dict = field(default_factory=dict)  # filled by the in-decoder stage at prefill
     tokens: list[int] = field(default_factory=list)  # the answer's token ids, filled by stream()
+    prompt: str = ""  # the prompt text as given to prepare (what a trace's question selector finds)
 
     def to_dict(self) -> dict:
         """The token plan as plain data (for --json)."""
@@ -135,38 +137,12 @@ class Pipeline:
         cached), a hub id (downloaded, converted once, cached), or a built-in model ("tiny-random",
         "tiny-random-interleave", "tiny-random-onevision": runtime/tiny.py, random weights, no download). Weights are mmapped, not copied.
         ``quantize`` ("int8" / "int4"): the decoder's linears quantized once into the cache
-        (llava_next/model/quant.py); a directory that is already quantized loads as such without it."""
-        from llava_next_weights.hub import resolve
-        from llava_next_weights.load import load_into, parse_dtype, read_config
-        from llava_next_weights.quantize import prepare_quantized
+        (llava_next/model/quant.py); a directory that is already quantized loads as such without it.
+        The steps are runtime/loading.py's, which the tensor-parallel loader shares."""
+        from .loading import load
 
-        dtype = parse_dtype(dtype)  # a bad dtype fails before any conversion or loading
-        if tiny.is_tiny(model_id_or_dir):  # built in: random weights, built into the cache on first use
-            path = tiny.ensure(cache_dir, name=str(model_id_or_dir))
-            if quantize is not None:  # quantized into the cache like any llava-next directory
-                path = resolve(path, cache_dir=cache_dir, progress=progress, quantize=quantize, group_size=group_size)
-        else:
-            path = resolve(model_id_or_dir, cache_dir=cache_dir, progress=progress, quantize=quantize,
-                           group_size=group_size)
-        config = read_config(path)
-        preset = preset_for(model_id_or_dir)
-        if preset is not None and config.template != preset.config.template:
-            # a llava-hf config.json does not say which chat template the model was trained with (34B: chatml)
-            config = dataclasses.replace(config, template=preset.config.template)
-        with torch.device("meta"):
-            model = LlavaNextModel(config)
-        qc = prepare_quantized(model, path, dtype)
-        check_model_fits(config, dtype or torch.bfloat16, device, None if qc is None else qc.method,
-                         128 if qc is None else qc.group_size)
-        if qc is not None and torch.device(device).type != "cpu":
-            raise ValueError(f"{path} is quantized: quantized checkpoints run on CPU only (torch's int8/int4 "
-                             f"CPU kernels); use --device cpu, or the float checkpoint on {device}")
-        load_into(model, path, dtype=dtype, device=device)
-        model.pack_for_cpu()  # oneDNN-prepacked linears on CPU (same numbers, faster); a no-op elsewhere
-        tokenizer_file = Path(path) / "tokenizer.json"
-        if not tokenizer_file.is_file():
-            raise FileNotFoundError(f"{path} has no tokenizer.json; copy the checkpoint's tokenizer.json there")
-        return cls(model, Tokenizer.load(tokenizer_file))
+        return load(model_id_or_dir, dtype=dtype, device=device, cache_dir=cache_dir, progress=progress,
+                    quantize=quantize, group_size=group_size, pipeline_class=cls)
 
     # ---- 1. prepare -------------------------------------------------------------------------------
     def prepare(self, prompt: str, images: Sequence[PathLike | object] = (), video: PathLike | None = None, *,
@@ -231,7 +207,7 @@ class Pipeline:
         return Request(ids, image_inputs, clips, plan, image_counts, video_counts,
                        {"preprocess_s": t1 - t0, "tokenize_s": time.perf_counter() - t1},
                        notes + [note for c in clips + frame_clips for note in c.notes()], image_plans, video_plans,
-                       frame_clips, reduction or None, unreduced)
+                       frame_clips, reduction or None, unreduced, prompt=prompt)
 
     def _token_plan(self, prompt: str, images: list[tuple[Size, Size]], aspect: str,
                     frames_as_images: list[tuple[Size, int]], videos: list[int], *, frames: int,
@@ -392,10 +368,7 @@ class Pipeline:
                     for row, r in enumerate(requests):
                         r.timings["prefill_s"] = t_first - t0 - r.timings["encode_s"]
                         if engine is not None:
-                            rep = engine.report
-                            r.reduction_report = {"pruned_at_layer": rep.layer,
-                                                  "visual_tokens_after_pruning": rep.visual_after[row],
-                                                  "kept_positions": rep.kept_positions[row]}
+                            r.reduction_report = pruning_report(engine.report, row)
                 yield token
         except (torch.OutOfMemoryError, MemoryError) as e:
             raise budget.error(f"the allocation failed: {_first_line(e)}") from None
@@ -452,6 +425,15 @@ class Pipeline:
     def generate(self, request: Request, **kwargs) -> str:
         return "".join(self.stream(request, **kwargs))
 
+    # ---- 4. trace (research) ----------------------------------------------------------------------
+    def trace(self, request: Request, **kwargs) -> "TraceResult":
+        """``request`` run under the research instruments (token provenance, exact attention rows of chosen
+        query groups, logit lens; a reduced model's prefill and decode replayed), the numbers returned as a
+        ``TraceResult``: runtime/tracing.py's ``trace_request``, which says what the arguments are."""
+        from .tracing import trace_request
+
+        return trace_request(self, request, **kwargs)
+
 
 def _check_finite(t: torch.Tensor, what: str) -> None:
     if bool(torch.isfinite(t).all()):
@@ -480,6 +462,13 @@ def _shorter_videos(paths: Sequence[PathLike], frames: int) -> str:
     return out
 
 
+def pruning_report(report, row: int) -> dict:
+    """What an in-decoder reduction's prefill pruned in one row of the batch (a ``ReducedRunner``'s report):
+    ``Request.reduction_report``, as a run and a trace report it."""
+    return {"pruned_at_layer": report.layer, "visual_tokens_after_pruning": report.visual_after[row],
+            "kept_positions": report.kept_positions[row]}
+
+
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
@@ -497,10 +486,3 @@ def with_overrides(config: LlavaNextConfig, *, pool_stride: int | None = None, p
                                                ("anyres_compat", anyres_compat)) if value is not None}
     return dataclasses.replace(config, **changes) if changes else config
 
-
-def preset_for(model_id: PathLike):
-    """The preset whose hub id (llava-hf or original) is ``model_id``, or None."""
-    from ..config import PRESETS
-
-    name = str(model_id)
-    return next((p for p in PRESETS.values() if name in (p.hub_id, p.original_id)), None)

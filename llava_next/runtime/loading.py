@@ -1,0 +1,124 @@
+"""The one loader: a model id -> (checkpoint directory, config, tokenizer) -> a ``Pipeline``.
+
+    pipe = load("tiny-random")                                  # what Pipeline.from_pretrained calls
+    pipe = load(model_id, materialize=shard_over_mesh, ...)     # parallel/tensor_parallel.py: its own model
+
+Steps, in order:
+1. ``resolve_checkpoint``: a built-in model (runtime/tiny.py: built into the cache on first use), a converted
+   llava-next directory, a llava-hf / original checkpoint directory or a hub id (llava_next_weights.hub:
+   downloaded, converted once, cached; ``quantize``: its decoder's linears quantized once into the cache).
+2. ``read_config``: the checkpoint's config.json, with the chat template of the preset whose hub id it is
+   (a llava-hf config.json does not say which template the model was trained with; 34B: chatml).
+3. ``materialize``: the weights into a model. ``materialize_single`` (one process: built on the meta device,
+   the memory check, the mmapped weights, oneDNN-prepacked on CPU) unless the caller brings its own: the
+   tensor-parallel package shards the decoder over a device mesh and loads each rank's slices.
+4. ``read_tokenizer``: the checkpoint's tokenizer.json.
+
+The caller may wrap step 1 (``resolve_step``) and steps 2-4 (``load_step``): under torchrun each machine's
+local rank 0 resolves first and every rank agrees on the outcome (parallel/launch.py's ``agree``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import torch
+
+from ..config import LlavaNextConfig
+from ..inputs.prompt import Tokenizer
+from ..model.llava import LlavaNextModel
+from . import tiny
+from .memory import check_model_fits
+from .pipeline import Pipeline
+
+PathLike = str | os.PathLike
+T = TypeVar("T")
+# (checkpoint directory, config, dtype, device) -> the model with its weights
+Materialize = Callable[[Path, LlavaNextConfig, "torch.dtype | None", "str | torch.device"], LlavaNextModel]
+
+
+def _now(step: Callable[[], T]) -> T:
+    return step()
+
+
+def load(model_id_or_dir: PathLike, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+         cache_dir: PathLike | None = None, progress: bool = True, quantize: str | None = None,
+         group_size: int | None = 128, materialize: Materialize | None = None,
+         pipeline_class: type[Pipeline] = Pipeline, resolve_step: Callable = _now,
+         load_step: Callable = _now) -> Pipeline:
+    """``model_id_or_dir`` resolved, read and loaded into ``pipeline_class`` (see the module docstring)."""
+    from llava_next_weights.load import parse_dtype
+
+    dtype = parse_dtype(dtype)  # a bad dtype fails before any conversion or loading
+    path = resolve_step(lambda: resolve_checkpoint(model_id_or_dir, cache_dir=cache_dir, progress=progress,
+                                                   quantize=quantize, group_size=group_size))
+
+    def read_and_materialize() -> Pipeline:
+        config = read_config(path, model_id_or_dir)
+        model = (materialize or materialize_single)(Path(path), config, dtype, device)
+        return pipeline_class(model, read_tokenizer(path))
+
+    return load_step(read_and_materialize)
+
+
+def resolve_checkpoint(model_id_or_dir: PathLike, *, cache_dir: PathLike | None = None, progress: bool = True,
+                       quantize: str | None = None, group_size: int | None = 128) -> Path:
+    """The converted llava-next directory of a built-in model, a directory or a hub id."""
+    from llava_next_weights.hub import resolve
+
+    if tiny.is_tiny(model_id_or_dir):  # built in: random weights, built into the cache on first use
+        path = tiny.ensure(cache_dir, name=str(model_id_or_dir))
+        if quantize is not None:  # quantized into the cache like any llava-next directory
+            path = resolve(path, cache_dir=cache_dir, progress=progress, quantize=quantize, group_size=group_size)
+        return path
+    return resolve(model_id_or_dir, cache_dir=cache_dir, progress=progress, quantize=quantize, group_size=group_size)
+
+
+def read_config(path: PathLike, model_id: PathLike) -> LlavaNextConfig:
+    """``path``'s config.json, with the chat template of ``model_id``'s preset when it has one."""
+    from llava_next_weights.load import read_config as read_config_json
+
+    config = read_config_json(path)
+    preset = preset_for(model_id)
+    if preset is not None and config.template != preset.config.template:
+        # a llava-hf config.json does not say which chat template the model was trained with (34B: chatml)
+        config = dataclasses.replace(config, template=preset.config.template)
+    return config
+
+
+def read_tokenizer(path: PathLike) -> Tokenizer:
+    tokenizer_file = Path(path) / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise FileNotFoundError(f"{path} has no tokenizer.json; copy the checkpoint's tokenizer.json there")
+    return Tokenizer.load(tokenizer_file)
+
+
+def materialize_single(path: Path, config: LlavaNextConfig, dtype: torch.dtype | None,
+                       device: str | torch.device) -> LlavaNextModel:
+    """One process's model: built on the meta device, checked against the memory available, its weights
+    mmapped (quantized where the directory is), prepacked for oneDNN on CPU."""
+    from llava_next_weights.load import load_into
+    from llava_next_weights.quantize import prepare_quantized
+
+    with torch.device("meta"):
+        model = LlavaNextModel(config)
+    qc = prepare_quantized(model, path, dtype)
+    check_model_fits(config, dtype or torch.bfloat16, device, None if qc is None else qc.method,
+                     128 if qc is None else qc.group_size)
+    if qc is not None and torch.device(device).type != "cpu":
+        raise ValueError(f"{path} is quantized: quantized checkpoints run on CPU only (torch's int8/int4 "
+                         f"CPU kernels); use --device cpu, or the float checkpoint on {device}")
+    load_into(model, path, dtype=dtype, device=device)
+    model.pack_for_cpu()  # oneDNN-prepacked linears on CPU (same numbers, faster); a no-op elsewhere
+    return model
+
+
+def preset_for(model_id: PathLike):
+    """The preset whose hub id (llava-hf or original) is ``model_id``, or None."""
+    from ..config import PRESETS
+
+    name = str(model_id)
+    return next((p for p in PRESETS.values() if name in (p.hub_id, p.original_id)), None)
