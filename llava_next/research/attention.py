@@ -174,16 +174,21 @@ def attention_stats(q: torch.Tensor, k: torch.Tensor, queries: torch.Tensor | Se
             raise ResearchError("segment_map needs segments (a LongTensor of segment ids, one per position)")
         else:
             map_seg, map_S = seg, S
-        q_seg = map_seg[Tk - Tq:]  # segment of each query (queries sit at the end of the keys)
-        map_hot = _one_hot(map_seg, map_S)
-        smap = torch.zeros(B, Hq, map_S, map_S, device=device)
-        in_seg = torch.nonzero(q_seg >= 0).flatten()  # queries of no segment (id < 0) add to no row
-        for qi, p in iter_probs(q, k, in_seg, key_mask=key_mask, chunk=chunk, groups=groups):
-            per_seg = p @ map_hot[:p.shape[-1]]  # (B, Hq, c, S)
-            smap.index_add_(2, q_seg[qi], per_seg)
-        out.segment_map = smap
-        out.segment_counts = torch.bincount(q_seg[in_seg], minlength=map_S)
+        out.segment_map, out.segment_counts = _segment_map(q, k, map_seg, map_S, key_mask, chunk, groups)
     return out
+
+
+def _segment_map(q: torch.Tensor, k: torch.Tensor, seg: torch.Tensor, S: int, key_mask: torch.Tensor | None,
+                 chunk: int | None, groups: Groups | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The all-query segment x segment map (B, Hq, S, S) and the queries per segment (S,)."""
+    B, Hq, Tq, _ = q.shape
+    q_seg = seg[k.shape[2] - Tq:]  # segment of each query (queries sit at the end of the keys)
+    hot = _one_hot(seg, S)
+    smap = torch.zeros(B, Hq, S, S, device=q.device)
+    in_seg = torch.nonzero(q_seg >= 0).flatten()  # queries of no segment (id < 0) add to no row
+    for qi, p in iter_probs(q, k, in_seg, key_mask=key_mask, chunk=chunk, groups=groups):
+        smap.index_add_(2, q_seg[qi], p @ hot[:p.shape[-1]])  # (B, Hq, c, S) per query
+    return smap, torch.bincount(q_seg[in_seg], minlength=S)
 
 
 # ---- CUDA: the Triton key-mass kernel ---------------------------------------------------------------------

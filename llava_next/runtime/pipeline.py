@@ -174,16 +174,7 @@ class Pipeline:
         plan_args = dict(frames=frames, template=template, system=system, rope_scale=rope_scale,
                          max_new_tokens=max_new_tokens, reduction=reduction)
         if paths and not allow_overflow and sampling == "uniform" and not (reduction and reduction.select_frames):
-            # uniform sampling keeps exactly `frames` frames of every video (repeating frames of a shorter one),
-            # so the plan is known before decoding: a frame count the context cannot hold fails here, cheaply
-            tile = (cfg.tile_size,) * 2
-            as_images = [(tile, frames)] * len(paths) if cfg.video_as_images else []
-            planned = self._token_plan(prompt, user_images, aspect, as_images, [] if as_images else [frames] * len(paths),
-                                       **plan_args)[-1]
-            try:
-                check_context(planned)
-            except ContextOverflowError as e:
-                raise ContextOverflowError(f"{e}{_shorter_videos(paths, frames)}") from None
+            self._check_frames_fit(prompt, paths, user_images, aspect, plan_args)
         clips = []
         for v in paths:
             tv = time.perf_counter()
@@ -193,11 +184,9 @@ class Pipeline:
         frame_clips, notes = [], []
         if clips and cfg.video_as_images:  # LLaVA-NeXT-Interleave: a video is its frames, one <image> each
             frame_clips, clips = clips, []
-            for clip in frame_clips:
-                image_inputs += [ImageInput(clip.pixel_values[i:i + 1], clip.size_hw, (cfg.tile_size,) * 2, (0, 0))
-                                 for i in range(clip.num_frames)]
-                notes.append(f"{clip.path}: sent as its {clip.num_frames} frames, one <image> each (this checkpoint "
-                             f"reads videos as interleaved images)")
+            image_inputs, notes = image_inputs + self._frames_as_images(frame_clips), [
+                f"{clip.path}: sent as its {clip.num_frames} frames, one <image> each (this checkpoint "
+                f"reads videos as interleaved images)" for clip in frame_clips]
         t1 = time.perf_counter()
         ids, image_plans, video_plans, image_counts, video_counts, unreduced, plan = self._token_plan(
             prompt, user_images, aspect, [(c.size_hw, c.num_frames) for c in frame_clips], [c.num_frames for c in clips],
@@ -208,6 +197,24 @@ class Pipeline:
                        {"preprocess_s": t1 - t0, "tokenize_s": time.perf_counter() - t1},
                        notes + [note for c in clips + frame_clips for note in c.notes()], image_plans, video_plans,
                        frame_clips, reduction or None, unreduced, prompt=prompt)
+
+    def _check_frames_fit(self, prompt: str, paths: list, user_images: list, aspect: str, plan_args: dict) -> None:
+        """Uniform sampling keeps exactly ``frames`` frames of every video (repeating frames of a shorter one), so
+        the plan is known before decoding: a frame count the context cannot hold fails here, cheaply."""
+        frames, tile = plan_args["frames"], (self.config.tile_size,) * 2
+        as_images = [(tile, frames)] * len(paths) if self.config.video_as_images else []
+        planned = self._token_plan(prompt, user_images, aspect, as_images, [] if as_images else [frames] * len(paths),
+                                   **plan_args)[-1]
+        try:
+            check_context(planned)
+        except ContextOverflowError as e:
+            raise ContextOverflowError(f"{e}{_shorter_videos(paths, frames)}") from None
+
+    def _frames_as_images(self, clips: list) -> list[ImageInput]:
+        """Each frame of each clip as one single-tile image (checkpoints that read videos as images)."""
+        tile = (self.config.tile_size,) * 2
+        return [ImageInput(clip.pixel_values[i:i + 1], clip.size_hw, tile, (0, 0))
+                for clip in clips for i in range(clip.num_frames)]
 
     def _token_plan(self, prompt: str, images: list[tuple[Size, Size]], aspect: str,
                     frames_as_images: list[tuple[Size, int]], videos: list[int], *, frames: int,
@@ -336,17 +343,8 @@ class Pipeline:
                                videos=any(r.videos or r.frame_clips for r in requests))
         budget.check()
         stops = stop_token_ids(self.tokenizer, self.config.template if template is None else template)
+        in_decoder = _in_decoder_reduction(requests)
         previous = decoder.rope_scaling_factor
-
-        def check_logits(logits: torch.Tensor, step: int) -> None:  # (B, V) of every step, whatever the engine
-            where = "the prompt (prefill)" if step == 0 else f"generated token {step}"
-            _check_finite(logits, f"the logits of {where}")
-
-        in_decoder = {(r.reduction.pruner, r.reduction.decode) if r.reduction else (None, None) for r in requests}
-        if len(in_decoder) > 1:
-            raise ValueError("the requests of one batch must use the same in-decoder reduction (prefill pruner / "
-                             "decode selector): run them in separate batches")
-        pruner, selector = in_decoder.pop()
         try:
             t0 = time.perf_counter()
             embeds, mask, layout = self.embed_with_layout(requests)
@@ -354,14 +352,14 @@ class Pipeline:
                 r.timings["encode_s"] = time.perf_counter() - t0
             decoder.rope_scaling_factor = self._rope_factor(requests)
             engine = None  # model/engines.py chooses (eager or the compiled decode)
-            if pruner is not None or selector is not None:
+            if in_decoder is not None:  # token pruning / merging in the decoder: the reduced engine
                 from ..reduce.engine import ReducedEngine
 
-                engine = ReducedEngine(Reduction(pruner=pruner, decode=selector), layout)
+                engine = ReducedEngine(in_decoder, layout)
             tokens = stream_tokens(decoder, input_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
                                    temperature=temperature, top_p=top_p, seed=seed, eos_token_id=stops,
                                    pad_token_id=self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0,
-                                   compile_step=compile_step, engine=engine, on_logits=check_logits)
+                                   compile_step=compile_step, engine=engine, on_logits=_check_logits)
             for step, token in enumerate(tokens):
                 if step == 0:
                     t_first = time.perf_counter()
@@ -433,6 +431,22 @@ class Pipeline:
         from .tracing import trace_request
 
         return trace_request(self, request, **kwargs)
+
+
+def _in_decoder_reduction(requests: Sequence[Request]) -> Reduction | None:
+    """The batch's one in-decoder reduction (prefill pruner, decode selector), or None."""
+    in_decoder = {(r.reduction.pruner, r.reduction.decode) if r.reduction else (None, None) for r in requests}
+    if len(in_decoder) > 1:
+        raise ValueError("the requests of one batch must use the same in-decoder reduction (prefill pruner / "
+                         "decode selector): run them in separate batches")
+    pruner, selector = in_decoder.pop()
+    return None if pruner is None and selector is None else Reduction(pruner=pruner, decode=selector)
+
+
+def _check_logits(logits: torch.Tensor, step: int) -> None:
+    """``stream``'s ``on_logits``: the (B, V) logits of every step are finite, whatever the engine."""
+    where = "the prompt (prefill)" if step == 0 else f"generated token {step}"
+    _check_finite(logits, f"the logits of {where}")
 
 
 def _check_finite(t: torch.Tensor, what: str) -> None:
