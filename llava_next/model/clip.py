@@ -3,7 +3,7 @@
     pixel_values (N, 3, 336, 336) -> features (N, 576, C)   feature_strategy 'default' (CLS dropped)
                                   -> features (N, 577, C)   feature_strategy 'full'    (CLS kept, first)
 
-What it computes (reference-spec §1; the same numbers as transformers' CLIPVisionModel and open_clip's
+What it computes (docs/references.md, CLIP vision tower; the same numbers as transformers' CLIPVisionModel and open_clip's
 VisionTransformer with QuickGELU):
 
     patches  = Conv2d(3 -> C, kernel = stride = 14, no bias)       24 x 24 patches, row-major (h, then w)
