@@ -123,7 +123,7 @@ class LlavaNextModel(nn.Module):
         if not images:
             return []
         pixels = torch.cat([im.pixel_values for im in images]).to(self.device, self.dtype)  # (sum tiles, 3, S, S)
-        tiles = self.mm.hook_projected(self.projector(self.mm.hook_features(self.vision_tower(pixels))))  # (sum tiles, P, D)
+        tiles = self.mm.hook_projected(self.projector(self.mm.hook_features(self.vision_tower(pixels))))  # (sum tiles, P, D), P = (tile // 14)^2
         newline = self.mm.hook_newline(self.image_newline)
         out, start = [], 0
         for im in images:
@@ -147,7 +147,7 @@ class LlavaNextModel(nn.Module):
         cfg = self.config
         grid = (cfg.vision.grid_size, cfg.vision.grid_size)
         pixel_values = pixel_values.to(self.device, self.dtype)
-        feats = torch.cat([self.vision_tower(chunk) for chunk in pixel_values.split(frame_batch)])  # (F, P, Cv), P patches a frame
+        feats = torch.cat([self.vision_tower(chunk) for chunk in pixel_values.split(frame_batch)])  # (F, P, Cv)
         feats = self.mm.hook_features(feats)
         hooks = self.mm
         if cfg.pool_position == "before_projector":  # mm.hook_pooled sees pool_frames' output in either order
