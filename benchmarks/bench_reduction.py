@@ -10,7 +10,7 @@ K=2 leaves 4 of 6 layers pruned, DyCoke's L=3 half of them; 6 bf16 layers keep t
 and random weights (cpu_models.py's recipe: N(0, 0.02), norm scales 1 + N(0, 0.1)), built in memory in
 bfloat16. The video: bigbuckbunny.mp4 (tests/media.py; 132 frames, 5.3 s), ``--frames`` frames (default 8).
 
-Published defaults (token-reduction-spec.md and docs/reduction.md give the source of each):
+Published defaults (docs/reduction.md gives the source of each):
 - fastv layer=2 keep=0.5 (the README's "K=2 R=50%"), the code's last-query score; and the paper's
   all-queries score as a second row;
 - framefusion cost=0.3 similarity=0.6 ratio_floor=0.1 (``apply_framefusion``'s defaults), the budget over
@@ -49,9 +49,9 @@ carry nothing for any method to keep. The real comparison needs real weights and
 ``--model`` command above (llava-hf/LLaVA-NeXT-Video-7B-hf, 32 layers, ~14 GB in bf16).
 
 Prefill FLOPs: per decoder layer 2 x (4 n d^2 + 2 n^2 d + 3 n d m) with the layer's own cached length n
-(token-reduction-spec §8.1; SwiGLU's three matrices). Writes benchmarks/results/bench_reduction.csv
-(appended), bench_reduction.md (the table) and bench_reduction.png (visual tokens per decoder layer vs
-video file -> first token, one point per method).
+(FastV's count 4nd^2 + 2n^2 d + 2ndm, arXiv:2403.06764, with SwiGLU's three matrices). Writes
+benchmarks/results/bench_reduction.csv (appended), bench_reduction.md (the table) and bench_reduction.png
+(visual tokens per decoder layer vs video file -> first token, one point per method).
 """
 
 from __future__ import annotations

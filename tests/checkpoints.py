@@ -11,7 +11,7 @@
   Every 1-D parameter is re-randomised (norm weights 1 + 0.1·N(0,1)), so swapped norms or biases are
   visible in value comparisons. Returns ``(dir, model)``; the model is in eval mode.
 - ``make_original_checkpoint`` renames the same weights into the original LLaVA-NeXT release format
-  (reference-spec §7b) with an original-format config.json. The original vocabulary has no
+  (docs/references.md) with an original-format config.json. The original vocabulary has no
   ``<image>``/``<video>`` rows: embed_tokens and lm_head keep their first ``vocab_size`` rows
   (default: the smallest media token id, 128 here, like 32000 for the real checkpoints).
 - ``tiny_config`` is the matching ``LlavaNextConfig``; ``transformers_config`` builds the transformers
@@ -120,7 +120,7 @@ def memory_to_disk_key(key: str, *, hub: bool = True) -> str:
 
 
 def disk_to_original_key(key: str) -> str:
-    """llava-hf on-disk name -> original LLaVA-NeXT name (the HF converter's rules, reversed; spec §7b)."""
+    """llava-hf on-disk name -> original LLaVA-NeXT name (the HF converter's rules, reversed; docs/references.md)."""
     if key.startswith("vision_tower."):
         rest = key.removeprefix("vision_tower.").removeprefix("vision_model.")
         return "model.vision_tower.vision_tower.vision_model." + rest

@@ -128,7 +128,7 @@ def register_tiny_siglip_tower() -> None:
 
 
 def hf_disk_to_original_key(key: str) -> str:
-    """llava-hf on-disk name -> lmms-lab name (the HF converters' KEYS_TO_MODIFY_MAPPING, reversed; spec §6)."""
+    """llava-hf on-disk name -> lmms-lab name (the HF converters' KEYS_TO_MODIFY_MAPPING, reversed)."""
     if key.startswith("vision_tower."):
         return "model.vision_tower.vision_tower.vision_model." + key.removeprefix("vision_tower.").removeprefix("vision_model.")
     for old, new in (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),

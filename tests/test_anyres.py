@@ -1,5 +1,5 @@
 """AnyRes geometry and feature packing vs transformers (select_best_resolution, LlavaNextModel.pack_image_features,
-LlavaNextProcessor token counts) and vs the original LLaVA-NeXT code, transcribed below (reference-spec §2)."""
+LlavaNextProcessor token counts) and vs the original LLaVA-NeXT code, transcribed below (docs/references.md)."""
 
 import math
 
@@ -135,7 +135,7 @@ def test_resized_size_matches_transformers():
 
 
 # ---- token counts -------------------------------------------------------------------------------------
-# reference-spec §2.2, sizes (height, width)
+# docs/references.md, sizes (height, width)
 WORKED = {(480, 640): 2340, (899, 1024): 2634, (640, 480): 2352, (300, 1000): 2182, (720, 1280): 1948,
           (1080, 1920): 1948, (500, 500): 2928}
 

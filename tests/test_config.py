@@ -22,7 +22,7 @@ def arch(text: TextConfig) -> dict:
 
 
 # ---- presets -------------------------------------------------------------------------------------
-# reference-spec §5 / §6: (layers, hidden, heads, kv heads, mlp, rope_theta, max positions, vocab, rope factor,
+# docs/references.md: (layers, hidden, heads, kv heads, mlp, rope_theta, max positions, vocab, rope factor,
 #                          image token, video token)
 SPEC = {
     "llava-v1.6-vicuna-7b": (32, 4096, 32, 32, 11008, 1e4, 4096, 32064, 1.0, 32000, None),
@@ -82,7 +82,7 @@ def test_with_rope_scaling_returns_a_new_config():
 
 
 def test_smallest_rope_factor():
-    # the original video demo: 32 frames x 144 tokens + 1000 -> factor 2 (reference-spec §3)
+    # the original video demo: 32 frames x 144 tokens + 1000 -> factor 2 (docs/references.md)
     assert smallest_rope_factor(32 * 144 + 1000, 4096) == 2.0
     assert smallest_rope_factor(8 * 144 + 1000, 4096) == 1.0
     assert smallest_rope_factor(4097, 4096) == 2.0
@@ -195,7 +195,7 @@ def test_from_hf_config_errors_name_the_field(change, field):
 
 # ---- original LLaVA-NeXT config.json -------------------------------------------------------------
 def original_vicuna_7b() -> dict:
-    """liuhaotian/llava-v1.6-vicuna-7b config.json (reference-spec §7 fields)."""
+    """liuhaotian/llava-v1.6-vicuna-7b config.json (the fields of docs/references.md, Checkpoint keys)."""
     return {
         "_name_or_path": "./checkpoints/vicuna-7b-v1-5", "architectures": ["LlavaLlamaForCausalLM"],
         "attention_bias": False, "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 4096,

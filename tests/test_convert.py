@@ -167,7 +167,7 @@ def test_tables_on_real_shapes(preset, text, kind):
     with torch.device("meta"):
         memory = shapes_of(cls(hf_config).state_dict())
     expected = expected_shapes(config)
-    # literal numbers from reference-spec §1, §5, §7 (not derived from the same code)
+    # literal numbers from docs/references.md (not derived from the same code)
     assert expected["vision_tower.position_embedding.weight"] == (577, 1024)
     assert "vision_tower.layers.22.mlp.fc2.bias" in expected and "vision_tower.layers.23.mlp.fc2.bias" not in expected
     kv = {"llava-v1.6-mistral-7b": 1024, "llava-v1.6-34b": 1024, "llava-v1.6-vicuna-13b": 5120}.get(preset, 4096)

@@ -143,7 +143,7 @@ def test_video_frames_are_squashed_and_placed_first_by_the_template(setup):
     assert text == "<|im_start|>user\n<image><image>\nWhat happens in this video?<|im_end|>\n<|im_start|>assistant\n"
 
 
-# the llava-hf llava-interleave-qwen-*-hf chat_template.json, verbatim (interleave-onevision-spec §5)
+# the llava-hf llava-interleave-qwen-*-hf chat_template.json, verbatim (docs/references.md)
 HF_INTERLEAVE_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}{# Render all images first #}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"

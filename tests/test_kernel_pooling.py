@@ -7,46 +7,44 @@ on the same inputs at most 2x that of torch's own same-dtype avg_pool2d, plus a 
 import pytest
 import torch
 
-from llava_next.model.pooling import add_video_newlines, pool_frames
+from llava_next.model.pooling import pool_frames
 from llava_next_kernels import pooling
 from llava_next_kernels.pooling import pooled_token_count, spatial_pool, spatial_pool_reference
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 
 
-def _run_both(frames, size, C, stride, mode, newline_position, dtype, offset=3, spare=5):
+def _run_both(frames, size, C, stride, mode, dtype, offset=3, spare=5):
     """Kernel and reference into the same kind of pre-filled buffer; returns (kernel buffer, reference buffer, n)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(frames, size[0] * size[1], C, generator=g).to(dtype)
-    newline = None if newline_position == "none" else torch.randn(C, generator=g).to(dtype)
-    n = pooled_token_count(frames, size, stride, newline_position)
+    n = pooled_token_count(frames, size, stride)
     out = torch.full((offset + n + spare, C), 7.0, dtype=dtype)  # rows outside the window must stay 7
     ref = out.clone()
-    kw = dict(size=size, newline=newline, newline_position=newline_position)
-    got = spatial_pool(x, stride, mode, out=out, offset=offset, **kw)
-    spatial_pool_reference(x, stride, mode, out=ref, offset=offset, **kw)
+    got = spatial_pool(x, stride, mode, size=size, out=out, offset=offset)
+    spatial_pool_reference(x, stride, mode, size=size, out=ref, offset=offset)
     assert got.data_ptr() == out[offset].data_ptr() and got.shape == (n, C)  # a view of the written rows
-    fp32 = spatial_pool_reference(x.float(), stride, mode, **(kw | {"newline": None if newline is None else newline.float()}))
+    fp32 = spatial_pool_reference(x.float(), stride, mode, size=size)
     return x, out, ref, fp32, n
 
 
-# (frames, (height, width), channels, stride, newline_position): non-square grids and sizes the stride
-# does not divide (floor mode drops the trailing rows/columns), strides 1..4, every newline mode
+# (frames, (height, width), channels, stride): non-square grids and sizes the stride does not divide
+# (floor mode drops the trailing rows/columns), strides 1..4
 CASES = [
-    pytest.param(2, (24, 24), 64, 2, "none", id="clip336-2x2"),
-    pytest.param(3, (7, 5), 48, 2, "grid", id="7x5-s2-grid"),
-    pytest.param(2, (9, 9), 40, 4, "frame", id="9x9-s4-frame"),
-    pytest.param(1, (5, 6), 17, 3, "one_token", id="5x6-s3-one-token"),
-    pytest.param(2, (4, 3), 8, 1, "grid", id="4x3-s1-grid"),
+    pytest.param(2, (24, 24), 64, 2, id="clip336-2x2"),
+    pytest.param(3, (7, 5), 48, 2, id="7x5-s2"),
+    pytest.param(2, (9, 9), 40, 4, id="9x9-s4"),
+    pytest.param(1, (5, 6), 17, 3, id="5x6-s3"),
+    pytest.param(2, (4, 3), 8, 1, id="4x3-s1"),
 ]
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=str)
 @pytest.mark.parametrize("mode", ["average", "max"])
-@pytest.mark.parametrize("frames,size,C,stride,newline_position", CASES)
-def test_kernel_matches_reference(frames, size, C, stride, newline_position, mode, dtype):
+@pytest.mark.parametrize("frames,size,C,stride", CASES)
+def test_kernel_matches_reference(frames, size, C, stride, mode, dtype):
     offset = 3
-    x, out, ref, fp32, n = _run_both(frames, size, C, stride, mode, newline_position, dtype, offset)
+    x, out, ref, fp32, n = _run_both(frames, size, C, stride, mode, dtype, offset)
     outside = torch.cat([out[:offset], out[offset + n:]])
     assert torch.equal(outside, torch.full_like(outside, 7.0)), "kernel wrote outside its rows"
     if mode == "max" or dtype == F32 and stride == 1:
@@ -57,41 +55,32 @@ def test_kernel_matches_reference(frames, size, C, stride, newline_position, mod
     assert err <= 2 * torch_err + 1e-6, f"kernel error {err:.3g} vs torch {dtype} error {torch_err:.3g}"
 
 
-def test_layout_frame_major_row_major_with_newlines():
+def test_layout_frame_major_row_major():
     """Independent of both implementations: token (f, r, c) carries its coordinates as channel values."""
     frames, (H, W), s = 2, (5, 7), 2  # pooled 2x3 per frame; row 4 and column 6 are dropped (floor mode)
     f, r, c = torch.meshgrid(torch.arange(frames), torch.arange(H), torch.arange(W), indexing="ij")
     x = torch.stack([f, r, c], dim=-1).float().reshape(frames, H * W, 3)  # (F, H*W, 3)
-    newline = torch.tensor([-1.0, -1.0, -1.0])
-    expected = []
-    for fi in range(frames):
-        for ho in range(2):
-            expected += [[fi, 2 * ho + 0.5, 2 * wo + 0.5] for wo in range(3)] + [[-1, -1, -1]]  # "grid"
-    expected = torch.tensor(expected)
+    expected = torch.tensor([[fi, 2 * ho + 0.5, 2 * wo + 0.5] for fi in range(frames) for ho in range(2)
+                             for wo in range(3)])
     for impl in (spatial_pool, spatial_pool_reference):
-        torch.testing.assert_close(impl(x, s, size=(H, W), newline=newline, newline_position="grid"), expected)
-        no_newline = expected[(expected[:, 0] >= 0)]
-        torch.testing.assert_close(impl(x, s, size=(H, W)), no_newline)
-        got_max = impl(x, s, "max", size=(H, W), newline=newline, newline_position="frame")
-        assert got_max[6].tolist() == [-1, -1, -1] and got_max[:6, 1:].tolist() == [[1, 1], [1, 3], [1, 5], [3, 1], [3, 3], [3, 5]]
-        assert impl(x, s, size=(H, W), newline=newline, newline_position="one_token")[-1].tolist() == [-1, -1, -1]
+        torch.testing.assert_close(impl(x, s, size=(H, W)), expected)
+        got_max = impl(x, s, "max", size=(H, W))
+        assert got_max[:6, 1:].tolist() == [[1, 1], [1, 3], [1, 5], [3, 1], [3, 3], [3, 5]]
 
 
 @pytest.mark.parametrize("mode", ["average", "max"])
-@pytest.mark.parametrize("newline_position", ["none", "grid", "frame", "one_token"])
-def test_drop_in_for_the_model_pooling_step(newline_position, mode):
-    """One fused call == the model's torch path: pool_frames, then add_video_newlines."""
+def test_drop_in_for_the_model_pooling_step(mode):
+    """The kernel == the model's torch path (pool_frames), tokens flattened frame-major."""
     g = torch.Generator().manual_seed(1)
-    x, newline = torch.randn(3, 7 * 9, 16, generator=g), torch.randn(16, generator=g)
-    nl = None if newline_position == "none" else newline
-    expected = add_video_newlines(pool_frames(x, (7, 9), 2, mode), (3, 4), nl, newline_position)
-    got = spatial_pool(x, 2, mode, size=(7, 9), newline=nl, newline_position=newline_position)
+    x = torch.randn(3, 7 * 9, 16, generator=g)
+    expected = pool_frames(x, (7, 9), 2, mode).reshape(-1, 16)
+    got = spatial_pool(x, 2, mode, size=(7, 9))
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
 
 
 def test_real_shape_video_frames_bf16():
     """Four CLIP-336 frames (576 tokens x 1024 channels), stride 2, into the middle of a sequence buffer."""
-    x, out, ref, fp32, n = _run_both(4, (24, 24), 1024, 2, "average", "none", BF16, offset=40, spare=20)
+    x, out, ref, fp32, n = _run_both(4, (24, 24), 1024, 2, "average", BF16, offset=40, spare=20)
     assert n == 4 * 144
     err = (out[40:40 + n].float() - fp32).abs().max().item()
     assert err <= 2 * (ref[40:40 + n].float() - fp32).abs().max().item() + 1e-6
@@ -107,10 +96,6 @@ def test_bad_inputs_have_clear_errors(monkeypatch):
         spatial_pool(x, 9)
     with pytest.raises(ValueError, match="mode must be 'average' or 'max'"):
         spatial_pool(x, 2, "bilinear")
-    with pytest.raises(ValueError, match="needs a newline vector"):
-        spatial_pool(x, 2, newline_position="frame")
-    with pytest.raises(ValueError, match=r"newline must be \(8,\)"):
-        spatial_pool(x, 2, newline=torch.randn(9), newline_position="frame")
     with pytest.raises(ValueError, match="288 pooled tokens at offset 10 do not fit out's 290 rows"):
         spatial_pool(x, 2, out=torch.empty(290, 8), offset=10)
     with pytest.raises(ValueError, match="offset needs an out buffer"):

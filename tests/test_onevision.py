@@ -146,7 +146,7 @@ def test_token_counts_equal_transformers_processor(name):
 def test_published_processor_test_count_with_a_clip_tower():
     """transformers' OneVision processor test: a (503, 316) image, pinpoints [[672, 336]], 336 px / 14 px tiles,
     strategy "default" -> 1525. That processor subtracts one token for "default" after counting the features
-    (interleave-onevision-spec §8.9), which its model does not do: the model's features for this image are
+    (docs/references.md), which its model does not do: the model's features for this image are
     576 (base, CLS dropped) + 38 x 24 + 38 = 1526. llava-next counts features, so 1526 = 1525 + 1."""
     from llava_next.config import LlavaNextConfig, VisionConfig
 

@@ -92,7 +92,7 @@ def test_interleave_anyres_unpad_switches(tmp_path):
     assert (cfg.vision.num_layers, cfg.vision.layers_used, cfg.vision.tokens_per_tile) == (26, 26, 729)
     assert cfg.anyres_compat == "original" and cfg.video_as_images and cfg.text.tie_word_embeddings
     assert image_tokens((300, 451), cfg, image_aspect(cfg, 2)) == 730
-    # a square image: the (w, h) reading picks the portrait 1x2 canvas (spec §4), the HF reading the landscape one
+    # a square image: the (w, h) reading picks the portrait 1x2 canvas, the HF reading the landscape one
     from llava_next.inputs.tokens import image_plan
 
     assert image_plan((384, 384), cfg).canvas_hw == (768, 384)

@@ -1,6 +1,6 @@
-"""Chat templates and tokenization (llava_next/inputs/prompt.py) against reference-spec §8/§9 and transformers.
+"""Chat templates and tokenization (llava_next/inputs/prompt.py) against docs/references.md and transformers.
 
-References: the literal strings of reference-spec §8; transformers' LlavaNextVideoProcessor rendering
+References: the literal strings of docs/references.md; transformers' LlavaNextVideoProcessor rendering
 the llava-hf video chat template; PreTrainedTokenizerFast on the same tokenizer files; transformers'
 LlavaNextProcessor / LlavaNextVideoProcessor expanding <image>/<video>; a transcription of the
 original ``tokenizer_image_token``; tokenizers' own DecodeStream.
@@ -36,7 +36,7 @@ TINY = LlavaNextConfig(
     image_token_id=601, video_token_id=600, template="llava_next_video")
 
 # transcribed from llava-hf/LLaVA-NeXT-Video-7B-hf chat_template.json (transformers ships no default);
-# it agrees with reference-spec §8: images, then videos, then text + " "; no default system prompt
+# it agrees with docs/references.md: images, then videos, then text + " "; no default system prompt
 HF_VIDEO_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
@@ -80,7 +80,7 @@ def _video_processor(cfg):
 
 
 def _image_tokens(cfg, image_hw):
-    """Visual tokens of one image (reference-spec §2): base tile + unpadded grid with a newline per row."""
+    """Visual tokens of one image (docs/references.md): base tile + unpadded grid with a newline per row."""
     g = cfg.vision.grid_size
     canvas_h, canvas_w = select_best_resolution(image_hw, cfg.image_grid_pinpoints)
     rows, cols = unpadded_size(image_hw, (canvas_h // cfg.tile_size * g, canvas_w // cfg.tile_size * g))
@@ -118,7 +118,7 @@ def test_multi_turn_and_system_strings():
         "<|im_start|>system\nS<|im_end|><|im_start|>user\n<video>\nHi<|im_end|><|im_start|>assistant\nHello.<|im_end|>"
         f"<|im_start|>user\n{Q}<|im_end|><|im_start|>assistant\n")
     assert render_prompt("Why is this video funny?", 0, 1, "llava_next_video") == \
-        "USER: <video>\nWhy is this video funny? ASSISTANT:"  # reference-spec §3 / HF test prompt
+        "USER: <video>\nWhy is this video funny? ASSISTANT:"  # docs/references.md / HF test prompt
     assert render_prompt("q", 2, 1, "vicuna_v1", system="") == " USER: <image>\n<image>\n<video>\nq ASSISTANT:"
 
 
@@ -188,7 +188,7 @@ def test_encode_decode_match_transformers(tiny_dir, tok):
 
 
 def test_placeholders_are_single_ids_with_the_hf_space_pattern(tok):
-    """HF test ids for 'USER: <video>\\nWhy …': [1, …, 29871 '▁', 32000, 13 '\\n', …] (reference-spec §9)."""
+    """HF test ids for 'USER: <video>\\nWhy …': [1, …, 29871 '▁', 32000, 13 '\\n', …] (docs/references.md)."""
     ids = tok.encode("USER: <video>\nWhy is this video funny? ASSISTANT:")
     k = ids.index(TINY.video_token_id)
     assert ids[0] == 1 and ids.count(TINY.video_token_id) == 1
@@ -262,7 +262,7 @@ def test_build_input_ids_and_expansion_match_llava_next_processors(tiny_dir, tok
 @pytest.mark.slow
 def test_real_video_7b_ids_and_counts(tmp_path):
     """LLaVA-NeXT-Video-7B-hf ids (<video> 32000, <image> 32001) and its processor at 336 px: 640x480 → 2340
-    image tokens, 8 frames → 1152 video tokens (reference-spec §2.2, §3)."""
+    image tokens, 8 frames → 1152 video tokens (docs/references.md)."""
     from transformers import LlavaNextVideoProcessor
     cfg = LlavaNextConfig.from_name("LLaVA-NeXT-Video-7B")
     folder, hf = make_hf_tokenizer(tmp_path, cfg)
@@ -313,7 +313,7 @@ def test_original_tokenizer_without_placeholders_splits_like_the_original(tmp_pa
     second = [i for i, t in enumerate(reference) if t == 640][1]
     assert ids == reference[:second] + [641] + reference[second + 1:]
     ids = build_input_ids(Q, tok, orig, n_images=1)
-    after = ids[ids.index(640) + 1:][:2]  # the original's extra "▁" after the image (reference-spec §9)
+    after = ids[ids.index(640) + 1:][:2]  # the original's extra "▁" after the image (docs/references.md)
     assert [tok.backend.id_to_token(i) for i in after] == ["▁", "\n"]
 
 

@@ -1,6 +1,6 @@
 """The decoder as Qwen1.5 / Qwen2 (LLaVA-NeXT-Interleave, LLaVA-OneVision): parity with transformers' Qwen2ForCausalLM.
 
-What Qwen adds to the Llama block (interleave-onevision-spec §3): q/k/v biases (``TextConfig.qkv_bias``),
+What Qwen adds to the Llama block (docs/references.md): q/k/v biases (``TextConfig.qkv_bias``),
 tied input/output embeddings for the 0.5B models (``tie_word_embeddings``), RoPE theta 1e6, GQA for
 Qwen2. Reference models are tiny, random, fp32, eager attention, loaded into ours through the real key
 table; biases are redrawn large (a missing bias changes every logit), attention is peaked. Tolerance:
@@ -136,7 +136,7 @@ def test_real_shapes_on_the_meta_device(name, sizes):
     assert full == {k: tuple(v.shape) for k, v in ours.state_dict().items()}
 
 
-# ---- presets (interleave-onevision-spec §1, §3, §4, §7) ----------------------------------------------------
+# ---- presets (docs/references.md) ----------------------------------------------------
 # (layers, hidden, heads, kv heads, mlp, vocab, tied, image token, video token, image aspect, anyres_max)
 QWEN_SPEC = {
     "llava-interleave-qwen-0.5b": (24, 1024, 16, 16, 2816, 152000, True, 151646, None, "resize", None),

@@ -138,7 +138,7 @@ def test_transformers_5_names_without_vision_model_prefix():
 
 
 def test_installed_transformers_reads_siglip_before_post_layernorm():
-    """transformers 4.57.0-4.57.1 returned post_layernorm'd features as hidden_states[-1] (interleave-onevision-spec
+    """transformers 4.57.0-4.57.1 returned post_layernorm'd features as hidden_states[-1] (docs/references.md
     §8.1), which is what LLaVA's vision_feature_layer=-1 reads: the installed reference must not."""
     hf = hf_tower(2)
     x = pixels(1, TINY["image_size"])

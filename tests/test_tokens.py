@@ -1,4 +1,4 @@
-"""tokens.py: the blog's and reference-spec's numbers, transformers' processor expansion counts for images
+"""tokens.py: the blog's and docs/references.md numbers, transformers' processor expansion counts for images
 and videos, the feature counts the models really produce, and the RoPE context check."""
 
 import warnings
@@ -18,7 +18,7 @@ VICUNA_7B = LlavaNextConfig.from_name("llava-v1.6-vicuna-7b")
 TEXT = 100  # a prompt's worth of text positions
 
 
-# ---- the LLaVA-NeXT-Video blog and reference-spec numbers ------------------------------------------
+# ---- the LLaVA-NeXT-Video blog and docs/references.md numbers ------------------------------------------
 def test_blog_numbers():
     assert video_tokens(1, VIDEO_7B, stride=1) == 576  # 24x24 per frame, unpooled
     assert video_tokens(1, VIDEO_7B) == 144  # stride 2 -> 12x12
@@ -165,7 +165,7 @@ def test_rope_scale_sources():
     auto = plan_context(TEXT, visual, VIDEO_7B, rope_scale="auto")
     assert (auto.factor, auto.smallest_factor, auto.positions_available) == (2.0, 2.0, 8192)
     assert plan_context(TEXT, video_tokens(8, VIDEO_7B), VIDEO_7B, rope_scale="auto").factor == 1.0
-    # the original demo: ceil((F * 144 + 1000) / 4096), applied only when >= 2 (reference-spec §3)
+    # the original demo: ceil((F * 144 + 1000) / 4096), applied only when >= 2 (docs/references.md)
     assert [plan_context(TEXT, video_tokens(f, VIDEO_7B), VIDEO_7B, rope_scale="original").factor
             for f in (8, 16, 32, 64)] == [1.0, 1.0, 2.0, 3.0]
     user = plan_context(TEXT, visual, VIDEO_7B, rope_scale=1.0)

@@ -246,7 +246,7 @@ def test_bad_pixels_are_explained(tiny_hf, bad, message):
 
 # ---- real shape: ViT-L/14-336 -----------------------------------------------------------------
 def test_real_checkpoint_layouts_on_meta():
-    """Both real key layouts load onto the same tensors, shapes as reference-spec §1 (no data touched)."""
+    """Both real key layouts load onto the same tensors, shapes as docs/references.md (no data touched)."""
     cfg = VisionConfig()
     with torch.device("meta"):
         hf = CLIPVisionModel(hf_config(cfg))

@@ -1,7 +1,7 @@
 """A small but real Llama-style ``tokenizer.json``, trained in-test with the `tokenizers` library.
 
 No hub access is needed: a byte-fallback BPE is trained on a short built-in text and laid out the way
-the LLaVA-NeXT (Llama / Vicuna / Mistral SentencePiece) tokenizers are (reference-spec §9):
+the LLaVA-NeXT (Llama / Vicuna / Mistral SentencePiece) tokenizers are (docs/references.md):
 
     0 <unk>   1 <s>   2 </s>   3..258 <0x00>..<0xFF> (byte fallback)   259.. trained pieces, then
     "<unused_k>" fillers up to the first placeholder id, then the added special tokens at the ids the

@@ -1,25 +1,20 @@
 """Fused spatial pooling of per-frame features in Triton, straight into the output sequence — beside its reference.
 
-    spatial_pool(x, stride, mode, *, size=None, newline=None, newline_position="none", out=None, offset=0)
+    spatial_pool(x, stride, mode, *, size=None, out=None, offset=0)
     spatial_pool_reference(...)  same signature, the PyTorch path every peer uses
-    pooled_token_count(frames, size, stride, newline_position) -> int
+    pooled_token_count(frames, size, stride) -> int
 
 x is (F, H*W, C) in token-major layout, exactly what the vision tower emits (row-major patches inside a
 frame). Each frame is pooled with kernel = stride = s (average or max, floor mode like torch's
 avg_pool2d / max_pool2d: trailing rows and columns the stride does not cover are dropped), and the
 pooled tokens are written frame-major, row-major inside a frame, into rows [offset, offset + n) of an
-output sequence buffer out (T_total, C) — e.g. the decoder's input embeddings. The optional learned
-newline vector (C,) goes in the same pass:
-    "none"       frame 0's Ho*Wo tokens, frame 1's, ...                        (HF, vLLM)
-    "grid"       a newline after every pooled row                              (orig mm_newline_position)
-    "frame"      a newline after each frame's tokens
-    "one_token"  one newline after all frames
+output sequence buffer out (T_total, C) — e.g. the decoder's input embeddings: frame 0's Ho*Wo tokens,
+frame 1's, ... (the model adds its newline tokens afterwards: model/pooling.add_video_newlines).
 
 Notable choices
 - One program per (block of output tokens, block of channels). A program gathers the s*s input tokens
   of each of its outputs as contiguous channel rows: no permute, no NCHW copy, no intermediate buffer.
   Traffic is the minimum: read F*H*W*C once, write the pooled tokens once.
-- Newline rows are written by extra programs at the end of the same grid.
 - Accumulation in fp32 (upcast right after tl.load; the interpreter mishandles bf16 arithmetic), the
   average divides the sum by s*s like torch, one rounding at the store.
 """
@@ -42,74 +37,48 @@ except ImportError as e:  # the kernels are an extra: say which
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read when the @triton.jit decorator runs
 PoolMode = Literal["average", "max"]
-NewlinePosition = Literal["none", "grid", "frame", "one_token"]
-_NEWLINE_CODE = {"none": 0, "grid": 1, "frame": 2, "one_token": 3}
 MAX_STRIDE = 8  # the s*s window is unrolled at compile time
 
 
 # ------------------------------------------------------------------------------------------------ kernel
 @triton.jit
-def _pool_kernel(X, Newline, Out, sx_f, sx_t, so_t, offset, n_pooled, n_newline, W, Ho, Wo, C,
-                 STRIDE: tl.constexpr, IS_MAX: tl.constexpr, NEWLINE: tl.constexpr,
-                 BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid_t = tl.program_id(0)
+def _pool_kernel(X, Out, sx_f, sx_t, so_t, offset, n_pooled, W, Ho, Wo, C,
+                 STRIDE: tl.constexpr, IS_MAX: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
-    row_len = Wo  # output rows per pooled row ("grid" adds one)
-    if NEWLINE == 1:
-        row_len = Wo + 1
-    frame_len = Ho * row_len  # output rows per frame ("frame" adds one)
-    if NEWLINE == 2:
-        frame_len = Ho * row_len + 1
-    pool_blocks = tl.cdiv(n_pooled, BLOCK_T)
-    if pid_t < pool_blocks:
-        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)  # pooled token index over all frames
-        t_ok = t < n_pooled
-        f = t // (Ho * Wo)
-        ho = t % (Ho * Wo) // Wo
-        wo = t % Wo
-        # top-left input token of each window; each token is a contiguous row of C channels
-        src = X + f.to(tl.int64) * sx_f + ((ho * STRIDE) * W + wo * STRIDE).to(tl.int64) * sx_t
-        ok = t_ok[:, None] & c_ok[None, :]
-        if IS_MAX:
-            acc = tl.full([BLOCK_T, BLOCK_C], float("-inf"), dtype=tl.float32)
-        else:
-            acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
-        for dy in tl.static_range(STRIDE):
-            for dx in tl.static_range(STRIDE):
-                x = tl.load(src[:, None] + (dy * W + dx) * sx_t + offs_c[None, :], mask=ok, other=0.0)
-                if IS_MAX:
-                    acc = tl.maximum(acc, x.to(tl.float32))
-                else:
-                    acc += x.to(tl.float32)
-        if not IS_MAX:
-            acc = acc / (STRIDE * STRIDE)
-        dst = offset + f.to(tl.int64) * frame_len + ho * row_len + wo  # (BLOCK_T,) output rows
-        tl.store(Out + dst[:, None] * so_t + offs_c[None, :], acc.to(Out.dtype.element_ty), mask=ok)
-    else:  # the newline rows
-        n = (pid_t - pool_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
-        if NEWLINE == 1:  # after pooled row n % Ho of frame n // Ho
-            dst = offset + (n // Ho).to(tl.int64) * frame_len + (n % Ho) * row_len + Wo
-        elif NEWLINE == 2:  # after frame n
-            dst = offset + n.to(tl.int64) * frame_len + Ho * Wo
-        else:  # once, after everything
-            dst = offset + n.to(tl.int64) + n_pooled
-        nl = tl.load(Newline + offs_c, mask=c_ok, other=0.0).to(tl.float32)  # (BLOCK_C,)
-        rows = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32) + nl[None, :]
-        tl.store(Out + dst[:, None] * so_t + offs_c[None, :], rows.to(Out.dtype.element_ty),
-                 mask=(n < n_newline)[:, None] & c_ok[None, :])
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # pooled token index over all frames
+    t_ok = t < n_pooled
+    f = t // (Ho * Wo)
+    ho = t % (Ho * Wo) // Wo
+    wo = t % Wo
+    # top-left input token of each window; each token is a contiguous row of C channels
+    src = X + f.to(tl.int64) * sx_f + ((ho * STRIDE) * W + wo * STRIDE).to(tl.int64) * sx_t
+    ok = t_ok[:, None] & c_ok[None, :]
+    if IS_MAX:
+        acc = tl.full([BLOCK_T, BLOCK_C], float("-inf"), dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+    for dy in tl.static_range(STRIDE):
+        for dx in tl.static_range(STRIDE):
+            x = tl.load(src[:, None] + (dy * W + dx) * sx_t + offs_c[None, :], mask=ok, other=0.0)
+            if IS_MAX:
+                acc = tl.maximum(acc, x.to(tl.float32))
+            else:
+                acc += x.to(tl.float32)
+    if not IS_MAX:
+        acc = acc / (STRIDE * STRIDE)
+    dst = offset + t.to(tl.int64)  # (BLOCK_T,) output rows: frame-major, row-major inside a frame
+    tl.store(Out + dst[:, None] * so_t + offs_c[None, :], acc.to(Out.dtype.element_ty), mask=ok)
 
 
 # ------------------------------------------------------------------------------------------------ launcher
-def pooled_token_count(frames: int, size: tuple[int, int], stride: int,
-                       newline_position: NewlinePosition = "none") -> int:
+def pooled_token_count(frames: int, size: tuple[int, int], stride: int) -> int:
     """Output rows for ``frames`` frames of ``size`` = (height, width) patches pooled with ``stride``."""
-    ho, wo = size[0] // stride, size[1] // stride
-    return frames * ho * wo + {"none": 0, "grid": frames * ho, "frame": frames, "one_token": 1}[newline_position]
+    return frames * (size[0] // stride) * (size[1] // stride)
 
 
-def _check(x: torch.Tensor, stride: int, mode: str, size: tuple[int, int] | None, newline: torch.Tensor | None,
-           newline_position: str, out: torch.Tensor | None, offset: int) -> tuple[int, int]:
+def _check(x: torch.Tensor, stride: int, mode: str, size: tuple[int, int] | None, out: torch.Tensor | None,
+           offset: int) -> tuple[int, int]:
     """Validate the arguments; returns size = (height, width)."""
     if x.dim() != 3:
         raise ValueError(f"x must be (frames, height*width, channels), got shape {tuple(x.shape)}")
@@ -125,19 +94,13 @@ def _check(x: torch.Tensor, stride: int, mode: str, size: tuple[int, int] | None
         raise ValueError(f"stride must be an int in 1..{min(MAX_STRIDE, *size)} for size {tuple(size)}, got {stride!r}")
     if mode not in ("average", "max"):
         raise ValueError(f"mode must be 'average' or 'max', got {mode!r}")
-    if newline_position not in _NEWLINE_CODE:
-        raise ValueError(f"newline_position must be one of {list(_NEWLINE_CODE)}, got {newline_position!r}")
-    if (newline is None) != (newline_position == "none"):
-        raise ValueError(f"newline_position={newline_position!r} needs a newline vector exactly when it is not 'none'")
-    if newline is not None and (newline.shape != (x.shape[2],) or newline.device != x.device):
-        raise ValueError(f"newline must be ({x.shape[2]},) on {x.device}, got {tuple(newline.shape)} on {newline.device}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
     if out is None:
         if offset != 0:
             raise ValueError("offset needs an out buffer to offset into")
         return size
-    n = pooled_token_count(x.shape[0], size, stride, newline_position)  # type: ignore[arg-type]
+    n = pooled_token_count(x.shape[0], size, stride)
     if out.dim() != 2 or out.shape[1] != x.shape[2] or out.device != x.device or not out.is_floating_point():
         raise ValueError(f"out must be a floating (T_total, {x.shape[2]}) tensor on {x.device}, got "
                          f"{out.dtype} {tuple(out.shape)} on {out.device}")
@@ -149,36 +112,32 @@ def _check(x: torch.Tensor, stride: int, mode: str, size: tuple[int, int] | None
 
 
 def spatial_pool(x: torch.Tensor, stride: int, mode: PoolMode = "average", *, size: tuple[int, int] | None = None,
-                 newline: torch.Tensor | None = None, newline_position: NewlinePosition = "none",
                  out: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
-    """Pool x (F, H*W, C) per frame and write the tokens (+ newlines) to out[offset : offset + n]; returns that view.
+    """Pool x (F, H*W, C) per frame and write the tokens to out[offset : offset + n]; returns that view.
 
     size = (height, width) of the patch grid (default: square). Without ``out`` a fresh (n, C) tensor of
     x's dtype is returned.
     """
-    size = _check(x, stride, mode, size, newline, newline_position, out, offset)
+    size = _check(x, stride, mode, size, out, offset)
     if x.device.type != "cuda" and not _INTERPRET:
         raise RuntimeError(f"Triton kernels need CUDA tensors (got {x.device}); for CPU tensors set "
                            "TRITON_INTERPRET=1 before importing llava_next_kernels (slow, for testing)")
     frames, _, C = x.shape
-    n = pooled_token_count(frames, size, stride, newline_position)
+    n = pooled_token_count(frames, size, stride)
     if out is None:
         out = torch.empty(n, C, device=x.device, dtype=x.dtype)
     if x.stride(2) != 1:
         x = x.contiguous()
     ho, wo = size[0] // stride, size[1] // stride
-    n_pooled = frames * ho * wo
-    n_newline = n - n_pooled
     if _INTERPRET:  # the interpreter's cost is per program and op: few, big tiles
         BLOCK_T, BLOCK_C, launch = 256, min(1024, triton.next_power_of_2(C)), {}
     else:  # 16 tokens x 256 channels: 4*s*s KiB of bf16 reads in flight per program
         BLOCK_T, BLOCK_C, launch = 16, min(256, triton.next_power_of_2(C)), {"num_warps": 4}
     # the interpreter truncates fp32 -> bf16 casts (GPUs round to nearest even): write fp32, round with torch
     target, start = (torch.empty(n, C, device=x.device), 0) if _INTERPRET and out.dtype == torch.bfloat16 else (out, offset)
-    grid = (triton.cdiv(n_pooled, BLOCK_T) + triton.cdiv(n_newline, BLOCK_T), triton.cdiv(C, BLOCK_C))
-    _pool_kernel[grid](x, x if newline is None else newline, target, x.stride(0), x.stride(1), target.stride(0),
-                       start, n_pooled, n_newline, size[1], ho, wo, C, STRIDE=stride, IS_MAX=mode == "max",
-                       NEWLINE=_NEWLINE_CODE[newline_position], BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, **launch)
+    grid = (triton.cdiv(n, BLOCK_T), triton.cdiv(C, BLOCK_C))
+    _pool_kernel[grid](x, target, x.stride(0), x.stride(1), target.stride(0), start, n, size[1], ho, wo, C,
+                       STRIDE=stride, IS_MAX=mode == "max", BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, **launch)
     if target is not out:
         out[offset:offset + n] = target
     return out[offset:offset + n]
@@ -186,25 +145,15 @@ def spatial_pool(x: torch.Tensor, stride: int, mode: PoolMode = "average", *, si
 
 # ------------------------------------------------------------------------------------------------ reference
 def spatial_pool_reference(x: torch.Tensor, stride: int, mode: PoolMode = "average", *,
-                           size: tuple[int, int] | None = None, newline: torch.Tensor | None = None,
-                           newline_position: NewlinePosition = "none", out: torch.Tensor | None = None,
+                           size: tuple[int, int] | None = None, out: torch.Tensor | None = None,
                            offset: int = 0) -> torch.Tensor:
     """The PyTorch path (view -> NCHW -> avg_pool2d/max_pool2d -> flatten), computed in x's dtype."""
-    height, width = _check(x, stride, mode, size, newline, newline_position, out, offset)
+    height, width = _check(x, stride, mode, size, out, offset)
     frames, _, C = x.shape
     grid = x.view(frames, height, width, C).permute(0, 3, 1, 2)  # (F, C, H, W): a strided view
     pool = F.avg_pool2d if mode == "average" else F.max_pool2d
     pooled = pool(grid, kernel_size=stride, stride=stride)  # (F, C, Ho, Wo)
-    pooled = pooled.permute(0, 2, 3, 1)  # (F, Ho, Wo, C)
-    ho, wo = pooled.shape[1:3]
-    if newline_position == "grid":
-        pooled = torch.cat([pooled, newline.to(x.dtype).expand(frames, ho, 1, C)], dim=2)  # (F, Ho, Wo+1, C)
-    tokens = pooled.reshape(frames, -1, C)  # (F, Ho*(Wo [+1]), C)
-    if newline_position == "frame":
-        tokens = torch.cat([tokens, newline.to(x.dtype).expand(frames, 1, C)], dim=1)  # (F, Ho*Wo + 1, C)
-    tokens = tokens.reshape(-1, C)  # (n, C)
-    if newline_position == "one_token":
-        tokens = torch.cat([tokens, newline.to(x.dtype)[None]], dim=0)  # (F*Ho*Wo + 1, C)
+    tokens = pooled.permute(0, 2, 3, 1).reshape(-1, C)  # (F, Ho, Wo, C) -> (F*Ho*Wo, C)
     if out is None:
         return tokens
     out[offset:offset + tokens.shape[0]] = tokens

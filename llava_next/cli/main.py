@@ -119,54 +119,20 @@ def _load_image(path: str, max_pixels: int | None):
 
 
 def _inspect_media(args, config: LlavaNextConfig, model: str, preset: str | None):
-    from ..inputs.tokens import image_aspect, image_plan, plan_context, video_plan
-    from ..inputs.video import VideoError, frame_options, load_video
-    from .plan import media_plan, overflow
+    """The inspect report of the request's media, and a function drawing its plan (for --png)."""
+    from ..inputs.tokens import plan_context
+    from .plan import growth_note, media_plan, overflow, per_crop, rope_note
 
     n_frames, sampling = options.frames(args), options.sampling(args)
-    images, image_plans = [], []
-    aspect = image_aspect(config, len(args.image))  # OneVision pads each of several images to one tile
-    for path in args.image:
-        img = _load_image(path, args.max_image_pixels)
-        plan = image_plan((img.height, img.width), config, aspect)
-        images.append((img, plan, os.path.basename(path)))
-        image_plans.append((path, plan))
-    if args.video:
-        try:  # options first: a bad stride should not wait for a decode
-            video_plan(n_frames, config)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-    videos = []
-    for path in args.video:
-        try:
-            # the plan needs indices and times; pixels only for --png
-            clip = load_video(path, n_frames, sampling=sampling, keep_pixels=bool(args.png), **frame_options(config))
-        except VideoError as e:
-            raise UserError(str(e)) from None
-        videos.append((clip, video_plan(clip.num_frames, config)))
+    images, image_plans = _plan_images(args, config)
+    videos = _plan_videos(args, config, n_frames, sampling)
     media = media_plan(image_plans, videos, config, args.rope_scale, sampling)
-    visual = media["visual_tokens"]
     reduction = options.reduction(args)
-    budgets = []
-    if reduction:  # the budget after frame selection / token reduction; the context is checked with it
-        try:
-            reduction.check(config)
-            budgets = [reduction.image_budget(config, plan.grid_hw, plan.total) for _, plan in image_plans]
-            budgets += [reduction.budget(config, n_frames, plan.total) for _, plan in videos]
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        visual += sum(b["visual_tokens_into_decoder"] - b["visual_tokens_unreduced"] for b in budgets)
-    text_tokens = 100 if args.text_tokens is None else args.text_tokens
+    budgets = _reduction_budgets(reduction, config, image_plans, videos, n_frames)
+    visual = media["visual_tokens"]  # after reduction, when there is one
+    visual += sum(b["visual_tokens_into_decoder"] - b["visual_tokens_unreduced"] for b in budgets)
+    text_tokens = _text_tokens(args, config, model, len(image_plans), len(videos))
     new_tokens = options.ANSWER_TOKENS if args.max_new_tokens is None else args.max_new_tokens  # as run counts
-    if args.prompt is not None:  # count the prompt exactly, as run does
-        from ..inputs.prompt import build_input_ids
-
-        tokenizer = options.model_tokenizer(model)
-        if tokenizer is None:
-            raise UserError(f"--prompt: counting the prompt needs the model's tokenizer.json, and {model} is not a "
-                            f"checkpoint directory here; give a directory, or --text-tokens N instead")
-        ids = build_input_ids(args.prompt, tokenizer, config, len(image_plans), len(videos), args.template)
-        text_tokens = len(ids) - len(image_plans) - len(videos)  # one placeholder id per medium
     video_visual = sum(plan.total for _, plan in videos)  # the videos' share, for the overflow advice
     if budgets:
         video_visual = sum(b["visual_tokens_into_decoder"] for b in budgets[len(image_plans):])
@@ -180,8 +146,6 @@ def _inspect_media(args, config: LlavaNextConfig, model: str, preset: str | None
 
     if random_weights_notice(model):
         report["random_weights"] = True
-    from .plan import growth_note, per_crop, rope_note
-
     notes = [rope_note(context)]
     if budgets:
         report["reduction"] = budgets
@@ -191,7 +155,72 @@ def _inspect_media(args, config: LlavaNextConfig, model: str, preset: str | None
     report["notes"] = [n for n in notes if n]
     if kind == "video":  # one video: its fields at the top level too (the original inspect format)
         report.update({k: v for k, v in media["videos"][0].items() if k != "tokens"})
+    return report, _plan_drawer(images, videos, context, config, sampling)
 
+
+def _plan_images(args, config: LlavaNextConfig) -> tuple[list, list]:
+    """Each --image loaded and planned: (image, plan, file name) for the drawing, (path, plan) for the report."""
+    from ..inputs.tokens import image_aspect, image_plan
+
+    images, image_plans = [], []
+    aspect = image_aspect(config, len(args.image))  # OneVision pads each of several images to one tile
+    for path in args.image:
+        img = _load_image(path, args.max_image_pixels)
+        plan = image_plan((img.height, img.width), config, aspect)
+        images.append((img, plan, os.path.basename(path)))
+        image_plans.append((path, plan))
+    return images, image_plans
+
+
+def _plan_videos(args, config: LlavaNextConfig, n_frames: int, sampling: str) -> list:
+    """Each --video's sampled frames (pixels only for --png) and plan, as (clip, plan)."""
+    from ..inputs.tokens import video_plan
+    from ..inputs.video import VideoError, frame_options, load_video
+
+    if args.video:
+        try:  # options first: a bad stride should not wait for a decode
+            video_plan(n_frames, config)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    videos = []
+    for path in args.video:
+        try:
+            # the plan needs indices and times; pixels only for --png
+            clip = load_video(path, n_frames, sampling=sampling, keep_pixels=bool(args.png), **frame_options(config))
+        except VideoError as e:
+            raise UserError(str(e)) from None
+        videos.append((clip, video_plan(clip.num_frames, config)))
+    return videos
+
+
+def _reduction_budgets(reduction, config: LlavaNextConfig, image_plans: list, videos: list, n_frames: int) -> list:
+    """The budget after frame selection / token reduction, one per image then per video ([] without one)."""
+    if not reduction:
+        return []
+    try:
+        reduction.check(config)
+        budgets = [reduction.image_budget(config, plan.grid_hw, plan.total) for _, plan in image_plans]
+        return budgets + [reduction.budget(config, n_frames, plan.total) for _, plan in videos]
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _text_tokens(args, config: LlavaNextConfig, model: str, n_images: int, n_videos: int) -> int:
+    """--prompt counted exactly, as run does (with the model's tokenizer); else --text-tokens, default 100."""
+    if args.prompt is None:
+        return 100 if args.text_tokens is None else args.text_tokens
+    from ..inputs.prompt import build_input_ids
+
+    tokenizer = options.model_tokenizer(model)
+    if tokenizer is None:
+        raise UserError(f"--prompt: counting the prompt needs the model's tokenizer.json, and {model} is not a "
+                        f"checkpoint directory here; give a directory, or --text-tokens N instead")
+    ids = build_input_ids(args.prompt, tokenizer, config, n_images, n_videos, args.template)
+    return len(ids) - n_images - n_videos  # one placeholder id per medium
+
+
+def _plan_drawer(images: list, videos: list, context, config: LlavaNextConfig, sampling: str):
+    """A function that draws the plan picture: the images' tiles, or the one video's frames."""
     def draw():
         if images:
             from .plan_png import draw_images_plan
@@ -205,7 +234,7 @@ def _inspect_media(args, config: LlavaNextConfig, model: str, preset: str | None
         return draw_video_plan(clip.frames, clip.frame_indices, clip.timestamps, clip.duration, plan,
                                os.path.basename(clip.path), context, source)
 
-    return report, draw
+    return draw
 
 
 def _hw(size: Sequence[int]) -> str:
@@ -213,52 +242,14 @@ def _hw(size: Sequence[int]) -> str:
 
 
 def _format(r: dict) -> str:
-    """The human-readable plan."""
-    if r["preset"] is not None:
-        lines = [f"preset   {r['preset']} ({PRESETS[r['preset']].hub_id}); sizes are height x width"]
-    elif r.get("random_weights"):
-        what = "built in" if options.is_tiny(r["model"]) else "a copy of a built-in model"
-        lines = [f"model    {r['model']} ({what}, RANDOM weights: a smoke-test model); sizes are height x width"]
-    else:
-        lines = [f"model    {r['model']}; sizes are height x width"]
+    """The human-readable plan: model, each image, each video, each reduction budget, the context."""
+    lines = [_model_line(r)]
     for e in r["images"]:
-        kh, kw = e["unpadded_hw"]
-        if e["num_tiles"] == 0:  # one untiled image (LLaVA-NeXT-Interleave, OneVision's multi-image)
-            lines += [f"image    {e['path']}: {_hw(e['image_hw'])} px",
-                      f"  one tile        resized to {_hw(e['canvas_hw'])} px: {e['base_tokens']} tokens"
-                      f" + {e['newline_tokens']} newline",
-                      f"  tokens          {e['tokens']}"]
-            continue
-        lines += [
-            f"image    {e['path']}: {_hw(e['image_hw'])} px",
-            f"  best resolution {_hw(e['canvas_hw'])} px -> grid {_hw(e['grid_hw'])} = {e['num_tiles']} tiles "
-            f"+ 1 base image; resized to {_hw(e['resized_hw'])} then padded",
-            f"  features        base {e['base_tokens']} + map {_hw(e['feature_map_hw'])} unpadded to "
-            f"{kh}x{kw} = {kh * kw} + {e['newline_tokens']} newline",
-            f"  tokens          {e['tokens']}",
-        ]
+        lines += _image_lines(e)
     for v in r["videos"]:
-        ph, pw = v["pooled_hw"]
-        frames = ", ".join(f"{i}@{t:.2f}s" for i, t in zip(v["frame_indices"], v["timestamps"]))
-        nl = f" + {v['newline_tokens']} newline ({v['newline']})" if v["newline_tokens"] else ""
-        lines += [
-            f"video    {v['path']}: {_hw(v['size_hw'])} px, {v['total_frames']} frames, {v['fps']:.2f} fps, "
-            f"{v['duration']:.2f} s",
-            f"  sampled         {v['num_frames']} frames ({v['sampling']}): {frames}",
-            f"  per frame       {_hw(v['patch_grid_hw'])} patches -> {v['pool_mode']} pool stride {v['pool_stride']}"
-            f" -> {ph}x{pw} = {v['tokens_per_frame']} tokens",
-            f"  tokens          {v['num_frames']} x {v['tokens_per_frame']}{nl} = {v['tokens']}",
-        ] + [f"  note: {note}" for note in v["notes"]]
+        lines += _video_lines(v)
     for b in r.get("reduction", []):
-        frames = f" (at most {b['frames_at_most']} frames)" if "frames_at_most" in b else ""
-        lines.append(f"reduce   {'image: ' if b.get('media') == 'image' else ''}{', '.join(b['methods'])}: "
-                     f"{b['visual_tokens_unreduced']} visual tokens -> "
-                     f"{b['visual_tokens_into_decoder']} into the decoder{frames}")
-        if "pruned_at_layer" in b:
-            lines.append(f"  from decoder layer {b['pruned_at_layer']}: {b['visual_tokens_after_pruning']} visual tokens")
-        if "decode_reads_from_layer" in b:
-            lines.append(f"  decode, from layer {b['decode_reads_from_layer']}: {b['visual_keys_read_per_step']} "
-                         f"visual keys read per step")
+        lines += _reduction_lines(b)
     n = len(r["images"]) + len(r["videos"])
     if n > 1:
         lines.append(f"visual   {r['visual_tokens']} tokens in {len(r['images'])} images"
@@ -266,18 +257,75 @@ def _format(r: dict) -> str:
     sw = r["switches"]
     if sw["pool_position"] != "before_projector" or sw["anyres_compat"] != "hf":
         lines.append(f"switches pool {sw['pool_position']}, anyres_compat {sw['anyres_compat']}")
-    c = r["context"]
+    lines += _context_lines(r["context"])
+    lines += [f"note     {note}" for note in r.get("notes", [])]
+    return "\n".join(lines)
+
+
+def _model_line(r: dict) -> str:
+    if r["preset"] is not None:
+        return f"preset   {r['preset']} ({PRESETS[r['preset']].hub_id}); sizes are height x width"
+    if r.get("random_weights"):
+        what = "built in" if options.is_tiny(r["model"]) else "a copy of a built-in model"
+        return f"model    {r['model']} ({what}, RANDOM weights: a smoke-test model); sizes are height x width"
+    return f"model    {r['model']}; sizes are height x width"
+
+
+def _image_lines(e: dict) -> list[str]:
+    kh, kw = e["unpadded_hw"]
+    if e["num_tiles"] == 0:  # one untiled image (LLaVA-NeXT-Interleave, OneVision's multi-image)
+        return [f"image    {e['path']}: {_hw(e['image_hw'])} px",
+                f"  one tile        resized to {_hw(e['canvas_hw'])} px: {e['base_tokens']} tokens"
+                f" + {e['newline_tokens']} newline",
+                f"  tokens          {e['tokens']}"]
+    return [
+        f"image    {e['path']}: {_hw(e['image_hw'])} px",
+        f"  best resolution {_hw(e['canvas_hw'])} px -> grid {_hw(e['grid_hw'])} = {e['num_tiles']} tiles "
+        f"+ 1 base image; resized to {_hw(e['resized_hw'])} then padded",
+        f"  features        base {e['base_tokens']} + map {_hw(e['feature_map_hw'])} unpadded to "
+        f"{kh}x{kw} = {kh * kw} + {e['newline_tokens']} newline",
+        f"  tokens          {e['tokens']}",
+    ]
+
+
+def _video_lines(v: dict) -> list[str]:
+    ph, pw = v["pooled_hw"]
+    frames = ", ".join(f"{i}@{t:.2f}s" for i, t in zip(v["frame_indices"], v["timestamps"]))
+    nl = f" + {v['newline_tokens']} newline ({v['newline']})" if v["newline_tokens"] else ""
+    return [
+        f"video    {v['path']}: {_hw(v['size_hw'])} px, {v['total_frames']} frames, {v['fps']:.2f} fps, "
+        f"{v['duration']:.2f} s",
+        f"  sampled         {v['num_frames']} frames ({v['sampling']}): {frames}",
+        f"  per frame       {_hw(v['patch_grid_hw'])} patches -> {v['pool_mode']} pool stride {v['pool_stride']}"
+        f" -> {ph}x{pw} = {v['tokens_per_frame']} tokens",
+        f"  tokens          {v['num_frames']} x {v['tokens_per_frame']}{nl} = {v['tokens']}",
+    ] + [f"  note: {note}" for note in v["notes"]]
+
+
+def _reduction_lines(b: dict) -> list[str]:
+    frames = f" (at most {b['frames_at_most']} frames)" if "frames_at_most" in b else ""
+    lines = [f"reduce   {'image: ' if b.get('media') == 'image' else ''}{', '.join(b['methods'])}: "
+             f"{b['visual_tokens_unreduced']} visual tokens -> "
+             f"{b['visual_tokens_into_decoder']} into the decoder{frames}"]
+    if "pruned_at_layer" in b:
+        lines.append(f"  from decoder layer {b['pruned_at_layer']}: {b['visual_tokens_after_pruning']} visual tokens")
+    if "decode_reads_from_layer" in b:
+        lines.append(f"  decode, from layer {b['decode_reads_from_layer']}: {b['visual_keys_read_per_step']} "
+                     f"visual keys read per step")
+    return lines
+
+
+def _context_lines(c: dict) -> list[str]:
     from ..inputs.tokens import ContextPlan
 
     plan = ContextPlan(**c)
-    lines.append(f"context  {plan.summary()}")
+    lines = [f"context  {plan.summary()}"]
     if not plan.fits:
         lines.append(f"  fix: {plan.fix()}")
     elif plan.factor != plan.config_factor and plan.factor_source != "auto":  # auto's reason is a note below
         lines.append(f"  note: the model's config uses RoPE factor {plan.config_factor:g}; this plan uses "
                      f"{plan.factor:g}")
-    lines += [f"note     {note}" for note in r.get("notes", [])]
-    return "\n".join(lines)
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------

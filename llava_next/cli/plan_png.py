@@ -88,7 +88,27 @@ def draw_image_plan(image: Image.Image, plan: ImagePlan, name: str, tile: int = 
     canvas = Image.new("RGB", (cw, ch), (0, 0, 0))
     canvas.paste(image.resize((rw, rh), Image.BICUBIC), ((cw - rw) // 2, (ch - rh) // 2))
     canvas = canvas.resize((round(cw * s), round(ch * s)), Image.BILINEAR).convert("RGBA")
+    canvas, kept = _mark_patches(canvas, plan, s, patch)
+    _mark_tiles(canvas, plan, s, tile, kept)
+    body = _beside_base(canvas, image, plan, s, tile)
 
+    g = plan.grid_hw
+    kh, kw = plan.unpadded_hw
+    header = _text_block([
+        f"{name}: {_hw(plan.image_hw)} px (h x w)  ->  {plan.total} visual tokens",
+        f"canvas {_hw(plan.canvas_hw)} px = {g[0]}x{g[1]} tiles of {tile} px; image resized to "
+        f"{_hw(plan.resized_hw)}, black padding around it",
+        f"features: base {plan.base_tokens} + stitched map {_hw(plan.feature_map_hw)} patches -> unpadded "
+        f"{kh}x{kw} = {kh * kw} + {plan.newline_tokens} newline = {plan.total}",
+        "yellow: tiles   faint grid: 14 px patches   green: features kept   red: padding features dropped",
+    ], body.width)
+    return _stack([header, body])
+
+
+def _mark_patches(canvas: Image.Image, plan: ImagePlan, s: float, patch: int) -> tuple[Image.Image, list[float]]:
+    """The canvas (RGBA, display scale ``s``) with the faint patch grid and the padding whose features unpad
+    drops shaded; also the kept box [left, top, right, bottom] in display px."""
+    ch, cw = plan.canvas_hw
     over = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
     d = ImageDraw.Draw(over)
     fh, fw = plan.feature_map_hw
@@ -106,9 +126,14 @@ def draw_image_plan(image: Image.Image, plan: ImagePlan, name: str, tile: int = 
             if box[3] - box[1] > 24 and box[2] - box[0] > 150:
                 d.text((box[0] + 8, (box[1] + box[3]) / 2 - 8), "padding: features dropped", fill=(255, 160, 160, 255),
                        font=_font(14))
-    canvas = Image.alpha_composite(canvas, over)
+    return Image.alpha_composite(canvas, over), kept
+
+
+def _mark_tiles(canvas: Image.Image, plan: ImagePlan, s: float, tile: int, kept: list[float]) -> None:
+    """Outline and number the tiles, and outline the kept features, on ``canvas`` in place."""
     d = ImageDraw.Draw(canvas)
     rows, cols = plan.grid_hw
+    kh, kw = plan.unpadded_hw
     font = _font(15)
     for r in range(rows):
         for c in range(cols):
@@ -120,6 +145,9 @@ def draw_image_plan(image: Image.Image, plan: ImagePlan, name: str, tile: int = 
     d.text((kept[0] + 6, kept[3] - 22), f"kept {kh}x{kw} features (+{plan.newline_tokens} newline)", fill=KEPT,
            font=font, stroke_width=2, stroke_fill=(0, 0, 0))
 
+
+def _beside_base(canvas: Image.Image, image: Image.Image, plan: ImagePlan, s: float, tile: int) -> Image.Image:
+    """The marked canvas with the base tile (the whole image squashed to one tile) to its right."""
     base_side = round(tile * s)
     base = image.resize((tile, tile), Image.BICUBIC).resize((base_side, base_side), Image.BILINEAR)
     body = Image.new("RGB", (canvas.width + base_side + 3 * PAD, max(canvas.height, base_side + 40) + PAD), BG)
@@ -129,17 +157,7 @@ def draw_image_plan(image: Image.Image, plan: ImagePlan, name: str, tile: int = 
     d = ImageDraw.Draw(body)
     d.text((bx, base_side + 6), f"base: whole image squashed to {tile}x{tile}", fill=DIM, font=_font(14))
     d.text((bx, base_side + 24), f"{plan.base_tokens} tokens, no newline", fill=DIM, font=_font(14))
-
-    g = plan.grid_hw
-    header = _text_block([
-        f"{name}: {_hw(plan.image_hw)} px (h x w)  ->  {plan.total} visual tokens",
-        f"canvas {_hw(plan.canvas_hw)} px = {g[0]}x{g[1]} tiles of {tile} px; image resized to "
-        f"{_hw(plan.resized_hw)}, black padding around it",
-        f"features: base {plan.base_tokens} + stitched map {_hw(plan.feature_map_hw)} patches -> unpadded "
-        f"{kh}x{kw} = {kh * kw} + {plan.newline_tokens} newline = {plan.total}",
-        "yellow: tiles   faint grid: 14 px patches   green: features kept   red: padding features dropped",
-    ], body.width)
-    return _stack([header, body])
+    return body
 
 
 def draw_images_plan(items: Sequence[tuple[Image.Image, ImagePlan, str]], context: ContextPlan | None = None,

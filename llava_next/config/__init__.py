@@ -7,7 +7,7 @@
 Every derived field is computed and checked once, in ``__post_init__``; a bad value fails there with
 a message that names the field, instead of deep inside a forward pass. Choices that differ between
 implementations (transformers vs the original LLaVA-NeXT code) are typed fields, never substring tests
-on strings (see reference-spec §2.1, §3, §10).
+on strings (docs/references.md says where the implementations differ).
 
 Conventions
 - Sizes are ``(height, width)``. ``image_grid_pinpoints`` is stored exactly as the config lists it;

@@ -78,7 +78,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
             text=dataclasses.replace(_YI_34B, vocab_size=64064), image_token_id=64001, video_token_id=64000,
             template="chatml_direct", **_VIDEO),
 
-    # ---- SigLIP + Qwen (interleave-onevision-spec §1, §3, §4, §7) ----------------------------------
+    # ---- SigLIP + Qwen (docs/references.md: SigLIP vision tower, Decoders) ---------------------------
     # llava-hf interleave configs: 26 SigLIP layers, vision_feature_layer -1 "full", image_token_index 151646,
     # vocabulary 151936 + <image> padded to 152000 (the extra rows are random: never generated in practice)
     _preset("llava-interleave-qwen-0.5b", "llava-hf/llava-interleave-qwen-0.5b-hf",
@@ -87,8 +87,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
             "lmms-lab/llava-next-interleave-qwen-7b", vision=_SO400M, text=_QWEN15_7B, **_INTERLEAVE),
     _preset("llava-interleave-qwen-7b-dpo", "llava-hf/llava-interleave-qwen-7b-dpo-hf",
             "lmms-lab/llava-next-interleave-qwen-7b-dpo", vision=_SO400M, text=_QWEN15_7B, **_INTERLEAVE),
-    # OneVision: <video> 151647; OV-0.5B vocabulary 152000, OV-7B 152064 + 2 padded to 152128 (computed from the
-    # converter, spec §3); LLaVA-Video-7B-Qwen2 is OneVision-7B's architecture (its llava-hf id is not verified)
+    # OneVision: <video> 151647; OV-0.5B vocabulary 152000, OV-7B 152064 + 2 padded to 152128 (the
+    # converter pads to a multiple of 64); LLaVA-Video-7B-Qwen2 is OneVision-7B's architecture (its llava-hf id is not verified)
     _preset("llava-onevision-qwen2-0.5b-ov", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
             "lmms-lab/llava-onevision-qwen2-0.5b-ov", vision=_SO400M, text=_QWEN2_05B, **_OV),
     _preset("llava-onevision-qwen2-7b-ov", "llava-hf/llava-onevision-qwen2-7b-ov-hf",

@@ -20,7 +20,7 @@ _CLIP_L14_336 = dict(_CLIP_DEFAULTS, hidden_size=1024, intermediate_size=4096, n
 _SIGLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                         image_size=224, patch_size=16, num_channels=3, layer_norm_eps=1e-6,
                         hidden_act="gelu_pytorch_tanh")
-# google/siglip-so400m-patch14-384 as LLaVA keeps it: 26 of its 27 layers (interleave-onevision-spec §1)
+# google/siglip-so400m-patch14-384 as LLaVA keeps it: 26 of its 27 layers (docs/references.md, SigLIP vision tower)
 _SIGLIP_SO400M = dict(_SIGLIP_DEFAULTS, hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
                       num_attention_heads=16, image_size=384, patch_size=14)
 _TEXT_DEFAULTS = {
@@ -149,7 +149,7 @@ def _from_hf_config(cfg: dict) -> LlavaNextConfig:
 
 def _from_hf_siglip_config(cfg: dict) -> LlavaNextConfig:
     """llava-hf LLaVA-NeXT-Interleave (model_type "llava": LlavaForConditionalGeneration) and LLaVA-OneVision
-    (model_type "llava_onevision"): a SigLIP tower and a Qwen decoder (interleave-onevision-spec §4, §7)."""
+    (model_type "llava_onevision"): a SigLIP tower and a Qwen decoder."""
     model_type = cfg["model_type"]
     vc, tc = dict(cfg.get("vision_config") or {}), dict(cfg.get("text_config") or {})
     if vc.get("model_type", "siglip_vision_model") != "siglip_vision_model":
@@ -187,7 +187,7 @@ def _from_hf_siglip_config(cfg: dict) -> LlavaNextConfig:
 
 
 # LLaVA-OneVision image/video handling as transformers' LlavaOnevisionForConditionalGeneration does it
-# (interleave-onevision-spec §7): anyres_max (base first, unpad, bilinear downscale, newline per row); more
+# (docs/references.md, anyres_max_N and Video): anyres_max (base first, unpad, bilinear downscale, newline per row); more
 # than one image: each padded to a square, one tile + one newline (730); video: projector, then bilinear
 # 27 -> 14 pooling (196 per frame), one newline after the whole video. Public: the presets and the built-in
 # tiny OneVision model (runtime/tiny_qwen.py) build on the same fields.
@@ -258,7 +258,7 @@ _ORIGINAL_SIGLIP_TOWERS = {"google/siglip-so400m-patch14-384": _SIGLIP_SO400M}
 
 
 def _from_original_siglip_config(cfg: dict) -> LlavaNextConfig:
-    """An lmms-lab LlavaQwenForCausalLM config (interleave-onevision-spec §3, §4, §7). Each way its image handling
+    """An lmms-lab LlavaQwenForCausalLM config. Each way its image handling
     differs from llava-hf's is a field of the result:
     - image_aspect_ratio "anyres" (interleave 0.5b/7b) or "anyres_max_N" (OneVision, LLaVA-Video): AnyRes for
       a single image, pinpoints read as (width, height) and unpad truncating (``anyres_compat="original"``);

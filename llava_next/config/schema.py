@@ -3,7 +3,7 @@
 Every derived field is computed and checked once, in ``__post_init__``; a bad value fails there with
 a message that names the field, instead of deep inside a forward pass. Choices that differ between
 implementations (transformers vs the original LLaVA-NeXT code) are typed fields, never substring tests
-on strings (see reference-spec §2.1, §3, §10). The config.json readers are in readers.py, the presets
+on strings (docs/references.md says where the implementations differ). The config.json readers are in readers.py, the presets
 for the real checkpoints in presets.py; ``LlavaNextConfig.from_*`` reach them.
 """
 
@@ -23,7 +23,7 @@ ImageAspect = Literal["anyres", "resize", "pad"]  # AnyRes tiles / one squashed 
 PoolMode = Literal["average", "max", "bilinear"]
 PoolPosition = Literal["before_projector", "after_projector"]  # HF/vLLM/orig `inference` vs orig main
 VideoNewline = Literal["none", "grid", "frame", "one_token"]
-AnyresCompat = Literal["hf", "original"]  # pinpoint pair order + unpad rounding (reference-spec §2.1)
+AnyresCompat = Literal["hf", "original"]  # pinpoint pair order + unpad rounding (docs/references.md, AnyRes images)
 TemplateName = Literal["llava_v1", "vicuna_v1", "mistral_instruct", "chatml_direct", "llava_next_video",
                        "qwen_interleave_hf", "qwen_onevision_hf", "qwen_1_5"]
 
@@ -104,8 +104,8 @@ def _check_positive(owner: str, **values: float) -> None:
 class VisionConfig:
     """The vision tower as LLaVA uses it. Defaults are CLIP ViT-L/14-336 (openai/clip-vit-large-patch14-336).
 
-    ``kind="siglip"`` is SigLIP so400m as LLaVA-NeXT-Interleave / OneVision use it (interleave-onevision-spec
-    §1): no CLS token, no pre-LayerNorm, a patch conv with bias, LayerNorm eps 1e-6, tanh GELU; every token
+    ``kind="siglip"`` is SigLIP so400m as LLaVA-NeXT-Interleave / OneVision use it (docs/references.md,
+    SigLIP vision tower): no CLS token, no pre-LayerNorm, a patch conv with bias, LayerNorm eps 1e-6, tanh GELU; every token
     is a patch (``feature_strategy`` must be "full": "default" would drop a patch, not a CLS token).
     ``hidden_act=None`` takes the kind's activation (CLIP quick_gelu, SigLIP gelu_pytorch_tanh); open_clip's
     timm SigLIP trunk uses the erf GELU ("gelu"), a switch so it can be loaded exactly (model/siglip.py)."""
@@ -140,7 +140,7 @@ class VisionConfig:
         _check_literal(o, "hidden_act", self.hidden_act, VisionAct)
         if self.kind == "siglip" and self.feature_strategy != "full":
             raise ConfigError(f"{o}.feature_strategy must be 'full' for a SigLIP tower (it has no CLS token: "
-                              f"'default' would drop the first patch, 728 of 729 tokens; interleave-onevision-spec §8.2)")
+                              f"'default' would drop the first patch, 728 of 729 tokens; docs/references.md)")
         _check_positive(o, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
                         num_layers=self.num_layers, num_heads=self.num_heads, image_size=self.image_size,
                         patch_size=self.patch_size, num_channels=self.num_channels,
@@ -177,7 +177,7 @@ class VisionConfig:
 class TextConfig:
     """Llama-style decoder (Llama / Vicuna / Mistral / Yi / Qwen1.5 / Qwen2): RMSNorm, RoPE, GQA, SwiGLU.
 
-    Qwen (interleave-onevision-spec §3) is the same block with ``qkv_bias=True``, RoPE theta 1e6, and for
+    Qwen (docs/references.md, Decoders) is the same block with ``qkv_bias=True``, RoPE theta 1e6, and for
     the 0.5B models ``tie_word_embeddings=True``; Qwen2 adds GQA (``num_kv_heads`` < ``num_heads``)."""
 
     vocab_size: int = 32064
@@ -247,7 +247,7 @@ class LlavaNextConfig:
     image_token_id: int = 32000
     video_token_id: int | None = None  # None: an image-only checkpoint
     projector_bias: bool = True
-    # video path (reference-spec §3)
+    # video path (docs/references.md, Video)
     spatial_pool_stride: int = 2
     spatial_pool_mode: PoolMode = "average"
     pool_position: PoolPosition = "before_projector"
@@ -255,7 +255,7 @@ class LlavaNextConfig:
     # AnyRes compatibility with the original repo (pinpoint pair order, unpad rounding)
     anyres_compat: AnyresCompat = "hf"
     template: TemplateName = "llava_v1"
-    # SigLIP + Qwen family (interleave-onevision-spec §4, §7): how an image becomes tiles
+    # SigLIP + Qwen family: how an image becomes tiles
     image_aspect_ratio: ImageAspect = "anyres"  # resize: one squashed 384 px tile (llava-hf interleave, 729)
     anyres_max_patches: int | None = None  # OneVision "anyres_max_9": 9; None = plain anyres (no downscale)
     multi_image_aspect_ratio: ImageAspect | None = None  # with > 1 image in a prompt (OneVision: "pad"); None = same
@@ -308,7 +308,7 @@ class LlavaNextConfig:
         return dataclasses.replace(self, **changes)
 
     def with_rope_scaling(self, factor: float) -> "LlavaNextConfig":
-        """The same model with a different linear RoPE factor (a run-time choice, reference-spec §3)."""
+        """The same model with a different linear RoPE factor (a run-time choice, docs/references.md, Video)."""
         return self.replace(text=dataclasses.replace(self.text, rope_scaling_factor=float(factor)))
 
     def to_dict(self) -> dict:

@@ -6,7 +6,7 @@
     normalize(uint8 (..., H, W, 3))   -> float32 (..., 3, H, W)   (shared with video.py)
 
 The pipeline follows transformers' PIL processor (``LlavaNextImageProcessorPil``, equal to the
-original LLaVA-NeXT ``process_anyres_image``; reference-spec §2) and matches it pixel for pixel:
+original LLaVA-NeXT ``process_anyres_image``; docs/references.md, AnyRes images) and matches it pixel for pixel:
 1. pick the canvas from ``config.image_grid_pinpoints`` (anyres.select_best_resolution);
 2. resize the image into it keeping its aspect ratio (PIL bicubic, anyres.resized_size);
 3. paste it centred on a black canvas (pixel 0 before normalization; an odd remainder goes
@@ -51,10 +51,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ..model.anyres import ImageInput, paste_offset, resized_size, tile_grid
 from ..config import ImageAspect, LlavaNextConfig
 
-# OpenAI CLIP normalization (CLIPImageProcessor defaults; reference-spec §2)
+# OpenAI CLIP normalization (CLIPImageProcessor defaults)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# SigLIP (SiglipImageProcessor, the original SigLipImageProcessor; interleave-onevision-spec §1): [-1, 1]
+# SigLIP (SiglipImageProcessor, the original SigLipImageProcessor): [-1, 1]
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 Stats = tuple[tuple[float, float, float], tuple[float, float, float]]  # (mean, std)
 CLIP_STATS: Stats = (CLIP_MEAN, CLIP_STD)
@@ -73,7 +73,7 @@ def _normalize_arith(pixels: np.ndarray, stats: Stats = CLIP_STATS) -> np.ndarra
 
 
 # uint8 inputs have 256 values per channel: a table of their normalized values gives bit-identical
-# results ~4x faster than the arithmetic on every pixel. (3, 256) per normalization
+# results faster than the arithmetic on every pixel. (3, 256) per normalization
 _LUTS = {s: _normalize_arith(np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1), s).T.copy()
          for s in (CLIP_STATS, SIGLIP_STATS)}
 

@@ -9,7 +9,7 @@ What is here, top to bottom
   full decode, for any ids: it decodes each new token together with the previous ones (so
   SentencePiece "▁" spaces come out right) and holds back runs of byte-fallback pieces until they end
   (so multi-byte characters arrive whole and an invalid byte never rewrites text already shown).
-- ``render_prompt``: the five templates of reference-spec §8 (``TemplateName`` in config/schema.py), or
+- ``render_prompt``: the templates of docs/references.md (``TemplateName`` in config/schema.py), or
   ``"none"`` (the prompt is sent exactly as given).
 - ``build_input_ids``: render + tokenize, with each ``<image>`` / ``<video>`` placeholder as one id.
 - ``expand_placeholders``: each placeholder id -> its visual-token count copies (what transformers'
@@ -25,7 +25,7 @@ Notable choices
   whole string is encoded at once and that id must equal the config's. Otherwise (an original
   LLaVA-NeXT SentencePiece tokenizer) we tokenize like the original ``tokenizer_image_token``: split on
   placeholders, encode each chunk on its own, keep only the first chunk's BOS and put the config's
-  placeholder id between chunks. The two differ by a "▁" after each placeholder (reference-spec §9).
+  placeholder id between chunks. The two differ by a "▁" after each placeholder (docs/references.md, Tokenizers).
   (The original video code also writes "<image>" for a video; we write "<video>" and use the config's
   video id, so the model knows which medium each placeholder stands for.)
 - BOS/EOS: tokenizer.json's post-processor decides (as in transformers 5); tokenizer_config.json's
@@ -227,7 +227,7 @@ class StreamDecoder:
 
 
 # --------------------------------------------------------------------------------------------------
-# Templates (reference-spec §8; original `llava/conversation.py` and the llava-hf chat templates)
+# Templates (docs/references.md; original `llava/conversation.py` and the llava-hf chat templates)
 # --------------------------------------------------------------------------------------------------
 Turns = Sequence[tuple[str, str]]  # earlier (user text, assistant answer) pairs
 
@@ -261,7 +261,7 @@ def _hf_chat(system: str, turns: Turns, question: str) -> str:
 
 
 def _chatml(system_sep: str, text_sep: str, leading_media: bool) -> Callable[[str, Turns, str], str]:
-    """Qwen's ChatML turns "<|im_start|>role\n...<|im_end|>\n" (interleave-onevision-spec §5).
+    """Qwen's ChatML turns "<|im_start|>role\n...<|im_end|>\n".
 
     ``system_sep`` goes between a system turn's header and its text; ``text_sep`` before every user and
     assistant text; with ``leading_media`` the placeholders at the front of a user turn come before that

@@ -2,7 +2,7 @@
 
 One module, used by the processor, the model and ``llava-next inspect``, so a prediction and the
 features a model produces cannot disagree (users hit "features and tokens do not match" errors and
-silent truncation when they do; peers-and-users §2 needs 1-3).
+silent truncation when they do).
 
     image_plan(image_hw, config)  -> ImagePlan   canvas, tile grid, unpadded map, newlines, total
     image_tokens(image_hw, config) -> int         576 + h' * (w' + 1)   (640x480 -> 2340)
@@ -11,10 +11,10 @@ silent truncation when they do; peers-and-users §2 needs 1-3).
     plan_context(text_tokens, visual_tokens, config, rope_scale) -> ContextPlan
     check_context(plan, on_overflow="raise" | "warn")
 
-RoPE and context (reference-spec §3). A position p is rotated as p / factor (linear scaling), so a
+RoPE and context (docs/references.md, Video). A position p is rotated as p / factor (linear scaling), so a
 model trained on ``max_position_embeddings`` positions sees positions it was trained on only while
 ``tokens <= max_position_embeddings * factor``. Past that, answers degrade into empty or garbage text
-without any error (the ~30-frame failures in peers-and-users §2 need 2). The factor is a run-time
+without any error (32 frames of LLaVA-NeXT-Video-7B, 4608 visual tokens, need 2). The factor is a run-time
 choice: ``rope_scale="config"`` takes the checkpoint's (2.5 for llava-hf Video-7B), ``"auto"`` the
 smallest integer factor that holds the actual tokens (1 if they already fit), ``"original"`` the
 original demo's rule ``ceil((visual + 1000) / max_pos)`` (it sets the factor when that is >= 2 and
@@ -42,7 +42,7 @@ RopeScale = Literal["config", "auto", "original"] | float
 
 
 # --------------------------------------------------------------------------------------------------
-# Images (AnyRes, reference-spec §2)
+# Images (AnyRes, docs/references.md)
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ImagePlan:
@@ -104,7 +104,7 @@ def image_tokens(image_hw: Size, config: LlavaNextConfig, aspect: ImageAspect | 
 
 
 # --------------------------------------------------------------------------------------------------
-# Video (reference-spec §3)
+# Video (docs/references.md)
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class VideoPlan:

@@ -9,8 +9,9 @@ What is in here, in data-flow order:
 - ``load_video``: decodes the stream once, sequentially, and keeps only the sampled frames (already
   resized and cropped to 336 x 336), so a long video never sits in memory. Before decoding, the kept
   frames' bytes (F x 336 x 336 x 3, plus their float32 copy) are checked against the memory available
-  (``check_frame_memory``): ``--frames 100000`` is refused at once, not after a 31 GiB ``np.stack``. The frame count comes from
-  the container's index (``stream.frames``) or, when that is missing, from counting packets; the
+  (``check_frame_memory``): ``--frames 100000`` is refused at once, not after a 31 GiB ``np.stack``. The frame count
+  (``estimate_total``) comes from the container's index (``stream.frames``) or, when that is missing, from counting
+  packets; the
   decode pass then counts the frames for real and, if the estimate was wrong (edit lists, truncated
   files), samples again over the true count — indices always refer to the decoded stream.
 - Timestamps are presentation times (``pts * time_base``) in seconds, relative to the first frame, so
@@ -271,8 +272,9 @@ def _reason(e: Exception) -> str:
     return (getattr(e, "strerror", None) or str(e)).strip().rstrip(".")
 
 
-def _estimate_total(path: str) -> tuple[int, float]:
-    """(frame count estimate, average fps) without decoding any frame."""
+def estimate_total(path: str) -> tuple[int, float]:
+    """(frame count estimate, average fps) without decoding any frame: the container's index
+    (``stream.frames``), else a count of the packets."""
     with _open(path) as container:
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
@@ -284,6 +286,8 @@ def _estimate_total(path: str) -> tuple[int, float]:
         except _AV_ERRORS as e:
             raise VideoError(f"{path}: corrupt video ({_reason(e)}); get it again or re-encode it") from None
         return count, fps
+
+
 
 
 def _decode(path: str, indices: list[int], size: int, resize: FrameResize = "crop", total: int = 0,
@@ -344,7 +348,7 @@ def load_video(path: str | os.PathLike, num_frames: int = 8, *, sampling: Sampli
         raise VideoError(f"{path}: num_frames must be >= 1, got {num_frames}")
     if sampling not in ("uniform", "fps"):
         raise VideoError(f"{path}: sampling {sampling!r} is not supported; use 'uniform' or 'fps'")
-    total, fps = _estimate_total(path)
+    total, fps = estimate_total(path)
     # how many frames sampling keeps, known before any index list or decoded frame exists
     kept_frames = num_frames if sampling == "uniform" else min(num_frames, len(range(0, max(total, 1),
                                                                                    max(1, round((fps or 1.0) / target_fps)))))

@@ -14,7 +14,7 @@ except the pixels themselves (image.py does resize / pad / cut with this geometr
     anyres_max_size(unpadded_hw, side, max_patches)     -> (h'', w'')         OneVision's bilinear downscale
     image_token_count(image_hw, config)                 -> 576 + h' * (w' + 1)
 
-Token layout (reference-spec §2 "spatial_unpad", identical in transformers and the original code):
+Token layout (docs/references.md, AnyRes images: "spatial_unpad", identical in transformers and the original code):
 the base tile's 576 features first (no newline), then the tiles stitched spatially into one
 (24*rows, 24*cols) feature map, cropped to the rows/cols that hold the image (the canvas padding is
 dropped), with ``image_newline`` appended after every row, flattened row-major.
@@ -22,10 +22,10 @@ dropped), with ``image_newline`` appended after every row, flattened row-major.
 Sizes are (height, width). ``pinpoints`` are read as (height, width) pairs in "hf" mode
 (transformers) and as (width, height) pairs in "original" mode (the original LLaVA-NeXT code reads
 PIL's ``image.size``); the default list is symmetric, so both agree except on exact ties — images
-with both sides <= 336 px (reference-spec §2.1). "original" also truncates instead of rounding when
+with both sides <= 336 px. "original" also truncates instead of rounding when
 unpadding (e.g. 748x352 (h, w): 1876 tokens in "hf", 1826 in "original").
 
-anyres_max_N (LLaVA-OneVision, interleave-onevision-spec §7.2; transformers' LlavaOnevisionModel and the
+anyres_max_N (LLaVA-OneVision, docs/references.md; transformers' LlavaOnevisionModel and the
 original code agree): after unpadding, a map of h x w patches larger than N tiles' worth is shrunk —
 ``ratio = sqrt(h * w / (N * P * P))``; if ratio > 1.1 the (C, h, w) map is resized with
 ``F.interpolate(size=(int(h // ratio), int(w // ratio)), mode="bilinear")`` (align_corners False, no

@@ -3,7 +3,7 @@
     pixel_values (N, 3, 336, 336) -> features (N, 576, C)   feature_strategy 'default' (CLS dropped)
                                   -> features (N, 577, C)   feature_strategy 'full'    (CLS kept, first)
 
-What it computes (reference-spec §1; the same numbers as transformers' CLIPVisionModel and open_clip's
+What it computes (docs/references.md, CLIP vision tower; the same numbers as transformers' CLIPVisionModel and open_clip's
 VisionTransformer with QuickGELU):
 
     patches  = Conv2d(3 -> C, kernel = stride = 14, no bias)       24 x 24 patches, row-major (h, then w)
@@ -45,7 +45,7 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 
     Without autograd, ``x`` (fc1's fresh output) is overwritten, 1024 rows at a time: the temporary
     sigmoid(1.702 x) then stays small enough for the allocator to reuse it (a whole-tensor temporary,
-    38 MB for 8 frames, is a fresh mmap every call: its page faults made this 2x slower). Same numbers."""
+    38 MB for 8 frames, is a fresh mmap every call, and its page faults dominate). Same numbers."""
     if (torch.is_grad_enabled() and x.requires_grad) or not x.is_contiguous():
         return x * torch.sigmoid(1.702 * x)
     for rows in x.view(-1, x.shape[-1]).split(1024):
@@ -113,7 +113,7 @@ class VisionTower(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.layers_used))
         self.hook_embed = HookPoint()  # "vision.hook_embed": after pre_layernorm
         if not self.class_embedding.is_meta:  # random init is for tests only (load weights); on the meta
-            nn.init.normal_(self.class_embedding, std=C ** -0.5)  # device normal_ would import torch._dynamo (~2 s)
+            nn.init.normal_(self.class_embedding, std=C ** -0.5)  # device normal_ would import torch._dynamo (seconds)
             nn.init.normal_(self.position_embedding.weight)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:

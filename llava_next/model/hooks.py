@@ -23,17 +23,20 @@ them), so a TransformerLens user's hook functions work unchanged:
 and the multimodal stages, which no other tool names (the vision tower runs once per image batch and
 once per chunk of video frames, so these can fire several times per forward):
 
-    vision.hook_embed                            (N, 577, Cv) after CLIP's pre-layernorm (hidden_states[0])
-    vision.blocks.{j}.hook_resid_post            (N, 577, Cv) output of tower layer j (hidden_states[j+1])
-    mm.hook_features                             (N, 576, Cv) tower features before pooling (tiles or frames)
+    vision.hook_embed                            (N, 1+P, Cv) after CLIP's pre-layernorm (hidden_states[0])
+    vision.blocks.{j}.hook_resid_post            (N, 1+P, Cv) output of tower layer j (hidden_states[j+1])
+    mm.hook_features                             (N, P, Cv)   tower features before pooling (tiles or frames)
     mm.hook_pooled                               (F, h*w, C)  pooled video frames (Cv or D: ``pool_position``)
     mm.hook_projected                            (N, P, D)    projector output (tiles, or video frames)
     mm.hook_newline                              (D,)         the newline row used for images and videos
     mm.hook_merged                               (B, T, D)    prompt embeddings with the visual rows spliced
                                                               in = the decoder input
 
-Cost when nothing is attached: one Python call returning its argument (about a microsecond; ~16 per
-decoder layer, against the ~30 ms a 7B layer takes to decode one token on a CPU). The fast paths stay:
+P is a tile's patch count, which depends on the tower: (tile // 14)^2 = 576 for CLIP-336, 729 for
+SigLIP-384 (no class token). The ``vision.*`` points are the CLIP tower's (its class token is the 1).
+
+Cost when nothing is attached: one Python call returning its argument per point (16 per decoder layer),
+small next to a layer's matrix products. The fast paths stay:
 SDPA / Triton / the compiled CPU decode attention, prepacked linears, in-place activations (the decoder's
 MLP skips its in-place SiLU only while a hook on gate_proj's or up_proj's output could hold a reference).
 

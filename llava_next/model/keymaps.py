@@ -104,7 +104,7 @@ _CLIP_OPEN_CLIP: Table = [
     ("proj", None),  # CLIP's image-text projection, unused by LLaVA
 ]
 
-# ---- SigLIP vision tower (interleave-onevision-spec §1, §6, §9) ----------------------------------------
+# ---- SigLIP vision tower (docs/references.md: SigLIP vision tower, Checkpoint keys) -----------------
 # transformers SiglipVisionModel, relative to its `vision_model.` prefix: CLIP's names without the CLS and
 # pre-LayerNorm, plus the patch conv's bias; the attention-pooling head (google checkpoints,
 # vision_use_head=True) and post_layernorm are never used by LLaVA (features are read before them)

@@ -11,11 +11,10 @@ the number of placeholder positions equals the number of visual features, per ki
 side is short.
 
 CPU inference (``pack_for_cpu``): every ``nn.Linear`` can hold its weight in oneDNN's blocked layout,
-prepacked once after loading (what ``torch.compile``'s CPU freezing pass does). Measured on a 2-core
-AVX512-BF16 CPU (benchmarks/bench_cpu.py): bfloat16 one-token decode reads the weights ~1.5x faster
-with the same numbers as ``F.linear``; float32 GEMMs and GEMVs run 11-18% faster than ``F.linear``'s
-MKL path (a different summation order: ~1e-6 relative); the bias of the vision and projector layers is
-added inside the GEMM instead of in a separate pass. Packing is for inference only: packed layers have
+prepacked once after loading (what ``torch.compile``'s CPU freezing pass does): bfloat16 gives the same
+numbers as ``F.linear``, float32 differs from ``F.linear``'s MKL path only in summation order; the bias of
+the vision and projector layers is added inside the GEMM instead of in a separate pass. What it gains:
+benchmarks/bench_cpu.py, docs/performance.md ("CPU: llava-next against transformers"). Packing is for inference only: packed layers have
 no ``state_dict`` entries, so load (or save) weights before it.
 
 Placeholders are spliced like transformers' ``masked_scatter``: the features of every image (then of
@@ -124,7 +123,7 @@ class LlavaNextModel(nn.Module):
         if not images:
             return []
         pixels = torch.cat([im.pixel_values for im in images]).to(self.device, self.dtype)  # (sum tiles, 3, S, S)
-        tiles = self.mm.hook_projected(self.projector(self.mm.hook_features(self.vision_tower(pixels))))  # (sum tiles, 576, D)
+        tiles = self.mm.hook_projected(self.projector(self.mm.hook_features(self.vision_tower(pixels))))  # (sum tiles, P, D), P = (tile // 14)^2
         newline = self.mm.hook_newline(self.image_newline)
         out, start = [], 0
         for im in images:
@@ -148,7 +147,7 @@ class LlavaNextModel(nn.Module):
         cfg = self.config
         grid = (cfg.vision.grid_size, cfg.vision.grid_size)
         pixel_values = pixel_values.to(self.device, self.dtype)
-        feats = torch.cat([self.vision_tower(chunk) for chunk in pixel_values.split(frame_batch)])  # (F, 576, Cv)
+        feats = torch.cat([self.vision_tower(chunk) for chunk in pixel_values.split(frame_batch)])  # (F, P, Cv)
         feats = self.mm.hook_features(feats)
         hooks = self.mm
         if cfg.pool_position == "before_projector":  # mm.hook_pooled sees pool_frames' output in either order

@@ -5,9 +5,9 @@ tokens of a frame in row-major order over its (H, W) patch grid (24 x 24 for CLI
 Pooling keeps that layout: ``(F, H*W, C) -> (F, h*w, C)``. The sequence handed to the language model
 is **frame-major**: frame 0's tokens row by row, then frame 1, ... Thinking of the frames as one
 stitched 1 x F strip of feature maps is fine, but flattening that strip row-major would interleave
-frames (row 0 of every frame, then row 1 ...) and break parity with every reference (reference-spec §3).
+frames (row 0 of every frame, then row 1 ...) and break parity with every reference.
 
-Pooling modes (reference-spec §3; original ``get_2dPool``, transformers ``LlavaNextVideoPooler``):
+Pooling modes (docs/references.md, Video; original ``get_2dPool``, transformers ``LlavaNextVideoPooler``):
 - ``average`` / ``max``: ``avg_pool2d`` / ``max_pool2d`` with kernel = stride, floor mode, no padding
   -> ``(H // s, W // s)``; rows/columns the stride does not cover are dropped, as in both references.
 - ``bilinear``: ``interpolate(size=(ceil(H / s), ceil(W / s)), mode="bilinear", align_corners=False)``

@@ -2,7 +2,7 @@
 
     projector(x) = linear_2(gelu(linear_1(x)))      (N, T, Cv) -> (N, T, D)
 
-A two-layer MLP with exact (erf) GELU, biases on both layers (reference-spec §4: transformers'
+A two-layer MLP with exact (erf) GELU, biases on both layers (docs/references.md, Projector: transformers'
 ``LlavaNextMultiModalProjector``, the original ``mlp2x_gelu``). 1024 -> 4096 -> 4096 for the 7B models.
 """
 

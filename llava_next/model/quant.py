@@ -9,8 +9,8 @@ bandwidth. int8 halves the bytes of bf16, int4 quarters them (a 13B model fits 2
 int4). The arithmetic uses torch's own CPU kernels (no new dependency): ``torch._weight_int8pack_mm``
 (bf16 or fp32 activations x int8 weights x per-row scales) and ``torch._weight_int4pack_mm_for_cpu``
 (bf16 activations x 4-bit weights in torch's blocked CPU layout x per-group scales and zeros), as
-gpt-fast does (github.com/pytorch-labs/gpt-fast, quantize.py). Measured on a 2-core Zen 4 (one
-4096 -> 11008 row): bf16 prepacked oneDNN 2.1 ms, int8 1.45 ms, int4 1.17 ms.
+gpt-fast does (github.com/pytorch-labs/gpt-fast, quantize.py). Measured decode and prefill speeds against
+bf16 and llama.cpp: docs/performance.md ("int8 / int4 and the compiled step against llama.cpp").
 
 The numbers (w: (N, K) float weight of out x in features)
 - int8, symmetric per output channel:  scale_n = max_k |w[n, k]| / 127,  q = round(w / scale_n) in
@@ -27,14 +27,14 @@ Stored layout (what a quantized checkpoint holds, one set per quantized linear `
   ``P.scales`` and ``P.zeros`` (N, K / group_size).
 The int4 layout is portable on purpose: the kernel's own layout depends on the CPU's vector width
 (blocks of 64 rows with AVX-512, 32 with AVX2: aten/src/ATen/native/cpu/int4mm_kernel.cpp), so it is
-built when the model is loaded (``init_buffers``, ~0.14 s per 45 M weights on 2 cores) and never written.
+built when the model is loaded (``init_buffers``) and never written.
 ``P.bias``, when the layer has one, stays in float.
 
-Prompts (many rows at once) are a GEMM, not a GEMV, and the int kernels run them at a third of
-oneDNN's bf16 rate (int8 ~120, int4 ~160 vs ~430 GFLOP/s at 256 rows): from ``DEQUANT_MIN_ROWS`` rows
+Prompts (many rows at once) are a GEMM, not a GEMV, and the int kernels run them well below oneDNN's
+bf16 rate: from ``DEQUANT_MIN_ROWS`` rows
 on, a layer dequantizes its weight to the activation dtype 512 output channels at a time, each chunk
 used by ``F.linear`` while it is in cache (``dequantized_linear``) — prefill then costs the bf16 GEMM
-plus the dequantization: +5-15% over bf16 (int8) and +10-20% (int4) at 1,200 rows.
+plus the dequantization (the measured prefill: docs/performance.md).
 
 Which layers (``QuantConfig.scope``): "decoder" (default) quantizes every linear of the language
 model, lm_head included; the vision tower and projector stay in their dtype (they run GEMMs over
@@ -181,8 +181,8 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
 def dequantized_linear(layer: "Int8Linear | Int4Linear", x: torch.Tensor) -> torch.Tensor:
     """A prompt-sized input (..., K) -> (..., N) through bf16 GEMMs, ``_CHUNK_ROWS`` output channels at a
     time: each chunk of the weight is dequantized while it stays in cache and used at once, so the full
-    float weight never exists (lm_head of a 7B: 263 MB saved) and prefill runs 5-10% faster than
-    dequantizing the whole weight first (1 thread, a (11008, 4096) weight, 1,200 rows). Each output
+    float weight never exists (lm_head of a 7B: 32064 x 4096 bf16, 263 MB, saved) and the chunk is read
+    from cache rather than memory. Each output
     column is the same dot product as ``F.linear(x, layer.dequantized(dtype))``: bit-identical."""
     N = layer.out_features
     out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
@@ -233,7 +233,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        # a GEMM: oneDNN on the dequantized weight is ~3x faster. K % 16 != 0: torch 2.13's int8 CPU kernel
+        # a GEMM: oneDNN on the dequantized weight is faster. K % 16 != 0: torch 2.13's int8 CPU kernel
         # reads past each row (wrong numbers, or a segfault near the end of an mmapped file), so dequantize too
         if rows >= DEQUANT_MIN_ROWS or self.in_features % INT8_KERNEL_K:
             return dequantized_linear(self, x)

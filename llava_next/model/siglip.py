@@ -2,7 +2,7 @@
 
     pixel_values (N, 3, 384, 384) -> features (N, 729, 1152)      27 x 27 patches, every token a patch
 
-What it computes (interleave-onevision-spec §1; the same numbers as transformers' SiglipVisionModel
+What it computes (docs/references.md, SigLIP vision tower; the same numbers as transformers' SiglipVisionModel
 ``hidden_states[feature_layer]`` and the original LLaVA-NeXT ``SigLipVisionTower``):
 
     patches  = Conv2d(3 -> C, kernel = stride = 14, WITH bias, "valid")   27 x 27, row-major; the last 6 px
@@ -19,7 +19,7 @@ Which layer. The google checkpoint has 27 layers; LLaVA reads the output of laye
 Both are ``VisionConfig(kind="siglip", num_layers=26, feature_layer=-1)`` or ``(num_layers=27,
 feature_layer=-2)``: ``layers_used`` is 26 either way, and only those layers are built. The
 ``post_layernorm`` and the attention-pooling head are never computed, so never built (the key tables drop
-their weights on purpose). transformers 4.57.0-4.57.1 fed the post-LayerNorm output instead (spec §8.1):
+their weights on purpose). transformers 4.57.0-4.57.1 fed the post-LayerNorm output instead (PR #40994):
 tests/test_siglip.py checks the installed transformers does not.
 
 Activation. LLaVA's tower (transformers, the original code) uses the tanh GELU. open_clip's

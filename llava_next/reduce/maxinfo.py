@@ -3,7 +3,7 @@
 Sources: paper arXiv:2502.03183 (MaxInfo, FusionBrainLab); the released selection code was not
 available here: a file matching its description (OpenAI CLIP ViT-B/32 ``encode_image`` -> sklearn
 ``TruncatedSVD(n_components=8, random_state=42)`` -> ``maxvolpy.maxvol.rect_maxvol(Qs, maxK=64, tol=0.3)``,
-sorted) was read instead (token-reduction-spec §4, "MaxInfo-like file", not verified as official).
+sorted) was read instead (a "MaxInfo-like file", not verified as official; docs/reduction.md).
 ``rect_maxvol`` reproduces maxvolpy's ``py_rect_maxvol`` / ``py_maxvol`` (maxvolpy/maxvol.py, A. Mikhalev,
 MIT) step for step, in float64 torch instead of scipy's LAPACK/BLAS calls.
 

@@ -2,7 +2,7 @@
 
 Source: magic-research/PLLaVA @ 6f49fd281a85 (read at 2768c188 too), models/pllava/modeling_pllava.py
 ``PllavaMultiModalProjector.forward``: linear_1 -> GELU -> linear_2, then ``nn.AdaptiveAvgPool3d(
-pooling_shape)`` over (num_frames, 24, 24); paper arXiv:2404.16994; token-reduction-spec §5.
+pooling_shape)`` over (num_frames, 24, 24); paper arXiv:2404.16994; docs/reduction.md.
 
     (F, 24*24, D) projector outputs -> AdaptiveAvgPool3d((T', H', W')) -> (T' * H' * W', D), frame-major
 

@@ -3,7 +3,7 @@
 Source: apple/ml-slowfast-llava @ bea0f73c106b (read at 6551895d), slowfast_llava/llava/model/llava_arch.py
 ``prepare_slowfast`` and ``temporal_aggregation``; config cfgs/slowfast_llava_7b-*.yaml
 (``TEMPORAL_AGGREGATION: slowfast-slow_10frms_spatial_1d_max_pool-fast_4x4``, ``NUM_FRAMES: 50``);
-paper arXiv:2407.15841; token-reduction-spec §3.
+paper arXiv:2407.15841; docs/reduction.md.
 
 On the projector outputs of all F frames, (F, 24*24, D):
 - slow: frames ``int32(linspace(0, F, slow_frames + 1))[:-1]``, each pooled by ``slow_pool``; default
@@ -16,7 +16,7 @@ With the paper's 50 frames: 10 x 288 + 50 x 16 = 3,680 tokens.
 Differences, as options or notes:
 - ``slow_pool``: the code's aggregations ``1d_max`` (default), ``1d_avg``, ``2d_max``, ``2d_avg`` (2x2,
   = LLaVA-NeXT-Video's native 12x12 grid: the in-distribution variant for a model fine-tuned on 12x12
-  frames; token-reduction-spec §3.1) and ``none`` (all 576).
+  frames) and ``none`` (all 576).
 - The paper runs on the image checkpoint llava-v1.6-vicuna-7b with frames resized to 336 px (no AnyRes)
   and ``rope_scaling={"type": "dynamic", "factor": 2}``; here it runs on whichever checkpoint is loaded,
   on its own frame preprocessing and linear RoPE factor (``--rope-scale``).

@@ -10,7 +10,7 @@ A ``Reduction`` holds at most one method per stage; the pipeline applies H0 and 
 prompt, and hands H2/H3 to ``engine.ReducedEngine``, which drives the decoder layer range by layer range
 (``Decoder.forward_layers``).
 
-Index map (token-reduction-spec §0.1). ``VisualLayout`` says, for every position of a (left-padded)
+Index map. ``VisualLayout`` says, for every position of a (left-padded)
 batch, whether it is a visual token (a candidate for pruning), which frame of its video it came from,
 and which patch of that frame's grid (row * width + col; -1 for newline tokens and text). Video tokens
 are frame-major and row-major inside a frame (model/pooling.py); a ``TokenReducer`` that changes the

@@ -43,32 +43,11 @@ def image_fields(image_hw: Size, config: LlavaNextConfig,
     plan = image_plan(image_hw, config, aspect)
     if plan.aspect != "anyres":
         return _untiled_fields(image_hw, config, plan), plan
-    side, patch, tile = config.vision.grid_size, config.vision.patch_size, config.tile_size
-    rows, cols = plan.grid_hw
-    n_tiles = 1 + rows * cols
-    # channels (float64): tile (0 = base, 1 + ty * cols + tx), patch row, patch col inside the tile, and the
-    # cell's row / col in the stitched (rows*side, cols*side) map (linear: anyres_max's bilinear downscale
-    # turns them into the map coordinate of the output cell's centre)
-    t = torch.arange(n_tiles).repeat_interleave(side * side)
-    pr = torch.arange(side).repeat_interleave(side).repeat(n_tiles)
-    pc = torch.arange(side).repeat(side * n_tiles)
-    ty_all, tx_all = (t - 1).clamp(min=0) // max(cols, 1), (t - 1).clamp(min=0) % max(cols, 1)
-    feats = torch.stack([t, pr, pc, ty_all * side + pr, tx_all * side + pc], -1).double().view(n_tiles, side * side, 5)
-    seq = pack_image_features(feats, image_hw, plan.grid_hw, torch.full((5,), -1.0, dtype=torch.float64),
-                              config.anyres_compat, config.anyres_max_patches).numpy()  # (tokens, 5)
-    n = len(seq)
-    if n != plan.total:
-        raise AssertionError(f"pack_image_features gave {n} tokens for a {image_hw} image, tokens.py {plan.total}")
+    side = config.vision.grid_size
+    seq = _packed_channels(image_hw, config, plan)  # (tokens, 5)
+    n, base = len(seq), side * side
     f = empty_fields(n)
-    h, w = image_hw
-    base = side * side
-    bseq = seq[:base].round().astype(np.int64)
-    f["kind"][:base] = K["image_base"]
-    f["row"][:base], f["col"][:base] = bseq[:, 1], bseq[:, 2]
-    f["grid_h"][:base], f["grid_w"][:base] = side, side
-    scale = np.array([w / tile, h / tile, w / tile, h / tile])  # the base is the whole image squashed to tile px
-    f["box"][:base] = np.stack([bseq[:, 2], bseq[:, 1], bseq[:, 2] + 1, bseq[:, 1] + 1], -1) * patch * scale
-    f["coverage"][:base] = 1.0
+    _fill_base(f, seq[:base], image_hw, config)
 
     g = seq[base:]
     is_nl = g[:, 0] < 0
@@ -80,7 +59,62 @@ def image_fields(image_hw: Size, config: LlavaNextConfig,
     f["kind"][sl] = np.where(is_nl, K["image_newline"], K["image_grid"])
     f["row"][sl], f["col"][sl] = line, np.where(is_nl, -1, col)
     f["grid_h"][sl], f["grid_w"][sl] = kh, kw
-    # the patches of the stitched map each grid token reads, rows [r0, r1) x cols [c0, c1)
+    map_r, map_c, (r0, c0, r1, c1) = _patches_read(g, line, col, grid, image_hw, plan, config)
+    ty, tx = map_r // side, map_c // side  # the tile holding the token's (centre) patch
+    f["tile_row"][sl], f["tile_col"][sl] = np.where(is_nl, -1, ty), np.where(is_nl, -1, tx)
+    # canvas px -> the resized image pasted at (top, left) -> original px
+    h, w = image_hw
+    patch = config.vision.patch_size
+    (rh, rw), (ptop, pleft) = plan.resized_hw, paste_offset(plan.canvas_hw, plan.resized_hw)
+    x0, y0, x1, y1 = c0 * patch - pleft, r0 * patch - ptop, c1 * patch - pleft, r1 * patch - ptop
+    raw = np.stack([x0 * w / rw, y0 * h / rh, x1 * w / rw, y1 * h / rh], -1).astype(np.float64)
+    clipped = np.clip(raw, 0, [w, h, w, h])
+    f["box"][sl][grid] = clipped[grid]
+    f["coverage"][sl][grid] = (_area(clipped) / _area(raw))[grid]
+    return f, plan
+
+
+def _packed_channels(image_hw: Size, config: LlavaNextConfig, plan: ImagePlan) -> np.ndarray:
+    """The model's own packing run on index channels instead of features: (tokens, 5) float64 rows of tile
+    (0 = base, 1 + ty * cols + tx), patch row, patch col inside the tile, and the cell's row / col in the
+    stitched (rows*side, cols*side) map (linear: anyres_max's bilinear downscale turns them into the map
+    coordinate of the output cell's centre); newline rows are all -1."""
+    side = config.vision.grid_size
+    rows, cols = plan.grid_hw
+    n_tiles = 1 + rows * cols
+    t = torch.arange(n_tiles).repeat_interleave(side * side)
+    pr = torch.arange(side).repeat_interleave(side).repeat(n_tiles)
+    pc = torch.arange(side).repeat(side * n_tiles)
+    ty_all, tx_all = (t - 1).clamp(min=0) // max(cols, 1), (t - 1).clamp(min=0) % max(cols, 1)
+    feats = torch.stack([t, pr, pc, ty_all * side + pr, tx_all * side + pc], -1).double().view(n_tiles, side * side, 5)
+    seq = pack_image_features(feats, image_hw, plan.grid_hw, torch.full((5,), -1.0, dtype=torch.float64),
+                              config.anyres_compat, config.anyres_max_patches).numpy()  # (tokens, 5)
+    if len(seq) != plan.total:
+        raise AssertionError(f"pack_image_features gave {len(seq)} tokens for a {image_hw} image, "
+                             f"tokens.py {plan.total}")
+    return seq
+
+
+def _fill_base(f: dict[str, np.ndarray], bseq: np.ndarray, image_hw: Size, config: LlavaNextConfig) -> None:
+    """The base tile's fields (its first side*side tokens), in place: the base is the whole image squashed
+    to one tile, so each patch's box is scaled back to the image's own px."""
+    side, patch, tile = config.vision.grid_size, config.vision.patch_size, config.tile_size
+    h, w = image_hw
+    base = side * side
+    bseq = bseq.round().astype(np.int64)
+    f["kind"][:base] = K["image_base"]
+    f["row"][:base], f["col"][:base] = bseq[:, 1], bseq[:, 2]
+    f["grid_h"][:base], f["grid_w"][:base] = side, side
+    scale = np.array([w / tile, h / tile, w / tile, h / tile])
+    f["box"][:base] = np.stack([bseq[:, 2], bseq[:, 1], bseq[:, 2] + 1, bseq[:, 1] + 1], -1) * patch * scale
+    f["coverage"][:base] = 1.0
+
+
+def _patches_read(g: np.ndarray, line: np.ndarray, col: np.ndarray, grid: np.ndarray, image_hw: Size,
+                  plan: ImagePlan, config: LlavaNextConfig):
+    """For each grid token (channels ``g``, at ``line``, ``col``): its (centre) map cell, and the patches of
+    the stitched map it reads, rows [r0, r1) x cols [c0, c1); checked against where the packing put it."""
+    kh, kw = plan.unpadded_hw
     full_h, full_w = unpadded_size(image_hw, plan.feature_map_hw, config.anyres_compat)
     if (kh, kw) == (full_h, full_w):  # no downscale: one patch, the token's own channels
         map_r, map_c = g[:, 3].round().astype(np.int64), g[:, 4].round().astype(np.int64)
@@ -97,20 +131,11 @@ def image_fields(image_hw: Size, config: LlavaNextConfig,
         if not inside[grid].all():
             raise AssertionError(f"anyres_max cells of a {image_hw} image are not where the bilinear weights put them")
         map_r, map_c = np.floor(g[:, 3]).astype(np.int64), np.floor(g[:, 4]).astype(np.int64)
-    ty, tx = map_r // side, map_c // side  # the tile holding the token's (centre) patch
-    f["tile_row"][sl], f["tile_col"][sl] = np.where(is_nl, -1, ty), np.where(is_nl, -1, tx)
     # the grid is a row-major block: a token's (row, col) is a fixed offset from its map cell
     offsets = np.unique(np.stack([(r0 - line)[grid], (c0 - col)[grid]]), axis=1).T.tolist()
     if (kh, kw) == (full_h, full_w) and len(offsets) > 1:  # (none when the map has no column: 3000x40)
         raise AssertionError(f"grid tokens of a {image_hw} image are not one row-major block: offsets {offsets}")
-    # canvas px -> the resized image pasted at (top, left) -> original px
-    (rh, rw), (ptop, pleft) = plan.resized_hw, paste_offset(plan.canvas_hw, plan.resized_hw)
-    x0, y0, x1, y1 = c0 * patch - pleft, r0 * patch - ptop, c1 * patch - pleft, r1 * patch - ptop
-    raw = np.stack([x0 * w / rw, y0 * h / rh, x1 * w / rw, y1 * h / rh], -1).astype(np.float64)
-    clipped = np.clip(raw, 0, [w, h, w, h])
-    f["box"][sl][grid] = clipped[grid]
-    f["coverage"][sl][grid] = (_area(clipped) / _area(raw))[grid]
-    return f, plan
+    return map_r, map_c, (r0, c0, r1, c1)
 
 
 def _area(b: np.ndarray) -> np.ndarray:

@@ -97,6 +97,85 @@ class Media:
 
 # --------------------------------------------------------------------------------------------------
 # The whole sequence
+# ---- Provenance.build's steps -----------------------------------------------------------------------
+def _media_parts(config: LlavaNextConfig, image_sizes: Sequence[Size], image_aspects: Sequence[str],
+                 image_names: Sequence[str], videos: Sequence[dict]) -> list:
+    """Per medium: (placeholder kind, kind, kind index, [per-run fields], plan, Media extras); a frame sent
+    as an image is a run of its own."""
+    parts = []
+    for k, hw in enumerate(image_sizes):
+        fk, plan = image_fields(tuple(hw), config, image_aspects[k])
+        parts.append(("image", "image", k, [fk], plan, {"source_hw": tuple(hw),
+                                                        "name": image_names[k] if k < len(image_names) else ""}))
+    for k, v in enumerate(videos):
+        ts = v.get("timestamps")
+        runs_of = "video"
+        if config.video_as_images:  # Interleave: the frames are images
+            if v.get("tokens") is not None:
+                raise ValueError("a video sent as frames (config.video_as_images) has no pooled cells a token "
+                                 "reducer could choose")
+            runs, plan = frame_image_fields(v["num_frames"], tuple(v["frame_hw"]), config, ts)
+            runs_of = "image"
+        elif v.get("tokens") is not None:  # a token reducer chose these pooled cells (e.g. DyCoke's TTM)
+            fk, plan = reduced_video_fields(v["num_frames"], tuple(v["frame_hw"]), config, *v["tokens"], ts)
+            runs = [fk]
+        else:
+            fk, plan = video_fields(v["num_frames"], tuple(v["frame_hw"]), config, ts)
+            runs = [fk]
+        extra = {"source_hw": tuple(v["frame_hw"]), "name": v.get("name", ""),
+                 "frame_indices": tuple(v.get("frame_indices", ())), "timestamps": tuple(ts or ()),
+                 "as_images": runs_of == "image"}
+        parts.append((runs_of, "video", k, runs, plan, extra))
+    return parts
+
+
+def _locate_runs(ids: np.ndarray, config: LlavaNextConfig, parts: list) -> list:
+    """Where each part's runs sit in ``ids``: (run starts, kind, kind index, runs, plan, extras), in prompt
+    order. The placeholder counts must match the parts' tokens, and each run's positions be contiguous."""
+    img_id, vid_id = config.image_token_id, config.video_token_id
+    image_slots = np.flatnonzero(ids == img_id)
+    video_slots = np.flatnonzero(ids == vid_id) if vid_id is not None and vid_id != img_id else np.array([], int)
+    count = lambda slot: sum(len(r["kind"]) for p in parts if p[0] == slot for r in p[3])
+    n_img, n_vid = count("image"), count("video")
+    if vid_id == img_id and vid_id is not None:  # original-format ids: images first, then videos
+        image_slots, video_slots = image_slots[:n_img], image_slots[n_img:]
+    for what, slots, want in (("image", image_slots, n_img), ("video", video_slots, n_vid)):
+        if len(slots) != want:
+            raise ValueError(f"the ids hold {len(slots)} {what} placeholder positions but the {what}(s) given "
+                             f"make {want} tokens; pass the expanded ids of the same request")
+    cursor = {"image": 0, "video": 0}
+    located = []
+    for slot, what, k, runs, plan, extra in parts:
+        slots = image_slots if slot == "image" else video_slots
+        starts = []
+        for fk in runs:
+            n = len(fk["kind"])
+            pos = slots[cursor[slot]:cursor[slot] + n]
+            cursor[slot] += n
+            if pos[-1] - pos[0] != n - 1:
+                raise ValueError(f"{what} {k}'s {n} placeholder positions are not contiguous; expand each "
+                                 f"placeholder into one run (inputs.prompt.expand_placeholders)")
+            starts.append(int(pos[0]))
+        located.append((starts, what, k, runs, plan, extra))
+    located.sort(key=lambda x: x[0][0])
+    return located
+
+
+def _segments(ids: np.ndarray, kind: np.ndarray, tokenizer, system: str | None, question: str | None) -> np.ndarray:
+    """(T,) int8 segment of each position: the visual kinds' own, the system prompt and the question's text
+    when a tokenizer can find them, "template" for the rest."""
+    segment = np.full(len(ids), S["template"], np.int8)
+    for kname in KINDS[1:6]:
+        segment[kind == K[kname]] = S[kname]
+    if tokenizer is not None:
+        spans = _text_char_spans(ids, kind == K["text"], tokenizer)
+        if system:
+            segment[_locate(spans, system, last=False)] = S["system"]
+        if question:
+            segment[_locate(spans, question, last=True)] = S["question"]
+    return segment
+
+
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True, eq=False)
 class Provenance:
@@ -142,64 +221,13 @@ class Provenance:
         f = empty_fields(T)
         f["kind"][:] = K["text"]
         media = np.full(T, -1, np.int32)
-        img_id, vid_id = config.image_token_id, config.video_token_id
-        image_slots = np.flatnonzero(ids == img_id)
-        video_slots = np.flatnonzero(ids == vid_id) if vid_id is not None and vid_id != img_id else np.array([], int)
         if image_aspects is None:
             image_aspects = [image_aspect(config, len(image_sizes))] * len(image_sizes)
         if len(image_aspects) != len(image_sizes):
             raise ValueError(f"{len(image_aspects)} image_aspects for {len(image_sizes)} images")
-
-        # (placeholder kind, kind, kind index, [per-run fields], plan, extra); a frame sent as an image is a run
-        parts = []
-        for k, hw in enumerate(image_sizes):
-            fk, plan = image_fields(tuple(hw), config, image_aspects[k])
-            parts.append(("image", "image", k, [fk], plan, {"source_hw": tuple(hw),
-                                                            "name": image_names[k] if k < len(image_names) else ""}))
-        for k, v in enumerate(videos):
-            ts = v.get("timestamps")
-            runs_of = "video"
-            if config.video_as_images:  # Interleave: the frames are images
-                if v.get("tokens") is not None:
-                    raise ValueError("a video sent as frames (config.video_as_images) has no pooled cells a token "
-                                     "reducer could choose")
-                runs, plan = frame_image_fields(v["num_frames"], tuple(v["frame_hw"]), config, ts)
-                runs_of = "image"
-            elif v.get("tokens") is not None:  # a token reducer chose these pooled cells (e.g. DyCoke's TTM)
-                fk, plan = reduced_video_fields(v["num_frames"], tuple(v["frame_hw"]), config, *v["tokens"], ts)
-                runs = [fk]
-            else:
-                fk, plan = video_fields(v["num_frames"], tuple(v["frame_hw"]), config, ts)
-                runs = [fk]
-            extra = {"source_hw": tuple(v["frame_hw"]), "name": v.get("name", ""),
-                     "frame_indices": tuple(v.get("frame_indices", ())), "timestamps": tuple(ts or ()),
-                     "as_images": runs_of == "image"}
-            parts.append((runs_of, "video", k, runs, plan, extra))
-        count = lambda slot: sum(len(r["kind"]) for p in parts if p[0] == slot for r in p[3])
-        n_img, n_vid = count("image"), count("video")
-        if vid_id == img_id and vid_id is not None:  # original-format ids: images first, then videos
-            image_slots, video_slots = image_slots[:n_img], image_slots[n_img:]
-        for what, slots, want in (("image", image_slots, n_img), ("video", video_slots, n_vid)):
-            if len(slots) != want:
-                raise ValueError(f"the ids hold {len(slots)} {what} placeholder positions but the {what}(s) given "
-                                 f"make {want} tokens; pass the expanded ids of the same request")
-        cursor = {"image": 0, "video": 0}
-        located = []
-        for slot, what, k, runs, plan, extra in parts:
-            slots = image_slots if slot == "image" else video_slots
-            starts = []
-            for fk in runs:
-                n = len(fk["kind"])
-                pos = slots[cursor[slot]:cursor[slot] + n]
-                cursor[slot] += n
-                if pos[-1] - pos[0] != n - 1:
-                    raise ValueError(f"{what} {k}'s {n} placeholder positions are not contiguous; expand each "
-                                     f"placeholder into one run (inputs.prompt.expand_placeholders)")
-                starts.append(int(pos[0]))
-            located.append((starts, what, k, runs, plan, extra))
-        located.sort(key=lambda x: x[0][0])
+        parts = _media_parts(config, image_sizes, image_aspects, image_names, videos)
         infos = []
-        for m, (starts, what, k, runs, plan, extra) in enumerate(located):
+        for m, (starts, what, k, runs, plan, extra) in enumerate(_locate_runs(ids, config, parts)):
             for start, fk in zip(starts, runs):
                 n = len(fk["kind"])
                 for name, arr in fk.items():
@@ -207,16 +235,7 @@ class Provenance:
                 media[start:start + n] = m
             end = starts[-1] + len(runs[-1]["kind"])
             infos.append(Media(index=m, kind=what, kind_index=k, start=starts[0], end=end, plan=plan, **extra))
-
-        segment = np.full(T, S["template"], np.int8)
-        for kname in KINDS[1:6]:
-            segment[f["kind"] == K[kname]] = S[kname]
-        if tokenizer is not None:
-            spans = _text_char_spans(ids, f["kind"] == K["text"], tokenizer)
-            if system:
-                segment[_locate(spans, system, last=False)] = S["system"]
-            if question:
-                segment[_locate(spans, question, last=True)] = S["question"]
+        segment = _segments(ids, f["kind"], tokenizer, system, question)
         t = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in f.items()}
         return cls(kind=t["kind"], segment=torch.from_numpy(segment), media=torch.from_numpy(media),
                    tile_row=t["tile_row"], tile_col=t["tile_col"], frame=t["frame"], time=t["time"], row=t["row"],

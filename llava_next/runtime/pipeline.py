@@ -49,7 +49,7 @@ from ..inputs.prompt import (IMAGE, VIDEO, TemplateChoice, Tokenizer, build_inpu
 from ..inputs.samples import resolve as resolve_sample
 from ..inputs.tokens import (ContextOverflowError, ContextPlan, ImagePlan, RopeScale, Size, VideoPlan, check_context,
                              image_aspect, image_plan, plan_context, video_plan)
-from ..inputs.video import Sampling, VideoClip, VideoError, _estimate_total, frame_options, load_video
+from ..inputs.video import Sampling, VideoClip, VideoError, estimate_total, frame_options, load_video
 from .memory import memory_budget
 from ..reduce.stages import Reduction, VisualLayout, native_video_layout
 
@@ -257,7 +257,7 @@ class Pipeline:
         selector = reduction.select_frames if reduction else None
         if selector is None:
             return load_video(video, frames, sampling=sampling, **options)
-        total, fps = _estimate_total(os.fspath(video))
+        total, fps = estimate_total(os.fspath(video))
         candidates = load_video(video, selector.candidate_count(frames, total, fps), **options)
         keep = selector.select(candidates.pixel_values, self.model, frames)
         return dataclasses.replace(candidates, pixel_values=candidates.pixel_values[keep],
@@ -468,7 +468,7 @@ def _shorter_videos(paths: Sequence[PathLike], frames: int) -> str:
     out = ""
     for path in paths:
         try:
-            total, _ = _estimate_total(os.fspath(path))
+            total, _ = estimate_total(os.fspath(path))
         except VideoError:  # a bad file: loading it says why
             continue
         if 0 < total < frames:

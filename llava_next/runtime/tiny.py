@@ -19,7 +19,7 @@ Choices
   to ~260 tokens.
 - Decoder (the same for all three built-in models): width 128, **32 layers** (the 7B's depth, so every
   layer index the docs use for a 7B model -- ``--layers 2,15,31``, ``fastv:layer=2``, ``range(8, 17)`` --
-  is valid here too; at width 128 the 32 layers cost ~5 ms a token on one core), 4 heads of 32, MLP 384:
+  is valid here too; at width 128 the 32 layers stay cheap), 4 heads of 32, MLP 384:
   every linear's input features are a multiple of 128 and its output features of 16, so ``--quantize
   int4`` works with group sizes 32, 64 and 128 (the default; model/quant.py's ``check_int4_shape``).
 - Weights: every tensor of the layout (``llava_next_weights.shapes.expected_shapes``) drawn in sorted

@@ -6,7 +6,7 @@ weights, for running the LLaVA-NeXT-Interleave and LLaVA-OneVision / LLaVA-Video
 
 The same on-disk format, cache scheme, weight recipe and random-weights notice as ``tiny-random``
 (runtime/tiny.py builds and caches all three); only the architecture and the tokenizer differ, each as the
-llava-hf checkpoints of the family have them (interleave-onevision-spec; the presets in config/presets.py):
+llava-hf checkpoints of the family have them (docs/references.md; the presets in config/presets.py):
 - Vision: SigLIP (no CLS, no pre-LN, conv bias, tanh GELU, features of the last layer used, all tokens) at
   98 px tiles of 7x7 patches of 14 px -- an odd grid like so400m's 27x27 -- width 64, 2 layers.
 - Decoder: Qwen with q/k/v biases, RoPE theta 1e6 over 32768 positions, tied embeddings (as the 0.5B

@@ -260,11 +260,9 @@ def load_state_dict_mmap(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def _cast(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``t`` (a tensor of the mmapped files) as ``dtype`` on ``device``; ``t`` itself when nothing changes.
 
-    Copied ``CAST_CHUNK`` bytes at a time, each chunk's file pages released once copied. Measured on a
-    2 GB bf16 checkpoint loaded as float32, peak RSS: ``t.to(dtype)`` 3.0x the files (every source page
-    stays resident beside the copies), releasing whole tensors 2.14x (the largest is held twice),
-    chunks 2.01x; same time. MADV_HUGEPAGE on the copy was 2-3x slower, MADV_SEQUENTIAL/WILLNEED/
-    POPULATE_READ/POPULATE_WRITE no faster."""
+    Copied ``CAST_CHUNK`` bytes at a time, each chunk's file pages released once copied, so peak memory is
+    the copies plus one chunk: ``t.to(dtype)`` keeps every source page resident beside the copies, and
+    releasing whole tensors holds the largest one twice."""
     if t.dtype == dtype and t.device == device:
         return t
     out = torch.empty(t.shape, dtype=dtype, device=device)
