@@ -194,7 +194,7 @@ def test_step_policy(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setenv("LLAVA_NEXT_COMPILE", "auto")
     monkeypatch.setattr(engines, "_failed", set())
-    monkeypatch.setattr(engines, "_available_memory", lambda: None)
+    monkeypatch.setattr(engines, "available_memory", lambda device: None)
     step = lambda *a, **k: isinstance(choose_engine(*a, **k), CompiledStepEngine)  # noqa: E731
     assert not step(dec, policy.STEP_MIN_NEW_TOKENS - 1, cpu)
     assert step(dec, policy.STEP_MIN_NEW_TOKENS, cpu)
@@ -204,7 +204,7 @@ def test_step_policy(monkeypatch):
     assert not step(dec, 10_000, torch.device("meta"))  # CPU only
     assert not step(dec, 10_000, cpu, compile_step=False)
     assert step(dec, 1, cpu, compile_step=True)
-    monkeypatch.setattr(engines, "_available_memory", lambda: 1)  # no room for the frozen weights
+    monkeypatch.setattr(engines, "available_memory", lambda device: 1)  # no room for the frozen weights
     assert not step(dec, 10_000, cpu)
     monkeypatch.setenv("LLAVA_NEXT_COMPILE", "0")
     assert not step(dec, 10_000, cpu)

@@ -45,6 +45,7 @@ import torch
 from PIL import Image
 
 from ..config import LlavaNextConfig
+from ..model.pages import available_memory
 from .image import CLIP_STATS, Stats, normalize, stats_for
 
 Sampling = Literal["uniform", "fps"]
@@ -165,26 +166,6 @@ def frame_options(config: LlavaNextConfig) -> dict:
 def frame_bytes(num_frames: int, size: int) -> int:
     """Bytes the kept frames take: (F, S, S, 3) uint8 pixels plus their (F, 3, S, S) float32 copy."""
     return num_frames * size * size * 3 * (1 + 4)
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes that can still be allocated on ``device`` (None when unknown). The frames check below needs it
-    and inputs sits below runtime (docs/architecture.md); ``runtime.memory`` checks whole requests with it."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type != "cpu":
-        return None
-    try:
-        with open("/proc/meminfo") as f:  # Linux: what can be allocated without swapping
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def _available_bytes() -> int | None:

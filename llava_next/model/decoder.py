@@ -220,7 +220,7 @@ class Decoder(nn.Module):
         V, C = cfg.vocab_size, cfg.hidden_size
         self.embed_tokens = nn.Embedding(V, C, _weight=torch.empty(V, C))
         if not self.embed_tokens.weight.is_meta:  # random init is for tests only; on the meta device (the
-            nn.init.normal_(self.embed_tokens.weight)  # loaders) normal_ would import torch._dynamo (~2 s)
+            nn.init.normal_(self.embed_tokens.weight)  # loaders) normal_ would import torch._dynamo (slow)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if cfg.tie_word_embeddings:  # Qwen 0.5B: the output projection is the embedding table itself

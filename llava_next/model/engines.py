@@ -36,6 +36,7 @@ from .attention import forced_backend, one_query_attention
 from .decoder import Decoder, default_kernel
 from .context import Kernel
 from .hooks import HookPoint
+from .pages import available_memory
 
 _compiled: set[str] = set()  # what has compiled and run in this process ("attention", "step"): free from now on
 _failed: set[str] = set()  # what failed to compile in this process: never tried again
@@ -211,7 +212,7 @@ def choose_engine(decoder: Decoder, max_new_tokens: int, device: torch.device,
     weights = sum(t.nbytes for n, t in [*decoder.named_parameters(), *decoder.named_buffers()]
                   if "kv_cache" not in n and t.layout == torch.strided)
     if policy.step_compile_pays(max_new_tokens, _quantized(decoder), bool(decoder.__dict__.get("_compiled_steps")),
-                                compile_step, weights, _available_memory()):
+                                compile_step, weights, available_memory(torch.device("cpu"))):
         return CompiledStepEngine()
     return EagerEngine()
 
@@ -233,12 +234,3 @@ def _quantized(decoder: Decoder) -> bool:
     """Weight-only int8 / int4 layers (quant.py): the eager step's int kernels are faster than the graph's."""
     from .quant import Int4Linear, Int8Linear
     return any(isinstance(m, (Int8Linear, Int4Linear)) for m in decoder.modules())
-
-
-def _available_memory() -> int | None:
-    """MemAvailable (Linux), None elsewhere."""
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        return None

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..config import LlavaNextConfig
+from . import policy
 from .anyres import ImageInput, pack_image_features
 from .clip import VisionTower
 from .decoder import Decoder
@@ -140,7 +141,7 @@ class LlavaNextModel(nn.Module):
         return out
 
     @torch.no_grad()
-    def video_features(self, pixel_values: torch.Tensor, *, frame_batch: int = 8) -> torch.Tensor:
+    def video_features(self, pixel_values: torch.Tensor, *, frame_batch: int = policy.FRAME_BATCH) -> torch.Tensor:
         """(F, 3, S, S) frames -> (tokens, D): per-frame tower features, pooled before or after the projector
         (``config.pool_position``), frame-major, with the config's newline mode. Frames go through the tower
         ``frame_batch`` at a time so activations stay small for long videos."""

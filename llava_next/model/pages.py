@@ -1,5 +1,7 @@
-"""Mmapped weights' file pages: drop them from the process once a copy holds the values.
+"""Memory pages: what the process can still allocate, and mmapped weights' file pages dropped once a copy
+holds the values.
 
+    available_memory(device) bytes that can still be allocated (None when unknown)
     is_file_mapped(t)       True when t's bytes lie in a file mapping (a tensor of a mmapped checkpoint)
     release_file_pages(t)   madvise(MADV_DONTNEED) the pages lying wholly inside t (a no-op off Linux)
 
@@ -15,9 +17,31 @@ import ctypes
 import ctypes.util
 import functools
 import mmap
+import os
 import sys
 
 import torch
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device`` (None when unknown): /proc/meminfo's MemAvailable on
+    CPU (Linux), ``torch.cuda.mem_get_info`` on CUDA. The frames check (inputs/video.py), the request budget
+    (runtime/memory.py) and the compiled engine's room check (model/engines.py) all ask here."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:  # Linux: what can be allocated without swapping
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def release_file_pages(t: torch.Tensor) -> None:

@@ -30,6 +30,17 @@ STEP_MODE = "max-autotune-no-cudagraphs"  # inductor mode (tests use "default": 
 STEP_CACHE_BUCKET = 256  # static cache lengths are rounded up to this, so nearby requests share one graph
 STEP_MEMORY_HEADROOM = 1.2  # freezing holds a second copy of the weights: compile only with this much room
 
+# ---- quantized linears (model/quant.py) --------------------------------------------------------------------
+# benchmarks/published/3-quant.md: torch's int8 / int4 CPU kernels run one-row decode steps well but prompts
+# far below oneDNN's bf16 GEMM; from QUANT_GEMM_MIN_ROWS rows a layer dequantizes its weight
+# QUANT_DEQUANT_CHUNK output channels at a time (each chunk used while it is in cache) and runs the bf16 GEMM:
+# a quantized prefill then costs the bf16 GEMM plus the dequantization (+7% int8, +19% int4 there).
+QUANT_GEMM_MIN_ROWS = 128
+QUANT_DEQUANT_CHUNK = 512
+
+# ---- the vision tower (model/llava.py, reduce/) --------------------------------------------------------------
+FRAME_BATCH = 8  # frames per vision-tower call: activations stay small for long videos
+
 # ---- exact attention probabilities (model/attention.py: research statistics, reduction scores) -------------
 CHUNK_BYTES = 32 << 20  # one (B, Hq, chunk, Tk) fp32 probability block; bounds the instruments' extra memory
 

@@ -31,10 +31,10 @@ built when the model is loaded (``init_buffers``) and never written.
 ``P.bias``, when the layer has one, stays in float.
 
 Prompts (many rows at once) are a GEMM, not a GEMV, and the int kernels run them well below oneDNN's
-bf16 rate: from ``DEQUANT_MIN_ROWS`` rows
-on, a layer dequantizes its weight to the activation dtype 512 output channels at a time, each chunk
-used by ``F.linear`` while it is in cache (``dequantized_linear``) — prefill then costs the bf16 GEMM
-plus the dequantization (the measured prefill: docs/performance.md).
+bf16 rate: from ``DEQUANT_MIN_ROWS`` rows on, a layer dequantizes its weight to the activation dtype a
+chunk of output channels at a time, each chunk used by ``F.linear`` while it is in cache
+(``dequantized_linear``) — prefill then costs the bf16 GEMM plus the dequantization (both numbers are
+policy: model/policy.py, with the measurement that set them).
 
 Which layers (``QuantConfig.scope``): "decoder" (default) quantizes every linear of the language
 model, lm_head included; the vision tower and projector stay in their dtype (they run GEMMs over
@@ -52,14 +52,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import policy
+
 Method = Literal["int8", "int4"]
 Scope = Literal["decoder", "all"]
 METHODS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
 DEFAULT_GROUP_SIZE = 128
-DEQUANT_MIN_ROWS = 128  # rows of activations from which a layer dequantizes and runs a bf16 GEMM
+DEQUANT_MIN_ROWS = policy.QUANT_GEMM_MIN_ROWS  # rows of activations from which a layer dequantizes (a GEMM)
 INNER_K_TILES = 2  # argument of torch._convert_weight_to_int4pack_for_cpu (the CPU layout ignores it)
-_CHUNK_ROWS = 512
+_CHUNK_ROWS = policy.QUANT_DEQUANT_CHUNK
 INT8_KERNEL_K = 16  # torch's int8 CPU kernel is right only for in_features % 16 == 0 (measured, torch 2.13)
 ALIGN = 64  # bytes: torch's int8 CPU kernel needs its weight aligned like this (see Int8Linear.init_buffers)
 

@@ -39,6 +39,7 @@ from typing import ClassVar, Literal
 
 import torch
 
+from ..model import policy
 from .stages import FrameSelector, ReductionError
 
 
@@ -134,7 +135,7 @@ class MaxInfo(FrameSelector):
         return max(self.budget(requested), min(n, self.max_candidates))
 
     @torch.no_grad()
-    def embeddings(self, pixel_values: torch.Tensor, model, frame_batch: int = 8) -> torch.Tensor:
+    def embeddings(self, pixel_values: torch.Tensor, model, frame_batch: int = policy.FRAME_BATCH) -> torch.Tensor:
         """(N, C) fp32 embedding of each candidate frame from the model's vision tower."""
         tower = model.vision_tower
         if self.embedding == "patch_mean":  # the tower's own features at its feature layer, averaged

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal, Sequence
 
 import torch
 
+from ..model import policy
 from ..model.pooling import pooled_grid_hw
 
 if TYPE_CHECKING:
@@ -194,7 +195,8 @@ class TokenReducer(ABC):
     def reduce(self, features: torch.Tensor, config: LlavaNextConfig) -> ReducedVideo:
         """Features as ``needs`` says -> ReducedVideo."""
 
-    def reduce_video(self, model: LlavaNextModel, pixel_values: torch.Tensor, frame_batch: int = 8) -> ReducedVideo:
+    def reduce_video(self, model: LlavaNextModel, pixel_values: torch.Tensor,
+                     frame_batch: int = policy.FRAME_BATCH) -> ReducedVideo:
         """Run the tower (+ projector, + pooling) as ``needs`` says, then ``reduce``."""
         from ..model.pooling import pool_and_project
 

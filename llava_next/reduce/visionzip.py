@@ -58,6 +58,7 @@ from typing import ClassVar, Literal
 
 import torch
 
+from ..model import policy
 from ..model.attention import attention_probs, iter_probs
 from .stages import ReducedImage, ReducedVideo, ReductionError, TokenReducer
 
@@ -118,7 +119,7 @@ class VisionZip(TokenReducer):
         self.per_crop(config)
 
     @torch.no_grad()
-    def crops(self, model, pixels: torch.Tensor, chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    def crops(self, model, pixels: torch.Tensor, chunk: int = policy.FRAME_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, 3, S, S) crops -> reduced tower features (n, dominant + contextual, C) and each token's patch
         index (n, dominant + contextual) (-1: CLS; a contextual token: its target's patch)."""
         cfg = model.config

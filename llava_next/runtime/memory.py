@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from ..config import LlavaNextConfig, TextConfig
-from ..inputs.video import available_memory
+from ..model.pages import available_memory
 
 
 class MemoryBudgetError(ValueError):
