@@ -19,7 +19,8 @@ Facade backends
 - "sdpa":   torch.nn.functional.scaled_dot_product_attention (the CPU fast path).
 - "eager":  the textbook softmax(q k^T / sqrt(d)) v in fp32 — the reference the others are tested against.
 - "triton": the kernels in llava_next_kernels (the CUDA fast path), imported from that package.
-- "auto":   triton on CUDA when available, else sdpa.
+- "auto":   triton on CUDA when available (sdpa for a call that needs a gradient: the kernels have no
+            backward), else sdpa.
 ``use_backend("eager")`` is a context manager that forces one backend (tests run both paths on the
 same inputs with it). Which kernel a *decode step* uses (the compiled one-query attention, say) is the
 engine's choice, passed down in the layer context (model/context.py, model/engines.py), not a switch here.
@@ -96,6 +97,9 @@ def causal_mask(tq: int, tk: int, device: torch.device) -> torch.Tensor:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
               mask: torch.Tensor | None = None) -> torch.Tensor:
     backend = current_backend(q.device)
+    if backend == "triton" and _forced == "auto" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                                                                 or v.requires_grad):
+        backend = "sdpa"  # the Triton kernels have no backward: a training step takes SDPA's
     if backend == "sdpa":
         return sdpa_attention(q, k, v, causal=causal, mask=mask)
     if backend == "eager":

@@ -14,8 +14,13 @@ CPU inference (``pack_for_cpu``): every ``nn.Linear`` can hold its weight in one
 prepacked once after loading (what ``torch.compile``'s CPU freezing pass does): bfloat16 gives the same
 numbers as ``F.linear``, float32 differs from ``F.linear``'s MKL path only in summation order; the bias of
 the vision and projector layers is added inside the GEMM instead of in a separate pass. What it gains:
-benchmarks/bench_cpu.py, docs/performance.md ("CPU: llava-next against transformers"). Packing is for inference only: packed layers have
-no ``state_dict`` entries, so load (or save) weights before it.
+benchmarks/bench_cpu.py, docs/performance.md ("CPU: llava-next against transformers"). Packed layers are
+frozen and have no ``state_dict`` entries, so load (or save) weights before packing; gradients still flow
+through them to the layers before (``PackedLinear``).
+
+Gradients flow through every path (vision tower, pooling, projector, splice, decoder): ``image_features``
+and ``video_features`` build a graph when gradients are on, so inference callers (the pipeline, the
+reducers, the research instruments) run them under ``torch.no_grad``.
 
 Placeholders are spliced like transformers' ``masked_scatter``: the features of every image (then of
 every video) fill the image (video) placeholder positions in flattened (batch, sequence) order — image
@@ -43,11 +48,13 @@ from .siglip import SiglipTower
 
 
 class PackedLinear(nn.Module):
-    """An ``nn.Linear`` whose weight is prepacked for oneDNN (CPU, float32 or bfloat16). Inference only.
+    """An ``nn.Linear`` whose weight is prepacked for oneDNN (CPU, float32 or bfloat16), frozen.
 
     The packed weight is a copy. The plain weight is usually a view of the mmapped checkpoint: its file
     pages are dropped from the process (they stay in the page cache for the next run) so the process does
-    not hold the model twice."""
+    not hold the model twice, and the view is kept: a backward to the input (adapters training on a packed
+    base) reads it, grad_x = grad_y @ W, its pages coming back from the file. A weight that was a copy in
+    anonymous memory (a cast) is freed, and a backward through it raises (``PackedLinearFunction``)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -55,14 +62,37 @@ class PackedLinear(nn.Module):
         weight = linear.weight.detach()
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)  # opaque oneDNN layout
         self.bias = None if linear.bias is None else linear.bias.detach()
+        self.plain: torch.Tensor | None = None  # (N, K) the mmapped weight, for a backward to the input
         if is_file_mapped(weight):  # (anonymous memory, e.g. a cast copy, is freed with the nn.Linear)
             release_file_pages(weight)
+            self.plain = weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return PackedLinearFunction.apply(x, self)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class PackedLinearFunction(torch.autograd.Function):
+    """y = x W^T + b through the packed weight; the backward gives x its gradient, grad_y @ W, from the kept
+    mmapped weight (the layer's weights are frozen: they get none)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "PackedLinear") -> torch.Tensor:  # x (..., K) -> (..., N)
+        ctx.layer = layer
+        return torch.ops.mkldnn._linear_pointwise(x, layer.packed, layer.bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        layer = ctx.layer
+        if layer.plain is None:
+            raise RuntimeError(f"a gradient through a prepacked ({layer.out_features}, {layer.in_features}) linear "
+                               f"whose plain weight was a copy and was freed when it was packed: load the model "
+                               f"without pack_for_cpu to train (llava-next train does)")
+        return grad_y @ layer.plain.to(grad_y.dtype), None  # (..., K)
 
 
 def can_pack_for_cpu(dtype: torch.dtype, device: torch.device) -> bool:
@@ -117,8 +147,7 @@ class LlavaNextModel(nn.Module):
             setattr(parent, name, PackedLinear(getattr(parent, name)))
         return True
 
-    # ---- visual features --------------------------------------------------------------------------
-    @torch.no_grad()
+    # ---- visual features (differentiable: inference callers run them under torch.no_grad) -------------
     def image_features(self, images: Sequence[ImageInput]) -> list[torch.Tensor]:
         """One (tokens_i, D) tensor per image. All tiles of all images go through the tower as one batch."""
         if not images:
@@ -140,7 +169,6 @@ class LlavaNextModel(nn.Module):
             start += n
         return out
 
-    @torch.no_grad()
     def video_features(self, pixel_values: torch.Tensor, *, frame_batch: int = policy.FRAME_BATCH) -> torch.Tensor:
         """(F, 3, S, S) frames -> (tokens, D): per-frame tower features, pooled before or after the projector
         (``config.pool_position``), frame-major, with the config's newline mode. Frames go through the tower

@@ -78,6 +78,8 @@ def use_pool_backend(name: PoolBackend) -> Iterator[None]:
 def _triton_pool(features: torch.Tensor, mode: PoolMode) -> Callable[..., torch.Tensor] | None:
     if mode == "bilinear" or _pool_backend == "torch" or (_pool_backend == "auto" and features.device.type != "cuda"):
         return None
+    if _pool_backend == "auto" and torch.is_grad_enabled() and features.requires_grad:
+        return None  # the kernel has no backward: a training step pools with the torch reference
     try:
         from llava_next_kernels.pooling import spatial_pool
     except ImportError as e:

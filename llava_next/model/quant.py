@@ -180,6 +180,12 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
 
 
 # ---- the layers ------------------------------------------------------------------------------------
+def needs_grad(x: torch.Tensor) -> bool:
+    """Whether this call must be differentiable: gradients are on and the input carries one (the frozen
+    quantized weights never get a gradient; the layers before them may)."""
+    return torch.is_grad_enabled() and x.requires_grad
+
+
 def dequantized_linear(layer: "Int8Linear | Int4Linear", x: torch.Tensor) -> torch.Tensor:
     """A prompt-sized input (..., K) -> (..., N) through bf16 GEMMs, ``_CHUNK_ROWS`` output channels at a
     time: each chunk of the weight is dequantized while it stays in cache and used at once, so the full
@@ -195,7 +201,8 @@ def dequantized_linear(layer: "Int8Linear | Int4Linear", x: torch.Tensor) -> tor
 
 
 class Int8Linear(nn.Module):
-    """``nn.Linear`` with an int8 weight and per-output-channel scales. Inference only."""
+    """``nn.Linear`` with an int8 weight and per-output-channel scales, frozen: the weight never trains, the
+    input gets its gradient (through the dequantized weight)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None) -> None:
@@ -236,8 +243,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         # a GEMM: oneDNN on the dequantized weight is faster. K % 16 != 0: torch 2.13's int8 CPU kernel
-        # reads past each row (wrong numbers, or a segfault near the end of an mmapped file), so dequantize too
-        if rows >= DEQUANT_MIN_ROWS or self.in_features % INT8_KERNEL_K:
+        # reads past each row (wrong numbers, or a segfault near the end of an mmapped file), so dequantize too.
+        # A gradient to the input (adapters train on a frozen quantized base): the int kernel has no backward
+        if rows >= DEQUANT_MIN_ROWS or self.in_features % INT8_KERNEL_K or needs_grad(x):
             return dequantized_linear(self, x)
         scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
         if torch.compiler.is_compiling():  # the pattern inductor's CPU weight-only-int8 GEMM template matches
@@ -252,7 +260,8 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """``nn.Linear`` with 4-bit weights in groups along the input features. Inference only, CPU.
+    """``nn.Linear`` with 4-bit weights in groups along the input features, frozen (the input gets its
+    gradient through the dequantized weight), CPU.
 
     ``weight``/``scales``/``zeros`` are the stored (portable) form; ``init_buffers`` builds the kernel's
     CPU layout from them (called by the loader after assigning the checkpoint's tensors)."""
@@ -308,7 +317,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows >= DEQUANT_MIN_ROWS:
+        if rows >= DEQUANT_MIN_ROWS or needs_grad(x):  # a GEMM, or a gradient (the int kernel has no backward)
             return dequantized_linear(self, x)
         if self.packed is None:
             self.init_buffers(self.weight.device)

@@ -270,6 +270,7 @@ class Pipeline:
         """Left-padded (B, T, D) embeddings with the visual features spliced in, and the (B, T) mask."""
         return self.embed_with_layout(requests)[:2]
 
+    @torch.no_grad()  # inference: the visual features build no graph
     def embed_with_layout(self, requests: Sequence[Request]) -> tuple[torch.Tensor, torch.Tensor, VisualLayout]:
         """``embed`` plus the batch's VisualLayout (which positions are visual, their frame and patch);
         a request's token reducer replaces the model's own video pooling."""

@@ -1,0 +1,225 @@
+"""Supervised fine-tuning: the loop, its checkpoints and its resumption.
+
+    run = SFTRun(model, data, SFTConfig(out="runs/ko", steps=200, lr=2e-4, trainable="lora"))
+    run.train()                      # resumes from runs/ko when it holds a checkpoint of the same run
+
+One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` items. The loss of a step is the mean
+cross-entropy over all of its supervised tokens (transformers' ``num_items_in_batch`` rule: each micro-batch
+adds sum / total, so the gradient does not depend on how the tokens fall into micro-batches). Items are
+visited in a seeded permutation per epoch (the data's frames are drawn per (seed, epoch, item) too), so a
+position in the run — (epoch, index in the permutation) — names the next batch exactly.
+
+The output directory, written as it goes:
+    run.json                    the run's settings; a different run is refused (never written over)
+    steps.jsonl                 one JSON line per optimizer step: step, epoch, loss, tokens, lr, seconds
+    checkpoint/                 the latest complete checkpoint (written to a temporary directory, then renamed):
+        trainable.safetensors   the trained tensors by name (LoRA weights, or the projector, ...)
+        optimizer.safetensors   AdamW's moments by parameter, flat; state.json: step, position, RNG, schedule
+    adapter/                    at the end: the adapter in PEFT's format (llava_next_weights.adapters)
+
+Nothing is unpickled: tensors are safetensors, the rest JSON. After ``kill -9`` the same command resumes
+from ``checkpoint/`` and reaches the same weights as an uninterrupted run (the RNG, the schedule, the data
+position and the optimizer moments are all restored; tests/test_train.py checks it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..model.training import TrainingEngine, causal_lm_loss
+from .data import IGNORE_INDEX, TrainingData, collate, pad_id
+
+Trainable = Literal["lora", "projector", "lora+projector", "full"]
+
+
+class TrainError(ValueError):
+    """A run that cannot start or resume as asked; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    out: str
+    steps: int = 0  # optimizer steps; 0: ``epochs`` full passes
+    epochs: int = 1
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    trainable: Trainable = "lora"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    save_every: int = 50
+    max_grad_norm: float = 1.0
+
+
+def trainable_names(model: torch.nn.Module, what: Trainable) -> list[str]:
+    """The parameters a run trains; every other parameter is frozen."""
+    def wanted(name: str) -> bool:
+        lora = ".lora_A." in name or ".lora_B." in name
+        projector = name.startswith("projector.")
+        return {"lora": lora, "projector": projector, "lora+projector": lora or projector, "full": True}[what]
+    names = [n for n, _ in model.named_parameters() if wanted(n)]
+    if not names:
+        raise TrainError(f"--trainable {what}: the model has no such parameters (apply LoRA first for 'lora')")
+    return names
+
+
+class SFTRun:
+    """One fine-tuning run into ``config.out`` (module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, data: TrainingData, config: SFTConfig,
+                 on_step: Callable[[dict], None] | None = None) -> None:
+        self.model, self.data, self.cfg, self.on_step = model, data, config, on_step
+        self.out = Path(config.out)
+        self.names = trainable_names(model, config.trainable)
+        params = dict(model.named_parameters())
+        for name, p in params.items():
+            p.requires_grad_(name in self.names)
+        self.params = [params[n] for n in self.names]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        per_epoch = math.ceil(len(data) / (config.batch_size * config.grad_accum))
+        self.total_steps = config.steps or per_epoch * config.epochs
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.engine = TrainingEngine(checkpointing=config.gradient_checkpointing)
+        self.step, self.epoch, self.index = 0, 0, 0  # the next batch: item ``index`` of epoch ``epoch``'s order
+
+    def _lr_factor(self, step: int) -> float:
+        """Linear warmup, then cosine decay to 0 at the last step."""
+        if step < self.cfg.warmup_steps:
+            return (step + 1) / self.cfg.warmup_steps
+        span = max(1, self.total_steps - self.cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - self.cfg.warmup_steps) / span)))
+
+    # ---- the loop ---------------------------------------------------------------------------------------
+    def train(self) -> Path:
+        """Run (or resume) to ``total_steps``; returns the output directory."""
+        self._start()
+        self.model.train()
+        while self.step < self.total_steps:
+            t0 = time.perf_counter()
+            micro = [self._next_items() for _ in range(self.cfg.grad_accum)]
+            total = sum(int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+            loss_sum = 0.0
+            for batch in micro:
+                loss = self._loss(batch, max(total, 1))
+                loss.backward()
+                loss_sum += loss.item()
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.schedule.step()
+            self.step += 1
+            line = {"step": self.step, "epoch": self.epoch, "loss": loss_sum, "tokens": total,
+                    "lr": self.schedule.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 4)}
+            with open(self.out / "steps.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(line) + "\n")
+            if self.on_step is not None:
+                self.on_step(line)
+            if self.step % self.cfg.save_every == 0 or self.step == self.total_steps:
+                self.save_checkpoint()
+        self.model.eval()
+        return self.out
+
+    def _loss(self, batch, num_items: int) -> torch.Tensor:
+        logits = self.model(batch.input_ids, images=batch.images, videos=[v.pixel_values for v in batch.videos],
+                            attention_mask=batch.attention_mask, engine=self.engine)
+        return causal_lm_loss(logits, batch.labels, num_items=num_items)
+
+    def _order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.data), generator=g).tolist()
+
+    def _next_items(self):
+        """The next micro-batch in the run's order (epochs roll over; the last batch of an epoch may be short)."""
+        order = self._order(self.epoch)
+        idx = order[self.index:self.index + self.cfg.batch_size]
+        self.data.set_epoch(self.epoch)
+        batch = collate([self.data[i] for i in idx], pad_id(self.data.tokenizer))
+        self.index += len(idx)
+        if self.index >= len(order):
+            self.epoch, self.index = self.epoch + 1, 0
+        return batch
+
+    # ---- the output directory ----------------------------------------------------------------------------
+    def _settings(self) -> dict:
+        return {**dataclasses.asdict(self.cfg), "data": str(self.data.path), "items": len(self.data),
+                "trainable_names": len(self.names)}
+
+    def _start(self) -> None:
+        """A fresh directory gets run.json; one of the same run is resumed; anything else is refused."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        run_file = self.out / "run.json"
+        mine = self._settings()
+        if run_file.exists():
+            theirs = json.loads(run_file.read_text(encoding="utf-8"))
+            differ = sorted(k for k in set(mine) | set(theirs) if k not in ("out", "steps", "epochs")
+                            and mine.get(k) != theirs.get(k))
+            if differ:
+                raise TrainError(f"{self.out} holds another run (different {', '.join(differ)}): give a new --out, "
+                                 f"or the same settings to resume it")
+            if (self.out / "checkpoint" / "state.json").exists():
+                self.load_checkpoint()
+        elif any(self.out.iterdir()):
+            raise TrainError(f"{self.out} is not empty and holds no run.json: give an empty or new --out")
+        run_file.write_text(json.dumps(mine, indent=1), encoding="utf-8")
+
+    def save_checkpoint(self) -> None:
+        """Write ``checkpoint/`` atomically: a complete temporary directory renamed over the old one."""
+        tmp, final = self.out / "checkpoint.tmp", self.out / "checkpoint"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        params = dict(self.model.named_parameters())
+        save_file({n: params[n].detach().contiguous() for n in self.names}, tmp / "trainable.safetensors")
+        moments = {}
+        for i, n in enumerate(self.names):
+            st = self.optimizer.state.get(self.params[i], {})
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                if key in st:
+                    moments[f"{n}:{key}"] = st[key].detach().reshape(-1).contiguous() if key != "step" else \
+                        st[key].detach().reshape(1).float()
+        save_file(moments, tmp / "optimizer.safetensors")
+        save_file({"torch": torch.get_rng_state()}, tmp / "rng.safetensors")
+        state = {"step": self.step, "epoch": self.epoch, "index": self.index,
+                 "schedule": self.schedule.state_dict()}
+        (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
+        old = self.out / "checkpoint.old"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self) -> None:
+        ckpt = self.out / "checkpoint"
+        state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n, t in load_file(ckpt / "trainable.safetensors").items():
+                params[n].copy_(t)
+        moments = load_file(ckpt / "optimizer.safetensors")
+        for i, n in enumerate(self.names):
+            p = self.params[i]
+            if f"{n}:step" in moments:
+                self.optimizer.state[p] = {"step": moments[f"{n}:step"].reshape(()),
+                                           "exp_avg": moments[f"{n}:exp_avg"].view_as(p).clone(),
+                                           "exp_avg_sq": moments[f"{n}:exp_avg_sq"].view_as(p).clone()}
+        self.schedule.load_state_dict(state["schedule"])
+        torch.set_rng_state(load_file(ckpt / "rng.safetensors")["torch"])
+        self.step, self.epoch, self.index = state["step"], state["epoch"], state["index"]
+        # steps.jsonl may hold lines past the checkpoint (a kill between a step and its save): drop them
+        log = self.out / "steps.jsonl"
+        if log.exists():
+            kept = [line for line in log.read_text(encoding="utf-8").splitlines()
+                    if line and json.loads(line)["step"] <= self.step]
+            log.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
