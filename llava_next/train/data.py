@@ -164,7 +164,8 @@ def parse_item(item: object, index: int, where: str, media_root: PathLike) -> Re
 
 def read_records(path: PathLike, media_root: PathLike | None = None) -> list[Record]:
     """Every item of a JSON list or JSONL file (JSONL: a ``.jsonl`` name, or any file not starting with
-    "["); blank lines are skipped. ``media_root`` defaults to the file's folder. Raises ``DataError``."""
+    "["); blank lines are skipped. ``media_root`` defaults to the file's folder. Raises one ``DataError``
+    naming every item whose structure is wrong (the media are checked by ``TrainingData.validate``)."""
     path = Path(path)
     root = path.parent if media_root is None else Path(media_root)
     try:
@@ -180,20 +181,37 @@ def read_records(path: PathLike, media_root: PathLike | None = None) -> list[Rec
             raise DataError(f"{path}: not valid JSON ({e}); fix the file, or write one item per line (JSONL)") from None
         if not isinstance(items, list):
             raise DataError(f"{path}: expected a JSON list of items; write [item, item, ...] or JSONL")
-        return [parse_item(item, i, f"{path.name} item [{i}]", root) for i, item in enumerate(items)]
-    records = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path.name} line {n}"
-        try:
-            item = json.loads(line)
-        except ValueError as e:
-            raise _fail(where, f"not valid JSON ({e})", "write one JSON object per line") from None
-        records.append(parse_item(item, len(records), where, root))
-    if not records:
+        numbered = [(f"{path.name} item [{i}]", item, None) for i, item in enumerate(items)]
+    else:
+        numbered = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    numbered.append((f"{path.name} line {n}", json.loads(line), None))
+                except ValueError as e:
+                    numbered.append((f"{path.name} line {n}", None, _fail(f"{path.name} line {n}", f"not valid JSON ({e})",
+                                                                          "write one JSON object per line")))
+    if not numbered:
         raise DataError(f"{path}: no items; the file is empty")
+    records, errors = [], []
+    for index, (where, item, error) in enumerate(numbered):
+        try:
+            if error is not None:
+                raise error
+            records.append(parse_item(item, index, where, root))
+        except DataError as e:
+            errors.append(str(e))
+    if errors:
+        raise_all(path, errors, len(numbered))
     return records
+
+
+def raise_all(path: Path, errors: list[str], total: int, max_errors: int = 20) -> None:
+    """One ``DataError`` for every bad item: the message itself when there is one."""
+    if len(errors) == 1:
+        raise DataError(errors[0])
+    more = f"\n... and {len(errors) - max_errors} more" if len(errors) > max_errors else ""
+    raise DataError(f"{path}: {len(errors)} of {total} items cannot be used:\n" + "\n".join(errors[:max_errors]) + more)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -496,12 +514,8 @@ class TrainingData(torch.utils.data.Dataset):
             n_img, n_vid = n_img + len(record.images), n_vid + (record.video is not None)
             if len(ids) > longest:
                 longest, longest_where = len(ids), record.where
-        if len(errors) == 1:
-            raise DataError(errors[0])
         if errors:
-            more = f"\n... and {len(errors) - max_errors} more" if len(errors) > max_errors else ""
-            raise DataError(f"{self.path}: {len(errors)} of {len(self.records)} items cannot be used:\n"
-                            + "\n".join(errors[:max_errors]) + more)
+            raise_all(self.path, errors, len(self.records), max_errors)
         return Summary(len(self.records), n_img, n_vid, tokens, supervised, longest, longest_where)
 
 
