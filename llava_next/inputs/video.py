@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import av
 import numpy as np
@@ -318,9 +318,12 @@ def _decode(path: str, indices: list[int], size: int, resize: FrameResize = "cro
 
 def load_video(path: str | os.PathLike, num_frames: int = 8, *, sampling: Sampling = "uniform",
                target_fps: float = 1.0, size: int = 336, resize: FrameResize = "crop",
-               stats: Stats = CLIP_STATS, keep_pixels: bool = True) -> VideoClip:
+               stats: Stats = CLIP_STATS, keep_pixels: bool = True,
+               pick: Callable[[int], list[int]] | None = None) -> VideoClip:
     """Decode ``path`` and return ``num_frames`` preprocessed frames (the cap, for ``sampling="fps"``);
     ``size``/``resize``/``stats`` as ``frame_options(config)`` gives them (default: CLIP's).
+    ``pick``: the ``num_frames`` indices to keep, from the stream's frame count (training's seeded sampling,
+    llava_next/train/data.py); it replaces ``sampling``.
     ``keep_pixels=False`` (a plan only, ``inspect``): the frames are sampled and timed but not preprocessed;
     ``frames`` and ``pixel_values`` are then empty (0 frames). The memory check applies either way: it is
     about the run the plan is for."""
@@ -331,16 +334,21 @@ def load_video(path: str | os.PathLike, num_frames: int = 8, *, sampling: Sampli
         raise VideoError(f"{path}: sampling {sampling!r} is not supported; use 'uniform' or 'fps'")
     total, fps = estimate_total(path)
     # how many frames sampling keeps, known before any index list or decoded frame exists
-    kept_frames = num_frames if sampling == "uniform" else min(num_frames, len(range(0, max(total, 1),
+    kept_frames = num_frames if sampling == "uniform" or pick is not None else min(num_frames, len(range(0, max(total, 1),
                                                                                    max(1, round((fps or 1.0) / target_fps)))))
     check_frame_memory(path, kept_frames, size, total)
 
-    def pick(n_total: int) -> list[int]:
+    def choose(n_total: int) -> list[int]:
+        if pick is not None:
+            chosen = pick(n_total)
+            if len(chosen) != num_frames or not all(0 <= i < n_total for i in chosen):
+                raise VideoError(f"{path}: pick gave {chosen}, not {num_frames} indices in [0, {n_total})")
+            return chosen
         if sampling == "uniform":
             return uniform_indices(n_total, num_frames)
         return fps_indices(n_total, fps or 1.0, num_frames, target_fps)
 
-    indices = pick(max(total, 1))
+    indices = choose(max(total, 1))
     kept, times, count, duration, size_hw, rotation = _decode(path, indices, size, resize, total, keep_pixels)
     if count == 0:
         raise VideoError(f"{path}: the video stream has no decodable frames; give a video with at least one frame")
@@ -349,7 +357,7 @@ def load_video(path: str | os.PathLike, num_frames: int = 8, *, sampling: Sampli
         if cut:  # a provably cut-off MP4: its index lists frames the file no longer holds
             raise VideoError(f"{path}: truncated MP4 ({cut}; only {count} of its {total} frames decode): the file "
                              f"is cut off, probably an incomplete download or copy; get it again")
-        indices = pick(count)
+        indices = choose(count)
         kept, times, count2, duration, size_hw, rotation = _decode(path, indices, size, resize, keep=keep_pixels)
         if count2 != count:
             raise VideoError(f"{path}: corrupt video, decodes to {count} then {count2} frames")

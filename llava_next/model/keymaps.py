@@ -178,6 +178,14 @@ def _prefixed(table: Table, src: str, dst: str) -> Table:
 
 
 # ---- whole-model formats -------------------------------------------------------------------------
+_LLAVA_HF_5: Table = (_prefixed(_VIT_HF, "model.vision_tower.", "vision_tower.")
+                      + _prefixed(_DECODER_HF, "model.language_model.", "language_model.")
+                      + [("lm_head.weight", "language_model.lm_head.weight"),
+                         ("model.multi_modal_projector.linear_1.weight", "projector.linear_1.weight"),
+                         ("model.multi_modal_projector.linear_1.bias", "projector.linear_1.bias"),
+                         ("model.multi_modal_projector.linear_2.weight", "projector.linear_2.weight"),
+                         ("model.multi_modal_projector.linear_2.bias", "projector.linear_2.bias"),
+                         ("model.image_newline", "image_newline")])
 TABLES: dict[str, Table] = {
     # a standalone CLIPVisionModel / open_clip tower / Llama decoder, onto the sub-module's own names
     "clip_hf": _prefixed(_CLIP_HF, "vision_model.", "") + _CLIP_HF,  # transformers 5 drops `vision_model.`
@@ -199,14 +207,10 @@ TABLES: dict[str, Table] = {
     # transformers >= 4.52 in-memory names (model.language_model.*, model.vision_tower.vision_model.*);
     # transformers 5 also flattens the CLIP prefix (model.vision_tower.embeddings.*)
     "llava_hf_new": (_prefixed(_VIT_HF, "model.vision_tower.vision_model.", "vision_tower.")
-                     + _prefixed(_VIT_HF, "model.vision_tower.", "vision_tower.")
-                     + _prefixed(_DECODER_HF, "model.language_model.", "language_model.")
-                     + [("lm_head.weight", "language_model.lm_head.weight"),
-                        ("model.multi_modal_projector.linear_1.weight", "projector.linear_1.weight"),
-                        ("model.multi_modal_projector.linear_1.bias", "projector.linear_1.bias"),
-                        ("model.multi_modal_projector.linear_2.weight", "projector.linear_2.weight"),
-                        ("model.multi_modal_projector.linear_2.bias", "projector.linear_2.bias"),
-                        ("model.image_newline", "image_newline")]),
+                     + _LLAVA_HF_5),
+    # transformers 5's in-memory names alone: one source per target, so ``source_key`` can invert it
+    # (PEFT names adapter weights by them: llava_next_weights/adapters.py)
+    "llava_hf_5": _LLAVA_HF_5,
     # the original LLaVA-NeXT release (liuhaotian/llava-v1.6-*, lmms-lab/LLaVA-NeXT-Video-*)
     "original": (_prefixed(_VIT_HF, "model.vision_tower.vision_tower.vision_model.", "vision_tower.")
                  + _prefixed(_DECODER_HF, "model.", "language_model.")
@@ -247,6 +251,23 @@ def map_key(fmt: str, key: str) -> Target:
             return Squeeze(target.target.format(*m.groups()))
         return target.format(*m.groups())
     raise UnmappedKeyError(f"checkpoint key {key!r} is not in the {fmt!r} key table: refusing to guess what it is")
+
+
+def source_key(fmt: str, target: str) -> str:
+    """The one source key of format ``fmt`` that ``map_key`` renames to ``target`` (the table read backwards);
+    raises naming the key when no template, or more than one, gives it."""
+    if fmt not in TABLES:
+        raise ValueError(f"unknown checkpoint format {fmt!r}; known formats: {', '.join(TABLES)}")
+    found = []
+    for src, tgt in TABLES[fmt]:
+        if isinstance(tgt, str):
+            m = re.match("^" + re.escape(tgt).replace(r"\{\}", r"(\d+)") + "$", target)
+            if m is not None:
+                found.append(src.format(*m.groups()))
+    if len(found) != 1:
+        raise UnmappedKeyError(f"key {target!r} has {'no' if not found else len(found)} source key(s) in the "
+                               f"{fmt!r} key table{'' if not found else ': ' + ', '.join(found)}")
+    return found[0]
 
 
 def map_keys(fmt: str, keys: Iterable[str]) -> dict[str, Target]:
