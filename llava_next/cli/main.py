@@ -361,6 +361,9 @@ def build_parser(json_errors: bool = False) -> argparse.ArgumentParser:
     from .batch import add_batch  # the resumable batch job (torchrun shares it out)
 
     add_batch(sub, user_error=UserError)
+    from .train import add_train  # fine-tuning: LoRA on LLaVA-format conversations
+
+    add_train(sub, user_error=UserError)
     return parser
 
 

@@ -47,6 +47,22 @@ class TrainError(ValueError):
     """A run that cannot start or resume as asked; the message says what to do."""
 
 
+def materialize_trainable(path: Path, config, dtype: torch.dtype | None, device) -> torch.nn.Module:
+    """The loader's model for training (``runtime.loading.load(..., materialize=materialize_trainable)``):
+    weights in float32 unless ``dtype`` says otherwise, not prepacked (packing is for inference), every
+    parameter frozen until a run chooses what trains."""
+    from llava_next_weights.load import load_into
+
+    from ..model.llava import LlavaNextModel
+
+    with torch.device("meta"):
+        model = LlavaNextModel(config)
+    load_into(model, path, dtype=dtype or torch.float32, device=device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
 @dataclass(frozen=True)
 class SFTConfig:
     out: str
@@ -85,8 +101,11 @@ class SFTRun:
         self.out = Path(config.out)
         self.names = trainable_names(model, config.trainable)
         params = dict(model.named_parameters())
-        for name, p in params.items():
-            p.requires_grad_(name in self.names)
+        with torch.no_grad():
+            for name, p in params.items():
+                if name in self.names:
+                    p.data = p.data.clone()  # a mmapped checkpoint tensor is never written in place
+                p.requires_grad_(name in self.names)
         self.params = [params[n] for n in self.names]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         per_epoch = math.ceil(len(data) / (config.batch_size * config.grad_accum))
