@@ -229,6 +229,8 @@ class NF4Linear(nn.Module):
     of the row-major weight (bitsandbytes' (N*K/2, 1) tensor, reshaped); ``absmax`` (N*K/64,) uint8;
     ``absmax_scale`` (ceil(N*K/64/256),) fp32; ``absmax_offset`` () fp32; ``bias`` (N,)."""
 
+    exact_dtype_buffers = ("absmax_scale", "absmax_offset")  # the loader keeps them fp32 (bit-identity)
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None) -> None:
         super().__init__()
