@@ -87,7 +87,7 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise QuantizationError(f"quantization method {self.method!r} is not supported; choose int8, int4 or nf4")
+            raise QuantizationError(f"quantization method {self.method!r} is not supported; choose int8 or int4 (CPU inference) or nf4 (QLoRA)")
         if self.method == "int4" and self.group_size not in GROUP_SIZES:
             raise QuantizationError(f"int4 group_size {self.group_size!r} is not supported; choose one of "
                                     f"{', '.join(map(str, GROUP_SIZES))} (default {DEFAULT_GROUP_SIZE})")
