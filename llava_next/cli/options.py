@@ -273,7 +273,7 @@ def quantization(args: argparse.Namespace) -> tuple[str | None, int]:
     quantize, group = getattr(args, "quantize", None), getattr(args, "group_size", None)
     if group is not None and quantize != "int4":
         raise UserError(f"--group-size {group}: the group size is int4's; add --quantize int4 (int8 is per "
-                        f"output channel{'' if quantize else ', and no --quantize was given'})")
+                        f"output channel, nf4 uses blocks of 64{'' if quantize else ', and no --quantize was given'})")
     return quantize, 128 if group is None else group
 
 

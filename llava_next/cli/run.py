@@ -67,8 +67,9 @@ def add_convert(sub, *, user_error) -> None:
 
 
 def _add_quantize(p, what: str) -> None:
-    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
-                   help=f"{what}: int8 per output channel, or int4 in groups of --group-size input features")
+    p.add_argument("--quantize", choices=("int8", "int4", "nf4"), default=None,
+                   help=f"{what}: int8 per output channel, int4 in groups of --group-size input features, or nf4 "
+                        f"(QLoRA's 4-bit NormalFloat, as bitsandbytes; the base for LoRA training, any device)")
     p.add_argument("--group-size", type=int, choices=(32, 64, 128, 256), default=None,
                    help="int4 group (default 128; only with --quantize int4)")
 

@@ -36,6 +36,12 @@ chunk of output channels at a time, each chunk used by ``F.linear`` while it is 
 (``dequantized_linear``) — prefill then costs the bf16 GEMM plus the dequantization (both numbers are
 policy: model/policy.py, with the measurement that set them).
 
+NF4 (``QuantConfig("nf4")``, model/nf4.py): QLoRA's 4-bit NormalFloat with blocksize 64 and a
+double-quantized absmax, bit-identical to bitsandbytes; stored as ``P.weight`` uint8 (N, K / 2) (element
+2i in the high nibble), ``P.absmax`` uint8 (N K / 64,), ``P.absmax_scale`` fp32 (ceil(N K / 16384),),
+``P.absmax_offset`` fp32 (). A frozen base for LoRA training (gradients reach the input), on any device;
+it dequantizes the whole weight per call (memory, not CPU speed, is its point).
+
 Which layers (``QuantConfig.scope``): "decoder" (default) quantizes every linear of the language
 model, lm_head included; the vision tower and projector stay in their dtype (they run GEMMs over
 hundreds of rows, where quantization saves memory but no time). "all" quantizes them too.
@@ -53,10 +59,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import policy
+from .nf4 import NF4Error, NF4Linear, check_nf4_shape, nf4_bytes, nf4_dequantize, nf4_quantize
 
-Method = Literal["int8", "int4"]
+Method = Literal["int8", "int4", "nf4"]
 Scope = Literal["decoder", "all"]
-METHODS = ("int8", "int4")
+METHODS = ("int8", "int4", "nf4")
 GROUP_SIZES = (32, 64, 128, 256)
 DEFAULT_GROUP_SIZE = 128
 DEQUANT_MIN_ROWS = policy.QUANT_GEMM_MIN_ROWS  # rows of activations from which a layer dequantizes (a GEMM)
@@ -75,12 +82,12 @@ class QuantConfig:
     """How a model is quantized (written to a quantized checkpoint's ``quantization.json``)."""
 
     method: Method
-    group_size: int = DEFAULT_GROUP_SIZE  # int4 only: input features per scale / zero
+    group_size: int = DEFAULT_GROUP_SIZE  # int4 only: input features per scale / zero (nf4: blocks of 64, fixed)
     scope: Scope = "decoder"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise QuantizationError(f"quantization method {self.method!r} is not supported; choose int8 or int4")
+            raise QuantizationError(f"quantization method {self.method!r} is not supported; choose int8 or int4 (CPU inference) or nf4 (QLoRA)")
         if self.method == "int4" and self.group_size not in GROUP_SIZES:
             raise QuantizationError(f"int4 group_size {self.group_size!r} is not supported; choose one of "
                                     f"{', '.join(map(str, GROUP_SIZES))} (default {DEFAULT_GROUP_SIZE})")
@@ -89,14 +96,14 @@ class QuantConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        if self.method == "int8":
+        if self.method in ("int8", "nf4"):
             d.pop("group_size")
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
         if not isinstance(d, dict) or "method" not in d:
-            raise QuantizationError(f"a quantization config needs a 'method' (int8 or int4), got {d!r}")
+            raise QuantizationError(f"a quantization config needs a 'method' (int8, int4 or nf4), got {d!r}")
         unknown = set(d) - {"method", "group_size", "scope"}
         if unknown:
             raise QuantizationError(f"unknown quantization config field(s): {', '.join(sorted(unknown))}")
@@ -332,7 +339,7 @@ class Int4Linear(nn.Module):
                 f"bias={self.bias is not None}")
 
 
-QuantLinear = (Int8Linear, Int4Linear)
+QuantLinear = (Int8Linear, Int4Linear, NF4Linear)
 
 
 # ---- whole models ----------------------------------------------------------------------------------
@@ -357,19 +364,38 @@ def quantize_model(model: nn.Module, qc: QuantConfig, *, dtype: torch.dtype | No
         if lin.weight.is_meta:
             if qc.method == "int8":
                 new = Int8Linear(lin.in_features, lin.out_features, lin.bias is not None, dt, "meta")
+            elif qc.method == "nf4":
+                _check_nf4(f"{name}.weight", lin.out_features, lin.in_features)
+                new = NF4Linear(lin.in_features, lin.out_features, lin.bias is not None, dt, "meta")
             else:
                 check_int4_shape(f"{name}.weight", lin.out_features, lin.in_features, qc.group_size)
                 new = Int4Linear(lin.in_features, lin.out_features, qc.group_size, lin.bias is not None, dt, "meta")
         elif qc.method == "int8":
             new = Int8Linear.from_linear(lin, dt)
+        elif qc.method == "nf4":
+            _check_nf4(f"{name}.weight", lin.out_features, lin.in_features)
+            new = NF4Linear.from_linear(lin, dt, f"{name}.weight")
         else:
             new = Int4Linear.from_linear(lin, qc.group_size, dt, f"{name}.weight")
         setattr(parent, leaf, new)
     return model
 
 
+def _check_nf4(name: str, n: int, k: int) -> None:
+    try:
+        check_nf4_shape(name, n, k)
+    except NF4Error as e:
+        raise QuantizationError(str(e)) from None
+
+
 def quantized_state(name: str, weight: torch.Tensor, qc: QuantConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The stored tensors of one quantized linear ``name`` (its prefix, without ``.weight``)."""
+    if qc.method == "nf4":
+        N, K = weight.shape
+        _check_nf4(f"{name}.weight", N, K)
+        q = nf4_quantize(weight)
+        return {f"{name}.weight": q.packed.view(N, K // 2), f"{name}.absmax": q.absmax,
+                f"{name}.absmax_scale": q.absmax_scale, f"{name}.absmax_offset": q.absmax_offset}
     if qc.method == "int8":
         q, scales = quantize_int8(weight)
         return {f"{name}.weight": q, f"{name}.scales": scales.to(dtype)}
@@ -382,6 +408,12 @@ def quantized_shapes(name: str, shape: tuple[int, int], qc: QuantConfig, dtype: 
     N, K = shape
     if qc.method == "int8":
         return {f"{name}.weight": ((N, K), torch.int8), f"{name}.scales": ((N,), dtype)}
+    if qc.method == "nf4":
+        _check_nf4(f"{name}.weight", N, K)
+        blocks = N * K // 64
+        return {f"{name}.weight": ((N, K // 2), torch.uint8), f"{name}.absmax": ((blocks,), torch.uint8),
+                f"{name}.absmax_scale": ((-(blocks // -256),), torch.float32),
+                f"{name}.absmax_offset": ((), torch.float32)}
     check_int4_shape(f"{name}.weight", N, K, qc.group_size)
     G = K // qc.group_size
     return {f"{name}.weight": ((N, K // 2), torch.uint8), f"{name}.scales": ((N, G), dtype),
@@ -396,6 +428,8 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
             continue
         if isinstance(m, Int8Linear):
             w = dequantize_int8(m.weight, m.scales)
+        elif isinstance(m, NF4Linear):
+            w = nf4_dequantize(m.nf4_weight(), torch.float32)
         else:
             w = dequantize_int4(m.weight, m.scales, m.zeros, m.group_size)
         lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=dtype, device=w.device)
@@ -409,10 +443,13 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
 
 
 def weight_bytes(shape: tuple[int, int], method: Method | None, itemsize: int, group_size: int = DEFAULT_GROUP_SIZE) -> int:
-    """Bytes a weight of ``shape`` occupies: float (``itemsize``), or a linear's int8 + scales / int4 + scales, zeros."""
+    """Bytes a weight of ``shape`` occupies: float (``itemsize``), or a linear's int8 + scales / int4 + scales, zeros /
+    nf4 nibbles + uint8 absmax + its fp32 statistics (0.5 byte per weight + 1 per 64 + 4 per 16384 + 4)."""
     if method is None:
         return math.prod(shape) * itemsize
     N, K = shape
+    if method == "nf4":
+        return nf4_bytes(N, K)
     if method == "int8":
         return N * K + N * itemsize
     return N * K // 2 + 2 * N * (K // group_size) * itemsize

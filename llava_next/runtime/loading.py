@@ -108,9 +108,9 @@ def materialize_single(path: Path, config: LlavaNextConfig, dtype: torch.dtype |
     qc = prepare_quantized(model, path, dtype)
     check_model_fits(config, dtype or torch.bfloat16, device, None if qc is None else qc.method,
                      128 if qc is None else qc.group_size)
-    if qc is not None and torch.device(device).type != "cpu":
-        raise ValueError(f"{path} is quantized: quantized checkpoints run on CPU only (torch's int8/int4 "
-                         f"CPU kernels); use --device cpu, or the float checkpoint on {device}")
+    if qc is not None and qc.method != "nf4" and torch.device(device).type != "cpu":  # nf4 is plain torch ops
+        raise ValueError(f"{path} is quantized: int8 / int4 checkpoints run on CPU only (torch's int8/int4 "
+                         f"CPU kernels); use --device cpu, --quantize nf4, or the float checkpoint on {device}")
     load_into(model, path, dtype=dtype, device=device)
     model.pack_for_cpu()  # oneDNN-prepacked linears on CPU (same numbers, faster); a no-op elsewhere
     return model

@@ -86,7 +86,7 @@ def memory_budget(text: TextConfig, batch: int, prompt_tokens: int, new_tokens: 
 
 
 # ----------------------------------------------------------------------------------------------------
-# Whole-model memory: weights (float / int8 / int4) + a request's KV cache and activations
+# Whole-model memory: weights (float / int8 / int4 / nf4) + a request's KV cache and activations
 # ----------------------------------------------------------------------------------------------------
 TYPICAL_PROMPT = 1272  # an 8-frame video (8 x 144 visual tokens) + ~120 text tokens
 TYPICAL_NEW = 256  # llava-next run's default --max-new-tokens
@@ -95,7 +95,8 @@ TYPICAL_NEW = 256  # llava-next run's default --max-new-tokens
 def weight_bytes(config: LlavaNextConfig, dtype: torch.dtype, quantize: str | None = None,
                  group_size: int = 128) -> int:
     """Bytes of the model's weights in ``dtype``, with the decoder's linears quantized as ``quantize`` (the
-    layout of llava_next/model/quant.py: int8 + a scale per row, int4 + a scale and zero per group).
+    layout of llava_next/model/quant.py: int8 + a scale per row, int4 + a scale and zero per group, nf4 +
+    a uint8 absmax per 64 weights and its fp32 statistics).
     From the config alone (llava_next_weights.shapes, the converter's own shape table)."""
     from llava_next_weights.shapes import expected_shapes
 
@@ -150,7 +151,7 @@ def _total_memory() -> int | None:
 
 def memory_table(memories_gib: Sequence[int] = (16, 24, 32, 64)) -> str:
     """Markdown: for each decoder size (the presets), weights and a typical request (8-frame video + the
-    default 256 new tokens: KV cache and prefill activations, ``memory_budget``) in bf16 / int8 / int4,
+    default 256 new tokens: KV cache and prefill activations, ``memory_budget``) in bf16 / int8 / int4 / nf4,
     and which machine memories hold it (with 10% left for the OS and the process)."""
     from ..config import PRESETS
 
@@ -160,7 +161,7 @@ def memory_table(memories_gib: Sequence[int] = (16, 24, 32, 64)) -> str:
     for name in ("llava-v1.6-vicuna-7b", "llava-v1.6-vicuna-13b", "llava-v1.6-34b"):
         cfg = PRESETS[name].config
         request = memory_budget(cfg.text, 1, TYPICAL_PROMPT, TYPICAL_NEW, torch.bfloat16, torch.device("meta"))
-        for q in (None, "int8", "int4"):
+        for q in (None, "int8", "int4", "nf4"):
             w = weight_bytes(cfg, torch.bfloat16, q)
             total = w + request.needed_bytes
             marks = " | ".join("yes" if total <= 0.9 * m * 1e9 else "no" for m in memories_gib)

@@ -136,7 +136,7 @@ class Pipeline:
         """A converted llava-next directory, a llava-hf / original checkpoint directory (converted once,
         cached), a hub id (downloaded, converted once, cached), or a built-in model ("tiny-random",
         "tiny-random-interleave", "tiny-random-onevision": runtime/tiny.py, random weights, no download). Weights are mmapped, not copied.
-        ``quantize`` ("int8" / "int4"): the decoder's linears quantized once into the cache
+        ``quantize`` ("int8" / "int4" / "nf4"): the decoder's linears quantized once into the cache
         (llava_next/model/quant.py); a directory that is already quantized loads as such without it.
         The steps are runtime/loading.py's, which the tensor-parallel loader shares."""
         from .loading import load

@@ -354,7 +354,7 @@ def convert(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, fmt: str 
     """Convert ``src_dir`` (llava-hf or original LLaVA-NeXT) into llava-next's layout at ``out_dir``.
 
     ``fmt`` is detected from the key names when None; ``dtype`` casts floating tensors (None keeps the
-    source dtypes). ``quantize`` ("int8" / "int4", with ``group_size``) stores the decoder's linear
+    source dtypes). ``quantize`` ("int8" / "int4", with ``group_size`` / "nf4") stores the decoder's linear
     weights quantized (quantize.py); then ``src_dir`` may also be a (float) llava-next directory.
     Returns ``out_dir``.
     """

@@ -110,7 +110,7 @@ def resolve(model_id_or_dir: str | os.PathLike, *, cache_dir: str | os.PathLike 
 
     ``dtype`` (e.g. ``torch.bfloat16``) is the dtype of the converted files; it is part of the cache
     key. A directory already in llava-next's layout is returned as is (cast at load time instead).
-    ``quantize`` ("int8" / "int4" with ``group_size``): the converted copy stores the decoder's linears
+    ``quantize`` ("int8" / "int4" with ``group_size`` / "nf4"): the converted copy stores the decoder's linears
     quantized (convert.py, quantize.py), made once and cached like a conversion (the method and group
     size are part of the cache key); a llava-next directory is then quantized into the cache too.
     """

@@ -326,9 +326,11 @@ def load_into(module: torch.nn.Module, path: str | os.PathLike, *, dtype: torch.
                         f"{', '.join(kinds[:5])}; the file is damaged: convert the checkpoint again")
     device = torch.device(device)
     targets = module.state_dict()
+    # buffers a module keeps in their stored dtype whatever ``dtype`` is (NF4's fp32 absmax statistics)
+    exact = {f"{n}.{b}" if n else b for n, m in module.named_modules() for b in getattr(m, "exact_dtype_buffers", ())}
     for key, t in state.items():
         t = local_part(t, targets[key])
-        t = _cast(t, dtype if dtype is not None and t.is_floating_point() else t.dtype, device)
+        t = _cast(t, dtype if dtype is not None and t.is_floating_point() and key not in exact else t.dtype, device)
         if hasattr(targets[key], "placements"):  # a DTensor: this rank's slice, wrapped with the same layout
             from torch.distributed.tensor import DTensor
 

@@ -7,7 +7,9 @@
 A quantized directory is a converted llava-next directory in which every quantized linear ``P`` stores
 ``P.weight`` as integers plus ``P.scales`` (int4 also ``P.zeros``) — the layout is documented in
 ``llava_next/model/quant.py`` — and ``quantization.json`` says how: ``{"method": "int8"}`` or
-``{"method": "int4", "group_size": 128}`` (plus ``"scope"``). Which linears are quantized is not
+``{"method": "int4", "group_size": 128}`` or ``{"method": "nf4"}`` (plus ``"scope"``; nf4 stores
+``P.absmax`` (uint8), ``P.absmax_scale`` and ``P.absmax_offset`` (fp32, kept fp32 when loading) instead of
+scales). Which linears are quantized is not
 stored per key: it follows from the config and the scope (``quant.quantized_linear_names`` on the model
 built from the config), the same rule when writing and when loading.
 
@@ -86,7 +88,8 @@ def quantizing_reader(read: Callable[[str], torch.Tensor], config: LlavaNextConf
         if key in pending:
             return pending.pop(key)
         prefix, _, leaf = key.rpartition(".")
-        if f"{prefix}.weight" not in targets or leaf not in ("weight", "scales", "zeros"):
+        if f"{prefix}.weight" not in targets or leaf not in ("weight", "scales", "zeros", "absmax", "absmax_scale",
+                                                              "absmax_offset"):
             return read(key)
         weight = read(f"{prefix}.weight")
         pending.update(quantized_state(prefix, weight, qc, weight.dtype))
@@ -132,11 +135,12 @@ def check_quantized(path: str | os.PathLike, config: LlavaNextConfig, qc: QuantC
         if integer or any(k.endswith((".scales", ".zeros")) for k in headers):
             key = (integer or [k for k in headers if k.endswith((".scales", ".zeros"))])[0]
             raise LoadError(f"{path}: {key} is a quantized tensor but the directory has no {QUANT_FILE}; restore "
-                            f"that file (it says int8 or int4 and the group size), or convert the model again")
+                            f"that file (it says int8, int4 or nf4, and int4's group size), or convert the model again")
         return
     where = f"{path / QUANT_FILE} says {qc.method}" + (f" with group_size {qc.group_size}" if qc.method == "int4" else "")
     problems = []
     qkeys = quantized_weight_keys(config, qc)
+    integer_parts = set(qkeys)  # the integer tensors a quantized layer stores (nf4: its uint8 absmax too)
     for key in qkeys:
         prefix = key.removesuffix(".weight")
         if key not in headers:
@@ -146,28 +150,31 @@ def check_quantized(path: str | os.PathLike, config: LlavaNextConfig, qc: QuantC
         if len(shape) != 2:
             problems.append(f"{key} has shape {shape}, expected a matrix")
             continue
-        n, k = shape[0], shape[1] * (2 if qc.method == "int4" else 1)
+        n, k = shape[0], shape[1] * (2 if qc.method in ("int4", "nf4") else 1)
         try:
             want = quantized_shapes(prefix, (n, k), qc, torch.bfloat16)
         except QuantizationError as e:
             problems.append(str(e))
             continue
         for part, (want_shape, want_dtype) in want.items():
+            if not want_dtype.is_floating_point:
+                integer_parts.add(part)
             if part not in headers:
                 problems.append(f"{part} is missing (a quantized {qc.method} weight needs it)")
                 continue
             got_shape, got_dtype = headers[part]
-            if part.endswith(".weight") and got_dtype != want_dtype:
+            if (part.endswith(".weight") or not want_dtype.is_floating_point) and got_dtype != want_dtype:
                 problems.append(f"{part} is {str(got_dtype).removeprefix('torch.')}, expected "
                                 f"{str(want_dtype).removeprefix('torch.')} for {qc.method}")
-            elif not part.endswith(".weight") and not (isinstance(got_dtype, torch.dtype) and got_dtype.is_floating_point):
+            elif (not part.endswith(".weight") and want_dtype.is_floating_point
+                  and not (isinstance(got_dtype, torch.dtype) and got_dtype.is_floating_point)):
                 problems.append(f"{part} is {got_dtype}, expected a float tensor")
             elif got_shape != want_shape:
                 hint = ""
                 if part.endswith((".scales", ".zeros")) and qc.method == "int4" and len(got_shape) == 2 and got_shape[1]:
                     hint = f" (written with group_size {k // got_shape[1]}?)" if k % got_shape[1] == 0 else ""
                 problems.append(f"{part} has shape {got_shape}, expected {want_shape}{hint}")
-    others = sorted(set(integer) - set(qkeys))
+    others = sorted(set(integer) - integer_parts)
     if others:
         problems.append(f"integer tensor(s) outside the quantized layers: {', '.join(others[:5])}")
     if problems:
