@@ -231,6 +231,6 @@ def observed(decoder: Decoder) -> bool:
 
 
 def _quantized(decoder: Decoder) -> bool:
-    """Weight-only int8 / int4 layers (quant.py): the eager step's int kernels are faster than the graph's."""
-    from .quant import Int4Linear, Int8Linear
-    return any(isinstance(m, (Int8Linear, Int4Linear)) for m in decoder.modules())
+    """Quantized layers (quant.py: int8, int4, nf4): the eager step's kernels are faster than the graph's."""
+    from .quant import QuantLinear
+    return any(isinstance(m, QuantLinear) for m in decoder.modules())

@@ -234,6 +234,8 @@ class SFTRun:
                                            "exp_avg": moments[f"{n}:exp_avg"].view_as(p).clone(),
                                            "exp_avg_sq": moments[f"{n}:exp_avg_sq"].view_as(p).clone()}
         self.schedule.load_state_dict(state["schedule"])
+        for group, lr in zip(self.optimizer.param_groups, self.schedule.get_last_lr()):
+            group["lr"] = lr  # the scheduler's state does not set the optimizer's current rate
         torch.set_rng_state(load_file(ckpt / "rng.safetensors")["torch"])
         self.step, self.epoch, self.index = state["step"], state["epoch"], state["index"]
         # steps.jsonl may hold lines past the checkpoint (a kill between a step and its save): drop them
