@@ -15,7 +15,7 @@ The only changes made to what the docs say are these tables, each explicit:
   ``--model tiny-random``. ``inspect`` needs no weights and runs unchanged against the real presets.
 - ``MEDIA``: the placeholder file names the docs use -> real files, copied under those names into the
   directory each command runs in (so the command line itself is unchanged).
-- ``SKIP``: commands that need several processes or a GPU, each with its reason.
+- ``SKIP``: commands that need several processes, a GPU or a long training run, each with its reason.
 - ``EXPECT``: commands whose documented outcome is not exit 0.
 - ``UNSAID_ANSWER_TOKENS``: ``run`` / ``batch`` commands that leave ``--max-new-tokens`` unsaid get that many
   instead of the CLI's default 256 (the command line is unchanged; a built-in model's answer is noise, and 256
@@ -87,6 +87,8 @@ SKIP = {  # (document, start of the command) -> why it cannot run here
     ("parallel.md", "OMP_NUM_THREADS=8 torchrun"): "several processes (torchrun): tests/test_tensor_parallel.py runs it",
     ("parallel.md", "torchrun --nnodes 2"): "two machines with 4 GPUs each (--device cuda)",
     ("parallel.md", "torchrun --nproc-per-node 4"): "several processes (torchrun): tests/test_batch.py runs batch ranks",
+    ("training.md", "llava-next train"): "hundreds of training steps on a dataset of one's own: tests/test_train.py "
+                                         "runs the command on the built-in model for two steps",
 }
 EXPECT: dict[tuple[str, str], tuple[int, str]] = {}  # (document, start of the command) -> (exit code, message)
 
