@@ -77,7 +77,7 @@ def _batch(args: argparse.Namespace, user_error) -> int:
 
     def load() -> Pipeline:
         pipe = Pipeline.from_pretrained(model_id, dtype=DTYPES[args.dtype], device=device, cache_dir=args.cache_dir,
-                                        progress=not args.quiet and env.local_rank == 0)
+                                        progress=not args.quiet and env.local_rank == 0, adapter=args.adapter)
         pipe.model.config = with_overrides(pipe.model.config, **options.plan_overrides(args))
         return pipe
 
