@@ -59,6 +59,7 @@ def _batch(args: argparse.Namespace, user_error) -> int:
     bad_sampling = options.check_sampling(args)
     if bad_sampling:
         raise user_error(bad_sampling)
+    options.adapter_summary(args.adapter)  # a bad adapter fails before the batch starts
     env = dist_env()
     device = args.device
     if device == "cuda":

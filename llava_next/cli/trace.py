@@ -127,6 +127,7 @@ def _check(args: argparse.Namespace, user_error):
     from . import options
 
     options.finish(args, needs_prompt=True)
+    options.adapter_summary(args.adapter)  # a bad adapter fails before any loading
     reduction = options.reduction(args)  # a bad method or value fails before any loading
     reducer = reduction.reducer if reduction is not None else None
     if reducer is not None and reducer.needs != "pooled":
