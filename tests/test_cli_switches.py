@@ -51,6 +51,7 @@ def _probes(media: dict) -> dict:
     """switch -> [argument lists to try], per command where they differ (key (command, switch))."""
     return {
         "--model": [[media["model"]]],
+        "--adapter": [[str(media["work"] / "no-adapter")]],  # refused clearly; its effect: test_lora.py (CLI test)
         ("inspect", "--model"): [["tiny-random"]],
         ("batch", "--model"): [["tiny-random"]],
         "--image": [[media["image2"]]],

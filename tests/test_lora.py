@@ -297,3 +297,74 @@ def test_missing_files_are_named(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
     with pytest.raises(AdapterError, match="adapter_model.safetensors: not found"):
         read_adapter(tmp_path)
+
+
+# ---- inference with an adapter: the command line against transformers + PEFT --------------------------
+def _tiny_random_in_transformers(cache):
+    """tiny-random (runtime/tiny.py) as a transformers LlavaNextVideoForConditionalGeneration: our weights under
+    transformers 5's names (keymaps' llava_hf_5, read backwards)."""
+    from transformers import LlavaNextVideoForConditionalGeneration
+
+    from checkpoints import transformers_config
+    from llava_next.model.keymaps import source_key
+    from llava_next.runtime import tiny
+    from llava_next_weights.load import load_state_dict_mmap
+
+    directory = tiny.ensure(cache, name="tiny-random")
+    config = read_config(directory)
+    hf = LlavaNextVideoForConditionalGeneration(transformers_config(config, kind="video")).eval()
+    state = {source_key("llava_hf_5", k): v for k, v in load_state_dict_mmap(directory).items()}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    unused = (f"model.vision_tower.encoder.layers.{config.vision.layers_used}.", "model.vision_tower.post_layernorm.")
+    assert not unexpected and all(k.startswith(unused) for k in missing), (missing, unexpected)  # never computed
+    hf.set_attn_implementation("eager")
+    return hf
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["merged", "int8-separate"])
+def test_cli_run_with_a_peft_adapter_matches_transformers_peft(tmp_path, monkeypatch, capsys, quantized):
+    """``llava-next run --model tiny-random --adapter DIR`` (DIR saved by PEFT on tiny-random's llava-hf form):
+    greedy tokens equal transformers + PEFT's; merged into fp32 weights, and kept beside int8 ones (the first
+    tokens, as int8 rounds the base)."""
+    from llava_next.cli import main as cli
+    from llava_next.runtime.pipeline import Pipeline
+
+    monkeypatch.setenv("LLAVA_NEXT_CACHE", str(tmp_path / "cache"))
+    hf = _tiny_random_in_transformers(tmp_path / "cache")
+    pm = peft_model(hf, PEFT_DECODER, r=8, alpha=16)
+    with torch.no_grad():  # a strong adapter, so that its answer is not the base model's
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.mul_(5)
+    pm.save_pretrained(tmp_path / "adapter")
+    prompt, n = "What is this?", 8
+    args = ["run", "--model", "tiny-random", "--adapter", str(tmp_path / "adapter"), "--image", "sample:cat",
+            "--max-new-tokens", str(n), "--dtype", "fp32", "--json", prompt]
+    if quantized:
+        args += ["--quantize", "int8"]
+    assert cli.main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["adapter"]["r"] == 8 and result["adapter"]["layers"] == 32 * 7
+
+    pipe = Pipeline.from_pretrained("tiny-random", dtype=torch.float32, progress=False)
+    request = pipe.prepare(prompt, images=[_sample("sample:cat")])
+    im = request.images[0]
+    ids = torch.tensor([request.input_ids])
+    hf_inputs = {"pixel_values": im.pixel_values[None], "image_sizes": torch.tensor([im.image_size])}
+    with torch.no_grad():
+        theirs = pm.generate(input_ids=ids, **hf_inputs, max_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
+        base = hf.generate(input_ids=ids, **hf_inputs, max_new_tokens=n, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    assert theirs != base  # the adapter changes the answer
+    mine = result["tokens"]
+    if quantized:
+        assert mine[:2] == theirs[:2], (mine, theirs)
+    else:
+        assert mine == theirs[:len(mine)] and len(mine) >= 1, (mine, theirs)
+
+
+def _sample(name: str) -> str:
+    from llava_next.cli.options import sample_path
+
+    return sample_path(name)

@@ -59,6 +59,7 @@ def _batch(args: argparse.Namespace, user_error) -> int:
     bad_sampling = options.check_sampling(args)
     if bad_sampling:
         raise user_error(bad_sampling)
+    options.adapter_summary(args.adapter)  # a bad adapter fails before the batch starts
     env = dist_env()
     device = args.device
     if device == "cuda":
@@ -77,7 +78,7 @@ def _batch(args: argparse.Namespace, user_error) -> int:
 
     def load() -> Pipeline:
         pipe = Pipeline.from_pretrained(model_id, dtype=DTYPES[args.dtype], device=device, cache_dir=args.cache_dir,
-                                        progress=not args.quiet and env.local_rank == 0)
+                                        progress=not args.quiet and env.local_rank == 0, adapter=args.adapter)
         pipe.model.config = with_overrides(pipe.model.config, **options.plan_overrides(args))
         return pipe
 

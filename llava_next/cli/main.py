@@ -93,7 +93,10 @@ def _inspect(args: argparse.Namespace) -> int:
                         "(\"fits\": false and the fixes); the switch is for run, trace and batch")
     if args.png and (args.image and args.video or len(args.video) > 1):
         raise UserError("--png draws the plan of images or of one video; give only those")
+    adapter = options.adapter_summary(args.adapter)  # read and checked; the plan's token counts do not change
     report, draw = _inspect_media(args, config, model, preset)
+    if adapter is not None:
+        report["adapter"] = adapter
     if args.png:
         try:
             draw().save(args.png, format="PNG")
@@ -244,6 +247,10 @@ def _hw(size: Sequence[int]) -> str:
 def _format(r: dict) -> str:
     """The human-readable plan: model, each image, each video, each reduction budget, the context."""
     lines = [_model_line(r)]
+    if r.get("adapter"):
+        a = r["adapter"]
+        lines.append(f"adapter  {a['path']}: LoRA r {a['r']}, alpha {a['alpha']:g} on {a['layers']} layers "
+                     f"({a['parameters']:,} parameters; projector {a['projector']}, vision tower {a['vision']})")
     for e in r["images"]:
         lines += _image_lines(e)
     for v in r["videos"]:

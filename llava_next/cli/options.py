@@ -5,6 +5,7 @@ a token plan (``inspect``, ``run``, and ``trace``, ``batch`` ...) accepts the sa
 same names, defaults and help:
 
     add_model_options(p)     --model ID_OR_DIR (a hub id, a checkpoint directory, a preset name, tiny-random)
+                             --adapter DIR (a LoRA adapter in PEFT's format: docs/training.md)
     add_media_options(p)     --image FILE [FILE ...]   --video FILE [FILE ...]
     add_plan_options(p)      --frames --sampling --pool-stride --pool-mode --newline --pool-position
                              --anyres-compat --rope-scale --allow-overflow --max-image-pixels
@@ -110,6 +111,26 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help=f"a hub id, a llava-hf / original / converted checkpoint directory, a preset name "
                         f"({', '.join(sorted(PRESETS))}), or {' / '.join(TINY_MODELS)} (built in: random "
                         f"weights, no download); default {DEFAULT_MODEL}")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a LoRA adapter in PEFT's format (adapter_config.json + adapter_model.safetensors, e.g. "
+                        "from PEFT's save_pretrained or llava-next training): merged into float weights, kept "
+                        "separate over quantized ones (docs/training.md)")
+
+
+def adapter_summary(directory: str | None) -> dict | None:
+    """What ``--adapter DIR`` adds, for the plan and ``--json``: None without one; a bad adapter is a UserError."""
+    if directory is None:
+        return None
+    from llava_next_weights.adapters import AdapterError, read_adapter
+
+    try:
+        cfg, tensors = read_adapter(directory)
+    except AdapterError as e:
+        raise UserError(str(e)) from None
+    layers = sorted({k.rsplit(".", 2)[0] for k in tensors if ".lora_" in k})
+    return {"path": str(directory), "r": cfg.r, "alpha": cfg.alpha, "use_rslora": cfg.use_rslora,
+            "target_modules": list(cfg.target_modules), "projector": cfg.projector, "vision": cfg.vision,
+            "layers": len(layers), "parameters": sum(t.numel() for t in tensors.values())}
 
 
 class _MediaList(argparse.Action):

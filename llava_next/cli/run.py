@@ -134,6 +134,9 @@ def _run(args: argparse.Namespace, user_error) -> int:
     notice = random_weights_notice(args.model)
     if notice:  # said plainly, whatever the output mode: the answer is noise
         print(f"[llava-next] {notice}", file=sys.stderr)
+    from .options import adapter_summary
+
+    adapter = adapter_summary(args.adapter)  # a bad adapter fails before loading
     pipe, load_s = _load(args, model_id, quantize, group_size)
     request = prepare_request(pipe, args, reduction, user_error)
     _say_plan(args, request, reduction)
@@ -147,6 +150,8 @@ def _run(args: argparse.Namespace, user_error) -> int:
                            pipe.model.config, args.rope_scale, options.sampling(args))
         result = {"tokens": request.tokens, "text": text, "timings": timings,
                   "plan": {**request.to_dict(), **media}, "overflow": overflow(request.plan)}
+        if adapter is not None:
+            result["adapter"] = adapter
         if notice:
             result["random_weights"], result["notice"] = True, notice
         print(json.dumps(result))
@@ -187,7 +192,7 @@ def _load(args: argparse.Namespace, model_id: str, quantize, group_size):
     progress.say("loading", f"{model_id} ({args.dtype}, {args.device}){' (built on first use)' if tiny else ''}")
     t0 = time.perf_counter()
     pipe = load_pipeline(model_id, dtype=DTYPES[args.dtype], device=args.device, cache_dir=args.cache_dir,
-                         progress=not args.quiet, quantize=quantize, group_size=group_size)
+                         progress=not args.quiet, quantize=quantize, group_size=group_size, adapter=args.adapter)
     load_s = time.perf_counter() - t0
     progress.say("loading", f"done in {load_s:.2f} s")
     pipe.progress = progress

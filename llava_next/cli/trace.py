@@ -127,6 +127,7 @@ def _check(args: argparse.Namespace, user_error):
     from . import options
 
     options.finish(args, needs_prompt=True)
+    options.adapter_summary(args.adapter)  # a bad adapter fails before any loading
     reduction = options.reduction(args)  # a bad method or value fails before any loading
     reducer = reduction.reducer if reduction is not None else None
     if reducer is not None and reducer.needs != "pooled":
@@ -160,7 +161,7 @@ def _load(args: argparse.Namespace, quantization: tuple, user_error):
         print(f"[llava-next] {notice}", file=sys.stderr)
     pipe = Pipeline.from_pretrained(model_id, dtype=DTYPES[args.dtype], device=args.device,
                                     cache_dir=args.cache_dir, progress=not (args.json or args.quiet),
-                                    quantize=quantize, group_size=group_size)
+                                    quantize=quantize, group_size=group_size, adapter=args.adapter)
     n_layers = len(pipe.model.language_model.layers)
     bad = [layer for layer in args.layers or () if not -n_layers <= layer < n_layers]
     if bad:

@@ -99,6 +99,12 @@ class LoraConfig:
         return self.projector == "lora" and _PROJECTOR_PATH.match(path) is not None
 
 
+class AdapterLinear(nn.Linear):
+    """``lora_A`` / ``lora_B``: an ``nn.Linear`` of its own type, so that ``LlavaNextModel.pack_for_cpu`` (which
+    prepacks layers whose type is exactly ``nn.Linear``) leaves adapters as they are: trainable, readable by
+    ``lora_state_dict``; the frozen base beside them may be packed."""
+
+
 class LoraLinear(nn.Module):
     """``base_layer(x) + lora_B(lora_A(dropout(x))) * scaling`` (PEFT's ``lora.Linear``, module docstring)."""
 
@@ -115,8 +121,8 @@ class LoraLinear(nn.Module):
         if dtype is None:  # the base's float dtype (PEFT moves the adapter to it); float32 over a quantized base
             floating = isinstance(base_weight, torch.Tensor) and base_weight.is_floating_point()
             dtype = base_weight.dtype if floating else torch.float32
-        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        self.lora_A = AdapterLinear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = AdapterLinear(r, self.out_features, bias=False, device=device, dtype=dtype)
         self.merged = False
         self.reset_lora_parameters()
 

@@ -10,8 +10,13 @@ Steps, in order:
 2. ``read_config``: the checkpoint's config.json, with the chat template of the preset whose hub id it is
    (a llava-hf config.json does not say which template the model was trained with; 34B: chatml).
 3. ``materialize``: the weights into a model. ``materialize_single`` (one process: built on the meta device,
-   the memory check, the mmapped weights, oneDNN-prepacked on CPU) unless the caller brings its own: the
-   tensor-parallel package shards the decoder over a device mesh and loads each rank's slices.
+   the memory check, the mmapped weights, a LoRA adapter (``adapter``), oneDNN-prepacked on CPU) unless the
+   caller brings its own: the tensor-parallel package shards the decoder over a device mesh and loads each
+   rank's slices (no adapter there).
+
+An adapter (``adapter=DIR``: PEFT's adapter_config.json + adapter_model.safetensors, llava_next_weights/adapters.py)
+is merged into the weights when the base is float (``merge_and_unload``: the model then runs as fast as one
+without an adapter), and kept beside the base layers over a quantized base (its weights are integers).
 4. ``read_tokenizer``: the checkpoint's tokenizer.json.
 
 The caller may wrap step 1 (``resolve_step``) and steps 2-4 (``load_step``): under torchrun each machine's
@@ -46,19 +51,29 @@ def _now(step: Callable[[], T]) -> T:
 
 def load(model_id_or_dir: PathLike, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
          cache_dir: PathLike | None = None, progress: bool = True, quantize: str | None = None,
-         group_size: int | None = 128, materialize: Materialize | None = None,
+         group_size: int | None = 128, adapter: PathLike | None = None, materialize: Materialize | None = None,
          pipeline_class: type[Pipeline] = Pipeline, resolve_step: Callable = _now,
          load_step: Callable = _now) -> Pipeline:
     """``model_id_or_dir`` resolved, read and loaded into ``pipeline_class`` (see the module docstring)."""
     from llava_next_weights.load import parse_dtype
 
     dtype = parse_dtype(dtype)  # a bad dtype fails before any conversion or loading
+    if adapter is not None:
+        from llava_next_weights.adapters import read_adapter
+
+        if materialize is not None:
+            raise ValueError("a LoRA adapter cannot be loaded into a model the caller materializes (tensor "
+                             "parallel); merge it into a checkpoint first, or run in one process")
+        read_adapter(adapter)  # a bad adapter fails before any conversion or loading
     path = resolve_step(lambda: resolve_checkpoint(model_id_or_dir, cache_dir=cache_dir, progress=progress,
                                                    quantize=quantize, group_size=group_size))
 
     def read_and_materialize() -> Pipeline:
         config = read_config(path, model_id_or_dir)
-        model = (materialize or materialize_single)(Path(path), config, dtype, device)
+        if materialize is not None:
+            model = materialize(Path(path), config, dtype, device)
+        else:
+            model = materialize_single(Path(path), config, dtype, device, adapter=adapter)
         return pipeline_class(model, read_tokenizer(path))
 
     return load_step(read_and_materialize)
@@ -97,9 +112,10 @@ def read_tokenizer(path: PathLike) -> Tokenizer:
 
 
 def materialize_single(path: Path, config: LlavaNextConfig, dtype: torch.dtype | None,
-                       device: str | torch.device) -> LlavaNextModel:
+                       device: str | torch.device, adapter: PathLike | None = None) -> LlavaNextModel:
     """One process's model: built on the meta device, checked against the memory available, its weights
-    mmapped (quantized where the directory is), prepacked for oneDNN on CPU."""
+    mmapped (quantized where the directory is), ``adapter`` merged in (float) or beside (quantized), prepacked
+    for oneDNN on CPU."""
     from llava_next_weights.load import load_into
     from llava_next_weights.quantize import prepare_quantized
 
@@ -112,8 +128,24 @@ def materialize_single(path: Path, config: LlavaNextConfig, dtype: torch.dtype |
         raise ValueError(f"{path} is quantized: int8 / int4 checkpoints run on CPU only (torch's int8/int4 "
                          f"CPU kernels); use --device cpu, --quantize nf4, or the float checkpoint on {device}")
     load_into(model, path, dtype=dtype, device=device)
+    if adapter is not None:
+        attach_adapter(model, adapter, merge=qc is None)
     model.pack_for_cpu()  # oneDNN-prepacked linears on CPU (same numbers, faster); a no-op elsewhere
     return model
+
+
+def attach_adapter(model: LlavaNextModel, adapter: PathLike, *, merge: bool) -> None:
+    """A PEFT-format LoRA adapter into ``model`` for inference: merged into the float weights and the wrappers
+    removed (``merge``), or kept beside quantized base layers, in the model's dtype."""
+    from llava_next_weights.adapters import load_adapter
+
+    from ..model.lora import merge_and_unload
+
+    load_adapter(model, adapter, dtype=model.dtype)
+    if merge:
+        merge_and_unload(model)
+    for p in model.parameters():  # inference: apply_lora left the adapters trainable
+        p.requires_grad_(False)
 
 
 def preset_for(model_id: PathLike):

@@ -132,17 +132,19 @@ class Pipeline:
     def from_pretrained(cls, model_id_or_dir: PathLike, *, dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu", cache_dir: PathLike | None = None,
                         progress: bool = True, quantize: str | None = None,
-                        group_size: int = 128) -> "Pipeline":
+                        group_size: int = 128, adapter: PathLike | None = None) -> "Pipeline":
         """A converted llava-next directory, a llava-hf / original checkpoint directory (converted once,
         cached), a hub id (downloaded, converted once, cached), or a built-in model ("tiny-random",
         "tiny-random-interleave", "tiny-random-onevision": runtime/tiny.py, random weights, no download). Weights are mmapped, not copied.
         ``quantize`` ("int8" / "int4" / "nf4"): the decoder's linears quantized once into the cache
         (llava_next/model/quant.py); a directory that is already quantized loads as such without it.
+        ``adapter``: a LoRA adapter directory in PEFT's format (adapter_config.json + adapter_model.safetensors),
+        merged into float weights, kept separate over quantized ones (docs/training.md).
         The steps are runtime/loading.py's, which the tensor-parallel loader shares."""
         from .loading import load
 
         return load(model_id_or_dir, dtype=dtype, device=device, cache_dir=cache_dir, progress=progress,
-                    quantize=quantize, group_size=group_size, pipeline_class=cls)
+                    quantize=quantize, group_size=group_size, adapter=adapter, pipeline_class=cls)
 
     # ---- 1. prepare -------------------------------------------------------------------------------
     def prepare(self, prompt: str, images: Sequence[PathLike | object] = (), video: PathLike | None = None, *,

@@ -242,11 +242,12 @@ def read_adapter(directory: PathLike) -> tuple[LoraConfig, dict[str, torch.Tenso
 
 
 @torch.no_grad()
-def load_adapter(model: torch.nn.Module, directory: PathLike) -> LoraConfig:
+def load_adapter(model: torch.nn.Module, directory: PathLike, *, dtype: torch.dtype | None = None) -> LoraConfig:
     """Read an adapter directory, ``apply_lora`` its config to ``model`` and copy its tensors in. Strict: a
-    layer the adapter lacks or a tensor the model lacks is an error naming it. Returns the config."""
+    layer the adapter lacks or a tensor the model lacks is an error naming it. Returns the config.
+    ``dtype``: the adapters' (default: each base weight's float dtype, float32 over a quantized base)."""
     cfg, tensors = read_adapter(directory)
-    apply_lora(model, cfg)
+    apply_lora(model, cfg, dtype=dtype)
     expected = lora_state_dict(model)
     where = Path(directory) / WEIGHTS_FILE
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
