@@ -92,15 +92,17 @@ def test_a_killed_run_resumes_to_the_same_weights(data_file, tmp_path):
         SFTRun(pipe.model, data, SFTConfig(out=str(tmp_path / "b"), steps=4, lr=1e-3, trainable="lora")).train()
 
 
-def test_llava_next_train_writes_a_peft_adapter(data_file, tmp_path, capsys):
-    """The command: two steps of LoRA on the tiny model, the adapter in PEFT's two files, loadable by
-    ``load_adapter`` into a fresh model with the trained values."""
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_llava_next_train_writes_a_peft_adapter(data_file, tmp_path, capsys, quantize):
+    """The command: two steps of LoRA on the tiny model (nf4: QLoRA, the base in NF4), the adapter in PEFT's two
+    files, loadable by ``load_adapter`` into a fresh model with the trained values."""
     from llava_next.cli.main import main
     from llava_next_weights.adapters import load_adapter
 
     cache, out = tmp_path / "cache", tmp_path / "run"
     code = main(["train", "--data", str(data_file), "--model", "tiny-random", "--out", str(out), "--steps", "2",
-                 "--frames", "2", "--lora-rank", "4", "--cache-dir", str(cache), "--quiet"])
+                 "--frames", "2", "--lora-rank", "4", "--cache-dir", str(cache), "--quiet",
+                 *(["--quantize", quantize] if quantize else [])])
     assert code in (0, None)
     adapter = Path(capsys.readouterr().out.strip().splitlines()[-1])
     assert adapter == out / "adapter" and {p.name for p in adapter.iterdir()} == {"adapter_config.json",

@@ -34,6 +34,9 @@ def add_train(sub, *, user_error) -> None:
     p.add_argument("--lora-rank", type=options.positive, default=16)
     p.add_argument("--lora-alpha", type=float, default=32.0)
     p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--quantize", choices=("nf4",), default=None,
+                   help="nf4: QLoRA, the frozen decoder in 4-bit NormalFloat (bitsandbytes' definition: "
+                        "docs/quantization.md), the adapters in float")
     p.add_argument("--frames", type=options.positive, default=8, help="frames per video (default 8)")
     p.add_argument("--steps", type=options.positive, default=None, help="optimizer steps (default: --epochs)")
     p.add_argument("--epochs", type=options.positive, default=1)
@@ -62,9 +65,15 @@ def _train(args: argparse.Namespace, user_error) -> int:
     if not data_path.is_file():
         raise user_error(f"--data {args.data}: no such file")
     pipe = load(args.model, cache_dir=args.cache_dir, progress=not args.quiet, materialize=materialize_trainable)
+    compute = pipe.model.dtype
+    if args.quantize:  # QLoRA: quantize the frozen base first, then wrap its layers in float adapters
+        from ..model.quant import QuantConfig, quantize_model
+
+        quantize_model(pipe.model, QuantConfig(args.quantize))
     if args.trainable != "projector":
         apply_lora(pipe.model, LoraConfig(r=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                                          projector="full" if "projector" in args.trainable else "frozen"))
+                                          projector="full" if "projector" in args.trainable else "frozen"),
+                   dtype=compute)
     data = TrainingData(data_path, pipe.tokenizer, pipe.config, media_root=args.media_root or data_path.parent,
                         frames=args.frames, seed=args.seed)
     summary = data.validate()  # every item, media decoded, before step 1

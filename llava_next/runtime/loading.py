@@ -130,6 +130,7 @@ def materialize_single(path: Path, config: LlavaNextConfig, dtype: torch.dtype |
     load_into(model, path, dtype=dtype, device=device)
     if adapter is not None:
         attach_adapter(model, adapter, merge=qc is None)
+    model.requires_grad_(False)  # an inference model: no graph unless a caller chooses what trains
     model.pack_for_cpu()  # oneDNN-prepacked linears on CPU (same numbers, faster); a no-op elsewhere
     return model
 
