@@ -97,7 +97,7 @@ def test_tied_head_is_the_embedding_after_loading():
 
 
 def test_greedy_generation_is_token_identical(monkeypatch):
-    monkeypatch.setenv("LLAVA_NEXT_COMPILE", "0")  # SDPA decode: no ~17 s compile for a tiny model (cpu_decode.py)
+    monkeypatch.setenv("LLAVA_NEXT_COMPILE", "0")  # SDPA decode: no ~17 s compile for a tiny model (model/engines.py, policy.py)
     hf, ours = hf_and_ours(2, tie=True, seed=3)
     x = ids(1, 12, seed=4)
     with torch.no_grad():
