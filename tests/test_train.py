@@ -108,6 +108,8 @@ def test_llava_next_train_writes_a_peft_adapter(data_file, tmp_path, capsys, qua
     assert adapter == out / "adapter" and {p.name for p in adapter.iterdir()} == {"adapter_config.json",
                                                                                  "adapter_model.safetensors"}
     assert len((out / "steps.jsonl").read_text().splitlines()) == 2
+    base = json.loads((out / "run.json").read_text())["quantized_base"]
+    assert base == (["NF4Linear"] if quantize == "nf4" else [])  # --quantize nf4 really trained on an NF4 base
     fresh = tiny(cache, lora=False)
     load_adapter(fresh.model, adapter)
     trained = {n: p for n, p in fresh.model.named_parameters() if "lora_B" in n}

@@ -173,8 +173,11 @@ class SFTRun:
 
     # ---- the output directory ----------------------------------------------------------------------------
     def _settings(self) -> dict:
+        from ..model.quant import QuantLinear
+
+        quantized = sorted({type(m).__name__ for m in self.model.modules() if isinstance(m, QuantLinear)})
         return {**dataclasses.asdict(self.cfg), "data": str(self.data.path), "items": len(self.data),
-                "trainable_names": len(self.names)}
+                "trainable_names": len(self.names), "quantized_base": quantized}  # a QLoRA run resumes as one
 
     def _start(self) -> None:
         """A fresh directory gets run.json; one of the same run is resumed; anything else is refused."""
