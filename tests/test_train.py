@@ -6,6 +6,9 @@ directory is never written over; ``llava-next train`` writes an adapter that ``a
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import av
@@ -101,10 +104,12 @@ def test_llava_next_train_writes_a_peft_adapter(data_file, tmp_path, capsys, qua
 
     cache, out = tmp_path / "cache", tmp_path / "run"
     code = main(["train", "--data", str(data_file), "--model", "tiny-random", "--out", str(out), "--steps", "2",
-                 "--frames", "2", "--lora-rank", "4", "--cache-dir", str(cache), "--quiet",
+                 "--frames", "2", "--lora-rank", "4", "--cache-dir", str(cache),
                  *(["--quantize", quantize] if quantize else [])])
     assert code in (0, None)
-    adapter = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    said = capsys.readouterr()
+    adapter = Path(said.out.strip().splitlines()[-1])
+    assert re.search(r"training: step 2/2 \[#{20}\] loss \d+\.\d{4}  [\d,]+ tokens/s  ETA 0m00s", said.err), said.err
     assert adapter == out / "adapter" and {p.name for p in adapter.iterdir()} == {"adapter_config.json",
                                                                                  "adapter_model.safetensors"}
     assert len((out / "steps.jsonl").read_text().splitlines()) == 2
@@ -114,3 +119,53 @@ def test_llava_next_train_writes_a_peft_adapter(data_file, tmp_path, capsys, qua
     load_adapter(fresh.model, adapter)
     trained = {n: p for n, p in fresh.model.named_parameters() if "lora_B" in n}
     assert trained and any(p.abs().max() > 0 for p in trained.values())  # B starts at zero: it trained
+
+
+def test_bf16_autocast_trains_float32_adapters(data_file, tmp_path):
+    """``autocast="bf16"`` (``--bf16``): the forward in bfloat16, the loss within bfloat16's precision of
+    float32's, the adapters and AdamW's moments float32 and changed by the step."""
+    losses, weights = {}, {}
+    for autocast in (None, "bf16"):
+        torch.manual_seed(0)
+        pipe = tiny(tmp_path / "cache")
+        data = TrainingData(data_file, pipe.tokenizer, pipe.config, media_root=data_file.parent, frames=2, seed=3)
+        run = SFTRun(pipe.model, data, SFTConfig(out=str(tmp_path / str(autocast)), steps=1, batch_size=2, lr=1e-3,
+                                                 trainable="lora+projector", autocast=autocast),
+                     on_step=lambda line, a=autocast: losses.__setitem__(a, line["loss"]))
+        run.train()
+        weights[autocast] = {n: p.detach().clone() for n, p in pipe.model.named_parameters() if p.requires_grad}
+        moments = [s["exp_avg"] for s in run.optimizer.state.values()]
+        assert moments and all(m.dtype == torch.float32 for m in moments)
+    assert abs(losses["bf16"] - losses[None]) < 2e-2 * losses[None]
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights["bf16"].values())
+    moved = [n for n in weights[None] if "lora_B" in n and weights["bf16"][n].abs().max() > 0]
+    assert len(moved) == sum("lora_B" in n for n in weights[None])  # every adapter got a gradient
+
+
+def test_two_processes_train_the_weights_of_one(data_file, tmp_path):
+    """``torchrun --nproc-per-node 2 llava-next train --batch-size 1`` reaches the adapter of one process with
+    ``--batch-size 2`` (the same global batch): 3 items, so rank 1's part of the second batch is empty."""
+    from safetensors.torch import load_file
+
+    from test_tensor_parallel import child_env, torchrun
+
+    three = tmp_path / "three.jsonl"
+    three.write_text("".join(data_file.read_text(encoding="utf-8").splitlines(keepends=True)[:3]), encoding="utf-8")
+
+    def command(out: str, batch: int) -> list[str]:
+        return ["-m", "llava_next.cli.main", "train", "--data", str(three), "--media-root", str(data_file.parent),
+                "--model", "tiny-random", "--out", str(tmp_path / out), "--batch-size", str(batch), "--frames", "2",
+                "--lora-rank", "4", "--lora-dropout", "0", "--lr", "1e-3", "--seed", "1", "--quiet",
+                "--cache-dir", str(tmp_path / "cache")]
+    env = child_env()
+    subprocess.run([sys.executable, *command("one", 2)], env=env, check=True, capture_output=True, timeout=600)
+    two = subprocess.run(torchrun("--standalone", "--nproc-per-node", "2", *command("two", 1)), env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    logs = [[json.loads(x) for x in (tmp_path / d / "steps.jsonl").read_text().splitlines()] for d in ("one", "two")]
+    assert [x["tokens"] for x in logs[0]] == [x["tokens"] for x in logs[1]] and len(logs[0]) == 2
+    assert all(abs(a["loss"] - b["loss"]) < 1e-5 * a["loss"] for a, b in zip(*logs)), logs
+    one, two = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("one", "two"))
+    assert one.keys() == two.keys()
+    worst = max((one[k] - two[k]).abs().max().item() for k in one)
+    assert worst < 1e-2 * 1e-3, worst  # Adam moves an entry by ~lr at first: float32 sums differ by far less

@@ -5,6 +5,9 @@
     llava-next run --model llava-hf/LLaVA-NeXT-Video-7B-hf --adapter runs/ko/adapter --video clip.mp4 "..."
 
 The same command resumes a killed run (``--out`` holds its checkpoint); another run's directory is refused.
+Under torchrun it trains data-parallel (gloo on CPU, NCCL with one GPU per process; train/sft.py):
+
+    torchrun --nproc-per-node 2 --no-python llava-next train --data train.jsonl --out runs/ko ...
 The loop, the checkpoints and the data are llava_next/train/ (sft.py, data.py); docs/training.md has the
 commands for both stages. Registered into the parser by ``llava_next.cli.main.build_parser``.
 """
@@ -44,6 +47,10 @@ def add_train(sub, *, user_error) -> None:
     p.add_argument("--batch-size", type=options.positive, default=1)
     p.add_argument("--grad-accum", type=options.positive, default=1)
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute each block in the backward")
+    p.add_argument("--bf16", action="store_true", help="mixed precision: the forward under bfloat16 autocast, "
+                                                       "weights and optimizer in float32")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one; under torchrun "
+                                                  "each process takes cuda:LOCAL_RANK)")
     p.add_argument("--save-every", type=options.positive, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=None, help="where converted checkpoints are kept")
@@ -56,7 +63,7 @@ def _train(args: argparse.Namespace, user_error) -> int:
 
     from llava_next_weights.adapters import save_adapter
 
-    from ..model.lora import LoraConfig, apply_lora
+    from ..parallel.launch import dist_env
     from ..runtime.loading import load
     from ..train.data import TrainingData
     from ..train.sft import SFTConfig, SFTRun, materialize_trainable
@@ -64,33 +71,100 @@ def _train(args: argparse.Namespace, user_error) -> int:
     data_path = Path(args.data)
     if not data_path.is_file():
         raise user_error(f"--data {args.data}: no such file")
-    pipe = load(args.model, cache_dir=args.cache_dir, progress=not args.quiet, materialize=materialize_trainable)
-    compute = pipe.model.dtype
-    if args.quantize:  # QLoRA: quantize the frozen base first, then wrap its layers in float adapters
-        from ..model.quant import QuantConfig, quantize_model
-
-        quantize_model(pipe.model, QuantConfig(args.quantize))
-    if args.trainable != "projector":
-        apply_lora(pipe.model, LoraConfig(r=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                                          projector="full" if "projector" in args.trainable else "frozen"),
-                   dtype=compute)
+    if args.adapter is not None:
+        raise user_error("--adapter: train starts a new adapter; to continue an adapter's training, resume its "
+                         "run with the same --out")
+    env = dist_env()
+    device = _device(args.device, env, user_error)
+    quiet = args.quiet or env.rank != 0
+    pipe = load(args.model, cache_dir=args.cache_dir, progress=not quiet, materialize=materialize_trainable,
+                device=device)
+    _adapt(pipe.model, args)
     data = TrainingData(data_path, pipe.tokenizer, pipe.config, media_root=args.media_root or data_path.parent,
                         frames=args.frames, seed=args.seed)
     summary = data.validate()  # every item, media decoded, before step 1
-    if not args.quiet:
+    if not quiet:
         print(f"[llava-next] {summary.items} items ({summary.images} images, {summary.videos} videos), "
               f"{summary.supervised_tokens} supervised tokens", file=sys.stderr)
     cfg = SFTConfig(out=args.out, steps=args.steps or 0, epochs=args.epochs, batch_size=args.batch_size,
                     grad_accum=args.grad_accum, lr=args.lr, trainable=args.trainable, seed=args.seed,
-                    gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every)
-    run = SFTRun(pipe.model, data, cfg, on_step=None if args.quiet else _progress)
+                    gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every,
+                    autocast="bf16" if args.bf16 else None)
+    run = SFTRun(pipe.model, data, cfg, on_step=None if quiet else StepProgress())
     out = run.train()
-    if args.trainable != "projector":
-        save_adapter(pipe.model, out / "adapter", base_model_name_or_path=str(args.model))
-    print(str(out / ("adapter" if args.trainable != "projector" else "checkpoint")))
+    if env.rank == 0:
+        if args.trainable != "projector":
+            save_adapter(pipe.model, out / "adapter", base_model_name_or_path=str(args.model))
+        print(str(out / ("adapter" if args.trainable != "projector" else "checkpoint")))
     return 0
 
 
-def _progress(line: dict) -> None:
-    print(f"[llava-next] step {line['step']}  loss {line['loss']:.4f}  {line['tokens']} tokens  "
-          f"lr {line['lr']:.2e}  {line['seconds']:.2f} s", file=sys.stderr)
+def _device(name: str | None, env, user_error) -> str:
+    """The device this process trains on; under torchrun, the process group too (before anything is loaded)."""
+    import torch
+
+    cuda = torch.cuda.is_available() if name is None else name.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise user_error(f"--device {name}: this machine has no CUDA device; use --device cpu")
+    device = (f"cuda:{env.local_rank}" if env.is_distributed else "cuda") if cuda else "cpu"
+    if env.is_distributed:
+        import datetime
+
+        import torch.distributed as dist
+
+        from ..parallel.launch import rank0_output, timeout_s
+
+        rank0_output(env)
+        if cuda:
+            torch.cuda.set_device(env.local_rank)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s()))
+    return device
+
+
+def _adapt(model, args: argparse.Namespace) -> None:
+    """QLoRA: quantize the frozen base first, then wrap its layers in float adapters (none for ``projector``),
+    initialised from ``--seed`` (the same adapter in every process and every rerun)."""
+    import torch
+
+    from ..model.lora import LoraConfig, apply_lora
+
+    compute = model.dtype
+    if args.quantize:
+        from ..model.quant import QuantConfig, quantize_model
+
+        quantize_model(model, QuantConfig(args.quantize))
+    if args.trainable != "projector":
+        torch.manual_seed(args.seed)
+        apply_lora(model, LoraConfig(r=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                                     projector="full" if "projector" in args.trainable else "frozen"), dtype=compute)
+
+
+class StepProgress:
+    """One progress line per step on stderr (rewritten in place on a terminal): the step of the total, the
+    loss, tokens/s over this process's steps so far, and the time left at that pace."""
+
+    def __init__(self) -> None:
+        from ..runtime.progress import Progress
+
+        self.progress = Progress(sys.stderr, interval=0.0)
+        self.seconds = 0.0
+        self.tokens = 0
+        self.steps = 0
+
+    def __call__(self, line: dict) -> None:
+        self.seconds += line["seconds"]
+        self.tokens += line["input_tokens"]
+        self.steps += 1
+        total, step = line["total_steps"], line["step"]
+        left = (total - step) * self.seconds / self.steps
+        width = 20
+        bar = "#" * round(width * step / total) + "-" * (width - round(width * step / total))
+        self.progress.update("training", f"step {step}/{total} [{bar}] loss {line['loss']:.4f}  "
+                                         f"{self.tokens / max(self.seconds, 1e-9):,.0f} tokens/s  "
+                                         f"ETA {_duration(left)}", final=step == total)
+
+
+def _duration(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

@@ -17,6 +17,17 @@ The output directory, written as it goes:
         optimizer.safetensors   AdamW's moments by parameter, flat; state.json: step, position, RNG, schedule
     adapter/                    at the end: the adapter in PEFT's format (llava_next_weights.adapters)
 
+Under torchrun (a process group initialised before the run: cli/train.py) the run is data-parallel with
+torch's ``DistributedDataParallel``: each of the N processes takes its ``batch_size`` items of a global
+micro-batch of N x ``batch_size`` consecutive items of the same seeded order, DDP averages the gradients
+of the trainable tensors (the frozen base is neither broadcast nor reduced), and the loss is normalised by
+the supervised tokens of the whole global step (one all-reduce of a count), so N processes reach the
+weights of one process with an N times larger ``batch_size`` (tests/test_train.py). A rank whose slice of
+the last micro-batch of an epoch is empty runs one item with its loss times zero, so every rank takes part
+in every gradient all-reduce. Rank 0 writes the directory; every rank's RNG state is in the checkpoint.
+``autocast="bf16"``: the forward runs under ``torch.autocast`` in bfloat16 over float32 weights (the
+trainable tensors and AdamW's moments stay float32: transformers' Trainer ``bf16=True``).
+
 Nothing is unpickled: tensors are safetensors, the rest JSON. After ``kill -9`` the same command resumes
 from ``checkpoint/`` and reaches the same weights as an uninterrupted run (the RNG, the schedule, the data
 position and the optimizer moments are all restored; tests/test_train.py checks it).
@@ -24,6 +35,7 @@ position and the optimizer moments are all restored; tests/test_train.py checks 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -35,6 +47,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from ..model.training import TrainingEngine, causal_lm_loss
@@ -78,6 +91,7 @@ class SFTConfig:
     seed: int = 0
     save_every: int = 50
     max_grad_norm: float = 1.0
+    autocast: Literal["bf16"] | None = None  # mixed precision over float32 weights (module docstring)
 
 
 def trainable_names(model: torch.nn.Module, what: Trainable) -> list[str]:
@@ -99,6 +113,7 @@ class SFTRun:
                  on_step: Callable[[dict], None] | None = None) -> None:
         self.model, self.data, self.cfg, self.on_step = model, data, config, on_step
         self.out = Path(config.out)
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
         self.names = trainable_names(model, config.trainable)
         params = dict(model.named_parameters())
         with torch.no_grad():
@@ -108,11 +123,12 @@ class SFTRun:
                 p.requires_grad_(name in self.names)
         self.params = [params[n] for n in self.names]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
-        per_epoch = math.ceil(len(data) / (config.batch_size * config.grad_accum))
+        per_epoch = math.ceil(len(data) / (config.batch_size * config.grad_accum * self.world))
         self.total_steps = config.steps or per_epoch * config.epochs
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.engine = TrainingEngine(checkpointing=config.gradient_checkpointing)
         self.step, self.epoch, self.index = 0, 0, 0  # the next batch: item ``index`` of epoch ``epoch``'s order
+        self.forward = _data_parallel(model, self.names) if self.world > 1 else model
 
     def _lr_factor(self, step: int) -> float:
         """Linear warmup, then cosine decay to 0 at the last step."""
@@ -128,32 +144,49 @@ class SFTRun:
         self.model.train()
         while self.step < self.total_steps:
             t0 = time.perf_counter()
-            micro = [self._next_items() for _ in range(self.cfg.grad_accum)]
-            total = sum(int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-            loss_sum = 0.0
-            for batch in micro:
-                loss = self._loss(batch, max(total, 1))
-                loss.backward()
-                loss_sum += loss.item()
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.schedule.step()
+            loss, tokens, seen = self._optimizer_step()
             self.step += 1
-            line = {"step": self.step, "epoch": self.epoch, "loss": loss_sum, "tokens": total,
-                    "lr": self.schedule.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 4)}
-            with open(self.out / "steps.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(line) + "\n")
-            if self.on_step is not None:
-                self.on_step(line)
+            line = {"step": self.step, "epoch": self.epoch, "loss": loss, "tokens": tokens, "input_tokens": seen,
+                    "lr": self.schedule.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 4),
+                    "total_steps": self.total_steps}
+            if self.rank == 0:
+                with open(self.out / "steps.jsonl", "a", encoding="utf-8") as f:
+                    f.write(json.dumps(line) + "\n")
+                if self.on_step is not None:
+                    self.on_step(line)
             if self.step % self.cfg.save_every == 0 or self.step == self.total_steps:
                 self.save_checkpoint()
         self.model.eval()
         return self.out
 
+    def _optimizer_step(self) -> tuple[float, int, int]:
+        """``grad_accum`` micro-batches, one AdamW step; the step's mean loss, its supervised tokens and all
+        the tokens it read (visual ones included), over every rank."""
+        micro = [self._next_items() for _ in range(self.cfg.grad_accum)]
+        tokens = _all_sum(sum(int(w * (b.labels[:, 1:] != IGNORE_INDEX).sum()) for b, w in micro))
+        seen = _all_sum(sum(int(w * b.attention_mask.sum()) for b, w in micro))
+        loss_sum = 0.0
+        for i, (batch, weight) in enumerate(micro):
+            last = i == len(micro) - 1
+            sync = contextlib.nullcontext() if last or self.world == 1 else self.forward.no_sync()
+            with sync:
+                # DDP averages gradients over ranks: times world, the sum over ranks / tokens
+                loss = self._loss(batch, max(tokens, 1)) * (weight * self.world)
+                loss.backward()
+            loss_sum += loss.item() / self.world
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.step()
+        return _all_sum(loss_sum), tokens, seen
+
     def _loss(self, batch, num_items: int) -> torch.Tensor:
-        logits = self.model(batch.input_ids, images=batch.images, videos=[v.pixel_values for v in batch.videos],
-                            attention_mask=batch.attention_mask, engine=self.engine)
+        device = self.params[0].device.type  # the model's; the batch is on the CPU until the model moves it
+        autocast = torch.autocast(device, dtype=torch.bfloat16) if self.cfg.autocast else contextlib.nullcontext()
+        with autocast:
+            logits = self.forward(batch.input_ids, images=batch.images,
+                                  videos=[v.pixel_values for v in batch.videos],
+                                  attention_mask=batch.attention_mask, engine=self.engine)
         return causal_lm_loss(logits, batch.labels, num_items=num_items)
 
     def _order(self, epoch: int) -> list[int]:
@@ -161,15 +194,19 @@ class SFTRun:
         return torch.randperm(len(self.data), generator=g).tolist()
 
     def _next_items(self):
-        """The next micro-batch in the run's order (epochs roll over; the last batch of an epoch may be short)."""
+        """This rank's part of the next global micro-batch (``world`` x ``batch_size`` consecutive items of the
+        run's order; epochs roll over, the last batch of an epoch may be short) and the weight of its loss: 0
+        for a rank whose part is empty, which runs the epoch's first item so that it still joins the
+        gradient all-reduce."""
         order = self._order(self.epoch)
-        idx = order[self.index:self.index + self.cfg.batch_size]
+        whole = order[self.index:self.index + self.cfg.batch_size * self.world]
+        mine = whole[self.rank * self.cfg.batch_size:(self.rank + 1) * self.cfg.batch_size]
         self.data.set_epoch(self.epoch)
-        batch = collate([self.data[i] for i in idx], pad_id(self.data.tokenizer))
-        self.index += len(idx)
+        batch = collate([self.data[i] for i in mine or order[:1]], pad_id(self.data.tokenizer))
+        self.index += len(whole)
         if self.index >= len(order):
             self.epoch, self.index = self.epoch + 1, 0
-        return batch
+        return batch, 1.0 if mine else 0.0
 
     # ---- the output directory ----------------------------------------------------------------------------
     def _settings(self) -> dict:
@@ -177,28 +214,46 @@ class SFTRun:
 
         quantized = sorted({type(m).__name__ for m in self.model.modules() if isinstance(m, QuantLinear)})
         return {**dataclasses.asdict(self.cfg), "data": str(self.data.path), "items": len(self.data),
-                "trainable_names": len(self.names), "quantized_base": quantized}  # a QLoRA run resumes as one
+                "trainable_names": len(self.names), "quantized_base": quantized,
+                "world_size": self.world}  # a QLoRA run resumes as one
 
     def _start(self) -> None:
-        """A fresh directory gets run.json; one of the same run is resumed; anything else is refused."""
-        self.out.mkdir(parents=True, exist_ok=True)
+        """A fresh directory gets run.json; one of the same run is resumed; anything else is refused (on every
+        rank at once: the ranks read the same directory, rank 0 writes it)."""
+        from ..parallel.launch import agree
+
+        resume = agree("checking the output directory", self._check_out, user_errors=(TrainError, OSError))
+        if resume:
+            self.load_checkpoint()
+        if self.rank == 0:  # every rank has looked (``agree`` gathers them all) before rank 0 writes
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "run.json").write_text(json.dumps(self._settings(), indent=1), encoding="utf-8")
+        _barrier()
+
+    def _check_out(self) -> bool:
+        """Whether ``out`` holds a checkpoint of this run to resume; a TrainError for another run's directory."""
         run_file = self.out / "run.json"
-        mine = self._settings()
         if run_file.exists():
-            theirs = json.loads(run_file.read_text(encoding="utf-8"))
+            mine, theirs = self._settings(), json.loads(run_file.read_text(encoding="utf-8"))
             differ = sorted(k for k in set(mine) | set(theirs) if k not in ("out", "steps", "epochs")
                             and mine.get(k) != theirs.get(k))
             if differ:
                 raise TrainError(f"{self.out} holds another run (different {', '.join(differ)}): give a new --out, "
                                  f"or the same settings to resume it")
-            if (self.out / "checkpoint" / "state.json").exists():
-                self.load_checkpoint()
-        elif any(self.out.iterdir()):
+            return (self.out / "checkpoint" / "state.json").exists()
+        if self.out.exists() and any(self.out.iterdir()):
             raise TrainError(f"{self.out} is not empty and holds no run.json: give an empty or new --out")
-        run_file.write_text(json.dumps(mine, indent=1), encoding="utf-8")
+        return False
 
     def save_checkpoint(self) -> None:
-        """Write ``checkpoint/`` atomically: a complete temporary directory renamed over the old one."""
+        """Write ``checkpoint/`` atomically: a complete temporary directory renamed over the old one (rank 0,
+        with every rank's RNG state)."""
+        rng = _all_gather_rng()
+        if self.rank == 0:
+            self._write_checkpoint(rng)
+        _barrier()
+
+    def _write_checkpoint(self, rng: list[torch.Tensor]) -> None:
         tmp, final = self.out / "checkpoint.tmp", self.out / "checkpoint"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -212,7 +267,7 @@ class SFTRun:
                     moments[f"{n}:{key}"] = st[key].detach().reshape(-1).contiguous() if key != "step" else \
                         st[key].detach().reshape(1).float()
         save_file(moments, tmp / "optimizer.safetensors")
-        save_file({"torch": torch.get_rng_state()}, tmp / "rng.safetensors")
+        save_file({"torch" if r == 0 else f"torch.rank{r}": t for r, t in enumerate(rng)}, tmp / "rng.safetensors")
         state = {"step": self.step, "epoch": self.epoch, "index": self.index,
                  "schedule": self.schedule.state_dict()}
         (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
@@ -239,11 +294,53 @@ class SFTRun:
         self.schedule.load_state_dict(state["schedule"])
         for group, lr in zip(self.optimizer.param_groups, self.schedule.get_last_lr()):
             group["lr"] = lr  # the scheduler's state does not set the optimizer's current rate
-        torch.set_rng_state(load_file(ckpt / "rng.safetensors")["torch"])
+        torch.set_rng_state(load_file(ckpt / "rng.safetensors")["torch" if self.rank == 0 else f"torch.rank{self.rank}"])
         self.step, self.epoch, self.index = state["step"], state["epoch"], state["index"]
         # steps.jsonl may hold lines past the checkpoint (a kill between a step and its save): drop them
         log = self.out / "steps.jsonl"
-        if log.exists():
+        if log.exists() and self.rank == 0:
             kept = [line for line in log.read_text(encoding="utf-8").splitlines()
                     if line and json.loads(line)["step"] <= self.step]
             log.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+# ---- data parallel (torchrun) ----------------------------------------------------------------------------
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def _all_sum(value: float | int) -> float | int:
+    """``value`` summed over the ranks (itself in one process)."""
+    if not _distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return type(value)(t.item())
+
+
+def _all_gather_rng() -> list[torch.Tensor]:
+    """Every rank's CPU RNG state, in rank order (rank 0 writes them all into the checkpoint)."""
+    state = torch.get_rng_state()
+    if not _distributed():
+        return [state]
+    states = [torch.empty_like(state) for _ in range(dist.get_world_size())]
+    dist.all_gather(states, state)
+    return states
+
+
+def _data_parallel(model: torch.nn.Module, trainable: list[str]) -> torch.nn.Module:
+    """``model`` in ``DistributedDataParallel``, which broadcasts and all-reduces the trainable tensors only
+    (the frozen base, float or NF4 buffers, is the same on every rank already: read from one checkpoint)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    keep = set(trainable)
+    ignored = [n for n, _ in model.named_parameters() if n not in keep] + [n for n, _ in model.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    device = next(iter(model.parameters())).device
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                   find_unused_parameters=True)  # a batch without images leaves the projector out
