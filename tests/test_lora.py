@@ -39,6 +39,7 @@ DECODER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 PEFT_ALL = (r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
             r"|model\.vision_tower\.encoder\.layers\.[01]\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])"
             r"|model\.multi_modal_projector\.linear_[12]")
+PEFT_HEAD = PEFT_ALL + r"|lm_head"  # ... and the output layer (target "lm_head")
 PEFT_DECODER = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
 
@@ -80,8 +81,9 @@ def peft_model(hf, target_modules: str, modules_to_save=None, r: int = 4, alpha:
 
 
 def peft_adapter(pm) -> dict[str, torch.Tensor]:
-    """PEFT's own adapter state (its saved names)."""
-    return peft.get_peft_model_state_dict(pm)
+    """PEFT's own adapter state (its saved names), less the copy of a targeted lm_head's base weight it adds
+    (``save_embedding_layers="auto"``; load_adapter leaves it out: test_peft_key_names)."""
+    return {k: v for k, v in peft.get_peft_model_state_dict(pm).items() if k != "base_model.model.lm_head.base_layer.weight"}
 
 
 def copy_from_peft(ours: LlavaNextModel, pm) -> None:
@@ -105,8 +107,9 @@ def test_peft_key_names(tiny):
     """PEFT's saved names for llava-hf under transformers 5, as get_peft_model + get_peft_model_state_dict
     produce them, and our mapping in both directions."""
     _, hf, _ = tiny
-    keys = set(peft_adapter(peft_model(hf, PEFT_ALL, modules_to_save=None)))
+    keys = set(peft_adapter(peft_model(hf, PEFT_HEAD, modules_to_save=None)))
     for key in ("base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight",
+                "base_model.model.lm_head.lora_B.weight",
                 "base_model.model.model.language_model.layers.1.mlp.down_proj.lora_B.weight",
                 "base_model.model.model.vision_tower.encoder.layers.0.self_attn.out_proj.lora_A.weight",
                 "base_model.model.model.vision_tower.encoder.layers.1.mlp.fc2.lora_B.weight",
@@ -114,6 +117,8 @@ def test_peft_key_names(tiny):
         assert key in keys
     for key in keys:
         assert to_peft_key(from_peft_key(key)) == key
+    with_copy = peft.get_peft_model_state_dict(peft_model(hf, PEFT_HEAD, modules_to_save=None))
+    assert set(with_copy) - keys == {"base_model.model.lm_head.base_layer.weight"}  # PEFT saves lm_head's base too
     assert from_peft_key("base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight") == \
         "language_model.layers.0.self_attn.q_proj.lora_A.weight"
     full = set(peft_adapter(peft_model(hf, PEFT_DECODER, modules_to_save=["multi_modal_projector"])))
@@ -159,12 +164,12 @@ def test_apply_lora_freezes_all_but_the_adapter(tiny):
 
 # ---- parity with PEFT ------------------------------------------------------------------------------
 def test_forward_equals_peft(tiny, image_inputs):
-    """Decoder + vision tower + projector LoRA, a real photo: logits equal PEFT's LoraModel's."""
+    """Decoder + lm_head + vision tower + projector LoRA, a real photo: logits equal PEFT's LoraModel's."""
     directory, hf, _ = tiny
     ids, mine, theirs = image_inputs
-    pm = peft_model(hf, PEFT_ALL, r=4, alpha=8)
+    pm = peft_model(hf, PEFT_HEAD, r=4, alpha=8)
     ours = ours_model(directory)
-    apply_lora(ours, LoraConfig(r=4, alpha=8, projector="lora", vision="lora"))
+    apply_lora(ours, LoraConfig(r=4, alpha=8, projector="lora", vision="lora", target_modules=(*DECODER, "lm_head")))
     copy_from_peft(ours, pm)
     with torch.no_grad():
         ref = pm(input_ids=ids, **theirs).logits
@@ -224,14 +229,15 @@ def test_adapter_saved_here_loads_in_peft(tiny, image_inputs, tmp_path):
 
 
 def test_adapter_saved_by_peft_loads_here(tiny, image_inputs, tmp_path):
-    """PEFT's save_pretrained -> load_adapter: the same logits (decoder + vision tower + projector LoRA)."""
+    """PEFT's save_pretrained -> load_adapter: the same logits (decoder + lm_head + vision tower + projector LoRA)."""
     directory, hf, _ = tiny
     ids, mine, theirs = image_inputs
-    pm = peft_model(hf, PEFT_ALL, r=4, alpha=16)
+    pm = peft_model(hf, PEFT_HEAD, r=4, alpha=16)
     pm.save_pretrained(tmp_path / "peft")
     ours = ours_model(directory)
     cfg = load_adapter(ours, tmp_path / "peft")
     assert (cfg.r, cfg.alpha, cfg.projector, cfg.vision) == (4, 16, "lora", "lora")
+    assert cfg.target_modules == (*DECODER, "lm_head")
     with torch.no_grad():
         ref = pm(input_ids=ids, **theirs).logits
         out = ours(ids, **mine)

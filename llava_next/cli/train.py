@@ -37,10 +37,16 @@ def add_train(sub, *, user_error) -> None:
     p.add_argument("--lora-rank", type=options.positive, default=16)
     p.add_argument("--lora-alpha", type=float, default=32.0)
     p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--lora-targets", default=None, metavar="NAMES",
+                   help="comma-separated decoder layers to adapt (default q_proj,k_proj,v_proj,o_proj,gate_proj,"
+                        "up_proj,down_proj); add lm_head to adapt the output layer too (PEFT's target_modules)")
     p.add_argument("--quantize", choices=("nf4",), default=None,
                    help="nf4: QLoRA, the frozen decoder in 4-bit NormalFloat (bitsandbytes' definition: "
                         "docs/quantization.md), the adapters in float")
     p.add_argument("--frames", type=options.positive, default=8, help="frames per video (default 8)")
+    p.add_argument("--frame-sampling", choices=("random", "uniform"), default="random",
+                   help="random (default): one frame drawn from each of --frames segments, new each epoch, the "
+                        "same in every rerun; uniform: evenly spaced, as the original LLaVA-NeXT and llava-next run")
     p.add_argument("--steps", type=options.positive, default=None, help="optimizer steps (default: --epochs)")
     p.add_argument("--epochs", type=options.positive, default=1)
     p.add_argument("--lr", type=float, default=2e-4)
@@ -79,9 +85,9 @@ def _train(args: argparse.Namespace, user_error) -> int:
     quiet = args.quiet or env.rank != 0
     pipe = load(args.model, cache_dir=args.cache_dir, progress=not quiet, materialize=materialize_trainable,
                 device=device)
-    _adapt(pipe.model, args)
+    _adapt(pipe.model, args, user_error)
     data = TrainingData(data_path, pipe.tokenizer, pipe.config, media_root=args.media_root or data_path.parent,
-                        frames=args.frames, seed=args.seed)
+                        frames=args.frames, seed=args.seed, frame_sampling=args.frame_sampling)
     summary = data.validate()  # every item, media decoded, before step 1
     if not quiet:
         print(f"[llava-next] {summary.items} items ({summary.images} images, {summary.videos} videos), "
@@ -122,12 +128,12 @@ def _device(name: str | None, env, user_error) -> str:
     return device
 
 
-def _adapt(model, args: argparse.Namespace) -> None:
+def _adapt(model, args: argparse.Namespace, user_error) -> None:
     """QLoRA: quantize the frozen base first, then wrap its layers in float adapters (none for ``projector``),
     initialised from ``--seed`` (the same adapter in every process and every rerun)."""
     import torch
 
-    from ..model.lora import LoraConfig, apply_lora
+    from ..model.lora import DECODER_TARGETS, LoraConfig, LoraError, apply_lora
 
     compute = model.dtype
     if args.quantize:
@@ -136,8 +142,14 @@ def _adapt(model, args: argparse.Namespace) -> None:
         quantize_model(model, QuantConfig(args.quantize))
     if args.trainable != "projector":
         torch.manual_seed(args.seed)
-        apply_lora(model, LoraConfig(r=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                                     projector="full" if "projector" in args.trainable else "frozen"), dtype=compute)
+        try:
+            cfg = LoraConfig(r=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                             target_modules=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+                             if args.lora_targets else DECODER_TARGETS,
+                             projector="full" if "projector" in args.trainable else "frozen")
+            apply_lora(model, cfg, dtype=compute)
+        except LoraError as e:
+            raise user_error(f"--lora-targets / --lora-rank / --lora-alpha / --lora-dropout: {e}") from None
 
 
 class StepProgress:

@@ -26,7 +26,9 @@ One wrapped layer (``LoraLinear``), as PEFT's ``lora.Linear`` (peft 0.18, peft/t
 (model/quant.py) or a prepacked one; merging needs a float ``weight`` (a quantized base keeps its adapter
 separate). Targets are named by the module tree (model/keymaps.py, "llava-next's layout"): decoder
 ``language_model.layers.{i}.self_attn.{q,k,v,o}_proj`` and ``.mlp.{gate,up,down}_proj``; vision tower
-``vision_tower.layers.{i}.self_attn.{q,k,v,out}_proj`` and ``.mlp.fc{1,2}``; ``projector.linear_{1,2}``.
+``vision_tower.layers.{i}.self_attn.{q,k,v,out}_proj`` and ``.mlp.fc{1,2}``; ``projector.linear_{1,2}``; and,
+when ``target_modules`` names it (never by default), the decoder's output layer ``language_model.lm_head``
+(PEFT's "lm_head"; not on a model whose lm_head is tied to its embeddings).
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ import torch
 from torch import nn
 
 DECODER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# what target_modules may name: the decoder's linears and its output layer (PEFT's "lm_head" target, e.g. to
+# teach a model a new script's tokens); lm_head is never a default target
+TEXT_TARGETS = DECODER_TARGETS + ("lm_head",)
 VISION_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 # module path templates of every layer LoRA can wrap ({} = a layer index, {n} = a leaf name)
 _DECODER_PATH = re.compile(r"^language_model\.layers\.\d+\.(?:self_attn|mlp)\.(\w+)$")
@@ -75,7 +80,7 @@ class LoraConfig:
             raise LoraError(f"LoRA alpha must be a finite number, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise LoraError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
-        for name, given, allowed in (("target_modules", self.target_modules, DECODER_TARGETS),
+        for name, given, allowed in (("target_modules", self.target_modules, TEXT_TARGETS),
                                      ("vision_target_modules", self.vision_target_modules, VISION_TARGETS)):
             bad = [t for t in given if t not in allowed]
             if bad or isinstance(given, str):
@@ -94,6 +99,8 @@ class LoraConfig:
         """True when the module at ``path`` (llava-next's names) is one this config wraps."""
         if m := _DECODER_PATH.match(path):
             return m.group(1) in self.target_modules
+        if path == "language_model.lm_head":
+            return "lm_head" in self.target_modules
         if m := _VISION_PATH.match(path):
             return self.vision == "lora" and m.group(1) in self.vision_target_modules
         return self.projector == "lora" and _PROJECTOR_PATH.match(path) is not None
@@ -190,6 +197,9 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, *, dtype: torch.dtype | None =
     slots = [name for name, _ in model.named_modules() if cfg.targets(name)]
     if not slots:
         raise LoraError(f"no layer of {type(model).__name__} matches the LoRA targets {list(cfg.target_modules)}")
+    if "language_model.lm_head" in slots and not isinstance(model.get_submodule("language_model.lm_head"), nn.Linear):
+        raise LoraError("LoRA target lm_head: this model ties lm_head to embed_tokens (tie_word_embeddings), so "
+                        "it has no output layer of its own to adapt; leave lm_head out of the targets")
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = {}

@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llava_next.model.keymaps import UnmappedKeyError, map_key, source_key
-from llava_next.model.lora import (DECODER_TARGETS, VISION_TARGETS, LoraConfig, LoraError, apply_lora,
+from llava_next.model.lora import (TEXT_TARGETS, VISION_TARGETS, LoraConfig, LoraError, apply_lora,
                                    lora_layers, lora_state_dict)
 from llava_next_weights.load import LoadError, check_safetensors, read_json, safetensors_errors
 
@@ -48,6 +48,9 @@ PICKLE_FILE = "adapter_model.bin"
 PREFIX = "base_model.model."  # PeftModel -> LoraModel (base_model) -> the wrapped transformers model (model)
 PROJECTOR = "multi_modal_projector"  # the llava-hf module a "full" projector is saved as (modules_to_save)
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)\.weight$")
+# PEFT saves a LoRA-targeted lm_head's frozen base weight beside its adapter (get_peft_model_state_dict's
+# save_embedding_layers="auto"): a copy of the base model's own weight, which loading leaves out
+_BASE_COPY = re.compile(r"^base_model\.model\.lm_head\.base_layer\.weight$")
 
 PathLike = str | os.PathLike
 
@@ -208,6 +211,8 @@ def read_adapter(directory: PathLike) -> tuple[LoraConfig, dict[str, torch.Tenso
     fields = read_config(directory)
     ours = {}
     for key, tensor in read_tensors(directory).items():
+        if _BASE_COPY.match(key):
+            continue
         try:
             ours[from_peft_key(key)] = tensor
         except UnmappedKeyError as e:
@@ -234,7 +239,7 @@ def read_adapter(directory: PathLike) -> tuple[LoraConfig, dict[str, torch.Tenso
     if projector and full:
         raise AdapterError(f"{directory / WEIGHTS_FILE}: the projector is both LoRA-adapted and fully saved")
     cfg = LoraConfig(r=fields["r"], alpha=fields["alpha"], dropout=fields["dropout"], use_rslora=fields["use_rslora"],
-                     target_modules=tuple(t for t in DECODER_TARGETS if t in decoder),
+                     target_modules=tuple(t for t in TEXT_TARGETS if t in decoder),
                      vision_target_modules=tuple(t for t in VISION_TARGETS if t in vision),
                      vision="lora" if vision else "frozen",
                      projector="full" if full else "lora" if projector else "frozen")
