@@ -41,6 +41,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .decoder import TiedLMHead
+
 DECODER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # what target_modules may name: the decoder's linears and its output layer (PEFT's "lm_head" target, e.g. to
 # teach a model a new script's tokens); lm_head is never a default target
@@ -197,7 +199,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, *, dtype: torch.dtype | None =
     slots = [name for name, _ in model.named_modules() if cfg.targets(name)]
     if not slots:
         raise LoraError(f"no layer of {type(model).__name__} matches the LoRA targets {list(cfg.target_modules)}")
-    if "language_model.lm_head" in slots and not isinstance(model.get_submodule("language_model.lm_head"), nn.Linear):
+    if "language_model.lm_head" in slots and isinstance(model.get_submodule("language_model.lm_head"), TiedLMHead):
         raise LoraError("LoRA target lm_head: this model ties lm_head to embed_tokens (tie_word_embeddings), so "
                         "it has no output layer of its own to adapt; leave lm_head out of the targets")
     for p in model.parameters():
