@@ -7,7 +7,8 @@ Commands
 - ``inspect``: the token plan of images and/or videos, without weights — AnyRes canvas, tiles, unpadded
   features and newlines per image; sampled frames, timestamps and pooled tokens per frame for a video;
   and whether the prompt fits the RoPE context with which factor. ``--json`` for scripts, ``--png`` for
-  a picture of the plan.
+  a picture of the plan. ``inspect --train-memory GIB``: instead, the memory a LoRA fine-tuning step needs
+  (llava_next/train/memory.py) and the most frames that fit a device of GIB GiB.
 
 Adding a command: write ``_add_NAME(subparsers)`` that builds its parser and calls
 ``parser.set_defaults(func=_NAME)``, where ``_NAME(args) -> int`` returns the exit code, and call it
