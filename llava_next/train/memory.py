@@ -34,7 +34,7 @@ decoder's width, I its MLP width, s the compute dtype's bytes, a the adapters':
   before the decoder: its features and one chunk's activations, never at the same time as the decoder's.
 
 The gradients of a block's activations while its backward runs are not a term: the block's saved tensors are
-freed as its backward goes, faster than gradients appear (measured: within the 15% the tests allow, above).
+freed as its backward goes, faster than gradients appear (the measured peaks below show it).
 The peak is the states (weights, adapter, gradients, AdamW; the gradients counted whole, an upper bound) plus
 the largest of: everything saved + the logits' gradients (or lm_head dequantizing), everything saved + one block
 recomputed (+ its largest linear dequantizing), the vision forward. A device "fits" a setting when the peak is
@@ -42,7 +42,7 @@ at most 90% of its memory (the rest: the CUDA context, the allocator's fragmenta
 
 Measured against a real step (tests/test_train_memory.py, a decoder of the 7B's proportions scaled down, CPU):
 the saved bytes equal ``saved_tensors_hooks``' count within 2% (to the byte but for a scalar), the weights,
-adapter, gradient and AdamW bytes exactly, the peak of live tensors within 15% (the planner above it).
+adapter, gradient and AdamW bytes exactly; the measured peak of live tensors is 3-14% below the plan, never above.
 On CUDA the same tensors are saved (SDPA's memory-efficient kernel keeps q, k, v, output, log-sum-exp and the
 additive mask; the flash kernel takes no mask), but dropout keeps a 1-byte mask where CPU keeps one in the
 input's dtype (the planner counts the larger).
@@ -88,10 +88,11 @@ class TrainSetting:
     attention_mask: bool = True  # collate always passes one: SDPA keeps an additive (T, T) mask per block
 
     def __post_init__(self) -> None:
-        for name in ("frames", "text_tokens", "lora_rank", "batch"):
+        for name, least in (("frames", 0), ("text_tokens", 0), ("lora_rank", 1), ("batch", 1)):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < (0 if name in ("frames", "text_tokens") else 1):
-                raise TrainMemoryError(f"TrainSetting.{name} must be a{' non-negative' if name in ('frames', 'text_tokens') else ' positive'} integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise TrainMemoryError(f"TrainSetting.{name} must be a {'non-negative' if least == 0 else 'positive'} "
+                                       f"integer, got {value!r}")
         if self.quantize not in (None, "int8", "nf4"):
             raise TrainMemoryError(f"TrainSetting.quantize must be None, 'int8' or 'nf4', got {self.quantize!r}")
         bad = [t for t in self.targets if t not in DECODER_TARGETS]
@@ -111,6 +112,9 @@ def _size(dtype: torch.dtype) -> int:
 def tokens(config: LlavaNextConfig, setting: TrainSetting) -> int:
     """Positions of one item: the video's visual tokens (pooled, newlines included) + the text."""
     return (video_tokens(setting.frames, config) if setting.frames else 0) + setting.text_tokens
+
+
+_INPUT_GROUP = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "mlp", "up_proj": "mlp"}  # one input
 
 
 def _linears(config: LlavaNextConfig) -> dict[str, tuple[int, int]]:
@@ -158,7 +162,7 @@ def block_saved_bytes(config: LlavaNextConfig, setting: TrainSetting, n_tokens: 
             total += n * k * s  # the dequantized weight the input's gradient needs
         if name not in setting.targets:
             continue
-        group = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "mlp", "up_proj": "mlp"}.get(name, name)
+        group = _INPUT_GROUP.get(name, name)
         if setting.dropout > 0:  # the dropped input (lora_A's) and the mask (in the input's dtype on CPU)
             total += N * k * a + (N * k * a if grad_in else 0)
         elif a != s:
