@@ -8,6 +8,7 @@ counting every storage an op creates until it is freed), and the parameter / gra
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import weakref
 from dataclasses import replace
@@ -39,9 +40,9 @@ CFG = LlavaNextConfig(
 FRAMES, TEXT = 8, 200  # 8 x 16 pooled tokens + 200 text tokens = 328 positions
 
 
-def build(setting: TrainSetting) -> LlavaNextModel:
+def build(setting: TrainSetting, cfg: LlavaNextConfig = CFG) -> LlavaNextModel:
     torch.manual_seed(0)
-    model = LlavaNextModel(CFG).to(setting.dtype)
+    model = LlavaNextModel(cfg).to(setting.dtype)
     for p in model.parameters():
         p.requires_grad_(False)
     if setting.quantize:
@@ -68,9 +69,9 @@ def step_loss(model, setting: TrainSetting, ids, videos) -> torch.Tensor:
     return causal_lm_loss(logits, ids)
 
 
-def saved_bytes(setting: TrainSetting) -> int:
+def saved_bytes(setting: TrainSetting, cfg: LlavaNextConfig = CFG) -> int:
     """Unique storages autograd keeps for the backward of one forward + loss (the model's own tensors left out)."""
-    model = build(setting)
+    model = build(setting, cfg)
     own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     seen: dict[int, int] = {}
 
@@ -157,6 +158,15 @@ def test_saved_for_backward_is_what_autograd_saves(setting):
     assert abs(plan.saved - got) <= SAVED_TOLERANCE * got, (plan.saved, got)
 
 
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_saved_for_backward_with_grouped_query_attention_and_a_tied_head(quantize):
+    """Qwen-style: 2 KV heads for 4 query heads (SDPA keeps K and V unrepeated), lm_head tied to the embedding."""
+    cfg = CFG.replace(text=dataclasses.replace(CFG.text, num_kv_heads=2, tie_word_embeddings=True))
+    setting = TrainSetting(frames=FRAMES, text_tokens=TEXT, quantize=quantize)
+    got, plan = saved_bytes(setting, cfg), training_memory(cfg, setting)
+    assert abs(plan.saved - got) <= SAVED_TOLERANCE * got, (plan.saved, got)
+
+
 @pytest.mark.parametrize("setting", SETTINGS, ids=_id)
 def test_states_and_peak_match_a_real_adamw_step(setting):
     plan = training_memory(CFG, setting)
@@ -188,6 +198,8 @@ def test_bad_settings_are_clear_errors():
         TrainSetting(quantize="int4")
     with pytest.raises(TrainMemoryError, match="targets"):
         TrainSetting(targets=("fc1",))
+    with pytest.raises(TrainMemoryError, match="projector must be 'frozen' or 'full'"):
+        TrainSetting(projector="lora")
 
 
 def test_docs_training_table_is_the_planners():

@@ -93,6 +93,11 @@ class TrainSetting:
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise TrainMemoryError(f"TrainSetting.{name} must be a {'non-negative' if least == 0 else 'positive'} "
                                        f"integer, got {value!r}")
+        if self.projector not in ("frozen", "full"):
+            raise TrainMemoryError(f"TrainSetting.projector must be 'frozen' or 'full', got {self.projector!r} "
+                                   f"(the planner covers decoder LoRA and a fully trained projector)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise TrainMemoryError(f"TrainSetting.dropout must be in [0, 1), got {self.dropout!r}")
         if self.quantize not in (None, "int8", "nf4"):
             raise TrainMemoryError(f"TrainSetting.quantize must be None, 'int8' or 'nf4', got {self.quantize!r}")
         bad = [t for t in self.targets if t not in DECODER_TARGETS]
@@ -182,7 +187,7 @@ def head_saved_bytes(config: LlavaNextConfig, setting: TrainSetting, n_tokens: i
     total = N * t.hidden_size * 4 + N * 4 + N * t.vocab_size * 4 + N * 8
     if not setting.checkpointing:
         total += 2 * N * t.head_dim * s
-    if setting.quantize == "int8":
+    if setting.quantize == "int8" and not t.tie_word_embeddings:  # a tied head is the float embedding
         total += t.vocab_size * t.hidden_size * s
     return total
 
