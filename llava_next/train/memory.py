@@ -289,8 +289,8 @@ def training_memory(config: LlavaNextConfig, setting: TrainSetting = TrainSettin
 
 def largest_frames(config: LlavaNextConfig, memory_bytes: int, setting: TrainSetting = TrainSetting(),
                    usable: float = USABLE) -> int:
-    """The most video frames per item whose step fits ``usable`` x ``memory_bytes`` (0: not even a text-only
-    item; capped by the RoPE context: the frames must fit the model's positions)."""
+    """The most video frames per item whose step fits ``usable`` x ``memory_bytes`` (0: not even one frame;
+    capped by the RoPE context: the frames must fit the model's positions)."""
     per_frame = video_tokens(1, config)
     limit = max(0, (config.text.max_scaled_positions - setting.text_tokens) // per_frame)
     budget = usable * memory_bytes
