@@ -66,6 +66,8 @@ def _probes(media: dict) -> dict:
         "--max-new-tokens": [["3"]],
         ("inspect", "--max-new-tokens"): [["500"]],
         "--text-tokens": [["700"]],
+        ("inspect", "--train-memory"): [["24"]],  # with media: refused; its answers: test_train_memory.py
+        ("inspect", "--lora-rank"): [["8"]],  # without --train-memory: refused; with it: test_train_memory.py
         "--temperature": [["0.5"]],
         "--top-p": [["0.3"]],
         "--seed": [["7"]],

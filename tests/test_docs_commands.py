@@ -159,12 +159,13 @@ def collect_commands() -> list[Command]:
                         if part.startswith("llava-next ") or (" llava-next " in part and "torchrun" in part):
                             commands.append(Command(path.name, n, part))
             elif lang == "":
+                current = None  # a command's documented output is the rest of its own block
                 for n, line in _logical_lines(body, first):
                     if line.startswith("$ llava-next "):
-                        commands.append(Command(path.name, n, line[2:], output=[]))
-                    elif commands and commands[-1].output is not None and commands[-1].doc == path.name \
-                            and not line.startswith("$ "):
-                        commands[-1].output.append(line)
+                        current = Command(path.name, n, line[2:], output=[])
+                        commands.append(current)
+                    elif current is not None and not line.startswith("$ "):
+                        current.output.append(line)
         for m in re.finditer(r"`(llava-next (?:run|inspect|trace|convert|batch) [^`]+)`", text):
             commands.append(Command(path.name, text.count("\n", 0, m.start()) + 1, m.group(1)))
     return commands

@@ -7,7 +7,8 @@ Commands
 - ``inspect``: the token plan of images and/or videos, without weights — AnyRes canvas, tiles, unpadded
   features and newlines per image; sampled frames, timestamps and pooled tokens per frame for a video;
   and whether the prompt fits the RoPE context with which factor. ``--json`` for scripts, ``--png`` for
-  a picture of the plan.
+  a picture of the plan. ``inspect --train-memory GIB``: instead, the memory a LoRA fine-tuning step needs
+  (llava_next/train/memory.py) and the most frames that fit a device of GIB GiB.
 
 Adding a command: write ``_add_NAME(subparsers)`` that builds its parser and calls
 ``parser.set_defaults(func=_NAME)``, where ``_NAME(args) -> int`` returns the exit code, and call it
@@ -28,6 +29,7 @@ moment: ``main`` wraps the heavy imports too); 141 stdout was closed by its read
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -64,10 +66,31 @@ def _add_inspect(sub) -> None:
                         "answer's --max-new-tokens (default 256, as run) are counted on top")
     options.add_output_options(p, what="the plan", quiet=False)  # inspect writes nothing to stderr
     p.add_argument("--png", metavar="OUT", help="draw the plan into a PNG file (images, or one video)")
+    g = p.add_argument_group("training memory (docs/training.md, 'Memory: what fits')")
+    g.add_argument("--train-memory", type=_memory_gib, default=None, metavar="GIB",
+                   help="plan a LoRA fine-tuning step for a device of GIB GiB instead of media: the most video frames "
+                        "per item that fit with a bf16, int8 or nf4 base, with and without gradient checkpointing, "
+                        "and the breakdown at --frames (default 8) and --text-tokens (default 128)")
+    g.add_argument("--lora-rank", type=options.positive, default=None,
+                   help="with --train-memory: the LoRA rank on the decoder's q/k/v/o/gate/up/down (default 16)")
     p.set_defaults(func=_inspect, _parser=p)
 
 
+def _memory_gib(value: str) -> float:
+    try:
+        gib = float(value)
+    except ValueError:
+        gib = float("nan")
+    if not 0 < gib < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a memory size in GiB (e.g. 24), got {value!r}")
+    return gib
+
+
 def _inspect(args: argparse.Namespace) -> int:
+    if args.train_memory is not None:
+        return _inspect_training(args)
+    if args.lora_rank is not None:
+        raise UserError("--lora-rank: the rank of a planned training step; add --train-memory GIB")
     if not args.image and not args.video:
         args._parser.error("give at least one --image or --video")
     options.finish(args)
@@ -108,6 +131,59 @@ def _inspect(args: argparse.Namespace) -> int:
         print(_format(report))
         if args.png:
             print(f"plan drawn to {args.png}")
+    return 0
+
+
+_NOT_FOR_TRAINING = ("image", "video", "prompt", "prompt_option", "png", "adapter", "select_frames", "reduce",
+                     "template", "max_new_tokens", "sampling", "max_image_pixels", "allow_overflow")
+
+
+def _inspect_training(args: argparse.Namespace) -> int:
+    """``inspect --train-memory GIB``: the training memory planner (llava_next/train/memory.py) for one device."""
+    from ..runtime.pipeline import with_overrides
+    from ..train.memory import (TEXT_TOKENS, TrainSetting, context_frames, format_plan, largest_frames,
+                                training_memory)
+
+    given = [f"--{n.replace('_option', '').replace('_', '-')}" for n in _NOT_FOR_TRAINING if getattr(args, n, None)]
+    given += ["--rope-scale"] * (args.rope_scale != "config")
+    if given:
+        raise UserError(f"{', '.join(given)}: --train-memory plans a training step from the model's config alone "
+                        f"(--frames, --text-tokens, --lora-rank and the pooling switches set it); drop them")
+    if args.preset is not None and args.model != options.DEFAULT_MODEL:
+        raise UserError(f"--preset {args.preset} and --model {args.model}: give one")
+    model = args.preset or args.model
+    config, preset = options.model_config(model)
+    try:
+        config = with_overrides(config, **options.plan_overrides(args))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    text = TEXT_TOKENS if args.text_tokens is None else args.text_tokens
+    if text < 0:
+        raise UserError(f"--text-tokens must be >= 0, got {text}")
+    base = TrainSetting(frames=args.frames or 8, text_tokens=text, lora_rank=args.lora_rank or 16)
+    if base.frames > context_frames(config, base):
+        raise UserError(f"--frames {base.frames}: {model}'s context holds at most "
+                        f"{context_frames(config, base)} frames beside {text} text tokens")
+    memory = int(args.train_memory * 2**30)
+    settings = [dataclasses.replace(base, quantize=q, checkpointing=c)
+                for q in (None, "int8", "nf4") for c in (False, True)]
+    plans = [training_memory(config, s) for s in settings]
+    most = [largest_frames(config, memory, s) for s in settings]
+    report = {"model": model, "preset": preset, "memory_gib": args.train_memory, "frames": base.frames,
+              "tokens": plans[0].tokens, "text_tokens": text, "lora_rank": base.lora_rank,
+              "context_frames": context_frames(config, base),
+              "settings": [{"base": s.base_name, "checkpointing": s.checkpointing, "largest_frames": n,
+                            "fits": p.peak_bytes <= 0.9 * memory, **p.to_dict()}
+                           for s, p, n in zip(settings, plans, most)]}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{model}: one LoRA step (rank {base.lora_rank} on the decoder, fp32 adapters and AdamW, bf16 "
+          f"compute, batch 1) on a {args.train_memory:g} GiB device (90% usable)")
+    print("most frames that fit".ljust(24) + "".join(f"{n or 'none':>14}" for n in most)
+          + f"   (the context holds {report['context_frames']})")
+    print(f"at {base.frames} frames = {plans[0].tokens} tokens ({plans[0].tokens - text} visual + {text} text):")
+    print(format_plan(plans, memory))
     return 0
 
 
