@@ -105,7 +105,7 @@ def test_llava_next_train_writes_a_peft_adapter(data_file, tmp_path, capsys, qua
     cache, out = tmp_path / "cache", tmp_path / "run"
     code = main(["train", "--data", str(data_file), "--model", "tiny-random", "--out", str(out), "--steps", "2",
                  "--frames", "2", "--lora-rank", "4", "--cache-dir", str(cache),
-                 *(["--quantize", quantize] if quantize else [])])
+                 *(["--quantize", quantize, "--dtype", "bf16"] if quantize else [])])
     assert code in (0, None)
     said = capsys.readouterr()
     adapter = Path(said.out.strip().splitlines()[-1])
@@ -113,8 +113,11 @@ def test_llava_next_train_writes_a_peft_adapter(data_file, tmp_path, capsys, qua
     assert adapter == out / "adapter" and {p.name for p in adapter.iterdir()} == {"adapter_config.json",
                                                                                  "adapter_model.safetensors"}
     assert len((out / "steps.jsonl").read_text().splitlines()) == 2
-    base = json.loads((out / "run.json").read_text())["quantized_base"]
-    assert base == (["NF4Linear"] if quantize == "nf4" else [])  # --quantize nf4 really trained on an NF4 base
+    run = json.loads((out / "run.json").read_text())
+    assert run["quantized_base"] == (["NF4Linear"] if quantize == "nf4" else [])  # really an NF4 base
+    assert run["base_dtype"] == ("bfloat16" if quantize else "float32")  # QLoRA: bf16 compute over NF4
+    from safetensors.torch import load_file
+    assert {t.dtype for t in load_file(adapter / "adapter_model.safetensors").values()} == {torch.float32}
     fresh = tiny(cache, lora=False)
     load_adapter(fresh.model, adapter)
     trained = {n: p for n, p in fresh.model.named_parameters() if "lora_B" in n}

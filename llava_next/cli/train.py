@@ -55,6 +55,9 @@ def add_train(sub, *, user_error) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute each block in the backward")
     p.add_argument("--bf16", action="store_true", help="mixed precision: the forward under bfloat16 autocast, "
                                                        "weights and optimizer in float32")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="the frozen base's dtype (default: bf16 on CUDA, fp32 on CPU); the adapters and AdamW's "
+                        "moments are float32 whatever it is (PEFT's autocast_adapter_dtype)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one; under torchrun "
                                                   "each process takes cuda:LOCAL_RANK)")
     p.add_argument("--save-every", type=options.positive, default=50)
@@ -83,9 +86,13 @@ def _train(args: argparse.Namespace, user_error) -> int:
     env = dist_env()
     device = _device(args.device, env, user_error)
     quiet = args.quiet or env.rank != 0
+    dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    # QLoRA: the base goes to the GPU only once it is 4-bit (a 7B in bf16 is 13.5 GB: more than a T4 has free)
     pipe = load(args.model, cache_dir=args.cache_dir, progress=not quiet, materialize=materialize_trainable,
-                device=device)
+                dtype=dtype, device="cpu" if args.quantize else device)
     _adapt(pipe.model, args, user_error)
+    if device != "cpu":
+        pipe.model.to(device)
     data = TrainingData(data_path, pipe.tokenizer, pipe.config, media_root=args.media_root or data_path.parent,
                         frames=args.frames, seed=args.seed, frame_sampling=args.frame_sampling)
     summary = data.validate()  # every item, media decoded, before step 1
@@ -135,7 +142,6 @@ def _adapt(model, args: argparse.Namespace, user_error) -> None:
 
     from ..model.lora import DECODER_TARGETS, LoraConfig, LoraError, apply_lora
 
-    compute = model.dtype
     if args.quantize:
         from ..model.quant import QuantConfig, quantize_model
 
@@ -147,7 +153,7 @@ def _adapt(model, args: argparse.Namespace, user_error) -> None:
                              target_modules=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
                              if args.lora_targets else DECODER_TARGETS,
                              projector="full" if "projector" in args.trainable else "frozen")
-            apply_lora(model, cfg, dtype=compute)
+            apply_lora(model, cfg, dtype=torch.float32)
         except LoraError as e:
             raise user_error(f"--lora-targets / --lora-rank / --lora-alpha / --lora-dropout: {e}") from None
 

@@ -215,6 +215,7 @@ class SFTRun:
         quantized = sorted({type(m).__name__ for m in self.model.modules() if isinstance(m, QuantLinear)})
         return {**dataclasses.asdict(self.cfg), "data": str(self.data.path), "items": len(self.data),
                 "trainable_names": len(self.names), "quantized_base": quantized,
+                "base_dtype": str(getattr(self.model, "dtype", "")).removeprefix("torch."),
                 "world_size": self.world}  # a QLoRA run resumes as one
 
     def _start(self) -> None:
