@@ -89,6 +89,9 @@ SKIP = {  # (document, start of the command) -> why it cannot run here
     ("parallel.md", "torchrun --nproc-per-node 4"): "several processes (torchrun): tests/test_batch.py runs batch ranks",
     ("training.md", "llava-next train"): "hundreds of training steps on a dataset of one's own: tests/test_train.py "
                                          "runs the command on the built-in model for two steps",
+    ("training.md", "llava-next run --model llava-hf/LLaVA-NeXT-Video-7B-hf --adapter runs/ko"):
+        "needs the adapter of the training run above it: tests/test_lora.py runs --adapter",
+    ("training.md", "torchrun --nproc-per-node 2"): "several processes (torchrun): tests/test_train.py runs 2 ranks",
 }
 EXPECT: dict[tuple[str, str], tuple[int, str]] = {}  # (document, start of the command) -> (exit code, message)
 

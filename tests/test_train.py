@@ -172,3 +172,27 @@ def test_two_processes_train_the_weights_of_one(data_file, tmp_path):
     assert one.keys() == two.keys()
     worst = max((one[k] - two[k]).abs().max().item() for k in one)
     assert worst < 1e-2 * 1e-3, worst  # Adam moves an entry by ~lr at first: float32 sums differ by far less
+
+
+def test_two_stages_projector_then_lora(data_file, tmp_path, capsys):
+    """Stage 1 (``--trainable projector``) writes OUT/projector.safetensors; stage 2 starts from it with
+    ``--projector`` and its adapter carries that projector (frozen in stage 2: PEFT's modules_to_save), so
+    ``run --adapter`` gets both. A file that is not this model's projector is refused by name."""
+    from safetensors.torch import load_file
+
+    from llava_next.cli.main import main
+    from llava_next_weights.adapters import read_adapter
+
+    common = ["--data", str(data_file), "--model", "tiny-random", "--steps", "1", "--frames", "2", "--lora-rank", "4",
+              "--cache-dir", str(tmp_path / "cache"), "--quiet", "--lr", "1e-2"]
+    assert main(["train", *common, "--out", str(tmp_path / "s1"), "--trainable", "projector"]) in (0, None)
+    projector = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert projector == tmp_path / "s1" / "projector.safetensors"
+    stage1 = load_file(projector)
+    base = {f"projector.{k}": v for k, v in tiny(tmp_path / "cache", lora=False).model.projector.state_dict().items()}
+    assert stage1.keys() == base.keys() and any(not torch.equal(stage1[k], base[k]) for k in base)  # it trained
+    assert main(["train", *common, "--out", str(tmp_path / "s2"), "--projector", str(projector)]) in (0, None)
+    cfg, tensors = read_adapter(Path(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert cfg.projector == "full" and all(torch.equal(tensors[k], stage1[k]) for k in stage1)
+    assert main(["train", *common, "--out", str(tmp_path / "s3"), "--projector", str(data_file)]) == 2
+    assert "--projector" in capsys.readouterr().err and not (tmp_path / "s3").exists()

@@ -34,6 +34,9 @@ def add_train(sub, *, user_error) -> None:
     options.add_model_options(p)
     p.add_argument("--trainable", choices=("lora", "projector", "lora+projector"), default="lora",
                    help="lora (default); projector: stage 1, the projector alone; lora+projector")
+    p.add_argument("--projector", default=None, metavar="FILE",
+                   help="start from this projector (OUT/projector.safetensors of a --trainable projector run: "
+                        "stage 1, as the original --pretrain_mm_mlp_adapter); the adapter then carries it")
     p.add_argument("--lora-rank", type=options.positive, default=16)
     p.add_argument("--lora-alpha", type=float, default=32.0)
     p.add_argument("--lora-dropout", type=float, default=0.05)
@@ -75,7 +78,7 @@ def _train(args: argparse.Namespace, user_error) -> int:
     from ..parallel.launch import dist_env
     from ..runtime.loading import load
     from ..train.data import TrainingData
-    from ..train.sft import SFTConfig, SFTRun, materialize_trainable
+    from ..train.sft import SFTConfig, SFTRun, materialize_trainable, save_projector
 
     data_path = Path(args.data)
     if not data_path.is_file():
@@ -83,6 +86,9 @@ def _train(args: argparse.Namespace, user_error) -> int:
     if args.adapter is not None:
         raise user_error("--adapter: train starts a new adapter; to continue an adapter's training, resume its "
                          "run with the same --out")
+    if args.projector is not None and args.trainable == "projector":
+        raise user_error("--projector with --trainable projector: stage 1 starts from the model's own projector; "
+                         "give --projector to the stage-2 run")
     env = dist_env()
     device = _device(args.device, env, user_error)
     quiet = args.quiet or env.rank != 0
@@ -106,9 +112,11 @@ def _train(args: argparse.Namespace, user_error) -> int:
     run = SFTRun(pipe.model, data, cfg, on_step=None if quiet else StepProgress())
     out = run.train()
     if env.rank == 0:
-        if args.trainable != "projector":
-            save_adapter(pipe.model, out / "adapter", base_model_name_or_path=str(args.model))
-        print(str(out / ("adapter" if args.trainable != "projector" else "checkpoint")))
+        if args.trainable == "projector":
+            result = save_projector(pipe.model, out / "projector.safetensors")
+        else:
+            result = save_adapter(pipe.model, out / "adapter", base_model_name_or_path=str(args.model))
+        print(str(result))
     return 0
 
 
@@ -142,6 +150,13 @@ def _adapt(model, args: argparse.Namespace, user_error) -> None:
 
     from ..model.lora import DECODER_TARGETS, LoraConfig, LoraError, apply_lora
 
+    if args.projector is not None:
+        from ..train.sft import TrainError, load_projector
+
+        try:
+            load_projector(model, args.projector)
+        except (TrainError, OSError) as e:
+            raise user_error(f"--projector {args.projector}: {e}") from None
     if args.quantize:
         from ..model.quant import QuantConfig, quantize_model
 
@@ -152,7 +167,8 @@ def _adapt(model, args: argparse.Namespace, user_error) -> None:
             cfg = LoraConfig(r=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                              target_modules=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
                              if args.lora_targets else DECODER_TARGETS,
-                             projector="full" if "projector" in args.trainable else "frozen")
+                             # a stage-1 projector travels in the adapter (trained or not: PEFT's modules_to_save)
+                             projector="full" if "projector" in args.trainable or args.projector else "frozen")
             apply_lora(model, cfg, dtype=torch.float32)
         except LoraError as e:
             raise user_error(f"--lora-targets / --lora-rank / --lora-alpha / --lora-dropout: {e}") from None

@@ -345,3 +345,35 @@ def _data_parallel(model: torch.nn.Module, trainable: list[str]) -> torch.nn.Mod
     device = next(iter(model.parameters())).device
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
                                    find_unused_parameters=True)  # a batch without images leaves the projector out
+
+
+# ---- the stage-1 projector --------------------------------------------------------------------------------
+def save_projector(model: torch.nn.Module, path: Path) -> Path:
+    """A ``--trainable projector`` run's result: the projector's tensors in llava-next's names
+    (``projector.linear_1.weight``, ...), safetensors; ``load_projector`` reads it into a stage-2 model."""
+    tensors = {f"projector.{k}": v.detach().to("cpu").contiguous()
+               for k, v in model.get_submodule("projector").state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, path)
+    return path
+
+
+@torch.no_grad()
+def load_projector(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Copy a ``save_projector`` file into ``model``'s projector: exactly its tensors, shapes checked."""
+    from llava_next_weights.load import check_safetensors
+
+    path = Path(path)
+    if not path.is_file():
+        raise TrainError("no such file (a stage-1 run writes OUT/projector.safetensors)")
+    check_safetensors(path, TrainError)
+    tensors = load_file(path)
+    mine = {f"projector.{k}": p for k, p in model.get_submodule("projector").named_parameters()}
+    if set(tensors) != set(mine):
+        raise TrainError(f"not a projector of this model: it holds {sorted(tensors)[:4]}, the model's projector is "
+                         f"{sorted(mine)}")
+    for k, v in tensors.items():
+        if v.shape != mine[k].shape:
+            raise TrainError(f"{k} has shape {tuple(v.shape)}, this model's is {tuple(mine[k].shape)}")
+        mine[k].data = v.to(device=mine[k].device, dtype=mine[k].dtype)  # replaced, never written: the base may be mmapped
