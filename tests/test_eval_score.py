@@ -31,6 +31,7 @@ def pair(request, tmp_path_factory):
     directory, hf = make_runnable_checkpoint(root / "ckpt", kind=request.param)
     hf = hf.float().eval()
     pipe = Pipeline.from_pretrained(directory, dtype=torch.float32, cache_dir=root / "cache", progress=False)
+    pipe.source = (directory, root / "cache")  # for the command-line test
     return request.param, pipe, hf
 
 
@@ -121,3 +122,38 @@ def test_bad_requests_are_refused(pair):
 
     with pytest.raises(ScoreError, match="in-decoder reduction"):
         next(score(pipe, [_item(kind)], reduction=Reduction(pruner=FastV(layer=1, keep=0.5))))
+
+
+def test_command_writes_a_line_per_item_and_resumes(pair, tmp_path, capsys):
+    """``llava-next score --out``: one line per item (the API's numbers; a missing file is that item's error
+    line), and a rerun skips the ids already written."""
+    import json
+
+    from llava_next.cli.main import main
+
+    kind, pipe, _ = pair
+    directory, cache = pipe.source
+    media = {"image": str(PHOTO)} if kind == "image" else {"video": str(VIDEO), "frames": 4}
+    rows = [{"id": "a", "prompt": "What is shown here?", "candidates": CANDIDATES, **media},
+            {"id": "gone", "prompt": "What?", "candidates": ["x"], "image": "missing.jpg"},
+            {"id": "b", "prompt": "Is this text only?", "candidates": ["yes", "no"]}]
+    data = tmp_path / "items.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "scores.jsonl"
+    argv = ["score", "--data", str(data), "--model", str(directory), "--cache-dir", str(cache), "--dtype", "fp32",
+            "--out", str(out), "--batch-size", "3", "--quiet"]
+    assert main(argv) == 0
+    lines = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(lines) == {"a", "gone", "b"} and lines["gone"]["status"] == "error"
+    assert "no such file" in lines["gone"]["error"]
+    api = next(score(pipe, [_item(kind, "a")]))
+    assert [c["logprob"] for c in lines["a"]["candidates"]] == pytest.approx([c.logprob for c in api.candidates],
+                                                                              abs=1e-5)
+    assert lines["a"]["best"]["logprob"] == api.best("logprob")
+    assert main(argv) == 0  # a rerun: nothing left to do
+    assert out.read_text().count("\n") == 3
+    out.unlink()
+    k = argv.index("--out")
+    assert main(argv[:k] + argv[k + 2:]) == 0  # no --out: the lines go to stdout
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(r["id"] for r in printed) == ["a", "b", "gone"]  # error lines come before their batch

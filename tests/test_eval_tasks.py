@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from test_batch import TIMEOUT_S, wait_until, waiting_for_lock
+from test_tensor_parallel import torchrun
 from llava_next.eval.answers import exact_match, letter_correct, mvbench_letter, videomme_letter
 from llava_next.eval.tasks import TaskError, load_task, read_samples
 
@@ -119,8 +120,17 @@ def test_killed_run_resumes_to_the_uninterrupted_result(setup, answer):
     root, env = setup
     task = _write(root / f"{answer}.yaml", TASK.format(answer=answer))
     ref_out, kill_out = root / f"ref-{answer}", root / f"killed-{answer}"
+    ranks_out = root / f"ranks-{answer}"
+    ranks = subprocess.Popen(torchrun("--standalone", "--nproc-per-node", "2", *eval_cmd(task, ranks_out)[1:]),
+                             env=dict(env, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True) if answer == "mc_generate" else None
     ref = subprocess.run(eval_cmd(task, ref_out), env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert ref.returncode == 0, ref.stderr[-3000:]
+    if ranks is not None:  # two ranks share the samples: one merged result, the same as one process's
+        assert ranks.wait(timeout=TIMEOUT_S) == 0, ranks.stderr.read()[-3000:]
+        assert lines(ranks_out / "samples.jsonl") == lines(ref_out / "samples.jsonl")
+        merged, alone = (json.loads((d / "summary.json").read_text()) for d in (ranks_out, ref_out))
+        assert merged["complete"] and merged["accuracy"] == alone["accuracy"]
     kill_out.mkdir()
     samples_file = kill_out / "samples.jsonl"
     lock = open(samples_file, "a")

@@ -130,7 +130,7 @@ class Evaluator:
     def _prepare(self, s: Sample) -> tuple[Request, list[list[int]] | None]:
         t, frames = self.task, self.options.frames or self.task.frames
         for what, paths in (("image", s.images), ("video", s.videos)):
-            for path in paths:
+            for path in paths:  # the error run, batch and score give for the same path
                 if not path.startswith("sample:"):
                     check_media_file(path, what)
         if t.answer == "mc_loglikelihood":

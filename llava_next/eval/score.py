@@ -50,6 +50,7 @@ import torch
 from ..inputs.prompt import IMAGE, VIDEO, render_prompt
 from ..model.generate import positions_from_mask
 from ..reduce.stages import Reduction
+from ..runtime.files import check_media_file
 from ..runtime.pipeline import Pipeline, Request
 
 PathLike = str | os.PathLike
@@ -164,6 +165,10 @@ def prepare_item(pipe: Pipeline, item: ScoreItem, *, delimiter: str = " ",
         raise ScoreError("score runs the decoder over the whole prompt and candidates: an in-decoder reduction "
                          "(a prefill pruner such as fastv, a decode selector) does not apply; use a frame "
                          "selector or a token reducer before the decoder, or score without --reduce")
+    for what, paths in (("image", item.images), ("video", item.videos)):
+        for path in paths:  # the error run, batch and eval give for the same path
+            if isinstance(path, (str, os.PathLike)) and not os.fspath(path).startswith("sample:"):
+                check_media_file(path, what)
     conts_text = [delimiter + c for c in item.candidates]
     probe = pipe.prepare(item.prompt, images=list(item.images), videos=list(item.videos), frames=item.frames,
                          template=item.template, system=item.system, reduction=reduction, sampling=item.sampling,
