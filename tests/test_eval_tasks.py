@@ -61,14 +61,43 @@ def test_task_file_errors_name_the_key(tmp_path):
         load_task(_write(tmp_path / "a.yaml", "data: d.jsonl\nanswer: mc_generate\ncolour: red\n"))
     with pytest.raises(TaskError, match="answer must be one of"):
         load_task(_write(tmp_path / "b.yaml", "data: d.jsonl\nanswer: vibes\n"))
-    with pytest.raises(TaskError, match="only JSON lines"):
-        load_task(_write(tmp_path / "c.yaml", "data: d.parquet\nanswer: exact_match\n"))
     task = load_task(_write(tmp_path / "t.yaml", "data: d.jsonl\nanswer: mc_loglikelihood\nprompt: '{question} {letters}'\n"))
     (sample,) = read_samples(task)
     assert sample.gold == 1 and sample.gold_letter == "B" and sample.prompt == "Q? A, B"
     _write(tmp_path / "d.jsonl", '{"id": "1", "question": "Q?", "options": ["x", "y"], "answer": "z"}\n')
     with pytest.raises(TaskError, match="line 1.*must be a letter"):
         read_samples(task)
+
+
+def test_parquet_and_datasets_folders_read_as_json_lines(tmp_path):
+    """The same rows as JSON lines, a parquet file, a ``save_to_disk`` folder (Arrow stream files listed in
+    state.json) and a DatasetDict folder give the same samples."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"id": f"r{i}", "question": f"Q{i}?", "options": ["x", "y", "z"], "answer": "ABC"[i % 3],
+             "video": None if i % 2 else "clip.mp4"} for i in range(5)]
+    table = pa.Table.from_pylist(rows)
+    _write(tmp_path / "d.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    pq.write_table(table, tmp_path / "d.parquet")
+    for folder in (tmp_path / "ds", tmp_path / "dd" / "test"):
+        folder.mkdir(parents=True)
+        for k, part in enumerate((table.slice(0, 3), table.slice(3))):  # two shards, as datasets writes them
+            with pa.OSFile(str(folder / f"data-{k:05d}-of-00002.arrow"), "wb") as sink:
+                with pa.ipc.new_stream(sink, part.schema) as writer:
+                    writer.write_table(part)
+        _write(folder / "state.json", json.dumps({"_data_files": [{"filename": f"data-{k:05d}-of-00002.arrow"}
+                                                                 for k in range(2)], "_split": None}))
+    _write(tmp_path / "dd" / "dataset_dict.json", json.dumps({"splits": ["test"]}))
+    got = {}
+    for data in ("d.jsonl", "d.parquet", "ds", "dd"):
+        task = load_task(_write(tmp_path / "t.yaml", f"data: {data}\nanswer: mc_generate\n"))
+        got[data] = [(s.id, s.prompt, s.videos, s.options, s.gold) for s in read_samples(task)]
+    assert got["d.jsonl"][1][2] == [] and got["d.jsonl"][0][2] == [str(tmp_path / "clip.mp4")]
+    assert got["d.parquet"] == got["d.jsonl"] == got["ds"] == got["dd"]  # media: relative to the data's folder
+    _write(tmp_path / "dd" / "dataset_dict.json", json.dumps({"splits": ["test", "val"]}))
+    with pytest.raises(TaskError, match="splits test, val: say which"):
+        read_samples(load_task(_write(tmp_path / "t.yaml", "data: dd\nanswer: mc_generate\n")))
 
 
 SAMPLES = [  # 7 samples: a missing video is one sample's error line

@@ -25,7 +25,9 @@ C"), the visual is a field holding a path, the target a field, and the judging o
 
 The gold of a multiple-choice sample may be a letter ("B"), an index (1) or the option's text. Every
 unknown key, missing field or bad value is a ``TaskError`` naming the file, the key or the line.
-Data files: JSON lines; parquet files and HF datasets folders are not read yet (the error says so).
+Data: a JSON lines file, a parquet file (``.parquet``) or a folder written by ``datasets``' ``save_to_disk``
+(Arrow stream files listed in its state.json; a DatasetDict folder with ``split:``), the last two read with
+pyarrow (an optional dependency: ``pip install pyarrow``), without the ``datasets`` library.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import json
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 AnswerType = Literal["mc_generate", "mc_loglikelihood", "exact_match"]
 ANSWER_TYPES = ("mc_generate", "mc_loglikelihood", "exact_match")
@@ -67,6 +69,7 @@ class Task:
     ignore_punctuation: bool = False
     template: str | None = None
     system: str | None = None
+    split: str | None = None  # an HF DatasetDict folder: which split
     source: Path | None = None  # the YAML file
 
     def to_dict(self) -> dict:
@@ -137,34 +140,86 @@ def _check(task: Task, path: Path) -> None:
         value = getattr(task, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise TaskError(f"{path}: {key} must be an integer >= 1, got {value!r}")
-    if task.data.suffix in (".parquet", ".arrow") or task.data.is_dir():
-        raise TaskError(f"{path}: data {task.data}: only JSON lines files are read for now (parquet and HF "
-                        f"datasets folders are not); convert it, e.g. pandas.read_parquet(f).to_json(out, "
-                        f"orient='records', lines=True)")
 
 
 def read_samples(task: Task) -> list[Sample]:
-    """Every sample of the task's data file, in order (ids must be unique)."""
-    if not task.data.is_file():
-        raise TaskError(f"task {task.name}: data file {task.data} does not exist")
+    """Every sample of the task's data, in order (ids must be unique)."""
     samples, seen = [], {}
-    with open(task.data, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{task.data} line {number}: not JSON ({e})") from None
-            if not isinstance(doc, dict):
-                raise TaskError(f"{task.data} line {number}: each line must be one JSON object")
-            sample = make_sample(task, doc, f"{task.data} line {number}")
-            if sample.id in seen:
-                raise TaskError(f"{task.data} line {number}: id {sample.id!r} is already used on line "
-                                f"{seen[sample.id]}; ids key the results, so they must be unique")
-            seen[sample.id] = number
-            samples.append(sample)
+    for where, doc in read_docs(task):
+        if not isinstance(doc, dict):
+            raise TaskError(f"{where}: each line must be one JSON object")
+        sample = make_sample(task, doc, where)
+        if sample.id in seen:
+            raise TaskError(f"{where}: id {sample.id!r} is already used ({seen[sample.id]}); ids key the results, "
+                            f"so they must be unique")
+        seen[sample.id] = where
+        samples.append(sample)
     return samples
+
+
+def read_docs(task: Task) -> Iterator[tuple[str, Any]]:
+    """(where, record) of each row of the data: JSON lines ("FILE line N"), a parquet file or an HF datasets
+    folder ("FILE row N", 1-based)."""
+    data = task.data
+    if data.is_dir():
+        yield from _rows(data, _datasets_folder(data, task.split))
+    elif not data.is_file():
+        raise TaskError(f"task {task.name}: data {data} does not exist")
+    elif data.suffix == ".parquet":
+        yield from _rows(data, [_arrow().parquet.read_table(data)])
+    else:
+        with open(data, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield f"{data} line {number}", json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise TaskError(f"{data} line {number}: not JSON ({e})") from None
+
+
+def _arrow():
+    try:
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401  (pyarrow.parquet is a submodule to import)
+    except ImportError:
+        raise TaskError("reading parquet files and HF datasets folders needs pyarrow: pip install pyarrow "
+                        "(or convert the data to JSON lines)") from None
+    return pyarrow
+
+
+def _rows(path: Path, tables: list) -> Iterator[tuple[str, Any]]:
+    n = 0
+    for table in tables:
+        for row in table.to_pylist():
+            n += 1
+            yield f"{path} row {n}", row
+
+
+def _datasets_folder(folder: Path, split: str | None) -> list:
+    """The Arrow tables of a folder written by ``datasets``' ``save_to_disk``: state.json lists the Arrow stream
+    files (``_data_files``); a DatasetDict folder has dataset_dict.json and one such folder per split."""
+    if (folder / "dataset_dict.json").exists():
+        splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
+        if split is None and len(splits) == 1:
+            split = splits[0]
+        if split not in splits:
+            raise TaskError(f"{folder} is a datasets folder with splits {', '.join(splits)}: say which with "
+                            f"\"split:\" in the task file")
+        folder = folder / split
+    state_file = folder / "state.json"
+    if not state_file.exists():
+        raise TaskError(f"{folder}: a folder that is not a datasets folder (no state.json); give a JSON lines file, "
+                        f"a parquet file or a folder written by datasets' save_to_disk")
+    state = json.loads(state_file.read_text())
+    if state.get("_indices_data_files"):
+        raise TaskError(f"{folder}: saved with an indices mapping (a select / shuffle not flattened); save it "
+                        f"again after dataset.flatten_indices()")
+    pa = _arrow()
+    tables = []
+    for entry in state["_data_files"]:
+        with pa.memory_map(str(folder / entry["filename"]), "r") as source:
+            tables.append(pa.ipc.open_stream(source).read_all())
+    return tables
 
 
 def make_sample(task: Task, doc: dict, where: str) -> Sample:
