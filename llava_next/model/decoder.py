@@ -259,15 +259,6 @@ class Decoder(nn.Module):
             # the attention's own kv head count: under tensor parallelism (llava_next.parallel) a rank's share
             layer.self_attn.kv_cache = KVCache(batch, layer.self_attn.num_kv_heads, max_len, cfg.head_dim, dtype, device)
 
-    def select_cache_rows(self, rows: torch.Tensor) -> None:
-        """Replace every layer's KV cache by its rows ``rows`` (N,) (a copy, repeats allowed): (B, Hkv, S, D) ->
-        (N, Hkv, S, D). Several continuations of one prefilled prompt then run as one batch (llava_next/eval)."""
-        for layer in self.layers:
-            c = layer.self_attn.kv_cache
-            if c is None:
-                raise RuntimeError("select_cache_rows needs a KV cache: prefill with setup_caches first")
-            c.k, c.v = c.k.index_select(0, rows), c.v.index_select(0, rows)
-
     def clear_caches(self) -> None:
         for layer in self.layers:
             layer.self_attn.kv_cache = None
