@@ -1,4 +1,4 @@
-"""``score`` (one prefill per prompt, candidates from copies of its KV cache, items batched) against the way
+"""``score`` (one prefill per prompt, its candidates a tree over it, items batched) against the way
 lmms-eval's LLaVA wrappers compute a loglikelihood request: one whole forward (vision tower included) of
 prompt + candidate per candidate, one request at a time.
 
@@ -6,7 +6,7 @@ prompt + candidate per candidate, one request at a time.
 
 Providers (the same model, weights and items; results checked equal to 1e-4 before timing):
 - "shared":  ``llava_next.eval.score(batch_size=B)``: per batch of B items, one vision pass and one prefill
-             (B rows), then all candidates of the batch as one (N, L - 1) forward over the cached prompts;
+             (B rows), then all candidates of the batch as one (B, S) forward over the cached prompts;
 - "shared1": the same with batch_size 1;
 - "each":    per candidate ``LlavaNextModel.forward`` on prompt + candidate ids (vision tower, splice, whole
              decoder), log-softmax gathered at the candidate's positions: lmms-eval's per-request loop.

@@ -36,7 +36,7 @@ def add_eval(sub, *, user_error) -> None:
                        description="For each item of DATA (one JSON object per line: id, prompt, candidates, image "
                                    "or video, frames) the log-probability of each candidate after the prompt: sum, "
                                    "per token, per character and per byte, and whether it is the greedy answer. One "
-                                   "prefill per prompt; its candidates continue from its KV cache.")
+                                   "prefill per prompt; its candidates continue from it together.")
     p.add_argument("--data", required=True, metavar="ITEMS.jsonl")
     p.add_argument("--out", default=None, metavar="SCORES.jsonl", help="append one line per item, skipping ids "
                                                                          "already there (default: stdout)")
