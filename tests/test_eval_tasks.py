@@ -212,3 +212,30 @@ def test_killed_run_resumes_to_the_uninterrupted_result(setup, answer):
     other = subprocess.run(eval_cmd(task, kill_out, "--frames", "3"), env=env, capture_output=True, text=True,
                            timeout=TIMEOUT_S)
     assert other.returncode == 2 and "holds another run (switches differ" in other.stderr, other.stderr
+
+
+def test_exact_match_and_reduction_switches_in_process(setup, tmp_path, monkeypatch):
+    """exact_match through the command; --reduce (an in-decoder pruner) applies to generated answers and makes
+    each log-likelihood sample an error line saying why; the switches are recorded."""
+    from llava_next.cli.main import main
+
+    root, env = setup
+    monkeypatch.setenv("LLAVA_NEXT_CACHE", env["LLAVA_NEXT_CACHE"])
+    _write(tmp_path / "em.jsonl", json.dumps({"id": "e1", "question": "Say yes.", "answer": ["yes", "Yes."],
+                                              "video": "sample:bunny"}) + "\n")
+    em = _write(tmp_path / "em.yaml", "data: em.jsonl\nanswer: exact_match\nprompt: '{question}'\nframes: 2\n"
+                                      "max_new_tokens: 3\nignore_punctuation: true\n")
+    reduce = ["--reduce", "fastv:layer=2,keep=0.5"]
+    assert main(["eval", "--task", str(em), "--model", "tiny-random", "--out", str(tmp_path / "em"), "--quiet",
+                 *reduce]) == 0
+    (line,) = map(json.loads, (tmp_path / "em" / "samples.jsonl").read_text().splitlines())
+    assert line["status"] == "ok" and line["gold"] == ["yes", "Yes."]
+    assert line["correct"] == (line["parsed"] in ("yes",))
+    summary = json.loads((tmp_path / "em" / "summary.json").read_text())
+    assert summary["record"]["switches"]["reduce"] == ["fastv:layer=2,keep=0.5"]
+    _write(tmp_path / "data.jsonl", "".join(json.dumps(s) + "\n" for s in SAMPLES[:2]))
+    ll = _write(tmp_path / "ll.yaml", TASK.format(answer="mc_loglikelihood"))
+    assert main(["eval", "--task", str(ll), "--model", "tiny-random", "--out", str(tmp_path / "ll"), "--quiet",
+                 *reduce]) == 0
+    lines = [json.loads(x) for x in (tmp_path / "ll" / "samples.jsonl").read_text().splitlines()]
+    assert [x["type"] for x in lines] == ["ScoreError"] * 2 and "in-decoder reduction" in lines[0]["error"]
