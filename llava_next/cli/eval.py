@@ -143,7 +143,17 @@ def _eval(args: argparse.Namespace, user_error) -> int:
         reduction = parse_reduction(args.select_frames, args.reduce) if args.select_frames or args.reduce else None
     except ReductionError as e:
         raise user_error(str(e)) from None
-    checkpoint = resolve_checkpoint(model_id, cache_dir=args.cache_dir, progress=not args.quiet)
+    from pathlib import Path
+
+    from ..runtime.batch import ResultsFile
+
+    results = ResultsFile(Path(args.out) / "samples.jsonl")
+    try:
+        with results.locked():  # ranks sharing a machine convert it once
+            checkpoint = resolve_checkpoint(model_id, cache_dir=args.cache_dir, progress=not args.quiet)
+    except BaseException:  # a bad model: leave no empty output behind
+        results.remove_if_empty()
+        raise
     record = provenance(model=str(args.model), checkpoint_dir=checkpoint, dtype=DTYPES[args.dtype],
                         device=args.device, seed=args.seed, switches=_switches(args, PLAN_SWITCHES))
     opts = EvalOptions(limit=args.limit, batch_size=args.batch_size, frames=args.frames, seed=args.seed,
