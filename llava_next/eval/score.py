@@ -2,7 +2,7 @@
 for prompts with images and videos, one prefill per prompt shared by all of its candidates.
 
     from llava_next.eval import score, ScoreItem
-    items = [ScoreItem("q1", "Which animal is this?", [" cat", " dog"], images=("chelsea.jpg",))]
+    items = [ScoreItem("q1", "Which animal is this?", ["cat", "dog"], images=("chelsea.jpg",))]  # " cat", " dog"
     for result in score(pipe, items): print(result.id, [c.logprob for c in result.candidates])
 
 What it computes, per candidate (lm-evaluation-harness, ``lm_eval/models/huggingface.py``
