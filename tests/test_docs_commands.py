@@ -57,7 +57,7 @@ MODELS = {  # real checkpoint (hub id or preset name) -> the built-in model of t
     "llava-hf/llava-interleave-qwen-7b-hf": "tiny-random-interleave",
     "llava-hf/llava-onevision-qwen2-7b-ov-hf": "tiny-random-onevision",  # (and LLaVA-Video-7B-Qwen2: the same)
 }
-LOADS_WEIGHTS = ("run", "trace", "batch")  # without --model these would download the default model
+LOADS_WEIGHTS = ("run", "trace", "batch", "score", "eval")  # without --model these would download the default model
 # convert reads a llava-hf / original checkpoint (the built-in models exist only in llava-next's layout, which
 # convert takes only to quantize it): a tiny llava-hf checkpoint of the same family (tests/checkpoints.py)
 CONVERT_SOURCES = {"llava-hf/LLaVA-NeXT-Video-7B-hf": "video"}
@@ -234,7 +234,20 @@ def media_dir(tmp_path_factory):
     (d / "jobs.jsonl").write_text("\n".join(jobs) + "\n")
     for name, items in BATCH_INPUTS.items():
         (d / name).write_text("".join(json.dumps(i) + "\n" for i in items))
+    for name, body in doc_files(ROOT / "docs" / "evaluation.md").items():  # its items, tasks and data
+        (d / name).write_text(body)
     return d
+
+
+def doc_files(path: Path) -> dict[str, str]:
+    """The input files a document shows whole: each fenced block whose first line is ``# NAME.jsonl`` or
+    ``# NAME.yaml`` is the file NAME (the rest of the block)."""
+    files = {}
+    for _, _, body in _fences(path.read_text()):
+        m = re.match(r"^# (\S+\.(?:jsonl|yaml))$", body[0]) if body else None
+        if m:
+            files[m.group(1)] = "\n".join(body[1:]) + "\n"
+    return files
 
 
 @pytest.fixture(scope="module")

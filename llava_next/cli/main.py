@@ -4,6 +4,8 @@ Commands
 - ``run`` / ``convert`` (run.py): answer a question with a checkpoint; convert a checkpoint.
 - ``trace`` (trace.py): token provenance, exact attention and logit lens of one request (JSON, PNG).
 - ``batch`` (batch.py): answer every request of a JSONL file into a JSONL file, resumably.
+- ``score`` / ``eval`` (eval.py): log-probabilities of candidate answers; a benchmark task (YAML) into
+  per-sample JSONL and a summary, resumably.
 - ``inspect``: the token plan of images and/or videos, without weights — AnyRes canvas, tiles, unpadded
   features and newlines per image; sampled frames, timestamps and pooled tokens per frame for a video;
   and whether the prompt fits the RoPE context with which factor. ``--json`` for scripts, ``--png`` for
@@ -447,6 +449,9 @@ def build_parser(json_errors: bool = False) -> argparse.ArgumentParser:
     from .train import add_train  # fine-tuning: LoRA on LLaVA-format conversations
 
     add_train(sub, user_error=UserError)
+    from .eval import add_eval  # evaluation: score candidate answers, run benchmark tasks
+
+    add_eval(sub, user_error=UserError)
     return parser
 
 

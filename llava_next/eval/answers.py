@@ -1,0 +1,99 @@
+"""Reading an answer out of generated text, and judging it: the letter parsers of lmms-eval's Video-MME and
+MVBench tasks, and exact match.
+
+- ``videomme_letter`` is lmms-eval's ``extract_characters_regex`` (``lmms_eval/tasks/videomme/utils.py``):
+  strip, delete the answer prefixes ("The best answer is", ...), give up ("") on more than 10 words that
+  hold no A-D, else the first of A, B, C, D anywhere in the text. Kept exactly, its quirk included: two of
+  its prefixes lack a comma in the source list, so Python joins them into "The best option isThe correct
+  option is" and "Best answer:Best option:", which never match; the first capital A-D still decides.
+- ``mvbench_letter`` is ``mcq_acc``'s ``process`` (``lmms_eval/tasks/mvbench/utils.py``): "B. text" -> "B";
+  else newlines and tabs to spaces, punctuation handled as VQA's ``processPunctuation``, quotes and
+  parentheses stripped, lower-cased, then the first standalone letter a-e (as a word) upper-cased, else the
+  processed text itself. lmms-eval compares ``process(pred) == process(gold letter)``; so does ``correct``.
+- ``exact_match``: lm-evaluation-harness's ``exact_match`` metric with its ``ignore_case`` and
+  ``ignore_punctuation`` options (both off by default there; here the task YAML sets them), after stripping
+  surrounding whitespace.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from typing import Callable, Literal
+
+Parser = Literal["videomme", "mvbench"]
+
+_VIDEOMME_PREFIXES = [
+    "The best answer is",
+    "The correct answer is",
+    "The answer is",
+    "The answer",
+    "The best option is" "The correct option is",  # sic: lmms-eval's list (see the module docstring)
+    "Best answer:" "Best option:",
+]
+
+
+def videomme_letter(text: str) -> str:
+    """lmms-eval Video-MME's ``extract_characters_regex``: the answer letter A-D, or "" when none is found."""
+    s = text.strip()
+    for prefix in _VIDEOMME_PREFIXES:
+        s = s.replace(prefix, "")
+    if len(s.split()) > 10 and not re.search("[ABCD]", s):
+        return ""
+    match = re.search(r"[ABCD]", s)
+    return "" if match is None else match[0]
+
+
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: lmms-eval's (and VQA's) pattern
+_COMMA_STRIP = re.compile(r"(\d)(\,)(\d)")
+_PUNCT = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+
+
+def _vqa_punctuation(text: str) -> str:
+    out = text
+    for p in _PUNCT:
+        if (p + " " in text or " " + p in text) or _COMMA_STRIP.search(text) is not None:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    return _PERIOD_STRIP.sub("", out)
+
+
+def mvbench_letter(text: str) -> str:
+    """lmms-eval MVBench's ``process``: the option letter (upper case) or, failing that, the normalised text."""
+    match = re.match(r"^([A-E])\.\s*(.+)$", text.strip(), re.IGNORECASE)
+    if match:
+        return match.group(1).upper()
+    s = text.replace("\n", " ").replace("\t", " ").strip()
+    s = _vqa_punctuation(s)
+    s = s.strip("'").strip('"').strip(")").strip("(").strip().lower()
+    letter = re.search(r"\b([A-E])\b", s, re.IGNORECASE)
+    return letter.group(1).upper() if letter else s
+
+
+PARSERS: dict[str, Callable[[str], str]] = {"videomme": videomme_letter, "mvbench": mvbench_letter}
+
+
+def letter_correct(parser: Parser, prediction: str, gold_letter: str) -> tuple[str, bool]:
+    """(the parsed answer, whether it is the gold letter) as the parser's lmms-eval task judges it."""
+    parsed = PARSERS[parser](prediction)
+    if parser == "mvbench":  # mcq_acc: process(pred) == process(gold)
+        return parsed, parsed == mvbench_letter(gold_letter)
+    return parsed, parsed.lower() == gold_letter.lower()  # videomme_process_results
+
+
+def normalize(text: str, *, ignore_case: bool, ignore_punctuation: bool) -> str:
+    s = text.strip()
+    if ignore_case:
+        s = s.lower()
+    if ignore_punctuation:
+        s = s.translate(str.maketrans("", "", string.punctuation))
+    return s
+
+
+def exact_match(prediction: str, golds: list[str], *, ignore_case: bool = True,
+                ignore_punctuation: bool = False) -> tuple[str, bool]:
+    """(the normalised prediction, whether it equals any normalised gold answer)."""
+    parsed = normalize(prediction, ignore_case=ignore_case, ignore_punctuation=ignore_punctuation)
+    return parsed, any(parsed == normalize(g, ignore_case=ignore_case, ignore_punctuation=ignore_punctuation)
+                       for g in golds)

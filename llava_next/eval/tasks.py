@@ -1,0 +1,267 @@
+"""A benchmark task as a YAML file, and its samples.
+
+    name: videomme-tiny
+    data: videomme.jsonl            # JSON lines, relative to this file
+    media_root: videos/             # media paths are relative to this (default: the data file's folder)
+    answer: mc_generate             # mc_generate | mc_loglikelihood | exact_match
+    parser: videomme                # mc_generate: videomme | mvbench (answers.py: lmms-eval's letter parsing)
+    prompt: "Select the best answer ...\\n{question}\\n{options}\\nThe best answer is:"
+    option_format: "{letter}. {option}"   # each option in {options}, one per line
+    fields: {id: question_id, question: question, options: options, answer: answer, video: videoID}
+    frames: 8
+    max_new_tokens: 16
+
+What it follows: lmms-eval's task YAMLs (``lmms_eval/tasks/*/*.yaml``: ``dataset_path``, ``doc_to_visual``,
+``doc_to_text`` with a ``pre_prompt`` / ``post_prompt``, ``doc_to_target``, ``process_results``), with the
+Python hooks replaced by data: the prompt is a ``str.format`` template over the sample's fields (plus
+``{options}``, the options written with ``option_format`` and joined by newlines, and ``{letters}``, "A, B,
+C"), the visual is a field holding a path, the target a field, and the judging one of three answer types:
+
+- ``mc_generate``: generate greedily, parse a letter (``parser``), correct when it is the gold letter;
+- ``mc_loglikelihood``: score each candidate (the options' texts, or with ``candidates: letters`` the
+  letters) after the prompt (score.py, lm-eval's ``multiple_choice`` output type); the prediction is the
+  highest by ``rank_by`` (``logprob``: lm-eval's acc; ``per_char``: its acc_norm; ``per_token``, ``per_byte``);
+- ``exact_match``: generate, compare with the gold answer(s) (``ignore_case``, ``ignore_punctuation``).
+
+The gold of a multiple-choice sample may be a letter ("B"), an index (1) or the option's text. Every
+unknown key, missing field or bad value is a ``TaskError`` naming the file, the key or the line.
+Data: a JSON lines file, a parquet file (``.parquet``) or a folder written by ``datasets``' ``save_to_disk``
+(Arrow stream files listed in its state.json; a DatasetDict folder with ``split:``), the last two read with
+pyarrow (an optional dependency: ``pip install pyarrow``), without the ``datasets`` library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+AnswerType = Literal["mc_generate", "mc_loglikelihood", "exact_match"]
+ANSWER_TYPES = ("mc_generate", "mc_loglikelihood", "exact_match")
+RANKS = ("logprob", "per_token", "per_char", "per_byte")
+FIELDS = {"id": "id", "question": "question", "options": "options", "answer": "answer", "video": "video",
+          "image": "image"}
+
+
+class TaskError(ValueError):
+    """The task file or its data is unusable; the message names the file, key or line and what to write."""
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    data: Path
+    media_root: Path
+    answer: AnswerType
+    prompt: str = "{question}"
+    parser: str = "videomme"
+    option_format: str = "{letter}. {option}"
+    fields: dict = field(default_factory=lambda: dict(FIELDS))
+    frames: int = 8
+    max_new_tokens: int = 16
+    candidates: Literal["options", "letters"] = "options"
+    rank_by: str = "logprob"
+    target_delimiter: str = " "
+    ignore_case: bool = True
+    ignore_punctuation: bool = False
+    template: str | None = None
+    system: str | None = None
+    split: str | None = None  # an HF DatasetDict folder: which split
+    source: Path | None = None  # the YAML file
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        return {k: str(v) if isinstance(v, Path) else v for k, v in out.items()}
+
+
+@dataclass
+class Sample:
+    """One question of a task, ready to prepare: the prompt text, media paths, options and gold answer."""
+
+    id: str
+    prompt: str
+    images: list[str]
+    videos: list[str]
+    options: list[str]  # multiple choice: the option texts; else empty
+    gold: Any  # multiple choice: the gold index; exact match: the list of accepted answers
+    letters: list[str] = field(default_factory=list)
+
+    @property
+    def gold_letter(self) -> str:
+        return self.letters[self.gold]
+
+
+def load_task(path: str | Path) -> Task:
+    """The task of a YAML file; relative paths are relative to the file's folder."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise TaskError(f"--task {path}: no such file; give a task YAML file (docs/evaluation.md)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise TaskError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise TaskError(f"{path}: a task file must be a mapping of keys (name, data, answer, prompt, ...)")
+    known = {f.name for f in dataclasses.fields(Task)} - {"source"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise TaskError(f"{path}: unknown key(s) {', '.join(unknown)}; the keys are {', '.join(sorted(known))}")
+    for key in ("data", "answer"):
+        if key not in raw:
+            raise TaskError(f"{path}: \"{key}\" is missing")
+    if raw["answer"] not in ANSWER_TYPES:
+        raise TaskError(f"{path}: answer must be one of {', '.join(ANSWER_TYPES)}, got {raw['answer']!r}")
+    data = (path.parent / str(raw["data"])).resolve()
+    root = raw.get("media_root")
+    media_root = (path.parent / str(root)).resolve() if root is not None else data.parent
+    fields = dict(FIELDS)
+    fields.update(raw.get("fields") or {})
+    task = Task(**{**raw, "name": str(raw.get("name") or path.stem), "data": data, "media_root": media_root,
+                   "fields": fields, "source": path.resolve()})
+    _check(task, path)
+    return task
+
+
+def _check(task: Task, path: Path) -> None:
+    from .answers import PARSERS
+
+    if task.answer == "mc_generate" and task.parser not in PARSERS:
+        raise TaskError(f"{path}: parser must be one of {', '.join(PARSERS)}, got {task.parser!r}")
+    if task.rank_by not in RANKS:
+        raise TaskError(f"{path}: rank_by must be one of {', '.join(RANKS)}, got {task.rank_by!r}")
+    if task.candidates not in ("options", "letters"):
+        raise TaskError(f"{path}: candidates must be \"options\" or \"letters\", got {task.candidates!r}")
+    for key in ("frames", "max_new_tokens"):
+        value = getattr(task, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise TaskError(f"{path}: {key} must be an integer >= 1, got {value!r}")
+
+
+def read_samples(task: Task) -> list[Sample]:
+    """Every sample of the task's data, in order (ids must be unique)."""
+    samples, seen = [], {}
+    for where, doc in read_docs(task):
+        if not isinstance(doc, dict):
+            raise TaskError(f"{where}: each line must be one JSON object")
+        sample = make_sample(task, doc, where)
+        if sample.id in seen:
+            raise TaskError(f"{where}: id {sample.id!r} is already used ({seen[sample.id]}); ids key the results, "
+                            f"so they must be unique")
+        seen[sample.id] = where
+        samples.append(sample)
+    return samples
+
+
+def read_docs(task: Task) -> Iterator[tuple[str, Any]]:
+    """(where, record) of each row of the data: JSON lines ("FILE line N"), a parquet file or an HF datasets
+    folder ("FILE row N", 1-based)."""
+    data = task.data
+    if data.is_dir():
+        yield from _rows(data, _datasets_folder(data, task.split))
+    elif not data.is_file():
+        raise TaskError(f"task {task.name}: data {data} does not exist")
+    elif data.suffix == ".parquet":
+        yield from _rows(data, [_arrow().parquet.read_table(data)])
+    else:
+        with open(data, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield f"{data} line {number}", json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise TaskError(f"{data} line {number}: not JSON ({e})") from None
+
+
+def _arrow():
+    try:
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401  (pyarrow.parquet is a submodule to import)
+    except ImportError:
+        raise TaskError("reading parquet files and HF datasets folders needs pyarrow: pip install pyarrow "
+                        "(or convert the data to JSON lines)") from None
+    return pyarrow
+
+
+def _rows(path: Path, tables: list) -> Iterator[tuple[str, Any]]:
+    n = 0
+    for table in tables:
+        for row in table.to_pylist():
+            n += 1
+            yield f"{path} row {n}", row
+
+
+def _datasets_folder(folder: Path, split: str | None) -> list:
+    """The Arrow tables of a folder written by ``datasets``' ``save_to_disk``: state.json lists the Arrow stream
+    files (``_data_files``); a DatasetDict folder has dataset_dict.json and one such folder per split."""
+    if (folder / "dataset_dict.json").exists():
+        splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
+        if split is None and len(splits) == 1:
+            split = splits[0]
+        if split not in splits:
+            raise TaskError(f"{folder} is a datasets folder with splits {', '.join(splits)}: say which with "
+                            f"\"split:\" in the task file")
+        folder = folder / split
+    state_file = folder / "state.json"
+    if not state_file.exists():
+        raise TaskError(f"{folder}: a folder that is not a datasets folder (no state.json); give a JSON lines file, "
+                        f"a parquet file or a folder written by datasets' save_to_disk")
+    state = json.loads(state_file.read_text())
+    if state.get("_indices_data_files"):
+        raise TaskError(f"{folder}: saved with an indices mapping (a select / shuffle not flattened); save it "
+                        f"again after dataset.flatten_indices()")
+    pa = _arrow()
+    tables = []
+    for entry in state["_data_files"]:
+        with pa.memory_map(str(folder / entry["filename"]), "r") as source:
+            tables.append(pa.ipc.open_stream(source).read_all())
+    return tables
+
+
+def make_sample(task: Task, doc: dict, where: str) -> Sample:
+    f = task.fields
+    sample_id = str(doc[f["id"]]) if f["id"] in doc else where.rsplit(" ", 1)[-1]
+    media = {kind: _paths(task, doc.get(f[kind]), where, kind) for kind in ("image", "video")}
+    options, letters, gold = [], [], None
+    if task.answer != "exact_match":
+        options = doc.get(f["options"])
+        if not isinstance(options, list) or not options or not all(isinstance(o, str) for o in options):
+            raise TaskError(f"{where}: field \"{f['options']}\" must be a non-empty list of option texts")
+        letters = list(string.ascii_uppercase[:len(options)])
+        gold = _gold_index(doc.get(f["answer"]), options, letters, where, f["answer"])
+    else:
+        answers = doc.get(f["answer"])
+        gold = [answers] if isinstance(answers, str) else answers
+        if not isinstance(gold, list) or not gold or not all(isinstance(a, str) for a in gold):
+            raise TaskError(f"{where}: field \"{f['answer']}\" must be the answer text or a list of accepted texts")
+    written = "\n".join(task.option_format.format(letter=l, option=o) for l, o in zip(letters, options))
+    try:
+        prompt = task.prompt.format(**{**doc, "options": written, "letters": ", ".join(letters)})
+    except (KeyError, IndexError) as e:
+        raise TaskError(f"{where}: the prompt template uses {e} but the sample has no such field") from None
+    return Sample(sample_id, prompt, media["image"], media["video"], options, gold, letters)
+
+
+def _paths(task: Task, value: Any, where: str, kind: str) -> list[str]:
+    if value is None:
+        return []
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise TaskError(f"{where}: field \"{task.fields[kind]}\" must be a {kind} path or a list of them")
+    return [v if v.startswith("sample:") else str(task.media_root / v) for v in values]
+
+
+def _gold_index(answer: Any, options: list[str], letters: list[str], where: str, key: str) -> int:
+    if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(options):
+        return answer
+    if isinstance(answer, str):
+        if answer.strip().upper() in letters:
+            return letters.index(answer.strip().upper())
+        if answer in options:
+            return options.index(answer)
+    raise TaskError(f"{where}: field \"{key}\" must be a letter ({', '.join(letters)}), an index below "
+                    f"{len(options)} or one of the option texts, got {answer!r}")
