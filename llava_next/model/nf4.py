@@ -188,7 +188,13 @@ def block_absmax(q: NF4Weight) -> torch.Tensor:
         return q.absmax.float()
     n = q.absmax.numel()
     scale = q.absmax_scale.repeat_interleave(ABSMAX_BLOCKSIZE)[:n]  # (blocks,) each code's absmax2
-    return dynamic_code(q.absmax.device)[q.absmax.long()] * scale + q.absmax_offset
+    return _cached_dynamic_code(str(q.absmax.device))[q.absmax.long()] * scale + q.absmax_offset
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_dynamic_code(device: str) -> torch.Tensor:
+    """``dynamic_code`` built once per device: every NF4 forward and backward decodes its absmax with it."""
+    return dynamic_code(device)
 
 
 def nf4_dequantize(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
