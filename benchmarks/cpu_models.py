@@ -95,15 +95,16 @@ def _random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> t
     return t.to(torch.bfloat16)
 
 
-def make_checkpoints(config: LlavaNextConfig, cache: Path = CACHE) -> tuple[Path, Path]:
-    """(llava-hf dir, llava-next dir) for ``config``, written once under ``cache`` and reused."""
+def make_checkpoints(config: LlavaNextConfig, cache: Path = CACHE, name: str | None = None) -> tuple[Path, Path]:
+    """(llava-hf dir, llava-next dir) for ``config``, written once under ``cache / name`` and reused (``name``
+    defaults to the 7B shape's ``video7b-<layers>layers``; another config needs a name of its own)."""
     declare_torchvision_ops()
     from checkpoints import memory_to_disk_key, transformers_config
     from safetensors.torch import save_file
 
     from llava_next_weights.convert import convert
 
-    root = cache / f"video7b-{config.text.num_layers}layers"
+    root = cache / (name or f"video7b-{config.text.num_layers}layers")
     hf_dir, ours_dir = root / "llava-hf", root / "llava-next"
     if (ours_dir / "config.json").is_file() and (hf_dir / "config.json").is_file():
         return hf_dir, ours_dir

@@ -114,3 +114,25 @@ def test_packed_and_quantized_layers_pass_gradients_to_their_input(tmp_path):
     x = torch.randn(2, 128, requires_grad=True)
     with pytest.raises(RuntimeError, match="load the model without pack_for_cpu to train"):
         packed(x).sum().backward()
+
+
+def test_a_batch_without_padding_runs_the_causal_kernel(monkeypatch):
+    """An all-true attention mask (what ``collate`` gives a batch without padding) is dropped: SDPA gets no mask
+    (its causal kernel skips the upper triangle; a mask makes it compute all T x T), and the logits are the same."""
+    import torch.nn.functional as F
+
+    import llava_next.model.attention as attention
+
+    ours, _, ids, mine, _ = tiny_pair("video")
+    masks, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        masks.append(kwargs.get("attn_mask"))
+        return sdpa(*args, **kwargs)
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        plain = ours(ids, **mine, engine=TrainingEngine())
+        masked = ours(ids, **mine, attention_mask=torch.ones(ids.shape, dtype=torch.bool), engine=TrainingEngine())
+    assert torch.equal(plain, masked)
+    decoder_calls = masks[-len(ours.language_model.layers):]
+    assert decoder_calls and all(m is None for m in decoder_calls)

@@ -62,6 +62,18 @@ def test_quantize_and_dequantize_are_bitsandbytes_bit_for_bit(shape, dtype, doub
         assert torch.equal(nf4_dequantize(q, out), bnbf.dequantize_4bit(packed, s))
 
 
+def test_dequantize_in_chunks_is_bitsandbytes(monkeypatch):
+    """Whole blocks dequantize chunk by chunk (``nf4._CHUNK`` values at a time, 4M by default, more than any
+    shape above): with 7 blocks a chunk, 300 blocks make 43 chunks, the last one short; bit for bit still."""
+    import llava_next.model.nf4 as nf4
+
+    monkeypatch.setattr(nf4, "_CHUNK", 7 * 64)
+    for dtype in DTYPES:
+        w = weight((96, 200), dtype, seed=5)
+        packed, state = bnb_quantize(w)
+        assert torch.equal(nf4_dequantize(nf4_quantize(w)), bnbf.dequantize_4bit(packed, state))
+
+
 def test_double_quantization_edge_cases():
     """Blocks whose absmax all equal their mean (a single block, a constant weight): the second-level absmax is
     0 and bitsandbytes stores code 0; an all-zero weight; large and tiny magnitudes."""

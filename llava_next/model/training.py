@@ -38,6 +38,8 @@ class TrainingEngine:
     def forward(self, decoder: Decoder, embeds: torch.Tensor, position_ids: torch.Tensor | None = None,
                 key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, C) embeddings -> (B, T, V) logits, differentiable; no cache is written or read."""
+        if key_mask is not None and bool(key_mask.all()):  # no padding: SDPA's causal kernel (it skips the
+            key_mask = None  # upper triangle) instead of a masked one over all T x T, with the same result
         x, ctx = decoder.begin(None, embeds, position_ids, key_mask=key_mask, engine=self)
         try:
             for i in range(len(decoder.layers)):
