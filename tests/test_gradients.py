@@ -100,7 +100,8 @@ def test_packed_and_quantized_layers_pass_gradients_to_their_input(tmp_path):
     linear = torch.nn.Linear(128, 64, bias=False)
     linear.weight = torch.nn.Parameter(load_file(tmp_path / "w.safetensors")["w"], requires_grad=False)
     cases = [(PackedLinear(linear), w), (Int8Linear.from_linear(torch.nn.Linear(128, 64)), None),
-             (Int4Linear.from_linear(torch.nn.Linear(128, 64), group_size=32), None)]
+             (Int4Linear.from_linear(torch.nn.Linear(128, 64), group_size=32), None),
+             (Int8Linear.from_linear(torch.nn.Linear(128, 1200)), None)]  # 3 chunks of output rows, one short
     for layer, weight in cases:
         weight = layer.dequantized(torch.float32) if weight is None else weight
         for rows in (1, 3):  # a decode-sized call takes the int kernels' path without a gradient
@@ -109,6 +110,11 @@ def test_packed_and_quantized_layers_pass_gradients_to_their_input(tmp_path):
             x2 = x.detach().clone().requires_grad_(True)
             torch.nn.functional.linear(x2, weight, layer.bias).pow(2).sum().backward()
             assert rel(x.grad, x2.grad) <= 1e-4, type(layer).__name__
+    for layer in (cases[1][0], cases[2][0]):  # the frozen base keeps nothing for the backward (no float weight)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            layer(torch.randn(3, 128, requires_grad=True))
+        assert saved == [], [tuple(t.shape) for t in saved]
     copy_linear = torch.nn.Linear(128, 64, bias=False)
     packed = PackedLinear(copy_linear)  # anonymous memory: the plain weight is freed
     x = torch.randn(2, 128, requires_grad=True)

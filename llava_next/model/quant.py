@@ -207,6 +207,34 @@ def dequantized_linear(layer: "Int8Linear | Int4Linear", x: torch.Tensor) -> tor
     return out if layer.bias is None else out + layer.bias
 
 
+class _FrozenQuantLinearFn(torch.autograd.Function):
+    """``dequantized_linear`` with a gradient for the input only, keeping nothing for the backward: the
+    backward dequantizes the weight again, ``_CHUNK_ROWS`` rows at a time (grad_x = sum over chunks of
+    grad[..., rows] @ W[rows]), so a frozen int8 / int4 base under LoRA saves no float copy of its weight (as
+    ``_NF4LinearFn``; plain autograd through the chunks kept every dequantized chunk: a second model's worth)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "Int8Linear | Int4Linear") -> torch.Tensor:
+        ctx.layer = layer
+        return dequantized_linear(layer, x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # grad (..., N)
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        layer, N = ctx.layer, ctx.layer.out_features
+        out = torch.zeros(*grad.shape[:-1], layer.in_features, dtype=grad.dtype, device=grad.device)  # (..., K)
+        for i in range(0, N, _CHUNK_ROWS):
+            stop = min(i + _CHUNK_ROWS, N)
+            out += grad[..., i:stop].matmul(layer.dequantized_rows(i, stop, grad.dtype))
+        return out, None
+
+
+def frozen_linear(layer: "Int8Linear | Int4Linear", x: torch.Tensor) -> torch.Tensor:
+    """The quantized layer's output when the input needs a gradient (``_FrozenQuantLinearFn``)."""
+    return _FrozenQuantLinearFn.apply(x, layer)
+
+
 class Int8Linear(nn.Module):
     """``nn.Linear`` with an int8 weight and per-output-channel scales, frozen: the weight never trains, the
     input gets its gradient (through the dequantized weight)."""
@@ -252,7 +280,9 @@ class Int8Linear(nn.Module):
         # a GEMM: oneDNN on the dequantized weight is faster. K % 16 != 0: torch 2.13's int8 CPU kernel
         # reads past each row (wrong numbers, or a segfault near the end of an mmapped file), so dequantize too.
         # A gradient to the input (adapters train on a frozen quantized base): the int kernel has no backward
-        if rows >= DEQUANT_MIN_ROWS or self.in_features % INT8_KERNEL_K or needs_grad(x):
+        if needs_grad(x):
+            return frozen_linear(self, x)
+        if rows >= DEQUANT_MIN_ROWS or self.in_features % INT8_KERNEL_K:
             return dequantized_linear(self, x)
         scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
         if torch.compiler.is_compiling():  # the pattern inductor's CPU weight-only-int8 GEMM template matches
@@ -324,7 +354,9 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows >= DEQUANT_MIN_ROWS or needs_grad(x):  # a GEMM, or a gradient (the int kernel has no backward)
+        if needs_grad(x):  # the int kernel has no backward
+            return frozen_linear(self, x)
+        if rows >= DEQUANT_MIN_ROWS:  # a GEMM: oneDNN on the dequantized weight is faster
             return dequantized_linear(self, x)
         if self.packed is None:
             self.init_buffers(self.weight.device)

@@ -15,21 +15,22 @@ decoder's width, I its MLP width, s the compute dtype's bytes, a the adapters':
   AdamW's two moments, all in the adapters' dtype (fp32 by default, as PEFT keeps them).
 - **saved for backward**, per block (what autograd keeps; ``block_saved_bytes``, measured in
   tests/test_train_memory.py with ``saved_tensors_hooks``): each RMSNorm's fp32 input and its rsqrt; SDPA's
-  rotated q, k, v, output and log-sum-exp; the (B, 1, T, T) attention mask in the compute dtype (SDPA turns
-  the boolean key mask ``collate`` passes into an additive one and keeps it); the MLP's gate, silu(gate) and up;
+  rotated q, k, v, output and log-sum-exp; for a padded batch the (B, 1, T, T) attention mask in the compute
+  dtype (SDPA turns the boolean key mask into an additive one and keeps it; ``TrainingEngine`` passes none for
+  an unpadded batch); the MLP's gate, silu(gate) and up;
   and per LoRA target its input in the adapters' dtype (a copy per target when that dtype differs from the
   compute dtype: fp32 adapters on a bf16 base double the block's activations), the dropout mask (dropout > 0)
-  and the r-wide ``lora_A`` output. A frozen int8 base keeps its dequantized weight for the input's gradient
-  (``model/quant.py``'s ``dequantized_linear`` is plain autograd); NF4 keeps nothing (``_NF4LinearFn``
-  dequantizes again in backward). Without checkpointing every block's tensors stay until the backward reaches
+  and the r-wide ``lora_A`` output. A frozen int8 or NF4 base keeps nothing (``_FrozenQuantLinearFn``,
+  ``_NF4LinearFn``: the weight is dequantized again in the backward). Without checkpointing every block's tensors stay until the backward reaches
   it; with it only each block's (B, T, C) input stays, and one block's tensors exist again while its backward
   runs (recomputed). The first block keeps less when nothing before the decoder trains (its input needs no
   gradient).
 - **logits**: the loss (``causal_lm_loss``, fp32 cross-entropy) keeps the fp32 log-softmax (N, V); its backward
   adds two more fp32 (N, V) gradients on top of everything saved: the peak of a step without checkpointing.
-- **NF4 dequantization**: an NF4 linear dequantizes its whole weight in the forward and again in the backward,
-  20 bytes a weight for a moment (``model/nf4.py``: int64 indices, fp32 values, output and product); lm_head's
-  (V x C, 2.6 GB for a 7B) beside the logits' gradient, a block's largest linear beside its recomputed tensors.
+- **NF4 dequantization**: an NF4 linear dequantizes its whole weight in the forward and again in the backward:
+  for a moment the weight in the compute dtype plus one chunk's fp32 temporaries (``model/nf4.py``); lm_head's
+  (V x C, 263 MB in bf16 for a 7B) beside the logits' gradient, a block's largest linear beside its recomputed
+  tensors.
 - **vision forward**: the frozen tower runs without a graph (nothing kept), ``FRAME_BATCH`` frames at a time,
   before the decoder: its features and one chunk's activations, never at the same time as the decoder's.
 
@@ -85,7 +86,8 @@ class TrainSetting:
     dropout: float = 0.0
     targets: tuple[str, ...] = DECODER_TARGETS
     projector: Literal["frozen", "full"] = "frozen"
-    attention_mask: bool = True  # collate always passes one: SDPA keeps an additive (T, T) mask per block
+    attention_mask: bool = False  # a padded batch (rows of different lengths): SDPA keeps an additive (T, T)
+    # mask per block; an unpadded one has none (TrainingEngine drops an all-true mask)
 
     def __post_init__(self) -> None:
         for name, least in (("frames", 0), ("text_tokens", 0), ("lora_rank", 1), ("batch", 1)):
@@ -163,8 +165,6 @@ def block_saved_bytes(config: LlavaNextConfig, setting: TrainSetting, n_tokens: 
     shared = {"o_proj"}
     for name, (k, n) in _linears(config).items():
         grad_in = input_needs_grad or name not in ("q_proj", "k_proj", "v_proj")
-        if setting.quantize == "int8" and grad_in:
-            total += n * k * s  # the dequantized weight the input's gradient needs
         if name not in setting.targets:
             continue
         group = _INPUT_GROUP.get(name, name)
@@ -180,15 +180,12 @@ def block_saved_bytes(config: LlavaNextConfig, setting: TrainSetting, n_tokens: 
 
 
 def head_saved_bytes(config: LlavaNextConfig, setting: TrainSetting, n_tokens: int) -> int:
-    """What the final norm, lm_head and the loss keep: the norm's fp32 input, lm_head's dequantized int8 weight,
-    the fp32 log-softmax (N, V) and the int64 targets; without checkpointing also RoPE's cos / sin (every
+    """What the final norm, lm_head and the loss keep: the norm's fp32 input, the fp32 log-softmax (N, V) and the int64 targets; without checkpointing also RoPE's cos / sin (every
     block saves the same two; with it they are recomputed, and only the blocks' context holds them)."""
     t, s, N = config.text, _size(setting.dtype), setting.batch * n_tokens
     total = N * t.hidden_size * 4 + N * 4 + N * t.vocab_size * 4 + N * 8
     if not setting.checkpointing:
         total += 2 * N * t.head_dim * s
-    if setting.quantize == "int8" and not t.tie_word_embeddings:  # a tied head is the float embedding
-        total += t.vocab_size * t.hidden_size * s
     return total
 
 
@@ -198,11 +195,13 @@ def logits_bytes(config: LlavaNextConfig, setting: TrainSetting, n_tokens: int) 
     return 2 * setting.batch * n_tokens * config.text.vocab_size * 4
 
 
-def dequantize_bytes(n_weights: int) -> int:
-    """An NF4 linear's transient while it dequantizes its whole weight (``model/nf4.py`` ``nf4_dequantize``, in
-    the forward and again in the backward): int64 code indices, fp32 code values, the fp32 output and the
-    fp32 product of values and absmax, 20 bytes a weight."""
-    return 20 * n_weights
+def dequantize_bytes(n_weights: int, dtype: torch.dtype) -> int:
+    """An NF4 linear's transient while it dequantizes its weight (``model/nf4.py`` ``nf4_dequantize``, in the
+    forward and again in the backward): the output in the compute dtype, the fp32 absmax per block of 64, and
+    per chunk of at most ``_CHUNK`` values their int32 pair codes (one per 4 values) and fp32 code values."""
+    from ..model.nf4 import _CHUNK
+
+    return n_weights * _size(dtype) + n_weights // 64 * 4 + min(n_weights, _CHUNK) * 5
 
 
 def vision_bytes(config: LlavaNextConfig, setting: TrainSetting) -> int:
@@ -279,8 +278,8 @@ def training_memory(config: LlavaNextConfig, setting: TrainSetting = TrainSettin
         visual = setting.batch * (n - setting.text_tokens)
         saved += visual * (config.vision.hidden_size + 2 * t.hidden_size) * _size(setting.dtype)
     nf4 = setting.quantize == "nf4"
-    dq_head = dequantize_bytes(t.vocab_size * t.hidden_size) if nf4 and not t.tie_word_embeddings else 0
-    dq_block = dequantize_bytes(max(k * m for k, m in _linears(config).values())) if nf4 else 0
+    dq_head = dequantize_bytes(t.vocab_size * t.hidden_size, setting.dtype) if nf4 and not t.tie_word_embeddings else 0
+    dq_block = dequantize_bytes(max(k * m for k, m in _linears(config).values()), setting.dtype) if nf4 else 0
     p = trainable_params(config, setting)
     return TrainingMemory(setting, n, weight_bytes(config, setting.dtype, setting.quantize), p * a, p * a, 2 * p * a,
                           saved, recompute, logits_bytes(config, setting, n), dq_head, dq_block,
