@@ -32,7 +32,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 for top in ("llava_next", "llava_next_kernels", "llava_next_weights"):
     pkg = importlib.import_module(top)
     for info in pkgutil.walk_packages(pkg.__path__, top + "."):
-        importlib.import_module(info.name)
+        if info.name != "llava_next.eval.lmms":  # the lmms-eval backend: only lmms-eval imports it (and brings transformers)
+            importlib.import_module(info.name)
     print(top, pkg.__file__)
 assert "transformers" not in sys.modules and "torchvision" not in sys.modules
 """
@@ -65,7 +66,8 @@ class Block:
 sys.meta_path.insert(0, Block())
 import torch, llava_next
 for info in pkgutil.walk_packages(llava_next.__path__, "llava_next."):
-    importlib.import_module(info.name)
+    if info.name != "llava_next.eval.lmms":  # the lmms-eval backend: only lmms-eval imports it
+        importlib.import_module(info.name)
 from llava_next.model import attention, pooling
 q = torch.randn(1, 2, 5, 8)
 out = attention.attention(q, q, q, causal=True)  # auto on CPU: SDPA
