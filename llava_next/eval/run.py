@@ -165,7 +165,7 @@ class Evaluator:
             prediction = self._decode(output)
             if t.answer == "mc_generate":
                 gold = s.gold_letter
-                parsed, correct = letter_correct(t.parser, prediction, gold)
+                parsed, correct = letter_correct(t.parser, prediction, gold, s.options)
             else:
                 gold = s.gold
                 parsed, correct = exact_match(prediction, gold, ignore_case=t.ignore_case,
