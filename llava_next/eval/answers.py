@@ -18,6 +18,9 @@ MVBench tasks, and exact match.
   occurrence comes first (argmin). No candidate: lmms-eval draws a random letter (``random.choice``); here
   the answer is "" (unparsed, wrong), so a run is deterministic — on a model that often answers without a
   letter, lmms-eval's score is higher by about (unparsed / options) / samples.
+- ``longvideobench_letter`` is LongVideoBench's ``parse_multi_choice_response`` (``lmms_eval/tasks/
+  longvideobench/utils.py``): Video-MME's extraction over A-E, its prefix list without the missing commas; a
+  random letter there too where none is found ("" here).
 - ``exact_match``: lm-evaluation-harness's ``exact_match`` metric with its ``ignore_case`` and
   ``ignore_punctuation`` options (both off by default there; here the task YAML sets them), after stripping
   surrounding whitespace.
@@ -31,7 +34,7 @@ import string
 import numpy as np
 from typing import Callable, Literal, Sequence
 
-Parser = Literal["videomme", "mvbench", "nextqa", "egoschema"]
+Parser = Literal["videomme", "mvbench", "nextqa", "egoschema", "longvideobench"]
 
 _VIDEOMME_PREFIXES = [
     "The best answer is",
@@ -79,6 +82,22 @@ def mvbench_letter(text: str) -> str:
     s = s.strip("'").strip('"').strip(")").strip("(").strip().lower()
     letter = re.search(r"\b([A-E])\b", s, re.IGNORECASE)
     return letter.group(1).upper() if letter else s
+
+
+_LVB_PREFIXES = ["The best answer is", "The correct answer is", "The answer is", "The answer", "The best option is",
+                 "The correct option is", "Best answer:", "Best option:"]
+
+
+def longvideobench_letter(text: str, options: Sequence[str] = ()) -> str:
+    """lmms-eval LongVideoBench's ``parse_multi_choice_response``: Video-MME's extraction over A-E with the prefix
+    list written out in full; "" where lmms-eval picks a random letter."""
+    s = text.strip()
+    for prefix in _LVB_PREFIXES:
+        s = s.replace(prefix, "")
+    if len(s.split()) > 10 and not re.search("[ABCDE]", s):
+        return ""
+    match = re.search(r"[ABCDE]", s)
+    return "" if match is None else match[0]
 
 
 def _mmmu_prepare(text: str, options: Sequence[str]) -> tuple[str, list[str], dict[str, str]]:
@@ -145,6 +164,7 @@ PARSERS: dict[str, Callable[..., str]] = {
     "mvbench": lambda text, options=(): mvbench_letter(text),
     "nextqa": nextqa_letter,
     "egoschema": egoschema_letter,
+    "longvideobench": longvideobench_letter,
 }
 
 

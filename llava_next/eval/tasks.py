@@ -25,7 +25,8 @@ C"), the visual is a field holding a path, the target a field, and the judging o
 
 Official data files keep a benchmark's own schema: ``video_path`` / ``image_path`` build the media path from
 the record (``"data/{videoID}.mp4"``: Video-MME names its videos by id), ``option_fields`` reads the options
-from several fields (NExT-QA's ``a0`` ... ``a4``), and a data file may also be one JSON array (``.json``,
+from several fields (NExT-QA's ``a0`` ... ``a4``; ``skip_options`` drops placeholders such as LongVideoBench's
+"N/A"), and a data file may also be one JSON array (``.json``,
 MVBench's ``json/*.json``). The bundled task files of the published benchmarks are in ``llava_next/eval/benchmarks/``
 (``bundled_task``; docs/evaluation.md says where each data file comes from).
 
@@ -79,6 +80,7 @@ class Task:
     video_path: str | None = None  # the video's path as a template over the record ("data/{videoID}.mp4")
     image_path: str | None = None  # likewise for an image
     option_fields: list | None = None  # the options as several fields (["a0", "a1", ...]), instead of fields.options
+    skip_options: list = field(default_factory=list)  # option texts that mean "no option" (LongVideoBench's "N/A")
     source: Path | None = None  # the YAML file
 
     def to_dict(self) -> dict:
@@ -258,7 +260,7 @@ def make_sample(task: Task, doc: dict, where: str) -> Sample:
             missing = [name for name in task.option_fields if not isinstance(doc.get(name), str)]
             if missing:
                 raise TaskError(f"{where}: option field(s) {', '.join(missing)} missing or not text")
-            options = [doc[name] for name in task.option_fields]
+            options = [doc[name] for name in task.option_fields if doc[name] not in task.skip_options]
         else:
             options = doc.get(f["options"])
         if not isinstance(options, list) or not options or not all(isinstance(o, str) for o in options):
