@@ -92,6 +92,8 @@ SKIP = {  # (document, start of the command) -> why it cannot run here
     ("training.md", "llava-next run --model llava-hf/LLaVA-NeXT-Video-7B-hf --adapter runs/ko"):
         "needs the adapter of the training run above it: tests/test_lora.py runs --adapter",
     ("training.md", "torchrun --nproc-per-node 2"): "several processes (torchrun): tests/test_train.py runs 2 ranks",
+    ("evaluation.md", "llava-next eval --task videomme"): "needs the Video-MME download: "
+                                                            "tests/test_eval_benchmarks.py runs it on a fixture file",
 }
 EXPECT: dict[tuple[str, str], tuple[int, str]] = {}  # (document, start of the command) -> (exit code, message)
 

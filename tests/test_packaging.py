@@ -32,7 +32,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 for top in ("llava_next", "llava_next_kernels", "llava_next_weights"):
     pkg = importlib.import_module(top)
     for info in pkgutil.walk_packages(pkg.__path__, top + "."):
-        importlib.import_module(info.name)
+        if info.name != "llava_next.eval.lmms":  # the lmms-eval backend: only lmms-eval imports it (and brings transformers)
+            importlib.import_module(info.name)
     print(top, pkg.__file__)
 assert "transformers" not in sys.modules and "torchvision" not in sys.modules
 """
@@ -65,7 +66,8 @@ class Block:
 sys.meta_path.insert(0, Block())
 import torch, llava_next
 for info in pkgutil.walk_packages(llava_next.__path__, "llava_next."):
-    importlib.import_module(info.name)
+    if info.name != "llava_next.eval.lmms":  # the lmms-eval backend: only lmms-eval imports it
+        importlib.import_module(info.name)
 from llava_next.model import attention, pooling
 q = torch.randn(1, 2, 5, 8)
 out = attention.attention(q, q, q, causal=True)  # auto on CPU: SDPA
@@ -158,8 +160,11 @@ def test_wheel_contains_the_three_packages_and_imports_from_it(tmp_path):
             rel = f"llava_next/{rel}" if folder.name == "llava_next" else rel
             assert rel in names, f"{rel} is not in the wheel: add its package to pyproject.toml"
     assert not any(n.startswith(("kernels/", "weights/", "tests/", "benchmarks/")) for n in names)
-    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "llava-next = llava_next.cli.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    for task in (REPO / "llava_next" / "eval" / "benchmarks").glob("*.yaml"):  # the bundled benchmark tasks
+        assert f"llava_next/eval/benchmarks/{task.name}" in names, f"{task.name} is not in the wheel (package-data)"
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "llava-next = llava_next.cli.main:main" in entry_points
+    assert "[lmms_eval.models]\nllava_next_reimpl = llava_next.eval.lmms:manifest" in entry_points  # lmms-eval finds it
 
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)  # a pure-Python wheel installs by unpacking

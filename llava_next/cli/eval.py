@@ -52,7 +52,12 @@ def add_eval(sub, *, user_error) -> None:
                                    "OUT/samples.jsonl as it goes and OUT/summary.json (accuracy, bootstrap 95% "
                                    "interval, visual tokens and seconds per sample, versions, checkpoint hash). "
                                    "Rerun the same command to resume.")
-    p.add_argument("--task", required=True, metavar="TASK.yaml")
+    p.add_argument("--task", required=True, metavar="TASK.yaml", help="a task file, or a bundled task's name "
+                                                                   "(videomme, mvbench_action_sequence, ...)")
+    p.add_argument("--data", default=None, metavar="FILE", help="the data file (replaces the task file's "
+                                                                "data:); for bundled tasks, the official file")
+    p.add_argument("--media-root", default=None, metavar="DIR", help="media paths are relative to this "
+                                                                     "(replaces the task file's media_root:)")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--limit", type=options.positive, default=None, help="only the first N samples")
     p.add_argument("--seed", type=int, default=0, help="the bootstrap's seed (generation is greedy; default 0)")
@@ -135,7 +140,7 @@ def _eval(args: argparse.Namespace, user_error) -> int:
     from ..reduce import ReductionError, parse_reduction
     from ..runtime.loading import resolve_checkpoint
 
-    task = load_task(args.task)
+    task = load_task(args.task, data=args.data, media_root=args.media_root)
     env = dist_env()
     device = f"cuda:{env.local_rank}" if args.device == "cuda" else "cpu"
     model_id, load = _loader(args, user_error, device)

@@ -10,6 +10,17 @@ MVBench tasks, and exact match.
   else newlines and tabs to spaces, punctuation handled as VQA's ``processPunctuation``, quotes and
   parentheses stripped, lower-cased, then the first standalone letter a-e (as a word) upper-cased, else the
   processed text itself. lmms-eval compares ``process(pred) == process(gold letter)``; so does ``correct``.
+- ``nextqa_letter`` and ``egoschema_letter`` are MMMU's ``parse_multi_choice_response`` as two lmms-eval tasks
+  copy it (``lmms_eval/tasks/nextqa/utils.py``, ``lmms_eval/tasks/egoschema/utils.py``, lmms-eval 0.7.3).
+  Strip ``,.!?;:'`` from both ends, pad with spaces, then collect candidates: "(A)"; else (nextqa) / also
+  (egoschema) "A " and "A."; with none and more than 5 words, the options whose text appears (lower case).
+  Several candidates: nextqa takes the one found last (``rfind``, argmax), egoschema the one whose last
+  occurrence comes first (argmin). No candidate: lmms-eval draws a random letter (``random.choice``); here
+  the answer is "" (unparsed, wrong), so a run is deterministic — on a model that often answers without a
+  letter, lmms-eval's score is higher by about (unparsed / options) / samples.
+- ``longvideobench_letter`` is LongVideoBench's ``parse_multi_choice_response`` (``lmms_eval/tasks/
+  longvideobench/utils.py``): Video-MME's extraction over A-E, its prefix list without the missing commas; a
+  random letter there too where none is found ("" here).
 - ``exact_match``: lm-evaluation-harness's ``exact_match`` metric with its ``ignore_case`` and
   ``ignore_punctuation`` options (both off by default there; here the task YAML sets them), after stripping
   surrounding whitespace.
@@ -19,9 +30,11 @@ from __future__ import annotations
 
 import re
 import string
-from typing import Callable, Literal
 
-Parser = Literal["videomme", "mvbench"]
+import numpy as np
+from typing import Callable, Literal, Sequence
+
+Parser = Literal["videomme", "mvbench", "nextqa", "egoschema", "longvideobench"]
 
 _VIDEOMME_PREFIXES = [
     "The best answer is",
@@ -71,12 +84,94 @@ def mvbench_letter(text: str) -> str:
     return letter.group(1).upper() if letter else s
 
 
-PARSERS: dict[str, Callable[[str], str]] = {"videomme": videomme_letter, "mvbench": mvbench_letter}
+_LVB_PREFIXES = ["The best answer is", "The correct answer is", "The answer is", "The answer", "The best option is",
+                 "The correct option is", "Best answer:", "Best option:"]
 
 
-def letter_correct(parser: Parser, prediction: str, gold_letter: str) -> tuple[str, bool]:
-    """(the parsed answer, whether it is the gold letter) as the parser's lmms-eval task judges it."""
-    parsed = PARSERS[parser](prediction)
+def longvideobench_letter(text: str, options: Sequence[str] = ()) -> str:
+    """lmms-eval LongVideoBench's ``parse_multi_choice_response``: Video-MME's extraction over A-E with the prefix
+    list written out in full; "" where lmms-eval picks a random letter."""
+    s = text.strip()
+    for prefix in _LVB_PREFIXES:
+        s = s.replace(prefix, "")
+    if len(s.split()) > 10 and not re.search("[ABCDE]", s):
+        return ""
+    match = re.search(r"[ABCDE]", s)
+    return "" if match is None else match[0]
+
+
+def _mmmu_prepare(text: str, options: Sequence[str]) -> tuple[str, list[str], dict[str, str]]:
+    response = text
+    for char in [",", ".", "!", "?", ";", ":", "'"]:
+        response = response.strip(char)
+    letters = list(string.ascii_uppercase[:len(options)])
+    return " " + response + " ", letters, {c: o.strip() for c, o in zip(letters, options)}
+
+
+def _by_text(response: str, index2ans: dict[str, str]) -> list[str]:
+    """With no letter found in a response of more than 5 words: the options whose text it contains."""
+    if len(response.split()) <= 5:
+        return []
+    return [c for c, ans in index2ans.items() if ans.lower() in response.lower()]
+
+
+def nextqa_letter(text: str, options: Sequence[str]) -> str:
+    """lmms-eval NExT-QA's ``parse_multi_choice_response``: "(A)", else "A ", else "A.", else an option's text;
+    of several, the one found last; none: "" (lmms-eval: a random letter)."""
+    response, letters, index2ans = _mmmu_prepare(text, options)
+    candidates = [c for c in letters if f"({c})" in response]
+    brackets, index_ans = bool(candidates), True
+    for pattern in ("{} ", "{}."):
+        if not candidates:
+            candidates = [c for c in letters if pattern.format(c) in response]
+    if not candidates:
+        candidates = _by_text(response, index2ans)
+        index_ans = False
+    if not candidates:
+        return ""
+    if len(candidates) == 1:
+        return candidates[0]
+    if not index_ans:
+        where = [response.lower().rfind(index2ans[c].lower()) for c in candidates]
+    else:
+        where = [response.rfind(f"({c})" if brackets else f" {c} ") for c in candidates]
+    return candidates[int(np.argmax(where))]
+
+
+def egoschema_letter(text: str, options: Sequence[str]) -> str:
+    """lmms-eval EgoSchema's ``parse_multi_choice_response``: every "(A)", "A " and "A." found, else the options'
+    texts; of several, the one whose last occurrence comes first; none: "" (lmms-eval: a random letter)."""
+    response, letters, index2ans = _mmmu_prepare(text, options)
+    candidates = [f"({c})" for c in letters if f"({c})" in response]
+    candidates += [f"{c} " for c in letters if f"{c} " in response]
+    candidates += [f"{c}." for c in letters if f"{c}." in response]
+    index_ans = True
+    if not candidates:
+        candidates = _by_text(response, index2ans)
+        index_ans = False
+    if not candidates:
+        return ""
+    if len(candidates) > 1:
+        where = [response.rfind(c) if index_ans else response.lower().rfind(index2ans[c].lower()) for c in candidates]
+        pick = candidates[int(np.argmin(where))]
+    else:
+        pick = candidates[0]
+    return pick.replace("(", "").replace(")", "").replace(".", "").strip()
+
+
+PARSERS: dict[str, Callable[..., str]] = {
+    "videomme": lambda text, options=(): videomme_letter(text),
+    "mvbench": lambda text, options=(): mvbench_letter(text),
+    "nextqa": nextqa_letter,
+    "egoschema": egoschema_letter,
+    "longvideobench": longvideobench_letter,
+}
+
+
+def letter_correct(parser: Parser, prediction: str, gold_letter: str, options: Sequence[str] = ()) -> tuple[str, bool]:
+    """(the parsed answer, whether it is the gold letter) as the parser's lmms-eval task judges it (``options``:
+    the option texts, which the nextqa and egoschema parsers also match)."""
+    parsed = PARSERS[parser](prediction, options)
     if parser == "mvbench":  # mcq_acc: process(pred) == process(gold)
         return parsed, parsed == mvbench_letter(gold_letter)
     return parsed, parsed.lower() == gold_letter.lower()  # videomme_process_results

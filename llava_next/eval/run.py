@@ -150,14 +150,7 @@ class Evaluator:
         if self.task.answer == "mc_loglikelihood":
             logprobs, greedy = score_requests(self.pipe, requests, conts)
             return list(zip(logprobs, greedy))
-        out: list = [None] * len(requests)
-        for factor in {r.plan.factor for r in requests}:  # one RoPE factor per batch (batch.py groups the same)
-            rows = [i for i, r in enumerate(requests) if r.plan.factor == factor]
-            answers = self.pipe.generate_batch([requests[i] for i in rows], max_new_tokens=self.task.max_new_tokens,
-                                               template=self.task.template)
-            for i, tokens in zip(rows, answers):
-                out[i] = tokens
-        return out
+        return generate_answers(self.pipe, requests, self.task.max_new_tokens, self.task.template)
 
     def _record(self, s: Sample, request: Request, conts, output, prep_s: float, model_s: float) -> dict:
         t = self.task
@@ -172,7 +165,7 @@ class Evaluator:
             prediction = self._decode(output)
             if t.answer == "mc_generate":
                 gold = s.gold_letter
-                parsed, correct = letter_correct(t.parser, prediction, gold)
+                parsed, correct = letter_correct(t.parser, prediction, gold, s.options)
             else:
                 gold = s.gold
                 parsed, correct = exact_match(prediction, gold, ignore_case=t.ignore_case,
@@ -184,10 +177,28 @@ class Evaluator:
                             "seconds": round(prep_s + model_s, 4)}}
 
     def _decode(self, tokens: list[int]) -> str:
-        from ..inputs.prompt import stop_token_ids
+        return decode_answer(self.pipe, tokens, self.task.template)
 
-        stops = set(stop_token_ids(self.pipe.tokenizer, self.task.template or self.pipe.config.template))
-        return self.pipe.tokenizer.decode(tokens[:-1] if tokens and tokens[-1] in stops else tokens)
+
+def generate_answers(pipe: Pipeline, requests: Sequence[Request], max_new_tokens: int,
+                     template: str | None) -> list[list[int]]:
+    """Each prepared request's greedy answer ids (up to its stop token), batched; one RoPE factor per forward
+    (batch.py groups the same). Also the lmms-eval backend's (lmms.py)."""
+    out: list = [None] * len(requests)
+    for factor in {r.plan.factor for r in requests}:
+        rows = [i for i, r in enumerate(requests) if r.plan.factor == factor]
+        answers = pipe.generate_batch([requests[i] for i in rows], max_new_tokens=max_new_tokens, template=template)
+        for i, tokens in zip(rows, answers):
+            out[i] = tokens
+    return out
+
+
+def decode_answer(pipe: Pipeline, tokens: list[int], template: str | None) -> str:
+    """The answer's text, its stop token dropped."""
+    from ..inputs.prompt import stop_token_ids
+
+    stops = set(stop_token_ids(pipe.tokenizer, template or pipe.config.template))
+    return pipe.tokenizer.decode(tokens[:-1] if tokens and tokens[-1] in stops else tokens)
 
 
 # ---- the job --------------------------------------------------------------------------------------

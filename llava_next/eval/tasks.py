@@ -23,7 +23,14 @@ C"), the visual is a field holding a path, the target a field, and the judging o
   highest by ``rank_by`` (``logprob``: lm-eval's acc; ``per_char``: its acc_norm; ``per_token``, ``per_byte``);
 - ``exact_match``: generate, compare with the gold answer(s) (``ignore_case``, ``ignore_punctuation``).
 
-The gold of a multiple-choice sample may be a letter ("B"), an index (1) or the option's text. Every
+Official data files keep a benchmark's own schema: ``video_path`` / ``image_path`` build the media path from
+the record (``"data/{videoID}.mp4"``: Video-MME names its videos by id), ``option_fields`` reads the options
+from several fields (NExT-QA's ``a0`` ... ``a4``; ``skip_options`` drops placeholders such as LongVideoBench's
+"N/A"), and a data file may also be one JSON array (``.json``,
+MVBench's ``json/*.json``). The bundled task files of the published benchmarks are in ``llava_next/eval/benchmarks/``
+(``bundled_task``; docs/evaluation.md says where each data file comes from).
+
+The gold of a multiple-choice sample may be a letter ("B"), an index (1 or "1") or the option's text. Every
 unknown key, missing field or bad value is a ``TaskError`` naming the file, the key or the line.
 Data: a JSON lines file, a parquet file (``.parquet``) or a folder written by ``datasets``' ``save_to_disk``
 (Arrow stream files listed in its state.json; a DatasetDict folder with ``split:``), the last two read with
@@ -70,6 +77,10 @@ class Task:
     template: str | None = None
     system: str | None = None
     split: str | None = None  # an HF DatasetDict folder: which split
+    video_path: str | None = None  # the video's path as a template over the record ("data/{videoID}.mp4")
+    image_path: str | None = None  # likewise for an image
+    option_fields: list | None = None  # the options as several fields (["a0", "a1", ...]), instead of fields.options
+    skip_options: list = field(default_factory=list)  # option texts that mean "no option" (LongVideoBench's "N/A")
     source: Path | None = None  # the YAML file
 
     def to_dict(self) -> dict:
@@ -94,13 +105,17 @@ class Sample:
         return self.letters[self.gold]
 
 
-def load_task(path: str | Path) -> Task:
-    """The task of a YAML file; relative paths are relative to the file's folder."""
+def load_task(path: str | Path, *, data: str | Path | None = None, media_root: str | Path | None = None) -> Task:
+    """The task of a YAML file, or of a bundled task by name ("videomme"); relative paths are relative to the
+    file's folder. ``data`` / ``media_root`` replace the file's (where the user keeps the official files)."""
     import yaml
 
     path = Path(path)
+    if not path.is_file() and str(path) in bundled_tasks():
+        path = bundled_tasks()[str(path)]
     if not path.is_file():
-        raise TaskError(f"--task {path}: no such file; give a task YAML file (docs/evaluation.md)")
+        raise TaskError(f"--task {path}: no such file or bundled task; give a task YAML file or one of "
+                        f"{', '.join(bundled_tasks())} (docs/evaluation.md)")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
@@ -116,9 +131,10 @@ def load_task(path: str | Path) -> Task:
             raise TaskError(f"{path}: \"{key}\" is missing")
     if raw["answer"] not in ANSWER_TYPES:
         raise TaskError(f"{path}: answer must be one of {', '.join(ANSWER_TYPES)}, got {raw['answer']!r}")
-    data = (path.parent / str(raw["data"])).resolve()
+    data = Path(data).resolve() if data is not None else (path.parent / str(raw["data"])).resolve()
     root = raw.get("media_root")
-    media_root = (path.parent / str(root)).resolve() if root is not None else data.parent
+    media_root = Path(media_root).resolve() if media_root is not None else \
+        (path.parent / str(root)).resolve() if root is not None else data.parent
     fields = dict(FIELDS)
     fields.update(raw.get("fields") or {})
     task = Task(**{**raw, "name": str(raw.get("name") or path.stem), "data": data, "media_root": media_root,
@@ -130,6 +146,9 @@ def load_task(path: str | Path) -> Task:
 def _check(task: Task, path: Path) -> None:
     from .answers import PARSERS
 
+    if task.option_fields is not None and (not isinstance(task.option_fields, list) or not task.option_fields
+                                           or not all(isinstance(f, str) for f in task.option_fields)):
+        raise TaskError(f"{path}: option_fields must be a list of field names, got {task.option_fields!r}")
     if task.answer == "mc_generate" and task.parser not in PARSERS:
         raise TaskError(f"{path}: parser must be one of {', '.join(PARSERS)}, got {task.parser!r}")
     if task.rank_by not in RANKS:
@@ -167,6 +186,15 @@ def read_docs(task: Task) -> Iterator[tuple[str, Any]]:
         raise TaskError(f"task {task.name}: data {data} does not exist")
     elif data.suffix == ".parquet":
         yield from _rows(data, [_arrow().parquet.read_table(data)])
+    elif data.suffix == ".json":
+        try:
+            records = json.loads(data.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise TaskError(f"{data}: not JSON ({e})") from None
+        if not isinstance(records, list):
+            raise TaskError(f"{data}: a .json data file must be one JSON array of records (or use JSON lines)")
+        for number, record in enumerate(records, 1):
+            yield f"{data} item {number}", record
     else:
         with open(data, encoding="utf-8") as f:
             for number, line in enumerate(f, 1):
@@ -225,10 +253,16 @@ def _datasets_folder(folder: Path, split: str | None) -> list:
 def make_sample(task: Task, doc: dict, where: str) -> Sample:
     f = task.fields
     sample_id = str(doc[f["id"]]) if f["id"] in doc else where.rsplit(" ", 1)[-1]
-    media = {kind: _paths(task, doc.get(f[kind]), where, kind) for kind in ("image", "video")}
+    media = {kind: _paths(task, _media_value(task, doc, kind, where), where, kind) for kind in ("image", "video")}
     options, letters, gold = [], [], None
     if task.answer != "exact_match":
-        options = doc.get(f["options"])
+        if task.option_fields:
+            missing = [name for name in task.option_fields if not isinstance(doc.get(name), str)]
+            if missing:
+                raise TaskError(f"{where}: option field(s) {', '.join(missing)} missing or not text")
+            options = [doc[name] for name in task.option_fields if doc[name] not in task.skip_options]
+        else:
+            options = doc.get(f["options"])
         if not isinstance(options, list) or not options or not all(isinstance(o, str) for o in options):
             raise TaskError(f"{where}: field \"{f['options']}\" must be a non-empty list of option texts")
         letters = list(string.ascii_uppercase[:len(options)])
@@ -246,6 +280,17 @@ def make_sample(task: Task, doc: dict, where: str) -> Sample:
     return Sample(sample_id, prompt, media["image"], media["video"], options, gold, letters)
 
 
+def _media_value(task: Task, doc: dict, kind: str, where: str) -> Any:
+    """The record's media path: the ``video_path`` / ``image_path`` template filled in, else the field's value."""
+    template = task.video_path if kind == "video" else task.image_path
+    if template is None:
+        return doc.get(task.fields[kind])
+    try:
+        return template.format(**doc)
+    except (KeyError, IndexError) as e:
+        raise TaskError(f"{where}: {kind}_path {template!r} uses {e} but the sample has no such field") from None
+
+
 def _paths(task: Task, value: Any, where: str, kind: str) -> list[str]:
     if value is None:
         return []
@@ -258,6 +303,8 @@ def _paths(task: Task, value: Any, where: str, kind: str) -> list[str]:
 def _gold_index(answer: Any, options: list[str], letters: list[str], where: str, key: str) -> int:
     if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(options):
         return answer
+    if isinstance(answer, str) and answer.strip().isdigit() and int(answer) < len(options):
+        return int(answer)
     if isinstance(answer, str):
         if answer.strip().upper() in letters:
             return letters.index(answer.strip().upper())
@@ -265,3 +312,9 @@ def _gold_index(answer: Any, options: list[str], letters: list[str], where: str,
             return options.index(answer)
     raise TaskError(f"{where}: field \"{key}\" must be a letter ({', '.join(letters)}), an index below "
                     f"{len(options)} or one of the option texts, got {answer!r}")
+
+
+def bundled_tasks() -> dict[str, Path]:
+    """The task files shipped with the package (``llava_next/eval/benchmarks/*.yaml``) by name."""
+    folder = Path(__file__).parent / "benchmarks"
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}

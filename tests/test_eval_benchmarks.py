@@ -1,0 +1,172 @@
+"""The bundled benchmark task files (issue 24.3: llava_next/eval/benchmarks/*.yaml): each runs through
+``llava-next eval --task NAME --data FILE --media-root DIR`` on a small fixture in the official schema (parquet
+or MVBench's JSON array) that the test builds around the real sample video; each prompt equals lmms-eval's
+``doc_to_text`` on the same record and each answer parser equals lmms-eval's function on the same responses
+(the functions are read from the installed lmms-eval's task folders, so the test skips without it)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import random
+import re
+import shutil
+import string
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import llava_next
+from llava_next.eval.answers import PARSERS
+from llava_next.eval.tasks import bundled_tasks, load_task, read_samples
+
+lmms_eval = pytest.importorskip("lmms_eval")
+TASKS = Path(lmms_eval.__file__).parent / "tasks"
+VIDEO = Path(llava_next.__file__).parent / "samples" / "bigbuckbunny.mp4"
+
+
+def official(folder: str, name: str):
+    """A function of lmms-eval's ``tasks/FOLDER/utils.py``, compiled alone (the module itself downloads NLTK
+    data and reads HF_HOME at import)."""
+    source = (TASKS / folder / "utils.py").read_text()
+    scope = {"np": np, "re": re, "string": string, "random": random, "OPTIONS": ["A", "B", "C", "D", "E"]}
+    with warnings.catch_warnings():  # its regexes' "\d" in plain strings
+        warnings.simplefilter("ignore", DeprecationWarning)
+        (node,) = [n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == name]
+        exec(compile(ast.Module([node], []), str(TASKS / folder / "utils.py"), "exec"), scope)
+    return scope[name]
+
+
+VIDEOMME = {"video_id": "001", "duration": "short", "domain": "Knowledge", "sub_category": "Humanity & History",
+            "url": "https://www.youtube.com/watch?v=x", "videoID": "fFjv93ACGo8", "question_id": "001-1",
+            "task_type": "Counting Problem", "question": "How many rabbits appear in the video?",
+            "options": ["A. One.", "B. Two.", "C. Three.", "D. Four."], "answer": "A"}
+MVBENCH = {"video": "bunny_clip.mp4", "question": "What is the rabbit doing?",
+           "candidates": ["Sleeping.", "Stretching.", "Eating."], "answer": "Stretching."}
+NEXTQA = {"video": 4010069381, "frame_count": 150, "width": 640, "height": 480, "question": "why did the rabbit wake",
+          "answer": 2, "qid": 6, "type": "CW", "a0": "noise", "a1": "hungry", "a2": "sunrise", "a3": "bird",
+          "a4": "dream"}
+EGOSCHEMA = {"question_idx": "0074f737-11cb-497d-8d07-77c3a8127391", "question": "What is the overall activity?",
+             "answer": "3", "video_idx": "0074f737-11cb-497d-8d07-77c3a8127391",
+             "option": ["A. cooking", "B. cleaning", "C. reading", "D. waking up and stretching", "E. running"]}
+
+LVB = {"video_id": "86CxyhFV9MI", "video_path": "86CxyhFV9MI.mp4", "duration": 5.0, "duration_group": 15,
+       "question": "What does the rabbit do after waking up?", "option0": "It eats.", "option1": "It stretches.",
+       "option2": "It sleeps again.", "option3": "N/A", "option4": "N/A", "correct_choice": 1,
+       "id": "86CxyhFV9MI_0", "question_category": "E2O", "subtitle_path": "86CxyhFV9MI_en.json",
+       "starting_timestamp_for_subtitles": 0}
+
+
+def _parquet(path: Path, rows: list[dict]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory):
+    """name -> (data file, media root, the record), laid out as the official downloads are."""
+    root = tmp_path_factory.mktemp("bench")
+    second = {**VIDEOMME, "question_id": "001-2", "question": "What colour is the sky?", "answer": "C"}
+    out = {"videomme": (_parquet(root / "vm" / "test.parquet", [VIDEOMME, second]), root / "vm", VIDEOMME)}
+    (root / "vm" / "data").mkdir()
+    shutil.copy(VIDEO, root / "vm" / "data" / "fFjv93ACGo8.mp4")
+    (root / "mv" / "json").mkdir(parents=True)
+    (root / "mv" / "json" / "action_sequence.json").write_text(json.dumps([MVBENCH, {**MVBENCH, "answer": "Eating."}]))
+    (root / "mv" / "star" / "Charades_segment").mkdir(parents=True)
+    shutil.copy(VIDEO, root / "mv" / "star" / "Charades_segment" / "bunny_clip.mp4")
+    out["mvbench_action_sequence"] = (root / "mv" / "json" / "action_sequence.json", root / "mv" / "star" /
+                                      "Charades_segment", MVBENCH)
+    out["nextqa_mc"] = (_parquet(root / "nq" / "test.parquet", [NEXTQA, {**NEXTQA, "qid": 7, "answer": 0}]),
+                        root / "nq" / "NExTVideo", NEXTQA)
+    (root / "nq" / "NExTVideo").mkdir()
+    shutil.copy(VIDEO, root / "nq" / "NExTVideo" / "4010069381.mp4")
+    out["egoschema_subset"] = (_parquet(root / "ego" / "test.parquet", [EGOSCHEMA]), root / "ego" / "videos", EGOSCHEMA)
+    (root / "ego" / "videos").mkdir()
+    shutil.copy(VIDEO, root / "ego" / "videos" / f"{EGOSCHEMA['video_idx']}.mp4")
+    (root / "lvb" / "videos").mkdir(parents=True)
+    (root / "lvb" / "lvb_val.json").write_text(json.dumps([LVB]))
+    shutil.copy(VIDEO, root / "lvb" / "videos" / LVB["video_path"])
+    out["longvideobench_val_v"] = (root / "lvb" / "lvb_val.json", root / "lvb" / "videos", LVB)
+    return out
+
+
+def lmms_prompt(name: str, doc: dict) -> str:
+    """lmms-eval's doc_to_text for the task, with the "default" model kwargs of its YAML."""
+    if name == "videomme":
+        kwargs = {"pre_prompt": "", "post_prompt": "\nAnswer with the option's letter from the given choices directly."}
+        return official("videomme", "videomme_doc_to_text")(doc, kwargs)
+    if name.startswith("mvbench_"):
+        return official("mvbench", "mvbench_doc_to_text")(doc, {"post_prompt": "Only give the best option.\n"})
+    if name == "nextqa_mc":
+        return official("nextqa", "nextqa_doc_to_text_mc")(doc, {})
+    if name == "longvideobench_val_v":
+        kwargs = {"pre_prompt": "", "post_prompt": "Answer with the option's letter from the given choices directly.\n"}
+        return official("longvideobench", "longvideobench_doc_to_text")(doc, kwargs)
+    return official("egoschema", "egoschema_doc_to_text")(doc, {"pre_prompt": "", "post_prompt": ""})
+
+
+BUNDLED = ["videomme", "mvbench_action_sequence", "nextqa_mc", "egoschema_subset", "longvideobench_val_v"]
+
+
+def test_every_bundled_task_loads_and_is_listed():
+    names = set(bundled_tasks())
+    assert {"videomme", "nextqa_mc", "egoschema_subset", "mvbench_action_sequence", "longvideobench_val_v"} <= names
+    assert len([n for n in names if n.startswith("mvbench_")]) == 19
+    for name in names:
+        task = load_task(name)
+        assert task.name == name and task.answer == "mc_generate" and task.parser in PARSERS
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_prompts_gold_and_media_follow_lmms_eval(fixtures, name):
+    data, media, doc = fixtures[name]
+    (sample, *_) = read_samples(load_task(name, data=data, media_root=media))
+    assert sample.prompt == lmms_prompt(name, doc)
+    assert Path(sample.videos[0]).is_file()
+    gold = {"videomme": "A", "mvbench_action_sequence": "B", "nextqa_mc": "C", "egoschema_subset": "D",
+            "longvideobench_val_v": "B"}[name]
+    assert sample.gold_letter == gold
+
+
+RESPONSES = ["B", "(C)", "C.", "The answer is (A) and not (B).", "A B", " d", "It is B. because", "E",
+             "I believe the rabbit is hungry because it has not eaten since the morning", "The answer: A",
+             "The rabbit wakes at sunrise and then the bird sings loudly", "(a)", "'B'", "A. noise", "B, maybe A."]
+
+
+@pytest.mark.parametrize("parser, folder", [("nextqa", "nextqa"), ("egoschema", "egoschema"),
+                                            ("longvideobench", "longvideobench")])
+def test_letter_parsers_equal_lmms_evals(parser, folder):
+    parse = official(folder, "parse_multi_choice_response")
+    options = [NEXTQA[f"a{i}"] for i in range(5)]
+    letters = list("ABCDE")
+    compared = 0
+    for response in RESPONSES:
+        ours = PARSERS[parser](response, options)
+        theirs = parse(response, letters, dict(zip(letters, options)))
+        theirs = theirs[0] if isinstance(theirs, tuple) else theirs  # egoschema's returns (letter, found)
+        if ours == "":  # no candidate: lmms-eval draws a random letter
+            continue
+        assert ours == theirs, response
+        compared += 1
+    assert compared >= 10  # most responses hold a letter or an option
+    assert PARSERS[parser]("no idea at all", options) == ""
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_llava_next_eval_runs_each_bundled_task(fixtures, name, tmp_path, monkeypatch):
+    from llava_next.cli.main import main
+
+    data, media, _ = fixtures[name]
+    monkeypatch.setenv("LLAVA_NEXT_CACHE", str(tmp_path.parent / "shared-cache"))
+    assert main(["eval", "--task", name, "--data", str(data), "--media-root", str(media), "--model", "tiny-random",
+                 "--frames", "2", "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    lines = [json.loads(x) for x in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert lines and all(line["status"] == "ok" and line["visual_tokens"] > 0 for line in lines), lines
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["complete"] and summary["answered"] == len(lines)
