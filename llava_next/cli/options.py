@@ -106,11 +106,14 @@ def pixels(value: str) -> int:
 # --------------------------------------------------------------------------------------------------
 # groups
 # --------------------------------------------------------------------------------------------------
-def add_model_options(p: argparse.ArgumentParser) -> None:
+def add_model_options(p: argparse.ArgumentParser, *, adapter: bool = True) -> None:
+    """``--model``, and ``--adapter`` unless the command makes adapters rather than reading one (train)."""
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="ID_OR_DIR",
                    help=f"a hub id, a llava-hf / original / converted checkpoint directory, a preset name "
                         f"({', '.join(sorted(PRESETS))}), or {' / '.join(TINY_MODELS)} (built in: random "
                         f"weights, no download); default {DEFAULT_MODEL}")
+    if not adapter:
+        return
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="a LoRA adapter in PEFT's format (adapter_config.json + adapter_model.safetensors, e.g. "
                         "from PEFT's save_pretrained or llava-next training): merged into float weights, kept "

@@ -31,7 +31,7 @@ def add_train(sub, *, user_error) -> None:
     p.add_argument("--media-root", default=None, metavar="DIR", help="media paths are relative to this "
                                                                      "(default: the data file's folder)")
     p.add_argument("--out", required=True, metavar="DIR")
-    options.add_model_options(p)
+    options.add_model_options(p, adapter=False)
     p.add_argument("--trainable", choices=("lora", "projector", "lora+projector"), default="lora",
                    help="lora (default); projector: stage 1, the projector alone; lora+projector")
     p.add_argument("--projector", default=None, metavar="FILE",
@@ -83,9 +83,6 @@ def _train(args: argparse.Namespace, user_error) -> int:
     data_path = Path(args.data)
     if not data_path.is_file():
         raise user_error(f"--data {args.data}: no such file")
-    if args.adapter is not None:
-        raise user_error("--adapter: train starts a new adapter; to continue an adapter's training, resume its "
-                         "run with the same --out")
     if args.projector is not None and args.trainable == "projector":
         raise user_error("--projector with --trainable projector: stage 1 starts from the model's own projector; "
                          "give --projector to the stage-2 run")
