@@ -22,7 +22,7 @@ labels -100 everywhere but the caption. Tokens/s counts every position of the se
 Providers, each in bf16 and with an NF4 base (QLoRA: decoder linears and lm_head in NF4, blocksize 64,
 double-quantized absmax, bf16 compute; vision tower and projector bf16):
 - llava-next: the ``llava-next train`` path: ``materialize_trainable`` (bf16), ``quantize_model(nf4)``,
-  ``apply_lora(dtype=bf16)``, ``TrainingEngine``, ``causal_lm_loss``; the attention mask that ``collate`` gives.
+  ``apply_lora(dtype=float32)``, ``TrainingEngine``, ``causal_lm_loss``; the attention mask that ``collate`` gives.
 - transformers + PEFT: ``LlavaNextVideoForConditionalGeneration.from_pretrained(dtype=bf16)`` (nf4:
   ``BitsAndBytesConfig(load_in_4bit, nf4, double quant, bf16 compute, llm_int8_skip_modules=[vision_tower,
   multi_modal_projector])`` so that the same layers are 4-bit), ``peft.get_peft_model`` with its defaults
@@ -121,7 +121,7 @@ def ours_step(ours_dir: Path, base: str, batch):
     model = materialize_trainable(ours_dir, read_config(ours_dir), torch.bfloat16, "cpu")
     if base == "nf4":
         quantize_model(model, QuantConfig("nf4"))
-    apply_lora(model, LoraConfig(**LORA), dtype=torch.bfloat16)
+    apply_lora(model, LoraConfig(**LORA), dtype=torch.float32)  # as llava-next train (and PEFT) make them
     lora_init(model.named_parameters())
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4)
