@@ -172,6 +172,17 @@ def test_two_processes_train_the_weights_of_one(data_file, tmp_path):
     assert one.keys() == two.keys()
     worst = max((one[k] - two[k]).abs().max().item() for k in one)
     assert worst < 1e-2 * 1e-3, worst  # Adam moves an entry by ~lr at first: float32 sums differ by far less
+    # one step, then the run extended to two (resumed from its checkpoint, the schedule recomputed for two
+    # steps; its first rate is the same either way): the uninterrupted two ranks' adapter, bit for bit
+    for steps in ("1", "2"):
+        resumed = subprocess.run(torchrun("--standalone", "--nproc-per-node", "2", *command("resumed", 1),
+                                          "--steps", steps), env=env, capture_output=True, text=True, timeout=600)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(again[k], two[k]) for k in two), max((again[k] - two[k]).abs().max().item() for k in two)
+    # one process cannot resume two processes' run: the global batch would change
+    alone = subprocess.run([sys.executable, *command("two", 1)], env=env, capture_output=True, text=True, timeout=600)
+    assert alone.returncode == 2 and "different world_size" in alone.stderr, alone.stderr[-2000:]
 
 
 def test_two_stages_projector_then_lora(data_file, tmp_path, capsys):

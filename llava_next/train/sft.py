@@ -254,7 +254,7 @@ class SFTRun:
             self._write_checkpoint(rng)
         _barrier()
 
-    def _write_checkpoint(self, rng: list[torch.Tensor]) -> None:
+    def _write_checkpoint(self, rng: list[dict[str, torch.Tensor]]) -> None:
         tmp, final = self.out / "checkpoint.tmp", self.out / "checkpoint"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -268,7 +268,8 @@ class SFTRun:
                     moments[f"{n}:{key}"] = st[key].detach().reshape(-1).contiguous() if key != "step" else \
                         st[key].detach().reshape(1).float()
         save_file(moments, tmp / "optimizer.safetensors")
-        save_file({"torch" if r == 0 else f"torch.rank{r}": t for r, t in enumerate(rng)}, tmp / "rng.safetensors")
+        save_file({f"{kind}.rank{r}": t for r, states in enumerate(rng) for kind, t in states.items()},
+                  tmp / "rng.safetensors")
         state = {"step": self.step, "epoch": self.epoch, "index": self.index,
                  "schedule": self.schedule.state_dict()}
         (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
@@ -293,9 +294,17 @@ class SFTRun:
                                            "exp_avg": moments[f"{n}:exp_avg"].view_as(p).clone(),
                                            "exp_avg_sq": moments[f"{n}:exp_avg_sq"].view_as(p).clone()}
         self.schedule.load_state_dict(state["schedule"])
-        for group, lr in zip(self.optimizer.param_groups, self.schedule.get_last_lr()):
-            group["lr"] = lr  # the scheduler's state does not set the optimizer's current rate
-        torch.set_rng_state(load_file(ckpt / "rng.safetensors")["torch" if self.rank == 0 else f"torch.rank{self.rank}"])
+        # the rate of the next step, from this run's schedule: a run resumed with more --steps continues on the
+        # longer schedule (the saved last rate was computed for the shorter one), and the scheduler's state
+        # does not set the optimizer's rate anyway
+        lrs = [base * self._lr_factor(self.schedule.last_epoch) for base in self.schedule.base_lrs]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self.schedule._last_lr = lrs
+        rng = load_file(ckpt / "rng.safetensors")
+        torch.set_rng_state(rng[f"cpu.rank{self.rank}"])
+        if f"cuda.rank{self.rank}" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng[f"cuda.rank{self.rank}"])
         self.step, self.epoch, self.index = state["step"], state["epoch"], state["index"]
         # steps.jsonl may hold lines past the checkpoint (a kill between a step and its save): drop them
         log = self.out / "steps.jsonl"
@@ -316,21 +325,30 @@ def _barrier() -> None:
 
 
 def _all_sum(value: float | int) -> float | int:
-    """``value`` summed over the ranks (itself in one process)."""
+    """``value`` summed over the ranks (itself in one process). The tensor is on the process group's device
+    (NCCL reduces CUDA tensors only)."""
     if not _distributed():
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return type(value)(t.item())
 
 
-def _all_gather_rng() -> list[torch.Tensor]:
-    """Every rank's CPU RNG state, in rank order (rank 0 writes them all into the checkpoint)."""
-    state = torch.get_rng_state()
+def _rng_states() -> dict[str, torch.Tensor]:
+    """This process's RNG states: the CPU generator's, and the current GPU's when it runs on CUDA (dropout)."""
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def _all_gather_rng() -> list[dict[str, torch.Tensor]]:
+    """Every rank's RNG states, in rank order (rank 0 writes them all into the checkpoint)."""
     if not _distributed():
-        return [state]
-    states = [torch.empty_like(state) for _ in range(dist.get_world_size())]
-    dist.all_gather(states, state)
+        return [_rng_states()]
+    states: list = [None] * dist.get_world_size()
+    dist.all_gather_object(states, _rng_states())
     return states
 
 
