@@ -3,6 +3,10 @@
     python benchmarks/bench_reduction.py                       # random 7B-shaped weights, 6 decoder layers, 8 frames
     python benchmarks/bench_reduction.py --frames 32           # LLaVA-NeXT-Video's own 32 frames (~4x the prefill)
     python benchmarks/bench_reduction.py --model llava-hf/LLaVA-NeXT-Video-7B-hf --frames 32   # real weights
+    python benchmarks/bench_reduction.py --eval benchmarks/tasks/bunny8.yaml --model tiny-random   # accuracy
+
+``--eval TASK`` runs the methods below on a benchmark task through the eval job instead, and plots accuracy
+against visual tokens and seconds per sample (eval_reduction.py; docs/reduction.md "Measured in accuracy").
 
 The model: LLaVA-NeXT-Video-7B's shapes (full CLIP ViT-L/14-336, the projector, decoder layers of the
 Vicuna-7B shape, the real 32,064-row vocabulary) with ``--layers`` decoder layers (default 6: FastV's
@@ -319,7 +323,7 @@ def eval_main(args) -> None:
                       "png": str(out / "eval_reduction.png")}))
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=6, help="decoder layers of the random model (default 6)")
     ap.add_argument("--frames", type=int, default=None,
@@ -341,11 +345,16 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "eval_reduction"),
                     help="--eval: one resumable eval directory per method under this, and the table and plot")
     args = ap.parse_args()
+    if (args.frames is not None and args.frames < 1) or args.repeats < 1 or args.layers < 4:
+        ap.error("--frames and --repeats must be >= 1 and --layers >= 4 (DyCoke decodes from layer 3)")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.eval:
         return eval_main(args)
     args.frames = args.frames or 8
-    if args.frames < 1 or args.repeats < 1 or args.layers < 4:
-        ap.error("--frames and --repeats must be >= 1 and --layers >= 4 (DyCoke decodes from layer 3)")
     unusable = PeakMemory.available()
     if unusable:
         sys.exit(f"bench_reduction: {unusable}; the peak-memory column needs Linux's /proc/self/clear_refs")
