@@ -76,11 +76,14 @@ def point(label: str, spec: str, summary: dict, out: Path) -> Point:
 
 def run_methods(pipe, task, todo, out_root: Path, *, model: str, checkpoint_dir, limit: int | None,
                 frames: int | None, batch_size: int = 4, progress=None) -> list[Point]:
-    """Each method through run_eval into out_root/<slug>, all sharing ``pipe``; the Pareto flags set."""
+    """Each method through run_eval into out_root/<slug>, all sharing ``pipe``; the Pareto flags set. One
+    unrecorded warm-up answer first, so the first method's seconds do not carry the process's warm-up."""
     from llava_next.eval.records import provenance
-    from llava_next.eval.run import EvalOptions, run_eval
+    from llava_next.eval.run import EvalOptions, Evaluator, run_eval
+    from llava_next.eval.tasks import read_samples
     from llava_next.reduce import parse_reduction
 
+    list(Evaluator(pipe, task, EvalOptions(frames=frames)).answer(read_samples(task)[:1]))
     points = []
     for m in todo:
         reduction = parse_reduction(m.select, list(m.reduce)) if m.select or m.reduce else None
