@@ -3,6 +3,10 @@
     python benchmarks/bench_reduction.py                       # random 7B-shaped weights, 6 decoder layers, 8 frames
     python benchmarks/bench_reduction.py --frames 32           # LLaVA-NeXT-Video's own 32 frames (~4x the prefill)
     python benchmarks/bench_reduction.py --model llava-hf/LLaVA-NeXT-Video-7B-hf --frames 32   # real weights
+    python benchmarks/bench_reduction.py --eval benchmarks/tasks/bunny8.yaml --model tiny-random   # accuracy
+
+``--eval TASK`` runs the methods below on a benchmark task through the eval job instead, and plots accuracy
+against visual tokens and seconds per sample (eval_reduction.py; docs/reduction.md "Measured in accuracy").
 
 The model: LLaVA-NeXT-Video-7B's shapes (full CLIP ViT-L/14-336, the projector, decoder layers of the
 Vicuna-7B shape, the real 32,064-row vocabulary) with ``--layers`` decoder layers (default 6: FastV's
@@ -287,11 +291,43 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def eval_main(args) -> None:
+    """``--eval TASK``: every method on a benchmark task through the eval job (eval_reduction.py)."""
+    import json
+
+    import eval_reduction as er
+
+    from llava_next.eval.tasks import load_task
+    from llava_next.runtime.loading import resolve_checkpoint
+
+    task = load_task(args.eval, data=args.data, media_root=args.media_root)
+    frames = args.frames or task.frames
+    todo = [m for m in methods(frames) if args.only is None or m.label == "unreduced"
+            or any(w.lower() in m.label.lower() for w in args.only)]
+    pipe = pipeline(args)
+    random = args.model in (None, "tiny-random")
+    weights = "random 7B-shaped" if args.model is None else args.model
+    out = Path(args.out)
+    points = er.run_methods(pipe, task, todo, out, model=args.model or "random-7b-shaped",
+                            checkpoint_dir=resolve_checkpoint(args.model) if args.model else None,
+                            limit=args.limit, frames=frames, batch_size=args.batch_size, progress=sys.stderr)
+    title = (f"token reduction on {task.name}: {weights} weights, {frames} frames, "
+             f"{points[0].answered + points[0].errors} sample(s), seconds on a shared {os.cpu_count()}-core CPU")
+    note = er.RANDOM_NOTE if random else ""
+    md = "\n\n".join([er.table(points), title + "."] + ([note[0].upper() + note[1:] + "."] if note else [])) + "\n"
+    er.write_csv(out / "eval_reduction.csv", points)
+    (out / "eval_reduction.md").write_text(md)
+    er.draw(points, title, note).save(out / "eval_reduction.png")
+    print("\n" + md)
+    print(json.dumps({"csv": str(out / "eval_reduction.csv"), "md": str(out / "eval_reduction.md"),
+                      "png": str(out / "eval_reduction.png")}))
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=6, help="decoder layers of the random model (default 6)")
-    ap.add_argument("--frames", type=int, default=8,
-                    help="frames sampled from the video (default 8; the model's own: 32)")
+    ap.add_argument("--frames", type=int, default=None,
+                    help="frames sampled from the video (default 8, with --eval the task's; the model's own: 32)")
     ap.add_argument("--repeats", type=int, default=3,
                     help="timing rounds (default 3; round 1 also measures agreement and memory)")
     ap.add_argument("--max-minutes", type=float, default=25.0,
@@ -299,9 +335,26 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="real weights (hub id or directory) instead of the random model")
     ap.add_argument("--only", nargs="*", default=None,
                     help="run only the methods whose label contains one of these words (and the unreduced model)")
+    ap.add_argument("--eval", default=None, metavar="TASK",
+                    help="run every method on this task (a YAML file or a bundled task's name) through the eval "
+                         "job and plot accuracy vs visual tokens and time per sample (eval_reduction.py)")
+    ap.add_argument("--data", default=None, help="--eval: the task's data file (the eval command's --data)")
+    ap.add_argument("--media-root", default=None, help="--eval: where the media are (the eval's --media-root)")
+    ap.add_argument("--limit", type=int, default=None, help="--eval: only the first N samples")
+    ap.add_argument("--batch-size", type=int, default=4, help="--eval: samples per forward (default 4)")
+    ap.add_argument("--out", default=str(RESULTS / "eval_reduction"),
+                    help="--eval: one resumable eval directory per method under this, and the table and plot")
     args = ap.parse_args()
-    if args.frames < 1 or args.repeats < 1 or args.layers < 4:
+    if (args.frames is not None and args.frames < 1) or args.repeats < 1 or args.layers < 4:
         ap.error("--frames and --repeats must be >= 1 and --layers >= 4 (DyCoke decodes from layer 3)")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.eval:
+        return eval_main(args)
+    args.frames = args.frames or 8
     unusable = PeakMemory.available()
     if unusable:
         sys.exit(f"bench_reduction: {unusable}; the peak-memory column needs Linux's /proc/self/clear_refs")
