@@ -27,16 +27,25 @@ TASKS = Path(lmms_eval.__file__).parent / "tasks"
 VIDEO = Path(llava_next.__file__).parent / "samples" / "bigbuckbunny.mp4"
 
 
-def official(folder: str, name: str):
-    """A function of lmms-eval's ``tasks/FOLDER/utils.py``, compiled alone (the module itself downloads NLTK
-    data and reads HF_HOME at import)."""
-    source = (TASKS / folder / "utils.py").read_text()
-    scope = {"np": np, "re": re, "string": string, "random": random, "OPTIONS": ["A", "B", "C", "D", "E"]}
+def official(folder: str, name: str, file: str = "utils.py", scope: dict | None = None):
+    """A function of lmms-eval's ``tasks/FOLDER/utils.py`` (or FILE), compiled alone (the module itself downloads
+    NLTK data and reads HF_HOME at import); ``scope``: extra globals it needs."""
+    source = (TASKS / folder / file).read_text()
+    scope = {"np": np, "re": re, "string": string, "random": random, "OPTIONS": ["A", "B", "C", "D", "E"],
+             **(scope or {})}
     with warnings.catch_warnings():  # its regexes' "\d" in plain strings
         warnings.simplefilter("ignore", DeprecationWarning)
         (node,) = [n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == name]
-        exec(compile(ast.Module([node], []), str(TASKS / folder / "utils.py"), "exec"), scope)
+        exec(compile(ast.Module([node], []), str(TASKS / folder / file), "exec"), scope)
     return scope[name]
+
+
+def mcq_extract():
+    """lmms-eval's ``_task_utils/mcq_extract.py`` ``extract_mcq_answer`` (MLVU's parser), with its constants."""
+    source = (TASKS / "_task_utils" / "mcq_extract.py").read_text()
+    scope: dict = {}
+    exec(compile(source, str(TASKS / "_task_utils" / "mcq_extract.py"), "exec"), scope)
+    return scope["extract_mcq_answer"]
 
 
 VIDEOMME = {"video_id": "001", "duration": "short", "domain": "Knowledge", "sub_category": "Humanity & History",
@@ -57,6 +66,10 @@ LVB = {"video_id": "86CxyhFV9MI", "video_path": "86CxyhFV9MI.mp4", "duration": 5
        "option2": "It sleeps again.", "option3": "N/A", "option4": "N/A", "correct_choice": 1,
        "id": "86CxyhFV9MI_0", "question_category": "E2O", "subtitle_path": "86CxyhFV9MI_en.json",
        "starting_timestamp_for_subtitles": 0}
+
+MLVU = {"video_name": "1_plotQA/bunny.mp4", "duration": 5.0, "task_type": "plotQA",
+        "question": "What does the rabbit do after waking up?\n(A) It eats.\n(B) It stretches.\n(C) It sleeps.\n"
+                    "(D) It runs.", "answer": "B", "question_id": "plotQA_1"}
 
 
 def _parquet(path: Path, rows: list[dict]) -> Path:
@@ -93,6 +106,10 @@ def fixtures(tmp_path_factory):
     (root / "lvb" / "lvb_val.json").write_text(json.dumps([LVB]))
     shutil.copy(VIDEO, root / "lvb" / "videos" / LVB["video_path"])
     out["longvideobench_val_v"] = (root / "lvb" / "lvb_val.json", root / "lvb" / "videos", LVB)
+    (root / "mlvu" / "1_plotQA").mkdir(parents=True)
+    shutil.copy(VIDEO, root / "mlvu" / "1_plotQA" / "bunny.mp4")
+    out["mlvu_dev"] = (_parquet(root / "mlvu" / "test-00000-of-00001.parquet", [MLVU, {**MLVU, "answer": "D"}]),
+                       root / "mlvu", MLVU)
     return out
 
 
@@ -108,15 +125,18 @@ def lmms_prompt(name: str, doc: dict) -> str:
     if name == "longvideobench_val_v":
         kwargs = {"pre_prompt": "", "post_prompt": "Answer with the option's letter from the given choices directly.\n"}
         return official("longvideobench", "longvideobench_doc_to_text")(doc, kwargs)
+    if name == "mlvu_dev":
+        kwargs = {"pre_prompt": "", "post_prompt": "\nOnly give the best option.\nBest option: ("}
+        return official("mlvu", "mlvu_doc_to_text")(doc, kwargs)
     return official("egoschema", "egoschema_doc_to_text")(doc, {"pre_prompt": "", "post_prompt": ""})
 
 
-BUNDLED = ["videomme", "mvbench_action_sequence", "nextqa_mc", "egoschema_subset", "longvideobench_val_v"]
+BUNDLED = ["videomme", "mvbench_action_sequence", "nextqa_mc", "egoschema_subset", "longvideobench_val_v", "mlvu_dev"]
 
 
 def test_every_bundled_task_loads_and_is_listed():
     names = set(bundled_tasks())
-    assert {"videomme", "nextqa_mc", "egoschema_subset", "mvbench_action_sequence", "longvideobench_val_v"} <= names
+    assert set(BUNDLED) <= names
     assert len([n for n in names if n.startswith("mvbench_")]) == 19
     for name in names:
         task = load_task(name)
@@ -130,7 +150,7 @@ def test_prompts_gold_and_media_follow_lmms_eval(fixtures, name):
     assert sample.prompt == lmms_prompt(name, doc)
     assert Path(sample.videos[0]).is_file()
     gold = {"videomme": "A", "mvbench_action_sequence": "B", "nextqa_mc": "C", "egoschema_subset": "D",
-            "longvideobench_val_v": "B"}[name]
+            "longvideobench_val_v": "B", "mlvu_dev": "B"}[name]
     assert sample.gold_letter == gold
 
 
@@ -156,6 +176,18 @@ def test_letter_parsers_equal_lmms_evals(parser, folder):
         compared += 1
     assert compared >= 10  # most responses hold a letter or an option
     assert PARSERS[parser]("no idea at all", options) == ""
+
+
+MCQ_RESPONSES = RESPONSES + ["B)", "Answer: C", "I choose D because", "the correct answer is c", "C: it stretches",
+                             "(B", "A) It eats.", "It is D", "Best option: (A)", "", "   ", "none of these", "B.\nC.",
+                             "选C", "The answer is B, not (A)."]
+
+
+def test_mlvu_parser_equals_lmms_evals_extract_mcq_answer():
+    extract = mcq_extract()
+    for response in MCQ_RESPONSES:
+        assert PARSERS["mlvu"](response) == extract(response, choices=["A", "B", "C", "D"]), response
+    assert PARSERS["mlvu"]("E") == ""  # MLVU's choices are A-D
 
 
 @pytest.mark.parametrize("name", BUNDLED)

@@ -21,6 +21,12 @@ MVBench tasks, and exact match.
 - ``longvideobench_letter`` is LongVideoBench's ``parse_multi_choice_response`` (``lmms_eval/tasks/
   longvideobench/utils.py``): Video-MME's extraction over A-E, its prefix list without the missing commas; a
   random letter there too where none is found ("" here).
+- ``mlvu_letter`` is lmms-eval's shared ``extract_mcq_answer`` (``lmms_eval/tasks/_task_utils/mcq_extract.py``)
+  over A-D, as MLVU's ``extract_characters_regex`` calls it: strip ``,.!?;:'"``, pad with spaces, collect
+  candidates by format — "(A)", "A.", "A:", "A)", "A ", a letter after an answer phrase ("the answer is"),
+  a standalone letter at the start or at the end — each at its last position (the phrase: its first after the
+  phrase), else any A-D (fallback); the highest priority wins (start 10, end 9, phrase 7, parentheses 6,
+  period 5, colon 4, right_paren 3, space 2), the later position breaking ties; none: "".
 - ``exact_match``: lm-evaluation-harness's ``exact_match`` metric with its ``ignore_case`` and
   ``ignore_punctuation`` options (both off by default there; here the task YAML sets them), after stripping
   surrounding whitespace.
@@ -34,7 +40,7 @@ import string
 import numpy as np
 from typing import Callable, Literal, Sequence
 
-Parser = Literal["videomme", "mvbench", "nextqa", "egoschema", "longvideobench"]
+Parser = Literal["videomme", "mvbench", "nextqa", "egoschema", "longvideobench", "mlvu"]
 
 _VIDEOMME_PREFIXES = [
     "The best answer is",
@@ -159,12 +165,56 @@ def egoschema_letter(text: str, options: Sequence[str]) -> str:
     return pick.replace("(", "").replace(")", "").replace(".", "").strip()
 
 
+_MCQ_PHRASES = ["the answer is", "answer is", "the correct answer is", "correct answer is", "the best answer is",
+                "best answer is", "the correct option is", "correct option is", "the best option is", "best option is",
+                "the choice is", "choice is", "the correct choice is", "correct choice is", "i choose", "i select",
+                "i pick", "my answer is", "my choice is", "옵션", "정답은", "답은", "답:", "答案是", "答案为", "选", "答えは"]
+_MCQ_PRIORITY = {"start": 10, "end": 9, "phrase": 7, "parentheses": 6, "period": 5, "colon": 4, "right_paren": 3,
+                 "space": 2, "fallback": 0}
+_MCQ_FORMATS = [("({})", "parentheses"), ("{}.", "period"), ("{}:", "colon"), ("{})", "right_paren"), ("{} ", "space")]
+
+
+def _mcq_candidates(text: str, choices: Sequence[str]) -> list[tuple[str, int, str]]:
+    """(letter, position, format) of every format that holds a letter (``extract_mcq_answer``'s order)."""
+    found = [(c, text.rfind(f.format(c)), name) for f, name in _MCQ_FORMATS for c in choices if f.format(c) in text]
+    lower = text.lower()
+    for phrase in _MCQ_PHRASES:
+        at = lower.find(phrase)
+        if at != -1:
+            found += [(c, text.find(c, at + len(phrase)), "phrase") for c in choices
+                      if text.find(c, at + len(phrase)) != -1]
+    stripped = text.strip()
+    found += [(c, 0, "start") for c in choices
+              if stripped.startswith(c) and (len(stripped) == 1 or not stripped[1].isalpha())]
+    found += [(c, len(text) - 1, "end") for c in choices
+              if stripped.endswith(c) and (len(stripped) == 1 or not stripped[-2].isalpha())]
+    return found
+
+
+def mlvu_letter(text: str, options: Sequence[str] = ()) -> str:
+    """lmms-eval's ``extract_mcq_answer`` over A-D (MLVU's ``extract_characters_regex``): the letter of the
+    highest-priority format, the later one of a tie; "" when none."""
+    if not text or not text.strip():
+        return ""
+    s = text.strip()
+    for char in [",", ".", "!", "?", ";", ":", "'", '"']:
+        s = s.strip(char)
+    s = " " + s + " "
+    choices = ["A", "B", "C", "D"]
+    found = _mcq_candidates(s, choices) or [(c, s.rfind(c), "fallback") for c in choices if c in s]
+    if not found:
+        return ""
+    found.sort(key=lambda x: (_MCQ_PRIORITY[x[2]], x[1]), reverse=True)
+    return found[0][0]
+
+
 PARSERS: dict[str, Callable[..., str]] = {
     "videomme": lambda text, options=(): videomme_letter(text),
     "mvbench": lambda text, options=(): mvbench_letter(text),
     "nextqa": nextqa_letter,
     "egoschema": egoschema_letter,
     "longvideobench": longvideobench_letter,
+    "mlvu": mlvu_letter,
 }
 
 

@@ -26,7 +26,8 @@ C"), the visual is a field holding a path, the target a field, and the judging o
 Official data files keep a benchmark's own schema: ``video_path`` / ``image_path`` build the media path from
 the record (``"data/{videoID}.mp4"``: Video-MME names its videos by id), ``option_fields`` reads the options
 from several fields (NExT-QA's ``a0`` ... ``a4``; ``skip_options`` drops placeholders such as LongVideoBench's
-"N/A"), and a data file may also be one JSON array (``.json``,
+"N/A"; ``option_letters`` says the options are written inside the question, as MLVU's are, and gives their
+letters), and a data file may also be one JSON array (``.json``,
 MVBench's ``json/*.json``). The bundled task files of the published benchmarks are in ``llava_next/eval/benchmarks/``
 (``bundled_task``; docs/evaluation.md says where each data file comes from).
 
@@ -81,6 +82,7 @@ class Task:
     image_path: str | None = None  # likewise for an image
     option_fields: list | None = None  # the options as several fields (["a0", "a1", ...]), instead of fields.options
     skip_options: list = field(default_factory=list)  # option texts that mean "no option" (LongVideoBench's "N/A")
+    option_letters: list | None = None  # the options are written inside the question (MLVU): their letters only
     source: Path | None = None  # the YAML file
 
     def to_dict(self) -> dict:
@@ -149,6 +151,11 @@ def _check(task: Task, path: Path) -> None:
     if task.option_fields is not None and (not isinstance(task.option_fields, list) or not task.option_fields
                                            or not all(isinstance(f, str) for f in task.option_fields)):
         raise TaskError(f"{path}: option_fields must be a list of field names, got {task.option_fields!r}")
+    letters = task.option_letters
+    if letters is not None and (not isinstance(letters, list) or not letters
+                                or letters != list(string.ascii_uppercase[:len(letters)])):
+        raise TaskError(f"{path}: option_letters must be the letters from A in order ([A, B, C, D]), "
+                        f"got {task.option_letters!r}")
     if task.answer == "mc_generate" and task.parser not in PARSERS:
         raise TaskError(f"{path}: parser must be one of {', '.join(PARSERS)}, got {task.parser!r}")
     if task.rank_by not in RANKS:
@@ -256,7 +263,9 @@ def make_sample(task: Task, doc: dict, where: str) -> Sample:
     media = {kind: _paths(task, _media_value(task, doc, kind, where), where, kind) for kind in ("image", "video")}
     options, letters, gold = [], [], None
     if task.answer != "exact_match":
-        if task.option_fields:
+        if task.option_letters:  # the question holds "(A) ..." itself; the letters stand for the options
+            options = list(task.option_letters)
+        elif task.option_fields:
             missing = [name for name in task.option_fields if not isinstance(doc.get(name), str)]
             if missing:
                 raise TaskError(f"{where}: option field(s) {', '.join(missing)} missing or not text")
