@@ -25,6 +25,7 @@ from llava_next.eval.tasks import bundled_tasks, load_task, read_samples
 lmms_eval = pytest.importorskip("lmms_eval")
 TASKS = Path(lmms_eval.__file__).parent / "tasks"
 VIDEO = Path(llava_next.__file__).parent / "samples" / "bigbuckbunny.mp4"
+IMAGE = Path(llava_next.__file__).parent / "samples" / "chelsea.jpg"
 
 
 def official(folder: str, name: str, file: str = "utils.py", scope: dict | None = None):
@@ -72,6 +73,17 @@ MLVU = {"video_name": "1_plotQA/bunny.mp4", "duration": 5.0, "task_type": "plotQ
                     "(D) It runs.", "answer": "B", "question_id": "plotQA_1"}
 
 
+def mme_rows() -> list[dict]:
+    """MME's schema (lmms-lab/MME): the image as {"bytes", "path"}, two questions per image (question_id)."""
+    image = {"bytes": IMAGE.read_bytes(), "path": "chelsea.jpg"}
+    row = {"question_id": "existence/chelsea.jpg", "image": image, "category": "existence",
+           "question": "Is there a cat in this image? Please answer yes or no.", "answer": "Yes"}
+    code = {**row, "question_id": "code_reasoning/chelsea.jpg", "category": "code_reasoning"}
+    return [{**code, "question": "  Is the cat asleep? Please answer yes or no. ", "answer": "No"},
+            row, {**row, "question": "Is there a dog in this image? Please answer yes or no.", "answer": "No"},
+            {**code, "answer": "Yes"}]
+
+
 def _parquet(path: Path, rows: list[dict]) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -108,6 +120,7 @@ def fixtures(tmp_path_factory):
     out["longvideobench_val_v"] = (root / "lvb" / "lvb_val.json", root / "lvb" / "videos", LVB)
     (root / "mlvu" / "1_plotQA").mkdir(parents=True)
     shutil.copy(VIDEO, root / "mlvu" / "1_plotQA" / "bunny.mp4")
+    out["mme"] = (_parquet(root / "mme" / "test.parquet", mme_rows()), root / "mme", mme_rows()[0])
     out["mlvu_dev"] = (_parquet(root / "mlvu" / "test-00000-of-00001.parquet", [MLVU, {**MLVU, "answer": "D"}]),
                        root / "mlvu", MLVU)
     return out
@@ -125,13 +138,18 @@ def lmms_prompt(name: str, doc: dict) -> str:
     if name == "longvideobench_val_v":
         kwargs = {"pre_prompt": "", "post_prompt": "Answer with the option's letter from the given choices directly.\n"}
         return official("longvideobench", "longvideobench_doc_to_text")(doc, kwargs)
+    if name == "mme":
+        mme_text = official("mme", "mme_doc_to_text", scope={"replace_prompt": " Please answer yes or no."})
+        return mme_text(doc, {"pre_prompt": "", "post_prompt": "\nAnswer the question "
+                                                        "using a single word or phrase."})
     if name == "mlvu_dev":
         kwargs = {"pre_prompt": "", "post_prompt": "\nOnly give the best option.\nBest option: ("}
         return official("mlvu", "mlvu_doc_to_text")(doc, kwargs)
     return official("egoschema", "egoschema_doc_to_text")(doc, {"pre_prompt": "", "post_prompt": ""})
 
 
-BUNDLED = ["videomme", "mvbench_action_sequence", "nextqa_mc", "egoschema_subset", "longvideobench_val_v", "mlvu_dev"]
+BUNDLED = ["videomme", "mvbench_action_sequence", "nextqa_mc", "egoschema_subset", "longvideobench_val_v", "mlvu_dev",
+           "mme"]
 
 
 def test_every_bundled_task_loads_and_is_listed():
@@ -140,7 +158,7 @@ def test_every_bundled_task_loads_and_is_listed():
     assert len([n for n in names if n.startswith("mvbench_")]) == 19
     for name in names:
         task = load_task(name)
-        assert task.name == name and task.answer == "mc_generate" and task.parser in PARSERS
+        assert task.name == name and task.answer in ("mc_generate", "yes_no") and task.parser in PARSERS
 
 
 @pytest.mark.parametrize("name", BUNDLED)
@@ -148,6 +166,10 @@ def test_prompts_gold_and_media_follow_lmms_eval(fixtures, name):
     data, media, doc = fixtures[name]
     (sample, *_) = read_samples(load_task(name, data=data, media_root=media))
     assert sample.prompt == lmms_prompt(name, doc)
+    if name == "mme":  # the image's bytes written to a file
+        assert Path(sample.images[0]).read_bytes() == IMAGE.read_bytes() and sample.gold == ["No"]
+        assert sample.meta == {"category": "code_reasoning", "question_id": "code_reasoning/chelsea.jpg"}
+        return
     assert Path(sample.videos[0]).is_file()
     gold = {"videomme": "A", "mvbench_action_sequence": "B", "nextqa_mc": "C", "egoschema_subset": "D",
             "longvideobench_val_v": "B", "mlvu_dev": "B"}[name]
@@ -190,6 +212,40 @@ def test_mlvu_parser_equals_lmms_evals_extract_mcq_answer():
     assert PARSERS["mlvu"]("E") == ""  # MLVU's choices are A-D
 
 
+YES_NO = ["Yes", "no", "Yes.", "y", "N", "x", "Yes, there is a cat.", "No, it is not.", "Not at all", "Nope",
+          "The answer is yes", "yes no", "  YES  ", "noo", "I think so", "", "n."]
+
+
+def test_mme_parsing_and_scores_equal_lmms_evals():
+    from collections import defaultdict
+
+    from llava_next.eval.answers import mme_label, mme_scores, yes_no
+
+    parse = official("mme", "parse_pred_ans")
+    for response in YES_NO:
+        assert mme_label(response) == parse(response), response
+    process = official("mme", "mme_process_results", scope={"eval_type_dict": {"Perception": [
+        "existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR"]},
+        "parse_pred_ans": parse})
+    aggregate = official("mme", "mme_aggregate_results", scope={"defaultdict": defaultdict, "eval_logger": _Quiet()})
+    rng = random.Random(0)
+    rows = [{"question_id": f"{c}/{i}.png", "category": c, "answer": a} for c in ("existence", "OCR", "count",
+            "code_reasoning", "text_translation") for i in range(3) for a in ("Yes", "No")]
+    preds = [rng.choice(YES_NO) for _ in rows]
+    results = [process(doc, [p]) for doc, p in zip(rows, preds)]
+    ours = mme_scores([(d["category"], d["question_id"], yes_no(p, [d["answer"]])[1]) for d, p in zip(rows, preds)])
+    perception = aggregate([r["mme_perception_score"] for r in results if "mme_perception_score" in r])
+    cognition = aggregate([r["mme_cognition_score"] for r in results if "mme_cognition_score" in r])
+    assert ours["perception"] == pytest.approx(perception) and ours["cognition"] == pytest.approx(cognition)
+    assert 0 < ours["perception"] < 600 and ours["incomplete_images"] == 0
+    assert mme_scores([("count", "a.png", True)])["incomplete_images"] == 1  # a --limit run: one of the pair
+
+
+class _Quiet:
+    def info(self, *_):
+        pass
+
+
 @pytest.mark.parametrize("name", BUNDLED)
 def test_llava_next_eval_runs_each_bundled_task(fixtures, name, tmp_path, monkeypatch):
     from llava_next.cli.main import main
@@ -202,3 +258,6 @@ def test_llava_next_eval_runs_each_bundled_task(fixtures, name, tmp_path, monkey
     assert lines and all(line["status"] == "ok" and line["visual_tokens"] > 0 for line in lines), lines
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["complete"] and summary["answered"] == len(lines)
+    if name == "mme":
+        assert set(summary["mme"]["categories"]) == {"existence", "code_reasoning"}
+        assert summary["mme"]["incomplete_images"] == 0

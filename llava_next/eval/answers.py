@@ -27,6 +27,12 @@ MVBench tasks, and exact match.
   a standalone letter at the start or at the end — each at its last position (the phrase: its first after the
   phrase), else any A-D (fallback); the highest priority wins (start 10, end 9, phrase 7, parentheses 6,
   period 5, colon 4, right_paren 3, space 2), the later position breaking ties; none: "".
+- ``mme_label`` is lmms-eval MME's ``parse_pred_ans`` (from Otter's eval; ``lmms_eval/tasks/mme/utils.py``):
+  lower case, strip, delete "."; "yes" / "no" as such, one letter "y" / "n", else "yes" or "no" within the
+  first 4 characters (yes first), else "other". ``yes_no`` judges it against the gold normalised the same way
+  (``mme_process_results``); ``mme_scores`` is ``mme_aggregate_results``: per category, each image's two
+  questions give acc (the share right, x100) plus acc+ (100 when both are right), averaged over the images;
+  the categories' scores summed into the perception and the cognition score.
 - ``exact_match``: lm-evaluation-harness's ``exact_match`` metric with its ``ignore_case`` and
   ``ignore_punctuation`` options (both off by default there; here the task YAML sets them), after stripping
   surrounding whitespace.
@@ -225,6 +231,46 @@ def letter_correct(parser: Parser, prediction: str, gold_letter: str, options: S
     if parser == "mvbench":  # mcq_acc: process(pred) == process(gold)
         return parsed, parsed == mvbench_letter(gold_letter)
     return parsed, parsed.lower() == gold_letter.lower()  # videomme_process_results
+
+
+def mme_label(text: str) -> str:
+    """lmms-eval MME's ``parse_pred_ans``: "yes", "no" or "other"."""
+    s = text.lower().strip().replace(".", "")
+    if s in ("yes", "no"):
+        return s
+    if len(s) == 1:
+        return {"y": "yes", "n": "no"}.get(s, "other")
+    return "yes" if "yes" in s[:4] else "no" if "no" in s[:4] else "other"
+
+
+def yes_no(prediction: str, golds: list[str]) -> tuple[str, bool]:
+    """(the parsed "yes" / "no" / "other", whether it is the gold answer) as ``mme_process_results`` judges."""
+    parsed = mme_label(prediction)
+    return parsed, parsed == golds[0].lower().strip().replace(".", "")
+
+
+MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
+                  "artwork", "OCR")
+MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+
+
+def mme_scores(rows: Sequence[tuple[str, str, bool]]) -> dict:
+    """lmms-eval's ``mme_aggregate_results`` over (category, image id, correct) rows: per category the mean over
+    its images of acc + acc+ (0-200); ``perception``: the sum over its 10 categories, ``cognition``: over the
+    rest (lmms-eval's split). An image without exactly two answered questions (a ``--limit`` run), which lmms-eval
+    refuses, is left out and counted in ``incomplete_images``."""
+    pairs: dict[str, dict[str, list[float]]] = {}
+    for category, image, correct in rows:
+        pairs.setdefault(category, {}).setdefault(image, []).append(float(correct))
+    categories, incomplete = {}, 0
+    for category, images in pairs.items():
+        scores = [v for v in images.values() if len(v) == 2]
+        incomplete += len(images) - len(scores)
+        if scores:
+            categories[category] = sum(sum(v) / 2 * 100.0 + (sum(v) == 2) * 100.0 for v in scores) / len(scores)
+    return {"perception": sum(v for k, v in categories.items() if k in MME_PERCEPTION),
+            "cognition": sum(v for k, v in categories.items() if k not in MME_PERCEPTION),
+            "categories": categories, "incomplete_images": incomplete}
 
 
 def normalize(text: str, *, ignore_case: bool, ignore_punctuation: bool) -> str:
