@@ -84,6 +84,27 @@ def mme_rows() -> list[dict]:
             {**code, "answer": "Yes"}]
 
 
+def mmbench_rows() -> list[dict]:
+    """MMBench's schema (lmms-lab-encoder/MMBench, en): options in columns A-D (None where fewer), a hint or None."""
+    image = {"bytes": IMAGE.read_bytes(), "path": None}
+    row = {"index": 241, "question": "What animal is in the image?", "hint": "The photo was taken indoors.",
+           "A": "A dog", "B": "A cat", "C": "A rabbit", "D": None, "answer": "B", "category": "image_topic",
+           "image": image, "source": "MMBench", "L2-category": "coarse_perception", "comment": None, "split": "dev"}
+    return [row, {**row, "index": 242, "hint": None, "question": "Is it asleep?", "A": "yes", "B": "no", "C": None,
+                  "answer": "A"}]
+
+
+def mmbench_evaluator():
+    """lmms-eval's MMBench_Evaluator class (mmbench_evals.py), compiled alone, with the English sys_prompt."""
+    import pandas as pd
+
+    path = TASKS / "mmbench" / "mmbench_evals.py"
+    (node,) = [n for n in ast.parse(path.read_text()).body if isinstance(n, ast.ClassDef)]
+    scope = {"pd": pd, "string": string, "eval_logger": _Quiet(), "os": __import__("os")}
+    exec(compile(ast.Module([node], []), str(path), "exec"), scope)
+    return scope["MMBench_Evaluator"](sys_prompt="There are several options:")
+
+
 def _parquet(path: Path, rows: list[dict]) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -121,6 +142,7 @@ def fixtures(tmp_path_factory):
     (root / "mlvu" / "1_plotQA").mkdir(parents=True)
     shutil.copy(VIDEO, root / "mlvu" / "1_plotQA" / "bunny.mp4")
     out["mme"] = (_parquet(root / "mme" / "test.parquet", mme_rows()), root / "mme", mme_rows()[0])
+    out["mmbench_en_dev"] = (_parquet(root / "mmb" / "dev.parquet", mmbench_rows()), root / "mmb", mmbench_rows()[0])
     out["mlvu_dev"] = (_parquet(root / "mlvu" / "test-00000-of-00001.parquet", [MLVU, {**MLVU, "answer": "D"}]),
                        root / "mlvu", MLVU)
     return out
@@ -142,6 +164,10 @@ def lmms_prompt(name: str, doc: dict) -> str:
         mme_text = official("mme", "mme_doc_to_text", scope={"replace_prompt": " Please answer yes or no."})
         return mme_text(doc, {"pre_prompt": "", "post_prompt": "\nAnswer the question "
                                                         "using a single word or phrase."})
+    if name == "mmbench_en_dev":
+        scope = {"mmbench_evaluator": mmbench_evaluator(), "pd": __import__("pandas")}
+        kwargs = {"pre_prompt": "", "post_prompt": "Answer with the option's letter from the given choices directly."}
+        return official("mmbench", "mmbench_doc_to_text", "en_utils.py", scope)(doc, kwargs)
     if name == "mlvu_dev":
         kwargs = {"pre_prompt": "", "post_prompt": "\nOnly give the best option.\nBest option: ("}
         return official("mlvu", "mlvu_doc_to_text")(doc, kwargs)
@@ -149,7 +175,7 @@ def lmms_prompt(name: str, doc: dict) -> str:
 
 
 BUNDLED = ["videomme", "mvbench_action_sequence", "nextqa_mc", "egoschema_subset", "longvideobench_val_v", "mlvu_dev",
-           "mme"]
+           "mme", "mmbench_en_dev"]
 
 
 def test_every_bundled_task_loads_and_is_listed():
@@ -170,9 +196,14 @@ def test_prompts_gold_and_media_follow_lmms_eval(fixtures, name):
         assert Path(sample.images[0]).read_bytes() == IMAGE.read_bytes() and sample.gold == ["No"]
         assert sample.meta == {"category": "code_reasoning", "question_id": "code_reasoning/chelsea.jpg"}
         return
-    assert Path(sample.videos[0]).is_file()
+    if name == "mmbench_en_dev":  # the second row has no hint: lmms-eval's other prompt
+        second = read_samples(load_task(name, data=data, media_root=media))[1]
+        assert second.prompt == lmms_prompt(name, mmbench_rows()[1]) and second.options == ["yes", "no"]
+        assert Path(sample.images[0]).read_bytes() == IMAGE.read_bytes()
+    else:
+        assert Path(sample.videos[0]).is_file()
     gold = {"videomme": "A", "mvbench_action_sequence": "B", "nextqa_mc": "C", "egoschema_subset": "D",
-            "longvideobench_val_v": "B", "mlvu_dev": "B"}[name]
+            "longvideobench_val_v": "B", "mlvu_dev": "B", "mmbench_en_dev": "B"}[name]
     assert sample.gold_letter == gold
 
 
@@ -239,6 +270,16 @@ def test_mme_parsing_and_scores_equal_lmms_evals():
     assert ours["perception"] == pytest.approx(perception) and ours["cognition"] == pytest.approx(cognition)
     assert 0 < ours["perception"] < 600 and ours["incomplete_images"] == 0
     assert mme_scores([("count", "a.png", True)])["incomplete_images"] == 1  # a --limit run: one of the pair
+
+
+def test_mmbench_parser_equals_lmms_evals_can_infer():
+    evaluator = mmbench_evaluator()
+    options = ["A dog", "A cat", "A rabbit", "A bird"]
+    responses = RESPONSES + MCQ_RESPONSES + ["a cat", "It is a cat, not a dog", "A", "A cat is shown here in it",
+                                             "(B).", ":C", "B).", "C, D", "The rabbit", "Failed to obtain answer"]
+    for response in responses:
+        theirs = evaluator.can_infer(response.strip(), dict(zip("ABCD", options)))
+        assert PARSERS["mmbench"](response, options) == (theirs or ""), response
 
 
 class _Quiet:

@@ -33,6 +33,12 @@ MVBench tasks, and exact match.
   (``mme_process_results``); ``mme_scores`` is ``mme_aggregate_results``: per category, each image's two
   questions give acc (the share right, x100) plus acc+ (100 when both are right), averaged over the images;
   the categories' scores summed into the perception and the cognition score.
+- ``mmbench_letter`` is MMBench's ``can_infer`` (``lmms_eval/tasks/mmbench/mmbench_evals.py``): split on
+  whitespace; exactly one of A-E standing alone (not an "A" that may be a quantifier in more than 3 words),
+  else exactly one of them wrapped as "A.", "A,", "A:", "A)", "A).", "(A)", "(A).", ":A", ":A,", ":A.", ":A)",
+  ":A)."; else the one option (A-D) whose text the answer contains (lower case). Where it finds none lmms-eval
+  asks GPT to match the answer to an option; here the answer is "" (unparsed, wrong). Circular evaluation (the
+  question asked again with its options rotated) is not done: the score is the single-pass accuracy.
 - ``exact_match``: lm-evaluation-harness's ``exact_match`` metric with its ``ignore_case`` and
   ``ignore_punctuation`` options (both off by default there; here the task YAML sets them), after stripping
   surrounding whitespace.
@@ -46,7 +52,7 @@ import string
 import numpy as np
 from typing import Callable, Literal, Sequence
 
-Parser = Literal["videomme", "mvbench", "nextqa", "egoschema", "longvideobench", "mlvu"]
+Parser = Literal["videomme", "mvbench", "nextqa", "egoschema", "longvideobench", "mlvu", "mmbench"]
 
 _VIDEOMME_PREFIXES = [
     "The best answer is",
@@ -214,6 +220,35 @@ def mlvu_letter(text: str, options: Sequence[str] = ()) -> str:
     return found[0][0]
 
 
+_MMB_WRAPS = [("", "."), ("", ","), ("", ":"), ("", ")"), ("", ")."), ("(", ")"), ("(", ")."), (":", ""), (":", ","),
+              (":", "."), (":", ")"), (":", ").")]
+
+
+def _mmbench_option(answer: str, choices: str = "ABCDE") -> str:
+    """MMBench's ``can_infer_option``: the one letter standing alone or wrapped in the answer's words, else ""."""
+    if "Failed to obtain answer via API" in answer:
+        return ""
+    splits = [x.strip() for x in answer.split()]
+    alone = [c for c in choices if c in splits]
+    if len(alone) == 1 and not ("A" in splits and len(splits) > 3):
+        return alone[0]
+    for prefix, suffix in _MMB_WRAPS:
+        wrapped = [c for c in choices if prefix + c + suffix in splits]
+        if len(wrapped) == 1:
+            return wrapped[0]
+    return ""
+
+
+def mmbench_letter(text: str, options: Sequence[str] = ()) -> str:
+    """lmms-eval MMBench's ``can_infer``: a letter from the answer's words, else the one option (A-D) whose text
+    it contains; "" where lmms-eval would ask GPT."""
+    letter = _mmbench_option(text)
+    if letter:
+        return letter
+    found = [c for c, o in zip("ABCD", options) if str(o).lower() in text.lower()]
+    return found[0] if len(found) == 1 else ""
+
+
 PARSERS: dict[str, Callable[..., str]] = {
     "videomme": lambda text, options=(): videomme_letter(text),
     "mvbench": lambda text, options=(): mvbench_letter(text),
@@ -221,6 +256,7 @@ PARSERS: dict[str, Callable[..., str]] = {
     "egoschema": egoschema_letter,
     "longvideobench": longvideobench_letter,
     "mlvu": mlvu_letter,
+    "mmbench": mmbench_letter,
 }
 
 

@@ -26,7 +26,8 @@ C"), the visual is a field holding a path, the target a field, and the judging o
   gold; ``score: mme`` adds MME's own score (answers.mme_scores) over the ``meta_fields`` category and question_id.
 
 An image stored in the data as bytes (an HF ``Image`` column: {"bytes", "path"}) is written once to a file
-under the temporary folder, named by its hash; ``question_remove`` deletes texts from the stripped question.
+under the temporary folder, named by its hash; ``question_remove`` deletes texts from the stripped question;
+``prompt_without`` gives the prompt of a record whose field is missing (None, NaN, "nan": MMBench's hint).
 
 Official data files keep a benchmark's own schema: ``video_path`` / ``image_path`` build the media path from
 the record (``"data/{videoID}.mp4"``: Video-MME names its videos by id), ``option_fields`` reads the options
@@ -89,6 +90,7 @@ class Task:
     skip_options: list = field(default_factory=list)  # option texts that mean "no option" (LongVideoBench's "N/A")
     option_letters: list | None = None  # the options are written inside the question (MLVU): their letters only
     meta_fields: list = field(default_factory=list)  # fields kept on each sample for a benchmark's own score (MME)
+    prompt_without: dict = field(default_factory=dict)  # {field: template} where the field is empty (MMBench's hint)
     question_remove: list = field(default_factory=list)  # texts deleted from the stripped question (MME's)
     score: str | None = None  # a benchmark's own score in the summary besides accuracy: "mme" (answers.mme_scores)
     source: Path | None = None  # the YAML file
@@ -279,10 +281,12 @@ def make_sample(task: Task, doc: dict, where: str) -> Sample:
         if task.option_letters:  # the question holds "(A) ..." itself; the letters stand for the options
             options = list(task.option_letters)
         elif task.option_fields:
-            missing = [name for name in task.option_fields if not isinstance(doc.get(name), str)]
+            missing = [name for name in task.option_fields if name not in doc
+                       or not (doc[name] is None or isinstance(doc[name], str))]
             if missing:
                 raise TaskError(f"{where}: option field(s) {', '.join(missing)} missing or not text")
-            options = [doc[name] for name in task.option_fields if doc[name] not in task.skip_options]
+            options = [doc[name] for name in task.option_fields
+                       if doc[name] is not None and doc[name] not in task.skip_options]
         else:
             options = doc.get(f["options"])
         if not isinstance(options, list) or not options or not all(isinstance(o, str) for o in options):
@@ -296,12 +300,18 @@ def make_sample(task: Task, doc: dict, where: str) -> Sample:
             raise TaskError(f"{where}: field \"{f['answer']}\" must be the answer text or a list of accepted texts")
     doc = _question_edited(task, doc)
     written = "\n".join(task.option_format.format(letter=l, option=o) for l, o in zip(letters, options))
+    template = next((t for key, t in task.prompt_without.items() if _empty(doc.get(key))), task.prompt)
     try:
-        prompt = task.prompt.format(**{**doc, "options": written, "letters": ", ".join(letters)})
+        prompt = template.format(**{**doc, "options": written, "letters": ", ".join(letters)})
     except (KeyError, IndexError) as e:
         raise TaskError(f"{where}: the prompt template uses {e} but the sample has no such field") from None
     meta = {name: doc.get(name) for name in task.meta_fields}
     return Sample(sample_id, prompt, media["image"], media["video"], options, gold, letters, meta)
+
+
+def _empty(value: Any) -> bool:
+    """No value: missing, None, NaN or the text "nan" (pandas' missing value written out, as MMBench's hint)."""
+    return value is None or value == "nan" or (isinstance(value, float) and value != value)
 
 
 def _question_edited(task: Task, doc: dict) -> dict:
