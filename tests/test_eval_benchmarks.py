@@ -236,11 +236,15 @@ MCQ_RESPONSES = RESPONSES + ["B)", "Answer: C", "I choose D because", "the corre
                              "选C", "The answer is B, not (A)."]
 
 
-def test_mlvu_parser_equals_lmms_evals_extract_mcq_answer():
+@pytest.mark.parametrize("parser, folder", [("mlvu", "mlvu"), ("mcq", "videomme")])
+def test_mlvu_and_videomme_parsers_equal_lmms_evals_extract_mcq_answer(parser, folder):
+    """0.7.3's MLVU and Video-MME extract_characters_regex: extract_mcq_answer over A-D."""
+    source = (TASKS / folder / "utils.py").read_text()
+    assert 'extract_mcq_answer(s, choices=["A", "B", "C", "D"])' in source
     extract = mcq_extract()
     for response in MCQ_RESPONSES:
-        assert PARSERS["mlvu"](response) == extract(response, choices=["A", "B", "C", "D"]), response
-    assert PARSERS["mlvu"]("E") == ""  # MLVU's choices are A-D
+        assert PARSERS[parser](response) == extract(response, choices=["A", "B", "C", "D"]), response
+    assert PARSERS[parser]("E") == ""  # their choices are A-D
 
 
 YES_NO = ["Yes", "no", "Yes.", "y", "N", "x", "Yes, there is a cat.", "No, it is not.", "Not at all", "Nope",

@@ -1,7 +1,9 @@
 """Reading an answer out of generated text, and judging it: the letter parsers of lmms-eval's Video-MME and
 MVBench tasks, and exact match.
 
-- ``videomme_letter`` is lmms-eval's ``extract_characters_regex`` (``lmms_eval/tasks/videomme/utils.py``):
+- ``videomme_letter`` is the ``extract_characters_regex`` of lmms-eval's Video-MME before 0.7 (0.7.3's
+  ``lmms_eval/tasks/videomme/utils.py`` calls the shared ``extract_mcq_answer`` instead: the ``mcq`` parser,
+  which the bundled ``videomme`` task uses); kept for runs compared with older lmms-eval numbers:
   strip, delete the answer prefixes ("The best answer is", ...), give up ("") on more than 10 words that
   hold no A-D, else the first of A, B, C, D anywhere in the text. Kept exactly, its quirk included: two of
   its prefixes lack a comma in the source list, so Python joins them into "The best option isThe correct
@@ -22,7 +24,7 @@ MVBench tasks, and exact match.
   longvideobench/utils.py``): Video-MME's extraction over A-E, its prefix list without the missing commas; a
   random letter there too where none is found ("" here).
 - ``mlvu_letter`` is lmms-eval's shared ``extract_mcq_answer`` (``lmms_eval/tasks/_task_utils/mcq_extract.py``)
-  over A-D, as MLVU's ``extract_characters_regex`` calls it: strip ``,.!?;:'"``, pad with spaces, collect
+  over A-D, as 0.7.3's MLVU and Video-MME ``extract_characters_regex`` call it (parsers ``mlvu`` and ``mcq``): strip ``,.!?;:'"``, pad with spaces, collect
   candidates by format — "(A)", "A.", "A:", "A)", "A ", a letter after an answer phrase ("the answer is"),
   a standalone letter at the start or at the end — each at its last position (the phrase: its first after the
   phrase), else any A-D (fallback); the highest priority wins (start 10, end 9, phrase 7, parentheses 6,
@@ -52,7 +54,7 @@ import string
 import numpy as np
 from typing import Callable, Literal, Sequence
 
-Parser = Literal["videomme", "mvbench", "nextqa", "egoschema", "longvideobench", "mlvu", "mmbench"]
+Parser = Literal["videomme", "mvbench", "nextqa", "egoschema", "longvideobench", "mlvu", "mcq", "mmbench"]
 
 _VIDEOMME_PREFIXES = [
     "The best answer is",
@@ -256,6 +258,7 @@ PARSERS: dict[str, Callable[..., str]] = {
     "egoschema": egoschema_letter,
     "longvideobench": longvideobench_letter,
     "mlvu": mlvu_letter,
+    "mcq": mlvu_letter,
     "mmbench": mmbench_letter,
 }
 
