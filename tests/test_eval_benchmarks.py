@@ -72,6 +72,11 @@ MLVU = {"video_name": "1_plotQA/bunny.mp4", "duration": 5.0, "task_type": "plotQ
         "question": "What does the rabbit do after waking up?\n(A) It eats.\n(B) It stretches.\n(C) It sleeps.\n"
                     "(D) It runs.", "answer": "B", "question_id": "plotQA_1"}
 
+SRT = ("1\n00:00:00,000 --> 00:00:01,000\n<font color=\"white\" size=\".72c\">The rabbit sleeps.</font>\n\n"
+       "2\n00:00:01,000 --> 00:00:02,500\n<font color=\"white\" size=\".72c\">It wakes up</font>\nand yawns\n\n"
+       "3\n00:00:03,000 --> 00:00:04,000\nno font tag here\n\n"
+       "4\n00:00:04,000 --> 00:00:09,000\n<font color=\"white\" size=\".72c\">It stretches.</font>\n")
+
 
 def mme_rows() -> list[dict]:
     """MME's schema (lmms-lab/MME): the image as {"bytes", "path"}, two questions per image (question_id)."""
@@ -92,6 +97,24 @@ def mmbench_rows() -> list[dict]:
            "image": image, "source": "MMBench", "L2-category": "coarse_perception", "comment": None, "split": "dev"}
     return [row, {**row, "index": 242, "hint": None, "question": "Is it asleep?", "A": "yes", "B": "no", "C": None,
                   "answer": "A"}]
+
+
+def videomme_subtitle_prompt():
+    """lmms-eval's videomme_doc_to_text_subtitle with its helpers (OpenCV reads the frame count and rate),
+    reading the fixture's folder as its HF cache."""
+    import os
+
+    cv2 = pytest.importorskip("cv2")
+    path = TASKS / "videomme" / "utils.py"
+    names = {"videomme_doc_to_text_subtitle", "extract_subtitles", "load_subtitles", "parse_subtitle_time",
+             "convert_time_to_frame"}
+    nodes = [n for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef) and n.name in names]
+    scope = {"os": os, "np": np, "re": re, "cv2": cv2, "base_cache_dir": str(_FIXTURE_ROOT[0]), "cache_name": "vm"}
+    exec(compile(ast.Module(nodes, []), str(path), "exec"), scope)
+    return scope["videomme_doc_to_text_subtitle"]
+
+
+_FIXTURE_ROOT: list = []
 
 
 def mmbench_evaluator():
@@ -118,10 +141,14 @@ def _parquet(path: Path, rows: list[dict]) -> Path:
 def fixtures(tmp_path_factory):
     """name -> (data file, media root, the record), laid out as the official downloads are."""
     root = tmp_path_factory.mktemp("bench")
+    _FIXTURE_ROOT[:] = [root]
     second = {**VIDEOMME, "question_id": "001-2", "question": "What colour is the sky?", "answer": "C"}
     out = {"videomme": (_parquet(root / "vm" / "test.parquet", [VIDEOMME, second]), root / "vm", VIDEOMME)}
     (root / "vm" / "data").mkdir()
     shutil.copy(VIDEO, root / "vm" / "data" / "fFjv93ACGo8.mp4")
+    (root / "vm" / "subtitle").mkdir()
+    (root / "vm" / "subtitle" / "fFjv93ACGo8.srt").write_text(SRT)
+    out["videomme_w_subtitle"] = out["videomme"]
     (root / "mv" / "json").mkdir(parents=True)
     (root / "mv" / "json" / "action_sequence.json").write_text(json.dumps([MVBENCH, {**MVBENCH, "answer": "Eating."}]))
     (root / "mv" / "star" / "Charades_segment").mkdir(parents=True)
@@ -160,6 +187,9 @@ def lmms_prompt(name: str, doc: dict) -> str:
     if name == "longvideobench_val_v":
         kwargs = {"pre_prompt": "", "post_prompt": "Answer with the option's letter from the given choices directly.\n"}
         return official("longvideobench", "longvideobench_doc_to_text")(doc, kwargs)
+    if name == "videomme_w_subtitle":
+        return videomme_subtitle_prompt()(doc, {"frame_num": 32, "pre_prompt": "", "post_prompt": "\nAnswer the "
+                                                "question using a single word or phrase."})
     if name == "mme":
         mme_text = official("mme", "mme_doc_to_text", scope={"replace_prompt": " Please answer yes or no."})
         return mme_text(doc, {"pre_prompt": "", "post_prompt": "\nAnswer the question "
@@ -175,7 +205,7 @@ def lmms_prompt(name: str, doc: dict) -> str:
 
 
 BUNDLED = ["videomme", "mvbench_action_sequence", "nextqa_mc", "egoschema_subset", "longvideobench_val_v", "mlvu_dev",
-           "mme", "mmbench_en_dev"]
+           "mme", "mmbench_en_dev", "videomme_w_subtitle"]
 
 
 def test_every_bundled_task_loads_and_is_listed():
@@ -202,7 +232,7 @@ def test_prompts_gold_and_media_follow_lmms_eval(fixtures, name):
         assert Path(sample.images[0]).read_bytes() == IMAGE.read_bytes()
     else:
         assert Path(sample.videos[0]).is_file()
-    gold = {"videomme": "A", "mvbench_action_sequence": "B", "nextqa_mc": "C", "egoschema_subset": "D",
+    gold = {"videomme": "A", "videomme_w_subtitle": "A", "mvbench_action_sequence": "B", "nextqa_mc": "C", "egoschema_subset": "D",
             "longvideobench_val_v": "B", "mlvu_dev": "B", "mmbench_en_dev": "B"}[name]
     assert sample.gold_letter == gold
 
@@ -284,6 +314,16 @@ def test_mmbench_parser_equals_lmms_evals_can_infer():
     for response in responses:
         theirs = evaluator.can_infer(response.strip(), dict(zip("ABCD", options)))
         assert PARSERS["mmbench"](response, options) == (theirs or ""), response
+
+
+def test_videomme_subtitles_are_the_lines_at_lmms_evals_frames(fixtures):
+    from llava_next.eval.subtitles import NONE, subtitle_text
+
+    data, media, doc = fixtures["videomme_w_subtitle"]
+    text = subtitle_text(media / "data" / "fFjv93ACGo8.mp4", media / "subtitle" / "fFjv93ACGo8.srt")
+    assert text.splitlines() and set(text.splitlines()) <= {"The rabbit sleeps.", "It wakes up", "It stretches."}
+    assert "The rabbit sleeps." in text and "no font tag" not in text
+    assert subtitle_text(media / "data" / "fFjv93ACGo8.mp4", media / "subtitle" / "none.srt") == NONE
 
 
 class _Quiet:

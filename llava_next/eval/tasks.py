@@ -91,6 +91,7 @@ class Task:
     option_letters: list | None = None  # the options are written inside the question (MLVU): their letters only
     meta_fields: list = field(default_factory=list)  # fields kept on each sample for a benchmark's own score (MME)
     prompt_without: dict = field(default_factory=dict)  # {field: template} where the field is empty (MMBench's hint)
+    subtitles: dict | None = None  # {path: "subtitle/{videoID}.srt", frames: 32}: {subtitles} (Video-MME's)
     question_remove: list = field(default_factory=list)  # texts deleted from the stripped question (MME's)
     score: str | None = None  # a benchmark's own score in the summary besides accuracy: "mme" (answers.mme_scores)
     source: Path | None = None  # the YAML file
@@ -168,6 +169,10 @@ def _check(task: Task, path: Path) -> None:
         raise TaskError(f"{path}: option_letters must be the letters from A in order ([A, B, C, D]), "
                         f"got {task.option_letters!r}")
     mme_meta = {"category", "question_id"} <= set(task.meta_fields)
+    subtitles = task.subtitles
+    if subtitles is not None and not (isinstance(subtitles, dict) and isinstance(subtitles.get("path"), str)):
+        raise TaskError(f"{path}: subtitles must be a mapping with path (a template: \"subtitle/{{videoID}}.srt\") "
+                        f"and frames, got {task.subtitles!r}")
     if task.score not in (None, "mme") or (task.score == "mme" and not mme_meta):
         raise TaskError(f"{path}: score must be \"mme\" (with meta_fields [category, question_id]) or left out, "
                         f"got {task.score!r}")
@@ -298,7 +303,7 @@ def make_sample(task: Task, doc: dict, where: str) -> Sample:
         gold = [answers] if isinstance(answers, str) else answers
         if not isinstance(gold, list) or not gold or not all(isinstance(a, str) for a in gold):
             raise TaskError(f"{where}: field \"{f['answer']}\" must be the answer text or a list of accepted texts")
-    doc = _question_edited(task, doc)
+    doc = _with_subtitles(task, _question_edited(task, doc), media["video"], where)
     written = "\n".join(task.option_format.format(letter=l, option=o) for l, o in zip(letters, options))
     template = next((t for key, t in task.prompt_without.items() if _empty(doc.get(key))), task.prompt)
     try:
@@ -307,6 +312,21 @@ def make_sample(task: Task, doc: dict, where: str) -> Sample:
         raise TaskError(f"{where}: the prompt template uses {e} but the sample has no such field") from None
     meta = {name: doc.get(name) for name in task.meta_fields}
     return Sample(sample_id, prompt, media["image"], media["video"], options, gold, letters, meta)
+
+
+def _with_subtitles(task: Task, doc: dict, videos: list[str], where: str) -> dict:
+    """The record with ``subtitles``: the .srt lines at the task's sampled frames (subtitles.py, Video-MME's)."""
+    if not task.subtitles:
+        return doc
+    from .subtitles import subtitle_text
+
+    if not videos:
+        raise TaskError(f"{where}: subtitles need the sample's video, and it has none")
+    try:
+        srt = task.media_root / task.subtitles["path"].format(**doc)
+    except (KeyError, IndexError) as e:
+        raise TaskError(f"{where}: subtitles path uses {e} but the sample has no such field") from None
+    return {**doc, "subtitles": subtitle_text(Path(videos[0]), srt, int(task.subtitles.get("frames", 32)))}
 
 
 def _empty(value: Any) -> bool:
