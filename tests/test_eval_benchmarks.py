@@ -25,18 +25,28 @@ from llava_next.eval.tasks import bundled_tasks, load_task, read_samples
 lmms_eval = pytest.importorskip("lmms_eval")
 TASKS = Path(lmms_eval.__file__).parent / "tasks"
 VIDEO = Path(llava_next.__file__).parent / "samples" / "bigbuckbunny.mp4"
+IMAGE = Path(llava_next.__file__).parent / "samples" / "chelsea.jpg"
 
 
-def official(folder: str, name: str):
-    """A function of lmms-eval's ``tasks/FOLDER/utils.py``, compiled alone (the module itself downloads NLTK
-    data and reads HF_HOME at import)."""
-    source = (TASKS / folder / "utils.py").read_text()
-    scope = {"np": np, "re": re, "string": string, "random": random, "OPTIONS": ["A", "B", "C", "D", "E"]}
+def official(folder: str, name: str, file: str = "utils.py", scope: dict | None = None):
+    """A function of lmms-eval's ``tasks/FOLDER/utils.py`` (or FILE), compiled alone (the module itself downloads
+    NLTK data and reads HF_HOME at import); ``scope``: extra globals it needs."""
+    source = (TASKS / folder / file).read_text()
+    scope = {"np": np, "re": re, "string": string, "random": random, "OPTIONS": ["A", "B", "C", "D", "E"],
+             **(scope or {})}
     with warnings.catch_warnings():  # its regexes' "\d" in plain strings
         warnings.simplefilter("ignore", DeprecationWarning)
         (node,) = [n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == name]
-        exec(compile(ast.Module([node], []), str(TASKS / folder / "utils.py"), "exec"), scope)
+        exec(compile(ast.Module([node], []), str(TASKS / folder / file), "exec"), scope)
     return scope[name]
+
+
+def mcq_extract():
+    """lmms-eval's ``_task_utils/mcq_extract.py`` ``extract_mcq_answer`` (MLVU's parser), with its constants."""
+    source = (TASKS / "_task_utils" / "mcq_extract.py").read_text()
+    scope: dict = {}
+    exec(compile(source, str(TASKS / "_task_utils" / "mcq_extract.py"), "exec"), scope)
+    return scope["extract_mcq_answer"]
 
 
 VIDEOMME = {"video_id": "001", "duration": "short", "domain": "Knowledge", "sub_category": "Humanity & History",
@@ -58,6 +68,65 @@ LVB = {"video_id": "86CxyhFV9MI", "video_path": "86CxyhFV9MI.mp4", "duration": 5
        "id": "86CxyhFV9MI_0", "question_category": "E2O", "subtitle_path": "86CxyhFV9MI_en.json",
        "starting_timestamp_for_subtitles": 0}
 
+MLVU = {"video_name": "1_plotQA/bunny.mp4", "duration": 5.0, "task_type": "plotQA",
+        "question": "What does the rabbit do after waking up?\n(A) It eats.\n(B) It stretches.\n(C) It sleeps.\n"
+                    "(D) It runs.", "answer": "B", "question_id": "plotQA_1"}
+
+SRT = ("1\n00:00:00,000 --> 00:00:01,000\n<font color=\"white\" size=\".72c\">The rabbit sleeps.</font>\n\n"
+       "2\n00:00:01,000 --> 00:00:02,500\n<font color=\"white\" size=\".72c\">It wakes up</font>\nand yawns\n\n"
+       "3\n00:00:03,000 --> 00:00:04,000\nno font tag here\n\n"
+       "4\n00:00:04,000 --> 00:00:09,000\n<font color=\"white\" size=\".72c\">It stretches.</font>\n")
+
+
+def mme_rows() -> list[dict]:
+    """MME's schema (lmms-lab/MME): the image as {"bytes", "path"}, two questions per image (question_id)."""
+    image = {"bytes": IMAGE.read_bytes(), "path": "chelsea.jpg"}
+    row = {"question_id": "existence/chelsea.jpg", "image": image, "category": "existence",
+           "question": "Is there a cat in this image? Please answer yes or no.", "answer": "Yes"}
+    code = {**row, "question_id": "code_reasoning/chelsea.jpg", "category": "code_reasoning"}
+    return [{**code, "question": "  Is the cat asleep? Please answer yes or no. ", "answer": "No"},
+            row, {**row, "question": "Is there a dog in this image? Please answer yes or no.", "answer": "No"},
+            {**code, "answer": "Yes"}]
+
+
+def mmbench_rows() -> list[dict]:
+    """MMBench's schema (lmms-lab-encoder/MMBench, en): options in columns A-D (None where fewer), a hint or None."""
+    image = {"bytes": IMAGE.read_bytes(), "path": None}
+    row = {"index": 241, "question": "What animal is in the image?", "hint": "The photo was taken indoors.",
+           "A": "A dog", "B": "A cat", "C": "A rabbit", "D": None, "answer": "B", "category": "image_topic",
+           "image": image, "source": "MMBench", "L2-category": "coarse_perception", "comment": None, "split": "dev"}
+    return [row, {**row, "index": 242, "hint": None, "question": "Is it asleep?", "A": "yes", "B": "no", "C": None,
+                  "answer": "A"}]
+
+
+def videomme_subtitle_prompt():
+    """lmms-eval's videomme_doc_to_text_subtitle with its helpers (OpenCV reads the frame count and rate),
+    reading the fixture's folder as its HF cache."""
+    import os
+
+    cv2 = pytest.importorskip("cv2")
+    path = TASKS / "videomme" / "utils.py"
+    names = {"videomme_doc_to_text_subtitle", "extract_subtitles", "load_subtitles", "parse_subtitle_time",
+             "convert_time_to_frame"}
+    nodes = [n for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef) and n.name in names]
+    scope = {"os": os, "np": np, "re": re, "cv2": cv2, "base_cache_dir": str(_FIXTURE_ROOT[0]), "cache_name": "vm"}
+    exec(compile(ast.Module(nodes, []), str(path), "exec"), scope)
+    return scope["videomme_doc_to_text_subtitle"]
+
+
+_FIXTURE_ROOT: list = []
+
+
+def mmbench_evaluator():
+    """lmms-eval's MMBench_Evaluator class (mmbench_evals.py), compiled alone, with the English sys_prompt."""
+    import pandas as pd
+
+    path = TASKS / "mmbench" / "mmbench_evals.py"
+    (node,) = [n for n in ast.parse(path.read_text()).body if isinstance(n, ast.ClassDef)]
+    scope = {"pd": pd, "string": string, "eval_logger": _Quiet(), "os": __import__("os")}
+    exec(compile(ast.Module([node], []), str(path), "exec"), scope)
+    return scope["MMBench_Evaluator"](sys_prompt="There are several options:")
+
 
 def _parquet(path: Path, rows: list[dict]) -> Path:
     import pyarrow as pa
@@ -72,10 +141,14 @@ def _parquet(path: Path, rows: list[dict]) -> Path:
 def fixtures(tmp_path_factory):
     """name -> (data file, media root, the record), laid out as the official downloads are."""
     root = tmp_path_factory.mktemp("bench")
+    _FIXTURE_ROOT[:] = [root]
     second = {**VIDEOMME, "question_id": "001-2", "question": "What colour is the sky?", "answer": "C"}
     out = {"videomme": (_parquet(root / "vm" / "test.parquet", [VIDEOMME, second]), root / "vm", VIDEOMME)}
     (root / "vm" / "data").mkdir()
     shutil.copy(VIDEO, root / "vm" / "data" / "fFjv93ACGo8.mp4")
+    (root / "vm" / "subtitle").mkdir()
+    (root / "vm" / "subtitle" / "fFjv93ACGo8.srt").write_text(SRT)
+    out["videomme_w_subtitle"] = out["videomme"]
     (root / "mv" / "json").mkdir(parents=True)
     (root / "mv" / "json" / "action_sequence.json").write_text(json.dumps([MVBENCH, {**MVBENCH, "answer": "Eating."}]))
     (root / "mv" / "star" / "Charades_segment").mkdir(parents=True)
@@ -93,6 +166,12 @@ def fixtures(tmp_path_factory):
     (root / "lvb" / "lvb_val.json").write_text(json.dumps([LVB]))
     shutil.copy(VIDEO, root / "lvb" / "videos" / LVB["video_path"])
     out["longvideobench_val_v"] = (root / "lvb" / "lvb_val.json", root / "lvb" / "videos", LVB)
+    (root / "mlvu" / "1_plotQA").mkdir(parents=True)
+    shutil.copy(VIDEO, root / "mlvu" / "1_plotQA" / "bunny.mp4")
+    out["mme"] = (_parquet(root / "mme" / "test.parquet", mme_rows()), root / "mme", mme_rows()[0])
+    out["mmbench_en_dev"] = (_parquet(root / "mmb" / "dev.parquet", mmbench_rows()), root / "mmb", mmbench_rows()[0])
+    out["mlvu_dev"] = (_parquet(root / "mlvu" / "test-00000-of-00001.parquet", [MLVU, {**MLVU, "answer": "D"}]),
+                       root / "mlvu", MLVU)
     return out
 
 
@@ -108,19 +187,34 @@ def lmms_prompt(name: str, doc: dict) -> str:
     if name == "longvideobench_val_v":
         kwargs = {"pre_prompt": "", "post_prompt": "Answer with the option's letter from the given choices directly.\n"}
         return official("longvideobench", "longvideobench_doc_to_text")(doc, kwargs)
+    if name == "videomme_w_subtitle":
+        return videomme_subtitle_prompt()(doc, {"frame_num": 32, "pre_prompt": "", "post_prompt": "\nAnswer the "
+                                                "question using a single word or phrase."})
+    if name == "mme":
+        mme_text = official("mme", "mme_doc_to_text", scope={"replace_prompt": " Please answer yes or no."})
+        return mme_text(doc, {"pre_prompt": "", "post_prompt": "\nAnswer the question "
+                                                        "using a single word or phrase."})
+    if name == "mmbench_en_dev":
+        scope = {"mmbench_evaluator": mmbench_evaluator(), "pd": __import__("pandas")}
+        kwargs = {"pre_prompt": "", "post_prompt": "Answer with the option's letter from the given choices directly."}
+        return official("mmbench", "mmbench_doc_to_text", "en_utils.py", scope)(doc, kwargs)
+    if name == "mlvu_dev":
+        kwargs = {"pre_prompt": "", "post_prompt": "\nOnly give the best option.\nBest option: ("}
+        return official("mlvu", "mlvu_doc_to_text")(doc, kwargs)
     return official("egoschema", "egoschema_doc_to_text")(doc, {"pre_prompt": "", "post_prompt": ""})
 
 
-BUNDLED = ["videomme", "mvbench_action_sequence", "nextqa_mc", "egoschema_subset", "longvideobench_val_v"]
+BUNDLED = ["videomme", "mvbench_action_sequence", "nextqa_mc", "egoschema_subset", "longvideobench_val_v", "mlvu_dev",
+           "mme", "mmbench_en_dev", "videomme_w_subtitle"]
 
 
 def test_every_bundled_task_loads_and_is_listed():
     names = set(bundled_tasks())
-    assert {"videomme", "nextqa_mc", "egoschema_subset", "mvbench_action_sequence", "longvideobench_val_v"} <= names
+    assert set(BUNDLED) <= names
     assert len([n for n in names if n.startswith("mvbench_")]) == 19
     for name in names:
         task = load_task(name)
-        assert task.name == name and task.answer == "mc_generate" and task.parser in PARSERS
+        assert task.name == name and task.answer in ("mc_generate", "yes_no") and task.parser in PARSERS
 
 
 @pytest.mark.parametrize("name", BUNDLED)
@@ -128,9 +222,18 @@ def test_prompts_gold_and_media_follow_lmms_eval(fixtures, name):
     data, media, doc = fixtures[name]
     (sample, *_) = read_samples(load_task(name, data=data, media_root=media))
     assert sample.prompt == lmms_prompt(name, doc)
-    assert Path(sample.videos[0]).is_file()
-    gold = {"videomme": "A", "mvbench_action_sequence": "B", "nextqa_mc": "C", "egoschema_subset": "D",
-            "longvideobench_val_v": "B"}[name]
+    if name == "mme":  # the image's bytes written to a file
+        assert Path(sample.images[0]).read_bytes() == IMAGE.read_bytes() and sample.gold == ["No"]
+        assert sample.meta == {"category": "code_reasoning", "question_id": "code_reasoning/chelsea.jpg"}
+        return
+    if name == "mmbench_en_dev":  # the second row has no hint: lmms-eval's other prompt
+        second = read_samples(load_task(name, data=data, media_root=media))[1]
+        assert second.prompt == lmms_prompt(name, mmbench_rows()[1]) and second.options == ["yes", "no"]
+        assert Path(sample.images[0]).read_bytes() == IMAGE.read_bytes()
+    else:
+        assert Path(sample.videos[0]).is_file()
+    gold = {"videomme": "A", "videomme_w_subtitle": "A", "mvbench_action_sequence": "B", "nextqa_mc": "C", "egoschema_subset": "D",
+            "longvideobench_val_v": "B", "mlvu_dev": "B", "mmbench_en_dev": "B"}[name]
     assert sample.gold_letter == gold
 
 
@@ -158,6 +261,76 @@ def test_letter_parsers_equal_lmms_evals(parser, folder):
     assert PARSERS[parser]("no idea at all", options) == ""
 
 
+MCQ_RESPONSES = RESPONSES + ["B)", "Answer: C", "I choose D because", "the correct answer is c", "C: it stretches",
+                             "(B", "A) It eats.", "It is D", "Best option: (A)", "", "   ", "none of these", "B.\nC.",
+                             "选C", "The answer is B, not (A)."]
+
+
+@pytest.mark.parametrize("parser, folder", [("mlvu", "mlvu"), ("mcq", "videomme")])
+def test_mlvu_and_videomme_parsers_equal_lmms_evals_extract_mcq_answer(parser, folder):
+    """0.7.3's MLVU and Video-MME extract_characters_regex: extract_mcq_answer over A-D."""
+    source = (TASKS / folder / "utils.py").read_text()
+    assert 'extract_mcq_answer(s, choices=["A", "B", "C", "D"])' in source
+    extract = mcq_extract()
+    for response in MCQ_RESPONSES:
+        assert PARSERS[parser](response) == extract(response, choices=["A", "B", "C", "D"]), response
+    assert PARSERS[parser]("E") == ""  # their choices are A-D
+
+
+YES_NO = ["Yes", "no", "Yes.", "y", "N", "x", "Yes, there is a cat.", "No, it is not.", "Not at all", "Nope",
+          "The answer is yes", "yes no", "  YES  ", "noo", "I think so", "", "n."]
+
+
+def test_mme_parsing_and_scores_equal_lmms_evals():
+    from collections import defaultdict
+
+    from llava_next.eval.answers import mme_label, mme_scores, yes_no
+
+    parse = official("mme", "parse_pred_ans")
+    for response in YES_NO:
+        assert mme_label(response) == parse(response), response
+    process = official("mme", "mme_process_results", scope={"eval_type_dict": {"Perception": [
+        "existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR"]},
+        "parse_pred_ans": parse})
+    aggregate = official("mme", "mme_aggregate_results", scope={"defaultdict": defaultdict, "eval_logger": _Quiet()})
+    rng = random.Random(0)
+    rows = [{"question_id": f"{c}/{i}.png", "category": c, "answer": a} for c in ("existence", "OCR", "count",
+            "code_reasoning", "text_translation") for i in range(3) for a in ("Yes", "No")]
+    preds = [rng.choice(YES_NO) for _ in rows]
+    results = [process(doc, [p]) for doc, p in zip(rows, preds)]
+    ours = mme_scores([(d["category"], d["question_id"], yes_no(p, [d["answer"]])[1]) for d, p in zip(rows, preds)])
+    perception = aggregate([r["mme_perception_score"] for r in results if "mme_perception_score" in r])
+    cognition = aggregate([r["mme_cognition_score"] for r in results if "mme_cognition_score" in r])
+    assert ours["perception"] == pytest.approx(perception) and ours["cognition"] == pytest.approx(cognition)
+    assert 0 < ours["perception"] < 600 and ours["incomplete_images"] == 0
+    assert mme_scores([("count", "a.png", True)])["incomplete_images"] == 1  # a --limit run: one of the pair
+
+
+def test_mmbench_parser_equals_lmms_evals_can_infer():
+    evaluator = mmbench_evaluator()
+    options = ["A dog", "A cat", "A rabbit", "A bird"]
+    responses = RESPONSES + MCQ_RESPONSES + ["a cat", "It is a cat, not a dog", "A", "A cat is shown here in it",
+                                             "(B).", ":C", "B).", "C, D", "The rabbit", "Failed to obtain answer"]
+    for response in responses:
+        theirs = evaluator.can_infer(response.strip(), dict(zip("ABCD", options)))
+        assert PARSERS["mmbench"](response, options) == (theirs or ""), response
+
+
+def test_videomme_subtitles_are_the_lines_at_lmms_evals_frames(fixtures):
+    from llava_next.eval.subtitles import NONE, subtitle_text
+
+    data, media, doc = fixtures["videomme_w_subtitle"]
+    text = subtitle_text(media / "data" / "fFjv93ACGo8.mp4", media / "subtitle" / "fFjv93ACGo8.srt")
+    assert text.splitlines() and set(text.splitlines()) <= {"The rabbit sleeps.", "It wakes up", "It stretches."}
+    assert "The rabbit sleeps." in text and "no font tag" not in text
+    assert subtitle_text(media / "data" / "fFjv93ACGo8.mp4", media / "subtitle" / "none.srt") == NONE
+
+
+class _Quiet:
+    def info(self, *_):
+        pass
+
+
 @pytest.mark.parametrize("name", BUNDLED)
 def test_llava_next_eval_runs_each_bundled_task(fixtures, name, tmp_path, monkeypatch):
     from llava_next.cli.main import main
@@ -170,3 +343,6 @@ def test_llava_next_eval_runs_each_bundled_task(fixtures, name, tmp_path, monkey
     assert lines and all(line["status"] == "ok" and line["visual_tokens"] > 0 for line in lines), lines
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["complete"] and summary["answered"] == len(lines)
+    if name == "mme":
+        assert set(summary["mme"]["categories"]) == {"existence", "code_reasoning"}
+        assert summary["mme"]["incomplete_images"] == 0

@@ -69,6 +69,18 @@ def test_task_file_errors_name_the_key(tmp_path):
         read_samples(task)
 
 
+def test_benchmark_keys_are_checked(tmp_path):
+    """option_letters (MLVU), score (MME) and an image field without bytes are refused with the key named."""
+    _write(tmp_path / "d.jsonl", '{"question": "Q?", "answer": "Yes", "image": {"bytes": null, "path": "a.png"}}\n')
+    with pytest.raises(TaskError, match="option_letters must be the letters from A"):
+        load_task(_write(tmp_path / "a.yaml", "data: d.jsonl\nanswer: mc_generate\noption_letters: [A, C]\n"))
+    with pytest.raises(TaskError, match="score must be .mme."):
+        load_task(_write(tmp_path / "b.yaml", "data: d.jsonl\nanswer: yes_no\nscore: mme\n"))
+    task = load_task(_write(tmp_path / "c.yaml", "data: d.jsonl\nanswer: yes_no\n"))
+    with pytest.raises(TaskError, match="line 1: the image field holds no bytes"):
+        read_samples(task)
+
+
 def test_parquet_and_datasets_folders_read_as_json_lines(tmp_path):
     """The same rows as JSON lines, a parquet file, a ``save_to_disk`` folder (Arrow stream files listed in
     state.json) and a DatasetDict folder give the same samples."""

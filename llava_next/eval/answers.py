@@ -1,7 +1,9 @@
 """Reading an answer out of generated text, and judging it: the letter parsers of lmms-eval's Video-MME and
 MVBench tasks, and exact match.
 
-- ``videomme_letter`` is lmms-eval's ``extract_characters_regex`` (``lmms_eval/tasks/videomme/utils.py``):
+- ``videomme_letter`` is the ``extract_characters_regex`` of lmms-eval's Video-MME before 0.7 (0.7.3's
+  ``lmms_eval/tasks/videomme/utils.py`` calls the shared ``extract_mcq_answer`` instead: the ``mcq`` parser,
+  which the bundled ``videomme`` task uses); kept for runs compared with older lmms-eval numbers:
   strip, delete the answer prefixes ("The best answer is", ...), give up ("") on more than 10 words that
   hold no A-D, else the first of A, B, C, D anywhere in the text. Kept exactly, its quirk included: two of
   its prefixes lack a comma in the source list, so Python joins them into "The best option isThe correct
@@ -21,6 +23,24 @@ MVBench tasks, and exact match.
 - ``longvideobench_letter`` is LongVideoBench's ``parse_multi_choice_response`` (``lmms_eval/tasks/
   longvideobench/utils.py``): Video-MME's extraction over A-E, its prefix list without the missing commas; a
   random letter there too where none is found ("" here).
+- ``mlvu_letter`` is lmms-eval's shared ``extract_mcq_answer`` (``lmms_eval/tasks/_task_utils/mcq_extract.py``)
+  over A-D, as 0.7.3's MLVU and Video-MME ``extract_characters_regex`` call it (parsers ``mlvu`` and ``mcq``): strip ``,.!?;:'"``, pad with spaces, collect
+  candidates by format — "(A)", "A.", "A:", "A)", "A ", a letter after an answer phrase ("the answer is"),
+  a standalone letter at the start or at the end — each at its last position (the phrase: its first after the
+  phrase), else any A-D (fallback); the highest priority wins (start 10, end 9, phrase 7, parentheses 6,
+  period 5, colon 4, right_paren 3, space 2), the later position breaking ties; none: "".
+- ``mme_label`` is lmms-eval MME's ``parse_pred_ans`` (from Otter's eval; ``lmms_eval/tasks/mme/utils.py``):
+  lower case, strip, delete "."; "yes" / "no" as such, one letter "y" / "n", else "yes" or "no" within the
+  first 4 characters (yes first), else "other". ``yes_no`` judges it against the gold normalised the same way
+  (``mme_process_results``); ``mme_scores`` is ``mme_aggregate_results``: per category, each image's two
+  questions give acc (the share right, x100) plus acc+ (100 when both are right), averaged over the images;
+  the categories' scores summed into the perception and the cognition score.
+- ``mmbench_letter`` is MMBench's ``can_infer`` (``lmms_eval/tasks/mmbench/mmbench_evals.py``): split on
+  whitespace; exactly one of A-E standing alone (not an "A" that may be a quantifier in more than 3 words),
+  else exactly one of them wrapped as "A.", "A,", "A:", "A)", "A).", "(A)", "(A).", ":A", ":A,", ":A.", ":A)",
+  ":A)."; else the one option (A-D) whose text the answer contains (lower case). Where it finds none lmms-eval
+  asks GPT to match the answer to an option; here the answer is "" (unparsed, wrong). Circular evaluation (the
+  question asked again with its options rotated) is not done: the score is the single-pass accuracy.
 - ``exact_match``: lm-evaluation-harness's ``exact_match`` metric with its ``ignore_case`` and
   ``ignore_punctuation`` options (both off by default there; here the task YAML sets them), after stripping
   surrounding whitespace.
@@ -34,7 +54,7 @@ import string
 import numpy as np
 from typing import Callable, Literal, Sequence
 
-Parser = Literal["videomme", "mvbench", "nextqa", "egoschema", "longvideobench"]
+Parser = Literal["videomme", "mvbench", "nextqa", "egoschema", "longvideobench", "mlvu", "mcq", "mmbench"]
 
 _VIDEOMME_PREFIXES = [
     "The best answer is",
@@ -159,12 +179,87 @@ def egoschema_letter(text: str, options: Sequence[str]) -> str:
     return pick.replace("(", "").replace(")", "").replace(".", "").strip()
 
 
+_MCQ_PHRASES = ["the answer is", "answer is", "the correct answer is", "correct answer is", "the best answer is",
+                "best answer is", "the correct option is", "correct option is", "the best option is", "best option is",
+                "the choice is", "choice is", "the correct choice is", "correct choice is", "i choose", "i select",
+                "i pick", "my answer is", "my choice is", "옵션", "정답은", "답은", "답:", "答案是", "答案为", "选", "答えは"]
+_MCQ_PRIORITY = {"start": 10, "end": 9, "phrase": 7, "parentheses": 6, "period": 5, "colon": 4, "right_paren": 3,
+                 "space": 2, "fallback": 0}
+_MCQ_FORMATS = [("({})", "parentheses"), ("{}.", "period"), ("{}:", "colon"), ("{})", "right_paren"), ("{} ", "space")]
+
+
+def _mcq_candidates(text: str, choices: Sequence[str]) -> list[tuple[str, int, str]]:
+    """(letter, position, format) of every format that holds a letter (``extract_mcq_answer``'s order)."""
+    found = [(c, text.rfind(f.format(c)), name) for f, name in _MCQ_FORMATS for c in choices if f.format(c) in text]
+    lower = text.lower()
+    for phrase in _MCQ_PHRASES:
+        at = lower.find(phrase)
+        if at != -1:
+            found += [(c, text.find(c, at + len(phrase)), "phrase") for c in choices
+                      if text.find(c, at + len(phrase)) != -1]
+    stripped = text.strip()
+    found += [(c, 0, "start") for c in choices
+              if stripped.startswith(c) and (len(stripped) == 1 or not stripped[1].isalpha())]
+    found += [(c, len(text) - 1, "end") for c in choices
+              if stripped.endswith(c) and (len(stripped) == 1 or not stripped[-2].isalpha())]
+    return found
+
+
+def mlvu_letter(text: str, options: Sequence[str] = ()) -> str:
+    """lmms-eval's ``extract_mcq_answer`` over A-D (MLVU's ``extract_characters_regex``): the letter of the
+    highest-priority format, the later one of a tie; "" when none."""
+    if not text or not text.strip():
+        return ""
+    s = text.strip()
+    for char in [",", ".", "!", "?", ";", ":", "'", '"']:
+        s = s.strip(char)
+    s = " " + s + " "
+    choices = ["A", "B", "C", "D"]
+    found = _mcq_candidates(s, choices) or [(c, s.rfind(c), "fallback") for c in choices if c in s]
+    if not found:
+        return ""
+    found.sort(key=lambda x: (_MCQ_PRIORITY[x[2]], x[1]), reverse=True)
+    return found[0][0]
+
+
+_MMB_WRAPS = [("", "."), ("", ","), ("", ":"), ("", ")"), ("", ")."), ("(", ")"), ("(", ")."), (":", ""), (":", ","),
+              (":", "."), (":", ")"), (":", ").")]
+
+
+def _mmbench_option(answer: str, choices: str = "ABCDE") -> str:
+    """MMBench's ``can_infer_option``: the one letter standing alone or wrapped in the answer's words, else ""."""
+    if "Failed to obtain answer via API" in answer:
+        return ""
+    splits = [x.strip() for x in answer.split()]
+    alone = [c for c in choices if c in splits]
+    if len(alone) == 1 and not ("A" in splits and len(splits) > 3):
+        return alone[0]
+    for prefix, suffix in _MMB_WRAPS:
+        wrapped = [c for c in choices if prefix + c + suffix in splits]
+        if len(wrapped) == 1:
+            return wrapped[0]
+    return ""
+
+
+def mmbench_letter(text: str, options: Sequence[str] = ()) -> str:
+    """lmms-eval MMBench's ``can_infer``: a letter from the answer's words, else the one option (A-D) whose text
+    it contains; "" where lmms-eval would ask GPT."""
+    letter = _mmbench_option(text)
+    if letter:
+        return letter
+    found = [c for c, o in zip("ABCD", options) if str(o).lower() in text.lower()]
+    return found[0] if len(found) == 1 else ""
+
+
 PARSERS: dict[str, Callable[..., str]] = {
     "videomme": lambda text, options=(): videomme_letter(text),
     "mvbench": lambda text, options=(): mvbench_letter(text),
     "nextqa": nextqa_letter,
     "egoschema": egoschema_letter,
     "longvideobench": longvideobench_letter,
+    "mlvu": mlvu_letter,
+    "mcq": mlvu_letter,
+    "mmbench": mmbench_letter,
 }
 
 
@@ -175,6 +270,46 @@ def letter_correct(parser: Parser, prediction: str, gold_letter: str, options: S
     if parser == "mvbench":  # mcq_acc: process(pred) == process(gold)
         return parsed, parsed == mvbench_letter(gold_letter)
     return parsed, parsed.lower() == gold_letter.lower()  # videomme_process_results
+
+
+def mme_label(text: str) -> str:
+    """lmms-eval MME's ``parse_pred_ans``: "yes", "no" or "other"."""
+    s = text.lower().strip().replace(".", "")
+    if s in ("yes", "no"):
+        return s
+    if len(s) == 1:
+        return {"y": "yes", "n": "no"}.get(s, "other")
+    return "yes" if "yes" in s[:4] else "no" if "no" in s[:4] else "other"
+
+
+def yes_no(prediction: str, golds: list[str]) -> tuple[str, bool]:
+    """(the parsed "yes" / "no" / "other", whether it is the gold answer) as ``mme_process_results`` judges."""
+    parsed = mme_label(prediction)
+    return parsed, parsed == golds[0].lower().strip().replace(".", "")
+
+
+MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
+                  "artwork", "OCR")
+MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+
+
+def mme_scores(rows: Sequence[tuple[str, str, bool]]) -> dict:
+    """lmms-eval's ``mme_aggregate_results`` over (category, image id, correct) rows: per category the mean over
+    its images of acc + acc+ (0-200); ``perception``: the sum over its 10 categories, ``cognition``: over the
+    rest (lmms-eval's split). An image without exactly two answered questions (a ``--limit`` run), which lmms-eval
+    refuses, is left out and counted in ``incomplete_images``."""
+    pairs: dict[str, dict[str, list[float]]] = {}
+    for category, image, correct in rows:
+        pairs.setdefault(category, {}).setdefault(image, []).append(float(correct))
+    categories, incomplete = {}, 0
+    for category, images in pairs.items():
+        scores = [v for v in images.values() if len(v) == 2]
+        incomplete += len(images) - len(scores)
+        if scores:
+            categories[category] = sum(sum(v) / 2 * 100.0 + (sum(v) == 2) * 100.0 for v in scores) / len(scores)
+    return {"perception": sum(v for k, v in categories.items() if k in MME_PERCEPTION),
+            "cognition": sum(v for k, v in categories.items() if k not in MME_PERCEPTION),
+            "categories": categories, "incomplete_images": incomplete}
 
 
 def normalize(text: str, *, ignore_case: bool, ignore_punctuation: bool) -> str:

@@ -43,7 +43,7 @@ from ..reduce.stages import Reduction
 from ..runtime.batch import Progress, ResultsFile, error_record, owner
 from ..runtime.files import check_media_file
 from ..runtime.pipeline import Pipeline, Request
-from .answers import exact_match, letter_correct
+from .answers import exact_match, letter_correct, mme_scores, yes_no
 from .score import ScoreItem, candidate_score, prepare_item, score_requests
 from .tasks import Sample, Task, read_samples
 
@@ -166,6 +166,9 @@ class Evaluator:
             if t.answer == "mc_generate":
                 gold = s.gold_letter
                 parsed, correct = letter_correct(t.parser, prediction, gold, s.options)
+            elif t.answer == "yes_no":
+                gold = s.gold
+                parsed, correct = yes_no(prediction, gold)
             else:
                 gold = s.gold
                 parsed, correct = exact_match(prediction, gold, ignore_case=t.ignore_case,
@@ -259,6 +262,9 @@ def summarize(task: Task, samples: Sequence[Sample], lines: dict[str, dict], rec
                "input_tokens_per_sample": _mean([line["input_tokens"] for line in ok]),
                "seconds_per_sample": _mean([line["timings"]["seconds"] for line in ok]),
                "record": record}
+    if task.score == "mme":
+        summary["mme"] = mme_scores([(s.meta["category"], s.meta["question_id"], lines[s.id]["correct"])
+                                     for s in samples if lines.get(s.id, {}).get("status") == "ok"])
     return summary
 
 

@@ -21,12 +21,19 @@ C"), the visual is a field holding a path, the target a field, and the judging o
 - ``mc_loglikelihood``: score each candidate (the options' texts, or with ``candidates: letters`` the
   letters) after the prompt (score.py, lm-eval's ``multiple_choice`` output type); the prediction is the
   highest by ``rank_by`` (``logprob``: lm-eval's acc; ``per_char``: its acc_norm; ``per_token``, ``per_byte``);
-- ``exact_match``: generate, compare with the gold answer(s) (``ignore_case``, ``ignore_punctuation``).
+- ``exact_match``: generate, compare with the gold answer(s) (``ignore_case``, ``ignore_punctuation``);
+- ``yes_no``: generate, read yes / no / other as lmms-eval's MME does (answers.yes_no), correct when it is the
+  gold; ``score: mme`` adds MME's own score (answers.mme_scores) over the ``meta_fields`` category and question_id.
+
+An image stored in the data as bytes (an HF ``Image`` column: {"bytes", "path"}) is written once to a file
+under the temporary folder, named by its hash; ``question_remove`` deletes texts from the stripped question;
+``prompt_without`` gives the prompt of a record whose field is missing (None, NaN, "nan": MMBench's hint).
 
 Official data files keep a benchmark's own schema: ``video_path`` / ``image_path`` build the media path from
 the record (``"data/{videoID}.mp4"``: Video-MME names its videos by id), ``option_fields`` reads the options
 from several fields (NExT-QA's ``a0`` ... ``a4``; ``skip_options`` drops placeholders such as LongVideoBench's
-"N/A"), and a data file may also be one JSON array (``.json``,
+"N/A"; ``option_letters`` says the options are written inside the question, as MLVU's are, and gives their
+letters), and a data file may also be one JSON array (``.json``,
 MVBench's ``json/*.json``). The bundled task files of the published benchmarks are in ``llava_next/eval/benchmarks/``
 (``bundled_task``; docs/evaluation.md says where each data file comes from).
 
@@ -46,8 +53,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-AnswerType = Literal["mc_generate", "mc_loglikelihood", "exact_match"]
-ANSWER_TYPES = ("mc_generate", "mc_loglikelihood", "exact_match")
+AnswerType = Literal["mc_generate", "mc_loglikelihood", "exact_match", "yes_no"]
+ANSWER_TYPES = ("mc_generate", "mc_loglikelihood", "exact_match", "yes_no")
 RANKS = ("logprob", "per_token", "per_char", "per_byte")
 FIELDS = {"id": "id", "question": "question", "options": "options", "answer": "answer", "video": "video",
           "image": "image"}
@@ -81,6 +88,12 @@ class Task:
     image_path: str | None = None  # likewise for an image
     option_fields: list | None = None  # the options as several fields (["a0", "a1", ...]), instead of fields.options
     skip_options: list = field(default_factory=list)  # option texts that mean "no option" (LongVideoBench's "N/A")
+    option_letters: list | None = None  # the options are written inside the question (MLVU): their letters only
+    meta_fields: list = field(default_factory=list)  # fields kept on each sample for a benchmark's own score (MME)
+    prompt_without: dict = field(default_factory=dict)  # {field: template} where the field is empty (MMBench's hint)
+    subtitles: dict | None = None  # {path: "subtitle/{videoID}.srt", frames: 32}: {subtitles} (Video-MME's)
+    question_remove: list = field(default_factory=list)  # texts deleted from the stripped question (MME's)
+    score: str | None = None  # a benchmark's own score in the summary besides accuracy: "mme" (answers.mme_scores)
     source: Path | None = None  # the YAML file
 
     def to_dict(self) -> dict:
@@ -99,6 +112,7 @@ class Sample:
     options: list[str]  # multiple choice: the option texts; else empty
     gold: Any  # multiple choice: the gold index; exact match: the list of accepted answers
     letters: list[str] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)  # the task's meta_fields of the record (MME: category, question_id)
 
     @property
     def gold_letter(self) -> str:
@@ -149,6 +163,19 @@ def _check(task: Task, path: Path) -> None:
     if task.option_fields is not None and (not isinstance(task.option_fields, list) or not task.option_fields
                                            or not all(isinstance(f, str) for f in task.option_fields)):
         raise TaskError(f"{path}: option_fields must be a list of field names, got {task.option_fields!r}")
+    letters = task.option_letters
+    if letters is not None and (not isinstance(letters, list) or not letters
+                                or letters != list(string.ascii_uppercase[:len(letters)])):
+        raise TaskError(f"{path}: option_letters must be the letters from A in order ([A, B, C, D]), "
+                        f"got {task.option_letters!r}")
+    mme_meta = {"category", "question_id"} <= set(task.meta_fields)
+    subtitles = task.subtitles
+    if subtitles is not None and not (isinstance(subtitles, dict) and isinstance(subtitles.get("path"), str)):
+        raise TaskError(f"{path}: subtitles must be a mapping with path (a template: \"subtitle/{{videoID}}.srt\") "
+                        f"and frames, got {task.subtitles!r}")
+    if task.score not in (None, "mme") or (task.score == "mme" and not mme_meta):
+        raise TaskError(f"{path}: score must be \"mme\" (with meta_fields [category, question_id]) or left out, "
+                        f"got {task.score!r}")
     if task.answer == "mc_generate" and task.parser not in PARSERS:
         raise TaskError(f"{path}: parser must be one of {', '.join(PARSERS)}, got {task.parser!r}")
     if task.rank_by not in RANKS:
@@ -255,12 +282,16 @@ def make_sample(task: Task, doc: dict, where: str) -> Sample:
     sample_id = str(doc[f["id"]]) if f["id"] in doc else where.rsplit(" ", 1)[-1]
     media = {kind: _paths(task, _media_value(task, doc, kind, where), where, kind) for kind in ("image", "video")}
     options, letters, gold = [], [], None
-    if task.answer != "exact_match":
-        if task.option_fields:
-            missing = [name for name in task.option_fields if not isinstance(doc.get(name), str)]
+    if task.answer not in ("exact_match", "yes_no"):
+        if task.option_letters:  # the question holds "(A) ..." itself; the letters stand for the options
+            options = list(task.option_letters)
+        elif task.option_fields:
+            missing = [name for name in task.option_fields if name not in doc
+                       or not (doc[name] is None or isinstance(doc[name], str))]
             if missing:
                 raise TaskError(f"{where}: option field(s) {', '.join(missing)} missing or not text")
-            options = [doc[name] for name in task.option_fields if doc[name] not in task.skip_options]
+            options = [doc[name] for name in task.option_fields
+                       if doc[name] is not None and doc[name] not in task.skip_options]
         else:
             options = doc.get(f["options"])
         if not isinstance(options, list) or not options or not all(isinstance(o, str) for o in options):
@@ -272,23 +303,79 @@ def make_sample(task: Task, doc: dict, where: str) -> Sample:
         gold = [answers] if isinstance(answers, str) else answers
         if not isinstance(gold, list) or not gold or not all(isinstance(a, str) for a in gold):
             raise TaskError(f"{where}: field \"{f['answer']}\" must be the answer text or a list of accepted texts")
+    doc = _with_subtitles(task, _question_edited(task, doc), media["video"], where)
     written = "\n".join(task.option_format.format(letter=l, option=o) for l, o in zip(letters, options))
+    template = next((t for key, t in task.prompt_without.items() if _empty(doc.get(key))), task.prompt)
     try:
-        prompt = task.prompt.format(**{**doc, "options": written, "letters": ", ".join(letters)})
+        prompt = template.format(**{**doc, "options": written, "letters": ", ".join(letters)})
     except (KeyError, IndexError) as e:
         raise TaskError(f"{where}: the prompt template uses {e} but the sample has no such field") from None
-    return Sample(sample_id, prompt, media["image"], media["video"], options, gold, letters)
+    meta = {name: doc.get(name) for name in task.meta_fields}
+    return Sample(sample_id, prompt, media["image"], media["video"], options, gold, letters, meta)
+
+
+def _with_subtitles(task: Task, doc: dict, videos: list[str], where: str) -> dict:
+    """The record with ``subtitles``: the .srt lines at the task's sampled frames (subtitles.py, Video-MME's)."""
+    if not task.subtitles:
+        return doc
+    from .subtitles import subtitle_text
+
+    if not videos:
+        raise TaskError(f"{where}: subtitles need the sample's video, and it has none")
+    try:
+        srt = task.media_root / task.subtitles["path"].format(**doc)
+    except (KeyError, IndexError) as e:
+        raise TaskError(f"{where}: subtitles path uses {e} but the sample has no such field") from None
+    return {**doc, "subtitles": subtitle_text(Path(videos[0]), srt, int(task.subtitles.get("frames", 32)))}
+
+
+def _empty(value: Any) -> bool:
+    """No value: missing, None, NaN or the text "nan" (pandas' missing value written out, as MMBench's hint)."""
+    return value is None or value == "nan" or (isinstance(value, float) and value != value)
+
+
+def _question_edited(task: Task, doc: dict) -> dict:
+    """The record with its question stripped and the task's ``question_remove`` texts deleted (MME's
+    ``mme_doc_to_text`` removes " Please answer yes or no." before adding its own instruction)."""
+    key = task.fields["question"]
+    if not task.question_remove or not isinstance(doc.get(key), str):
+        return doc
+    question = doc[key].strip()
+    for text in task.question_remove:
+        question = question.replace(text, "")
+    return {**doc, key: question}
 
 
 def _media_value(task: Task, doc: dict, kind: str, where: str) -> Any:
     """The record's media path: the ``video_path`` / ``image_path`` template filled in, else the field's value."""
     template = task.video_path if kind == "video" else task.image_path
     if template is None:
-        return doc.get(task.fields[kind])
+        value = doc.get(task.fields[kind])
+        return _bytes_file(value, where) if isinstance(value, dict) and "bytes" in value else value
     try:
         return template.format(**doc)
     except (KeyError, IndexError) as e:
         raise TaskError(f"{where}: {kind}_path {template!r} uses {e} but the sample has no such field") from None
+
+
+def _bytes_file(value: dict, where: str) -> str:
+    """An image stored in the data as bytes (a parquet / HF ``Image`` column: {"bytes": ..., "path": ...}) written
+    once to a file named by its SHA-256 under the temporary folder; the file's path."""
+    import hashlib
+    import tempfile
+
+    data = value["bytes"]
+    if not isinstance(data, (bytes, bytearray)) or not data:
+        raise TaskError(f"{where}: the image field holds no bytes (an HF Image column written without its data?)")
+    suffix = Path(str(value.get("path") or "")).suffix or ".img"
+    folder = Path(tempfile.gettempdir()) / "llava-next-images"
+    folder.mkdir(exist_ok=True)
+    path = folder / (hashlib.sha256(data).hexdigest()[:32] + suffix)
+    if not path.exists():
+        part = path.with_suffix(f".{id(value)}.part")
+        part.write_bytes(data)
+        part.replace(path)
+    return str(path)
 
 
 def _paths(task: Task, value: Any, where: str, kind: str) -> list[str]:
