@@ -96,16 +96,7 @@ def _inspect(args: argparse.Namespace) -> int:
     if not args.image and not args.video:
         args._parser.error("give at least one --image or --video")
     options.finish(args)
-    if args.preset is not None and args.model != options.DEFAULT_MODEL:
-        raise UserError(f"--preset {args.preset} and --model {args.model}: give one")
-    model = args.preset or args.model
-    config, preset = options.model_config(model)
-    from ..runtime.pipeline import with_overrides
-
-    try:
-        config = with_overrides(config, **options.plan_overrides(args))
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    model, config, preset = _inspected_config(args)
     if args.text_tokens is not None and args.text_tokens < 0:
         raise UserError(f"--text-tokens must be >= 0, got {args.text_tokens}")
     if args.text_tokens is not None and args.prompt is not None:
@@ -136,13 +127,26 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspected_config(args: argparse.Namespace):
+    """(model name, its config with the plan switches applied, its preset) for ``inspect``."""
+    from ..runtime.pipeline import with_overrides
+
+    if args.preset is not None and args.model != options.DEFAULT_MODEL:
+        raise UserError(f"--preset {args.preset} and --model {args.model}: give one")
+    model = args.preset or args.model
+    config, preset = options.model_config(model)
+    try:
+        return model, with_overrides(config, **options.plan_overrides(args)), preset
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 _NOT_FOR_TRAINING = ("image", "video", "prompt", "prompt_option", "png", "adapter", "select_frames", "reduce",
                      "template", "max_new_tokens", "sampling", "max_image_pixels", "allow_overflow")
 
 
 def _inspect_training(args: argparse.Namespace) -> int:
     """``inspect --train-memory GIB``: the training memory planner (llava_next/train/memory.py) for one device."""
-    from ..runtime.pipeline import with_overrides
     from ..train.memory import (TEXT_TOKENS, TrainSetting, context_frames, format_plan, largest_frames,
                                 training_memory)
 
@@ -151,14 +155,7 @@ def _inspect_training(args: argparse.Namespace) -> int:
     if given:
         raise UserError(f"{', '.join(given)}: --train-memory plans a training step from the model's config alone "
                         f"(--frames, --text-tokens, --lora-rank and the pooling switches set it); drop them")
-    if args.preset is not None and args.model != options.DEFAULT_MODEL:
-        raise UserError(f"--preset {args.preset} and --model {args.model}: give one")
-    model = args.preset or args.model
-    config, preset = options.model_config(model)
-    try:
-        config = with_overrides(config, **options.plan_overrides(args))
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    model, config, preset = _inspected_config(args)
     text = TEXT_TOKENS if args.text_tokens is None else args.text_tokens
     if text < 0:
         raise UserError(f"--text-tokens must be >= 0, got {text}")

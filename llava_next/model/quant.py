@@ -230,11 +230,6 @@ class _FrozenQuantLinearFn(torch.autograd.Function):
         return out, None
 
 
-def frozen_linear(layer: "Int8Linear | Int4Linear", x: torch.Tensor) -> torch.Tensor:
-    """The quantized layer's output when the input needs a gradient (``_FrozenQuantLinearFn``)."""
-    return _FrozenQuantLinearFn.apply(x, layer)
-
-
 class Int8Linear(nn.Module):
     """``nn.Linear`` with an int8 weight and per-output-channel scales, frozen: the weight never trains, the
     input gets its gradient (through the dequantized weight)."""
@@ -281,7 +276,7 @@ class Int8Linear(nn.Module):
         # reads past each row (wrong numbers, or a segfault near the end of an mmapped file), so dequantize too.
         # A gradient to the input (adapters train on a frozen quantized base): the int kernel has no backward
         if needs_grad(x):
-            return frozen_linear(self, x)
+            return _FrozenQuantLinearFn.apply(x, self)
         if rows >= DEQUANT_MIN_ROWS or self.in_features % INT8_KERNEL_K:
             return dequantized_linear(self, x)
         scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
@@ -355,7 +350,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if needs_grad(x):  # the int kernel has no backward
-            return frozen_linear(self, x)
+            return _FrozenQuantLinearFn.apply(x, self)
         if rows >= DEQUANT_MIN_ROWS:  # a GEMM: oneDNN on the dequantized weight is faster
             return dequantized_linear(self, x)
         if self.packed is None:
