@@ -18,7 +18,8 @@ from llava_next.research import Attention, Record, ResearchError, hooks, run_wit
 
 TL_BLOCK_NAMES = ["hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
                   "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q", "attn.hook_rot_k", "attn.hook_z",
-                  "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post", "ln1.hook_normalized", "ln2.hook_normalized"]
+                  "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post", "ln1.hook_normalized", "ln2.hook_normalized",
+                  "ln1.hook_scale", "ln2.hook_scale"]
 MM_NAMES = ["vision.hook_embed", "vision.blocks.0.hook_resid_post", "mm.hook_features", "mm.hook_pooled",
             "mm.hook_projected", "mm.hook_newline", "mm.hook_merged"]
 
@@ -35,7 +36,7 @@ def test_transformer_lens_names(video):
     for i in range(ours.config.text.num_layers):
         for n in TL_BLOCK_NAMES:
             assert f"blocks.{i}.{n}" in names
-    for n in ["hook_embed", "ln_final.hook_normalized", "hook_logits", *MM_NAMES]:
+    for n in ["hook_embed", "ln_final.hook_normalized", "ln_final.hook_scale", "hook_logits", *MM_NAMES]:
         assert n in names
     assert names["blocks.1.attn.hook_z"].layer() == 1
 

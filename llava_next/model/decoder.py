@@ -70,12 +70,15 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.hook_scale = HookPoint()  # (B, T, 1) the RMS, as TransformerLens' hook_scale
         self.hook_normalized = HookPoint()  # before the weight, as TransformerLens' RMSNorm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * self.hook_normalized(x32.to(x.dtype))
+        inv = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)  # (B, T, 1)
+        if self.hook_scale.active:  # only then: the RMS itself costs a division
+            inv = 1.0 / self.hook_scale(1.0 / inv)
+        return self.weight * self.hook_normalized((x32 * inv).to(x.dtype))
 
 
 # ---- RoPE ----------------------------------------------------------------------------------------

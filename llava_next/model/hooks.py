@@ -11,6 +11,7 @@ them), so a TransformerLens user's hook functions work unchanged:
                                                              multimodal embeddings)
     blocks.{i}.hook_resid_pre / _mid / _post     (B, T, C)
     blocks.{i}.ln1.hook_normalized, ln2.…        (B, T, C)   RMS-normalised, before the norm's weight
+    blocks.{i}.ln1.hook_scale, ln2.…             (B, T, 1)   the RMS the norm divides by (ln_final.… too)
     blocks.{i}.attn.hook_q / hook_k / hook_v     (B, T, H, D) before RoPE (k, v: the kv heads, GQA)
     blocks.{i}.attn.hook_rot_q / hook_rot_k      (B, T, H, D) after RoPE (what the scores are made of)
     blocks.{i}.attn.hook_z                       (B, T, H, D) per-head attention output, before o_proj
@@ -35,7 +36,8 @@ once per chunk of video frames, so these can fire several times per forward):
 P is a tile's patch count, which depends on the tower: (tile // 14)^2 = 576 for CLIP-336, 729 for
 SigLIP-384 (no class token). The ``vision.*`` points are the CLIP tower's (its class token is the 1).
 
-Cost when nothing is attached: one Python call returning its argument per point (16 per decoder layer),
+Cost when nothing is attached: one Python call returning its argument per point (16 per decoder layer; an idle
+hook_scale costs one attribute check),
 small next to a layer's matrix products. The fast paths stay:
 SDPA / Triton / the compiled CPU decode attention, prepacked linears, in-place activations (the decoder's
 MLP skips its in-place SiLU only while a hook on gate_proj's or up_proj's output could hold a reference).

@@ -9,13 +9,15 @@ module's docstring).
 from . import select
 from ..reduce.fastv import fastv_score
 from .attention import AttentionStats, ResearchError, attention_rows, attention_stats
+from .cache import ActivationCache, direct_logit_attribution
 from ..model.attention import grouped_attention
 from .interventions import ablate, intervene, knockout, patch, replace_embedding
 from .logit_lens import LensResult, LogitLens
 from .provenance import KINDS, SEGMENTS, Media, Provenance
 from .trace import Attention, Record, Step, Trace, hooks, resolve_positions, run_with_cache, run_with_hooks, trace
+from .weights import Weights
 
-__all__ = ["Attention", "AttentionStats", "KINDS", "LensResult", "LogitLens", "Media", "Provenance", "Record",
-           "ResearchError", "SEGMENTS", "Step", "Trace", "ablate", "attention_rows", "attention_stats", "fastv_score",
+__all__ = ["ActivationCache", "Attention", "AttentionStats", "KINDS", "LensResult", "LogitLens", "Media", "Provenance", "Record",
+           "ResearchError", "SEGMENTS", "Step", "Trace", "ablate", "attention_rows", "attention_stats", "direct_logit_attribution", "fastv_score",
            "grouped_attention", "hooks", "intervene", "knockout", "patch", "replace_embedding", "resolve_positions",
-           "run_with_cache", "run_with_hooks", "select", "trace"]
+           "run_with_cache", "run_with_hooks", "select", "trace", "Weights"]

@@ -64,6 +64,7 @@ from torch import nn
 
 from ..model.attention import grouped_attention, triton_available
 from ..model.hooks import HookFn, HookPoint, hook_points
+from .cache import ActivationCache
 from .attention import AttentionStats, Groups, ResearchError, attention_rows, attention_stats, key_mass_triton
 
 Reduce = Literal["none", "mean", "sum", "max", "topk"]
@@ -725,8 +726,9 @@ def run_with_hooks(model: nn.Module, *args, fwd_hooks: Iterable[tuple[str | Call
 
 
 def run_with_cache(model: nn.Module, *args, names_filter: str | Callable[[str], bool] | Sequence[str] | None = None,
-                   device: str | torch.device | None = None, **kwargs) -> tuple[Any, dict[str, torch.Tensor]]:
-    """(output, cache) as TransformerLens' ``run_with_cache``: every matching hook's full tensor.
+                   device: str | torch.device | None = None, **kwargs) -> tuple[Any, ActivationCache]:
+    """(output, cache) as TransformerLens' ``run_with_cache``: every matching hook's full tensor, in an
+    ``ActivationCache`` (research/cache.py: ``cache["resid_post", 1]``, ``decompose_resid``, ``logit_attrs``, ...).
 
     Unlike TransformerLens, ``names_filter`` defaults to every *decoder* hook (not the vision tower's), and
     ``trace(record=[Record(..., positions=..., reduce=...)])`` keeps memory to what is needed."""
@@ -739,4 +741,4 @@ def run_with_cache(model: nn.Module, *args, names_filter: str | Callable[[str], 
     records = [Record(n, device=device) for n in tr.names(names_filter)]
     with trace(model, record=records) as tr:
         out = model(*args, **kwargs)
-    return out, tr.cache
+    return out, ActivationCache(tr.cache, model)
