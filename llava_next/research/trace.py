@@ -114,9 +114,19 @@ def resolve_selection(value: Any, provenance: Any = None, what: str = "positions
 
 
 def resolve_segments(segments: Any, provenance: Any = None) -> torch.Tensor:
-    """``Attention.segments``: a segment id per sequence position (LongTensor, e.g. ``prov.frame``) or an
+    """``Attention.segments``: a segment id per sequence position (LongTensor, e.g. ``prov.frame``), the name of
+    such a provenance field ("frame", "media", "tile_row", "tile_col", "row", "col", "kind", "segment"), or an
     object with ``resolve(provenance)`` giving one. Ids < 0 (``prov.frame``'s -1 on text) are no segment."""
-    if hasattr(segments, "resolve"):
+    if isinstance(segments, str):
+        named = ("frame", "media", "tile_row", "tile_col", "row", "col", "kind", "segment")
+        if segments not in named:
+            raise ResearchError(f"segments={segments!r} names no per-position field of the provenance: use one of "
+                                f"{', '.join(named)}, or give one id per position")
+        if provenance is None:
+            raise ResearchError(f"segments={segments!r} is read from the request's token provenance: pass "
+                                "provenance=... to trace(), or give segments as a LongTensor of ids")
+        segments = getattr(provenance, segments)
+    elif hasattr(segments, "resolve"):
         if provenance is None:
             raise ResearchError(f"{type(segments).__name__} resolves against the request's token provenance: pass "
                                 "provenance=... to trace(), or give segments as a LongTensor of ids")

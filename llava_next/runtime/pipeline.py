@@ -54,6 +54,7 @@ from .memory import memory_budget
 from ..reduce.stages import Reduction, VisualLayout, native_video_layout
 
 if TYPE_CHECKING:
+    from .session import Session
     from .tracing import TraceResult
 
 PathLike = str | os.PathLike
@@ -434,6 +435,14 @@ class Pipeline:
         from .tracing import trace_request
 
         return trace_request(self, request, **kwargs)
+
+    def session(self, question: str, images: Sequence[PathLike | object] = (), video: PathLike | None = None,
+                **prepare) -> "Session":
+        """``with pipe.session(question, video=...) as s:``: the request prepared and its provenance built, then
+        ``s.generate(...)`` and ``s.trace(record=..., attention=...)``: runtime/session.py."""
+        from .session import Session
+
+        return Session(self, question, images, video, **prepare)
 
 
 def _in_decoder_reduction(requests: Sequence[Request]) -> Reduction | None:
