@@ -202,19 +202,29 @@ def iter_probs(q: torch.Tensor, k: torch.Tensor, queries: torch.Tensor, *, key_m
 
     kc <= Tk: only the keys up to the chunk's last query position (the later ones have probability 0 by
     causality and are not computed: half the work of an all-query pass). ``causal=False``: every query sees
-    every key (a vision tower's attention)."""
+    every key (a vision tower's attention).
+
+    Memory: every chunk's scores, scaling, mask and softmax happen in place in ONE buffer of
+    B x Hq x chunk x Tk floats (``CHUNK_BYTES`` by default), allocated once per call, so the extra memory is
+    that buffer plus one fp32 copy of K, whatever the number of chunks. The yielded block is a view of the
+    buffer, valid until the next chunk: a caller that keeps it copies it (``pad_keys`` does)."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     G = Hq // Hkv
     chunk = chunk or default_chunk(B, Hq, Tk)
-    k32 = k.float().transpose(-1, -2)[:, :, None]  # (B, Hkv, 1, D, Tk)
+    k32 = k.float().reshape(B * Hkv, Tk, D)
     scale = 1.0 / math.sqrt(D)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)  # autograd takes no out= buffers
+    buf = None if grad else torch.empty(B * Hq * min(chunk, queries.numel()) * Tk, device=q.device)
     for idx in queries.split(chunk):
+        c = idx.numel()
         kc = int(idx.max()) + (Tk - Tq) + 1 if causal else Tk  # keys this chunk can see
-        qc = q[:, :, idx].float().reshape(B, Hkv, G, idx.numel(), D)  # query heads grouped by kv head
-        scores = (qc @ k32[..., :kc]).reshape(B, Hq, idx.numel(), kc) * scale  # (B, Hq, c, kc)
+        qc = q[:, :, idx].float().reshape(B * Hkv, G * c, D)  # query heads grouped by kv head: K never repeated
+        out = None if buf is None else buf[:B * Hq * c * kc].view(B * Hkv, G * c, kc)
+        scores = torch.bmm(qc, k32[:, :kc].transpose(1, 2), out=out).view(B, Hq, c, kc).mul_(scale)
         scores.masked_fill_(~allowed_block(idx, Tq, Tk, key_mask, groups, width=kc, causal=causal), float("-inf"))
-        yield idx, torch.softmax(scores, dim=-1).nan_to_num_(0.0)
+        probs = torch.softmax(scores, dim=-1) if buf is None else torch.softmax(scores, dim=-1, out=scores)
+        yield idx, probs.nan_to_num_(0.0)
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, *, key_mask: torch.Tensor | None = None,
@@ -227,8 +237,9 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, *, key_
 
 
 def pad_keys(p: torch.Tensor, Tk: int) -> torch.Tensor:
-    """(..., kc) probabilities -> (..., Tk), zeros for the keys the queries cannot see."""
-    return p if p.shape[-1] == Tk else torch.nn.functional.pad(p, (0, Tk - p.shape[-1]))
+    """(..., kc) probabilities -> a new (..., Tk) tensor, zeros for the keys the queries cannot see (a copy
+    even when kc == Tk: ``iter_probs`` reuses its block for the next chunk)."""
+    return p.clone() if p.shape[-1] == Tk else torch.nn.functional.pad(p, (0, Tk - p.shape[-1]))
 
 
 # ---- attention under a knockout table (research.interventions.knockout) --------------------------------
