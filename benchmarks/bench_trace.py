@@ -2,6 +2,7 @@
 every layer, against the same prefill untraced (issue 11, part 3: targets <= 1.25x memory, <= 1.5x time).
 
     python benchmarks/bench_trace.py [--layers 3] [--tokens 4708] [--repeats 2] [--dtype bf16]
+    python benchmarks/bench_trace.py --shape tiny --layers 2 --tokens 4096 --dtype fp32 --modes untraced,all-mass,all-map
 
 The decoder has LLaVA-NeXT-Video-7B's layer shape (hidden 4096, 32 heads of 128, MLP 11008, vocab 32064,
 random weights, linears prepacked for oneDNN as the pipeline does) and ``--layers`` layers. The prompt is
@@ -14,6 +15,11 @@ own high-water mark over the resident model):
     frames        + Attention(every layer, queries = the question, key_mass, per-frame segment sums per query)
     frames+map    + the all-query segment x segment map (layer x frame chart of every query group): a second
                     pass over all 4,708 queries per layer, exact, query-chunked
+    all-mass      Attention(queries="all", key_mass, heads="mean"): every query's row, summed per key
+    all-map       Attention(queries="all", segments, segment_map, heads="mean")
+
+``--shape tiny``: the built-in tiny model's decoder width (hidden 128, 4 heads, MLP 384) instead of 7B's, where
+the instruments' own memory (one chunk block, a copy of K, the outputs) is not hidden by the layer's.
 
 Modes run in the order untraced, frames, frames+map, repeated; the faster time and the lower peak of each
 are reported, wall and CPU time (process_time, all threads: steadier than wall time on a shared machine). Results: benchmarks/results/trace.csv (+ a Markdown line per mode on stdout).
@@ -32,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def child(mode: str, layers: int, tokens: int, dtype_name: str) -> dict:
+def child(mode: str, layers: int, tokens: int, dtype_name: str, shape: str = "7b") -> dict:
     import torch
     from torch import nn
 
@@ -44,7 +50,8 @@ def child(mode: str, layers: int, tokens: int, dtype_name: str) -> dict:
 
     torch.manual_seed(0)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    cfg = TextConfig(num_layers=layers, max_position_embeddings=8192)
+    width = dict(hidden_size=128, intermediate_size=384, num_heads=4, num_kv_heads=4) if shape == "tiny" else {}
+    cfg = TextConfig(num_layers=layers, max_position_embeddings=max(8192, tokens + 1), **width)
     torch.set_default_dtype(dtype)
     with torch.device("meta"):
         dec = Decoder(cfg)
@@ -70,9 +77,12 @@ def child(mode: str, layers: int, tokens: int, dtype_name: str) -> dict:
     positions = torch.arange(tokens)[None]
     dec.setup_caches(1, tokens + 1, dtype=dtype)
     spec = None
-    if mode != "untraced":
+    if mode in ("frames", "frames+map"):
         spec = Attention(queries=q_positions, rows=False, key_mass=True, segments=segments,
                          segment_map=mode == "frames+map")
+    elif mode in ("all-mass", "all-map"):
+        spec = Attention(queries="all", rows=False, key_mass=mode == "all-mass", heads="mean",
+                         segments=segments if mode == "all-map" else None, segment_map=mode == "all-map")
     with torch.no_grad():  # warm up (oneDNN primitives, allocator) on a short prompt, untraced
         EagerEngine().prefill(dec, embeds[:, :64], positions[:, :64], None)
     rss_model = _status("VmRSS")
@@ -84,8 +94,9 @@ def child(mode: str, layers: int, tokens: int, dtype_name: str) -> dict:
         else:
             with trace(dec, attention=spec) as tr:
                 EagerEngine().prefill(dec, embeds, positions, None)
-            per_frame_mass = tr.attention[layers - 1].segment_rows.sum(2).mean(1)  # (1, S): the chart's column
-            assert per_frame_mass.shape[-1] == frames + 2
+            if mode.startswith("frames"):
+                per_frame_mass = tr.attention[layers - 1].segment_rows.sum(2).mean(1)  # (1, S): the chart's column
+                assert per_frame_mass.shape[-1] == frames + 2
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"mode": mode, "seconds": seconds, "cpu_seconds": cpu, "peak_mib": _status("VmHWM") / 1024, "model_mib": rss_model / 1024}
 
@@ -103,18 +114,19 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4708)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--shape", choices=["7b", "tiny"], default="7b")
     ap.add_argument("--modes", default="untraced,frames,frames+map")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.layers, args.tokens, args.dtype)))
+        print(json.dumps(child(args.child, args.layers, args.tokens, args.dtype, args.shape)))
         return
     modes = args.modes.split(",")
     best: dict[str, dict] = {}
     for _ in range(args.repeats):
         for mode in modes:
             out = subprocess.run([sys.executable, __file__, "--child", mode, "--layers", str(args.layers), "--tokens",
-                                  str(args.tokens), "--dtype", args.dtype], capture_output=True, text=True,
+                                  str(args.tokens), "--dtype", args.dtype, "--shape", args.shape], capture_output=True, text=True,
                                  env=dict(os.environ))
             if out.returncode:
                 raise SystemExit(f"{mode} failed:\n{out.stderr[-3000:]}")
@@ -126,7 +138,7 @@ def main() -> None:
                 b[key] = min(b[key], r[key])
     base = best["untraced"]
     rows = []
-    print(f"\n7B layer shape, {args.layers} layers, {args.tokens} positions, {args.dtype}, best of {args.repeats}:")
+    print(f"\n{args.shape} layer shape, {args.layers} layers, {args.tokens} positions, {args.dtype}, best of {args.repeats}:")
     print("| mode | time s | x time | CPU s | x CPU | peak MiB | x peak | prefill-only MiB | x prefill-only |")
     print("|---|---|---|---|---|---|---|---|---|")
     for mode, r in best.items():
