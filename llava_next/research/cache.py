@@ -95,6 +95,11 @@ class ActivationCache(dict):
         raise KeyError(f"{name!r} was not recorded: run_with_cache(..., names_filter=...) must include it "
                        f"(the default caches every decoder hook)")
 
+    def _repr_html_(self) -> str:  # Jupyter (research/notebook.py)
+        from .notebook import cache_html
+
+        return cache_html(self)
+
     def _virtual(self, name: str) -> torch.Tensor:
         layer = int(name.split(".")[1])
         if name.endswith("hook_result"):  # (B, T, H, D) x (H, D, C) -> (B, T, H, C)

@@ -452,6 +452,17 @@ class Provenance:
                 out[i]["reduction"] = entry
         return out
 
+    def to_dataframe(self) -> Any:
+        """``to_records`` as a pandas DataFrame (research/notebook.py; needs pandas)."""
+        from .notebook import provenance_dataframe
+
+        return provenance_dataframe(self)
+
+    def _repr_html_(self) -> str:  # Jupyter
+        from .notebook import provenance_html
+
+        return provenance_html(self)
+
     def summary(self) -> str:
         """The token budget: positions per segment and per medium."""
         lines = [f"{len(self)} positions"]

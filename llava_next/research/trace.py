@@ -259,6 +259,11 @@ class Trace:
     def __getitem__(self, name: str) -> Any:
         return self.cache[name]
 
+    def _repr_html_(self) -> str:  # Jupyter (research/notebook.py)
+        from .notebook import trace_html
+
+        return trace_html(self)
+
     # ---- a reduced model: rows of a pruned layer -> original positions -----------------------------------
     @property
     def _in_decoder(self) -> bool:
