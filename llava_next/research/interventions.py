@@ -16,6 +16,12 @@
 - ``patch(name, source, positions=None)``: activation patching: the rows of hook(s) ``name`` at
   ``positions`` are taken from another, finished trace that recorded them (``Record(name)`` with all
   positions, or with exactly the same positions); step by step, so decode steps patch too.
+  ``source_positions`` (a selector resolved against the SOURCE trace's provenance) patches between two
+  different requests: frame i of video A onto frame j of video B (``positions=sel.frame(j),
+  source_positions=sel.frame(i)``), a tile onto a tile, one AnyRes grid onto another. Equal counts pair in
+  order (the same grid: cell by cell); otherwise each patched visual token takes the source token whose cell
+  centre is nearest in its grid's relative coordinates (row + 0.5) / grid_h, (col + 0.5) / grid_w, and the
+  positions without a cell (newlines, text) pair proportionally in order (``map_positions``).
 - ``knockout(src, dst, layers)``: in those decoder layers, queries at ``dst`` may not attend to keys at
   ``src`` (cross-modal-information-flow's attention knockout). Not a dense T x T mask: each position gets a
   small group id and each layer a G x G table of allowed (query group, key group) pairs; the attention is
@@ -102,14 +108,51 @@ class replace_embedding:  # noqa: N801
         tr.add_hook(self.at, fn)
 
 
+def map_positions(dst_prov: Any, dst: torch.Tensor, src_prov: Any, src: torch.Tensor) -> torch.Tensor:
+    """For each position of ``dst`` (in ``dst_prov``) the position of ``src`` (in ``src_prov``) it takes its
+    rows from (``patch(source_positions=...)``; the rule is in the module docstring)."""
+    if len(dst) == len(src):
+        return src.clone()
+    if len(src) == 0:
+        raise ResearchError("patch: source_positions selects no position of the source request")
+
+    def centres(prov: Any, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cell = prov.row[pos] >= 0
+        y = (prov.row[pos].double() + 0.5) / prov.grid_h[pos].double().clamp(min=1)
+        x = (prov.col[pos].double() + 0.5) / prov.grid_w[pos].double().clamp(min=1)
+        return cell, torch.stack([y, x], 1)
+
+    d_cell, d_xy = centres(dst_prov, dst)
+    s_cell, s_xy = centres(src_prov, src)
+    out = torch.empty_like(dst)
+    if bool(d_cell.any()):
+        if not bool(s_cell.any()):
+            raise ResearchError("patch: the patched positions are visual tokens and the source positions have none")
+        nearest = torch.cdist(d_xy[d_cell], s_xy[s_cell]).argmin(1)  # (n_dst_cells,)
+        out[d_cell] = src[s_cell][nearest]
+    rest_d, rest_s = (~d_cell).nonzero().flatten(), src[~s_cell]
+    if len(rest_d):
+        if len(rest_s) == 0:
+            raise ResearchError("patch: some patched positions are not visual tokens (newlines, text) and the "
+                                "source positions have no such position to take them from")
+        out[rest_d] = rest_s[torch.arange(len(rest_d)) * len(rest_s) // len(rest_d)]
+    return out
+
+
 @dataclass(frozen=True)
 class patch:  # noqa: N801
     name: str
     source: Trace
     positions: Any = None
+    source_positions: Any = None
 
     def install(self, tr: Trace) -> None:
         positions = tr.resolve(self.positions)
+        if self.source_positions is not None:
+            if positions is None:
+                raise ResearchError("patch(source_positions=...) needs positions=: where in this request to patch")
+            self._install_mapped(tr, positions, self.source.resolve(self.source_positions))
+            return
         names = tr.names(self.name)
         source_positions = {}
         for rec in self.source.records:
@@ -144,6 +187,31 @@ class patch:  # noqa: N801
                 rows = where
             x = x.clone()
             x[:, idx.to(x.device)] = src[:, rows].to(x.device, x.dtype)
+            return x
+        for n in names:
+            tr.add_hook(n, fn)
+
+    def _install_mapped(self, tr: Trace, positions: torch.Tensor, source_positions: torch.Tensor) -> None:
+        """Rows at ``positions`` from the source's rows at the mapped positions (prefill only: the source
+        must have recorded ``name`` at every position, ``Record(name)``)."""
+        take = map_positions(tr.provenance, positions, self.source.provenance, source_positions)
+        names = tr.names(self.name)
+        kept = {r.name: r for r in self.source.records}
+        for n in names:
+            rec = kept.get(n) or next((r for r in self.source.records if _matches(n, r.name)), None)
+            if rec is None or rec.positions is not None or rec.reduce != "none":
+                raise ResearchError(f"patch(source_positions=...): the source trace must record {n} at every "
+                                    f"position, unreduced: Record({n!r})")
+
+        def fn(x: torch.Tensor, hook) -> torch.Tensor | None:
+            if len(tr.steps) > 1:  # decode steps: the mapped positions are prompt positions
+                return None
+            src = self.source.steps[0].records[hook.name]  # (B, T_source, ...) every position
+            idx = tr.local(positions, tr.current.offset, x.shape[1])
+            if idx.numel() != len(positions):
+                return None
+            x = x.clone()
+            x[:, idx.to(x.device)] = src[:, take].to(x.device, x.dtype)
             return x
         for n in names:
             tr.add_hook(n, fn)

@@ -177,6 +177,35 @@ def layer_frame_chart(shares: np.ndarray, layers: Sequence[int], timestamps: Seq
     return _stack([_text_block([title], width), img])
 
 
+def causal_chart(scores: np.ndarray, layers: Sequence[int], units: Sequence[str], *, clean: float, corrupt: float,
+                 title: str, vmin: float | None = None, vmax: float | None = None, cell: int = 40) -> Image.Image:
+    """(L, U) causal-tracing table (research/causal.py): the metric with unit u restored at layer l, on one
+    colour scale from ``vmin`` (default: the corrupted run's value) to ``vmax`` (default: the clean run's), so
+    a cell's colour says how much of the clean answer that restoration brings back."""
+    scores = np.asarray(scores, dtype=np.float64)
+    L, U = scores.shape
+    lo = corrupt if vmin is None else vmin
+    hi = clean if vmax is None else vmax
+    span = hi - lo if hi != lo else 1.0
+    left, top = 70, 50
+    width = max(left + U * cell + PAD, 420)
+    img = Image.new("RGB", (width, top + L * cell + 10), BG)
+    d = ImageDraw.Draw(img)
+    for j, name in enumerate(units):
+        d.text((left + j * cell + 2, top - 18 - 14 * (j % 2)), name[:7], fill=FG, font=_font(10))
+    for i, layer in enumerate(layers):
+        y = top + i * cell
+        d.text((8, y + cell // 3), f"layer {layer}", fill=FG, font=_font(12))
+        for j in range(U):
+            scaled = (scores[i, j] - lo) / span
+            d.rectangle([left + j * cell, y, left + (j + 1) * cell - 2, y + cell - 2],
+                        fill=tuple(int(c) for c in colormap(scaled)))
+            d.text((left + j * cell + 3, y + cell // 3), f"{scores[i, j]:.2g}",
+                   fill=(255, 255, 255) if scaled < 0.6 else (0, 0, 0), font=_font(10))
+    note = f"clean run {clean:.3g}, corrupted run {corrupt:.3g}; cell = the metric with that unit restored at that layer"
+    return _stack([_text_block([title, note], width), img, _colorbar(lo, hi, label="metric")])
+
+
 # --------------------------------------------------------------------------------------------------
 # Images: base and AnyRes grid maps on the original pixels
 # --------------------------------------------------------------------------------------------------
