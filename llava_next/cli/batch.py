@@ -30,9 +30,8 @@ def add_batch(sub, *, user_error) -> None:
                                    "images, options) and append one JSON line per id to OUT. A rerun skips ids "
                                    "already in OUT; a bad item becomes an error line. Under torchrun each rank "
                                    "takes its share of the ids.")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--inputs", metavar="JOBS.jsonl")
-    source.add_argument("--videos", nargs="+", metavar="PATH",
+    p.add_argument("--inputs", metavar="JOBS.jsonl", help="the requests, one JSON object per line (or --videos)")
+    p.add_argument("--videos", nargs="+", metavar="PATH",
                         help="instead of --inputs: video files, folders (their video files) or quoted glob patterns "
                              "('clips/*.mp4'); one item per video, asked --prompt, its id the path")
     p.add_argument("--out", required=True, metavar="RESULTS.jsonl")
@@ -75,6 +74,9 @@ def _batch(args: argparse.Namespace, user_error) -> int:
     defaults = Defaults(prompt=args.prompt_option, frames=options.frames(args), sampling=options.sampling(args),
                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                         seed=args.seed, rope_scale=args.rope_scale, template=args.template)
+    if (args.inputs is None) == (args.videos is None):
+        raise user_error("give the requests as --inputs JOBS.jsonl or as --videos PATH ... with --prompt TEXT "
+                         "(one of the two)")
     inputs = args.inputs
     if args.videos:
         try:
