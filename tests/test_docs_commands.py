@@ -20,7 +20,12 @@ The only changes made to what the docs say are these tables, each explicit:
 - ``UNSAID_ANSWER_TOKENS``: ``run`` / ``batch`` commands that leave ``--max-new-tokens`` unsaid get that many
   instead of the CLI's default 256 (the command line is unchanged; a built-in model's answer is noise, and 256
   of its tokens through 32 layers cost ~6 s a command, most of this test). inspect keeps counting 256.
-Commands run in-process (``cli.main``) in a fresh directory each, with ``LLAVA_NEXT_CACHE`` pointing at a
+- ``SEQUENCES``: documents whose commands are one workflow (each reads what the one before wrote): they run in
+  one directory, in document order (so run the whole document, not one of its commands alone).
+- ``CLIP_FOLDERS``: folders of real clips the docs caption (``--videos clips/``).
+- ``SHORT_TRAINING``: ``train`` commands of a workflow that run as written but for ``--steps 1`` (each step of
+  the built-in model costs seconds; what is checked is that the command takes the files made before it).
+Commands run in-process (``cli.main``) in a fresh directory each (a ``SEQUENCES`` document: one for all), with ``LLAVA_NEXT_CACHE`` pointing at a
 cache shared by this module (each built-in model is built once) and the hub offline.
 """
 
@@ -78,6 +83,11 @@ MEDIA = {  # placeholder name in the docs -> the real file it stands for
     "b.mp4": lambda: media.cached_video("docs_b", frames=24, size_hw=(90, 160), fps=12, photo="coffee"),
     "long.mp4": _sample("bunny"),
 }
+CLIP_FOLDERS = {  # folder name in the docs -> {file name: the real clip it stands for}
+    "clips": {"a.mp4": _sample("bunny"), "b.mp4": MEDIA["b.mp4"]},
+}
+SEQUENCES = {"captioning.md"}  # one workflow: zero-shot captions -> conversion -> training -> pairs
+SHORT_TRAINING = {("captioning.md", "llava-next train"): ["--steps", "1"]}
 BATCH_INPUTS = {  # batch input files the docs name but do not show whole (jobs.jsonl's lines are parallel.md's own)
     "videos.jsonl": [{"id": "clip-0001", "video": "clip.mp4"}, {"id": "clip-0002", "video": "a.mp4"}],
 }
@@ -234,6 +244,10 @@ def media_dir(tmp_path_factory):
             if line.startswith("{")]
     assert len(jobs) == 2, jobs  # docs/parallel.md's own example lines are the job file
     (d / "jobs.jsonl").write_text("\n".join(jobs) + "\n")
+    for folder, clips in CLIP_FOLDERS.items():
+        (d / folder).mkdir()
+        for name, source in clips.items():
+            shutil.copyfile(source(), d / folder / name)
     for name, items in BATCH_INPUTS.items():
         (d / name).write_text("".join(json.dumps(i) + "\n" for i in items))
     for name, body in doc_files(ROOT / "docs" / "evaluation.md").items():  # its items, tasks and data
@@ -310,7 +324,9 @@ def run_command(cmd: Command, cwd: Path, env: dict, monkeypatch, convert_sources
     monkeypatch.chdir(cwd)
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(substitute(first[1:], convert_sources))
+        code = cli.main(substitute(first[1:], convert_sources) + next(
+            (extra for (doc, start), extra in SHORT_TRAINING.items() if cmd.doc == doc and cmd.text.startswith(start)),
+            []))
     stdout = out.getvalue()
     if redirect:
         (cwd / redirect).write_text(stdout)
@@ -325,13 +341,22 @@ def run_command(cmd: Command, cwd: Path, env: dict, monkeypatch, convert_sources
     return code, stdout, err.getvalue()
 
 
+@pytest.fixture(scope="module")
+def sequence_dirs() -> dict[str, Path]:
+    return {}
+
+
 @pytest.mark.parametrize("cmd", COMMANDS, ids=[c.id for c in COMMANDS])
-def test_documented_command_runs_as_written(cmd, media_dir, env, tmp_path, monkeypatch, request):
+def test_documented_command_runs_as_written(cmd, media_dir, env, tmp_path, monkeypatch, request, sequence_dirs):
     reason = _skip_reason(cmd)
     if reason:
         pytest.skip(reason)
     sources = request.getfixturevalue("convert_sources") if cmd.text.startswith("llava-next convert") else {}
-    code, stdout, stderr = run_command(cmd, _workdir(tmp_path, media_dir), env, monkeypatch, sources)
+    if cmd.doc in SEQUENCES:  # one directory for the whole document, made by its first command
+        cwd = sequence_dirs.setdefault(cmd.doc, _workdir(tmp_path, media_dir))
+    else:
+        cwd = _workdir(tmp_path, media_dir)
+    code, stdout, stderr = run_command(cmd, cwd, env, monkeypatch, sources)
     want_code, want_message = EXPECT.get(next((k for k in EXPECT if cmd.doc == k[0] and cmd.text.startswith(k[1])),
                                               None), (0, ""))
     assert code == want_code, f"{cmd.id}: {cmd.text}\nexit {code}\n{stderr[-3000:]}"
@@ -378,6 +403,10 @@ def test_every_doc_is_collected_and_the_tables_are_used():
         assert any(c.doc == doc and c.text.startswith(start) for c in COMMANDS), (doc, start)
     for name in MEDIA:
         assert name in texts, f"MEDIA entry {name} no longer appears in the docs"
+    for folder in CLIP_FOLDERS:
+        assert f"{folder}/" in texts, f"CLIP_FOLDERS entry {folder} no longer appears in the docs"
+    for doc, start in SHORT_TRAINING:
+        assert any(c.doc == doc and c.text.startswith(start) for c in COMMANDS), (doc, start)
     for (doc, k), preludes in PRELUDES.items():  # the prelude is still the setup the block continues
         assert k < len(RECIPES[doc]) and "research.md#recipes" in (ROOT / "docs" / doc).read_text()
         for prelude_doc, j in preludes:

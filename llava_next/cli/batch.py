@@ -3,12 +3,14 @@ the ranks share the requests (runtime/batch.py has the formats and the guarantee
 
     llava-next batch --inputs jobs.jsonl --out results.jsonl --model llava-hf/LLaVA-NeXT-Video-7B-hf
     llava-next batch --inputs videos.jsonl --out captions.jsonl --prompt "Describe this video." --frames 16
+    llava-next batch --videos 'clips/*.mp4' --prompt "이 영상을 한국어로 상세히 묘사해주세요." --out results.jsonl
     torchrun --nproc-per-node 2 --no-python llava-next batch --inputs jobs.jsonl --out results.jsonl
 
 The shared options (options.py: model, token plan, prompt) mean what they mean in ``run``; per item they
 are defaults (``--frames``, ``--sampling``, ``--rope-scale``, ``--template``, ``--max-new-tokens``, and
 ``--prompt`` for items without a prompt), while the token-plan switches of the checkpoint (``--pool-*``,
-``--newline``, ``--anyres-compat``) apply to the whole job. Exit status 0 when every item has a line
+``--newline``, ``--anyres-compat``) apply to the whole job. ``--videos`` (folders, files or quoted glob
+patterns) instead of ``--inputs``: one item per video, each asked ``--prompt``, its id the path. Exit status 0 when every item has a line
 (error lines included: the summary counts them), 2 when the inputs file is unusable.
 Registered into the parser by ``llava_next.cli.main.build_parser``.
 """
@@ -28,7 +30,10 @@ def add_batch(sub, *, user_error) -> None:
                                    "images, options) and append one JSON line per id to OUT. A rerun skips ids "
                                    "already in OUT; a bad item becomes an error line. Under torchrun each rank "
                                    "takes its share of the ids.")
-    p.add_argument("--inputs", required=True, metavar="JOBS.jsonl")
+    p.add_argument("--inputs", metavar="JOBS.jsonl", help="the requests, one JSON object per line (or --videos)")
+    p.add_argument("--videos", nargs="+", metavar="PATH",
+                        help="instead of --inputs: video files, folders (their video files) or quoted glob patterns "
+                             "('clips/*.mp4'); one item per video, asked --prompt, its id the path")
     p.add_argument("--out", required=True, metavar="RESULTS.jsonl")
     options.add_model_options(p)
     options.add_plan_options(p)
@@ -50,7 +55,7 @@ def _batch(args: argparse.Namespace, user_error) -> int:
 
     from ..config import PRESETS
     from ..parallel.launch import dist_env
-    from ..runtime.batch import Defaults, run_batch
+    from ..runtime.batch import BatchInputError, Defaults, run_batch, video_items
     from ..runtime.pipeline import Pipeline, with_overrides
 
     if args.allow_overflow:  # no switch is accepted and ignored
@@ -69,6 +74,15 @@ def _batch(args: argparse.Namespace, user_error) -> int:
     defaults = Defaults(prompt=args.prompt_option, frames=options.frames(args), sampling=options.sampling(args),
                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                         seed=args.seed, rope_scale=args.rope_scale, template=args.template)
+    if (args.inputs is None) == (args.videos is None):
+        raise user_error("give the requests as --inputs JOBS.jsonl or as --videos PATH ... with --prompt TEXT "
+                         "(one of the two)")
+    inputs = args.inputs
+    if args.videos:
+        try:
+            inputs = video_items(args.videos, defaults)
+        except BatchInputError as e:
+            raise user_error(str(e)) from None
     model_id = PRESETS[args.model].hub_id if args.model in PRESETS else args.model
     from .run import random_weights_notice
 
@@ -82,7 +96,7 @@ def _batch(args: argparse.Namespace, user_error) -> int:
         pipe.model.config = with_overrides(pipe.model.config, **options.plan_overrides(args))
         return pipe
 
-    run_batch(load, args.inputs, args.out, defaults=defaults, batch_size=args.batch_size, rank=env.rank,
+    run_batch(load, inputs, args.out, defaults=defaults, batch_size=args.batch_size, rank=env.rank,
               world_size=env.world_size, max_image_pixels=args.max_image_pixels,
               progress=None if args.quiet else sys.stderr)
     return 0

@@ -449,6 +449,9 @@ def build_parser(json_errors: bool = False) -> argparse.ArgumentParser:
     from .eval import add_eval  # evaluation: score candidate answers, run benchmark tasks
 
     add_eval(sub, user_error=UserError)
+    from .data import add_data  # batch results -> training data (captions, preference pairs)
+
+    add_data(sub, user_error=UserError)
     return parser
 
 

@@ -11,11 +11,14 @@ command's options):
      "max_new_tokens": 64, "temperature": 0, "top_p": 1, "seed": null, "rope_scale": "config", "template": null}
 
 ("video" is one file or a list; "sampling" is "uniform" or "fps"; without "prompt" the command's
-``--prompt`` is used.)
+``--prompt`` is used.) Or no file at all: ``video_items(["clips/", "more/*.mp4"], defaults)`` makes one item
+per video file of a folder or a glob pattern, each asking the command's ``--prompt``, its id the path
+(``llava-next batch --videos clips/ --prompt ...``).
 
 Output, one JSON object per finished id, in the order they finish:
 
-    {"id": "clip-0001", "status": "ok", "text": "...", "tokens": [...], "input_tokens": 1187, "seconds": 3.1}
+    {"id": "clip-0001", "status": "ok", "text": "...", "prompt": "What happens?", "video": "a.mp4",
+     "tokens": [...], "input_tokens": 1187, "seconds": 3.1}
     {"id": "clip-0002", "status": "error", "error": "b.mp4: no such file", "kind": "user", "type": "FileNotFoundError"}
 
 Guarantees and how:
@@ -41,6 +44,9 @@ Guarantees and how:
   error belongs to the item that caused it.
 - Progress on stderr (done / total, items/s, ETA, errors), a summary at the end; ``--quiet`` for none.
 
+An ok line repeats the item's prompt and media paths ("video": a path, or a list for several; "images":
+a list), so the results alone become training data (train/captions.py, ``llava-next data captions``).
+
 The per-item work (``BatchJob.answer``) takes parsed items and returns records, so another scheduler
 (Ray Data's ``map_batches``, say) can wrap it unchanged.
 """
@@ -50,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import glob
 import json
 import math
 import os
@@ -65,6 +72,7 @@ from .files import check_media_file
 from .pipeline import Pipeline, Request
 
 PathLike = str | os.PathLike
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".gif")
 ITEM_KEYS = {"id", "prompt", "video", "images", "frames", "sampling", "max_new_tokens", "temperature", "top_p",
              "seed", "rope_scale", "template", "system"}
 
@@ -150,6 +158,31 @@ def read_items(path: PathLike, defaults: Defaults = Defaults()) -> list[Item]:
             seen[raw["id"]] = number
             items.append(_parse_item(raw, number, defaults))
     return items
+
+
+def video_items(sources: Sequence[str], defaults: Defaults) -> list[Item]:
+    """One item per video file that ``sources`` name, in order: a file, a folder (its files ending in one of
+    ``VIDEO_SUFFIXES``, sorted; not its subfolders) or a glob pattern (``clips/*.mp4``, ``**`` recursive),
+    each asking ``defaults.prompt``; the id is the path as found. A file named twice is one item. Raises
+    BatchInputError when there is no prompt or a source names no video."""
+    if not defaults.prompt:
+        raise BatchInputError("--videos needs --prompt TEXT: every video is asked the same prompt")
+    paths: list[str] = []
+    for source in sources:
+        if os.path.isdir(source):
+            found = sorted(str(p) for p in Path(source).iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+            what = f"the folder {source} holds no video file (one ending in {', '.join(VIDEO_SUFFIXES)})"
+        elif glob.has_magic(source):
+            found = sorted(p for p in glob.glob(source, recursive=True) if os.path.isfile(p))
+            what = f"no file matches {source!r}"
+        else:
+            found = [source]  # a missing file becomes that item's error line, as in an inputs file
+            what = ""
+        if not found:
+            raise BatchInputError(f"--videos {source}: {what}; give a folder of videos, a file or a quoted glob "
+                                  f"pattern such as 'clips/*.mp4'")
+        paths += [p for p in found if p not in paths]
+    return [_parse_item({"id": p, "video": p}, k, defaults) for k, p in enumerate(paths, 1)]
 
 
 def _parse_item(raw: dict, line: int, d: Defaults) -> Item:
@@ -386,10 +419,20 @@ class BatchJob:
         stops = set(_stops(self.pipe, item.template))
         for (it, request, prep_s), tokens in zip(group, outputs):
             text_ids = tokens[:-1] if tokens and tokens[-1] in stops else tokens
-            yield {"id": it.id, "status": "ok", "text": self.pipe.tokenizer.decode(text_ids), "tokens": tokens,
-                   "input_tokens": len(request.input_ids),
+            yield {"id": it.id, "status": "ok", "text": self.pipe.tokenizer.decode(text_ids), **_asked(it),
+                   "tokens": tokens, "input_tokens": len(request.input_ids),
                    "visual_tokens": sum(request.image_token_counts) + sum(request.video_token_counts),
                    "seconds": round(prep_s + seconds, 3)}
+
+
+def _asked(item: Item) -> dict:
+    """What the item asked: its prompt and media paths as given (a single video as a path, not a list)."""
+    out: dict = {"prompt": item.prompt}
+    if item.videos:
+        out["video"] = item.videos[0] if len(item.videos) == 1 else list(item.videos)
+    if item.images:
+        out["images"] = list(item.images)
+    return out
 
 
 def _stops(pipe: Pipeline, template: str | None) -> tuple[int, ...]:
@@ -411,13 +454,14 @@ def error_record(item: Item, e: BaseException) -> dict:
     return {"id": item.id, "status": "error", "error": message, "kind": kind, "type": type(e).__name__}
 
 
-def run_batch(pipe_loader, inputs: PathLike, out: PathLike, *, defaults: Defaults = Defaults(), batch_size: int = 4,
+def run_batch(pipe_loader, inputs: PathLike | list[Item], out: PathLike, *, defaults: Defaults = Defaults(), batch_size: int = 4,
               rank: int = 0, world_size: int = 1, max_image_pixels: int | None = None,
               progress: TextIO | None = sys.stderr) -> Progress:
     """The whole job for this process: read the inputs, skip what ``out`` already has, answer this rank's
     share, append each record. ``pipe_loader()`` builds the Pipeline (called once, only if there is work,
-    under the output's lock so that ranks sharing a machine convert a checkpoint once). Returns the counts."""
-    items = read_items(inputs, defaults)
+    under the output's lock so that ranks sharing a machine convert a checkpoint once). ``inputs``: the
+    inputs file, or the items themselves (``video_items``). Returns the counts."""
+    items = inputs if isinstance(inputs, list) else read_items(inputs, defaults)
     results = ResultsFile(out)
     created = not results.path.exists()
     try:
@@ -428,7 +472,7 @@ def run_batch(pipe_loader, inputs: PathLike, out: PathLike, *, defaults: Default
         raise
 
 
-def _run(pipe_loader, items: list[Item], results: ResultsFile, inputs: PathLike, batch_size: int, rank: int,
+def _run(pipe_loader, items: list[Item], results: ResultsFile, inputs: PathLike | list[Item], batch_size: int, rank: int,
          world_size: int, max_image_pixels: int | None, progress: TextIO | None) -> Progress:
     out = results.path
     done = results.done_ids()
@@ -437,7 +481,8 @@ def _run(pipe_loader, items: list[Item], results: ResultsFile, inputs: PathLike,
     prefix = "[llava-next batch]" if world_size == 1 else f"[llava-next batch rank {rank}/{world_size}]"
     tracker = Progress(total=len(todo), skipped=len(mine) - len(todo), stream=progress, prefix=prefix)
     if progress is not None:
-        progress.write(f"{prefix} {len(items)} item(s) in {inputs}; this process: {len(mine)}, "
+        source = "--videos" if isinstance(inputs, list) else inputs
+        progress.write(f"{prefix} {len(items)} item(s) in {source}; this process: {len(mine)}, "
                        f"{len(mine) - len(todo)} already in {out}, {len(todo)} to do\n")
     if todo:
         with results.locked():
