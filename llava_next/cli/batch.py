@@ -68,7 +68,8 @@ def _batch(args: argparse.Namespace, user_error) -> int:
         device = f"cuda:{env.local_rank}"  # one GPU per rank
     defaults = Defaults(prompt=args.prompt_option, frames=options.frames(args), sampling=options.sampling(args),
                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                        seed=args.seed, rope_scale=args.rope_scale, template=args.template)
+                        seed=args.seed, rope_scale=args.rope_scale, template=args.template,
+                        scene=options.scene(args, items_may_ask=True))
     model_id = PRESETS[args.model].hub_id if args.model in PRESETS else args.model
     from .run import random_weights_notice
 
