@@ -123,6 +123,22 @@ def test_merge_filter_cases():
     assert merge_cuts([0, 0, 0, hi, hi, hi, 0, 0, 0, 0, 0], o) == [3]
     assert merge_cuts([0, 0, 0, hi, hi, 0, hi, hi, 0, 0, 0, 0], o) == [3, 7]
     assert merge_cuts([0, hi, 0, hi], SceneOptions(10.0, 0)) == [1, 3]
+    assert merge_cuts([0, hi, 0, 0, hi, 0], o) == [4]  # no merge before the first cut is emitted
+
+
+@pytest.mark.parametrize("min_len", [0, 1, 3, 7])
+def test_merge_equals_pyscenedetect_flash_filter(min_len):
+    """merge_cuts against scenedetect's own FlashFilter (MERGE) on random above/below sequences."""
+    from scenedetect.common import FrameTimecode
+    from scenedetect.detector import FlashFilter
+
+    rng = np.random.default_rng(min_len)
+    for _ in range(300):
+        above = rng.random(int(rng.integers(1, 60))) < rng.uniform(0.05, 0.7)
+        flash = FlashFilter(FlashFilter.Mode.MERGE, min_len)
+        want = [c.frame_num for i, a in enumerate(above)
+                for c in flash.filter(FrameTimecode(i, fps=25.0), bool(a))]
+        assert merge_cuts([50.0 if a else 0.0 for a in above], SceneOptions(27.0, min_len)) == want
 
 
 # ---- the frame budget over the scenes --------------------------------------------------------------
