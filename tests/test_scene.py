@@ -62,7 +62,8 @@ def test_downscale_equals_cv2_resize(size_hw):
     frame = np.random.default_rng(sum(size_hw)).integers(0, 256, (*size_hw, 3), dtype=np.uint8)
     h, w = downscale_size(size_hw)
     assert max(h, w) == 256  # scene_manager: factor max(width, height) / 256, sizes rounded
-    np.testing.assert_array_equal(resize_linear(frame, (h, w)), cv2.resize(frame, (w, h), interpolation=cv2.INTER_LINEAR))
+    want = cv2.resize(frame, (w, h), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_array_equal(resize_linear(frame, (h, w)), want)
 
 
 def test_hsv_equals_cv2_on_every_colour_cube_step():

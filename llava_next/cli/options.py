@@ -7,7 +7,8 @@ same names, defaults and help:
     add_model_options(p)     --model ID_OR_DIR (a hub id, a checkpoint directory, a preset name, tiny-random)
                              --adapter DIR (a LoRA adapter in PEFT's format: docs/training.md)
     add_media_options(p)     --image FILE [FILE ...]   --video FILE [FILE ...]
-    add_plan_options(p)      --frames --sampling --scene-threshold --scene-min-len --pool-stride --pool-mode --newline --pool-position
+    add_plan_options(p)      --frames --sampling --scene-threshold --scene-min-len
+                             --pool-stride --pool-mode --newline --pool-position
                              --anyres-compat --rope-scale --allow-overflow --max-image-pixels
     add_prompt_options(p)    PROMPT (positional, optional) or --prompt TEXT; --template; --max-new-tokens
     add_output_options(p)    --json --quiet
@@ -55,7 +56,8 @@ def is_tiny(model: str) -> bool:
     return model in TINY_MODELS
 DEFAULT_FRAMES = 8
 ANSWER_TOKENS = 256  # run's default --max-new-tokens
-VIDEO_SWITCHES = ("frames", "sampling", "scene_threshold", "scene_min_len", "pool_stride", "pool_mode", "newline", "pool_position")
+VIDEO_SWITCHES = ("frames", "sampling", "scene_threshold", "scene_min_len", "pool_stride", "pool_mode", "newline",
+                  "pool_position")
 
 
 class UserError(Exception):

@@ -34,6 +34,7 @@ The frames come back in time order.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -74,6 +75,7 @@ def downscale_size(size_hw: tuple[int, int]) -> tuple[int, int]:
     return max(1, round(h / factor)), max(1, round(w / factor))
 
 
+@functools.lru_cache(maxsize=16)  # one pair of sizes per video
 def _taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """OpenCV's linear taps along one axis: (first index, second index, weight of first, of second), 11-bit."""
     scale = 1.0 / (dst / src)  # resizeGeneric: scale = 1 / inv_scale, inv_scale = dsize / ssize
@@ -96,8 +98,9 @@ def resize_linear(frame: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
         return frame
     x0, x1, a0, a1 = _taps(W, w)
     y0, y1, b0, b1 = _taps(H, h)
-    rows = frame[np.concatenate([y0, y1])].astype(np.int32)  # (2h, W, C)
-    horiz = rows[:, x0] * a0[None, :, None] + rows[:, x1] * a1[None, :, None]  # (2h, w, C), 22-bit
+    rows = np.take(frame, np.concatenate([y0, y1]), axis=0)  # (2h, W, C) uint8
+    taps = np.take(rows, np.concatenate([x0, x1]), axis=1).astype(np.int32)  # (2h, 2w, C)
+    horiz = taps[:, :w] * a0[None, :, None] + taps[:, w:] * a1[None, :, None]  # (2h, w, C), 22-bit
     top, bottom = horiz[:h], horiz[h:]
     # VResizeLinearVec_32s8u: ((S0 >> 4) * b0 >> 16) + ((S1 >> 4) * b1 >> 16), then (x + 2) >> 2
     out = (((top >> 4) * b0[:, None, None]) >> 16) + (((bottom >> 4) * b1[:, None, None]) >> 16)

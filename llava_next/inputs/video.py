@@ -347,6 +347,10 @@ def scene_cuts(path: str | os.PathLike, options: SceneOptions = SceneOptions()) 
     try:
         scores = frame_scores(frames())
     except _AV_ERRORS as e:
+        cut = _mp4_cut_off(path)
+        if cut:  # the words of _decode's check
+            raise VideoError(f"{path}: truncated MP4 ({cut}; only {len(times)} frames decode): the file is cut off, "
+                             f"probably an incomplete download or copy; get it again") from None
         raise VideoError(f"{path}: corrupt video, decoding failed after {len(times)} frames ({_reason(e)}); get it "
                          f"again or re-encode it (ffmpeg -i IN -c:v libx264 OUT.mp4)") from None
     if not scores:

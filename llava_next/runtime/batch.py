@@ -170,7 +170,8 @@ def _parse_item(raw: dict, line: int, d: Defaults) -> Item:
         item.images = _paths(raw, "images")
         item.sampling = raw.get("sampling", item.sampling)
         if item.sampling not in SAMPLINGS:
-            raise ItemError(f"\"sampling\" must be one of {', '.join(map(json.dumps, SAMPLINGS))}, got {item.sampling!r}")
+            raise ItemError(f"\"sampling\" must be one of {', '.join(map(json.dumps, SAMPLINGS))}, "
+                            f"got {item.sampling!r}")
         item.frames = _number(raw, "frames", item.frames, int, minimum=1)
         item.max_new_tokens = _number(raw, "max_new_tokens", item.max_new_tokens, int, minimum=1)
         item.temperature = _number(raw, "temperature", item.temperature, float, minimum=0)

@@ -163,7 +163,8 @@ class Pipeline:
                 reduction: Reduction | None = None, scene: SceneOptions | None = None) -> Request:
         """Preprocess media, tokenize, expand placeholders and check the context (nothing runs yet).
         ``videos``: several videos (``video``, a path or a list, goes first); ``sampling``: "uniform", "fps" or
-        "scene" (video.py; ``scene``: its cut detector's options, default PySceneDetect's). ``max_image_pixels``: refuse larger images (default 100 MP, 0 = no limit; see image.py).
+        "scene" (video.py; ``scene``: its cut detector's options, default PySceneDetect's).
+        ``max_image_pixels``: refuse larger images (default 100 MP, 0 = no limit; see image.py).
         ``allow_overflow``: plan a prompt longer than the RoPE context instead of refusing it (``plan.fits``
         is then False: for studying that regime on purpose). ``reduction``: frame selection / token reduction
         (llava_next.reduce); its frame selector runs here."""
@@ -210,8 +211,8 @@ class Pipeline:
                        frame_clips, reduction or None, unreduced, prompt=prompt)
 
     def _check_frames_fit(self, prompt: str, paths: list, user_images: list, aspect: str, plan_args: dict) -> None:
-        """Uniform and scene sampling keep exactly ``frames`` frames of every video (repeating frames of a shorter one), so
-        the plan is known before decoding: a frame count the context cannot hold fails here, cheaply."""
+        """Uniform and scene sampling keep exactly ``frames`` frames of every video (repeating frames of a shorter
+        one), so the plan is known before decoding: a frame count the context cannot hold fails here, cheaply."""
         frames, tile = plan_args["frames"], (self.config.tile_size,) * 2
         as_images = [(tile, frames)] * len(paths) if self.config.video_as_images else []
         planned = self._token_plan(prompt, user_images, aspect, as_images, [] if as_images else [frames] * len(paths),
