@@ -212,7 +212,7 @@ def test_inspect_shows_the_scene_frames_and_cuts(cli, scenes_video):
     assert rc == 2 and "add --sampling scene" in err
 
 
-def test_run_json_has_the_scene_frames(cli, scenes_video):
+def test_run_and_trace_json_have_the_scene_frames(cli, scenes_video):
     rc, out, err = cli("run", "--model", "tiny-random", "--video", str(scenes_video), "--frames", "3", "--sampling",
                        "scene", "--max-new-tokens", "2", "--json", "--prompt", "What happens?")
     assert rc == 0, err
@@ -222,6 +222,11 @@ def test_run_json_has_the_scene_frames(cli, scenes_video):
     assert result["plan"]["video_frames"][0]["frame_indices"] == want
     assert result["plan"]["video_frames"][0]["scene_cuts"] == [20, 48, 66]
     assert result["plan"]["videos"][0]["scene_cut_times"] == [0.8, 1.92, 2.64]
+    rc, out, err = cli("trace", "--model", "tiny-random", "--video", str(scenes_video), "--frames", "3", "--sampling",
+                       "scene", "--layers", "0", "--json", "--prompt", "What happens?")
+    assert rc == 0, err
+    frames = json.loads(out)["plan"]["video_frames"][0]
+    assert frames["frame_indices"] == want and frames["scene_cuts"] == [20, 48, 66]
 
 
 def test_pipeline_batch_and_training_sample_by_scene(scenes_video, tmp_path):

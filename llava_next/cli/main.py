@@ -142,7 +142,8 @@ def _inspected_config(args: argparse.Namespace):
 
 
 _NOT_FOR_TRAINING = ("image", "video", "prompt", "prompt_option", "png", "adapter", "select_frames", "reduce",
-                     "template", "max_new_tokens", "sampling", "max_image_pixels", "allow_overflow")
+                     "template", "max_new_tokens", "sampling", "scene_threshold", "scene_min_len", "max_image_pixels",
+                     "allow_overflow")
 
 
 def _inspect_training(args: argparse.Namespace) -> int:
