@@ -61,7 +61,7 @@ def _probes(media: dict) -> dict:
         "--rope-scale": [["3"]],
         "--max-image-pixels": [["1000"]],
         "--select-frames": [["maxinfo"]],
-        "--scene-threshold": [["0.01"]],  # with --sampling scene (below): every frame of the pan is a cut
+        "--scene-threshold": [["1000"]],  # with --sampling scene, min_len 1 (below): no cut, where 27 cuts every frame
         "--scene-min-len": [["1"]],
         "--reduce": [["fastv:layer=1,keep=0.5"]],
         "--prompt": [["Describe the picture."]],
