@@ -65,6 +65,9 @@ def _same_plan(ran: dict, planned: dict) -> None:
 SWITCHES = [  # (flags, what must change against the default plan)
     (["--frames", "3"], lambda p: p["videos"][0]["num_frames"] == 3),
     (["--sampling", "fps"], lambda p: p["videos"][0]["frame_indices"] == [0, 12]),
+    (["--sampling", "scene", "--scene-threshold", "10", "--scene-min-len", "8"],
+     lambda p: p["videos"][0].get("scene_cuts") == [8]
+     and p["videos"][0]["frame_indices"] == [1, 4, 6, 9, 12, 16, 19, 22]),
     (["--pool-stride", "4"], lambda p: p["videos"][0]["pooled_hw"] == [2, 2]),
     (["--pool-mode", "max"], lambda p: p["videos"][0]["pool_mode"] == "max" and p["switches"]["pool_mode"] == "max"),
     (["--newline", "grid"], lambda p: p["videos"][0]["newline_tokens"] == 8 * 4),

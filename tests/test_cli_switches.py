@@ -61,6 +61,8 @@ def _probes(media: dict) -> dict:
         "--rope-scale": [["3"]],
         "--max-image-pixels": [["1000"]],
         "--select-frames": [["maxinfo"]],
+        "--scene-threshold": [["1000"]],  # with --sampling scene, min_len 1 (below): no cut, where 27 cuts every frame
+        "--scene-min-len": [["1"]],
         "--reduce": [["fastv:layer=1,keep=0.5"]],
         "--prompt": [["Describe the picture."]],
         "--max-new-tokens": [["3"]],
@@ -102,6 +104,10 @@ def _contexts(media: dict) -> dict:
         ("inspect", "--template"): [("--model", ["tiny-random"]), ("--prompt", ["What happens?"])],
         "--quiet": [("--json", None)],  # --json's stdout carries no progress either way
         "--sampling": [("--frames", ["8"])],  # 12 frames at 4 fps: "fps" keeps 0, 4, 8; uniform 8 of them
+        # the scene detector's switches act with --sampling scene (refused without it); on the 12-frame pan no
+        # frame is a cut at the defaults (threshold 27, min_len 15)
+        "--scene-threshold": [("--sampling", ["scene"]), ("--scene-min-len", ["1"])],
+        "--scene-min-len": [("--sampling", ["scene"]), ("--scene-threshold", ["0.01"])],
     }
 
 

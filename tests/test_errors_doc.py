@@ -229,11 +229,14 @@ CASES = [  # (the docs/errors.md section that quotes the message, the message, t
     ("Command line", "--model NAME: planning needs the model's config without downloading it; give a preset name "
      "(...), the hub id of one, a checkpoint directory, or tiny-random / tiny-random-interleave / tiny-random-onevision",
      ["inspect", "--model", "xyzzy", "--image", "sample:cat"]),
-    ("Token reduction", "unknown reduction method 'X'; the methods are: maxinfo, pllava, slowfast, dycoke-ttm, "
+    ("Token reduction", "unknown reduction method 'X'; the methods are: maxinfo, scene, pllava, slowfast, dycoke-ttm, "
      "visionzip, fastv, framefusion, dycoke",
      ["inspect", "--model", "tiny-random", "--image", "sample:cat", "--reduce", "zip"]),
     ("Token reduction", "fastv has no knob 'ratio'; its knobs: layer, keep, score",
      ["inspect", "--model", "tiny-random", "--image", "sample:cat", "--reduce", "fastv:ratio=2"]),
+    ("Video", "--scene-threshold: these set scene sampling's cut detector, and sampling is not scene; add --sampling "
+     "scene (train: --frame-sampling scene)",
+     ["inspect", "--model", "tiny-random", "--video", "sample:bunny", "--scene-threshold", "20"]),
     ("Token reduction", "--select-frames picks a video's frames, but no --video was given",
      ["inspect", "--model", "tiny-random", "--image", "sample:cat", "--select-frames", "maxinfo"]),
 ]

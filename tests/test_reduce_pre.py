@@ -174,7 +174,7 @@ def test_cli_bad_methods_and_values_fail_before_loading(capsys):
 
     video = str(real_video())
     for spec, message in [("fastv:keep=0", "fastv: keep is the fraction of visual tokens kept, in (0, 1], got 0.0"),
-                          ("fastvv", "unknown reduction method 'fastvv'; the methods are: maxinfo, pllava"),
+                          ("fastvv", "unknown reduction method 'fastvv'; the methods are: maxinfo, scene, pllava"),
                           ("pllava:shape=4x2", "pllava: shape is (frames, height, width)"),
                           ("maxinfo", "maxinfo selects frames: pass it as --select-frames maxinfo")]:
         assert main(["run", "--model", "/nonexistent", "--video", video, "--reduce", spec, "--json", "Q?"]) == 2

@@ -73,7 +73,8 @@ def _batch(args: argparse.Namespace, user_error) -> int:
         device = f"cuda:{env.local_rank}"  # one GPU per rank
     defaults = Defaults(prompt=args.prompt_option, frames=options.frames(args), sampling=options.sampling(args),
                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                        seed=args.seed, rope_scale=args.rope_scale, template=args.template)
+                        seed=args.seed, rope_scale=args.rope_scale, template=args.template,
+                        scene=options.scene(args, items_may_ask=True))
     if (args.inputs is None) == (args.videos is None):
         raise user_error("give the requests as --inputs JOBS.jsonl or as --videos PATH ... with --prompt TEXT "
                          "(one of the two)")

@@ -86,6 +86,10 @@ def _loader(args: argparse.Namespace, user_error, device: str):
                          f"becomes an error line); use run --allow-overflow to study one prompt")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise user_error("--device cuda: no CUDA device is available; use --device cpu")
+    given = [f"--{n.replace('_', '-')}" for n in ("scene_threshold", "scene_min_len") if getattr(args, n) is not None]
+    if given:  # not passed on to the samples: refused rather than ignored
+        raise user_error(f"{', '.join(given)}: {args.command} samples --sampling scene with PySceneDetect's defaults "
+                         f"(threshold 27, min_len 15); drop them")
     options.adapter_summary(args.adapter)  # a bad adapter fails before anything runs
     model_id = PRESETS[args.model].hub_id if args.model in PRESETS else args.model
 

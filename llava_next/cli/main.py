@@ -142,7 +142,8 @@ def _inspected_config(args: argparse.Namespace):
 
 
 _NOT_FOR_TRAINING = ("image", "video", "prompt", "prompt_option", "png", "adapter", "select_frames", "reduce",
-                     "template", "max_new_tokens", "sampling", "max_image_pixels", "allow_overflow")
+                     "template", "max_new_tokens", "sampling", "scene_threshold", "scene_min_len", "max_image_pixels",
+                     "allow_overflow")
 
 
 def _inspect_training(args: argparse.Namespace) -> int:
@@ -203,9 +204,11 @@ def _inspect_media(args, config: LlavaNextConfig, model: str, preset: str | None
 
     n_frames, sampling = options.frames(args), options.sampling(args)
     images, image_plans = _plan_images(args, config)
-    videos = _plan_videos(args, config, n_frames, sampling)
-    media = media_plan(image_plans, videos, config, args.rope_scale, sampling)
     reduction = options.reduction(args)
+    own = reduction.select_frames.video_sampling() if reduction and reduction.select_frames else None
+    sampling = own["sampling"] if own else sampling  # --select-frames scene samples as --sampling scene
+    videos = _plan_videos(args, config, n_frames, sampling, reduction)
+    media = media_plan(image_plans, videos, config, args.rope_scale, sampling)
     budgets = _reduction_budgets(reduction, config, image_plans, videos, n_frames)
     visual = media["visual_tokens"]  # after reduction, when there is one
     visual += sum(b["visual_tokens_into_decoder"] - b["visual_tokens_unreduced"] for b in budgets)
@@ -250,8 +253,9 @@ def _plan_images(args, config: LlavaNextConfig) -> tuple[list, list]:
     return images, image_plans
 
 
-def _plan_videos(args, config: LlavaNextConfig, n_frames: int, sampling: str) -> list:
-    """Each --video's sampled frames (pixels only for --png) and plan, as (clip, plan)."""
+def _plan_videos(args, config: LlavaNextConfig, n_frames: int, sampling: str, reduction=None) -> list:
+    """Each --video's sampled frames (pixels only for --png) and plan, as (clip, plan); a frame selector with
+    its own rule over the whole video (``--select-frames scene``) samples them as run will."""
     from ..inputs.tokens import video_plan
     from ..inputs.video import VideoError, frame_options, load_video
 
@@ -264,7 +268,10 @@ def _plan_videos(args, config: LlavaNextConfig, n_frames: int, sampling: str) ->
     for path in args.video:
         try:
             # the plan needs indices and times; pixels only for --png
-            clip = load_video(path, n_frames, sampling=sampling, keep_pixels=bool(args.png), **frame_options(config))
+            own = reduction.select_frames.video_sampling() if reduction and reduction.select_frames else None
+            sampled = (dict(own, num_frames=reduction.select_frames.budget(n_frames)) if own else
+                       dict(num_frames=n_frames, sampling=sampling, scene=options.scene(args)))
+            clip = load_video(path, keep_pixels=bool(args.png), **sampled, **frame_options(config))
         except VideoError as e:
             raise UserError(str(e)) from None
         videos.append((clip, video_plan(clip.num_frames, config)))
@@ -378,6 +385,9 @@ def _video_lines(v: dict) -> list[str]:
         f"video    {v['path']}: {_hw(v['size_hw'])} px, {v['total_frames']} frames, {v['fps']:.2f} fps, "
         f"{v['duration']:.2f} s",
         f"  sampled         {v['num_frames']} frames ({v['sampling']}): {frames}",
+        *([f"  scene cuts      {len(v['scene_cuts'])}: " + (", ".join(
+            f"{i}@{t:.2f}s" for i, t in zip(v["scene_cuts"], v["scene_cut_times"])) or "none (one scene)")]
+          if "scene_cuts" in v else []),
         f"  per frame       {_hw(v['patch_grid_hw'])} patches -> {v['pool_mode']} pool stride {v['pool_stride']}"
         f" -> {ph}x{pw} = {v['tokens_per_frame']} tokens",
         f"  tokens          {v['num_frames']} x {v['tokens_per_frame']}{nl} = {v['tokens']}",

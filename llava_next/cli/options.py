@@ -7,7 +7,8 @@ same names, defaults and help:
     add_model_options(p)     --model ID_OR_DIR (a hub id, a checkpoint directory, a preset name, tiny-random)
                              --adapter DIR (a LoRA adapter in PEFT's format: docs/training.md)
     add_media_options(p)     --image FILE [FILE ...]   --video FILE [FILE ...]
-    add_plan_options(p)      --frames --sampling --pool-stride --pool-mode --newline --pool-position
+    add_plan_options(p)      --frames --sampling --scene-threshold --scene-min-len
+                             --pool-stride --pool-mode --newline --pool-position
                              --anyres-compat --rope-scale --allow-overflow --max-image-pixels
     add_prompt_options(p)    PROMPT (positional, optional) or --prompt TEXT; --template; --max-new-tokens
     add_output_options(p)    --json --quiet
@@ -15,9 +16,11 @@ same names, defaults and help:
 
 and after ``parse_args``:
 
-    finish(args)             the prompt rule below; switches that need a video without one are errors
+    finish(args)             the prompt rule below; switches that need a video without one are errors, and so
+                             are --scene-* without --sampling scene
     plan_overrides(args)     the config switches as keyword arguments of runtime.pipeline.with_overrides
     reduction(args)          the llava_next.reduce.Reduction of --select-frames / --reduce (or None)
+    scene(args)              the SceneOptions of --scene-threshold / --scene-min-len (--sampling scene)
     UserError                what ``main`` prints as one line with exit status 2
 
 Media: ``--image a.jpg b.jpg`` and ``--image a.jpg --image b.jpg`` both give two images, in every
@@ -53,7 +56,8 @@ def is_tiny(model: str) -> bool:
     return model in TINY_MODELS
 DEFAULT_FRAMES = 8
 ANSWER_TOKENS = 256  # run's default --max-new-tokens
-VIDEO_SWITCHES = ("frames", "sampling", "pool_stride", "pool_mode", "newline", "pool_position")
+VIDEO_SWITCHES = ("frames", "sampling", "scene_threshold", "scene_min_len", "pool_stride", "pool_mode", "newline",
+                  "pool_position")
 
 
 class UserError(Exception):
@@ -79,6 +83,16 @@ def positive(value: str) -> int:
 
 def nonnegative(value: str) -> int:
     return _integer_at_least(value, 0)
+
+
+def positive_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not x > 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {value}")
+    return x
 
 
 def rope_scale(value: str):
@@ -158,8 +172,13 @@ def add_plan_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("token plan (the same in every command)")
     g.add_argument("--frames", type=positive, default=None,
                    help=f"frames sampled per video (default {DEFAULT_FRAMES}; the cap with --sampling fps)")
-    g.add_argument("--sampling", choices=("uniform", "fps"), default=None,
-                   help="uniform: np.linspace over all frames (default); fps: 1 frame/s, uniform if over --frames")
+    g.add_argument("--sampling", choices=("uniform", "fps", "scene"), default=None,
+                   help="uniform: np.linspace over all frames (default); fps: 1 frame/s, uniform if over --frames; "
+                        "scene: cuts found as PySceneDetect's ContentDetector, --frames spread over the scenes")
+    g.add_argument("--scene-threshold", type=positive_float, default=None, metavar="T",
+                   help="--sampling scene: a cut where the mean HSV difference of two frames is >= T (default 27)")
+    g.add_argument("--scene-min-len", type=nonnegative, default=None, metavar="N",
+                   help="--sampling scene: scenes shorter than N frames are merged (default 15)")
     g.add_argument("--pool-stride", type=positive, default=None, help="video spatial pool stride (checkpoint: 2)")
     g.add_argument("--pool-mode", choices=("average", "max", "bilinear"), default=None,
                    help="video spatial pool mode (checkpoint: average)")
@@ -254,6 +273,7 @@ def finish(args: argparse.Namespace, *, needs_prompt: bool = False) -> argparse.
         given = [f"--{n.replace('_', '-')}" for n in VIDEO_SWITCHES if getattr(args, n, None) is not None]
         if given:
             raise UserError(f"{', '.join(given)}: video options, but no --video was given")
+    scene(args)  # --scene-* without --sampling scene
     return args
 
 
@@ -333,6 +353,23 @@ def frames(args: argparse.Namespace) -> int:
 
 def sampling(args: argparse.Namespace) -> str:
     return args.sampling or "uniform"
+
+
+def scene(args: argparse.Namespace, *, items_may_ask: bool = False):
+    """The SceneOptions of --scene-threshold / --scene-min-len (their defaults: PySceneDetect's); given
+    without --sampling scene they would do nothing, so that is a UserError (unless ``items_may_ask``: batch
+    items choose their own sampling)."""
+    from ..inputs.scenes import SceneOptions
+
+    given = [f"--{n.replace('_', '-')}" for n in ("scene_threshold", "scene_min_len")
+             if getattr(args, n, None) is not None]
+    if given and sampling(args) != "scene" and not items_may_ask:
+        raise UserError(f"{', '.join(given)}: these set scene sampling's cut detector, and sampling is not scene; "
+                        f"add --sampling scene (train: --frame-sampling scene)")
+    default = SceneOptions()
+    threshold, min_len = getattr(args, "scene_threshold", None), getattr(args, "scene_min_len", None)
+    return SceneOptions(default.threshold if threshold is None else threshold,
+                        default.min_len if min_len is None else min_len)
 
 
 def model_config(model: str):

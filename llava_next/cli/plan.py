@@ -34,7 +34,8 @@ def video_entry(clip, plan, sampling: str) -> dict:
             "frame_indices": clip.frame_indices, "timestamps": clip.timestamps,
             "tokens_per_frame": plan.tokens_per_frame, "patch_grid_hw": plan.patch_grid_hw,
             "pooled_hw": plan.pooled_hw, "pool_stride": plan.stride, "pool_mode": plan.mode,
-            "newline": plan.newline, "newline_tokens": plan.newline_tokens, "notes": clip.notes()}
+            "newline": plan.newline, "newline_tokens": plan.newline_tokens, "notes": clip.notes(),
+            **({} if clip.cuts is None else {"scene_cuts": list(clip.cuts), "scene_cut_times": list(clip.cut_times)})}
 
 
 def switches(config: LlavaNextConfig, rope_scale, sampling: str) -> dict:

@@ -260,7 +260,8 @@ def prepare_request(pipe, args: argparse.Namespace, reduction, user_error):
     request = pipe.prepare(args.prompt, images=args.image, videos=args.video, frames=options.frames(args),
                            sampling=options.sampling(args), template=args.template, rope_scale=args.rope_scale,
                            max_new_tokens=args.max_new_tokens, max_image_pixels=args.max_image_pixels,
-                           allow_overflow=getattr(args, "allow_overflow", False), reduction=reduction)
+                           allow_overflow=getattr(args, "allow_overflow", False), reduction=reduction,
+                           scene=options.scene(args))
     # what the command chose or the reducer changed, said as notes (stderr, and the JSON plan's "notes")
     from .plan import growth_note, per_crop, rope_note
 

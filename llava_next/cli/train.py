@@ -47,9 +47,14 @@ def add_train(sub, *, user_error) -> None:
                    help="nf4: QLoRA, the frozen decoder in 4-bit NormalFloat (bitsandbytes' definition: "
                         "docs/quantization.md), the adapters in float")
     p.add_argument("--frames", type=options.positive, default=8, help="frames per video (default 8)")
-    p.add_argument("--frame-sampling", choices=("random", "uniform"), default="random",
+    p.add_argument("--frame-sampling", choices=("random", "uniform", "scene"), default="random",
                    help="random (default): one frame drawn from each of --frames segments, new each epoch, the "
-                        "same in every rerun; uniform: evenly spaced, as the original LLaVA-NeXT and llava-next run")
+                        "same in every rerun; uniform: evenly spaced, as the original LLaVA-NeXT and llava-next run; "
+                        "scene: spread over the scenes, as llava-next run --sampling scene")
+    p.add_argument("--scene-threshold", type=options.positive_float, default=None, metavar="T",
+                   help="--frame-sampling scene: cut threshold (default 27, PySceneDetect's)")
+    p.add_argument("--scene-min-len", type=options.nonnegative, default=None, metavar="N",
+                   help="--frame-sampling scene: minimum scene length in frames (default 15)")
     p.add_argument("--steps", type=options.positive, default=None, help="optimizer steps (default: --epochs)")
     p.add_argument("--epochs", type=options.positive, default=1)
     p.add_argument("--lr", type=float, default=2e-4)
@@ -97,7 +102,10 @@ def _train(args: argparse.Namespace, user_error) -> int:
     if device != "cpu":
         pipe.model.to(device)
     data = TrainingData(data_path, pipe.tokenizer, pipe.config, media_root=args.media_root or data_path.parent,
-                        frames=args.frames, seed=args.seed, frame_sampling=args.frame_sampling)
+                        frames=args.frames, seed=args.seed, frame_sampling=args.frame_sampling,
+                        scene=options.scene(argparse.Namespace(sampling=args.frame_sampling,
+                                                               scene_threshold=args.scene_threshold,
+                                                               scene_min_len=args.scene_min_len)))
     summary = data.validate()  # every item, media decoded, before step 1
     if not quiet:
         print(f"[llava-next] {summary.items} items ({summary.images} images, {summary.videos} videos), "

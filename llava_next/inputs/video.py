@@ -1,11 +1,13 @@
 """Video input: decode with PyAV, pick frames, and turn them into CLIP pixels (F, 3, 336, 336).
 
 What is in here, in data-flow order:
-- ``uniform_indices`` / ``fps_indices``: which frames to keep. Uniform is the original LLaVA-NeXT rule,
+- ``uniform_indices`` / ``fps_indices`` / scene sampling: which frames to keep. Uniform is the original LLaVA-NeXT rule,
   ``np.linspace(0, total - 1, N, dtype=int)`` — deterministic, first and last frame included, indices
   repeat when the video has fewer than N frames. fps sampling is the original ``load_video``: one frame
   every ``round(avg_fps / target_fps)`` frames (target 1 fps), switching to uniform when that gives
-  more than the cap.
+  more than the cap. Scene sampling (``sampling="scene"``) first decodes every frame once to find the scene
+  cuts as PySceneDetect's ContentDetector does (``scene_cuts``; the maths in scenes.py), then spreads the
+  ``num_frames`` over the scenes (``scenes.spread_frames``); the clip carries the cuts and their times.
 - ``load_video``: decodes the stream once, sequentially, and keeps only the sampled frames (already
   resized and cropped to 336 x 336), so a long video never sits in memory. Before decoding, the kept
   frames' bytes (F x 336 x 336 x 3, plus their float32 copy) are checked against the memory available
@@ -47,8 +49,10 @@ from PIL import Image
 from ..config import LlavaNextConfig
 from ..model.pages import available_memory
 from .image import CLIP_STATS, Stats, normalize, stats_for
+from .scenes import SceneOptions, frame_scores, merge_cuts, spread_frames
 
-Sampling = Literal["uniform", "fps"]
+Sampling = Literal["uniform", "fps", "scene"]
+SAMPLINGS = ("uniform", "fps", "scene")
 FrameResize = Literal["crop", "squash"]  # CLIP: shortest edge + centre crop; SigLIP: straight to size x size
 
 
@@ -71,6 +75,8 @@ class VideoClip:
     path: str
     listed_frames: int = 0  # frames the container's index lists (0: no index); > total_frames: cut off
     rotation: int = 0  # degrees counter-clockwise the file asks players to rotate by (not applied)
+    cuts: tuple[int, ...] | None = None  # scene sampling: the first frame of each new scene (None: not searched)
+    cut_times: tuple[float, ...] | None = None  # their presentation times, seconds from the first frame
 
     @property
     def num_frames(self) -> int:
@@ -316,27 +322,67 @@ def _decode(path: str, indices: list[int], size: int, resize: FrameResize = "cro
     return kept, times, count, t_end or None, size_hw, rotation
 
 
+@dataclass(frozen=True)
+class SceneCuts:
+    """What the scene pass found: cut frame indices, their times (s), and the frames the stream decodes to."""
+
+    cuts: tuple[int, ...]
+    cut_times: tuple[float, ...]
+    total_frames: int
+
+
+def scene_cuts(path: str | os.PathLike, options: SceneOptions = SceneOptions()) -> SceneCuts:
+    """Decode every frame (RGB, as PySceneDetect's PyAV backend converts it) and find the scene cuts."""
+    path = os.fspath(path)
+    times: list[float | None] = []
+
+    def frames():
+        with _open(path) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for frame in container.decode(stream):
+                times.append(frame.time)
+                yield frame.to_ndarray(format="rgb24")  # (H, W, 3) uint8
+
+    try:
+        scores = frame_scores(frames())
+    except _AV_ERRORS as e:
+        cut = _mp4_cut_off(path)
+        if cut:  # the words of _decode's check
+            raise VideoError(f"{path}: truncated MP4 ({cut}; only {len(times)} frames decode): the file is cut off, "
+                             f"probably an incomplete download or copy; get it again") from None
+        raise VideoError(f"{path}: corrupt video, decoding failed after {len(times)} frames ({_reason(e)}); get it "
+                         f"again or re-encode it (ffmpeg -i IN -c:v libx264 OUT.mp4)") from None
+    if not scores:
+        raise VideoError(f"{path}: the video stream has no decodable frames; give a video with at least one frame")
+    cuts = merge_cuts(scores, options)
+    t0 = times[0] or 0.0
+    return SceneCuts(tuple(cuts), tuple(round(float(times[i] - t0), 6) if times[i] is not None else 0.0
+                                        for i in cuts), len(scores))
+
+
 def load_video(path: str | os.PathLike, num_frames: int = 8, *, sampling: Sampling = "uniform",
                target_fps: float = 1.0, size: int = 336, resize: FrameResize = "crop",
                stats: Stats = CLIP_STATS, keep_pixels: bool = True,
-               pick: Callable[[int], list[int]] | None = None) -> VideoClip:
+               pick: Callable[[int], list[int]] | None = None, scene: SceneOptions = SceneOptions()) -> VideoClip:
     """Decode ``path`` and return ``num_frames`` preprocessed frames (the cap, for ``sampling="fps"``);
     ``size``/``resize``/``stats`` as ``frame_options(config)`` gives them (default: CLIP's).
     ``pick``: the ``num_frames`` indices to keep, from the stream's frame count (training's seeded sampling,
-    llava_next/train/data.py); it replaces ``sampling``.
+    llava_next/train/data.py); it replaces ``sampling``. ``scene``: the cut detector's threshold and minimum
+    scene length for ``sampling="scene"``.
     ``keep_pixels=False`` (a plan only, ``inspect``): the frames are sampled and timed but not preprocessed;
     ``frames`` and ``pixel_values`` are then empty (0 frames). The memory check applies either way: it is
     about the run the plan is for."""
     path = os.fspath(path)
     if num_frames < 1:
         raise VideoError(f"{path}: num_frames must be >= 1, got {num_frames}")
-    if sampling not in ("uniform", "fps"):
-        raise VideoError(f"{path}: sampling {sampling!r} is not supported; use 'uniform' or 'fps'")
+    if sampling not in SAMPLINGS:
+        raise VideoError(f"{path}: sampling {sampling!r} is not supported; use one of {', '.join(SAMPLINGS)}")
     total, fps = estimate_total(path)
-    # how many frames sampling keeps, known before any index list or decoded frame exists
-    kept_frames = num_frames if sampling == "uniform" or pick is not None else min(num_frames, len(range(0, max(total, 1),
-                                                                                   max(1, round((fps or 1.0) / target_fps)))))
+    kept_frames = num_frames if sampling != "fps" or pick is not None else \
+        len(fps_indices(max(total, 1), fps or 1.0, num_frames, target_fps))  # known before decoding a frame
     check_frame_memory(path, kept_frames, size, total)
+    found = scene_cuts(path, scene) if sampling == "scene" and pick is None else None
 
     def choose(n_total: int) -> list[int]:
         if pick is not None:
@@ -346,17 +392,20 @@ def load_video(path: str | os.PathLike, num_frames: int = 8, *, sampling: Sampli
             return chosen
         if sampling == "uniform":
             return uniform_indices(n_total, num_frames)
+        if found is not None:
+            return spread_frames(list(found.cuts), n_total, num_frames)
         return fps_indices(n_total, fps or 1.0, num_frames, target_fps)
 
-    indices = choose(max(total, 1))
+    n_first = found.total_frames if found else max(total, 1)  # the scene pass already counted every frame
+    indices = choose(n_first)
     kept, times, count, duration, size_hw, rotation = _decode(path, indices, size, resize, total, keep_pixels)
     if count == 0:
         raise VideoError(f"{path}: the video stream has no decodable frames; give a video with at least one frame")
-    if count != total:  # the index lied (edit list, truncated file): sample the real stream
-        cut = _mp4_cut_off(path) if count < total else ""
-        if cut:  # a provably cut-off MP4: its index lists frames the file no longer holds
-            raise VideoError(f"{path}: truncated MP4 ({cut}; only {count} of its {total} frames decode): the file "
-                             f"is cut off, probably an incomplete download or copy; get it again")
+    cut = _mp4_cut_off(path) if count < total else ""
+    if cut:  # a provably cut-off MP4: its index lists frames the file no longer holds
+        raise VideoError(f"{path}: truncated MP4 ({cut}; only {count} of its {total} frames decode): the file "
+                         f"is cut off, probably an incomplete download or copy; get it again")
+    if count != n_first:  # the index lied (edit list, truncated file): sample the real stream
         indices = choose(count)
         kept, times, count2, duration, size_hw, rotation = _decode(path, indices, size, resize, keep=keep_pixels)
         if count2 != count:
@@ -371,4 +420,5 @@ def load_video(path: str | os.PathLike, num_frames: int = 8, *, sampling: Sampli
     return VideoClip(pixel_values=frames_to_pixels(frames, stats), frames=frames, frame_indices=indices,
                      timestamps=[round(float(t), 6) for t in timestamps], fps=float(fps), total_frames=count,
                      duration=round(float(duration), 6), size_hw=size_hw, path=path, listed_frames=total,
-                     rotation=rotation)
+                     rotation=rotation, cuts=found.cuts if found else None,
+                     cut_times=found.cut_times if found else None)

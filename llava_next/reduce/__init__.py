@@ -19,13 +19,14 @@ from .fastv import FastV
 from .framefusion import FrameFusion
 from .maxinfo import MaxInfo
 from .pllava import PLLaVAPool
+from .scene import SceneFrames
 from .slowfast import SlowFast
 from .visionzip import VisionZip
 from .stages import (DecodeSelector, FrameSelector, PrefillPruner, Reduction, ReductionError, TokenReducer,
                      VisualLayout)
 
-METHODS: dict[str, type] = {m.name: m for m in (MaxInfo, PLLaVAPool, SlowFast, DyCokeMerge, VisionZip, FastV, FrameFusion,
-                                                 DyCokeDecode)}
+METHODS: dict[str, type] = {m.name: m for m in (MaxInfo, SceneFrames, PLLaVAPool, SlowFast, DyCokeMerge, VisionZip, FastV,
+                                                 FrameFusion, DyCokeDecode)}
 
 __all__ = ["METHODS", "Reduction", "ReductionError", "VisualLayout", "parse_method", "parse_reduction",
            "FrameSelector", "TokenReducer", "PrefillPruner", "DecodeSelector", *[m.__name__ for m in METHODS.values()]]

@@ -136,6 +136,11 @@ class FrameSelector(ABC):
         """The most frames ``select`` returns for a request of ``requested`` frames."""
         return requested
 
+    def video_sampling(self) -> dict | None:
+        """``load_video`` keyword arguments when the selector is a rule over the whole decoded video (scene
+        cuts: reduce/scene.py), which then replaces candidates + ``select``; None (the default): it is not."""
+        return None
+
     @abstractmethod
     def candidate_count(self, requested: int, total_frames: int, fps: float) -> int:
         """How many candidate frames to decode for a request of ``requested`` frames."""

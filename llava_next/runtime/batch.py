@@ -10,9 +10,10 @@ command's options):
     {"id": "clip-0001", "prompt": "What happens?", "video": "a.mp4", "frames": 8, "images": ["b.jpg"],
      "max_new_tokens": 64, "temperature": 0, "top_p": 1, "seed": null, "rope_scale": "config", "template": null}
 
-("video" is one file or a list; "sampling" is "uniform" or "fps"; without "prompt" the command's
-``--prompt`` is used.) Or no file at all: ``video_items(["clips/", "more/*.mp4"], defaults)`` makes one item
-per video file of a folder or a glob pattern, each asking the command's ``--prompt``, its id the path
+("video" is one file or a list; "sampling" is "uniform", "fps" or "scene" (the cut detector's options are
+the command's ``--scene-threshold`` / ``--scene-min-len``); without "prompt" the command's ``--prompt`` is
+used.) Or no file at all: ``video_items(["clips/", "more/*.mp4"], defaults)`` makes one item per video file
+of a folder or a glob pattern, each asking the command's ``--prompt``, its id the path
 (``llava-next batch --videos clips/ --prompt ...``).
 
 Output, one JSON object per finished id, in the order they finish:
@@ -67,7 +68,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence, TextIO
 
+from ..inputs.scenes import SceneOptions
 from ..inputs.tokens import RopeScale
+from ..inputs.video import SAMPLINGS
 from .files import check_media_file
 from .pipeline import Pipeline, Request
 
@@ -98,6 +101,7 @@ class Defaults:
     seed: int | None = None
     rope_scale: RopeScale = "config"
     template: str | None = None
+    scene: SceneOptions = SceneOptions()  # sampling "scene": the cut detector (PySceneDetect's defaults)
 
 
 @dataclass
@@ -118,6 +122,7 @@ class Item:
     rope_scale: RopeScale = "config"
     template: str | None = None
     system: str | None = None
+    scene: SceneOptions = SceneOptions()
     problem: str | None = None
 
 
@@ -187,7 +192,8 @@ def video_items(sources: Sequence[str], defaults: Defaults) -> list[Item]:
 
 def _parse_item(raw: dict, line: int, d: Defaults) -> Item:
     item = Item(id=raw["id"], line=line, frames=d.frames, sampling=d.sampling, max_new_tokens=d.max_new_tokens,
-                temperature=d.temperature, top_p=d.top_p, seed=d.seed, rope_scale=d.rope_scale, template=d.template)
+                temperature=d.temperature, top_p=d.top_p, seed=d.seed, rope_scale=d.rope_scale, template=d.template,
+                scene=d.scene)
     try:
         unknown = sorted(set(raw) - ITEM_KEYS)
         if unknown:
@@ -196,8 +202,9 @@ def _parse_item(raw: dict, line: int, d: Defaults) -> Item:
         item.videos = _paths(raw, "video")
         item.images = _paths(raw, "images")
         item.sampling = raw.get("sampling", item.sampling)
-        if item.sampling not in ("uniform", "fps"):
-            raise ItemError(f"\"sampling\" must be \"uniform\" or \"fps\", got {item.sampling!r}")
+        if item.sampling not in SAMPLINGS:
+            raise ItemError(f"\"sampling\" must be one of {', '.join(map(json.dumps, SAMPLINGS))}, "
+                            f"got {item.sampling!r}")
         item.frames = _number(raw, "frames", item.frames, int, minimum=1)
         item.max_new_tokens = _number(raw, "max_new_tokens", item.max_new_tokens, int, minimum=1)
         item.temperature = _number(raw, "temperature", item.temperature, float, minimum=0)
@@ -372,7 +379,7 @@ class BatchJob:
         return self.pipe.prepare(item.prompt, images=list(item.images), videos=list(item.videos), frames=item.frames,
                                  sampling=item.sampling, template=item.template, rope_scale=item.rope_scale,
                                  max_new_tokens=item.max_new_tokens, system=item.system,
-                                 max_image_pixels=self.max_image_pixels)
+                                 max_image_pixels=self.max_image_pixels, scene=item.scene)
 
     def answer(self, items: Sequence[Item]) -> Iterator[dict]:
         """Records for ``items`` (ok or error), batch by batch; one record per item."""

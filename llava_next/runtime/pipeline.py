@@ -49,6 +49,7 @@ from ..inputs.prompt import (IMAGE, VIDEO, TemplateChoice, Tokenizer, build_inpu
 from ..inputs.samples import resolve as resolve_sample
 from ..inputs.tokens import (ContextOverflowError, ContextPlan, ImagePlan, RopeScale, Size, VideoPlan, check_context,
                              image_aspect, image_plan, plan_context, video_plan)
+from ..inputs.scenes import SceneOptions
 from ..inputs.video import Sampling, VideoClip, VideoError, estimate_total, frame_options, load_video
 from .memory import memory_budget
 from ..reduce.stages import Reduction, VisualLayout, native_video_layout
@@ -87,8 +88,8 @@ class Request:
             "input_tokens": len(self.input_ids),
             "image_tokens": self.image_token_counts,
             "video_tokens": self.video_token_counts,
-            "video_frames": [{"frame_indices": v.frame_indices, "timestamps": [round(t, 3) for t in v.timestamps]}
-                             for v in self.videos + self.frame_clips],
+            "video_frames": [{"frame_indices": v.frame_indices, "timestamps": [round(t, 3) for t in v.timestamps],
+                              **scene_cuts(v)} for v in self.videos + self.frame_clips],
             "context": self.plan.to_dict(),
             "notes": self.notes,
             **({"reduction": self.reduction_summary()} if self.reduction else {}),
@@ -101,6 +102,13 @@ class Request:
                "visual_tokens_into_decoder": into}
         out.update(self.reduction_report)
         return out
+
+
+def scene_cuts(clip: VideoClip) -> dict:
+    """A scene-sampled clip's cuts and their times, for --json ({} when the clip was not scene-sampled)."""
+    if clip.cuts is None:
+        return {}
+    return {"scene_cuts": list(clip.cuts), "scene_cut_times": [round(t, 3) for t in clip.cut_times or ()]}
 
 
 def _reduces_images(r: Request) -> bool:
@@ -153,10 +161,11 @@ class Pipeline:
                 max_new_tokens: int = 0, system: str | None = None,
                 max_image_pixels: int | None = None, videos: Sequence[PathLike] = (),
                 sampling: Sampling = "uniform", allow_overflow: bool = False,
-                reduction: Reduction | None = None) -> Request:
+                reduction: Reduction | None = None, scene: SceneOptions | None = None) -> Request:
         """Preprocess media, tokenize, expand placeholders and check the context (nothing runs yet).
-        ``videos``: several videos (``video``, a path or a list, goes first); ``sampling``: "uniform" or "fps"
-        (video.py). ``max_image_pixels``: refuse larger images (default 100 MP, 0 = no limit; see image.py).
+        ``videos``: several videos (``video``, a path or a list, goes first); ``sampling``: "uniform", "fps" or
+        "scene" (video.py; ``scene``: its cut detector's options, default PySceneDetect's).
+        ``max_image_pixels``: refuse larger images (default 100 MP, 0 = no limit; see image.py).
         ``allow_overflow``: plan a prompt longer than the RoPE context instead of refusing it (``plan.fits``
         is then False: for studying that regime on purpose). ``reduction``: frame selection / token reduction
         (llava_next.reduce); its frame selector runs here."""
@@ -176,12 +185,13 @@ class Pipeline:
         paths = [resolve_sample(v) for v in first + list(videos)]
         plan_args = dict(frames=frames, template=template, system=system, rope_scale=rope_scale,
                          max_new_tokens=max_new_tokens, reduction=reduction)
-        if paths and not allow_overflow and sampling == "uniform" and not (reduction and reduction.select_frames):
+        fixed = sampling in ("uniform", "scene")  # exactly ``frames`` frames per video, known before decoding
+        if paths and not allow_overflow and fixed and not (reduction and reduction.select_frames):
             self._check_frames_fit(prompt, paths, user_images, aspect, plan_args)
         clips = []
         for v in paths:
             tv = time.perf_counter()
-            clips.append(self._load_clip(v, frames, sampling, reduction))
+            clips.append(self._load_clip(v, frames, sampling, reduction, scene or SceneOptions()))
             self._say("frames", f"{os.fspath(v)}: decoded {clips[-1].total_frames} frames, kept {clips[-1].num_frames} "
                                 f"in {time.perf_counter() - tv:.2f} s")
         frame_clips, notes = [], []
@@ -202,8 +212,8 @@ class Pipeline:
                        frame_clips, reduction or None, unreduced, prompt=prompt)
 
     def _check_frames_fit(self, prompt: str, paths: list, user_images: list, aspect: str, plan_args: dict) -> None:
-        """Uniform sampling keeps exactly ``frames`` frames of every video (repeating frames of a shorter one), so
-        the plan is known before decoding: a frame count the context cannot hold fails here, cheaply."""
+        """Uniform and scene sampling keep exactly ``frames`` frames of every video (repeating frames of a shorter
+        one), so the plan is known before decoding: a frame count the context cannot hold fails here, cheaply."""
         frames, tile = plan_args["frames"], (self.config.tile_size,) * 2
         as_images = [(tile, frames)] * len(paths) if self.config.video_as_images else []
         planned = self._token_plan(prompt, user_images, aspect, as_images, [] if as_images else [frames] * len(paths),
@@ -254,12 +264,16 @@ class Pipeline:
                             video_tokens=from_videos)
         return ids, image_plans, video_plans, image_counts, video_counts, unreduced, plan
 
-    def _load_clip(self, video: PathLike, frames: int, sampling: Sampling, reduction: Reduction | None) -> VideoClip:
-        """``frames`` sampled frames, or a frame selector's pick among its candidates."""
+    def _load_clip(self, video: PathLike, frames: int, sampling: Sampling, reduction: Reduction | None,
+                   scene: SceneOptions) -> VideoClip:
+        """``frames`` sampled frames, or a frame selector's pick (among its candidates, or its own rule)."""
         options = frame_options(self.config)
         selector = reduction.select_frames if reduction else None
         if selector is None:
-            return load_video(video, frames, sampling=sampling, **options)
+            return load_video(video, frames, sampling=sampling, scene=scene, **options)
+        own_rule = selector.video_sampling()
+        if own_rule is not None:  # e.g. scene cuts: the selector samples the whole video itself
+            return load_video(video, selector.budget(frames), **own_rule, **options)
         total, fps = estimate_total(os.fspath(video))
         candidates = load_video(video, selector.candidate_count(frames, total, fps), **options)
         keep = selector.select(candidates.pixel_values, self.model, frames)

@@ -40,7 +40,7 @@ from typing import Any, Sequence, TextIO
 import numpy as np
 
 from ..research.provenance import KINDS, SEGMENTS
-from .batch import Defaults, Item, ItemError, Progress, ResultsFile, error_record, owner, read_items
+from .batch import BatchJob, Defaults, Item, Progress, ResultsFile, error_record, owner, read_items
 from .pipeline import Pipeline
 
 PathLike = str | os.PathLike
@@ -57,11 +57,7 @@ def shard_name(item_id: str) -> str:
 def trace_item(pipe: Pipeline, item: Item, *, layers: Sequence[int] | None, queries: Sequence[str],
                lens: Sequence[str], run: dict) -> tuple[dict[str, np.ndarray], dict]:
     """(the arrays of one shard, its meta) for one item traced."""
-    if item.problem is not None:
-        raise ItemError(item.problem)
-    req = pipe.prepare(item.prompt, images=list(item.images), videos=list(item.videos), frames=item.frames,
-                       sampling=item.sampling, template=item.template, rope_scale=item.rope_scale,
-                       max_new_tokens=item.max_new_tokens, system=item.system)
+    req = BatchJob(pipe).prepare(item)  # the batch job's checks and options, the same errors
     res = pipe.trace(req, layers=layers, queries=queries, lens=lens, lens_top_k=1, template=item.template,
                      max_new_tokens=item.max_new_tokens)
     prov, T = res.provenance, len(res.provenance)

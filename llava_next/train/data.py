@@ -55,7 +55,9 @@ Notable choices
   collator cuts at ``model_max_length``, which can cut visual tokens and the answer.
 - Frames: ``frame_sampling="random"`` (default) draws one frame from each of ``frames`` equal segments
   of the video (TSN), from a generator seeded with (seed, epoch, item index): the same every run, new
-  every epoch; ``"uniform"`` is the original's ``np.linspace`` (the same frames every epoch).
+  every epoch; ``"uniform"`` is the original's ``np.linspace`` (the same frames every epoch); ``"scene"``
+  spreads the frames over the video's scenes (llava_next/inputs/scenes.py: PySceneDetect's cuts, found
+  once per video file and kept for every epoch; the same frames every epoch).
 """
 
 from __future__ import annotations
@@ -75,10 +77,11 @@ from ..inputs.image import ImageError, ImageInput, load_image, preprocess_image
 from ..inputs.prompt import IMAGE, TEMPLATES, VIDEO, PromptError, TemplateChoice, Tokenizer, build_input_ids, \
     expand_placeholders
 from ..inputs.tokens import ContextOverflowError, check_context, image_aspect, image_plan, plan_context, video_plan
-from ..inputs.video import VideoClip, VideoError, frame_options, load_video, uniform_indices
+from ..inputs.scenes import SceneOptions, spread_frames
+from ..inputs.video import VideoClip, VideoError, frame_options, load_video, scene_cuts, uniform_indices
 
 IGNORE_INDEX = -100  # the original llava/constants.py; torch's cross_entropy ignore_index default
-FrameSampling = Literal["random", "uniform"]
+FrameSampling = Literal["random", "uniform", "scene"]
 Supervise = Literal["answers", "original"]
 PathLike = str | os.PathLike
 
@@ -408,7 +411,8 @@ class TrainingData(torch.utils.data.Dataset):
     def __init__(self, path: PathLike, tokenizer: Tokenizer, config: LlavaNextConfig, *,
                  media_root: PathLike | None = None, frames: int = 8, seed: int = 0,
                  frame_sampling: FrameSampling = "random", template: TemplateChoice | None = None,
-                 supervise: Supervise = "answers", max_length: int | None = None) -> None:
+                 supervise: Supervise = "answers", max_length: int | None = None,
+                 scene: SceneOptions = SceneOptions()) -> None:
         self.path, self.tokenizer, self.config = Path(path), tokenizer, config
         self.records = read_records(path, media_root)
         self.frames, self.seed, self.frame_sampling, self.supervise = frames, seed, frame_sampling, supervise
@@ -417,6 +421,7 @@ class TrainingData(torch.utils.data.Dataset):
             raise PromptError(f"training needs a chat template; choose one of {list(TEMPLATES)}")
         self.max_length = max_length
         self.epoch = 0
+        self.scene, self._cuts = scene, {}  # frame_sampling "scene": cuts per video path, found once
 
     def __len__(self) -> int:
         return len(self.records)
@@ -445,6 +450,8 @@ class TrainingData(torch.utils.data.Dataset):
             clip = None
             if record.video is not None:
                 def pick(total: int) -> list[int]:
+                    if self.frame_sampling == "scene":
+                        return spread_frames(self._scene_cuts(record.video), total, self.frames)
                     return frame_indices(total, self.frames, seed=self.seed, epoch=self.epoch, index=record.index,
                                          sampling=self.frame_sampling)
                 clip = load_video(record.video, self.frames, pick=pick, keep_pixels=keep_pixels,
@@ -452,6 +459,11 @@ class TrainingData(torch.utils.data.Dataset):
         except (ImageError, VideoError) as e:
             raise _fail(record.where, str(e), "replace or drop the item") from None
         return images, sizes, clip
+
+    def _scene_cuts(self, video: Path) -> list[int]:
+        if video not in self._cuts:
+            self._cuts[video] = list(scene_cuts(video, self.scene).cuts)
+        return self._cuts[video]
 
     def _encode(self, record: Record, sizes: list, clip: VideoClip | None):
         """Labels and expanded ids from media sizes and the frame count (``Pipeline._token_plan``'s counts)."""
