@@ -4,18 +4,23 @@ module's docstring).
 
     from llava_next.research import Provenance, select as sel
     from llava_next.research import trace, Record, Attention, LogitLens, ablate, knockout, patch
+    from llava_next.research import Inputs, Target, input_x_gradient, integrated_gradients, rollout, relevancy
 """
 
 from . import select
 from ..reduce.fastv import fastv_score
+from .attribution import Attribution, Inputs, Target, input_x_gradient, integrated_gradients
+from .attribution_patching import activation_patching, attribution_patching
 from .attention import AttentionStats, ResearchError, attention_rows, attention_stats
 from ..model.attention import grouped_attention
 from .interventions import ablate, intervene, knockout, patch, replace_embedding
 from .logit_lens import LensResult, LogitLens
 from .provenance import KINDS, SEGMENTS, Media, Provenance
+from .relevancy import dense_attention, relevancy, rollout
 from .trace import Attention, Record, Step, Trace, hooks, resolve_positions, run_with_cache, run_with_hooks, trace
 
-__all__ = ["Attention", "AttentionStats", "KINDS", "LensResult", "LogitLens", "Media", "Provenance", "Record",
+__all__ = ["Attention", "AttentionStats", "Attribution", "Inputs", "Target", "activation_patching",
+           "attribution_patching", "dense_attention", "input_x_gradient", "integrated_gradients", "relevancy", "rollout", "KINDS", "LensResult", "LogitLens", "Media", "Provenance", "Record",
            "ResearchError", "SEGMENTS", "Step", "Trace", "ablate", "attention_rows", "attention_stats", "fastv_score",
            "grouped_attention", "hooks", "intervene", "knockout", "patch", "replace_embedding", "resolve_positions",
            "run_with_cache", "run_with_hooks", "select", "trace"]
