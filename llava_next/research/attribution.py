@@ -149,9 +149,10 @@ def logits(model, embeds: torch.Tensor) -> torch.Tensor:
 
 
 def resolve_target(model, inputs: Inputs, target: Target | None = None) -> Target:
-    """``target``, or (None / neither answer nor token) the model's top-1 next token after the sequence."""
+    """``target``, or (None / neither answer nor token) the model's top-1 next token after the sequence. Any
+    object with ``score(logits, ids) -> 0-dim tensor`` is a target too (a custom metric), used as it is."""
     target = target or Target()
-    if target.answer or target.token is not None:
+    if not isinstance(target, Target) or target.answer or target.token is not None:
         return target
     with torch.no_grad():
         out = logits(model, embeddings(model, inputs))
