@@ -225,7 +225,9 @@ def cli_run(tmp_path_factory):
     from test_cli_trace import _main
     out = _main(base + ["--attribute", "integrated_gradients", "--attribute-space", "pixels", "--baseline", "black",
                         "--ig-steps", "4", "--png", str(root / "png"), "What is the rabbit doing?"])
-    bad = _main(base + ["--attribute", "rollout", "--baseline", "black", "?"])
+    bad = [_main(base + extra + ["?"]) for extra in (["--attribute", "input_x_grad", "--baseline", "black"],
+                                                     ["--ig-steps", "4"], ["--attribute", "rollout", "--attribute-space",
+                                                                           "pixels"])]
     mp.undo()
     return root, out, bad
 
@@ -233,7 +235,7 @@ def cli_run(tmp_path_factory):
 def test_cli_trace_attribute_writes_scores_record_and_pictures(cli_run):
     from PIL import Image
 
-    root, (code, stdout), (bad_code, bad_out) = cli_run
+    root, (code, stdout), bad = cli_run
     assert code == 0, stdout
     out = json.loads(stdout)
     a = out["attribution"]
@@ -249,4 +251,6 @@ def test_cli_trace_attribute_writes_scores_record_and_pictures(cli_run):
                                                           "video0_integrated_gradients.png"]
     with Image.open(pngs[0]) as im:
         assert json.loads(im.text["llava-next"])["switches"]["attribute"] == "integrated_gradients"
-    assert bad_code == 2 and "--attribute-space pixels" in bad_out
+    said = ["act with --attribute integrated_gradients", "act with --attribute METHOD", "tokens only"]
+    for (bad_code, bad_out), words in zip(bad, said):  # a switch without its method is refused, not ignored
+        assert bad_code == 2 and words in bad_out, bad_out

@@ -78,6 +78,7 @@ def _probes(media: dict) -> dict:
         "--query": [["question"]],
         "--lens": [["last"]],
         "--lens-top-k": [["2"]],
+        "--ig-steps": [["2"]],
         "--inputs": [[media["jobs2"]]],
         "--out": [[str(media["work"] / "other.jsonl")]],
     }

@@ -35,19 +35,31 @@ def add_attribute_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attribute", choices=METHODS, default=None,
                    help="gradient attribution of the answer (or the top-1 next token) onto the positions and the "
                         "original pixels: " + ", ".join(METHODS))
-    p.add_argument("--attribute-space", choices=("tokens", "pixels"), default="tokens",
+    p.add_argument("--attribute-space", choices=("tokens", "pixels"), default=None,
                    help="input_x_grad / integrated_gradients: the decoder's input embeddings (tokens, default) or "
                         "the tower's pixels")
-    p.add_argument("--baseline", choices=("zeros", "black"), default="zeros",
-                   help="integrated gradients' baseline: zeros (visual embeddings or normalised pixels) or black "
-                        "(pixels only)")
-    p.add_argument("--ig-steps", type=options.positive, default=32, help="integrated gradients' path points (default 32)")
-    p.add_argument("--ig-rule", choices=("riemann", "trapezoid"), default="riemann",
+    p.add_argument("--baseline", choices=("zeros", "black"), default=None,
+                   help="integrated gradients' baseline: zeros (visual embeddings or normalised pixels, default) or "
+                        "black (pixels only)")
+    p.add_argument("--ig-steps", type=options.positive, default=None,
+                   help="integrated gradients' path points (default 32)")
+    p.add_argument("--ig-rule", choices=("riemann", "trapezoid"), default=None,
                    help="integrated gradients' rule (default riemann: midpoints)")
 
-
 def check_attribute(args: argparse.Namespace, user_error) -> None:
-    """The --attribute flags checked before any loading."""
+    """The --attribute flags checked before any loading (each acts with the method it belongs to, or is
+    refused), then their defaults filled in."""
+    ig = {"--baseline": args.baseline, "--ig-steps": args.ig_steps, "--ig-rule": args.ig_rule}
+    given = [k for k, v in {"--attribute-space": args.attribute_space, **ig}.items() if v is not None]
+    if args.attribute is None and given:
+        raise user_error(f"{', '.join(given)}: these act with --attribute METHOD; add it (e.g. --attribute "
+                         f"integrated_gradients)")
+    if args.attribute in ("rollout", "relevancy") and args.attribute_space is not None:
+        raise user_error(f"--attribute-space: {args.attribute} scores positions from attention (tokens only); "
+                         f"drop it, or use --attribute input_x_grad / integrated_gradients")
+    if args.attribute not in (None, "integrated_gradients") and any(v is not None for v in ig.values()):
+        raise user_error(f"{', '.join(k for k, v in ig.items() if v is not None)}: these act with --attribute "
+                         f"integrated_gradients, not {args.attribute}")
     if args.attribute is None:
         return
     if args.reduce or getattr(args, "select_frames", None):
@@ -59,7 +71,8 @@ def check_attribute(args: argparse.Namespace, user_error) -> None:
     if args.baseline == "black" and args.attribute_space != "pixels":
         raise user_error("--baseline black is a pixel baseline: add --attribute-space pixels (in token space the "
                          "baseline is zeros)")
-
+    args.attribute_space = args.attribute_space or "tokens"
+    args.baseline, args.ig_steps, args.ig_rule = args.baseline or "zeros", args.ig_steps or 32, args.ig_rule or "riemann"
 
 def load(model_id: str, args: argparse.Namespace, dtype):
     """The pipeline with the model as training loads it (train/sft.py): float, not prepacked for oneDNN, so a
