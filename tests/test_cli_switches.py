@@ -80,6 +80,7 @@ def _probes(media: dict) -> dict:
         "--query": [["question"]],
         "--lens": [["last"]],
         "--lens-top-k": [["2"]],
+        "--ig-steps": [["2"]],
         "--inputs": [[media["jobs2"]]],
         "--videos": [[media["video"]]],  # with --inputs: refused (one of the two); its effect: test_captions.py
         "--out": [[str(media["work"] / "other.jsonl")]],

@@ -34,6 +34,9 @@ positions: ``positions[i].reduction`` = its fate (kept / pruned at a layer / mer
 decode steps that read it), weights null at the keys a layer no longer has, ``reduction.before_decoder``
 the pooled cells each frame kept; ``--png`` adds ``video{k}_kept.png`` (layers each token reached, per frame)
 and, with dycoke, ``video{k}_decode_reads.png``.
+
+``--attribute METHOD`` (input_x_grad, integrated_gradients, rollout, relevancy) adds gradient attribution of the
+answer: ``attribution`` in the JSON and its maps in ``--png`` (cli/trace_attribute.py).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ import numpy as np
 import torch
 
 from ..runtime.tracing import LENS_GROUPS, QUERY_GROUPS
+from . import trace_attribute
 
 
 def _names(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
@@ -95,6 +99,7 @@ def add_trace(sub, *, user_error) -> None:
                    help="generate this many tokens first and trace them with the prompt (default 0: prompt only)")
     p.add_argument("--json", action="store_true", help="print one JSON object (positions, attention, logit_lens)")
     p.add_argument("--png", metavar="DIR", default=None, help="draw heatmaps, charts and the logit-lens grid into DIR")
+    trace_attribute.add_attribute_flags(p)  # --attribute METHOD and its options (cli/trace_attribute.py)
     p.set_defaults(func=lambda args: _trace(args, user_error))
 
 
@@ -110,15 +115,22 @@ def _trace(args: argparse.Namespace, user_error) -> int:
                         temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                         compile_step={"auto": None, "on": True, "off": False}[args.compile_step])
     report = _report(args, pipe.tokenizer, result, load_and_prepare_s=t1 - t0)
+    attribution = trace_attribute.attribute(args, pipe, result) if args.attribute else None
     pngs = []
     if args.png:
         pngs = _draw(args, request, result.provenance, result.attention, result.logit_lens, pipe.tokenizer,
                      result.layers, user_error, result.num_layers)
+        if attribution is not None:
+            pngs += trace_attribute.draw(args, request, result.provenance, attribution)
         report["png"] = pngs
+    if attribution is not None:
+        report["attribution"] = trace_attribute.finish(attribution)
     if args.json:
         print(json.dumps(report))
     else:
         _print_summary(result, pngs)
+        if attribution is not None:
+            print(trace_attribute.summary(attribution))
     return 0
 
 
@@ -129,6 +141,7 @@ def _check(args: argparse.Namespace, user_error):
     options.finish(args, needs_prompt=True)
     options.adapter_summary(args.adapter)  # a bad adapter fails before any loading
     reduction = options.reduction(args)  # a bad method or value fails before any loading
+    trace_attribute.check_attribute(args, user_error)
     reducer = reduction.reducer if reduction is not None else None
     if reducer is not None and reducer.needs != "pooled":
         raise user_error(f"--reduce {reducer.name}: trace does not take this token reducer yet (its tokens are not "
@@ -161,7 +174,8 @@ def _load(args: argparse.Namespace, quantization: tuple, user_error):
         print(f"[llava-next] {notice}", file=sys.stderr)
     pipe = Pipeline.from_pretrained(model_id, dtype=DTYPES[args.dtype], device=args.device,
                                     cache_dir=args.cache_dir, progress=not (args.json or args.quiet),
-                                    quantize=quantize, group_size=group_size, adapter=args.adapter)
+                                    quantize=quantize, group_size=group_size, adapter=args.adapter) \
+        if not args.attribute else trace_attribute.load(model_id, args, DTYPES[args.dtype])
     n_layers = len(pipe.model.language_model.layers)
     bad = [layer for layer in args.layers or () if not -n_layers <= layer < n_layers]
     if bad:
