@@ -67,3 +67,19 @@ def test_shards_equal_pipeline_trace_and_resume(pipe, tmp_path):
     assert set(df["kind"]) >= {"video", "text", "generated"}
     visual = load_traces(out, layers=[0], groups=["last"], visual_only=True)
     assert set(visual["kind"]) <= {"video", "video_newline"} and set(visual["layer"]) == {0}
+
+
+def test_command_line(tmp_path, capsys):
+    from llava_next.cli.main import main
+
+    jobs, out = _jobs(tmp_path), tmp_path / "cli"
+    base = ["trace", "--model", "tiny-random", "--dtype", "fp32", "--quiet"]
+    assert main(base + ["--inputs", str(jobs), "What?"]) == 2
+    assert "--inputs JOBS.jsonl and --out DIR go together" in capsys.readouterr().err
+    assert main(base + ["--inputs", str(jobs), "--out", str(out), "--png", str(tmp_path / "p")]) == 2
+    assert "--png: per-request options" in capsys.readouterr().err
+    assert main(base + ["--inputs", str(jobs), "--out", str(out), "--layers", "0", "--max-new-tokens", "1"]) == 0
+    index = [json.loads(x) for x in (out / "index.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in sorted(index, key=lambda r: r["id"])] == ["ok", "ok", "error"]
+    _, meta = read_shard(out / next(r["shard"] for r in index if r["id"] == "b"))
+    assert meta["layers"] == [0] and meta["run"]["torch"] == torch.__version__ and meta["run"]["model"] == "tiny-random"

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from ..runtime.tracing import LENS_GROUPS, QUERY_GROUPS
-from . import trace_attribute
+from . import trace_attribute, trace_jobs
 
 
 def _names(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
@@ -100,11 +100,18 @@ def add_trace(sub, *, user_error) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object (positions, attention, logit_lens)")
     p.add_argument("--png", metavar="DIR", default=None, help="draw heatmaps, charts and the logit-lens grid into DIR")
     trace_attribute.add_attribute_flags(p)  # --attribute METHOD and its options (cli/trace_attribute.py)
+    trace_jobs.add_job_flags(p)  # --inputs JOBS.jsonl --out DIR: a dataset into shards (cli/trace_jobs.py)
     p.set_defaults(func=lambda args: _trace(args, user_error))
 
 
 def _trace(args: argparse.Namespace, user_error) -> int:
     t0 = time.perf_counter()
+    trace_jobs.check_jobs(args, user_error)
+    if args.inputs is not None:
+        from . import options
+
+        options.finish(args, needs_prompt=False)  # a PROMPT, if given, is the items' default
+        return trace_jobs.run_jobs(args, user_error)
     reduction, quantization = _check(args, user_error)
     pipe = _load(args, quantization, user_error)
     request = _prepare(pipe, args, reduction, user_error)
