@@ -449,6 +449,9 @@ def build_parser(json_errors: bool = False) -> argparse.ArgumentParser:
     from .eval import add_eval  # evaluation: score candidate answers, run benchmark tasks
 
     add_eval(sub, user_error=UserError)
+    from .explore import add_explore  # the interactive page (Gradio, the explore extra)
+
+    add_explore(sub, user_error=UserError)
     return parser
 
 

@@ -1,0 +1,252 @@
+"""``llava-next explore`` in a real browser: Debian's chromium driven by Playwright against the page served on a
+free local port with the built-in tiny model (docs/explore.md).
+
+One browser walk (the page loads, a sample is chosen, a question is asked, the answer and a heatmap appear,
+the layer slider changes the picture's bytes, a frame's positions are listed, a reduced request draws its kept
+map, bad input shows the command line's message and the next question is answered, a figure is exported),
+saving a screenshot of each view to docs/explore/. It prints the time from Ask to the first heatmap and per
+slider move. Skipped only when chromium (apt-get install chromium) or Playwright is missing.
+Cheaper checks without a browser: the per-head rows' mean is the trace's head mean; the page's messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHOTS = REPO / "docs" / "explore"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from llava_next.runtime.pipeline import Pipeline
+
+    return Pipeline.from_pretrained("tiny-random", progress=False)
+
+
+def test_head_rows_average_to_the_traced_head_mean(pipe):
+    """The page's per-head rows (heads="all") of the query that produced token k average to what
+    ``Pipeline.trace`` reports with head-mean rows."""
+    from llava_next.explore.session import Question, Session
+
+    a = Session(pipe).ask(Question("sample:bunny", "What happens?", frames=4, max_new_tokens=3))
+    req = pipe.prepare("What happens?", video=a.path, frames=4, max_new_tokens=3)
+    res = pipe.trace(req, queries=["last", "generated"], max_new_tokens=3, compile_step=False)
+    assert res.generated == a.result.generated
+    for layer in (0, res.layers[-1]):
+        assert torch.allclose(a.weights(0, layer, -1), res.attention[layer]["last"], atol=1e-6)
+        assert a.rows[layer].shape == (3, pipe.config.text.num_heads, len(res.provenance))
+        assert not torch.allclose(a.weights(1, layer, 0), a.weights(1, layer, 1))  # heads differ
+
+
+def test_missing_gradio_names_the_extra(monkeypatch):
+    import sys
+
+    from llava_next.explore.server import require_gradio
+    from llava_next.explore.session import ExploreError
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio -> ImportError
+    with pytest.raises(ExploreError, match=r"pip install 'llava-next\[explore\]'"):
+        require_gradio()
+
+
+def test_another_host_is_warned_about(monkeypatch, capsys):
+    """--host other than 127.0.0.1 is served with a warning on stderr (serve itself replaced)."""
+    from llava_next.cli import main as cli
+    from llava_next.explore import server
+
+    seen = {}
+
+    class Fake:
+        url = "http://0.0.0.0:7860/"
+        blocks = type("B", (), {"block_thread": lambda self: None})()
+
+    monkeypatch.setattr(server, "serve", lambda session, **kw: seen.update(kw) or Fake())
+    assert cli.main(["explore", "--model", "tiny-random", "--host", "0.0.0.0", "--dtype", "fp32"]) == 0
+    assert seen["host"] == "0.0.0.0"
+    assert "warning: --host 0.0.0.0: the page is reachable from the network" in capsys.readouterr().err
+    assert server.is_local("127.0.0.1") and not server.is_local("0.0.0.0")
+
+
+def _cli_error(argv: list[str]) -> str:
+    """The message ``llava-next`` prints for a user error (after "llava-next CMD: error: ")."""
+    from llava_next.cli.main import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(argv) == 2
+    line = err.getvalue().strip().splitlines()[-1]
+    return line.split(": error: ", 1)[1]
+
+
+@pytest.fixture(scope="module")
+def served(pipe):
+    from llava_next.cli.explore import plan_picture
+    from llava_next.explore.server import serve
+    from llava_next.explore.session import Session
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    session = Session(pipe, max_new_tokens=6)
+    server = serve(session, port=port, plan_picture=plan_picture, block=False)
+    yield server.url, session
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("no chromium on PATH: the explore page's browser test needs Debian's chromium "
+                    "(apt-get install chromium; CI's .ci/run installs it)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (the test extra)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def _choose(page, elem: str, option: str) -> None:
+    """Pick ``option`` in a Gradio dropdown."""
+    page.click(f"#{elem} input")
+    page.locator("ul[role=listbox] li", has_text=option).first.click()
+
+
+def _src(page, elem: str) -> str:
+    return page.locator(f"#{elem} img").first.get_attribute("src") or ""
+
+
+def _bytes(page, src: str) -> bytes:
+    return page.request.get(src).body()
+
+
+def _ask(page, question: str) -> float:
+    """Ask; the seconds until the answer's heatmap or a new error shows (each ask of the walk ends differently
+    from the one before)."""
+    before = [_src(page, "heatmap") if page.locator("#heatmap img").count() else "", _error(page)]
+    t0 = time.perf_counter()
+    page.fill("#question textarea", question)
+    page.click("#ask")
+    page.wait_for_function("""([img0, err0]) => {
+        const img = document.querySelector('#heatmap img');
+        const err = document.querySelector('#error .prose');
+        const said = err ? err.innerText.trim() : '';
+        return (img && img.src && img.src !== img0) || (said.length > 0 && said !== err0);
+    }""", arg=before, timeout=60000)
+    return time.perf_counter() - t0
+
+
+def _set_slider(page, elem: str, value: int) -> float:
+    """Move a slider; the seconds until the heatmap's picture is replaced."""
+    before, t0 = _src(page, "heatmap"), time.perf_counter()
+    page.locator(f"#{elem} input[type=range]").fill(str(value))
+    page.wait_for_function("(b) => document.querySelector('#heatmap img').src !== b", arg=before, timeout=30000)
+    return time.perf_counter() - t0
+
+
+def _error(page) -> str:
+    """The error line's text (its Markdown, not Gradio's progress timer beside it)."""
+    return page.evaluate("() => (document.querySelector('#error .prose') || {innerText: ''}).innerText").strip()
+
+
+def test_explore_page_in_chromium(served, browser, tmp_path, capsys):
+    url, session = served
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page = browser.new_page(viewport={"width": 1500, "height": 1100})
+    page.goto(url)
+    page.wait_for_selector("#question textarea", timeout=30000)
+
+    # a sample, a question: the answer and a heatmap appear
+    _choose(page, "sample", "sample:bunny")
+    page.fill("#frames input", "8")
+    first = _ask(page, "What happens in the video?")
+    assert _error(page) == ""
+    assert page.input_value("#answer textarea").strip()
+    page.screenshot(path=str(SHOTS / "page.png"))
+    page.locator("#heatmap").screenshot(path=str(SHOTS / "heatmap.png"))
+    page.locator("#chart").screenshot(path=str(SHOTS / "layer_frame_chart.png"))
+    page.locator("#lens").screenshot(path=str(SHOTS / "logit_lens.png"))
+
+    # the layer slider and the head slider redraw from the cache: other bytes
+    old = _bytes(page, _src(page, "heatmap"))
+    moves = [_set_slider(page, "layer", 0), _set_slider(page, "head", 1), _set_slider(page, "layer", 1)]
+    assert _bytes(page, _src(page, "heatmap")) != old
+    assert "redrawn from the cache" in page.inner_text("#redraw")
+
+    # a frame: the positions it became, with their attention
+    answer = session.get(max(session._answers))
+    frame3 = answer.provenance.where(media=0, frame=3).tolist()
+    _choose(page, "part", "m0 frame 3")
+    page.wait_for_function("(p) => document.querySelector('#positions').innerText.split(/\\s+/).includes(p)",
+                           arg=str(frame3[0]), timeout=30000)
+    listed = page.inner_text("#positions").split()
+    assert all(str(p) in listed for p in frame3) and str(frame3[0] - 1) not in listed
+    page.locator("#positions").screenshot(path=str(SHOTS / "positions.png"))
+    page.click("text=token plan")
+    page.locator("#plan img").wait_for()
+    page.locator("#plan").screenshot(path=str(SHOTS / "plan.png"))
+
+    # export: the figure and its numbers
+    page.click("#export_json")
+    page.locator("#export_file a").first.wait_for(timeout=30000)
+    href = page.locator("#export_file a").first.get_attribute("href")
+    data = json.loads(_bytes(page, href if href.startswith("http") else url.rstrip("/") + "/" + href.lstrip("/")))
+    assert data["view"] == "heatmap" and data["layer"] == 1 and data["head"] == 1
+    assert len(data["weights"]) == len(data["positions"])
+
+    # a reduced request: the kept map
+    _choose(page, "reduce", "fastv")
+    _ask(page, "What happens in the video?")
+    page.locator("#kept img").wait_for(state="attached", timeout=30000)
+    page.locator("#kept").scroll_into_view_if_needed()
+    page.wait_for_timeout(300)
+    page.locator("#kept").screenshot(path=str(SHOTS / "kept_map.png"))
+    _choose(page, "reduce", "none")
+
+    # any file: the cat photo uploaded, AnyRes base and grid
+    cat = tmp_path / "cat.jpg"
+    shutil.copy(REPO / "llava_next" / "samples" / "chelsea.jpg", cat)
+    page.set_input_files("#upload input[type=file]", str(cat))
+    page.wait_for_timeout(500)
+    image_s = _ask(page, "What is in the picture?")
+    assert _error(page) == "" and page.input_value("#answer textarea").strip()
+    page.locator("#heatmap").screenshot(path=str(SHOTS / "anyres_heatmap.png"))
+
+    # bad input: the command line's message; the server keeps serving
+    _choose(page, "sample", "sample:bunny")  # (replaces the uploaded file)
+    _ask(page, "   ")
+    assert _error(page).startswith("error: no question given")
+    page.fill("#frames input", "100000")
+    _ask(page, "What happens?")
+    assert _error(page) == "error: " + _cli_error(["run", "--model", "tiny-random", "--dtype", "fp32", "--video",
+                                                   "sample:bunny", "--frames", "100000", "--max-new-tokens", "6",
+                                                   "What happens?"])
+    page.fill("#frames input", "8")
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a picture")
+    page.set_input_files("#upload input[type=file]", str(bad))
+    page.wait_for_timeout(500)
+    _ask(page, "What is this?")
+    said = _error(page)
+    assert "broken.jpg: not an image file PIL can read" in said
+    uploaded = said.removeprefix("error: ").split(": not an image")[0]
+    assert said == "error: " + _cli_error(["run", "--model", "tiny-random", "--image", uploaded, "What is this?"])
+    page.screenshot(path=str(SHOTS / "error.png"))
+
+    # ... and answers the next question
+    _choose(page, "sample", "sample:cat")
+    _ask(page, "What is in the picture?")
+    assert _error(page) == "" and page.input_value("#answer textarea").strip()
+    with capsys.disabled():
+        print(f"\n[explore timings, tiny-random, this machine] Ask -> first heatmap: video {first:.2f} s, "
+              f"image {image_s:.2f} s; slider moves: {', '.join(f'{m:.3f}' for m in moves)} s")
