@@ -26,6 +26,15 @@ REPO = Path(__file__).resolve().parents[1]
 SHOTS = REPO / "docs" / "explore"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _default_compile_policy():
+    """The page runs under the default compile policy ("auto"), not the suite's LLAVA_NEXT_COMPILE=1 (which
+    compiles the decode attention for every new shape: tens of seconds per question here)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLAVA_NEXT_COMPILE", "auto")
+        yield
+
+
 @pytest.fixture(scope="module")
 def pipe():
     from llava_next.runtime.pipeline import Pipeline
@@ -59,10 +68,11 @@ def test_missing_gradio_names_the_extra(monkeypatch):
         require_gradio()
 
 
-def test_another_host_is_warned_about(monkeypatch, capsys):
-    """--host other than 127.0.0.1 is served with a warning on stderr (serve itself replaced)."""
+def test_another_host_is_warned_about(pipe, monkeypatch, capsys):
+    """--host other than 127.0.0.1 is served with a warning on stderr (serve and loading replaced)."""
     from llava_next.cli import main as cli
     from llava_next.explore import server
+    from llava_next.runtime.pipeline import Pipeline
 
     seen = {}
 
@@ -71,6 +81,7 @@ def test_another_host_is_warned_about(monkeypatch, capsys):
         blocks = type("B", (), {"block_thread": lambda self: None})()
 
     monkeypatch.setattr(server, "serve", lambda session, **kw: seen.update(kw) or Fake())
+    monkeypatch.setattr(Pipeline, "from_pretrained", classmethod(lambda cls, *a, **kw: pipe))
     assert cli.main(["explore", "--model", "tiny-random", "--host", "0.0.0.0", "--dtype", "fp32"]) == 0
     assert seen["host"] == "0.0.0.0"
     assert "warning: --host 0.0.0.0: the page is reachable from the network" in capsys.readouterr().err
@@ -130,6 +141,15 @@ def _bytes(page, src: str) -> bytes:
     return page.request.get(src).body()
 
 
+def _heat(page) -> bytes:
+    """The heatmap's pixels below its two-line title (which names the layer and head: the picture itself must
+    change)."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(_bytes(page, _src(page, "heatmap")))).convert("RGB")
+    return img.crop((0, 60, img.width, img.height)).tobytes()
+
+
 def _ask(page, question: str) -> float:
     """Ask; the seconds until the answer's heatmap or a new error shows (each ask of the walk ends differently
     from the one before)."""
@@ -165,8 +185,18 @@ def test_explore_page_in_chromium(served, browser, tmp_path, capsys):
     page = browser.new_page(viewport={"width": 1500, "height": 1100})
     page.goto(url)
     page.wait_for_selector("#question textarea", timeout=30000)
+    first, moves = _walk_question_and_sliders(page)
+    _walk_positions_plan_export(page, url, session)
+    image_s = _walk_reduction_and_any_file(page, tmp_path)
+    _walk_bad_input(page, tmp_path)
+    with capsys.disabled():
+        print(f"\n[explore timings, tiny-random, this machine] Ask -> first heatmap: video {first:.2f} s, "
+              f"image {image_s:.2f} s; slider moves: {', '.join(f'{m:.3f}' for m in moves)} s")
 
-    # a sample, a question: the answer and a heatmap appear
+
+def _walk_question_and_sliders(page) -> tuple[float, list[float]]:
+    """A sample, a question: the answer and a heatmap appear; the layer and head sliders redraw from the cache
+    (other bytes). (seconds to the first heatmap, seconds per slider move)"""
     _choose(page, "sample", "sample:bunny")
     page.fill("#frames input", "8")
     first = _ask(page, "What happens in the video?")
@@ -176,14 +206,19 @@ def test_explore_page_in_chromium(served, browser, tmp_path, capsys):
     page.locator("#heatmap").screenshot(path=str(SHOTS / "heatmap.png"))
     page.locator("#chart").screenshot(path=str(SHOTS / "layer_frame_chart.png"))
     page.locator("#lens").screenshot(path=str(SHOTS / "logit_lens.png"))
-
-    # the layer slider and the head slider redraw from the cache: other bytes
-    old = _bytes(page, _src(page, "heatmap"))
-    moves = [_set_slider(page, "layer", 0), _set_slider(page, "head", 1), _set_slider(page, "layer", 1)]
-    assert _bytes(page, _src(page, "heatmap")) != old
+    pictures = [_heat(page)]
+    moves = []
+    for slider, value in (("layer", 0), ("head", 1), ("layer", 1)):
+        moves.append(_set_slider(page, slider, value))
+        pictures.append(_heat(page))
+    assert all(a != b for a, b in zip(pictures, pictures[1:])), "a slider move left the heatmap's pixels as they were"
     assert "redrawn from the cache" in page.inner_text("#redraw")
+    return first, moves
 
-    # a frame: the positions it became, with their attention
+
+def _walk_positions_plan_export(page, url: str, session) -> None:
+    """A frame: the positions it became (exactly frame 3's), with their attention; the token plan; the
+    heatmap's numbers exported as JSON at the slider's layer and head."""
     answer = session.get(max(session._answers))
     frame3 = answer.provenance.where(media=0, frame=3).tolist()
     _choose(page, "part", "m0 frame 3")
@@ -195,8 +230,6 @@ def test_explore_page_in_chromium(served, browser, tmp_path, capsys):
     page.click("text=token plan")
     page.locator("#plan img").wait_for()
     page.locator("#plan").screenshot(path=str(SHOTS / "plan.png"))
-
-    # export: the figure and its numbers
     page.click("#export_json")
     page.locator("#export_file a").first.wait_for(timeout=30000)
     href = page.locator("#export_file a").first.get_attribute("href")
@@ -204,7 +237,10 @@ def test_explore_page_in_chromium(served, browser, tmp_path, capsys):
     assert data["view"] == "heatmap" and data["layer"] == 1 and data["head"] == 1
     assert len(data["weights"]) == len(data["positions"])
 
-    # a reduced request: the kept map
+
+def _walk_reduction_and_any_file(page, tmp_path) -> float:
+    """FastV: the kept map; then any file (the cat photo uploaded): AnyRes base and grid. (seconds to its
+    heatmap)"""
     _choose(page, "reduce", "fastv")
     _ask(page, "What happens in the video?")
     page.locator("#kept img").wait_for(state="attached", timeout=30000)
@@ -212,17 +248,19 @@ def test_explore_page_in_chromium(served, browser, tmp_path, capsys):
     page.wait_for_timeout(300)
     page.locator("#kept").screenshot(path=str(SHOTS / "kept_map.png"))
     _choose(page, "reduce", "none")
-
-    # any file: the cat photo uploaded, AnyRes base and grid
     cat = tmp_path / "cat.jpg"
     shutil.copy(REPO / "llava_next" / "samples" / "chelsea.jpg", cat)
     page.set_input_files("#upload input[type=file]", str(cat))
     page.wait_for_timeout(500)
-    image_s = _ask(page, "What is in the picture?")
+    seconds = _ask(page, "What is in the picture?")
     assert _error(page) == "" and page.input_value("#answer textarea").strip()
     page.locator("#heatmap").screenshot(path=str(SHOTS / "anyres_heatmap.png"))
+    return seconds
 
-    # bad input: the command line's message; the server keeps serving
+
+def _walk_bad_input(page, tmp_path) -> None:
+    """An empty question, a huge frame count, an unreadable file: the command line's message each time; the
+    server keeps serving and answers the next question."""
     _choose(page, "sample", "sample:bunny")  # (replaces the uploaded file)
     _ask(page, "   ")
     assert _error(page).startswith("error: no question given")
@@ -242,11 +280,6 @@ def test_explore_page_in_chromium(served, browser, tmp_path, capsys):
     uploaded = said.removeprefix("error: ").split(": not an image")[0]
     assert said == "error: " + _cli_error(["run", "--model", "tiny-random", "--image", uploaded, "What is this?"])
     page.screenshot(path=str(SHOTS / "error.png"))
-
-    # ... and answers the next question
     _choose(page, "sample", "sample:cat")
     _ask(page, "What is in the picture?")
     assert _error(page) == "" and page.input_value("#answer textarea").strip()
-    with capsys.disabled():
-        print(f"\n[explore timings, tiny-random, this machine] Ask -> first heatmap: video {first:.2f} s, "
-              f"image {image_s:.2f} s; slider moves: {', '.join(f'{m:.3f}' for m in moves)} s")
