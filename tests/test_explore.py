@@ -57,6 +57,30 @@ def test_head_rows_average_to_the_traced_head_mean(pipe):
         assert not torch.allclose(a.weights(1, layer, 0), a.weights(1, layer, 1))  # heads differ
 
 
+def test_a_click_on_an_image_heatmap_finds_the_tokens_of_that_pixel(pipe):
+    """The heatmap of an image: a pixel of the base panel -> the base token whose source box holds it, of the
+    grid panel -> the grid token; the title -> nothing."""
+    from llava_next.explore import views
+    from llava_next.explore.session import Question, Session
+    from llava_next.research.plots import PAD
+
+    a = Session(pipe).ask(Question("sample:cat", "What is it?", max_new_tokens=1))
+    m = a.provenance.media_info[0]
+    H, W = m.source_hw
+    s = min(1.0, 480 / max(H, W))
+    top = PAD + 40
+    picture = views.heatmap(a, 0, 0, -1)
+    for panel, (px, py) in ((0, (W * 0.7, H * 0.2)), (1, (W * 0.3, H * 0.6))):
+        x, y = PAD + panel * (round(W * s) + PAD) + px * s, top + py * s
+        assert x < picture.width and y < picture.height
+        part, hit = views.at_pixel(a, x, y)
+        assert len(hit) == 1, (panel, hit)
+        box = a.provenance.box[hit[0]].tolist()
+        assert box[0] <= px < box[2] and box[1] <= py < box[3]
+        assert a.provenance.tile_of(hit[0]) == "base" if panel == 0 else a.provenance.tile_of(hit[0]) != "base"
+    assert views.at_pixel(a, 5, 5) == (None, [])
+
+
 def test_missing_gradio_names_the_extra(monkeypatch):
     import sys
 
@@ -227,6 +251,7 @@ def _walk_positions_plan_export(page, url: str, session) -> None:
     listed = page.inner_text("#positions").split()
     assert all(str(p) in listed for p in frame3) and str(frame3[0] - 1) not in listed
     page.locator("#positions").screenshot(path=str(SHOTS / "positions.png"))
+    _click_frame_cell(page, answer, frame=5)
     page.click("text=token plan")
     page.locator("#plan img").wait_for()
     page.locator("#plan").screenshot(path=str(SHOTS / "plan.png"))
@@ -236,6 +261,25 @@ def _walk_positions_plan_export(page, url: str, session) -> None:
     data = json.loads(_bytes(page, href if href.startswith("http") else url.rstrip("/") + "/" + href.lstrip("/")))
     assert data["view"] == "heatmap" and data["layer"] == 1 and data["head"] == 1
     assert len(data["weights"]) == len(data["positions"])
+
+
+def _click_frame_cell(page, answer, frame: int) -> None:
+    """A click on the first pooled cell of a frame in the heatmap lists that one position."""
+    from llava_next.explore.views import CAPTION, THUMB
+    from llava_next.research.plots import PAD
+
+    img = page.locator("#heatmap img").first
+    img.scroll_into_view_if_needed()
+    natural = page.evaluate("() => document.querySelector('#heatmap img').naturalWidth")
+    box = img.bounding_box()
+    scale = box["width"] / natural
+    x, y = PAD + frame * (THUMB + PAD) + 5, PAD + 40 + 5  # a few px into the frame's top-left cell
+    img.click(position={"x": x * scale, "y": y * scale})
+    want = answer.provenance.where(media=0, frame=frame, kind="video")[0].item()
+    page.wait_for_function("(p) => { const t = document.querySelector('#positions').innerText.split(/\\s+/);"
+                           " return t.includes(p) && !t.includes(String(Number(p) + 1)); }", arg=str(want),
+                           timeout=30000)
+    page.locator("#positions").screenshot(path=str(SHOTS / "clicked_cell.png"))
 
 
 def _walk_reduction_and_any_file(page, tmp_path) -> float:

@@ -137,6 +137,11 @@ class Page:
         for control in (c.token, c.head):
             control.input(self.redraw_all, at, [c.error, c.heatmap, c.positions, c.chart, c.redraw])
         c.part.input(self.positions, at, [c.error, c.positions])
+        def on_click(key, token, layer, head, evt):
+            return self.clicked(key, token, layer, head, evt)
+
+        on_click.__annotations__ = {"evt": gr.SelectData}  # Gradio passes the click's pixel by this annotation
+        c.heatmap.select(on_click, [c.key, c.token, c.layer, c.head], [c.error, c.part, c.positions])
         for fmt, button in zip(("png", "svg", "json"), c.export_buttons):
             button.click(lambda *a, fmt=fmt: self.export(fmt, *a), [c.view, *at], [c.error, c.export_file])
 
@@ -197,6 +202,21 @@ class Page:
             return "", views.positions(self.session.get(key), part, int(token or 0), int(layer), int(head))
         except Exception as e:  # noqa: BLE001
             return error_message(e), gr.skip()
+
+    def clicked(self, key, token, layer, head, evt=None):
+        """A click on the heatmap: the position(s) that pixel became (its frame chosen in the dropdown)."""
+        import gradio as gr
+
+        try:
+            a = self.session.get(key)
+            x, y = evt.index
+            part, hit = views.at_pixel(a, float(x), float(y))
+            if not hit:
+                return "", gr.skip(), gr.skip()
+            table = views.rows_of(a, hit, int(token or 0), int(layer), int(head))
+            return "", gr.Dropdown(value=part) if part else gr.skip(), table
+        except Exception as e:  # noqa: BLE001
+            return error_message(e), gr.skip(), gr.skip()
 
     def export(self, fmt, view, key, token, layer, head, part):
         import gradio as gr

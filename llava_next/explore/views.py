@@ -116,16 +116,56 @@ def positions(answer: Answer, part: str, token: int, layer: int, head: int) -> l
     else:
         r, c = rest.split()[1].split(",")
         idx = prov.where(media=m, tile=(int(r), int(c)))
+    return rows_of(answer, idx.tolist(), token, layer, head)
+
+
+def at_pixel(answer: Answer, x: float, y: float) -> tuple[str | None, list[int]]:
+    """A click on the heatmap (``heatmap``'s picture, first medium) at (x, y) -> (the part it is in, the
+    positions whose source it is): the pooled cell of a frame, or the base / grid token of an image whose box
+    holds that pixel of the original. (None, []) off the pictures. The layout is plots.py's: a two-line title,
+    then frames of ``THUMB`` px (``CAPTION`` below each) or the image's panels side by side."""
+    prov = answer.provenance
+    m = prov.media_info[0]
+    y -= plots.PAD + 2 * (15 + 5)  # plots._text_block: two lines of 15 px + 5 px gap
+    if m.kind == "video":
+        per_row = min(m.plan.num_frames, 8)
+        col, row = int((x - plots.PAD) // (THUMB + plots.PAD)), int(y // (THUMB + CAPTION))
+        fx, fy = (x - plots.PAD - col * (THUMB + plots.PAD)) / THUMB, (y - row * (THUMB + CAPTION)) / THUMB
+        f = row * per_row + col
+        if not (0 <= col < per_row and 0 <= f < m.plan.num_frames and 0 <= fx < 1 and 0 <= fy < 1):
+            return None, []
+        idx = prov.where(media=m.index, frame=f, kind="video")
+        h, w = m.plan.pooled_hw
+        cell_r, cell_c = int(fy / _covered(m) * h), int(fx / _covered(m) * w)
+        hit = idx[(prov.row[idx] == cell_r) & (prov.col[idx] == cell_c)]
+        return f"m{m.index} frame {f} ({m.timestamps[f]:.2f} s)", hit.tolist()
+    H, W = m.source_hw
+    scale = min(1.0, 480 / max(H, W)) if H and W else 1.0
+    panel = int((x - plots.PAD) // (round(W * scale) + plots.PAD)) if W else -1
+    px = (x - (panel + 1) * plots.PAD - panel * round(W * scale)) / scale
+    py = y / scale
+    if panel not in (0, 1) or not (0 <= px < W and 0 <= py < H):
+        return None, []
+    idx = prov.where(media=m.index, tile="base") if panel == 0 else prov.where(media=m.index, kind="image_grid")
+    b = prov.box[idx]
+    hit = idx[(b[:, 0] <= px) & (px < b[:, 2]) & (b[:, 1] <= py) & (py < b[:, 3])]
+    return f"m{m.index} base" if panel == 0 else None, hit.tolist()
+
+
+THUMB, CAPTION = 224, 38  # plots.frame_heatmaps' defaults
+
+
+def rows_of(answer: Answer, index: list[int], token: int, layer: int, head: int) -> list[list]:
+    """``positions``' table rows for chosen positions."""
     w = answer.weights(token, layer, head)
-    records = prov.to_records()
-    table = []
-    for p in idx.tolist():
-        rec = records[p]
-        value = float(w[p])
-        table.append([p, rec["kind"], rec["frame"], rec["time"], str(rec["tile"]), rec["row"], rec["col"],
-                      str([round(v, 1) for v in rec["box"]]) if rec["box"] else "",
-                      None if value != value else round(value, 6), _fate(prov, p)])
-    return table
+    records = answer.provenance.to_records()
+    return [_row(answer.provenance, records[p], p, float(w[p])) for p in index]
+
+
+def _row(prov, rec: dict, p: int, value: float) -> list:
+    return [p, rec["kind"], rec["frame"], rec["time"], str(rec["tile"]), rec["row"], rec["col"],
+            str([round(v, 1) for v in rec["box"]]) if rec["box"] else "",
+            None if value != value else round(value, 6), _fate(prov, p)]
 
 
 POSITION_COLUMNS = ["position", "kind", "frame", "time s", "tile", "row", "col", "box (x0,y0,x1,y1 px)",
