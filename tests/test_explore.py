@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import shutil
 import socket
@@ -73,7 +74,7 @@ def test_a_click_on_an_image_heatmap_finds_the_tokens_of_that_pixel(pipe):
     for panel, (px, py) in ((0, (W * 0.7, H * 0.2)), (1, (W * 0.3, H * 0.6))):
         x, y = PAD + panel * (round(W * s) + PAD) + px * s, top + py * s
         assert x < picture.width and y < picture.height
-        part, hit = views.at_pixel(a, x, y)
+        _part, hit = views.at_pixel(a, x, y)
         assert len(hit) == 1, (panel, hit)
         box = a.provenance.box[hit[0]].tolist()
         assert box[0] <= px < box[2] and box[1] <= py < box[3]
@@ -235,7 +236,7 @@ def _walk_question_and_sliders(page) -> tuple[float, list[float]]:
     for slider, value in (("layer", 0), ("head", 1), ("layer", 1)):
         moves.append(_set_slider(page, slider, value))
         pictures.append(_heat(page))
-    assert all(a != b for a, b in zip(pictures, pictures[1:])), "a slider move left the heatmap's pixels as they were"
+    assert all(a != b for a, b in itertools.pairwise(pictures)), "a slider move left the heatmap's pixels as they were"
     assert "redrawn from the cache" in page.inner_text("#redraw")
     return first, moves
 
@@ -265,7 +266,7 @@ def _walk_positions_plan_export(page, url: str, session) -> None:
 
 def _click_frame_cell(page, answer, frame: int) -> None:
     """A click on the first pooled cell of a frame in the heatmap lists that one position."""
-    from llava_next.explore.views import CAPTION, THUMB
+    from llava_next.explore.views import THUMB
     from llava_next.research.plots import PAD
 
     img = page.locator("#heatmap img").first
