@@ -462,6 +462,9 @@ def build_parser(json_errors: bool = False) -> argparse.ArgumentParser:
     from .data import add_data  # batch results -> training data (captions, preference pairs)
 
     add_data(sub, user_error=UserError)
+    from .explore import add_explore  # the interactive page (Gradio, the explore extra)
+
+    add_explore(sub, user_error=UserError)
     return parser
 
 

@@ -64,8 +64,11 @@ class TraceResult:
 def trace_request(pipe: Pipeline, request: Request, *, layers: Sequence[int] | None = None,
                   queries: Sequence[str] = ("last",), lens: Sequence[str] = ("question", "last", "generated"),
                   lens_top_k: int = 5, question: str | None = None, template: str | None = None,
-                  image_names: Sequence[str] = (), max_new_tokens: int = 0, **sampling) -> TraceResult:
+                  image_names: Sequence[str] = (), max_new_tokens: int = 0, heads: str = "mean",
+                  **sampling) -> TraceResult:
     """``request`` traced (see the module docstring). ``layers``: None = all, negative from the end;
+    ``heads``: "all" also keeps every head's row of each traced query (``query_rows``; H times the memory),
+    "mean" only their head average;
     ``question``: the question text the ``question`` selector finds (default: the prompt given to prepare);
     ``sampling``: ``temperature``, ``top_p``, ``seed``, ``compile_step`` of the generation, as ``Pipeline.stream``."""
     n_layers = len(pipe.model.language_model.layers)
@@ -95,7 +98,7 @@ def trace_request(pipe: Pipeline, request: Request, *, layers: Sequence[int] | N
                          or [torch.zeros(0, dtype=torch.long)]).unique()
     ids = torch.tensor([request.input_ids + generated])
     tr, tr_all = _traced_forward(pipe, request, prov, ids, video_feats, layers, groups, "all" in queries,
-                                 lens_pos, lens_top_k)
+                                 lens_pos, lens_top_k, heads)
     t2 = time.perf_counter()
     in_decoder = request.reduction is not None and request.reduction.in_decoder
     if in_decoder:
@@ -128,14 +131,15 @@ def _reduction(request: Request, prov: Provenance, n_layers: int, in_decoder: bo
 # ---- the research API: research.trace, its Trace's steps, attention statistics and logit lens ----------
 # (every use of research/trace.py's interface is below, so that a change there is made here once)
 def _traced_forward(pipe: Pipeline, request: Request, prov: Provenance, ids: torch.Tensor, video_feats: list,
-                    layers: list[int], groups: dict, want_all: bool, lens_pos: torch.Tensor, lens_top_k: int):
+                    layers: list[int], groups: dict, want_all: bool, lens_pos: torch.Tensor, lens_top_k: int,
+                    heads: str = "mean"):
     """One forward of ``ids`` (prompt + generated) under the traces: (the rows and lens trace, the all-query
     trace or None). A reduced model prunes at prefill and reads its pruned cache while decoding: both are
     replayed, one decoder call per generated token."""
     model, decoder = pipe.model, pipe.model.language_model
     reduction = request.reduction if request.reduction is not None and request.reduction.in_decoder else None
     row_queries = torch.cat(list(groups.values())).unique() if groups else None
-    attention = Attention(layers=layers, queries=row_queries, rows=True, heads="mean", decode=reduction is not None) \
+    attention = Attention(layers=layers, queries=row_queries, rows=True, heads=heads, decode=reduction is not None) \
         if row_queries is not None else None
     logit_lens = LogitLens(positions=lens_pos, top_k=lens_top_k, steps="all" if reduction else "prefill") \
         if len(lens_pos) else None
@@ -170,18 +174,20 @@ def _layer_attention(tr, tr_all, layer: int, groups: dict, queries: Sequence[str
     """Per query group the mean of its queries' head-mean rows at ``layer``, over all T positions."""
     per_group = {}
     if groups:
-        rows, where = _query_rows(tr, layer, T)
+        rows, where = query_rows(tr, layer, T)
         for g, pos in groups.items():
-            per_group[g] = rows[[where[int(p)] for p in pos]].mean(0)
+            mean = rows[[where[int(p)] for p in pos]].mean(0)
+            per_group[g] = mean if mean.dim() == 1 else mean.mean(0)  # per-head rows: their head mean
     if tr_all is not None:
         stats = tr_all.attention[layer]  # the mean of the rows of every query the layer has
         per_group["all"] = _pad(stats.key_mass[0].double() / len(stats.queries), T)
     return {g: per_group[g] for g in queries}
 
 
-def _query_rows(tr, layer: int, T: int) -> tuple[torch.Tensor, dict[int, int]]:
-    """Head-mean rows (|Q|, T) float64 of every traced query of a layer, from the prefill and (a reduced replay)
-    each decode step, and the row of each query position. NaN: a key this layer no longer had."""
+def query_rows(tr, layer: int, T: int) -> tuple[torch.Tensor, dict[int, int]]:
+    """Rows (|Q|, T) float64 of every traced query of a layer (traced with ``heads="all"``: (|Q|, H, T), one
+    per head), from the prefill and (a reduced replay) each decode step, and the row of each query position.
+    NaN: a key this layer no longer had. ``tr``: ``TraceResult.trace``."""
     rows, where = [], {}
     for step in tr.steps:
         stats = step.attention.get(layer)
@@ -189,7 +195,8 @@ def _query_rows(tr, layer: int, T: int) -> tuple[torch.Tensor, dict[int, int]]:
             continue
         for i, p in enumerate(stats.query_positions.tolist()):
             where[int(p)] = len(rows)
-            rows.append(_pad(stats.rows[0, i].double(), T))
+            rows.append(_pad(stats.rows[0, i].double(), T) if stats.rows.dim() == 3  # (B, |Q|, Tk): head mean
+                        else _pad(stats.rows[0, :, i].double(), T))  # (B, H, |Q|, Tk): per head
     return torch.stack(rows), where
 
 
@@ -206,5 +213,6 @@ def _logit_lens(tr, in_decoder: bool) -> dict[int, LensResult]:
 
 
 def _pad(w: torch.Tensor, T: int) -> torch.Tensor:
-    """Weights over the first n positions -> over T (0 for later positions: causally unseen)."""
-    return w if len(w) >= T else torch.cat([w, w.new_zeros(T - len(w))])
+    """Weights (..., n) over the first n positions -> over T (0 for later positions: causally unseen)."""
+    n = w.shape[-1]
+    return w if n >= T else torch.cat([w, w.new_zeros(*w.shape[:-1], T - n)], -1)
