@@ -214,7 +214,7 @@ def test_every_bundled_task_loads_and_is_listed():
     assert len([n for n in names if n.startswith("mvbench_")]) == 19
     for name in names:
         task = load_task(name)
-        assert task.name == name and task.answer in ("mc_generate", "yes_no") and task.parser in PARSERS
+        assert task.name == name and task.answer in ("mc_generate", "yes_no", "caption", "exact_match") and task.parser in PARSERS
 
 
 @pytest.mark.parametrize("name", BUNDLED)

@@ -3,7 +3,7 @@
     name: videomme-tiny
     data: videomme.jsonl            # JSON lines, relative to this file
     media_root: videos/             # media paths are relative to this (default: the data file's folder)
-    answer: mc_generate             # mc_generate | mc_loglikelihood | exact_match
+    answer: mc_generate             # mc_generate | mc_loglikelihood | exact_match | yes_no | caption
     parser: videomme                # mc_generate: videomme | mvbench (answers.py: lmms-eval's letter parsing)
     prompt: "Select the best answer ...\\n{question}\\n{options}\\nThe best answer is:"
     option_format: "{letter}. {option}"   # each option in {options}, one per line
@@ -15,13 +15,16 @@ What it follows: lmms-eval's task YAMLs (``lmms_eval/tasks/*/*.yaml``: ``dataset
 ``doc_to_text`` with a ``pre_prompt`` / ``post_prompt``, ``doc_to_target``, ``process_results``), with the
 Python hooks replaced by data: the prompt is a ``str.format`` template over the sample's fields (plus
 ``{options}``, the options written with ``option_format`` and joined by newlines, and ``{letters}``, "A, B,
-C"), the visual is a field holding a path, the target a field, and the judging one of three answer types:
+C"), the visual is a field holding a path, the target a field, and the judging one of these answer types:
 
 - ``mc_generate``: generate greedily, parse a letter (``parser``), correct when it is the gold letter;
 - ``mc_loglikelihood``: score each candidate (the options' texts, or with ``candidates: letters`` the
   letters) after the prompt (score.py, lm-eval's ``multiple_choice`` output type); the prediction is the
   highest by ``rank_by`` (``logprob``: lm-eval's acc; ``per_char``: its acc_norm; ``per_token``, ``per_byte``);
 - ``exact_match``: generate, compare with the gold answer(s) (``ignore_case``, ``ignore_punctuation``);
+- ``caption``: generate, keep the prediction and the reference captions (the ``answer`` field: one text or a
+  list); the summary carries the corpus metrics of captions.py (``caption_metrics``, ``caption_tokenizer``,
+  ``caption_bootstrap``): BLEU-1..4, METEOR, ROUGE-L, CIDEr as lmms-eval's COCO caption task computes them;
 - ``yes_no``: generate, read yes / no / other as lmms-eval's MME does (answers.yes_no), correct when it is the
   gold; ``score: mme`` adds MME's own score (answers.mme_scores) over the ``meta_fields`` category and question_id.
 
@@ -53,8 +56,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-AnswerType = Literal["mc_generate", "mc_loglikelihood", "exact_match", "yes_no"]
-ANSWER_TYPES = ("mc_generate", "mc_loglikelihood", "exact_match", "yes_no")
+from .captions import METRICS, TOKENIZERS
+
+AnswerType = Literal["mc_generate", "mc_loglikelihood", "exact_match", "yes_no", "caption"]
+ANSWER_TYPES = ("mc_generate", "mc_loglikelihood", "exact_match", "yes_no", "caption")
 RANKS = ("logprob", "per_token", "per_char", "per_byte")
 FIELDS = {"id": "id", "question": "question", "options": "options", "answer": "answer", "video": "video",
           "image": "image"}
@@ -93,6 +98,9 @@ class Task:
     prompt_without: dict = field(default_factory=dict)  # {field: template} where the field is empty (MMBench's hint)
     subtitles: dict | None = None  # {path: "subtitle/{videoID}.srt", frames: 32}: {subtitles} (Video-MME's)
     question_remove: list = field(default_factory=list)  # texts deleted from the stripped question (MME's)
+    caption_metrics: list = field(default_factory=lambda: list(METRICS))  # caption: which corpus metrics (captions.py)
+    caption_tokenizer: str = "ptb"  # caption: ptb (pycocoevalcap's, Java; lmms-eval's) | python (captions.py)
+    caption_bootstrap: int = 100  # caption: resamples for each corpus metric's 95% interval (0: none)
     score: str | None = None  # a benchmark's own score in the summary besides accuracy: "mme" (answers.mme_scores)
     source: Path | None = None  # the YAML file
 
@@ -182,10 +190,23 @@ def _check(task: Task, path: Path) -> None:
         raise TaskError(f"{path}: rank_by must be one of {', '.join(RANKS)}, got {task.rank_by!r}")
     if task.candidates not in ("options", "letters"):
         raise TaskError(f"{path}: candidates must be \"options\" or \"letters\", got {task.candidates!r}")
+    _check_caption(task, path)
     for key in ("frames", "max_new_tokens"):
         value = getattr(task, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise TaskError(f"{path}: {key} must be an integer >= 1, got {value!r}")
+
+
+def _check_caption(task: Task, path: Path) -> None:
+    metrics = task.caption_metrics
+    if not isinstance(metrics, list) or not metrics or not set(metrics) <= set(METRICS):
+        raise TaskError(f"{path}: caption_metrics must be a list of {', '.join(METRICS)}, got {metrics!r}")
+    if task.caption_tokenizer not in TOKENIZERS:
+        raise TaskError(f"{path}: caption_tokenizer must be one of {', '.join(TOKENIZERS)}, "
+                        f"got {task.caption_tokenizer!r}")
+    value = task.caption_bootstrap
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TaskError(f"{path}: caption_bootstrap must be an integer >= 0, got {value!r}")
 
 
 def read_samples(task: Task) -> list[Sample]:
@@ -282,7 +303,7 @@ def make_sample(task: Task, doc: dict, where: str) -> Sample:
     sample_id = str(doc[f["id"]]) if f["id"] in doc else where.rsplit(" ", 1)[-1]
     media = {kind: _paths(task, _media_value(task, doc, kind, where), where, kind) for kind in ("image", "video")}
     options, letters, gold = [], [], None
-    if task.answer not in ("exact_match", "yes_no"):
+    if task.answer not in ("exact_match", "yes_no", "caption"):
         if task.option_letters:  # the question holds "(A) ..." itself; the letters stand for the options
             options = list(task.option_letters)
         elif task.option_fields:
