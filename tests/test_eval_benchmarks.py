@@ -72,6 +72,9 @@ MLVU = {"video_name": "1_plotQA/bunny.mp4", "duration": 5.0, "task_type": "plotQ
         "question": "What does the rabbit do after waking up?\n(A) It eats.\n(B) It stretches.\n(C) It sleeps.\n"
                     "(D) It runs.", "answer": "B", "question_id": "plotQA_1"}
 
+ANQA = {"question_id": "v_JspVuT6rsLA_3", "video_name": "JspVuT6rsLA", "question": "what is the rabbit doing",
+        "answer": "stretching", "type": 0}
+
 SRT = ("1\n00:00:00,000 --> 00:00:01,000\n<font color=\"white\" size=\".72c\">The rabbit sleeps.</font>\n\n"
        "2\n00:00:01,000 --> 00:00:02,500\n<font color=\"white\" size=\".72c\">It wakes up</font>\nand yawns\n\n"
        "3\n00:00:03,000 --> 00:00:04,000\nno font tag here\n\n"
@@ -170,6 +173,11 @@ def fixtures(tmp_path_factory):
     shutil.copy(VIDEO, root / "mlvu" / "1_plotQA" / "bunny.mp4")
     out["mme"] = (_parquet(root / "mme" / "test.parquet", mme_rows()), root / "mme", mme_rows()[0])
     out["mmbench_en_dev"] = (_parquet(root / "mmb" / "dev.parquet", mmbench_rows()), root / "mmb", mmbench_rows()[0])
+    (root / "anqa" / "all_test").mkdir(parents=True)
+    shutil.copy(VIDEO, root / "anqa" / "all_test" / f"v_{ANQA['video_name']}.mp4")
+    shutil.copy(VIDEO, root / "anqa" / "all_test" / "v_other.mkv")  # the second template of the task's list
+    second = {**ANQA, "question_id": "v_other_0", "video_name": "other", "question": "is it a rabbit", "answer": "yes"}
+    out["activitynetqa"] = (_parquet(root / "anqa" / "test.parquet", [ANQA, second]), root / "anqa" / "all_test", ANQA)
     out["mlvu_dev"] = (_parquet(root / "mlvu" / "test-00000-of-00001.parquet", [MLVU, {**MLVU, "answer": "D"}]),
                        root / "mlvu", MLVU)
     return out
@@ -198,6 +206,9 @@ def lmms_prompt(name: str, doc: dict) -> str:
         scope = {"mmbench_evaluator": mmbench_evaluator(), "pd": __import__("pandas")}
         kwargs = {"pre_prompt": "", "post_prompt": "Answer with the option's letter from the given choices directly."}
         return official("mmbench", "mmbench_doc_to_text", "en_utils.py", scope)(doc, kwargs)
+    if name == "activitynetqa":
+        kwargs = {"pre_prompt": "", "post_prompt": " Answer the question using a single word or phrase."}
+        return official("activitynetqa", "activitynetqa_doc_to_text")(doc, kwargs)
     if name == "mlvu_dev":
         kwargs = {"pre_prompt": "", "post_prompt": "\nOnly give the best option.\nBest option: ("}
         return official("mlvu", "mlvu_doc_to_text")(doc, kwargs)
@@ -205,7 +216,7 @@ def lmms_prompt(name: str, doc: dict) -> str:
 
 
 BUNDLED = ["videomme", "mvbench_action_sequence", "nextqa_mc", "egoschema_subset", "longvideobench_val_v", "mlvu_dev",
-           "mme", "mmbench_en_dev", "videomme_w_subtitle"]
+           "mme", "mmbench_en_dev", "videomme_w_subtitle", "activitynetqa"]
 
 
 def test_every_bundled_task_loads_and_is_listed():
@@ -225,6 +236,11 @@ def test_prompts_gold_and_media_follow_lmms_eval(fixtures, name):
     if name == "mme":  # the image's bytes written to a file
         assert Path(sample.images[0]).read_bytes() == IMAGE.read_bytes() and sample.gold == ["No"]
         assert sample.meta == {"category": "code_reasoning", "question_id": "code_reasoning/chelsea.jpg"}
+        return
+    if name == "activitynetqa":  # judged by normalised exact match (the task file's stated divergence)
+        second = read_samples(load_task(name, data=data, media_root=media))[1]
+        assert sample.gold == ["stretching"] and second.videos[0].endswith("v_other.mkv")
+        assert Path(sample.videos[0]).name == "v_JspVuT6rsLA.mp4"
         return
     if name == "mmbench_en_dev":  # the second row has no hint: lmms-eval's other prompt
         second = read_samples(load_task(name, data=data, media_root=media))[1]
@@ -346,3 +362,14 @@ def test_llava_next_eval_runs_each_bundled_task(fixtures, name, tmp_path, monkey
     if name == "mme":
         assert set(summary["mme"]["categories"]) == {"existence", "code_reasoning"}
         assert summary["mme"]["incomplete_images"] == 0
+
+
+def test_activitynetqa_is_judged_by_normalised_exact_match():
+    """The stated divergence of activitynetqa.yaml: no GPT judge; lower case, punctuation removed, then equal."""
+    from llava_next.eval.answers import exact_match
+
+    task = load_task("activitynetqa")
+    judge = lambda pred, gold: exact_match(pred, [gold], ignore_case=task.ignore_case,  # noqa: E731
+                                           ignore_punctuation=task.ignore_punctuation)[1]
+    assert judge("Yes.", "yes") and judge(" Stretching! ", "stretching") and judge("3", "3")
+    assert not judge("The rabbit is stretching.", "stretching") and not judge("no", "yes")

@@ -89,7 +89,8 @@ class Task:
     template: str | None = None
     system: str | None = None
     split: str | None = None  # an HF DatasetDict folder: which split
-    video_path: str | None = None  # the video's path as a template over the record ("data/{videoID}.mp4")
+    video_path: str | list | None = None  # the video's path as a template over the record ("data/{videoID}.mp4");
+    # a list: the first template whose file exists (ActivityNet-QA's videos are .mp4, .webm or .mkv)
     image_path: str | None = None  # likewise for an image
     option_fields: list | None = None  # the options as several fields (["a0", "a1", ...]), instead of fields.options
     skip_options: list = field(default_factory=list)  # option texts that mean "no option" (LongVideoBench's "N/A")
@@ -98,6 +99,7 @@ class Task:
     prompt_without: dict = field(default_factory=dict)  # {field: template} where the field is empty (MMBench's hint)
     subtitles: dict | None = None  # {path: "subtitle/{videoID}.srt", frames: 32}: {subtitles} (Video-MME's)
     question_remove: list = field(default_factory=list)  # texts deleted from the stripped question (MME's)
+    question_capitalize: bool = False  # the question through str.capitalize (ActivityNet-QA's doc_to_text)
     caption_metrics: list = field(default_factory=lambda: list(METRICS))  # caption: which corpus metrics (captions.py)
     caption_tokenizer: str = "ptb"  # caption: ptb (pycocoevalcap's, Java; lmms-eval's) | python (captions.py)
     caption_bootstrap: int = 100  # caption: resamples for each corpus metric's 95% interval (0: none)
@@ -168,6 +170,12 @@ def load_task(path: str | Path, *, data: str | Path | None = None, media_root: s
 def _check(task: Task, path: Path) -> None:
     from .answers import PARSERS
 
+    for key in ("video_path", "image_path"):
+        value = getattr(task, key)
+        if value is not None and not (isinstance(value, str) or (isinstance(value, list) and value
+                                                                 and all(isinstance(v, str) for v in value))):
+            raise TaskError(f"{path}: {key} must be a template (\"data/{{videoID}}.mp4\") or a list of them, "
+                            f"got {value!r}")
     if task.option_fields is not None and (not isinstance(task.option_fields, list) or not task.option_fields
                                            or not all(isinstance(f, str) for f in task.option_fields)):
         raise TaskError(f"{path}: option_fields must be a list of field names, got {task.option_fields!r}")
@@ -191,6 +199,9 @@ def _check(task: Task, path: Path) -> None:
     if task.candidates not in ("options", "letters"):
         raise TaskError(f"{path}: candidates must be \"options\" or \"letters\", got {task.candidates!r}")
     _check_caption(task, path)
+    for key in ("question_capitalize", "ignore_case", "ignore_punctuation"):
+        if not isinstance(getattr(task, key), bool):
+            raise TaskError(f"{path}: {key} must be true or false, got {getattr(task, key)!r}")
     for key in ("frames", "max_new_tokens"):
         value = getattr(task, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -357,14 +368,16 @@ def _empty(value: Any) -> bool:
 
 def _question_edited(task: Task, doc: dict) -> dict:
     """The record with its question stripped and the task's ``question_remove`` texts deleted (MME's
-    ``mme_doc_to_text`` removes " Please answer yes or no." before adding its own instruction)."""
+    ``mme_doc_to_text`` removes " Please answer yes or no." before adding its own instruction), then, with
+    ``question_capitalize``, Python's ``str.capitalize`` (first letter upper case, the rest lower: ActivityNet-QA's
+    ``activitynetqa_doc_to_text``)."""
     key = task.fields["question"]
-    if not task.question_remove or not isinstance(doc.get(key), str):
+    if not (task.question_remove or task.question_capitalize) or not isinstance(doc.get(key), str):
         return doc
     question = doc[key].strip()
     for text in task.question_remove:
         question = question.replace(text, "")
-    return {**doc, key: question}
+    return {**doc, key: question.capitalize() if task.question_capitalize else question}
 
 
 def _media_value(task: Task, doc: dict, kind: str, where: str) -> Any:
@@ -374,9 +387,11 @@ def _media_value(task: Task, doc: dict, kind: str, where: str) -> Any:
         value = doc.get(task.fields[kind])
         return _bytes_file(value, where) if isinstance(value, dict) and "bytes" in value else value
     try:
-        return template.format(**doc)
+        paths = [t.format(**doc) for t in ([template] if isinstance(template, str) else template)]
     except (KeyError, IndexError) as e:
         raise TaskError(f"{where}: {kind}_path {template!r} uses {e} but the sample has no such field") from None
+    # several templates (ActivityNet-QA's .mp4 / .webm / .mkv): the first that exists, else the first
+    return next((p for p in paths if (task.media_root / p).exists()), paths[0])
 
 
 def _bytes_file(value: dict, where: str) -> str:
