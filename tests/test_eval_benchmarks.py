@@ -359,6 +359,9 @@ def test_llava_next_eval_runs_each_bundled_task(fixtures, name, tmp_path, monkey
     assert lines and all(line["status"] == "ok" and line["visual_tokens"] > 0 for line in lines), lines
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["complete"] and summary["answered"] == len(lines)
+    if name == "mlvu_dev":  # lmms-eval's score: the mean of the 7 categories (here one, plotQA, answered)
+        assert summary["mlvu"]["samples"]["plotQA"] == 2 and summary["mlvu"]["average"] == pytest.approx(
+            summary["mlvu"]["categories"]["plotQA"] / 7)
     if name == "mme":
         assert set(summary["mme"]["categories"]) == {"existence", "code_reasoning"}
         assert summary["mme"]["incomplete_images"] == 0
@@ -373,3 +376,19 @@ def test_activitynetqa_is_judged_by_normalised_exact_match():
                                            ignore_punctuation=task.ignore_punctuation)[1]
     assert judge("Yes.", "yes") and judge(" Stretching! ", "stretching") and judge("3", "3")
     assert not judge("The rabbit is stretching.", "stretching") and not judge("no", "yes")
+
+
+def test_mlvu_category_average_equals_lmms_evals():
+    """The summary's "mlvu": lmms-eval's mlvu_aggregate_results_dev (the mean of the 7 categories' accuracies)."""
+    from llava_next.eval.answers import MLVU_TASK_TYPES, mlvu_scores
+
+    aggregate = official("mlvu", "mlvu_aggregate_results_dev", scope={"eval_logger": _Quiet()})
+    rng = random.Random(1)
+    for types in (MLVU_TASK_TYPES, ("plotQA", "count", "needle")):  # all categories; a subset (the rest count 0)
+        rows = [(rng.choice(types), rng.random() < 0.4) for _ in range(60)]
+        theirs = aggregate([{"task_type": t, "pred_answer": "A" if ok else "B", "answer": "A"} for t, ok in rows])
+        ours = mlvu_scores(rows)
+        assert ours["average"] == pytest.approx(theirs)
+        assert ours["average_present"] == pytest.approx(sum(ours["categories"][t] for t in types) / len(types))
+    with pytest.raises(ValueError, match="not one of the dev set's"):
+        mlvu_scores([("plot", True)])

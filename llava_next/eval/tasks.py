@@ -103,7 +103,8 @@ class Task:
     caption_metrics: list = field(default_factory=lambda: list(METRICS))  # caption: which corpus metrics (captions.py)
     caption_tokenizer: str = "ptb"  # caption: ptb (pycocoevalcap's, Java; lmms-eval's) | python (captions.py)
     caption_bootstrap: int = 100  # caption: resamples for each corpus metric's 95% interval (0: none)
-    score: str | None = None  # a benchmark's own score in the summary besides accuracy: "mme" (answers.mme_scores)
+    score: str | None = None  # a benchmark's own score in the summary besides accuracy: "mme" (answers.mme_scores),
+    # "mlvu" (answers.mlvu_scores: the mean of the per-category accuracies)
     source: Path | None = None  # the YAML file
 
     def to_dict(self) -> dict:
@@ -189,9 +190,10 @@ def _check(task: Task, path: Path) -> None:
     if subtitles is not None and not (isinstance(subtitles, dict) and isinstance(subtitles.get("path"), str)):
         raise TaskError(f"{path}: subtitles must be a mapping with path (a template: \"subtitle/{{videoID}}.srt\") "
                         f"and frames, got {task.subtitles!r}")
-    if task.score not in (None, "mme") or (task.score == "mme" and not mme_meta):
-        raise TaskError(f"{path}: score must be \"mme\" (with meta_fields [category, question_id]) or left out, "
-                        f"got {task.score!r}")
+    if task.score not in (None, "mme", "mlvu") or (task.score == "mme" and not mme_meta) or \
+            (task.score == "mlvu" and "task_type" not in task.meta_fields):
+        raise TaskError(f"{path}: score must be \"mme\" (with meta_fields [category, question_id]), \"mlvu\" (with "
+                        f"meta_fields [task_type]) or left out, got {task.score!r}")
     if task.answer == "mc_generate" and task.parser not in PARSERS:
         raise TaskError(f"{path}: parser must be one of {', '.join(PARSERS)}, got {task.parser!r}")
     if task.rank_by not in RANKS:
