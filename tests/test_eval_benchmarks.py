@@ -359,6 +359,8 @@ def test_llava_next_eval_runs_each_bundled_task(fixtures, name, tmp_path, monkey
     assert lines and all(line["status"] == "ok" and line["visual_tokens"] > 0 for line in lines), lines
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["complete"] and summary["answered"] == len(lines)
+    if name == "mmbench_en_dev":  # two questions, no rotated copies in the fixture
+        assert summary["mmbench"]["questions"] == 2 and summary["mmbench"]["rows"] == 2
     if name == "mlvu_dev":  # lmms-eval's score: the mean of the 7 categories (here one, plotQA, answered)
         assert summary["mlvu"]["samples"]["plotQA"] == 2 and summary["mlvu"]["average"] == pytest.approx(
             summary["mlvu"]["categories"]["plotQA"] / 7)
@@ -392,3 +394,41 @@ def test_mlvu_category_average_equals_lmms_evals():
         assert ours["average_present"] == pytest.approx(sum(ours["categories"][t] for t in types) / len(types))
     with pytest.raises(ValueError, match="not one of the dev set's"):
         mlvu_scores([("plot", True)])
+
+
+def test_mmbench_circular_equals_lmms_evals_eval_result(monkeypatch):
+    """The summary's "mmbench": lmms-eval's MMBench_Evaluator.eval_result (eval_method "static", no API) on the
+    same predictions: a question is a hit only when it and its rotated copies (index + k * 1e6) are all right."""
+    import math
+    import sys
+    import types
+
+    import pandas as pd
+
+    from llava_next.eval.answers import mmbench_circular, mmbench_letter
+
+    module = types.ModuleType("mcq_extract")
+    module.extract_mcq_answer = mcq_extract()  # its static fallback's import, without lmms_eval.tasks' package
+    monkeypatch.setitem(sys.modules, "lmms_eval.tasks._task_utils.mcq_extract", module)
+    path = TASKS / "mmbench" / "mmbench_evals.py"
+    (node,) = [n for n in ast.parse(path.read_text()).body if isinstance(n, ast.ClassDef)]
+    scope = {"pd": pd, "string": string, "eval_logger": _Quiet(), "os": __import__("os"), "rd": random, "math": math}
+    exec(compile(ast.Module([node], []), str(path), "exec"), scope)
+    evaluator = scope["MMBench_Evaluator"](sys_prompt="There are several options:")
+    rng = random.Random(2)
+    options = ["A dog", "A cat", "A rabbit", "A bird"]
+    results, rows = [], []
+    for q in range(40):
+        category = rng.choice(["image_topic", "ocr", "counting"])
+        for k in range(rng.choice([1, 4])):  # a question alone, or with its 3 rotations
+            gold = "ABCD"[(q + k) % 4]
+            pred = rng.choice([gold] * 6 + ["A", "(B)", "C.", "It is a bird", "I do not know"])
+            results.append({"index": q + k * 1_000_000, "question": "What is it?", "answer": gold, "prediction": pred,
+                            "hint": "nan", "source": "x", "split": "dev", "category": category,
+                            "L2-category": "perception", **dict(zip("ABCD", options)), "E": "nan"})
+            rows.append((q + k * 1_000_000, category, mmbench_letter(pred, options) == gold))
+    overall, category_acc, _ = evaluator.eval_result(results, eval_method="static")
+    ours = mmbench_circular(rows)
+    assert ours["overall_acc"] == pytest.approx(overall) and ours["questions"] == 40
+    assert ours["category_acc"] == pytest.approx(category_acc)
+    assert ours["overall_acc"] < sum(ok for _, _, ok in rows) / len(rows)  # circular is stricter than single-pass

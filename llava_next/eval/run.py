@@ -47,7 +47,7 @@ from ..reduce.stages import Reduction
 from ..runtime.batch import Progress, ResultsFile, error_record, owner
 from ..runtime.files import check_media_file
 from ..runtime.pipeline import Pipeline, Request
-from .answers import exact_match, letter_correct, mlvu_scores, mme_scores, yes_no
+from .answers import exact_match, letter_correct, mlvu_scores, mmbench_circular, mme_scores, yes_no
 from .captions import caption_scores, check_available
 from .score import ScoreItem, candidate_score, prepare_item, score_requests
 from .tasks import Sample, Task, read_samples
@@ -274,6 +274,9 @@ def summarize(task: Task, samples: Sequence[Sample], lines: dict[str, dict], rec
     if task.score == "mme":
         summary["mme"] = mme_scores([(s.meta["category"], s.meta["question_id"], lines[s.id]["correct"])
                                      for s in samples if lines.get(s.id, {}).get("status") == "ok"])
+    if task.score == "mmbench_circular":
+        summary["mmbench"] = mmbench_circular([(s.meta["index"], s.meta["category"], lines[s.id]["correct"])
+                                               for s in samples if lines.get(s.id, {}).get("status") == "ok"])
     if task.score == "mlvu":
         summary["mlvu"] = mlvu_scores([(s.meta["task_type"], lines[s.id]["correct"]) for s in samples
                                        if lines.get(s.id, {}).get("status") == "ok"])

@@ -104,7 +104,7 @@ class Task:
     caption_tokenizer: str = "ptb"  # caption: ptb (pycocoevalcap's, Java; lmms-eval's) | python (captions.py)
     caption_bootstrap: int = 100  # caption: resamples for each corpus metric's 95% interval (0: none)
     score: str | None = None  # a benchmark's own score in the summary besides accuracy: "mme" (answers.mme_scores),
-    # "mlvu" (answers.mlvu_scores: the mean of the per-category accuracies)
+    # "mlvu" (answers.mlvu_scores: the mean of the per-category accuracies), "mmbench_circular" (answers.mmbench_circular)
     source: Path | None = None  # the YAML file
 
     def to_dict(self) -> dict:
@@ -185,15 +185,15 @@ def _check(task: Task, path: Path) -> None:
                                 or letters != list(string.ascii_uppercase[:len(letters)])):
         raise TaskError(f"{path}: option_letters must be the letters from A in order ([A, B, C, D]), "
                         f"got {task.option_letters!r}")
-    mme_meta = {"category", "question_id"} <= set(task.meta_fields)
     subtitles = task.subtitles
     if subtitles is not None and not (isinstance(subtitles, dict) and isinstance(subtitles.get("path"), str)):
         raise TaskError(f"{path}: subtitles must be a mapping with path (a template: \"subtitle/{{videoID}}.srt\") "
                         f"and frames, got {task.subtitles!r}")
-    if task.score not in (None, "mme", "mlvu") or (task.score == "mme" and not mme_meta) or \
-            (task.score == "mlvu" and "task_type" not in task.meta_fields):
+    needs = {"mme": {"category", "question_id"}, "mlvu": {"task_type"}, "mmbench_circular": {"index", "category"}}
+    if task.score is not None and not needs.get(task.score, {"-"}) <= set(task.meta_fields):
         raise TaskError(f"{path}: score must be \"mme\" (with meta_fields [category, question_id]), \"mlvu\" (with "
-                        f"meta_fields [task_type]) or left out, got {task.score!r}")
+                        f"meta_fields [task_type]), \"mmbench_circular\" (with meta_fields [index, category]) or "
+                        f"left out, got {task.score!r}")
     if task.answer == "mc_generate" and task.parser not in PARSERS:
         raise TaskError(f"{path}: parser must be one of {', '.join(PARSERS)}, got {task.parser!r}")
     if task.rank_by not in RANKS:
