@@ -12,6 +12,7 @@ import random
 import re
 import shutil
 import string
+import types
 import warnings
 from pathlib import Path
 
@@ -68,6 +69,11 @@ LVB = {"video_id": "86CxyhFV9MI", "video_path": "86CxyhFV9MI.mp4", "duration": 5
        "id": "86CxyhFV9MI_0", "question_category": "E2O", "subtitle_path": "86CxyhFV9MI_en.json",
        "starting_timestamp_for_subtitles": 0}
 
+LVB_SUBTITLES = [{"start": "00:00:00.200", "end": "00:00:01.500", "line": "The rabbit sleeps."},
+                 {"start": "00:00:02.100", "end": "00:00:02.600", "line": "It wakes up."},  # under 1 s: widened
+                 {"timestamp": [3.4, 3.6], "text": "It yawns."},  # widened to (3, 4): no frame inside, left out
+                 {"timestamp": [4.1, None], "text": "It stretches."}]  # no end: the video's duration
+
 MLVU = {"video_name": "1_plotQA/bunny.mp4", "duration": 5.0, "task_type": "plotQA",
         "question": "What does the rabbit do after waking up?\n(A) It eats.\n(B) It stretches.\n(C) It sleeps.\n"
                     "(D) It runs.", "answer": "B", "question_id": "plotQA_1"}
@@ -120,6 +126,43 @@ def videomme_subtitle_prompt():
 _FIXTURE_ROOT: list = []
 
 
+class _Frames:
+    """decord's VideoReader as lmms-eval's LongVideoBench load_video uses it: the rate (PyAV's) and the indices
+    asked for (the frames themselves are not compared: decord is not installed)."""
+    asked: list = []
+
+    def __init__(self, path, ctx=None, num_threads=1):
+        import av
+
+        with av.open(str(path)) as container:
+            self.fps = float(container.streams.video[0].average_rate)
+
+    def get_avg_fps(self):
+        return self.fps
+
+    def get_batch(self, indices):
+        _Frames.asked = list(indices)
+        return types.SimpleNamespace(asnumpy=lambda: np.zeros((len(indices), 4, 4, 3), np.uint8))
+
+
+def lvb_functions() -> dict:
+    """lmms-eval LongVideoBench's doc_to_text with insert_subtitles_into_frames and its helpers, and load_video
+    over the _Frames stand-in, reading the fixture's subtitles/ folder as its cache."""
+    import os
+
+    from PIL import Image
+
+    path = TASKS / "longvideobench" / "utils.py"
+    names = {"longvideobench_doc_to_text", "insert_subtitles_into_frames", "compute_frame_timestamps",
+             "timestamp_to_seconds", "load_video"}
+    nodes = [n for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef) and n.name in names]
+    subtitles = str(_FIXTURE_ROOT[0] / "lvb" / "subtitles")
+    scope = {"os": os, "json": json, "np": np, "Image": Image, "VideoReader": _Frames, "cpu": lambda i: None,
+             "torch": __import__("torch"), "_resolve_dataset_dir": lambda *a: (subtitles, {"max_num_frames": 16})}
+    exec(compile(ast.Module(nodes, []), str(path), "exec"), scope)
+    return scope
+
+
 def mmbench_evaluator():
     """lmms-eval's MMBench_Evaluator class (mmbench_evals.py), compiled alone, with the English sys_prompt."""
     import pandas as pd
@@ -169,6 +212,9 @@ def fixtures(tmp_path_factory):
     (root / "lvb" / "lvb_val.json").write_text(json.dumps([LVB]))
     shutil.copy(VIDEO, root / "lvb" / "videos" / LVB["video_path"])
     out["longvideobench_val_v"] = (root / "lvb" / "lvb_val.json", root / "lvb" / "videos", LVB)
+    (root / "lvb" / "subtitles").mkdir()
+    (root / "lvb" / "subtitles" / LVB["subtitle_path"]).write_text(json.dumps(LVB_SUBTITLES))
+    out["longvideobench_val_i"] = out["longvideobench_val_v"]
     (root / "mlvu" / "1_plotQA").mkdir(parents=True)
     shutil.copy(VIDEO, root / "mlvu" / "1_plotQA" / "bunny.mp4")
     out["mme"] = (_parquet(root / "mme" / "test.parquet", mme_rows()), root / "mme", mme_rows()[0])
@@ -195,6 +241,10 @@ def lmms_prompt(name: str, doc: dict) -> str:
     if name == "longvideobench_val_v":
         kwargs = {"pre_prompt": "", "post_prompt": "Answer with the option's letter from the given choices directly.\n"}
         return official("longvideobench", "longvideobench_doc_to_text")(doc, kwargs)
+    if name == "longvideobench_val_i":
+        kwargs = {"pre_prompt": "", "post_prompt": "Answer with the option's letter from the given choices directly.\n",
+                  "insert_interleave_subtitles": True}
+        return lvb_functions()["longvideobench_doc_to_text"](doc, kwargs)
     if name == "videomme_w_subtitle":
         return videomme_subtitle_prompt()(doc, {"frame_num": 32, "pre_prompt": "", "post_prompt": "\nAnswer the "
                                                 "question using a single word or phrase."})
@@ -216,7 +266,7 @@ def lmms_prompt(name: str, doc: dict) -> str:
 
 
 BUNDLED = ["videomme", "mvbench_action_sequence", "nextqa_mc", "egoschema_subset", "longvideobench_val_v", "mlvu_dev",
-           "mme", "mmbench_en_dev", "videomme_w_subtitle", "activitynetqa"]
+           "mme", "mmbench_en_dev", "videomme_w_subtitle", "activitynetqa", "longvideobench_val_i"]
 
 
 def test_every_bundled_task_loads_and_is_listed():
@@ -246,10 +296,18 @@ def test_prompts_gold_and_media_follow_lmms_eval(fixtures, name):
         second = read_samples(load_task(name, data=data, media_root=media))[1]
         assert second.prompt == lmms_prompt(name, mmbench_rows()[1]) and second.options == ["yes", "no"]
         assert Path(sample.images[0]).read_bytes() == IMAGE.read_bytes()
-    else:
+    elif name != "longvideobench_val_i":
         assert Path(sample.videos[0]).is_file()
+    if name == "longvideobench_val_i":  # the frames as images, at lmms-eval's indices
+        from PIL import Image
+
+        lvb_functions()["load_video"](str(VIDEO), doc["duration"], 16)
+        assert not sample.videos and len(sample.images) == len(_Frames.asked) == 5
+        assert [int(p.rsplit("-", 1)[1].split(".")[0]) for p in sample.images] == _Frames.asked
+        assert all(Image.open(p).size == (640, 360) for p in sample.images)
+        assert "It yawns." not in sample.prompt and sample.prompt.count("<image>") == 5
     gold = {"videomme": "A", "videomme_w_subtitle": "A", "mvbench_action_sequence": "B", "nextqa_mc": "C", "egoschema_subset": "D",
-            "longvideobench_val_v": "B", "mlvu_dev": "B", "mmbench_en_dev": "B"}[name]
+            "longvideobench_val_v": "B", "longvideobench_val_i": "B", "mlvu_dev": "B", "mmbench_en_dev": "B"}[name]
     assert sample.gold_letter == gold
 
 

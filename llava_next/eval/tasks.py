@@ -98,6 +98,8 @@ class Task:
     meta_fields: list = field(default_factory=list)  # fields kept on each sample for a benchmark's own score (MME)
     prompt_without: dict = field(default_factory=dict)  # {field: template} where the field is empty (MMBench's hint)
     subtitles: dict | None = None  # {path: "subtitle/{videoID}.srt", frames: 32}: {subtitles} (Video-MME's)
+    interleaved_subtitles: dict | None = None  # {path: "../subtitles/{subtitle_path}", frames: 16}: LongVideoBench's
+    # frames as images and {interleaved}, their "<image>" and the subtitle lines in time order (subtitles.py)
     question_remove: list = field(default_factory=list)  # texts deleted from the stripped question (MME's)
     question_capitalize: bool = False  # the question through str.capitalize (ActivityNet-QA's doc_to_text)
     caption_metrics: list = field(default_factory=lambda: list(METRICS))  # caption: which corpus metrics (captions.py)
@@ -185,10 +187,11 @@ def _check(task: Task, path: Path) -> None:
                                 or letters != list(string.ascii_uppercase[:len(letters)])):
         raise TaskError(f"{path}: option_letters must be the letters from A in order ([A, B, C, D]), "
                         f"got {task.option_letters!r}")
-    subtitles = task.subtitles
-    if subtitles is not None and not (isinstance(subtitles, dict) and isinstance(subtitles.get("path"), str)):
-        raise TaskError(f"{path}: subtitles must be a mapping with path (a template: \"subtitle/{{videoID}}.srt\") "
-                        f"and frames, got {task.subtitles!r}")
+    for key in ("subtitles", "interleaved_subtitles"):
+        spec = getattr(task, key)
+        if spec is not None and not (isinstance(spec, dict) and isinstance(spec.get("path"), str)):
+            raise TaskError(f"{path}: {key} must be a mapping with path (a template: \"subtitle/{{videoID}}.srt\") "
+                            f"and frames, got {spec!r}")
     needs = {"mme": {"category", "question_id"}, "mlvu": {"task_type"}, "mmbench_circular": {"index", "category"}}
     if task.score is not None and not needs.get(task.score, {"-"}) <= set(task.meta_fields):
         raise TaskError(f"{path}: score must be \"mme\" (with meta_fields [category, question_id]), \"mlvu\" (with "
@@ -338,6 +341,8 @@ def make_sample(task: Task, doc: dict, where: str) -> Sample:
         if not isinstance(gold, list) or not gold or not all(isinstance(a, str) for a in gold):
             raise TaskError(f"{where}: field \"{f['answer']}\" must be the answer text or a list of accepted texts")
     doc = _with_subtitles(task, _question_edited(task, doc), media["video"], where)
+    if task.interleaved_subtitles:
+        doc, media = _interleaved(task, doc, media, where)
     written = "\n".join(task.option_format.format(letter=l, option=o) for l, o in zip(letters, options))
     template = next((t for key, t in task.prompt_without.items() if _empty(doc.get(key))), task.prompt)
     try:
@@ -361,6 +366,28 @@ def _with_subtitles(task: Task, doc: dict, videos: list[str], where: str) -> dic
     except (KeyError, IndexError) as e:
         raise TaskError(f"{where}: subtitles path uses {e} but the sample has no such field") from None
     return {**doc, "subtitles": subtitle_text(Path(videos[0]), srt, int(task.subtitles.get("frames", 32)))}
+
+
+def _interleaved(task: Task, doc: dict, media: dict, where: str) -> tuple[dict, dict]:
+    """LongVideoBench's interleaved sample: the video's frames as image files, ``interleaved`` the prompt's prefix
+    (subtitles.py's ``lvb_*``, lmms-eval's ``longvideobench_doc_to_text`` / ``_doc_to_visual_i``)."""
+    from .subtitles import lvb_frame_files, lvb_frame_times, lvb_interleaved
+
+    spec = task.interleaved_subtitles
+    if not media["video"]:
+        raise TaskError(f"{where}: interleaved_subtitles need the sample's video, and it has none")
+    try:
+        path = task.media_root / spec["path"].format(**doc)
+        duration, offset = float(doc["duration"]), float(doc.get("starting_timestamp_for_subtitles") or 0)
+    except (KeyError, IndexError) as e:
+        raise TaskError(f"{where}: interleaved_subtitles need the field {e}, and the sample has none") from None
+    if not path.exists():
+        raise TaskError(f"{where}: subtitle file {path} does not exist (LongVideoBench's subtitles/ folder)")
+    frames = int(spec.get("frames", 16))
+    subtitles = json.loads(path.read_text(encoding="utf-8"))
+    prefix = lvb_interleaved(lvb_frame_times(duration, frames), subtitles, offset, duration)
+    images = lvb_frame_files(Path(media["video"][0]), duration, frames)
+    return {**doc, "interleaved": prefix}, {"image": images, "video": []}
 
 
 def _empty(value: Any) -> bool:
