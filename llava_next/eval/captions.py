@@ -14,14 +14,15 @@ Switches (the task file's keys, tasks.py):
 - ``caption_tokenizer``: ``ptb`` (default: lmms-eval's; needs ``java`` on PATH) or ``python``, this module's
   re-implementation of the PTB rules that matter for captions (lower case; quotes dropped; brackets as -lrb-,
   -rrb-, -lsb-, -rsb-, -lcb-, -rcb-, which pycocoevalcap keeps, since its punctuation list has them in upper
-  case; "n't", "'s", "'re", "'ve", "'ll", "'d", "'m" split off; single quotes around words dropped; "$" and "%" split off; commas, semicolons, colons,
-  "?", "!", "--", "..." and a word-final period split off and dropped, except in words that hold another period,
-  such as "u.s." and "p.m.", and in numbers such as "3.5" or "5:30"). A stated divergence: Stanford's abbreviation list
-  ("mr.", "dr.", ...) is not copied, so "Mr." loses its period here; tests/test_eval_captions.py checks both
-  agree on its sentences.
+  case; "n't", "'s", "'re", "'ve", "'ll", "'d", "'m" split off; single quotes around words dropped; "$" and
+  "%" split off; commas, semicolons, colons, "?", "!", "--", "..." and a word-final period split off and
+  dropped, except in words that hold another period, such as "u.s." and "p.m.", and in numbers such as "3.5"
+  or "5:30"). A stated divergence: Stanford's abbreviation list ("mr.", "dr.", ...) is not copied, so "Mr."
+  loses its period here; tests/test_eval_captions.py checks both agree on its sentences.
 - ``caption_metrics``: which of ``METRICS`` to compute (default all). METEOR runs pycocoevalcap's
-  ``meteor-1.5.jar`` (Java, 2 GB heap, a few seconds to load its paraphrase table). SPICE is not offered: it
-  needs Stanford CoreNLP models that pycocoevalcap downloads on first use, and lmms-eval has it commented out.
+  ``meteor-1.5.jar`` (Java, 2 GB heap, 10-35 s to load its paraphrase table on a busy 2-core machine). SPICE
+  is not offered: it needs Stanford CoreNLP models that pycocoevalcap downloads on first use, and lmms-eval has
+  it commented out.
 - ``caption_bootstrap``: resamples for the percentile 95% interval of each corpus metric (samples drawn with
   replacement, each metric recomputed on the resample, CIDEr's document frequencies included; 0: none). METEOR
   has no interval (one Java pass per resample).

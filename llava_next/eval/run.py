@@ -181,7 +181,8 @@ class Evaluator:
                 parsed, correct = exact_match(prediction, gold, ignore_case=t.ignore_case,
                                               ignore_punctuation=t.ignore_punctuation)
         return {"id": s.id, "status": "ok", "prompt": s.prompt, "prediction": prediction, "parsed": parsed,
-                "gold": gold, "correct": None if correct is None else bool(correct), "input_tokens": len(request.input_ids),
+                "gold": gold, "correct": None if correct is None else bool(correct),
+                "input_tokens": len(request.input_ids),
                 "visual_tokens": sum(request.image_token_counts) + sum(request.video_token_counts), **extra,
                 "timings": {"prepare_s": round(prep_s, 4), "model_s": round(model_s, 4),
                             "seconds": round(prep_s + model_s, 4)}}

@@ -106,7 +106,8 @@ class Task:
     caption_tokenizer: str = "ptb"  # caption: ptb (pycocoevalcap's, Java; lmms-eval's) | python (captions.py)
     caption_bootstrap: int = 100  # caption: resamples for each corpus metric's 95% interval (0: none)
     score: str | None = None  # a benchmark's own score in the summary besides accuracy: "mme" (answers.mme_scores),
-    # "mlvu" (answers.mlvu_scores: the mean of the per-category accuracies), "mmbench_circular" (answers.mmbench_circular)
+    # "mlvu" (answers.mlvu_scores: the mean of the per-category accuracies), "mmbench_circular"
+    # (answers.mmbench_circular)
     source: Path | None = None  # the YAML file
 
     def to_dict(self) -> dict:
