@@ -12,6 +12,7 @@ import random
 import re
 import shutil
 import string
+import types
 import warnings
 from pathlib import Path
 
@@ -68,9 +69,17 @@ LVB = {"video_id": "86CxyhFV9MI", "video_path": "86CxyhFV9MI.mp4", "duration": 5
        "id": "86CxyhFV9MI_0", "question_category": "E2O", "subtitle_path": "86CxyhFV9MI_en.json",
        "starting_timestamp_for_subtitles": 0}
 
+LVB_SUBTITLES = [{"start": "00:00:00.200", "end": "00:00:01.500", "line": "The rabbit sleeps."},
+                 {"start": "00:00:02.100", "end": "00:00:02.600", "line": "It wakes up."},  # under 1 s: widened
+                 {"timestamp": [3.4, 3.6], "text": "It yawns."},  # widened to (3, 4): no frame inside, left out
+                 {"timestamp": [4.1, None], "text": "It stretches."}]  # no end: the video's duration
+
 MLVU = {"video_name": "1_plotQA/bunny.mp4", "duration": 5.0, "task_type": "plotQA",
         "question": "What does the rabbit do after waking up?\n(A) It eats.\n(B) It stretches.\n(C) It sleeps.\n"
                     "(D) It runs.", "answer": "B", "question_id": "plotQA_1"}
+
+ANQA = {"question_id": "v_JspVuT6rsLA_3", "video_name": "JspVuT6rsLA", "question": "what is the rabbit doing",
+        "answer": "stretching", "type": 0}
 
 SRT = ("1\n00:00:00,000 --> 00:00:01,000\n<font color=\"white\" size=\".72c\">The rabbit sleeps.</font>\n\n"
        "2\n00:00:01,000 --> 00:00:02,500\n<font color=\"white\" size=\".72c\">It wakes up</font>\nand yawns\n\n"
@@ -115,6 +124,43 @@ def videomme_subtitle_prompt():
 
 
 _FIXTURE_ROOT: list = []
+
+
+class _Frames:
+    """decord's VideoReader as lmms-eval's LongVideoBench load_video uses it: the rate (PyAV's) and the indices
+    asked for (the frames themselves are not compared: decord is not installed)."""
+    asked: list = []
+
+    def __init__(self, path, ctx=None, num_threads=1):
+        import av
+
+        with av.open(str(path)) as container:
+            self.fps = float(container.streams.video[0].average_rate)
+
+    def get_avg_fps(self):
+        return self.fps
+
+    def get_batch(self, indices):
+        _Frames.asked = list(indices)
+        return types.SimpleNamespace(asnumpy=lambda: np.zeros((len(indices), 4, 4, 3), np.uint8))
+
+
+def lvb_functions() -> dict:
+    """lmms-eval LongVideoBench's doc_to_text with insert_subtitles_into_frames and its helpers, and load_video
+    over the _Frames stand-in, reading the fixture's subtitles/ folder as its cache."""
+    import os
+
+    from PIL import Image
+
+    path = TASKS / "longvideobench" / "utils.py"
+    names = {"longvideobench_doc_to_text", "insert_subtitles_into_frames", "compute_frame_timestamps",
+             "timestamp_to_seconds", "load_video"}
+    nodes = [n for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef) and n.name in names]
+    subtitles = str(_FIXTURE_ROOT[0] / "lvb" / "subtitles")
+    scope = {"os": os, "json": json, "np": np, "Image": Image, "VideoReader": _Frames, "cpu": lambda i: None,
+             "torch": __import__("torch"), "_resolve_dataset_dir": lambda *a: (subtitles, {"max_num_frames": 16})}
+    exec(compile(ast.Module(nodes, []), str(path), "exec"), scope)
+    return scope
 
 
 def mmbench_evaluator():
@@ -166,10 +212,18 @@ def fixtures(tmp_path_factory):
     (root / "lvb" / "lvb_val.json").write_text(json.dumps([LVB]))
     shutil.copy(VIDEO, root / "lvb" / "videos" / LVB["video_path"])
     out["longvideobench_val_v"] = (root / "lvb" / "lvb_val.json", root / "lvb" / "videos", LVB)
+    (root / "lvb" / "subtitles").mkdir()
+    (root / "lvb" / "subtitles" / LVB["subtitle_path"]).write_text(json.dumps(LVB_SUBTITLES))
+    out["longvideobench_val_i"] = out["longvideobench_val_v"]
     (root / "mlvu" / "1_plotQA").mkdir(parents=True)
     shutil.copy(VIDEO, root / "mlvu" / "1_plotQA" / "bunny.mp4")
     out["mme"] = (_parquet(root / "mme" / "test.parquet", mme_rows()), root / "mme", mme_rows()[0])
     out["mmbench_en_dev"] = (_parquet(root / "mmb" / "dev.parquet", mmbench_rows()), root / "mmb", mmbench_rows()[0])
+    (root / "anqa" / "all_test").mkdir(parents=True)
+    shutil.copy(VIDEO, root / "anqa" / "all_test" / f"v_{ANQA['video_name']}.mp4")
+    shutil.copy(VIDEO, root / "anqa" / "all_test" / "v_other.mkv")  # the second template of the task's list
+    second = {**ANQA, "question_id": "v_other_0", "video_name": "other", "question": "is it a rabbit", "answer": "yes"}
+    out["activitynetqa"] = (_parquet(root / "anqa" / "test.parquet", [ANQA, second]), root / "anqa" / "all_test", ANQA)
     out["mlvu_dev"] = (_parquet(root / "mlvu" / "test-00000-of-00001.parquet", [MLVU, {**MLVU, "answer": "D"}]),
                        root / "mlvu", MLVU)
     return out
@@ -187,6 +241,10 @@ def lmms_prompt(name: str, doc: dict) -> str:
     if name == "longvideobench_val_v":
         kwargs = {"pre_prompt": "", "post_prompt": "Answer with the option's letter from the given choices directly.\n"}
         return official("longvideobench", "longvideobench_doc_to_text")(doc, kwargs)
+    if name == "longvideobench_val_i":
+        kwargs = {"pre_prompt": "", "post_prompt": "Answer with the option's letter from the given choices directly.\n",
+                  "insert_interleave_subtitles": True}
+        return lvb_functions()["longvideobench_doc_to_text"](doc, kwargs)
     if name == "videomme_w_subtitle":
         return videomme_subtitle_prompt()(doc, {"frame_num": 32, "pre_prompt": "", "post_prompt": "\nAnswer the "
                                                 "question using a single word or phrase."})
@@ -198,6 +256,9 @@ def lmms_prompt(name: str, doc: dict) -> str:
         scope = {"mmbench_evaluator": mmbench_evaluator(), "pd": __import__("pandas")}
         kwargs = {"pre_prompt": "", "post_prompt": "Answer with the option's letter from the given choices directly."}
         return official("mmbench", "mmbench_doc_to_text", "en_utils.py", scope)(doc, kwargs)
+    if name == "activitynetqa":
+        kwargs = {"pre_prompt": "", "post_prompt": " Answer the question using a single word or phrase."}
+        return official("activitynetqa", "activitynetqa_doc_to_text")(doc, kwargs)
     if name == "mlvu_dev":
         kwargs = {"pre_prompt": "", "post_prompt": "\nOnly give the best option.\nBest option: ("}
         return official("mlvu", "mlvu_doc_to_text")(doc, kwargs)
@@ -205,7 +266,7 @@ def lmms_prompt(name: str, doc: dict) -> str:
 
 
 BUNDLED = ["videomme", "mvbench_action_sequence", "nextqa_mc", "egoschema_subset", "longvideobench_val_v", "mlvu_dev",
-           "mme", "mmbench_en_dev", "videomme_w_subtitle"]
+           "mme", "mmbench_en_dev", "videomme_w_subtitle", "activitynetqa", "longvideobench_val_i"]
 
 
 def test_every_bundled_task_loads_and_is_listed():
@@ -214,7 +275,7 @@ def test_every_bundled_task_loads_and_is_listed():
     assert len([n for n in names if n.startswith("mvbench_")]) == 19
     for name in names:
         task = load_task(name)
-        assert task.name == name and task.answer in ("mc_generate", "yes_no") and task.parser in PARSERS
+        assert task.name == name and task.answer in ("mc_generate", "yes_no", "caption", "exact_match") and task.parser in PARSERS
 
 
 @pytest.mark.parametrize("name", BUNDLED)
@@ -226,14 +287,27 @@ def test_prompts_gold_and_media_follow_lmms_eval(fixtures, name):
         assert Path(sample.images[0]).read_bytes() == IMAGE.read_bytes() and sample.gold == ["No"]
         assert sample.meta == {"category": "code_reasoning", "question_id": "code_reasoning/chelsea.jpg"}
         return
+    if name == "activitynetqa":  # judged by normalised exact match (the task file's stated divergence)
+        second = read_samples(load_task(name, data=data, media_root=media))[1]
+        assert sample.gold == ["stretching"] and second.videos[0].endswith("v_other.mkv")
+        assert Path(sample.videos[0]).name == "v_JspVuT6rsLA.mp4"
+        return
     if name == "mmbench_en_dev":  # the second row has no hint: lmms-eval's other prompt
         second = read_samples(load_task(name, data=data, media_root=media))[1]
         assert second.prompt == lmms_prompt(name, mmbench_rows()[1]) and second.options == ["yes", "no"]
         assert Path(sample.images[0]).read_bytes() == IMAGE.read_bytes()
-    else:
+    elif name != "longvideobench_val_i":
         assert Path(sample.videos[0]).is_file()
+    if name == "longvideobench_val_i":  # the frames as images, at lmms-eval's indices
+        from PIL import Image
+
+        lvb_functions()["load_video"](str(VIDEO), doc["duration"], 16)
+        assert not sample.videos and len(sample.images) == len(_Frames.asked) == 5
+        assert [int(p.rsplit("-", 1)[1].split(".")[0]) for p in sample.images] == _Frames.asked
+        assert all(Image.open(p).size == (640, 360) for p in sample.images)
+        assert "It yawns." not in sample.prompt and sample.prompt.count("<image>") == 5
     gold = {"videomme": "A", "videomme_w_subtitle": "A", "mvbench_action_sequence": "B", "nextqa_mc": "C", "egoschema_subset": "D",
-            "longvideobench_val_v": "B", "mlvu_dev": "B", "mmbench_en_dev": "B"}[name]
+            "longvideobench_val_v": "B", "longvideobench_val_i": "B", "mlvu_dev": "B", "mmbench_en_dev": "B"}[name]
     assert sample.gold_letter == gold
 
 
@@ -343,6 +417,76 @@ def test_llava_next_eval_runs_each_bundled_task(fixtures, name, tmp_path, monkey
     assert lines and all(line["status"] == "ok" and line["visual_tokens"] > 0 for line in lines), lines
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["complete"] and summary["answered"] == len(lines)
+    if name == "mmbench_en_dev":  # two questions, no rotated copies in the fixture
+        assert summary["mmbench"]["questions"] == 2 and summary["mmbench"]["rows"] == 2
+    if name == "mlvu_dev":  # lmms-eval's score: the mean of the 7 categories (here one, plotQA, answered)
+        assert summary["mlvu"]["samples"]["plotQA"] == 2 and summary["mlvu"]["average"] == pytest.approx(
+            summary["mlvu"]["categories"]["plotQA"] / 7)
     if name == "mme":
         assert set(summary["mme"]["categories"]) == {"existence", "code_reasoning"}
         assert summary["mme"]["incomplete_images"] == 0
+
+
+def test_activitynetqa_is_judged_by_normalised_exact_match():
+    """The stated divergence of activitynetqa.yaml: no GPT judge; lower case, punctuation removed, then equal."""
+    from llava_next.eval.answers import exact_match
+
+    task = load_task("activitynetqa")
+    judge = lambda pred, gold: exact_match(pred, [gold], ignore_case=task.ignore_case,  # noqa: E731
+                                           ignore_punctuation=task.ignore_punctuation)[1]
+    assert judge("Yes.", "yes") and judge(" Stretching! ", "stretching") and judge("3", "3")
+    assert not judge("The rabbit is stretching.", "stretching") and not judge("no", "yes")
+
+
+def test_mlvu_category_average_equals_lmms_evals():
+    """The summary's "mlvu": lmms-eval's mlvu_aggregate_results_dev (the mean of the 7 categories' accuracies)."""
+    from llava_next.eval.answers import MLVU_TASK_TYPES, mlvu_scores
+
+    aggregate = official("mlvu", "mlvu_aggregate_results_dev", scope={"eval_logger": _Quiet()})
+    rng = random.Random(1)
+    for types in (MLVU_TASK_TYPES, ("plotQA", "count", "needle")):  # all categories; a subset (the rest count 0)
+        rows = [(rng.choice(types), rng.random() < 0.4) for _ in range(60)]
+        theirs = aggregate([{"task_type": t, "pred_answer": "A" if ok else "B", "answer": "A"} for t, ok in rows])
+        ours = mlvu_scores(rows)
+        assert ours["average"] == pytest.approx(theirs)
+        assert ours["average_present"] == pytest.approx(sum(ours["categories"][t] for t in types) / len(types))
+    with pytest.raises(ValueError, match="not one of the dev set's"):
+        mlvu_scores([("plot", True)])
+
+
+def test_mmbench_circular_equals_lmms_evals_eval_result(monkeypatch):
+    """The summary's "mmbench": lmms-eval's MMBench_Evaluator.eval_result (eval_method "static", no API) on the
+    same predictions: a question is a hit only when it and its rotated copies (index + k * 1e6) are all right."""
+    import math
+    import sys
+    import types
+
+    import pandas as pd
+
+    from llava_next.eval.answers import mmbench_circular, mmbench_letter
+
+    module = types.ModuleType("mcq_extract")
+    module.extract_mcq_answer = mcq_extract()  # its static fallback's import, without lmms_eval.tasks' package
+    monkeypatch.setitem(sys.modules, "lmms_eval.tasks._task_utils.mcq_extract", module)
+    path = TASKS / "mmbench" / "mmbench_evals.py"
+    (node,) = [n for n in ast.parse(path.read_text()).body if isinstance(n, ast.ClassDef)]
+    scope = {"pd": pd, "string": string, "eval_logger": _Quiet(), "os": __import__("os"), "rd": random, "math": math}
+    exec(compile(ast.Module([node], []), str(path), "exec"), scope)
+    evaluator = scope["MMBench_Evaluator"](sys_prompt="There are several options:")
+    rng = random.Random(2)
+    options = ["A dog", "A cat", "A rabbit", "A bird"]
+    results, rows = [], []
+    for q in range(40):
+        category = rng.choice(["image_topic", "ocr", "counting"])
+        for k in range(rng.choice([1, 4])):  # a question alone, or with its 3 rotations
+            gold = "ABCD"[(q + k) % 4]
+            pred = rng.choice([gold] * 6 + ["A", "(B)", "C.", "It is a bird", "I do not know"])
+            results.append({"index": q + k * 1_000_000, "question": "What is it?", "answer": gold, "prediction": pred,
+                            "hint": "nan", "source": "x", "split": "dev", "category": category,
+                            "L2-category": "perception", **dict(zip("ABCD", options)), "E": "nan"})
+            rows.append((q + k * 1_000_000, category, mmbench_letter(pred, options) == gold))
+    overall, category_acc, _ = evaluator.eval_result(results, eval_method="static")
+    ours = mmbench_circular(rows)
+    assert ours["overall_acc"] == pytest.approx(overall) and ours["questions"] == 40
+    assert ours["category_acc"] == pytest.approx(category_acc)
+    assert ours["overall_acc"] < sum(ok for _, _, ok in rows) / len(rows)  # circular is stricter than single-pass

@@ -169,6 +169,7 @@ def _eval(args: argparse.Namespace, user_error) -> int:
                        reduction=reduction, max_image_pixels=args.max_image_pixels, sampling=options.sampling(args),
                        rope_scale=args.rope_scale, rank=env.rank, world_size=env.world_size)
     summary = run_eval(load, task, args.out, record=record, options=opts, progress=None if args.quiet else sys.stderr)
-    print(json.dumps({k: summary[k] for k in ("task", "accuracy", "accuracy_ci95", "answered", "errors",
-                                              "visual_tokens_per_sample", "seconds_per_sample")}))
+    keys = ("task", "accuracy", "accuracy_ci95", "caption", "answered", "errors", "visual_tokens_per_sample",
+            "seconds_per_sample")
+    print(json.dumps({k: summary[k] for k in keys if k in summary}))
     return 0

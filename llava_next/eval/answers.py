@@ -39,8 +39,11 @@ MVBench tasks, and exact match.
   whitespace; exactly one of A-E standing alone (not an "A" that may be a quantifier in more than 3 words),
   else exactly one of them wrapped as "A.", "A,", "A:", "A)", "A).", "(A)", "(A).", ":A", ":A,", ":A.", ":A)",
   ":A)."; else the one option (A-D) whose text the answer contains (lower case). Where it finds none lmms-eval
-  asks GPT to match the answer to an option; here the answer is "" (unparsed, wrong). Circular evaluation (the
-  question asked again with its options rotated) is not done: the score is the single-pass accuracy.
+  asks GPT to match the answer to an option; here the answer is "" (unparsed, wrong). ``mmbench_circular`` is
+  its circular evaluation (``eval_result``): a question counts only if it and each of its rotated copies (rows
+  of the data with index + k * 1e6) are answered right.
+- ``mlvu_scores`` is lmms-eval MLVU's ``mlvu_aggregate_results_dev``: the accuracy of each of the 7 dev
+  ``task_type`` categories and their mean (the number MLVU reports, not the mean over samples).
 - ``exact_match``: lm-evaluation-harness's ``exact_match`` metric with its ``ignore_case`` and
   ``ignore_punctuation`` options (both off by default there; here the task YAML sets them), after stripping
   surrounding whitespace.
@@ -310,6 +313,49 @@ def mme_scores(rows: Sequence[tuple[str, str, bool]]) -> dict:
     return {"perception": sum(v for k, v in categories.items() if k in MME_PERCEPTION),
             "cognition": sum(v for k, v in categories.items() if k not in MME_PERCEPTION),
             "categories": categories, "incomplete_images": incomplete}
+
+
+CIRCULAR = 1_000_000  # MMBench: a question's rotated copies have index + k * 1e6 (in the data file itself)
+
+
+def mmbench_circular(rows: Sequence[tuple[int, str, bool]]) -> dict:
+    """lmms-eval MMBench's ``eval_result`` (circular evaluation) over (index, category, correct) rows: a question
+    (index below 1e6) is a hit when every row with its index modulo 1e6 (itself and its rotated copies) is right;
+    ``overall`` is the hit rate x100 (the score lmms-eval reports), ``category_acc`` each category's hit rate.
+    An unparsed answer is wrong (lmms-eval asks GPT there; with ``eval_method="static"`` it tries
+    ``extract_mcq_answer`` first); a question whose main row is not answered (a ``--limit`` run) is left out."""
+    groups: dict[int, list[bool]] = {}
+    for index, _, correct in rows:
+        groups.setdefault(int(index) % CIRCULAR, []).append(bool(correct))
+    main = {int(index): category for index, category, _ in rows if int(index) < CIRCULAR}
+    hits = {index: all(groups[index]) for index in main}
+    by_category: dict[str, list[bool]] = {}
+    for index, category in main.items():
+        by_category.setdefault(category, []).append(hits[index])
+    overall = sum(hits.values()) / len(hits) if hits else None
+    return {"overall": None if overall is None else 100.0 * overall, "overall_acc": overall,
+            "category_acc": {c: sum(v) / len(v) for c, v in sorted(by_category.items())}, "questions": len(hits),
+            "rows": len(rows)}
+
+
+MLVU_TASK_TYPES = ("anomaly_reco", "count", "ego", "needle", "order", "plotQA", "topic_reasoning")
+
+
+def mlvu_scores(rows: Sequence[tuple[str, bool]]) -> dict:
+    """lmms-eval's ``mlvu_aggregate_results_dev`` over (task_type, correct) rows: each dev category's accuracy
+    (x100, 0 for a category with no sample) and ``average``, their sum over the 7 categories (lmms-eval divides by
+    7 even on a subset); ``average_present``: the mean over the categories that have samples."""
+    counts = {t: [0, 0] for t in MLVU_TASK_TYPES}
+    for task_type, correct in rows:
+        if task_type not in counts:
+            raise ValueError(f"MLVU task_type {task_type!r} is not one of the dev set's {', '.join(MLVU_TASK_TYPES)}")
+        counts[task_type][0] += int(correct)
+        counts[task_type][1] += 1
+    categories = {t: 100.0 * right / seen if seen else 0.0 for t, (right, seen) in counts.items()}
+    present = [categories[t] for t, (_, seen) in counts.items() if seen]
+    return {"categories": categories, "average": sum(categories.values()) / len(MLVU_TASK_TYPES),
+            "average_present": sum(present) / len(present) if present else None,
+            "samples": {t: seen for t, (_, seen) in counts.items()}}
 
 
 def normalize(text: str, *, ignore_case: bool, ignore_punctuation: bool) -> str:

@@ -22,6 +22,10 @@ samples of the data file (lmms-eval's ``--limit``), so a rerun with a larger lim
 Every rank writes the summary of what the file holds when it finishes (``complete``: every sample of the run
 has a line), so the last rank to finish writes the whole result.
 
+A caption task (``answer: caption``) has no per-sample correctness (``correct`` is null): its summary's
+``caption`` holds the corpus metrics over the ok lines' predictions and references (captions.py: BLEU-1..4,
+METEOR, ROUGE-L, CIDEr, each with a bootstrap interval but METEOR), ``accuracy`` is null.
+
 Accuracy is over the samples with an ok line (error lines are counted apart, as ``errors``); an unparsed
 generation ("" from the parser) is a wrong answer, as in lmms-eval's Video-MME. The interval is the
 percentile bootstrap (1,000 resamples of the per-sample 0/1 scores, seeded with the run's seed).
@@ -43,7 +47,8 @@ from ..reduce.stages import Reduction
 from ..runtime.batch import Progress, ResultsFile, error_record, owner
 from ..runtime.files import check_media_file
 from ..runtime.pipeline import Pipeline, Request
-from .answers import exact_match, letter_correct, mme_scores, yes_no
+from .answers import exact_match, letter_correct, mlvu_scores, mmbench_circular, mme_scores, yes_no
+from .captions import caption_scores, check_available
 from .score import ScoreItem, candidate_score, prepare_item, score_requests
 from .tasks import Sample, Task, read_samples
 
@@ -169,12 +174,15 @@ class Evaluator:
             elif t.answer == "yes_no":
                 gold = s.gold
                 parsed, correct = yes_no(prediction, gold)
+            elif t.answer == "caption":  # judged over the corpus in the summary (captions.py)
+                gold, parsed, correct = s.gold, prediction, None
             else:
                 gold = s.gold
                 parsed, correct = exact_match(prediction, gold, ignore_case=t.ignore_case,
                                               ignore_punctuation=t.ignore_punctuation)
         return {"id": s.id, "status": "ok", "prompt": s.prompt, "prediction": prediction, "parsed": parsed,
-                "gold": gold, "correct": bool(correct), "input_tokens": len(request.input_ids),
+                "gold": gold, "correct": None if correct is None else bool(correct),
+                "input_tokens": len(request.input_ids),
                 "visual_tokens": sum(request.image_token_counts) + sum(request.video_token_counts), **extra,
                 "timings": {"prepare_s": round(prep_s, 4), "model_s": round(model_s, 4),
                             "seconds": round(prep_s + model_s, 4)}}
@@ -209,6 +217,8 @@ def run_eval(pipe_loader: Callable[[], Pipeline], task: Task, out: str | os.Path
              options: EvalOptions = EvalOptions(), progress: TextIO | None = sys.stderr) -> dict:
     """The whole run for this process (module docstring); returns the summary it wrote."""
     out = Path(out)
+    if task.answer == "caption":
+        check_available(task.caption_metrics, task.caption_tokenizer)
     samples = read_samples(task)[:options.limit]
     claim(out, task, record)
     results = ResultsFile(out / "samples.jsonl")
@@ -252,10 +262,10 @@ def summarize(task: Task, samples: Sequence[Sample], lines: dict[str, dict], rec
     """accuracy, its bootstrap 95% interval, tokens and time per sample over this run's samples."""
     ok = [lines[s.id] for s in samples if lines.get(s.id, {}).get("status") == "ok"]
     errors = sum(1 for s in samples if lines.get(s.id, {}).get("status") == "error")
-    correct = np.array([float(line["correct"]) for line in ok])
+    correct = np.array([float(line["correct"]) for line in ok if line["correct"] is not None])
     summary = {"task": task.name, "answer": task.answer, "samples": len(samples), "answered": len(ok),
                "errors": errors, "complete": len(ok) + errors == len(samples),
-               "correct": int(correct.sum()), "accuracy": float(correct.mean()) if len(ok) else None,
+               "correct": int(correct.sum()), "accuracy": float(correct.mean()) if len(correct) else None,
                "accuracy_ci95": bootstrap_ci(correct, seed), "bootstrap_resamples": BOOTSTRAP,
                "unparsed": sum(1 for line in ok if line.get("parsed") == ""),
                "visual_tokens_per_sample": _mean([line["visual_tokens"] for line in ok]),
@@ -265,6 +275,16 @@ def summarize(task: Task, samples: Sequence[Sample], lines: dict[str, dict], rec
     if task.score == "mme":
         summary["mme"] = mme_scores([(s.meta["category"], s.meta["question_id"], lines[s.id]["correct"])
                                      for s in samples if lines.get(s.id, {}).get("status") == "ok"])
+    if task.score == "mmbench_circular":
+        summary["mmbench"] = mmbench_circular([(s.meta["index"], s.meta["category"], lines[s.id]["correct"])
+                                               for s in samples if lines.get(s.id, {}).get("status") == "ok"])
+    if task.score == "mlvu":
+        summary["mlvu"] = mlvu_scores([(s.meta["task_type"], lines[s.id]["correct"]) for s in samples
+                                       if lines.get(s.id, {}).get("status") == "ok"])
+    if task.answer == "caption" and ok:
+        summary["caption"] = caption_scores([line["prediction"] for line in ok], [line["gold"] for line in ok],
+                                            metrics=task.caption_metrics, tokenizer=task.caption_tokenizer,
+                                            resamples=task.caption_bootstrap, seed=seed)
     return summary
 
 
@@ -291,6 +311,11 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def summary_line(s: dict) -> str:
+    if "caption" in s:
+        metrics = ", ".join(f"{k} {v:.3f}" for k, v in s["caption"]["metrics"].items())
+        return (f"{s['task']}: {metrics} over {s['answered']} of {s['samples']} sample(s), {s['errors']} error(s); "
+                f"{s['visual_tokens_per_sample'] or 0:.0f} visual tokens and {s['seconds_per_sample'] or 0:.2f} s "
+                f"per sample")
     acc = "n/a" if s["accuracy"] is None else f"{100 * s['accuracy']:.1f}%"
     ci = "" if s["accuracy_ci95"] is None else \
         f" (95% CI {100 * s['accuracy_ci95'][0]:.1f}-{100 * s['accuracy_ci95'][1]:.1f})"

@@ -1,4 +1,5 @@
-"""Video-MME's subtitles for a prompt: the lines shown at the uniformly sampled frames.
+"""Subtitles in a benchmark's prompt: Video-MME's lines shown at the uniformly sampled frames, and
+LongVideoBench's subtitles interleaved with its frames (the second half of this file).
 
 lmms-eval 0.7.3's ``videomme_doc_to_text_subtitle`` (``lmms_eval/tasks/videomme/utils.py``, "default" kwargs
 ``frame_num: 32``): the video's frame count and rate (OpenCV's ``CAP_PROP_FRAME_COUNT`` / ``CAP_PROP_FPS``;
@@ -61,3 +62,84 @@ def subtitle_text(video: Path, srt: Path, frame_num: int = 32) -> str:
     hit = list(set(i for f in frames for i, (a, b, _) in enumerate(spans) if a <= f < b))
     texts = [FONT.findall(spans[i][2]) for i in hit]
     return "\n".join(found[0] for found in texts if found)
+
+
+# ---- LongVideoBench: subtitles interleaved with the frames ----------------------------------------------
+# lmms-eval 0.7.3's longvideobench_val_i (``lmms_eval/tasks/longvideobench/utils.py``, ``insert_interleave_subtitles``):
+# the video as up to ``max_num_frames`` (16) frames, each an image, and the prompt's prefix the "<image>" of each
+# frame and the subtitle lines in time order, one a line.
+
+
+def lvb_frame_indices(duration: float, fps: float, max_frames: int = 16) -> list[int]:
+    """lmms-eval LongVideoBench's ``load_video`` frame indices (decord): min(max_frames, int(duration)) frames,
+    ``int(total / n) * i`` with total = int(duration * fps)."""
+    total, n = int(duration * fps), min(max_frames, int(duration))
+    if n < 1:
+        raise ValueError(f"a video of {duration} s has no frame to take (LongVideoBench takes one a second, up to "
+                         f"{max_frames})")
+    return [int(total / n) * i for i in range(n)]
+
+
+def lvb_frame_times(duration: float, max_frames: int = 16) -> list[float]:
+    """``compute_frame_timestamps``: the frames' times in seconds as lmms-eval places the subtitles against them."""
+    if duration > max_frames:
+        return [duration / max_frames * i for i in range(max_frames)]
+    return [i for i in range(int(duration))]
+
+
+def _hms(stamp: str) -> float:
+    h, m, s = stamp.split(":")
+    return int(h) * 3600 + int(m) * 60 + float(s)
+
+
+def lvb_interleaved(frame_times: list[float], subtitles: list[dict], start_offset: float, duration: float) -> str:
+    """``insert_subtitles_into_frames``: each subtitle (its middle time) after the frames before it, kept only when
+    a frame falls inside it (a span under 1 s widened to 1 s around its middle); the remaining frames last."""
+    out, cur = [], 0
+    for sub in subtitles:
+        if "timestamp" in sub:
+            start, end = sub["timestamp"]
+            end = end if isinstance(end, float) else duration
+            text = sub["text"]
+        else:
+            start, end, text = _hms(sub["start"]), _hms(sub["end"]), sub["line"]
+        start, end = start - start_offset, end - start_offset
+        middle = (start + end) / 2
+        while cur < len(frame_times) and frame_times[cur] <= middle:
+            out.append("<image>")
+            cur += 1
+        if end - start < 1:
+            start, end = middle - 0.5, middle + 0.5
+        if any(start < t < end for t in frame_times):
+            out.append(text)
+    out += ["<image>"] * (len(frame_times) - cur)
+    return "\n".join(out)
+
+
+def lvb_frame_files(video: Path, duration: float, max_frames: int = 16) -> list[str]:
+    """The frames lmms-eval's ``load_video`` takes, each written once as a PNG under the temporary folder (named by
+    the video's path, size and modification time and the frame index); their paths, in order."""
+    import hashlib
+    import tempfile
+
+    import av
+
+    with av.open(str(video)) as container:
+        fps = float(container.streams.video[0].average_rate or 0)
+    indices = lvb_frame_indices(duration, fps, max_frames)
+    stat = video.stat()
+    key = hashlib.sha256(f"{video.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:24]
+    folder = Path(tempfile.gettempdir()) / "llava-next-frames"
+    folder.mkdir(exist_ok=True)
+    paths = [folder / f"{key}-{i}.png" for i in indices]
+    missing = {i: p for i, p in zip(indices, paths) if not p.exists()}
+    if missing:
+        with av.open(str(video)) as container:
+            for i, frame in enumerate(container.decode(container.streams.video[0])):
+                if i in missing:
+                    part = missing[i].with_suffix(".part.png")
+                    frame.to_image().convert("RGB").save(part)
+                    part.replace(missing[i])
+                if i >= max(missing):
+                    break
+    return [str(p) for p in paths]

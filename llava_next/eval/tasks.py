@@ -3,7 +3,7 @@
     name: videomme-tiny
     data: videomme.jsonl            # JSON lines, relative to this file
     media_root: videos/             # media paths are relative to this (default: the data file's folder)
-    answer: mc_generate             # mc_generate | mc_loglikelihood | exact_match
+    answer: mc_generate             # mc_generate | mc_loglikelihood | exact_match | yes_no | caption
     parser: videomme                # mc_generate: videomme | mvbench (answers.py: lmms-eval's letter parsing)
     prompt: "Select the best answer ...\\n{question}\\n{options}\\nThe best answer is:"
     option_format: "{letter}. {option}"   # each option in {options}, one per line
@@ -15,13 +15,16 @@ What it follows: lmms-eval's task YAMLs (``lmms_eval/tasks/*/*.yaml``: ``dataset
 ``doc_to_text`` with a ``pre_prompt`` / ``post_prompt``, ``doc_to_target``, ``process_results``), with the
 Python hooks replaced by data: the prompt is a ``str.format`` template over the sample's fields (plus
 ``{options}``, the options written with ``option_format`` and joined by newlines, and ``{letters}``, "A, B,
-C"), the visual is a field holding a path, the target a field, and the judging one of three answer types:
+C"), the visual is a field holding a path, the target a field, and the judging one of these answer types:
 
 - ``mc_generate``: generate greedily, parse a letter (``parser``), correct when it is the gold letter;
 - ``mc_loglikelihood``: score each candidate (the options' texts, or with ``candidates: letters`` the
   letters) after the prompt (score.py, lm-eval's ``multiple_choice`` output type); the prediction is the
   highest by ``rank_by`` (``logprob``: lm-eval's acc; ``per_char``: its acc_norm; ``per_token``, ``per_byte``);
 - ``exact_match``: generate, compare with the gold answer(s) (``ignore_case``, ``ignore_punctuation``);
+- ``caption``: generate, keep the prediction and the reference captions (the ``answer`` field: one text or a
+  list); the summary carries the corpus metrics of captions.py (``caption_metrics``, ``caption_tokenizer``,
+  ``caption_bootstrap``): BLEU-1..4, METEOR, ROUGE-L, CIDEr as lmms-eval's COCO caption task computes them;
 - ``yes_no``: generate, read yes / no / other as lmms-eval's MME does (answers.yes_no), correct when it is the
   gold; ``score: mme`` adds MME's own score (answers.mme_scores) over the ``meta_fields`` category and question_id.
 
@@ -53,8 +56,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-AnswerType = Literal["mc_generate", "mc_loglikelihood", "exact_match", "yes_no"]
-ANSWER_TYPES = ("mc_generate", "mc_loglikelihood", "exact_match", "yes_no")
+from .captions import METRICS, TOKENIZERS
+
+AnswerType = Literal["mc_generate", "mc_loglikelihood", "exact_match", "yes_no", "caption"]
+ANSWER_TYPES = ("mc_generate", "mc_loglikelihood", "exact_match", "yes_no", "caption")
 RANKS = ("logprob", "per_token", "per_char", "per_byte")
 FIELDS = {"id": "id", "question": "question", "options": "options", "answer": "answer", "video": "video",
           "image": "image"}
@@ -84,7 +89,8 @@ class Task:
     template: str | None = None
     system: str | None = None
     split: str | None = None  # an HF DatasetDict folder: which split
-    video_path: str | None = None  # the video's path as a template over the record ("data/{videoID}.mp4")
+    video_path: str | list | None = None  # the video's path as a template over the record ("data/{videoID}.mp4");
+    # a list: the first template whose file exists (ActivityNet-QA's videos are .mp4, .webm or .mkv)
     image_path: str | None = None  # likewise for an image
     option_fields: list | None = None  # the options as several fields (["a0", "a1", ...]), instead of fields.options
     skip_options: list = field(default_factory=list)  # option texts that mean "no option" (LongVideoBench's "N/A")
@@ -92,8 +98,16 @@ class Task:
     meta_fields: list = field(default_factory=list)  # fields kept on each sample for a benchmark's own score (MME)
     prompt_without: dict = field(default_factory=dict)  # {field: template} where the field is empty (MMBench's hint)
     subtitles: dict | None = None  # {path: "subtitle/{videoID}.srt", frames: 32}: {subtitles} (Video-MME's)
+    interleaved_subtitles: dict | None = None  # {path: "../subtitles/{subtitle_path}", frames: 16}: LongVideoBench's
+    # frames as images and {interleaved}, their "<image>" and the subtitle lines in time order (subtitles.py)
     question_remove: list = field(default_factory=list)  # texts deleted from the stripped question (MME's)
-    score: str | None = None  # a benchmark's own score in the summary besides accuracy: "mme" (answers.mme_scores)
+    question_capitalize: bool = False  # the question through str.capitalize (ActivityNet-QA's doc_to_text)
+    caption_metrics: list = field(default_factory=lambda: list(METRICS))  # caption: which corpus metrics (captions.py)
+    caption_tokenizer: str = "ptb"  # caption: ptb (pycocoevalcap's, Java; lmms-eval's) | python (captions.py)
+    caption_bootstrap: int = 100  # caption: resamples for each corpus metric's 95% interval (0: none)
+    score: str | None = None  # a benchmark's own score in the summary besides accuracy: "mme" (answers.mme_scores),
+    # "mlvu" (answers.mlvu_scores: the mean of the per-category accuracies), "mmbench_circular"
+    # (answers.mmbench_circular)
     source: Path | None = None  # the YAML file
 
     def to_dict(self) -> dict:
@@ -160,6 +174,12 @@ def load_task(path: str | Path, *, data: str | Path | None = None, media_root: s
 def _check(task: Task, path: Path) -> None:
     from .answers import PARSERS
 
+    for key in ("video_path", "image_path"):
+        value = getattr(task, key)
+        if value is not None and not (isinstance(value, str) or (isinstance(value, list) and value
+                                                                 and all(isinstance(v, str) for v in value))):
+            raise TaskError(f"{path}: {key} must be a template (\"data/{{videoID}}.mp4\") or a list of them, "
+                            f"got {value!r}")
     if task.option_fields is not None and (not isinstance(task.option_fields, list) or not task.option_fields
                                            or not all(isinstance(f, str) for f in task.option_fields)):
         raise TaskError(f"{path}: option_fields must be a list of field names, got {task.option_fields!r}")
@@ -168,24 +188,42 @@ def _check(task: Task, path: Path) -> None:
                                 or letters != list(string.ascii_uppercase[:len(letters)])):
         raise TaskError(f"{path}: option_letters must be the letters from A in order ([A, B, C, D]), "
                         f"got {task.option_letters!r}")
-    mme_meta = {"category", "question_id"} <= set(task.meta_fields)
-    subtitles = task.subtitles
-    if subtitles is not None and not (isinstance(subtitles, dict) and isinstance(subtitles.get("path"), str)):
-        raise TaskError(f"{path}: subtitles must be a mapping with path (a template: \"subtitle/{{videoID}}.srt\") "
-                        f"and frames, got {task.subtitles!r}")
-    if task.score not in (None, "mme") or (task.score == "mme" and not mme_meta):
-        raise TaskError(f"{path}: score must be \"mme\" (with meta_fields [category, question_id]) or left out, "
-                        f"got {task.score!r}")
+    for key in ("subtitles", "interleaved_subtitles"):
+        spec = getattr(task, key)
+        if spec is not None and not (isinstance(spec, dict) and isinstance(spec.get("path"), str)):
+            raise TaskError(f"{path}: {key} must be a mapping with path (a template: \"subtitle/{{videoID}}.srt\") "
+                            f"and frames, got {spec!r}")
+    needs = {"mme": {"category", "question_id"}, "mlvu": {"task_type"}, "mmbench_circular": {"index", "category"}}
+    if task.score is not None and not needs.get(task.score, {"-"}) <= set(task.meta_fields):
+        raise TaskError(f"{path}: score must be \"mme\" (with meta_fields [category, question_id]), \"mlvu\" (with "
+                        f"meta_fields [task_type]), \"mmbench_circular\" (with meta_fields [index, category]) or "
+                        f"left out, got {task.score!r}")
     if task.answer == "mc_generate" and task.parser not in PARSERS:
         raise TaskError(f"{path}: parser must be one of {', '.join(PARSERS)}, got {task.parser!r}")
     if task.rank_by not in RANKS:
         raise TaskError(f"{path}: rank_by must be one of {', '.join(RANKS)}, got {task.rank_by!r}")
     if task.candidates not in ("options", "letters"):
         raise TaskError(f"{path}: candidates must be \"options\" or \"letters\", got {task.candidates!r}")
+    _check_caption(task, path)
+    for key in ("question_capitalize", "ignore_case", "ignore_punctuation"):
+        if not isinstance(getattr(task, key), bool):
+            raise TaskError(f"{path}: {key} must be true or false, got {getattr(task, key)!r}")
     for key in ("frames", "max_new_tokens"):
         value = getattr(task, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise TaskError(f"{path}: {key} must be an integer >= 1, got {value!r}")
+
+
+def _check_caption(task: Task, path: Path) -> None:
+    metrics = task.caption_metrics
+    if not isinstance(metrics, list) or not metrics or not set(metrics) <= set(METRICS):
+        raise TaskError(f"{path}: caption_metrics must be a list of {', '.join(METRICS)}, got {metrics!r}")
+    if task.caption_tokenizer not in TOKENIZERS:
+        raise TaskError(f"{path}: caption_tokenizer must be one of {', '.join(TOKENIZERS)}, "
+                        f"got {task.caption_tokenizer!r}")
+    value = task.caption_bootstrap
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TaskError(f"{path}: caption_bootstrap must be an integer >= 0, got {value!r}")
 
 
 def read_samples(task: Task) -> list[Sample]:
@@ -282,7 +320,7 @@ def make_sample(task: Task, doc: dict, where: str) -> Sample:
     sample_id = str(doc[f["id"]]) if f["id"] in doc else where.rsplit(" ", 1)[-1]
     media = {kind: _paths(task, _media_value(task, doc, kind, where), where, kind) for kind in ("image", "video")}
     options, letters, gold = [], [], None
-    if task.answer not in ("exact_match", "yes_no"):
+    if task.answer not in ("exact_match", "yes_no", "caption"):
         if task.option_letters:  # the question holds "(A) ..." itself; the letters stand for the options
             options = list(task.option_letters)
         elif task.option_fields:
@@ -304,6 +342,8 @@ def make_sample(task: Task, doc: dict, where: str) -> Sample:
         if not isinstance(gold, list) or not gold or not all(isinstance(a, str) for a in gold):
             raise TaskError(f"{where}: field \"{f['answer']}\" must be the answer text or a list of accepted texts")
     doc = _with_subtitles(task, _question_edited(task, doc), media["video"], where)
+    if task.interleaved_subtitles:
+        doc, media = _interleaved(task, doc, media, where)
     written = "\n".join(task.option_format.format(letter=l, option=o) for l, o in zip(letters, options))
     template = next((t for key, t in task.prompt_without.items() if _empty(doc.get(key))), task.prompt)
     try:
@@ -329,6 +369,28 @@ def _with_subtitles(task: Task, doc: dict, videos: list[str], where: str) -> dic
     return {**doc, "subtitles": subtitle_text(Path(videos[0]), srt, int(task.subtitles.get("frames", 32)))}
 
 
+def _interleaved(task: Task, doc: dict, media: dict, where: str) -> tuple[dict, dict]:
+    """LongVideoBench's interleaved sample: the video's frames as image files, ``interleaved`` the prompt's prefix
+    (subtitles.py's ``lvb_*``, lmms-eval's ``longvideobench_doc_to_text`` / ``_doc_to_visual_i``)."""
+    from .subtitles import lvb_frame_files, lvb_frame_times, lvb_interleaved
+
+    spec = task.interleaved_subtitles
+    if not media["video"]:
+        raise TaskError(f"{where}: interleaved_subtitles need the sample's video, and it has none")
+    try:
+        path = task.media_root / spec["path"].format(**doc)
+        duration, offset = float(doc["duration"]), float(doc.get("starting_timestamp_for_subtitles") or 0)
+    except (KeyError, IndexError) as e:
+        raise TaskError(f"{where}: interleaved_subtitles need the field {e}, and the sample has none") from None
+    if not path.exists():
+        raise TaskError(f"{where}: subtitle file {path} does not exist (LongVideoBench's subtitles/ folder)")
+    frames = int(spec.get("frames", 16))
+    subtitles = json.loads(path.read_text(encoding="utf-8"))
+    prefix = lvb_interleaved(lvb_frame_times(duration, frames), subtitles, offset, duration)
+    images = lvb_frame_files(Path(media["video"][0]), duration, frames)
+    return {**doc, "interleaved": prefix}, {"image": images, "video": []}
+
+
 def _empty(value: Any) -> bool:
     """No value: missing, None, NaN or the text "nan" (pandas' missing value written out, as MMBench's hint)."""
     return value is None or value == "nan" or (isinstance(value, float) and value != value)
@@ -336,14 +398,16 @@ def _empty(value: Any) -> bool:
 
 def _question_edited(task: Task, doc: dict) -> dict:
     """The record with its question stripped and the task's ``question_remove`` texts deleted (MME's
-    ``mme_doc_to_text`` removes " Please answer yes or no." before adding its own instruction)."""
+    ``mme_doc_to_text`` removes " Please answer yes or no." before adding its own instruction), then, with
+    ``question_capitalize``, Python's ``str.capitalize`` (first letter upper case, the rest lower: ActivityNet-QA's
+    ``activitynetqa_doc_to_text``)."""
     key = task.fields["question"]
-    if not task.question_remove or not isinstance(doc.get(key), str):
+    if not (task.question_remove or task.question_capitalize) or not isinstance(doc.get(key), str):
         return doc
     question = doc[key].strip()
     for text in task.question_remove:
         question = question.replace(text, "")
-    return {**doc, key: question}
+    return {**doc, key: question.capitalize() if task.question_capitalize else question}
 
 
 def _media_value(task: Task, doc: dict, kind: str, where: str) -> Any:
@@ -353,9 +417,11 @@ def _media_value(task: Task, doc: dict, kind: str, where: str) -> Any:
         value = doc.get(task.fields[kind])
         return _bytes_file(value, where) if isinstance(value, dict) and "bytes" in value else value
     try:
-        return template.format(**doc)
+        paths = [t.format(**doc) for t in ([template] if isinstance(template, str) else template)]
     except (KeyError, IndexError) as e:
         raise TaskError(f"{where}: {kind}_path {template!r} uses {e} but the sample has no such field") from None
+    # several templates (ActivityNet-QA's .mp4 / .webm / .mkv): the first that exists, else the first
+    return next((p for p in paths if (task.media_root / p).exists()), paths[0])
 
 
 def _bytes_file(value: dict, where: str) -> str:
