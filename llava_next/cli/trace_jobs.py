@@ -27,6 +27,8 @@ def check_jobs(args: argparse.Namespace, user_error) -> None:
     if (args.inputs is None) != (args.out is None):
         raise user_error("--inputs JOBS.jsonl and --out DIR go together: the requests to trace and where the "
                          "shards go")
+    if args.inputs is None:
+        return
     wrong = [flag for flag, on in (("--json", args.json), ("--png", args.png), ("--attribute", args.attribute),
                                    ("--reduce", args.reduce), ("--select-frames", args.select_frames),
                                    ("--image", args.image), ("--video", args.video)) if on]
