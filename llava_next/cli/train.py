@@ -1,8 +1,13 @@
-"""``llava-next train``: supervised fine-tuning with LoRA into an adapter that loads here and in PEFT.
+"""``llava-next train``: supervised fine-tuning or DPO with LoRA into an adapter that loads here and in PEFT.
 
     llava-next train --method sft --data train.jsonl --media-root clips/ --model llava-hf/LLaVA-NeXT-Video-7B-hf \\
         --out runs/ko --lora-rank 16 --frames 8 --steps 500 --lr 2e-4 --batch-size 1 --grad-accum 8
     llava-next run --model llava-hf/LLaVA-NeXT-Video-7B-hf --adapter runs/ko/adapter --video clip.mp4 "..."
+
+``--method dpo`` trains on preference pairs instead (train/dpo.py; docs/training.md, DPO):
+
+    llava-next train --method dpo --data prefs.jsonl --model M --adapter runs/ko/adapter --ref-adapter runs/ko/adapter \
+        --out runs/ko-dpo --beta 0.1
 
 The same command resumes a killed run (``--out`` holds its checkpoint); another run's directory is refused.
 Under torchrun it trains data-parallel (gloo on CPU, NCCL with one GPU per process; train/sft.py):
@@ -72,6 +77,12 @@ def add_train(sub, *, user_error) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=None, help="where converted checkpoints are kept")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    _add_dpo_options(p)
+    p.set_defaults(func=lambda args: _train(args, user_error))
+
+
+def _add_dpo_options(p: argparse.ArgumentParser) -> None:
+    """--method dpo's switches: the loss and the reference (train/dpo.py)."""
     dpo = p.add_argument_group("DPO (--method dpo)")
     dpo.add_argument("--beta", type=float, default=0.1, help="how far from the reference (TRL's beta, default 0.1)")
     dpo.add_argument("--loss-type", choices=("sigmoid", "robust", "ipo"), default="sigmoid",
@@ -83,7 +94,6 @@ def add_train(sub, *, user_error) -> None:
                           "disabled)")
     dpo.add_argument("--ref-model", default=None, metavar="M",
                      help="the reference is this model (same configuration as --model), loaded for one pass")
-    p.set_defaults(func=lambda args: _train(args, user_error))
 
 
 def _train(args: argparse.Namespace, user_error) -> int:
@@ -155,9 +165,9 @@ def _data(args: argparse.Namespace, pipe, data_path, quiet: bool):
                 frames=args.frames, seed=args.seed, frame_sampling=args.frame_sampling)
     summary = data.validate()  # every item, media decoded, before step 1
     if not quiet:
-        what = f"{len(data)} pairs" if args.method == "dpo" else f"{summary.items} items"
-        print(f"[llava-next] {what} ({summary.images} images, {summary.videos} videos), "
-              f"{summary.supervised_tokens} supervised tokens", file=sys.stderr)
+        what, n = (f"{len(data)} pairs", 2) if args.method == "dpo" else (f"{summary.items} items", 1)
+        print(f"[llava-next] {what} ({summary.images // n} images, {summary.videos // n} videos), "
+              f"{summary.supervised_tokens} supervised tokens", file=sys.stderr)  # a pair: two conversations
     return data
 
 

@@ -131,7 +131,9 @@ class DPORun(SFTRun):
     def _start(self) -> None:
         super()._start()
         path = self.out / REFERENCE_FILE
-        if path.exists():
+        cached = path.exists()
+        _barrier()  # every rank has looked before rank 0 may write it: all take the same branch
+        if cached:
             self.reference = load_file(path)["logps"]
         else:
             model = self.reference_model or self.model
