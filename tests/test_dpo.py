@@ -229,8 +229,8 @@ def test_llava_next_train_dpo_with_an_nf4_base(prefs, tmp_path, capsys):
 
 def test_dpo_after_sft_against_the_sft_adapter(prefs, tmp_path, capsys):
     """SFT on the chosen answers, then DPO from that adapter (``--adapter``) with it as the reference
-    (``--ref-adapter``): the first step's policy is its reference (loss log 2); with the default reference (the
-    adapter disabled: the base) it is not."""
+    (``--ref-adapter``): the first step's policy is its reference (loss log 2, without dropout: the reference pass
+    runs in eval mode); with the default reference (the adapter disabled: the base) it is not."""
     from llava_next.cli.main import main
 
     root = prefs.parent
@@ -238,7 +238,8 @@ def test_dpo_after_sft_against_the_sft_adapter(prefs, tmp_path, capsys):
         {"id": f"v{k}", "video": f"clip{k}.mp4", "conversations": [{"from": "human", "value": "<video>\n" + PROMPT},
                                                                    {"from": "gpt", "value": c}]}
         for k, (c, _) in enumerate(PAIRS[:2])])
-    common = ["--model", "tiny-random", "--frames", "1", "--lora-rank", "4", "--quiet", "--media-root", str(root),
+    common = ["--model", "tiny-random", "--frames", "1", "--lora-rank", "4", "--lora-dropout", "0", "--quiet",
+              "--media-root", str(root),
               "--cache-dir", str(tmp_path / "cache")]
     assert main(["train", "--data", str(sft_data), "--out", str(tmp_path / "sft"), "--steps", "2", "--lr", "1e-2",
                  "--batch-size", "2", *common]) in (0, None)
@@ -287,7 +288,10 @@ def test_two_processes_train_the_adapter_of_one(prefs, tmp_path):
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (k, a, b)
     one, two = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("one", "two"))
     worst = max((one[k] - two[k]).abs().max().item() for k in one)
-    assert one.keys() == two.keys() and worst < 1e-2 * 1e-3, worst
+    # measured 2.4e-5 (SFT's test: < 1e-5): a DPO gradient is the difference of the chosen and the rejected
+    # answers' gradients, so float32's different sums over ranks leave relatively more noise in it, and Adam's
+    # first steps move every entry by ~lr whatever its gradient's size; a wrong normalisation moves by ~lr
+    assert one.keys() == two.keys() and worst < 0.1 * 1e-3, worst
 
 # ---- the data -------------------------------------------------------------------------------------------------
 def test_pairs_keep_korean_and_supervise_the_last_answer(prefs, tmp_path):

@@ -60,9 +60,9 @@ def parse_pair(item: object, index: int, where: str, media_root) -> tuple[Record
         raise _fail(where, f"expected a JSON object, got {type(item).__name__}",
                     'each item is {"id": ..., "image" or "video": ..., "prompt": ..., "chosen": ..., "rejected": ...}')
     if ("prompt" in item) == ("conversations" in item):
-        raise _fail(where, 'give either "prompt" (with "chosen" and "rejected") or "conversations" (whose last turn '
-                           'holds "chosen" and "rejected"), ' + ("not both" if "prompt" in item else "found neither"),
-                    "see docs/training.md, DPO")
+        found = "not both" if "prompt" in item else "found neither"
+        raise _fail(where, f'give either "prompt" (with "chosen" and "rejected") or "conversations" (whose last '
+                           f'turn holds "chosen" and "rejected"), {found}', "see docs/training.md, DPO")
     if "prompt" in item:
         answers = {k: _answer(item, k, where) for k in PAIR_KEYS}
         prompt = _flat_prompt(item, where)
@@ -71,8 +71,8 @@ def parse_pair(item: object, index: int, where: str, media_root) -> tuple[Record
         conv = item["conversations"]
         last = conv[-1] if isinstance(conv, list) and conv else None
         if not (isinstance(last, dict) and last.get("from") == "gpt" and "value" not in last):
-            raise _fail(where, 'the last conversation turn is not the pair {"from": "gpt", "chosen": ..., '
-                               '"rejected": ...}', "end the conversation with the two answers to compare")
+            raise _fail(where, 'the last conversation turn is not the pair {"from": "gpt", "chosen": TEXT, '
+                               '"rejected": TEXT}', "end the conversation with the two answers to compare")
         answers = {k: _answer(last, k, where) for k in PAIR_KEYS}
         turns = {k: [*conv[:-1], {"from": "gpt", "value": answers[k]}] for k in PAIR_KEYS}
     if answers["chosen"] == answers["rejected"]:
