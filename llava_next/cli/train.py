@@ -1,8 +1,13 @@
-"""``llava-next train``: supervised fine-tuning with LoRA into an adapter that loads here and in PEFT.
+"""``llava-next train``: supervised fine-tuning or DPO with LoRA into an adapter that loads here and in PEFT.
 
     llava-next train --method sft --data train.jsonl --media-root clips/ --model llava-hf/LLaVA-NeXT-Video-7B-hf \\
         --out runs/ko --lora-rank 16 --frames 8 --steps 500 --lr 2e-4 --batch-size 1 --grad-accum 8
     llava-next run --model llava-hf/LLaVA-NeXT-Video-7B-hf --adapter runs/ko/adapter --video clip.mp4 "..."
+
+``--method dpo`` trains on preference pairs instead (train/dpo.py; docs/training.md, DPO):
+
+    llava-next train --method dpo --data prefs.jsonl --model M --adapter runs/ko/adapter --ref-adapter runs/ko/adapter \
+        --out runs/ko-dpo --beta 0.1
 
 The same command resumes a killed run (``--out`` holds its checkpoint); another run's directory is refused.
 Under torchrun it trains data-parallel (gloo on CPU, NCCL with one GPU per process; train/sft.py):
@@ -26,7 +31,9 @@ def add_train(sub, *, user_error) -> None:
                                    "video, conversations): the assistant turns are learned. Writes OUT/steps.jsonl, "
                                    "a checkpoint every --save-every steps and the adapter (PEFT's format) in "
                                    "OUT/adapter. Rerun the same command to resume.")
-    p.add_argument("--method", choices=("sft",), default="sft", help="sft: supervised fine-tuning (default)")
+    p.add_argument("--method", choices=("sft", "dpo"), default="sft",
+                   help="sft: supervised fine-tuning (default); dpo: direct preference optimisation on pairs "
+                        "{id, video | image, prompt, chosen, rejected} (docs/training.md, DPO)")
     p.add_argument("--data", required=True, metavar="TRAIN.jsonl")
     p.add_argument("--media-root", default=None, metavar="DIR", help="media paths are relative to this "
                                                                      "(default: the data file's folder)")
@@ -37,6 +44,9 @@ def add_train(sub, *, user_error) -> None:
     p.add_argument("--projector", default=None, metavar="FILE",
                    help="start from this projector (OUT/projector.safetensors of a --trainable projector run: "
                         "stage 1, as the original --pretrain_mm_mlp_adapter); the adapter then carries it")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="start from this LoRA adapter (PEFT's format; its rank, alpha and targets), e.g. the SFT "
+                        "adapter before DPO; --lora-* are then ignored")
     p.add_argument("--lora-rank", type=options.positive, default=16)
     p.add_argument("--lora-alpha", type=float, default=32.0)
     p.add_argument("--lora-dropout", type=float, default=0.05)
@@ -72,7 +82,23 @@ def add_train(sub, *, user_error) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=None, help="where converted checkpoints are kept")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    _add_dpo_options(p)
     p.set_defaults(func=lambda args: _train(args, user_error))
+
+
+def _add_dpo_options(p: argparse.ArgumentParser) -> None:
+    """--method dpo's switches: the loss and the reference (train/dpo.py)."""
+    dpo = p.add_argument_group("DPO (--method dpo)")
+    dpo.add_argument("--beta", type=float, default=0.1, help="how far from the reference (TRL's beta, default 0.1)")
+    dpo.add_argument("--loss-type", choices=("sigmoid", "robust", "ipo"), default="sigmoid",
+                     help="sigmoid: DPO (default); robust: robust DPO; ipo: IPO (TRL's loss types)")
+    dpo.add_argument("--label-smoothing", type=float, default=0.0,
+                     help="the probability a pair's preference is flipped (conservative DPO / robust), in [0, 0.5)")
+    dpo.add_argument("--ref-adapter", default=None, metavar="DIR",
+                     help="the reference is the base with this adapter (default: the base with the trained adapter "
+                          "disabled)")
+    dpo.add_argument("--ref-model", default=None, metavar="M",
+                     help="the reference is this model (same configuration as --model), loaded for one pass")
 
 
 def _train(args: argparse.Namespace, user_error) -> int:
@@ -82,15 +108,10 @@ def _train(args: argparse.Namespace, user_error) -> int:
 
     from ..parallel.launch import dist_env
     from ..runtime.loading import load
-    from ..train.data import TrainingData
-    from ..train.sft import SFTConfig, SFTRun, materialize_trainable, save_projector
+    from ..train.sft import materialize_trainable, save_projector
 
     data_path = Path(args.data)
-    if not data_path.is_file():
-        raise user_error(f"--data {args.data}: no such file")
-    if args.projector is not None and args.trainable == "projector":
-        raise user_error("--projector with --trainable projector: stage 1 starts from the model's own projector; "
-                         "give --projector to the stage-2 run")
+    _check_args(args, data_path, user_error)
     env = dist_env()
     device = _device(args.device, env, user_error)
     quiet = args.quiet or env.rank != 0
@@ -101,20 +122,18 @@ def _train(args: argparse.Namespace, user_error) -> int:
     _adapt(pipe.model, args, user_error)
     if device != "cpu":
         pipe.model.to(device)
-    data = TrainingData(data_path, pipe.tokenizer, pipe.config, media_root=args.media_root or data_path.parent,
-                        frames=args.frames, seed=args.seed, frame_sampling=args.frame_sampling,
-                        scene=options.scene(argparse.Namespace(sampling=args.frame_sampling,
-                                                               scene_threshold=args.scene_threshold,
-                                                               scene_min_len=args.scene_min_len)))
-    summary = data.validate()  # every item, media decoded, before step 1
-    if not quiet:
-        print(f"[llava-next] {summary.items} items ({summary.images} images, {summary.videos} videos), "
-              f"{summary.supervised_tokens} supervised tokens", file=sys.stderr)
-    cfg = SFTConfig(out=args.out, steps=args.steps or 0, epochs=args.epochs, batch_size=args.batch_size,
-                    grad_accum=args.grad_accum, lr=args.lr, trainable=args.trainable, seed=args.seed,
-                    gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every,
-                    autocast="bf16" if args.bf16 else None)
-    run = SFTRun(pipe.model, data, cfg, on_step=None if quiet else StepProgress())
+    data = _data(args, pipe, data_path, quiet)
+    common = dict(out=args.out, steps=args.steps or 0, epochs=args.epochs, batch_size=args.batch_size,
+                  grad_accum=args.grad_accum, lr=args.lr, trainable=args.trainable, seed=args.seed,
+                  gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every,
+                  autocast="bf16" if args.bf16 else None)
+    on_step = None if quiet else StepProgress()
+    if args.method == "dpo":
+        run = _dpo_run(args, pipe, data, common, on_step, user_error, dtype=dtype, device=device)
+    else:
+        from ..train.sft import SFTConfig, SFTRun
+
+        run = SFTRun(pipe.model, data, SFTConfig(**common), on_step=on_step)
     out = run.train()
     if env.rank == 0:
         if args.trainable == "projector":
@@ -123,6 +142,72 @@ def _train(args: argparse.Namespace, user_error) -> int:
             result = save_adapter(pipe.model, out / "adapter", base_model_name_or_path=str(args.model))
         print(str(result))
     return 0
+
+
+def _check_args(args: argparse.Namespace, data_path, user_error) -> None:
+    if not data_path.is_file():
+        raise user_error(f"--data {args.data}: no such file")
+    if args.projector is not None and args.trainable == "projector":
+        raise user_error("--projector with --trainable projector: stage 1 starts from the model's own projector; "
+                         "give --projector to the stage-2 run")
+    if args.method == "dpo" and args.trainable != "lora":
+        raise user_error(f"--method dpo trains LoRA adapters only: drop --trainable {args.trainable}")
+    if args.method != "dpo" and (args.ref_adapter or args.ref_model):
+        raise user_error("--ref-adapter / --ref-model are for --method dpo")
+    if args.ref_adapter and args.ref_model:
+        raise user_error("give one reference: --ref-adapter DIR or --ref-model M, not both")
+    if args.adapter is not None and args.trainable == "projector":
+        raise user_error("--adapter with --trainable projector: stage 1 trains no adapter")
+
+
+def _data(args: argparse.Namespace, pipe, data_path, quiet: bool):
+    """The training file (conversations, or preference pairs for DPO), every item checked before step 1."""
+    from ..train.data import TrainingData
+    from ..train.preferences import PreferenceData
+
+    kind = PreferenceData if args.method == "dpo" else TrainingData
+    scene = options.scene(argparse.Namespace(sampling=args.frame_sampling, scene_threshold=args.scene_threshold,
+                                             scene_min_len=args.scene_min_len))
+    data = kind(data_path, pipe.tokenizer, pipe.config, media_root=args.media_root or data_path.parent,
+                frames=args.frames, seed=args.seed, frame_sampling=args.frame_sampling, scene=scene)
+    summary = data.validate()  # every item, media decoded, before step 1
+    if not quiet:
+        what, n = (f"{len(data)} pairs", 2) if args.method == "dpo" else (f"{summary.items} items", 1)
+        print(f"[llava-next] {what} ({summary.images // n} images, {summary.videos // n} videos), "
+              f"{summary.supervised_tokens} supervised tokens", file=sys.stderr)  # a pair: two conversations
+    return data
+
+
+def _dpo_run(args: argparse.Namespace, pipe, data, common: dict, on_step, user_error, *, dtype: str, device: str):
+    """The DPO run with its reference: the adapter disabled, ``--ref-adapter``'s tensors, or ``--ref-model``
+    (loaded only when OUT has no cached reference log-probs yet)."""
+    from pathlib import Path
+
+    from llava_next_weights.adapters import AdapterError, read_adapter
+
+    from ..runtime.loading import load
+    from ..train.dpo import REFERENCE_FILE, DPOConfig, DPORun
+    from ..train.sft import materialize_trainable
+
+    ref_adapter = ref_model = None
+    reference = "adapter disabled"
+    if args.ref_adapter:
+        reference = f"adapter {Path(args.ref_adapter).resolve()}"
+        try:
+            _, ref_adapter = read_adapter(args.ref_adapter)
+        except (AdapterError, OSError) as e:
+            raise user_error(f"--ref-adapter {args.ref_adapter}: {e}") from None
+    if args.ref_model:
+        reference = f"model {args.ref_model}"
+        if not (Path(args.out) / REFERENCE_FILE).exists():
+            ref = load(args.ref_model, cache_dir=args.cache_dir, progress=False, materialize=materialize_trainable,
+                       dtype=dtype, device=device)
+            if ref.config != pipe.config:
+                raise user_error(f"--ref-model {args.ref_model}: not the configuration of --model {args.model}")
+            ref_model = ref.model
+    cfg = DPOConfig(**common, beta=args.beta, loss_type=args.loss_type, label_smoothing=args.label_smoothing,
+                    reference=reference)
+    return DPORun(pipe.model, data, cfg, on_step=on_step, reference_adapter=ref_adapter, reference_model=ref_model)
 
 
 def _device(name: str | None, env, user_error) -> str:
@@ -166,7 +251,14 @@ def _adapt(model, args: argparse.Namespace, user_error) -> None:
         from ..model.quant import QuantConfig, quantize_model
 
         quantize_model(model, QuantConfig(args.quantize))
-    if args.trainable != "projector":
+    if args.adapter is not None:
+        from llava_next_weights.adapters import AdapterError, load_adapter
+
+        try:
+            load_adapter(model, args.adapter, dtype=torch.float32)
+        except (AdapterError, OSError) as e:
+            raise user_error(f"--adapter {args.adapter}: {e}") from None
+    elif args.trainable != "projector":
         torch.manual_seed(args.seed)
         try:
             cfg = LoraConfig(r=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,

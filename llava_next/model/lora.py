@@ -33,6 +33,7 @@ when ``target_modules`` names it (never by default), the decoder's output layer 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -133,6 +134,7 @@ class LoraLinear(nn.Module):
         self.lora_A = AdapterLinear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = AdapterLinear(r, self.out_features, bias=False, device=device, dtype=dtype)
         self.merged = False
+        self.disabled = False  # ``adapters_disabled``: the base alone (PEFT's ``disable_adapter``)
         self.reset_lora_parameters()
 
     @torch.no_grad()
@@ -145,7 +147,7 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        if self.merged:
+        if self.merged or self.disabled:
             return result
         dtype = result.dtype
         x = x.to(self.lora_A.weight.dtype)  # PEFT's _cast_input_dtype
@@ -216,6 +218,23 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, *, dtype: torch.dtype | None =
             p.requires_grad_(True)
     model.lora_config = cfg
     return wrapped
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Within the block every ``LoraLinear`` runs its base layer alone (PEFT's ``disable_adapter()``): the model
+    without its adapter, no second copy of the weights (DPO's reference: train/dpo.py). A merged adapter is in
+    the base weight and cannot be left out: an error."""
+    layers = lora_layers(model).values()
+    if any(layer.merged for layer in layers):
+        raise LoraError("cannot disable a merged adapter (unmerge_lora first)")
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
 
 
 def merge_lora(model: nn.Module) -> None:

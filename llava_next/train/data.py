@@ -165,10 +165,12 @@ def parse_item(item: object, index: int, where: str, media_root: PathLike) -> Re
                   root / video if video else None, turns, system)
 
 
-def read_records(path: PathLike, media_root: PathLike | None = None) -> list[Record]:
+def read_records(path: PathLike, media_root: PathLike | None = None, parse=parse_item) -> list:
     """Every item of a JSON list or JSONL file (JSONL: a ``.jsonl`` name, or any file not starting with
     "["); blank lines are skipped. ``media_root`` defaults to the file's folder. Raises one ``DataError``
-    naming every item whose structure is wrong (the media are checked by ``TrainingData.validate``)."""
+    naming every item whose structure is wrong (the media are checked by ``TrainingData.validate``).
+    ``parse(item, index, where, root)``: what one item becomes (``parse_item``: a ``Record``; preference
+    pairs: train/preferences.py)."""
     path = Path(path)
     root = path.parent if media_root is None else Path(media_root)
     try:
@@ -201,7 +203,7 @@ def read_records(path: PathLike, media_root: PathLike | None = None) -> list[Rec
         try:
             if error is not None:
                 raise error
-            records.append(parse_item(item, index, where, root))
+            records.append(parse(item, index, where, root))
         except DataError as e:
             errors.append(str(e))
     if errors:
@@ -414,7 +416,7 @@ class TrainingData(torch.utils.data.Dataset):
                  supervise: Supervise = "answers", max_length: int | None = None,
                  scene: SceneOptions = SceneOptions()) -> None:
         self.path, self.tokenizer, self.config = Path(path), tokenizer, config
-        self.records = read_records(path, media_root)
+        self.records = self._read(path, media_root)
         self.frames, self.seed, self.frame_sampling, self.supervise = frames, seed, frame_sampling, supervise
         self.template = config.template if template is None else template
         if self.template not in TEMPLATES:
@@ -422,6 +424,10 @@ class TrainingData(torch.utils.data.Dataset):
         self.max_length = max_length
         self.epoch = 0
         self.scene, self._cuts = scene, {}  # frame_sampling "scene": cuts per video path, found once
+
+    def _read(self, path: PathLike, media_root: PathLike | None) -> list[Record]:
+        """The file's items (train/preferences.py reads pairs here)."""
+        return read_records(path, media_root)
 
     def __len__(self) -> int:
         return len(self.records)

@@ -144,11 +144,10 @@ class SFTRun:
         self.model.train()
         while self.step < self.total_steps:
             t0 = time.perf_counter()
-            loss, tokens, seen = self._optimizer_step()
+            stats = self._optimizer_step()
             self.step += 1
-            line = {"step": self.step, "epoch": self.epoch, "loss": loss, "tokens": tokens, "input_tokens": seen,
-                    "lr": self.schedule.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 4),
-                    "total_steps": self.total_steps}
+            line = {"step": self.step, "epoch": self.epoch, **stats, "lr": self.schedule.get_last_lr()[0],
+                    "seconds": round(time.perf_counter() - t0, 4), "total_steps": self.total_steps}
             if self.rank == 0:
                 with open(self.out / "steps.jsonl", "a", encoding="utf-8") as f:
                     f.write(json.dumps(line) + "\n")
@@ -159,35 +158,44 @@ class SFTRun:
         self.model.eval()
         return self.out
 
-    def _optimizer_step(self) -> tuple[float, int, int]:
+    def _optimizer_step(self) -> dict:
         """``grad_accum`` micro-batches, one AdamW step; the step's mean loss, its supervised tokens and all
-        the tokens it read (visual ones included), over every rank."""
+        the tokens it read (visual ones included), over every rank: the step's line in steps.jsonl."""
         micro = [self._next_items() for _ in range(self.cfg.grad_accum)]
         tokens = _all_sum(sum(int(w * (b.labels[:, 1:] != IGNORE_INDEX).sum()) for b, w in micro))
         seen = _all_sum(sum(int(w * b.attention_mask.sum()) for b, w in micro))
         loss_sum = 0.0
         for i, (batch, weight) in enumerate(micro):
-            last = i == len(micro) - 1
-            sync = contextlib.nullcontext() if last or self.world == 1 else self.forward.no_sync()
-            with sync:
+            with self._sync(last=i == len(micro) - 1):
                 # DDP averages gradients over ranks: times world, the sum over ranks / tokens
                 loss = self._loss(batch, max(tokens, 1)) * (weight * self.world)
                 loss.backward()
             loss_sum += loss.item() / self.world
+        self._apply_step()
+        return {"loss": _all_sum(loss_sum), "tokens": tokens, "input_tokens": seen}
+
+    def _apply_step(self) -> None:
+        """The accumulated gradients -> clipped, one AdamW step, the schedule's next rate."""
         torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
-        return _all_sum(loss_sum), tokens, seen
 
-    def _loss(self, batch, num_items: int) -> torch.Tensor:
+    def _sync(self, last: bool):
+        """DDP all-reduces the gradients on the last micro-batch of a step only."""
+        return contextlib.nullcontext() if last or self.world == 1 else self.forward.no_sync()
+
+    def _logits(self, batch, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """(B, T, V) logits of a batch under the run's autocast; ``model`` defaults to the (DDP-wrapped) one."""
         device = self.params[0].device.type  # the model's; the batch is on the CPU until the model moves it
         autocast = torch.autocast(device, dtype=torch.bfloat16) if self.cfg.autocast else contextlib.nullcontext()
         with autocast:
-            logits = self.forward(batch.input_ids, images=batch.images,
-                                  videos=[v.pixel_values for v in batch.videos],
-                                  attention_mask=batch.attention_mask, engine=self.engine)
-        return causal_lm_loss(logits, batch.labels, num_items=num_items)
+            return (model or self.forward)(batch.input_ids, images=batch.images,
+                                           videos=[v.pixel_values for v in batch.videos],
+                                           attention_mask=batch.attention_mask, engine=self.engine)
+
+    def _loss(self, batch, num_items: int) -> torch.Tensor:
+        return causal_lm_loss(self._logits(batch), batch.labels, num_items=num_items)
 
     def _order(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
@@ -202,11 +210,14 @@ class SFTRun:
         whole = order[self.index:self.index + self.cfg.batch_size * self.world]
         mine = whole[self.rank * self.cfg.batch_size:(self.rank + 1) * self.cfg.batch_size]
         self.data.set_epoch(self.epoch)
-        batch = collate([self.data[i] for i in mine or order[:1]], pad_id(self.data.tokenizer))
+        batch = self._collate(mine or order[:1])
         self.index += len(whole)
         if self.index >= len(order):
             self.epoch, self.index = self.epoch + 1, 0
         return batch, 1.0 if mine else 0.0
+
+    def _collate(self, indices: list[int]):
+        return collate([self.data[i] for i in indices], pad_id(self.data.tokenizer))
 
     # ---- the output directory ----------------------------------------------------------------------------
     def _settings(self) -> dict:
