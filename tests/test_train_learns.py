@@ -15,7 +15,11 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
+import pytest
+
+from llava_next.train.sft import SFTConfig, SFTRun
 from media import cached_video
 
 # the clips' photos (tests/media.py) and what each shows: astronaut, coffee, rocket, cat
@@ -49,6 +53,7 @@ def test_sft_makes_run_say_each_clips_caption(tmp_path):
     assert trained.returncode == 0, trained.stderr.decode()
     steps = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
     assert len(steps) == int(STEPS) and steps[-1]["loss"] < 0.1 * steps[0]["loss"]
+    assert [s["lr"] for s in steps[:2]] == pytest.approx([3e-3 * 2 / 10, 3e-3 * 3 / 10])  # the rate of the next step
 
     for video, caption in zip(videos, captions):  # streamed to stdout: exactly the caption and the newline
         tuned = cli(env, "run", "--model", "tiny-random", "--adapter", str(tmp_path / "run" / "adapter"),
@@ -65,3 +70,13 @@ def test_sft_makes_run_say_each_clips_caption(tmp_path):
     assert base.returncode == 0, base.stderr.decode()
     answers = {line["id"]: line["text"] for line in map(json.loads, (tmp_path / "base.jsonl").read_text().splitlines())}
     assert len(answers) == 4 and not any(c in answers[v.name] for v, c in zip(videos, captions)), answers
+
+
+def test_lr_schedules_warm_up_then_decay_or_hold():
+    def rates(**settings) -> list[float]:
+        run = SimpleNamespace(cfg=SFTConfig(out="unused", **settings), total_steps=6)
+        return [SFTRun._lr_factor(run, step) for step in range(6)]
+
+    assert rates(warmup_steps=2, lr_schedule="constant") == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert rates(warmup_steps=2) == pytest.approx([0.5, 1.0, 1.0, 0.8536, 0.5, 0.1464], abs=1e-4)  # cosine
+    assert rates(lr_schedule="constant") == [1.0] * 6
