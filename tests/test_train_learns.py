@@ -42,7 +42,9 @@ def test_sft_makes_run_say_each_clips_caption(tmp_path):
     data.write_text("".join(json.dumps({"id": f"clip{k}", "video": str(v), "conversations": [
         {"from": "human", "value": f"<video>\n{PROMPT}"}, {"from": "gpt", "value": captions[k]}]},
         ensure_ascii=False) + "\n" for k, v in enumerate(videos)), encoding="utf-8")
-    env = dict(os.environ, LLAVA_NEXT_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
+    # one thread: on the shared 2-core machine two threads per process spin against the other work (measured:
+    # 529 s of CPU for this test at the default against 74 s with one thread, same result)
+    env = dict(os.environ, LLAVA_NEXT_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
     trained = cli(env, "train", "--method", "sft", "--data", str(data), "--model", "tiny-random",
                   "--out", str(tmp_path / "run"), "--frames", FRAMES, "--frame-sampling", "uniform",
