@@ -1,7 +1,7 @@
 """Supervised fine-tuning (llava_next/train/sft.py) on the built-in tiny model with Korean captions of real video
 clips: a run killed between checkpoints resumes to the same weights as an uninterrupted one, and another run's
 directory is never written over; ``llava-next train`` writes an adapter that ``apply_lora`` + PEFT's loader read.
-(The issue's learning test, captions reproduced exactly after training, is not here yet: docs/training.md.)"""
+(The issue's learning test, captions reproduced exactly after training: tests/test_train_learns.py.)"""
 
 from __future__ import annotations
 

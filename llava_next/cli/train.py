@@ -68,6 +68,10 @@ def add_train(sub, *, user_error) -> None:
     p.add_argument("--steps", type=options.positive, default=None, help="optimizer steps (default: --epochs)")
     p.add_argument("--epochs", type=options.positive, default=1)
     p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
+                   help="cosine (default): decay to 0 at the last step; constant: --lr throughout (both after "
+                        "--warmup-steps)")
+    p.add_argument("--warmup-steps", type=options.nonnegative, default=0, help="steps of linear warmup to --lr (default 0)")
     p.add_argument("--batch-size", type=options.positive, default=1)
     p.add_argument("--grad-accum", type=options.positive, default=1)
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute each block in the backward")
@@ -124,7 +128,8 @@ def _train(args: argparse.Namespace, user_error) -> int:
         pipe.model.to(device)
     data = _data(args, pipe, data_path, quiet)
     common = dict(out=args.out, steps=args.steps or 0, epochs=args.epochs, batch_size=args.batch_size,
-                  grad_accum=args.grad_accum, lr=args.lr, trainable=args.trainable, seed=args.seed,
+                  grad_accum=args.grad_accum, lr=args.lr, lr_schedule=args.lr_schedule,
+                  warmup_steps=args.warmup_steps, trainable=args.trainable, seed=args.seed,
                   gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every,
                   autocast="bf16" if args.bf16 else None)
     on_step = None if quiet else StepProgress()

@@ -86,6 +86,7 @@ class SFTConfig:
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_schedule: Literal["cosine", "constant"] = "cosine"  # after the warmup: decay to 0 at the last step, or none
     trainable: Trainable = "lora"
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -131,9 +132,11 @@ class SFTRun:
         self.forward = _data_parallel(model, self.names) if self.world > 1 else model
 
     def _lr_factor(self, step: int) -> float:
-        """Linear warmup, then cosine decay to 0 at the last step."""
+        """Linear warmup, then cosine decay to 0 at the last step (or the full rate: ``lr_schedule="constant"``)."""
         if step < self.cfg.warmup_steps:
             return (step + 1) / self.cfg.warmup_steps
+        if self.cfg.lr_schedule == "constant":
+            return 1.0
         span = max(1, self.total_steps - self.cfg.warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - self.cfg.warmup_steps) / span)))
 
