@@ -233,7 +233,9 @@ def video_walk(out_dir: Path, tmp: Path) -> list[str]:
                   "frames, RGB, height, width (float32, normalised)")]), "",
           "*Where the references differ:* transformers' processor and the original demo both sample uniformly; "
           "the original training code also samples at 1 frame/s. Switch: `load_video(..., sampling=\"uniform\" | \"fps\")`, "
-          "`--sampling` on the command line.", ""]
+          "`--sampling` on the command line. A third rule, not from either reference, follows the video's scenes: "
+          "`sampling=\"scene\"` (cuts as PySceneDetect finds them, the frames spread over the scenes; docs/usage.md, "
+          "\"Choosing frames\").", ""]
 
     L += ["### 2. Pixels become patches", "",
           f"{where(clip.VisionTower.forward)}: a {v.patch_size}x{v.patch_size} convolution with stride {v.patch_size} "
