@@ -125,9 +125,13 @@ def test_trace_png_and_logit_lens(traced):
     out = json.loads(stdout)
     names = sorted(p.rsplit("/", 1)[-1] for p in out["png"])
     assert names == ["image0_anyres.png", "logit_lens.png", "video0_frames.png", "video0_layers.png"]
+    record = out["reproducibility"]  # how it was made: in the JSON and in every picture's text chunk
+    assert record["torch"] == torch.__version__ and record["switches"]["max_new_tokens"] == 2
+    assert record["checkpoint_sha256"] and record["dtype"] == "float32"
     for path in out["png"]:
         with Image.open(path) as im:
             assert im.format == "PNG" and im.width > 300 and im.height > 100
+            assert json.loads(im.text["llava-next"]) == record
     lens = out["logit_lens"]
     assert set(lens) == {"0", "1"}
     last = out["prompt_positions"] - 1

@@ -122,11 +122,12 @@ def _trace(args: argparse.Namespace, user_error) -> int:
                         temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                         compile_step={"auto": None, "on": True, "off": False}[args.compile_step])
     report = _report(args, pipe.tokenizer, result, load_and_prepare_s=t1 - t0)
+    report["reproducibility"] = trace_attribute.reproducibility(args, pipe)
     attribution = trace_attribute.attribute(args, pipe, result) if args.attribute else None
     pngs = []
     if args.png:
         pngs = _draw(args, request, result.provenance, result.attention, result.logit_lens, pipe.tokenizer,
-                     result.layers, user_error, result.num_layers)
+                     result.layers, user_error, result.num_layers, report["reproducibility"])
         if attribution is not None:
             pngs += trace_attribute.draw(args, request, result.provenance, attribution)
         report["png"] = pngs
@@ -249,10 +250,16 @@ def _json_floats(w: torch.Tensor) -> list:
     return [None if v != v else v for v in w.tolist()]
 
 
-def _draw(args, request, prov, attention, lens, tokenizer, layers, user_error, n_layers) -> list[str]:
+def _draw(args, request, prov, attention, lens, tokenizer, layers, user_error, n_layers, record: dict) -> list[str]:
     """The --png pictures into args.png: per video its frame heatmaps, the layer x frame chart (and a reduced
-    request's kept map), per image its AnyRes overlay, and the logit-lens grid; their paths."""
+    request's kept map), per image its AnyRes overlay, and the logit-lens grid; their paths. Each carries the
+    reproducibility ``record`` as a PNG text chunk ("llava-next")."""
+    from PIL.PngImagePlugin import PngInfo
+
     from ..research import plots
+
+    meta = PngInfo()
+    meta.add_text("llava-next", json.dumps(record))
 
     try:
         os.makedirs(args.png, exist_ok=True)
@@ -268,7 +275,7 @@ def _draw(args, request, prov, attention, lens, tokenizer, layers, user_error, n
 
     def save(img, name):
         path = os.path.join(args.png, name)
-        img.save(path, format="PNG")
+        img.save(path, format="PNG", pnginfo=meta)
         out.append(path)
 
     for m in prov.media_info:

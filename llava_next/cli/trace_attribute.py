@@ -113,11 +113,13 @@ def attribute(args: argparse.Namespace, pipe, result) -> dict:
 
 
 def reproducibility(args: argparse.Namespace, pipe) -> dict:
-    """eval/records.py's record: versions, commit, dtype, device, seed, checkpoint hash, the attribution switches."""
+    """eval/records.py's record: versions, commit, dtype, device, seed, checkpoint hash, the trace's switches
+    (every ``trace`` output carries it: --json, each --png's text chunk, each --inputs shard)."""
     from ..eval.records import provenance
 
-    switches = {k: getattr(args, k) for k in ("attribute", "attribute_space", "baseline", "ig_steps", "ig_rule",
-                                              "max_new_tokens", "frames", "template") if hasattr(args, k)}
+    names = ("attribute", "attribute_space", "baseline", "ig_steps", "ig_rule", "max_new_tokens", "frames", "template",
+             "layers", "query", "lens", "reduce", "select_frames", "sampling", "quantize", "adapter", "rope_scale")
+    switches = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     directory = args.model if os.path.isdir(str(args.model)) else None
     return provenance(model=str(args.model), checkpoint_dir=directory, dtype=pipe.model.dtype,
                       device=pipe.model.device, seed=args.seed, switches=switches)
