@@ -331,13 +331,7 @@ def _draw_image(args, prov, m, mean_w, group: str, span: str, save) -> None:
     base = prov.to_pixels(mean_w, m.index, part="base")
     untiled = m.plan.aspect != "anyres"  # "resize" / "pad": one tile, no AnyRes grid
     grid = None if untiled else prov.to_pixels(mean_w, m.index, part="grid")
-    tiles = []
-    rows, cols = m.plan.grid_hw
-    for ty in range(rows):
-        for tx in range(cols):
-            b = prov.box[prov.where(media=m.index, tile=(ty, tx))]
-            if len(b):
-                tiles.append((float(b[:, 0].min()), float(b[:, 1].min()), float(b[:, 2].max()), float(b[:, 3].max())))
+    tiles = prov.tile_boxes(m.index)
     how = "padded to a square" if m.plan.aspect == "pad" else "squashed"
     save(plots.anyres_overlay(image, base, grid, title=f"{os.path.basename(path)}: query '{group}' attention, "
                                                      f"{span}", tile_boxes=tiles,

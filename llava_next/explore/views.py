@@ -58,13 +58,7 @@ def _image_heatmap(answer: Answer, m, w, what: str) -> Image.Image:
     base = prov.to_pixels(w, m.index, part="base")
     untiled = m.plan.aspect != "anyres"  # "resize" / "pad": one tile, no AnyRes grid
     grid = None if untiled else prov.to_pixels(w, m.index, part="grid")
-    tiles = []
-    rows, cols = m.plan.grid_hw
-    for ty in range(rows):
-        for tx in range(cols):
-            b = prov.box[prov.where(media=m.index, tile=(ty, tx))]
-            if len(b):
-                tiles.append((float(b[:, 0].min()), float(b[:, 1].min()), float(b[:, 2].max()), float(b[:, 3].max())))
+    tiles = prov.tile_boxes(m.index)
     return plots.anyres_overlay(image, base, grid, title=f"{os.path.basename(answer.path)}: attention that produced "
                                                          f"{what}", tile_boxes=tiles,
                                 base_label="one tile" if untiled else None,

@@ -374,6 +374,18 @@ class Provenance:
     def segment_name(self, i: int) -> str:
         return SEGMENTS[int(self.segment[i])]
 
+    def tile_boxes(self, media: int) -> list[tuple[float, float, float, float]]:
+        """The original-pixel box (x0, y0, x1, y1) each AnyRes tile of image ``media`` covers, row by row (the
+        union of its tokens' source boxes; tiles with no token left out)."""
+        rows, cols = self.media_info[media].plan.grid_hw
+        out = []
+        for ty in range(rows):
+            for tx in range(cols):
+                b = self.box[self.where(media=media, tile=(ty, tx))]
+                if len(b):
+                    out.append((float(b[:, 0].min()), float(b[:, 1].min()), float(b[:, 2].max()), float(b[:, 3].max())))
+        return out
+
     def tile_of(self, i: int) -> str | tuple[int, int] | None:
         """"base", (tile row, tile col) of an AnyRes grid token, or None."""
         k = int(self.kind[i])

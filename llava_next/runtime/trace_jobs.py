@@ -61,7 +61,7 @@ def trace_item(pipe: Pipeline, item: Item, *, layers: Sequence[int] | None, quer
     res = pipe.trace(req, layers=layers, queries=queries, lens=lens, lens_top_k=1, template=item.template,
                      max_new_tokens=item.max_new_tokens)
     prov, T = res.provenance, len(res.provenance)
-    groups = [g for g in queries]
+    groups = list(queries)
     att = np.stack([np.stack([res.attention[layer][g].float().numpy() for g in groups]) for layer in res.layers])
     arrays = {"attention": att.astype(np.float16)}  # (L, G, T)
     for name in COLUMNS:
