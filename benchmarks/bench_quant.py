@@ -23,6 +23,12 @@ step (positions equal / 64, the first position that differs, and there: the bf16
 logit margin against the largest logit difference between the two runs, same prefix; a margin below
 the difference is a near-tie flipped by rounding).
 
+Decode products: each format decodes with the one-row product ``policy.gemv_choice`` measured fastest on
+this CPU at first use (model/policy.py; the report's first lines give the choice and the rates it was
+made on); the providers "... (torch's decode)" run the same model with ``LLAVA_NEXT_GEMV=torch`` (bf16: a
+second copy loaded that way, oneDNN-prepacked), "... (C decode)" with ``LLAVA_NEXT_GEMV=kernel``, so both
+paths are timed in the same alternation whichever one the policy picked.
+
 llama.cpp: ../shared/tools/llamacpp-anchor.sh (built once, ~5 minutes; BF16 / Q8_0 / Q4_0 at the same
 shapes, 2 threads; other --threads: its llama-bench rerun with -t N) runs right after the alternation; a table puts its prefill and decode tokens/s beside
 ours per format. Results: benchmarks/results/quant.csv and quant.md.
@@ -31,6 +37,7 @@ ours per format. Results: benchmarks/results/quant.csv and quant.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -55,6 +62,27 @@ from cpu_report import FIELDS, Report
 # ../shared/tools/ beside the repository (/work/main -> /work/shared), also from a worktree (/work/wt/NAME)
 ANCHOR = next((p for p in (Path(__file__).resolve().parents[n] / "shared" / "tools" / "llamacpp-anchor.sh"
                            for n in (2, 3)) if p.is_file()), Path("llamacpp-anchor.sh"))
+
+
+@contextlib.contextmanager
+def gemv(setting: str):
+    """``LLAVA_NEXT_GEMV`` set to ``setting`` for the block (read at load for bf16, per call for int8 / int4)."""
+    old = os.environ.get("LLAVA_NEXT_GEMV")
+    os.environ["LLAVA_NEXT_GEMV"] = setting
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["LLAVA_NEXT_GEMV"]
+        else:
+            os.environ["LLAVA_NEXT_GEMV"] = old
+
+
+def with_gemv(setting: str, fn):
+    def run():
+        with gemv(setting):
+            return fn()
+    return run
 
 
 def decode_bytes(cfg, kv_len: float, method: str | None) -> float:
@@ -223,6 +251,12 @@ def main() -> None:
         t = time.perf_counter()
         models[method] = load_quantized(path)
         report.add("load + repack", "llava-next", method, time.perf_counter() - t, "s")
+    from llava_next.model import policy
+    choice = policy.gemv_report()  # measured now if this machine has no entry yet
+    other = {fmt: "torch" if choice[fmt]["choice"] == "kernel" else "kernel" for fmt in policy.GEMV_FORMATS}
+    label = {"torch": "torch's decode", "kernel": "C decode"}
+    with gemv(other["bf16"]):
+        models["bf16 other"] = load_ours(ours_dir, torch.bfloat16)
     hf = None if args.no_transformers else load_hf(hf_dir, torch.bfloat16)
 
     ids = prompt_ids(cfg)
@@ -232,6 +266,8 @@ def main() -> None:
     # warm-ups: the decode attention compile (eager path), the whole-step compiles (bf16 cold, timed)
     for name in ("bf16", "int8", "int4"):
         ours_generate(models[name], embeds[:, :32], 3, compile_step=False)
+        with gemv(other[name]):  # the other decode product (int4 with torch's: its layout is built here)
+            ours_generate(models["bf16 other" if name == "bf16" else name], embeds[:, :32], 3, compile_step=False)
     for name in steps:
         t = time.perf_counter()
         ours_generate(models[name], embeds, 2, compile_step=True)
@@ -248,9 +284,13 @@ def main() -> None:
     if hf is not None:
         theirs_generate(hf, embeds[:, :32], 3)
 
+    alt = {fmt: f"{'bf16 eager' if fmt == 'bf16' else fmt} ({label[other[fmt]]})" for fmt in policy.GEMV_FORMATS}
     fns = {"bf16 eager": lambda: ours_generate(models["bf16"], embeds, n, False),
+           alt["bf16"]: lambda: ours_generate(models["bf16 other"], embeds, n, False),
            "int8": lambda: ours_generate(models["int8"], embeds, n, False),
+           alt["int8"]: with_gemv(other["int8"], lambda: ours_generate(models["int8"], embeds, n, False)),
            "int4": lambda: ours_generate(models["int4"], embeds, n, False),
+           alt["int4"]: with_gemv(other["int4"], lambda: ours_generate(models["int4"], embeds, n, False)),
            "memory read": ReadProbe()}
     for name in steps:
         fns[f"{name} compiled step"] = lambda name=name: ours_generate(models[name], embeds, n, True)
@@ -259,8 +299,9 @@ def main() -> None:
     runs = alternate(fns, args.repeats)
     read = [fns["memory read"].bytes / s / 1e9 for s, _ in runs["memory read"]]
     report.add("memory read", "torch", "-", read, "GB/s")
-    fmt = {"bf16 eager": None, "bf16 compiled step": None, "int8": "int8", "int8 compiled step": "int8",
-           "int4": "int4", "int4 compiled step": "int4", "transformers bf16": None}
+    fmt = {"bf16 eager": None, alt["bf16"]: None, "bf16 compiled step": None, "int8": "int8", alt["int8"]: "int8",
+           "int8 compiled step": "int8", "int4": "int4", alt["int4"]: "int4", "int4 compiled step": "int4",
+           "transformers bf16": None}
     decode, prefill_tok = {}, {}
     for name, method in fmt.items():
         if name not in runs:
@@ -313,7 +354,10 @@ def main() -> None:
     lines = [f"`python benchmarks/bench_quant.py` — {args.layers} decoder layers of the 7B shape, random weights, "
              f"~{T}-token prompt, {args.decode_tokens} decoded tokens, {args.repeats} repeats, "
              f"{torch.get_num_threads()} threads; {report.context['machine']}; commit {report.context['commit']}; "
-             f"load average {load:.1f} at the end", ""]
+             f"load average {load:.1f} at the end", "",
+             "Decode products chosen on this CPU (model/policy.py, measured at first use; GB/s of the probe): " +
+             "; ".join(f"{f} {choice[f]['choice']} ({', '.join(f'{k} {v}' for k, v in choice[f]['GB/s'].items())})"
+                       for f in policy.GEMV_FORMATS), ""]
     if anchor:
         lines += ["| format | llava-next decode tok/s | llama.cpp | ratio | llava-next prefill tok/s | llama.cpp | ratio |",
                   "|---|---|---|---|---|---|---|"]

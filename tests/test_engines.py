@@ -257,11 +257,18 @@ def packed_copy(model: LlavaNextModel) -> LlavaNextModel:
     return twin
 
 
-def test_pack_for_cpu_packs_every_linear():
+@pytest.mark.parametrize("gemv", ["torch", "kernel"])
+def test_pack_for_cpu_packs_every_linear(gemv, monkeypatch):
+    """Every linear is packed, except the bf16 decoder's where the decode loops were chosen (DecodeLinear)."""
+    from llava_next.model.llava import DecodeLinear
+
+    monkeypatch.setenv("LLAVA_NEXT_GEMV", gemv)
     model = tiny_model(torch.bfloat16)
     assert model.pack_for_cpu()
     assert not any(type(m) is torch.nn.Linear for m in model.modules())
-    assert isinstance(model.language_model.lm_head, PackedLinear) and isinstance(model.projector.linear_1, PackedLinear)
+    decoder_kind = DecodeLinear if gemv == "kernel" else PackedLinear
+    assert isinstance(model.language_model.lm_head, decoder_kind) and isinstance(model.projector.linear_1, PackedLinear)
+    assert all(type(m) is decoder_kind for m in model.language_model.modules() if isinstance(m, (torch.nn.Linear, PackedLinear)))
 
 
 def test_packed_linear_drops_the_file_pages_of_a_mapped_weight_and_leaves_copies_alone(tmp_path):
@@ -282,8 +289,9 @@ def test_packed_linear_drops_the_file_pages_of_a_mapped_weight_and_leaves_copies
         assert torch.equal(packed(x), F.linear(x, w))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_model_decodes_like_the_unpacked_model(dtype):
+@pytest.mark.parametrize("dtype,gemv", [(torch.float32, "auto"), (torch.bfloat16, "torch"), (torch.bfloat16, "kernel")])
+def test_packed_model_decodes_like_the_unpacked_model(dtype, gemv, monkeypatch):
+    monkeypatch.setenv("LLAVA_NEXT_GEMV", gemv)  # bf16: oneDNN's packed decode, or the C decode loops
     model = tiny_model(dtype)
     packed = packed_copy(model)
     ids = torch.randint(0, 100, (1, 9), generator=torch.Generator().manual_seed(1))

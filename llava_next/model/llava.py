@@ -16,7 +16,10 @@ numbers as ``F.linear``, float32 differs from ``F.linear``'s MKL path only in su
 the vision and projector layers is added inside the GEMM instead of in a separate pass. What it gains:
 benchmarks/bench_cpu.py, docs/performance.md ("CPU: llava-next against transformers"). Packed layers are
 frozen and have no ``state_dict`` entries, so load (or save) weights before packing; gradients still flow
-through them to the layers before (``PackedLinear``).
+through them to the layers before (``PackedLinear``). The decoder's bfloat16 linears are the exception
+where this CPU decodes faster with the C one-row loops (``policy.gemv_choice("bf16")``, measured at first
+use): they become ``DecodeLinear``, which keeps the plain (mmapped) weight, runs prompts through
+``F.linear`` and decode steps through model/cpu_gemv.c, and copies nothing.
 
 Gradients flow through every path (vision tower, pooling, projector, splice, decoder): ``image_features``
 and ``video_features`` build a graph when gradients are on, so inference callers (the pipeline, the
@@ -34,6 +37,8 @@ from typing import Sequence
 
 import torch
 from torch import nn
+
+from . import cpu_gemv
 
 from ..config import LlavaNextConfig
 from . import policy
@@ -95,6 +100,28 @@ class PackedLinearFunction(torch.autograd.Function):
         return grad_y @ layer.plain.to(grad_y.dtype), None  # (..., K)
 
 
+class DecodeLinear(nn.Linear):
+    """A frozen bfloat16 decoder ``nn.Linear`` on CPU whose decode steps (at most ``policy.GEMV_MAX_ROWS``
+    rows) run the C one-row product (model/cpu_gemv.c: fp32 sums rounded once, like
+    ``F.linear``); prompts, gradients and compiled graphs run ``F.linear``. The weight is used where it is
+    (a view of the mmapped checkpoint): no copy, nothing to prepack."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "DecodeLinear":
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.weight, layer.bias = linear.weight, linear.bias
+        layer.requires_grad_(False)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.numel() <= policy.GEMV_MAX_ROWS * self.in_features and x.dtype == torch.bfloat16
+                and not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and x.requires_grad)):
+            return cpu_gemv.gemv_bf16(x, self.weight, self.bias)
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
 def can_pack_for_cpu(dtype: torch.dtype, device: torch.device) -> bool:
     """True where ``pack_for_cpu`` does something: float32, or bfloat16 where oneDNN has bf16 kernels, on CPU."""
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
@@ -136,15 +163,20 @@ class LlavaNextModel(nn.Module):
 
     @torch.no_grad()
     def pack_for_cpu(self) -> bool:
-        """Prepack every linear layer for CPU inference (module docstring); False (and no change) where it
-        does not apply. Call once, after loading the weights."""
+        """Prepack every linear layer for CPU inference, or make the decoder's bf16 ones ``DecodeLinear``
+        where this CPU decodes faster with them (module docstring); False (and no change) where it does not
+        apply. Call once, after loading the weights."""
         if not can_pack_for_cpu(self.dtype, self.device):
             return False
+        decode_kernel = self.dtype == torch.bfloat16 and policy.gemv_choice("bf16") == "kernel"
+        decoder = {id(m) for m in self.language_model.modules()}
         # (parent, name) pairs, not the layers: each plain weight is freed as soon as its layer is replaced
         slots = [(parent, name) for parent in self.modules() for name, child in parent.named_children()
                  if type(child) is nn.Linear and can_pack_for_cpu(child.weight.dtype, child.weight.device)]
         for parent, name in slots:
-            setattr(parent, name, PackedLinear(getattr(parent, name)))
+            linear = getattr(parent, name)
+            use_kernel = decode_kernel and id(linear) in decoder and linear.weight.dtype == torch.bfloat16
+            setattr(parent, name, DecodeLinear.from_linear(linear) if use_kernel else PackedLinear(linear))
         return True
 
     # ---- visual features (differentiable: inference callers run them under torch.no_grad) -------------

@@ -2,16 +2,30 @@
 result that set it (benchmarks/published/, rendered in docs/performance.md); the code that applies a
 policy imports it from here and carries no measured number of its own.
 
-One switch, the environment variable ``LLAVA_NEXT_COMPILE``, read only here (``compile_setting``):
+Two kinds of rule. Constants measured once and published (compile costs, chunk sizes), each naming its
+benchmark; and choices that differ between CPUs (which one-row decode product is fastest here: torch's, or
+the project's C loops in model/cpu_gemv.c), made by **measuring this machine at first use** and
+cached per CPU model, flags, torch version and thread count (``gemv_choice``), as inductor caches its
+autotuning: an Intel Xeon with AMX and an AMD Zen 4 each get the path that is fastest on them.
+
+Two switches, environment variables read only here:
+``LLAVA_NEXT_COMPILE`` (``compile_setting``):
     auto   (default) compile what the figures below say pays for itself in this request
     0      never compile (eager decode, SDPA attention)
     1      always compile the one-query decode attention; the whole step under "auto"'s rule
     step   always decode with the whole-step compiled graph (CPU, float or quantized)
+``LLAVA_NEXT_GEMV`` (``gemv_choice``): auto (default: measured), kernel (the C loops), torch (torch's kernels).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
 
 # ---- the one-query decode attention, compiled (model/engines.py) ------------------------------------------
 # benchmarks/published/4-cpu.md, "Compiled decode attention" (bench_cpu.py, 7B shape, bf16, ~1,200-token
@@ -88,3 +102,137 @@ def step_compile_pays(max_new_tokens: int, quantized: bool, compiled_before: boo
 def static_cache_length(prompt_tokens: int, max_new_tokens: int) -> int:
     """The compiled step's static cache length, rounded up to STEP_CACHE_BUCKET."""
     return -(-(prompt_tokens + max_new_tokens) // STEP_CACHE_BUCKET) * STEP_CACHE_BUCKET
+
+
+# ---- one-row decode products on CPU (model/quant.py, model/llava.py) -----------------------------------------
+# Decoding reads every weight once per token, so its speed is the rate at which a one-row product reads
+# its weight. Which implementation reads fastest depends on the CPU (vector width, AMX, VNNI, cache sizes)
+# and on torch's build, so it is measured here, not written down: each candidate runs over weights of
+# GEMV_PROBE_BYTES (larger than the last-level cache: memory-bound, as in a real model), alternating,
+# GEMV_PROBE_ROUNDS times; the faster median wins. One measurement per machine and format, a fraction of a
+# second, cached in $LLAVA_NEXT_CACHE/kernels/policy.json under ``cpu_key()``.
+GEMV_MAX_ROWS = 8  # a product of at most this many rows is a decode step (one token per sequence)
+GEMV_PROBE_BYTES = 96 << 20
+GEMV_PROBE_SHAPE = (4096, 4096)  # (N, K): the 7B decoder's attention projections
+GEMV_PROBE_ROUNDS = 5
+GEMV_FORMATS = ("bf16", "int8", "int4")
+_choices: dict[str, str] = {}
+
+
+def gemv_setting() -> str:
+    """``LLAVA_NEXT_GEMV``: "auto", "kernel" or "torch"; anything else is an error."""
+    value = os.environ.get("LLAVA_NEXT_GEMV", "auto")
+    if value not in ("auto", "kernel", "torch"):
+        raise ValueError(f"LLAVA_NEXT_GEMV={value!r}: use auto (default: measured on this CPU at first use), "
+                         f"kernel (the C decode loops) or torch (torch's own kernels)")
+    return value
+
+
+def cpu_key() -> str:
+    """What a measured choice depends on: CPU model and vector flags, torch version, threads."""
+    from .cpu_gemv import cpu_identity
+    return f"{cpu_identity()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+
+
+def choose_faster(rates: dict[str, float]) -> str:
+    """The rule: the candidate with the highest measured read rate (GB/s); a tie keeps torch's."""
+    return max(sorted(rates, key=lambda c: c != "torch"), key=lambda c: rates[c])
+
+
+def gemv_choice(fmt: str) -> str:
+    """"kernel" or "torch": which one-row product decodes a ``fmt`` ("bf16", "int8", "int4") weight on this CPU
+    (``LLAVA_NEXT_GEMV`` forces one; "auto" measures once per machine, module comment above)."""
+    if fmt not in GEMV_FORMATS:
+        raise ValueError(f"no decode product for {fmt!r}: one of {', '.join(GEMV_FORMATS)}")
+    setting = gemv_setting()
+    from . import cpu_gemv
+    if setting == "torch" or cpu_gemv.load() is None:
+        return "torch"  # no C compiler: torch's kernels (cpu_gemv.failure() says why)
+    if setting == "kernel":
+        return "kernel"
+    if fmt not in _choices:
+        key, cache = cpu_key(), _read_policy_cache()
+        entry = cache.get(key, {}).get(fmt)
+        if entry is None:
+            rates = measure_gemv(fmt)
+            entry = {"choice": choose_faster(rates), "GB/s": {c: round(r / 1e9, 2) for c, r in rates.items()},
+                     "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+            cache.setdefault(key, {})[fmt] = entry
+            _write_policy_cache(cache)
+        _choices[fmt] = entry["choice"]
+    return _choices[fmt]
+
+
+def gemv_report() -> dict:
+    """The measured decode choices of this machine (for benchmarks and ``inspect``): {"cpu": key, fmt: entry}."""
+    for fmt in GEMV_FORMATS:
+        gemv_choice(fmt)
+    return {"cpu": cpu_key(), "setting": gemv_setting(), **_read_policy_cache().get(cpu_key(), {})}
+
+
+def _policy_path() -> Path:
+    root = Path(os.environ.get("LLAVA_NEXT_CACHE", Path.home() / ".cache" / "llava-next"))
+    return root / "kernels" / "policy.json"
+
+
+def _read_policy_cache() -> dict:
+    try:
+        return json.loads(_policy_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_policy_cache(cache: dict) -> None:
+    path = _policy_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(cache, f, indent=1)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache: measured again by the next process
+
+
+def measure_gemv(fmt: str) -> dict[str, float]:
+    """{"kernel": bytes/s, "torch": bytes/s}: both one-row products of ``fmt`` over weights of
+    GEMV_PROBE_BYTES in total, alternating, GEMV_PROBE_ROUNDS rounds, medians."""
+    candidates, total = _probe(fmt)
+    x = torch.ones(1, GEMV_PROBE_SHAPE[1], dtype=torch.bfloat16)
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(GEMV_PROBE_ROUNDS):
+        for name, run in candidates.items():
+            run(x)  # warm: the first pass faults the pages in
+            start = time.perf_counter()
+            run(x)
+            times[name].append(time.perf_counter() - start)
+    return {name: total / sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def _probe(fmt: str):
+    """({"kernel": f, "torch": f}, bytes): each f(x) runs one product per probe weight, the way the model's
+    layers run a decode step in ``fmt`` (torch: oneDNN's prepacked bf16 GEMM, ``_weight_int8pack_mm``,
+    ``_weight_int4pack_mm_for_cpu`` on its own layout; kernel: model/cpu_gemv.c)."""
+    from . import cpu_gemv
+    N, K = GEMV_PROBE_SHAPE
+    per = {"bf16": 2 * N * K, "int8": N * K, "int4": N * K // 2}[fmt]
+    count = max(1, GEMV_PROBE_BYTES // per)
+    if fmt == "bf16":
+        ws = [torch.full((N, K), 0.01, dtype=torch.bfloat16) for _ in range(count)]
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in ws]
+        kernel = lambda x: [cpu_gemv.gemv_bf16(x, w) for w in ws]
+        ref = lambda x: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed]
+    elif fmt == "int8":
+        qs = [torch.ones(N, K, dtype=torch.int8) for _ in range(count)]
+        scales = torch.full((N,), 0.01, dtype=torch.bfloat16)
+        kernel = lambda x: [cpu_gemv.gemv_int8(x, q, scales) for q in qs]
+        ref = lambda x: [torch._weight_int8pack_mm(x, q, scales) for q in qs]
+    else:
+        nib = [torch.full((N, K // 2), 0x87, dtype=torch.uint8) for _ in range(count)]
+        sz = torch.full((K // 128, N, 2), 0.01, dtype=torch.bfloat16)
+        sc, ze = sz[..., 0].T.contiguous(), sz[..., 1].T.contiguous()  # (N, K/128) each
+        q4 = torch.full((N, K), 7, dtype=torch.int32)
+        packs = [torch._convert_weight_to_int4pack_for_cpu(q4, 2) for _ in range(count)]
+        kernel = lambda x: [cpu_gemv.gemv_int4(x, p, sc, ze, 128) for p in nib]
+        ref = lambda x: [torch._weight_int4pack_mm_for_cpu(x, p, 128, sz) for p in packs]
+    return {"kernel": kernel, "torch": ref}, count * per

@@ -58,6 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_gemv
+
 from . import policy
 from .nf4 import NF4Error, NF4Linear, check_nf4_shape, nf4_bytes, nf4_dequantize, nf4_quantize
 
@@ -193,6 +195,13 @@ def needs_grad(x: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and x.requires_grad
 
 
+def decode_kernel(x: torch.Tensor, rows: int, fmt: str) -> bool:
+    """Whether this call is a decode step for the C one-row loops (model/cpu_gemv.c): bf16 rows on
+    CPU, at most ``policy.GEMV_MAX_ROWS``, outside a compiled graph, where this CPU measured them faster."""
+    return (rows <= policy.GEMV_MAX_ROWS and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and not torch.compiler.is_compiling() and policy.gemv_choice(fmt) == "kernel")
+
+
 def dequantized_linear(layer: "Int8Linear | Int4Linear", x: torch.Tensor) -> torch.Tensor:
     """A prompt-sized input (..., K) -> (..., N) through bf16 GEMMs, ``_CHUNK_ROWS`` output channels at a
     time: each chunk of the weight is dequantized while it stays in cache and used at once, so the full
@@ -277,9 +286,11 @@ class Int8Linear(nn.Module):
         # A gradient to the input (adapters train on a frozen quantized base): the int kernel has no backward
         if needs_grad(x):
             return _FrozenQuantLinearFn.apply(x, self)
+        scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
+        if decode_kernel(x, rows, "int8"):
+            return cpu_gemv.gemv_int8(x, self.weight, scales, self.bias)
         if rows >= DEQUANT_MIN_ROWS or self.in_features % INT8_KERNEL_K:
             return dequantized_linear(self, x)
-        scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
         if torch.compiler.is_compiling():  # the pattern inductor's CPU weight-only-int8 GEMM template matches
             y = F.linear(x, self.weight.to(x.dtype)) * scales
             return y if self.bias is None else y + self.bias
@@ -325,11 +336,18 @@ class Int4Linear(nn.Module):
         return m
 
     def init_buffers(self, device: torch.device) -> None:
-        """Build the kernel's CPU layout from the stored nibbles (a copy of K/2 bytes per row)."""
+        """Build torch's int4 CPU layout from the stored nibbles (a copy of K/2 bytes per row), unless this CPU
+        decodes faster with the C loops, which read the stored nibbles as they are (``policy.gemv_choice``)."""
         if self.weight.is_meta:
             return
         if self.weight.device.type != "cpu":
             raise QuantizationError("int4 weights run on CPU only (torch's int4 CPU kernel); use --device cpu")
+        if self.scales.dtype == torch.bfloat16 and policy.gemv_choice("int4") == "kernel":
+            return
+        self.build_torch_layout()
+
+    def build_torch_layout(self) -> None:
+        """``packed`` (N, K/2) in torch's int4 CPU layout and ``scales_and_zeros`` (K/g, N, 2)."""
         q = unpack_nibbles(self.weight).to(torch.int32)  # (N, K)
         self.packed = torch._convert_weight_to_int4pack_for_cpu(q, INNER_K_TILES)
         self.scales_and_zeros = torch.stack((self.scales, self.zeros), dim=-1).transpose(0, 1).contiguous()
@@ -351,10 +369,12 @@ class Int4Linear(nn.Module):
         rows = x.numel() // self.in_features
         if needs_grad(x):  # the int kernel has no backward
             return _FrozenQuantLinearFn.apply(x, self)
-        if rows >= DEQUANT_MIN_ROWS:  # a GEMM: oneDNN on the dequantized weight is faster
-            return dequantized_linear(self, x)
-        if self.packed is None:
-            self.init_buffers(self.weight.device)
+        if decode_kernel(x, rows, "int4") and self.scales.dtype == torch.bfloat16:
+            return cpu_gemv.gemv_int4(x, self.weight, self.scales, self.zeros, self.group_size, self.bias)
+        if rows >= DEQUANT_MIN_ROWS or (self.packed is None and torch.compiler.is_compiling()):
+            return dequantized_linear(self, x)  # a GEMM: oneDNN on the dequantized weight is faster
+        if self.packed is None:  # fp32 activations where the C loops hold the weight: built on first need
+            self.build_torch_layout()
         sz = self.scales_and_zeros if self.scales_and_zeros.dtype == x.dtype else self.scales_and_zeros.to(x.dtype)
         y = torch._weight_int4pack_mm_for_cpu(x.reshape(rows, self.in_features).contiguous(), self.packed,
                                               self.group_size, sz)

@@ -1,0 +1,301 @@
+/* One-row products for CPU decode: y (M, N) = x (M, K) W^T (+ bias), M small (one row per sequence).
+ *
+ * Decoding a token reads every weight once and does two flops per weight: its speed is the memory read
+ * rate, if the loop keeps up with it. cpu_gemv.py builds this file at first use with -O3 -march=native
+ * -fopenmp. Two implementations of each product:
+ * - AVX512-BF16 (AMD Zen 4, Intel Cooper Lake / Sapphire Rapids and later): one dpbf16 instruction
+ *   multiplies 32 bf16 pairs exactly and adds them into 16 fp32 sums. int8 and int4 weights become bf16
+ *   without any conversion instruction: a nibble q OR-ed into the mantissa of 128.0 (0x4300) is the bf16
+ *   number 128 + q exactly (bf16 holds every integer 128..255), so the loops sum x (128 + q) and subtract
+ *   128 sum x once per row (per group for int4). Shifts and masks only; no shuffles, which are slow on Zen 4.
+ * - plain C that the compiler vectorizes for any other CPU (AVX2, NEON), weights widened to fp32.
+ *
+ * Activations and outputs are bfloat16 (uint16_t bit patterns); sums are fp32, rounded to bf16 once, to
+ * nearest-even, as oneDNN and torch's int kernels do. Weights (row n = output channel n, row-major):
+ *   bf16   w[n, k]
+ *   int8   q[n, k] * scale[n]                                   (model/quant.py, symmetric per channel)
+ *   int4   (q[n, k] - 8) * scale[n, k / G] + zero[n, k / G]     q in [0, 15]; byte j of a row holds
+ *          column 2j in its low nibble and 2j + 1 in its high one (model/quant.py's portable layout)
+ * int4 sums per group:  sum_k x_k w_k = scale * sum_k x_k q_k + (zero - 8 scale) * sum_k x_k, so the inner
+ * loop multiplies raw nibbles and the group's x sum is computed once per call, not once per row.
+ *
+ * Threads: the N output channels are split into contiguous blocks, one stream of weight memory per thread
+ * (two or four rows at once, sharing the x loads, measured slower: more concurrent streams per core read
+ * memory slower than one), on the OpenMP runtime torch already loaded (the same libgomp, one thread pool). */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+#define BLOCK 16   /* output channels per scheduling unit */
+#define LANES 64   /* fp32 partial sums per dot product in the plain C loops: 4 AVX-512 / 8 AVX2 registers */
+#define AHEAD 2048 /* bytes of weight prefetched ahead of the loads (AVX512-BF16 loops) */
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);  /* round to nearest, ties to even */
+    return (uint16_t)(u >> 16);
+}
+
+static inline uint16_t finish(float acc, const uint16_t *bias, int64_t n) {
+    return f32_to_bf16(bias ? acc + bf16_to_f32(bias[n]) : acc);
+}
+
+#if defined(__AVX512BF16__)
+/* ---- AVX512-BF16 ---------------------------------------------------------------------------------------- */
+static inline __m512 load_bf16x16(const uint16_t *p, __mmask16 m) {  /* 16 bf16 -> 16 fp32 (masked lanes 0) */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+static float dot_bf16(const uint16_t *x, const uint16_t *w, int64_t K) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 128 <= K; k += 128) {
+        for (int line = 0; line < 256; line += 64) _mm_prefetch((const char *)(w + k) + AHEAD + line, _MM_HINT_T0);
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(x + k), (__m512bh)_mm512_loadu_si512(w + k));
+        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(x + k + 32), (__m512bh)_mm512_loadu_si512(w + k + 32));
+        a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(x + k + 64), (__m512bh)_mm512_loadu_si512(w + k + 64));
+        a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(x + k + 96), (__m512bh)_mm512_loadu_si512(w + k + 96));
+    }
+    for (; k + 32 <= K; k += 32)
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(x + k), (__m512bh)_mm512_loadu_si512(w + k));
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    for (; k < K; k++) s += bf16_to_f32(x[k]) * bf16_to_f32(w[k]);
+    return s;
+}
+
+/* int8: u = q + 128 (the byte with its top bit flipped) = n_lo + 16 n_hi. One 64-byte load is 32 16-bit
+ * lanes of two columns (2j, 2j + 1); shifting by 0, 4, 8, 12 bits and masking gives 128 + each nibble
+ * (flipping the top bit of a byte is flipping bit 3 of its high nibble: XOR 0x4308 where 0x4300 is OR-ed).
+ * Low nibbles sum into p0, high ones into p1, against x's even and odd columns (xe, xo: bf16, L1-resident):
+ * p0 + 16 p1 = sum x u + 128 * 17 * sum x = sum x q + 2304 sum x. ``xsum``: sum of x over the vector loop. */
+static float dot_int8(const uint16_t *xe, const uint16_t *xo, float xsum, const int8_t *w, int64_t K) {
+    const __m512i low = _mm512_set1_epi16(0x000f), one28 = _mm512_set1_epi16(0x4300),
+                  flip = _mm512_set1_epi16(0x4308);
+    __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        _mm_prefetch((const char *)(w + k) + AHEAD, _MM_HINT_T0);
+        const __m512i v = _mm512_loadu_si512(w + k);
+        const __m512bh e = (__m512bh)_mm512_loadu_si512(xe + k / 2), o = (__m512bh)_mm512_loadu_si512(xo + k / 2);
+        p0 = _mm512_dpbf16_ps(p0, e, (__m512bh)_mm512_ternarylogic_epi32(v, low, one28, 0xEA));  /* (v & f) | 4300 */
+        p1 = _mm512_dpbf16_ps(p1, e, (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), low, flip, 0x6A));
+        p0 = _mm512_dpbf16_ps(p0, o, (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), low, one28, 0xEA));
+        p1 = _mm512_dpbf16_ps(p1, o, (__m512bh)_mm512_xor_si512(_mm512_srli_epi16(v, 12), flip));  /* (v & f) ^ 4308 */
+    }
+    float s = _mm512_reduce_add_ps(_mm512_fmadd_ps(_mm512_set1_ps(16.0f), p1, p0)) - 2304.0f * xsum;
+    for (; k < K; k++) s += bf16_to_f32(k % 2 ? xo[k / 2] : xe[k / 2]) * (float)w[k];
+    return s;
+}
+
+/* int4, G a multiple of 128: one 64-byte load holds columns 128 l .. 128 l + 127; its 16-bit lane j holds the
+ * nibbles of columns 4j, 4j + 1 (low byte) and 4j + 2, 4j + 3 (high byte), so shifts by 0, 4, 8, 12 bits give
+ * 128 + q for the columns 4j + r against the streams xs[r][i] = x[4i + r] (bf16). Per group
+ * P = sum x (128 + q), and the row is sum_g scale_g P_g + (zero_g - 136 scale_g) X_g (X_g: the group's sum
+ * of x), the zero-point term 16 groups at a time. */
+static float dot_int4(const uint16_t *const xs[4], const float *xsum, const uint8_t *w, const uint16_t *scale,
+                      const uint16_t *zero, int64_t K, int64_t G) {
+    const int64_t groups = K / G, loads = G / 128;
+    const __m512i low = _mm512_set1_epi16(0x000f), one28 = _mm512_set1_epi16(0x4300);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps();
+        for (int64_t l = g * loads; l < (g + 1) * loads; l++) {
+            _mm_prefetch((const char *)(w + 64 * l) + AHEAD, _MM_HINT_T0);
+            const __m512i v = _mm512_loadu_si512(w + 64 * l);
+            p0 = _mm512_dpbf16_ps(p0, (__m512bh)_mm512_loadu_si512(xs[0] + 32 * l),
+                                  (__m512bh)_mm512_ternarylogic_epi32(v, low, one28, 0xEA));
+            p1 = _mm512_dpbf16_ps(p1, (__m512bh)_mm512_loadu_si512(xs[1] + 32 * l),
+                                  (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), low, one28, 0xEA));
+            p0 = _mm512_dpbf16_ps(p0, (__m512bh)_mm512_loadu_si512(xs[2] + 32 * l),
+                                  (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), low, one28, 0xEA));
+            p1 = _mm512_dpbf16_ps(p1, (__m512bh)_mm512_loadu_si512(xs[3] + 32 * l),
+                                  (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 12), one28));
+        }
+        const __m512 s = _mm512_set1_ps(bf16_to_f32(scale[g]));
+        if (g & 1) acc1 = _mm512_fmadd_ps(s, _mm512_add_ps(p0, p1), acc1);  /* two chains: no wait on the FMA */
+        else acc0 = _mm512_fmadd_ps(s, _mm512_add_ps(p0, p1), acc0);
+    }
+    __m512 corr = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g += 16) {
+        const __mmask16 m = groups - g >= 16 ? 0xffff : (__mmask16)((1u << (groups - g)) - 1);
+        const __m512 sv = load_bf16x16(scale + g, m), zv = load_bf16x16(zero + g, m);
+        corr = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(136.0f), sv, zv), _mm512_maskz_loadu_ps(m, xsum + g), corr);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), corr));
+}
+
+#else
+/* ---- plain C, vectorized by the compiler: LANES partial sums, weights widened to fp32 --------------------- */
+static inline float hsum(const float *acc) {
+    float s = 0.0f;
+    for (int j = 0; j < LANES; j++) s += acc[j];
+    return s;
+}
+
+static float dot_bf16(const float *x, const uint16_t *w, int64_t K) {
+    float acc[LANES] = {0};
+    int64_t k = 0;
+    for (; k + LANES <= K; k += LANES)
+        for (int j = 0; j < LANES; j++) acc[j] += x[k + j] * bf16_to_f32(w[k + j]);
+    float s = hsum(acc);
+    for (; k < K; k++) s += x[k] * bf16_to_f32(w[k]);
+    return s;
+}
+
+static float dot_int8(const float *x, const int8_t *w, int64_t K) {
+    float acc[LANES] = {0};
+    int64_t k = 0;
+    for (; k + LANES <= K; k += LANES)
+        for (int j = 0; j < LANES; j++) acc[j] += x[k + j] * (float)w[k + j];
+    float s = hsum(acc);
+    for (; k < K; k++) s += x[k] * (float)w[k];
+    return s;
+}
+
+/* sum_g scale_g sum_{k in g} x_k q_k + (zero_g - 8 scale_g) X_g over one row; xe / xo: the even / odd
+ * columns of x (fp32, K/2 each), H = G/2 bytes per group. */
+static float dot_int4(const float *xe, const float *xo, const float *xsum, const uint8_t *w, const uint16_t *scale,
+                      const uint16_t *zero, int64_t K, int64_t G) {
+    const int64_t H = G / 2, groups = K / G;
+    float total = 0.0f;
+    for (int64_t g = 0; g < groups; g++) {
+        float part[LANES] = {0}, tail = 0.0f;
+        int64_t b = g * H;
+        for (; b + LANES <= (g + 1) * H; b += LANES)
+            for (int j = 0; j < LANES; j++)
+                part[j] += xe[b + j] * (float)(w[b + j] & 15) + xo[b + j] * (float)(w[b + j] >> 4);
+        for (; b < (g + 1) * H; b++) tail += xe[b] * (float)(w[b] & 15) + xo[b] * (float)(w[b] >> 4);
+        const float s = bf16_to_f32(scale[g]);
+        total += s * (hsum(part) + tail) + (bf16_to_f32(zero[g]) - 8.0f * s) * xsum[g];
+    }
+    return total;
+}
+#endif
+
+/* ---- the entry points (cpu_gemv.py) ----------------------------------------------------------------------- */
+void gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y,
+               int64_t M, int64_t N, int64_t K, int threads) {
+#if defined(__AVX512BF16__)
+    const uint16_t *xr = x;  /* dpbf16 takes x as it is */
+#else
+    float *xr = malloc(sizeof(float) * M * K);
+    for (int64_t i = 0; i < M * K; i++) xr[i] = bf16_to_f32(x[i]);
+#endif
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n0 = 0; n0 < N; n0 += BLOCK)
+        for (int64_t n = n0; n < n0 + BLOCK && n < N; n++)
+            for (int64_t m = 0; m < M; m++)
+                y[m * N + n] = finish(dot_bf16(xr + m * K, w + n * K, K), bias, n);
+#if !defined(__AVX512BF16__)
+    free(xr);
+#endif
+}
+
+void gemv_int8(const uint16_t *x, const int8_t *w, const uint16_t *scales, const uint16_t *bias, uint16_t *y,
+               int64_t M, int64_t N, int64_t K, int threads) {
+#if defined(__AVX512BF16__)
+    const int64_t half = (K + 1) / 2;
+    uint16_t *xs = malloc(sizeof(uint16_t) * M * 2 * half);  /* (M, 2, K/2): x's even columns, then its odd ones */
+    float *xsum = malloc(sizeof(float) * M);  /* sum of x over the columns the vector loop covers */
+    for (int64_t m = 0; m < M; m++) {
+        float s = 0.0f;
+        for (int64_t k = 0; k < K; k++) {
+            xs[m * 2 * half + (k % 2) * half + k / 2] = x[m * K + k];
+            if (k < K / 64 * 64) s += bf16_to_f32(x[m * K + k]);
+        }
+        xsum[m] = s;
+    }
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n0 = 0; n0 < N; n0 += BLOCK)
+        for (int64_t n = n0; n < n0 + BLOCK && n < N; n++)
+            for (int64_t m = 0; m < M; m++) {
+                const uint16_t *xe = xs + m * 2 * half;
+                float acc = dot_int8(xe, xe + half, xsum[m], w + n * K, K);
+                y[m * N + n] = finish(acc * bf16_to_f32(scales[n]), bias, n);
+            }
+    free(xs);
+    free(xsum);
+#else
+    float *xf = malloc(sizeof(float) * M * K);
+    for (int64_t i = 0; i < M * K; i++) xf[i] = bf16_to_f32(x[i]);
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n0 = 0; n0 < N; n0 += BLOCK)
+        for (int64_t n = n0; n < n0 + BLOCK && n < N; n++)
+            for (int64_t m = 0; m < M; m++)
+                y[m * N + n] = finish(dot_int8(xf + m * K, w + n * K, K) * bf16_to_f32(scales[n]), bias, n);
+    free(xf);
+#endif
+}
+
+/* AVX512-BF16 needs G a multiple of 128 (the default; 32 and 64 take the plain loops, compiled beside). */
+static float dot_int4_any(const uint16_t *x, const float *xf, const float *xsum, const uint8_t *w,
+                          const uint16_t *scale, const uint16_t *zero, int64_t K, int64_t G);
+
+void gemv_int4(const uint16_t *x, const uint8_t *w, const uint16_t *scales, const uint16_t *zeros,
+               const uint16_t *bias, uint16_t *y, int64_t M, int64_t N, int64_t K, int64_t G, int threads) {
+    const int64_t groups = K / G;
+    uint16_t *xs = malloc(sizeof(uint16_t) * M * K);  /* (M, 4, K/4): xs[m][r][i] = x[m][4i + r] */
+    float *xf = malloc(sizeof(float) * M * K);  /* (M, 2, K/2): x's even columns, then its odd ones, fp32 */
+    float *xsum = malloc(sizeof(float) * M * groups);  /* (M, K/G) sum of x over each group */
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t k = 0; k < K; k++) {
+            xs[m * K + (k % 4) * (K / 4) + k / 4] = x[m * K + k];
+            xf[m * K + (k % 2) * (K / 2) + k / 2] = bf16_to_f32(x[m * K + k]);
+        }
+        for (int64_t g = 0; g < groups; g++) {
+            float s = 0.0f;
+            for (int64_t k = g * G; k < (g + 1) * G; k++) s += bf16_to_f32(x[m * K + k]);
+            xsum[m * groups + g] = s;
+        }
+    }
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n0 = 0; n0 < N; n0 += BLOCK)
+        for (int64_t n = n0; n < n0 + BLOCK && n < N; n++)
+            for (int64_t m = 0; m < M; m++) {
+                float acc = dot_int4_any(xs + m * K, xf + m * K, xsum + m * groups, w + n * K / 2,
+                                         scales + n * groups, zeros + n * groups, K, G);
+                y[m * N + n] = finish(acc, bias, n);
+            }
+    free(xs);
+    free(xf);
+    free(xsum);
+}
+
+#if defined(__AVX512BF16__)
+/* the plain int4 loop for groups of 32 / 64 columns, kept scalar here (rare: the default group is 128) */
+static float dot_int4_any(const uint16_t *x, const float *xf, const float *xsum, const uint8_t *w,
+                          const uint16_t *scale, const uint16_t *zero, int64_t K, int64_t G) {
+    if (G % 128 == 0) {
+        const uint16_t *xs[4] = {x, x + K / 4, x + K / 2, x + 3 * K / 4};
+        return dot_int4(xs, xsum, w, scale, zero, K, G);
+    }
+    const float *xe = xf, *xo = xf + K / 2;
+    float total = 0.0f;
+    for (int64_t g = 0; g < K / G; g++) {
+        float part = 0.0f;
+        for (int64_t b = g * G / 2; b < (g + 1) * G / 2; b++)
+            part += xe[b] * (float)(w[b] & 15) + xo[b] * (float)(w[b] >> 4);
+        const float s = bf16_to_f32(scale[g]);
+        total += s * part + (bf16_to_f32(zero[g]) - 8.0f * s) * xsum[g];
+    }
+    return total;
+}
+#else
+static float dot_int4_any(const uint16_t *x, const float *xf, const float *xsum, const uint8_t *w,
+                          const uint16_t *scale, const uint16_t *zero, int64_t K, int64_t G) {
+    (void)x;
+    return dot_int4(xf, xf + K / 2, xsum, w, scale, zero, K, G);
+}
+#endif

@@ -1,0 +1,198 @@
+"""CPU decode products in C, beside their PyTorch references: y (M, N) = x (M, K) W^T for a few rows of
+bf16 activations and a bf16, int8 or int4 weight (``cpu_gemv.c`` has the loops and the formats).
+
+    lib = load()                                     # None where no C compiler works (callers use torch)
+    y = gemv_bf16(x, w, bias)                        # x (..., K) bf16, w (N, K) bf16 -> (..., N) bf16
+    y = gemv_int8(x, q, scales, bias)                # q (N, K) int8, scales (N,)
+    y = gemv_int4(x, packed, scales, zeros, group_size, bias)   # packed (N, K/2) uint8, (N, K/g) each
+
+Why C: one decoded token reads every weight once, so the step's speed is the memory read rate; torch's
+one-row kernels on CPU reach about half of it (oneDNN's bf16 GEMM) or are compute-bound (``_weight_int8pack_mm``,
+``_weight_int4pack_mm_for_cpu``). The loops here read each weight once, in the project's own stored layouts
+(no second copy), and keep up with memory.
+
+Built once per machine, at first use: the source is compiled by the system C compiler (``$CC``, else ``cc``;
+the one torch.compile's CPU backend needs too) with ``-O3 -march=native -fopenmp`` into
+``$LLAVA_NEXT_CACHE/kernels/cpu_gemv-native-<hash>/`` (default ``~/.cache/llava-next``), written under a
+temporary name and renamed, so concurrent first uses cannot load half a file. ``-march=native`` makes the
+library specific to the CPU it was built on: the hash covers the source, the flags, the CPU model and
+its vector flags. Where the CPU has AVX512-BF16 the loops use it (cpu_gemv.c); elsewhere the compiler
+vectorizes plain C for what the CPU has.
+
+Threads: OpenMP, with torch's thread count; the library links the libgomp torch already loaded, so both
+share one thread pool. The call goes through ctypes (a few microseconds, released GIL); ``torch.compile``
+cannot trace it, so compiled graphs keep torch's kernels (model/quant.py checks ``is_compiling``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_gemv.c")
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
+_P, _I, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_lib: ctypes.CDLL | None = None
+_failure: str | None = None  # why the library could not be built, once tried
+
+
+def cpu_identity() -> str:
+    """The CPU model and its vector flags, e.g. "AMD EPYC 9R14 | avx2 avx512f avx512_bf16 ..." (Linux
+    /proc/cpuinfo; the platform's processor name elsewhere): what a native build and a measured policy
+    depend on."""
+    model, flags = "", []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not model:
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = sorted(f for f in value.split() if f.startswith(("avx", "amx", "fma", "f16c", "sve", "neon")))
+    except OSError:
+        import platform
+        model = platform.processor() or platform.machine()
+    return f"{model} | {' '.join(flags)}"
+
+
+def _cache_dir(march: str) -> Path:
+    root = Path(os.environ.get("LLAVA_NEXT_CACHE", Path.home() / ".cache" / "llava-next"))
+    key = hashlib.sha256((SOURCE.read_text() + " ".join(FLAGS) + march + cpu_identity()).encode()).hexdigest()[:16]
+    return root / "kernels" / f"cpu_gemv-{march}-{key}"
+
+
+def build(march: str = "native") -> Path:
+    """Compile the library for this machine (once; later calls find it); ``march``: another target for
+    tests (``x86-64-v3``: AVX2 without AVX512-BF16, the plain C loops). Raises RuntimeError with the
+    compiler's message when no compiler works."""
+    out = _cache_dir(march) / "cpu_gemv.so"
+    if out.exists():
+        return out
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc): the CPU decode kernels need one")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *FLAGS, f"-march={march}", "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{cc} could not build {SOURCE.name}: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def load() -> ctypes.CDLL | None:
+    """The built library, or None (and ``failure()`` says why) where it cannot be built."""
+    global _lib, _failure
+    if _lib is None and _failure is None:
+        try:
+            _lib = bind(build())
+        except (RuntimeError, OSError) as e:
+            _failure = str(e)
+    return _lib
+
+
+def bind(path: Path) -> ctypes.CDLL:
+    """Open a built library and declare its three entry points (cpu_gemv.c)."""
+    lib = ctypes.CDLL(str(path))
+    lib.gemv_bf16.argtypes = [_P, _P, _P, _P, _I, _I, _I, _C]
+    lib.gemv_int8.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _C]
+    lib.gemv_int4.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _C]
+    return lib
+
+
+def failure() -> str | None:
+    """Why ``load`` returned None (None if it worked or was not tried)."""
+    return _failure
+
+
+def _check(x: torch.Tensor, in_features: int, *weights: torch.Tensor | None) -> None:
+    """bf16 CPU activations whose last dimension is the weight's ``in_features``; contiguous CPU weights."""
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu":
+        raise ValueError(f"the CPU decode kernels take bfloat16 activations on CPU, got {x.dtype} on {x.device}")
+    for t in weights:
+        if t is not None and (t.device.type != "cpu" or not t.is_contiguous()):
+            raise ValueError("the CPU decode kernels need contiguous CPU weights (call .contiguous())")
+        if t is not None and t.is_floating_point() and t.dtype != torch.bfloat16:
+            raise ValueError(f"the CPU decode kernels take bfloat16 weights, scales, zeros and biases, got {t.dtype}")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"the input has {x.shape[-1]} features, the weight {in_features} input features")
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
+
+
+def _lib_or_raise() -> ctypes.CDLL:
+    lib = load()
+    if lib is None:
+        raise RuntimeError(f"the CPU decode kernels are not available: {_failure}")
+    return lib
+
+
+def gemv_bf16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) bf16, w (N, K) bf16, bias (N,) bf16 or None -> (..., N) bf16."""
+    _check(x, w.shape[1], w, bias)
+    xr, (N, K) = _rows(x), w.shape
+    y = torch.empty(xr.shape[0], N, dtype=torch.bfloat16)
+    _lib_or_raise().gemv_bf16(xr.data_ptr(), w.data_ptr(), _ptr(bias), y.data_ptr(), xr.shape[0], N, K,
+                              torch.get_num_threads())
+    return y.reshape(*x.shape[:-1], N)
+
+
+def gemv_int8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) bf16, q (N, K) int8, scales (N,) bf16 -> (..., N) bf16: x (q * scales)^T (+ bias)."""
+    _check(x, q.shape[1], q, scales, bias)
+    xr, (N, K) = _rows(x), q.shape
+    y = torch.empty(xr.shape[0], N, dtype=torch.bfloat16)
+    _lib_or_raise().gemv_int8(xr.data_ptr(), q.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr(),
+                              xr.shape[0], N, K, torch.get_num_threads())
+    return y.reshape(*x.shape[:-1], N)
+
+
+def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) bf16, packed (N, K/2) uint8 (column 2j low nibble, 2j + 1 high), scales / zeros (N, K/g)
+    bf16 -> (..., N) bf16: x W^T with W = (q - 8) * scale + zero per group of ``group_size`` columns."""
+    _check(x, 2 * packed.shape[1], packed, scales, zeros, bias)
+    xr, N, K = _rows(x), packed.shape[0], 2 * packed.shape[1]
+    if K % group_size or group_size % 2:
+        raise ValueError(f"int4 groups of {group_size} do not divide the {K} input features")
+    y = torch.empty(xr.shape[0], N, dtype=torch.bfloat16)
+    _lib_or_raise().gemv_int4(xr.data_ptr(), packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(), _ptr(bias),
+                              y.data_ptr(), xr.shape[0], N, K, group_size, torch.get_num_threads())
+    return y.reshape(*x.shape[:-1], N)
+
+
+# ---- the PyTorch references (fp32 sums of the same numbers, rounded once) --------------------------------------
+def gemv_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K), w (N, K) float (a dequantized weight) -> (..., N) in x's dtype, summed in fp32."""
+    y = x.float() @ w.float().T
+    return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
+def int8_weight(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(N, K) int8, (N,) -> (N, K) fp32 W = q * scales (fp32 product of the stored numbers)."""
+    return q.float() * scales.float()[:, None]
+
+
+def int4_weight(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N, K/2) uint8, (N, K/g) x2 -> (N, K) fp32 W = (q - 8) * scale + zero."""
+    q = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], -1).float()  # (N, K)
+    N, K = q.shape
+    w = (q.reshape(N, K // group_size, group_size) - 8) * scales.float()[..., None] + zeros.float()[..., None]
+    return w.reshape(N, K)

@@ -1,0 +1,189 @@
+"""The C one-row decode products (llava_next/model/cpu_gemv.c) against their PyTorch references, the
+quantized and decoder layers that call them, and the measured per-CPU policy that chooses them
+(model/policy.py ``gemv_choice``)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llava_next.model import policy
+from llava_next.model.llava import DecodeLinear
+from llava_next.model.quant import Int4Linear, Int8Linear
+from llava_next.model import cpu_gemv
+
+pytestmark = pytest.mark.skipif(cpu_gemv.load() is None, reason="no C compiler for the CPU decode kernels")
+
+
+def close(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Max abs difference relative to the output's scale."""
+    return (got.float() - want.float()).abs().max().item() / want.float().abs().max().item()
+
+
+# the outputs are bf16: fp32 sums in another order round to the neighbouring bf16 value at most
+BF16_ULP = 2 ** -7
+SHAPES = [(16, 64), (37, 100), (129, 4096), (48, 384), (96, 1000)]  # tails: K % 32, K % 64, N % 16
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("N,K", SHAPES)
+def test_bf16_and_int8_match_fp32_sums(N, K, rows, threads):
+    torch.manual_seed(N + K + rows)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, w, b = torch.randn(2, rows, K).bfloat16(), torch.randn(N, K).bfloat16(), torch.randn(N).bfloat16()
+        assert cpu_gemv.gemv_bf16(x, w, b).shape == (2, rows, N)
+        assert close(cpu_gemv.gemv_bf16(x, w, b), cpu_gemv.gemv_reference(x, w, b)) <= BF16_ULP
+        assert close(cpu_gemv.gemv_bf16(x, w), cpu_gemv.gemv_reference(x, w)) <= BF16_ULP
+        q, s = torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.rand(N).bfloat16()
+        want = cpu_gemv.gemv_reference(x, cpu_gemv.int8_weight(q, s), b)
+        assert close(cpu_gemv.gemv_int8(x, q, s, b), want) <= BF16_ULP
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256])
+@pytest.mark.parametrize("rows", [1, 4])
+def test_int4_matches_the_dequantized_weight(group_size, rows):
+    """Every group size: 32 / 64 bytes per group take the portable loop, 128 / 256 the AVX512-BF16 one
+    (where the CPU has it), whose 128 + q trick must cancel exactly in the zero-point correction."""
+    torch.manual_seed(group_size + rows)
+    N, K = 80, 1024
+    x, b = torch.randn(rows, K).bfloat16(), torch.randn(N).bfloat16()
+    packed = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8)
+    scales, zeros = torch.rand(N, K // group_size).bfloat16(), torch.randn(N, K // group_size).bfloat16()
+    want = cpu_gemv.gemv_reference(x, cpu_gemv.int4_weight(packed, scales, zeros, group_size), b)
+    assert close(cpu_gemv.gemv_int4(x, packed, scales, zeros, group_size, b), want) <= BF16_ULP
+
+
+def test_bad_inputs_are_clear_errors():
+    w = torch.randn(8, 64).bfloat16()
+    with pytest.raises(ValueError, match="bfloat16 activations"):
+        cpu_gemv.gemv_bf16(torch.randn(1, 64), w)
+    with pytest.raises(ValueError, match="the input has 32 features, the weight 64"):
+        cpu_gemv.gemv_bf16(torch.randn(1, 32).bfloat16(), w)
+    with pytest.raises(ValueError, match="contiguous"):
+        cpu_gemv.gemv_bf16(torch.randn(1, 64).bfloat16(), torch.randn(64, 8).bfloat16().T)
+    with pytest.raises(ValueError, match="bfloat16 weights, scales"):
+        cpu_gemv.gemv_int8(torch.randn(1, 64).bfloat16(), torch.ones(8, 64, dtype=torch.int8), torch.ones(8))
+
+
+# ---- the layers -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("gemv", ["kernel", "torch"])
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_layers_decode_through_the_chosen_product(method, gemv, monkeypatch):
+    """A decode step (1 row) of Int8Linear / Int4Linear: the C loops or torch's kernel, both within bf16
+    rounding of the fp32 product with the dequantized weight; the kernel path builds no second int4 layout."""
+    monkeypatch.setenv("LLAVA_NEXT_GEMV", gemv)
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(512, 96, bias=True).bfloat16()
+    layer = Int8Linear.from_linear(linear) if method == "int8" else Int4Linear.from_linear(linear, 128)
+    if method == "int4":
+        assert (layer.packed is None) == (gemv == "kernel")
+    x = torch.randn(1, 1, 512).bfloat16()
+    want = cpu_gemv.gemv_reference(x, layer.dequantized(torch.float32), layer.bias)
+    assert close(layer(x), want) <= BF16_ULP
+    calls = []
+    monkeypatch.setattr(cpu_gemv, f"gemv_{method}", lambda *a: calls.append(1) or torch.zeros(1, 1, 96).bfloat16())
+    layer(x)
+    assert calls == ([1] if gemv == "kernel" else [])
+
+
+def test_decode_linear_runs_the_loops_for_decode_rows_only(monkeypatch):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 64, bias=True).bfloat16()
+    layer = DecodeLinear.from_linear(linear)
+    assert layer.weight is linear.weight and not layer.weight.requires_grad  # the same tensor: no copy
+    calls = []
+    real = cpu_gemv.gemv_bf16
+    monkeypatch.setattr(cpu_gemv, "gemv_bf16", lambda *a: calls.append(a[0].shape) or real(*a))
+    for rows in (1, policy.GEMV_MAX_ROWS, policy.GEMV_MAX_ROWS + 1, 300):
+        x = torch.randn(1, rows, 256).bfloat16()
+        assert close(layer(x), torch.nn.functional.linear(x, linear.weight, linear.bias)) <= BF16_ULP
+    assert [s[1] for s in calls] == [1, policy.GEMV_MAX_ROWS]
+    x = torch.randn(1, 1, 256).bfloat16().requires_grad_()
+    layer(x).sum().backward()  # a gradient to the input goes through F.linear
+    assert x.grad is not None and len(calls) == 2
+
+
+# ---- the policy ----------------------------------------------------------------------------------------------
+def test_the_faster_measured_path_wins_and_a_tie_keeps_torch():
+    assert policy.choose_faster({"kernel": 30e9, "torch": 20e9}) == "kernel"
+    assert policy.choose_faster({"kernel": 10e9, "torch": 20e9}) == "torch"
+    assert policy.choose_faster({"kernel": 20e9, "torch": 20e9}) == "torch"
+
+
+def test_the_choice_is_measured_once_per_cpu_and_cached(monkeypatch, tmp_path):
+    """First use on a CPU measures and writes policy.json under that CPU's key; a second process on the same
+    CPU reads it; another CPU model gets its own measurement (its own best path)."""
+    monkeypatch.setenv("LLAVA_NEXT_CACHE", str(tmp_path))
+    monkeypatch.delenv("LLAVA_NEXT_GEMV", raising=False)
+    monkeypatch.setattr(policy, "_choices", {})
+    measured = []
+    rates = {"Zen 4": {"kernel": 30e9, "torch": 17e9}, "Xeon AMX": {"kernel": 20e9, "torch": 26e9}}
+    cpu = ["Zen 4"]
+    monkeypatch.setattr(policy, "cpu_key", lambda: cpu[0])
+    monkeypatch.setattr(policy, "measure_gemv", lambda fmt: measured.append((cpu[0], fmt)) or rates[cpu[0]])
+    assert policy.gemv_choice("bf16") == "kernel" and measured == [("Zen 4", "bf16")]
+    monkeypatch.setattr(policy, "_choices", {})  # a new process: the file answers
+    assert policy.gemv_choice("bf16") == "kernel" and len(measured) == 1
+    cpu[0] = "Xeon AMX"
+    monkeypatch.setattr(policy, "_choices", {})
+    assert policy.gemv_choice("bf16") == "torch" and measured[-1] == ("Xeon AMX", "bf16")
+    saved = json.loads((tmp_path / "kernels" / "policy.json").read_text())
+    assert saved["Zen 4"]["bf16"]["choice"] == "kernel" and saved["Xeon AMX"]["bf16"]["GB/s"] == {"kernel": 20.0, "torch": 26.0}
+
+
+def test_the_switch_and_a_missing_compiler(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLAVA_NEXT_GEMV", "fast")
+    with pytest.raises(ValueError, match="LLAVA_NEXT_GEMV='fast': use auto"):
+        policy.gemv_choice("bf16")
+    monkeypatch.setenv("LLAVA_NEXT_GEMV", "torch")
+    assert policy.gemv_choice("int4") == "torch"
+    with pytest.raises(ValueError, match="no decode product for 'fp8'"):
+        policy.gemv_choice("fp8")
+    # no compiler: the library cannot be built, every format decodes with torch, and failure() says why
+    monkeypatch.setenv("LLAVA_NEXT_GEMV", "kernel")
+    monkeypatch.setenv("LLAVA_NEXT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setattr(cpu_gemv, "_lib", None)
+    monkeypatch.setattr(cpu_gemv, "_failure", None)
+    assert policy.gemv_choice("bf16") == "torch"
+    assert "no-such-cc" in cpu_gemv.failure()
+    with pytest.raises(RuntimeError, match="not available: .*no-such-cc"):
+        cpu_gemv.gemv_bf16(torch.randn(1, 8).bfloat16(), torch.randn(4, 8).bfloat16())
+
+
+def test_the_measurement_times_both_paths_on_real_weights():
+    """measure_gemv runs both candidates of each format (a real, if small, measurement) and returns rates."""
+    old = policy.GEMV_PROBE_BYTES
+    policy.GEMV_PROBE_BYTES = 1 << 20
+    try:
+        for fmt in policy.GEMV_FORMATS:
+            rates = policy.measure_gemv(fmt)
+            assert set(rates) == {"kernel", "torch"} and all(r > 0 for r in rates.values())
+    finally:
+        policy.GEMV_PROBE_BYTES = old
+
+
+@pytest.mark.skipif(cpu_gemv.cpu_identity().count("avx2") == 0, reason="the portable build is checked on x86-64 with AVX2")
+def test_the_plain_c_loops_of_cpus_without_avx512_bf16(monkeypatch):
+    """The same source built for AVX2 (x86-64-v3: no AVX512-BF16) takes the plain C loops a CPU without
+    AVX512-BF16 gets: same numbers within bf16 rounding, every format and tail."""
+    monkeypatch.setattr(cpu_gemv, "_lib", cpu_gemv.bind(cpu_gemv.build(march="x86-64-v3")))
+    torch.manual_seed(5)
+    for N, K in [(37, 100), (129, 4096)]:
+        x, w, b = torch.randn(2, K).bfloat16(), torch.randn(N, K).bfloat16(), torch.randn(N).bfloat16()
+        assert close(cpu_gemv.gemv_bf16(x, w, b), cpu_gemv.gemv_reference(x, w, b)) <= BF16_ULP
+        q, s = torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.rand(N).bfloat16()
+        assert close(cpu_gemv.gemv_int8(x, q, s), cpu_gemv.gemv_reference(x, cpu_gemv.int8_weight(q, s))) <= BF16_ULP
+    x = torch.randn(3, 1024).bfloat16()
+    for G in (32, 128):
+        p = torch.randint(0, 256, (80, 512), dtype=torch.uint8)
+        sc, z = torch.rand(80, 1024 // G).bfloat16(), torch.randn(80, 1024 // G).bfloat16()
+        want = cpu_gemv.gemv_reference(x, cpu_gemv.int4_weight(p, sc, z, G))
+        assert close(cpu_gemv.gemv_int4(x, p, sc, z, G), want) <= BF16_ULP
