@@ -235,6 +235,70 @@ def causal_chart(scores: np.ndarray, layers: Sequence[int], units: Sequence[str]
     return _stack([_text_block([title, note], width), img, _colorbar(lo, hi, label="metric")])
 
 
+# (name, RGB) of each kept-map category, in the order of the codes in ``kept_map``'s ``fates``
+FATES = (("kept to the last layer", (60, 170, 90)), ("merged (arrow: into)", (60, 120, 220)),
+         ("pruned", (220, 60, 60)), ("dropped before the decoder", (150, 150, 150)))
+
+
+def kept_map(frames: np.ndarray, fates: Sequence[np.ndarray], removed: Sequence[np.ndarray],
+             arrows: Sequence[tuple[tuple[int, int, int], tuple[int, int, int]]], timestamps: Sequence[float],
+             frame_indices: Sequence[int], *, title: str, covered: float = 1.0, thumb: int = 224) -> Image.Image:
+    """What token reduction did to each pooled cell, on the frames as the model sees them: ``fates`` one (h, w)
+    code grid per frame (0 kept, 1 merged, 2 pruned, 3 dropped before the decoder; ``FATES``), ``removed`` the
+    layer each cell left at (written in the cell), ``arrows`` (frame, row, col) -> (frame, row, col): each
+    merged cell to the cell FrameFusion averaged it into, drawn across frames."""
+    n = len(fates)
+    per_row = min(n, 8)
+    cap = 24
+    sheet = Image.new("RGB", (PAD + per_row * (thumb + PAD), -(-n // per_row) * (thumb + cap)), BG)
+    d = ImageDraw.Draw(sheet, "RGBA")
+    side = thumb * covered
+
+    def centre(f, r, c):
+        h, w = fates[f].shape
+        return (PAD + (f % per_row) * (thumb + PAD) + (c + 0.5) * side / w, (f // per_row) * (thumb + cap)
+                + (r + 0.5) * side / h)
+
+    for k, codes in enumerate(fates):
+        x, y = PAD + (k % per_row) * (thumb + PAD), (k // per_row) * (thumb + cap)
+        sheet.paste(Image.fromarray(frames[k]).resize((thumb, thumb), Image.BICUBIC), (x, y))
+        h, w = codes.shape
+        for (r, c), code in np.ndenumerate(codes):
+            box = [x + c * side / w, y + r * side / h, x + (c + 1) * side / w - 1, y + (r + 1) * side / h - 1]
+            d.rectangle(box, fill=FATES[int(code)][1] + (150,), outline=(255, 255, 255, 160))
+            if int(code) in (1, 2):
+                d.text((box[0] + 2, box[1] + 1), f"L{int(removed[k][r, c])}", fill=(255, 255, 255), font=_font(10))
+        d.text((x, y + thumb + 4), f"frame {k}  #{frame_indices[k]}  {timestamps[k]:.2f} s", fill=FG, font=_font(13))
+    for src, dst in arrows:
+        _arrow(d, centre(*src), centre(*dst))
+    legend = Image.new("RGB", (sheet.width, 30), BG)
+    ld = ImageDraw.Draw(legend)
+    x = PAD
+    for name, colour in FATES:
+        ld.rectangle([x, 8, x + 14, 22], fill=colour)
+        ld.text((x + 20, 8), name, fill=FG, font=_font(12))
+        x += 40 + int(_font(12).getlength(name))
+    header = _text_block([title, "each pooled cell's fate; Ln: the first decoder layer without it"], sheet.width)
+    return _stack([header, sheet, legend])
+
+
+def _arrow(d: ImageDraw.ImageDraw, a: tuple[float, float], b: tuple[float, float]) -> None:
+    """An arc from ``a`` to ``b`` (bulging up by a fifth of its length, so arrows along one row of cells stay
+    apart) with a filled head at ``b``."""
+    a_, b_ = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    v = b_ - a_
+    length = float(np.hypot(*v)) or 1.0
+    n = np.array([v[1], -v[0]]) / length  # a normal; pointing up for a right-to-left arrow
+    n = n if n[1] <= 0 else -n
+    ctrl = (a_ + b_) / 2 + 0.2 * length * n
+    t = np.linspace(0, 1, 24)[:, None]
+    pts = (1 - t) ** 2 * a_ + 2 * (1 - t) * t * ctrl + t ** 2 * b_  # (24, 2) quadratic Bezier
+    d.line([tuple(p) for p in pts], fill=(255, 230, 0, 190), width=1)
+    u = (b_ - pts[-3]) / (float(np.hypot(*(b_ - pts[-3]))) or 1.0)
+    side = np.array([-u[1], u[0]])
+    d.polygon([tuple(b_), tuple(b_ - 7 * u + 3 * side), tuple(b_ - 7 * u - 3 * side)], fill=(255, 230, 0, 255))
+
+
 # --------------------------------------------------------------------------------------------------
 # Images: base and AnyRes grid maps on the original pixels
 # --------------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@
     layer_frame_chart(shares, layers, ...)        layers x (frames, text segments) on one colour scale
     anyres_overlay(image, base_map, grid_map)     base and AnyRes grid maps on the original pixels ("panel-base",
                                                   "panel-grid"), tiles outlined
+    kept_map(frames, fates, removed, arrows, ...)  each cell's fate in categorical colours, arcs to merge targets
+                                                  (SVG group ids "frame-K", "merge-N")
     logit_lens_grid(tokens, probs, layers, ...)   positions x layers, every token whole as a text element
     save(fig, path, record)                       SVG (text kept as text) or PDF (TrueType fonts), with metadata
 
@@ -19,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .plots import value_range, visible
+from .plots import FATES, value_range, visible
 
 INSTALL = "pip install 'llava-next[figures]'"
 
@@ -124,6 +126,49 @@ def layer_frame_chart(shares: np.ndarray, layers: Sequence[int], timestamps: Seq
     fig.colorbar(im, ax=ax, location="bottom", shrink=0.8, label=f"share of attention, one colour scale for all "
                                                                  f"cells ({lo:.3g} .. {hi:.3g})")
     fig.suptitle(title, fontsize=8)
+    return fig
+
+
+def kept_map(frames: np.ndarray, fates: Sequence[np.ndarray], removed: Sequence[np.ndarray],
+             arrows: Sequence[tuple[tuple[int, int, int], tuple[int, int, int]]], timestamps: Sequence[float],
+             frame_indices: Sequence[int], *, title: str, covered: float = 1.0, thumb: int = 224):
+    """plots.kept_map as a matplotlib figure: categorical cells, an arc from each merged cell to its target."""
+    _, _, patches, Figure = require()
+    from matplotlib.patches import ConnectionPatch
+
+    n, S = len(fates), frames.shape[1]
+    per_row = min(n, 8)
+    rows = -(-n // per_row)
+    fig = Figure(figsize=(2.1 * per_row + 0.4, 2.4 * rows + 1.0), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, per_row, squeeze=False)).ravel()
+    side = S * covered
+    for k, ax in enumerate(axes):
+        ax.set_axis_off()
+        if k >= n:
+            continue
+        ax.set_gid(f"frame-{k}")
+        ax.imshow(frames[k], extent=(0, S, S, 0))
+        h, w = fates[k].shape
+        for (r, c), code in np.ndenumerate(fates[k]):
+            colour = tuple(v / 255 for v in FATES[int(code)][1])
+            ax.add_patch(patches.Rectangle((c * side / w, r * side / h), side / w, side / h, facecolor=colour + (0.6,),
+                                           edgecolor=(1, 1, 1, 0.6), linewidth=0.4))
+            if int(code) in (1, 2):
+                ax.text(c * side / w + 2, r * side / h + 2, f"L{int(removed[k][r, c])}", fontsize=4, color="white",
+                        va="top")
+        ax.set_title(f"frame {k}  #{frame_indices[k]}  {timestamps[k]:.2f} s", fontsize=7)
+
+    def centre(f, r, c):
+        h, w = fates[f].shape
+        return (c + 0.5) * side / w, (r + 0.5) * side / h
+
+    for i, (src, dst) in enumerate(arrows):
+        fig.add_artist(ConnectionPatch(centre(*src), centre(*dst), "data", "data", axesA=axes[src[0]],
+                                       axesB=axes[dst[0]], arrowstyle="-|>", connectionstyle="arc3,rad=0.25",
+                                       color=(1, 0.9, 0, 0.8), linewidth=0.6, mutation_scale=5, gid=f"merge-{i}"))
+    handles = [patches.Patch(color=tuple(v / 255 for v in colour), label=name) for name, colour in FATES]
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(FATES), fontsize=7, frameon=False)
+    fig.suptitle(f"{title}\neach pooled cell's fate; Ln: the first decoder layer without it", fontsize=8)
     return fig
 
 
