@@ -8,8 +8,10 @@ on its original pixels; once, the logit-lens grid. The first ``--query`` group's
 (``video0_frames.png``); every further group's add ``_{group}`` (``video0_frames_question.png``).
 
 Options (``add_figure_flags``): ``--format png|svg|pdf`` (svg / pdf: research/vector.py, needs the
-``figures`` extra), ``--vmin`` / ``--vmax`` (the colour scale's ends; default 0 and the largest value, stated
-on each colour bar), ``--scale global|frame`` (frame heatmaps: one scale for all frames, or one per frame).
+``figures`` extra), ``--vmin`` / ``--vmax`` (the ends of the colour scale of the maps of attention per token,
+frames and images; default 0 and the largest value, stated on each colour bar; the layer x frame chart of
+shares keeps one scale of its own, 0 to its largest cell), ``--scale global|frame`` (frame heatmaps: one
+scale for all frames, or one per frame).
 Every file carries the reproducibility record: a PNG text chunk "llava-next", SVG / PDF metadata.
 """
 
@@ -30,9 +32,10 @@ def add_figure_flags(p: argparse.ArgumentParser) -> None:
                    help="--png figures as png (Pillow), svg or pdf (vector, matplotlib: pip install "
                         "'llava-next[figures]'); default png")
     p.add_argument("--vmin", type=float, default=None,
-                   help="--png colour scale: the value drawn darkest (default 0, or the smallest if negative)")
+                   help="--png maps of attention per token: the value drawn darkest (default 0, or the smallest if "
+                        "negative)")
     p.add_argument("--vmax", type=float, default=None,
-                   help="--png colour scale: the value drawn brightest (default the largest value drawn)")
+                   help="--png maps of attention per token: the value drawn brightest (default the largest)")
     p.add_argument("--scale", choices=("global", "frame"), default="global",
                    help="--png frame heatmaps: one colour scale for all frames (global, default) or one per frame")
 
@@ -137,7 +140,8 @@ def _draw_video(args, request, prov, m, attention, mean_w, group: str, span: str
     shares = np.array([[float(attention[layer][group][p].nansum()) for p in sums] for layer in layers])
     extra = {name: np.array([float(attention[layer][group][pos].nansum()) for layer in layers])
              for name, pos in prov.segments().items() if name in ("system", "question", "template")}
-    put(draw.layer_frame_chart(shares, layers, list(m.timestamps), extra=extra, vmin=args.vmin, vmax=args.vmax,
+    # its own scale (shares of the whole distribution, not --vmin / --vmax's attention per token): 0 .. largest
+    put(draw.layer_frame_chart(shares, layers, list(m.timestamps), extra=extra,
                                title=f"{m.name}: share of query '{group}' attention per frame and layer"),
         f"video{m.kind_index}_layers{suffix}")
 
