@@ -126,7 +126,8 @@ def test_trace_png_and_logit_lens(traced):
     names = sorted(p.rsplit("/", 1)[-1] for p in out["png"])
     groups = ["", "_question", "_generated", "_all"]  # every --query group drawn; the first one's names are plain
     assert names == sorted(["logit_lens.png"] + [f"{stem}{g}.png" for g in groups
-                                                 for stem in ("image0_anyres", "video0_frames", "video0_layers")])
+                                                 for stem in ("image0_anyres", "video0_frames", "video0_original",
+                                                              "video0_layers")])
     record = out["reproducibility"]  # how it was made: in the JSON and in every picture's text chunk
     assert record["torch"] == torch.__version__ and record["switches"]["max_new_tokens"] == 2
     assert record["checkpoint_sha256"] and record["dtype"] == "float32"

@@ -66,10 +66,11 @@ def _ids(path) -> list[str]:
 def test_svg_has_one_panel_per_frame_for_every_query_group(svg_run):
     out, report = svg_run
     assert sorted(p.rsplit("/", 1)[1] for p in report["png"]) == sorted(
-        ["video0_frames.svg", "video0_layers.svg", "video0_frames_question.svg", "video0_layers_question.svg",
-         "logit_lens.svg"])
-    for name in ("video0_frames.svg", "video0_frames_question.svg"):
+        [f"video0_{what}{group}.svg" for what in ("frames", "original", "layers") for group in ("", "_question")]
+        + ["logit_lens.svg"])
+    for name in ("video0_frames.svg", "video0_frames_question.svg", "video0_original.svg"):
         assert sorted(i for i in _ids(out / name) if i.startswith("frame-")) == [f"frame-{k}" for k in range(4)]
+    assert sorted(i for i in _ids(out / "video0_original.svg") if i.startswith("crop-")) == [f"crop-{k}" for k in range(4)]
     assert "table" in _ids(out / "video0_layers_question.svg")
     # the reproducibility record rides along as the SVG's description
     desc = next(e for e in ET.parse(out / "video0_frames.svg").iter() if e.tag.endswith("description"))
@@ -131,6 +132,19 @@ def test_frame_scale_states_each_range_and_global_scale_is_shared():
     assert np.abs(first_pixel(glob, 0) - expect(0.1)).max() <= 2  # 0.05 of 0..0.5: not full contrast
     assert np.abs(first_pixel(own, 0) - expect(1.0)).max() <= 2  # its own scale 0..0.05
     assert np.abs(first_pixel(fixed, 1) - expect(0.5)).max() <= 2
+
+
+def test_original_frames_dim_what_the_model_never_sees_and_outline_its_crop():
+    """A white 40x60 frame whose middle 20 columns are the crop: outside it the picture dimmed (0.45), inside the
+    map's colour blended in, and the crop's outline in cyan."""
+    heat = np.full((40, 60), np.nan)
+    heat[:, 20:40] = 0.5
+    img = np.asarray(plots.original_frames([np.full((40, 60, 3), 255, np.uint8)], [heat], [(20, 0, 40, 40)], [0.0],
+                                           [0], title="t", width=60)).astype(int)
+    top, left = 54, 14  # the two-line header, the margin
+    assert np.array_equal(img[top + 20, left + 5], [115, 115, 115])  # 0.45 x 255: a pixel the model never sees
+    assert np.abs(img[top + 20, left + 30] - np.round(0.4 * 255 + 0.6 * plots.colormap(1.0))).max() <= 1
+    assert np.array_equal(img[top + 20, left + 20], [0, 220, 255])  # the crop's left edge
 
 
 def test_value_range():

@@ -2,8 +2,9 @@
 
     llava-next trace --video clip.mp4 --query last,question --png out/ --format svg --vmin 0 --vmax 0.05 "..."
 
-What is drawn: per video and query group, the frame heatmaps (mean over the requested layers) and the layer x
-frame chart (a reduced request adds its kept map); per image and query group, the base and AnyRes grid maps
+What is drawn: per video and query group, the frame heatmaps (mean over the requested layers) on the crops the
+model sees and on the whole original frames with the crop outlined, and the layer x frame chart (a reduced
+request adds its kept map); per image and query group, the base and AnyRes grid maps
 on its original pixels; once, the logit-lens grid. The first ``--query`` group's files keep the plain names
 (``video0_frames.png``); every further group's add ``_{group}`` (``video0_frames_question.png``).
 
@@ -137,6 +138,8 @@ def _draw_video(args, request, prov, m, attention, mean_w, group: str, span: str
                             frame_sums=[float(mean_w[p].nansum()) for p in sums], covered=_covered(m),
                             norm=args.scale, vmin=args.vmin, vmax=args.vmax),
         f"video{m.kind_index}_frames{suffix}")
+    _draw_original(args, prov, m, clip, mean_w, f"{m.name}: query '{group}' attention, {span}", put,
+                   f"video{m.kind_index}_original{suffix}")
     shares = np.array([[float(attention[layer][group][p].nansum()) for p in sums] for layer in layers])
     extra = {name: np.array([float(attention[layer][group][pos].nansum()) for layer in layers])
              for name, pos in prov.segments().items() if name in ("system", "question", "template")}
@@ -144,6 +147,23 @@ def _draw_video(args, request, prov, m, attention, mean_w, group: str, span: str
     put(draw.layer_frame_chart(shares, layers, list(m.timestamps), extra=extra,
                                title=f"{m.name}: share of query '{group}' attention per frame and layer"),
         f"video{m.kind_index}_layers{suffix}")
+
+
+def _draw_original(args, prov, m, clip, values, title: str, put, stem: str) -> None:
+    """One video's sampled frames whole, as the file stores them, with ``values`` (T,) on their pixels and the
+    model's crop outlined (the box around the frame's token footprints)."""
+    from ..inputs.video import original_frames
+
+    F = m.plan.num_frames
+    pictures = original_frames(clip.path, list(m.frame_indices))
+    maps = [prov.to_pixels(values, m.index, frame=f) for f in range(F)]
+    crops = []
+    for f in range(F):
+        boxes = prov.box[prov.where(media=m.index, frame=f, kind="video")].numpy()  # (n, 4) x0 y0 x1 y1
+        crops.append((*np.nanmin(boxes[:, :2], 0), *np.nanmax(boxes[:, 2:], 0)))
+    sums = [float(values[prov.where(media=m.index, frame=f)].nansum()) for f in range(F)]
+    put(painter(args).original_frames(pictures, maps, crops, list(m.timestamps), list(m.frame_indices), title=title,
+                                      frame_sums=sums, vmin=args.vmin, vmax=args.vmax), stem)
 
 
 def _draw_image(args, prov, m, mean_w, group: str, span: str, put, suffix: str) -> None:

@@ -1,6 +1,7 @@
 """Pictures researchers draw by hand today, drawn with Pillow and numpy only (``llava-next trace --png DIR``).
 
     frame_heatmaps(frames, grids, times, ...)     per-frame attention mass over the sampled frames, timestamps
+    original_frames(pictures, maps, crops, ...)   the same on each whole original frame, the model's crop outlined
     layer_frame_chart(shares, layers, ...)        layers x frames: the share of a query group's attention each
                                                   frame receives, text columns beside, visual share per layer
     anyres_overlay(image, base_map, grid_map)     an image's base and AnyRes grid maps on its ORIGINAL pixels
@@ -233,6 +234,37 @@ def causal_chart(scores: np.ndarray, layers: Sequence[int], units: Sequence[str]
                    fill=(255, 255, 255) if scaled < 0.6 else (0, 0, 0), font=_font(10))
     note = f"clean run {clean:.3g}, corrupted run {corrupt:.3g}; cell = the metric with that unit restored at that layer"
     return _stack([_text_block([title, note], width), img, _colorbar(lo, hi, label="metric")])
+
+
+def original_frames(pictures: Sequence[np.ndarray], maps: Sequence[np.ndarray],
+                    crops: Sequence[tuple[float, float, float, float]], timestamps: Sequence[float],
+                    frame_indices: Sequence[int], *, title: str, frame_sums: Sequence[float] | None = None,
+                    vmin: float | None = None, vmax: float | None = None, width: int = 300,
+                    bar_label: str = "attention per token") -> Image.Image:
+    """Each sampled frame whole, as the file stores it ((H, W, 3) ``pictures``), its (H, W) map on the original
+    pixels (``Provenance.to_pixels``: NaN outside what the model saw, drawn dimmed) and the model's crop
+    (``crops``: (x0, y0, x1, y1) px) outlined; one colour scale (``value_range``)."""
+    n = len(pictures)
+    per_row = min(n, 4)
+    h, w = pictures[0].shape[:2]
+    size = (width, max(1, round(h * width / w)))  # (width, height) for PIL
+    cap = 38
+    sheet = Image.new("RGB", (PAD + per_row * (width + PAD), -(-n // per_row) * (size[1] + cap)), BG)
+    d = ImageDraw.Draw(sheet)
+    lo, hi = value_range(maps, vmin, vmax)
+    s = width / w
+    for k in range(n):
+        x, y = PAD + (k % per_row) * (width + PAD), (k // per_row) * (size[1] + cap)
+        pic = Image.fromarray(overlay(pictures[k], maps[k], lo, hi)).resize(size, Image.BILINEAR)
+        x0, y0, x1, y1 = crops[k]
+        ImageDraw.Draw(pic).rectangle([x0 * s, y0 * s, x1 * s - 1, y1 * s - 1], outline=(0, 220, 255), width=2)
+        sheet.paste(pic, (x, y))
+        d.text((x, y + size[1] + 3), f"frame {k}  #{frame_indices[k]}  {timestamps[k]:.2f} s", fill=FG, font=_font(13))
+        if frame_sums is not None:
+            d.text((x, y + size[1] + 19), f"mass {frame_sums[k]:.4f}", fill=DIM, font=_font(12))
+    header = _text_block([title, f"each {h}x{w} px frame whole; cyan: the crop the model is given (dimmed: pixels "
+                                 f"it never sees); one colour scale for all frames"], sheet.width)
+    return _stack([header, sheet, _colorbar(lo, hi, label=bar_label, clipped=_clipped(maps, lo, hi))])
 
 
 # (name, RGB) of each kept-map category, in the order of the codes in ``kept_map``'s ``fates``

@@ -1,6 +1,8 @@
 """The figures of research/plots.py drawn with matplotlib, for SVG and PDF (``llava-next trace --format svg``).
 
     frame_heatmaps(frames, grids, times, ...)     one panel per sampled frame (SVG group id "frame-K")
+    original_frames(pictures, maps, crops, ...)   whole original frames, maps on their pixels, crop outlined
+                                                  ("frame-K", "crop-K")
     layer_frame_chart(shares, layers, ...)        layers x (frames, text segments) on one colour scale
     anyres_overlay(image, base_map, grid_map)     base and AnyRes grid maps on the original pixels ("panel-base",
                                                   "panel-grid"), tiles outlined
@@ -91,6 +93,39 @@ def frame_heatmaps(frames: np.ndarray, grids: Sequence[np.ndarray], timestamps: 
                  f"the model; {scale}", fontsize=8)
     if norm == "global" and im is not None:
         fig.colorbar(im, ax=axes.tolist(), shrink=0.8, label=f"{bar_label} ({glo:.3g} .. {ghi:.3g})")
+    return fig
+
+
+def original_frames(pictures: Sequence[np.ndarray], maps: Sequence[np.ndarray],
+                    crops: Sequence[tuple[float, float, float, float]], timestamps: Sequence[float],
+                    frame_indices: Sequence[int], *, title: str, frame_sums: Sequence[float] | None = None,
+                    vmin: float | None = None, vmax: float | None = None, width: int = 300,
+                    bar_label: str = "attention per token"):
+    """plots.original_frames as a matplotlib figure: whole frames, maps on their pixels, the crop outlined."""
+    _, colors, patches, Figure = require()
+    n = len(pictures)
+    per_row = min(n, 4)
+    rows = -(-n // per_row)
+    h, w = pictures[0].shape[:2]
+    fig = Figure(figsize=(3.0 * per_row + 0.8, (3.0 * h / w + 0.5) * rows + 0.9), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, per_row, squeeze=False)).ravel()
+    lo, hi = value_range(maps, vmin, vmax)
+    im = None
+    for k, ax in enumerate(axes):
+        ax.set_axis_off()
+        if k >= n:
+            continue
+        ax.set_gid(f"frame-{k}")
+        ax.imshow(pictures[k])
+        im = ax.imshow(np.ma.masked_invalid(maps[k]), cmap=_cmap(), alpha=0.6, norm=colors.Normalize(lo, hi))
+        x0, y0, x1, y1 = crops[k]
+        ax.add_patch(patches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=(0, 0.86, 1), linewidth=1.5,
+                                       gid=f"crop-{k}"))
+        mass = f"\nmass {frame_sums[k]:.4f}" if frame_sums is not None else ""
+        ax.set_title(f"frame {k}  #{frame_indices[k]}  {timestamps[k]:.2f} s{mass}", fontsize=7)
+    fig.suptitle(f"{title}\neach {h}x{w} px frame whole; cyan: the crop the model is given (dark: pixels it never "
+                 f"sees); one colour scale for all frames", fontsize=8)
+    fig.colorbar(im, ax=axes.tolist(), shrink=0.8, label=f"{bar_label} ({lo:.3g} .. {hi:.3g})")
     return fig
 
 
