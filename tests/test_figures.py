@@ -18,8 +18,6 @@ from PIL import Image
 
 from llava_next.research import plots
 
-pytest.importorskip("matplotlib")
-
 SVG = "{http://www.w3.org/2000/svg}"
 # 40+ question tokens: the logit-lens grid at more than 32 positions
 LONG = ("What is the large grey rabbit doing in the green meadow near the tree, and why does he look so "
@@ -93,7 +91,7 @@ def test_logit_lens_svg_holds_every_token_whole_at_32_plus_positions(svg_run):
 
 
 def test_pdf_and_png(env, capsys):
-    code, stdout, err = _main(capsys, "--image", "sample:cat", "--png", str(env / "pdf"), "--format", "pdf",
+    code, _, err = _main(capsys, "--image", "sample:cat", "--png", str(env / "pdf"), "--format", "pdf",
                               "What is this?")
     assert code == 0, err
     assert (env / "pdf" / "image0_anyres.pdf").read_bytes().startswith(b"%PDF")
@@ -120,7 +118,7 @@ def test_vmin_vmax_set_the_colours(env, capsys):
 def test_frame_scale_states_each_range_and_global_scale_is_shared():
     frames = np.zeros((2, 32, 32, 3), np.uint8)  # black frames: a pixel is 0.6 x the colour of its cell
     grids = [np.full((2, 2), 0.05), np.full((2, 2), 0.5)]
-    args = dict(timestamps=[0.0, 1.0], frame_indices=[0, 1], title="t", thumb=32)
+    args = {"timestamps": [0.0, 1.0], "frame_indices": [0, 1], "title": "t", "thumb": 32}
 
     def first_pixel(img, k):
         return np.asarray(img)[2 * 20 + 14 + 16, 14 + k * 46 + 16].astype(int)  # header, then frame k's centre
@@ -128,7 +126,9 @@ def test_frame_scale_states_each_range_and_global_scale_is_shared():
     glob = plots.frame_heatmaps(frames, grids, norm="global", **args)
     own = plots.frame_heatmaps(frames, grids, norm="frame", **args)
     fixed = plots.frame_heatmaps(frames, grids, norm="global", vmin=0.0, vmax=1.0, **args)
-    expect = lambda v: np.round(0.6 * plots.colormap(v)).astype(int)  # noqa: E731
+    def expect(v):
+        return np.round(0.6 * plots.colormap(v)).astype(int)
+
     assert np.abs(first_pixel(glob, 0) - expect(0.1)).max() <= 2  # 0.05 of 0..0.5: not full contrast
     assert np.abs(first_pixel(own, 0) - expect(1.0)).max() <= 2  # its own scale 0..0.05
     assert np.abs(first_pixel(fixed, 1) - expect(0.5)).max() <= 2
@@ -157,7 +157,9 @@ def test_value_range():
 
 
 def test_logit_lens_png_grows_down_with_positions():
-    toks = lambda P: [[f"tok{j}" for j in range(P)] for _ in range(3)]  # noqa: E731
+    def toks(P):
+        return [[f"tok{j}" for j in range(P)] for _ in range(3)]
+
     small = plots.logit_lens_grid(toks(4), np.full((3, 4), 0.5), [0, 1, 2], [str(j) for j in range(4)], title="t")
     big = plots.logit_lens_grid(toks(48), np.full((3, 48), 0.5), [0, 1, 2], [str(j) for j in range(48)], title="t")
     assert big.width <= small.width + 40 and big.height > small.height + 40 * 20

@@ -262,8 +262,8 @@ def original_frames(pictures: Sequence[np.ndarray], maps: Sequence[np.ndarray],
         d.text((x, y + size[1] + 3), f"frame {k}  #{frame_indices[k]}  {timestamps[k]:.2f} s", fill=FG, font=_font(13))
         if frame_sums is not None:
             d.text((x, y + size[1] + 19), f"mass {frame_sums[k]:.4f}", fill=DIM, font=_font(12))
-    header = _text_block([title, f"each {h}x{w} px frame whole; cyan: the crop the model is given (dimmed: pixels "
-                                 f"it never sees); one colour scale for all frames"], sheet.width)
+    note = f"each {h}x{w} px frame whole; cyan: the crop the model is given (dimmed: pixels it never sees); one colour scale"
+    header = _text_block([title, note], sheet.width)
     return _stack([header, sheet, _colorbar(lo, hi, label=bar_label, clipped=_clipped(maps, lo, hi))])
 
 
