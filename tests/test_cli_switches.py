@@ -81,6 +81,8 @@ def _probes(media: dict) -> dict:
         "--lens": [["last"]],
         "--lens-top-k": [["2"]],
         "--ig-steps": [["2"]],
+        "--vmin": [["0.5"]],  # (trace: with --png, below; the colours: test_figures.py)
+        "--vmax": [["0.001"]],
         "--inputs": [[media["jobs2"]]],
         "--videos": [[media["video"]]],  # with --inputs: refused (one of the two); its effect: test_captions.py
         "--out": [[str(media["work"] / "other.jsonl")]],
@@ -101,6 +103,7 @@ def _contexts(media: dict) -> dict:
         ("trace", "--temperature"): [("--max-new-tokens", ["2"])],
         ("trace", "--seed"): sample,
         ("trace", "--top-p"): sample,
+        **{("trace", f): [("--png", [str(media["work"] / "figs")])] for f in ("--format", "--vmin", "--vmax", "--scale")},
         "--allow-overflow": overflow,
         ("inspect", "--template"): [("--model", ["tiny-random"]), ("--prompt", ["What happens?"])],
         "--quiet": [("--json", None)],  # --json's stdout carries no progress either way

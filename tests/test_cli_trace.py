@@ -124,7 +124,10 @@ def test_trace_png_and_logit_lens(traced):
     root, _, _, (code, stdout), _ = traced
     out = json.loads(stdout)
     names = sorted(p.rsplit("/", 1)[-1] for p in out["png"])
-    assert names == ["image0_anyres.png", "logit_lens.png", "video0_frames.png", "video0_layers.png"]
+    groups = ["", "_question", "_generated", "_all"]  # every --query group drawn; the first one's names are plain
+    assert names == sorted(["logit_lens.png"] + [f"{stem}{g}.png" for g in groups
+                                                 for stem in ("image0_anyres", "video0_frames", "video0_original",
+                                                              "video0_layers")])
     record = out["reproducibility"]  # how it was made: in the JSON and in every picture's text chunk
     assert record["torch"] == torch.__version__ and record["switches"]["max_new_tokens"] == 2
     assert record["checkpoint_sha256"] and record["dtype"] == "float32"

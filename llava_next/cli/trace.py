@@ -22,9 +22,10 @@ its SDPA attention) and a streaming logit lens, then report.
   ``all`` (every position; from the per-key mass summed over all queries, divided by T).
 - ``logit_lens``: ``{layer: {"positions": [...], "ids": [[top-k]], "tokens": [[...]], "probs": [[...]]}}``
   for the ``--lens`` positions.
-``--png DIR`` draws (research/plots.py): per video, per-frame heatmaps (first query group, mean over the
-requested layers) and the layer x frame chart; per image, the base and AnyRes grid maps on its original
-pixels; the logit-lens grid. Without ``--json`` a summary goes to stdout.
+``--png DIR`` draws (cli/trace_draw.py; research/plots.py, or research/vector.py with ``--format svg|pdf``): per
+video and query group, per-frame heatmaps (mean over the requested layers) and the layer x frame chart; per
+image and query group, the base and AnyRes grid maps on its original pixels; the logit-lens grid. ``--vmin`` /
+``--vmax`` / ``--scale`` set the colour scale. Without ``--json`` a summary goes to stdout.
 
 With ``--select-frames`` / ``--reduce`` (docs/reduction.md, "Tracing a reduced model"): the frames are
 selected and DyCoke's temporal pruning applied as ``run`` does; an in-decoder method (fastv, framefusion,
@@ -47,11 +48,11 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 
 from ..runtime.tracing import LENS_GROUPS, QUERY_GROUPS
-from . import trace_attribute, trace_jobs
+from . import trace_attribute, trace_draw, trace_jobs
+from .trace_draw import piece as _piece
 
 
 def _names(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
@@ -99,6 +100,7 @@ def add_trace(sub, *, user_error) -> None:
                    help="generate this many tokens first and trace them with the prompt (default 0: prompt only)")
     p.add_argument("--json", action="store_true", help="print one JSON object (positions, attention, logit_lens)")
     p.add_argument("--png", metavar="DIR", default=None, help="draw heatmaps, charts and the logit-lens grid into DIR")
+    trace_draw.add_figure_flags(p)  # --format png|svg|pdf, --vmin, --vmax, --scale (cli/trace_draw.py)
     trace_attribute.add_attribute_flags(p)  # --attribute METHOD and its options (cli/trace_attribute.py)
     trace_jobs.add_job_flags(p)  # --inputs JOBS.jsonl --out DIR: a dataset into shards (cli/trace_jobs.py)
     p.set_defaults(func=lambda args: _trace(args, user_error))
@@ -126,8 +128,8 @@ def _trace(args: argparse.Namespace, user_error) -> int:
     attribution = trace_attribute.attribute(args, pipe, result) if args.attribute else None
     pngs = []
     if args.png:
-        pngs = _draw(args, request, result.provenance, result.attention, result.logit_lens, pipe.tokenizer,
-                     result.layers, user_error, result.num_layers, report["reproducibility"])
+        pngs = trace_draw.draw(args, request, result.provenance, result.attention, result.logit_lens,
+                               pipe.tokenizer, result.layers, user_error, result.num_layers, report["reproducibility"])
         if attribution is not None:
             pngs += trace_attribute.draw(args, request, result.provenance, attribution)
         report["png"] = pngs
@@ -164,6 +166,7 @@ def _check(args: argparse.Namespace, user_error):
         raise user_error(f"{', '.join(gen_only)}: these act on generated tokens, and trace generates none "
                          f"without --max-new-tokens N; add it (the answer is then generated and traced)")
     quantization = options.quantization(args)
+    trace_draw.check_figure_flags(args, user_error)
     if args.png and os.path.exists(args.png) and not os.path.isdir(args.png):
         raise user_error(f"--png {args.png}: exists and is not a directory")
     return reduction, quantization
@@ -248,142 +251,3 @@ def _print_summary(res, pngs: list[str]) -> None:
 def _json_floats(w: torch.Tensor) -> list:
     """Weights as JSON numbers; null where a reduced layer no longer had the position (NaN)."""
     return [None if v != v else v for v in w.tolist()]
-
-
-def _draw(args, request, prov, attention, lens, tokenizer, layers, user_error, n_layers, record: dict) -> list[str]:
-    """The --png pictures into args.png: per video its frame heatmaps, the layer x frame chart (and a reduced
-    request's kept map), per image its AnyRes overlay, and the logit-lens grid; their paths. Each carries the
-    reproducibility ``record`` as a PNG text chunk ("llava-next")."""
-    from PIL.PngImagePlugin import PngInfo
-
-    from ..research import plots
-
-    meta = PngInfo()
-    meta.add_text("llava-next", json.dumps(record))
-
-    try:
-        os.makedirs(args.png, exist_ok=True)
-    except OSError as e:
-        raise user_error(f"--png {args.png}: cannot create the directory ({e.strerror or e})") from None
-    group = args.query[0]
-    # the mean over the requested layers; a key a reduced layer no longer has (NaN) receives no attention there:
-    # 0, so every cell is averaged over the same layers and the mean is a distribution (sums to 1) as each layer's
-    mean_w = torch.stack([attention[layer][group] for layer in layers]).nan_to_num(0.0).mean(0)
-    span = f"layer {layers[0]}" if len(layers) == 1 else f"mean of layers {', '.join(map(str, layers))}" \
-        if len(layers) <= 6 else f"mean of {len(layers)} layers"
-    out = []
-
-    def save(img, name):
-        path = os.path.join(args.png, name)
-        img.save(path, format="PNG", pnginfo=meta)
-        out.append(path)
-
-    for m in prov.media_info:
-        if m.kind == "video":
-            _draw_video(args, request, prov, m, attention, mean_w, group, span, layers, save, n_layers)
-        else:
-            _draw_image(args, prov, m, mean_w, group, span, save)
-    if lens:
-        ordered = sorted(lens)
-        positions = lens[ordered[0]].positions.tolist()[-32:]
-        keep = [lens[ordered[0]].positions.tolist().index(p) for p in positions]
-        tokens = [[_piece(tokenizer, int(lens[layer].ids[0, i, 0])) for i in keep] for layer in ordered]
-        probs = np.array([[float(lens[layer].probs[0, i, 0]) for i in keep] for layer in ordered])
-        labels = [_label(prov, p, tokenizer) for p in positions]
-        save(plots.logit_lens_grid(tokens, probs, ordered, labels,
-                                   title="logit lens: top-1 token per layer at the chosen positions"),
-             "logit_lens.png")
-    return out
-
-
-def _draw_video(args, request, prov, m, attention, mean_w, group: str, span: str, layers, save, n_layers: int) -> None:
-    """One video: which frame gets attention (heatmaps), the share per frame and layer, a reduced request's
-    kept map."""
-    from ..research import plots
-
-    # Interleave sends a video as its frames, one <image> each: its clip is in request.frame_clips
-    clip = (request.frame_clips if m.as_images else request.videos)[m.kind_index]
-    F = m.plan.num_frames
-    grids = [prov.to_grid(mean_w, m.index, frame=f).numpy() for f in range(F)]
-    sums = [prov.where(media=m.index, frame=f) for f in range(F)]
-    st = m.plan.stride * m.plan.pooled_hw[0] / m.plan.patch_grid_hw[0] if m.plan.mode != "bilinear" else 1.0
-    save(plots.frame_heatmaps(clip.frames, grids, list(m.timestamps), list(m.frame_indices),
-                              title=f"{m.name}: which frame gets attention? query '{group}', {span}",
-                              frame_sums=[float(mean_w[p].nansum()) for p in sums], covered=min(1.0, st)),
-         f"video{m.kind_index}_frames.png")
-    if prov.fates is not None or args.reduce:  # a reduced request: what reached which layer, per frame
-        _draw_fates(prov, m, clip, save, n_layers)
-    shares = np.array([[float(attention[layer][group][p].nansum()) for p in sums] for layer in layers])
-    extra = {name: np.array([float(attention[layer][group][pos].nansum()) for layer in layers])
-             for name, pos in prov.segments().items() if name in ("system", "question", "template")}
-    save(plots.layer_frame_chart(shares, layers, list(m.timestamps),
-                                 title=f"{m.name}: share of query '{group}' attention per frame and layer",
-                                 extra=extra), f"video{m.kind_index}_layers.png")
-
-
-def _draw_image(args, prov, m, mean_w, group: str, span: str, save) -> None:
-    """One image: the attention on its base tile and its AnyRes grid, over its original pixels."""
-    from ..inputs.image import load_image
-    from ..research import plots
-
-    path = args.image[m.kind_index]
-    image = load_image(path, max_pixels=args.max_image_pixels)
-    base = prov.to_pixels(mean_w, m.index, part="base")
-    untiled = m.plan.aspect != "anyres"  # "resize" / "pad": one tile, no AnyRes grid
-    grid = None if untiled else prov.to_pixels(mean_w, m.index, part="grid")
-    tiles = prov.tile_boxes(m.index)
-    how = "padded to a square" if m.plan.aspect == "pad" else "squashed"
-    save(plots.anyres_overlay(image, base, grid, title=f"{os.path.basename(path)}: query '{group}' attention, "
-                                                     f"{span}", tile_boxes=tiles,
-                              base_label=f"one tile ({how})" if untiled else None,
-                              base_sum=float(mean_w[prov.where(media=m.index, tile='base')].sum()),
-                              grid_sum=float(mean_w[prov.where(media=m.index, kind='image_grid')].sum())),
-         f"image{m.kind_index}_anyres.png")
-
-
-def _draw_fates(prov, m, clip, save, n_layers: int) -> None:
-    """Per-frame maps of a reduced request: how many decoder layers each video token reached (the kept /
-    pruned map: the darkest cells were pruned or merged first, the brightest reached the last layer), and
-    with DyCoke the share of decode steps whose deep layers read each token."""
-    from ..research import plots
-
-    F = m.plan.num_frames
-    st = m.plan.stride * m.plan.pooled_hw[0] / m.plan.patch_grid_hw[0] if m.plan.mode != "bilinear" else 1.0
-    L = n_layers
-    reached = prov.layers_reached(n_layers)  # cells a token reducer dropped: no token, drawn as 0 layers
-    grids = [prov.to_grid(reached, m.index, frame=f).numpy() for f in range(F)]
-    kept = [int((reached[prov.where(media=m.index, frame=f, kind="video")] == L).sum()) for f in range(F)]
-    img = plots.frame_heatmaps(clip.frames, [np.where(g == g, g, 0) for g in grids], list(m.timestamps),
-                               list(m.frame_indices), frame_sums=kept, covered=min(1.0, st), norm="global",
-                               sum_format="{} tokens kept", value="decoder layers reached",
-                               bar_label="layers reached",
-                               title=f"{m.name}: decoder layers each token reached (of {L}; bright = kept to the "
-                                     f"last layer, dark = pruned or merged early, 0 = dropped before the decoder)")
-    save(img, f"video{m.kind_index}_kept.png")
-    reads = prov.decode_reads()
-    if reads is not None:
-        grids = [prov.to_grid(reads, m.index, frame=f).numpy() for f in range(F)]
-        save(plots.frame_heatmaps(clip.frames, grids, list(m.timestamps), list(m.frame_indices), covered=min(1.0, st),
-                                  title=f"{m.name}: share of decode steps whose layers >= {prov.fates.decode_layer} "
-                                        f"read each token (DyCoke)", value="share of decode steps reading it",
-                                  bar_label="share of decode steps"),
-             f"video{m.kind_index}_decode_reads.png")
-
-
-def _label(prov, p: int, tokenizer) -> str:
-    kind = prov.kind_name(p)
-    if kind in ("text", "generated"):
-        return f"{p}:{_piece(tokenizer, int(prov.token_id[p]))}"
-    if kind == "video":
-        return f"{p}:f{int(prov.frame[p])} {int(prov.row[p])},{int(prov.col[p])}"
-    return f"{p}:{kind}"
-
-
-def _piece(tokenizer, idx: int) -> str:
-    """A token's text as decoded alone, or its vocabulary piece (e.g. "<0x0A>", "▁") when that is blank or
-    a partial UTF-8 character."""
-    text = tokenizer.decode([idx], False)
-    if not text.strip() or "\ufffd" in text:
-        piece = tokenizer.backend.id_to_token(idx)
-        return piece if piece is not None else text
-    return text

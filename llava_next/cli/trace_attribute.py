@@ -20,7 +20,6 @@ device, seed, checkpoint hash of a local directory, switches; eval/records.py). 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -126,17 +125,16 @@ def reproducibility(args: argparse.Namespace, pipe) -> dict:
 
 
 def draw(args: argparse.Namespace, request, prov, report: dict) -> list[str]:
-    """The attribution's maps on the original pixels: per image (base and grid), per video (each frame)."""
-    from PIL.PngImagePlugin import PngInfo
-
+    """The attribution's maps on the original pixels: per image (base and grid), per video (each frame), in
+    --format with the --vmin / --vmax / --scale colour scale (cli/trace_draw.py)."""
     from ..inputs.image import load_image
-    from ..research import plots
+    from . import trace_draw
 
+    draw_ = trace_draw.painter(args)
     a, method = report["_attribution"], report["method"]
     scores = a.scores
-    meta = PngInfo()
-    meta.add_text("llava-next", json.dumps(report["reproducibility"]))
     what = f"{method} ({a.space}), target {_target_words(a)}"
+    scale = {"vmin": args.vmin, "vmax": args.vmax}
     out = []
     for m in prov.media_info:
         if m.kind == "video":
@@ -144,22 +142,22 @@ def draw(args: argparse.Namespace, request, prov, report: dict) -> list[str]:
             F = m.plan.num_frames
             grids = [prov.to_grid(scores, m.index, frame=f).numpy() for f in range(F)]
             sums = [float(scores[prov.where(media=m.index, frame=f)].sum()) for f in range(F)]
-            img = plots.frame_heatmaps(clip.frames, grids, list(m.timestamps), list(m.frame_indices),
+            img = draw_.frame_heatmaps(clip.frames, grids, list(m.timestamps), list(m.frame_indices),
                                        title=f"{m.name}: {what}", frame_sums=sums, sum_format="sum {:.4g}",
-                                       value="attribution", bar_label="attribution per token")
-            name = f"video{m.kind_index}_{method}.png"
+                                       value="attribution", bar_label="attribution per token", norm=args.scale,
+                                       **scale)
+            name = f"video{m.kind_index}_{method}"
         else:
             image = load_image(args.image[m.kind_index], max_pixels=args.max_image_pixels)
             untiled = m.plan.aspect != "anyres"
-            img = plots.anyres_overlay(
+            img = draw_.anyres_overlay(
                 image, prov.to_pixels(scores, m.index, part="base"),
                 None if untiled else prov.to_pixels(scores, m.index, part="grid"), title=f"{m.name}: {what}",
                 base_sum=float(scores[prov.where(media=m.index, tile="base")].sum()),
-                grid_sum=float(scores[prov.where(media=m.index, kind="image_grid")].sum()))
-            name = f"image{m.kind_index}_{method}.png"
-        path = os.path.join(args.png, name)
-        img.save(path, format="PNG", pnginfo=meta)
-        out.append(path)
+                grid_sum=float(scores[prov.where(media=m.index, kind="image_grid")].sum()),
+                bar_label="attribution per token", **scale)
+            name = f"image{m.kind_index}_{method}"
+        out.append(trace_draw.save(args, img, name, report["reproducibility"]))
     return out
 
 

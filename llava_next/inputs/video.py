@@ -322,6 +322,23 @@ def _decode(path: str, indices: list[int], size: int, resize: FrameResize = "cro
     return kept, times, count, t_end or None, size_hw, rotation
 
 
+def original_frames(path: str | os.PathLike, indices: list[int]) -> list[np.ndarray]:
+    """The frames at ``indices`` as the file stores them, (H, W, 3) uint8 each, in the order given: for figures
+    on the original pixels (the model takes ``load_video``'s preprocessed frames). One pass, stopping after the
+    last one wanted."""
+    wanted, found = set(indices), {}
+    with _open(str(path)) as container:
+        for i, frame in enumerate(container.decode(container.streams.video[0])):
+            if i in wanted:
+                found[i] = np.asarray(frame.to_image().convert("RGB"))
+                if len(found) == len(wanted):
+                    break
+    missing = [i for i in indices if i not in found]
+    if missing:
+        raise VideoError(f"{path}: frames {missing} do not decode (the file has fewer frames); load it again")
+    return [found[i] for i in indices]
+
+
 @dataclass(frozen=True)
 class SceneCuts:
     """What the scene pass found: cut frame indices, their times (s), and the frames the stream decodes to."""
