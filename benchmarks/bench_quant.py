@@ -252,8 +252,8 @@ def main() -> None:
         models[method] = load_quantized(path)
         report.add("load + repack", "llava-next", method, time.perf_counter() - t, "s")
     from llava_next.model import policy
-    choice = policy.gemv_report()  # measured now if this machine has no entry yet
-    other = {fmt: "torch" if choice[fmt]["choice"] == "kernel" else "kernel" for fmt in policy.GEMV_FORMATS}
+    # the decode product this CPU uses per format (measured now if it has no entry yet), and the other one
+    other = {fmt: "torch" if policy.gemv_choice(fmt) == "kernel" else "kernel" for fmt in policy.GEMV_FORMATS}
     label = {"torch": "torch's decode", "kernel": "C decode"}
     with gemv(other["bf16"]):
         models["bf16 other"] = load_ours(ours_dir, torch.bfloat16)
@@ -354,10 +354,7 @@ def main() -> None:
     lines = [f"`python benchmarks/bench_quant.py` — {args.layers} decoder layers of the 7B shape, random weights, "
              f"~{T}-token prompt, {args.decode_tokens} decoded tokens, {args.repeats} repeats, "
              f"{torch.get_num_threads()} threads; {report.context['machine']}; commit {report.context['commit']}; "
-             f"load average {load:.1f} at the end", "",
-             "Decode products chosen on this CPU (model/policy.py, measured at first use; GB/s of the probe): " +
-             "; ".join(f"{f} {choice[f]['choice']} ({', '.join(f'{k} {v}' for k, v in choice[f]['GB/s'].items())})"
-                       for f in policy.GEMV_FORMATS), ""]
+             f"load average {load:.1f} at the end", ""]
     if anchor:
         lines += ["| format | llava-next decode tok/s | llama.cpp | ratio | llava-next prefill tok/s | llama.cpp | ratio |",
                   "|---|---|---|---|---|---|---|"]

@@ -38,8 +38,18 @@ def machine() -> str:
                 model = line.split(":", 1)[1].strip()
             elif line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
-    isa = "+".join(f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags) or "no avx512"
-    return f"{model}, {isa}, {torch.get_num_threads()} threads"
+    isa = "+".join(f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8") if f in flags) or "no avx2"
+    return f"{model}, {isa}, {torch.get_num_threads()} threads, {decode_policy()}"
+
+
+def decode_policy() -> str:
+    """The one-row decode products this CPU uses per format (model/policy.py, measured at first use), with
+    the probe rates the choice was made on: "decode: bf16 kernel (kernel 20.1 / torch 15.2 GB/s), ..."."""
+    from llava_next.model import policy
+    report = policy.gemv_report()
+    parts = [f"{f} {report[f]['choice']} ({' / '.join(f'{k} {v}' for k, v in report[f]['GB/s'].items())} GB/s)"
+             for f in policy.GEMV_FORMATS if f in report]
+    return "decode: " + (", ".join(parts) if parts else f"torch ({report['setting']})")
 
 
 def versions() -> str:

@@ -109,12 +109,17 @@ def static_cache_length(prompt_tokens: int, max_new_tokens: int) -> int:
 # its weight. Which implementation reads fastest depends on the CPU (vector width, AMX, VNNI, cache sizes)
 # and on torch's build, so it is measured here, not written down: each candidate runs over weights of
 # GEMV_PROBE_BYTES (larger than the last-level cache: memory-bound, as in a real model), alternating,
-# GEMV_PROBE_ROUNDS times; the faster median wins. One measurement per machine and format, a fraction of a
-# second, cached in $LLAVA_NEXT_CACHE/kernels/policy.json under ``cpu_key()``.
+# GEMV_PROBE_ROUNDS times, on one thread, and the faster best time wins. One thread and the best time,
+# because a first use may meet a busy machine: with two threads, one core taken by another process stalls
+# both candidates at every barrier (seen on the 2-core development VMs: either path from 1 to 26 GB/s run
+# to run), while one thread that is time-sliced still has undisturbed passes, and the per-core rate is
+# what the threads of a decode step each get. One measurement per machine and format, about two seconds
+# for all three, cached in $LLAVA_NEXT_CACHE/kernels/policy.json under ``cpu_key()`` (delete the file to
+# measure again).
 GEMV_MAX_ROWS = 8  # a product of at most this many rows is a decode step (one token per sequence)
 GEMV_PROBE_BYTES = 96 << 20
 GEMV_PROBE_SHAPE = (4096, 4096)  # (N, K): the 7B decoder's attention projections
-GEMV_PROBE_ROUNDS = 5
+GEMV_PROBE_ROUNDS = 7
 GEMV_FORMATS = ("bf16", "int8", "int4")
 _choices: dict[str, str] = {}
 
@@ -129,9 +134,9 @@ def gemv_setting() -> str:
 
 
 def cpu_key() -> str:
-    """What a measured choice depends on: CPU model and vector flags, torch version, threads."""
+    """What a measured choice depends on: CPU model and vector flags, torch version."""
     from .cpu_gemv import cpu_identity
-    return f"{cpu_identity()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    return f"{cpu_identity()} | torch {torch.__version__}"
 
 
 def choose_faster(rates: dict[str, float]) -> str:
@@ -196,17 +201,22 @@ def _write_policy_cache(cache: dict) -> None:
 
 def measure_gemv(fmt: str) -> dict[str, float]:
     """{"kernel": bytes/s, "torch": bytes/s}: both one-row products of ``fmt`` over weights of
-    GEMV_PROBE_BYTES in total, alternating, GEMV_PROBE_ROUNDS rounds, medians."""
+    GEMV_PROBE_BYTES in total, alternating, GEMV_PROBE_ROUNDS rounds on one thread, best times."""
     candidates, total = _probe(fmt)
     x = torch.ones(1, GEMV_PROBE_SHAPE[1], dtype=torch.bfloat16)
     times: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(GEMV_PROBE_ROUNDS):
-        for name, run in candidates.items():
-            run(x)  # warm: the first pass faults the pages in
-            start = time.perf_counter()
-            run(x)
-            times[name].append(time.perf_counter() - start)
-    return {name: total / sorted(t)[len(t) // 2] for name, t in times.items()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(GEMV_PROBE_ROUNDS):
+            for name, run in candidates.items():
+                run(x)  # warm: the first pass faults the pages in
+                start = time.perf_counter()
+                run(x)
+                times[name].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return {name: total / min(t) for name, t in times.items()}
 
 
 def _probe(fmt: str):
@@ -231,8 +241,8 @@ def _probe(fmt: str):
         nib = [torch.full((N, K // 2), 0x87, dtype=torch.uint8) for _ in range(count)]
         sz = torch.full((K // 128, N, 2), 0.01, dtype=torch.bfloat16)
         sc, ze = sz[..., 0].T.contiguous(), sz[..., 1].T.contiguous()  # (N, K/128) each
-        q4 = torch.full((N, K), 7, dtype=torch.int32)
-        packs = [torch._convert_weight_to_int4pack_for_cpu(q4, 2) for _ in range(count)]
+        one = torch._convert_weight_to_int4pack_for_cpu(torch.full((N, K), 7, dtype=torch.int32), 2)
+        packs = [one.clone() for _ in range(count)]  # distinct memory, one conversion
         kernel = lambda x: [cpu_gemv.gemv_int4(x, p, sc, ze, 128) for p in nib]
         ref = lambda x: [torch._weight_int4pack_mm_for_cpu(x, p, 128, sz) for p in packs]
     return {"kernel": kernel, "torch": ref}, count * per
