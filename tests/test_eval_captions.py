@@ -54,20 +54,34 @@ class _LazyMeteor:
         return Meteor().compute_score(gts, res)
 
 
+class _OncePTB:
+    """pycocoevalcap's PTBTokenizer, each distinct input tokenized once (in Java) and the answer reused: lmms-eval's
+    aggregation tokenizes the same references and predictions again for every metric (two Java starts a call)."""
+
+    seen: dict[str, dict] = {}
+
+    def tokenize(self, captions: dict) -> dict:
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        key = json.dumps(captions, sort_keys=True, default=str)
+        if key not in self.seen:
+            self.seen[key] = PTBTokenizer().tokenize(captions)
+        return {k: list(v) for k, v in self.seen[key].items()}
+
+
 def coco_aggregation(tmp_path: Path):
     """lmms-eval's ``coco_aggregation_result(results, metric, args)``, compiled alone from its utils.py (importing
     the package's task modules pulls in torchvision), with the names it uses."""
     from types import SimpleNamespace
 
     from pycocoevalcap.eval import Bleu, Cider, COCOEvalCap, Rouge
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
     from pycocotools.coco import COCO
 
     path = TASKS / "coco_cap" / "utils.py"
     (node,) = [n for n in ast.parse(path.read_text()).body
                if isinstance(n, ast.FunctionDef) and n.name == "coco_aggregation_result"]
     scope = {"Bleu": Bleu, "Cider": Cider, "COCOEvalCap": COCOEvalCap, "Meteor": _LazyMeteor, "Rouge": Rouge,
-             "PTBTokenizer": PTBTokenizer, "COCO": COCO, "eval_logger": _Quiet(), "os": __import__("os"),
+             "PTBTokenizer": _OncePTB, "COCO": COCO, "eval_logger": _Quiet(), "os": __import__("os"),
              "json": json, "generate_submission_file": lambda name, args: str(tmp_path / name)}
     exec(compile(ast.Module([node], []), str(path), "exec"), scope)
     return lambda results, metric: scope["coco_aggregation_result"](results, metric, SimpleNamespace())
