@@ -54,19 +54,20 @@ class _LazyMeteor:
         return Meteor().compute_score(gts, res)
 
 
+_TOKENIZED: dict[str, dict] = {}  # _OncePTB's answers by input
+
+
 class _OncePTB:
     """pycocoevalcap's PTBTokenizer, each distinct input tokenized once (in Java) and the answer reused: lmms-eval's
     aggregation tokenizes the same references and predictions again for every metric (two Java starts a call)."""
-
-    seen: dict[str, dict] = {}
 
     def tokenize(self, captions: dict) -> dict:
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
         key = json.dumps(captions, sort_keys=True, default=str)
-        if key not in self.seen:
-            self.seen[key] = PTBTokenizer().tokenize(captions)
-        return {k: list(v) for k, v in self.seen[key].items()}
+        if key not in _TOKENIZED:
+            _TOKENIZED[key] = PTBTokenizer().tokenize(captions)
+        return {k: list(v) for k, v in _TOKENIZED[key].items()}
 
 
 def coco_aggregation(tmp_path: Path):
