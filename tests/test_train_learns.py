@@ -59,20 +59,39 @@ def test_sft_makes_run_say_each_clips_caption(tmp_path, capfdbinary, monkeypatch
     # 529 s of CPU for this test at the default against 74 s with one thread, same result)
     env = dict(os.environ, LLAVA_NEXT_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
-    trained = cli(env, "train", "--method", "sft", "--data", str(data), "--model", "tiny-random",
-                  "--out", str(tmp_path / "run"), "--frames", FRAMES, "--frame-sampling", "uniform",
-                  "--batch-size", "4", "--steps", STEPS, "--lr", "3e-3", "--warmup-steps", "10",
-                  "--lora-rank", "16", "--lora-alpha", "32", "--lora-dropout", "0",
-                  "--lora-targets", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head",
-                  "--save-every", STEPS, "--quiet")
-    assert trained.returncode == 0, trained.stderr.decode()
+    # the training process runs on one core; meanwhile the base model answers (below) on the other
+    log = tmp_path / "train.stderr"
+    with open(log, "wb") as err:
+        training = subprocess.Popen([sys.executable, "-m", "llava_next.cli.main", "train", "--method", "sft",
+                                     "--data", str(data), "--model", "tiny-random", "--out", str(tmp_path / "run"),
+                                     "--frames", FRAMES, "--frame-sampling", "uniform", "--batch-size", "4",
+                                     "--steps", STEPS, "--lr", "3e-3", "--warmup-steps", "10", "--lora-rank", "16",
+                                     "--lora-alpha", "32", "--lora-dropout", "0", "--lora-targets",
+                                     "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head",
+                                     "--save-every", STEPS, "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        # the base model (one batch run for the four clips, greedy) says none of the captions
+        monkeypatch.setenv("LLAVA_NEXT_CACHE", env["LLAVA_NEXT_CACHE"])
+        jobs = tmp_path / "jobs.jsonl"
+        jobs.write_text("".join(json.dumps({"id": v.name, "video": str(v)}) + "\n" for v in videos), encoding="utf-8")
+        code, _, err_base = in_process(capfdbinary, "batch", "--model", "tiny-random", "--inputs", str(jobs),
+                                       "--out", str(tmp_path / "base.jsonl"), "--prompt", PROMPT, "--frames", FRAMES,
+                                       "--max-new-tokens", "8", "--quiet")
+        assert code == 0, err_base.decode()
+        assert training.wait(timeout=600) == 0, log.read_text()
+    finally:
+        if training.poll() is None:
+            training.kill()
+            training.wait()
+    answers = {line["id"]: line["text"] for line in map(json.loads, (tmp_path / "base.jsonl").read_text().splitlines())}
+    assert len(answers) == 4 and not any(c in answers[v.name] for v, c in zip(videos, captions)), answers
+
     steps = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
     assert len(steps) == int(STEPS) and steps[-1]["loss"] < 0.1 * steps[0]["loss"]
     assert [s["lr"] for s in steps[:2]] == pytest.approx([3e-3 * 2 / 10, 3e-3 * 3 / 10])  # the rate of the next step
 
     # streamed to stdout: exactly the caption and the newline; the first clip by ``llava-next run`` in a console
     # process of its own (its stdout's bytes), the other three by the same command's ``main`` in this process
-    monkeypatch.setenv("LLAVA_NEXT_CACHE", env["LLAVA_NEXT_CACHE"])
     for k, (video, caption) in enumerate(zip(videos, captions)):
         args = ("run", "--model", "tiny-random", "--adapter", str(tmp_path / "run" / "adapter"), "--video", str(video),
                 "--frames", FRAMES, "--quiet", PROMPT)
@@ -83,16 +102,6 @@ def test_sft_makes_run_say_each_clips_caption(tmp_path, capfdbinary, monkeypatch
             code, out, err = in_process(capfdbinary, *args)
         assert code == 0, err.decode()
         assert out == (caption + "\n").encode("utf-8"), (video.name, out.decode(errors="replace"), steps[-1])
-
-    # the base model (one batch run for the four clips, greedy) says none of the captions
-    jobs = tmp_path / "jobs.jsonl"
-    jobs.write_text("".join(json.dumps({"id": v.name, "video": str(v)}) + "\n" for v in videos), encoding="utf-8")
-    code, _, err = in_process(capfdbinary, "batch", "--model", "tiny-random", "--inputs", str(jobs),
-                              "--out", str(tmp_path / "base.jsonl"), "--prompt", PROMPT, "--frames", FRAMES,
-                              "--max-new-tokens", "8", "--quiet")
-    assert code == 0, err.decode()
-    answers = {line["id"]: line["text"] for line in map(json.loads, (tmp_path / "base.jsonl").read_text().splitlines())}
-    assert len(answers) == 4 and not any(c in answers[v.name] for v, c in zip(videos, captions)), answers
 
 
 def test_lr_schedules_warm_up_then_decay_or_hold():
