@@ -1,7 +1,10 @@
 """What a new user sees (issue 22, items 10 and 11): messages that say the real cause and what helps, the
 built-in tiny-random model's notice wherever its weights go, Ctrl-C and closed pipes without tracebacks,
-one error vocabulary for every command, and progress that suits a log file. Everything runs the real
-``llava-next`` in a subprocess, as a user would, mostly on ``tiny-random`` (built once into a shared cache)."""
+one error vocabulary for every command, and progress that suits a log file. Each test runs the real
+``llava-next`` in a subprocess, as a user would, mostly on ``tiny-random`` (built once into a shared cache);
+where a test asks the same kind of question again (another near-miss name, another command's wording of the
+same error, the same run with --json), the repeat is ``main`` in the test process (``here``): the same code
+writes the same stdout/stderr and returns the same exit code, without a process start and a model load."""
 
 from __future__ import annotations
 
@@ -25,6 +28,23 @@ def env(tmp_path_factory):
 def cli(env, *args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "llava_next.cli.main", *args], env=env, capture_output=True,
                           text=True, timeout=TIMEOUT_S, **kwargs)
+
+
+@pytest.fixture
+def here(env, capsys, monkeypatch):
+    """``cli``'s twin in this process: ``main(ARGS)`` with ``env``'s cache and compile switch, stdout/stderr
+    captured; a ``CompletedProcess`` as ``cli`` returns."""
+    from llava_next.cli.main import main
+
+    for key in ("LLAVA_NEXT_CACHE", "LLAVA_NEXT_COMPILE"):
+        monkeypatch.setenv(key, env[key])
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        code = main(list(args))
+        said = capsys.readouterr()
+        return subprocess.CompletedProcess(list(args), 0 if code is None else code, said.out, said.err)
+    return run
 
 
 def one_error_line(r: subprocess.CompletedProcess, command: str) -> str:
@@ -77,14 +97,15 @@ def test_closed_stdout_exits_quietly(env):
 
 
 # ---- 10b: a near-miss model name -------------------------------------------------------------------------
-def test_near_miss_model_name_suggests_the_preset(env):
+def test_near_miss_model_name_suggests_the_preset(env, here):
     for command in ("run", "inspect"):
         args = ["--prompt", "hi"] if command == "run" else ["--image", "sample:cat"]
-        line = one_error_line(cli(env, command, "--model", "llava-next-video-7b", *args), command)
+        argv = (command, "--model", "llava-next-video-7b", *args)
+        line = one_error_line(cli(env, *argv) if command == "run" else here(*argv), command)
         assert "did you mean 'LLaVA-NeXT-Video-7B'?" in line, line
-    line = one_error_line(cli(env, "run", "--model", "tiny-randon", "--prompt", "hi"), "run")
+    line = one_error_line(here("run", "--model", "tiny-randon", "--prompt", "hi"), "run")
     assert "did you mean 'tiny-random'?" in line, line
-    line = one_error_line(cli(env, "run", "--model", "xyzzy", "--prompt", "hi"), "run")
+    line = one_error_line(here("run", "--model", "xyzzy", "--prompt", "hi"), "run")
     assert "did you mean" not in line, line
 
 
@@ -162,14 +183,15 @@ def test_batch_says_random_weights_and_leaves_no_lock_file(env, tmp_path):
 
 
 # ---- 10d: one error shape and type vocabulary for every command -----------------------------------------
-def test_missing_file_is_the_same_error_in_run_inspect_and_batch(env, tmp_path):
+def test_missing_file_is_the_same_error_in_run_inspect_and_batch(env, here, tmp_path):
     missing = str(tmp_path / "rockett.jpg")
     want = {"error": f"{missing}: no such file", "kind": "user", "type": "FileNotFoundError"}
     for command, args in (("run", ["--prompt", "hi"]), ("inspect", [])):
-        r = cli(env, command, "--model", "tiny-random", "--image", missing, "--json", *args)
+        argv = (command, "--model", "tiny-random", "--image", missing, "--json", *args)
+        r = cli(env, *argv) if command == "run" else here(*argv)
         assert r.returncode == 2 and json.loads(r.stdout) == want, (r.stdout, r.stderr)
     folder = str(tmp_path)
-    r = cli(env, "run", "--model", "tiny-random", "--image", folder, "--json", "--prompt", "hi")
+    r = here("run", "--model", "tiny-random", "--image", folder, "--json", "--prompt", "hi")
     assert json.loads(r.stdout) == {"error": f"{folder}: is a directory, not an image file", "kind": "user",
                                     "type": "IsADirectoryError"}
 
@@ -177,7 +199,7 @@ def test_missing_file_is_the_same_error_in_run_inspect_and_batch(env, tmp_path):
     jobs.write_text(json.dumps({"id": "a", "prompt": "hi", "images": [missing]}) + "\n"
                     + json.dumps({"id": "b", "prompt": "hi", "images": [folder]}) + "\n")
     out = tmp_path / "results.jsonl"
-    r = cli(env, "batch", "--model", "tiny-random", "--inputs", str(jobs), "--out", str(out), "--quiet")
+    r = here("batch", "--model", "tiny-random", "--inputs", str(jobs), "--out", str(out), "--quiet")
     assert r.returncode == 0, r.stderr
     lines = {rec["id"]: rec for rec in map(json.loads, out.read_text().splitlines())}
     assert lines["a"] == {"id": "a", "status": "error", **want}
@@ -186,7 +208,7 @@ def test_missing_file_is_the_same_error_in_run_inspect_and_batch(env, tmp_path):
 
 
 # ---- 11e, 11f: what auto choices and reducers change is said -------------------------------------------
-def test_rope_scale_auto_says_why_it_differs_from_the_config(env):
+def test_rope_scale_auto_says_why_it_differs_from_the_config(env, here):
     from llava_next.runtime.tiny import tiny_config
 
     config_factor = tiny_config().text.rope_scaling_factor
@@ -197,17 +219,17 @@ def test_rope_scale_auto_says_why_it_differs_from_the_config(env):
     notes = [line for line in r.stderr.splitlines() if "--rope-scale auto" in line]
     assert len(notes) == 1 and "factor 1" in notes[0] and "smallest" in notes[0], r.stderr
     assert f"config's {config_factor:g}" in notes[0], notes
-    plan = json.loads(cli(env, *args, "--json").stdout)["plan"]
+    plan = json.loads(here(*args, "--json").stdout)["plan"]
     assert any("--rope-scale auto" in n and "smallest" in n for n in plan["notes"]), plan["notes"]
-    inspect = cli(env, "inspect", "--model", "tiny-random", "--image", "sample:cat", "--rope-scale", "auto")
+    inspect = here("inspect", "--model", "tiny-random", "--image", "sample:cat", "--rope-scale", "auto")
     assert "smallest" in inspect.stdout and f"config's {config_factor:g}" in inspect.stdout, inspect.stdout
 
 
-def test_a_reducer_that_adds_tokens_says_so(env):
+def test_a_reducer_that_adds_tokens_says_so(env, here):
     args = ["--model", "tiny-random", "--image", "sample:cat", "--reduce", "visionzip"]
     r = cli(env, "run", *args, "--prompt", "hi", "--max-new-tokens", "2")
     assert r.returncode == 0, r.stderr
     notes = [line for line in r.stderr.splitlines() if "note:" in line and "visionzip" in line]
     assert notes and "more than" in notes[0] and "per frame or crop" in notes[0], r.stderr
-    inspect = cli(env, "inspect", *args)
+    inspect = here("inspect", *args)
     assert inspect.returncode == 0 and "more than" in inspect.stdout, inspect.stdout + inspect.stderr

@@ -369,8 +369,7 @@ def test_documented_command_runs_as_written(cmd, media_dir, env, tmp_path, monke
 RECIPES = collect_recipes()
 
 
-@pytest.mark.parametrize("doc", sorted(RECIPES))
-def test_documented_python_recipes_run_as_written(doc, media_dir, env, tmp_path):
+def _recipe_script(doc: str) -> str:
     blocks = []
     for k, (line, code) in enumerate(RECIPES[doc]):
         for prelude_doc, j in PRELUDES.get((doc, k), []):
@@ -382,11 +381,36 @@ def test_documented_python_recipes_run_as_written(doc, media_dir, env, tmp_path)
             code = code.replace(f'"{real}"', f'"{tiny}"')
         script += [f"print('--- {name}:{line}', file=sys.stderr, flush=True)",
                    f"exec(compile({code!r}, '{name}:{line}', 'exec'), ns)"]
-    cwd = _workdir(tmp_path, media_dir)
-    (cwd / "recipes.py").write_text("\n".join(script) + "\n")
-    r = subprocess.run([sys.executable, "recipes.py"], cwd=cwd, env={**os.environ, **env}, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
+    return "\n".join(script) + "\n"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def recipe_runs(media_dir, env, tmp_path_factory, request):
+    """Each selected document's recipes, one subprocess per document, all started when this module starts:
+    they run on one torch thread each, as do the commands run in this process (``_one_thread``), so they use
+    the core those leave idle instead of running one after another at the end. doc -> (process, stderr file)."""
+    selected = {item.callspec.params["doc"] for item in request.session.items
+                if item.originalname == "test_documented_python_recipes_run_as_written"}
+    runs = {}
+    for doc in sorted(selected):
+        cwd = _workdir(tmp_path_factory.mktemp(f"recipes-{doc}"), media_dir)
+        (cwd / "recipes.py").write_text(_recipe_script(doc))
+        err = open(cwd / "stderr.txt", "w")
+        runs[doc] = (subprocess.Popen([sys.executable, "recipes.py"], cwd=cwd, env={**os.environ, **env},
+                                      stdout=subprocess.DEVNULL, stderr=err), cwd / "stderr.txt")
+        err.close()
+    yield runs
+    for proc, _ in runs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("doc", sorted(RECIPES))
+def test_documented_python_recipes_run_as_written(doc, recipe_runs):
+    proc, stderr = recipe_runs[doc]
+    code = proc.wait(timeout=600)
+    assert code == 0, stderr.read_text()[-4000:]
 
 
 def test_every_doc_is_collected_and_the_tables_are_used():

@@ -156,8 +156,22 @@ def lines(path: Path) -> dict[str, dict]:
     return out
 
 
+def eval_in_process(env: dict, capsys, task: Path, out: Path, *extra: str) -> tuple[int, str]:
+    """``eval_cmd``'s command as ``main`` in this process with ``env``'s cache and compile switch; (code, stderr)."""
+    from llava_next.cli.main import main
+
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as mp:
+        for key in ("LLAVA_NEXT_CACHE", "LLAVA_NEXT_COMPILE"):
+            mp.setenv(key, env[key])
+        code = main(eval_cmd(task, out, *extra)[3:])
+    return (0 if code is None else code), capsys.readouterr().err
+
+
 @pytest.mark.parametrize("answer", ["mc_generate", "mc_loglikelihood"])
-def test_killed_run_resumes_to_the_uninterrupted_result(setup, answer):
+def test_killed_run_resumes_to_the_uninterrupted_result(setup, answer, capsys):
+    """The killed run and its rerun are console processes (a kill, then a fresh start); the uninterrupted
+    reference and the refused rerun with other switches are the same command's ``main`` in this process."""
     root, env = setup
     task = _write(root / f"{answer}.yaml", TASK.format(answer=answer))
     ref_out, kill_out = root / f"ref-{answer}", root / f"killed-{answer}"
@@ -165,8 +179,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(setup, answer):
     ranks = subprocess.Popen(torchrun("--standalone", "--nproc-per-node", "2", *eval_cmd(task, ranks_out)[1:]),
                              env=dict(env, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              text=True) if answer == "mc_generate" else None
-    ref = subprocess.run(eval_cmd(task, ref_out), env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    code, err = eval_in_process(env, capsys, task, ref_out)
+    assert code == 0, err[-3000:]
     if ranks is not None:  # two ranks share the samples: one merged result, the same as one process's
         assert ranks.wait(timeout=TIMEOUT_S) == 0, ranks.stderr.read()[-3000:]
         assert lines(ranks_out / "samples.jsonl") == lines(ref_out / "samples.jsonl")
@@ -221,9 +235,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(setup, answer):
     assert record["dtype"] == "float32" and len(record["checkpoint_sha256"]) == 64
     if answer == "mc_loglikelihood":
         assert all(len(r["scores"]) == len(s["options"]) for r, s in zip(want.values(), SAMPLES) if r["status"] == "ok")
-    other = subprocess.run(eval_cmd(task, kill_out, "--frames", "3"), env=env, capture_output=True, text=True,
-                           timeout=TIMEOUT_S)
-    assert other.returncode == 2 and "holds another run (switches differ" in other.stderr, other.stderr
+    code, err = eval_in_process(env, capsys, task, kill_out, "--frames", "3")
+    assert code == 2 and "holds another run (switches differ" in err, err
 
 
 def test_exact_match_and_reduction_switches_in_process(setup, tmp_path, monkeypatch):

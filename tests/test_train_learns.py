@@ -34,7 +34,20 @@ def cli(env: dict, *args: str) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
-def test_sft_makes_run_say_each_clips_caption(tmp_path):
+def in_process(capfdbinary, *args: str) -> tuple[int, bytes, bytes]:
+    """``llava-next ARGS`` as ``main`` in this process, as a one-thread process computes (like_a_rank: one
+    thread, no compile); returns (code, stdout bytes, stderr bytes) as ``cli`` does."""
+    from llava_next.cli.main import main
+    from test_tensor_parallel import like_a_rank
+
+    capfdbinary.readouterr()
+    with like_a_rank():
+        code = main(list(args))
+    out, err = capfdbinary.readouterr()
+    return (0 if code is None else code), out, err
+
+
+def test_sft_makes_run_say_each_clips_caption(tmp_path, capfdbinary, monkeypatch):
     # 2 s at 12 fps, 224 x 126: small frames decode fast (the vision tower sees 112 px tiles anyway)
     videos = [cached_video(f"learn_{photo}", frames=24, size_hw=(126, 224), fps=12, photo=photo) for photo in CLIPS]
     captions = list(CLIPS.values())
@@ -46,32 +59,49 @@ def test_sft_makes_run_say_each_clips_caption(tmp_path):
     # 529 s of CPU for this test at the default against 74 s with one thread, same result)
     env = dict(os.environ, LLAVA_NEXT_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
-    trained = cli(env, "train", "--method", "sft", "--data", str(data), "--model", "tiny-random",
-                  "--out", str(tmp_path / "run"), "--frames", FRAMES, "--frame-sampling", "uniform",
-                  "--batch-size", "4", "--steps", STEPS, "--lr", "3e-3", "--warmup-steps", "10",
-                  "--lora-rank", "16", "--lora-alpha", "32", "--lora-dropout", "0",
-                  "--lora-targets", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head",
-                  "--save-every", STEPS, "--quiet")
-    assert trained.returncode == 0, trained.stderr.decode()
+    # the training process runs on one core; meanwhile the base model answers (below) on the other
+    log = tmp_path / "train.stderr"
+    with open(log, "wb") as err:
+        training = subprocess.Popen([sys.executable, "-m", "llava_next.cli.main", "train", "--method", "sft",
+                                     "--data", str(data), "--model", "tiny-random", "--out", str(tmp_path / "run"),
+                                     "--frames", FRAMES, "--frame-sampling", "uniform", "--batch-size", "4",
+                                     "--steps", STEPS, "--lr", "3e-3", "--warmup-steps", "10", "--lora-rank", "16",
+                                     "--lora-alpha", "32", "--lora-dropout", "0", "--lora-targets",
+                                     "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head",
+                                     "--save-every", STEPS, "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        # the base model (one batch run for the four clips, greedy) says none of the captions
+        monkeypatch.setenv("LLAVA_NEXT_CACHE", env["LLAVA_NEXT_CACHE"])
+        jobs = tmp_path / "jobs.jsonl"
+        jobs.write_text("".join(json.dumps({"id": v.name, "video": str(v)}) + "\n" for v in videos), encoding="utf-8")
+        code, _, err_base = in_process(capfdbinary, "batch", "--model", "tiny-random", "--inputs", str(jobs),
+                                       "--out", str(tmp_path / "base.jsonl"), "--prompt", PROMPT, "--frames", FRAMES,
+                                       "--max-new-tokens", "8", "--quiet")
+        assert code == 0, err_base.decode()
+        assert training.wait(timeout=600) == 0, log.read_text()
+    finally:
+        if training.poll() is None:
+            training.kill()
+            training.wait()
+    answers = {line["id"]: line["text"] for line in map(json.loads, (tmp_path / "base.jsonl").read_text().splitlines())}
+    assert len(answers) == 4 and not any(c in answers[v.name] for v, c in zip(videos, captions)), answers
+
     steps = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
     assert len(steps) == int(STEPS) and steps[-1]["loss"] < 0.1 * steps[0]["loss"]
     assert [s["lr"] for s in steps[:2]] == pytest.approx([3e-3 * 2 / 10, 3e-3 * 3 / 10])  # the rate of the next step
 
-    for video, caption in zip(videos, captions):  # streamed to stdout: exactly the caption and the newline
-        tuned = cli(env, "run", "--model", "tiny-random", "--adapter", str(tmp_path / "run" / "adapter"),
-                    "--video", str(video), "--frames", FRAMES, "--quiet", PROMPT)
-        assert tuned.returncode == 0, tuned.stderr.decode()
-        assert tuned.stdout == (caption + "\n").encode("utf-8"), (video.name, tuned.stdout.decode(errors="replace"),
-                                                                  steps[-1])
-
-    # the base model (one batch process for the four clips, greedy) says none of the captions
-    jobs = tmp_path / "jobs.jsonl"
-    jobs.write_text("".join(json.dumps({"id": v.name, "video": str(v)}) + "\n" for v in videos), encoding="utf-8")
-    base = cli(env, "batch", "--model", "tiny-random", "--inputs", str(jobs), "--out", str(tmp_path / "base.jsonl"),
-               "--prompt", PROMPT, "--frames", FRAMES, "--max-new-tokens", "8", "--quiet")
-    assert base.returncode == 0, base.stderr.decode()
-    answers = {line["id"]: line["text"] for line in map(json.loads, (tmp_path / "base.jsonl").read_text().splitlines())}
-    assert len(answers) == 4 and not any(c in answers[v.name] for v, c in zip(videos, captions)), answers
+    # streamed to stdout: exactly the caption and the newline; the first clip by ``llava-next run`` in a console
+    # process of its own (its stdout's bytes), the other three by the same command's ``main`` in this process
+    for k, (video, caption) in enumerate(zip(videos, captions)):
+        args = ("run", "--model", "tiny-random", "--adapter", str(tmp_path / "run" / "adapter"), "--video", str(video),
+                "--frames", FRAMES, "--quiet", PROMPT)
+        if k == 0:
+            tuned = cli(env, *args)
+            code, out, err = tuned.returncode, tuned.stdout, tuned.stderr
+        else:
+            code, out, err = in_process(capfdbinary, *args)
+        assert code == 0, err.decode()
+        assert out == (caption + "\n").encode("utf-8"), (video.name, out.decode(errors="replace"), steps[-1])
 
 
 def test_lr_schedules_warm_up_then_decay_or_hold():
