@@ -251,11 +251,17 @@ def original_frames(pictures: Sequence[np.ndarray], maps: Sequence[np.ndarray],
     cap = 38
     sheet = Image.new("RGB", (PAD + per_row * (width + PAD), -(-n // per_row) * (size[1] + cap)), BG)
     d = ImageDraw.Draw(sheet)
+    # drawn at the sheet's size: each picture resized, each map sampled (nearest: a map is constant over a
+    # token's cell, many pixels wide), so 32 full-HD frames cost what 32 thumbnails do
+    rows = np.minimum((np.arange(size[1]) * h) // size[1], h - 1)
+    cols = np.minimum((np.arange(size[0]) * w) // size[0], w - 1)
+    maps = [np.asarray(m)[rows][:, cols] for m in maps]
     lo, hi = value_range(maps, vmin, vmax)
     s = width / w
     for k in range(n):
         x, y = PAD + (k % per_row) * (width + PAD), (k // per_row) * (size[1] + cap)
-        pic = Image.fromarray(overlay(pictures[k], maps[k], lo, hi)).resize(size, Image.BILINEAR)
+        small = np.asarray(Image.fromarray(np.asarray(pictures[k], dtype=np.uint8)).resize(size, Image.BILINEAR))
+        pic = Image.fromarray(overlay(small, maps[k], lo, hi))
         x0, y0, x1, y1 = crops[k]
         ImageDraw.Draw(pic).rectangle([x0 * s, y0 * s, x1 * s - 1, y1 * s - 1], outline=(0, 220, 255), width=2)
         sheet.paste(pic, (x, y))
