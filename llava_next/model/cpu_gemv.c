@@ -247,13 +247,18 @@ static float dot_int4_any(const uint16_t *x, const float *xf, const float *xsum,
 void gemv_int4(const uint16_t *x, const uint8_t *w, const uint16_t *scales, const uint16_t *zeros,
                const uint16_t *bias, uint16_t *y, int64_t M, int64_t N, int64_t K, int64_t G, int threads) {
     const int64_t groups = K / G;
+#if defined(__AVX512BF16__)
+    const int wide = G % 128 == 0;  /* the AVX512-BF16 loop reads xs, the plain one xf: build only that one */
+#else
+    const int wide = 0;
+#endif
     uint16_t *xs = malloc(sizeof(uint16_t) * M * K);  /* (M, 4, K/4): xs[m][r][i] = x[m][4i + r] */
     float *xf = malloc(sizeof(float) * M * K);  /* (M, 2, K/2): x's even columns, then its odd ones, fp32 */
     float *xsum = malloc(sizeof(float) * M * groups);  /* (M, K/G) sum of x over each group */
     for (int64_t m = 0; m < M; m++) {
         for (int64_t k = 0; k < K; k++) {
-            xs[m * K + (k % 4) * (K / 4) + k / 4] = x[m * K + k];
-            xf[m * K + (k % 2) * (K / 2) + k / 2] = bf16_to_f32(x[m * K + k]);
+            if (wide) xs[m * K + (k % 4) * (K / 4) + k / 4] = x[m * K + k];
+            else xf[m * K + (k % 2) * (K / 2) + k / 2] = bf16_to_f32(x[m * K + k]);
         }
         for (int64_t g = 0; g < groups; g++) {
             float s = 0.0f;

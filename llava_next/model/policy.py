@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from . import cpu_gemv
+
 # ---- the one-query decode attention, compiled (model/engines.py) ------------------------------------------
 # benchmarks/published/4-cpu.md, "Compiled decode attention" (bench_cpu.py, 7B shape, bf16, ~1,200-token
 # context): SDPA's CPU kernel with one query reads the KV cache at ~4 GB/s, the compiled formula ~15 GB/s;
@@ -135,8 +137,7 @@ def gemv_setting() -> str:
 
 def cpu_key() -> str:
     """What a measured choice depends on: CPU model and vector flags, torch version."""
-    from .cpu_gemv import cpu_identity
-    return f"{cpu_identity()} | torch {torch.__version__}"
+    return f"{cpu_gemv.cpu_identity()} | torch {torch.__version__}"
 
 
 def choose_faster(rates: dict[str, float]) -> str:
@@ -150,7 +151,6 @@ def gemv_choice(fmt: str) -> str:
     if fmt not in GEMV_FORMATS:
         raise ValueError(f"no decode product for {fmt!r}: one of {', '.join(GEMV_FORMATS)}")
     setting = gemv_setting()
-    from . import cpu_gemv
     if setting == "torch" or cpu_gemv.load() is None:
         return "torch"  # no C compiler: torch's kernels (cpu_gemv.failure() says why)
     if setting == "kernel":
@@ -223,7 +223,6 @@ def _probe(fmt: str):
     """({"kernel": f, "torch": f}, bytes): each f(x) runs one product per probe weight, the way the model's
     layers run a decode step in ``fmt`` (torch: oneDNN's prepacked bf16 GEMM, ``_weight_int8pack_mm``,
     ``_weight_int4pack_mm_for_cpu`` on its own layout; kernel: model/cpu_gemv.c)."""
-    from . import cpu_gemv
     N, K = GEMV_PROBE_SHAPE
     per = {"bf16": 2 * N * K, "int8": N * K, "int4": N * K // 2}[fmt]
     count = max(1, GEMV_PROBE_BYTES // per)
