@@ -236,6 +236,18 @@ def causal_chart(scores: np.ndarray, layers: Sequence[int], units: Sequence[str]
     return _stack([_text_block([title, note], width), img, _colorbar(lo, hi, label="metric")])
 
 
+def thumbnails(pictures: Sequence[np.ndarray], maps: Sequence[np.ndarray],
+               size: tuple[int, int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(H, W, 3) pictures and their (H, W) maps at ``size`` (width, height) before drawing: pictures resized,
+    maps sampled (nearest: a map is constant over a token's cell, many pixels wide), so 32 full-HD frames
+    cost what 32 thumbnails do."""
+    h, w = pictures[0].shape[:2]
+    rows = np.minimum((np.arange(size[1]) * h) // size[1], h - 1)
+    cols = np.minimum((np.arange(size[0]) * w) // size[0], w - 1)
+    small = [np.asarray(Image.fromarray(np.asarray(p, dtype=np.uint8)).resize(size, Image.BILINEAR)) for p in pictures]
+    return small, [np.asarray(m)[rows][:, cols] for m in maps]
+
+
 def original_frames(pictures: Sequence[np.ndarray], maps: Sequence[np.ndarray],
                     crops: Sequence[tuple[float, float, float, float]], timestamps: Sequence[float],
                     frame_indices: Sequence[int], *, title: str, frame_sums: Sequence[float] | None = None,
@@ -251,17 +263,12 @@ def original_frames(pictures: Sequence[np.ndarray], maps: Sequence[np.ndarray],
     cap = 38
     sheet = Image.new("RGB", (PAD + per_row * (width + PAD), -(-n // per_row) * (size[1] + cap)), BG)
     d = ImageDraw.Draw(sheet)
-    # drawn at the sheet's size: each picture resized, each map sampled (nearest: a map is constant over a
-    # token's cell, many pixels wide), so 32 full-HD frames cost what 32 thumbnails do
-    rows = np.minimum((np.arange(size[1]) * h) // size[1], h - 1)
-    cols = np.minimum((np.arange(size[0]) * w) // size[0], w - 1)
-    maps = [np.asarray(m)[rows][:, cols] for m in maps]
+    pictures, maps = thumbnails(pictures, maps, size)
     lo, hi = value_range(maps, vmin, vmax)
     s = width / w
     for k in range(n):
         x, y = PAD + (k % per_row) * (width + PAD), (k // per_row) * (size[1] + cap)
-        small = np.asarray(Image.fromarray(np.asarray(pictures[k], dtype=np.uint8)).resize(size, Image.BILINEAR))
-        pic = Image.fromarray(overlay(small, maps[k], lo, hi))
+        pic = Image.fromarray(overlay(pictures[k], maps[k], lo, hi))
         x0, y0, x1, y1 = crops[k]
         ImageDraw.Draw(pic).rectangle([x0 * s, y0 * s, x1 * s - 1, y1 * s - 1], outline=(0, 220, 255), width=2)
         sheet.paste(pic, (x, y))

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .plots import FATES, value_range, visible
+from .plots import FATES, thumbnails, value_range, visible
 
 INSTALL = "pip install 'llava-next[figures]'"
 
@@ -56,6 +56,20 @@ def save(fig, path: str, record: str) -> None:
         fig.savefig(path, metadata=meta, bbox_inches="tight")
 
 
+def _frame_panels(Figure, n: int, *, per_row: int, cell_w: float, cell_h: float, pad_w: float):
+    """A figure with ``n`` frame panels, at most ``per_row`` a row (inches per panel): (fig, [(k, ax)]), each
+    panel's axes off and named ``frame-k`` in the SVG; the grid's unused cells are left blank."""
+    per_row = min(n, per_row)
+    rows = -(-n // per_row)
+    fig = Figure(figsize=(cell_w * per_row + pad_w, cell_h * rows + 0.9), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, per_row, squeeze=False)).ravel()
+    for ax in axes:
+        ax.set_axis_off()
+    for k, ax in enumerate(axes[:n]):
+        ax.set_gid(f"frame-{k}")
+    return fig, list(enumerate(axes[:n]))
+
+
 def frame_heatmaps(frames: np.ndarray, grids: Sequence[np.ndarray], timestamps: Sequence[float],
                    frame_indices: Sequence[int], *, title: str, frame_sums: Sequence[float] | None = None,
                    norm: str = "global", covered: float = 1.0, thumb: int = 224,
@@ -66,18 +80,11 @@ def frame_heatmaps(frames: np.ndarray, grids: Sequence[np.ndarray], timestamps: 
         raise ValueError(f"norm must be 'global' or 'frame', got {norm!r}")
     _, colors, _, Figure = require()
     n, S = len(grids), frames.shape[1]
-    per_row = min(n, 8)
-    rows = -(-n // per_row)
-    fig = Figure(figsize=(2.1 * per_row + 0.6, 2.5 * rows + 0.9), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(rows, per_row, squeeze=False)).ravel()
+    fig, panels = _frame_panels(Figure, n, per_row=8, cell_w=2.1, cell_h=2.5, pad_w=0.6)
     glo, ghi = value_range(grids, vmin, vmax)
     side = S * covered
     im = None
-    for k, ax in enumerate(axes):
-        ax.set_axis_off()
-        if k >= n:
-            continue
-        ax.set_gid(f"frame-{k}")
+    for k, ax in panels:
         lo, hi = (glo, ghi) if norm == "global" else value_range([grids[k]], vmin, vmax)
         ax.imshow(frames[k], extent=(0, S, S, 0))
         im = ax.imshow(np.ma.masked_invalid(np.asarray(grids[k], dtype=np.float64)), cmap=_cmap(), alpha=0.6,
@@ -92,7 +99,7 @@ def frame_heatmaps(frames: np.ndarray, grids: Sequence[np.ndarray], timestamps: 
     fig.suptitle(f"{title}\n{value} per pooled cell, on the {S}x{frames.shape[2]} crop each frame is given to "
                  f"the model; {scale}", fontsize=8)
     if norm == "global" and im is not None:
-        fig.colorbar(im, ax=axes.tolist(), shrink=0.8, label=f"{bar_label} ({glo:.3g} .. {ghi:.3g})")
+        fig.colorbar(im, ax=[ax for _, ax in panels], shrink=0.8, label=f"{bar_label} ({glo:.3g} .. {ghi:.3g})")
     return fig
 
 
@@ -104,20 +111,16 @@ def original_frames(pictures: Sequence[np.ndarray], maps: Sequence[np.ndarray],
     """plots.original_frames as a matplotlib figure: whole frames, maps on their pixels, the crop outlined."""
     _, colors, patches, Figure = require()
     n = len(pictures)
-    per_row = min(n, 4)
-    rows = -(-n // per_row)
     h, w = pictures[0].shape[:2]
-    fig = Figure(figsize=(3.0 * per_row + 0.8, (3.0 * h / w + 0.5) * rows + 0.9), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(rows, per_row, squeeze=False)).ravel()
+    fig, panels = _frame_panels(Figure, n, per_row=4, cell_w=3.0, cell_h=3.0 * h / w + 0.5, pad_w=0.8)
+    # raster parts at twice the PNG's panel width (print resolution), in the original pixel coordinates
+    pictures, maps = thumbnails(pictures, maps, (2 * width, max(1, round(h * 2 * width / w))))
     lo, hi = value_range(maps, vmin, vmax)
     im = None
-    for k, ax in enumerate(axes):
-        ax.set_axis_off()
-        if k >= n:
-            continue
-        ax.set_gid(f"frame-{k}")
-        ax.imshow(pictures[k])
-        im = ax.imshow(np.ma.masked_invalid(maps[k]), cmap=_cmap(), alpha=0.6, norm=colors.Normalize(lo, hi))
+    for k, ax in panels:
+        ax.imshow(pictures[k], extent=(0, w, h, 0))
+        im = ax.imshow(np.ma.masked_invalid(maps[k]), cmap=_cmap(), alpha=0.6, norm=colors.Normalize(lo, hi),
+                       extent=(0, w, h, 0), interpolation="nearest")
         x0, y0, x1, y1 = crops[k]
         ax.add_patch(patches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=(0, 0.86, 1), linewidth=1.5,
                                        gid=f"crop-{k}"))
@@ -125,7 +128,7 @@ def original_frames(pictures: Sequence[np.ndarray], maps: Sequence[np.ndarray],
         ax.set_title(f"frame {k}  #{frame_indices[k]}  {timestamps[k]:.2f} s{mass}", fontsize=7)
     fig.suptitle(f"{title}\neach {h}x{w} px frame whole; cyan: the crop the model is given (dark: pixels it never "
                  f"sees); one colour scale for all frames", fontsize=8)
-    fig.colorbar(im, ax=axes.tolist(), shrink=0.8, label=f"{bar_label} ({lo:.3g} .. {hi:.3g})")
+    fig.colorbar(im, ax=[ax for _, ax in panels], shrink=0.8, label=f"{bar_label} ({lo:.3g} .. {hi:.3g})")
     return fig
 
 
