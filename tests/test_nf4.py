@@ -68,10 +68,47 @@ def test_dequantize_in_chunks_is_bitsandbytes(monkeypatch):
     import llava_next.model.nf4 as nf4
 
     monkeypatch.setattr(nf4, "_CHUNK", 7 * 64)
+    monkeypatch.setattr(nf4, "_dequantize_in_c", lambda q, dtype, scratch=False: None)  # torch's chunks, not C
     for dtype in DTYPES:
         w = weight((96, 200), dtype, seed=5)
         packed, state = bnb_quantize(w)
         assert torch.equal(nf4_dequantize(nf4_quantize(w)), bnbf.dequantize_4bit(packed, state))
+
+
+@pytest.mark.parametrize("march", ["native", "x86-64-v3"])
+def test_the_c_dequantization_is_the_torch_one_bit_for_bit(march, monkeypatch):
+    """cpu_nf4.c (the CPU path of every NF4 forward and backward) against the torch chunks it replaces, bit for
+    bit, in fp32 and bf16: the native build (AVX-512 where the CPU has it) and the plain C one (x86-64-v3: no
+    AVX-512); every blocksize bitsandbytes accepts; tiny (subnormal products), huge, inf and NaN absmax, ties."""
+    import llava_next.model.cpu_gemv as cpu_gemv
+    import llava_next.model.nf4 as nf4
+
+    if march != "native" and "avx2" not in cpu_gemv.cpu_identity():
+        pytest.skip("the portable build is checked on x86-64 with AVX2")
+    monkeypatch.setattr(cpu_gemv, "_lib", cpu_gemv.bind(cpu_gemv.build(march=march)))
+    for blocksize in nf4.BLOCKSIZES:
+        q = nf4_quantize(weight((24, 4096), torch.float32, seed=blocksize), blocksize=blocksize)
+        absmax = nf4.block_absmax(q)
+        # 1 + 2^-8 and 1 + 3 * 2^-8: times the levels +-1, exact ties of bf16 rounding (to even: down, then up)
+        specials = torch.tensor([1e-40, 3e38, float("inf"), float("nan"), -0.0, 1 + 2 ** -8, 1 + 3 * 2 ** -8])
+        monkeypatch.setattr(nf4, "block_absmax", lambda _q: torch.cat([specials, absmax[len(specials):]]))
+        for dtype in (torch.float32, torch.bfloat16):
+            got, want = nf4._dequantize_in_c(q, dtype), nf4._dequantize_whole_blocks(q, dtype)
+            bits = torch.int32 if dtype == torch.float32 else torch.int16
+            assert torch.equal(got.view(bits), want.view(bits)), (blocksize, dtype)
+        monkeypatch.undo()
+        monkeypatch.setattr(cpu_gemv, "_lib", cpu_gemv.bind(cpu_gemv.build(march=march)))
+
+
+def test_scratch_dequantization_reuses_one_buffer_per_thread():
+    """The layer's forward and backward dequantize into one reused buffer (fresh 90 MB tensors cost more in page
+    faults than in filling them); a plain call still returns a tensor of its own."""
+    q1, q2 = nf4_quantize(weight((64, 128), torch.float32, 1)), nf4_quantize(weight((32, 128), torch.float32, 2))
+    a = nf4_dequantize(q1, torch.bfloat16, scratch=True)
+    want = nf4_dequantize(q1, torch.bfloat16)
+    assert torch.equal(a, want) and want.data_ptr() != a.data_ptr()
+    b = nf4_dequantize(q2, torch.bfloat16, scratch=True)  # smaller: the same storage, a's values overwritten
+    assert b.data_ptr() == a.data_ptr() and torch.equal(b, nf4_dequantize(q2, torch.bfloat16))
 
 
 def test_double_quantization_edge_cases():

@@ -1,5 +1,6 @@
 """CPU decode products in C, beside their PyTorch references: y (M, N) = x (M, K) W^T for a few rows of
-bf16 activations and a bf16, int8 or int4 weight (``cpu_gemv.c`` has the loops and the formats).
+bf16 activations and a bf16, int8 or int4 weight (``cpu_gemv.c`` has the loops and the formats). The same
+library carries NF4 dequantization (``cpu_nf4.c``, called by model/nf4.py for QLoRA's frozen base).
 
     lib = load()                                     # None where no C compiler works (callers use torch)
     y = gemv_bf16(x, w, bias)                        # x (..., K) bf16, w (N, K) bf16 -> (..., N) bf16
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_gemv.c")
+SOURCES = [Path(__file__).with_name(f) for f in ("cpu_gemv.c", "cpu_nf4.c")]  # one library
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 _P, _I, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _lib: ctypes.CDLL | None = None
@@ -63,7 +64,7 @@ def cpu_identity() -> str:
 
 def _cache_dir(march: str) -> Path:
     root = Path(os.environ.get("LLAVA_NEXT_CACHE", Path.home() / ".cache" / "llava-next"))
-    key = hashlib.sha256((SOURCE.read_text() + " ".join(FLAGS) + march + cpu_identity()).encode()).hexdigest()[:16]
+    key = hashlib.sha256(("".join(f.read_text() for f in SOURCES) + " ".join(FLAGS) + march + cpu_identity()).encode()).hexdigest()[:16]
     return root / "kernels" / f"cpu_gemv-{march}-{key}"
 
 
@@ -81,9 +82,9 @@ def build(march: str = "native") -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, f"-march={march}", "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+        done = subprocess.run([cc, *FLAGS, f"-march={march}", "-o", tmp, *map(str, SOURCES)], capture_output=True, text=True)
         if done.returncode:
-            raise RuntimeError(f"{cc} could not build {SOURCE.name}: {done.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{cc} could not build {' + '.join(f.name for f in SOURCES)}: {done.stderr.strip()[-2000:]}")
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -103,11 +104,12 @@ def load() -> ctypes.CDLL | None:
 
 
 def bind(path: Path) -> ctypes.CDLL:
-    """Open a built library and declare its three entry points (cpu_gemv.c)."""
+    """Open a built library and declare its entry points (cpu_gemv.c's three products, cpu_nf4.c's one)."""
     lib = ctypes.CDLL(str(path))
     lib.gemv_bf16.argtypes = [_P, _P, _P, _P, _I, _I, _I, _C]
     lib.gemv_int8.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _C]
     lib.gemv_int4.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _C]
+    lib.nf4_dequantize.argtypes = [_P, _P, _P, _I, _I, _C, _C]
     return lib
 
 

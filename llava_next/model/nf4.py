@@ -36,10 +36,11 @@ Why a custom autograd function in ``NF4Linear`` (as bitsandbytes' ``MatMul4Bit``
 weight alive until backward, one per layer; ``_NF4LinearFn`` saves only the packed buffers and
 dequantizes again in backward. The weight gets no gradient (it is a buffer, not a parameter); the input
 does, so LoRA adapters on top of a frozen NF4 base train. Like bitsandbytes' CPU backend it dequantizes the
-whole weight per call (forward and backward) and runs a float GEMM; the dequantization goes chunk by chunk
-through a table of the four values two packed bytes hold (``_dequantize_whole_blocks``), so no int64 or fp32
-copy of the whole weight is made (benchmarks/bench_train.py measures the step against bitsandbytes). The
-point is memory: a QLoRA base for fine-tuning on 16-24 GB GPUs.
+whole weight per call (forward and backward) and runs a float GEMM. On CPU the dequantization is one pass
+of C (``cpu_nf4.c``; bitsandbytes too runs one kernel per weight); elsewhere, and where no C compiler works,
+it goes chunk by chunk through a table of the four values two packed bytes hold (``_dequantize_whole_blocks``),
+so no int64 or fp32 copy of the whole weight is made. Both give the same bits (tests/test_nf4.py;
+benchmarks/bench_train.py measures the step against bitsandbytes). The point is memory: a QLoRA base for fine-tuning on 16-24 GB GPUs.
 """
 
 from __future__ import annotations
@@ -47,11 +48,14 @@ from __future__ import annotations
 import functools
 import math
 import sys
+import threading
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import cpu_gemv
 
 BLOCKSIZE = 64  # QLoRA's block of weights per absmax
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' quantize_4bit accepts
@@ -197,12 +201,14 @@ def _cached_dynamic_code(device: str) -> torch.Tensor:
     return dynamic_code(device)
 
 
-def nf4_dequantize(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
+def nf4_dequantize(q: NF4Weight, dtype: torch.dtype | None = None, scratch: bool = False) -> torch.Tensor:
     """NF4Weight -> tensor of ``q.shape`` in ``dtype`` (default the original dtype); bitsandbytes'
-    ``dequantize_4bit`` bit for bit: nf4[index] * absmax[block] in fp32, then cast."""
+    ``dequantize_4bit`` bit for bit: nf4[index] * absmax[block] in fp32, then cast. ``scratch=True`` may
+    return a view of a buffer the next ``scratch=True`` call on this thread overwrites (the layer's own use)."""
     n = math.prod(q.shape)
     if n % q.blocksize == 0 and q.packed.is_contiguous() and sys.byteorder == "little":
-        return _dequantize_whole_blocks(q, dtype or q.dtype)
+        out = _dequantize_in_c(q, dtype or q.dtype, scratch)
+        return out if out is not None else _dequantize_whole_blocks(q, dtype or q.dtype)
     idx = torch.stack((q.packed >> 4, q.packed & 15), dim=-1).reshape(-1)[:n].long()  # (n,) high nibble first
     values = nf4_code(q.packed.device)[idx]  # (n,) fp32
     absmax = block_absmax(q)
@@ -227,6 +233,40 @@ def _quad_table(device: str) -> torch.Tensor:
 
 _CHUNK = 1 << 22  # values per chunk (16 MiB fp32): few enough chunks that per-op overhead (a thread barrier each,
 # costly on a shared machine: 1 << 18 spent 75 s of a 7B QLoRA step in them) stays small; 1 << 18 is ~1.5x faster alone
+
+
+def _dequantize_in_c(q: NF4Weight, dtype: torch.dtype, scratch: bool = False) -> torch.Tensor | None:
+    """The same bits as ``_dequantize_whole_blocks`` in one pass of C (cpu_nf4.c: each packed byte read once,
+    its two values written), or None where that does not apply: not on CPU, an output dtype other than
+    fp32 / bf16, inside a torch.compile graph, or no C compiler (``cpu_gemv.failure()`` says why).
+    ``scratch``: write into this thread's reused buffer (``_scratch``), valid until the next such call."""
+    if (q.packed.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16)
+            or torch.compiler.is_compiling() or q.blocksize % 32):
+        return None
+    lib = cpu_gemv.load()
+    if lib is None:
+        return None
+    absmax = block_absmax(q).contiguous()  # (blocks,) fp32
+    out = _scratch(q.shape, dtype) if scratch else torch.empty(q.shape, dtype=dtype)
+    lib.nf4_dequantize(q.packed.data_ptr(), absmax.data_ptr(), out.data_ptr(), absmax.numel(), q.blocksize,
+                       int(dtype == torch.bfloat16), torch.get_num_threads())
+    return out
+
+
+_local = threading.local()
+
+
+def _scratch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A ``shape`` view of one buffer per thread, grown to the largest weight asked for and then reused.
+    Why: a fresh tensor of a 7B MLP weight (90 MB bf16) is new pages from the kernel on every call, and
+    faulting them in cost 40 ms where filling them costs 6 (one thread); a QLoRA step dequantizes every
+    weight twice. The layer's forward and backward use each weight before asking for the next one."""
+    n = math.prod(shape)
+    buf = getattr(_local, "buffers", {}).get(dtype)
+    if buf is None or buf.numel() < n:
+        buf = torch.empty(n, dtype=dtype)
+        _local.buffers = {**getattr(_local, "buffers", {}), dtype: buf}
+    return buf[:n].view(shape)
 
 
 def _dequantize_whole_blocks(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
@@ -256,13 +296,13 @@ class _NF4LinearFn(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, layer: "NF4Linear") -> torch.Tensor:
         ctx.layer = layer  # the module holds the packed buffers; nothing float is kept for backward
         bias = layer.bias if layer.bias is None or layer.bias.dtype == x.dtype else layer.bias.to(x.dtype)
-        return F.linear(x, layer.dequantized(x.dtype), bias)  # (..., N)
+        return F.linear(x, layer.dequantized(x.dtype, scratch=True), bias)  # (..., N)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # grad (..., N)
         if not ctx.needs_input_grad[0]:
             return None, None
-        w = ctx.layer.dequantized(grad.dtype)  # (N, K)
+        w = ctx.layer.dequantized(grad.dtype, scratch=True)  # (N, K)
         return grad.matmul(w), None  # (..., K): what F.linear's autograd computes for its input
 
 
@@ -308,8 +348,8 @@ class NF4Linear(nn.Module):
         return NF4Weight(self.weight.reshape(-1), self.absmax, (self.out_features, self.in_features), self.dtype,
                          BLOCKSIZE, self.absmax_scale, self.absmax_offset)
 
-    def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return nf4_dequantize(self.nf4_weight(), dtype or self.dtype)  # (N, K)
+    def dequantized(self, dtype: torch.dtype | None = None, scratch: bool = False) -> torch.Tensor:
+        return nf4_dequantize(self.nf4_weight(), dtype or self.dtype, scratch)  # (N, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
         return _NF4LinearFn.apply(x, self)
