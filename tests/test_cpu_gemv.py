@@ -187,3 +187,27 @@ def test_the_plain_c_loops_of_cpus_without_avx512_bf16(monkeypatch):
         sc, z = torch.rand(80, 1024 // G).bfloat16(), torch.randn(80, 1024 // G).bfloat16()
         want = cpu_gemv.gemv_reference(x, cpu_gemv.int4_weight(p, sc, z, G))
         assert close(cpu_gemv.gemv_int4(x, p, sc, z, G), want) <= BF16_ULP
+
+
+@pytest.mark.parametrize("march", ["native", "x86-64-v3"])
+def test_int8_and_int4_rows_dequantize_in_c_to_torchs_bits(march, monkeypatch):
+    """The rows a prompt-sized GEMM dequantizes (cpu_dequant.c) against the torch ops they replace, bit for
+    bit: int8 into fp32 and bf16, int4 into bf16 (rounded after the product and after the sum), bf16 and fp32
+    scales, the native and the portable build."""
+    if march != "native" and "avx2" not in cpu_gemv.cpu_identity():
+        pytest.skip("the portable build is checked on x86-64 with AVX2")
+    monkeypatch.setattr(cpu_gemv, "_lib", cpu_gemv.bind(cpu_gemv.build(march=march)))
+    torch.manual_seed(7)
+    for scale_dtype in (torch.bfloat16, torch.float32):
+        lin = torch.nn.Linear(1000, 48, bias=False).to(scale_dtype)
+        layers = [(Int8Linear.from_linear(lin), (torch.float32, torch.bfloat16))]
+        layers += [(Int4Linear.from_linear(torch.nn.Linear(1024, 48, bias=False).to(scale_dtype), g), (torch.bfloat16,))
+                   for g in (32, 128)]
+        for layer, dtypes in layers:
+            for dtype in dtypes:
+                got = layer.dequantized_rows(5, 40, dtype)
+                with monkeypatch.context() as m:
+                    m.setattr(cpu_gemv, "load", lambda: None)  # torch's ops
+                    want = layer.dequantized_rows(5, 40, dtype)
+                bits = torch.int32 if dtype == torch.float32 else torch.int16
+                assert torch.equal(got.view(bits), want.view(bits)), (type(layer).__name__, scale_dtype, dtype)

@@ -77,7 +77,7 @@ def test_dequantize_in_chunks_is_bitsandbytes(monkeypatch):
 
 @pytest.mark.parametrize("march", ["native", "x86-64-v3"])
 def test_the_c_dequantization_is_the_torch_one_bit_for_bit(march, monkeypatch):
-    """cpu_nf4.c (the CPU path of every NF4 forward and backward) against the torch chunks it replaces, bit for
+    """cpu_dequant.c (the CPU path of every NF4 forward and backward) against the torch chunks it replaces, bit for
     bit, in fp32 and bf16: the native build (AVX-512 where the CPU has it) and the plain C one (x86-64-v3: no
     AVX-512); every blocksize bitsandbytes accepts; tiny (subnormal products), huge, inf and NaN absmax, ties."""
     import llava_next.model.cpu_gemv as cpu_gemv

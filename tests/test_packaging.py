@@ -160,7 +160,7 @@ def test_wheel_contains_the_three_packages_and_imports_from_it(tmp_path):
             rel = f"llava_next/{rel}" if folder.name == "llava_next" else rel
             assert rel in names, f"{rel} is not in the wheel: add its package to pyproject.toml"
     assert not any(n.startswith(("kernels/", "weights/", "tests/", "benchmarks/")) for n in names)
-    assert {"llava_next/model/cpu_gemv.c", "llava_next/model/cpu_nf4.c"} <= set(names)  # C loops, compiled on the user's machine
+    assert {"llava_next/model/cpu_gemv.c", "llava_next/model/cpu_dequant.c"} <= set(names)  # C loops, compiled on the user's machine
     for task in (REPO / "llava_next" / "eval" / "benchmarks").glob("*.yaml"):  # the bundled benchmark tasks
         assert f"llava_next/eval/benchmarks/{task.name}" in names, f"{task.name} is not in the wheel (package-data)"
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()

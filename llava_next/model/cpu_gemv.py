@@ -1,6 +1,7 @@
 """CPU decode products in C, beside their PyTorch references: y (M, N) = x (M, K) W^T for a few rows of
 bf16 activations and a bf16, int8 or int4 weight (``cpu_gemv.c`` has the loops and the formats). The same
-library carries NF4 dequantization (``cpu_nf4.c``, called by model/nf4.py for QLoRA's frozen base).
+library carries the dequantization loops (``cpu_dequant.c``: NF4 for QLoRA's frozen base, model/nf4.py; int8
+and int4 rows for prompt-sized GEMMs, ``dequantize_int8`` / ``dequantize_int4`` below, model/quant.py).
 
     lib = load()                                     # None where no C compiler works (callers use torch)
     y = gemv_bf16(x, w, bias)                        # x (..., K) bf16, w (N, K) bf16 -> (..., N) bf16
@@ -37,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(f) for f in ("cpu_gemv.c", "cpu_nf4.c")]  # one library
+SOURCES = [Path(__file__).with_name(f) for f in ("cpu_gemv.c", "cpu_dequant.c")]  # one library
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 _P, _I, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _lib: ctypes.CDLL | None = None
@@ -104,12 +105,14 @@ def load() -> ctypes.CDLL | None:
 
 
 def bind(path: Path) -> ctypes.CDLL:
-    """Open a built library and declare its entry points (cpu_gemv.c's three products, cpu_nf4.c's one)."""
+    """Open a built library and declare its entry points (cpu_gemv.c's products, cpu_dequant.c's loops)."""
     lib = ctypes.CDLL(str(path))
     lib.gemv_bf16.argtypes = [_P, _P, _P, _P, _I, _I, _I, _C]
     lib.gemv_int8.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _C]
     lib.gemv_int4.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _C]
     lib.nf4_dequantize.argtypes = [_P, _P, _P, _I, _I, _C, _C]
+    lib.int8_dequantize.argtypes = [_P, _P, _P, _I, _I, _C, _C]
+    lib.int4_dequantize.argtypes = [_P, _P, _P, _P, _I, _I, _I, _C]
     return lib
 
 
@@ -178,6 +181,39 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
     _lib_or_raise().gemv_int4(xr.data_ptr(), packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(), _ptr(bias),
                               y.data_ptr(), xr.shape[0], N, K, group_size, torch.get_num_threads())
     return y.reshape(*x.shape[:-1], N)
+
+
+# ---- dequantization of int8 / int4 rows (cpu_dequant.c), for prompt-sized GEMMs -------------------------------
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """q (n, K) int8, scales (n,) -> (n, K) ``dtype`` = q * scale, the bits of torch's ``empty(dtype).copy_(q)
+    .mul_(scales[:, None])``; None where the C loop does not apply (not fp32 / bf16, not CPU, no library)."""
+    if dtype not in (torch.float32, torch.bfloat16) or q.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    lib = load()
+    if lib is None:
+        return None
+    q, s = q.contiguous(), scales.float().contiguous()  # bf16 -> fp32 is exact
+    out = torch.empty(q.shape, dtype=dtype)
+    lib.int8_dequantize(q.data_ptr(), s.data_ptr(), out.data_ptr(), q.shape[0], q.shape[1],
+                        int(dtype == torch.bfloat16), torch.get_num_threads())
+    return out
+
+
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                    dtype: torch.dtype) -> torch.Tensor | None:
+    """packed (n, K/2) uint8, scales / zeros (n, K/g) -> (n, K) bf16 = (q - 8) * scale + zero, the bits of
+    torch's in-place ``sub_(8).mul_(scales).add_(zeros)`` on a bf16 tensor; None where the C loop does not
+    apply (an output other than bf16, not CPU, no library)."""
+    if dtype != torch.bfloat16 or packed.device.type != "cpu" or torch.compiler.is_compiling() or group_size % 2:
+        return None
+    lib = load()
+    if lib is None:
+        return None
+    p, s, z = packed.contiguous(), scales.float().contiguous(), zeros.float().contiguous()
+    out = torch.empty(p.shape[0], 2 * p.shape[1], dtype=dtype)
+    lib.int4_dequantize(p.data_ptr(), s.data_ptr(), z.data_ptr(), out.data_ptr(), p.shape[0], out.shape[1],
+                        group_size, torch.get_num_threads())
+    return out
 
 
 # ---- the PyTorch references (fp32 sums of the same numbers, rounded once) --------------------------------------

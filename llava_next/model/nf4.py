@@ -37,7 +37,7 @@ weight alive until backward, one per layer; ``_NF4LinearFn`` saves only the pack
 dequantizes again in backward. The weight gets no gradient (it is a buffer, not a parameter); the input
 does, so LoRA adapters on top of a frozen NF4 base train. Like bitsandbytes' CPU backend it dequantizes the
 whole weight per call (forward and backward) and runs a float GEMM. On CPU the dequantization is one pass
-of C (``cpu_nf4.c``; bitsandbytes too runs one kernel per weight); elsewhere, and where no C compiler works,
+of C (``cpu_dequant.c``; bitsandbytes too runs one kernel per weight); elsewhere, and where no C compiler works,
 it goes chunk by chunk through a table of the four values two packed bytes hold (``_dequantize_whole_blocks``),
 so no int64 or fp32 copy of the whole weight is made. Both give the same bits (tests/test_nf4.py;
 benchmarks/bench_train.py measures the step against bitsandbytes). The point is memory: a QLoRA base for fine-tuning on 16-24 GB GPUs.
@@ -236,7 +236,7 @@ _CHUNK = 1 << 22  # values per chunk (16 MiB fp32): few enough chunks that per-o
 
 
 def _dequantize_in_c(q: NF4Weight, dtype: torch.dtype, scratch: bool = False) -> torch.Tensor | None:
-    """The same bits as ``_dequantize_whole_blocks`` in one pass of C (cpu_nf4.c: each packed byte read once,
+    """The same bits as ``_dequantize_whole_blocks`` in one pass of C (cpu_dequant.c: each packed byte read once,
     its two values written), or None where that does not apply: not on CPU, an output dtype other than
     fp32 / bf16, inside a torch.compile graph, or no C compiler (``cpu_gemv.failure()`` says why).
     ``scratch``: write into this thread's reused buffer (``_scratch``), valid until the next such call."""

@@ -273,8 +273,11 @@ class Int8Linear(nn.Module):
 
     def dequantized_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         """Output channels [start, stop) of the weight, (stop - start, K) in ``dtype``."""
-        out = torch.empty(stop - start, self.in_features, dtype=dtype, device=self.weight.device)
-        return out.copy_(self.weight[start:stop]).mul_(self.scales[start:stop, None])
+        out = cpu_gemv.dequantize_int8(self.weight[start:stop], self.scales[start:stop], dtype)  # one C pass
+        if out is None:  # the same bits in torch (not CPU, no C compiler)
+            out = torch.empty(stop - start, self.in_features, dtype=dtype, device=self.weight.device)
+            out.copy_(self.weight[start:stop]).mul_(self.scales[start:stop, None])
+        return out
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         return self.dequantized_rows(0, self.out_features, dtype)  # (N, K)
@@ -355,6 +358,10 @@ class Int4Linear(nn.Module):
     def dequantized_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         """Output channels [start, stop) of the weight, (stop - start, K) in ``dtype``."""
         n, K, g = stop - start, self.in_features, self.group_size
+        out = cpu_gemv.dequantize_int4(self.weight[start:stop], self.scales[start:stop], self.zeros[start:stop], g,
+                                       dtype)  # one C pass; the same bits as below
+        if out is not None:
+            return out
         out = torch.empty(n, K, dtype=dtype, device=self.weight.device)
         u = self.weight[start:stop]  # (n, K/2) two nibbles per byte
         pairs = out.view(n, K // 2, 2)
