@@ -7,6 +7,7 @@ FrameFusion merge, and SVG / PDF without matplotlib is a user error naming the e
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import sys
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llava_next.research import plots
+from llava_next.research import plots, vector
 
 SVG = "{http://www.w3.org/2000/svg}"
 # 40+ question tokens: the logit-lens grid at more than 32 positions
@@ -145,6 +146,25 @@ def test_original_frames_dim_what_the_model_never_sees_and_outline_its_crop():
     assert np.array_equal(img[top + 20, left + 5], [115, 115, 115])  # 0.45 x 255: a pixel the model never sees
     assert np.abs(img[top + 20, left + 30] - np.round(0.4 * 255 + 0.6 * plots.colormap(1.0))).max() <= 1
     assert np.array_equal(img[top + 20, left + 20], [0, 220, 255])  # the crop's left edge
+
+
+def test_original_frames_take_the_frame_scale_too():
+    """``--scale frame`` reaches the whole-frame figure: two black frames holding 0.05 and 0.5 are each drawn at
+    full colour on their own scale, where the shared scale draws the first at a tenth (PNG and SVG alike)."""
+    heats = [np.full((40, 60), 0.05), np.full((40, 60), 0.5)]
+    args = ([np.zeros((40, 60, 3), np.uint8)] * 2, heats, [(0, 0, 60, 40)] * 2, [0.0, 1.0], [0, 1])
+
+    def centre(img, k):  # the two-line header, then frame k's middle (each panel 60 px + 14 px gaps)
+        return np.asarray(img)[54 + 20, 14 + k * 74 + 30].astype(int)
+
+    glob = plots.original_frames(*args, title="t", width=60)
+    own = plots.original_frames(*args, title="t", width=60, norm="frame")
+    assert np.abs(centre(glob, 0) - np.round(0.6 * plots.colormap(0.1))).max() <= 1
+    assert np.abs(centre(own, 0) - np.round(0.6 * plots.colormap(1.0))).max() <= 1
+    assert np.abs(centre(own, 1) - centre(glob, 1)).max() <= 1  # the largest frame: the same either way
+    if importlib.util.find_spec("matplotlib"):
+        fig = vector.original_frames(*args, title="t", width=60, norm="frame")
+        assert [ax.get_images()[1].norm.vmax for ax in fig.axes[:2]] == [0.05, 0.5]
 
 
 def test_value_range():

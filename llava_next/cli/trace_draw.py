@@ -163,7 +163,7 @@ def _draw_original(args, prov, m, clip, values, title: str, put, stem: str) -> N
         crops.append((*np.nanmin(boxes[:, :2], 0), *np.nanmax(boxes[:, 2:], 0)))
     sums = [float(values[prov.where(media=m.index, frame=f)].nansum()) for f in range(F)]
     put(painter(args).original_frames(pictures, maps, crops, list(m.timestamps), list(m.frame_indices), title=title,
-                                      frame_sums=sums, vmin=args.vmin, vmax=args.vmax), stem)
+                                      frame_sums=sums, vmin=args.vmin, vmax=args.vmax, norm=args.scale), stem)
 
 
 def _draw_image(args, prov, m, mean_w, group: str, span: str, put, suffix: str) -> None:

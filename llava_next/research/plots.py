@@ -252,10 +252,13 @@ def original_frames(pictures: Sequence[np.ndarray], maps: Sequence[np.ndarray],
                     crops: Sequence[tuple[float, float, float, float]], timestamps: Sequence[float],
                     frame_indices: Sequence[int], *, title: str, frame_sums: Sequence[float] | None = None,
                     vmin: float | None = None, vmax: float | None = None, width: int = 300,
-                    bar_label: str = "attention per token") -> Image.Image:
+                    bar_label: str = "attention per token", norm: str = "global") -> Image.Image:
     """Each sampled frame whole, as the file stores it ((H, W, 3) ``pictures``), its (H, W) map on the original
     pixels (``Provenance.to_pixels``: NaN outside what the model saw, drawn dimmed) and the model's crop
-    (``crops``: (x0, y0, x1, y1) px) outlined; one colour scale (``value_range``)."""
+    (``crops``: (x0, y0, x1, y1) px) outlined; one colour scale (``value_range``), or with ``norm="frame"``
+    one per frame (its range under it), as ``frame_heatmaps``."""
+    if norm not in ("global", "frame"):
+        raise ValueError(f"norm must be 'global' or 'frame', got {norm!r}")
     n = len(pictures)
     per_row = min(n, 4)
     h, w = pictures[0].shape[:2]
@@ -264,20 +267,26 @@ def original_frames(pictures: Sequence[np.ndarray], maps: Sequence[np.ndarray],
     sheet = Image.new("RGB", (PAD + per_row * (width + PAD), -(-n // per_row) * (size[1] + cap)), BG)
     d = ImageDraw.Draw(sheet)
     pictures, maps = thumbnails(pictures, maps, size)
-    lo, hi = value_range(maps, vmin, vmax)
+    glo, ghi = value_range(maps, vmin, vmax)
     s = width / w
     for k in range(n):
         x, y = PAD + (k % per_row) * (width + PAD), (k // per_row) * (size[1] + cap)
+        lo, hi = (glo, ghi) if norm == "global" else value_range([maps[k]], vmin, vmax)
         pic = Image.fromarray(overlay(pictures[k], maps[k], lo, hi))
         x0, y0, x1, y1 = crops[k]
         ImageDraw.Draw(pic).rectangle([x0 * s, y0 * s, x1 * s - 1, y1 * s - 1], outline=(0, 220, 255), width=2)
         sheet.paste(pic, (x, y))
         d.text((x, y + size[1] + 3), f"frame {k}  #{frame_indices[k]}  {timestamps[k]:.2f} s", fill=FG, font=_font(13))
-        if frame_sums is not None:
-            d.text((x, y + size[1] + 19), f"mass {frame_sums[k]:.4f}", fill=DIM, font=_font(12))
-    note = f"each {h}x{w} px frame whole; cyan: the crop the model is given (dimmed: pixels it never sees); one colour scale"
-    header = _text_block([title, note], sheet.width)
-    return _stack([header, sheet, _colorbar(lo, hi, label=bar_label, clipped=_clipped(maps, lo, hi))])
+        line = f"mass {frame_sums[k]:.4f}" if frame_sums is not None else ""
+        if norm == "frame":
+            line += f"{'  ' if line else ''}scale {lo:.3g}..{hi:.3g}"
+        d.text((x, y + size[1] + 19), line, fill=DIM, font=_font(12))
+    scale = "one colour scale" if norm == "global" else "each frame scaled on its own (range under it)"
+    note = f"each {h}x{w} px frame whole; cyan: the crop the model is given (dimmed: pixels it never sees); {scale}"
+    parts = [_text_block([title, note], sheet.width), sheet]
+    if norm == "global":
+        parts.append(_colorbar(glo, ghi, label=bar_label, clipped=_clipped(maps, glo, ghi)))
+    return _stack(parts)
 
 
 # (name, RGB) of each kept-map category, in the order of the codes in ``kept_map``'s ``fates``

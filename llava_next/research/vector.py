@@ -107,17 +107,21 @@ def original_frames(pictures: Sequence[np.ndarray], maps: Sequence[np.ndarray],
                     crops: Sequence[tuple[float, float, float, float]], timestamps: Sequence[float],
                     frame_indices: Sequence[int], *, title: str, frame_sums: Sequence[float] | None = None,
                     vmin: float | None = None, vmax: float | None = None, width: int = 300,
-                    bar_label: str = "attention per token"):
-    """plots.original_frames as a matplotlib figure: whole frames, maps on their pixels, the crop outlined."""
+                    bar_label: str = "attention per token", norm: str = "global"):
+    """plots.original_frames as a matplotlib figure: whole frames, maps on their pixels, the crop outlined;
+    one colour scale, or one per frame (``norm="frame"``, its range in the frame's title)."""
+    if norm not in ("global", "frame"):
+        raise ValueError(f"norm must be 'global' or 'frame', got {norm!r}")
     _, colors, patches, Figure = require()
     n = len(pictures)
     h, w = pictures[0].shape[:2]
     fig, panels = _frame_panels(Figure, n, per_row=4, cell_w=3.0, cell_h=3.0 * h / w + 0.5, pad_w=0.8)
     # raster parts at twice the PNG's panel width (print resolution), in the original pixel coordinates
     pictures, maps = thumbnails(pictures, maps, (2 * width, max(1, round(h * 2 * width / w))))
-    lo, hi = value_range(maps, vmin, vmax)
+    glo, ghi = value_range(maps, vmin, vmax)
     im = None
     for k, ax in panels:
+        lo, hi = (glo, ghi) if norm == "global" else value_range([maps[k]], vmin, vmax)
         ax.imshow(pictures[k], extent=(0, w, h, 0))
         im = ax.imshow(np.ma.masked_invalid(maps[k]), cmap=_cmap(), alpha=0.6, norm=colors.Normalize(lo, hi),
                        extent=(0, w, h, 0), interpolation="nearest")
@@ -125,10 +129,13 @@ def original_frames(pictures: Sequence[np.ndarray], maps: Sequence[np.ndarray],
         ax.add_patch(patches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=(0, 0.86, 1), linewidth=1.5,
                                        gid=f"crop-{k}"))
         mass = f"\nmass {frame_sums[k]:.4f}" if frame_sums is not None else ""
-        ax.set_title(f"frame {k}  #{frame_indices[k]}  {timestamps[k]:.2f} s{mass}", fontsize=7)
+        own = f"\nscale {lo:.3g}..{hi:.3g}" if norm == "frame" else ""
+        ax.set_title(f"frame {k}  #{frame_indices[k]}  {timestamps[k]:.2f} s{mass}{own}", fontsize=7)
+    scale = "one colour scale for all frames" if norm == "global" else "each frame scaled on its own"
     fig.suptitle(f"{title}\neach {h}x{w} px frame whole; cyan: the crop the model is given (dark: pixels it never "
-                 f"sees); one colour scale for all frames", fontsize=8)
-    fig.colorbar(im, ax=[ax for _, ax in panels], shrink=0.8, label=f"{bar_label} ({lo:.3g} .. {hi:.3g})")
+                 f"sees); {scale}", fontsize=8)
+    if norm == "global":
+        fig.colorbar(im, ax=[ax for _, ax in panels], shrink=0.8, label=f"{bar_label} ({glo:.3g} .. {ghi:.3g})")
     return fig
 
 
