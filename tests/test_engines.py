@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from checkpoints import tiny_config
-from llava_next.model import engines, policy
+from llava_next.model import cpu_gemv, engines, policy
 from llava_next.model.attention import eager_attention, one_query_attention, use_backend
 from llava_next.model.engines import CompiledStepEngine, EagerEngine, choose_engine, decode_kernel, decode_step
 from llava_next.model.generate import generate
-from llava_next.model.llava import LlavaNextModel, PackedLinear
+from llava_next.model.llava import DecodeLinear, LlavaNextModel, PackedLinear
 from llava_next.model.quant import QuantConfig, quantize_model
 
 compiling = pytest.mark.skipif(policy.compile_setting() == "0", reason="LLAVA_NEXT_COMPILE=0")
@@ -190,6 +190,7 @@ def test_compiled_step_matches_eager(monkeypatch):
 
 
 def test_step_policy(monkeypatch):
+    monkeypatch.setenv("LLAVA_NEXT_GEMV", "torch")  # prepacked linears: the graph's products are the eager ones
     dec = bf16_model().language_model
     cpu = torch.device("cpu")
     monkeypatch.setenv("LLAVA_NEXT_COMPILE", "auto")
@@ -201,6 +202,13 @@ def test_step_policy(monkeypatch):
     qdec = quantize_model(bf16_model(pack=False), QuantConfig("int8")).language_model  # int kernels: eager is faster
     assert not step(qdec, 10 * policy.STEP_MIN_NEW_TOKENS, cpu)
     assert step(qdec, 1, cpu, compile_step=True)
+    if cpu_gemv.load() is not None:  # the C decode loops (DecodeLinear): eager is faster than the graph too
+        monkeypatch.setenv("LLAVA_NEXT_GEMV", "kernel")
+        kdec = bf16_model().language_model
+        assert any(isinstance(m, DecodeLinear) for m in kdec.modules())
+        assert not step(kdec, 10 * policy.STEP_MIN_NEW_TOKENS, cpu)
+        assert step(kdec, 1, cpu, compile_step=True)
+        monkeypatch.setenv("LLAVA_NEXT_GEMV", "torch")
     assert not step(dec, 10_000, torch.device("meta"))  # CPU only
     assert not step(dec, 10_000, cpu, compile_step=False)
     assert step(dec, 1, cpu, compile_step=True)

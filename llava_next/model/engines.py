@@ -211,7 +211,7 @@ def choose_engine(decoder: Decoder, max_new_tokens: int, device: torch.device,
         return EagerEngine()
     weights = sum(t.nbytes for n, t in [*decoder.named_parameters(), *decoder.named_buffers()]
                   if "kv_cache" not in n and t.layout == torch.strided)
-    if policy.step_compile_pays(max_new_tokens, _quantized(decoder), bool(decoder.__dict__.get("_compiled_steps")),
+    if policy.step_compile_pays(max_new_tokens, _eager_kernels(decoder), bool(decoder.__dict__.get("_compiled_steps")),
                                 compile_step, weights, available_memory(torch.device("cpu"))):
         return CompiledStepEngine()
     return EagerEngine()
@@ -230,7 +230,10 @@ def observed(decoder: Decoder) -> bool:
     return False
 
 
-def _quantized(decoder: Decoder) -> bool:
-    """Quantized layers (quant.py: int8, int4, nf4): the eager step's kernels are faster than the graph's."""
+def _eager_kernels(decoder: Decoder) -> bool:
+    """Layers whose eager kernels decode faster than the compiled graph's (policy.py, the whole-step rule):
+    quantized ones (quant.py: int8, int4, nf4) and bf16 linears that decode through the C loops
+    (``DecodeLinear``: there because this CPU measured them faster than torch's one-row path)."""
+    from .llava import DecodeLinear
     from .quant import QuantLinear
-    return any(isinstance(m, QuantLinear) for m in decoder.modules())
+    return any(isinstance(m, (*QuantLinear, DecodeLinear)) for m in decoder.modules())

@@ -40,7 +40,10 @@ ATTENTION_COMPILE_S = 5.0
 # ---- the whole decode step, compiled (model/engines.py) ----------------------------------------------------
 # benchmarks/published/3-quant.md (bench_quant.py, 2 decoder layers of the 7B shape, ~1,200-token prompt):
 # bf16 1.11x the eager step with 2 threads (0.96x with 1), int8 0.77x, int4 0.49x; a compile of 11 s warm,
-# 43 s cold. So "auto" compiles it only for float decoders and answers of at least STEP_MIN_NEW_TOKENS.
+# 43 s cold. The graph runs torch's products: where this CPU measured the C loops faster (gemv_choice), the
+# eager step runs them (bf16: 1.40x torch's eager path, benchmarks/published/7-cpu-decode.md), beyond the graph's
+# 1.11x. So "auto" compiles it only for float decoders that decode through torch's products, and answers of at
+# least STEP_MIN_NEW_TOKENS.
 STEP_MIN_NEW_TOKENS = 2048
 STEP_MODE = "max-autotune-no-cudagraphs"  # inductor mode (tests use "default": seconds, not minutes)
 STEP_CACHE_BUCKET = 256  # static cache lengths are rounded up to this, so nearby requests share one graph
@@ -83,17 +86,18 @@ def attention_compile_pays(kv_bytes_per_token: float, new_tokens: int, compiled_
     return saved > ATTENTION_COMPILE_S
 
 
-def step_compile_pays(max_new_tokens: int, quantized: bool, compiled_before: bool, forced: bool | None,
+def step_compile_pays(max_new_tokens: int, eager_kernels: bool, compiled_before: bool, forced: bool | None,
                       weight_bytes: int, available_bytes: int | None) -> bool:
     """Whether to decode with the whole-step compiled graph: ``forced`` True / False (the caller's
-    ``compile_step``) or ``LLAVA_NEXT_COMPILE=step`` / ``0`` decide; else a float decoder and a request of at
-    least STEP_MIN_NEW_TOKENS, or a graph compiled before, with room for the frozen weights."""
+    ``compile_step``) or ``LLAVA_NEXT_COMPILE=step`` / ``0`` decide; never where the eager step has faster
+    kernels (``eager_kernels``: quantized layers, or the C decode loops); else a request of at least
+    STEP_MIN_NEW_TOKENS, or a graph compiled before, with room for the frozen weights."""
     if forced is not None:
         return forced
     setting = compile_setting()
     if setting in ("step", "0"):
         return setting == "step"
-    if quantized:
+    if eager_kernels:
         return False
     if compiled_before:
         return True
