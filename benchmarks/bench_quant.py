@@ -87,7 +87,7 @@ def with_gemv(setting: str, fn):
 
 def decode_bytes(cfg, kv_len: float, method: str | None) -> float:
     """Bytes read per decoded token: decoder linears in the format, norms, one embedding row, KV cache (bf16)."""
-    from llava_next.model.quant import weight_bytes
+    from llava_next.model.quant_model import weight_bytes
     t = cfg.text
     q, kv = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
     shapes = [(q, t.hidden_size), (kv, t.hidden_size), (kv, t.hidden_size), (t.hidden_size, q),

@@ -113,7 +113,8 @@ def lora_init(named_params) -> None:
 def ours_step(ours_dir: Path, base: str, batch):
     """llava-next's model as ``llava-next train`` builds it, and its step function (returns the loss)."""
     from llava_next.model.lora import LoraConfig, apply_lora
-    from llava_next.model.quant import QuantConfig, quantize_model
+    from llava_next.model.quant import QuantConfig
+    from llava_next.model.quant_model import quantize_model
     from llava_next.model.training import TrainingEngine, causal_lm_loss
     from llava_next.train.sft import materialize_trainable
     from llava_next_weights.load import read_config

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from research_models import tiny_pair
-from llava_next.model.quant import QuantConfig, quantize_model
+from llava_next.model.quant import QuantConfig
+from llava_next.model.quant_model import quantize_model
 from llava_next.research import run_with_cache
 from llava_next.research.cache import act_name, direct_logit_attribution
 from llava_next.research.weights import Weights, dense_weight

@@ -20,7 +20,8 @@ from llava_next.model.attention import eager_attention, one_query_attention, use
 from llava_next.model.engines import CompiledStepEngine, EagerEngine, choose_engine, decode_kernel, decode_step
 from llava_next.model.generate import generate
 from llava_next.model.llava import DecodeLinear, LlavaNextModel, PackedLinear
-from llava_next.model.quant import QuantConfig, quantize_model
+from llava_next.model.quant import QuantConfig
+from llava_next.model.quant_model import quantize_model
 
 compiling = pytest.mark.skipif(policy.compile_setting() == "0", reason="LLAVA_NEXT_COMPILE=0")
 

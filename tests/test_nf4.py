@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from llava_next.model.nf4 import (NF4Error, NF4Linear, dynamic_code, nf4_code, nf4_dequantize, nf4_quantize)
-from llava_next.model.quant import QuantConfig, QuantizationError, dequantize_model, quantize_model
+from llava_next.model.quant import QuantConfig, QuantizationError
+from llava_next.model.quant_model import dequantize_model, quantize_model
 
 # bitsandbytes' CPU backend, imported once: with AVX512-BF16 it looks for a GEMM kernel on the kernel hub; the
 # hub is offline here (HF_HUB_OFFLINE=1, tests/conftest.py), so that only logs a warning, silenced here

@@ -21,8 +21,8 @@ from llava_next.model.attention import use_backend
 from llava_next.model.generate import generate
 from llava_next.model.llava import LlavaNextModel
 from llava_next.model.quant import (DEQUANT_MIN_ROWS, Int4Linear, Int8Linear, QuantConfig, QuantizationError,
-                                    dequantize_int4, dequantize_int8, dequantize_model, quantize_int4,
-                                    quantize_int8, quantize_model)
+                                    dequantize_int4, dequantize_int8, quantize_int4, quantize_int8)
+from llava_next.model.quant_model import dequantize_model, quantize_model
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from checkpoints import make_llava_hf_checkpoint, make_runnable_checkpoint
 from llava_next.model.llava import LlavaNextModel
-from llava_next.model.quant import Int4Linear, Int8Linear, QuantConfig, QuantizationError, quantize_model
+from llava_next.model.quant import Int4Linear, Int8Linear, QuantConfig, QuantizationError
+from llava_next.model.quant_model import quantize_model
 from llava_next_weights.convert import convert
 from llava_next_weights.load import LoadError, is_file_mapped, load_into, read_config
 from llava_next_weights.quantize import QUANT_FILE, prepare_quantized

@@ -23,7 +23,8 @@ from llava_next.config import LlavaNextConfig, TextConfig, VisionConfig
 from llava_next.inputs.tokens import video_tokens
 from llava_next.model.llava import LlavaNextModel
 from llava_next.model.lora import LoraConfig, apply_lora
-from llava_next.model.quant import QuantConfig, quantize_model
+from llava_next.model.quant import QuantConfig
+from llava_next.model.quant_model import quantize_model
 from llava_next.model.training import TrainingEngine, causal_lm_loss
 from llava_next.train.memory import (TrainMemoryError, TrainSetting, largest_frames, training_memory,
                                      training_table)

@@ -253,7 +253,8 @@ def _adapt(model, args: argparse.Namespace, user_error) -> None:
         except (TrainError, OSError) as e:
             raise user_error(f"--projector {args.projector}: {e}") from None
     if args.quantize:
-        from ..model.quant import QuantConfig, quantize_model
+        from ..model.quant import QuantConfig
+        from ..model.quant_model import quantize_model
 
         quantize_model(model, QuantConfig(args.quantize))
     if args.adapter is not None:

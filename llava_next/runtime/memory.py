@@ -100,7 +100,7 @@ def weight_bytes(config: LlavaNextConfig, dtype: torch.dtype, quantize: str | No
     From the config alone (llava_next_weights.shapes, the converter's own shape table)."""
     from llava_next_weights.shapes import expected_shapes
 
-    from ..model.quant import weight_bytes as linear_bytes
+    from ..model.quant_model import weight_bytes as linear_bytes
 
     size = torch.empty((), dtype=dtype).element_size()
     total = 0

@@ -10,7 +10,7 @@ A quantized directory is a converted llava-next directory in which every quantiz
 ``{"method": "int4", "group_size": 128}`` or ``{"method": "nf4"}`` (plus ``"scope"``; nf4 stores
 ``P.absmax`` (uint8), ``P.absmax_scale`` and ``P.absmax_offset`` (fp32, kept fp32 when loading) instead of
 scales). Which linears are quantized is not
-stored per key: it follows from the config and the scope (``quant.quantized_linear_names`` on the model
+stored per key: it follows from the config and the scope (``quant_model.quantized_linear_names`` on the model
 built from the config), the same rule when writing and when loading.
 
 Checked from the safetensors headers before any data is read (``check_quantized``), each error naming
@@ -31,8 +31,8 @@ import torch
 from safetensors import safe_open
 
 from llava_next.config import LlavaNextConfig
-from llava_next.model.quant import (QuantConfig, QuantizationError, check_int4_shape, quantize_model,
-                                    quantized_linear_names, quantized_shapes, quantized_state)
+from llava_next.model.quant import QuantConfig, QuantizationError, check_int4_shape
+from llava_next.model.quant_model import quantize_model, quantized_linear_names, quantized_shapes, quantized_state
 from llava_next_weights.load import LoadError, check_safetensors, read_json, weight_files
 
 QUANT_FILE = "quantization.json"
