@@ -84,7 +84,8 @@ static float dot_bf16(const uint16_t *x, const uint16_t *w, int64_t K) {
 static float dot_int8(const uint16_t *xe, const uint16_t *xo, float xsum, const int8_t *w, int64_t K) {
     const __m512i low = _mm512_set1_epi16(0x000f), one28 = _mm512_set1_epi16(0x4300),
                   flip = _mm512_set1_epi16(0x4308);
-    __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps();
+    /* four accumulators, one dpbf16 each per 64 bytes: with two, each chained two dpbf16 (latency-bound) */
+    __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps(), p2 = _mm512_setzero_ps(), p3 = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 64 <= K; k += 64) {
         _mm_prefetch((const char *)(w + k) + AHEAD, _MM_HINT_T0);
@@ -92,10 +93,11 @@ static float dot_int8(const uint16_t *xe, const uint16_t *xo, float xsum, const 
         const __m512bh e = (__m512bh)_mm512_loadu_si512(xe + k / 2), o = (__m512bh)_mm512_loadu_si512(xo + k / 2);
         p0 = _mm512_dpbf16_ps(p0, e, (__m512bh)_mm512_ternarylogic_epi32(v, low, one28, 0xEA));  /* (v & f) | 4300 */
         p1 = _mm512_dpbf16_ps(p1, e, (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), low, flip, 0x6A));
-        p0 = _mm512_dpbf16_ps(p0, o, (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), low, one28, 0xEA));
-        p1 = _mm512_dpbf16_ps(p1, o, (__m512bh)_mm512_xor_si512(_mm512_srli_epi16(v, 12), flip));  /* (v & f) ^ 4308 */
+        p2 = _mm512_dpbf16_ps(p2, o, (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), low, one28, 0xEA));
+        p3 = _mm512_dpbf16_ps(p3, o, (__m512bh)_mm512_xor_si512(_mm512_srli_epi16(v, 12), flip));  /* (v & f) ^ 4308 */
     }
-    float s = _mm512_reduce_add_ps(_mm512_fmadd_ps(_mm512_set1_ps(16.0f), p1, p0)) - 2304.0f * xsum;
+    const __m512 lo = _mm512_add_ps(p0, p2), hi = _mm512_add_ps(p1, p3);
+    float s = _mm512_reduce_add_ps(_mm512_fmadd_ps(_mm512_set1_ps(16.0f), hi, lo)) - 2304.0f * xsum;
     for (; k < K; k++) s += bf16_to_f32(k % 2 ? xo[k / 2] : xe[k / 2]) * (float)w[k];
     return s;
 }
@@ -111,7 +113,8 @@ static float dot_int4(const uint16_t *const xs[4], const float *xsum, const uint
     const __m512i low = _mm512_set1_epi16(0x000f), one28 = _mm512_set1_epi16(0x4300);
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
-        __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps();
+        /* four accumulators, one dpbf16 each per 64 bytes (with two, each chained two: latency-bound) */
+        __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps(), p2 = _mm512_setzero_ps(), p3 = _mm512_setzero_ps();
         for (int64_t l = g * loads; l < (g + 1) * loads; l++) {
             _mm_prefetch((const char *)(w + 64 * l) + AHEAD, _MM_HINT_T0);
             const __m512i v = _mm512_loadu_si512(w + 64 * l);
@@ -119,14 +122,14 @@ static float dot_int4(const uint16_t *const xs[4], const float *xsum, const uint
                                   (__m512bh)_mm512_ternarylogic_epi32(v, low, one28, 0xEA));
             p1 = _mm512_dpbf16_ps(p1, (__m512bh)_mm512_loadu_si512(xs[1] + 32 * l),
                                   (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), low, one28, 0xEA));
-            p0 = _mm512_dpbf16_ps(p0, (__m512bh)_mm512_loadu_si512(xs[2] + 32 * l),
+            p2 = _mm512_dpbf16_ps(p2, (__m512bh)_mm512_loadu_si512(xs[2] + 32 * l),
                                   (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), low, one28, 0xEA));
-            p1 = _mm512_dpbf16_ps(p1, (__m512bh)_mm512_loadu_si512(xs[3] + 32 * l),
+            p3 = _mm512_dpbf16_ps(p3, (__m512bh)_mm512_loadu_si512(xs[3] + 32 * l),
                                   (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 12), one28));
         }
-        const __m512 s = _mm512_set1_ps(bf16_to_f32(scale[g]));
-        if (g & 1) acc1 = _mm512_fmadd_ps(s, _mm512_add_ps(p0, p1), acc1);  /* two chains: no wait on the FMA */
-        else acc0 = _mm512_fmadd_ps(s, _mm512_add_ps(p0, p1), acc0);
+        const __m512 s = _mm512_set1_ps(bf16_to_f32(scale[g])), p = _mm512_add_ps(_mm512_add_ps(p0, p1), _mm512_add_ps(p2, p3));
+        if (g & 1) acc1 = _mm512_fmadd_ps(s, p, acc1);  /* two chains: no wait on the FMA */
+        else acc0 = _mm512_fmadd_ps(s, p, acc0);
     }
     __m512 corr = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; g += 16) {
