@@ -63,9 +63,14 @@ def cpu_identity() -> str:
     return f"{model} | {' '.join(flags)}"
 
 
+def source_hash() -> str:
+    """12 hex digits of the C sources and flags: a changed loop is another library (and another measurement)."""
+    return hashlib.sha256(("".join(f.read_text() for f in SOURCES) + " ".join(FLAGS)).encode()).hexdigest()[:12]
+
+
 def _cache_dir(march: str) -> Path:
     root = Path(os.environ.get("LLAVA_NEXT_CACHE", Path.home() / ".cache" / "llava-next"))
-    key = hashlib.sha256(("".join(f.read_text() for f in SOURCES) + " ".join(FLAGS) + march + cpu_identity()).encode()).hexdigest()[:16]
+    key = hashlib.sha256((source_hash() + march + cpu_identity()).encode()).hexdigest()[:16]
     return root / "kernels" / f"cpu_gemv-{march}-{key}"
 
 

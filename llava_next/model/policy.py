@@ -5,7 +5,7 @@ policy imports it from here and carries no measured number of its own.
 Two kinds of rule. Constants measured once and published (compile costs, chunk sizes), each naming its
 benchmark; and choices that differ between CPUs (which one-row decode product is fastest here: torch's, or
 the project's C loops in model/cpu_gemv.c), made by **measuring this machine at first use** and
-cached per CPU model, flags, torch version and thread count (``gemv_choice``), as inductor caches its
+cached per CPU model, flags, torch version and C source (``gemv_choice``), as inductor caches its
 autotuning: an Intel Xeon with AMX and an AMD Zen 4 each get the path that is fastest on them.
 
 Two switches, environment variables read only here:
@@ -140,8 +140,8 @@ def gemv_setting() -> str:
 
 
 def cpu_key() -> str:
-    """What a measured choice depends on: CPU model and vector flags, torch version."""
-    return f"{cpu_gemv.cpu_identity()} | torch {torch.__version__}"
+    """What a measured choice depends on: CPU model and vector flags, torch version, the C loops' source."""
+    return f"{cpu_gemv.cpu_identity()} | torch {torch.__version__} | kernels {cpu_gemv.source_hash()}"
 
 
 def choose_faster(rates: dict[str, float]) -> str:
