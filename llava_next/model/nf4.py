@@ -221,20 +221,6 @@ def nf4_dequantize(q: NF4Weight, dtype: torch.dtype | None = None, scratch: bool
     return out.reshape(q.shape).to(dtype or q.dtype)
 
 
-@functools.lru_cache(maxsize=None)
-def _quad_table(device: str) -> torch.Tensor:
-    """(65536, 4) fp32: for the two packed bytes b0, b1 read as one little-endian uint16 (b0 + 256 b1), their
-    four values in order: nf4[b0 >> 4], nf4[b0 & 15], nf4[b1 >> 4], nf4[b1 & 15]."""
-    code = nf4_code(device)
-    pair = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)  # (256, 2): byte -> (high, low)
-    u = torch.arange(65536, device=device)
-    return torch.cat([pair[u & 255], pair[u >> 8]], dim=1).contiguous()
-
-
-_CHUNK = 1 << 22  # values per chunk (16 MiB fp32): few enough chunks that per-op overhead (a thread barrier each,
-# costly on a shared machine: 1 << 18 spent 75 s of a 7B QLoRA step in them) stays small; 1 << 18 is ~1.5x faster alone
-
-
 def _dequantize_in_c(q: NF4Weight, dtype: torch.dtype, scratch: bool = False) -> torch.Tensor | None:
     """The same bits as ``_dequantize_whole_blocks`` in one pass of C (cpu_dequant.c: each packed byte read once,
     its two values written), or None where that does not apply: not on CPU, an output dtype other than
@@ -267,6 +253,20 @@ def _scratch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         buf = torch.empty(n, dtype=dtype)
         _local.buffers = {**getattr(_local, "buffers", {}), dtype: buf}
     return buf[:n].view(shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _quad_table(device: str) -> torch.Tensor:
+    """(65536, 4) fp32: for the two packed bytes b0, b1 read as one little-endian uint16 (b0 + 256 b1), their
+    four values in order: nf4[b0 >> 4], nf4[b0 & 15], nf4[b1 >> 4], nf4[b1 & 15]."""
+    code = nf4_code(device)
+    pair = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)  # (256, 2): byte -> (high, low)
+    u = torch.arange(65536, device=device)
+    return torch.cat([pair[u & 255], pair[u >> 8]], dim=1).contiguous()
+
+
+_CHUNK = 1 << 22  # values per chunk (16 MiB fp32): few enough chunks that per-op overhead (a thread barrier each,
+# costly on a shared machine: 1 << 18 spent 75 s of a 7B QLoRA step in them) stays small; 1 << 18 is ~1.5x faster alone
 
 
 def _dequantize_whole_blocks(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
