@@ -1,10 +1,11 @@
 """``llava-next explore`` in a real browser: Debian's chromium driven by Playwright against the page served on a
 free local port with the built-in tiny model (docs/explore.md).
 
-One browser walk (the page loads, a sample is chosen, a question is asked, the answer and a heatmap appear,
-the layer slider changes the picture's bytes, a frame's positions are listed, a reduced request draws its kept
-map, bad input shows the command line's message and the next question is answered, a figure is exported),
-saving a screenshot of each view to docs/explore/. It prints the time from Ask to the first heatmap and per
+One browser walk (the page loads, a sample is chosen, a question is asked, the answer streams in before the
+heatmap appears, the layer slider changes the picture's bytes, the relevancy map differs from the attention
+one, a frame's positions are listed, a reduced request draws its kept map, bad input (an adapter folder
+too) shows the command line's message and the next question is answered, a LoRA adapter changes the answer,
+a figure is exported as JSON and as a real SVG), saving a screenshot of each view to docs/explore/. It prints the time from Ask to the first heatmap and per
 slider move. Skipped only when chromium (apt-get install chromium) or Playwright is missing.
 Cheaper checks without a browser: the per-head rows' mean is the trace's head mean; the page's messages.
 """
@@ -129,13 +130,14 @@ def _cli_error(argv: list[str]) -> str:
 @pytest.fixture(scope="module")
 def served(pipe):
     from llava_next.cli.explore import plan_picture
+    from llava_next.explore.models import ModelSource
     from llava_next.explore.server import serve
     from llava_next.explore.session import Session
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    session = Session(pipe, max_new_tokens=6)
+    session = Session(pipe, max_new_tokens=6, source=ModelSource("tiny-random", pipe.model.dtype))
     server = serve(session, port=port, plan_picture=plan_picture, block=False)
     yield server.url, session
     server.close()
@@ -193,6 +195,24 @@ def _ask(page, question: str) -> float:
     return time.perf_counter() - t0
 
 
+RECORD = """() => {
+    const src = () => (document.querySelector('#heatmap img') || {}).src || '';
+    const img0 = src();
+    window.__seen = [];
+    window.__poll = setInterval(() => {
+        const said = document.querySelector('#answer textarea').value, drawn = src() !== img0;
+        const last = window.__seen[window.__seen.length - 1];
+        if (!last || last[0] !== said || last[1] !== drawn) window.__seen.push([said, drawn]);
+    }, 5);
+}"""
+
+
+def _streamed(page) -> list[str]:
+    """The answer texts the page showed before the question's heatmap arrived (``RECORD`` started before Ask)."""
+    seen = page.evaluate("() => { clearInterval(window.__poll); return window.__seen; }")
+    return list(dict.fromkeys(said for said, drawn in seen if said.strip() and not drawn))
+
+
 def _set_slider(page, elem: str, value: int) -> float:
     """Move a slider; the seconds until the heatmap's picture is replaced."""
     before, t0 = _src(page, "heatmap"), time.perf_counter()
@@ -206,7 +226,7 @@ def _error(page) -> str:
     return page.evaluate("() => (document.querySelector('#error .prose') || {innerText: ''}).innerText").strip()
 
 
-def test_explore_page_in_chromium(served, browser, tmp_path, capsys):
+def test_explore_page_in_chromium(served, browser, pipe, tmp_path, capsys):
     url, session = served
     SHOTS.mkdir(parents=True, exist_ok=True)
     page = browser.new_page(viewport={"width": 1500, "height": 1100})
@@ -216,6 +236,7 @@ def test_explore_page_in_chromium(served, browser, tmp_path, capsys):
     _walk_positions_plan_export(page, url, session)
     image_s = _walk_reduction_and_any_file(page, tmp_path)
     _walk_bad_input(page, tmp_path)
+    _walk_adapter(page, pipe, tmp_path)
     with capsys.disabled():
         print(f"\n[explore timings, tiny-random, this machine] Ask -> first heatmap: video {first:.2f} s, "
               f"image {image_s:.2f} s; slider moves: {', '.join(f'{m:.3f}' for m in moves)} s")
@@ -226,9 +247,13 @@ def _walk_question_and_sliders(page) -> tuple[float, list[float]]:
     (other bytes). (seconds to the first heatmap, seconds per slider move)"""
     _choose(page, "sample", "sample:bunny")
     page.fill("#frames input", "8")
+    page.evaluate(RECORD)
     first = _ask(page, "What happens in the video?")
     assert _error(page) == ""
-    assert page.input_value("#answer textarea").strip()
+    final = page.input_value("#answer textarea")
+    partial = _streamed(page)  # streamed: the answer grew in pieces, all shown before the trace's heatmap
+    assert len(partial) >= 2 and all(final.startswith(p) for p in partial) and len(partial[0]) < len(final), \
+        (partial, final)
     page.screenshot(path=str(SHOTS / "page.png"))
     page.locator("#heatmap").screenshot(path=str(SHOTS / "heatmap.png"))
     page.locator("#chart").screenshot(path=str(SHOTS / "layer_frame_chart.png"))
@@ -240,6 +265,12 @@ def _walk_question_and_sliders(page) -> tuple[float, list[float]]:
         pictures.append(_heat(page))
     assert all(a != b for a, b in itertools.pairwise(pictures)), "a slider move left the heatmap's pixels as they were"
     assert "redrawn from the cache" in page.inner_text("#redraw")
+    before = _src(page, "heatmap")
+    _choose(page, "map", "relevancy")  # a gradient map of the same token: computed once, another picture
+    page.wait_for_function("(b) => document.querySelector('#heatmap img').src !== b", arg=before, timeout=60000)
+    assert _error(page) == "" and "relevancy of token 0 computed" in page.inner_text("#redraw")
+    assert _heat(page) != pictures[-1]
+    page.locator("#heatmap").screenshot(path=str(SHOTS / "relevancy.png"))
     return first, moves
 
 
@@ -263,7 +294,13 @@ def _walk_positions_plan_export(page, url: str, session) -> None:
     href = page.locator("#export_file a").first.get_attribute("href")
     data = json.loads(_bytes(page, href if href.startswith("http") else url.rstrip("/") + "/" + href.lstrip("/")))
     assert data["view"] == "heatmap" and data["layer"] == 1 and data["head"] == 1
-    assert len(data["weights"]) == len(data["positions"])
+    assert len(data["weights"]) == len(data["positions"]) == len(data["gradient_maps"]["relevancy"])
+    page.click("#export_svg")  # the relevancy map drawn by research/vector.py: text and outlines, not one picture
+    page.wait_for_function("() => [...document.querySelectorAll('#export_file a')].some(a => a.href.endsWith('.svg'))",
+                           timeout=30000)
+    href = page.locator("#export_file a").first.get_attribute("href")
+    svg = _bytes(page, href if href.startswith("http") else url.rstrip("/") + "/" + href.lstrip("/")).decode()
+    assert svg.lstrip().startswith("<?xml") and 'id="frame-7"' in svg and "relevancy of token 0" in svg
 
 
 def _click_frame_cell(page, answer, frame: int) -> None:
@@ -330,3 +367,33 @@ def _walk_bad_input(page, tmp_path) -> None:
     _choose(page, "sample", "sample:cat")
     _ask(page, "What is in the picture?")
     assert _error(page) == "" and page.input_value("#answer textarea").strip()
+
+
+def _walk_adapter(page, pipe, tmp_path) -> None:
+    """A folder that is no adapter: the message of ``run --adapter``; a tiny LoRA adapter (made here, random):
+    the same question answered by the adapted model, differently."""
+    page.fill("#adapter textarea", str(tmp_path / "no-adapter"))
+    _ask(page, "What is in the picture?")
+    assert _error(page) == "error: " + _cli_error(["run", "--model", "tiny-random", "--adapter",
+                                                   str(tmp_path / "no-adapter"), "--image", "sample:cat", "?"])
+    base = page.input_value("#answer textarea")
+    page.fill("#adapter textarea", str(_tiny_adapter(pipe, tmp_path / "adapter")))
+    _ask(page, "What is in the picture?")
+    assert _error(page) == "" and page.input_value("#answer textarea") != base
+    page.fill("#adapter textarea", "")
+
+
+def _tiny_adapter(pipe, directory: Path) -> Path:
+    """A rank-2 LoRA adapter in PEFT's format for tiny-random, strong enough to change its answer."""
+    from llava_next.model.llava import LlavaNextModel
+    from llava_next.model.lora import LoraConfig, apply_lora, lora_state_dict
+    from llava_next_weights.adapters import save_adapter
+
+    model = LlavaNextModel(pipe.config)
+    apply_lora(model, LoraConfig(r=2, alpha=4))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for v in lora_state_dict(model).values():
+            v.copy_(0.5 * torch.randn(v.shape, generator=g))
+    save_adapter(model, directory)
+    return directory

@@ -42,6 +42,7 @@ def add_explore(sub, *, user_error) -> None:
 
 def _explore(args: argparse.Namespace, user_error) -> int:
     from ..config import PRESETS
+    from ..explore.models import ModelSource
     from ..explore.server import is_local, require_gradio, serve
     from ..explore.session import ExploreError, Session
     from ..runtime.pipeline import Pipeline
@@ -64,8 +65,9 @@ def _explore(args: argparse.Namespace, user_error) -> int:
     if not is_local(args.host):
         print(f"[llava-next] warning: --host {args.host}: the page is reachable from the network; anyone who "
               f"reaches port {args.port} can run the model and make it read files on this machine", file=sys.stderr)
-    server = serve(Session(pipe, max_new_tokens=args.max_new_tokens), host=args.host, port=args.port,
-                   plan_picture=plan_picture, block=False)
+    source = ModelSource(model_id, DTYPES[args.dtype], args.device, args.cache_dir)  # adapters, gradient maps
+    server = serve(Session(pipe, max_new_tokens=args.max_new_tokens, source=source), host=args.host,
+                   port=args.port, plan_picture=plan_picture, block=False)
     print(f"[llava-next] explore: serving {server.url} (Ctrl-C stops)", file=sys.stderr)
     server.blocks.block_thread()
     return 0
