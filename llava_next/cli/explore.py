@@ -8,7 +8,8 @@ Loads the model once, then serves until Ctrl-C. Binds 127.0.0.1 unless ``--host`
 which is then said on stderr (anyone who reaches the port can run the model and read the files it is given).
 Gradio is the optional ``explore`` extra; without it the command says ``pip install 'llava-next[explore]'``
 before loading anything. The page draws the token plan with this package's inspect picture (plan_png.py),
-handed to the page as a function (the explore package sits below the command line).
+handed to the page as a function (the explore package sits below the command line), and where the model came
+from (``ModelSource``), so that the page can load it with a LoRA adapter or as the float model gradient maps need.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ def add_explore(sub, *, user_error) -> None:
     from .run import DTYPES
 
     p = sub.add_parser("explore", help="serve an interactive page to look inside the model (Gradio)",
-                       description="Serve a local page: choose a sample or any image / video, ask, and look at the "
-                                   "token plan, the attention that produced each answer token per layer and head "
-                                   "on the original pixels, the layer x frame chart, the positions each frame or "
-                                   "tile became, the kept map of a reduced request and the logit lens.")
+                       description="Serve a local page: choose a sample or any image / video, ask (the answer "
+                                   "streams), and look at the token plan, the attention that produced each answer "
+                                   "token per layer and head on the original pixels, its gradient relevancy maps, "
+                                   "the layer x frame chart, the positions each frame or tile became, the kept map "
+                                   "of a reduced request and the logit lens; a LoRA adapter folder per question.")
     options.add_model_options(p, adapter=False)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; another address is reachable "

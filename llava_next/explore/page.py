@@ -89,8 +89,8 @@ class Page:
         c = self.c
         with gr.Row():
             c.sample = gr.Dropdown(SAMPLES, value=SAMPLES[0], label="sample media", elem_id="sample")
-            c.upload = gr.File(label="or any image / video file (wins over the sample until one is chosen)",
-                               type="filepath",
+            c.upload = gr.File(label="or any image / video files (several: one request; they win over the sample "
+                                     "until one is chosen)", type="filepath", file_count="multiple",
                                elem_id="upload")
         with gr.Row():
             c.question = gr.Textbox(label="question", elem_id="question", scale=3)
@@ -166,7 +166,8 @@ class Page:
 
         keep = tuple(gr.skip() for _ in range(10))
         try:
-            q = Question(media=upload or sample or "", text=text or "", frames=int(frames or 0),
+            files = [upload] if isinstance(upload, str) else list(upload or [])
+            q = Question(media=tuple(files) or sample or "", text=text or "", frames=int(frames or 0),
                          max_new_tokens=int(new_tokens or 0), select_frames=None if select == "none" else select,
                          reduce=None if reduce == "none" else reduce, adapter=(adapter or "").strip() or None)
             said = ""

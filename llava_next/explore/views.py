@@ -49,7 +49,11 @@ def heatmap(answer: Answer, token: int, layer: int, head: int, *, scores=None, m
         labels = {"bar_label": f"{method} per token"}
     pictures = [_video_heatmap(answer, m, w, what, lib, labels) if m.kind == "video"
                 else _image_heatmap(answer, m, w, what, lib, labels) for m in answer.provenance.media_info]
-    return _column(pictures) if lib is plots else pictures
+    if lib is not plots:
+        return pictures
+    tops = np.cumsum([0] + [p.height for p in pictures])
+    answer.heatmap_rows = [(int(t), p.height) for t, p in zip(tops, pictures)]  # where at_pixel finds each medium
+    return _column(pictures)
 
 
 def _video_heatmap(answer: Answer, m, w, what: str, lib, labels: dict):
@@ -63,13 +67,13 @@ def _video_heatmap(answer: Answer, m, w, what: str, lib, labels: dict):
 
 
 def _image_heatmap(answer: Answer, m, w, what: str, lib, labels: dict):
-    prov = answer.provenance
-    image = load_image(answer.path)
+    prov, path = answer.provenance, answer.images[m.kind_index]
+    image = load_image(path)
     base = prov.to_pixels(w, m.index, part="base")
     untiled = m.plan.aspect != "anyres"  # "resize" / "pad": one tile, no AnyRes grid
     grid = None if untiled else prov.to_pixels(w, m.index, part="grid")
     tiles = prov.tile_boxes(m.index)
-    return lib.anyres_overlay(image, base, grid, title=f"{os.path.basename(answer.path)}: {what}", tile_boxes=tiles,
+    return lib.anyres_overlay(image, base, grid, title=f"{os.path.basename(path)}: {what}", tile_boxes=tiles,
                               base_label="one tile" if untiled else None,
                               base_sum=float(w[prov.where(media=m.index, tile="base")].nansum()),
                               grid_sum=float(w[prov.where(media=m.index, kind="image_grid")].nansum()), **labels)
@@ -123,25 +127,37 @@ def positions(answer: Answer, part: str, token: int, layer: int, head: int) -> l
 
 
 def at_pixel(answer: Answer, x: float, y: float) -> tuple[str | None, list[int]]:
-    """A click on the heatmap (``heatmap``'s picture, first medium) at (x, y) -> (the part it is in, the
-    positions whose source it is): the pooled cell of a frame, or the base / grid token of an image whose box
-    holds that pixel of the original. (None, []) off the pictures. The layout is plots.py's: a two-line title,
-    then frames of ``THUMB`` px (``CAPTION`` below each) or the image's panels side by side."""
+    """A click on the heatmap (``heatmap``'s picture: one medium below the other) at (x, y) -> (the part it is
+    in, the positions whose source it is): the pooled cell of a frame, or the base / grid token of an image whose
+    box holds that pixel of the original. (None, []) off the pictures. The layout is plots.py's: per medium a
+    two-line title, then frames of ``THUMB`` px (``CAPTION`` below each) or the image's panels side by side."""
     prov = answer.provenance
-    m = prov.media_info[0]
-    y -= plots.PAD + 2 * (15 + 5)  # plots._text_block: two lines of 15 px + 5 px gap
-    if m.kind == "video":
-        per_row = min(m.plan.num_frames, 8)
-        col, row = int((x - plots.PAD) // (THUMB + plots.PAD)), int(y // (THUMB + CAPTION))
-        fx, fy = (x - plots.PAD - col * (THUMB + plots.PAD)) / THUMB, (y - row * (THUMB + CAPTION)) / THUMB
-        f = row * per_row + col
-        if not (0 <= col < per_row and 0 <= f < m.plan.num_frames and 0 <= fx < 1 and 0 <= fy < 1):
-            return None, []
-        idx = prov.where(media=m.index, frame=f, kind="video")
-        h, w = m.plan.pooled_hw
-        cell_r, cell_c = int(fy / _covered(m) * h), int(fx / _covered(m) * w)
-        hit = idx[(prov.row[idx] == cell_r) & (prov.col[idx] == cell_c)]
-        return f"m{m.index} frame {f} ({m.timestamps[f]:.2f} s)", hit.tolist()
+    rows = answer.heatmap_rows or [(0, 1 << 30)]  # (top, height) per medium, as the last heatmap drew them
+    k = next((k for k, (top, h) in enumerate(rows) if top <= y < top + h), None)
+    if k is None or k >= len(prov.media_info):
+        return None, []
+    m = prov.media_info[k]
+    y -= rows[k][0] + plots.PAD + 2 * (15 + 5)  # plots._text_block: two lines of 15 px + 5 px gap
+    return _in_frames(prov, m, x, y) if m.kind == "video" else _in_image(prov, m, x, y)
+
+
+def _in_frames(prov, m, x: float, y: float) -> tuple[str | None, list[int]]:
+    """(x, y) below a video's title -> its frame and the pooled cell's position."""
+    per_row = min(m.plan.num_frames, 8)
+    col, row = int((x - plots.PAD) // (THUMB + plots.PAD)), int(y // (THUMB + CAPTION))
+    fx, fy = (x - plots.PAD - col * (THUMB + plots.PAD)) / THUMB, (y - row * (THUMB + CAPTION)) / THUMB
+    f = row * per_row + col
+    if not (0 <= col < per_row and 0 <= f < m.plan.num_frames and 0 <= fx < 1 and 0 <= fy < 1):
+        return None, []
+    idx = prov.where(media=m.index, frame=f, kind="video")
+    h, w = m.plan.pooled_hw
+    cell_r, cell_c = int(fy / _covered(m) * h), int(fx / _covered(m) * w)
+    hit = idx[(prov.row[idx] == cell_r) & (prov.col[idx] == cell_c)]
+    return f"m{m.index} frame {f} ({m.timestamps[f]:.2f} s)", hit.tolist()
+
+
+def _in_image(prov, m, x: float, y: float) -> tuple[str | None, list[int]]:
+    """(x, y) below an image's title -> its base or grid panel and the token whose source box holds the pixel."""
     H, W = m.source_hw
     scale = min(1.0, 480 / max(H, W)) if H and W else 1.0
     panel = int((x - plots.PAD) // (round(W * scale) + plots.PAD)) if W else -1
