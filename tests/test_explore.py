@@ -5,8 +5,8 @@ One browser walk (the page loads, a sample is chosen, a question is asked, the a
 heatmap appears, the layer slider changes the picture's bytes, the relevancy map differs from the attention
 one, a frame's positions are listed, a reduced request draws its kept map, bad input (an adapter folder
 too) shows the command line's message and the next question is answered, a LoRA adapter changes the answer,
-a figure is exported as JSON and as a real SVG), saving a screenshot of each view to docs/explore/. It prints the time from Ask to the first heatmap and per
-slider move. Skipped only when chromium (apt-get install chromium) or Playwright is missing.
+a figure is exported as JSON and as a real SVG), saving a screenshot of each view to docs/explore/. It prints
+the time from Ask to the first heatmap and per slider move. Skipped only when chromium (apt-get install chromium) or Playwright is missing.
 Cheaper checks without a browser: the per-head rows' mean is the trace's head mean; the page's messages.
 """
 
@@ -208,7 +208,9 @@ RECORD = """() => {
         const said = document.querySelector('#answer textarea').value, drawn = src() !== img0;
         const doing = document.querySelector('#timing').innerText.includes('generating');
         const last = window.__seen[window.__seen.length - 1];
-        if (!last || last[0] !== said || last[1] !== drawn || last[2] !== doing) window.__seen.push([said, drawn, doing]);
+        if (!last || last[0] !== said || last[1] !== drawn || last[2] !== doing) {
+            window.__seen.push([said, drawn, doing]);
+        }
     }, 5);
 }"""
 
