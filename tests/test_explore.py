@@ -279,6 +279,8 @@ def _walk_question_and_sliders(page) -> tuple[float, list[float]]:
                            timeout=60000)  # (not the heatmap's src: a slider's late duplicate redraw changes it)
     assert _error(page) == ""
     assert _heat(page) != pictures[-1]
+    page.wait_for_function("() => !document.querySelector('#heatmap').innerText.includes('processing') && "
+                           "document.querySelector('#heatmap img').complete", timeout=30000)  # (a late echo)
     page.locator("#heatmap").screenshot(path=str(SHOTS / "relevancy.png"))
     return first, moves
 

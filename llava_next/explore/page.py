@@ -121,7 +121,7 @@ class Page:
             c.map = gr.Dropdown(MAPS, value="attention", label="map (gradient maps: all layers, computed once per "
                                                                "token)", elem_id="map")
         c.redraw = gr.Markdown("", elem_id="redraw")
-        c.heatmap = gr.Image(type="pil", label="attention on the original pixels", elem_id="heatmap",
+        c.heatmap = gr.Image(type="pil", label="the chosen map on the original pixels", elem_id="heatmap",
                              interactive=False, format="png")
         c.chart = gr.Image(type="pil", label="layer x frame", elem_id="chart", interactive=False, format="png")
         with gr.Row():
