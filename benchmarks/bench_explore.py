@@ -1,5 +1,7 @@
-"""The explore page's latency without the browser: Ask -> first heatmap (prepare, generate, trace, draw) and one
-slider move (a heatmap redrawn from the cached trace), per question (docs/explore.md, "How fast").
+"""The explore page's latency without the browser: Ask -> first answer token (streamed), Ask -> first heatmap
+(prepare, generate, trace, draw), one slider move (a heatmap redrawn from the cached trace) and a gradient map
+(relevancy of token 0: the float model's forward and backward, then cached), per question (docs/explore.md,
+"How fast").
 
     python benchmarks/bench_explore.py                                  # tiny-random, fp32
     python benchmarks/bench_explore.py --model DIR --dtype bfloat16     # e.g. the 7B-shaped few-layer checkpoint
@@ -17,6 +19,7 @@ import time
 import torch
 
 from llava_next.explore import views
+from llava_next.explore.models import ModelSource
 from llava_next.explore.session import Question, Session
 from llava_next.runtime.pipeline import Pipeline
 
@@ -33,11 +36,12 @@ def main() -> None:
     t = time.perf_counter()
     pipe = Pipeline.from_pretrained(args.model, progress=False, dtype=getattr(torch, args.dtype))
     print(f"load {time.perf_counter() - t:.2f} s; threads {torch.get_num_threads()}")
-    s = Session(pipe)
+    s = Session(pipe, source=ModelSource(args.model, getattr(torch, args.dtype)))
     for q in QUESTIONS:
         for _ in range(args.repeats):
-            t = time.perf_counter()
-            a = s.ask(q)
+            t, token = time.perf_counter(), None
+            for a in s.ask_stream(q):
+                token = token or time.perf_counter() - t  # the first piece shown
             views.heatmap(a, 0, s.num_layers // 2, -1)
             first = time.perf_counter() - t
             moves = []
@@ -48,9 +52,13 @@ def main() -> None:
             t = time.perf_counter()
             views.layer_chart(a, 0, -1)
             chart = time.perf_counter() - t
+            t = time.perf_counter()
+            views.heatmap(a, 0, 0, -1, scores=s.token_map(a.key, 0, "relevancy"), method="relevancy")
+            relevancy = time.perf_counter() - t
             parts = ", ".join(f"{k} {v:.2f}" for k, v in a.seconds.items())
-            print(f"{q.media}: {len(a.provenance)} positions; Ask -> first heatmap {first:.2f} s ({parts}); "
-                  f"slider moves {', '.join(f'{m:.3f}' for m in moves)} s; layer x frame chart {chart:.3f} s")
+            print(f"{q.media}: {len(a.provenance)} positions; Ask -> first token {token:.2f} s, -> first heatmap "
+                  f"{first:.2f} s ({parts}); slider moves {', '.join(f'{m:.3f}' for m in moves)} s; layer x frame "
+                  f"chart {chart:.3f} s; relevancy map {relevancy:.2f} s (the first also loads the float model)")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """``llava-next explore`` in a real browser: Debian's chromium driven by Playwright against the page served on a
 free local port with the built-in tiny model (docs/explore.md).
 
-One browser walk (the page loads, a sample is chosen, a question is asked, the answer and a heatmap appear,
-the layer slider changes the picture's bytes, a frame's positions are listed, a reduced request draws its kept
-map, bad input shows the command line's message and the next question is answered, a figure is exported),
-saving a screenshot of each view to docs/explore/. It prints the time from Ask to the first heatmap and per
-slider move. Skipped only when chromium (apt-get install chromium) or Playwright is missing.
+One browser walk (the page loads, a sample is chosen, a question is asked, the answer streams in before the
+heatmap appears, the layer slider changes the picture's bytes, the relevancy map differs from the attention
+one, a frame's positions are listed, a reduced request draws its kept map, bad input (an adapter folder
+too) shows the command line's message and the next question is answered, a LoRA adapter changes the answer,
+a figure is exported as JSON and as a real SVG), saving a screenshot of each view to docs/explore/. It prints
+the time from Ask to the first heatmap and per slider move. Skipped only when chromium (apt-get install chromium) or Playwright is missing.
 Cheaper checks without a browser: the per-head rows' mean is the trace's head mean; the page's messages.
 """
 
@@ -62,7 +63,8 @@ def test_head_rows_average_to_the_traced_head_mean(pipe):
 
 def test_a_click_on_an_image_heatmap_finds_the_tokens_of_that_pixel(pipe):
     """The heatmap of an image: a pixel of the base panel -> the base token whose source box holds it, of the
-    grid panel -> the grid token; the title -> nothing."""
+    grid panel -> the grid token; the title -> nothing. A request with two videos: a click on the second one's
+    picture (below the first's) -> that medium's cell."""
     from llava_next.explore import views
     from llava_next.explore.session import Question, Session
     from llava_next.research.plots import PAD
@@ -82,6 +84,10 @@ def test_a_click_on_an_image_heatmap_finds_the_tokens_of_that_pixel(pipe):
         assert box[0] <= px < box[2] and box[1] <= py < box[3]
         assert a.provenance.tile_of(hit[0]) == "base" if panel == 0 else a.provenance.tile_of(hit[0]) != "base"
     assert views.at_pixel(a, 5, 5) == (None, [])
+    two = Session(pipe).ask(Question(("sample:bunny", "sample:bunny"), "What is it?", frames=2, max_new_tokens=1))
+    below = views.heatmap(two, 0, 0, -1).height - two.heatmap_rows[1][1]  # a click on the second video, drawn
+    part, hit = views.at_pixel(two, PAD + 224 + PAD + 5, below + top + 5)  # below the first: frame 1's top-left cell
+    assert part.startswith("m1 frame 1") and hit == two.provenance.where(media=1, frame=1, kind="video")[:1].tolist()
 
 
 def test_missing_gradio_names_the_extra(monkeypatch):
@@ -129,13 +135,14 @@ def _cli_error(argv: list[str]) -> str:
 @pytest.fixture(scope="module")
 def served(pipe):
     from llava_next.cli.explore import plan_picture
+    from llava_next.explore.models import ModelSource
     from llava_next.explore.server import serve
     from llava_next.explore.session import Session
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    session = Session(pipe, max_new_tokens=6)
+    session = Session(pipe, max_new_tokens=6, source=ModelSource("tiny-random", pipe.model.dtype))
     server = serve(session, port=port, plan_picture=plan_picture, block=False)
     yield server.url, session
     server.close()
@@ -193,6 +200,28 @@ def _ask(page, question: str) -> float:
     return time.perf_counter() - t0
 
 
+RECORD = """() => {
+    const src = () => (document.querySelector('#heatmap img') || {}).src || '';
+    const img0 = src();
+    window.__seen = [];
+    window.__poll = setInterval(() => {
+        const said = document.querySelector('#answer textarea').value, drawn = src() !== img0;
+        const doing = document.querySelector('#timing').innerText.includes('generating');
+        const last = window.__seen[window.__seen.length - 1];
+        if (!last || last[0] !== said || last[1] !== drawn || last[2] !== doing) {
+            window.__seen.push([said, drawn, doing]);
+        }
+    }, 5);
+}"""
+
+
+def _streamed(page) -> list[str]:
+    """The answer texts the page showed while it said "generating", before the question's heatmap arrived
+    (``RECORD`` started before Ask)."""
+    seen = page.evaluate("() => { clearInterval(window.__poll); return window.__seen; }")
+    return list(dict.fromkeys(said for said, drawn, doing in seen if said.strip() and doing and not drawn))
+
+
 def _set_slider(page, elem: str, value: int) -> float:
     """Move a slider; the seconds until the heatmap's picture is replaced."""
     before, t0 = _src(page, "heatmap"), time.perf_counter()
@@ -206,7 +235,7 @@ def _error(page) -> str:
     return page.evaluate("() => (document.querySelector('#error .prose') || {innerText: ''}).innerText").strip()
 
 
-def test_explore_page_in_chromium(served, browser, tmp_path, capsys):
+def test_explore_page_in_chromium(served, browser, pipe, tmp_path, capsys):
     url, session = served
     SHOTS.mkdir(parents=True, exist_ok=True)
     page = browser.new_page(viewport={"width": 1500, "height": 1100})
@@ -216,6 +245,7 @@ def test_explore_page_in_chromium(served, browser, tmp_path, capsys):
     _walk_positions_plan_export(page, url, session)
     image_s = _walk_reduction_and_any_file(page, tmp_path)
     _walk_bad_input(page, tmp_path)
+    _walk_adapter(page, pipe, tmp_path)
     with capsys.disabled():
         print(f"\n[explore timings, tiny-random, this machine] Ask -> first heatmap: video {first:.2f} s, "
               f"image {image_s:.2f} s; slider moves: {', '.join(f'{m:.3f}' for m in moves)} s")
@@ -226,9 +256,13 @@ def _walk_question_and_sliders(page) -> tuple[float, list[float]]:
     (other bytes). (seconds to the first heatmap, seconds per slider move)"""
     _choose(page, "sample", "sample:bunny")
     page.fill("#frames input", "8")
+    page.evaluate(RECORD)
     first = _ask(page, "What happens in the video?")
     assert _error(page) == ""
-    assert page.input_value("#answer textarea").strip()
+    final = page.input_value("#answer textarea")
+    partial = _streamed(page)  # streamed: the answer's pieces shown as they came, before the trace's heatmap
+    assert partial and all(final.startswith(p) for p in partial), (partial, final)
+    print(f"\n[explore] streamed states seen before the heatmap: {len(partial)} ({partial[0]!r} first)")
     page.screenshot(path=str(SHOTS / "page.png"))
     page.locator("#heatmap").screenshot(path=str(SHOTS / "heatmap.png"))
     page.locator("#chart").screenshot(path=str(SHOTS / "layer_frame_chart.png"))
@@ -240,6 +274,14 @@ def _walk_question_and_sliders(page) -> tuple[float, list[float]]:
         pictures.append(_heat(page))
     assert all(a != b for a, b in itertools.pairwise(pictures)), "a slider move left the heatmap's pixels as they were"
     assert "redrawn from the cache" in page.inner_text("#redraw")
+    _choose(page, "map", "relevancy")  # a gradient map of the same token: computed once, another picture
+    page.wait_for_function("() => document.querySelector('#redraw').innerText.includes('relevancy of token 0')",
+                           timeout=60000)  # (not the heatmap's src: a slider's late duplicate redraw changes it)
+    assert _error(page) == ""
+    assert _heat(page) != pictures[-1]
+    page.wait_for_function("() => !document.querySelector('#heatmap').innerText.includes('processing') && "
+                           "document.querySelector('#heatmap img').complete", timeout=30000)  # (a late echo)
+    page.locator("#heatmap").screenshot(path=str(SHOTS / "relevancy.png"))
     return first, moves
 
 
@@ -249,10 +291,10 @@ def _walk_positions_plan_export(page, url: str, session) -> None:
     answer = session.get(max(session._answers))
     frame3 = answer.provenance.where(media=0, frame=3).tolist()
     _choose(page, "part", "m0 frame 3")
-    page.wait_for_function("(p) => document.querySelector('#positions').innerText.split(/\\s+/).includes(p)",
-                           arg=str(frame3[0]), timeout=30000)
+    page.wait_for_function("(ps) => { const t = document.querySelector('#positions').innerText.split(/\\s+/);"
+                           " return ps.every(p => t.includes(p)); }", arg=[str(p) for p in frame3], timeout=30000)
     listed = page.inner_text("#positions").split()
-    assert all(str(p) in listed for p in frame3) and str(frame3[0] - 1) not in listed
+    assert str(frame3[0] - 1) not in listed
     page.locator("#positions").screenshot(path=str(SHOTS / "positions.png"))
     _click_frame_cell(page, answer, frame=5)
     page.click("text=token plan")
@@ -263,7 +305,13 @@ def _walk_positions_plan_export(page, url: str, session) -> None:
     href = page.locator("#export_file a").first.get_attribute("href")
     data = json.loads(_bytes(page, href if href.startswith("http") else url.rstrip("/") + "/" + href.lstrip("/")))
     assert data["view"] == "heatmap" and data["layer"] == 1 and data["head"] == 1
-    assert len(data["weights"]) == len(data["positions"])
+    assert len(data["weights"]) == len(data["positions"]) == len(data["gradient_maps"]["relevancy"])
+    page.click("#export_svg")  # the relevancy map drawn by research/vector.py: text and outlines, not one picture
+    page.wait_for_function("() => [...document.querySelectorAll('#export_file a')].some(a => a.href.endsWith('.svg'))",
+                           timeout=30000)
+    href = page.locator("#export_file a").first.get_attribute("href")
+    svg = _bytes(page, href if href.startswith("http") else url.rstrip("/") + "/" + href.lstrip("/")).decode()
+    assert svg.lstrip().startswith("<?xml") and 'id="frame-7"' in svg and "relevancy of token 0" in svg
 
 
 def _click_frame_cell(page, answer, frame: int) -> None:
@@ -330,3 +378,33 @@ def _walk_bad_input(page, tmp_path) -> None:
     _choose(page, "sample", "sample:cat")
     _ask(page, "What is in the picture?")
     assert _error(page) == "" and page.input_value("#answer textarea").strip()
+
+
+def _walk_adapter(page, pipe, tmp_path) -> None:
+    """A folder that is no adapter: the message of ``run --adapter``; a tiny LoRA adapter (made here, random):
+    the same question answered by the adapted model, differently."""
+    page.fill("#adapter textarea", str(tmp_path / "no-adapter"))
+    _ask(page, "What is in the picture?")
+    assert _error(page) == "error: " + _cli_error(["run", "--model", "tiny-random", "--adapter",
+                                                   str(tmp_path / "no-adapter"), "--image", "sample:cat", "?"])
+    base = page.input_value("#answer textarea")
+    page.fill("#adapter textarea", str(_tiny_adapter(pipe, tmp_path / "adapter")))
+    _ask(page, "What is in the picture?")
+    assert _error(page) == "" and page.input_value("#answer textarea") != base
+    page.fill("#adapter textarea", "")
+
+
+def _tiny_adapter(pipe, directory: Path) -> Path:
+    """A rank-2 LoRA adapter in PEFT's format for tiny-random, strong enough to change its answer."""
+    from llava_next.model.llava import LlavaNextModel
+    from llava_next.model.lora import LoraConfig, apply_lora, lora_state_dict
+    from llava_next_weights.adapters import save_adapter
+
+    model = LlavaNextModel(pipe.config)
+    apply_lora(model, LoraConfig(r=2, alpha=4))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for v in lora_state_dict(model).values():
+            v.copy_(0.5 * torch.randn(v.shape, generator=g))
+    save_adapter(model, directory)
+    return directory

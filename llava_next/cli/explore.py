@@ -8,7 +8,8 @@ Loads the model once, then serves until Ctrl-C. Binds 127.0.0.1 unless ``--host`
 which is then said on stderr (anyone who reaches the port can run the model and read the files it is given).
 Gradio is the optional ``explore`` extra; without it the command says ``pip install 'llava-next[explore]'``
 before loading anything. The page draws the token plan with this package's inspect picture (plan_png.py),
-handed to the page as a function (the explore package sits below the command line).
+handed to the page as a function (the explore package sits below the command line), and where the model came
+from (``ModelSource``), so that the page can load it with a LoRA adapter or as the float model gradient maps need.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ def add_explore(sub, *, user_error) -> None:
     from .run import DTYPES
 
     p = sub.add_parser("explore", help="serve an interactive page to look inside the model (Gradio)",
-                       description="Serve a local page: choose a sample or any image / video, ask, and look at the "
-                                   "token plan, the attention that produced each answer token per layer and head "
-                                   "on the original pixels, the layer x frame chart, the positions each frame or "
-                                   "tile became, the kept map of a reduced request and the logit lens.")
+                       description="Serve a local page: choose a sample or any image / video, ask (the answer "
+                                   "streams), and look at the token plan, the attention that produced each answer "
+                                   "token per layer and head on the original pixels, its gradient relevancy maps, "
+                                   "the layer x frame chart, the positions each frame or tile became, the kept map "
+                                   "of a reduced request and the logit lens; a LoRA adapter folder per question.")
     options.add_model_options(p, adapter=False)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; another address is reachable "
@@ -42,6 +44,7 @@ def add_explore(sub, *, user_error) -> None:
 
 def _explore(args: argparse.Namespace, user_error) -> int:
     from ..config import PRESETS
+    from ..explore.models import ModelSource
     from ..explore.server import is_local, require_gradio, serve
     from ..explore.session import ExploreError, Session
     from ..runtime.pipeline import Pipeline
@@ -64,8 +67,9 @@ def _explore(args: argparse.Namespace, user_error) -> int:
     if not is_local(args.host):
         print(f"[llava-next] warning: --host {args.host}: the page is reachable from the network; anyone who "
               f"reaches port {args.port} can run the model and make it read files on this machine", file=sys.stderr)
-    server = serve(Session(pipe, max_new_tokens=args.max_new_tokens), host=args.host, port=args.port,
-                   plan_picture=plan_picture, block=False)
+    source = ModelSource(model_id, DTYPES[args.dtype], args.device, args.cache_dir)  # adapters, gradient maps
+    server = serve(Session(pipe, max_new_tokens=args.max_new_tokens, source=source), host=args.host,
+                   port=args.port, plan_picture=plan_picture, block=False)
     print(f"[llava-next] explore: serving {server.url} (Ctrl-C stops)", file=sys.stderr)
     server.blocks.block_thread()
     return 0

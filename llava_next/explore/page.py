@@ -4,12 +4,15 @@
     blocks = page.build()                   # a gradio.Blocks; server.py launches it
 
 Layout, top to bottom: the question (a sample or any uploaded file, the question, frames, answer tokens, frame
-selection and token reduction switches, Ask); an error line; the answer and its timings; the token plan; the
-heatmap of the chosen generated token at the chosen layer and head; the layer x frame chart; a frame or tile
-and the positions it became; the kept map of a reduced request; the logit lens; export of a figure (PNG, SVG)
-and its numbers (JSON). Ask runs ``Session.ask`` (the model, once); every other control redraws from the
-cached answer (views.py), never the model. A failing callback shows ``errors.error_message`` in the error
-line and leaves the rest of the page as it was, so the next question works.
+selection and token reduction switches, a LoRA adapter folder, Ask); an error line; the answer (streamed as it
+is generated) and its timings; the token plan; the map of the chosen generated token (attention at the chosen
+layer and head, or a gradient map: relevancy, input x gradient, rollout); the layer x frame chart; a frame or
+tile and the positions it became; the kept map of a reduced request; the logit lens; export of a figure (PNG,
+SVG) and its numbers (JSON). Ask runs ``Session.ask_stream`` (the model, once: the answer's pieces shown as
+they come, then the trace's views); every other control redraws from the cached answer (views.py), never the
+model, except a gradient map, computed once per (answer, token, method) and cached. A failing callback shows
+``errors.error_message`` in the error line and leaves the rest of the page as it was, so the next question
+works.
 """
 
 from __future__ import annotations
@@ -20,13 +23,15 @@ from typing import Any, Callable
 
 from . import views
 from .errors import error_message
-from .exporting import export
-from .session import Question, Session
+from .exporting import export, svg_note
+from .session import Answer, Question, Session
 
 SAMPLES = ["sample:bunny", "sample:cat"]
 SELECT_FRAMES = ["none", "maxinfo"]  # the frame selectors (llava_next.reduce)
 REDUCE = ["none", "fastv", "framefusion", "dycoke", "dycoke-ttm"]  # what a trace takes (cli/trace.py _check)
 VIEWS = ["heatmap", "chart", "plan", "kept", "lens"]
+VECTOR_VIEWS = ("heatmap", "chart", "lens")  # drawn by research/vector.py too: a real SVG with matplotlib
+MAPS = ["attention", "relevancy", "input x gradient", "rollout"]  # gradients.METHODS after the attention
 
 
 @dataclass
@@ -40,6 +45,7 @@ class _Controls:
     new_tokens: Any = None
     select: Any = None
     reduce: Any = None
+    adapter: Any = None
     ask: Any = None
     error: Any = None
     answer: Any = None
@@ -48,6 +54,7 @@ class _Controls:
     token: Any = None
     layer: Any = None
     head: Any = None
+    map: Any = None
     heatmap: Any = None
     redraw: Any = None
     chart: Any = None
@@ -82,8 +89,8 @@ class Page:
         c = self.c
         with gr.Row():
             c.sample = gr.Dropdown(SAMPLES, value=SAMPLES[0], label="sample media", elem_id="sample")
-            c.upload = gr.File(label="or any image / video file (wins over the sample until one is chosen)",
-                               type="filepath",
+            c.upload = gr.File(label="or any image / video files (several: one request; they win over the sample "
+                                     "until one is chosen)", type="filepath", file_count="multiple",
                                elem_id="upload")
         with gr.Row():
             c.question = gr.Textbox(label="question", elem_id="question", scale=3)
@@ -93,6 +100,8 @@ class Page:
         with gr.Row():
             c.select = gr.Dropdown(SELECT_FRAMES, value="none", label="frame selection", elem_id="select")
             c.reduce = gr.Dropdown(REDUCE, value="none", label="token reduction", elem_id="reduce")
+            c.adapter = gr.Textbox(label="LoRA adapter folder (PEFT format, what llava-next train writes; empty: "
+                                         "none)", elem_id="adapter", scale=2)
             c.ask = gr.Button("Ask", variant="primary", elem_id="ask")
         c.error = gr.Markdown("", elem_id="error")
         with gr.Row():
@@ -109,8 +118,10 @@ class Page:
             c.layer = gr.Slider(0, s.num_layers - 1, value=s.num_layers // 2, step=1, label="layer", elem_id="layer")
             c.head = gr.Slider(-1, s.num_heads - 1, value=-1, step=1, label="head (-1: mean of heads)",
                                elem_id="head")
+            c.map = gr.Dropdown(MAPS, value="attention", label="map (gradient maps: all layers, computed once per "
+                                                               "token)", elem_id="map")
         c.redraw = gr.Markdown("", elem_id="redraw")
-        c.heatmap = gr.Image(type="pil", label="attention on the original pixels", elem_id="heatmap",
+        c.heatmap = gr.Image(type="pil", label="the chosen map on the original pixels", elem_id="heatmap",
                              interactive=False, format="png")
         c.chart = gr.Image(type="pil", label="layer x frame", elem_id="chart", interactive=False, format="png")
         with gr.Row():
@@ -122,21 +133,23 @@ class Page:
         with gr.Row():
             c.view = gr.Dropdown(VIEWS, value="heatmap", label="export which figure", elem_id="view")
             c.export_buttons = [gr.Button(f"export {fmt}", elem_id=f"export_{fmt}") for fmt in ("png", "svg", "json")]
-        c.export_file = gr.File(label="exported", elem_id="export_file", interactive=False)
+        c.export_file = gr.File(label="exported", elem_id="export_file", interactive=False, file_count="multiple")
 
     def _wire(self, gr) -> None:
         c = self.c
         ask_out = [c.error, c.answer, c.timing, c.plan, c.token, c.part, c.heatmap, c.chart, c.positions, c.kept,
-                   c.lens, c.key]
-        c.ask.click(self.ask, [c.sample, c.upload, c.question, c.frames, c.new_tokens, c.select, c.reduce],
-                    ask_out)
+                   c.lens, c.key, c.map]
+        c.ask.click(self.ask, [c.sample, c.upload, c.question, c.frames, c.new_tokens, c.select, c.reduce,
+                               c.adapter], ask_out)
         c.sample.input(lambda: None, None, c.upload)  # choosing a sample replaces an uploaded file
-        at = [c.key, c.token, c.layer, c.head, c.part]
+        at = [c.key, c.token, c.layer, c.head, c.part, c.map]
         # .input: the user's moves only (not the values Ask sets), so an answer is drawn once
         c.layer.input(self.redraw, at, [c.error, c.heatmap, c.positions, c.redraw])
+        c.map.input(self.redraw, at, [c.error, c.heatmap, c.positions, c.redraw])
         for control in (c.token, c.head):
             control.input(self.redraw_all, at, [c.error, c.heatmap, c.positions, c.chart, c.redraw])
-        c.part.input(self.positions, at, [c.error, c.positions])
+        c.part.input(self.positions, at[:5], [c.error, c.positions])
+
         def on_click(key, token, layer, head, evt):
             return self.clicked(key, token, layer, head, evt)
 
@@ -146,51 +159,78 @@ class Page:
             button.click(lambda *a, fmt=fmt: self.export(fmt, *a), [c.view, *at], [c.error, c.export_file])
 
     # ---- callbacks -----------------------------------------------------------------------------------
-    def ask(self, sample, upload, text, frames, new_tokens, select, reduce):
-        """Ask (the model runs once), then every view of the answer; on an error only the error line changes."""
+    def ask(self, sample, upload, text, frames, new_tokens, select, reduce, adapter):
+        """Ask (the model runs once): the answer's text as it is generated, then every view of the answer; on an
+        error only the error line changes (a generator: Gradio sends each yield to the page)."""
         import gradio as gr
 
+        keep = tuple(gr.skip() for _ in range(10))
         try:
-            q = Question(media=upload or sample or "", text=text or "", frames=int(frames or 0),
+            files = [upload] if isinstance(upload, str) else list(upload or [])
+            q = Question(media=tuple(files) or sample or "", text=text or "", frames=int(frames or 0),
                          max_new_tokens=int(new_tokens or 0), select_frames=None if select == "none" else select,
-                         reduce=None if reduce == "none" else reduce)
-            a = self.session.ask(q)
-            tok = self.session.pipe.tokenizer
-            labels, parts = views.token_labels(a, tok), views.parts(a)
-            token, layer, head, part = 0, self.session.num_layers // 2, -1, parts[0] if parts else None
-            t = a.seconds
-            timing = (f"prepare {t['prepare_s']:.2f} s, generate {t['generate_s']:.2f} s, trace {t['trace_s']:.2f} s "
-                      f"(asked once; {len(a.provenance)} positions, {len(a.producers)} answer tokens)")
-            return ("", a.result.text, timing, self._plan(a), gr.Dropdown(choices=list(zip(labels, range(len(labels)))),
-                                                                          value=token),
-                    gr.Dropdown(choices=parts, value=part), views.heatmap(a, token, layer, head),
-                    views.layer_chart(a, token, head), views.positions(a, part, token, layer, head) if part else [],
-                    views.kept_map(a), views.logit_lens(a, tok), a.key)
+                         reduce=None if reduce == "none" else reduce, adapter=(adapter or "").strip() or None)
+            said = ""
+            for item in self.session.ask_stream(q):
+                if isinstance(item, Answer):
+                    yield self._views(item)
+                else:
+                    said += item
+                    yield ("", said, "generating ... (the trace and the maps follow)") + keep
         except Exception as e:  # noqa: BLE001  (shown on the page; the server keeps serving)
-            return (error_message(e),) + tuple(gr.skip() for _ in range(11))
+            yield (error_message(e),) + tuple(gr.skip() for _ in range(12))
+
+    def _views(self, a: Answer) -> tuple:
+        """Every output of Ask for a traced answer (the map back to attention)."""
+        import gradio as gr
+
+        tok = self.session.pipe.tokenizer
+        labels, parts = views.token_labels(a, tok), views.parts(a)
+        token, layer, head, part = 0, self.session.num_layers // 2, -1, parts[0] if parts else None
+        t = a.seconds
+        timing = (f"prepare {t['prepare_s']:.2f} s, first token {t['first_token_s']:.2f} s, generate "
+                  f"{t['generate_s']:.2f} s, trace {t['trace_s']:.2f} s (asked once; {len(a.provenance)} positions, "
+                  f"{len(a.producers)} answer tokens)")
+        return ("", a.result.text, timing, self._plan(a), gr.Dropdown(choices=list(zip(labels, range(len(labels)))),
+                                                                      value=token),
+                gr.Dropdown(choices=parts, value=part), views.heatmap(a, token, layer, head),
+                views.layer_chart(a, token, head), views.positions(a, part, token, layer, head) if part else [],
+                views.kept_map(a), views.logit_lens(a, tok), a.key, "attention")
 
     def _plan(self, answer):
-        return self.plan_picture(answer.result.request, answer.path, self.session.pipe.config.tile_size) if self.plan_picture is not None else None
+        if self.plan_picture is None:
+            return None
+        return self.plan_picture(answer.result.request, answer.path, self.session.pipe.config.tile_size)
 
-    def redraw(self, key, token, layer, head, part):
-        """A layer move: the heatmap and the positions' attention, from the cache."""
+    def _map(self, a: Answer, token: int, layer: int, head: int, method: str, lib=views.plots):
+        """The heatmap of the chosen map: attention from the cache, a gradient map computed once (then cached)."""
+        if (method or "attention") == "attention":
+            return views.heatmap(a, token, layer, head, lib=lib)
+        return views.heatmap(a, token, layer, head, scores=self.session.token_map(a.key, token, method),
+                             method=method, lib=lib)
+
+    def redraw(self, key, token, layer, head, part, method="attention"):
+        """A layer move or another map: the heatmap and the positions' attention (a gradient map: computed on
+        its first request, Gradio's progress timer on the heatmap meanwhile)."""
         import gradio as gr
 
         t0 = time.perf_counter()
         try:
             a = self.session.get(key)
             token, layer, head = int(token or 0), int(layer), int(head)
-            pic = views.heatmap(a, token, layer, head)
+            cached = (method or "attention") == "attention" or (token, method) in a.maps
+            pic = self._map(a, token, layer, head, method)
             table = views.positions(a, part, token, layer, head) if part else []
-            return "", pic, table, f"redrawn from the cache in {time.perf_counter() - t0:.3f} s"
+            how = "redrawn from the cache" if cached else f"{method} of token {token} computed (now cached)"
+            return "", pic, table, f"{how} in {time.perf_counter() - t0:.3f} s"
         except Exception as e:  # noqa: BLE001
             return error_message(e), gr.skip(), gr.skip(), gr.skip()
 
-    def redraw_all(self, key, token, layer, head, part):
+    def redraw_all(self, key, token, layer, head, part, method="attention"):
         """A token or head change: the heatmap, the positions and the layer x frame chart."""
         import gradio as gr
 
-        error, pic, table, said = self.redraw(key, token, layer, head, part)
+        error, pic, table, said = self.redraw(key, token, layer, head, part, method)
         if error:
             return error, pic, table, gr.skip(), said
         return "", pic, table, views.layer_chart(self.session.get(key), int(token or 0), int(head)), said
@@ -218,16 +258,24 @@ class Page:
         except Exception as e:  # noqa: BLE001
             return error_message(e), gr.skip(), gr.skip()
 
-    def export(self, fmt, view, key, token, layer, head, part):
+    def export(self, fmt, view, key, token, layer, head, part, method="attention"):
+        """The chosen figure as PNG / SVG (real vectors where research/vector.py draws it and matplotlib is
+        installed) or its numbers as JSON; the error line says when an SVG holds the PNG."""
         import gradio as gr
 
         try:
             a = self.session.get(key)
             token, layer, head = int(token or 0), int(layer), int(head)
-            pictures = {"heatmap": lambda: views.heatmap(a, token, layer, head),
-                        "chart": lambda: views.layer_chart(a, token, head), "plan": lambda: self._plan(a),
-                        "kept": lambda: views.kept_map(a), "lens": lambda: views.logit_lens(a, self.session.pipe.tokenizer)}
+            tok = self.session.pipe.tokenizer
+
+            def drawn(lib=views.plots):
+                return {"heatmap": lambda: self._map(a, token, layer, head, method, lib),
+                        "chart": lambda: views.layer_chart(a, token, head, lib), "plan": lambda: self._plan(a),
+                        "kept": lambda: views.kept_map(a), "lens": lambda: views.logit_lens(a, tok, lib)}[view]
+
             data = views.figure_data(a, view, token, layer, head) if fmt == "json" else None
-            return "", export(fmt, view, pictures[view] if fmt != "json" else None, data)
+            vector = drawn(views.vector) if fmt == "svg" and view in VECTOR_VIEWS else None
+            files = export(fmt, view, drawn() if fmt != "json" else None, data, vector)
+            return (svg_note(view, VECTOR_VIEWS) if fmt == "svg" else ""), files
         except Exception as e:  # noqa: BLE001
             return error_message(e), gr.skip()

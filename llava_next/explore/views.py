@@ -2,6 +2,7 @@
 
     heatmap(answer, token, layer, head)      attention that produced a generated token, on the original pixels:
                                              per video frame (timestamps), per image base + AnyRes grid
+    heatmap(..., scores=s, method="relevancy")   a gradient map of that token instead (session.token_map)
     layer_chart(answer, token, head)         layers x frames: each frame's share of that attention (videos)
     parts(answer) / positions(answer, part, token, layer, head)
                                              a frame or tile -> the positions it became (provenance), each
@@ -12,6 +13,8 @@
 
 Nothing here runs the model. The pictures are the ones ``llava-next trace --png`` draws (cli/trace.py), for
 one chosen query (the position that produced the token) at one layer and head instead of a layer mean.
+``lib``: research/plots.py (Pillow pictures, the page) or research/vector.py (matplotlib figures with the same
+arguments, for the SVG export); with vector.py the heatmap is one figure per medium, not one column.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from ..inputs.image import load_image
-from ..research import plots
+from ..research import plots, vector  # vector.py imports matplotlib only when it draws
 from .session import Answer
 
 BG = (250, 250, 250)
@@ -34,39 +37,49 @@ def token_labels(answer: Answer, tokenizer) -> list[str]:
             for k, (t, p) in enumerate(zip(answer.result.generated, answer.producers))]
 
 
-def heatmap(answer: Answer, token: int, layer: int, head: int) -> Image.Image:
-    """Every medium of the request with the attention of token ``token``'s query at ``layer`` / ``head``."""
-    w = answer.weights(token, layer, head)
-    what = f"token {token}, layer {layer}, {_head(head)}"
-    return _column([_video_heatmap(answer, m, w, what) if m.kind == "video" else _image_heatmap(answer, m, w, what)
-                    for m in answer.provenance.media_info])
+def heatmap(answer: Answer, token: int, layer: int, head: int, *, scores=None, method: str = "attention",
+            lib=plots):
+    """Every medium of the request with the attention of token ``token``'s query at ``layer`` / ``head``, or with
+    ``scores`` (T,), the ``method`` gradient map of that token (all layers: the sliders do not apply)."""
+    if scores is None:
+        w, labels = answer.weights(token, layer, head), {}
+        what = f"attention that produced token {token}, layer {layer}, {_head(head)}"
+    else:
+        w, what = scores, f"{method} of token {token} (target: log p(token {token}); all layers)"
+        labels = {"bar_label": f"{method} per token"}
+    pictures = [_video_heatmap(answer, m, w, what, lib, labels) if m.kind == "video"
+                else _image_heatmap(answer, m, w, what, lib, labels) for m in answer.provenance.media_info]
+    if lib is not plots:
+        return pictures
+    tops = np.cumsum([0] + [p.height for p in pictures])
+    answer.heatmap_rows = [(int(t), p.height) for t, p in zip(tops, pictures)]  # where at_pixel finds each medium
+    return _column(pictures)
 
 
-def _video_heatmap(answer: Answer, m, w, what: str) -> Image.Image:
+def _video_heatmap(answer: Answer, m, w, what: str, lib, labels: dict):
     prov, clip = answer.provenance, _clip(answer, m)
     F = m.plan.num_frames
     grids = [prov.to_grid(w, m.index, frame=f).numpy() for f in range(F)]
     sums = [float(w[prov.where(media=m.index, frame=f)].nansum()) for f in range(F)]
-    return plots.frame_heatmaps(clip.frames, grids, list(m.timestamps), list(m.frame_indices),
-                                title=f"{m.name}: attention that produced {what}", frame_sums=sums,
-                                covered=_covered(m))
+    more = {} if not labels else {"value": "score", "sum_format": "sum {:.4g}", **labels}
+    return lib.frame_heatmaps(clip.frames, grids, list(m.timestamps), list(m.frame_indices),
+                              title=f"{m.name}: {what}", frame_sums=sums, covered=_covered(m), **more)
 
 
-def _image_heatmap(answer: Answer, m, w, what: str) -> Image.Image:
-    prov = answer.provenance
-    image = load_image(answer.path)
+def _image_heatmap(answer: Answer, m, w, what: str, lib, labels: dict):
+    prov, path = answer.provenance, answer.images[m.kind_index]
+    image = load_image(path)
     base = prov.to_pixels(w, m.index, part="base")
     untiled = m.plan.aspect != "anyres"  # "resize" / "pad": one tile, no AnyRes grid
     grid = None if untiled else prov.to_pixels(w, m.index, part="grid")
     tiles = prov.tile_boxes(m.index)
-    return plots.anyres_overlay(image, base, grid, title=f"{os.path.basename(answer.path)}: attention that produced "
-                                                         f"{what}", tile_boxes=tiles,
-                                base_label="one tile" if untiled else None,
-                                base_sum=float(w[prov.where(media=m.index, tile="base")].nansum()),
-                                grid_sum=float(w[prov.where(media=m.index, kind="image_grid")].nansum()))
+    return lib.anyres_overlay(image, base, grid, title=f"{os.path.basename(path)}: {what}", tile_boxes=tiles,
+                              base_label="one tile" if untiled else None,
+                              base_sum=float(w[prov.where(media=m.index, tile="base")].nansum()),
+                              grid_sum=float(w[prov.where(media=m.index, kind="image_grid")].nansum()), **labels)
 
 
-def layer_chart(answer: Answer, token: int, head: int) -> Image.Image | None:
+def layer_chart(answer: Answer, token: int, head: int, lib=plots):
     """The layer x frame chart of the first video (None without a video): each frame's share of the attention
     that produced ``token``, per layer, with the system / question / template text beside."""
     prov = answer.provenance
@@ -79,7 +92,7 @@ def layer_chart(answer: Answer, token: int, head: int) -> Image.Image | None:
     shares = np.array([[float(ws[layer][p].nansum()) for p in frames] for layer in layers])
     extra = {name: np.array([float(ws[layer][pos].nansum()) for layer in layers])
              for name, pos in prov.segments().items() if name in ("system", "question", "template")}
-    return plots.layer_frame_chart(shares, layers, list(m.timestamps), extra=extra,
+    return lib.layer_frame_chart(shares, layers, list(m.timestamps), extra=extra,
                                    title=f"{m.name}: share of the attention that produced token {token} per frame "
                                          f"and layer, {_head(head)}")
 
@@ -114,25 +127,37 @@ def positions(answer: Answer, part: str, token: int, layer: int, head: int) -> l
 
 
 def at_pixel(answer: Answer, x: float, y: float) -> tuple[str | None, list[int]]:
-    """A click on the heatmap (``heatmap``'s picture, first medium) at (x, y) -> (the part it is in, the
-    positions whose source it is): the pooled cell of a frame, or the base / grid token of an image whose box
-    holds that pixel of the original. (None, []) off the pictures. The layout is plots.py's: a two-line title,
-    then frames of ``THUMB`` px (``CAPTION`` below each) or the image's panels side by side."""
+    """A click on the heatmap (``heatmap``'s picture: one medium below the other) at (x, y) -> (the part it is
+    in, the positions whose source it is): the pooled cell of a frame, or the base / grid token of an image whose
+    box holds that pixel of the original. (None, []) off the pictures. The layout is plots.py's: per medium a
+    two-line title, then frames of ``THUMB`` px (``CAPTION`` below each) or the image's panels side by side."""
     prov = answer.provenance
-    m = prov.media_info[0]
-    y -= plots.PAD + 2 * (15 + 5)  # plots._text_block: two lines of 15 px + 5 px gap
-    if m.kind == "video":
-        per_row = min(m.plan.num_frames, 8)
-        col, row = int((x - plots.PAD) // (THUMB + plots.PAD)), int(y // (THUMB + CAPTION))
-        fx, fy = (x - plots.PAD - col * (THUMB + plots.PAD)) / THUMB, (y - row * (THUMB + CAPTION)) / THUMB
-        f = row * per_row + col
-        if not (0 <= col < per_row and 0 <= f < m.plan.num_frames and 0 <= fx < 1 and 0 <= fy < 1):
-            return None, []
-        idx = prov.where(media=m.index, frame=f, kind="video")
-        h, w = m.plan.pooled_hw
-        cell_r, cell_c = int(fy / _covered(m) * h), int(fx / _covered(m) * w)
-        hit = idx[(prov.row[idx] == cell_r) & (prov.col[idx] == cell_c)]
-        return f"m{m.index} frame {f} ({m.timestamps[f]:.2f} s)", hit.tolist()
+    rows = answer.heatmap_rows or [(0, 1 << 30)]  # (top, height) per medium, as the last heatmap drew them
+    k = next((k for k, (top, h) in enumerate(rows) if top <= y < top + h), None)
+    if k is None or k >= len(prov.media_info):
+        return None, []
+    m = prov.media_info[k]
+    y -= rows[k][0] + plots.PAD + 2 * (15 + 5)  # plots._text_block: two lines of 15 px + 5 px gap
+    return _in_frames(prov, m, x, y) if m.kind == "video" else _in_image(prov, m, x, y)
+
+
+def _in_frames(prov, m, x: float, y: float) -> tuple[str | None, list[int]]:
+    """(x, y) below a video's title -> its frame and the pooled cell's position."""
+    per_row = min(m.plan.num_frames, 8)
+    col, row = int((x - plots.PAD) // (THUMB + plots.PAD)), int(y // (THUMB + CAPTION))
+    fx, fy = (x - plots.PAD - col * (THUMB + plots.PAD)) / THUMB, (y - row * (THUMB + CAPTION)) / THUMB
+    f = row * per_row + col
+    if not (0 <= col < per_row and 0 <= f < m.plan.num_frames and 0 <= fx < 1 and 0 <= fy < 1):
+        return None, []
+    idx = prov.where(media=m.index, frame=f, kind="video")
+    h, w = m.plan.pooled_hw
+    cell_r, cell_c = int(fy / _covered(m) * h), int(fx / _covered(m) * w)
+    hit = idx[(prov.row[idx] == cell_r) & (prov.col[idx] == cell_c)]
+    return f"m{m.index} frame {f} ({m.timestamps[f]:.2f} s)", hit.tolist()
+
+
+def _in_image(prov, m, x: float, y: float) -> tuple[str | None, list[int]]:
+    """(x, y) below an image's title -> its base or grid panel and the token whose source box holds the pixel."""
     H, W = m.source_hw
     scale = min(1.0, 480 / max(H, W)) if H and W else 1.0
     panel = int((x - plots.PAD) // (round(W * scale) + plots.PAD)) if W else -1
@@ -197,7 +222,7 @@ def kept_map(answer: Answer) -> Image.Image | None:
     return _column(pics) if pics else None
 
 
-def logit_lens(answer: Answer, tokenizer) -> Image.Image | None:
+def logit_lens(answer: Answer, tokenizer, lib=plots):
     """The lens grid (the last 32 lens positions), as ``llava-next trace --png`` draws it."""
     lens, prov = answer.result.logit_lens, answer.provenance
     if not lens:
@@ -209,7 +234,7 @@ def logit_lens(answer: Answer, tokenizer) -> Image.Image | None:
     tokens = [[piece(tokenizer, int(lens[layer].ids[0, i, 0])) for i in keep] for layer in ordered]
     probs = np.array([[float(lens[layer].probs[0, i, 0]) for i in keep] for layer in ordered])
     labels = [f"{p}:{piece(tokenizer, int(prov.token_id[p]))}" for p in shown]
-    return plots.logit_lens_grid(tokens, probs, ordered, labels,
+    return lib.logit_lens_grid(tokens, probs, ordered, labels,
                                  title="logit lens: top-1 token per layer at the question, last and answer positions")
 
 
@@ -223,6 +248,7 @@ def figure_data(answer: Answer, view: str, token: int, layer: int, head: int) ->
         w = answer.weights(token, layer, head)
         out["weights"] = [None if v != v else v for v in w.tolist()]
         out["sums"] = prov.sums(w.nan_to_num(0.0))
+        out["gradient_maps"] = {method: v.tolist() for (k, method), v in answer.maps.items() if k == token}
     elif view == "chart":
         out["weights_per_layer"] = {str(layer_): [None if v != v else v for v in answer.weights(token, layer_, head)
                                                   .tolist()] for layer_ in res.layers}

@@ -65,17 +65,19 @@ def trace_request(pipe: Pipeline, request: Request, *, layers: Sequence[int] | N
                   queries: Sequence[str] = ("last",), lens: Sequence[str] = ("question", "last", "generated"),
                   lens_top_k: int = 5, question: str | None = None, template: str | None = None,
                   image_names: Sequence[str] = (), max_new_tokens: int = 0, heads: str = "mean",
-                  **sampling) -> TraceResult:
+                  generated: Sequence[int] | None = None, **sampling) -> TraceResult:
     """``request`` traced (see the module docstring). ``layers``: None = all, negative from the end;
     ``heads``: "all" also keeps every head's row of each traced query (``query_rows``; H times the memory),
     "mean" only their head average;
     ``question``: the question text the ``question`` selector finds (default: the prompt given to prepare);
+    ``generated``: the answer's token ids when the caller already streamed them (``Pipeline.stream``, e.g. to
+    show them as they came): traced as they are, nothing generated here (``max_new_tokens`` is then ignored);
     ``sampling``: ``temperature``, ``top_p``, ``seed``, ``compile_step`` of the generation, as ``Pipeline.stream``."""
     n_layers = len(pipe.model.language_model.layers)
     layers = list(range(n_layers)) if layers is None else list(dict.fromkeys(x % n_layers for x in layers))
     t0 = time.perf_counter()
-    generated: list[int] = []
-    if max_new_tokens:
+    streamed, generated = generated is not None, list(generated or [])
+    if max_new_tokens and not streamed:
         for _ in pipe.stream(request, max_new_tokens=max_new_tokens, template=template, **sampling):
             pass
         generated = list(request.tokens)
