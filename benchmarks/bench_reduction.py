@@ -4,9 +4,11 @@
     python benchmarks/bench_reduction.py --frames 32           # LLaVA-NeXT-Video's own 32 frames (~4x the prefill)
     python benchmarks/bench_reduction.py --model llava-hf/LLaVA-NeXT-Video-7B-hf --frames 32   # real weights
     python benchmarks/bench_reduction.py --eval benchmarks/tasks/bunny8.yaml --model tiny-random   # accuracy
+    python benchmarks/bench_reduction.py --eval benchmarks/tasks/bunny4_caption.yaml --model tiny-random  # CIDEr
 
 ``--eval TASK`` runs the methods below on a benchmark task through the eval job instead, and plots accuracy
-against visual tokens and seconds per sample (eval_reduction.py; docs/reduction.md "Measured in accuracy").
+(a caption task: CIDEr) against visual tokens and seconds per sample (eval_reduction.py; docs/reduction.md
+"Measured in accuracy").
 
 The model: LLaVA-NeXT-Video-7B's shapes (full CLIP ViT-L/14-336, the projector, decoder layers of the
 Vicuna-7B shape, the real 32,064-row vocabulary) with ``--layers`` decoder layers (default 6: FastV's
@@ -337,7 +339,8 @@ def parse_args() -> argparse.Namespace:
                     help="run only the methods whose label contains one of these words (and the unreduced model)")
     ap.add_argument("--eval", default=None, metavar="TASK",
                     help="run every method on this task (a YAML file or a bundled task's name) through the eval "
-                         "job and plot accuracy vs visual tokens and time per sample (eval_reduction.py)")
+                         "job and plot accuracy (a caption task: CIDEr) vs visual tokens and time per sample "
+                         "(eval_reduction.py)")
     ap.add_argument("--data", default=None, help="--eval: the task's data file (the eval command's --data)")
     ap.add_argument("--media-root", default=None, help="--eval: where the media are (the eval's --media-root)")
     ap.add_argument("--limit", type=int, default=None, help="--eval: only the first N samples")

@@ -106,7 +106,7 @@ VIDEO_ERRORS = {  # file -> what the message must say
     "zero.mp4": ["is an empty file"],
     "notes.mp4": ["not a readable video", "not a video file, or cut off"],
     "audio.mp4": ["has no video stream (it holds audio)", "give a file with video"],
-    "a_directory.mp4": ["is a directory, not a video file"],
+    "a_directory.mp4": ["is an empty folder", "a folder of frame images"],  # a folder is read as its frames
     "missing.mp4": ["no such file"],
 }
 

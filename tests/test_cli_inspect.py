@@ -131,7 +131,7 @@ def test_video_png_with_newlines(capsys, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--video", "{tmp}/missing.mp4"], "{tmp}/missing.mp4: no such file"),
-    (["--video", "{tmp}"], "{tmp}: is a directory"),
+    (["--video", "{tmp}"], "{tmp}/notes.png: not an image file PIL can read"),  # a folder: its frames
     (["--image", "{tmp}/missing.png"], "{tmp}/missing.png: no such file"),
     (["--image", "{tmp}/notes.png"], "{tmp}/notes.png"),
     (["--image", "{tmp}"], "{tmp}: is a directory"),

@@ -104,6 +104,8 @@ SKIP = {  # (document, start of the command) -> why it cannot run here
     ("training.md", "torchrun --nproc-per-node 2"): "several processes (torchrun): tests/test_train.py runs 2 ranks",
     ("evaluation.md", "llava-next eval --task videomme"): "needs the Video-MME download: "
                                                             "tests/test_eval_benchmarks.py runs it on a fixture file",
+    ("evaluation.md", "llava-next eval --task mvbench_episodic_reasoning"): "needs the MVBench download: "
+                                              "tests/test_eval_benchmarks.py runs it on a fixture folder of frames",
 }
 EXPECT: dict[tuple[str, str], tuple[int, str]] = {}  # (document, start of the command) -> (exit code, message)
 

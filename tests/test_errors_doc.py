@@ -212,7 +212,8 @@ def doc_regex(message: str) -> re.Pattern:
 CASES = [  # (the docs/errors.md section that quotes the message, the message, the command line that must print it)
     ("Images", "PATH: no such file", ["inspect", "--model", "tiny-random", "--image", "rockett.jpg"]),
     ("Video", "PATH: no such file", ["inspect", "--model", "tiny-random", "--video", "missing.mp4"]),
-    ("Video", "PATH: is a directory, not a video file", ["inspect", "--model", "tiny-random", "--video", "DIR"]),
+    ("Video", "PATH: is an empty folder; give a video file or a folder of frame images (.jpg, .jpeg, .png)",
+     ["inspect", "--model", "tiny-random", "--video", "DIR"]),
     ("Images", "PATH: is a directory, not an image file", ["inspect", "--model", "tiny-random", "--image", "DIR"]),
     ("Command line", "sample:NAME: no such sample; the samples are sample:bunny, sample:cat (llava_next/samples)",
      ["inspect", "--model", "tiny-random", "--image", "sample:dog"]),

@@ -56,6 +56,9 @@ VIDEOMME = {"video_id": "001", "duration": "short", "domain": "Knowledge", "sub_
             "options": ["A. One.", "B. Two.", "C. Three.", "D. Four."], "answer": "A"}
 MVBENCH = {"video": "bunny_clip.mp4", "question": "What is the rabbit doing?",
            "candidates": ["Sleeping.", "Stretching.", "Eating."], "answer": "Stretching."}
+MVBENCH_EPISODIC = {"video": "s01e01_seg02_clip_00", "question": "What does the rabbit do after it wakes up?",
+                    "candidates": ["It sleeps again.", "It stretches.", "It eats.", "It runs away."],
+                    "answer": "It stretches.", "start": 0.0, "end": 4.6}  # a TVQA clip: a folder of frames
 NEXTQA = {"video": 4010069381, "frame_count": 150, "width": 640, "height": 480, "question": "why did the rabbit wake",
           "answer": 2, "qid": 6, "type": "CW", "a0": "noise", "a1": "hungry", "a2": "sunrise", "a3": "bird",
           "a4": "dream"}
@@ -183,6 +186,17 @@ def _parquet(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def _tvqa_frames(folder: Path, every: int = 8) -> None:
+    """The sample video as TVQA's frame folders hold a clip: 00001.jpg, 00002.jpg, ... (every 8th frame: 17)."""
+    import av
+
+    folder.mkdir(parents=True)
+    with av.open(str(VIDEO)) as container:
+        frames = [f.to_image() for i, f in enumerate(container.decode(video=0)) if i % every == 0]
+    for k, image in enumerate(frames):
+        image.save(folder / f"{k + 1:05d}.jpg", quality=90)
+
+
 @pytest.fixture(scope="module")
 def fixtures(tmp_path_factory):
     """name -> (data file, media root, the record), laid out as the official downloads are."""
@@ -201,6 +215,10 @@ def fixtures(tmp_path_factory):
     shutil.copy(VIDEO, root / "mv" / "star" / "Charades_segment" / "bunny_clip.mp4")
     out["mvbench_action_sequence"] = (root / "mv" / "json" / "action_sequence.json", root / "mv" / "star" /
                                       "Charades_segment", MVBENCH)
+    _tvqa_frames(root / "mv" / "tvqa" / "video_fps3_hq_segment" / MVBENCH_EPISODIC["video"])
+    (root / "mv" / "json" / "episodic_reasoning.json").write_text(json.dumps([MVBENCH_EPISODIC]))
+    out["mvbench_episodic_reasoning"] = (root / "mv" / "json" / "episodic_reasoning.json", root / "mv" / "tvqa" /
+                                         "video_fps3_hq_segment", MVBENCH_EPISODIC)
     out["nextqa_mc"] = (_parquet(root / "nq" / "test.parquet", [NEXTQA, {**NEXTQA, "qid": 7, "answer": 0}]),
                         root / "nq" / "NExTVideo", NEXTQA)
     (root / "nq" / "NExTVideo").mkdir()
@@ -265,14 +283,15 @@ def lmms_prompt(name: str, doc: dict) -> str:
     return official("egoschema", "egoschema_doc_to_text")(doc, {"pre_prompt": "", "post_prompt": ""})
 
 
-BUNDLED = ["videomme", "mvbench_action_sequence", "nextqa_mc", "egoschema_subset", "longvideobench_val_v", "mlvu_dev",
-           "mme", "mmbench_en_dev", "videomme_w_subtitle", "activitynetqa", "longvideobench_val_i"]
+BUNDLED = ["videomme", "mvbench_action_sequence", "mvbench_episodic_reasoning", "nextqa_mc", "egoschema_subset",
+           "longvideobench_val_v", "mlvu_dev", "mme", "mmbench_en_dev", "videomme_w_subtitle", "activitynetqa",
+           "longvideobench_val_i"]
 
 
 def test_every_bundled_task_loads_and_is_listed():
     names = set(bundled_tasks())
     assert set(BUNDLED) <= names
-    assert len([n for n in names if n.startswith("mvbench_")]) == 19
+    assert len([n for n in names if n.startswith("mvbench_")]) == 20
     for name in names:
         task = load_task(name)
         assert task.name == name and task.answer in ("mc_generate", "yes_no", "caption", "exact_match") and task.parser in PARSERS
@@ -296,6 +315,8 @@ def test_prompts_gold_and_media_follow_lmms_eval(fixtures, name):
         second = read_samples(load_task(name, data=data, media_root=media))[1]
         assert second.prompt == lmms_prompt(name, mmbench_rows()[1]) and second.options == ["yes", "no"]
         assert Path(sample.images[0]).read_bytes() == IMAGE.read_bytes()
+    elif name == "mvbench_episodic_reasoning":  # a folder of frames, read as a video (inputs/video.py)
+        assert Path(sample.videos[0]).is_dir() and Path(sample.videos[0]).name == doc["video"]
     elif name != "longvideobench_val_i":
         assert Path(sample.videos[0]).is_file()
     if name == "longvideobench_val_i":  # the frames as images, at lmms-eval's indices
@@ -306,7 +327,8 @@ def test_prompts_gold_and_media_follow_lmms_eval(fixtures, name):
         assert [int(p.rsplit("-", 1)[1].split(".")[0]) for p in sample.images] == _Frames.asked
         assert all(Image.open(p).size == (640, 360) for p in sample.images)
         assert "It yawns." not in sample.prompt and sample.prompt.count("<image>") == 5
-    gold = {"videomme": "A", "videomme_w_subtitle": "A", "mvbench_action_sequence": "B", "nextqa_mc": "C", "egoschema_subset": "D",
+    gold = {"videomme": "A", "videomme_w_subtitle": "A", "mvbench_action_sequence": "B",
+            "mvbench_episodic_reasoning": "B", "nextqa_mc": "C", "egoschema_subset": "D",
             "longvideobench_val_v": "B", "longvideobench_val_i": "B", "mlvu_dev": "B", "mmbench_en_dev": "B"}[name]
     assert sample.gold_letter == gold
 

@@ -44,6 +44,19 @@ class _Quiet:
         pass
 
 
+_PER_IMAGE: list = []  # the per-image scores of each scorer lmms-eval's aggregation runs (it keeps only the corpus')
+
+
+def _keeping(scorer):
+    """pycocoevalcap's ``scorer`` class, its compute_score's second answer (one value per image) kept."""
+    class Keeping(scorer):
+        def compute_score(self, gts, res, *args, **kwargs):
+            score, per_image = super().compute_score(gts, res, *args, **kwargs)
+            _PER_IMAGE.append(per_image)
+            return score, per_image
+    return Keeping
+
+
 class _LazyMeteor:
     """pycocoevalcap's Meteor, started at its first compute_score: lmms-eval's aggregation builds every scorer on
     each call (one per metric), and each Meteor start loads its paraphrase table in Java (~10-30 s of CPU)."""
@@ -51,7 +64,9 @@ class _LazyMeteor:
     def compute_score(self, gts, res):
         from pycocoevalcap.meteor.meteor import Meteor
 
-        return Meteor().compute_score(gts, res)
+        score, per_image = Meteor().compute_score(gts, res)
+        _PER_IMAGE.append(per_image)
+        return score, per_image
 
 
 _TOKENIZED: dict[str, dict] = {}  # _OncePTB's answers by input
@@ -72,7 +87,8 @@ class _OncePTB:
 
 def coco_aggregation(tmp_path: Path):
     """lmms-eval's ``coco_aggregation_result(results, metric, args)``, compiled alone from its utils.py (importing
-    the package's task modules pulls in torchvision), with the names it uses."""
+    the package's task modules pulls in torchvision), with the names it uses; each call also returns the per-image
+    scores its scorer computed (pycocoevalcap's, which lmms-eval drops): (corpus value, [value per result])."""
     from types import SimpleNamespace
 
     from pycocoevalcap.eval import Bleu, Cider, COCOEvalCap, Rouge
@@ -81,11 +97,17 @@ def coco_aggregation(tmp_path: Path):
     path = TASKS / "coco_cap" / "utils.py"
     (node,) = [n for n in ast.parse(path.read_text()).body
                if isinstance(n, ast.FunctionDef) and n.name == "coco_aggregation_result"]
-    scope = {"Bleu": Bleu, "Cider": Cider, "COCOEvalCap": COCOEvalCap, "Meteor": _LazyMeteor, "Rouge": Rouge,
+    scope = {"Bleu": _keeping(Bleu), "Cider": _keeping(Cider), "COCOEvalCap": COCOEvalCap, "Meteor": _LazyMeteor,
+             "Rouge": _keeping(Rouge),
              "PTBTokenizer": _OncePTB, "COCO": COCO, "eval_logger": _Quiet(), "os": __import__("os"),
              "json": json, "generate_submission_file": lambda name, args: str(tmp_path / name)}
     exec(compile(ast.Module([node], []), str(path), "exec"), scope)
-    return lambda results, metric: scope["coco_aggregation_result"](results, metric, SimpleNamespace())
+
+    def aggregate(results, metric):
+        value = scope["coco_aggregation_result"](results, metric, SimpleNamespace())
+        per_image = _PER_IMAGE[-1][int(metric[-1]) - 1] if metric.startswith("Bleu_") else _PER_IMAGE[-1]
+        return value, [float(v) for v in per_image]
+    return aggregate
 
 
 def lmms_results(predictions, references) -> list[dict]:
@@ -104,9 +126,11 @@ def test_corpus_metrics_equal_lmms_evals_coco_aggregation(tmp_path, capsys):
     with ThreadPoolExecutor(1) as pool:
         mine = pool.submit(caption_scores, PREDICTIONS, REFERENCES, resamples=0)
         theirs = {metric: aggregate(results, metric) for metric in METRICS}
-        ours = mine.result()["metrics"]
-    for metric in METRICS:
-        assert ours[metric] == pytest.approx(theirs[metric], rel=1e-12, abs=1e-12), metric
+        ours, each = mine.result()["metrics"], mine.result()["per_sample"]
+    for metric in METRICS:  # the corpus value, and each sample's (pycocoevalcap's per-image list)
+        assert ours[metric] == pytest.approx(theirs[metric][0], rel=1e-12, abs=1e-12), metric
+        assert each[metric] == pytest.approx(theirs[metric][1], rel=1e-12, abs=1e-12), metric
+    assert len(set(each["CIDEr"])) == 3 and each["ROUGE_L"] != each["Bleu_1"]  # three samples, real values
     assert 0.3 < ours["Bleu_1"] < 1 and ours["CIDEr"] > 0.5 and 0 < ours["METEOR"] < 1  # real overlap: not all 0
     worse = caption_scores(["A bowl of soup on a table."] * 3, REFERENCES, resamples=0)["metrics"]
     assert all(worse[m] < ours[m] for m in METRICS)
@@ -187,5 +211,9 @@ def test_llava_next_eval_runs_the_coco_caption_task(tmp_path, monkeypatch):
     assert set(caption["ci95"]) == set(METRICS) - {"METEOR"} and caption["bootstrap_resamples"] == 100
     aggregate = coco_aggregation(tmp_path)
     results = lmms_results([line["prediction"] for line in lines], REFERENCES)
+    each = [json.loads(x) for x in (tmp_path / "out" / "caption_scores.jsonl").read_text().splitlines()]
+    assert caption["per_sample"] == "caption_scores.jsonl" and [e["id"] for e in each] == [x["id"] for x in lines]
     for metric in set(METRICS) - {"METEOR"}:  # METEOR's parity: the test above (a Java start saved)
-        assert caption["metrics"][metric] == pytest.approx(aggregate(results, metric), abs=1e-12), metric
+        value, per_image = aggregate(results, metric)
+        assert caption["metrics"][metric] == pytest.approx(value, abs=1e-12), metric
+        assert [e[metric] for e in each] == pytest.approx(per_image, abs=1e-12), metric

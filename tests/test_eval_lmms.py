@@ -175,6 +175,7 @@ def test_model_args_registry_and_reduction(monkeypatch, tmp_path):
     assert reduction_spec("fastv:layer=2:keep=0.5+visionzip") == ["fastv:layer=2,keep=0.5", "visionzip"]
     assert split_visuals([str(MEDIA / "bigbuckbunny.mp4"), str(MEDIA / "chelsea.jpg")]).videos == \
         [str(MEDIA / "bigbuckbunny.mp4")]
+    assert split_visuals([str(tmp_path)]).videos == [str(tmp_path)]  # a folder of frames (MVBench episodic_reasoning)
     monkeypatch.setenv("LLAVA_NEXT_CACHE", str(tmp_path))
     with pytest.raises(LmmsArgumentError, match="unknown model_args colour"):
         LlavaNextReimpl(pretrained="tiny-random", colour="red")

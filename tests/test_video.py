@@ -193,7 +193,7 @@ def _error(path, **kw) -> str:
 
 def test_errors_name_the_file_and_the_problem(tmp_path):
     assert "no such file" in _error(tmp_path / "missing.mp4")
-    assert "directory" in _error(tmp_path)
+    assert "is an empty folder" in _error(tmp_path)  # a folder is read as its frame images
     (tmp_path / "empty.mp4").write_bytes(b"")
     assert "empty" in _error(tmp_path / "empty.mp4")
     (tmp_path / "junk.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
@@ -201,6 +201,31 @@ def test_errors_name_the_file_and_the_problem(tmp_path):
     (tmp_path / "notes.mp4").write_text("not a video\n" * 50)
     assert "not a readable video" in _error(tmp_path / "notes.mp4")
     assert "sampling" in _error(media.real_video(), sampling="random")
+
+
+def test_frame_folder_is_a_video_of_its_images_in_number_order(tmp_path):
+    """A folder of frame images (MVBench's episodic_reasoning): the images in the order of the numbers in their
+    names ("2" before "10"), sampled by the video rules at 3 fps; as PNGs, the pixels equal decoding the video at
+    the same frames."""
+    path = media.real_video()
+    with av.open(str(path)) as c:  # every 10th frame of the sample video, unpadded names: 1.png ... 14.png
+        kept = [f.to_image() for i, f in enumerate(c.decode(video=0)) if i % 10 == 0][:12]
+    for k, image in enumerate(kept):
+        image.save(tmp_path / f"{k + 1}.png", compress_level=0)  # stored: zlib's default takes ~0.4 s a frame
+    (tmp_path / "notes.txt").write_text("not a frame")  # other files are left out
+    assert [os.path.basename(f) for f in video.frame_files(str(tmp_path))] == [f"{k}.png" for k in range(1, 13)]
+    clip = load_video(tmp_path, 4)
+    assert clip.frame_indices == np.linspace(0, 11, 4, dtype=int).tolist() == [0, 3, 7, 11]
+    assert clip.total_frames == 12 and clip.fps == 3.0 and clip.timestamps == pytest.approx([0, 1, 7 / 3, 11 / 3])
+    same = load_video(path, 4, pick=lambda n: [10 * i for i in clip.frame_indices])
+    torch.testing.assert_close(clip.pixel_values, same.pixel_values, atol=0, rtol=0)
+    assert video.estimate_total(str(tmp_path)) == (12, 3.0)
+    assert load_video(tmp_path, 6, sampling="fps").frame_indices == [0, 3, 6, 9]  # 1 of every 3: 1 fps
+    (tmp_path / "4.png").write_bytes(b"cut off")  # a sampled frame
+    assert "4.png: not an image file" in _error(tmp_path) and "a frame of the folder" in _error(tmp_path)
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "a.txt").write_text("x")
+    assert "holds no frame images (.jpg, .jpeg, .png), only 1 other file(s): a.txt" in _error(tmp_path / "none")
 
 
 def test_audio_only_file_has_no_video_stream(tmp_path):

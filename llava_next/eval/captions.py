@@ -23,6 +23,12 @@ Switches (the task file's keys, tasks.py):
   ``meteor-1.5.jar`` (Java, 2 GB heap, 10-35 s to load its paraphrase table on a busy 2-core machine). SPICE
   is not offered: it needs Stanford CoreNLP models that pycocoevalcap downloads on first use, and lmms-eval has
   it commented out.
+- Per sample: beside each corpus score, pycocoevalcap's scorers return one value per image, and
+  ``caption_scores`` keeps them (``per_sample``): BLEU-n is that caption's sentence-level BLEU (pycocoevalcap's
+  1e-15 / 1e-9 added to each n-gram precision's counts, the brevity penalty against its closest reference length), METEOR its segment
+  score, ROUGE-L its own, CIDEr its CIDEr-D against document frequencies taken from the whole corpus scored (so a
+  sample's CIDEr changes with the samples around it). The corpus ROUGE-L and CIDEr are the means of these; the
+  corpus BLEU pools n-gram counts and the corpus METEOR pools its statistics, so neither is their mean.
 - ``caption_bootstrap``: resamples for the percentile 95% interval of each corpus metric (samples drawn with
   replacement, each metric recomputed on the resample, CIDEr's document frequencies included; 0: none). METEOR
   has no interval (one Java pass per resample).
@@ -117,21 +123,30 @@ def tokenize(captions: dict[int, list[str]], how: Tokenizer) -> dict[int, list[s
 
 
 # ---- scores ---------------------------------------------------------------------------------------
-def corpus_scores(refs: dict[int, list[str]], preds: dict[int, list[str]], metrics: Sequence[str]) -> dict:
-    """Each metric over the tokenized corpus (pycocoevalcap's compute_score; BLEU-n from one Bleu(4) pass)."""
+def scores_with_samples(refs: dict[int, list[str]], preds: dict[int, list[str]],
+                        metrics: Sequence[str]) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Each metric over the tokenized corpus, and each sample's own value (in the order of the keys): every
+    pycocoevalcap scorer's ``compute_score`` returns both, (corpus score, per-image scores); BLEU-n from one
+    Bleu(4) pass. A sample's CIDEr uses the corpus' document frequencies (module docstring)."""
     Bleu, Cider, Meteor, Rouge, _ = _pycocoevalcap()
-    out: dict[str, float] = {}
+    corpus: dict[str, float] = {}
+    each: dict[str, list[float]] = {}
     if any(m.startswith("Bleu_") for m in metrics):
-        bleu, _ = Bleu(4).compute_score(refs, preds, verbose=0)
-        out.update({f"Bleu_{n}": float(bleu[n - 1]) for n in range(1, 5) if f"Bleu_{n}" in metrics})
-    if "METEOR" in metrics:
-        _needs_java("METEOR")
-        out["METEOR"] = float(Meteor().compute_score(refs, preds)[0])  # its Java process ends with the object
-    if "ROUGE_L" in metrics:
-        out["ROUGE_L"] = float(Rouge().compute_score(refs, preds)[0])
-    if "CIDEr" in metrics:
-        out["CIDEr"] = float(Cider().compute_score(refs, preds)[0])
-    return {m: out[m] for m in metrics}
+        bleu, per_image = Bleu(4).compute_score(refs, preds, verbose=0)  # 4 numbers; 4 lists, one value an image
+        for n in range(1, 5):
+            corpus[f"Bleu_{n}"], each[f"Bleu_{n}"] = float(bleu[n - 1]), [float(v) for v in per_image[n - 1]]
+    scorers = {"METEOR": Meteor, "ROUGE_L": Rouge, "CIDEr": Cider}
+    for metric in [m for m in scorers if m in metrics]:
+        if metric == "METEOR":
+            _needs_java("METEOR")
+        score, per_image = scorers[metric]().compute_score(refs, preds)  # METEOR's Java process ends with it
+        corpus[metric], each[metric] = float(score), [float(v) for v in per_image]
+    return {m: corpus[m] for m in metrics}, {m: each[m] for m in metrics}
+
+
+def corpus_scores(refs: dict[int, list[str]], preds: dict[int, list[str]], metrics: Sequence[str]) -> dict:
+    """Each metric over the tokenized corpus (pycocoevalcap's compute_score)."""
+    return scores_with_samples(refs, preds, metrics)[0]
 
 
 def caption_scores(predictions: Sequence[str], references: Sequence[Sequence[str]], *, metrics: Sequence[str] = METRICS,
@@ -139,7 +154,7 @@ def caption_scores(predictions: Sequence[str], references: Sequence[Sequence[str
     """The corpus metrics of (prediction, its references) pairs, and their bootstrap 95% intervals.
 
     Returns {"metrics": {name: value}, "ci95": {name: [low, high]}, "tokenizer", "bootstrap_resamples",
-    "not_run": {name: why}}."""
+    "not_run": {name: why}, "per_sample": {name: [each prediction's own value, in order]}}."""
     if len(predictions) != len(references) or not predictions:
         raise ValueError(f"caption_scores: {len(predictions)} prediction(s) for {len(references)} reference "
                          f"list(s); give one non-empty list of references per prediction")
@@ -148,9 +163,9 @@ def caption_scores(predictions: Sequence[str], references: Sequence[Sequence[str
         raise ValueError(f"unknown caption metric(s) {', '.join(unknown)}; the metrics are {', '.join(METRICS)}")
     refs = tokenize({i: list(r) for i, r in enumerate(references)}, tokenizer)
     preds = tokenize({i: [p] for i, p in enumerate(predictions)}, tokenizer)
-    scores = corpus_scores(refs, preds, metrics)
+    scores, each = scores_with_samples(refs, preds, metrics)
     return {"metrics": scores, "ci95": _bootstrap(refs, preds, [m for m in metrics if m != "METEOR"], resamples, seed),
-            "tokenizer": tokenizer, "bootstrap_resamples": resamples, "not_run": dict(NOT_RUN)}
+            "tokenizer": tokenizer, "bootstrap_resamples": resamples, "not_run": dict(NOT_RUN), "per_sample": each}
 
 
 def _bootstrap(refs: dict, preds: dict, metrics: list[str], resamples: int, seed: int) -> dict:

@@ -24,7 +24,8 @@ imports this module (``--model llava_next_reimpl``).
 
 Requests (``lmms_eval/api/model.py``): each ``Instance.args`` is ``(context, gen_kwargs or continuation,
 doc_to_visual, doc_id, task, split)``; the visuals are ``doc_to_visual(doc)``: video paths (a path whose
-suffix is a video container's), image paths or PIL images, in order. The context is the user's turn; the
+suffix is a video container's, or a folder of frame images: MVBench's episodic_reasoning), image paths or PIL
+images, in order. The context is the user's turn; the
 checkpoint's chat template wraps it, media placeholders first unless the context holds ``<image>`` /
 ``<video>`` placeholders itself (``inputs/prompt.py``), as lmms-eval's llava wrappers do.
 
@@ -105,7 +106,8 @@ def split_visuals(visual) -> Visuals:
     images, videos = [], []
     for v in items:
         if isinstance(v, (str, os.PathLike)):
-            (videos if Path(v).suffix.lower() in VIDEO_SUFFIXES else images).append(os.fspath(v))
+            is_video = Path(v).suffix.lower() in VIDEO_SUFFIXES or os.path.isdir(v)  # a folder: frame images
+            (videos if is_video else images).append(os.fspath(v))
         elif hasattr(v, "convert") and hasattr(v, "size"):  # a PIL image
             images.append(v)
         else:

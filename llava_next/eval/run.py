@@ -4,6 +4,7 @@
     OUT/run.json        the provenance record (records.py) and the task; a rerun must match it (else refused)
     OUT/samples.jsonl   one line per sample, written whole and fsynced as each batch finishes
     OUT/summary.json    accuracy with a bootstrap 95% interval, visual tokens and seconds per sample
+    OUT/caption_scores.jsonl   caption tasks: each ok sample's own metrics, written with the summary
 
 A sample line (``status`` "ok"; "error" lines are batch.py's ``error_record``: a missing video is one
 sample's error, not the run's):
@@ -24,7 +25,11 @@ has a line), so the last rank to finish writes the whole result.
 
 A caption task (``answer: caption``) has no per-sample correctness (``correct`` is null): its summary's
 ``caption`` holds the corpus metrics over the ok lines' predictions and references (captions.py: BLEU-1..4,
-METEOR, ROUGE-L, CIDEr, each with a bootstrap interval but METEOR), ``accuracy`` is null.
+METEOR, ROUGE-L, CIDEr, each with a bootstrap interval but METEOR), ``accuracy`` is null. Each sample's own
+scores (pycocoevalcap's per-image values beside the corpus score) go to ``caption_scores.jsonl``, one line per
+ok sample, ``{"id": ..., "Bleu_1": ..., ..., "CIDEr": ...}``, rewritten whole with the summary rather than
+appended to the sample lines as they are written: a sample's CIDEr depends on the document frequencies of every
+sample scored, known only at the end.
 
 Accuracy is over the samples with an ok line (error lines are counted apart, as ``errors``); an unparsed
 generation ("" from the parser) is a wrong answer, as in lmms-eval's Video-MME. The interval is the
@@ -239,6 +244,9 @@ def run_eval(pipe_loader: Callable[[], Pipeline], task: Task, out: str | os.Path
             tracker.update(errors=int(line["status"] == "error"))
     with results.locked():
         summary = summarize(task, samples, read_lines(results.path), record, options.seed)
+        if "caption" in summary:  # each sample's own scores, beside the summary (module docstring)
+            write_jsonl(out / CAPTION_SCORES, summary["caption"].pop("per_sample"))
+            summary["caption"]["per_sample"] = CAPTION_SCORES
         write_json(out / "summary.json", summary)
     if progress is not None:
         progress.write(f"{prefix} {summary_line(summary)}\n")
@@ -282,9 +290,13 @@ def summarize(task: Task, samples: Sequence[Sample], lines: dict[str, dict], rec
         summary["mlvu"] = mlvu_scores([(s.meta["task_type"], lines[s.id]["correct"]) for s in samples
                                        if lines.get(s.id, {}).get("status") == "ok"])
     if task.answer == "caption" and ok:
-        summary["caption"] = caption_scores([line["prediction"] for line in ok], [line["gold"] for line in ok],
-                                            metrics=task.caption_metrics, tokenizer=task.caption_tokenizer,
-                                            resamples=task.caption_bootstrap, seed=seed)
+        caption = caption_scores([line["prediction"] for line in ok], [line["gold"] for line in ok],
+                                 metrics=task.caption_metrics, tokenizer=task.caption_tokenizer,
+                                 resamples=task.caption_bootstrap, seed=seed)
+        each = caption["per_sample"]  # {metric: [value per ok line]} -> one {"id", metric: value} per line
+        caption["per_sample"] = [{"id": line["id"], **{m: values[i] for m, values in each.items()}}
+                                 for i, line in enumerate(ok)]
+        summary["caption"] = caption
     return summary
 
 
@@ -304,9 +316,18 @@ def _mean(values: list) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+CAPTION_SCORES = "caption_scores.jsonl"
+
+
 def write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, lines: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
     os.replace(tmp, path)
 
 

@@ -16,6 +16,10 @@ What is in here, in data-flow order:
   packets; the
   decode pass then counts the frames for real and, if the estimate was wrong (edit lists, truncated
   files), samples again over the true count — indices always refer to the decoded stream.
+- A folder of frame images (``.jpg``, ``.jpeg``, ``.png``; MVBench's episodic_reasoning keeps TVQA clips so) is a
+  video too: its images in the order of the numbers in their names (``frame_files``: "2.jpg" before "10.jpg") are
+  the stream, taken at ``FOLDER_FPS`` = 3 frames per second (TVQA's rate, which lmms-eval's llava_vid assumes for
+  MVBench's frame folders), sampled by the same rules; only the sampled images are read (every one for scene cuts).
 - Timestamps are presentation times (``pts * time_base``) in seconds, relative to the first frame, so
   they stay correct for variable-frame-rate video.
 - ``preprocess_frame``: CLIPImageProcessor's steps — shortest edge to 336 (long side
@@ -38,6 +42,7 @@ Sizes are (height, width).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -48,7 +53,7 @@ from PIL import Image
 
 from ..config import LlavaNextConfig
 from ..model.pages import available_memory
-from .image import CLIP_STATS, Stats, normalize, stats_for
+from .image import CLIP_STATS, ImageError, Stats, load_image, normalize, stats_for
 from .scenes import SceneOptions, frame_scores, merge_cuts, spread_frames
 
 Sampling = Literal["uniform", "fps", "scene"]
@@ -200,6 +205,39 @@ def _size(n: float) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+# A folder of frame images (MVBench's episodic_reasoning: TVQA's frames at 3 fps)
+# --------------------------------------------------------------------------------------------------
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
+FOLDER_FPS = 3.0  # the rate a folder's frames are taken at: TVQA's (what lmms-eval's llava_vid assumes for them)
+
+
+def _natural_key(name: str) -> tuple:
+    """"frame_2.jpg" before "frame_10.jpg": the digit runs of a name compared as numbers."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)), name
+
+
+def frame_files(folder: str) -> list[str]:
+    """The frame images of ``folder`` (.jpg, .jpeg, .png, any case), in the order of the numbers in their names."""
+    names = [n for n in os.listdir(folder) if not n.startswith(".") and os.path.isfile(os.path.join(folder, n))]
+    frames = sorted((n for n in names if n.lower().endswith(FRAME_SUFFIXES)), key=_natural_key)
+    if not names:
+        raise VideoError(f"{folder}: is an empty folder; give a video file or a folder of frame images "
+                         f"({', '.join(FRAME_SUFFIXES)})")
+    if not frames:
+        shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
+        raise VideoError(f"{folder}: holds no frame images ({', '.join(FRAME_SUFFIXES)}), only {len(names)} other "
+                         f"file(s): {shown}; give a video file or a folder of frame images")
+    return [os.path.join(folder, n) for n in frames]
+
+
+def _read_frame(file: str) -> Image.Image:
+    try:
+        return load_image(file)
+    except (ImageError, OSError) as e:  # the image's own message names the file
+        raise VideoError(f"{e} (a frame of the folder given as a video: replace or remove it)") from None
+
+
+# --------------------------------------------------------------------------------------------------
 # Decoding
 # --------------------------------------------------------------------------------------------------
 _AV_ERRORS = (av.error.FFmpegError, OSError)
@@ -261,7 +299,9 @@ def _reason(e: Exception) -> str:
 
 def estimate_total(path: str) -> tuple[int, float]:
     """(frame count estimate, average fps) without decoding any frame: the container's index
-    (``stream.frames``), else a count of the packets."""
+    (``stream.frames``), else a count of the packets. A folder of frame images: its images, at ``FOLDER_FPS``."""
+    if os.path.isdir(path):
+        return len(frame_files(path)), FOLDER_FPS
     with _open(path) as container:
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
@@ -326,6 +366,11 @@ def original_frames(path: str | os.PathLike, indices: list[int]) -> list[np.ndar
     """The frames at ``indices`` as the file stores them, (H, W, 3) uint8 each, in the order given: for figures
     on the original pixels (the model takes ``load_video``'s preprocessed frames). One pass, stopping after the
     last one wanted."""
+    if os.path.isdir(path):  # a folder of frames
+        files = frame_files(os.fspath(path))
+        if not all(0 <= i < len(files) for i in indices):
+            raise VideoError(f"{path}: frames {indices} are not all among its {len(files)} images; load it again")
+        return [np.asarray(_read_frame(files[i])) for i in indices]
     wanted, found = set(indices), {}
     with _open(str(path)) as container:
         for i, frame in enumerate(container.decode(container.streams.video[0])):
@@ -351,6 +396,10 @@ class SceneCuts:
 def scene_cuts(path: str | os.PathLike, options: SceneOptions = SceneOptions()) -> SceneCuts:
     """Decode every frame (RGB, as PySceneDetect's PyAV backend converts it) and find the scene cuts."""
     path = os.fspath(path)
+    if os.path.isdir(path):  # a folder of frames: every image, in name order, at FOLDER_FPS
+        files = frame_files(path)
+        cuts = merge_cuts(frame_scores(np.asarray(_read_frame(f)) for f in files), options)
+        return SceneCuts(tuple(cuts), tuple(round(i / FOLDER_FPS, 6) for i in cuts), len(files))
     times: list[float | None] = []
 
     def frames():
@@ -378,6 +427,38 @@ def scene_cuts(path: str | os.PathLike, options: SceneOptions = SceneOptions()) 
                                         for i in cuts), len(scores))
 
 
+def _load_frame_folder(folder: str, num_frames: int, sampling: Sampling, target_fps: float, size: int,
+                       resize: FrameResize, stats: Stats, keep_pixels: bool, pick: Callable[[int], list[int]] | None,
+                       scene: SceneOptions) -> VideoClip:
+    """``load_video`` on a folder of frames: the files in name order are the stream, at ``FOLDER_FPS``; the same
+    sampling rules pick among them, and only the picked files are read (all of them for scene cuts)."""
+    files = frame_files(folder)
+    total = len(files)
+    kept_frames = num_frames if sampling != "fps" or pick is not None else \
+        len(fps_indices(total, FOLDER_FPS, num_frames, target_fps))
+    check_frame_memory(folder, kept_frames, size, total)
+    found = scene_cuts(folder, scene) if sampling == "scene" and pick is None else None
+    if pick is not None:
+        indices = pick(total)
+        if len(indices) != num_frames or not all(0 <= i < total for i in indices):
+            raise VideoError(f"{folder}: pick gave {indices}, not {num_frames} indices in [0, {total})")
+    elif sampling == "uniform":
+        indices = uniform_indices(total, num_frames)
+    elif found is not None:
+        indices = spread_frames(list(found.cuts), total, num_frames)
+    else:
+        indices = fps_indices(total, FOLDER_FPS, num_frames, target_fps)
+    read = {i: _read_frame(files[i]) for i in (sorted(set(indices)) if keep_pixels else indices[:1])}
+    first = read[indices[0]]  # its size is the clip's size_hw
+    pixels = {i: preprocess_frame(image, size, resize) for i, image in read.items()} if keep_pixels else {}
+    frames = np.stack([pixels[i] for i in indices]) if keep_pixels else np.zeros((0, size, size, 3), np.uint8)
+    return VideoClip(pixel_values=frames_to_pixels(frames, stats), frames=frames, frame_indices=list(indices),
+                     timestamps=[round(i / FOLDER_FPS, 6) for i in indices], fps=FOLDER_FPS, total_frames=total,
+                     duration=round(total / FOLDER_FPS, 6), size_hw=(first.height, first.width), path=folder,
+                     listed_frames=total, cuts=found.cuts if found else None,
+                     cut_times=found.cut_times if found else None)
+
+
 def load_video(path: str | os.PathLike, num_frames: int = 8, *, sampling: Sampling = "uniform",
                target_fps: float = 1.0, size: int = 336, resize: FrameResize = "crop",
                stats: Stats = CLIP_STATS, keep_pixels: bool = True,
@@ -395,6 +476,8 @@ def load_video(path: str | os.PathLike, num_frames: int = 8, *, sampling: Sampli
         raise VideoError(f"{path}: num_frames must be >= 1, got {num_frames}")
     if sampling not in SAMPLINGS:
         raise VideoError(f"{path}: sampling {sampling!r} is not supported; use one of {', '.join(SAMPLINGS)}")
+    if os.path.isdir(path):  # a folder of frame images
+        return _load_frame_folder(path, num_frames, sampling, target_fps, size, resize, stats, keep_pixels, pick, scene)
     total, fps = estimate_total(path)
     kept_frames = num_frames if sampling != "fps" or pick is not None else \
         len(fps_indices(max(total, 1), fps or 1.0, num_frames, target_fps))  # known before decoding a frame

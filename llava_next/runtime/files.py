@@ -10,9 +10,10 @@ import os
 
 
 def check_media_file(path: str | os.PathLike, what: str) -> None:
-    """Raise if ``path`` (an image or video, ``what``) is missing or a directory; say nothing of its content."""
+    """Raise if ``path`` (an image or video, ``what``) is missing or a directory; say nothing of its content.
+    A video may be a folder of frame images (read by ``load_video``, which says what is wrong with it)."""
     if not os.path.exists(path):
         raise FileNotFoundError(errno.ENOENT, "no such file", os.fspath(path))
-    if os.path.isdir(path):
+    if os.path.isdir(path) and what != "video":
         raise IsADirectoryError(errno.EISDIR, f"is a directory, not {'an' if what[0] in 'aeiou' else 'a'} {what} file",
                                 os.fspath(path))
