@@ -166,15 +166,32 @@ def test_run_prints_a_korean_answer_byte_exact(cache, tiny_dir, tok, clip, tmp_p
     assert r.stdout == tok.decode(cut).encode("utf-8") + b"\n" and r.stdout.endswith("\ufffd\n".encode("utf-8"))
 
 
-def test_run_json_writes_korean_as_utf8(cache, tiny_dir, tok, tmp_path):
-    """``run --json`` in the C locale: one JSON object whose text is the answer's own UTF-8 bytes, not ``\\uXXXX``
-    escapes (the scripted answer, as above; a text-only prompt: the media are not the subject)."""
+def test_run_json_writes_korean_as_utf8(cache, tiny_dir, tok, monkeypatch):
+    """``run --json`` (its ``main``, in this process) with the answer scripted as above and stdout in ASCII, as
+    in a locale that cannot encode Hangul (the C locale itself is UTF-8 to Python, PEP 540): one JSON object
+    whose text is the answer's own UTF-8 bytes, not ``\\uXXXX`` escapes (a text-only prompt: the media are not
+    the subject)."""
+    import io
+
+    import torch
+
+    from llava_next.cli.main import main
+    from llava_next.runtime.pipeline import Pipeline
+
     ids = tok.encode(ANSWER, add_special_tokens=False)
-    r = _run(cache, tmp_path, "run", "--model", "tiny-random", "--max-new-tokens", str(len(ids) + 1), "--json",
-             PROMPT, scripted=ids)
-    assert r.returncode == 0, r.stderr.decode()[-3000:]
-    assert ANSWER.encode("utf-8") in r.stdout and b"\\u" not in r.stdout, r.stdout[:300]
-    assert json.loads(r.stdout)["text"] == ANSWER and r.stdout.count(b"\n") == 1
+
+    def stream_batch(self, requests, **kwargs):  # the model, scripted: these ids, then the end of the answer
+        for i in ids + [self.tokenizer.eos_id]:
+            yield torch.tensor([i])
+    monkeypatch.setattr(Pipeline, "stream_batch", stream_batch)
+    monkeypatch.setenv("LLAVA_NEXT_CACHE", str(cache))
+    raw = io.BytesIO()
+    monkeypatch.setattr("sys.stdout", io.TextIOWrapper(raw, encoding="ascii"))
+    assert main(["run", "--model", "tiny-random", "--max-new-tokens", str(len(ids) + 1), "--json", "--quiet",
+                 PROMPT]) in (0, None)
+    out = raw.getvalue()
+    assert ANSWER.encode("utf-8") in out and b"\\u" not in out, out[:300]
+    assert json.loads(out)["text"] == ANSWER and out.count(b"\n") == 1
 
 
 @pytest.mark.parametrize("encoding", ["utf-8", "latin-1", "ascii", None])
