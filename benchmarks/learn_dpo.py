@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from llava_next.train.data import IGNORE_INDEX, pad_id  # noqa: E402
 from llava_next.train.dpo import DPOConfig, DPORun, reference_logps  # noqa: E402
 from llava_next.train.preferences import PreferenceData, collate_pairs  # noqa: E402
-from test_train_learns import CLIPS, PROMPT, REJECTED, SECOND, SFTProcess  # noqa: E402
+from test_train_learns import CLIPS, FRAMES, PROMPT, REJECTED, SECOND, SFTProcess  # noqa: E402
 
 
 @torch.no_grad()
@@ -89,13 +89,13 @@ def main() -> None:
     # the coffee caption the SFT adapter does not say: the one with the smaller greedy lead
     both = [CLIPS[SECOND[0]], SECOND[1]]
     probe = DPORun(pipe.model, PreferenceData(write_pairs(work / "probe.jsonl", sft.videos, both[0]), pipe.tokenizer,
-                                              pipe.config, frames=2, frame_sampling="uniform"),
+                                              pipe.config, frames=int(FRAMES), frame_sampling="uniform"),
                    DPOConfig(out=str(work / "probe")))
     coffee = list(CLIPS).index(SECOND[0])
     first = leads(probe, probe.data)[coffee]
     chosen = both[0] if first < 0 else both[1]
     data = PreferenceData(write_pairs(work / "prefs.jsonl", sft.videos, chosen), pipe.tokenizer, pipe.config,
-                          frames=2, frame_sampling="uniform")  # the test's run: --frames 2 --frame-sampling uniform
+                          frames=int(FRAMES), frame_sampling="uniform")  # as the test runs it
     run = DPORun(pipe.model, data, DPOConfig(out=str(work / "dpo"), steps=args.steps, batch_size=len(data),
                                              lr=args.lr, beta=args.beta, save_every=10**6),
                  reference_adapter=reference)

@@ -7,7 +7,7 @@ the SFT adapter did not say.
 The recipe (docs/training.md, "Does it learn?"): four clips that look different (pans over four real photos:
 the random vision tower tells them apart far better than four quarters of one video), a caption of one word
 each with a distinct first syllable (byte-level Korean: three tokens a syllable), and the coffee clip captioned a
-second time, 커피잔 (coffee cup) beside 커피: five items in one batch, 2 frames, LoRA rank 16 on every decoder
+second time, 커피잔 (coffee cup) beside 커피: five items in one batch, 1 frame, LoRA rank 16 on every decoder
 linear and on lm_head, no dropout, AdamW at 3e-3 with 10 warmup steps and cosine decay over 90 steps. Run by
 hand, the loss per step is in OUT/steps.jsonl.
 
@@ -39,7 +39,7 @@ SECOND = ("coffee", "커피잔")  # a second caption of one clip: SFT learns bot
 # byte (its first byte token) than the chosen caption (a shared first token cancels out of the DPO loss)
 REJECTED = {"astronaut": "토끼", "rocket": "풍선", "chelsea": "다람쥐"}
 PROMPT = "이 영상을 한국어로 상세히 묘사해주세요."
-FRAMES, STEPS = "2", "90"
+FRAMES, STEPS = "1", "90"
 
 
 def cli(env: dict, *args: str) -> subprocess.CompletedProcess:
@@ -152,10 +152,10 @@ def test_sft_makes_run_say_each_clips_caption(sft, tmp_path, capfdbinary, monkey
 def test_dpo_after_sft_makes_run_say_every_chosen_answer(sft, tmp_path, capfdbinary, monkeypatch):
     """DPO from the SFT adapter with it as the reference (``--adapter`` and ``--ref-adapter``): the coffee clip's
     chosen answer is the caption the SFT adapter does not say, every other clip's is its caption; after three
-    steps ``run --adapter`` says each chosen answer byte-exact. beta 1: once a pair's margin is large its
-    sigmoid weight vanishes, so the easy pairs stop pulling and the coffee pair's gradient leads (at beta 0.1
-    the three easy pairs kept lowering their chosen log-probs too, and their captions' lead over the next
-    token shrank step by step: docs/training.md)."""
+    steps ``run --adapter`` says each chosen answer byte-exact. Three steps at beta 1 (docs/training.md, "DPO
+    after SFT", per pair): DPO keeps lowering the easy pairs' chosen answers along with their rejected ones, so
+    six steps lost two clips' captions; at beta 0.1 the easy pairs keep their weight longer and the contested
+    pair moves less (its lead 1.4 against 2.0 nats after three steps, the weakest easy pair's 0.3 against 0.7)."""
     monkeypatch.setenv("LLAVA_NEXT_CACHE", sft.env["LLAVA_NEXT_CACHE"])
     adapter = sft.wait() / "adapter"
     photos = list(CLIPS)
