@@ -166,6 +166,53 @@ def test_run_prints_a_korean_answer_byte_exact(cache, tiny_dir, tok, clip, tmp_p
     assert r.stdout == tok.decode(cut).encode("utf-8") + b"\n" and r.stdout.endswith("\ufffd\n".encode("utf-8"))
 
 
+def test_run_json_writes_korean_as_utf8(cache, tiny_dir, tok, monkeypatch):
+    """``run --json`` (its ``main``, in this process) with the answer scripted as above and stdout in ASCII, as
+    in a locale that cannot encode Hangul (the C locale itself is UTF-8 to Python, PEP 540): one JSON object
+    whose text is the answer's own UTF-8 bytes, not ``\\uXXXX`` escapes (a text-only prompt: the media are not
+    the subject)."""
+    import io
+
+    import torch
+
+    from llava_next.cli.main import main
+    from llava_next.runtime.pipeline import Pipeline
+
+    ids = tok.encode(ANSWER, add_special_tokens=False)
+
+    def stream_batch(self, requests, **kwargs):  # the model, scripted: these ids, then the end of the answer
+        for i in ids + [self.tokenizer.eos_id]:
+            yield torch.tensor([i])
+    monkeypatch.setattr(Pipeline, "stream_batch", stream_batch)
+    monkeypatch.setenv("LLAVA_NEXT_CACHE", str(cache))
+    raw = io.BytesIO()
+    monkeypatch.setattr("sys.stdout", io.TextIOWrapper(raw, encoding="ascii"))
+    assert main(["run", "--model", "tiny-random", "--max-new-tokens", str(len(ids) + 1), "--json", "--quiet",
+                 PROMPT]) in (0, None)
+    out = raw.getvalue()
+    assert ANSWER.encode("utf-8") in out and b"\\u" not in out, out[:300]
+    assert json.loads(out)["text"] == ANSWER and out.count(b"\n") == 1
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "latin-1", "ascii", None])
+def test_print_json_writes_utf8_on_any_stdout(monkeypatch, encoding):
+    """What every ``--json`` prints (cli/options.py ``print_json``): UTF-8 bytes on a stdout of any encoding (a
+    Latin-1 or ASCII locale's: through its byte buffer); text on an in-memory one without bytes (None); a lone
+    surrogate (an undecodable file name) escaped rather than an encoding error."""
+    import io
+
+    from llava_next.cli.options import print_json
+
+    raw = io.BytesIO()
+    out = io.StringIO() if encoding is None else io.TextIOWrapper(raw, encoding=encoding, write_through=True)
+    monkeypatch.setattr("sys.stdout", out)
+    out.write("a")  # text written before the JSON stays before it
+    print_json({"text": ANSWER}, flush=True)
+    print_json({"path": "\udceb.mp4"}, flush=True)
+    said = out.getvalue() if encoding is None else raw.getvalue().decode("utf-8")
+    assert said == "a" + json.dumps({"text": ANSWER}, ensure_ascii=False) + "\n" + '{"path": "\\udceb.mp4"}\n'
+
+
 def test_run_json_and_text_mode_agree_on_a_korean_prompt(cache, tiny_dir, tok, clip, tmp_path):
     """The built-in model's own (random) answer to a Korean prompt: the streamed stdout bytes are the --json
     text, which is the decode of the --json tokens; the prompt reaches the model intact."""

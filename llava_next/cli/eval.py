@@ -13,7 +13,6 @@ and every token-plan switch (options.py); ``eval`` also the reduction switches. 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from . import options
@@ -123,7 +122,7 @@ def _score(args: argparse.Namespace, user_error) -> int:
     pipe = load()
     for record in score_records(pipe, todo, batch_size=args.batch_size, delimiter=args.delimiter):
         if out is None:
-            print(json.dumps(record, ensure_ascii=False), flush=True)
+            options.print_json(record, flush=True)
         else:
             out.append(record)
     return 0
@@ -171,5 +170,5 @@ def _eval(args: argparse.Namespace, user_error) -> int:
     summary = run_eval(load, task, args.out, record=record, options=opts, progress=None if args.quiet else sys.stderr)
     keys = ("task", "accuracy", "accuracy_ci95", "caption", "answered", "errors", "visual_tokens_per_sample",
             "seconds_per_sample")
-    print(json.dumps({k: summary[k] for k in keys if k in summary}))
+    options.print_json({k: summary[k] for k in keys if k in summary})
     return 0

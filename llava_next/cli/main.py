@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
 import sys
 from typing import Sequence
@@ -119,7 +118,7 @@ def _inspect(args: argparse.Namespace) -> int:
         except OSError as e:
             raise UserError(f"{args.png}: cannot write the PNG ({e.strerror or e})") from None
     if args.json:
-        print(json.dumps(report, indent=2))
+        options.print_json(report, indent=2)
     else:
         print(_format(report))
         if args.png:
@@ -176,7 +175,7 @@ def _inspect_training(args: argparse.Namespace) -> int:
                             "fits": p.peak_bytes <= 0.9 * memory, **p.to_dict()}
                            for s, p, n in zip(settings, plans, most)]}
     if args.json:
-        print(json.dumps(report, indent=2))
+        options.print_json(report, indent=2)
         return 0
     print(f"{model}: one LoRA step (rank {base.lora_rank} on the decoder, fp32 adapters and AdamW, bf16 "
           f"compute, batch 1) on a {args.train_memory:g} GiB device (90% usable)")
@@ -433,7 +432,7 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         if not self.json_errors:
             super().error(message)  # usage + message on stderr, exit 2
-        print(json.dumps({"error": message, "kind": "user", "type": "ArgumentError"}))
+        options.print_json({"error": message, "kind": "user", "type": "ArgumentError"})
         sys.exit(EXIT_USER_ERROR)
 
 
@@ -497,7 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _interrupted(command: str | None, as_json: bool) -> int:
     try:
         if as_json:
-            print(json.dumps({"error": "interrupted", "kind": "interrupted", "type": "KeyboardInterrupt"}), flush=True)
+            options.print_json({"error": "interrupted", "kind": "interrupted", "type": "KeyboardInterrupt"}, flush=True)
         else:
             print(f"llava-next{f' {command}' if command else ''}: interrupted", file=sys.stderr, flush=True)
     except (BrokenPipeError, KeyboardInterrupt):
@@ -528,7 +527,7 @@ def _main(argv: list[str]) -> int:
     except _user_errors() as e:
         message = str(e) if not isinstance(e, OSError) or e.filename is None else f"{e.filename}: {e.strerror or e}"
         if as_json:
-            print(json.dumps({"error": message, "kind": "user", "type": type(e).__name__}))
+            options.print_json({"error": message, "kind": "user", "type": type(e).__name__})
         else:
             print(f"llava-next {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -536,8 +535,8 @@ def _main(argv: list[str]) -> int:
         import traceback
 
         if as_json:
-            print(json.dumps({"error": f"{type(e).__name__}: {e}", "kind": "internal", "type": type(e).__name__,
-                              "traceback": traceback.format_exc()}))
+            options.print_json({"error": f"{type(e).__name__}: {e}", "kind": "internal", "type": type(e).__name__,
+                                "traceback": traceback.format_exc()})
         else:
             traceback.print_exc()
             print(f"llava-next {args.command}: internal error ({type(e).__name__}); this is a bug, please report "

@@ -11,7 +11,7 @@ same names, defaults and help:
                              --pool-stride --pool-mode --newline --pool-position
                              --anyres-compat --rope-scale --allow-overflow --max-image-pixels
     add_prompt_options(p)    PROMPT (positional, optional) or --prompt TEXT; --template; --max-new-tokens
-    add_output_options(p)    --json --quiet
+    add_output_options(p)    --json --quiet; print_json(obj) writes what --json prints (UTF-8, any locale)
     add_reduction_options(p) --select-frames METHOD[:knob=value,...]  --reduce METHOD[:knob=value,...] (repeat)
 
 and after ``parse_args``:
@@ -41,7 +41,9 @@ without a ``--video`` is an error rather than silently ignored.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import sys
 
 from ..config import PRESETS
 from ..inputs.samples import SAMPLES, SampleError, is_sample  # noqa: F401  (SAMPLES re-exported)
@@ -221,6 +223,28 @@ def add_output_options(p: argparse.ArgumentParser, *, what: str = "the result", 
     p.add_argument("--json", action="store_true", help=f"print {what} as one JSON object on stdout")
     if quiet:
         p.add_argument("--quiet", action="store_true", help="no progress or notes on stderr (errors still go there)")
+
+
+def print_json(obj, *, indent: int | None = None, flush: bool = False) -> None:
+    """``obj`` as JSON on stdout, text as itself (Korean as UTF-8 bytes, not ``\\uXXXX``), one line unless
+    ``indent``. UTF-8 whatever the locale: a stdout of another encoding (a Latin-1 locale) gets the bytes
+    through its binary buffer, as a file would; a lone surrogate from an input (an undecodable file name)
+    escapes the whole object instead, since it has no UTF-8 bytes."""
+    text = json.dumps(obj, ensure_ascii=False, indent=indent)
+    try:
+        data = (text + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(obj, indent=indent)
+        data = (text + "\n").encode("ascii")
+    out = sys.stdout
+    if (getattr(out, "encoding", None) or "").lower().replace("-", "").replace("_", "") == "utf8" \
+            or getattr(out, "buffer", None) is None:
+        out.write(text + "\n")  # an in-memory stdout without bytes (a test's StringIO) takes the text
+    else:
+        out.flush()  # what was written as text before these bytes comes first
+        out.buffer.write(data)
+    if flush:
+        out.flush()
 
 
 def add_reduction_options(p: argparse.ArgumentParser) -> None:

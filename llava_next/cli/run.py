@@ -154,7 +154,7 @@ def _run(args: argparse.Namespace, user_error) -> int:
             result["adapter"] = adapter
         if notice:
             result["random_weights"], result["notice"] = True, notice
-        print(json.dumps(result))
+        options.print_json(result)
     else:
         sys.stdout.write("\n")
         if not args.quiet:

@@ -43,7 +43,6 @@ answer: ``attribution`` in the JSON and its maps in ``--png`` (cli/trace_attribu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -107,11 +106,11 @@ def add_trace(sub, *, user_error) -> None:
 
 
 def _trace(args: argparse.Namespace, user_error) -> int:
+    from . import options
+
     t0 = time.perf_counter()
     trace_jobs.check_jobs(args, user_error)
     if args.inputs is not None:
-        from . import options
-
         options.finish(args, needs_prompt=False)  # a PROMPT, if given, is the items' default
         return trace_jobs.run_jobs(args, user_error)
     reduction, quantization = _check(args, user_error)
@@ -136,7 +135,7 @@ def _trace(args: argparse.Namespace, user_error) -> int:
     if attribution is not None:
         report["attribution"] = trace_attribute.finish(attribution)
     if args.json:
-        print(json.dumps(report))
+        options.print_json(report)
     else:
         _print_summary(result, pngs)
         if attribution is not None:
