@@ -24,7 +24,7 @@ model). Modes:
     ig-tokens         integrated_gradients(space="tokens", steps=--ig-steps)
     rollout           rollout(): dense attention probabilities, T x T per head and layer
     relevancy         relevancy(): dense attention and its gradient
-    relevancy-vision  relevancy(through="vision"): + the tower's dense attention and gradients, per frame
+    relevancy-vision  relevancy(space="pixels"): + the tower's dense attention and gradients, per frame
     attr-patching     attribution_patching(hook="blocks.{last}.hook_resid_pre"), the corrupt run = noisy pixels
 
 Results: benchmarks/results/instruments.csv (+ a Markdown table on stdout).
@@ -109,7 +109,7 @@ def run_mode(mode: str, model, ids, pixels, prov, ig_steps: int) -> dict:
     elif mode == "relevancy":
         relevancy(model, inputs, target)
     elif mode == "relevancy-vision":
-        relevancy(model, inputs, target, through="vision")
+        relevancy(model, inputs, target, space="pixels")
     elif mode == "attr-patching":
         noisy = Inputs(ids, videos=[pixels + 0.1 * torch.randn_like(pixels)])
         attribution_patching(model, f"blocks.{last}.hook_resid_pre", inputs, noisy, target)
