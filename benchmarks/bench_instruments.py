@@ -27,6 +27,8 @@ model). Modes:
     relevancy-vision  relevancy(space="pixels"): + the tower's dense attention and gradients, per frame
     attr-patching     attribution_patching(hook="blocks.{last}.hook_resid_pre"), the corrupt run = noisy pixels
 
+CPU time (process_time: all threads) is the figure to compare on a shared machine; wall time is printed too.
+``--vision-layers 2`` with LLaVA's feature layer -2 builds and runs one tower layer (model/clip.py).
 Results: benchmarks/results/instruments.csv (+ a Markdown table on stdout).
 """
 
@@ -181,16 +183,18 @@ def main() -> None:
         r = json.loads(out.stdout.strip().splitlines()[-1])
         base = base or r
         r.update(frames=args.frames, layers=args.layers, vision_layers=args.vision_layers, dtype=args.dtype,
-                 time_ratio=r["seconds"] / base["seconds"], above_untraced_mib=r["peak_mib"] - base["peak_mib"])
+                 time_ratio=r["seconds"] / base["seconds"], cpu_ratio=r["cpu_seconds"] / base["cpu_seconds"],
+                 above_untraced_mib=r["peak_mib"] - base["peak_mib"])
         rows.append(r)
         print(f"  {mode:<16} {r['seconds']:8.1f} s ({r['cpu_seconds']:8.1f} s CPU)  peak {r['peak_mib']:7.0f} MiB "
               f"(+{r['above_untraced_mib']:.0f} over untraced; model resident {r['model_mib']:.0f})", flush=True)
     print(f"\n7B layer shape, {args.layers} decoder + {args.vision_layers} tower layers, {args.frames} frames "
           f"({rows[0]['positions']} positions), {args.dtype}:")
-    print("| instrument | time s | x untraced | peak MiB | above untraced MiB |")
-    print("|---|---|---|---|---|")
+    print("| instrument | CPU s | x untraced | wall s | peak MiB | above untraced MiB |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['mode']} | {r['seconds']:.1f} | {r['time_ratio']:.1f} | {r['peak_mib']:.0f} "
+        print(f"| {r['mode']} | {r['cpu_seconds']:.1f} | {r['cpu_ratio']:.1f} | {r['seconds']:.1f} "
+              f"| {r['peak_mib']:.0f} "
               f"| {r['above_untraced_mib']:.0f} |")
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from common import append_csv

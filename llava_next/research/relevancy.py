@@ -150,9 +150,9 @@ def relevancy(model, inputs: Inputs, target: Target | None = None, *, layers: Se
 def _relevancy_through_tower(model, inputs: Inputs, target: Target, layers: Sequence[int] | None) -> Attribution:
     if not inputs.pixels:
         raise ResearchError("relevancy onto pixels needs an image or a video in the request (there are no patches)")
-    if model.config.vision.feature_strategy == "full":
-        raise ResearchError("relevancy onto pixels reads the patch tokens; feature_strategy 'full' also feeds the "
-                            "CLS token to the decoder: use space='tokens'")
+    if model.config.vision.kind == "clip" and model.config.vision.feature_strategy == "full":
+        raise ResearchError("relevancy onto pixels reads the patch tokens; CLIP with feature_strategy 'full' also "
+                            "feeds the CLS token to the decoder: use space='tokens'")
     leaves = [p.detach().to(model.device, model.dtype).requires_grad_(True) for p in inputs.pixels]
     with torch.enable_grad(), dense_attention(model, layers) as probs, dense_tower_attention(model) as tower:
         f = target.score(logits(model, embeddings(model, inputs.with_pixels(leaves))), inputs.ids)
