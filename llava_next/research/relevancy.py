@@ -49,9 +49,9 @@ Choices
   (r <- r @ A_bar for rollout, r <- r + r @ A_bar for relevancy), which equals the matrix product's rows.
 - ``layers`` (default all): a subset runs the product over those layers only (the others count as identity).
 - Through the tower, its attention is built dense too (``dense_tower_attention``: each ``SelfAttention`` of
-  CLIP / SigLIP computes softmax(q k^T / sqrt(d)) in float32 or wider and keeps it with its gradient): memory
-  2 x tower layers x N x heads x S^2 x 4 bytes more (ViT-L/336, 23 layers, 16 heads, S = 577: 0.98 GB per tile
-  or frame). The decoder part is unchanged, so ``a.scores`` of ``space="tokens"`` is step 1's r.
+  CLIP / SigLIP computes softmax(q k^T / sqrt(d)) in float32 or wider, which the backward keeps; a gradient hook
+  reduces dA * A to A_bar as soon as dA exists, so dA is never stored): memory tower layers x N x (heads + 1) x
+  S^2 x 4 bytes more (ViT-L/336, 23 layers, 16 heads, S = 577: 0.52 GB per tile or frame). The decoder part is unchanged, so ``a.scores`` of ``space="tokens"`` is step 1's r.
 """
 
 from __future__ import annotations
@@ -158,19 +158,17 @@ def _relevancy_through_tower(model, inputs: Inputs, target: Target, layers: Sequ
         f = target.score(logits(model, embeddings(model, inputs.with_pixels(leaves))), inputs.ids)
         f.backward()
     ordered = sorted(probs)
-    calls = [c for layer in tower for c in layer]
-    if any(probs[i].grad is None for i in ordered) or any(c.grad is None for c in calls):
+    if any(probs[i].grad is None for i in ordered) or any(c is None for layer in tower for c in layer):
         raise ResearchError("an attention layer got no gradient: the target does not depend on it")
     queries = target.queries(inputs.ids.shape[1])
     decoder_rows = relevancy_rows([probs[i].detach()[0] for i in ordered], [probs[i].grad[0] for i in ordered],
                                   queries)  # (T,)
-    attn = [torch.cat([c.detach() for c in layer]) for layer in tower]  # per tower layer (sum N, H, S, S)
-    grads = [torch.cat([c.grad for c in layer]) for layer in tower]
+    a_bars = [torch.cat(layer) for layer in tower]  # per tower layer (sum N, S, S)
     side, maps, start = model.config.vision.grid_size, [], 0
     for x, patches in zip(inputs.pixels, positions_to_patches(model, inputs, decoder_rows)):  # (N, side*side)
         n = x.shape[0]
-        r = tower_rows([A[start:start + n] for A in attn], [g[start:start + n] for g in grads],
-                       patches.to(attn[0].device, attn[0].dtype))  # (N, side*side): onto the patch inputs
+        r = tower_rows([a[start:start + n] for a in a_bars],
+                       patches.to(a_bars[0].device, a_bars[0].dtype))  # (N, side*side): onto the patch inputs
         maps.append(_spread(r.double().cpu().reshape(n, side, side), x.shape[-2:]))
         start += n
     return Attribution("relevancy", "pixels", target, pixels_to_positions(model, inputs, maps), float(f.detach()),
@@ -180,8 +178,9 @@ def _relevancy_through_tower(model, inputs: Inputs, target: Target, layers: Sequ
 
 @contextlib.contextmanager
 def dense_tower_attention(model) -> Iterator[list[list[torch.Tensor]]]:
-    """Every vision tower layer's attention computed dense, with its gradient retained; yields per layer the
-    list of A (N, H, S, S) of each tower call in order (images' tiles first, then each video's frame batches)."""
+    """Every vision tower layer's attention A computed dense; yields per layer the list, per tower call in order
+    (images' tiles first, then each video's frame batches), of A_bar = mean over heads of clamp(dA * A, 0)
+    (N, S, S), filled in when the backward reaches A (None before; a hook, so dA itself is never kept)."""
     tower = model.vision_tower
     store: list[list[torch.Tensor]] = [[] for _ in tower.layers]
 
@@ -192,9 +191,11 @@ def dense_tower_attention(model) -> Iterator[list[list[torch.Tensor]]]:
             q, k, v = (proj(x).view(shape).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
             work = torch.promote_types(q.dtype, torch.float32)
             probs = (q.to(work) @ k.to(work).transpose(-1, -2) * attn.head_dim ** -0.5).softmax(-1)  # (B, H, T, T)
+            calls.append(None)
             if probs.requires_grad:
-                probs.retain_grad()
-            calls.append(probs)
+                def reduce(grad: torch.Tensor, slot: int = len(calls) - 1, a: torch.Tensor = probs.detach()) -> None:
+                    calls[slot] = (grad * a).clamp(min=0).mean(1)  # (B, T, T)
+                probs.register_hook(reduce)
             y = (probs @ v.to(work)).to(x.dtype)  # (B, H, T, hd)
             return attn.out_proj(y.transpose(1, 2).reshape(B, T, C))
         return forward
@@ -208,15 +209,14 @@ def dense_tower_attention(model) -> Iterator[list[list[torch.Tensor]]]:
             del layer.self_attn.forward
 
 
-def tower_rows(attn: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], patches: torch.Tensor) -> torch.Tensor:
+def tower_rows(a_bars: Sequence[torch.Tensor], patches: torch.Tensor) -> torch.Tensor:
     """(N, side*side): per tile / frame, the row vector ``patches`` on the tower's output patch tokens times the
-    tower's relevancy matrix R = prod over layers (last first) of (I + A_bar), read at the patch inputs; ``attn``
-    per layer (N, H, S, S), S = side*side (+ 1 CLS token first, CLIP)."""
+    tower's relevancy matrix R = prod over layers (last first) of (I + A_bar), read at the patch inputs; ``a_bars``
+    per layer (N, S, S), S = side*side (+ 1 CLS token first, CLIP)."""
     N, P = patches.shape
-    offset = attn[0].shape[-1] - P  # 1: CLIP's CLS token, 0: SigLIP
+    offset = a_bars[0].shape[-1] - P  # 1: CLIP's CLS token, 0: SigLIP
     r = torch.cat([torch.zeros(N, offset, dtype=patches.dtype, device=patches.device), patches], dim=1)  # (N, S)
-    for A, dA in zip(reversed(attn), reversed(grads)):
-        a_bar = (dA * A).clamp(min=0).mean(1)  # (N, S, S)
+    for a_bar in reversed(a_bars):
         r = r + (r[:, None, :] @ a_bar)[:, 0]
     return r[:, offset:]
 
