@@ -46,6 +46,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ["untraced", "key-mass", "segment-map", "logit-lens", "causal-trace", "ixg-tokens", "ixg-pixels", "ig-tokens",
          "rollout", "relevancy", "relevancy-vision", "attr-patching"]
+FIELDS = ["mode", "frames", "positions", "layers", "vision_layers", "dtype", "cpu_seconds", "cpu_ratio", "seconds",
+          "time_ratio", "peak_mib", "model_mib", "above_untraced_mib", "cells", "steps"]  # the CSV's columns
 
 
 def build(frames: int, layers: int, vision_layers: int, dtype_name: str):
@@ -198,8 +200,7 @@ def main() -> None:
               f"| {r['above_untraced_mib']:.0f} |")
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from common import append_csv
-    keys = sorted({k for r in rows for k in r})
-    print(f"CSV: {append_csv('instruments.csv', keys, [{k: r.get(k, '') for k in keys} for r in rows])}")
+    print(f"CSV: {append_csv('instruments.csv', FIELDS, [{k: r.get(k, '') for k in FIELDS} for r in rows])}")
 
 
 if __name__ == "__main__":
