@@ -6,6 +6,8 @@ a real photo and the real test video: tests/research_models.py):
   Riemann sum of gradients computed through transformers' decoder;
 - attention rollout equals the dense product computed by hand from transformers' eager ``output_attentions``;
 - relevancy equals Chefer et al.'s rule computed by hand from those attentions and their ``retain_grad`` gradients;
+  carried through the vision tower, it equals the decoder's row mapped to patches by transformers' own packing /
+  pooling, then Chefer's rule on its CLIPVisionModel's eager attentions and their gradients, per tile / frame;
 - attribution patching equals real patching for a metric linear in the activation and is close for small patches;
 - pixel attributions land on the tokens (and the original pixels) that read them;
 - ``llava-next trace --attribute`` writes the scores, the reproducibility record and the pictures.
@@ -161,6 +163,65 @@ def test_relevancy_equals_chefer_rule_on_transformers_attentions_and_gradients(k
     assert rel(got.scores, R[q].mean(0)) <= 1e-5
 
 
+def hf_token_patch_weights(kind: str, hf, theirs: dict, n: int, P: int) -> torch.Tensor:
+    """(visual tokens, n * P): how much each visual token reads each (tile | frame, patch) tower output, from
+    transformers' own packing (AnyRes unpad + newlines) or video pooling fed one-hot channels."""
+    if kind == "image":
+        eye = torch.eye(n * P, dtype=torch.float64).reshape(n, P, n * P)
+        packed, _ = hf.model.pack_image_features([eye], theirs["image_sizes"], "default",
+                                                 torch.zeros(n * P, dtype=torch.float64))
+        return torch.cat(packed) if isinstance(packed, (list, tuple)) else packed  # (tokens, n * P): newlines 0
+    pooled = hf.model.vision_resampler(torch.eye(P, dtype=torch.float64).expand(n, P, P))  # (F, P', P)
+    return torch.block_diag(*pooled)  # frame-major tokens
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_relevancy_through_the_tower_equals_chefer_rule_on_transformers_clip(kind):
+    ours, hf, inputs, theirs = pair64(kind)
+    key, seen = hf_pixels_key(kind), []
+
+    def grab(module, args, out):  # CLIPAttention (eager) returns (output, attention probabilities)
+        out[1].retain_grad()
+        seen.append(out[1])
+    layers = hf.model.vision_tower.encoder.layers
+    handles = [layer.self_attn.register_forward_hook(grab) for layer in layers]
+    try:  # pixels as a leaf: the tower's attention is on the graph of f
+        out = hf(input_ids=inputs.ids, output_attentions=True, **{**theirs, key: theirs[key].clone().requires_grad_()})
+        for A in out.attentions:
+            A.retain_grad()
+        TARGET.score(out.logits, inputs.ids).backward()
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(seen) == len(layers)  # one tower call: every tile (frame) at once
+    used = [A for A in seen if A.grad is not None]  # the last layer (after the feature layer -2) reads nothing
+    assert len(used) == len(ours.vision_tower.layers) == len(layers) - 1
+    T = inputs.ids.shape[1]
+    R = torch.eye(T, dtype=torch.float64)
+    for A in out.attentions:  # the decoder's relevancy, as in the test above
+        R = R + (A.grad[0] * A.detach()[0]).clamp(min=0).mean(0) @ R
+    row = R[TARGET.queries(T)].mean(0)  # (T,)
+    n, S = seen[0].shape[0], seen[0].shape[-1]
+    P = S - 1  # CLIP: the CLS token first
+    vis = (inputs.ids[0] == (ours.config.image_token_id if kind == "image" else ours.config.video_token_id))
+    v = (row[vis] @ hf_token_patch_weights(kind, hf, theirs, n, P)).reshape(n, P)  # the decoder row on patches
+    ref = []
+    for t in range(n):  # Chefer on the tower: R_v = I; R_v = R_v + mean_h(clamp(dA * A, 0)) @ R_v, layer by layer
+        Rv = torch.eye(S, dtype=torch.float64)
+        for A in used:
+            Rv = Rv + (A.grad[t] * A.detach()[t]).clamp(min=0).mean(0) @ Rv
+        ref.append((torch.cat([torch.zeros(1, dtype=torch.float64), v[t]]) @ Rv)[1:])  # onto the patch inputs
+    ref = torch.stack(ref)  # (n, P)
+    got = relevancy(ours, inputs, TARGET, space="pixels")
+    side = int(P ** 0.5)
+    p = got.pixels[0].shape[-1] // side
+    patches = got.pixels[0][:, :side * p, :side * p].reshape(n, side, p, side, p).sum((2, 4)).reshape(n, P)
+    assert got.space == "pixels" and got.settings["tower_layers"] == len(ours.vision_tower.layers)
+    assert ref.abs().max() > 0 and rel(patches, ref) <= 1e-5
+    if kind == "video":  # every patch is in a pooled cell (AnyRes unpadding drops some: the tower spreads onto them)
+        assert float(got.scores.sum()) == pytest.approx(float(got.pixels[0].sum()), rel=1e-9)
+
+
 class LinearLogit:
     """A metric linear in ``ln_final.hook_normalized``: one logit (the lm head after the final norm's weight)."""
 
@@ -225,17 +286,18 @@ def cli_run(tmp_path_factory):
     from test_cli_trace import _main
     out = _main(base + ["--attribute", "integrated_gradients", "--attribute-space", "pixels", "--baseline", "black",
                         "--ig-steps", "4", "--png", str(root / "png"), "What is the rabbit doing?"])
+    rel_pixels = _main(base + ["--attribute", "relevancy", "--attribute-space", "pixels", "?"])
     bad = [_main(base + extra + ["?"]) for extra in (["--attribute", "input_x_grad", "--baseline", "black"],
                                                      ["--ig-steps", "4"], ["--attribute", "rollout", "--attribute-space",
                                                                            "pixels"])]
     mp.undo()
-    return root, out, bad
+    return root, out, bad, rel_pixels
 
 
 def test_cli_trace_attribute_writes_scores_record_and_pictures(cli_run):
     from PIL import Image
 
-    root, (code, stdout), bad = cli_run
+    root, (code, stdout), bad, _ = cli_run
     assert code == 0, stdout
     out = json.loads(stdout)
     a = out["attribution"]
@@ -254,3 +316,14 @@ def test_cli_trace_attribute_writes_scores_record_and_pictures(cli_run):
     said = ["act with --attribute integrated_gradients", "act with --attribute METHOD", "tokens only"]
     for (bad_code, bad_out), words in zip(bad, said):  # a switch without its method is refused, not ignored
         assert bad_code == 2 and words in bad_out, bad_out
+
+
+def test_cli_trace_relevancy_through_the_tower(cli_run):
+    code, stdout = cli_run[3]
+    assert code == 0, stdout
+    out = json.loads(stdout)
+    a = out["attribution"]
+    assert a["method"] == "relevancy" and a["space"] == "pixels" and a["settings"]["through"] == "decoder+vision"
+    assert a["settings"]["tower_layers"] >= 1 and len(a["scores"]) == out["positions_total"]
+    assert a["sums"]["segments"]["video"] > 0 and a["sums"]["segments"]["image_base"] > 0  # both media reached
+    assert a["reproducibility"]["switches"]["attribute_space"] == "pixels"

@@ -5,8 +5,10 @@
 Methods (llava_next/research/attribution.py, relevancy.py): ``input_x_grad``, ``integrated_gradients`` (onto
 ``--attribute-space tokens``, the decoder's input embeddings, or ``pixels``, the tower's input; ``--baseline``,
 ``--ig-steps``, ``--ig-rule``), ``rollout`` and ``relevancy`` (Chefer et al.; both build the decoder's attention
-probabilities dense, T x T per layer: for small inputs). The target is the log-probability of the generated
-answer (``--max-new-tokens N``: all N tokens, teacher-forced) or, without one, of the model's top-1 next token.
+probabilities dense, T x T per layer: for small inputs; ``relevancy --attribute-space pixels`` carries the
+decoder's map on through the vision tower's own relevancy onto each tile's / frame's patches). The target is the
+log-probability of the generated answer (``--max-new-tokens N``: all N tokens, teacher-forced) or, without one,
+of the model's top-1 next token.
 
 ``--json`` adds ``attribution``: ``method``, ``space``, ``target``, ``f`` (the target's value), ``baseline`` /
 ``f_baseline`` / ``delta`` (integrated gradients' completeness error), ``queries`` (the positions whose logits
@@ -35,8 +37,8 @@ def add_attribute_flags(p: argparse.ArgumentParser) -> None:
                    help="gradient attribution of the answer (or the top-1 next token) onto the positions and the "
                         "original pixels: " + ", ".join(METHODS))
     p.add_argument("--attribute-space", choices=("tokens", "pixels"), default=None,
-                   help="input_x_grad / integrated_gradients: the decoder's input embeddings (tokens, default) or "
-                        "the tower's pixels")
+                   help="input_x_grad / integrated_gradients / relevancy: the decoder's input embeddings (tokens, "
+                        "default) or the tower's pixels (relevancy: carried through the vision tower's attention)")
     p.add_argument("--baseline", choices=("zeros", "black"), default=None,
                    help="integrated gradients' baseline: zeros (visual embeddings or normalised pixels, default) or "
                         "black (pixels only)")
@@ -53,9 +55,9 @@ def check_attribute(args: argparse.Namespace, user_error) -> None:
     if args.attribute is None and given:
         raise user_error(f"{', '.join(given)}: these act with --attribute METHOD; add it (e.g. --attribute "
                          f"integrated_gradients)")
-    if args.attribute in ("rollout", "relevancy") and args.attribute_space is not None:
-        raise user_error(f"--attribute-space: {args.attribute} scores positions from attention (tokens only); "
-                         f"drop it, or use --attribute input_x_grad / integrated_gradients")
+    if args.attribute == "rollout" and args.attribute_space is not None:
+        raise user_error("--attribute-space: rollout scores positions from attention (tokens only); drop it, or "
+                         "use --attribute relevancy / input_x_grad / integrated_gradients")
     if args.attribute not in (None, "integrated_gradients") and any(v is not None for v in ig.values()):
         raise user_error(f"{', '.join(k for k, v in ig.items() if v is not None)}: these act with --attribute "
                          f"integrated_gradients, not {args.attribute}")
@@ -100,8 +102,10 @@ def attribute(args: argparse.Namespace, pipe, result) -> dict:
         elif args.attribute == "integrated_gradients":
             a = integrated_gradients(pipe.model, inputs, target, space=args.attribute_space, baseline=args.baseline,
                                      steps=args.ig_steps, rule=args.ig_rule)
+        elif args.attribute == "relevancy":
+            a = relevancy(pipe.model, inputs, target, space=args.attribute_space)
         else:
-            a = (rollout if args.attribute == "rollout" else relevancy)(pipe.model, inputs, target)
+            a = rollout(pipe.model, inputs, target)
     finally:
         decoder.rope_scaling_factor = previous
     out = a.to_dict()

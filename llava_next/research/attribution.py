@@ -278,27 +278,50 @@ def _grad_at_pixels(model, inputs: Inputs, target: Target, pixels: Sequence[torc
 def pixels_to_positions(model, inputs: Inputs, pixel_attr: Sequence[torch.Tensor]) -> torch.Tensor:
     """(T,) float64: each visual token's score = the sum of its patch's pixels (per pooled cell for video),
     placed in the token order the model's own packing makes; text positions 0."""
-    cfg = model.config
-    side = cfg.vision.grid_size
+    side = model.config.vision.grid_size
     patch_sums = []
     for a in pixel_attr:  # (N, H, W) -> (N, side*side, 1): the sum over each patch's square
         p = a.shape[-1] // side
         cells = a[:, :side * p, :side * p].double().reshape(a.shape[0], side, p, side, p).sum((2, 4))
         patch_sums.append(cells.reshape(a.shape[0], side * side, 1))
+    return patches_to_positions(model, inputs, patch_sums, pooled_sum=True)
+
+
+def patches_to_positions(model, inputs: Inputs, patch_values: Sequence[torch.Tensor], *, pooled_sum: bool
+                         ) -> torch.Tensor:
+    """(T,) float64 from one value per tower patch (per medium (N, side*side, 1)), through the model's own
+    packing (``pack_image_features``: unpadding, newlines get 0) or pooling (``pool_frames``; ``pooled_sum``:
+    times the patches per pooled cell, so an average pool gives the cell's sum). Linear in the values."""
+    cfg = model.config
+    side = cfg.vision.grid_size
     per_media = []
-    for im, s in zip(inputs.images, patch_sums[:len(inputs.images)]):
+    for im, s in zip(inputs.images, patch_values[:len(inputs.images)]):
         zero = torch.zeros(1, dtype=s.dtype)
         if im.grid == (0, 0):
             per_media.append(torch.cat([s[0], zero[None]]) if cfg.untiled_image_newline else s[0])
         else:
             per_media.append(pack_image_features(s, im.image_size, im.grid, zero, cfg.anyres_compat,
                                                  cfg.anyres_max_patches))
-    for s in patch_sums[len(inputs.images):]:
+    for s in patch_values[len(inputs.images):]:
         pooled = pool_frames(s, (side, side), cfg.spatial_pool_stride, cfg.spatial_pool_mode)  # (F, h*w, 1)
-        pooled = pooled * (side * side / pooled.shape[1])  # a mean over a cell's patches -> their sum (average)
+        if pooled_sum:
+            pooled = pooled * (side * side / pooled.shape[1])  # a mean over a cell's patches -> their sum (average)
         hw = pooled_grid_hw((side, side), cfg.spatial_pool_stride, cfg.spatial_pool_mode)
         per_media.append(add_video_newlines(pooled, hw, torch.zeros(1, dtype=s.dtype), cfg.video_newline))
     return _place(model, inputs.ids, per_media, len(inputs.images))
+
+
+def positions_to_patches(model, inputs: Inputs, scores: torch.Tensor) -> list[torch.Tensor]:
+    """Per medium (N, side*side) float64: the adjoint of ``patches_to_positions`` (the model's packing and
+    pooling as it computes them, no sum scaling) applied to per-position ``scores`` (T,): a base or AnyRes
+    grid token's value goes to its one patch, a pooled video token's is shared by the patches its pool reads
+    (1/4 each for 2 x 2 average pooling), newlines and unpadded-away patches give and get nothing."""
+    side = model.config.vision.grid_size
+    leaves = [torch.zeros(p.shape[0], side * side, 1, dtype=torch.float64, requires_grad=True) for p in inputs.pixels]
+    with torch.enable_grad():
+        out = patches_to_positions(model, inputs, leaves, pooled_sum=False)  # (T,), linear in the leaves
+        grads = torch.autograd.grad((out * scores.double().cpu()).sum(), leaves, allow_unused=True)
+    return [torch.zeros(x.shape[:2], dtype=torch.float64) if g is None else g[..., 0] for x, g in zip(leaves, grads)]
 
 
 def _place(model, ids: torch.Tensor, per_media: list[torch.Tensor], n_images: int) -> torch.Tensor:
