@@ -217,6 +217,8 @@ def test_checkpoint_round_trip(tmp_path):
     loaded, in_memory = load(out), quantize_model(load(flt), QuantConfig("nf4"))
     layer = loaded.language_model.layers[0].mlp.up_proj
     assert isinstance(layer, NF4Linear) and layer.absmax.dtype == torch.uint8
+    for m in (loaded, in_memory):  # every NF4 linear reuses the thread's buffer but lm_head (nf4.py ``_scratch``)
+        assert not m.language_model.lm_head.reuse_buffer and m.language_model.layers[0].mlp.up_proj.reuse_buffer
     assert layer.absmax_scale.dtype == torch.float32 and layer.absmax_offset.dtype == torch.float32
     sa, sb = loaded.state_dict(), in_memory.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

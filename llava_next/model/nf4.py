@@ -246,7 +246,10 @@ def _scratch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A ``shape`` view of one buffer per thread, grown to the largest weight asked for and then reused.
     Why: a fresh tensor of a 7B MLP weight (90 MB bf16) is new pages from the kernel on every call, and
     faulting them in cost 40 ms where filling them costs 6 (one thread); a QLoRA step dequantizes every
-    weight twice. The layer's forward and backward use each weight before asking for the next one."""
+    weight twice. The layer's forward and backward use each weight before asking for the next one. Not for
+    lm_head (``NF4Linear.reuse_buffer``): a buffer of its size (the largest) held through the whole step
+    raised the step's peak above PEFT's; the block weights' buffer (the MLP's) stays under it
+    (benchmarks/published/6-train.md)."""
     n = math.prod(shape)
     buf = getattr(_local, "buffers", {}).get(dtype)
     if buf is None or buf.numel() < n:
@@ -296,13 +299,13 @@ class _NF4LinearFn(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, layer: "NF4Linear") -> torch.Tensor:
         ctx.layer = layer  # the module holds the packed buffers; nothing float is kept for backward
         bias = layer.bias if layer.bias is None or layer.bias.dtype == x.dtype else layer.bias.to(x.dtype)
-        return F.linear(x, layer.dequantized(x.dtype, scratch=True), bias)  # (..., N)
+        return F.linear(x, layer.dequantized(x.dtype, scratch=layer.reuse_buffer), bias)  # (..., N)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # grad (..., N)
         if not ctx.needs_input_grad[0]:
             return None, None
-        w = ctx.layer.dequantized(grad.dtype, scratch=True)  # (N, K)
+        w = ctx.layer.dequantized(grad.dtype, scratch=ctx.layer.reuse_buffer)  # (N, K)
         return grad.matmul(w), None  # (..., K): what F.linear's autograd computes for its input
 
 
@@ -321,6 +324,9 @@ class NF4Linear(nn.Module):
         super().__init__()
         check_nf4_shape(f"a ({out_features}, {in_features}) linear", out_features, in_features)
         self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
+        # dequantize into the thread's reused buffer (``_scratch``); quant_model.quantize_model turns it off
+        # for lm_head, whose dequantized weight would otherwise stay allocated beside the logits' gradients
+        self.reuse_buffer = True
         blocks = out_features * in_features // BLOCKSIZE
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer("absmax", torch.empty(blocks, dtype=torch.uint8, device=device))

@@ -53,6 +53,8 @@ def quantize_model(model: nn.Module, qc: QuantConfig, *, dtype: torch.dtype | No
             new = NF4Linear.from_linear(lin, dt, f"{name}.weight")
         else:
             new = Int4Linear.from_linear(lin, qc.group_size, dt, f"{name}.weight")
+        if isinstance(new, NF4Linear):  # lm_head dequantizes into a tensor of its own (nf4.py ``_scratch``)
+            new.reuse_buffer = leaf != "lm_head"
         setattr(parent, leaf, new)
     return model
 
