@@ -43,6 +43,8 @@ import sys
 import time
 from pathlib import Path
 
+from peak_memory import status_bytes  # benchmarks/ (the script's folder)
+
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ["untraced", "key-mass", "segment-map", "logit-lens", "causal-trace", "ixg-tokens", "ixg-pixels", "ig-tokens",
          "rollout", "relevancy", "relevancy-vision", "attr-patching"]
@@ -129,13 +131,13 @@ def child(args) -> dict:
     short, short_px, short_prov = build_short(model, pixels)
     with torch.no_grad():  # warm up (allocator, oneDNN primitives) on a one-frame prompt
         model(short, videos=[short_px])
-    rss_model = _status("VmRSS")
+    rss_model = status_bytes("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) from here on
     t0, c0 = time.perf_counter(), time.process_time()
     extra = run_mode(args.child, model, ids, pixels, prov, args.ig_steps)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {"mode": args.child, "seconds": seconds, "cpu_seconds": cpu, "peak_mib": _status("VmHWM") / 1024,
-            "model_mib": rss_model / 1024, "positions": int(ids.shape[1]), **extra}
+    return {"mode": args.child, "seconds": seconds, "cpu_seconds": cpu, "peak_mib": status_bytes("VmHWM") / 2**20,
+            "model_mib": rss_model / 2**20, "positions": int(ids.shape[1]), **extra}
 
 
 def build_short(model, pixels):
@@ -148,13 +150,6 @@ def build_short(model, pixels):
     ids = expand_placeholders([1, cfg.video_token_id, 5], cfg.image_token_id, cfg.video_token_id, [],
                               [video_tokens(1, cfg)])
     return torch.tensor([ids]), pixels[:1], None
-
-
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])  # kB
-    raise RuntimeError(field)
 
 
 def main() -> None:

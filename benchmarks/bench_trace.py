@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from peak_memory import status_bytes  # benchmarks/ (the script's folder)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -85,7 +87,7 @@ def child(mode: str, layers: int, tokens: int, dtype_name: str, shape: str = "7b
                          segments=segments if mode == "all-map" else None, segment_map=mode == "all-map")
     with torch.no_grad():  # warm up (oneDNN primitives, allocator) on a short prompt, untraced
         EagerEngine().prefill(dec, embeds[:, :64], positions[:, :64], None)
-    rss_model = _status("VmRSS")
+    rss_model = status_bytes("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     t0, c0 = time.perf_counter(), time.process_time()
     with torch.no_grad():
@@ -98,14 +100,7 @@ def child(mode: str, layers: int, tokens: int, dtype_name: str, shape: str = "7b
                 per_frame_mass = tr.attention[layers - 1].segment_rows.sum(2).mean(1)  # (1, S): the chart's column
                 assert per_frame_mass.shape[-1] == frames + 2
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {"mode": mode, "seconds": seconds, "cpu_seconds": cpu, "peak_mib": _status("VmHWM") / 1024, "model_mib": rss_model / 1024}
-
-
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])  # kB
-    raise RuntimeError(field)
+    return {"mode": mode, "seconds": seconds, "cpu_seconds": cpu, "peak_mib": status_bytes("VmHWM") / 2**20, "model_mib": rss_model / 2**20}
 
 
 def main() -> None:
