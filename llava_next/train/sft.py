@@ -375,8 +375,11 @@ def _data_parallel(model: torch.nn.Module, trainable: list[str]) -> torch.nn.Mod
     ignored = [n for n, _ in model.named_parameters() if n not in keep] + [n for n, _ in model.named_buffers()]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
     device = next(iter(model.parameters())).device
+    # a batch without images or videos leaves the projector and the vision tower out: only then must DDP look
+    # for unused tensors (an extra walk over the graph every step, and a warning when it finds none)
+    outside_decoder = any(not n.startswith("language_model.") for n in trainable)
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                   find_unused_parameters=True)  # a batch without images leaves the projector out
+                                   find_unused_parameters=outside_decoder)
 
 
 # ---- the stage-1 projector --------------------------------------------------------------------------------
