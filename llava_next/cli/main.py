@@ -113,8 +113,10 @@ def _inspect(args: argparse.Namespace) -> int:
     if adapter is not None:
         report["adapter"] = adapter
     if args.png:
+        from ..research.plots import PNG_LEVEL
+
         try:
-            draw().save(args.png, format="PNG")
+            draw().save(args.png, format="PNG", compress_level=PNG_LEVEL)
         except OSError as e:
             raise UserError(f"{args.png}: cannot write the PNG ({e.strerror or e})") from None
     if args.json:

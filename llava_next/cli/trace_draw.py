@@ -75,9 +75,11 @@ def save(args: argparse.Namespace, fig, stem: str, record: dict) -> str:
     if args.format == "png":
         from PIL.PngImagePlugin import PngInfo
 
+        from ..research.plots import PNG_LEVEL
+
         meta = PngInfo()
         meta.add_text("llava-next", json.dumps(record))
-        fig.save(path, format="PNG", pnginfo=meta)
+        fig.save(path, format="PNG", pnginfo=meta, compress_level=PNG_LEVEL)
     else:
         from ..research import vector
 

@@ -48,14 +48,16 @@ def export(fmt: str, view: str, draw: Callable | None, data: dict | None,
         return [path]
     if fmt == "svg" and vector_draw is not None and has_vector():
         return _vector_svg(folder, view, vector_draw())
+    from ..research.plots import PNG_LEVEL
+
     picture = draw()
     if picture is None:
         raise ExploreError(_no_figure(view))
     if fmt == "png":
-        picture.save(path, format="PNG")
+        picture.save(path, format="PNG", compress_level=PNG_LEVEL)
         return [path]
     buf = io.BytesIO()
-    picture.save(buf, format="PNG")
+    picture.save(buf, format="PNG", compress_level=PNG_LEVEL)
     w, h = picture.size
     with open(path, "w") as f:
         f.write(f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}">'

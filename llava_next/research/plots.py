@@ -27,6 +27,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 BG, FG, DIM = (250, 250, 250), (20, 20, 20), (110, 110, 110)
 PAD = 14
+# zlib level of every PNG the package writes: a few times faster to write than Pillow's default (6) for files a
+# few percent larger (a 32-frame figure: ~2 MB either way), and encoding was a quarter of ``trace --png``'s time
+PNG_LEVEL = 3
 # inferno, 9 anchors from 0 to 1 (matplotlib's table sampled at 0, 1/8, ..., 1)
 _ANCHORS = np.array([[0, 0, 4], [31, 12, 72], [85, 15, 109], [136, 34, 106], [186, 54, 85], [227, 89, 51],
                      [249, 140, 10], [249, 201, 50], [252, 255, 164]], dtype=np.float64)
