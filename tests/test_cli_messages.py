@@ -126,7 +126,7 @@ def write_checkpoint(out: Path, **text_changes) -> Path:
     return out
 
 
-def test_int4_message_states_the_failing_condition_and_what_helps(env, tmp_path):
+def test_int4_message_states_the_failing_condition_and_what_helps(env, here, tmp_path):
     rows = write_checkpoint(tmp_path / "mlp344", hidden_size=128, intermediate_size=344)
     line = one_error_line(cli(env, "convert", str(rows), str(tmp_path / "q"), "--quantize", "int4"), "convert")
     # gate/up (344, 128): 344 output rows, not a multiple of 16, whatever the group size
@@ -134,17 +134,18 @@ def test_int4_message_states_the_failing_condition_and_what_helps(env, tmp_path)
     assert "use --quantize int8" in line and "group_size that divides" not in line, line
 
     cols = write_checkpoint(tmp_path / "mlp352", hidden_size=128, intermediate_size=352)  # 352 = 11 x 32
-    line = one_error_line(cli(env, "convert", str(cols), str(tmp_path / "q"), "--quantize", "int4"), "convert")
+    line = one_error_line(here("convert", str(cols), str(tmp_path / "q"), "--quantize", "int4"), "convert")
     # down_proj (128, 352): 352 input features, a multiple of 32 but not of 64, 128 or 256
     assert "352" in line and "--group-size 32" in line and "--group-size 64" not in line, line
-    ok = cli(env, "convert", str(cols), str(tmp_path / "q32"), "--quantize", "int4", "--group-size", "32")
+    ok = here("convert", str(cols), str(tmp_path / "q32"), "--quantize", "int4", "--group-size", "32")
     assert ok.returncode == 0, ok.stderr
     assert not (tmp_path / "q").exists()
 
 
 # ---- 11b, 11c, 11d: convert tiny-random; the notice follows its weights; progress in a log ---------------
-def test_convert_tiny_random_and_the_notice_follows_its_weights(env, tmp_path):
-    plain = cli(env, "convert", "tiny-random", str(tmp_path / "plain"))
+def test_convert_tiny_random_and_the_notice_follows_its_weights(env, here, tmp_path):
+    """The int8 convert in a process of its own (its stderr is a pipe); the other commands in this one."""
+    plain = here("convert", "tiny-random", str(tmp_path / "plain"))
     assert plain.returncode == 0, plain.stderr
     assert (tmp_path / "plain" / "config.json").is_file() and (tmp_path / "plain" / "tiny-random.json").is_file()
 
@@ -155,18 +156,18 @@ def test_convert_tiny_random_and_the_notice_follows_its_weights(env, tmp_path):
     progress = [line for line in r.stderr.splitlines() if "converting" in line and "->" not in line]
     assert progress and "100%" in progress[-1], r.stderr
 
-    run = cli(env, "run", "--model", str(tmp_path / "q8"), "--prompt", "hi", "--max-new-tokens", "2", "--json")
+    run = here("run", "--model", str(tmp_path / "q8"), "--prompt", "hi", "--max-new-tokens", "2", "--json")
     assert run.returncode == 0, run.stderr
     assert "RANDOM weights" in run.stderr
     result = json.loads(run.stdout)
     assert result["random_weights"] is True and "RANDOM" in result["notice"]
-    inspect = cli(env, "inspect", "--model", str(tmp_path / "q8"), "--image", "sample:cat", "--json")
+    inspect = here("inspect", "--model", str(tmp_path / "q8"), "--image", "sample:cat", "--json")
     assert inspect.returncode == 0, inspect.stderr
     assert json.loads(inspect.stdout)["random_weights"] is True
 
 
 # ---- 11a: batch ------------------------------------------------------------------------------------------
-def test_batch_says_random_weights_and_leaves_no_lock_file(env, tmp_path):
+def test_batch_says_random_weights_and_leaves_no_lock_file(env, here, tmp_path):
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text(json.dumps({"id": "a", "prompt": "hi", "max_new_tokens": 2}) + "\n")
     out = tmp_path / "out" / "results.jsonl"
@@ -177,7 +178,7 @@ def test_batch_says_random_weights_and_leaves_no_lock_file(env, tmp_path):
     assert json.loads(out.read_text())["status"] == "ok"
     # a job that stops before answering anything (here: no such model) leaves no output and no lock behind
     failed = tmp_path / "failed" / "results.jsonl"
-    r = cli(env, "batch", "--model", str(tmp_path / "no-model"), "--inputs", str(jobs), "--out", str(failed))
+    r = here("batch", "--model", str(tmp_path / "no-model"), "--inputs", str(jobs), "--out", str(failed))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert list(failed.parent.iterdir()) == []
 

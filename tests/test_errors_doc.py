@@ -154,16 +154,30 @@ def can_produce(template: str, message: str, rest=None) -> bool:
 def templates():
     templates = source_templates()
     index: dict[str, list[int]] = {}
+    anchors: dict[str, set[int]] = {}  # every ANCHOR-character run of literal text -> the templates that have it
     for i, t in enumerate(templates):
         for w in set(WORD.findall(t)) or {""}:  # "": templates of short words and fields (f"{x} is not one of {y}")
             index.setdefault(w, []).append(i)
-    return templates, index
+        for k in range(len(t) - ANCHOR + 1):
+            if HOLE not in t[k:k + ANCHOR]:
+                anchors.setdefault(t[k:k + ANCHOR], set()).add(i)
+    return templates, index, anchors
+
+
+def sharing_an_anchor(pattern: str, anchors: dict[str, set[int]]) -> set[int] | None:
+    """The templates that can pass ``can_produce``'s first test when it asks for ANCHOR characters in common
+    (``pattern`` has a literal run that long): the same answer, found in the index instead of template by
+    template; None when the pattern's runs are all shorter (can_produce then asks for less)."""
+    runs = [r for r in re.split(f"[{HOLE}{SKIP}]", pattern) if len(r) >= ANCHOR]
+    if not runs:
+        return None
+    return set().union(*(anchors.get(r[k:k + ANCHOR], ()) for r in runs for k in range(len(r) - ANCHOR + 1)))
 
 
 def produced_by_source(message: str, templates, nested: bool = True) -> bool:
     """Some source string produces ``message`` (HOLE: any text); ``nested``: a template ending in a field
     may wrap a message another template produces."""
-    strings, index = templates
+    strings, index, anchors = templates
     pattern = to_pattern(message) if nested else message
     votes: dict[int, int] = {}
     for w in set(WORD.findall(pattern)):
@@ -172,6 +186,9 @@ def produced_by_source(message: str, templates, nested: bool = True) -> bool:
     # every template sharing a word, most shared first (ties by index): no cut-off, and no order that depends on
     # the set's string hashing (a top-300 cut over hash-ordered ties dropped the right template on some runs)
     candidates = sorted(votes, key=lambda i: (-votes[i], i)) + index.get("", []) if votes else range(len(strings))
+    anchored = sharing_an_anchor(pattern, anchors)
+    if anchored is not None:  # the others fail can_produce's first test anyway
+        candidates = [i for i in candidates if i in anchored]
     if not nested:
         return any(can_produce(strings[i], pattern) for i in candidates)
     inner: dict[str, bool] = {}
