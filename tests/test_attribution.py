@@ -310,9 +310,15 @@ def test_cli_trace_attribute_writes_scores_record_and_pictures(cli_run):
     assert rec["switches"]["ig_steps"] == 4 and len(rec["checkpoint_sha256"]) == 64
     pngs = [p for p in out["png"] if "integrated_gradients" in p]
     assert sorted(p.rsplit("/", 1)[1] for p in pngs) == ["image0_integrated_gradients.png",
-                                                          "video0_integrated_gradients.png"]
-    with Image.open(pngs[0]) as im:
-        assert json.loads(im.text["llava-next"])["switches"]["attribute"] == "integrated_gradients"
+                                                          "video0_integrated_gradients.png",
+                                                          "video0_integrated_gradients_original.png"]
+    for png in pngs:
+        with Image.open(png) as im:
+            assert json.loads(im.text["llava-next"])["switches"]["attribute"] == "integrated_gradients"
+    # the whole frames (as the file stores them, the crop outlined) and the model's view: two figures
+    with Image.open(root / "png" / "video0_integrated_gradients_original.png") as whole, \
+            Image.open(root / "png" / "video0_integrated_gradients.png") as seen:
+        assert whole.size != seen.size
     said = ["act with --attribute integrated_gradients", "act with --attribute METHOD", "tokens only"]
     for (bad_code, bad_out), words in zip(bad, said):  # a switch without its method is refused, not ignored
         assert bad_code == 2 and words in bad_out, bad_out

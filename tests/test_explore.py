@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -93,6 +94,38 @@ def test_a_click_on_an_image_heatmap_finds_the_tokens_of_that_pixel(pipe):
     below = views.heatmap(two, 0, 0, -1).height - two.heatmap_rows[1][1]  # a click on the second video, drawn
     part, hit = views.at_pixel(two, PAD + 224 + PAD + 5, below + top + 5)  # below the first: frame 1's top-left cell
     assert part.startswith("m1 frame 1") and hit == two.provenance.where(media=1, frame=1, kind="video")[:1].tolist()
+
+
+def test_kept_map_draws_each_cells_fate_and_every_merge(pipe):
+    """A FrameFusion question: the kept view is the categorical figure of ``trace --reduce --png`` (all four fate
+    colours in its legend, not the old layers-reached heatmap); its JSON holds one merge arrow per video token
+    merged into another and a code grid whose merged / pruned cells are the provenance's; no reduction, no map."""
+    import xml.etree.ElementTree as ET
+
+    from llava_next.explore import views
+    from llava_next.explore.exporting import export
+    from llava_next.explore.session import Question, Session
+    from llava_next.research import plots
+
+    a = Session(pipe).ask(Question("sample:bunny", "What happens?", frames=4, max_new_tokens=2, reduce="framefusion"))
+    prov, m = a.provenance, a.provenance.media_info[0]
+    video = prov.where(media=0, kind="video").tolist()
+    merged = [p for p in video if prov.merged_into(p) is not None]
+    pruned = [p for p in video if prov.removed_at(p) is not None and prov.merged_into(p) is None]
+    assert merged
+    data = views.figure_data(a, "kept", 0, 0, -1)["fates"][m.name]
+    codes = np.array(data["fates"])  # (frames, h, w)
+    assert len(data["merges"]) == len(merged) == int((codes == 1).sum()) and int((codes == 2).sum()) == len(pruned)
+    p = merged[0]
+    assert data["merges"][0][0] == [int(prov.frame[p]), int(prov.row[p]), int(prov.col[p])]
+    picture = np.asarray(views.kept_map(a))
+    colours = {tuple(c) for c in picture.reshape(-1, 3)}
+    assert all(colour in colours for _, colour in plots.FATES)
+    svg = export("svg", "kept", lambda: views.kept_map(a), None, lambda: views.kept_map(a, views.vector))
+    ids = [e.get("id") for e in ET.parse(svg[0]).iter() if e.get("id")]  # the SVG export: one arc per merge
+    assert len([i for i in ids if i.startswith("merge-")]) == len(merged)
+    assert views.kept_map(Session(pipe).ask(Question("sample:bunny", "What happens?", frames=2, max_new_tokens=1))) \
+        is None
 
 
 def test_missing_gradio_names_the_extra(monkeypatch):

@@ -129,8 +129,9 @@ def reproducibility(args: argparse.Namespace, pipe) -> dict:
 
 
 def draw(args: argparse.Namespace, request, prov, report: dict) -> list[str]:
-    """The attribution's maps on the original pixels: per image (base and grid), per video (each frame), in
-    --format with the --vmin / --vmax / --scale colour scale (cli/trace_draw.py)."""
+    """The attribution's maps on the original pixels: per image (base and grid), per video (each frame as the
+    model sees it, and each whole frame with the model's crop outlined), in --format with the --vmin / --vmax /
+    --scale colour scale (cli/trace_draw.py)."""
     from ..inputs.image import load_image
     from . import trace_draw
 
@@ -151,6 +152,11 @@ def draw(args: argparse.Namespace, request, prov, report: dict) -> list[str]:
                                        value="attribution", bar_label="attribution per token", norm=args.scale,
                                        **scale)
             name = f"video{m.kind_index}_{method}"
+            # the same scores on each whole frame as the file stores it, the model's crop outlined
+            trace_draw._draw_original(args, prov, m, clip, scores, f"{m.name}: {what}",
+                                      lambda fig, stem: out.append(trace_draw.save(args, fig, stem,
+                                                                                   report["reproducibility"])),
+                                      f"video{m.kind_index}_{method}_original")
         else:
             image = load_image(args.image[m.kind_index], max_pixels=args.max_image_pixels)
             untiled = m.plan.aspect != "anyres"

@@ -192,6 +192,8 @@ def _draw_fates(args, prov, m, clip, put, n_layers: int) -> None:
     deep layers read each token."""
     draw = painter(args)
     F = m.plan.num_frames
+    from ..research.fates import fate_grids
+
     fates, removed, arrows = fate_grids(prov, m)
     put(draw.kept_map(clip.frames, fates, removed, arrows, list(m.timestamps), list(m.frame_indices),
                       covered=_covered(m), title=f"{m.name}: what token reduction did to each token ({n_layers} "
@@ -205,29 +207,6 @@ def _draw_fates(args, prov, m, clip, put, n_layers: int) -> None:
                                       f"read each token (DyCoke)", value="share of decode steps reading it",
                                 bar_label="share of decode steps", vmin=0, vmax=1),
             f"video{m.kind_index}_decode_reads")
-
-
-def fate_grids(prov, m):
-    """One video's per-frame (h, w) fate codes (plots.FATES: 0 kept, 1 merged, 2 pruned, 3 no token), the layer
-    each cell left at, and the merge arrows (frame, row, col) -> (frame, row, col) within the video."""
-    T = prov.prompt_len
-    removed_at = torch.full((len(prov),), -1.0, dtype=torch.float64)
-    merged_into = torch.full((len(prov),), -1, dtype=torch.long)
-    if prov.fates is not None:
-        removed_at[:T], merged_into[:T] = prov.fates.removed_at.double(), prov.fates.merged_into
-    code = torch.where(removed_at < 0, 0.0, torch.where(merged_into >= 0, 1.0, 2.0))  # (T,)
-    fates, removed = [], []
-    for f in range(m.plan.num_frames):
-        g = prov.to_grid(code, m.index, frame=f).numpy()
-        fates.append(np.where(np.isnan(g), 3, g).astype(np.int64))
-        removed.append(np.nan_to_num(prov.to_grid(removed_at, m.index, frame=f).numpy(), nan=-1.0))
-    video = set(prov.where(media=m.index, kind="video").tolist())
-
-    def at(p: int) -> tuple[int, int, int]:
-        return int(prov.frame[p]), int(prov.row[p]), int(prov.col[p])
-
-    arrows = [(at(p), at(q)) for p, q in enumerate(merged_into.tolist()) if q >= 0 and p in video and q in video]
-    return fates, removed, arrows
 
 
 def _draw_lens(args, prov, lens, tokenizer, put) -> None:

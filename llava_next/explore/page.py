@@ -30,7 +30,7 @@ SAMPLES = ["sample:bunny", "sample:cat"]
 SELECT_FRAMES = ["none", "maxinfo"]  # the frame selectors (llava_next.reduce)
 REDUCE = ["none", "fastv", "framefusion", "dycoke", "dycoke-ttm"]  # what a trace takes (cli/trace.py _check)
 VIEWS = ["heatmap", "chart", "plan", "kept", "lens"]
-VECTOR_VIEWS = ("heatmap", "chart", "lens")  # drawn by research/vector.py too: a real SVG with matplotlib
+VECTOR_VIEWS = ("heatmap", "chart", "kept", "lens")  # drawn by research/vector.py too: a real SVG with matplotlib
 MAPS = ["attention", "relevancy", "input x gradient", "rollout"]  # gradients.METHODS after the attention
 
 
@@ -271,7 +271,7 @@ class Page:
             def drawn(lib=views.plots):
                 return {"heatmap": lambda: self._map(a, token, layer, head, method, lib),
                         "chart": lambda: views.layer_chart(a, token, head, lib), "plan": lambda: self._plan(a),
-                        "kept": lambda: views.kept_map(a), "lens": lambda: views.logit_lens(a, tok, lib)}[view]
+                        "kept": lambda: views.kept_map(a, lib), "lens": lambda: views.logit_lens(a, tok, lib)}[view]
 
             data = views.figure_data(a, view, token, layer, head) if fmt == "json" else None
             vector = drawn(views.vector) if fmt == "svg" and view in VECTOR_VIEWS else None

@@ -7,7 +7,8 @@
     parts(answer) / positions(answer, part, token, layer, head)
                                              a frame or tile -> the positions it became (provenance), each
                                              with its attention and, on a reduced model, its fate
-    kept_map(answer)                         a reduced request: the decoder layers each video token reached
+    kept_map(answer)                         a reduced request: each video cell's fate (kept, merged: an arrow
+                                             to where, pruned) and the layer it left at
     logit_lens(answer, tokenizer)            the lens' top-1 token per layer at the question, last and answer
     figure_data(answer, view, token, layer, head)   the numbers behind a figure (for the JSON export)
 
@@ -26,6 +27,7 @@ from PIL import Image
 
 from ..inputs.image import load_image
 from ..research import plots, vector  # vector.py imports matplotlib only when it draws
+from ..research.fates import fate_grids
 from .session import Answer
 
 BG = (250, 250, 250)
@@ -199,26 +201,26 @@ def _fate(prov, p: int) -> str:
         else f"pruned at layer {gone}"
 
 
-def kept_map(answer: Answer) -> Image.Image | None:
-    """A reduced video request: per frame, the decoder layers each pooled cell's token reached (None when the
-    request is not reduced or has no video)."""
+def kept_map(answer: Answer, lib=plots):
+    """A reduced video request: per frame, each pooled cell's fate in categorical colours (kept to the last layer,
+    merged with an arrow to the token it went into, pruned, dropped before the decoder) and the layer it left
+    at, the figure ``llava-next trace --reduce ... --png`` draws (research/fates.py); None when the request is
+    not reduced or has no video. ``lib``: plots (one picture, the media one below the other) or vector (a
+    matplotlib figure per video)."""
     prov, res = answer.provenance, answer.result
     if res.reduction is None:
         return None
-    L, pics = res.num_layers, []
-    reached = prov.layers_reached(L)  # cells a token reducer dropped: no token, drawn as 0 layers
+    pics = []
     for m in prov.media_info:
         if m.kind != "video":
             continue
-        F = m.plan.num_frames
-        grids = [prov.to_grid(reached, m.index, frame=f).numpy() for f in range(F)]
-        kept = [int((reached[prov.where(media=m.index, frame=f, kind="video")] == L).sum()) for f in range(F)]
-        pics.append(plots.frame_heatmaps(_clip(answer, m).frames, [np.where(g == g, g, 0) for g in grids],
-                                         list(m.timestamps), list(m.frame_indices), frame_sums=kept,
-                                         covered=_covered(m), sum_format="{} tokens kept",
-                                         value="decoder layers reached", bar_label="layers reached",
-                                         title=f"{m.name}: decoder layers each token reached (of {L}), "
-                                               f"{', '.join(res.reduction['methods'])}"))
+        fates, removed, arrows = fate_grids(prov, m)
+        pics.append(lib.kept_map(_clip(answer, m).frames, fates, removed, arrows, list(m.timestamps),
+                                 list(m.frame_indices), covered=_covered(m),
+                                 title=f"{m.name}: what {', '.join(res.reduction['methods'])} did to each token "
+                                       f"({res.num_layers} decoder layers)"))
+    if lib is not plots:
+        return pics or None
     return _column(pics) if pics else None
 
 
@@ -255,10 +257,20 @@ def figure_data(answer: Answer, view: str, token: int, layer: int, head: int) ->
     elif view == "kept":
         out["reduction"] = res.reduction
         out["layers_reached"] = prov.layers_reached(res.num_layers).tolist() if res.reduction else None
+        out["fates"] = {m.name: _fates_data(prov, m) for m in prov.media_info if m.kind == "video"} \
+            if res.reduction else None
     elif view == "lens":
         out["logit_lens"] = {str(layer_): {"positions": r.positions.tolist(), "ids": r.ids[0].tolist(),
                                            "probs": r.probs[0].tolist()} for layer_, r in sorted(res.logit_lens.items())}
     return out
+
+
+def _fates_data(prov, m) -> dict:
+    """The kept map's grids as lists: per frame the fate codes (plots.FATES' order) and the layer each cell left
+    at (-1: never), and the merge arrows (frame, row, col) -> (frame, row, col)."""
+    fates, removed, arrows = fate_grids(prov, m)
+    return {"codes": [name for name, _ in plots.FATES], "fates": [g.tolist() for g in fates],
+            "removed_at": [g.astype(int).tolist() for g in removed], "merges": [[list(a), list(b)] for a, b in arrows]}
 
 
 def piece(tokenizer, idx: int) -> str:
