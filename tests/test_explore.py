@@ -36,10 +36,9 @@ SHOTS = REPO / "docs" / "explore" if os.environ.get("LLAVA_NEXT_SCREENSHOTS") ==
 
 @pytest.fixture(scope="module", autouse=True)
 def _default_compile_policy():
-    """The page runs without compiling (LLAVA_NEXT_COMPILE=0), not under the suite's LLAVA_NEXT_COMPILE=1 (which
-    compiles the decode attention for every new shape: tens of seconds per question here) nor "auto" (whose
-    choice depends on what earlier tests of the same process compiled: in the full suite the first question
-    then took over a minute)."""
+    """The page runs without compiling (LLAVA_NEXT_COMPILE=0), not under "1" (which compiles the decode attention
+    for every new shape: tens of seconds per question here) nor the suite's "auto" (whose choice depends on what
+    earlier tests of the same process compiled: in the full suite the first question then took over a minute)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LLAVA_NEXT_COMPILE", "0")
         yield
