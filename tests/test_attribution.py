@@ -86,6 +86,34 @@ def test_input_x_grad_equals_transformers_autograd(kind):
     assert rel(got.scores, ref) <= 1e-5
 
 
+def test_pixel_gradients_recompute_the_tower_a_few_frames_at_a_time():
+    """A gradient to a video's pixels keeps no tower activations: the frames go through the tower
+    RECOMPUTE_FRAME_BATCH at a time and each batch runs again when the backward reaches it; the gradient is the
+    one autograd gives through the whole tower at once."""
+    from llava_next.model import policy
+    from llava_next.research.attribution import embeddings, logits
+
+    ours, _, inputs, _ = pair64("video")
+    F = inputs.videos[0].shape[0]
+    assert F > policy.RECOMPUTE_FRAME_BATCH  # more than one batch
+    sizes, forward = [], ours.vision_tower.forward
+
+    def counted(pixels: torch.Tensor) -> torch.Tensor:  # (a module hook does not see checkpoint's reruns)
+        sizes.append(pixels.shape[0])
+        return forward(pixels)
+    ours.vision_tower.forward = counted  # an instance attribute shadows the class's
+    try:
+        got = input_x_gradient(ours, inputs, TARGET, space="pixels")
+    finally:
+        del ours.vision_tower.forward
+    batches = [min(policy.RECOMPUTE_FRAME_BATCH, F - i) for i in range(0, F, policy.RECOMPUTE_FRAME_BATCH)]
+    assert sizes == batches + batches[::-1]  # the forward, then the backward's reruns (last batch first)
+    leaf = inputs.videos[0].clone().requires_grad_(True)
+    f = TARGET.score(logits(ours, embeddings(ours, dataclasses.replace(inputs, videos=[leaf]))), inputs.ids)
+    (g,) = torch.autograd.grad(f, leaf)  # every activation kept, one tower call
+    assert rel(got.pixels[0], (leaf.detach() * g).sum(1)) <= 1e-6  # (the attribution stores float32)
+
+
 def test_integrated_gradients_on_pixels_are_complete():
     """sum of attributions == f(x) - f(black) for enough path points, with both rules (the real test video)."""
     ours, _, inputs, _ = pair64("video")

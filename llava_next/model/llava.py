@@ -37,6 +37,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import cpu_gemv
 
@@ -201,14 +202,22 @@ class LlavaNextModel(nn.Module):
             start += n
         return out
 
-    def video_features(self, pixel_values: torch.Tensor, *, frame_batch: int = policy.FRAME_BATCH) -> torch.Tensor:
+    def video_features(self, pixel_values: torch.Tensor, *, frame_batch: int = policy.FRAME_BATCH,
+                       recompute: bool = False) -> torch.Tensor:
         """(F, 3, S, S) frames -> (tokens, D): per-frame tower features, pooled before or after the projector
         (``config.pool_position``), frame-major, with the config's newline mode. Frames go through the tower
-        ``frame_batch`` at a time so activations stay small for long videos."""
+        ``frame_batch`` at a time so activations stay small for long videos. ``recompute`` (a gradient that
+        reaches the pixels): no batch's tower activations are kept for the backward, which runs each batch
+        again when it reaches it (activation checkpointing), so it holds one batch's, not the whole video's
+        (ViT-L in fp32: ~1 GiB a frame); the tower's own hooks then fire again during the backward."""
         cfg = self.config
         grid = (cfg.vision.grid_size, cfg.vision.grid_size)
         pixel_values = pixel_values.to(self.device, self.dtype)
-        feats = torch.cat([self.vision_tower(chunk) for chunk in pixel_values.split(frame_batch)])  # (F, P, Cv)
+        tower = self.vision_tower
+        if recompute and torch.is_grad_enabled():
+            def tower(chunk: torch.Tensor) -> torch.Tensor:  # noqa: F811
+                return checkpoint(self.vision_tower, chunk, use_reentrant=False)
+        feats = torch.cat([tower(chunk) for chunk in pixel_values.split(frame_batch)])  # (F, P, Cv)
         feats = self.mm.hook_features(feats)
         hooks = self.mm
         if cfg.pool_position == "before_projector":  # mm.hook_pooled sees pool_frames' output in either order

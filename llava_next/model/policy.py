@@ -59,6 +59,9 @@ QUANT_DEQUANT_CHUNK = 512
 
 # ---- the vision tower (model/llava.py, reduce/) --------------------------------------------------------------
 FRAME_BATCH = 8  # frames per vision-tower call: activations stay small for long videos
+# frames per tower call when a gradient goes back to the pixels (research/attribution.py): each call is run again
+# in the backward, so one call's activations are the tower's peak (ViT-L, fp32: ~1 GiB a frame; docs/research.md)
+RECOMPUTE_FRAME_BATCH = 2
 
 # ---- exact attention probabilities (model/attention.py: research statistics, reduction scores) -------------
 CHUNK_BYTES = 32 << 20  # one (B, Hq, chunk, Tk) fp32 probability block; bounds the instruments' extra memory

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from ..inputs.image import stats_for
+from ..model import policy
 from ..model.anyres import ImageInput, pack_image_features
 from ..model.pooling import add_video_newlines, pool_frames, pooled_grid_hw
 from ..model.training import TrainingEngine
@@ -137,10 +138,13 @@ class Attribution:
 
 
 # ---- the differentiable forward ------------------------------------------------------------------
-def embeddings(model, inputs: Inputs) -> torch.Tensor:
-    """The decoder's input (1, T, D): text embeddings with the visual features spliced in, differentiable."""
+def embeddings(model, inputs: Inputs, *, recompute_tower: bool = False) -> torch.Tensor:
+    """The decoder's input (1, T, D): text embeddings with the visual features spliced in, differentiable.
+    ``recompute_tower`` (a gradient to a video's pixels): its frames go through the tower a few at a time and
+    run again in the backward instead of keeping their activations (``LlavaNextModel.video_features``)."""
+    batch = {"frame_batch": policy.RECOMPUTE_FRAME_BATCH, "recompute": True} if recompute_tower else {}
     return model.embed(inputs.ids, model.image_features(inputs.images),
-                       [model.video_features(v) for v in inputs.videos])
+                       [model.video_features(v, **batch) for v in inputs.videos])
 
 
 def logits(model, embeds: torch.Tensor) -> torch.Tensor:
@@ -269,7 +273,8 @@ def _grad_at_pixels(model, inputs: Inputs, target: Target, pixels: Sequence[torc
                     ) -> tuple[list[torch.Tensor], float]:
     leaves = [p.detach().to(model.device, model.dtype).requires_grad_(True) for p in pixels]
     with torch.enable_grad():
-        f = target.score(logits(model, embeddings(model, inputs.with_pixels(leaves))), inputs.ids)
+        f = target.score(logits(model, embeddings(model, inputs.with_pixels(leaves), recompute_tower=True)),
+                         inputs.ids)
         grads = torch.autograd.grad(f, leaves)
     return list(grads), float(f.detach())
 
