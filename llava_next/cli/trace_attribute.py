@@ -153,7 +153,7 @@ def draw(args: argparse.Namespace, request, prov, report: dict) -> list[str]:
                                        **scale)
             name = f"video{m.kind_index}_{method}"
             # the same scores on each whole frame as the file stores it, the model's crop outlined
-            trace_draw._draw_original(args, prov, m, clip, scores, f"{m.name}: {what}",
+            trace_draw.draw_original(args, prov, m, clip, scores, f"{m.name}: {what}",
                                       lambda fig, stem: out.append(trace_draw.save(args, fig, stem,
                                                                                    report["reproducibility"])),
                                       f"video{m.kind_index}_{method}_original")

@@ -140,7 +140,7 @@ def _draw_video(args, request, prov, m, attention, mean_w, group: str, span: str
                             frame_sums=[float(mean_w[p].nansum()) for p in sums], covered=_covered(m),
                             norm=args.scale, vmin=args.vmin, vmax=args.vmax),
         f"video{m.kind_index}_frames{suffix}")
-    _draw_original(args, prov, m, clip, mean_w, f"{m.name}: query '{group}' attention, {span}", put,
+    draw_original(args, prov, m, clip, mean_w, f"{m.name}: query '{group}' attention, {span}", put,
                    f"video{m.kind_index}_original{suffix}")
     shares = np.array([[float(attention[layer][group][p].nansum()) for p in sums] for layer in layers])
     extra = {name: np.array([float(attention[layer][group][pos].nansum()) for layer in layers])
@@ -151,7 +151,7 @@ def _draw_video(args, request, prov, m, attention, mean_w, group: str, span: str
         f"video{m.kind_index}_layers{suffix}")
 
 
-def _draw_original(args, prov, m, clip, values, title: str, put, stem: str) -> None:
+def draw_original(args, prov, m, clip, values, title: str, put, stem: str) -> None:
     """One video's sampled frames whole, as the file stores them, with ``values`` (T,) on their pixels and the
     model's crop outlined (the box around the frame's token footprints)."""
     from ..inputs.video import original_frames
@@ -190,10 +190,10 @@ def _draw_fates(args, prov, m, clip, put, n_layers: int) -> None:
     """Per-frame maps of a reduced request: each pooled cell's fate (kept, merged with an arrow to where,
     pruned, dropped before the decoder) and the layer it left at; with DyCoke the share of decode steps whose
     deep layers read each token."""
-    draw = painter(args)
-    F = m.plan.num_frames
     from ..research.fates import fate_grids
 
+    draw = painter(args)
+    F = m.plan.num_frames
     fates, removed, arrows = fate_grids(prov, m)
     put(draw.kept_map(clip.frames, fates, removed, arrows, list(m.timestamps), list(m.frame_indices),
                       covered=_covered(m), title=f"{m.name}: what token reduction did to each token ({n_layers} "

@@ -21,6 +21,7 @@ import os
 import tempfile
 from typing import Callable
 
+from ..research.plots import PNG_LEVEL
 from .session import ExploreError
 
 FORMATS = ("png", "svg", "json")
@@ -48,8 +49,6 @@ def export(fmt: str, view: str, draw: Callable | None, data: dict | None,
         return [path]
     if fmt == "svg" and vector_draw is not None and has_vector():
         return _vector_svg(folder, view, vector_draw())
-    from ..research.plots import PNG_LEVEL
-
     picture = draw()
     if picture is None:
         raise ExploreError(_no_figure(view))

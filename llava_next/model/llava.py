@@ -213,10 +213,10 @@ class LlavaNextModel(nn.Module):
         cfg = self.config
         grid = (cfg.vision.grid_size, cfg.vision.grid_size)
         pixel_values = pixel_values.to(self.device, self.dtype)
-        tower = self.vision_tower
-        if recompute and torch.is_grad_enabled():
-            def tower(chunk: torch.Tensor) -> torch.Tensor:  # noqa: F811
-                return checkpoint(self.vision_tower, chunk, use_reentrant=False)
+        rerun = recompute and torch.is_grad_enabled()
+
+        def tower(chunk: torch.Tensor) -> torch.Tensor:  # (n, 3, S, S) -> (n, P, Cv)
+            return checkpoint(self.vision_tower, chunk, use_reentrant=False) if rerun else self.vision_tower(chunk)
         feats = torch.cat([tower(chunk) for chunk in pixel_values.split(frame_batch)])  # (F, P, Cv)
         feats = self.mm.hook_features(feats)
         hooks = self.mm
