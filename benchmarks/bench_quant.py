@@ -29,9 +29,11 @@ made on); the providers "... (torch's decode)" run the same model with ``LLAVA_N
 second copy loaded that way, oneDNN-prepacked), "... (C decode)" with ``LLAVA_NEXT_GEMV=kernel``, so both
 paths are timed in the same alternation whichever one the policy picked.
 
-llama.cpp: ../shared/tools/llamacpp-anchor.sh (built once, ~5 minutes; BF16 / Q8_0 / Q4_0 at the same
-shapes, 2 threads; other --threads: its llama-bench rerun with -t N) runs right after the alternation; a table puts its prefill and decode tokens/s beside
-ours per format. Results: benchmarks/results/quant.csv and quant.md.
+llama.cpp: ../shared/tools/llamacpp-anchor.sh builds llama-bench and the GGUF files (BF16 / Q8_0 / Q4_0 at the
+same shapes; once, ~5 minutes). Its llama-bench of each format is a provider of the alternation, run right
+beside our run of that format in every round (one prefill of the prompt, one 64-token decode at that depth,
+--threads threads): the table gives the ratio per round, since this machine's memory speed moves by tens of
+percent from one minute to the next. Results: benchmarks/results/quant.csv and quant.md.
 """
 
 from __future__ import annotations
@@ -76,6 +78,19 @@ def gemv(setting: str):
             del os.environ["LLAVA_NEXT_GEMV"]
         else:
             os.environ["LLAVA_NEXT_GEMV"] = old
+
+
+def with_int8_prefill(model, fn):
+    """``fn`` with ``model``'s int8 layers computing prompts with int8 activations (model/quant.py), then back."""
+    from llava_next.model.quant import set_int8_prefill
+
+    def run():
+        set_int8_prefill(model, "int8")
+        try:
+            return fn()
+        finally:
+            set_int8_prefill(model, "dequantize")
+    return run
 
 
 def with_gemv(setting: str, fn):
@@ -184,40 +199,45 @@ def child_compile(args) -> None:
     print(json.dumps({"compile_s": time.perf_counter() - t}))
 
 
-def llamacpp_rows(layers: int, prompt: int, threads: int) -> tuple[str, dict[str, dict[str, float]]]:
-    """Run the anchor script: its Markdown table and {format: {"prefill": tok/s, "decode": tok/s}}. The
-    script measures with 2 threads; for another thread count its llama-bench is rerun here on the same
-    GGUF files (same flags, ``-t threads``), so both sides use the same cores."""
+LLAMACPP_FORMATS = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}  # ours -> the anchor's GGUF format
+
+
+def llamacpp_bench(layers: int, prompt: int) -> Path | None:
+    """The anchor's llama-bench, built (with the GGUF files of every format) by running the anchor script once
+    (~5 minutes the first time, then cached); None when it cannot be built (its error printed)."""
     work = Path(os.environ.get("TMPDIR", "/tmp")) / "llamacpp-anchor"  # the script's default WORKDIR
     bench = work / "src/vendor/llama.cpp/build/bin/llama-bench"
-    formats = ("BF16", "Q8_0", "Q4_0")
-    built = bench.is_file() and all((work / f"model-{layers}l-{t}.gguf").is_file() for t in formats)
-    rows = {}
-    if threads == 2 or not built:  # the script builds llama.cpp and the GGUF files on its first run
+    if not (bench.is_file() and all((work / f"model-{layers}l-{t}.gguf").is_file() for t in LLAMACPP_FORMATS.values())):
         out = subprocess.run(["bash", str(ANCHOR), str(layers), str(prompt)], capture_output=True, text=True)
         if out.returncode:
-            return f"(llama.cpp anchor failed: {out.stderr[-300:]})", {}
-        for line in out.stdout.splitlines():
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if len(cells) == 3 and cells[0] in formats:
-                rows[cells[0]] = {"prefill": float(cells[1]), "decode": float(cells[2])}
-        if threads == 2:
-            return out.stdout.strip(), rows
-    env = dict(os.environ, LD_LIBRARY_PATH=str(bench.parent))
+            print(f"llama.cpp anchor failed: {out.stderr[-300:]}", file=sys.stderr)
+            return None
+    return bench
 
-    def rate(model: Path, *flags: str) -> float:
-        r = subprocess.run([str(bench), "-m", str(model), "-t", str(threads), *flags, "-o", "csv"],
-                           capture_output=True, text=True, env=env, check=True)
-        return float(r.stdout.strip().splitlines()[-1].replace('"', "").split(",")[-2])
 
-    lines = [f"| llama.cpp, {layers} layers of the 7B shape, {threads} threads (llama-bench of the anchor) "
-             f"| prefill pp{prompt} tok/s | decode tg64 @ depth {prompt} tok/s |", "|---|---|---|"]
-    for t in formats:
-        model = work / f"model-{layers}l-{t}.gguf"
-        rows[t] = {"prefill": rate(model, "-p", str(prompt), "-n", "0", "-r", "2"),
-                   "decode": rate(model, "-p", "0", "-n", "64", "-d", str(prompt), "-r", "3")}
-        lines.append(f"| {t} | {rows[t]['prefill']:.1f} | {rows[t]['decode']:.1f} |")
-    return "\n".join(lines), rows
+class LlamaBench:
+    """One call: llama.cpp's prefill of ``prompt`` tokens and its 64-token decode at that depth, one repetition
+    each, on the anchor's GGUF file of one format with ``threads`` threads. A provider of the alternation, so
+    each of its runs sits beside ours in the same round: the ratio is taken per round, in the same minute of
+    this machine (whose memory speed swings by tens of percent between minutes)."""
+
+    def __init__(self, bench: Path, layers: int, fmt: str, prompt: int, threads: int) -> None:
+        self.bench, self.prompt, self.threads = bench, prompt, threads
+        self.model = bench.parents[5] / f"model-{layers}l-{fmt}.gguf"
+        self.env = dict(os.environ, LD_LIBRARY_PATH=str(bench.parent))
+
+    def rate(self, *flags: str) -> float:
+        r = subprocess.run([str(self.bench), "-m", str(self.model), "-t", str(self.threads), "-r", "1", *flags,
+                            "-o", "csv"], capture_output=True, text=True, env=self.env, check=True)
+        return float(r.stdout.strip().splitlines()[-1].replace('"', "").split(",")[-2])  # avg_ts
+
+    def __call__(self) -> dict[str, float]:
+        return {"prefill": self.rate("-p", str(self.prompt), "-n", "0"),
+                "decode": self.rate("-p", "0", "-n", "64", "-d", str(self.prompt))}
+
+
+def median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
 
 
 def main() -> None:
@@ -285,11 +305,16 @@ def main() -> None:
         theirs_generate(hf, embeds[:, :32], 3)
 
     alt = {fmt: f"{'bf16 eager' if fmt == 'bf16' else fmt} ({label[other[fmt]]})" for fmt in policy.GEMV_FORMATS}
-    fns = {"bf16 eager": lambda: ours_generate(models["bf16"], embeds, n, False),
+    # llama.cpp's run of a format right after ours in each round (before it in the reversed rounds)
+    bench = None if args.no_llamacpp or not ANCHOR.is_file() else llamacpp_bench(args.layers, T)
+    theirs = {fmt: {} if bench is None else {f"llama.cpp {g}": LlamaBench(bench, args.layers, g, T, args.threads)}
+              for fmt, g in LLAMACPP_FORMATS.items()}
+    fns = {"bf16 eager": lambda: ours_generate(models["bf16"], embeds, n, False), **theirs["bf16"],
            alt["bf16"]: lambda: ours_generate(models["bf16 other"], embeds, n, False),
-           "int8": lambda: ours_generate(models["int8"], embeds, n, False),
+           "int8": lambda: ours_generate(models["int8"], embeds, n, False), **theirs["int8"],
            alt["int8"]: with_gemv(other["int8"], lambda: ours_generate(models["int8"], embeds, n, False)),
-           "int4": lambda: ours_generate(models["int4"], embeds, n, False),
+           "int8, int8 activations": with_int8_prefill(models["int8"], lambda: ours_generate(models["int8"], embeds, n, False)),
+           "int4": lambda: ours_generate(models["int4"], embeds, n, False), **theirs["int4"],
            alt["int4"]: with_gemv(other["int4"], lambda: ours_generate(models["int4"], embeds, n, False)),
            "memory read": ReadProbe()}
     for name in steps:
@@ -300,6 +325,7 @@ def main() -> None:
     read = [fns["memory read"].bytes / s / 1e9 for s, _ in runs["memory read"]]
     report.add("memory read", "torch", "-", read, "GB/s")
     fmt = {"bf16 eager": None, alt["bf16"]: None, "bf16 compiled step": None, "int8": "int8", alt["int8"]: "int8",
+           "int8, int8 activations": "int8",
            "int8 compiled step": "int8", "int4": "int4", alt["int4"]: "int4", "int4 compiled step": "int4",
            "transformers bf16": None}
     decode, prefill_tok = {}, {}
@@ -316,28 +342,49 @@ def main() -> None:
         report.add("decode, share of the memory read", name, method or "bf16",
                    [per_token * x / 1e9 / r for x, r in zip(tok_s, read)], "fraction")
 
-    # llama.cpp at the same shapes, right after the alternation (its own process, 2 threads)
-    anchor_md, anchor = ("", {}) if args.no_llamacpp or not ANCHOR.is_file() else llamacpp_rows(args.layers, T, args.threads)
+    for name in ("int8", "int8, int8 activations", "int4"):  # quantized prompts against ours in bf16, same rounds
+        report.add("prefill time of bf16 eager / this, paired by round", name, fmt[name],
+                   [(a[1][0][1] - a[1][0][0]) / (b[1][0][1] - b[1][0][0]) for a, b in zip(runs["bf16 eager"], runs[name])],
+                   "x")
+
+    # llama.cpp at the same shapes, its runs paired with ours round by round
+    paired = {}  # ours -> (llama.cpp format, [(our decode, theirs, our prefill, theirs) per round])
+    for ours_name, g, name in (("bf16", "BF16", "bf16 eager"), ("int8", "Q8_0", "int8"),
+                               ("int8", "Q8_0", "int8, int8 activations"), ("int4", "Q4_0", "int4")):
+        if f"llama.cpp {g}" not in runs:
+            continue
+        rates = [out for _, out in runs[f"llama.cpp {g}"]]
+        if name != "int8, int8 activations":  # (the same llama.cpp runs as int8's)
+            report.add("prefill", f"llama.cpp {g}", ours_name, [r["prefill"] for r in rates], "tokens/s")
+            report.add("decode", f"llama.cpp {g}", ours_name, [r["decode"] for r in rates], "tokens/s")
+        paired[name] = (g, [((n - 1) / (st[-1] - st[1]), r["decode"], T / (st[1] - st[0]), r["prefill"])
+                            for (_, (st, _)), r in zip(runs[name], rates)])
+        report.add("decode ratio to llama.cpp, paired by round", name, ours_name,
+                   [a / b for a, b, _, _ in paired[name][1]], "x")
+        report.add("prefill ratio to llama.cpp, paired by round", name, ours_name,
+                   [c / d for _, _, c, d in paired[name][1]], "x")
 
     # agreement with the bf16 eager model, and why tokens differ (mechanics on random weights)
     from llava_next.model.engines import EagerEngine
     recorded = {}
     for name, (model, step) in {"bf16 eager": (models["bf16"], False), "int8": (models["int8"], False),
-                                "int4": (models["int4"], False),
+                                "int8, int8 activations": (models["int8"], False), "int4": (models["int4"], False),
                                 **{f"{m} compiled step": (models[m], True) for m in steps}}.items():
         lg: list = []
-        _, toks = ours_generate(model, embeds, n - 1, step, lg)
+        gen = lambda: ours_generate(model, embeds, n - 1, step, lg)  # noqa: E731 (model, step, lg: this pass's)
+        _, toks = (with_int8_prefill(model, gen) if name == "int8, int8 activations" else gen)()
         recorded[name] = (toks, lg)
     ref_tokens, ref_logits = recorded["bf16 eager"]
-    for name in ("int8", "int4"):
-        dec = models[name].language_model
+    for name, method in (("int8", "int8"), ("int8, int8 activations", "int8"), ("int4", "int4")):
+        dec = models[method].language_model
         dec.setup_caches(1, T)
         ref_dec = models["bf16"].language_model
         ref_dec.setup_caches(1, T)
+        prefill = lambda: EagerEngine().prefill(dec, embeds, torch.arange(T)[None], None).float()  # noqa: E731
         with torch.no_grad():
-            q = EagerEngine().prefill(dec, embeds, torch.arange(T)[None], None).float()
+            q = (with_int8_prefill(models[method], prefill) if name == "int8, int8 activations" else prefill)()
             ref = EagerEngine().prefill(ref_dec, embeds, torch.arange(T)[None], None).float()
-        report.add("logit error vs bf16 (rel. max)", name, name, ((q - ref).abs().max() / ref.abs().max()).item(), "rel")
+        report.add("logit error vs bf16 (rel. max)", name, method, ((q - ref).abs().max() / ref.abs().max()).item(), "rel")
     divergences = {}
     for name, (toks, lg) in recorded.items():
         if name == "bf16 eager":
@@ -355,23 +402,22 @@ def main() -> None:
              f"~{T}-token prompt, {args.decode_tokens} decoded tokens, {args.repeats} repeats, "
              f"{torch.get_num_threads()} threads; {report.context['machine']}; commit {report.context['commit']}; "
              f"load average {load:.1f} at the end", ""]
-    if anchor:
-        lines += ["| format | llava-next decode tok/s | llama.cpp | ratio | llava-next prefill tok/s | llama.cpp | ratio |",
-                  "|---|---|---|---|---|---|---|"]
-        for ours_name, theirs in (("bf16 eager", "BF16"), ("int8", "Q8_0"), ("int4", "Q4_0")):
-            if theirs in anchor and ours_name in decode:
-                a = anchor[theirs]
-                lines.append(f"| {ours_name} vs {theirs} | {decode[ours_name]:.2f} | {a['decode']:.1f} | "
-                             f"{decode[ours_name] / a['decode']:.2f} | {prefill_tok[ours_name]:.0f} | {a['prefill']:.0f} | "
-                             f"{prefill_tok[ours_name] / a['prefill']:.2f} |")
+    if paired:
+        lines += ["llama.cpp's run of each format sits beside ours in every round; the ratio is taken per round "
+                  "(median, and the lowest and highest round):", "",
+                  "| format | llava-next decode tok/s | llama.cpp | decode ratio (min-max) | llava-next prefill tok/s "
+                  "| llama.cpp | prefill ratio (min-max) |", "|---|---|---|---|---|---|---|"]
+        for name, (g, rounds) in paired.items():
+            dec, pre = [a / b for a, b, _, _ in rounds], [c / d for _, _, c, d in rounds]
+            lines.append(f"| {name} vs {g} | {median([r[0] for r in rounds]):.1f} | {median([r[1] for r in rounds]):.1f} | "
+                         f"{median(dec):.2f} ({min(dec):.2f}-{max(dec):.2f}) | {median([r[2] for r in rounds]):.0f} | "
+                         f"{median([r[3] for r in rounds]):.0f} | {median(pre):.2f} ({min(pre):.2f}-{max(pre):.2f}) |")
         lines.append("")
     lines += ["| stage | provider | format | p50 | unit | p20 | p80 |", "|---|---|---|---|---|---|---|"]
     for r in report.rows:
         lines.append(f"| {r['stage']} | {r['provider']} | {r['dtype']} | {r['value']:.4g} | {r['unit']} | "
                      f"{r['p20'] if r['p20'] == '' else format(r['p20'], '.4g')} | "
                      f"{r['p80'] if r['p80'] == '' else format(r['p80'], '.4g')} |")
-    if anchor_md:
-        lines += ["", anchor_md]
     md = "\n".join(lines) + "\n"
     (csv.parent / "quant.md").write_text(md)
     print(md)
