@@ -211,3 +211,35 @@ def test_int8_and_int4_rows_dequantize_in_c_to_torchs_bits(march, monkeypatch):
                     want = layer.dequantized_rows(5, 40, dtype)
                 bits = torch.int32 if dtype == torch.float32 else torch.int16
                 assert torch.equal(got.view(bits), want.view(bits)), (type(layer).__name__, scale_dtype, dtype)
+
+
+@pytest.mark.parametrize("march", ["native", "x86-64-v3"])
+def test_int8_activations_of_a_prompt_in_c_to_torchs_bits(march, monkeypatch):
+    """The int8-activation prompt (``Int8Linear.prefill = "int8"``): the C row quantization and the C scaling
+    of the int32 sums (cpu_dequant.c) against the torch ops they replace, bit for bit; rows with an outlier, an
+    all-zero row, ties at .5, a bias and none, the native and the portable build."""
+    from llava_next.model.quant import set_int8_prefill
+
+    if march != "native" and "avx2" not in cpu_gemv.cpu_identity():
+        pytest.skip("the portable build is checked on x86-64 with AVX2")
+    monkeypatch.setattr(cpu_gemv, "_lib", cpu_gemv.bind(cpu_gemv.build(march=march)))
+    torch.manual_seed(11)
+    x = torch.randn(600, 1000).bfloat16()
+    x[3, 17], x[4] = 300.0, 0.0  # an outlier; a zero row (its scale clamps to fp32's smallest normal)
+    x[5, :254], x[5, 254] = (torch.arange(-127, 127) + 0.5).bfloat16(), 127.0  # s = 1: exact ties, to even
+    q, s = cpu_gemv.quantize_rows_int8(x)
+    for bias in (False, True):
+        # 600 x 2048 outputs: enough that an fp32 product in another order would round some to another bf16
+        layer = Int8Linear.from_linear(torch.nn.Linear(1000, 2048, bias=bias), torch.bfloat16)
+        set_int8_prefill(layer, "int8")
+        with torch.no_grad():
+            got = layer(x)
+            with monkeypatch.context() as m:
+                m.setattr(cpu_gemv, "load", lambda: None)  # torch's ops
+                want = layer(x)
+                x32 = x.float()
+                want_s = x32.abs().amax(-1, keepdim=True).div_(127).clamp_min_(torch.finfo(torch.float32).tiny)
+                want_q = (x32 / want_s).round_().to(torch.int8)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), bias
+    assert torch.equal(q, want_q) and torch.equal(s.view(torch.int32), want_s.view(torch.int32))
+    assert q[3].abs().max() == 127 and (q[3] == 0).float().mean() > 0.7  # the outlier (300) row: steps of 2.4

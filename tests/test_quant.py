@@ -21,7 +21,7 @@ from llava_next.model.attention import use_backend
 from llava_next.model.generate import generate
 from llava_next.model.llava import LlavaNextModel
 from llava_next.model.quant import (DEQUANT_MIN_ROWS, Int4Linear, Int8Linear, QuantConfig, QuantizationError,
-                                    dequantize_int4, dequantize_int8, quantize_int4, quantize_int8)
+                                    dequantize_int4, dequantize_int8, quantize_int4, quantize_int8, set_int8_prefill)
 from llava_next.model.quant_model import dequantize_model, quantize_model
 
 
@@ -92,6 +92,47 @@ def test_int8_fp32_activations_match_to_summation_order(rows):
     x = torch.randn(rows, 256)
     with torch.no_grad():
         assert rel(q(x), x @ dequantize_int8(q.weight, q.scales).T) <= 1e-5
+
+
+def int8_activations_reference(x: torch.Tensor, q: Int8Linear) -> torch.Tensor:
+    """The int8-activation prompt written out in float64 (model/quant.py's docstring): per row s_x = max |x| / 127,
+    x_q = round(x / s_x) (ties to even, as torch.round), y = (x_q . w_q) s_x s_w (+ bias), rounded once."""
+    x64 = x.double()
+    sx = (x.float().abs().amax(-1, keepdim=True) / 127).double()  # the scale as fp32 computes it
+    xq = torch.round(x.float() / sx.float()).double()
+    y = (xq @ q.weight.double().T) * sx * q.scales.double()
+    return (y if q.bias is None else y + q.bias.double()).to(x.dtype), x64
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_prefill_with_int8_activations_is_the_written_formula(bias):
+    """``prefill = "int8"``: the integer GEMM is exact, so the layer equals the formula to bf16's last rounding;
+    weight-only (the default) stays on the dequantized weight, and decode rows never use it."""
+    lin = linear(n=1040, bias=bias)
+    q = Int8Linear.from_linear(lin, torch.bfloat16)
+    x = torch.randn(2, DEQUANT_MIN_ROWS, 256).bfloat16()
+    x[0, 3, 7] = 40.0  # an outlier: its row's other features lose precision (the contract's known cost)
+    with torch.no_grad():
+        weight_only = q(x)
+        assert set_int8_prefill(q, "int8") == 1
+        y = q(x)
+        want, _ = int8_activations_reference(x, q)
+        one_row = q(x[:, :1])  # a decode step: the C loops / torch's kernel, weights only
+        set_int8_prefill(q, "dequantize")
+        assert torch.equal(q(x), weight_only)
+        assert torch.equal(one_row, q(x[:, :1]))
+    assert (y.float() - want.float()).abs().max() <= 2 ** -7 * want.float().abs().max()  # one bf16 rounding
+    assert (y.float() - want.float()).abs().gt(0).float().mean() < 0.05  # most entries identical
+    exact = F.linear(x.double(), dequantize_int8(q.weight, q.scales).double(), None if q.bias is None else q.bias.double())
+    assert rel(y, exact) > rel(weight_only, exact)  # activations rounded to int8: measurably less exact
+    assert rel(y[0, 3], exact[0, 3]) > 5 * rel(y[1], exact[1])  # the outlier's row most of all
+    with pytest.raises(QuantizationError, match="choose dequantize"):
+        set_int8_prefill(q, "fp8")
+    q32, x32 = Int8Linear.from_linear(lin, torch.float32), x.float()  # fp32: the input is left as it was
+    set_int8_prefill(q32, "int8")
+    with torch.no_grad():
+        y32 = q32(x32)
+    assert torch.equal(x32, x.float()) and rel(y32, int8_activations_reference(x32, q32)[0]) < 1e-6
 
 
 def tiny_model(dtype: torch.dtype) -> LlavaNextModel:

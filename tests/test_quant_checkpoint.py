@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from checkpoints import make_llava_hf_checkpoint, make_runnable_checkpoint
 from llava_next.model.llava import LlavaNextModel
-from llava_next.model.quant import Int4Linear, Int8Linear, QuantConfig, QuantizationError
+from llava_next.model.quant import DEQUANT_MIN_ROWS, Int4Linear, Int8Linear, QuantConfig, QuantizationError
 from llava_next.model.quant_model import quantize_model
 from llava_next_weights.convert import convert
 from llava_next_weights.load import LoadError, is_file_mapped, load_into, read_config
@@ -146,3 +146,14 @@ def test_cli_convert_and_run_quantized(tmp_path, monkeypatch, capsys):
     assert req.tokens == tokens and len(tokens) > 1
     assert main(["run", "--model", str(tmp_path / "q8"), "--quantize", "int4", "--json", "Hi"]) == 2
     assert "already quantized (int8)" in json.loads(capsys.readouterr().out)["error"]
+
+    # int8 activations for prompts (--int8-prefill int8): every int8 layer set, and a long prompt's logits move
+    logits = {}
+    for mode in ("dequantize", "int8"):
+        pipe = Pipeline.from_pretrained(tmp_path / "q8", dtype=torch.float32, progress=False, int8_prefill=mode)
+        layers = [m for m in pipe.model.modules() if isinstance(m, Int8Linear)]
+        assert layers and {m.prefill for m in layers} == {mode}
+        with torch.no_grad():
+            logits[mode] = pipe.model.language_model(torch.arange(3, 3 + 2 * DEQUANT_MIN_ROWS)[None] % 64).float()
+    diff = (logits["int8"] - logits["dequantize"]).abs().max() / logits["dequantize"].abs().max()
+    assert 0 < diff < 0.05, diff

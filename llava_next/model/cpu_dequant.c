@@ -138,3 +138,51 @@ void int4_dequantize(const uint8_t *packed, const float *scales, const float *ze
         }
     }
 }
+
+/* ---- int8 activations for a prompt's int8 x int8 GEMM (model/quant.py ``int8_activation_linear``) ----------------
+ * Before the GEMM, per row m of x (bf16): s[m] = max_k |x[m, k]| / 127 in fp32 (at least FLT_MIN), and
+ * q[m, k] = x[m, k] / s[m] rounded to nearest-even: the bits of torch's ``amax(|x|) / 127``, ``clamp_min``,
+ * ``(x / s).round_()``, ``.to(int8)``. After it (acc: the exact int32 sums): y[m, n] = bf16(acc * s[m] *
+ * scale[n] (+ bias[n])), each product rounded to fp32 in that order, as torch's ``(acc * s).mul_(scale)``. */
+#include <float.h>
+#include <math.h>
+
+static inline float bf16_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+void int8_quantize_rows(const uint16_t *x, int8_t *q, float *s, int64_t M, int64_t K, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        const uint16_t *xr = x + m * K;
+        float amax = 0.0f;
+        for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(bf16_f32(xr[k])));
+        float sm = amax / 127.0f;
+        if (sm < FLT_MIN) sm = FLT_MIN;
+        s[m] = sm;
+        int8_t *qr = q + m * K;
+        for (int64_t k = 0; k < K; k++) qr[k] = (int8_t)nearbyintf(bf16_f32(xr[k]) / sm);
+    }
+}
+
+/* no fused multiply-add: torch rounds the product before adding the bias (GCC would contract across statements;
+ * clang contracts only within one) */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=off")))
+#endif
+void int8_scale_rows(const int32_t *acc, const float *s, const float *scale, const float *bias, uint16_t *y,
+                     int64_t M, int64_t N, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        const int32_t *ar = acc + m * N;
+        uint16_t *yr = y + m * N;
+        const float sm = s[m];
+        for (int64_t n = 0; n < N; n++) {
+            const float v = (float)ar[n] * sm * scale[n];
+            yr[n] = to_bf16(bias ? v + bias[n] : v);
+        }
+    }
+}

@@ -118,6 +118,8 @@ def bind(path: Path) -> ctypes.CDLL:
     lib.nf4_dequantize.argtypes = [_P, _P, _P, _I, _I, _C, _C]
     lib.int8_dequantize.argtypes = [_P, _P, _P, _I, _I, _C, _C]
     lib.int4_dequantize.argtypes = [_P, _P, _P, _P, _I, _I, _I, _C]
+    lib.int8_quantize_rows.argtypes = [_P, _P, _P, _I, _I, _C]
+    lib.int8_scale_rows.argtypes = [_P, _P, _P, _P, _P, _I, _I, _C]
     return lib
 
 
@@ -219,6 +221,39 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     lib.int4_dequantize(p.data_ptr(), s.data_ptr(), z.data_ptr(), out.data_ptr(), p.shape[0], out.shape[1],
                         group_size, torch.get_num_threads())
     return out
+
+
+# ---- int8 activations around a prompt's int8 x int8 GEMM (cpu_dequant.c), model/quant.py -----------------------
+def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """x (M, K) bf16 -> (x_q (M, K) int8, s (M, 1) fp32): s = max |x_row| / 127 (at least fp32's smallest normal),
+    x_q = round(x / s), the bits of the torch ops in ``quant.int8_activation_linear``; None where the C loop does
+    not apply (not bf16 on CPU, no library)."""
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    lib = load()
+    if lib is None:
+        return None
+    x = x.contiguous()
+    q, s = torch.empty(x.shape, dtype=torch.int8), torch.empty(x.shape[0], 1, dtype=torch.float32)
+    lib.int8_quantize_rows(x.data_ptr(), q.data_ptr(), s.data_ptr(), x.shape[0], x.shape[1], torch.get_num_threads())
+    return q, s
+
+
+def scale_rows_int8(acc: torch.Tensor, s: torch.Tensor, scales: torch.Tensor,
+                    bias: torch.Tensor | None) -> torch.Tensor | None:
+    """acc (M, N) int32, s (M, 1) fp32, scales (N,) -> (M, N) bf16 = acc * s * scale (+ bias), each step in fp32
+    as torch's ``(acc * s).mul_(scales)`` (``+= bias``), rounded once; None where the C loop does not apply."""
+    if acc.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    lib = load()
+    if lib is None:
+        return None
+    acc, sc = acc.contiguous(), scales.float().contiguous()
+    b = None if bias is None else bias.float().contiguous()
+    y = torch.empty(acc.shape, dtype=torch.bfloat16)
+    lib.int8_scale_rows(acc.data_ptr(), s.data_ptr(), sc.data_ptr(), _ptr(b), y.data_ptr(), acc.shape[0],
+                        acc.shape[1], torch.get_num_threads())
+    return y
 
 
 # ---- the PyTorch references (fp32 sums of the same numbers, rounded once) --------------------------------------

@@ -1,4 +1,5 @@
-"""Weight-only quantization of linear layers: int8 per output channel, int4 in groups; activations stay bf16.
+"""Weight-only quantization of linear layers: int8 per output channel, int4 in groups; activations stay bf16
+(int8 prompts can opt into int8 activations: below).
 
     qc = QuantConfig("int4", group_size=128)                 # or QuantConfig("int8")
     y = Int8Linear.from_linear(linear)(x)                    # one layer
@@ -35,6 +36,17 @@ bf16 rate: from ``DEQUANT_MIN_ROWS`` rows on, a layer dequantizes its weight to 
 chunk of output channels at a time, each chunk used by ``F.linear`` while it is in cache
 (``dequantized_linear``) — prefill then costs the bf16 GEMM plus the dequantization (both numbers are
 policy: model/policy.py, with the measurement that set them).
+
+int8 prompts with int8 activations (``Int8Linear.prefill = "int8"``, ``set_int8_prefill``; the command line's
+``--int8-prefill int8``): a different numeric contract, off by default. Each row of the input is quantized
+symmetrically (``s_x = max_k |x[m, k]| / 127``, ``x_q = round(x / s_x)``), the int8 x int8 products are
+summed exactly in int32 by ``torch._int_mm`` (oneDNN's VNNI / AMX-INT8 GEMM: twice the multiply-adds per
+instruction of the bf16 dot product), and ``y = acc * s_x * s_w`` in fp32, rounded once: torchao's int8
+dynamic-activation / int8-weight scheme (per-token activation scales). llama.cpp's Q8_0 also quantizes the
+activations, per block of 32 values. The cost: each row's error grows with its largest value, so a row with
+an outlier feature (LLM.int8, arXiv:2208.07339: from ~6.7B parameters some hidden dimensions reach 20x the
+others) loses precision in all its other features; "dequantize" (default) keeps the weight-only numbers.
+Decode steps are unchanged (a one-row product reads the weights: the C loops).
 
 NF4 (``QuantConfig("nf4")``, model/nf4.py): QLoRA's 4-bit NormalFloat with blocksize 64 and a
 double-quantized absmax, bit-identical to bitsandbytes; stored as ``P.weight`` uint8 (N, K / 2) (element
@@ -213,6 +225,41 @@ def dequantized_linear(layer: "Int8Linear | Int4Linear", x: torch.Tensor) -> tor
     return out if layer.bias is None else out + layer.bias
 
 
+def int8_activation_linear(layer: "Int8Linear", x: torch.Tensor) -> torch.Tensor:
+    """A prompt-sized input (..., K) -> (..., N) in integer arithmetic (``prefill = "int8"``, module docstring):
+    each row quantized to int8 with its own scale, int8 x int8 summed exactly in int32, scaled in fp32."""
+    rows, K, N = x.numel() // layer.in_features, layer.in_features, layer.out_features
+    x2 = x.reshape(rows, K)
+    quantized = cpu_gemv.quantize_rows_int8(x2)  # one C pass for bf16 (the same bits as the torch ops below)
+    if quantized is None:
+        x32 = x2.float()
+        sx = x32.abs().amax(-1, keepdim=True).div_(127).clamp_min_(torch.finfo(torch.float32).tiny)  # (M, 1)
+        quantized = (x32 / sx).round_().to(torch.int8), sx  # (M, K) in [-127, 127] (x32 is x itself for fp32)
+    xq, sx = quantized
+    acc = torch._int_mm(xq, layer.weight.t())  # (M, N) int32: exact
+    y = cpu_gemv.scale_rows_int8(acc, sx, layer.scales, layer.bias) if x.dtype == torch.bfloat16 else None
+    if y is None:
+        y = (acc * sx).mul_(layer.scales.float())  # fp32: acc * s_x * s_w
+        if layer.bias is not None:
+            y += layer.bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+Int8Prefill = Literal["dequantize", "int8"]
+INT8_PREFILLS = ("dequantize", "int8")
+
+
+def set_int8_prefill(model: nn.Module, mode: Int8Prefill) -> int:
+    """How every ``Int8Linear`` of ``model`` computes prompts (module docstring): "dequantize" (default:
+    weight-only numbers) or "int8" (int8 activations). Returns the number of layers set."""
+    if mode not in INT8_PREFILLS:
+        raise QuantizationError(f"int8 prefill {mode!r} is not supported; choose dequantize (default) or int8")
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    for m in layers:
+        m.prefill = mode
+    return len(layers)
+
+
 class _FrozenQuantLinearFn(torch.autograd.Function):
     """``dequantized_linear`` with a gradient for the input only, keeping nothing for the backward: the
     backward dequantizes the weight again, ``_CHUNK_ROWS`` rows at a time (grad_x = sum over chunks of
@@ -238,7 +285,10 @@ class _FrozenQuantLinearFn(torch.autograd.Function):
 
 class Int8Linear(nn.Module):
     """``nn.Linear`` with an int8 weight and per-output-channel scales, frozen: the weight never trains, the
-    input gets its gradient (through the dequantized weight)."""
+    input gets its gradient (through the dequantized weight). ``prefill``: how prompts are computed (module
+    docstring; ``set_int8_prefill``)."""
+
+    prefill: Int8Prefill = "dequantize"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None) -> None:
@@ -289,6 +339,8 @@ class Int8Linear(nn.Module):
         scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
         if decode_kernel(x, rows, "int8"):
             return cpu_gemv.gemv_int8(x, self.weight, scales, self.bias)
+        if rows >= DEQUANT_MIN_ROWS and self.prefill == "int8" and x.device.type == "cpu":
+            return int8_activation_linear(self, x)
         if rows >= DEQUANT_MIN_ROWS or self.in_features % INT8_KERNEL_K:
             return dequantized_linear(self, x)
         if torch.compiler.is_compiling():  # the pattern inductor's CPU weight-only-int8 GEMM template matches

@@ -283,14 +283,15 @@ class TensorParallelPipeline(Pipeline):
 
 def load_pipeline(model_id_or_dir, *, dtype: torch.dtype | None = None, device: str = "cpu", cache_dir=None,
                   progress: bool = True, quantize: str | None = None, group_size: int | None = None,
-                  adapter=None) -> Pipeline:
+                  adapter=None, int8_prefill: str = "dequantize") -> Pipeline:
     """What ``llava-next run`` loads: ``Pipeline.from_pretrained`` in a single process (``quantize``: int8 / int4
     weights, see model/quant.py); under torchrun (WORLD_SIZE > 1) the process group, rank-0-only output and
     ``load_tensor_parallel`` (bf16/fp32 weights only)."""
     env = dist_env()
     if not env.is_distributed:
         return Pipeline.from_pretrained(model_id_or_dir, dtype=dtype, device=device, cache_dir=cache_dir,
-                                        progress=progress, quantize=quantize, group_size=group_size, adapter=adapter)
+                                        progress=progress, quantize=quantize, group_size=group_size, adapter=adapter,
+                                        int8_prefill=int8_prefill)
     if adapter is not None:
         raise TensorParallelError("--adapter is not supported under torchrun yet: the tensor-parallel decoder "
                                   "loads the base weights only; run with the adapter in one process")

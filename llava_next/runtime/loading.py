@@ -35,6 +35,7 @@ import torch
 from ..config import LlavaNextConfig
 from ..inputs.prompt import Tokenizer
 from ..model.llava import LlavaNextModel
+from ..model.quant import INT8_PREFILLS, set_int8_prefill
 from . import tiny
 from .memory import check_model_fits
 from .pipeline import Pipeline
@@ -51,13 +52,15 @@ def _now(step: Callable[[], T]) -> T:
 
 def load(model_id_or_dir: PathLike, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
          cache_dir: PathLike | None = None, progress: bool = True, quantize: str | None = None,
-         group_size: int | None = 128, adapter: PathLike | None = None, materialize: Materialize | None = None,
+         group_size: int | None = 128, adapter: PathLike | None = None, int8_prefill: str = "dequantize",
+         materialize: Materialize | None = None,
          pipeline_class: type[Pipeline] = Pipeline, resolve_step: Callable = _now,
          load_step: Callable = _now) -> Pipeline:
     """``model_id_or_dir`` resolved, read and loaded into ``pipeline_class`` (see the module docstring)."""
     from llava_next_weights.load import parse_dtype
 
     dtype = parse_dtype(dtype)  # a bad dtype fails before any conversion or loading
+    check_int8_prefill(int8_prefill, quantize)
     if adapter is not None:
         from llava_next_weights.adapters import read_adapter
 
@@ -74,9 +77,20 @@ def load(model_id_or_dir: PathLike, *, dtype: torch.dtype | str | None = None, d
             model = materialize(Path(path), config, dtype, device)
         else:
             model = materialize_single(Path(path), config, dtype, device, adapter=adapter)
+        if int8_prefill != "dequantize" and not set_int8_prefill(model, int8_prefill):
+            raise ValueError(f"int8 prefill {int8_prefill!r}: {model_id_or_dir} has no int8 layers; quantize it "
+                             f"(--quantize int8), or leave the prefill at dequantize")
         return pipeline_class(model, read_tokenizer(path))
 
     return load_step(read_and_materialize)
+
+
+def check_int8_prefill(mode: str, quantize: str | None) -> None:
+    """A bad ``int8_prefill``, or one for another quantization, fails before any loading."""
+    if mode not in INT8_PREFILLS:
+        raise ValueError(f"int8 prefill {mode!r} is not one of {', '.join(INT8_PREFILLS)}")
+    if mode != "dequantize" and quantize not in (None, "int8"):
+        raise ValueError(f"int8 prefill {mode!r} is for int8 weights, not {quantize}; use --quantize int8")
 
 
 def resolve_checkpoint(model_id_or_dir: PathLike, *, cache_dir: PathLike | None = None, progress: bool = True,

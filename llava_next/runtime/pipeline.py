@@ -141,7 +141,8 @@ class Pipeline:
     def from_pretrained(cls, model_id_or_dir: PathLike, *, dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu", cache_dir: PathLike | None = None,
                         progress: bool = True, quantize: str | None = None,
-                        group_size: int = 128, adapter: PathLike | None = None) -> "Pipeline":
+                        group_size: int = 128, adapter: PathLike | None = None,
+                        int8_prefill: str = "dequantize") -> "Pipeline":
         """A converted llava-next directory, a llava-hf / original checkpoint directory (converted once,
         cached), a hub id (downloaded, converted once, cached), or a built-in model ("tiny-random",
         "tiny-random-interleave", "tiny-random-onevision": runtime/tiny.py, random weights, no download). Weights are mmapped, not copied.
@@ -149,11 +150,14 @@ class Pipeline:
         (llava_next/model/quant.py); a directory that is already quantized loads as such without it.
         ``adapter``: a LoRA adapter directory in PEFT's format (adapter_config.json + adapter_model.safetensors),
         merged into float weights, kept separate over quantized ones (docs/training.md).
+        ``int8_prefill`` ("dequantize" / "int8"): how an int8 model computes prompts (model/quant.py: "int8"
+        quantizes the activations too, per row: faster, less exact).
         The steps are runtime/loading.py's, which the tensor-parallel loader shares."""
         from .loading import load
 
         return load(model_id_or_dir, dtype=dtype, device=device, cache_dir=cache_dir, progress=progress,
-                    quantize=quantize, group_size=group_size, adapter=adapter, pipeline_class=cls)
+                    quantize=quantize, group_size=group_size, adapter=adapter, int8_prefill=int8_prefill,
+                    pipeline_class=cls)
 
     # ---- 1. prepare -------------------------------------------------------------------------------
     def prepare(self, prompt: str, images: Sequence[PathLike | object] = (), video: PathLike | None = None, *,
