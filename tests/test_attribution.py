@@ -317,7 +317,8 @@ def cli_run(tmp_path_factory):
     rel_pixels = _main(base + ["--attribute", "relevancy", "--attribute-space", "pixels", "?"])
     bad = [_main(base + extra + ["?"]) for extra in (["--attribute", "input_x_grad", "--baseline", "black"],
                                                      ["--ig-steps", "4"], ["--attribute", "rollout", "--attribute-space",
-                                                                           "pixels"])]
+                                                                           "pixels"],
+                                                     ["--attribute", "rollout", "--int8-prefill", "int8"])]
     mp.undo()
     return root, out, bad, rel_pixels
 
@@ -347,7 +348,8 @@ def test_cli_trace_attribute_writes_scores_record_and_pictures(cli_run):
     with Image.open(root / "png" / "video0_integrated_gradients_original.png") as whole, \
             Image.open(root / "png" / "video0_integrated_gradients.png") as seen:
         assert whole.size != seen.size
-    said = ["act with --attribute integrated_gradients", "act with --attribute METHOD", "tokens only"]
+    said = ["act with --attribute integrated_gradients", "act with --attribute METHOD", "tokens only",
+            "drop --quantize / --int8-prefill / --adapter"]
     for (bad_code, bad_out), words in zip(bad, said):  # a switch without its method is refused, not ignored
         assert bad_code == 2 and words in bad_out, bad_out
 
