@@ -74,8 +74,9 @@ class SFTProcess:
         self.data.write_text("".join(json.dumps({"id": f"item{k}", "video": str(v), "conversations": [
             {"from": "human", "value": f"<video>\n{PROMPT}"}, {"from": "gpt", "value": c}]},
             ensure_ascii=False) + "\n" for k, (v, c) in enumerate(items)), encoding="utf-8")
-        # one thread: on the shared 2-core machine two threads per process spin against the other work (measured:
-        # 529 s of CPU for this test at the default against 74 s with one thread, same result)
+        # two threads, set explicitly: the first test answers with the base model in this process meanwhile, on one
+        # thread (like_a_rank), and a default OMP setting spun against it (529 s of CPU for this test once, 74 s
+        # with one training thread; two threads took the training from 48 to 38 s once the answers are in)
         self.env = dict(os.environ, LLAVA_NEXT_CACHE=str(root / "cache"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2")
         self.out, self.log = root / "run", root / "train.stderr"
         self.said: dict[str, bytes] = {}  # the tuned adapter's answer per photo, once a test has run it
