@@ -50,8 +50,6 @@ from pathlib import Path
 
 if __name__ == "__main__" and "--child" not in sys.argv:  # a fresh inductor cache: the first compile is cold
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="llava-next-inductor-"))
-# steady-state decode: the eager step with its compiled attention (compiled during the warm-up, not timed)
-os.environ.setdefault("LLAVA_NEXT_COMPILE", "1")
 
 import torch
 
@@ -253,6 +251,10 @@ def main() -> None:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    from llava_next.model import policy
+    if "LLAVA_NEXT_COMPILE" not in os.environ:  # steady-state decode attention: the C loop where the policy picks
+        # it (no compile), else the compiled formula (compiled during the warm-up, not timed)
+        os.environ["LLAVA_NEXT_COMPILE"] = "auto" if policy.attention_in_c(torch.bfloat16) else "1"
     if args.child:
         return child_compile(args)
     cfg = bench_config(args.layers)
@@ -271,7 +273,6 @@ def main() -> None:
         t = time.perf_counter()
         models[method] = load_quantized(path)
         report.add("load + repack", "llava-next", method, time.perf_counter() - t, "s")
-    from llava_next.model import policy
     # the decode product this CPU uses per format (measured now if it has no entry yet), and the other one
     other = {fmt: "torch" if policy.gemv_choice(fmt) == "kernel" else "kernel" for fmt in policy.GEMV_FORMATS}
     label = {"torch": "torch's decode", "kernel": "C decode"}

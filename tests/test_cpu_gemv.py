@@ -243,3 +243,35 @@ def test_int8_activations_of_a_prompt_in_c_to_torchs_bits(march, monkeypatch):
         assert torch.equal(got.view(torch.int16), want.view(torch.int16)), bias
     assert torch.equal(q, want_q) and torch.equal(s.view(torch.int32), want_s.view(torch.int32))
     assert q[3].abs().max() == 127 and (q[3] == 0).float().mean() > 0.7  # the outlier (300) row: steps of 2.4
+
+
+@pytest.mark.parametrize("march", ["native", "x86-64-v3"])
+def test_one_query_attention_in_c_matches_the_fp32_formula(march, monkeypatch):
+    """A decode step's attention in C (cpu_gemv.c ``attend_one_query``) against ``attention.one_query_attention``
+    (fp32 scores, softmax and sums, rounded once): within one bf16 rounding, for head sizes of the AVX512-BF16
+    loops (64, 128) and of the plain ones (40), grouped queries, one key and odd lengths, a batch of two, a
+    slice of a longer cache, and scores far apart (most weights underflow: the max is subtracted first)."""
+    from llava_next.model.attention import one_query_attention
+
+    if march != "native" and "avx2" not in cpu_gemv.cpu_identity():
+        pytest.skip("the portable build is checked on x86-64 with AVX2")
+    monkeypatch.setattr(cpu_gemv, "_lib", cpu_gemv.bind(cpu_gemv.build(march=march)))
+    torch.manual_seed(13)
+    for B, Hq, Hkv, S, D, sharp in [(1, 4, 4, 1, 128, 1), (2, 8, 2, 17, 64, 1), (1, 32, 8, 300, 128, 1),
+                                    (1, 6, 3, 33, 40, 1), (1, 4, 1, 257, 128, 30)]:
+        cache_k, cache_v = torch.randn(B, Hkv, S + 9, D).bfloat16(), torch.randn(B, Hkv, S + 9, D).bfloat16()
+        k, v = cache_k[:, :, :S], cache_v[:, :, :S]  # strided: the model's cache slice
+        q = (torch.randn(B, Hq, 1, D) * sharp).bfloat16()
+        got = cpu_gemv.one_query_attention(q, k, v)
+        want = one_query_attention(q, k, v)
+        assert got.shape == want.shape and close(got, want) <= BF16_ULP, (B, Hq, Hkv, S, D, close(got, want))
+    assert cpu_gemv.one_query_attention(q.float(), k.float(), v.float()) is None  # fp32: not this loop
+    # the weights themselves: one-hot values make out[d] the softmax weight of key d, each within one bf16 step
+    S, D = 128, 128
+    q = torch.randn(1, 1, 1, D).bfloat16()
+    k = torch.randn(1, 1, S, D).bfloat16()
+    v = torch.eye(S, D)[None, None].bfloat16()
+    got, want = cpu_gemv.one_query_attention(q, k, v).float(), torch.softmax(
+        (q.double() @ k.double().transpose(-1, -2)) / D ** 0.5, -1).float()
+    step = 2.0 ** (torch.floor(torch.log2(want.abs())) - 7)  # bf16's spacing at each weight
+    assert ((got - want).abs() <= step).all(), ((got - want).abs() / step).max()

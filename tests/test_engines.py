@@ -76,6 +76,7 @@ def test_decode_kernel_policy(monkeypatch):
     dec = bf16_model().language_model
     cpu = torch.device("cpu")
     monkeypatch.setenv("LLAVA_NEXT_COMPILE", "auto")
+    monkeypatch.setattr(policy, "attention_in_c", lambda dtype: False)  # its own rule: the test below
     monkeypatch.setattr(engines, "_compiled", set())  # not compiled yet in this process
     monkeypatch.setattr(engines, "_failed", set())
     kv_7b = 2 * 32 * 32 * 1200 * 128 * 2  # KV bytes read per token: 7B, bf16, 1,200 tokens (~0.63 GB)
@@ -98,6 +99,41 @@ def test_decode_kernel_policy(monkeypatch):
     monkeypatch.setenv("LLAVA_NEXT_COMPILE", "yes")
     with pytest.raises(ValueError, match="LLAVA_NEXT_COMPILE='yes'"):
         policy.compile_setting()
+
+
+@pytest.mark.skipif(cpu_gemv.load() is None, reason="no C compiler for the CPU kernels")
+def test_the_c_decode_attention_rule_and_its_tokens(monkeypatch):
+    """policy.attention_in_c: bf16 decode steps attend with the C loop (no compile) on a CPU with AVX512-BF16,
+    under LLAVA_NEXT_COMPILE=auto only; any other CPU, dtype or setting keeps the compiled rule. Decoding with
+    it gives the greedy tokens of the SDPA facade."""
+    dec, cpu = bf16_model().language_model, torch.device("cpu")
+    flags = {"with": "AMD EPYC | avx2 avx512_bf16 avx512f", "without": "Intel Xeon | avx2 avx512f amx_bf16"}
+    monkeypatch.setenv("LLAVA_NEXT_COMPILE", "auto")
+    monkeypatch.setattr(cpu_gemv, "cpu_identity", lambda: flags["with"])
+    assert policy.attention_in_c(torch.bfloat16) and not policy.attention_in_c(torch.float32)
+    assert decode_kernel(dec, 1, 10, 4, torch.bfloat16, cpu) is engines.c_one_query
+    with use_backend("sdpa"):
+        assert decode_kernel(dec, 1, 10, 4, torch.bfloat16, cpu) is None
+    for setting in ("0", "1", "step"):
+        monkeypatch.setenv("LLAVA_NEXT_COMPILE", setting)
+        assert not policy.attention_in_c(torch.bfloat16), setting
+    monkeypatch.setenv("LLAVA_NEXT_COMPILE", "auto")
+    monkeypatch.setattr(cpu_gemv, "cpu_identity", lambda: flags["without"])
+    assert not policy.attention_in_c(torch.bfloat16)
+    assert decode_kernel(dec, 1, 10, 4, torch.bfloat16, cpu) is not engines.c_one_query
+    monkeypatch.undo()
+    if "avx512_bf16" not in cpu_gemv.cpu_identity().split():
+        return  # the tokens below need this CPU to run the loop
+    monkeypatch.setenv("LLAVA_NEXT_COMPILE", "auto")
+    calls = []
+    monkeypatch.setattr(cpu_gemv, "one_query_attention",
+                        lambda *a, f=cpu_gemv.one_query_attention: calls.append(1) or f(*a))
+    x = torch.randint(0, 128, (1, 40))
+    got = generate(dec, x, max_new_tokens=12, eos_token_id=())
+    assert len(calls) == 11 * len(dec.layers)  # every decode step after the first token, every layer
+    with use_backend("sdpa"):
+        want = generate(dec, x, max_new_tokens=12, eos_token_id=())
+    assert torch.equal(got, want) and len(set(got[0].tolist())) > 2
 
 
 def test_a_failed_attention_compile_warns_once_and_falls_back_to_sdpa(monkeypatch):

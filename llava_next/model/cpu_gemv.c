@@ -22,6 +22,7 @@
  * Threads: the N output channels are split into contiguous blocks, one stream of weight memory per thread
  * (two or four rows at once, sharing the x loads, measured slower: more concurrent streams per core read
  * memory slower than one), on the OpenMP runtime torch already loaded (the same libgomp, one thread pool). */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -308,3 +309,119 @@ static float dot_int4_any(const uint16_t *x, const float *xf, const float *xsum,
     return dot_int4(xf, xf + K / 2, xsum, w, scale, zero, K, G);
 }
 #endif
+
+/* ---- one query against a KV cache: a decode step's attention (model/attention.py ``one_query_attention``) ----
+ * out[b, h] = sum_s softmax_s(q[b, h] . k[b, g, s] / sqrt(D)) v[b, g, s], g = h / (Hq / Hkv): scores, softmax
+ * and sums in fp32, the output rounded to bf16 once. Like a product, a decode step's attention reads its whole
+ * cache once: one pass over the keys (the G query heads of a KV head share each key row), one over the values.
+ * q (B, Hq, D) and out contiguous bf16; k and v rows of D contiguous bf16 at element offsets b * kb + g * kh +
+ * s * ks (a slice of the preallocated cache). Threads split the (b, g) pairs. The AVX512-BF16 loops need D % 32
+ * == 0 (every decoder here: 64, 128); the plain ones take any D. */
+#if defined(__AVX512BF16__)
+/* e^x for x <= 0, 16 at a time: x = n ln2 + f (|f| <= ln2 / 2), e^f by Cephes' expf polynomial (relative error
+ * ~1e-7, as libm's), 2^n applied by scalef (underflow to 0 included) */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-88.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(f, f), _mm512_add_ps(f, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+static void attend_group(const uint16_t *q, const uint16_t *kg, const uint16_t *vg, uint16_t *out, int64_t G,
+                         int64_t S, int64_t D, int64_t ks, int64_t vs, float *p, float *acc) {
+    const float scale = 1.0f / sqrtf((float)D);
+    float sum[64];  /* G <= 64 (checked by the caller) */
+#if defined(__AVX512BF16__)
+    if (D % 32 == 0) {
+        for (int64_t s = 0; s < S; s++) {  /* scores: one dpbf16 per 32 elements, bf16 as stored */
+            const uint16_t *kr = kg + s * ks;
+            for (int64_t i = 0; i < G; i++) {
+                __m512 a = _mm512_setzero_ps();
+                for (int64_t d = 0; d < D; d += 32)
+                    a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(q + i * D + d), (__m512bh)_mm512_loadu_si512(kr + d));
+                p[i * S + s] = _mm512_reduce_add_ps(a) * scale;
+            }
+        }
+        for (int64_t i = 0; i < G; i++) {  /* softmax numerators, the max subtracted */
+            float *pi = p + i * S;
+            __m512 mv = _mm512_set1_ps(-INFINITY);
+            int64_t s = 0;
+            for (; s + 16 <= S; s += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(pi + s));
+            float mx = _mm512_reduce_max_ps(mv);
+            for (; s < S; s++) mx = pi[s] > mx ? pi[s] : mx;
+            const __m512 m16 = _mm512_set1_ps(mx);
+            __m512 tv = _mm512_setzero_ps();
+            for (s = 0; s < S; s += 16) {
+                const __mmask16 k16 = S - s >= 16 ? 0xffff : (__mmask16)((1u << (S - s)) - 1);
+                const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k16, pi + s), m16));
+                _mm512_mask_storeu_ps(pi + s, k16, e);
+                tv = _mm512_add_ps(tv, _mm512_maskz_mov_ps(k16, e));
+            }
+            sum[i] = _mm512_reduce_add_ps(tv);
+        }
+        memset(acc, 0, sizeof(float) * G * D);
+        for (int64_t s = 0; s < S; s++) {  /* values: sum of weight x row, 16 fp32 lanes at a time */
+            const uint16_t *vr = vg + s * vs;
+            for (int64_t d = 0; d < D; d += 16) {
+                const __m512 vv = load_bf16x16(vr + d, 0xffff);
+                for (int64_t i = 0; i < G; i++)
+                    _mm512_storeu_ps(acc + i * D + d, _mm512_fmadd_ps(_mm512_set1_ps(p[i * S + s]), vv,
+                                                                      _mm512_loadu_ps(acc + i * D + d)));
+            }
+        }
+        for (int64_t i = 0; i < G; i++)
+            for (int64_t d = 0; d < D; d++) out[i * D + d] = f32_to_bf16(acc[i * D + d] / sum[i]);
+        return;
+    }
+#endif
+    for (int64_t s = 0; s < S; s++) {
+        const uint16_t *kr = kg + s * ks;
+        for (int64_t i = 0; i < G; i++) {
+            float part[16] = {0}, tail = 0.0f;
+            int64_t d = 0;
+            for (; d + 16 <= D; d += 16)
+                for (int j = 0; j < 16; j++) part[j] += bf16_to_f32(q[i * D + d + j]) * bf16_to_f32(kr[d + j]);
+            for (; d < D; d++) tail += bf16_to_f32(q[i * D + d]) * bf16_to_f32(kr[d]);
+            for (int j = 0; j < 16; j++) tail += part[j];
+            p[i * S + s] = tail * scale;
+        }
+    }
+    for (int64_t i = 0; i < G; i++) {
+        float mx = -INFINITY, total = 0.0f;
+        for (int64_t s = 0; s < S; s++) mx = p[i * S + s] > mx ? p[i * S + s] : mx;
+        for (int64_t s = 0; s < S; s++) total += (p[i * S + s] = expf(p[i * S + s] - mx));
+        sum[i] = total;
+    }
+    memset(acc, 0, sizeof(float) * G * D);
+    for (int64_t s = 0; s < S; s++) {
+        const uint16_t *vr = vg + s * vs;
+        for (int64_t i = 0; i < G; i++)
+            for (int64_t d = 0; d < D; d++) acc[i * D + d] += p[i * S + s] * bf16_to_f32(vr[d]);
+    }
+    for (int64_t i = 0; i < G; i++)
+        for (int64_t d = 0; d < D; d++) out[i * D + d] = f32_to_bf16(acc[i * D + d] / sum[i]);
+}
+
+void attend_one_query(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t B,
+                      int64_t Hq, int64_t Hkv, int64_t S, int64_t D, int64_t kb, int64_t kh, int64_t ks,
+                      int64_t vb, int64_t vh, int64_t vs, int threads) {
+    const int64_t G = Hq / Hkv;
+    #pragma omp parallel for schedule(static) collapse(2) num_threads(threads)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t g = 0; g < Hkv; g++) {
+            float *p = malloc(sizeof(float) * G * (S + D));  /* (G, S) scores then weights; (G, D) sums */
+            attend_group(q + (b * Hq + g * G) * D, k + b * kb + g * kh, v + b * vb + g * vh,
+                         out + (b * Hq + g * G) * D, G, S, D, ks, vs, p, p + G * S);
+            free(p);
+        }
+}

@@ -119,6 +119,7 @@ def bind(path: Path) -> ctypes.CDLL:
     lib.int8_dequantize.argtypes = [_P, _P, _P, _I, _I, _C, _C]
     lib.int4_dequantize.argtypes = [_P, _P, _P, _P, _I, _I, _I, _C]
     lib.int8_quantize_rows.argtypes = [_P, _P, _P, _I, _I, _C]
+    lib.attend_one_query.argtypes = [_P, _P, _P, _P, *[_I] * 11, _C]
     lib.int8_scale_rows.argtypes = [_P, _P, _P, _P, _P, _I, _I, _C]
     return lib
 
@@ -220,6 +221,28 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     out = torch.empty(p.shape[0], 2 * p.shape[1], dtype=dtype)
     lib.int4_dequantize(p.data_ptr(), s.data_ptr(), z.data_ptr(), out.data_ptr(), p.shape[0], out.shape[1],
                         group_size, torch.get_num_threads())
+    return out
+
+
+# ---- one query against a KV cache (cpu_gemv.c): a decode step's attention, model/engines.py --------------------
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """q (B, Hq, 1, D), k / v (B, Hkv, S, D) bf16 with rows of D contiguous (a slice of the cache) -> (B, Hq, 1, D)
+    bf16: ``attention.one_query_attention`` without a mask, fp32 inside, rounded once; None where the C loop
+    does not apply (not bf16 on CPU, another shape, no library)."""
+    if (q.dtype != torch.bfloat16 or k.dtype != torch.bfloat16 or v.dtype != torch.bfloat16
+            or q.device.type != "cpu" or q.dim() != 4 or q.shape[2] != 1 or k.shape[2] < 1
+            or k.stride(-1) != 1 or v.stride(-1) != 1 or q.shape[1] % k.shape[1] or q.shape[1] // k.shape[1] > 64
+            or torch.compiler.is_compiling()):
+        return None
+    lib = load()
+    if lib is None:
+        return None
+    B, Hq, _, D = q.shape
+    qc = q.contiguous()
+    out = torch.empty(B, Hq, 1, D, dtype=torch.bfloat16)
+    lib.attend_one_query(qc.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, Hq, k.shape[1], k.shape[2], D,
+                         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                         torch.get_num_threads())
     return out
 
 

@@ -8,7 +8,8 @@ llava_next/reduce/engine.py, the tensor-parallel one shards these (llava_next/pa
     logits = engine.decode(decoder, token, step, position_ids, kernel)        # (B, V); step 0 = first new token
 
 - ``EagerEngine``: prefill and each decode step are one ``Decoder.forward``; a decode step attends with
-  ``kernel`` (the compiled one-query attention when ``decode_kernel`` says it pays, else the facade).
+  ``kernel`` (``decode_kernel``: the C one-query attention of model/cpu_gemv.c for bf16 with AVX512-BF16, or
+  the compiled one when it pays, else the facade).
 - ``CompiledStepEngine``: decode steps run one graph compiled by torch.compile (gpt-fast style) from the
   SAME block code: the step reads the whole static cache (B, Hkv, S, D), S fixed for the request, and
   masks the slots not written yet (slot s is visible iff s <= the new slot and not padding), so every shape
@@ -31,7 +32,7 @@ from typing import Protocol
 
 import torch
 
-from . import policy
+from . import cpu_gemv, policy
 from .attention import forced_backend, one_query_attention
 from .decoder import Decoder, default_kernel
 from .context import Kernel
@@ -91,9 +92,14 @@ class EagerEngine:
 # ---- the compiled one-query attention (a kernel for any engine's decode steps) ---------------------------
 def decode_kernel(decoder: Decoder, batch: int, prompt_len: int, max_new_tokens: int, dtype: torch.dtype,
                   device: torch.device) -> Kernel | None:
-    """The compiled one-query attention when it pays for this request (policy.attention_compile_pays), else
-    None (the facade). CPU only, and only while no attention backend is forced (``use_backend``)."""
-    if device.type != "cpu" or "attention" in _failed or forced_backend() != "auto":
+    """The C one-query attention where the policy chooses it (policy.attention_in_c), else the compiled one when
+    it pays for this request (policy.attention_compile_pays), else None (the facade). CPU only, and only while
+    no attention backend is forced (``use_backend``)."""
+    if device.type != "cpu" or forced_backend() != "auto":
+        return None
+    if policy.attention_in_c(dtype):
+        return c_one_query
+    if "attention" in _failed:
         return None
     cfg = decoder.config
     per_token = 2 * cfg.num_layers * batch * cfg.num_kv_heads * (prompt_len + max_new_tokens / 2) * cfg.head_dim \
@@ -101,6 +107,12 @@ def decode_kernel(decoder: Decoder, batch: int, prompt_len: int, max_new_tokens:
     if not policy.attention_compile_pays(per_token, max_new_tokens, "attention" in _compiled):
         return None
     return compiled_one_query
+
+
+def c_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A ``Kernel``: one query without a mask -> the C loop (model/cpu_gemv.c); anything else -> the facade."""
+    out = cpu_gemv.one_query_attention(q, k, v) if mask is None else None
+    return default_kernel(q, k, v, mask) if out is None else out
 
 
 def compiled_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
