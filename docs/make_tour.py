@@ -350,9 +350,11 @@ def video_walk(out_dir: Path, tmp: Path) -> list[str]:
 
     L += ["### 12. One token at a time", "",
           f"{where(engines.EagerEngine.decode)} feeds the sampled token back at cache slot {T}, position {T}; "
-          f"attention reads the {T + 1} filled slots of the cache, never the whole buffer. On a CPU the one-query "
-          f"attention runs compiled ({where(engines.compiled_one_query)}) when the answer is long enough to pay "
-          "for the compile: the engine passes that kernel down in the layer context.", "",
+          f"attention reads the {T + 1} filled slots of the cache, never the whole buffer. On a CPU with "
+          f"AVX512-BF16 a bf16 cache is read by the one-query attention in C ({where(engines.c_one_query)}, the "
+          "loop in `llava_next/model/cpu_gemv.c`); elsewhere the one-query attention runs compiled "
+          f"({where(engines.compiled_one_query)}) when the answer is long enough to pay for the compile: the "
+          "engine passes that kernel down in the layer context.", "",
           excerpt(engines.EagerEngine.decode, "slot = torch.tensor(", "key_mask=grow("), "",
           f"{where(generate.stream)} loops: sample, feed back, advance the slot and the position. For long answers "
           f"on a CPU another engine runs the whole step, the same blocks, as one compiled graph "
