@@ -262,16 +262,16 @@ def test_one_query_attention_in_c_matches_the_fp32_formula(march, monkeypatch):
         cache_k, cache_v = torch.randn(B, Hkv, S + 9, D).bfloat16(), torch.randn(B, Hkv, S + 9, D).bfloat16()
         k, v = cache_k[:, :, :S], cache_v[:, :, :S]  # strided: the model's cache slice
         q = (torch.randn(B, Hq, 1, D) * sharp).bfloat16()
-        got = cpu_gemv.one_query_attention(q, k, v)
+        got = cpu_gemv.attend_one_query(q, k, v)
         want = one_query_attention(q, k, v)
         assert got.shape == want.shape and close(got, want) <= BF16_ULP, (B, Hq, Hkv, S, D, close(got, want))
-    assert cpu_gemv.one_query_attention(q.float(), k.float(), v.float()) is None  # fp32: not this loop
+    assert cpu_gemv.attend_one_query(q.float(), k.float(), v.float()) is None  # fp32: not this loop
     # the weights themselves: one-hot values make out[d] the softmax weight of key d, each within one bf16 step
     S, D = 128, 128
     q = torch.randn(1, 1, 1, D).bfloat16()
     k = torch.randn(1, 1, S, D).bfloat16()
     v = torch.eye(S, D)[None, None].bfloat16()
-    got, want = cpu_gemv.one_query_attention(q, k, v).float(), torch.softmax(
+    got, want = cpu_gemv.attend_one_query(q, k, v).float(), torch.softmax(
         (q.double() @ k.double().transpose(-1, -2)) / D ** 0.5, -1).float()
     step = 2.0 ** (torch.floor(torch.log2(want.abs())) - 7)  # bf16's spacing at each weight
     assert ((got - want).abs() <= step).all(), ((got - want).abs() / step).max()

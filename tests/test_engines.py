@@ -126,8 +126,8 @@ def test_the_c_decode_attention_rule_and_its_tokens(monkeypatch):
         return  # the tokens below need this CPU to run the loop
     monkeypatch.setenv("LLAVA_NEXT_COMPILE", "auto")
     calls = []
-    monkeypatch.setattr(cpu_gemv, "one_query_attention",
-                        lambda *a, f=cpu_gemv.one_query_attention: calls.append(1) or f(*a))
+    monkeypatch.setattr(cpu_gemv, "attend_one_query",
+                        lambda *a, f=cpu_gemv.attend_one_query: calls.append(1) or f(*a))
     x = torch.randint(0, 128, (1, 40))
     got = generate(dec, x, max_new_tokens=12, eos_token_id=())
     assert len(calls) == 11 * len(dec.layers)  # every decode step after the first token, every layer

@@ -225,7 +225,7 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
 
 
 # ---- one query against a KV cache (cpu_gemv.c): a decode step's attention, model/engines.py --------------------
-def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
     """q (B, Hq, 1, D), k / v (B, Hkv, S, D) bf16 with rows of D contiguous (a slice of the cache) -> (B, Hq, 1, D)
     bf16: ``attention.one_query_attention`` without a mask, fp32 inside, rounded once; None where the C loop
     does not apply (not bf16 on CPU, another shape, no library)."""

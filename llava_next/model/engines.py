@@ -111,7 +111,7 @@ def decode_kernel(decoder: Decoder, batch: int, prompt_len: int, max_new_tokens:
 
 def c_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """A ``Kernel``: one query without a mask -> the C loop (model/cpu_gemv.c); anything else -> the facade."""
-    out = cpu_gemv.one_query_attention(q, k, v) if mask is None else None
+    out = cpu_gemv.attend_one_query(q, k, v) if mask is None else None
     return default_kernel(q, k, v, mask) if out is None else out
 
 

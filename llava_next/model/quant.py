@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -246,7 +246,7 @@ def int8_activation_linear(layer: "Int8Linear", x: torch.Tensor) -> torch.Tensor
 
 
 Int8Prefill = Literal["dequantize", "int8"]
-INT8_PREFILLS = ("dequantize", "int8")
+INT8_PREFILLS = get_args(Int8Prefill)
 
 
 def set_int8_prefill(model: nn.Module, mode: Int8Prefill) -> int:

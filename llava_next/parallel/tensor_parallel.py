@@ -54,6 +54,7 @@ from torch import nn
 
 from ..config import LlavaNextConfig, TextConfig
 from ..model.llava import LlavaNextModel, PackedLinear, can_pack_for_cpu
+from ..model.quant import Int8Prefill
 from ..runtime.memory import memory_budget
 from ..runtime.pipeline import Pipeline
 from .launch import RankFailedError, agree, dist_env, init_mesh, rank0_output, report_own_failure
@@ -283,7 +284,7 @@ class TensorParallelPipeline(Pipeline):
 
 def load_pipeline(model_id_or_dir, *, dtype: torch.dtype | None = None, device: str = "cpu", cache_dir=None,
                   progress: bool = True, quantize: str | None = None, group_size: int | None = None,
-                  adapter=None, int8_prefill: str = "dequantize") -> Pipeline:
+                  adapter=None, int8_prefill: Int8Prefill = "dequantize") -> Pipeline:
     """What ``llava-next run`` loads: ``Pipeline.from_pretrained`` in a single process (``quantize``: int8 / int4
     weights, see model/quant.py); under torchrun (WORLD_SIZE > 1) the process group, rank-0-only output and
     ``load_tensor_parallel`` (bf16/fp32 weights only)."""

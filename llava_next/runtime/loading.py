@@ -35,7 +35,7 @@ import torch
 from ..config import LlavaNextConfig
 from ..inputs.prompt import Tokenizer
 from ..model.llava import LlavaNextModel
-from ..model.quant import INT8_PREFILLS, set_int8_prefill
+from ..model.quant import INT8_PREFILLS, Int8Prefill, set_int8_prefill
 from . import tiny
 from .memory import check_model_fits
 from .pipeline import Pipeline
@@ -52,7 +52,7 @@ def _now(step: Callable[[], T]) -> T:
 
 def load(model_id_or_dir: PathLike, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
          cache_dir: PathLike | None = None, progress: bool = True, quantize: str | None = None,
-         group_size: int | None = 128, adapter: PathLike | None = None, int8_prefill: str = "dequantize",
+         group_size: int | None = 128, adapter: PathLike | None = None, int8_prefill: Int8Prefill = "dequantize",
          materialize: Materialize | None = None,
          pipeline_class: type[Pipeline] = Pipeline, resolve_step: Callable = _now,
          load_step: Callable = _now) -> Pipeline:

@@ -44,6 +44,7 @@ from ..config import LlavaNextConfig, TextConfig
 from ..model.generate import stream as stream_tokens
 from ..inputs.image import ImageInput, preprocess_image
 from ..model.llava import LlavaNextModel
+from ..model.quant import Int8Prefill
 from ..inputs.prompt import (IMAGE, VIDEO, TemplateChoice, Tokenizer, build_input_ids, expand_placeholders,
                              stop_token_ids)
 from ..inputs.samples import resolve as resolve_sample
@@ -142,7 +143,7 @@ class Pipeline:
                         device: str | torch.device = "cpu", cache_dir: PathLike | None = None,
                         progress: bool = True, quantize: str | None = None,
                         group_size: int = 128, adapter: PathLike | None = None,
-                        int8_prefill: str = "dequantize") -> "Pipeline":
+                        int8_prefill: Int8Prefill = "dequantize") -> "Pipeline":
         """A converted llava-next directory, a llava-hf / original checkpoint directory (converted once,
         cached), a hub id (downloaded, converted once, cached), or a built-in model ("tiny-random",
         "tiny-random-interleave", "tiny-random-onevision": runtime/tiny.py, random weights, no download). Weights are mmapped, not copied.
