@@ -211,17 +211,15 @@ def decode_kernel(x: torch.Tensor, rows: int, fmt: str) -> bool:
             and not torch.compiler.is_compiling() and policy.gemv_choice(fmt) == "kernel")
 
 
-def chunked_linear(x: torch.Tensor, weight_rows, out_features: int, bias: torch.Tensor | None,
-                   widen: bool = True) -> torch.Tensor:
+def chunked_linear(x: torch.Tensor, weight_rows, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
     """A prompt-sized input (..., K) -> (..., N) through GEMMs ``_CHUNK_ROWS`` output channels at a time:
     ``weight_rows(start, stop, dtype)`` makes each chunk of the weight (dequantized, or widened) while it stays in
     cache and it is used at once, so no full float copy of the weight ever exists (lm_head of a 7B: 32064 x 4096
     bf16, 263 MB, saved) and the chunk is read from cache rather than memory. Sums in x's dtype (each output
     column the same dot product as ``F.linear(x, weight)``: bit-identical), except bf16 on a CPU that sums bf16
     faster in fp32 (``policy.prompt_choice``): then x and each bf16 chunk (the same weight) are widened, the bias
-    added in fp32, and the result rounded to bf16 once. ``widen=False`` keeps x's dtype everywhere (a training
-    step: train/memory.py plans its activations in that dtype)."""
-    wide = widen and x.dtype == torch.bfloat16 and x.device.type == "cpu" and policy.prompt_choice() == "fp32"
+    added in fp32, and the result rounded to bf16 once."""
+    wide = x.dtype == torch.bfloat16 and x.device.type == "cpu" and policy.prompt_choice() == "fp32"
     xc = x.float() if wide else x
     out = torch.empty(*x.shape[:-1], out_features, dtype=xc.dtype, device=x.device)
     for i in range(0, out_features, _CHUNK_ROWS):
@@ -235,9 +233,9 @@ def chunked_linear(x: torch.Tensor, weight_rows, out_features: int, bias: torch.
     return out.to(x.dtype)
 
 
-def dequantized_linear(layer: "Int8Linear | Int4Linear", x: torch.Tensor, widen: bool = True) -> torch.Tensor:
+def dequantized_linear(layer: "Int8Linear | Int4Linear", x: torch.Tensor) -> torch.Tensor:
     """A prompt-sized input through the layer's weight dequantized chunk by chunk (``chunked_linear``)."""
-    return chunked_linear(x, layer.dequantized_rows, layer.out_features, layer.bias, widen)
+    return chunked_linear(x, layer.dequantized_rows, layer.out_features, layer.bias)
 
 
 def int8_activation_linear(layer: "Int8Linear", x: torch.Tensor) -> torch.Tensor:
@@ -284,7 +282,7 @@ class _FrozenQuantLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: "Int8Linear | Int4Linear") -> torch.Tensor:
         ctx.layer = layer
-        return dequantized_linear(layer, x, widen=False)  # sums in x's dtype, as the memory plan counts
+        return dequantized_linear(layer, x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # grad (..., N)
