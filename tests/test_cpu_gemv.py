@@ -129,8 +129,8 @@ def test_decode_linear_runs_the_loops_for_decode_rows_only(monkeypatch):
 def test_bf16_prompts_sum_in_fp32_where_this_cpu_measured_it_faster(monkeypatch, tmp_path):
     """``policy.prompt_choice``: measured once per CPU and cached, "fp32" where oneDNN's bf16 GEMM ran slower than
     widening (a CPU without AVX512-BF16 or AMX), a tie keeps bf16, ``LLAVA_NEXT_GEMV=torch`` keeps bf16. With
-    "fp32" a DecodeLinear's prompt (and a quantized layer's, on its dequantized bf16 weight) sums in fp32 over
-    chunks of the widened weight, bias included, rounded once: within bf16 rounding of the float64 product; with "bf16" it is F.linear's
+    "fp32" a DecodeLinear's prompt (and a quantized layer's) sums in fp32 over chunks of the widened weight,
+    bias included, rounded once: within bf16 rounding of the float64 product; with "bf16" it is F.linear's
     bits. ``pack_for_cpu`` then keeps every bf16 linear plain (no prepacked copy), the vision tower's too."""
     from llava_next.model import quant
     from llava_next.model.llava import LlavaNextModel, PackedLinear
@@ -169,9 +169,7 @@ def test_bf16_prompts_sum_in_fp32_where_this_cpu_measured_it_faster(monkeypatch,
         assert close(got, want) <= 2 ** -8  # one rounding to bf16
         assert close(layer(x[:, :1]), want[:, :1]) <= 2 ** -8  # a decode row: the C loop, not the chunks
         q = Int8Linear.from_linear(linear.float(), torch.bfloat16)
-        # the bf16 model's dequantized weight, summed in fp32: one rounding from the float64 product
-        want = x.double() @ q.dequantized(torch.bfloat16).double().T + q.bias.double()
-        assert close(q(x), want) <= 2 ** -8
+        assert close(q(x), cpu_gemv.gemv_reference(x, q.dequantized(torch.float32), q.bias)) <= 2 ** -8
         assert dtypes[-1] == torch.float32
 
         model = LlavaNextModel(tiny_config()).eval().to(torch.bfloat16)

@@ -217,15 +217,15 @@ def chunked_linear(x: torch.Tensor, weight_rows, out_features: int, bias: torch.
     cache and it is used at once, so no full float copy of the weight ever exists (lm_head of a 7B: 32064 x 4096
     bf16, 263 MB, saved) and the chunk is read from cache rather than memory. Sums in x's dtype (each output
     column the same dot product as ``F.linear(x, weight)``: bit-identical), except bf16 on a CPU that sums bf16
-    faster in fp32 (``policy.prompt_choice``): then x and each bf16 chunk (the same weight) are widened, the bias
-    added in fp32, and the result rounded to bf16 once."""
+    faster in fp32 (``policy.prompt_choice``): then x and each chunk are widened, the bias added in fp32, and the
+    result rounded to bf16 once."""
     wide = x.dtype == torch.bfloat16 and x.device.type == "cpu" and policy.prompt_choice() == "fp32"
-    xc = x.float() if wide else x
-    out = torch.empty(*x.shape[:-1], out_features, dtype=xc.dtype, device=x.device)
+    dtype = torch.float32 if wide else x.dtype
+    xc = x.to(dtype)
+    out = torch.empty(*x.shape[:-1], out_features, dtype=dtype, device=x.device)
     for i in range(0, out_features, _CHUNK_ROWS):
         stop = min(i + _CHUNK_ROWS, out_features)
-        w = weight_rows(i, stop, x.dtype)  # (stop - i, K)
-        out[..., i:stop] = F.linear(xc, w.float() if wide else w)
+        out[..., i:stop] = F.linear(xc, weight_rows(i, stop, dtype))
     if not wide:
         return out if bias is None else out + bias
     if bias is not None:
