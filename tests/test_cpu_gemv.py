@@ -126,59 +126,6 @@ def test_decode_linear_runs_the_loops_for_decode_rows_only(monkeypatch):
     assert x.grad is not None and len(calls) == 2
 
 
-def test_bf16_prompts_sum_in_fp32_where_this_cpu_measured_it_faster(monkeypatch, tmp_path):
-    """``policy.prompt_choice``: measured once per CPU and cached, "fp32" where oneDNN's bf16 GEMM ran slower than
-    widening (a CPU without AVX512-BF16 or AMX), a tie keeps bf16, ``LLAVA_NEXT_GEMV=torch`` keeps bf16. With
-    "fp32" a DecodeLinear's prompt (and a quantized layer's) sums in fp32 over chunks of the widened weight,
-    bias included, rounded once: within bf16 rounding of the float64 product; with "bf16" it is F.linear's
-    bits. ``pack_for_cpu`` then keeps every bf16 linear plain (no prepacked copy), the vision tower's too."""
-    from llava_next.model import quant
-    from llava_next.model.llava import LlavaNextModel, PackedLinear
-
-    from checkpoints import tiny_config
-
-    monkeypatch.setenv("LLAVA_NEXT_CACHE", str(tmp_path))
-    monkeypatch.delenv("LLAVA_NEXT_GEMV", raising=False)
-    monkeypatch.setattr(policy, "_choices", {})
-    measured, rates = [], {"bf16": 60e9, "fp32": 140e9}
-    monkeypatch.setattr(policy, "measure_prompt", lambda: measured.append(1) or dict(rates))
-    assert policy.prompt_choice() == "fp32" and measured == [1]
-    monkeypatch.setattr(policy, "_choices", {})  # a new process: the file answers
-    assert policy.prompt_choice() == "fp32" and measured == [1]
-    monkeypatch.setenv("LLAVA_NEXT_GEMV", "torch")
-    assert policy.prompt_choice() == "bf16"
-    monkeypatch.delenv("LLAVA_NEXT_GEMV")
-    monkeypatch.setattr(policy, "_choices", {"bf16": "torch"})
-    rates["fp32"] = rates["bf16"]
-    monkeypatch.setattr(policy, "cpu_key", lambda: "another CPU")
-    assert policy.prompt_choice() == "bf16"  # a tie
-
-    torch.manual_seed(3)
-    linear = torch.nn.Linear(700, 1100, bias=True).bfloat16()  # 1100 outputs: chunks of 512, 512 and 76
-    layer, x = DecodeLinear.from_linear(linear), torch.randn(2, 150, 700).bfloat16()
-    want = x.double() @ linear.weight.double().T + linear.bias.double()
-    dtypes = []
-    real = torch.nn.functional.linear
-    monkeypatch.setattr(quant.F, "linear", lambda a, w, b=None: dtypes.append(a.dtype) or real(a, w, b))
-    with torch.no_grad():
-        assert torch.equal(layer(x).view(torch.int16), real(x, linear.weight, linear.bias).view(torch.int16))
-        policy._choices["prompt"] = "fp32"
-        dtypes.clear()
-        got = layer(x)
-        assert got.dtype == torch.bfloat16 and dtypes == [torch.float32] * 3
-        assert close(got, want) <= 2 ** -8  # one rounding to bf16
-        assert close(layer(x[:, :1]), want[:, :1]) <= 2 ** -8  # a decode row: the C loop, not the chunks
-        q = Int8Linear.from_linear(linear.float(), torch.bfloat16)
-        assert close(q(x), cpu_gemv.gemv_reference(x, q.dequantized(torch.float32), q.bias)) <= 2 ** -8
-        assert dtypes[-1] == torch.float32
-
-        model = LlavaNextModel(tiny_config()).eval().to(torch.bfloat16)
-        assert model.pack_for_cpu()
-        linears = [m for m in model.modules() if isinstance(m, (DecodeLinear, PackedLinear))]
-        assert linears and all(type(m) is DecodeLinear for m in linears)
-        assert any(type(m) is DecodeLinear for m in model.vision_tower.modules())
-
-
 # ---- the policy ----------------------------------------------------------------------------------------------
 def test_the_faster_measured_path_wins_and_a_tie_keeps_torch():
     assert policy.choose_faster({"kernel": 30e9, "torch": 20e9}) == "kernel"

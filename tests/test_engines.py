@@ -307,12 +307,10 @@ def packed_copy(model: LlavaNextModel) -> LlavaNextModel:
 
 @pytest.mark.parametrize("gemv", ["torch", "kernel"])
 def test_pack_for_cpu_packs_every_linear(gemv, monkeypatch):
-    """Every linear is packed, except the bf16 decoder's where the decode loops were chosen (DecodeLinear), on a
-    CPU with bf16 arithmetic (one without keeps them all plain: test_cpu_gemv.py, bf16 prompts in fp32)."""
+    """Every linear is packed, except the bf16 decoder's where the decode loops were chosen (DecodeLinear)."""
     from llava_next.model.llava import DecodeLinear
 
     monkeypatch.setenv("LLAVA_NEXT_GEMV", gemv)
-    monkeypatch.setitem(policy._choices, "prompt", "bf16")
     model = tiny_model(torch.bfloat16)
     assert model.pack_for_cpu()
     assert not any(type(m) is torch.nn.Linear for m in model.modules())

@@ -191,11 +191,9 @@ def gemv_choice(fmt: str) -> str:
 
 
 def gemv_report() -> dict:
-    """The measured choices of this machine (for benchmarks and ``inspect``): {"cpu": key, fmt: entry, "prompt":
-    entry}."""
+    """The measured decode choices of this machine (for benchmarks and ``inspect``): {"cpu": key, fmt: entry}."""
     for fmt in GEMV_FORMATS:
         gemv_choice(fmt)
-    prompt_choice()
     return {"cpu": cpu_key(), "setting": gemv_setting(), **_read_policy_cache().get(cpu_key(), {})}
 
 
@@ -221,59 +219,6 @@ def _write_policy_cache(cache: dict) -> None:
         os.replace(tmp, path)
     except OSError:
         pass  # a read-only cache: measured again by the next process
-
-
-# ---- prompt-sized bf16 products on CPU (model/quant.py ``chunked_linear``: DecodeLinear, Int8Linear, Int4Linear) --
-# A CPU with AVX512-BF16 or AMX multiplies bf16 in hardware; one without (AVX-512 or AVX2 only: Skylake-SP to Ice
-# Lake, older AMD) gets oneDNN's bf16 GEMM widening to fp32 inside, well below its own fp32 rate
-# (benchmarks/published/8-cpu-intel.md, Ice Lake, 1,200 x 4096 x 11008, 2 threads: 67 against 237 GFLOP/s). There
-# a bf16 layer's prompt runs as an fp32 GEMM over its weight widened QUANT_DEQUANT_CHUNK output channels at a time
-# (each chunk used while in cache, as the quantized layers' dequantized chunks), rounded to bf16 once: F.linear's numbers in another summation order. Which is faster
-# is measured once per machine, as the decode products are (one (PROMPT_PROBE_ROWS, K) x (K, N) product each
-# way, best of GEMV_PROBE_ROUNDS on the process's threads; cached beside them as "prompt").
-PROMPT_PROBE_SHAPE = (256, 2048, 2048)  # (M, K, N)
-
-
-def prompt_choice() -> str:
-    """"bf16" or "fp32": in which dtype a bf16 layer's prompt-sized product sums on this CPU (comment above;
-    ``LLAVA_NEXT_GEMV=torch`` keeps bf16, torch's own path, as it does for decode)."""
-    if gemv_setting() == "torch":
-        return "bf16"
-    if "prompt" not in _choices:
-        key, cache = cpu_key(), _read_policy_cache()
-        entry = cache.get(key, {}).get("prompt")
-        if entry is None:
-            rates = measure_prompt()
-            entry = {"choice": "fp32" if rates["fp32"] > rates["bf16"] else "bf16",  # a tie keeps F.linear
-                     "GFLOP/s": {c: round(r / 1e9, 1) for c, r in rates.items()},
-                     "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
-            cache.setdefault(key, {})["prompt"] = entry
-            _write_policy_cache(cache)
-        _choices["prompt"] = entry["choice"]
-    return _choices["prompt"]
-
-
-def measure_prompt() -> dict[str, float]:
-    """{"bf16": flop/s, "fp32": flop/s}: a bf16 product of PROMPT_PROBE_SHAPE through oneDNN's bf16 GEMM, and
-    the same widened to fp32 QUANT_DEQUANT_CHUNK output channels at a time (the widening counted), best times."""
-    M, K, N = PROMPT_PROBE_SHAPE
-    x, w = torch.full((M, K), 0.01, dtype=torch.bfloat16), torch.full((N, K), 0.01, dtype=torch.bfloat16)
-
-    def fp32():
-        x32, out = x.float(), torch.empty(M, N)
-        for i in range(0, N, QUANT_DEQUANT_CHUNK):
-            out[:, i:i + QUANT_DEQUANT_CHUNK] = torch.nn.functional.linear(x32, w[i:i + QUANT_DEQUANT_CHUNK].float())
-        return out.to(torch.bfloat16)
-
-    candidates = {"bf16": lambda: torch.nn.functional.linear(x, w), "fp32": fp32}
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(GEMV_PROBE_ROUNDS):
-        for name, run in candidates.items():
-            run()
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: 2 * M * K * N / min(t) for name, t in times.items()}
 
 
 def measure_gemv(fmt: str) -> dict[str, float]:
