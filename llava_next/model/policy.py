@@ -11,7 +11,7 @@ autotuning: an Intel Xeon with AMX and an AMD Zen 4 each get the path that is fa
 Two switches, environment variables read only here:
 ``LLAVA_NEXT_COMPILE`` (``compile_setting``):
     auto   (default) compile what the figures below say pays for itself in this request (a bf16 decode
-           attention on a CPU with AVX-512 runs the C loop instead: ``attention_in_c``)
+           attention on a CPU with AVX512-BF16 runs the C loop instead: ``attention_in_c``)
     0      never compile (eager decode, SDPA attention)
     1      always compile the one-query decode attention; the whole step under "auto"'s rule
     step   always decode with the whole-step compiled graph (CPU, float or quantized)
@@ -79,16 +79,15 @@ def compile_setting() -> str:
 
 # ---- the one-query decode attention in C (model/cpu_gemv.c ``attend_one_query``, model/engines.py) ------------
 # benchmarks/published/7-cpu-decode.md ("the decode attention in C"): with AVX512-BF16 the C loop reads a bf16
-# cache at ~27 GB/s with 2 threads (Zen 4; the compiled formula above ~18, SDPA ~4) and needs no compile;
-# benchmarks/published/8-cpu-intel.md: its AVX-512 loop without BF16 (Ice Lake) ~11 GB/s against the compiled
-# formula's ~8 and SDPA's ~2. So where the library has an AVX-512 loop it replaces both. The plain loops (AVX2,
-# NEON) were not measured faster than the compiled formula, so there the rule above stays.
+# cache at ~27 GB/s with 2 threads (Zen 4; the compiled formula above ~18, SDPA ~4) and needs no compile, so
+# where it is built for AVX512-BF16 it replaces both. Without AVX512-BF16 its plain loops were not measured
+# faster than the compiled formula, so there the rule above stays.
 def attention_in_c(dtype: torch.dtype) -> bool:
-    """Whether decode steps attend with the C loop: a bf16 cache, a CPU with AVX-512 (the flag the native
-    build's vector loops need: with or without AVX512-BF16), the library built, and ``LLAVA_NEXT_COMPILE`` at
-    auto (0 keeps SDPA, 1 the compiled formula, step the compiled step)."""
+    """Whether decode steps attend with the C loop: a bf16 cache, a CPU with AVX512-BF16 (the flag the native
+    build's fast loops need), the library built, and ``LLAVA_NEXT_COMPILE`` at auto (0 keeps SDPA, 1 the
+    compiled formula, step the compiled step)."""
     return (dtype == torch.bfloat16 and compile_setting() == "auto"
-            and "avx512f" in cpu_gemv.cpu_identity().split() and cpu_gemv.load() is not None)
+            and "avx512_bf16" in cpu_gemv.cpu_identity().split() and cpu_gemv.load() is not None)
 
 
 def attention_compile_pays(kv_bytes_per_token: float, new_tokens: int, compiled_before: bool) -> bool:
