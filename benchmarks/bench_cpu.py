@@ -15,7 +15,7 @@ Stages (ours / transformers, same dtype, same inputs; each a ratio, < 1 = llava-
 - prefill / decode: one ``generate`` of 65 tokens over the same ~1,200 prompt embeddings
   (8 x 144 video tokens + text): prefill = start -> first logits, decode = the next 64 tokens. Each
   provider first runs one short warm-up generate (where llava-next compiles its one-query decode attention,
-  it does so there, once per process; a bf16 cache on a CPU with AVX512-BF16 is read by the C loop instead:
+  it does so there, once per process; a bf16 cache on a CPU with AVX-512 is read by the C loop instead:
   llava_next/model/engines.py).
   transformers: ``model.generate(inputs_embeds=...)`` (greedy, its default dynamic cache, lm_head on
   the last position: generate sets logits_to_keep=1); llava-next: ``generate.stream``.

@@ -49,7 +49,11 @@ def decode_policy() -> str:
     report = policy.gemv_report()
     parts = [f"{f} {report[f]['choice']} ({' / '.join(f'{k} {v}' for k, v in report[f]['GB/s'].items())} GB/s)"
              for f in policy.GEMV_FORMATS if f in report]
-    return "decode: " + (", ".join(parts) if parts else f"torch ({report['setting']})")
+    text = "decode: " + (", ".join(parts) if parts else f"torch ({report['setting']})")
+    if "prompt" in report:
+        rates = " / ".join(f"{k} {v}" for k, v in report["prompt"]["GFLOP/s"].items())
+        text += f"; bf16 prompts sum in {report['prompt']['choice']} ({rates} GFLOP/s)"
+    return text
 
 
 def versions() -> str:

@@ -351,7 +351,7 @@ def video_walk(out_dir: Path, tmp: Path) -> list[str]:
     L += ["### 12. One token at a time", "",
           f"{where(engines.EagerEngine.decode)} feeds the sampled token back at cache slot {T}, position {T}; "
           f"attention reads the {T + 1} filled slots of the cache, never the whole buffer. On a CPU with "
-          f"AVX512-BF16 a bf16 cache is read by the one-query attention in C ({where(engines.c_one_query)}, the "
+          f"AVX-512 a bf16 cache is read by the one-query attention in C ({where(engines.c_one_query)}, the "
           "loop in `llava_next/model/cpu_gemv.c`); elsewhere the one-query attention runs compiled "
           f"({where(engines.compiled_one_query)}) when the answer is long enough to pay for the compile: the "
           "engine passes that kernel down in the layer context.", "",

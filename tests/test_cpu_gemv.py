@@ -22,6 +22,22 @@ def close(got: torch.Tensor, want: torch.Tensor) -> float:
     return (got.float() - want.float()).abs().max().item() / want.float().abs().max().item()
 
 
+# The three builds of cpu_gemv.c a CPU can take (its header): "native" (on Zen 4 and Sapphire Rapids the
+# AVX512-BF16 loops), "skylake-avx512" (AVX-512 without BF16: Skylake-SP to Ice Lake) and "x86-64-v3" (AVX2,
+# the plain C loops). Each is checked on every CPU that can run it; a build the CPU lacks the flags for is skipped.
+MARCH_FLAGS = {"native": (), "skylake-avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"),
+               "x86-64-v3": ("avx2", "fma")}
+
+
+def use_build(march: str, monkeypatch) -> None:
+    """Load the library built with ``-march=march`` for this test, or skip where this CPU cannot run it."""
+    missing = [f for f in MARCH_FLAGS[march] if f not in cpu_gemv.cpu_identity().split()]
+    if missing:
+        pytest.skip(f"the {march} build needs {', '.join(missing)}")
+    if march != "native":
+        monkeypatch.setattr(cpu_gemv, "_lib", cpu_gemv.bind(cpu_gemv.build(march=march)))
+
+
 # the outputs are bf16: fp32 sums in another order round to the neighbouring bf16 value at most
 BF16_ULP = 2 ** -7
 SHAPES = [(16, 64), (37, 100), (129, 4096), (48, 384), (96, 1000)]  # tails: K % 32, K % 64, N % 16
@@ -110,6 +126,61 @@ def test_decode_linear_runs_the_loops_for_decode_rows_only(monkeypatch):
     assert x.grad is not None and len(calls) == 2
 
 
+def test_bf16_prompts_sum_in_fp32_where_this_cpu_measured_it_faster(monkeypatch, tmp_path):
+    """``policy.prompt_choice``: measured once per CPU and cached, "fp32" where oneDNN's bf16 GEMM ran slower than
+    widening (a CPU without AVX512-BF16 or AMX), a tie keeps bf16, ``LLAVA_NEXT_GEMV=torch`` keeps bf16. With
+    "fp32" a DecodeLinear's prompt (and a quantized layer's, on its dequantized bf16 weight) sums in fp32 over
+    chunks of the widened weight, bias included, rounded once: within bf16 rounding of the float64 product; with "bf16" it is F.linear's
+    bits. ``pack_for_cpu`` then keeps every bf16 linear plain (no prepacked copy), the vision tower's too."""
+    from llava_next.model import quant
+    from llava_next.model.llava import LlavaNextModel, PackedLinear
+
+    from checkpoints import tiny_config
+
+    monkeypatch.setenv("LLAVA_NEXT_CACHE", str(tmp_path))
+    monkeypatch.delenv("LLAVA_NEXT_GEMV", raising=False)
+    monkeypatch.setattr(policy, "_choices", {})
+    measured, rates = [], {"bf16": 60e9, "fp32": 140e9}
+    monkeypatch.setattr(policy, "measure_prompt", lambda: measured.append(1) or dict(rates))
+    assert policy.prompt_choice() == "fp32" and measured == [1]
+    monkeypatch.setattr(policy, "_choices", {})  # a new process: the file answers
+    assert policy.prompt_choice() == "fp32" and measured == [1]
+    monkeypatch.setenv("LLAVA_NEXT_GEMV", "torch")
+    assert policy.prompt_choice() == "bf16"
+    monkeypatch.delenv("LLAVA_NEXT_GEMV")
+    monkeypatch.setattr(policy, "_choices", {"bf16": "torch"})
+    rates["fp32"] = rates["bf16"]
+    monkeypatch.setattr(policy, "cpu_key", lambda: "another CPU")
+    assert policy.prompt_choice() == "bf16"  # a tie
+
+    torch.manual_seed(3)
+    linear = torch.nn.Linear(700, 1100, bias=True).bfloat16()  # 1100 outputs: chunks of 512, 512 and 76
+    layer, x = DecodeLinear.from_linear(linear), torch.randn(2, 150, 700).bfloat16()
+    want = x.double() @ linear.weight.double().T + linear.bias.double()
+    dtypes = []
+    real = torch.nn.functional.linear
+    monkeypatch.setattr(quant.F, "linear", lambda a, w, b=None: dtypes.append(a.dtype) or real(a, w, b))
+    with torch.no_grad():
+        assert torch.equal(layer(x).view(torch.int16), real(x, linear.weight, linear.bias).view(torch.int16))
+        policy._choices["prompt"] = "fp32"
+        dtypes.clear()
+        got = layer(x)
+        assert got.dtype == torch.bfloat16 and dtypes == [torch.float32] * 3
+        assert close(got, want) <= 2 ** -8  # one rounding to bf16
+        assert close(layer(x[:, :1]), want[:, :1]) <= 2 ** -8  # a decode row: the C loop, not the chunks
+        q = Int8Linear.from_linear(linear.float(), torch.bfloat16)
+        # the bf16 model's dequantized weight, summed in fp32: one rounding from the float64 product
+        want = x.double() @ q.dequantized(torch.bfloat16).double().T + q.bias.double()
+        assert close(q(x), want) <= 2 ** -8
+        assert dtypes[-1] == torch.float32
+
+        model = LlavaNextModel(tiny_config()).eval().to(torch.bfloat16)
+        assert model.pack_for_cpu()
+        linears = [m for m in model.modules() if isinstance(m, (DecodeLinear, PackedLinear))]
+        assert linears and all(type(m) is DecodeLinear for m in linears)
+        assert any(type(m) is DecodeLinear for m in model.vision_tower.modules())
+
+
 # ---- the policy ----------------------------------------------------------------------------------------------
 def test_the_faster_measured_path_wins_and_a_tie_keeps_torch():
     assert policy.choose_faster({"kernel": 30e9, "torch": 20e9}) == "kernel"
@@ -170,11 +241,11 @@ def test_the_measurement_times_both_paths_on_real_weights():
         policy.GEMV_PROBE_BYTES = old
 
 
-@pytest.mark.skipif(cpu_gemv.cpu_identity().count("avx2") == 0, reason="the portable build is checked on x86-64 with AVX2")
-def test_the_plain_c_loops_of_cpus_without_avx512_bf16(monkeypatch):
-    """The same source built for AVX2 (x86-64-v3: no AVX512-BF16) takes the plain C loops a CPU without
-    AVX512-BF16 gets: same numbers within bf16 rounding, every format and tail."""
-    monkeypatch.setattr(cpu_gemv, "_lib", cpu_gemv.bind(cpu_gemv.build(march="x86-64-v3")))
+@pytest.mark.parametrize("march", ["skylake-avx512", "x86-64-v3"])
+def test_the_loops_of_cpus_without_avx512_bf16(march, monkeypatch):
+    """The same source built for AVX-512 without BF16 (skylake-avx512) and for AVX2 (x86-64-v3) takes the loops
+    those CPUs get: same numbers within bf16 rounding, every format and tail, int4 groups of both loops."""
+    use_build(march, monkeypatch)
     torch.manual_seed(5)
     for N, K in [(37, 100), (129, 4096)]:
         x, w, b = torch.randn(2, K).bfloat16(), torch.randn(N, K).bfloat16(), torch.randn(N).bfloat16()
@@ -182,21 +253,19 @@ def test_the_plain_c_loops_of_cpus_without_avx512_bf16(monkeypatch):
         q, s = torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.rand(N).bfloat16()
         assert close(cpu_gemv.gemv_int8(x, q, s), cpu_gemv.gemv_reference(x, cpu_gemv.int8_weight(q, s))) <= BF16_ULP
     x = torch.randn(3, 1024).bfloat16()
-    for G in (32, 128):
+    for G in (32, 64, 128, 256):
         p = torch.randint(0, 256, (80, 512), dtype=torch.uint8)
         sc, z = torch.rand(80, 1024 // G).bfloat16(), torch.randn(80, 1024 // G).bfloat16()
         want = cpu_gemv.gemv_reference(x, cpu_gemv.int4_weight(p, sc, z, G))
         assert close(cpu_gemv.gemv_int4(x, p, sc, z, G), want) <= BF16_ULP
 
 
-@pytest.mark.parametrize("march", ["native", "x86-64-v3"])
+@pytest.mark.parametrize("march", list(MARCH_FLAGS))
 def test_int8_and_int4_rows_dequantize_in_c_to_torchs_bits(march, monkeypatch):
     """The rows a prompt-sized GEMM dequantizes (cpu_dequant.c) against the torch ops they replace, bit for
     bit: int8 into fp32 and bf16, int4 into bf16 (rounded after the product and after the sum), bf16 and fp32
     scales, the native and the portable build."""
-    if march != "native" and "avx2" not in cpu_gemv.cpu_identity():
-        pytest.skip("the portable build is checked on x86-64 with AVX2")
-    monkeypatch.setattr(cpu_gemv, "_lib", cpu_gemv.bind(cpu_gemv.build(march=march)))
+    use_build(march, monkeypatch)
     torch.manual_seed(7)
     for scale_dtype in (torch.bfloat16, torch.float32):
         lin = torch.nn.Linear(1000, 48, bias=False).to(scale_dtype)
@@ -213,16 +282,14 @@ def test_int8_and_int4_rows_dequantize_in_c_to_torchs_bits(march, monkeypatch):
                 assert torch.equal(got.view(bits), want.view(bits)), (type(layer).__name__, scale_dtype, dtype)
 
 
-@pytest.mark.parametrize("march", ["native", "x86-64-v3"])
+@pytest.mark.parametrize("march", list(MARCH_FLAGS))
 def test_int8_activations_of_a_prompt_in_c_to_torchs_bits(march, monkeypatch):
     """The int8-activation prompt (``Int8Linear.prefill = "int8"``): the C row quantization and the C scaling
     of the int32 sums (cpu_dequant.c) against the torch ops they replace, bit for bit; rows with an outlier, an
     all-zero row, ties at .5, a bias and none, the native and the portable build."""
     from llava_next.model.quant import set_int8_prefill
 
-    if march != "native" and "avx2" not in cpu_gemv.cpu_identity():
-        pytest.skip("the portable build is checked on x86-64 with AVX2")
-    monkeypatch.setattr(cpu_gemv, "_lib", cpu_gemv.bind(cpu_gemv.build(march=march)))
+    use_build(march, monkeypatch)
     torch.manual_seed(11)
     x = torch.randn(600, 1000).bfloat16()
     x[3, 17], x[4] = 300.0, 0.0  # an outlier; a zero row (its scale clamps to fp32's smallest normal)
@@ -245,7 +312,7 @@ def test_int8_activations_of_a_prompt_in_c_to_torchs_bits(march, monkeypatch):
     assert q[3].abs().max() == 127 and (q[3] == 0).float().mean() > 0.7  # the outlier (300) row: steps of 2.4
 
 
-@pytest.mark.parametrize("march", ["native", "x86-64-v3"])
+@pytest.mark.parametrize("march", list(MARCH_FLAGS))
 def test_one_query_attention_in_c_matches_the_fp32_formula(march, monkeypatch):
     """A decode step's attention in C (cpu_gemv.c ``attend_one_query``) against ``attention.one_query_attention``
     (fp32 scores, softmax and sums, rounded once): within one bf16 rounding, for head sizes of the AVX512-BF16
@@ -253,9 +320,7 @@ def test_one_query_attention_in_c_matches_the_fp32_formula(march, monkeypatch):
     slice of a longer cache, and scores far apart (most weights underflow: the max is subtracted first)."""
     from llava_next.model.attention import one_query_attention
 
-    if march != "native" and "avx2" not in cpu_gemv.cpu_identity():
-        pytest.skip("the portable build is checked on x86-64 with AVX2")
-    monkeypatch.setattr(cpu_gemv, "_lib", cpu_gemv.bind(cpu_gemv.build(march=march)))
+    use_build(march, monkeypatch)
     torch.manual_seed(13)
     for B, Hq, Hkv, S, D, sharp in [(1, 4, 4, 1, 128, 1), (2, 8, 2, 17, 64, 1), (1, 32, 8, 300, 128, 1),
                                     (1, 6, 3, 33, 40, 1), (1, 4, 1, 257, 128, 30)]:

@@ -103,11 +103,14 @@ def test_decode_kernel_policy(monkeypatch):
 
 @pytest.mark.skipif(cpu_gemv.load() is None, reason="no C compiler for the CPU kernels")
 def test_the_c_decode_attention_rule_and_its_tokens(monkeypatch):
-    """policy.attention_in_c: bf16 decode steps attend with the C loop (no compile) on a CPU with AVX512-BF16,
-    under LLAVA_NEXT_COMPILE=auto only; any other CPU, dtype or setting keeps the compiled rule. Decoding with
-    it gives the greedy tokens of the SDPA facade."""
+    """policy.attention_in_c: bf16 decode steps attend with the C loop (no compile) on a CPU with AVX-512 (with
+    AVX512-BF16 or without), under LLAVA_NEXT_COMPILE=auto only; any other CPU (AVX2 only), dtype or setting keeps
+    the compiled rule. Decoding with it gives the greedy tokens of the SDPA facade."""
     dec, cpu = bf16_model().language_model, torch.device("cpu")
-    flags = {"with": "AMD EPYC | avx2 avx512_bf16 avx512f", "without": "Intel Xeon | avx2 avx512f amx_bf16"}
+    flags = {"with": "AMD EPYC | avx2 avx512_bf16 avx512f", "without": "Intel Core | avx avx2 f16c fma"}
+    monkeypatch.setenv("LLAVA_NEXT_COMPILE", "auto")
+    monkeypatch.setattr(cpu_gemv, "cpu_identity", lambda: "Intel Xeon | avx2 avx512f avx512_vnni")
+    assert policy.attention_in_c(torch.bfloat16)  # AVX-512 without BF16: the loop widens bf16 by shifts
     monkeypatch.setenv("LLAVA_NEXT_COMPILE", "auto")
     monkeypatch.setattr(cpu_gemv, "cpu_identity", lambda: flags["with"])
     assert policy.attention_in_c(torch.bfloat16) and not policy.attention_in_c(torch.float32)
@@ -122,7 +125,7 @@ def test_the_c_decode_attention_rule_and_its_tokens(monkeypatch):
     assert not policy.attention_in_c(torch.bfloat16)
     assert decode_kernel(dec, 1, 10, 4, torch.bfloat16, cpu) is not engines.c_one_query
     monkeypatch.undo()
-    if "avx512_bf16" not in cpu_gemv.cpu_identity().split():
+    if "avx512f" not in cpu_gemv.cpu_identity().split():
         return  # the tokens below need this CPU to run the loop
     monkeypatch.setenv("LLAVA_NEXT_COMPILE", "auto")
     calls = []
@@ -304,10 +307,12 @@ def packed_copy(model: LlavaNextModel) -> LlavaNextModel:
 
 @pytest.mark.parametrize("gemv", ["torch", "kernel"])
 def test_pack_for_cpu_packs_every_linear(gemv, monkeypatch):
-    """Every linear is packed, except the bf16 decoder's where the decode loops were chosen (DecodeLinear)."""
+    """Every linear is packed, except the bf16 decoder's where the decode loops were chosen (DecodeLinear), on a
+    CPU with bf16 arithmetic (one without keeps them all plain: test_cpu_gemv.py, bf16 prompts in fp32)."""
     from llava_next.model.llava import DecodeLinear
 
     monkeypatch.setenv("LLAVA_NEXT_GEMV", gemv)
+    monkeypatch.setitem(policy._choices, "prompt", "bf16")
     model = tiny_model(torch.bfloat16)
     assert model.pack_for_cpu()
     assert not any(type(m) is torch.nn.Linear for m in model.modules())

@@ -8,6 +8,10 @@
  *   without any conversion instruction: a nibble q OR-ed into the mantissa of 128.0 (0x4300) is the bf16
  *   number 128 + q exactly (bf16 holds every integer 128..255), so the loops sum x (128 + q) and subtract
  *   128 sum x once per row (per group for int4). Shifts and masks only; no shuffles, which are slow on Zen 4.
+ * - AVX-512 without BF16 (Intel Skylake-SP, Cascade Lake, Ice Lake): weights widened to fp32 by shifts and
+ *   masks within 32-bit lanes, never across them (a 32-bit lane of bf16 holds columns 2j, 2j + 1: the lane
+ *   shifted left 16 bits is the first as fp32, the lane with its low half cleared the second; int8 and int4
+ *   lanes give 4 and 8 columns by shifts), against x split once into that many fp32 streams (``to_streams``).
  * - plain C that the compiler vectorizes for any other CPU (AVX2, NEON), weights widened to fp32.
  *
  * Activations and outputs are bfloat16 (uint16_t bit patterns); sums are fp32, rounded to bf16 once, to
@@ -26,7 +30,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -55,11 +59,28 @@ static inline uint16_t finish(float acc, const uint16_t *bias, int64_t n) {
     return f32_to_bf16(bias ? acc + bf16_to_f32(bias[n]) : acc);
 }
 
-#if defined(__AVX512BF16__)
-/* ---- AVX512-BF16 ---------------------------------------------------------------------------------------- */
+/* x (M, K) bf16 -> fp32 (M, R, L), L = ceil(K / R): stream r of row m holds x[m, R i + r] (zero-padded) */
+static float *to_streams(const uint16_t *x, int64_t M, int64_t K, int64_t R) {
+    const int64_t L = (K + R - 1) / R;
+    float *xs = calloc(M * R * L, sizeof(float));
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k++) xs[m * R * L + (k % R) * L + k / R] = bf16_to_f32(x[m * K + k]);
+    return xs;
+}
+
+#if defined(__AVX512F__)
 static inline __m512 load_bf16x16(const uint16_t *p, __mmask16 m) {  /* 16 bf16 -> 16 fp32 (masked lanes 0) */
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
+/* 32 bf16 in 16 32-bit lanes -> the even columns and the odd ones as fp32, within each lane */
+static inline __m512 bf16_even(__m512i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
+static inline __m512 bf16_odd(__m512i v) {
+    return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u)));
+}
+#endif
+
+#if defined(__AVX512BF16__)
+/* ---- AVX512-BF16 ---------------------------------------------------------------------------------------- */
 
 static float dot_bf16(const uint16_t *x, const uint16_t *w, int64_t K) {
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
@@ -141,8 +162,157 @@ static float dot_int4(const uint16_t *const xs[4], const float *xsum, const uint
     return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), corr));
 }
 
+#elif defined(__AVX512F__)
+/* ---- AVX-512 without BF16: x as fp32 streams (to_streams), weights widened within 32-bit lanes ------------ */
+#define BF16_STREAMS 2
+#define INT8_STREAMS 4
+#define INT4_STREAMS 8
+
+/* xs: (2, L) the even columns of x, then the odd ones; one 64-byte load of w is 32 columns */
+static float dot_bf16(const float *xs, const uint16_t *w, int64_t K) {
+    const int64_t L = (K + 1) / 2;
+    const float *xe = xs, *xo = xs + L;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        const __m512i v = _mm512_loadu_si512(w + k), u = _mm512_loadu_si512(w + k + 32);
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(xe + k / 2), bf16_even(v), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(xo + k / 2), bf16_odd(v), a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(xe + k / 2 + 16), bf16_even(u), a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(xo + k / 2 + 16), bf16_odd(u), a3);
+    }
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    for (; k < K; k++) s += (k % 2 ? xo : xe)[k / 2] * bf16_to_f32(w[k]);
+    return s;
+}
+
+/* xs: (4, L) streams x[4i + r]; byte r of 32-bit lane j of a 64-byte load is column 4j + r, sign-extended by
+ * shifting it to the top of the lane and back */
+static float dot_int8(const float *xs, const int8_t *w, int64_t K) {
+    const int64_t L = (K + 3) / 4;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        _mm_prefetch((const char *)(w + k) + AHEAD, _MM_HINT_T0);
+        const __m512i v = _mm512_loadu_si512(w + k);
+        const int64_t i = k / 4;
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(xs + i), _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24)), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(xs + L + i), _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 16), 24)), a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(xs + 2 * L + i), _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 8), 24)), a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(xs + 3 * L + i), _mm512_cvtepi32_ps(_mm512_srai_epi32(v, 24)), a3);
+    }
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    for (; k < K; k++) s += xs[(k % 4) * L + k / 4] * (float)w[k];
+    return s;
+}
+
+/* xs: (8, L) streams x[8i + t]; nibble t of 32-bit lane j of a 64-byte load is column 8j + t (byte 4j + b holds
+ * columns 8j + 2b, 8j + 2b + 1). Per group P = sum x q, and the row is sum_g scale_g P_g + (zero_g - 8 scale_g) X_g.
+ * G a multiple of 128 (one load never straddles two groups); other groups take the scalar loop. */
+static float dot_int4_any(const uint16_t *x, const float *xs, const float *xsum, const uint8_t *w,
+                          const uint16_t *scale, const uint16_t *zero, int64_t K, int64_t G) {
+    (void)x;
+    const int64_t groups = K / G, L = (K + 7) / 8;
+    if (G % 128) {
+        float total = 0.0f;
+        for (int64_t g = 0; g < groups; g++) {
+            float part = 0.0f;
+            for (int64_t k = g * G; k < (g + 1) * G; k++)
+                part += xs[(k % 8) * L + k / 8] * (float)(k % 2 ? w[k / 2] >> 4 : w[k / 2] & 15);
+            const float s = bf16_to_f32(scale[g]);
+            total += s * part + (bf16_to_f32(zero[g]) - 8.0f * s) * xsum[g];
+        }
+        return total;
+    }
+    const int64_t loads = G / 128;
+    const __m512i low = _mm512_set1_epi32(15);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps(), p2 = _mm512_setzero_ps(), p3 = _mm512_setzero_ps();
+        for (int64_t l = g * loads; l < (g + 1) * loads; l++) {
+            _mm_prefetch((const char *)(w + 64 * l) + AHEAD, _MM_HINT_T0);
+            const __m512i v = _mm512_loadu_si512(w + 64 * l);
+            const float *xl = xs + 16 * l;
+#define NIB(t) _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 4 * (t)), low))
+            p0 = _mm512_fmadd_ps(_mm512_loadu_ps(xl), _mm512_cvtepi32_ps(_mm512_and_si512(v, low)), p0);
+            p1 = _mm512_fmadd_ps(_mm512_loadu_ps(xl + L), NIB(1), p1);
+            p2 = _mm512_fmadd_ps(_mm512_loadu_ps(xl + 2 * L), NIB(2), p2);
+            p3 = _mm512_fmadd_ps(_mm512_loadu_ps(xl + 3 * L), NIB(3), p3);
+            p0 = _mm512_fmadd_ps(_mm512_loadu_ps(xl + 4 * L), NIB(4), p0);
+            p1 = _mm512_fmadd_ps(_mm512_loadu_ps(xl + 5 * L), NIB(5), p1);
+            p2 = _mm512_fmadd_ps(_mm512_loadu_ps(xl + 6 * L), NIB(6), p2);
+            p3 = _mm512_fmadd_ps(_mm512_loadu_ps(xl + 7 * L), _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 28)), p3);
+#undef NIB
+        }
+        const __m512 s = _mm512_set1_ps(bf16_to_f32(scale[g])), p = _mm512_add_ps(_mm512_add_ps(p0, p1), _mm512_add_ps(p2, p3));
+        if (g & 1) acc1 = _mm512_fmadd_ps(s, p, acc1);  /* two chains: no wait on the FMA */
+        else acc0 = _mm512_fmadd_ps(s, p, acc0);
+    }
+    __m512 corr = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g += 16) {
+        const __mmask16 m = groups - g >= 16 ? 0xffff : (__mmask16)((1u << (groups - g)) - 1);
+        const __m512 sv = load_bf16x16(scale + g, m), zv = load_bf16x16(zero + g, m);
+        corr = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sv, zv), _mm512_maskz_loadu_ps(m, xsum + g), corr);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), corr));
+}
+
+/* Four output channels per pass, sharing each x load: these Intel cores read one stream of memory well below
+ * what they can with several (a core has a few misses in flight per stream; measured on Ice Lake, 1 thread:
+ * 7.7 GB/s with one row per pass, 11.9 with four; benchmarks/published/8-cpu-intel.md). The single-row loops
+ * above take the channels left over, and int4 (four rows at once measured slower there: 4.3 GB/s against 5.5). */
+#define ROWS 4
+
+static void dot_bf16_rows(const float *xs, const uint16_t *w, int64_t K, float *out) {
+    const int64_t L = (K + 1) / 2;
+    const float *xe = xs, *xo = xs + L;
+    __m512 a[ROWS], b[ROWS];
+    for (int r = 0; r < ROWS; r++) a[r] = b[r] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        const __m512 e = _mm512_loadu_ps(xe + k / 2), o = _mm512_loadu_ps(xo + k / 2);
+        for (int r = 0; r < ROWS; r++) {
+            const __m512i v = _mm512_loadu_si512(w + r * K + k);
+            a[r] = _mm512_fmadd_ps(e, bf16_even(v), a[r]);
+            b[r] = _mm512_fmadd_ps(o, bf16_odd(v), b[r]);
+        }
+    }
+    for (int r = 0; r < ROWS; r++) {
+        float s = _mm512_reduce_add_ps(_mm512_add_ps(a[r], b[r]));
+        for (int64_t j = k; j < K; j++) s += (j % 2 ? xo : xe)[j / 2] * bf16_to_f32(w[r * K + j]);
+        out[r] = s;
+    }
+}
+
+static void dot_int8_rows(const float *xs, const int8_t *w, int64_t K, float *out) {
+    const int64_t L = (K + 3) / 4;
+    __m512 a[ROWS], b[ROWS];
+    for (int r = 0; r < ROWS; r++) a[r] = b[r] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        const int64_t i = k / 4;
+        const __m512 x0 = _mm512_loadu_ps(xs + i), x1 = _mm512_loadu_ps(xs + L + i),
+                     x2 = _mm512_loadu_ps(xs + 2 * L + i), x3 = _mm512_loadu_ps(xs + 3 * L + i);
+        for (int r = 0; r < ROWS; r++) {
+            const __m512i v = _mm512_loadu_si512(w + r * K + k);
+            a[r] = _mm512_fmadd_ps(x0, _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24)), a[r]);
+            b[r] = _mm512_fmadd_ps(x1, _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 16), 24)), b[r]);
+            a[r] = _mm512_fmadd_ps(x2, _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 8), 24)), a[r]);
+            b[r] = _mm512_fmadd_ps(x3, _mm512_cvtepi32_ps(_mm512_srai_epi32(v, 24)), b[r]);
+        }
+    }
+    for (int r = 0; r < ROWS; r++) {
+        float s = _mm512_reduce_add_ps(_mm512_add_ps(a[r], b[r]));
+        for (int64_t j = k; j < K; j++) s += xs[(j % 4) * L + j / 4] * (float)w[r * K + j];
+        out[r] = s;
+    }
+}
+
 #else
 /* ---- plain C, vectorized by the compiler: LANES partial sums, weights widened to fp32 --------------------- */
+#define BF16_STREAMS 1
+#define INT8_STREAMS 1
+#define INT4_STREAMS 2
 static inline float hsum(const float *acc) {
     float s = 0.0f;
     for (int j = 0; j < LANES; j++) s += acc[j];
@@ -169,10 +339,11 @@ static float dot_int8(const float *x, const int8_t *w, int64_t K) {
     return s;
 }
 
-/* sum_g scale_g sum_{k in g} x_k q_k + (zero_g - 8 scale_g) X_g over one row; xe / xo: the even / odd
- * columns of x (fp32, K/2 each), H = G/2 bytes per group. */
-static float dot_int4(const float *xe, const float *xo, const float *xsum, const uint8_t *w, const uint16_t *scale,
+/* sum_g scale_g sum_{k in g} x_k q_k + (zero_g - 8 scale_g) X_g over one row; xf: (2, K/2) the even columns
+ * of x, then the odd ones (fp32), H = G/2 bytes per group. */
+static float dot_int4(const float *xf, const float *xsum, const uint8_t *w, const uint16_t *scale,
                       const uint16_t *zero, int64_t K, int64_t G) {
+    const float *xe = xf, *xo = xf + K / 2;
     const int64_t H = G / 2, groups = K / G;
     float total = 0.0f;
     for (int64_t g = 0; g < groups; g++) {
@@ -194,15 +365,27 @@ void gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint1
                int64_t M, int64_t N, int64_t K, int threads) {
 #if defined(__AVX512BF16__)
     const uint16_t *xr = x;  /* dpbf16 takes x as it is */
+    const int64_t stride = K;
 #else
-    float *xr = malloc(sizeof(float) * M * K);
-    for (int64_t i = 0; i < M * K; i++) xr[i] = bf16_to_f32(x[i]);
+    float *xr = to_streams(x, M, K, BF16_STREAMS);
+    const int64_t stride = BF16_STREAMS * ((K + BF16_STREAMS - 1) / BF16_STREAMS);
 #endif
     #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n0 = 0; n0 < N; n0 += BLOCK)
-        for (int64_t n = n0; n < n0 + BLOCK && n < N; n++)
+    for (int64_t n0 = 0; n0 < N; n0 += BLOCK) {
+        const int64_t end = n0 + BLOCK < N ? n0 + BLOCK : N;
+        int64_t n = n0;
+#if defined(ROWS)
+        for (; n + ROWS <= end; n += ROWS)
+            for (int64_t m = 0; m < M; m++) {
+                float s[ROWS];
+                dot_bf16_rows(xr + m * stride, w + n * K, K, s);
+                for (int r = 0; r < ROWS; r++) y[m * N + n + r] = finish(s[r], bias, n + r);
+            }
+#endif
+        for (; n < end; n++)
             for (int64_t m = 0; m < M; m++)
-                y[m * N + n] = finish(dot_bf16(xr + m * K, w + n * K, K), bias, n);
+                y[m * N + n] = finish(dot_bf16(xr + m * stride, w + n * K, K), bias, n);
+    }
 #if !defined(__AVX512BF16__)
     free(xr);
 #endif
@@ -233,18 +416,30 @@ void gemv_int8(const uint16_t *x, const int8_t *w, const uint16_t *scales, const
     free(xs);
     free(xsum);
 #else
-    float *xf = malloc(sizeof(float) * M * K);
-    for (int64_t i = 0; i < M * K; i++) xf[i] = bf16_to_f32(x[i]);
+    float *xf = to_streams(x, M, K, INT8_STREAMS);
+    const int64_t stride = INT8_STREAMS * ((K + INT8_STREAMS - 1) / INT8_STREAMS);
     #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n0 = 0; n0 < N; n0 += BLOCK)
-        for (int64_t n = n0; n < n0 + BLOCK && n < N; n++)
+    for (int64_t n0 = 0; n0 < N; n0 += BLOCK) {
+        const int64_t end = n0 + BLOCK < N ? n0 + BLOCK : N;
+        int64_t n = n0;
+#if defined(ROWS)
+        for (; n + ROWS <= end; n += ROWS)
+            for (int64_t m = 0; m < M; m++) {
+                float s[ROWS];
+                dot_int8_rows(xf + m * stride, w + n * K, K, s);
+                for (int r = 0; r < ROWS; r++) y[m * N + n + r] = finish(s[r] * bf16_to_f32(scales[n + r]), bias, n + r);
+            }
+#endif
+        for (; n < end; n++)
             for (int64_t m = 0; m < M; m++)
-                y[m * N + n] = finish(dot_int8(xf + m * K, w + n * K, K) * bf16_to_f32(scales[n]), bias, n);
+                y[m * N + n] = finish(dot_int8(xf + m * stride, w + n * K, K) * bf16_to_f32(scales[n]), bias, n);
+    }
     free(xf);
 #endif
 }
 
-/* AVX512-BF16 needs G a multiple of 128 (the default; 32 and 64 take the plain loops, compiled beside). */
+/* AVX512-BF16 needs G a multiple of 128 (the default; 32 and 64 take the plain loops, compiled beside).
+ * x: bf16 streams (4, K/4) for that loop; xf: fp32 streams (to_streams) for the others. */
 static float dot_int4_any(const uint16_t *x, const float *xf, const float *xsum, const uint8_t *w,
                           const uint16_t *scale, const uint16_t *zero, int64_t K, int64_t G);
 
@@ -252,18 +447,17 @@ void gemv_int4(const uint16_t *x, const uint8_t *w, const uint16_t *scales, cons
                const uint16_t *bias, uint16_t *y, int64_t M, int64_t N, int64_t K, int64_t G, int threads) {
     const int64_t groups = K / G;
 #if defined(__AVX512BF16__)
-    const int wide = G % 128 == 0;  /* the AVX512-BF16 loop reads xs, the plain one xf: build only that one */
+    const int64_t R = G % 128 == 0 ? 0 : 2;  /* 0: the AVX512-BF16 loop (bf16 streams), else fp32 even / odd */
 #else
-    const int wide = 0;
+    const int64_t R = INT4_STREAMS;
 #endif
-    uint16_t *xs = malloc(sizeof(uint16_t) * M * K);  /* (M, 4, K/4): xs[m][r][i] = x[m][4i + r] */
-    float *xf = malloc(sizeof(float) * M * K);  /* (M, 2, K/2): x's even columns, then its odd ones, fp32 */
+    const int64_t stride = R ? R * ((K + R - 1) / R) : K;
+    uint16_t *xs = R ? NULL : malloc(sizeof(uint16_t) * M * K);  /* (M, 4, K/4): xs[m][r][i] = x[m][4i + r] */
+    float *xf = R ? to_streams(x, M, K, R) : NULL;
     float *xsum = malloc(sizeof(float) * M * groups);  /* (M, K/G) sum of x over each group */
     for (int64_t m = 0; m < M; m++) {
-        for (int64_t k = 0; k < K; k++) {
-            if (wide) xs[m * K + (k % 4) * (K / 4) + k / 4] = x[m * K + k];
-            else xf[m * K + (k % 2) * (K / 2) + k / 2] = bf16_to_f32(x[m * K + k]);
-        }
+        if (xs)
+            for (int64_t k = 0; k < K; k++) xs[m * K + (k % 4) * (K / 4) + k / 4] = x[m * K + k];
         for (int64_t g = 0; g < groups; g++) {
             float s = 0.0f;
             for (int64_t k = g * G; k < (g + 1) * G; k++) s += bf16_to_f32(x[m * K + k]);
@@ -274,8 +468,8 @@ void gemv_int4(const uint16_t *x, const uint8_t *w, const uint16_t *scales, cons
     for (int64_t n0 = 0; n0 < N; n0 += BLOCK)
         for (int64_t n = n0; n < n0 + BLOCK && n < N; n++)
             for (int64_t m = 0; m < M; m++) {
-                float acc = dot_int4_any(xs + m * K, xf + m * K, xsum + m * groups, w + n * K / 2,
-                                         scales + n * groups, zeros + n * groups, K, G);
+                float acc = dot_int4_any(xs ? xs + m * K : NULL, xf ? xf + m * stride : NULL, xsum + m * groups,
+                                         w + n * K / 2, scales + n * groups, zeros + n * groups, K, G);
                 y[m * N + n] = finish(acc, bias, n);
             }
     free(xs);
@@ -302,11 +496,11 @@ static float dot_int4_any(const uint16_t *x, const float *xf, const float *xsum,
     }
     return total;
 }
-#else
+#elif !defined(__AVX512F__)
 static float dot_int4_any(const uint16_t *x, const float *xf, const float *xsum, const uint8_t *w,
                           const uint16_t *scale, const uint16_t *zero, int64_t K, int64_t G) {
     (void)x;
-    return dot_int4(xf, xf + K / 2, xsum, w, scale, zero, K, G);
+    return dot_int4(xf, xsum, w, scale, zero, K, G);
 }
 #endif
 
@@ -315,9 +509,10 @@ static float dot_int4_any(const uint16_t *x, const float *xf, const float *xsum,
  * and sums in fp32, the output rounded to bf16 once. Like a product, a decode step's attention reads its whole
  * cache once: one pass over the keys (the G query heads of a KV head share each key row), one over the values.
  * q (B, Hq, D) and out contiguous bf16; k and v rows of D contiguous bf16 at element offsets b * kb + g * kh +
- * s * ks (a slice of the preallocated cache). Threads split the (b, g) pairs. The AVX512-BF16 loops need D % 32
- * == 0 (every decoder here: 64, 128); the plain ones take any D. */
-#if defined(__AVX512BF16__)
+ * s * ks (a slice of the preallocated cache). Threads split the (b, g) pairs. The AVX-512 loops need D % 32
+ * == 0 (every decoder here: 64, 128); the plain ones take any D. The scores take dpbf16 where the CPU has it,
+ * else q as fp32 even / odd columns against each key's 32-bit lanes widened in place (bf16_even / bf16_odd). */
+#if defined(__AVX512F__)
 /* e^x for x <= 0, 16 at a time: x = n ln2 + f (|f| <= ln2 / 2), e^f by Cephes' expf polynomial (relative error
  * ~1e-7, as libm's), 2^n applied by scalef (underflow to 0 included) */
 static inline __m512 exp16(__m512 x) {
@@ -338,11 +533,13 @@ static inline __m512 exp16(__m512 x) {
 #endif
 
 static void attend_group(const uint16_t *q, const uint16_t *kg, const uint16_t *vg, uint16_t *out, int64_t G,
-                         int64_t S, int64_t D, int64_t ks, int64_t vs, float *p, float *acc) {
+                         int64_t S, int64_t D, int64_t ks, int64_t vs, float *p, float *acc, float *qf) {
     const float scale = 1.0f / sqrtf((float)D);
     float sum[64];  /* G <= 64 (checked by the caller) */
-#if defined(__AVX512BF16__)
+    (void)qf;  /* used by the AVX-512 loop without BF16 only */
+#if defined(__AVX512F__)
     if (D % 32 == 0) {
+#if defined(__AVX512BF16__)
         for (int64_t s = 0; s < S; s++) {  /* scores: one dpbf16 per 32 elements, bf16 as stored */
             const uint16_t *kr = kg + s * ks;
             for (int64_t i = 0; i < G; i++) {
@@ -352,6 +549,23 @@ static void attend_group(const uint16_t *q, const uint16_t *kg, const uint16_t *
                 p[i * S + s] = _mm512_reduce_add_ps(a) * scale;
             }
         }
+#else
+        for (int64_t i = 0; i < G; i++)  /* qf (G, 2, D/2): each head's even columns, then its odd ones, fp32 */
+            for (int64_t d = 0; d < D; d++) qf[i * D + (d % 2) * (D / 2) + d / 2] = bf16_to_f32(q[i * D + d]);
+        for (int64_t s = 0; s < S; s++) {  /* scores: two FMAs per 32 elements of the key */
+            const uint16_t *kr = kg + s * ks;
+            for (int64_t i = 0; i < G; i++) {
+                const float *qe = qf + i * D, *qo = qe + D / 2;
+                __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+                for (int64_t d = 0; d < D; d += 32) {
+                    const __m512i kv = _mm512_loadu_si512(kr + d);
+                    a = _mm512_fmadd_ps(_mm512_loadu_ps(qe + d / 2), bf16_even(kv), a);
+                    b = _mm512_fmadd_ps(_mm512_loadu_ps(qo + d / 2), bf16_odd(kv), b);
+                }
+                p[i * S + s] = _mm512_reduce_add_ps(_mm512_add_ps(a, b)) * scale;
+            }
+        }
+#endif
         for (int64_t i = 0; i < G; i++) {  /* softmax numerators, the max subtracted */
             float *pi = p + i * S;
             __m512 mv = _mm512_set1_ps(-INFINITY);
@@ -419,9 +633,9 @@ void attend_one_query(const uint16_t *q, const uint16_t *k, const uint16_t *v, u
     #pragma omp parallel for schedule(static) collapse(2) num_threads(threads)
     for (int64_t b = 0; b < B; b++)
         for (int64_t g = 0; g < Hkv; g++) {
-            float *p = malloc(sizeof(float) * G * (S + D));  /* (G, S) scores then weights; (G, D) sums */
+            float *p = malloc(sizeof(float) * G * (S + 2 * D));  /* (G, S) scores then weights; (G, D) sums; (G, D) q */
             attend_group(q + (b * Hq + g * G) * D, k + b * kb + g * kh, v + b * vb + g * vh,
-                         out + (b * Hq + g * G) * D, G, S, D, ks, vs, p, p + G * S);
+                         out + (b * Hq + g * G) * D, G, S, D, ks, vs, p, p + G * S, p + G * (S + D));
             free(p);
         }
 }

@@ -18,8 +18,9 @@ the one torch.compile's CPU backend needs too) with ``-O3 -march=native -fopenmp
 ``$LLAVA_NEXT_CACHE/kernels/cpu_gemv-native-<hash>/`` (default ``~/.cache/llava-next``), written under a
 temporary name and renamed, so concurrent first uses cannot load half a file. ``-march=native`` makes the
 library specific to the CPU it was built on: the hash covers the source, the flags, the CPU model and
-its vector flags. Where the CPU has AVX512-BF16 the loops use it (cpu_gemv.c); elsewhere the compiler
-vectorizes plain C for what the CPU has.
+its vector flags. Three sets of loops (cpu_gemv.c): AVX512-BF16 where the CPU has it (Zen 4, Sapphire
+Rapids), AVX-512 without it (Skylake-SP to Ice Lake: weights widened to fp32 by shifts within 32-bit lanes),
+and plain C the compiler vectorizes for anything else (AVX2, NEON).
 
 Threads: OpenMP, with torch's thread count; the library links the libgomp torch already loaded, so both
 share one thread pool. The call goes through ctypes (a few microseconds, released GIL); ``torch.compile``
@@ -76,8 +77,8 @@ def _cache_dir(march: str) -> Path:
 
 def build(march: str = "native") -> Path:
     """Compile the library for this machine (once; later calls find it); ``march``: another target for
-    tests (``x86-64-v3``: AVX2 without AVX512-BF16, the plain C loops). Raises RuntimeError with the
-    compiler's message when no compiler works."""
+    tests (``skylake-avx512``: the AVX-512 loops without BF16; ``x86-64-v3``: AVX2, the plain C loops).
+    Raises RuntimeError with the compiler's message when no compiler works."""
     out = _cache_dir(march) / "cpu_gemv.so"
     if out.exists():
         return out

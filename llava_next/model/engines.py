@@ -8,7 +8,7 @@ llava_next/reduce/engine.py, the tensor-parallel one shards these (llava_next/pa
     logits = engine.decode(decoder, token, step, position_ids, kernel)        # (B, V); step 0 = first new token
 
 - ``EagerEngine``: prefill and each decode step are one ``Decoder.forward``; a decode step attends with
-  ``kernel`` (``decode_kernel``: the C one-query attention of model/cpu_gemv.c for bf16 with AVX512-BF16, or
+  ``kernel`` (``decode_kernel``: the C one-query attention of model/cpu_gemv.c for bf16 with AVX-512, or
   the compiled one when it pays, else the facade).
 - ``CompiledStepEngine``: decode steps run one graph compiled by torch.compile (gpt-fast style) from the
   SAME block code: the step reads the whole static cache (B, Hkv, S, D), S fixed for the request, and

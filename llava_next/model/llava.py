@@ -16,10 +16,12 @@ numbers as ``F.linear``, float32 differs from ``F.linear``'s MKL path only in su
 the vision and projector layers is added inside the GEMM instead of in a separate pass. What it gains:
 benchmarks/bench_cpu.py, docs/performance.md ("CPU: llava-next against transformers"). Packed layers are
 frozen and have no ``state_dict`` entries, so load (or save) weights before packing; gradients still flow
-through them to the layers before (``PackedLinear``). The decoder's bfloat16 linears are the exception
-where this CPU decodes faster with the C one-row loops (``policy.gemv_choice("bf16")``, measured at first
-use): they become ``DecodeLinear``, which keeps the plain (mmapped) weight, runs prompts through
-``F.linear`` and decode steps through model/cpu_gemv.c, and copies nothing.
+through them to the layers before (``PackedLinear``). bfloat16 linears are the exception in two cases, both
+measured at first use: the decoder's where this CPU decodes faster with the C one-row loops
+(``policy.gemv_choice("bf16")``), and all of them where it has no bf16 arithmetic and sums prompts faster in
+fp32 (``policy.prompt_choice()``). They become ``DecodeLinear``, which keeps the plain (mmapped) weight, runs
+prompts through ``F.linear`` (or the chunked fp32 GEMM) and decode steps through model/cpu_gemv.c, and
+copies nothing.
 
 Gradients flow through every path (vision tower, pooling, projector, splice, decoder): ``image_features``
 and ``video_features`` build a graph when gradients are on, so inference callers (the pipeline, the
@@ -50,6 +52,7 @@ from .hooks import HookPoint
 from .pages import is_file_mapped, release_file_pages
 from .pooling import add_video_newlines, pool_and_project, pooled_grid_hw
 from .projector import Projector
+from .quant import chunked_linear
 from .siglip import SiglipTower
 
 
@@ -102,9 +105,10 @@ class PackedLinearFunction(torch.autograd.Function):
 
 
 class DecodeLinear(nn.Linear):
-    """A frozen bfloat16 decoder ``nn.Linear`` on CPU whose decode steps (at most ``policy.GEMV_MAX_ROWS``
-    rows) run the C one-row product (model/cpu_gemv.c: fp32 sums rounded once, like
-    ``F.linear``); prompts, gradients and compiled graphs run ``F.linear``. The weight is used where it is
+    """A frozen bfloat16 ``nn.Linear`` on CPU whose decode steps (at most ``policy.GEMV_MAX_ROWS`` rows) run the
+    C one-row product (model/cpu_gemv.c: fp32 sums rounded once, like ``F.linear``); prompts run ``F.linear``,
+    or on a CPU without bf16 arithmetic (``policy.prompt_choice``) the weight widened to fp32 a chunk at a time
+    (``quant.chunked_linear``); gradients and compiled graphs run ``F.linear``. The weight is used where it is
     (a view of the mmapped checkpoint): no copy, nothing to prepack."""
 
     @classmethod
@@ -120,6 +124,9 @@ class DecodeLinear(nn.Linear):
         if (x.numel() <= policy.GEMV_MAX_ROWS * self.in_features and x.dtype == torch.bfloat16
                 and not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and x.requires_grad)):
             return cpu_gemv.gemv_bf16(x, self.weight, self.bias)
+        if (x.dtype == torch.bfloat16 and not torch.compiler.is_compiling()
+                and not (torch.is_grad_enabled() and x.requires_grad) and policy.prompt_choice() == "fp32"):
+            return chunked_linear(x, lambda start, stop, dtype: self.weight[start:stop], self.out_features, self.bias)
         return nn.functional.linear(x, self.weight, self.bias)
 
 
@@ -170,13 +177,15 @@ class LlavaNextModel(nn.Module):
         if not can_pack_for_cpu(self.dtype, self.device):
             return False
         decode_kernel = self.dtype == torch.bfloat16 and policy.gemv_choice("bf16") == "kernel"
+        # no bf16 arithmetic on this CPU: every bf16 layer keeps its plain weight, for prompts widened to fp32
+        wide_prompts = self.dtype == torch.bfloat16 and policy.prompt_choice() == "fp32"
         decoder = {id(m) for m in self.language_model.modules()}
         # (parent, name) pairs, not the layers: each plain weight is freed as soon as its layer is replaced
         slots = [(parent, name) for parent in self.modules() for name, child in parent.named_children()
                  if type(child) is nn.Linear and can_pack_for_cpu(child.weight.dtype, child.weight.device)]
         for parent, name in slots:
             linear = getattr(parent, name)
-            use_kernel = decode_kernel and id(linear) in decoder and linear.weight.dtype == torch.bfloat16
+            use_kernel = linear.weight.dtype == torch.bfloat16 and (wide_prompts or decode_kernel and id(linear) in decoder)
             setattr(parent, name, DecodeLinear.from_linear(linear) if use_kernel else PackedLinear(linear))
         return True
 

@@ -11,7 +11,7 @@ autotuning: an Intel Xeon with AMX and an AMD Zen 4 each get the path that is fa
 Two switches, environment variables read only here:
 ``LLAVA_NEXT_COMPILE`` (``compile_setting``):
     auto   (default) compile what the figures below say pays for itself in this request (a bf16 decode
-           attention on a CPU with AVX512-BF16 runs the C loop instead: ``attention_in_c``)
+           attention on a CPU with AVX-512 runs the C loop instead: ``attention_in_c``)
     0      never compile (eager decode, SDPA attention)
     1      always compile the one-query decode attention; the whole step under "auto"'s rule
     step   always decode with the whole-step compiled graph (CPU, float or quantized)
@@ -79,15 +79,16 @@ def compile_setting() -> str:
 
 # ---- the one-query decode attention in C (model/cpu_gemv.c ``attend_one_query``, model/engines.py) ------------
 # benchmarks/published/7-cpu-decode.md ("the decode attention in C"): with AVX512-BF16 the C loop reads a bf16
-# cache at ~27 GB/s with 2 threads (Zen 4; the compiled formula above ~18, SDPA ~4) and needs no compile, so
-# where it is built for AVX512-BF16 it replaces both. Without AVX512-BF16 its plain loops were not measured
-# faster than the compiled formula, so there the rule above stays.
+# cache at ~27 GB/s with 2 threads (Zen 4; the compiled formula above ~18, SDPA ~4) and needs no compile;
+# benchmarks/published/8-cpu-intel.md: its AVX-512 loop without BF16 (Ice Lake) ~11 GB/s against the compiled
+# formula's ~8 and SDPA's ~2. So where the library has an AVX-512 loop it replaces both. The plain loops (AVX2,
+# NEON) were not measured faster than the compiled formula, so there the rule above stays.
 def attention_in_c(dtype: torch.dtype) -> bool:
-    """Whether decode steps attend with the C loop: a bf16 cache, a CPU with AVX512-BF16 (the flag the native
-    build's fast loops need), the library built, and ``LLAVA_NEXT_COMPILE`` at auto (0 keeps SDPA, 1 the
-    compiled formula, step the compiled step)."""
+    """Whether decode steps attend with the C loop: a bf16 cache, a CPU with AVX-512 (the flag the native
+    build's vector loops need: with or without AVX512-BF16), the library built, and ``LLAVA_NEXT_COMPILE`` at
+    auto (0 keeps SDPA, 1 the compiled formula, step the compiled step)."""
     return (dtype == torch.bfloat16 and compile_setting() == "auto"
-            and "avx512_bf16" in cpu_gemv.cpu_identity().split() and cpu_gemv.load() is not None)
+            and "avx512f" in cpu_gemv.cpu_identity().split() and cpu_gemv.load() is not None)
 
 
 def attention_compile_pays(kv_bytes_per_token: float, new_tokens: int, compiled_before: bool) -> bool:
@@ -190,9 +191,11 @@ def gemv_choice(fmt: str) -> str:
 
 
 def gemv_report() -> dict:
-    """The measured decode choices of this machine (for benchmarks and ``inspect``): {"cpu": key, fmt: entry}."""
+    """The measured choices of this machine (for benchmarks and ``inspect``): {"cpu": key, fmt: entry, "prompt":
+    entry}."""
     for fmt in GEMV_FORMATS:
         gemv_choice(fmt)
+    prompt_choice()
     return {"cpu": cpu_key(), "setting": gemv_setting(), **_read_policy_cache().get(cpu_key(), {})}
 
 
@@ -218,6 +221,59 @@ def _write_policy_cache(cache: dict) -> None:
         os.replace(tmp, path)
     except OSError:
         pass  # a read-only cache: measured again by the next process
+
+
+# ---- prompt-sized bf16 products on CPU (model/quant.py ``chunked_linear``: DecodeLinear, Int8Linear, Int4Linear) --
+# A CPU with AVX512-BF16 or AMX multiplies bf16 in hardware; one without (AVX-512 or AVX2 only: Skylake-SP to Ice
+# Lake, older AMD) gets oneDNN's bf16 GEMM widening to fp32 inside, well below its own fp32 rate
+# (benchmarks/published/8-cpu-intel.md, Ice Lake, 1,200 x 4096 x 11008, 2 threads: 67 against 237 GFLOP/s). There
+# a bf16 layer's prompt runs as an fp32 GEMM over its weight widened QUANT_DEQUANT_CHUNK output channels at a time
+# (each chunk used while in cache, as the quantized layers' dequantized chunks), rounded to bf16 once: F.linear's numbers in another summation order. Which is faster
+# is measured once per machine, as the decode products are (one (PROMPT_PROBE_ROWS, K) x (K, N) product each
+# way, best of GEMV_PROBE_ROUNDS on the process's threads; cached beside them as "prompt").
+PROMPT_PROBE_SHAPE = (256, 2048, 2048)  # (M, K, N)
+
+
+def prompt_choice() -> str:
+    """"bf16" or "fp32": in which dtype a bf16 layer's prompt-sized product sums on this CPU (comment above;
+    ``LLAVA_NEXT_GEMV=torch`` keeps bf16, torch's own path, as it does for decode)."""
+    if gemv_setting() == "torch":
+        return "bf16"
+    if "prompt" not in _choices:
+        key, cache = cpu_key(), _read_policy_cache()
+        entry = cache.get(key, {}).get("prompt")
+        if entry is None:
+            rates = measure_prompt()
+            entry = {"choice": "fp32" if rates["fp32"] > rates["bf16"] else "bf16",  # a tie keeps F.linear
+                     "GFLOP/s": {c: round(r / 1e9, 1) for c, r in rates.items()},
+                     "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+            cache.setdefault(key, {})["prompt"] = entry
+            _write_policy_cache(cache)
+        _choices["prompt"] = entry["choice"]
+    return _choices["prompt"]
+
+
+def measure_prompt() -> dict[str, float]:
+    """{"bf16": flop/s, "fp32": flop/s}: a bf16 product of PROMPT_PROBE_SHAPE through oneDNN's bf16 GEMM, and
+    the same widened to fp32 QUANT_DEQUANT_CHUNK output channels at a time (the widening counted), best times."""
+    M, K, N = PROMPT_PROBE_SHAPE
+    x, w = torch.full((M, K), 0.01, dtype=torch.bfloat16), torch.full((N, K), 0.01, dtype=torch.bfloat16)
+
+    def fp32():
+        x32, out = x.float(), torch.empty(M, N)
+        for i in range(0, N, QUANT_DEQUANT_CHUNK):
+            out[:, i:i + QUANT_DEQUANT_CHUNK] = torch.nn.functional.linear(x32, w[i:i + QUANT_DEQUANT_CHUNK].float())
+        return out.to(torch.bfloat16)
+
+    candidates = {"bf16": lambda: torch.nn.functional.linear(x, w), "fp32": fp32}
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(GEMV_PROBE_ROUNDS):
+        for name, run in candidates.items():
+            run()
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: 2 * M * K * N / min(t) for name, t in times.items()}
 
 
 def measure_gemv(fmt: str) -> dict[str, float]:

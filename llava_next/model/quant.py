@@ -211,18 +211,33 @@ def decode_kernel(x: torch.Tensor, rows: int, fmt: str) -> bool:
             and not torch.compiler.is_compiling() and policy.gemv_choice(fmt) == "kernel")
 
 
-def dequantized_linear(layer: "Int8Linear | Int4Linear", x: torch.Tensor) -> torch.Tensor:
-    """A prompt-sized input (..., K) -> (..., N) through bf16 GEMMs, ``_CHUNK_ROWS`` output channels at a
-    time: each chunk of the weight is dequantized while it stays in cache and used at once, so the full
-    float weight never exists (lm_head of a 7B: 32064 x 4096 bf16, 263 MB, saved) and the chunk is read
-    from cache rather than memory. Each output
-    column is the same dot product as ``F.linear(x, layer.dequantized(dtype))``: bit-identical."""
-    N = layer.out_features
-    out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
-    for i in range(0, N, _CHUNK_ROWS):
-        stop = min(i + _CHUNK_ROWS, N)
-        out[..., i:stop] = F.linear(x, layer.dequantized_rows(i, stop, x.dtype))
-    return out if layer.bias is None else out + layer.bias
+def chunked_linear(x: torch.Tensor, weight_rows, out_features: int, bias: torch.Tensor | None,
+                   widen: bool = True) -> torch.Tensor:
+    """A prompt-sized input (..., K) -> (..., N) through GEMMs ``_CHUNK_ROWS`` output channels at a time:
+    ``weight_rows(start, stop, dtype)`` makes each chunk of the weight (dequantized, or widened) while it stays in
+    cache and it is used at once, so no full float copy of the weight ever exists (lm_head of a 7B: 32064 x 4096
+    bf16, 263 MB, saved) and the chunk is read from cache rather than memory. Sums in x's dtype (each output
+    column the same dot product as ``F.linear(x, weight)``: bit-identical), except bf16 on a CPU that sums bf16
+    faster in fp32 (``policy.prompt_choice``): then x and each bf16 chunk (the same weight) are widened, the bias
+    added in fp32, and the result rounded to bf16 once. ``widen=False`` keeps x's dtype everywhere (a training
+    step: train/memory.py plans its activations in that dtype)."""
+    wide = widen and x.dtype == torch.bfloat16 and x.device.type == "cpu" and policy.prompt_choice() == "fp32"
+    xc = x.float() if wide else x
+    out = torch.empty(*x.shape[:-1], out_features, dtype=xc.dtype, device=x.device)
+    for i in range(0, out_features, _CHUNK_ROWS):
+        stop = min(i + _CHUNK_ROWS, out_features)
+        w = weight_rows(i, stop, x.dtype)  # (stop - i, K)
+        out[..., i:stop] = F.linear(xc, w.float() if wide else w)
+    if not wide:
+        return out if bias is None else out + bias
+    if bias is not None:
+        out += bias.float()
+    return out.to(x.dtype)
+
+
+def dequantized_linear(layer: "Int8Linear | Int4Linear", x: torch.Tensor, widen: bool = True) -> torch.Tensor:
+    """A prompt-sized input through the layer's weight dequantized chunk by chunk (``chunked_linear``)."""
+    return chunked_linear(x, layer.dequantized_rows, layer.out_features, layer.bias, widen)
 
 
 def int8_activation_linear(layer: "Int8Linear", x: torch.Tensor) -> torch.Tensor:
@@ -269,7 +284,7 @@ class _FrozenQuantLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: "Int8Linear | Int4Linear") -> torch.Tensor:
         ctx.layer = layer
-        return dequantized_linear(layer, x)
+        return dequantized_linear(layer, x, widen=False)  # sums in x's dtype, as the memory plan counts
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # grad (..., N)
