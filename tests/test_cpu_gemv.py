@@ -127,11 +127,11 @@ def test_decode_linear_runs_the_loops_for_decode_rows_only(monkeypatch):
 
 
 def test_bf16_prompts_sum_in_fp32_where_this_cpu_measured_it_faster(monkeypatch, tmp_path):
-    """``policy.prompt_choice``: measured once per CPU and cached, "fp32" where oneDNN's bf16 GEMM ran slower than
-    widening (a CPU without AVX512-BF16 or AMX), a tie keeps bf16, ``LLAVA_NEXT_GEMV=torch`` keeps bf16. With
-    "fp32" a DecodeLinear's prompt (and a quantized layer's, on its dequantized bf16 weight) sums in fp32 over
-    chunks of the widened weight, bias included, rounded once: within bf16 rounding of the float64 product; with "bf16" it is F.linear's
-    bits. ``pack_for_cpu`` then keeps every bf16 linear plain (no prepacked copy), the vision tower's too."""
+    """``policy.prompt_choice``: measured once per CPU and cached, "fp32" where oneDNN's bf16 GEMM ran clearly
+    slower than widening (a CPU without AVX512-BF16 or AMX), a near tie keeps bf16, ``LLAVA_NEXT_GEMV=torch`` keeps
+    bf16. With "fp32" a DecodeLinear's prompt (and a quantized layer's, on its dequantized bf16 weight) sums in
+    fp32 over chunks of the widened weight, bias included, rounded once: within bf16 rounding of the float64
+    product; with "bf16" it is F.linear's bits. ``pack_for_cpu`` then keeps every bf16 linear plain (no prepacked copy), the vision tower's too."""
     from llava_next.model import quant
     from llava_next.model.llava import LlavaNextModel, PackedLinear
 
@@ -149,9 +149,9 @@ def test_bf16_prompts_sum_in_fp32_where_this_cpu_measured_it_faster(monkeypatch,
     assert policy.prompt_choice() == "bf16"
     monkeypatch.delenv("LLAVA_NEXT_GEMV")
     monkeypatch.setattr(policy, "_choices", {"bf16": "torch"})
-    rates["fp32"] = rates["bf16"]
+    rates["fp32"] = 1.05 * rates["bf16"]
     monkeypatch.setattr(policy, "cpu_key", lambda: "another CPU")
-    assert policy.prompt_choice() == "bf16"  # a tie
+    assert policy.prompt_choice() == "bf16"  # a near tie
 
     torch.manual_seed(3)
     linear = torch.nn.Linear(700, 1100, bias=True).bfloat16()  # 1100 outputs: chunks of 512, 512 and 76
@@ -182,10 +182,15 @@ def test_bf16_prompts_sum_in_fp32_where_this_cpu_measured_it_faster(monkeypatch,
 
 
 # ---- the policy ----------------------------------------------------------------------------------------------
-def test_the_faster_measured_path_wins_and_a_tie_keeps_torch():
+def test_the_faster_measured_path_wins_only_by_the_margin():
+    """A near tie keeps torch's own path (or bf16's F.linear): measured again it could go the other way."""
     assert policy.choose_faster({"kernel": 30e9, "torch": 20e9}) == "kernel"
     assert policy.choose_faster({"kernel": 10e9, "torch": 20e9}) == "torch"
     assert policy.choose_faster({"kernel": 20e9, "torch": 20e9}) == "torch"
+    assert policy.choose_faster({"kernel": 21e9, "torch": 20e9}) == "torch"  # 5% faster: within the margin
+    assert policy.choose_faster({"kernel": 22.2e9, "torch": 20e9}) == "kernel"
+    assert policy.choose_faster({"bf16": 60e9, "fp32": 64e9}, incumbent="bf16") == "bf16"
+    assert policy.choose_faster({"bf16": 60e9, "fp32": 140e9}, incumbent="bf16") == "fp32"
 
 
 def test_the_choice_is_measured_once_per_cpu_and_cached(monkeypatch, tmp_path):
