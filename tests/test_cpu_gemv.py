@@ -5,6 +5,7 @@ quantized and decoder layers that call them, and the measured per-CPU policy tha
 from __future__ import annotations
 
 import json
+import platform
 
 import pytest
 import torch
@@ -36,6 +37,15 @@ def use_build(march: str, monkeypatch) -> None:
         pytest.skip(f"the {march} build needs {', '.join(missing)}")
     if march != "native":
         monkeypatch.setattr(cpu_gemv, "_lib", cpu_gemv.bind(cpu_gemv.build(march=march)))
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86 targets")
+@pytest.mark.parametrize("march", ["sapphirerapids", "cooperlake", "skylake-avx512", "x86-64-v3"])
+def test_every_x86_build_compiles_whatever_this_cpu_runs(march):
+    """Each set of loops in cpu_gemv.c compiles, the AVX512-BF16 ones too on a CPU that cannot run them
+    (Sapphire Rapids: AMX and AVX512-BF16; Cooper Lake: AVX512-BF16 alone, as Zen 4 has it); the tests below run
+    the sets this CPU can execute."""
+    assert cpu_gemv.build(march=march).stat().st_size > 0
 
 
 # the outputs are bf16: fp32 sums in another order round to the neighbouring bf16 value at most
