@@ -27,8 +27,9 @@ Stages (ours / transformers, same dtype, same inputs; each a ratio, < 1 = llava-
   imports, against the checkpoint's bytes; llava-next's load includes its CPU prepack (bf16), also shown on its own row.
   In bf16 the same process then runs one video -> first token and reports its peak RSS.
 
-Machine limits (measured here, same dtype): plain ``F.linear`` throughput at the prefill and vision
-GEMM shapes (with the model's own weight matrices), and memory-read bandwidth (``sum`` over 512 MB).
+Machine limits (measured here): plain ``F.linear`` throughput at the prefill and vision GEMM shapes (with the
+model's own weight matrices), in the dtype the model sums them in (a bf16 model's in fp32 on a CPU without bf16
+arithmetic: cpu_limits.prompt_sum_dtype), and memory-read bandwidth (``sum`` over 512 MB).
 Prefill and vision are reported as GFLOP/s against the matmul figure; decode as bytes read per token
 (weights + KV cache) x tokens/s against the read bandwidth.
 
@@ -54,8 +55,8 @@ import torch
 
 from cpu_models import (FRAMES, bench_config, bench_video, checkpoint_bytes, describe, declare_torchvision_ops,
                         load_hf, load_ours, make_checkpoints, prompt_ids)
-from cpu_limits import (MatmulProbe, ReadProbe, decode_bytes, decoder_layer_weights, prefill_flops, vision_flops,
-                        vision_layer_weights)
+from cpu_limits import (MatmulProbe, ReadProbe, decode_bytes, decoder_layer_weights, prefill_flops, prompt_sum_dtype,
+                        vision_flops, vision_layer_weights)
 from cpu_report import Report
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -196,7 +197,8 @@ def run_dtype(name: str, args, report: Report, dirs: tuple[Path, Path], video: P
 
         # vision: 8 frames -> (8, 576, 1024); the matmul probe runs 2 layers' GEMMs at the same shapes
         stage = "vision (8 frames)"
-        probe = MatmulProbe(vision_layer_weights(theirs.layer("vision")), FRAMES * (cfg.vision.num_patches + 1), 2)
+        probe = MatmulProbe(vision_layer_weights(theirs.layer("vision")), FRAMES * (cfg.vision.num_patches + 1), 2,
+                            dtype=prompt_sum_dtype(dtype))
         fns = {k: (lambda p=p: p.vision(pixels)) for k, p in providers.items()}
         runs = alternate(fns | {"matmul": probe}, args.repeats)
         flops = vision_flops(cfg, FRAMES)
@@ -218,7 +220,8 @@ def run_dtype(name: str, args, report: Report, dirs: tuple[Path, Path], video: P
         # prefill + decode: one generate of n tokens; prefill = start -> first token, decode = the rest.
         # Probes: one decoder layer's GEMMs at T tokens; reading 5 x 512 MB.
         n = args.decode_tokens + 1
-        mm, read = MatmulProbe(decoder_layer_weights(theirs.layer("decoder")), T), ReadProbe()
+        mm = MatmulProbe(decoder_layer_weights(theirs.layer("decoder")), T, dtype=prompt_sum_dtype(dtype))
+        read = ReadProbe()
         fns = {k: (lambda p=p: p.generate(embeds, n)) for k, p in providers.items()}
         for p in providers.values():  # warm-up: llava-next compiles its CPU decode kernels on first use
             p.generate(embeds[:, :32], 3)

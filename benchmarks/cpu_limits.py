@@ -12,7 +12,9 @@ Counting conventions (multiply-add = 2 FLOPs; only the work llava-next needs, fo
 
 Machine limits, measured in-process with the model's own weight matrices:
 - ``MatmulProbe``: plain ``F.linear`` over the same (tokens x in) @ (in x out) shapes the stage runs,
-  with one layer's (unpacked) weights: the throughput a stage made only of its GEMMs would reach.
+  with one layer's (unpacked) weights: the throughput a stage made only of its GEMMs would reach. In the
+  dtype the model sums that stage in (``prompt_sum_dtype``: a bf16 model's GEMMs run in fp32 on a CPU
+  without bf16 arithmetic, where oneDNN's bf16 GEMM is emulated and several times slower).
 - ``ReadProbe``: ``x.sum()`` over a 512 MB fp32 tensor (reads only), GB/s.
 The probes run inside the stage's alternation (ours, transformers, probe, ...), so a busy spell of a
 shared machine slows the limit as much as the stage it is compared with.
@@ -65,10 +67,21 @@ def decode_bytes(config: LlavaNextConfig, kv_len: float, itemsize: int) -> float
 
 
 # ---- limits --------------------------------------------------------------------------------------
-class MatmulProbe:
-    """Plain ``F.linear`` over (tokens x in) @ each weight^T, ``rounds`` times: ``flops`` per call."""
+def prompt_sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype this CPU sums a ``dtype`` layer's prompt in, as the model does it (``policy.prompt_choice``: bf16
+    widened to fp32 on a CPU without bf16 arithmetic): the GEMM whose rate is the machine's limit for that stage."""
+    from llava_next.model import policy
 
-    def __init__(self, weights: list[torch.Tensor], tokens: int, rounds: int = 1) -> None:
+    return torch.float32 if dtype == torch.bfloat16 and policy.prompt_choice() == "fp32" else dtype
+
+
+class MatmulProbe:
+    """Plain ``F.linear`` over (tokens x in) @ each weight^T, ``rounds`` times: ``flops`` per call; in
+    ``dtype`` (weights copied to it beforehand, not counted) when given, else the weights' own."""
+
+    def __init__(self, weights: list[torch.Tensor], tokens: int, rounds: int = 1,
+                 dtype: torch.dtype | None = None) -> None:
+        weights = [w if dtype is None else w.to(dtype) for w in weights]
         self.calls = [(torch.randn(tokens, w.shape[1], dtype=w.dtype), w) for w in weights]
         self.rounds = rounds
         self.flops = rounds * sum(2 * tokens * w.shape[0] * w.shape[1] for w in weights)

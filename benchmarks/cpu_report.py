@@ -141,8 +141,9 @@ class Report:
                  ("vision (8 frames)", "GFLOP/s", "matmul (vision shapes)", "GFLOP/s", "≥ 75%"),
                  ("decode", "GB/s", "memory read", "GB/s", "≥ 80%")]
         lines = ["**Against this machine's limits** (achieved / limit measured in the same run, alternating with "
-                 "the stage: plain `F.linear` at the stage's GEMM shapes, `sum` over 512 MB). llava-next's prepacked "
-                 "oneDNN GEMMs run faster than plain `F.linear`, so its share can pass 100%.", "",
+                 "the stage: plain `F.linear` at the stage's GEMM shapes, in the dtype the model sums them in (fp32 for "
+                 "bf16 on a CPU without bf16 arithmetic), `sum` over 512 MB). llava-next's prepacked oneDNN GEMMs run "
+                 "faster than plain `F.linear`, so its share can pass 100%.", "",
                  "| measure | dtype | llava-next | transformers | machine limit | llava-next % | transformers % "
                  "| target |",
                  "|---|---|---|---|---|---|---|---|"]
