@@ -21,6 +21,8 @@ import sys
 
 from common import device_name
 
+# RoPE's formula written out rather than imported from model/decoder.py: importing any of llava_next.model runs the
+# warm-up, which "bare" must not
 PROBE = """
 import json, sys, torch
 torch.set_num_threads(2)

@@ -141,7 +141,8 @@ def test_bf16_prompts_sum_in_fp32_where_this_cpu_measured_it_faster(monkeypatch,
     slower than widening (a CPU without AVX512-BF16 or AMX), a near tie keeps bf16, ``LLAVA_NEXT_GEMV=torch`` keeps
     bf16. With "fp32" a DecodeLinear's prompt (and a quantized layer's, on its dequantized bf16 weight) sums in
     fp32 over chunks of the widened weight, bias included, rounded once: within bf16 rounding of the float64
-    product; with "bf16" it is F.linear's bits. ``pack_for_cpu`` then keeps every bf16 linear plain (no prepacked copy), the vision tower's too."""
+    product; with "bf16" it is F.linear's bits. ``pack_for_cpu`` then keeps every bf16 linear plain (no prepacked
+    copy), the vision tower's too."""
     from llava_next.model import quant
     from llava_next.model.llava import LlavaNextModel, PackedLinear
 

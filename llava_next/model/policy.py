@@ -134,8 +134,8 @@ def static_cache_length(prompt_tokens: int, max_new_tokens: int) -> int:
 # and on torch's build, so it is measured here, not written down: each candidate runs over weights of
 # GEMV_PROBE_BYTES (larger than the last-level cache: memory-bound, as in a real model), alternating,
 # GEMV_PROBE_ROUNDS times, on one thread, and the faster best time wins (by CHOICE_MARGIN). One thread and the
-# best time, because a first use may meet a busy machine: with two threads, one core taken by another process stalls
-# both candidates at every barrier (seen on the 2-core development VMs: either path from 1 to 26 GB/s run
+# best time, because a first use may meet a busy machine: with two threads, one core taken by another process
+# stalls both candidates at every barrier (seen on the 2-core development VMs: either path from 1 to 26 GB/s run
 # to run), while one thread that is time-sliced still has undisturbed passes, and the per-core rate is
 # what the threads of a decode step each get. One measurement per machine and format, about two seconds
 # for all three, cached in $LLAVA_NEXT_CACHE/kernels/policy.json under ``cpu_key()`` (delete the file to
@@ -169,8 +169,8 @@ CHOICE_MARGIN = 1.10
 
 
 def choose_faster(rates: dict[str, float], incumbent: str = "torch") -> str:
-    """The rule: the candidate with the highest measured rate if it beats ``incumbent``'s (torch's own path) by
-    CHOICE_MARGIN; otherwise the incumbent."""
+    """The rule: the candidate with the highest measured rate if it beats ``incumbent``'s by CHOICE_MARGIN;
+    otherwise the incumbent (torch's own path: "torch" for decode products, "bf16" F.linear for prompts)."""
     best = max(rates, key=lambda c: rates[c])
     return best if rates[best] >= CHOICE_MARGIN * rates[incumbent] else incumbent
 
