@@ -55,4 +55,10 @@ def _declare_torchvision_ops() -> None:
 
 
 _declare_torchvision_ops()
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Threads: the test command (README.md) runs two pytest-xdist workers, so each takes its share of the cores for
+# torch's pool (one each on 2 cores); a worker with both cores' threads spins against the other's. Most of the
+# suite is small models, Python dispatch and subprocesses, which one thread runs as fast as two: two workers of
+# one thread took 552 s here where one process of two took 827 (docs/testing.md). The C loops, whose split across
+# threads is ours, are tested with 2 threads explicitly (test_cpu_gemv.py); subprocesses keep torch's default.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _workers)))

@@ -18,6 +18,16 @@ from llava_next.model import cpu_gemv
 pytestmark = pytest.mark.skipif(cpu_gemv.load() is None, reason="no C compiler for the CPU decode kernels")
 
 
+@pytest.fixture(autouse=True)
+def two_threads():
+    """The loops split their rows (attention: its heads) across OpenMP threads with torch's thread count: run
+    them split, as a user's process does, whatever thread count this test worker has (tests/conftest.py)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
+
+
 def close(got: torch.Tensor, want: torch.Tensor) -> float:
     """Max abs difference relative to the output's scale."""
     return (got.float() - want.float()).abs().max().item() / want.float().abs().max().item()
