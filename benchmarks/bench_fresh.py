@@ -17,6 +17,7 @@ Results: benchmarks/results/fresh.csv and fresh.md.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -59,6 +60,13 @@ def with_tokenizer(src: Path, dst: Path, config) -> Path:
             (dst / f.name).symlink_to(f.resolve())
     make_hf_tokenizer(dst, config, vocab_size=config.text.vocab_size)
     return dst
+
+
+def generated(name: str, stdout: str) -> int:
+    """How many tokens a run generated: ``run --json``'s token list, or the count the transformers script prints."""
+    if name == "transformers script":
+        return int(stdout.split()[0])
+    return len(json.loads(stdout)["tokens"])
 
 
 def read_files(path: Path) -> None:
@@ -104,6 +112,10 @@ def main() -> None:
                 wall = time.perf_counter() - t
                 if out.returncode:
                     print(f"{name} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+                    continue
+                made = generated(name, out.stdout)
+                if made != n:  # a row must time the tokens it names (ours stops at an end-of-sequence token)
+                    print(f"{name} generated {made} tokens, not {n}: run left out", file=sys.stderr)
                     continue
                 times[name].append(wall)
         for name, t in times.items():
