@@ -255,16 +255,31 @@ def test_the_switch_and_a_missing_compiler(monkeypatch, tmp_path):
         cpu_gemv.gemv_bf16(torch.randn(1, 8).bfloat16(), torch.randn(4, 8).bfloat16())
 
 
-def test_the_measurement_times_both_paths_on_real_weights():
+def test_the_measurement_times_both_paths_on_real_weights(monkeypatch):
     """measure_gemv runs both candidates of each format (a real, if small, measurement) and returns rates."""
-    old = policy.GEMV_PROBE_BYTES
-    policy.GEMV_PROBE_BYTES = 1 << 20
-    try:
-        for fmt in policy.GEMV_FORMATS:
-            rates = policy.measure_gemv(fmt)
-            assert set(rates) == {"kernel", "torch"} and all(r > 0 for r in rates.values())
-    finally:
-        policy.GEMV_PROBE_BYTES = old
+    monkeypatch.setattr(policy, "gemv_probe_bytes", lambda: 1 << 20)
+    for fmt in policy.GEMV_FORMATS:
+        rates = policy.measure_gemv(fmt)
+        assert set(rates) == {"kernel", "torch"} and all(r > 0 for r in rates.values())
+
+
+def test_the_probe_reads_more_than_the_last_level_cache(tmp_path, monkeypatch):
+    """The probe's weights are LLC_MULTIPLE x the largest cache sysfs lists, at least GEMV_PROBE_BYTES, so a pass
+    reads memory as a decode step does; the size is part of the CPU key (another size measures again)."""
+    sizes = {"index0": "48K", "index1": "32K", "index2": "2048K", "index3": "107520K"}  # a 105 MB L3
+    for index, size in sizes.items():
+        (tmp_path / index).mkdir()
+        (tmp_path / index / "size").write_text(size + "\n")
+    assert policy.last_level_cache_bytes(str(tmp_path)) == 107520 << 10
+    assert policy.last_level_cache_bytes(str(tmp_path / "absent")) == 0
+    (tmp_path / "index3" / "size").write_text("unknown\n")
+    assert policy.last_level_cache_bytes(str(tmp_path)) == 2048 << 10
+    monkeypatch.setattr(policy, "last_level_cache_bytes", lambda: 107520 << 10)
+    assert policy.gemv_probe_bytes() == policy.LLC_MULTIPLE * (107520 << 10) > 107520 << 10
+    key = policy.cpu_key()
+    assert key.endswith(f"probe {policy.LLC_MULTIPLE * 105} MiB")
+    monkeypatch.setattr(policy, "last_level_cache_bytes", lambda: 0)  # none known: the floor
+    assert policy.gemv_probe_bytes() == policy.GEMV_PROBE_BYTES and policy.cpu_key() != key
 
 
 @pytest.mark.parametrize("march", ["skylake-avx512", "x86-64-v3"])

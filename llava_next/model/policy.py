@@ -132,16 +132,20 @@ def static_cache_length(prompt_tokens: int, max_new_tokens: int) -> int:
 # Decoding reads every weight once per token, so its speed is the rate at which a one-row product reads
 # its weight. Which implementation reads fastest depends on the CPU (vector width, AMX, VNNI, cache sizes)
 # and on torch's build, so it is measured here, not written down: each candidate runs over weights of
-# GEMV_PROBE_BYTES (larger than the last-level cache: memory-bound, as in a real model), alternating,
-# GEMV_PROBE_ROUNDS times, on one thread, and the faster best time wins (by CHOICE_MARGIN). One thread and the
+# ``gemv_probe_bytes()``, alternating, GEMV_PROBE_ROUNDS times, on one thread, and the faster best time wins (by
+# CHOICE_MARGIN). The weights are GEMV_PROBE_BYTES, or LLC_MULTIPLE times the last-level cache where that is more,
+# so that they are read from memory as a model's are: over twice its 48 MB L3, an Ice Lake Xeon measured the int8
+# products about 17% faster than over four or eight times, and 96 MiB would sit whole in a 105 MB Sapphire Rapids L3
+# (the temporary weights take up to twice that: torch's candidates read their own layouts). One thread and the
 # best time, because a first use may meet a busy machine: with two threads, one core taken by another process
 # stalls both candidates at every barrier (seen on the 2-core development VMs: either path from 1 to 26 GB/s run
 # to run), while one thread that is time-sliced still has undisturbed passes, and the per-core rate is
-# what the threads of a decode step each get. One measurement per machine and format, about two seconds
+# what the threads of a decode step each get. One measurement per machine and format, a few seconds
 # for all three, cached in $LLAVA_NEXT_CACHE/kernels/policy.json under ``cpu_key()`` (delete the file to
 # measure again).
 GEMV_MAX_ROWS = 8  # a product of at most this many rows is a decode step (one token per sequence)
-GEMV_PROBE_BYTES = 96 << 20
+GEMV_PROBE_BYTES = 96 << 20  # at least
+LLC_MULTIPLE = 4
 GEMV_PROBE_SHAPE = (4096, 4096)  # (N, K): the 7B decoder's attention projections
 GEMV_PROBE_ROUNDS = 7
 GEMV_FORMATS = ("bf16", "int8", "int4")
@@ -158,8 +162,27 @@ def gemv_setting() -> str:
 
 
 def cpu_key() -> str:
-    """What a measured choice depends on: CPU model and vector flags, torch version, the C loops' source."""
-    return f"{cpu_gemv.cpu_identity()} | torch {torch.__version__} | kernels {cpu_gemv.source_hash()}"
+    """What a measured choice depends on: CPU model and vector flags, torch version, the C loops' source, the
+    probe's size."""
+    return (f"{cpu_gemv.cpu_identity()} | torch {torch.__version__} | kernels {cpu_gemv.source_hash()} | "
+            f"probe {gemv_probe_bytes() >> 20} MiB")
+
+
+def last_level_cache_bytes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
+    """The largest cache CPU 0 has (Linux sysfs: ``index*/size``, e.g. "49152K"); 0 where that cannot be read."""
+    sizes = [0]
+    for f in Path(root).glob("index*/size"):
+        try:
+            text = f.read_text().strip()
+            sizes.append(int(text[:-1]) << {"K": 10, "M": 20, "G": 30}[text[-1]] if text[-1] in "KMG" else int(text))
+        except (OSError, ValueError, IndexError):
+            continue
+    return max(sizes)
+
+
+def gemv_probe_bytes() -> int:
+    """Bytes of weight each probe pass reads: GEMV_PROBE_BYTES, or LLC_MULTIPLE x the last-level cache."""
+    return max(GEMV_PROBE_BYTES, LLC_MULTIPLE * last_level_cache_bytes())
 
 
 # A challenger must beat torch's own path by CHOICE_MARGIN, not merely measure faster: the two round differently,
@@ -287,7 +310,7 @@ def measure_prompt() -> dict[str, float]:
 
 def measure_gemv(fmt: str) -> dict[str, float]:
     """{"kernel": bytes/s, "torch": bytes/s}: both one-row products of ``fmt`` over weights of
-    GEMV_PROBE_BYTES in total, alternating, GEMV_PROBE_ROUNDS rounds on one thread, best times."""
+    ``gemv_probe_bytes()`` in total, alternating, GEMV_PROBE_ROUNDS rounds on one thread, best times."""
     candidates, total = _probe(fmt)
     x = torch.ones(1, GEMV_PROBE_SHAPE[1], dtype=torch.bfloat16)
     times: dict[str, list[float]] = {name: [] for name in candidates}
@@ -311,7 +334,7 @@ def _probe(fmt: str):
     ``_weight_int4pack_mm_for_cpu`` on its own layout; kernel: model/cpu_gemv.c)."""
     N, K = GEMV_PROBE_SHAPE
     per = {"bf16": 2 * N * K, "int8": N * K, "int4": N * K // 2}[fmt]
-    count = max(1, GEMV_PROBE_BYTES // per)
+    count = max(1, gemv_probe_bytes() // per)
     if fmt == "bf16":
         ws = [torch.full((N, K), 0.01, dtype=torch.bfloat16) for _ in range(count)]
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in ws]
