@@ -79,16 +79,19 @@ def gemv(setting: str):
             os.environ["LLAVA_NEXT_GEMV"] = old
 
 
-def with_int8_prefill(model, fn):
-    """``fn`` with ``model``'s int8 layers computing prompts with int8 activations (model/quant.py), then back."""
-    from llava_next.model.quant import set_int8_prefill
+A8 = ("int8, int8 activations", "int4, int8 activations")  # the runs with --activations int8
+
+
+def with_int8_activations(model, fn):
+    """``fn`` with ``model``'s int8 / int4 layers taking int8 activations (model/quant.py), then back."""
+    from llava_next.model.quant import set_activations
 
     def run():
-        set_int8_prefill(model, "int8")
+        set_activations(model, "int8")
         try:
             return fn()
         finally:
-            set_int8_prefill(model, "dequantize")
+            set_activations(model, "float")
     return run
 
 
@@ -317,8 +320,11 @@ def main() -> None:
            alt["bf16"]: lambda: ours_generate(models["bf16 other"], embeds, n, False),
            "int8": lambda: ours_generate(models["int8"], embeds, n, False), **theirs["int8"],
            alt["int8"]: with_gemv(other["int8"], lambda: ours_generate(models["int8"], embeds, n, False)),
-           "int8, int8 activations": with_int8_prefill(models["int8"], lambda: ours_generate(models["int8"], embeds, n, False)),
+           "int8, int8 activations": with_int8_activations(models["int8"],
+                                                           lambda: ours_generate(models["int8"], embeds, n, False)),
            "int4": lambda: ours_generate(models["int4"], embeds, n, False), **theirs["int4"],
+           "int4, int8 activations": with_int8_activations(models["int4"],
+                                                           lambda: ours_generate(models["int4"], embeds, n, False)),
            alt["int4"]: with_gemv(other["int4"], lambda: ours_generate(models["int4"], embeds, n, False)),
            "memory read": ReadProbe()}
     for name in steps:
@@ -330,7 +336,8 @@ def main() -> None:
     report.add("memory read", "torch", "-", read, "GB/s")
     fmt = {"bf16 eager": None, alt["bf16"]: None, "bf16 compiled step": None, "int8": "int8", alt["int8"]: "int8",
            "int8, int8 activations": "int8",
-           "int8 compiled step": "int8", "int4": "int4", alt["int4"]: "int4", "int4 compiled step": "int4",
+           "int8 compiled step": "int8", "int4": "int4", alt["int4"]: "int4", "int4, int8 activations": "int4",
+           "int4 compiled step": "int4",
            "transformers bf16": None}
     decode, prefill_tok = {}, {}
     for name, method in fmt.items():
@@ -346,7 +353,7 @@ def main() -> None:
         report.add("decode, share of the memory read", name, method or "bf16",
                    [per_token * x / 1e9 / r for x, r in zip(tok_s, read)], "fraction")
 
-    for name in ("int8", "int8, int8 activations", "int4"):  # quantized prompts against ours in bf16, same rounds
+    for name in ("int8", *A8[:1], "int4", *A8[1:]):  # quantized prompts against ours in bf16, same rounds
         report.add("prefill time of bf16 eager / this, paired by round", name, fmt[name],
                    [prefill_s(a) / prefill_s(b) for a, b in zip(runs["bf16 eager"], runs[name])],
                    "x")
@@ -354,11 +361,12 @@ def main() -> None:
     # llama.cpp at the same shapes, its runs paired with ours round by round
     paired = {}  # ours -> (llama.cpp format, [(our decode, theirs, our prefill, theirs) per round])
     for ours_name, g, name in (("bf16", "BF16", "bf16 eager"), ("int8", "Q8_0", "int8"),
-                               ("int8", "Q8_0", "int8, int8 activations"), ("int4", "Q4_0", "int4")):
+                               ("int8", "Q8_0", "int8, int8 activations"), ("int4", "Q4_0", "int4"),
+                               ("int4", "Q4_0", "int4, int8 activations")):
         if f"llama.cpp {g}" not in runs:
             continue
         rates = [out for _, out in runs[f"llama.cpp {g}"]]
-        if name != "int8, int8 activations":  # (the same llama.cpp runs as int8's)
+        if name not in A8:  # (the same llama.cpp runs as the weight-only format's)
             report.add("prefill", f"llama.cpp {g}", ours_name, [r["prefill"] for r in rates], "tokens/s")
             report.add("decode", f"llama.cpp {g}", ours_name, [r["decode"] for r in rates], "tokens/s")
         paired[name] = (g, [((n - 1) / (st[-1] - st[1]), r["decode"], T / (st[1] - st[0]), r["prefill"])
@@ -373,20 +381,22 @@ def main() -> None:
     recorded = {}
     for name, (model, step) in {"bf16 eager": (models["bf16"], False), "int8": (models["int8"], False),
                                 "int8, int8 activations": (models["int8"], False), "int4": (models["int4"], False),
+                                "int4, int8 activations": (models["int4"], False),
                                 **{f"{m} compiled step": (models[m], True) for m in steps}}.items():
         lg: list = []
         gen = lambda: ours_generate(model, embeds, n - 1, step, lg)  # noqa: E731 (model, step, lg: this pass's)
-        _, toks = (with_int8_prefill(model, gen) if name == "int8, int8 activations" else gen)()
+        _, toks = (with_int8_activations(model, gen) if name in A8 else gen)()
         recorded[name] = (toks, lg)
     ref_tokens, ref_logits = recorded["bf16 eager"]
-    for name, method in (("int8", "int8"), ("int8, int8 activations", "int8"), ("int4", "int4")):
+    for name, method in (("int8", "int8"), ("int8, int8 activations", "int8"), ("int4", "int4"),
+                         ("int4, int8 activations", "int4")):
         dec = models[method].language_model
         dec.setup_caches(1, T)
         ref_dec = models["bf16"].language_model
         ref_dec.setup_caches(1, T)
         prefill = lambda: EagerEngine().prefill(dec, embeds, torch.arange(T)[None], None).float()  # noqa: E731
         with torch.no_grad():
-            q = (with_int8_prefill(models[method], prefill) if name == "int8, int8 activations" else prefill)()
+            q = (with_int8_activations(models[method], prefill) if name in A8 else prefill)()
             ref = EagerEngine().prefill(ref_dec, embeds, torch.arange(T)[None], None).float()
         report.add("logit error vs bf16 (rel. max)", name, method, ((q - ref).abs().max() / ref.abs().max()).item(), "rel")
     divergences = {}

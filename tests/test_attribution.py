@@ -318,7 +318,7 @@ def cli_run(tmp_path_factory):
     bad = [_main(base + extra + ["?"]) for extra in (["--attribute", "input_x_grad", "--baseline", "black"],
                                                      ["--ig-steps", "4"], ["--attribute", "rollout", "--attribute-space",
                                                                            "pixels"],
-                                                     ["--attribute", "rollout", "--int8-prefill", "int8"])]
+                                                     ["--attribute", "rollout", "--activations", "int8"])]
     mp.undo()
     return root, out, bad, rel_pixels
 
@@ -349,7 +349,7 @@ def test_cli_trace_attribute_writes_scores_record_and_pictures(cli_run):
             Image.open(root / "png" / "video0_integrated_gradients.png") as seen:
         assert whole.size != seen.size
     said = ["act with --attribute integrated_gradients", "act with --attribute METHOD", "tokens only",
-            "drop --quantize / --int8-prefill / --adapter"]
+            "drop --quantize / --activations / --adapter"]
     for (bad_code, bad_out), words in zip(bad, said):  # a switch without its method is refused, not ignored
         assert bad_code == 2 and words in bad_out, bad_out
 

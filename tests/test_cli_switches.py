@@ -97,7 +97,7 @@ def _contexts(media: dict) -> dict:
     sample = [("--max-new-tokens", ["2"]), ("--temperature", ["1.0"])]
     return {
         "--group-size": int4,
-        "--int8-prefill": [("--quantize", ["int8"])],  # int8 models' prompts (refused without: below)
+        "--activations": [("--quantize", ["int8"])],  # int8 / int4 models (refused without: below)
         ("convert", "--group-size"): [("--quantize", ["int4"]), ("--group-size", ["32"])],
         "--seed": [("--temperature", ["1.0"])],
         "--top-p": [("--temperature", ["1.0"])],
@@ -369,9 +369,9 @@ def test_compile_step_reaches_stream(command, media, monkeypatch):
     (["run", "--group-size", "64"], "--group-size 64: the group size is int4's"),
     (["run", "--quantize", "int8", "--group-size", "64"], "--group-size 64: the group size is int4's"),
     (["trace", "--group-size", "32"], "--group-size 32: the group size is int4's"),
-    (["run", "--quantize", "int4", "--group-size", "32", "--int8-prefill", "int8"],
-     "--int8-prefill int8: it is for int8 weights, not int4; use --quantize int8"),
-    (["run", "--int8-prefill", "int8"], "tiny-random has no int8 layers; quantize it (--quantize int8)"),
+    (["run", "--quantize", "nf4", "--activations", "int8"],
+     "--activations int8: they are for int8 or int4 weights, not nf4; use --quantize int8 or int4"),
+    (["run", "--activations", "int8"], "tiny-random has no int8 or int4 layers; quantize it (--quantize int8 or int4)"),
     (["trace", "--temperature", "0.7"], "act on generated tokens"),
     (["trace", "--seed", "3"], "act on generated tokens"),
     (["trace", "--compile-step", "on"], "act on generated tokens"),

@@ -325,10 +325,10 @@ def test_int8_and_int4_rows_dequantize_in_c_to_torchs_bits(march, monkeypatch):
 
 @pytest.mark.parametrize("march", list(MARCH_FLAGS))
 def test_int8_activations_of_a_prompt_in_c_to_torchs_bits(march, monkeypatch):
-    """The int8-activation prompt (``Int8Linear.prefill = "int8"``): the C row quantization and the C scaling
+    """The int8-activation prompt (``Int8Linear.activations = "int8"``): the C row quantization and the C scaling
     of the int32 sums (cpu_dequant.c) against the torch ops they replace, bit for bit; rows with an outlier, an
     all-zero row, ties at .5, a bias and none, the native and the portable build."""
-    from llava_next.model.quant import set_int8_prefill
+    from llava_next.model.quant import set_activations
 
     use_build(march, monkeypatch)
     torch.manual_seed(11)
@@ -339,7 +339,7 @@ def test_int8_activations_of_a_prompt_in_c_to_torchs_bits(march, monkeypatch):
     for bias in (False, True):
         # 600 x 2048 outputs: enough that an fp32 product in another order would round some to another bf16
         layer = Int8Linear.from_linear(torch.nn.Linear(1000, 2048, bias=bias), torch.bfloat16)
-        set_int8_prefill(layer, "int8")
+        set_activations(layer, "int8")
         with torch.no_grad():
             got = layer(x)
             with monkeypatch.context() as m:
@@ -351,6 +351,35 @@ def test_int8_activations_of_a_prompt_in_c_to_torchs_bits(march, monkeypatch):
         assert torch.equal(got.view(torch.int16), want.view(torch.int16)), bias
     assert torch.equal(q, want_q) and torch.equal(s.view(torch.int32), want_s.view(torch.int32))
     assert q[3].abs().max() == 127 and (q[3] == 0).float().mean() > 0.7  # the outlier (300) row: steps of 2.4
+
+
+@pytest.mark.parametrize("march", list(MARCH_FLAGS))
+def test_int8_activation_decode_products_in_c(march, monkeypatch):
+    """cpu_int8_activations.c against torch on the same numbers, in every build (native: AVX512-VNNI where the
+    CPU has it; skylake-avx512 and x86-64-v3: the plain loops): int8 weights bit for bit against the prompt's
+    integer GEMM (``torch._int_mm`` and the scaling in torch), tails past 64 and 128 columns; int4 weights within
+    one bf16 rounding of the float64 formula, groups of 32 to 256, a bias and none, 1-3 rows."""
+    from llava_next.model.quant import int8_activation_linear
+    from test_quant import int4_activations_reference
+
+    use_build(march, monkeypatch)
+    torch.manual_seed(13)
+    for K, N, M in ((1000, 40, 1), (4096, 64, 3), (192, 33, 2)):
+        x = torch.randn(M, K).bfloat16()
+        x[0, K // 2] = 50.0
+        layer = Int8Linear.from_linear(torch.nn.Linear(K, N, bias=M != 3), torch.bfloat16)
+        got = cpu_gemv.gemv_int8_a8(x, layer.weight, layer.scales, layer.bias)
+        with monkeypatch.context() as m:
+            m.setattr(cpu_gemv, "load", lambda: None)  # quantize_rows and the scaling in torch, _int_mm
+            want = int8_activation_linear(layer, x)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (K, N, M)
+    for G in (32, 64, 128, 256):
+        for bias in (False, True):
+            layer = Int4Linear.from_linear(torch.nn.Linear(512, 48, bias=bias), G, torch.bfloat16)
+            x = torch.randn(1 + G % 3, 512).bfloat16()
+            got = cpu_gemv.gemv_int4_a8(x, layer.weight, layer.scales, layer.zeros, G, layer.bias)
+            want = int4_activations_reference(x, layer)
+            assert ((got.double() - want).abs() <= 2 ** -8 * want.abs()).all(), (G, bias)
 
 
 @pytest.mark.parametrize("march", list(MARCH_FLAGS))

@@ -21,7 +21,7 @@ from llava_next.model.attention import use_backend
 from llava_next.model.generate import generate
 from llava_next.model.llava import LlavaNextModel
 from llava_next.model.quant import (DEQUANT_MIN_ROWS, Int4Linear, Int8Linear, QuantConfig, QuantizationError,
-                                    dequantize_int4, dequantize_int8, quantize_int4, quantize_int8, set_int8_prefill)
+                                    dequantize_int4, dequantize_int8, quantize_int4, quantize_int8, set_activations)
 from llava_next.model.quant_model import dequantize_model, quantize_model
 
 
@@ -105,34 +105,77 @@ def int8_activations_reference(x: torch.Tensor, q: Int8Linear) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_int8_prefill_with_int8_activations_is_the_written_formula(bias):
-    """``prefill = "int8"``: the integer GEMM is exact, so the layer equals the formula to bf16's last rounding;
-    weight-only (the default) stays on the dequantized weight, and decode rows never use it."""
+def test_int8_activations_are_the_written_formula(bias):
+    """``activations = "int8"``: the integer sums are exact, so the layer equals the formula to bf16's last
+    rounding, for a prompt and for decode rows (the C VNNI loop), which give the prompt's bits row for row;
+    "float" (the default) stays weight-only."""
     lin = linear(n=1040, bias=bias)
     q = Int8Linear.from_linear(lin, torch.bfloat16)
     x = torch.randn(2, DEQUANT_MIN_ROWS, 256).bfloat16()
     x[0, 3, 7] = 40.0  # an outlier: its row's other features lose precision (the contract's known cost)
     with torch.no_grad():
-        weight_only = q(x)
-        assert set_int8_prefill(q, "int8") == 1
+        weight_only, weight_only_row = q(x), q(x[:, :1])
+        assert set_activations(q, "int8") == 1
         y = q(x)
         want, _ = int8_activations_reference(x, q)
-        one_row = q(x[:, :1])  # a decode step: the C loops / torch's kernel, weights only
-        set_int8_prefill(q, "dequantize")
-        assert torch.equal(q(x), weight_only)
-        assert torch.equal(one_row, q(x[:, :1]))
+        one_row = q(x[:, :1])  # a decode step (2 rows of one token)
+        set_activations(q, "float")
+        assert torch.equal(q(x), weight_only) and torch.equal(q(x[:, :1]), weight_only_row)
+    assert torch.equal(one_row, y[:, :1])  # decode and prompt: the same bits for the same row
+    assert not torch.equal(one_row, weight_only_row)
     assert (y.float() - want.float()).abs().max() <= 2 ** -7 * want.float().abs().max()  # one bf16 rounding
     assert (y.float() - want.float()).abs().gt(0).float().mean() < 0.05  # most entries identical
     exact = F.linear(x.double(), dequantize_int8(q.weight, q.scales).double(), None if q.bias is None else q.bias.double())
     assert rel(y, exact) > rel(weight_only, exact)  # activations rounded to int8: measurably less exact
     assert rel(y[0, 3], exact[0, 3]) > 5 * rel(y[1], exact[1])  # the outlier's row most of all
-    with pytest.raises(QuantizationError, match="choose dequantize"):
-        set_int8_prefill(q, "fp8")
+    with pytest.raises(QuantizationError, match="choose float"):
+        set_activations(q, "fp8")
     q32, x32 = Int8Linear.from_linear(lin, torch.float32), x.float()  # fp32: the input is left as it was
-    set_int8_prefill(q32, "int8")
+    set_activations(q32, "int8")
     with torch.no_grad():
-        y32 = q32(x32)
+        y32, row32 = q32(x32), q32(x32[:, :1])
     assert torch.equal(x32, x.float()) and rel(y32, int8_activations_reference(x32, q32)[0]) < 1e-6
+    assert rel(row32, int8_activations_reference(x32[:, :1], q32)[0]) < 1e-6
+
+
+def int4_activations_reference(x: torch.Tensor, q: Int4Linear) -> torch.Tensor:
+    """int4 weights with int8 activations written out in float64 (model/quant.py's docstring): x_q and s_x as for
+    int8, per group P = sum x_q q (q the raw nibble) and X = sum x_q, y = s_x sum_g (scale P + (zero - 8 scale) X)."""
+    N, K, G = q.out_features, q.in_features, q.group_size
+    x32 = x.reshape(-1, K).float()
+    sx = (x32.abs().amax(-1, keepdim=True) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    xq = torch.round(x32 / sx).double().view(-1, K // G, G)
+    nib = torch.stack((q.weight & 15, q.weight >> 4), -1).reshape(N, K // G, G).double()
+    s, z = q.scales.double(), q.zeros.double()
+    y = sx.double() * ((torch.einsum("mgk,ngk->mng", xq, nib) * s).sum(-1) + xq.sum(-1) @ (z - 8 * s).T)
+    y = y if q.bias is None else y + q.bias.double()
+    return y.reshape(*x.shape[:-1], N)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_activations_in_decode_steps_are_the_written_formula(group, monkeypatch):
+    """Int4Linear with ``activations = "int8"``: decode rows (the C VNNI loop, and torch's ops without the
+    library) equal the float64 formula to bf16's rounding; prompts stay on the dequantized weight."""
+    from llava_next.model import cpu_gemv
+
+    torch.manual_seed(5)
+    lin = linear(n=96, k=512, bias=True)
+    q = Int4Linear.from_linear(lin, group, torch.bfloat16)
+    x = torch.randn(3, 512).bfloat16()
+    x[1, 9] = 30.0  # an outlier row
+    prompt = torch.randn(DEQUANT_MIN_ROWS, 512).bfloat16()
+    with torch.no_grad():
+        weight_only, weight_only_prompt = q(x), q(prompt)
+        assert set_activations(q, "int8") == 1
+        y, y_prompt = q(x), q(prompt)
+        monkeypatch.setattr(cpu_gemv, "load", lambda: None)
+        y_torch = q(x)
+    want = int4_activations_reference(x, q)
+    for got in (y, y_torch):
+        assert ((got.double() - want).abs() <= 2 ** -8 * want.abs() + 1e-30).all()  # within one bf16 rounding
+    assert torch.equal(y_prompt, weight_only_prompt) and not torch.equal(y, weight_only)
+    exact = F.linear(x.double(), dequantize_int4(q.weight, q.scales, q.zeros, group).double(), q.bias.double())
+    assert rel(y[1], exact[1]) > 3 * rel(y[0], exact[0])  # the outlier's row loses most
 
 
 def tiny_model(dtype: torch.dtype) -> LlavaNextModel:

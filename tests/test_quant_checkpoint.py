@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from checkpoints import make_llava_hf_checkpoint, make_runnable_checkpoint
 from llava_next.model.llava import LlavaNextModel
-from llava_next.model.quant import DEQUANT_MIN_ROWS, Int4Linear, Int8Linear, QuantConfig, QuantizationError
+from llava_next.model.quant import (DEQUANT_MIN_ROWS, Int4Linear, Int8Linear, QuantConfig, QuantizationError,
+                                    set_activations)
 from llava_next.model.quant_model import quantize_model
 from llava_next_weights.convert import convert
 from llava_next_weights.load import LoadError, is_file_mapped, load_into, read_config
@@ -60,6 +61,22 @@ def test_round_trip_equals_quantizing_in_memory(dirs, method):
     # the quantized files are smaller than the float ones by about what the method saves on the decoder
     size = {k: sum(f.stat().st_size for f in p.glob("*.safetensors")) for k, p in out.items()}
     assert size[method] < size["float"]
+
+
+def test_int8_activations_over_an_int4_checkpoint(dirs):
+    """``activations = "int8"`` over loaded int4 weights: every int4 layer is set; a decode-sized call (at most 8
+    rows) takes int8 activations, so its logits move a little from the weight-only ones; a prompt's do not."""
+    _, _, out = dirs
+    model = load(out["int4"])
+    short, prompt = ids(T=6), ids(T=DEQUANT_MIN_ROWS + 4, seed=1)
+    with torch.no_grad():
+        before, before_prompt = model.language_model(short).float(), model.language_model(prompt)
+        layers = sum(isinstance(m, Int4Linear) for m in model.modules())
+        assert layers and set_activations(model, "int8") == layers
+        after, after_prompt = model.language_model(short).float(), model.language_model(prompt)
+    diff = (after - before).abs().max() / before.abs().max()
+    assert 0 < diff < 0.05, diff
+    assert torch.equal(after_prompt, before_prompt)
 
 
 def test_quantizing_a_converted_directory_equals_quantizing_the_source(dirs, tmp_path):
@@ -147,13 +164,13 @@ def test_cli_convert_and_run_quantized(tmp_path, monkeypatch, capsys):
     assert main(["run", "--model", str(tmp_path / "q8"), "--quantize", "int4", "--json", "Hi"]) == 2
     assert "already quantized (int8)" in json.loads(capsys.readouterr().out)["error"]
 
-    # int8 activations for prompts (--int8-prefill int8): every int8 layer set, and a long prompt's logits move
+    # int8 activations (--activations int8): every int8 layer set, and a long prompt's logits move
     logits = {}
-    for mode in ("dequantize", "int8"):
-        pipe = Pipeline.from_pretrained(tmp_path / "q8", dtype=torch.float32, progress=False, int8_prefill=mode)
+    for mode in ("float", "int8"):
+        pipe = Pipeline.from_pretrained(tmp_path / "q8", dtype=torch.float32, progress=False, activations=mode)
         layers = [m for m in pipe.model.modules() if isinstance(m, Int8Linear)]
-        assert layers and {m.prefill for m in layers} == {mode}
+        assert layers and {m.activations for m in layers} == {mode}
         with torch.no_grad():
             logits[mode] = pipe.model.language_model(torch.arange(3, 3 + 2 * DEQUANT_MIN_ROWS)[None] % 64).float()
-    diff = (logits["int8"] - logits["dequantize"]).abs().max() / logits["dequantize"].abs().max()
+    diff = (logits["int8"] - logits["float"]).abs().max() / logits["float"].abs().max()
     assert 0 < diff < 0.05, diff

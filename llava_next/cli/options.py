@@ -342,9 +342,10 @@ def quantization(args: argparse.Namespace) -> tuple[str | None, int]:
     if group is not None and quantize != "int4":
         raise UserError(f"--group-size {group}: the group size is int4's; add --quantize int4 (int8 is per "
                         f"output channel, nf4 uses blocks of 64{'' if quantize else ', and no --quantize was given'})")
-    prefill = getattr(args, "int8_prefill", "dequantize")
-    if prefill != "dequantize" and quantize not in (None, "int8"):
-        raise UserError(f"--int8-prefill {prefill}: it is for int8 weights, not {quantize}; use --quantize int8")
+    activations = getattr(args, "activations", "float")
+    if activations != "float" and quantize not in (None, "int8", "int4"):
+        raise UserError(f"--activations {activations}: they are for int8 or int4 weights, not {quantize}; use "
+                        f"--quantize int8 or int4")
     return quantize, 128 if group is None else group
 
 

@@ -44,10 +44,10 @@ def add_run(sub, *, user_error) -> None:
                    help="weights and activations (default bf16: AMX on recent CPUs, half the memory of fp32)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     _add_quantize(p, "quantize the decoder's linear weights once (cached like a conversion); CPU only")
-    p.add_argument("--int8-prefill", choices=("dequantize", "int8"), default="dequantize",
-                   help="int8 models, prompts: dequantize the weights to bf16 (default: weight-only numbers) or "
-                        "quantize the activations to int8 too, per row (int8 x int8 GEMM: faster on CPUs with "
-                        "VNNI / AMX-INT8, less exact; llava_next/model/quant.py)")
+    p.add_argument("--activations", choices=("float", "int8"), default="float",
+                   help="int8 / int4 models: activations stay float (default: weight-only numbers) or are "
+                        "quantized to int8 per row: int8 prompts and decode steps, int4 decode steps, in integer "
+                        "arithmetic (faster on CPUs with VNNI / AMX-INT8, less exact; llava_next/model/quant.py)")
     p.add_argument("--compile-step", choices=("auto", "on", "off"), default="auto",
                    help="CPU: decode with one compiled graph per step (auto: unquantized models and answers of 2048+ "
                         "tokens, where it was measured to repay its compile; see llava_next/model/policy.py)")
@@ -197,7 +197,7 @@ def _load(args: argparse.Namespace, model_id: str, quantize, group_size):
     t0 = time.perf_counter()
     pipe = load_pipeline(model_id, dtype=DTYPES[args.dtype], device=args.device, cache_dir=args.cache_dir,
                          progress=not args.quiet, quantize=quantize, group_size=group_size, adapter=args.adapter,
-                         int8_prefill=args.int8_prefill)
+                         activations=args.activations)
     load_s = time.perf_counter() - t0
     progress.say("loading", f"done in {load_s:.2f} s")
     pipe.progress = progress

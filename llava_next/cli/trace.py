@@ -185,7 +185,7 @@ def _load(args: argparse.Namespace, quantization: tuple, user_error):
     pipe = Pipeline.from_pretrained(model_id, dtype=DTYPES[args.dtype], device=args.device,
                                     cache_dir=args.cache_dir, progress=not (args.json or args.quiet),
                                     quantize=quantize, group_size=group_size, adapter=args.adapter,
-                                    int8_prefill=args.int8_prefill) \
+                                    activations=args.activations) \
         if not args.attribute else trace_attribute.load(model_id, args, DTYPES[args.dtype])
     n_layers = len(pipe.model.language_model.layers)
     bad = [layer for layer in args.layers or () if not -n_layers <= layer < n_layers]

@@ -66,9 +66,9 @@ def check_attribute(args: argparse.Namespace, user_error) -> None:
     if args.reduce or getattr(args, "select_frames", None):
         raise user_error("--attribute runs the whole model: drop --reduce / --select-frames (attribution of a "
                          "reduced model is not implemented)")
-    if getattr(args, "quantize", None) or args.adapter or getattr(args, "int8_prefill", "dequantize") != "dequantize":
+    if getattr(args, "quantize", None) or args.adapter or getattr(args, "activations", "float") != "float":
         raise user_error("--attribute loads the float model without prepacking (a gradient must pass every "
-                         "layer): drop --quantize / --int8-prefill / --adapter, or merge the adapter into a "
+                         "layer): drop --quantize / --activations / --adapter, or merge the adapter into a "
                          "checkpoint first")
     if args.baseline == "black" and args.attribute_space != "pixels":
         raise user_error("--baseline black is a pixel baseline: add --attribute-space pixels (in token space the "

@@ -63,7 +63,7 @@ def run_jobs(args: argparse.Namespace, user_error) -> int:
         pipe = Pipeline.from_pretrained(model_id, dtype=DTYPES[args.dtype], device=args.device,
                                         cache_dir=args.cache_dir, progress=not args.quiet and env.local_rank == 0,
                                         quantize=quantize, group_size=group_size, adapter=args.adapter,
-                                        int8_prefill=args.int8_prefill)
+                                        activations=args.activations)
         pipe.model.config = with_overrides(pipe.model.config, **options.plan_overrides(args))
         record.update(reproducibility(args, pipe))
         return pipe

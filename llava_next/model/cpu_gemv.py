@@ -1,7 +1,9 @@
 """CPU decode products in C, beside their PyTorch references: y (M, N) = x (M, K) W^T for a few rows of
 bf16 activations and a bf16, int8 or int4 weight (``cpu_gemv.c`` has the loops and the formats). The same
-library carries the dequantization loops (``cpu_dequant.c``: NF4 for QLoRA's frozen base, model/nf4.py; int8
-and int4 rows for prompt-sized GEMMs, ``dequantize_int8`` / ``dequantize_int4`` below, model/quant.py).
+library carries the products with int8 activations (``cpu_int8_activations.c``: ``gemv_int8_a8`` /
+``gemv_int4_a8`` below, quant.py's ``activations = "int8"``) and the dequantization loops (``cpu_dequant.c``:
+NF4 for QLoRA's frozen base, model/nf4.py; int8 and int4 rows for prompt-sized GEMMs, ``dequantize_int8`` /
+``dequantize_int4`` below, model/quant.py).
 
     lib = load()                                     # None where no C compiler works (callers use torch)
     y = gemv_bf16(x, w, bias)                        # x (..., K) bf16, w (N, K) bf16 -> (..., N) bf16
@@ -39,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(f) for f in ("cpu_gemv.c", "cpu_dequant.c")]  # one library
+SOURCES = [Path(__file__).with_name(f) for f in ("cpu_gemv.c", "cpu_dequant.c", "cpu_int8_activations.c")]  # one lib
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 _P, _I, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _lib: ctypes.CDLL | None = None
@@ -116,6 +118,8 @@ def bind(path: Path) -> ctypes.CDLL:
     lib.gemv_bf16.argtypes = [_P, _P, _P, _P, _I, _I, _I, _C]
     lib.gemv_int8.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _C]
     lib.gemv_int4.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _C]
+    lib.gemv_int8_a8.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _C]
+    lib.gemv_int4_a8.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _C]
     lib.nf4_dequantize.argtypes = [_P, _P, _P, _I, _I, _C, _C]
     lib.int8_dequantize.argtypes = [_P, _P, _P, _I, _I, _C, _C]
     lib.int4_dequantize.argtypes = [_P, _P, _P, _P, _I, _I, _I, _C]
@@ -189,6 +193,35 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
     y = torch.empty(xr.shape[0], N, dtype=torch.bfloat16)
     _lib_or_raise().gemv_int4(xr.data_ptr(), packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(), _ptr(bias),
                               y.data_ptr(), xr.shape[0], N, K, group_size, torch.get_num_threads())
+    return y.reshape(*x.shape[:-1], N)
+
+
+# ---- int8 activations (cpu_int8_activations.c): quant.py's ``activations = "int8"`` decode steps ---------------
+def gemv_int8_a8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) bf16, q (N, K) int8, scales (N,) bf16 -> (..., N) bf16: each row of x quantized to int8
+    (``quantize_rows_int8``), summed against q exactly in int32, scaled by the row's and the channel's scales in
+    fp32: the bits of ``quant.int8_activation_linear``'s integer GEMM, row for row."""
+    _check(x, q.shape[1], q, scales, bias)
+    xr, (N, K) = _rows(x), q.shape
+    y = torch.empty(xr.shape[0], N, dtype=torch.bfloat16)
+    _lib_or_raise().gemv_int8_a8(xr.data_ptr(), q.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr(),
+                                 xr.shape[0], N, K, torch.get_num_threads())
+    return y.reshape(*x.shape[:-1], N)
+
+
+def gemv_int4_a8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) bf16, packed (N, K/2) uint8, scales / zeros (N, K/g) bf16 -> (..., N) bf16: each row of x
+    quantized to int8, per group P = sum x_q q and X = sum x_q in int32, y = s_x sum_g (scale P + (zero - 8 scale)
+    X) in fp32 (``quant.int4_activation_linear`` has the formula in torch)."""
+    _check(x, 2 * packed.shape[1], packed, scales, zeros, bias)
+    xr, N, K = _rows(x), packed.shape[0], 2 * packed.shape[1]
+    if K % group_size or group_size % 2:
+        raise ValueError(f"int4 groups of {group_size} do not divide the {K} input features")
+    y = torch.empty(xr.shape[0], N, dtype=torch.bfloat16)
+    _lib_or_raise().gemv_int4_a8(xr.data_ptr(), packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(), _ptr(bias),
+                                 y.data_ptr(), xr.shape[0], N, K, group_size, torch.get_num_threads())
     return y.reshape(*x.shape[:-1], N)
 
 

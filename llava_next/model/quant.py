@@ -1,5 +1,5 @@
 """Weight-only quantization of linear layers: int8 per output channel, int4 in groups; activations stay bf16
-(int8 prompts can opt into int8 activations: below).
+(or, as an opt-in, are quantized to int8 per row: below).
 
     qc = QuantConfig("int4", group_size=128)                 # or QuantConfig("int8")
     y = Int8Linear.from_linear(linear)(x)                    # one layer
@@ -37,16 +37,22 @@ chunk of output channels at a time, each chunk used by ``F.linear`` while it is 
 (``dequantized_linear``) — prefill then costs the bf16 GEMM plus the dequantization (both numbers are
 policy: model/policy.py, with the measurement that set them).
 
-int8 prompts with int8 activations (``Int8Linear.prefill = "int8"``, ``set_int8_prefill``; the command line's
-``--int8-prefill int8``): a different numeric contract, off by default. Each row of the input is quantized
-symmetrically (``s_x = max_k |x[m, k]| / 127``, ``x_q = round(x / s_x)``), the int8 x int8 products are
-summed exactly in int32 by ``torch._int_mm`` (oneDNN's VNNI / AMX-INT8 GEMM: twice the multiply-adds per
-instruction of the bf16 dot product), and ``y = acc * s_x * s_w`` in fp32, rounded once: torchao's int8
-dynamic-activation / int8-weight scheme (per-token activation scales). llama.cpp's Q8_0 also quantizes the
-activations, per block of 32 values. The cost: each row's error grows with its largest value, so a row with
-an outlier feature (LLM.int8, arXiv:2208.07339: from ~6.7B parameters some hidden dimensions reach 20x the
-others) loses precision in all its other features; "dequantize" (default) keeps the weight-only numbers.
-Decode steps are unchanged (a one-row product reads the weights: the C loops).
+int8 activations (``activations = "int8"`` on the layers, ``set_activations``; the command line's
+``--activations int8``): a different numeric contract, off by default. Each row of the input is quantized
+symmetrically (``s_x = max_k |x[m, k]| / 127``, ``x_q = round(x / s_x)``) and the integer products are summed
+exactly in int32:
+- int8 weights, prompts and decode steps: ``acc = x_q q^T`` by ``torch._int_mm`` (oneDNN's VNNI / AMX-INT8 GEMM:
+  twice the multiply-adds per instruction of the bf16 dot product) for a prompt, by the C loop
+  (cpu_int8_activations.c, AVX512-VNNI: 64 byte products per instruction) for a decode step, and
+  ``y = acc * s_x * s_w`` in fp32, rounded once: torchao's int8 dynamic-activation / int8-weight scheme
+  (per-token activation scales). Prompt and decode give the same bits for the same row.
+- int4 weights, decode steps: per group ``P = sum x_q q`` and ``X = sum x_q`` in int32, ``y = s_x sum_g (scale P
+  + (zero - 8 scale) X)`` in fp32 (``int4_activation_linear``): the arithmetic of llama.cpp's Q4_0 x Q8_0 dot
+  product, which lets a CPU without AVX512-BF16 read int4 weights as fast as memory gives them. Prompts stay on
+  the dequantized weight (torch has no grouped integer GEMM).
+llama.cpp's Q8_0 quantizes activations per block of 32 values. The cost: each row's error grows with its largest
+value, so a row with an outlier feature (LLM.int8, arXiv:2208.07339: from ~6.7B parameters some hidden dimensions
+reach 20x the others) loses precision in all its other features; "float" (default) keeps the weight-only numbers.
 
 NF4 (``QuantConfig("nf4")``, model/nf4.py): QLoRA's 4-bit NormalFloat with blocksize 64 and a
 double-quantized absmax, bit-identical to bitsandbytes; stored as ``P.weight`` uint8 (N, K / 2) (element
@@ -240,17 +246,31 @@ def dequantized_linear(layer: "Int8Linear | Int4Linear", x: torch.Tensor, widen:
     return chunked_linear(x, layer.dequantized_rows, layer.out_features, layer.bias, widen)
 
 
-def int8_activation_linear(layer: "Int8Linear", x: torch.Tensor) -> torch.Tensor:
-    """A prompt-sized input (..., K) -> (..., N) in integer arithmetic (``prefill = "int8"``, module docstring):
-    each row quantized to int8 with its own scale, int8 x int8 summed exactly in int32, scaled in fp32."""
-    rows, K, N = x.numel() // layer.in_features, layer.in_features, layer.out_features
-    x2 = x.reshape(rows, K)
-    quantized = cpu_gemv.quantize_rows_int8(x2)  # one C pass for bf16 (the same bits as the torch ops below)
+def quantize_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) -> (x_q (M, K) int8, s_x (M, 1) fp32): s_x = max |x_row| / 127 (at least fp32's smallest normal),
+    x_q = round(x / s_x), in one C pass for bf16 (the same bits as these torch ops)."""
+    quantized = cpu_gemv.quantize_rows_int8(x2)
     if quantized is None:
         x32 = x2.float()
         sx = x32.abs().amax(-1, keepdim=True).div_(127).clamp_min_(torch.finfo(torch.float32).tiny)  # (M, 1)
         quantized = (x32 / sx).round_().to(torch.int8), sx  # (M, K) in [-127, 127] (x32 is x itself for fp32)
-    xq, sx = quantized
+    return quantized
+
+
+def a8_decode_kernel(layer: "Int8Linear | Int4Linear", x: torch.Tensor, rows: int) -> bool:
+    """Whether this call is a decode step for the C int8-activation loops (cpu_int8_activations.c): bf16 rows and
+    scales on CPU, at most ``policy.GEMV_MAX_ROWS``, outside a compiled graph, the library built."""
+    return (rows <= policy.GEMV_MAX_ROWS and x.dtype == torch.bfloat16 and layer.scales.dtype == torch.bfloat16
+            and x.device.type == "cpu" and not torch.compiler.is_compiling() and cpu_gemv.load() is not None)
+
+
+def int8_activation_linear(layer: "Int8Linear", x: torch.Tensor) -> torch.Tensor:
+    """An input (..., K) -> (..., N) in integer arithmetic (``activations = "int8"``, module docstring): each row
+    quantized to int8 with its own scale, int8 x int8 summed exactly in int32, scaled in fp32."""
+    rows, K, N = x.numel() // layer.in_features, layer.in_features, layer.out_features
+    if a8_decode_kernel(layer, x, rows):  # the same bits, one pass over the weight
+        return cpu_gemv.gemv_int8_a8(x, layer.weight, layer.scales, layer.bias)
+    xq, sx = quantize_rows(x.reshape(rows, K))
     acc = torch._int_mm(xq, layer.weight.t())  # (M, N) int32: exact
     y = cpu_gemv.scale_rows_int8(acc, sx, layer.scales, layer.bias) if x.dtype == torch.bfloat16 else None
     if y is None:
@@ -260,18 +280,38 @@ def int8_activation_linear(layer: "Int8Linear", x: torch.Tensor) -> torch.Tensor
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
 
-Int8Prefill = Literal["dequantize", "int8"]
-INT8_PREFILLS = get_args(Int8Prefill)
+def int4_activation_linear(layer: "Int4Linear", x: torch.Tensor) -> torch.Tensor:
+    """A few rows (..., K) -> (..., N) with int8 activations (``activations = "int8"``, module docstring): per
+    group P = sum x_q q and X = sum x_q, exact (fp32 holds every integer below 2^24: |P| <= 256 * 15 * 127),
+    y = s_x sum_g (scale P + (zero - 8 scale) X) in fp32. The C loop where it applies (the sum over groups in
+    another order: ~1e-7 relative before the rounding to x's dtype)."""
+    rows, K, N, G = x.numel() // layer.in_features, layer.in_features, layer.out_features, layer.group_size
+    if a8_decode_kernel(layer, x, rows):
+        return cpu_gemv.gemv_int4_a8(x, layer.weight, layer.scales, layer.zeros, G, layer.bias)
+    xq, sx = quantize_rows(x.reshape(rows, K))
+    xg = xq.float().view(rows, K // G, G)  # (M, groups, G)
+    q = unpack_nibbles(layer.weight).float().view(N, K // G, G)  # (N, groups, G) raw nibbles 0..15
+    P = torch.einsum("mgk,ngk->mng", xg, q)  # (M, N, groups): exact integers
+    s, z = layer.scales.float(), layer.zeros.float()  # (N, groups)
+    y = (P * s).sum(-1) + xg.sum(-1) @ (z - 8 * s).T  # (M, N)
+    y = y * sx
+    if layer.bias is not None:
+        y += layer.bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
 
-def set_int8_prefill(model: nn.Module, mode: Int8Prefill) -> int:
-    """How every ``Int8Linear`` of ``model`` computes prompts (module docstring): "dequantize" (default:
-    weight-only numbers) or "int8" (int8 activations). Returns the number of layers set."""
-    if mode not in INT8_PREFILLS:
-        raise QuantizationError(f"int8 prefill {mode!r} is not supported; choose dequantize (default) or int8")
-    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+Activations = Literal["float", "int8"]
+ACTIVATIONS = get_args(Activations)
+
+
+def set_activations(model: nn.Module, mode: Activations) -> int:
+    """How every ``Int8Linear`` and ``Int4Linear`` of ``model`` takes its input (module docstring): "float"
+    (default: weight-only numbers) or "int8" (int8 activations). Returns the number of layers set."""
+    if mode not in ACTIVATIONS:
+        raise QuantizationError(f"activations {mode!r} are not supported; choose float (default) or int8")
+    layers = [m for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear))]
     for m in layers:
-        m.prefill = mode
+        m.activations = mode
     return len(layers)
 
 
@@ -300,10 +340,10 @@ class _FrozenQuantLinearFn(torch.autograd.Function):
 
 class Int8Linear(nn.Module):
     """``nn.Linear`` with an int8 weight and per-output-channel scales, frozen: the weight never trains, the
-    input gets its gradient (through the dequantized weight). ``prefill``: how prompts are computed (module
-    docstring; ``set_int8_prefill``)."""
+    input gets its gradient (through the dequantized weight). ``activations``: float (default) or int8 (module
+    docstring; ``set_activations``)."""
 
-    prefill: Int8Prefill = "dequantize"
+    activations: Activations = "float"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None) -> None:
@@ -352,10 +392,10 @@ class Int8Linear(nn.Module):
         if needs_grad(x):
             return _FrozenQuantLinearFn.apply(x, self)
         scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
+        if self.activations == "int8" and x.device.type == "cpu":
+            return int8_activation_linear(self, x)
         if decode_kernel(x, rows, "int8"):
             return cpu_gemv.gemv_int8(x, self.weight, scales, self.bias)
-        if rows >= DEQUANT_MIN_ROWS and self.prefill == "int8" and x.device.type == "cpu":
-            return int8_activation_linear(self, x)
         if rows >= DEQUANT_MIN_ROWS or self.in_features % INT8_KERNEL_K:
             return dequantized_linear(self, x)
         if torch.compiler.is_compiling():  # the pattern inductor's CPU weight-only-int8 GEMM template matches
@@ -374,7 +414,10 @@ class Int4Linear(nn.Module):
     gradient through the dequantized weight), CPU.
 
     ``weight``/``scales``/``zeros`` are the stored (portable) form; ``init_buffers`` builds the kernel's
-    CPU layout from them (called by the loader after assigning the checkpoint's tensors)."""
+    CPU layout from them (called by the loader after assigning the checkpoint's tensors). ``activations``: float
+    (default) or int8 for decode steps (module docstring; ``set_activations``)."""
+
+    activations: Activations = "float"
 
     def __init__(self, in_features: int, out_features: int, group_size: int = DEFAULT_GROUP_SIZE, bias: bool = False,
                  dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None) -> None:
@@ -440,6 +483,8 @@ class Int4Linear(nn.Module):
         rows = x.numel() // self.in_features
         if needs_grad(x):  # the int kernel has no backward
             return _FrozenQuantLinearFn.apply(x, self)
+        if self.activations == "int8" and rows <= policy.GEMV_MAX_ROWS and x.device.type == "cpu":
+            return int4_activation_linear(self, x)
         if decode_kernel(x, rows, "int4") and self.scales.dtype == torch.bfloat16:
             return cpu_gemv.gemv_int4(x, self.weight, self.scales, self.zeros, self.group_size, self.bias)
         if rows >= DEQUANT_MIN_ROWS or (self.packed is None and torch.compiler.is_compiling()):

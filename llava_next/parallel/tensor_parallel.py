@@ -54,7 +54,7 @@ from torch import nn
 
 from ..config import LlavaNextConfig, TextConfig
 from ..model.llava import LlavaNextModel, PackedLinear, can_pack_for_cpu
-from ..model.quant import Int8Prefill
+from ..model.quant import Activations
 from ..runtime.memory import memory_budget
 from ..runtime.pipeline import Pipeline
 from .launch import RankFailedError, agree, dist_env, init_mesh, rank0_output, report_own_failure
@@ -284,7 +284,7 @@ class TensorParallelPipeline(Pipeline):
 
 def load_pipeline(model_id_or_dir, *, dtype: torch.dtype | None = None, device: str = "cpu", cache_dir=None,
                   progress: bool = True, quantize: str | None = None, group_size: int | None = None,
-                  adapter=None, int8_prefill: Int8Prefill = "dequantize") -> Pipeline:
+                  adapter=None, activations: Activations = "float") -> Pipeline:
     """What ``llava-next run`` loads: ``Pipeline.from_pretrained`` in a single process (``quantize``: int8 / int4
     weights, see model/quant.py); under torchrun (WORLD_SIZE > 1) the process group, rank-0-only output and
     ``load_tensor_parallel`` (bf16/fp32 weights only)."""
@@ -292,7 +292,7 @@ def load_pipeline(model_id_or_dir, *, dtype: torch.dtype | None = None, device: 
     if not env.is_distributed:
         return Pipeline.from_pretrained(model_id_or_dir, dtype=dtype, device=device, cache_dir=cache_dir,
                                         progress=progress, quantize=quantize, group_size=group_size, adapter=adapter,
-                                        int8_prefill=int8_prefill)
+                                        activations=activations)
     if adapter is not None:
         raise TensorParallelError("--adapter is not supported under torchrun yet: the tensor-parallel decoder "
                                   "loads the base weights only; run with the adapter in one process")

@@ -35,7 +35,7 @@ import torch
 from ..config import LlavaNextConfig
 from ..inputs.prompt import Tokenizer
 from ..model.llava import LlavaNextModel
-from ..model.quant import INT8_PREFILLS, Int8Prefill, set_int8_prefill
+from ..model.quant import ACTIVATIONS, Activations, set_activations
 from . import tiny
 from .memory import check_model_fits
 from .pipeline import Pipeline
@@ -52,7 +52,7 @@ def _now(step: Callable[[], T]) -> T:
 
 def load(model_id_or_dir: PathLike, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
          cache_dir: PathLike | None = None, progress: bool = True, quantize: str | None = None,
-         group_size: int | None = 128, adapter: PathLike | None = None, int8_prefill: Int8Prefill = "dequantize",
+         group_size: int | None = 128, adapter: PathLike | None = None, activations: Activations = "float",
          materialize: Materialize | None = None,
          pipeline_class: type[Pipeline] = Pipeline, resolve_step: Callable = _now,
          load_step: Callable = _now) -> Pipeline:
@@ -60,7 +60,7 @@ def load(model_id_or_dir: PathLike, *, dtype: torch.dtype | str | None = None, d
     from llava_next_weights.load import parse_dtype
 
     dtype = parse_dtype(dtype)  # a bad dtype fails before any conversion or loading
-    check_int8_prefill(int8_prefill, quantize)
+    check_activations(activations, quantize)
     if adapter is not None:
         from llava_next_weights.adapters import read_adapter
 
@@ -77,20 +77,21 @@ def load(model_id_or_dir: PathLike, *, dtype: torch.dtype | str | None = None, d
             model = materialize(Path(path), config, dtype, device)
         else:
             model = materialize_single(Path(path), config, dtype, device, adapter=adapter)
-        if int8_prefill != "dequantize" and not set_int8_prefill(model, int8_prefill):
-            raise ValueError(f"int8 prefill {int8_prefill!r}: {model_id_or_dir} has no int8 layers; quantize it "
-                             f"(--quantize int8), or leave the prefill at dequantize")
+        if activations != "float" and not set_activations(model, activations):
+            raise ValueError(f"activations {activations!r}: {model_id_or_dir} has no int8 or int4 layers; quantize "
+                             f"it (--quantize int8 or int4), or leave the activations float")
         return pipeline_class(model, read_tokenizer(path))
 
     return load_step(read_and_materialize)
 
 
-def check_int8_prefill(mode: str, quantize: str | None) -> None:
-    """A bad ``int8_prefill``, or one for another quantization, fails before any loading."""
-    if mode not in INT8_PREFILLS:
-        raise ValueError(f"int8 prefill {mode!r} is not one of {', '.join(INT8_PREFILLS)}")
-    if mode != "dequantize" and quantize not in (None, "int8"):
-        raise ValueError(f"int8 prefill {mode!r} is for int8 weights, not {quantize}; use --quantize int8")
+def check_activations(mode: str, quantize: str | None) -> None:
+    """Bad ``activations``, or int8 ones for a quantization that has none, fail before any loading."""
+    if mode not in ACTIVATIONS:
+        raise ValueError(f"activations {mode!r} are not one of {', '.join(ACTIVATIONS)}")
+    if mode != "float" and quantize not in (None, "int8", "int4"):
+        raise ValueError(f"activations {mode!r} are for int8 or int4 weights, not {quantize}; use --quantize int8 "
+                         f"or int4")
 
 
 def resolve_checkpoint(model_id_or_dir: PathLike, *, cache_dir: PathLike | None = None, progress: bool = True,

@@ -44,7 +44,7 @@ from ..config import LlavaNextConfig, TextConfig
 from ..model.generate import stream as stream_tokens
 from ..inputs.image import ImageInput, preprocess_image
 from ..model.llava import LlavaNextModel
-from ..model.quant import Int8Prefill
+from ..model.quant import Activations
 from ..inputs.prompt import (IMAGE, VIDEO, TemplateChoice, Tokenizer, build_input_ids, expand_placeholders,
                              stop_token_ids)
 from ..inputs.samples import resolve as resolve_sample
@@ -143,7 +143,7 @@ class Pipeline:
                         device: str | torch.device = "cpu", cache_dir: PathLike | None = None,
                         progress: bool = True, quantize: str | None = None,
                         group_size: int = 128, adapter: PathLike | None = None,
-                        int8_prefill: Int8Prefill = "dequantize") -> "Pipeline":
+                        activations: Activations = "float") -> "Pipeline":
         """A converted llava-next directory, a llava-hf / original checkpoint directory (converted once,
         cached), a hub id (downloaded, converted once, cached), or a built-in model ("tiny-random",
         "tiny-random-interleave", "tiny-random-onevision": runtime/tiny.py, random weights, no download). Weights are mmapped, not copied.
@@ -151,13 +151,13 @@ class Pipeline:
         (llava_next/model/quant.py); a directory that is already quantized loads as such without it.
         ``adapter``: a LoRA adapter directory in PEFT's format (adapter_config.json + adapter_model.safetensors),
         merged into float weights, kept separate over quantized ones (docs/training.md).
-        ``int8_prefill`` ("dequantize" / "int8"): how an int8 model computes prompts (model/quant.py: "int8"
-        quantizes the activations too, per row: faster, less exact).
+        ``activations`` ("float" / "int8"): how int8 and int4 layers take their input (model/quant.py: "int8"
+        quantizes each row to int8: int8 prompts and decode steps, int4 decode steps; faster, less exact).
         The steps are runtime/loading.py's, which the tensor-parallel loader shares."""
         from .loading import load
 
         return load(model_id_or_dir, dtype=dtype, device=device, cache_dir=cache_dir, progress=progress,
-                    quantize=quantize, group_size=group_size, adapter=adapter, int8_prefill=int8_prefill,
+                    quantize=quantize, group_size=group_size, adapter=adapter, activations=activations,
                     pipeline_class=cls)
 
     # ---- 1. prepare -------------------------------------------------------------------------------
