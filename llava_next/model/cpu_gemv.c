@@ -72,6 +72,9 @@ static float *to_streams(const uint16_t *x, int64_t M, int64_t K, int64_t R) {
 static inline __m512 load_bf16x16(const uint16_t *p, __mmask16 m) {  /* 16 bf16 -> 16 fp32 (masked lanes 0) */
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
+static inline __m512 widen_bf16x16(const uint16_t *p) {  /* 16 bf16 -> 16 fp32, an unmasked load */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
 /* 32 bf16 in 16 32-bit lanes -> the even columns and the odd ones as fp32, within each lane */
 static inline __m512 bf16_even(__m512i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
 static inline __m512 bf16_odd(__m512i v) {
@@ -511,7 +514,10 @@ static float dot_int4_any(const uint16_t *x, const float *xf, const float *xsum,
  * q (B, Hq, D) and out contiguous bf16; k and v rows of D contiguous bf16 at element offsets b * kb + g * kh +
  * s * ks (a slice of the preallocated cache). Threads split the (b, g) pairs. The AVX-512 loops need D % 32
  * == 0 (every decoder here: 64, 128); the plain ones take any D. The scores take dpbf16 where the CPU has it,
- * else q as fp32 even / odd columns against each key's 32-bit lanes widened in place (bf16_even / bf16_odd). */
+ * else q as fp32 even / odd columns against each key's 32-bit lanes widened in place (bf16_even / bf16_odd), four
+ * keys at a time. Both passes read the S rows as four streams (rows s, s + S/4, s + S/2, s + 3S/4): an Intel core
+ * reads one stream of memory well below what it reads from several (as the products' ROWS; measured in
+ * benchmarks/published/8-cpu-intel.md). */
 #if defined(__AVX512F__)
 /* e^x for x <= 0, 16 at a time: x = n ln2 + f (|f| <= ln2 / 2), e^f by Cephes' expf polynomial (relative error
  * ~1e-7, as libm's), 2^n applied by scalef (underflow to 0 included) */
@@ -539,6 +545,8 @@ static void attend_group(const uint16_t *q, const uint16_t *kg, const uint16_t *
     (void)qf;  /* used by the AVX-512 loop without BF16 only */
 #if defined(__AVX512F__)
     if (D % 32 == 0) {
+        const int64_t Q = S / 4;  /* four streams of rows: s, s + Q, s + 2Q, s + 3Q (one core reads one stream of
+                                   * memory well below what it reads from several) */
 #if defined(__AVX512BF16__)
         for (int64_t s = 0; s < S; s++) {  /* scores: one dpbf16 per 32 elements, bf16 as stored */
             const uint16_t *kr = kg + s * ks;
@@ -552,7 +560,32 @@ static void attend_group(const uint16_t *q, const uint16_t *kg, const uint16_t *
 #else
         for (int64_t i = 0; i < G; i++)  /* qf (G, 2, D/2): each head's even columns, then its odd ones, fp32 */
             for (int64_t d = 0; d < D; d++) qf[i * D + (d % 2) * (D / 2) + d / 2] = bf16_to_f32(q[i * D + d]);
-        for (int64_t s = 0; s < S; s++) {  /* scores: two FMAs per 32 elements of the key */
+        for (int64_t s = 0; s < Q; s++) {  /* scores, four keys at a time (eight FMA chains, each q load used four
+                                            * times); each key's sums in the order of the one-key loop below */
+            const uint16_t *k0 = kg + s * ks, *k1 = k0 + Q * ks, *k2 = k1 + Q * ks, *k3 = k2 + Q * ks;
+            for (int64_t i = 0; i < G; i++) {
+                const float *qe = qf + i * D, *qo = qe + D / 2;
+                __m512 a0 = _mm512_setzero_ps(), b0 = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0, a3 = a0, b3 = a0;
+                for (int64_t d = 0; d < D; d += 32) {
+                    const __m512 e = _mm512_loadu_ps(qe + d / 2), o = _mm512_loadu_ps(qo + d / 2);
+                    const __m512i v0 = _mm512_loadu_si512(k0 + d), v1 = _mm512_loadu_si512(k1 + d),
+                                  v2 = _mm512_loadu_si512(k2 + d), v3 = _mm512_loadu_si512(k3 + d);
+                    a0 = _mm512_fmadd_ps(e, bf16_even(v0), a0);
+                    b0 = _mm512_fmadd_ps(o, bf16_odd(v0), b0);
+                    a1 = _mm512_fmadd_ps(e, bf16_even(v1), a1);
+                    b1 = _mm512_fmadd_ps(o, bf16_odd(v1), b1);
+                    a2 = _mm512_fmadd_ps(e, bf16_even(v2), a2);
+                    b2 = _mm512_fmadd_ps(o, bf16_odd(v2), b2);
+                    a3 = _mm512_fmadd_ps(e, bf16_even(v3), a3);
+                    b3 = _mm512_fmadd_ps(o, bf16_odd(v3), b3);
+                }
+                p[i * S + s] = _mm512_reduce_add_ps(_mm512_add_ps(a0, b0)) * scale;
+                p[i * S + s + Q] = _mm512_reduce_add_ps(_mm512_add_ps(a1, b1)) * scale;
+                p[i * S + s + 2 * Q] = _mm512_reduce_add_ps(_mm512_add_ps(a2, b2)) * scale;
+                p[i * S + s + 3 * Q] = _mm512_reduce_add_ps(_mm512_add_ps(a3, b3)) * scale;
+            }
+        }
+        for (int64_t s = 4 * Q; s < S; s++) {  /* scores: two FMAs per 32 elements of the key */
             const uint16_t *kr = kg + s * ks;
             for (int64_t i = 0; i < G; i++) {
                 const float *qe = qf + i * D, *qo = qe + D / 2;
@@ -584,12 +617,28 @@ static void attend_group(const uint16_t *q, const uint16_t *kg, const uint16_t *
             sum[i] = _mm512_reduce_add_ps(tv);
         }
         memset(acc, 0, sizeof(float) * G * D);
-        for (int64_t s = 0; s < S; s++) {  /* values: sum of weight x row, 16 fp32 lanes at a time */
-            const uint16_t *vr = vg + s * vs;
+        for (int64_t t = 0; t < Q; t++) {  /* values, four rows at a time from the four streams: one load and store
+                                            * of the sums per four FMAs */
+            const uint16_t *v0 = vg + t * vs, *v1 = v0 + Q * vs, *v2 = v1 + Q * vs, *v3 = v2 + Q * vs;
             for (int64_t d = 0; d < D; d += 16) {
-                const __m512 vv = load_bf16x16(vr + d, 0xffff);
+                const __m512 x0 = widen_bf16x16(v0 + d), x1 = widen_bf16x16(v1 + d), x2 = widen_bf16x16(v2 + d),
+                             x3 = widen_bf16x16(v3 + d);
+                for (int64_t i = 0; i < G; i++) {
+                    const float *pi = p + i * S + t;
+                    __m512 a = _mm512_loadu_ps(acc + i * D + d);
+                    a = _mm512_fmadd_ps(_mm512_set1_ps(pi[0]), x0, a);
+                    a = _mm512_fmadd_ps(_mm512_set1_ps(pi[Q]), x1, a);
+                    a = _mm512_fmadd_ps(_mm512_set1_ps(pi[2 * Q]), x2, a);
+                    _mm512_storeu_ps(acc + i * D + d, _mm512_fmadd_ps(_mm512_set1_ps(pi[3 * Q]), x3, a));
+                }
+            }
+        }
+        for (int64_t t = 4 * Q; t < S; t++) {  /* values: sum of weight x row, 16 fp32 lanes at a time */
+            const uint16_t *vr = vg + t * vs;
+            for (int64_t d = 0; d < D; d += 16) {
+                const __m512 vv = widen_bf16x16(vr + d);
                 for (int64_t i = 0; i < G; i++)
-                    _mm512_storeu_ps(acc + i * D + d, _mm512_fmadd_ps(_mm512_set1_ps(p[i * S + s]), vv,
+                    _mm512_storeu_ps(acc + i * D + d, _mm512_fmadd_ps(_mm512_set1_ps(p[i * S + t]), vv,
                                                                       _mm512_loadu_ps(acc + i * D + d)));
             }
         }
