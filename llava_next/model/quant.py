@@ -229,16 +229,19 @@ def chunked_linear(x: torch.Tensor, weight_rows, out_features: int, bias: torch.
     step: train/memory.py plans its activations in that dtype)."""
     wide = widen and x.dtype == torch.bfloat16 and x.device.type == "cpu" and policy.prompt_choice() == "fp32"
     xc = x.float() if wide else x
-    out = torch.empty(*x.shape[:-1], out_features, dtype=xc.dtype, device=x.device)
+    out = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype, device=x.device)
+    bias32 = bias.float() if wide and bias is not None else None
     for i in range(0, out_features, _CHUNK_ROWS):
         stop = min(i + _CHUNK_ROWS, out_features)
         w = weight_rows(i, stop, x.dtype)  # (stop - i, K)
-        out[..., i:stop] = F.linear(xc, w.float() if wide else w)
-    if not wide:
-        return out if bias is None else out + bias
-    if bias is not None:
-        out += bias.float()
-    return out.to(x.dtype)
+        if not wide:
+            out[..., i:stop] = F.linear(xc, w)
+            continue
+        y = F.linear(xc, w.float())  # (..., stop - i) fp32: the bias added, then rounded, while in cache
+        if bias32 is not None:
+            y += bias32[i:stop]
+        out[..., i:stop] = y
+    return out if wide or bias is None else out + bias
 
 
 def dequantized_linear(layer: "Int8Linear | Int4Linear", x: torch.Tensor, widen: bool = True) -> torch.Tensor:
