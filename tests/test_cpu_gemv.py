@@ -359,7 +359,7 @@ def test_int8_activation_decode_products_in_c(march, monkeypatch):
     CPU has it; skylake-avx512 and x86-64-v3: the plain loops): int8 weights bit for bit against the prompt's
     integer GEMM (``torch._int_mm`` and the scaling in torch), tails past 64 and 128 columns; int4 weights within
     one bf16 rounding of the float64 formula, groups of 32 to 256, a bias and none, 1-3 rows."""
-    from llava_next.model.quant import int8_activation_linear
+    from llava_next.model.int8_activations import int8_activation_linear
     from test_quant import int4_activations_reference
 
     use_build(march, monkeypatch)

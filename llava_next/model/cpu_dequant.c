@@ -139,7 +139,7 @@ void int4_dequantize(const uint8_t *packed, const float *scales, const float *ze
     }
 }
 
-/* ---- int8 activations for a prompt's int8 x int8 GEMM (model/quant.py ``int8_activation_linear``) ----------------
+/* ---- int8 activations for a prompt's int8 x int8 GEMM (model/int8_activations.py) ---------------------------
  * Before the GEMM, per row m of x (bf16): s[m] = max_k |x[m, k]| / 127 in fp32 (at least FLT_MIN), and
  * q[m, k] = x[m, k] / s[m] rounded to nearest-even: the bits of torch's ``amax(|x|) / 127``, ``clamp_min``,
  * ``(x / s).round_()``, ``.to(int8)``. After it (acc: the exact int32 sums): y[m, n] = bf16(acc * s[m] *

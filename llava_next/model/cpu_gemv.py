@@ -1,7 +1,7 @@
 """CPU decode products in C, beside their PyTorch references: y (M, N) = x (M, K) W^T for a few rows of
 bf16 activations and a bf16, int8 or int4 weight (``cpu_gemv.c`` has the loops and the formats). The same
 library carries the products with int8 activations (``cpu_int8_activations.c``: ``gemv_int8_a8`` /
-``gemv_int4_a8`` below, quant.py's ``activations = "int8"``) and the dequantization loops (``cpu_dequant.c``:
+``gemv_int4_a8`` below, model/int8_activations.py) and the dequantization loops (``cpu_dequant.c``:
 NF4 for QLoRA's frozen base, model/nf4.py; int8 and int4 rows for prompt-sized GEMMs, ``dequantize_int8`` /
 ``dequantize_int4`` below, model/quant.py).
 
@@ -196,12 +196,12 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
     return y.reshape(*x.shape[:-1], N)
 
 
-# ---- int8 activations (cpu_int8_activations.c): quant.py's ``activations = "int8"`` decode steps ---------------
+# ---- int8 activations (cpu_int8_activations.c): the decode steps of model/int8_activations.py ---------------
 def gemv_int8_a8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) bf16, q (N, K) int8, scales (N,) bf16 -> (..., N) bf16: each row of x quantized to int8
     (``quantize_rows_int8``), summed against q exactly in int32, scaled by the row's and the channel's scales in
-    fp32: the bits of ``quant.int8_activation_linear``'s integer GEMM, row for row."""
+    fp32: the bits of ``int8_activations.int8_activation_linear``'s integer GEMM, row for row."""
     _check(x, q.shape[1], q, scales, bias)
     xr, (N, K) = _rows(x), q.shape
     y = torch.empty(xr.shape[0], N, dtype=torch.bfloat16)
@@ -214,7 +214,7 @@ def gemv_int4_a8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
                  bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) bf16, packed (N, K/2) uint8, scales / zeros (N, K/g) bf16 -> (..., N) bf16: each row of x
     quantized to int8, per group P = sum x_q q and X = sum x_q in int32, y = s_x sum_g (scale P + (zero - 8 scale)
-    X) in fp32 (``quant.int4_activation_linear`` has the formula in torch)."""
+    X) in fp32 (``int8_activations.int4_activation_linear`` has the formula in torch)."""
     _check(x, 2 * packed.shape[1], packed, scales, zeros, bias)
     xr, N, K = _rows(x), packed.shape[0], 2 * packed.shape[1]
     if K % group_size or group_size % 2:
@@ -283,7 +283,7 @@ def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 # ---- int8 activations around a prompt's int8 x int8 GEMM (cpu_dequant.c), model/quant.py -----------------------
 def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """x (M, K) bf16 -> (x_q (M, K) int8, s (M, 1) fp32): s = max |x_row| / 127 (at least fp32's smallest normal),
-    x_q = round(x / s), the bits of the torch ops in ``quant.int8_activation_linear``; None where the C loop does
+    x_q = round(x / s), the bits of the torch ops in ``int8_activations.quantize_rows``; None where the C loop does
     not apply (not bf16 on CPU, no library)."""
     if x.dtype != torch.bfloat16 or x.device.type != "cpu" or torch.compiler.is_compiling():
         return None

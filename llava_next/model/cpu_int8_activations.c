@@ -1,4 +1,4 @@
-/* Decode products with int8 activations (model/quant.py, ``activations = "int8"``): a few rows of bf16 x,
+/* Decode products with int8 activations (model/int8_activations.py, ``--activations int8``): a few rows of bf16 x,
  * each quantized to int8 with its own scale, against int8 or int4 weights, the products summed exactly in int32.
  * cpu_gemv.py builds this file with cpu_gemv.c and cpu_dequant.c into one library.
  *

@@ -54,7 +54,7 @@ from torch import nn
 
 from ..config import LlavaNextConfig, TextConfig
 from ..model.llava import LlavaNextModel, PackedLinear, can_pack_for_cpu
-from ..model.quant import Activations
+from ..model.int8_activations import Activations
 from ..runtime.memory import memory_budget
 from ..runtime.pipeline import Pipeline
 from .launch import RankFailedError, agree, dist_env, init_mesh, rank0_output, report_own_failure

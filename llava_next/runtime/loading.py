@@ -35,7 +35,8 @@ import torch
 from ..config import LlavaNextConfig
 from ..inputs.prompt import Tokenizer
 from ..model.llava import LlavaNextModel
-from ..model.quant import ACTIVATIONS, Activations, set_activations
+from ..model.int8_activations import ACTIVATIONS, Activations
+from ..model.quant import set_activations
 from . import tiny
 from .memory import check_model_fits
 from .pipeline import Pipeline

@@ -44,7 +44,7 @@ from ..config import LlavaNextConfig, TextConfig
 from ..model.generate import stream as stream_tokens
 from ..inputs.image import ImageInput, preprocess_image
 from ..model.llava import LlavaNextModel
-from ..model.quant import Activations
+from ..model.int8_activations import Activations
 from ..inputs.prompt import (IMAGE, VIDEO, TemplateChoice, Tokenizer, build_input_ids, expand_placeholders,
                              stop_token_ids)
 from ..inputs.samples import resolve as resolve_sample
