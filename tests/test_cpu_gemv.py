@@ -304,8 +304,9 @@ def test_the_loops_of_cpus_without_avx512_bf16(march, monkeypatch):
 @pytest.mark.parametrize("march", list(MARCH_FLAGS))
 def test_int8_and_int4_rows_dequantize_in_c_to_torchs_bits(march, monkeypatch):
     """The rows a prompt-sized GEMM dequantizes (cpu_dequant.c) against the torch ops they replace, bit for
-    bit: int8 into fp32 and bf16, int4 into bf16 (rounded after the product and after the sum), bf16 and fp32
-    scales, the native and the portable build."""
+    bit: int8 into fp32 and bf16, int4 into bf16 (rounded after the product and after the sum), and both into
+    their bf16 numbers written as fp32 (``widen``, a prompt summed in fp32), bf16 and fp32 scales, the native and
+    the portable build."""
     use_build(march, monkeypatch)
     torch.manual_seed(7)
     for scale_dtype in (torch.bfloat16, torch.float32):
@@ -314,13 +315,14 @@ def test_int8_and_int4_rows_dequantize_in_c_to_torchs_bits(march, monkeypatch):
         layers += [(Int4Linear.from_linear(torch.nn.Linear(1024, 48, bias=False).to(scale_dtype), g), (torch.bfloat16,))
                    for g in (32, 128)]
         for layer, dtypes in layers:
-            for dtype in dtypes:
-                got = layer.dequantized_rows(5, 40, dtype)
+            for dtype, widen in [(d, False) for d in dtypes] + [(torch.bfloat16, True)]:
+                got = layer.dequantized_rows(5, 40, dtype, widen)
                 with monkeypatch.context() as m:
                     m.setattr(cpu_gemv, "load", lambda: None)  # torch's ops
-                    want = layer.dequantized_rows(5, 40, dtype)
-                bits = torch.int32 if dtype == torch.float32 else torch.int16
-                assert torch.equal(got.view(bits), want.view(bits)), (type(layer).__name__, scale_dtype, dtype)
+                    want = layer.dequantized_rows(5, 40, dtype, widen)
+                assert got.dtype == (torch.float32 if widen else dtype)
+                bits = torch.int32 if got.dtype == torch.float32 else torch.int16
+                assert torch.equal(got.view(bits), want.view(bits)), (type(layer).__name__, scale_dtype, dtype, widen)
 
 
 @pytest.mark.parametrize("march", list(MARCH_FLAGS))

@@ -103,16 +103,20 @@ void nf4_dequantize(const uint8_t *packed, const float *absmax, void *out, int64
     }
 }
 
-/* q (rows, K) int8 row-major, scales (rows,) fp32 -> out (rows, K) fp32 or bf16: q * scale. */
+/* q (rows, K) int8 row-major, scales (rows,) fp32 -> out (rows, K): q * scale in fp32 (out_bf16 = 0), rounded
+ * to bf16 (1), or rounded to bf16 and written as fp32 (2: the bf16 weight widened, for a prompt summed in fp32). */
 void int8_dequantize(const int8_t *q, const float *scales, void *out, int64_t rows, int64_t K, int out_bf16,
                      int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < rows; n++) {
         const int8_t *qr = q + n * K;
         const float s = scales[n];
-        if (out_bf16) {
+        if (out_bf16 == 1) {
             uint16_t *o = (uint16_t *)out + n * K;
             for (int64_t k = 0; k < K; k++) o[k] = to_bf16((float)qr[k] * s);
+        } else if (out_bf16 == 2) {
+            uint32_t *o = (uint32_t *)out + n * K;
+            for (int64_t k = 0; k < K; k++) o[k] = (uint32_t)to_bf16((float)qr[k] * s) << 16;
         } else {
             float *o = (float *)out + n * K;
             for (int64_t k = 0; k < K; k++) o[k] = (float)qr[k] * s;
@@ -121,19 +125,28 @@ void int8_dequantize(const int8_t *q, const float *scales, void *out, int64_t ro
 }
 
 /* packed (rows, K/2) uint8, scales / zeros (rows, K/G) fp32 -> out (rows, K) bf16: (q - 8) * scale + zero,
- * the product and the sum each rounded to bf16. bf16 only: an fp32 output would need the compiler not to
- * fuse the two into one FMA (one rounding, not torch's two), which GCC does by default across statements. */
-void int4_dequantize(const uint8_t *packed, const float *scales, const float *zeros, uint16_t *out, int64_t rows,
-                     int64_t K, int64_t G, int threads) {
+ * the product and the sum each rounded to bf16 (torch's in-place ops on a bf16 tensor; each rounding is explicit,
+ * so no fused multiply-add can merge them); ``wide``: the same bf16 numbers written as fp32 (the bf16 weight
+ * widened, for a prompt summed in fp32). */
+void int4_dequantize(const uint8_t *packed, const float *scales, const float *zeros, void *out, int64_t rows,
+                     int64_t K, int64_t G, int wide, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < rows; n++) {
         for (int64_t g = 0; g < K / G; g++) {
             const uint8_t *p = packed + n * (K / 2) + g * (G / 2);
             const float s = scales[n * (K / G) + g], z = zeros[n * (K / G) + g];
-            uint16_t *o = out + n * K + g * G;
-            for (int64_t j = 0; j < G / 2; j++) {
-                o[2 * j] = to_bf16(bf16_round((float)((p[j] & 15) - 8) * s) + z);
-                o[2 * j + 1] = to_bf16(bf16_round((float)((p[j] >> 4) - 8) * s) + z);
+            if (wide) {
+                uint32_t *o = (uint32_t *)out + n * K + g * G;
+                for (int64_t j = 0; j < G / 2; j++) {
+                    o[2 * j] = (uint32_t)to_bf16(bf16_round((float)((p[j] & 15) - 8) * s) + z) << 16;
+                    o[2 * j + 1] = (uint32_t)to_bf16(bf16_round((float)((p[j] >> 4) - 8) * s) + z) << 16;
+                }
+            } else {
+                uint16_t *o = (uint16_t *)out + n * K + g * G;
+                for (int64_t j = 0; j < G / 2; j++) {
+                    o[2 * j] = to_bf16(bf16_round((float)((p[j] & 15) - 8) * s) + z);
+                    o[2 * j + 1] = to_bf16(bf16_round((float)((p[j] >> 4) - 8) * s) + z);
+                }
             }
         }
     }

@@ -122,7 +122,7 @@ def bind(path: Path) -> ctypes.CDLL:
     lib.gemv_int4_a8.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _C]
     lib.nf4_dequantize.argtypes = [_P, _P, _P, _I, _I, _C, _C]
     lib.int8_dequantize.argtypes = [_P, _P, _P, _I, _I, _C, _C]
-    lib.int4_dequantize.argtypes = [_P, _P, _P, _P, _I, _I, _I, _C]
+    lib.int4_dequantize.argtypes = [_P, _P, _P, _P, _I, _I, _I, _C, _C]
     lib.int8_quantize_rows.argtypes = [_P, _P, _P, _I, _I, _C]
     lib.attend_one_query.argtypes = [_P, _P, _P, _P, *[_I] * 11, _C]
     lib.int8_scale_rows.argtypes = [_P, _P, _P, _P, _P, _I, _I, _C]
@@ -226,35 +226,39 @@ def gemv_int4_a8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
 
 
 # ---- dequantization of int8 / int4 rows (cpu_dequant.c), for prompt-sized GEMMs -------------------------------
-def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
+                    widen: bool = False) -> torch.Tensor | None:
     """q (n, K) int8, scales (n,) -> (n, K) ``dtype`` = q * scale, the bits of torch's ``empty(dtype).copy_(q)
-    .mul_(scales[:, None])``; None where the C loop does not apply (not fp32 / bf16, not CPU, no library)."""
+    .mul_(scales[:, None])`` (``widen``: those bf16 numbers as fp32, the bits of ``.float()`` after it); None where
+    the C loop does not apply (not fp32 / bf16, not CPU, no library)."""
     if dtype not in (torch.float32, torch.bfloat16) or q.device.type != "cpu" or torch.compiler.is_compiling():
         return None
     lib = load()
     if lib is None:
         return None
     q, s = q.contiguous(), scales.float().contiguous()  # bf16 -> fp32 is exact
-    out = torch.empty(q.shape, dtype=dtype)
+    bf16 = dtype == torch.bfloat16
+    out = torch.empty(q.shape, dtype=torch.float32 if widen else dtype)
     lib.int8_dequantize(q.data_ptr(), s.data_ptr(), out.data_ptr(), q.shape[0], q.shape[1],
-                        int(dtype == torch.bfloat16), torch.get_num_threads())
+                        (2 if widen else 1) if bf16 else 0, torch.get_num_threads())
     return out
 
 
 def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                    dtype: torch.dtype) -> torch.Tensor | None:
+                    dtype: torch.dtype, widen: bool = False) -> torch.Tensor | None:
     """packed (n, K/2) uint8, scales / zeros (n, K/g) -> (n, K) bf16 = (q - 8) * scale + zero, the bits of
-    torch's in-place ``sub_(8).mul_(scales).add_(zeros)`` on a bf16 tensor; None where the C loop does not
-    apply (an output other than bf16, not CPU, no library)."""
+    torch's in-place ``sub_(8).mul_(scales).add_(zeros)`` on a bf16 tensor (``widen``: those numbers as fp32, the
+    bits of ``.float()`` after it); None where the C loop does not apply (an output other than bf16, not CPU, no
+    library)."""
     if dtype != torch.bfloat16 or packed.device.type != "cpu" or torch.compiler.is_compiling() or group_size % 2:
         return None
     lib = load()
     if lib is None:
         return None
     p, s, z = packed.contiguous(), scales.float().contiguous(), zeros.float().contiguous()
-    out = torch.empty(p.shape[0], 2 * p.shape[1], dtype=dtype)
+    out = torch.empty(p.shape[0], 2 * p.shape[1], dtype=torch.float32 if widen else dtype)
     lib.int4_dequantize(p.data_ptr(), s.data_ptr(), z.data_ptr(), out.data_ptr(), p.shape[0], out.shape[1],
-                        group_size, torch.get_num_threads())
+                        group_size, int(widen), torch.get_num_threads())
     return out
 
 

@@ -126,7 +126,8 @@ class DecodeLinear(nn.Linear):
             return cpu_gemv.gemv_bf16(x, self.weight, self.bias)
         if (x.dtype == torch.bfloat16 and not torch.compiler.is_compiling()
                 and not (torch.is_grad_enabled() and x.requires_grad) and policy.prompt_choice() == "fp32"):
-            return chunked_linear(x, lambda start, stop, dtype: self.weight[start:stop], self.out_features, self.bias)
+            return chunked_linear(x, lambda start, stop, dtype, widen: self.weight[start:stop].to(
+                torch.float32 if widen else dtype), self.out_features, self.bias)
         return nn.functional.linear(x, self.weight, self.bias)
 
 

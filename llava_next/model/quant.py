@@ -208,8 +208,8 @@ def decode_kernel(x: torch.Tensor, rows: int, fmt: str) -> bool:
 def chunked_linear(x: torch.Tensor, weight_rows, out_features: int, bias: torch.Tensor | None,
                    widen: bool = True) -> torch.Tensor:
     """A prompt-sized input (..., K) -> (..., N) through GEMMs ``_CHUNK_ROWS`` output channels at a time:
-    ``weight_rows(start, stop, dtype)`` makes each chunk of the weight (dequantized, or widened) while it stays in
-    cache and it is used at once, so no full float copy of the weight ever exists (lm_head of a 7B: 32064 x 4096
+    ``weight_rows(start, stop, dtype, widen)`` makes each chunk of the weight in ``dtype`` (dequantized), or with
+    ``widen`` the same numbers as fp32, while it stays in cache and it is used at once, so no full float copy of the weight ever exists (lm_head of a 7B: 32064 x 4096
     bf16, 263 MB, saved) and the chunk is read from cache rather than memory. Sums in x's dtype (each output
     column the same dot product as ``F.linear(x, weight)``: bit-identical), except bf16 on a CPU that sums bf16
     faster in fp32 (``policy.prompt_choice``): then x and each bf16 chunk (the same weight) are widened, the bias
@@ -221,11 +221,11 @@ def chunked_linear(x: torch.Tensor, weight_rows, out_features: int, bias: torch.
     bias32 = bias.float() if wide and bias is not None else None
     for i in range(0, out_features, _CHUNK_ROWS):
         stop = min(i + _CHUNK_ROWS, out_features)
-        w = weight_rows(i, stop, x.dtype)  # (stop - i, K)
+        w = weight_rows(i, stop, x.dtype, wide)  # (stop - i, K): x's dtype, or its numbers as fp32
         if not wide:
             out[..., i:stop] = F.linear(xc, w)
             continue
-        y = F.linear(xc, w.float())  # (..., stop - i) fp32: the bias added, then rounded, while in cache
+        y = F.linear(xc, w)  # (..., stop - i) fp32: the bias added, then rounded, while in cache
         if bias32 is not None:
             y += bias32[i:stop]
         out[..., i:stop] = y
@@ -306,12 +306,14 @@ class Int8Linear(nn.Module):
             if not t.is_meta and t.data_ptr() % ALIGN:
                 setattr(self, name, t.clone())
 
-    def dequantized_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-        """Output channels [start, stop) of the weight, (stop - start, K) in ``dtype``."""
-        out = cpu_gemv.dequantize_int8(self.weight[start:stop], self.scales[start:stop], dtype)  # one C pass
+    def dequantized_rows(self, start: int, stop: int, dtype: torch.dtype, widen: bool = False) -> torch.Tensor:
+        """Output channels [start, stop) of the weight, (stop - start, K) in ``dtype`` (``widen``: those numbers
+        as fp32, for a prompt summed in fp32: ``chunked_linear``)."""
+        out = cpu_gemv.dequantize_int8(self.weight[start:stop], self.scales[start:stop], dtype, widen)  # one C pass
         if out is None:  # the same bits in torch (not CPU, no C compiler)
             out = torch.empty(stop - start, self.in_features, dtype=dtype, device=self.weight.device)
             out.copy_(self.weight[start:stop]).mul_(self.scales[start:stop, None])
+            return out.float() if widen else out
         return out
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
@@ -395,11 +397,12 @@ class Int4Linear(nn.Module):
         self.packed = torch._convert_weight_to_int4pack_for_cpu(q, INNER_K_TILES)
         self.scales_and_zeros = torch.stack((self.scales, self.zeros), dim=-1).transpose(0, 1).contiguous()
 
-    def dequantized_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-        """Output channels [start, stop) of the weight, (stop - start, K) in ``dtype``."""
+    def dequantized_rows(self, start: int, stop: int, dtype: torch.dtype, widen: bool = False) -> torch.Tensor:
+        """Output channels [start, stop) of the weight, (stop - start, K) in ``dtype`` (``widen``: those numbers
+        as fp32, for a prompt summed in fp32: ``chunked_linear``)."""
         n, K, g = stop - start, self.in_features, self.group_size
         out = cpu_gemv.dequantize_int4(self.weight[start:stop], self.scales[start:stop], self.zeros[start:stop], g,
-                                       dtype)  # one C pass; the same bits as below
+                                       dtype, widen)  # one C pass; the same bits as below
         if out is not None:
             return out
         out = torch.empty(n, K, dtype=dtype, device=self.weight.device)
@@ -407,7 +410,7 @@ class Int4Linear(nn.Module):
         pairs = out.view(n, K // 2, 2)
         pairs[..., 0], pairs[..., 1] = u & 15, u >> 4
         out.view(n, K // g, g).sub_(8).mul_(self.scales[start:stop, :, None]).add_(self.zeros[start:stop, :, None])
-        return out
+        return out.float() if widen else out
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         return self.dequantized_rows(0, self.out_features, dtype)  # (N, K)
