@@ -209,8 +209,9 @@ def chunked_linear(x: torch.Tensor, weight_rows, out_features: int, bias: torch.
                    widen: bool = True) -> torch.Tensor:
     """A prompt-sized input (..., K) -> (..., N) through GEMMs ``_CHUNK_ROWS`` output channels at a time:
     ``weight_rows(start, stop, dtype, widen)`` makes each chunk of the weight in ``dtype`` (dequantized), or with
-    ``widen`` the same numbers as fp32, while it stays in cache and it is used at once, so no full float copy of the weight ever exists (lm_head of a 7B: 32064 x 4096
-    bf16, 263 MB, saved) and the chunk is read from cache rather than memory. Sums in x's dtype (each output
+    ``widen`` the same numbers as fp32, while it stays in cache and it is used at once, so no full float copy of
+    the weight ever exists (lm_head of a 7B: 32064 x 4096 bf16, 263 MB, saved) and the chunk is read from cache
+    rather than memory. Sums in x's dtype (each output
     column the same dot product as ``F.linear(x, weight)``: bit-identical), except bf16 on a CPU that sums bf16
     faster in fp32 (``policy.prompt_choice``): then x and each bf16 chunk (the same weight) are widened, the bias
     added in fp32, and the result rounded to bf16 once. ``widen=False`` keeps x's dtype everywhere (a training
