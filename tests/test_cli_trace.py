@@ -130,6 +130,7 @@ def test_trace_png_and_logit_lens(traced):
                                                               "video0_layers")])
     record = out["reproducibility"]  # how it was made: in the JSON and in every picture's text chunk
     assert record["torch"] == torch.__version__ and record["switches"]["max_new_tokens"] == 2
+    assert record["switches"]["activations"] == "float"  # the numeric contract a trace was made under
     assert record["checkpoint_sha256"] and record["dtype"] == "float32"
     for path in out["png"]:
         with Image.open(path) as im:

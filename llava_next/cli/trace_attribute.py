@@ -122,7 +122,8 @@ def reproducibility(args: argparse.Namespace, pipe) -> dict:
     from ..eval.records import provenance
 
     names = ("attribute", "attribute_space", "baseline", "ig_steps", "ig_rule", "max_new_tokens", "frames", "template",
-             "layers", "query", "lens", "reduce", "select_frames", "sampling", "quantize", "adapter", "rope_scale")
+             "layers", "query", "lens", "reduce", "select_frames", "sampling", "quantize", "activations", "adapter",
+             "rope_scale")
     switches = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     directory = args.model if os.path.isdir(str(args.model)) else None
     return provenance(model=str(args.model), checkpoint_dir=directory, dtype=pipe.model.dtype,
