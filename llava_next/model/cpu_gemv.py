@@ -174,11 +174,17 @@ def gemv_bf16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
 
 def gemv_int8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) bf16, q (N, K) int8, scales (N,) bf16 -> (..., N) bf16: x (q * scales)^T (+ bias)."""
+    return _int8_product("gemv_int8", x, q, scales, bias)
+
+
+def _int8_product(entry: str, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """Checks and calls the library's ``entry`` (gemv_int8, gemv_int8_a8): the int8 products' one signature."""
     _check(x, q.shape[1], q, scales, bias)
     xr, (N, K) = _rows(x), q.shape
     y = torch.empty(xr.shape[0], N, dtype=torch.bfloat16)
-    _lib_or_raise().gemv_int8(xr.data_ptr(), q.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr(),
-                              xr.shape[0], N, K, torch.get_num_threads())
+    getattr(_lib_or_raise(), entry)(xr.data_ptr(), q.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr(),
+                                    xr.shape[0], N, K, torch.get_num_threads())
     return y.reshape(*x.shape[:-1], N)
 
 
@@ -186,13 +192,19 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
               bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) bf16, packed (N, K/2) uint8 (column 2j low nibble, 2j + 1 high), scales / zeros (N, K/g)
     bf16 -> (..., N) bf16: x W^T with W = (q - 8) * scale + zero per group of ``group_size`` columns."""
+    return _int4_product("gemv_int4", x, packed, scales, zeros, group_size, bias)
+
+
+def _int4_product(entry: str, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                  group_size: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """Checks and calls the library's ``entry`` (gemv_int4, gemv_int4_a8): the int4 products' one signature."""
     _check(x, 2 * packed.shape[1], packed, scales, zeros, bias)
     xr, N, K = _rows(x), packed.shape[0], 2 * packed.shape[1]
     if K % group_size or group_size % 2:
         raise ValueError(f"int4 groups of {group_size} do not divide the {K} input features")
     y = torch.empty(xr.shape[0], N, dtype=torch.bfloat16)
-    _lib_or_raise().gemv_int4(xr.data_ptr(), packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(), _ptr(bias),
-                              y.data_ptr(), xr.shape[0], N, K, group_size, torch.get_num_threads())
+    getattr(_lib_or_raise(), entry)(xr.data_ptr(), packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
+                                    _ptr(bias), y.data_ptr(), xr.shape[0], N, K, group_size, torch.get_num_threads())
     return y.reshape(*x.shape[:-1], N)
 
 
@@ -202,12 +214,7 @@ def gemv_int8_a8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
     """x (..., K) bf16, q (N, K) int8, scales (N,) bf16 -> (..., N) bf16: each row of x quantized to int8
     (``quantize_rows_int8``), summed against q exactly in int32, scaled by the row's and the channel's scales in
     fp32: the bits of ``int8_activations.int8_activation_linear``'s integer GEMM, row for row."""
-    _check(x, q.shape[1], q, scales, bias)
-    xr, (N, K) = _rows(x), q.shape
-    y = torch.empty(xr.shape[0], N, dtype=torch.bfloat16)
-    _lib_or_raise().gemv_int8_a8(xr.data_ptr(), q.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr(),
-                                 xr.shape[0], N, K, torch.get_num_threads())
-    return y.reshape(*x.shape[:-1], N)
+    return _int8_product("gemv_int8_a8", x, q, scales, bias)
 
 
 def gemv_int4_a8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
@@ -215,14 +222,7 @@ def gemv_int4_a8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
     """x (..., K) bf16, packed (N, K/2) uint8, scales / zeros (N, K/g) bf16 -> (..., N) bf16: each row of x
     quantized to int8, per group P = sum x_q q and X = sum x_q in int32, y = s_x sum_g (scale P + (zero - 8 scale)
     X) in fp32 (``int8_activations.int4_activation_linear`` has the formula in torch)."""
-    _check(x, 2 * packed.shape[1], packed, scales, zeros, bias)
-    xr, N, K = _rows(x), packed.shape[0], 2 * packed.shape[1]
-    if K % group_size or group_size % 2:
-        raise ValueError(f"int4 groups of {group_size} do not divide the {K} input features")
-    y = torch.empty(xr.shape[0], N, dtype=torch.bfloat16)
-    _lib_or_raise().gemv_int4_a8(xr.data_ptr(), packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(), _ptr(bias),
-                                 y.data_ptr(), xr.shape[0], N, K, group_size, torch.get_num_threads())
-    return y.reshape(*x.shape[:-1], N)
+    return _int4_product("gemv_int4_a8", x, packed, scales, zeros, group_size, bias)
 
 
 # ---- dequantization of int8 / int4 rows (cpu_dequant.c), for prompt-sized GEMMs -------------------------------

@@ -50,8 +50,8 @@ def a8_decode_kernel(layer: "Int8Linear | Int4Linear", x: torch.Tensor, rows: in
 
 
 def int8_activation_linear(layer: "Int8Linear", x: torch.Tensor) -> torch.Tensor:
-    """An input (..., K) -> (..., N) in integer arithmetic (module docstring): each row
-    quantized to int8 with its own scale, int8 x int8 summed exactly in int32, scaled in fp32."""
+    """An input (..., K) -> (..., N) in integer arithmetic (module docstring): each row quantized to int8 with its
+    own scale, int8 x int8 summed exactly in int32, scaled in fp32."""
     rows, K, N = x.numel() // layer.in_features, layer.in_features, layer.out_features
     if a8_decode_kernel(layer, x, rows):  # the same bits, one pass over the weight
         return cpu_gemv.gemv_int8_a8(x, layer.weight, layer.scales, layer.bias)
@@ -66,8 +66,8 @@ def int8_activation_linear(layer: "Int8Linear", x: torch.Tensor) -> torch.Tensor
 
 
 def int4_activation_linear(layer: "Int4Linear", x: torch.Tensor) -> torch.Tensor:
-    """A few rows (..., K) -> (..., N) with int8 activations (module docstring): per
-    group P = sum x_q q and X = sum x_q, exact (fp32 holds every integer below 2^24: |P| <= 256 * 15 * 127),
+    """A few rows (..., K) -> (..., N) with int8 activations (module docstring): per group P = sum x_q q and
+    X = sum x_q, exact (fp32 holds every integer below 2^24: |P| <= 256 * 15 * 127),
     y = s_x sum_g (scale P + (zero - 8 scale) X) in fp32. The C loop where it applies (the sum over groups in
     another order: ~1e-7 relative before the rounding to x's dtype)."""
     rows, K, N, G = x.numel() // layer.in_features, layer.in_features, layer.out_features, layer.group_size
